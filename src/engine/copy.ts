@@ -1,0 +1,195 @@
+/**
+ * `copy(src, dst)`: write SRC onto DST, writing only the blocks that differ.
+ *
+ * Every refusal (same file, mounted, too small) happens before the first byte is written.
+ * Rerunning an interrupted copy converges: the pipeline compares again and writes what
+ * still differs, so no journal is needed.
+ */
+
+import { BlksyncError } from '../errors.js';
+import { FileSink } from '../io/file-sink.js';
+import { FileSource } from '../io/file-source.js';
+import {
+  createTarget,
+  openSource,
+  openTarget,
+  sameFile,
+  type Opened,
+} from '../io/open.js';
+import type { Range } from '../ranges.js';
+import { formatBytes } from '../size.js';
+import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
+import { runPipeline } from './pipeline.js';
+import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
+
+/** Default block size: see the README's "Block size" section for the measurements. */
+export const DEFAULT_BLOCK_SIZE = 4096;
+/** Bytes read per chunk from each side. */
+export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
+/** Chunks in flight at once. */
+export const DEFAULT_DEPTH = 4;
+/** Largest block size accepted. */
+export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
+
+export interface CopyOptions {
+  /** Compare and write granularity in bytes (default 4096). */
+  blockSize?: number;
+  /** Scan and report; write nothing, create nothing. */
+  dryRun?: boolean;
+  /** Write everything without reading DST (dd behaviour). */
+  full?: boolean;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  /** Tuning: bytes per read (default 4 MiB) and reads in flight (default 4). */
+  chunkSize?: number;
+  depth?: number;
+}
+
+export interface CopyResult {
+  source: string;
+  destination: string;
+  /** SRC's size, the bytes considered. */
+  bytesTotal: number;
+  bytesScanned: number;
+  /** Bytes of DST read to compare. */
+  bytesRead: number;
+  blockSize: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  bytesWritten: number;
+  rangesWritten: number;
+  /** The first ranges written (or that would be, in a dry run). */
+  ranges: Range[];
+  /** True when DST did not exist and was created (sparse). */
+  created: boolean;
+  /** Bytes of DST past SRC's end, left as they were. */
+  destinationExtraBytes: number;
+  dryRun: boolean;
+  full: boolean;
+  seconds: number;
+}
+
+/** Validates a block size: a power of two from 512 B to 64 MiB. */
+export function checkBlockSize(blockSize: number): number {
+  if (
+    !Number.isInteger(blockSize) ||
+    blockSize < 512 ||
+    blockSize > MAX_BLOCK_SIZE ||
+    (blockSize & (blockSize - 1)) !== 0
+  ) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `invalid block size ${blockSize}: use a power of two from 512 to 64M (e.g. 4K, 64K, 1M)`,
+    );
+  }
+  return blockSize;
+}
+
+/** Chunk size rounded to a multiple of the block size. */
+export function chunkSizeFor(blockSize: number, chunkSize = DEFAULT_CHUNK_SIZE): number {
+  return Math.max(blockSize, Math.floor(chunkSize / blockSize) * blockSize);
+}
+
+/** Writes SRC onto DST, writing only the blocks that differ. */
+export async function copy(src: string, dst: string, options: CopyOptions = {}): Promise<CopyResult> {
+  const started = performance.now();
+  const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
+  const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  options.signal?.throwIfAborted();
+
+  const source = await openSource(src);
+  let target: Opened | undefined;
+  let sink: Sink | undefined;
+  try {
+    const found = await openTarget(dst, { readOnly: dryRun });
+    let created = false;
+    let knowledge: TargetKnowledge;
+    if (found.fh === undefined || found.size === 0) {
+      // new (or empty) file: it reads as zeros, so only non-zero blocks need writing,
+      // and the rest stay holes
+      if (found.fh !== undefined) {
+        if (sameFile(source.stats, found.stats)) throw sameFileError(src, dst);
+        if (found.kind === 'block-device') throw tooSmall(dst, 0, source.size);
+        if (!dryRun) await found.fh.truncate(source.size);
+        target = found;
+      } else if (!dryRun) {
+        target = await createTarget(dst, source.size);
+        created = true;
+      } else {
+        created = true;
+      }
+      knowledge = full ? new NoTarget() : new ZeroTarget();
+    } else {
+      target = found;
+      if (sameFile(source.stats, target.stats)) throw sameFileError(src, dst);
+      if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
+      knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
+    }
+
+    if (!dryRun && target !== undefined) {
+      sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+    }
+    const run = await runPipeline(
+      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
+      new FileSource(source.fh, src, source.size, false),
+      knowledge,
+      sink ? [sink] : [],
+      {
+        blockSize,
+        chunkSize,
+        depth: options.depth ?? DEFAULT_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress,
+      },
+    );
+    await sink?.finish();
+    const result: CopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: source.size,
+      bytesScanned: run.bytesScanned,
+      bytesRead: knowledge.bytesRead,
+      blockSize,
+      blocksDiffering: run.blocksDiffering,
+      bytesDiffering: run.bytesDiffering,
+      bytesWritten: run.bytesWritten,
+      rangesWritten: run.ranges.count,
+      ranges: [...run.ranges.ranges],
+      created,
+      destinationExtraBytes: target !== undefined && !created ? target.size - source.size : 0,
+      dryRun,
+      full,
+      seconds: (performance.now() - started) / 1000,
+    };
+    if (run.interrupted) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(source.size)}; rerun the same command to finish`,
+        { partial: result },
+      );
+    }
+    return result;
+  } finally {
+    // on an error, make what was written durable all the same, so a rerun starts from it
+    await sink?.finish().catch(() => {});
+    await target?.fh.close();
+    await source.fh.close();
+  }
+}
+
+function sameFileError(src: string, dst: string): BlksyncError {
+  return new BlksyncError('ESAME_FILE', `${src} and ${dst} are the same file or device; nothing to do`, {
+    path: dst,
+  });
+}
+
+function tooSmall(dst: string, have: number, need: number): BlksyncError {
+  return new BlksyncError(
+    'EDEST_TOO_SMALL',
+    `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
+      ' (for a file: truncate -s ' + String(need) + ' ' + dst + ')',
+    { path: dst },
+  );
+}

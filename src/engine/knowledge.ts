@@ -1,0 +1,132 @@
+/**
+ * The target knowledges that need nothing but DST itself:
+ *   - ReadTarget: read DST and compare bytes (memcmp speed; the default);
+ *   - ZeroTarget: DST is known to be all zeros (a file just created), so only non-zero
+ *     blocks are written and the rest stay holes;
+ *   - NoTarget: know nothing, write everything (--full, dd behaviour).
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import { BlksyncError, fromSystemError } from '../errors.js';
+import type { ChunkKnowledge, TargetKnowledge } from './types.js';
+
+/** Appends the spans of blocks where a and b differ. Compares whole chunks first (memcmp). */
+export function diffBuffers(
+  a: Buffer,
+  b: Buffer,
+  length: number,
+  blockSize: number,
+  out: number[],
+): void {
+  if (a.compare(b, 0, length, 0, length) === 0) return;
+  let runStart = -1;
+  for (let s = 0; s < length; s += blockSize) {
+    const e = Math.min(s + blockSize, length);
+    const differs = a.compare(b, s, e, s, e) !== 0;
+    if (differs && runStart < 0) runStart = s;
+    else if (!differs && runStart >= 0) {
+      out.push(runStart, s);
+      runStart = -1;
+    }
+  }
+  if (runStart >= 0) out.push(runStart, length);
+}
+
+/** A pool of equally sized buffers, so the hot loop allocates nothing. */
+export class BufferPool {
+  readonly #size: number;
+  readonly #free: Buffer[] = [];
+
+  constructor(size: number) {
+    this.#size = size;
+  }
+
+  get(): Buffer {
+    return this.#free.pop() ?? Buffer.allocUnsafe(this.#size);
+  }
+
+  put(buf: Buffer): void {
+    this.#free.push(buf);
+  }
+}
+
+export class ReadTarget implements TargetKnowledge {
+  readonly #fh: FileHandle;
+  readonly #path: string;
+  readonly #pool: BufferPool;
+  bytesRead = 0;
+
+  constructor(fh: FileHandle, path: string, chunkSize: number) {
+    this.#fh = fh;
+    this.#path = path;
+    this.#pool = new BufferPool(chunkSize);
+  }
+
+  async load(offset: number, length: number): Promise<ChunkKnowledge> {
+    const buf = this.#pool.get();
+    let got = 0;
+    try {
+      while (got < length) {
+        const { bytesRead } = await this.#fh.read(buf, got, length - got, offset + got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+      }
+    } catch (err) {
+      this.#pool.put(buf);
+      throw fromSystemError('EREAD', 'cannot read', this.#path, err);
+    }
+    this.bytesRead += got;
+    if (got < length) {
+      this.#pool.put(buf);
+      throw new BlksyncError(
+        'EDEST_SHORT',
+        `${this.#path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+        { path: this.#path },
+      );
+    }
+    return {
+      diff: (data, len, blockSize, out) => diffBuffers(data, buf, len, blockSize, out),
+      held: buf,
+      release: () => this.#pool.put(buf),
+    };
+  }
+
+  async close(): Promise<void> {
+    // the handle belongs to the caller, who also writes through it
+  }
+}
+
+let zeros = Buffer.alloc(0);
+
+function zeroBuffer(length: number): Buffer {
+  if (zeros.length < length) zeros = Buffer.alloc(length);
+  return zeros;
+}
+
+const ZERO_CHUNK: ChunkKnowledge = {
+  diff: (data, length, blockSize, out) => diffBuffers(data, zeroBuffer(length), length, blockSize, out),
+  release: () => {},
+};
+
+export class ZeroTarget implements TargetKnowledge {
+  readonly bytesRead = 0;
+  load(): Promise<ChunkKnowledge> {
+    return Promise.resolve(ZERO_CHUNK);
+  }
+  async close(): Promise<void> {}
+}
+
+const ALL_CHUNK: ChunkKnowledge = {
+  diff: (_data, length, _blockSize, out) => {
+    if (length > 0) out.push(0, length);
+  },
+  release: () => {},
+};
+
+export class NoTarget implements TargetKnowledge {
+  readonly bytesRead = 0;
+  load(): Promise<ChunkKnowledge> {
+    return Promise.resolve(ALL_CHUNK);
+  }
+  async close(): Promise<void> {}
+}

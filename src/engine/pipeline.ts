@@ -1,0 +1,148 @@
+/**
+ * The one pipeline every command runs: walk the plan in chunks, read the source and learn
+ * what the target holds for each chunk in parallel (several chunks in flight), find the
+ * blocks that differ, and hand them to the sinks, neighbours coalesced into one write.
+ *
+ *   chunk i:   [read source i] ─┐
+ *              [load target i] ─┴─► diff ─► write spans ─► progress
+ *   chunk i+1..i+depth-1 are being read meanwhile
+ */
+
+import { BlksyncError } from '../errors.js';
+import { RangeList } from '../ranges.js';
+import { BufferPool } from './knowledge.js';
+import type { ChunkKnowledge, Plan, ProgressListener, Sink, Source, TargetKnowledge } from './types.js';
+
+export interface PipelineOptions {
+  blockSize: number;
+  /** Bytes per chunk; a multiple of blockSize. */
+  chunkSize: number;
+  /** Chunks in flight at once. */
+  depth: number;
+  signal?: AbortSignal | undefined;
+  onProgress?: ProgressListener | undefined;
+  /** Called with each differing span before it is written (compare uses it to find exact bytes). */
+  onDiffer?:
+    | ((chunkOffset: number, data: Buffer, start: number, end: number, knowledge: ChunkKnowledge) => void)
+    | undefined;
+}
+
+export interface PipelineResult {
+  bytesScanned: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  bytesWritten: number;
+  /** The differing (and, with sinks, written) ranges, merged across chunks. */
+  ranges: RangeList;
+  /** True when the signal stopped the run before the plan was done. */
+  interrupted: boolean;
+}
+
+interface Chunk {
+  offset: number;
+  length: number;
+}
+
+function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
+  for (const r of plan.ranges) {
+    for (let o = r.start; o < r.end; ) {
+      // chunk boundaries fall on multiples of chunkSize so blocks stay aligned to the image
+      const next = Math.min(r.end, (Math.floor(o / chunkSize) + 1) * chunkSize);
+      yield { offset: o, length: next - o };
+      o = next;
+    }
+  }
+}
+
+interface InFlight {
+  chunk: Chunk;
+  buf: Buffer;
+  done: Promise<[number, ChunkKnowledge]>;
+}
+
+/**
+ * Runs the pipeline. Sinks are not finished here: the caller finishes them (fsync) after
+ * success and after interruption alike.
+ */
+export async function runPipeline(
+  plan: Plan,
+  source: Source,
+  target: TargetKnowledge,
+  sinks: readonly Sink[],
+  options: PipelineOptions,
+): Promise<PipelineResult> {
+  const { blockSize, chunkSize, depth, signal } = options;
+  const pool = new BufferPool(chunkSize);
+  const chunks = chunksOf(plan, chunkSize);
+  const queue: InFlight[] = [];
+  const spans: number[] = [];
+  const result: PipelineResult = {
+    bytesScanned: 0,
+    blocksDiffering: 0,
+    bytesDiffering: 0,
+    bytesWritten: 0,
+    ranges: new RangeList(),
+    interrupted: false,
+  };
+  const bytesTotal = plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+
+  const start = (): void => {
+    const next = chunks.next();
+    if (next.done === true) return;
+    const chunk = next.value;
+    const buf = pool.get();
+    const done = Promise.all([source.read(buf, chunk.offset, chunk.length), target.load(chunk.offset, chunk.length)]);
+    // a failure is reported when the chunk's turn comes; until then it must not be "unhandled"
+    done.catch(() => {});
+    queue.push({ chunk, buf, done });
+  };
+
+  for (let i = 0; i < depth; i++) start();
+  try {
+    while (queue.length > 0) {
+      if (signal?.aborted === true) {
+        result.interrupted = true;
+        break;
+      }
+      const item = queue.shift()!;
+      const { chunk, buf } = item;
+      const [got, knowledge] = await item.done;
+      try {
+        if (got < chunk.length) {
+          throw new BlksyncError(
+            'ESRC_SHORT',
+            `source ended at ${chunk.offset + got} bytes, expected ${plan.imageSize}; was it truncated while being read?`,
+          );
+        }
+        spans.length = 0;
+        knowledge.diff(buf, chunk.length, blockSize, spans);
+        for (let i = 0; i < spans.length; i += 2) {
+          const s = spans[i]!;
+          const e = spans[i + 1]!;
+          result.blocksDiffering += Math.ceil((e - s) / blockSize);
+          result.bytesDiffering += e - s;
+          options.onDiffer?.(chunk.offset, buf, s, e, knowledge);
+          const data = buf.subarray(s, e);
+          for (const sink of sinks) await sink.write(data, chunk.offset + s);
+          result.ranges.add(chunk.offset + s, chunk.offset + e);
+          result.bytesWritten += sinks.length > 0 ? e - s : 0;
+        }
+      } finally {
+        knowledge.release();
+      }
+      pool.put(buf);
+      result.bytesScanned += chunk.length;
+      options.onProgress?.({
+        bytesScanned: result.bytesScanned,
+        bytesTotal,
+        bytesDiffering: result.bytesDiffering,
+        bytesWritten: result.bytesWritten,
+      });
+      start();
+    }
+  } finally {
+    // let reads still in flight settle before their buffers and handles go away
+    await Promise.allSettled(queue.map((q) => q.done.then(([, k]) => k.release())));
+  }
+  return result;
+}

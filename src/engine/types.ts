@@ -1,0 +1,64 @@
+/**
+ * The four roles of the pipeline (see docs/architecture.md):
+ *
+ *   plan (which ranges) × source (new bytes) × target knowledge (what DST holds) → sink(s)
+ *
+ * The engine knows only these interfaces; files, devices, stdin, indexes and remote agents
+ * are implementations of them.
+ */
+
+import type { Range } from '../ranges.js';
+
+/** Which byte ranges of the image to consider, ascending and non-overlapping. */
+export interface Plan {
+  /** Total size of the image in bytes (ranges never pass it). */
+  readonly imageSize: number;
+  readonly ranges: readonly Range[];
+}
+
+/** The new bytes. Reads arrive in ascending offset order; several may be in flight at once. */
+export interface Source {
+  readonly size: number;
+  /** Reads `length` bytes at `offset` into `buf`; returns fewer only at the end of the source. */
+  read(buf: Buffer, offset: number, length: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** What DST holds now, one chunk at a time. */
+export interface TargetKnowledge {
+  /** Starts learning what DST holds in [offset, offset + length); called in ascending order. */
+  load(offset: number, length: number): Promise<ChunkKnowledge>;
+  /** Bytes of DST read so far to gain the knowledge. */
+  readonly bytesRead: number;
+  close(): Promise<void>;
+}
+
+export interface ChunkKnowledge {
+  /**
+   * Appends to `out`, as [start, end) pairs relative to the chunk, the block-aligned spans of
+   * `data` that DST does not already hold. Blocks are aligned to the image, so the last one
+   * may be short.
+   */
+  diff(data: Buffer, length: number, blockSize: number, out: number[]): void;
+  /** DST's bytes of this chunk, when the knowledge read them (compare refines ranges with it). */
+  readonly held?: Buffer;
+  /** Returns the chunk's buffers to the pool. */
+  release(): void;
+}
+
+/** Where the differing bytes go. */
+export interface Sink {
+  write(data: Buffer, offset: number): Promise<void>;
+  /** Makes what was written durable (fsync) and closes. Called after success or interruption. */
+  finish(): Promise<void>;
+}
+
+/** Emitted after each chunk. */
+export interface Progress {
+  bytesScanned: number;
+  bytesTotal: number;
+  bytesDiffering: number;
+  bytesWritten: number;
+}
+
+export type ProgressListener = (progress: Progress) => void;

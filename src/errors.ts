@@ -1,0 +1,88 @@
+/**
+ * One error class for the whole library. Every failure a user can meet has a stable `code`
+ * that callers switch on and the CLI maps to an exit status; the message says what to do.
+ */
+
+/** Stable error codes. New codes are added, never renamed. */
+export type ErrorCode =
+  | 'EUSAGE'
+  | 'ESRC_OPEN'
+  | 'ESRC_KIND'
+  | 'ESRC_SHORT'
+  | 'EDEST_OPEN'
+  | 'EDEST_KIND'
+  | 'EDEST_MISSING'
+  | 'EDEST_TOO_SMALL'
+  | 'EDEST_MOUNTED'
+  | 'EDEST_BUSY'
+  | 'EDEST_SHORT'
+  | 'ESAME_FILE'
+  | 'EREAD'
+  | 'EWRITE'
+  | 'EINTERRUPTED';
+
+export interface BlksyncErrorOptions {
+  cause?: unknown;
+  path?: string;
+  syscall?: string;
+  /** Partial result of an operation that was interrupted or failed half-way. */
+  partial?: unknown;
+}
+
+export class BlksyncError extends Error {
+  readonly code: ErrorCode;
+  readonly path: string | undefined;
+  readonly syscall: string | undefined;
+  readonly partial: unknown;
+
+  constructor(code: ErrorCode, message: string, options: BlksyncErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'BlksyncError';
+    this.code = code;
+    this.path = options.path;
+    this.syscall = options.syscall;
+    this.partial = options.partial;
+  }
+}
+
+/** A Node system error (ENOENT, EACCES, ...) as thrown by node:fs. */
+export interface SystemError extends Error {
+  code: string;
+  syscall?: string;
+  path?: string;
+}
+
+export function isSystemError(err: unknown): err is SystemError {
+  return err instanceof Error && typeof (err as Partial<SystemError>).code === 'string';
+}
+
+const ERRNO_TEXT: Record<string, string> = {
+  ENOENT: 'no such file or directory',
+  EACCES: 'permission denied (run as root or fix the permissions)',
+  EPERM: 'operation not permitted (run as root)',
+  EISDIR: 'is a directory',
+  EBUSY: 'device or resource busy',
+  EROFS: 'read-only file system',
+  ENOSPC: 'no space left on device',
+  EIO: 'input/output error (the medium may be failing)',
+  ENXIO: 'no such device',
+};
+
+/** Wraps a system error from node:fs into a BlksyncError with a readable message. */
+export function fromSystemError(
+  code: ErrorCode,
+  what: string,
+  path: string,
+  err: unknown,
+): BlksyncError {
+  if (err instanceof BlksyncError) return err;
+  if (isSystemError(err)) {
+    const text = ERRNO_TEXT[err.code] ?? err.message;
+    return new BlksyncError(code, `${what} ${path}: ${text} (${err.code})`, {
+      cause: err,
+      path,
+      syscall: err.syscall,
+    });
+  }
+  return new BlksyncError(code, `${what} ${path}: ${String(err)}`, { cause: err, path });
+}

@@ -1,0 +1,61 @@
+/**
+ * Facts about block devices that node:fs does not give: fstat reports size 0 for a block
+ * device, so the size comes from sysfs (/sys/dev/block/MAJ:MIN/size, in 512-byte sectors).
+ */
+
+import { readdir, readFile, realpath } from 'node:fs/promises';
+import { join } from 'node:path';
+
+/** Linux's dev_t split (glibc's gnu_dev_major/minor). */
+export function devMajor(rdev: number): number {
+  return ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+}
+
+export function devMinor(rdev: number): number {
+  return (rdev & 0xff) | ((rdev >>> 12) & ~0xff & 0xfffff);
+}
+
+export function devId(rdev: number): string {
+  return `${devMajor(rdev)}:${devMinor(rdev)}`;
+}
+
+function sysDir(rdev: number): string {
+  return `/sys/dev/block/${devId(rdev)}`;
+}
+
+/** Size in bytes of the block device with this rdev. */
+export async function blockDeviceSize(rdev: number): Promise<number> {
+  const sectors = Number((await readFile(join(sysDir(rdev), 'size'), 'utf8')).trim());
+  return sectors * 512;
+}
+
+/** Logical sector size of the block device (the smallest unit it writes). */
+export async function logicalBlockSize(rdev: number): Promise<number> {
+  try {
+    const text = await readFile(join(sysDir(rdev), 'queue/logical_block_size'), 'utf8');
+    return Number(text.trim()) || 512;
+  } catch {
+    return 512; // partitions have no queue/; their disk's sector size is 512 on loop and most disks
+  }
+}
+
+/** The "MAJ:MIN" ids of the partitions of a whole disk (empty for a partition or a bare disk). */
+export async function partitionIds(rdev: number): Promise<string[]> {
+  let dir: string;
+  try {
+    dir = await realpath(sysDir(rdev));
+  } catch {
+    return [];
+  }
+  const ids: string[] = [];
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    if (!entry.isDirectory()) continue;
+    try {
+      await readFile(join(dir, entry.name, 'partition'), 'utf8');
+      ids.push((await readFile(join(dir, entry.name, 'dev'), 'utf8')).trim());
+    } catch {
+      // not a partition directory (queue/, power/, holders/, ...)
+    }
+  }
+  return ids;
+}

@@ -1,0 +1,62 @@
+/** Half-open byte ranges [start, end) and a list that merges neighbours as they are added. */
+
+export interface Range {
+  start: number;
+  end: number;
+}
+
+/**
+ * Collects ranges added in ascending order, merging a range into the previous one when they
+ * touch or are less than `gap` bytes apart. Keeps at most `limit` ranges in memory but counts
+ * them all, so a run over a 2 TB device with millions of scattered changes stays bounded.
+ */
+export class RangeList {
+  readonly #gap: number;
+  readonly #limit: number;
+  #ranges: Range[] = [];
+  #count = 0;
+  #bytes = 0;
+  #last: Range | undefined;
+
+  constructor(options: { gap?: number; limit?: number } = {}) {
+    this.#gap = options.gap ?? 0;
+    this.#limit = options.limit ?? 100_000;
+  }
+
+  add(start: number, end: number): void {
+    if (end <= start) return;
+    const last = this.#last;
+    if (last !== undefined && start - last.end <= this.#gap && start >= last.start) {
+      if (end > last.end) {
+        this.#bytes += end - Math.max(start, last.end);
+        last.end = end;
+      }
+      return;
+    }
+    const r = { start, end };
+    this.#count++;
+    this.#bytes += end - start;
+    this.#last = r;
+    if (this.#ranges.length < this.#limit) this.#ranges.push(r);
+  }
+
+  /** Number of merged ranges, including those past the memory limit. */
+  get count(): number {
+    return this.#count;
+  }
+
+  /** Bytes covered by the ranges (the gaps merged over are counted too when gap > 0). */
+  get bytes(): number {
+    return this.#bytes;
+  }
+
+  /** The first `limit` merged ranges. */
+  get ranges(): readonly Range[] {
+    return this.#ranges;
+  }
+
+  /** True when some ranges were counted but not kept. */
+  get truncated(): boolean {
+    return this.#count > this.#ranges.length;
+  }
+}
