@@ -50,7 +50,11 @@ function lastDiff(a: Buffer, b: Buffer, start: number, end: number): number {
 }
 
 /** Compares A and B over their common length and reports where they differ. */
-export async function compare(a: string, b: string, options: CompareOptions = {}): Promise<CompareResult> {
+export async function compare(
+  a: string,
+  b: string,
+  options: CompareOptions = {},
+): Promise<CompareResult> {
   const started = performance.now();
   const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
   const chunkSize = chunkSizeFor(blockSize, options.chunkSize);

@@ -9,13 +9,7 @@
 import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
-import {
-  createTarget,
-  openSource,
-  openTarget,
-  sameFile,
-  type Opened,
-} from '../io/open.js';
+import { createTarget, openSource, openTarget, sameFile, type Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
@@ -91,7 +85,11 @@ export function chunkSizeFor(blockSize: number, chunkSize = DEFAULT_CHUNK_SIZE):
 }
 
 /** Writes SRC onto DST, writing only the blocks that differ. */
-export async function copy(src: string, dst: string, options: CopyOptions = {}): Promise<CopyResult> {
+export async function copy(
+  src: string,
+  dst: string,
+  options: CopyOptions = {},
+): Promise<CopyResult> {
   const started = performance.now();
   const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
   const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
@@ -180,16 +178,24 @@ export async function copy(src: string, dst: string, options: CopyOptions = {}):
 }
 
 function sameFileError(src: string, dst: string): BlksyncError {
-  return new BlksyncError('ESAME_FILE', `${src} and ${dst} are the same file or device; nothing to do`, {
-    path: dst,
-  });
+  return new BlksyncError(
+    'ESAME_FILE',
+    `${src} and ${dst} are the same file or device; nothing to do`,
+    {
+      path: dst,
+    },
+  );
 }
 
 function tooSmall(dst: string, have: number, need: number): BlksyncError {
   return new BlksyncError(
     'EDEST_TOO_SMALL',
     `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
-      ' (for a file: truncate -s ' + String(need) + ' ' + dst + ')',
+      ' (for a file: truncate -s ' +
+      String(need) +
+      ' ' +
+      dst +
+      ')',
     { path: dst },
   );
 }

@@ -104,7 +104,8 @@ function zeroBuffer(length: number): Buffer {
 }
 
 const ZERO_CHUNK: ChunkKnowledge = {
-  diff: (data, length, blockSize, out) => diffBuffers(data, zeroBuffer(length), length, blockSize, out),
+  diff: (data, length, blockSize, out) =>
+    diffBuffers(data, zeroBuffer(length), length, blockSize, out),
   release: () => {},
 };
 

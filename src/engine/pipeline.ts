@@ -11,7 +11,14 @@
 import { BlksyncError } from '../errors.js';
 import { RangeList } from '../ranges.js';
 import { BufferPool } from './knowledge.js';
-import type { ChunkKnowledge, Plan, ProgressListener, Sink, Source, TargetKnowledge } from './types.js';
+import type {
+  ChunkKnowledge,
+  Plan,
+  ProgressListener,
+  Sink,
+  Source,
+  TargetKnowledge,
+} from './types.js';
 
 export interface PipelineOptions {
   blockSize: number;
@@ -23,7 +30,13 @@ export interface PipelineOptions {
   onProgress?: ProgressListener | undefined;
   /** Called with each differing span before it is written (compare uses it to find exact bytes). */
   onDiffer?:
-    | ((chunkOffset: number, data: Buffer, start: number, end: number, knowledge: ChunkKnowledge) => void)
+    | ((
+        chunkOffset: number,
+        data: Buffer,
+        start: number,
+        end: number,
+        knowledge: ChunkKnowledge,
+      ) => void)
     | undefined;
 }
 
@@ -45,7 +58,7 @@ interface Chunk {
 
 function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
   for (const r of plan.ranges) {
-    for (let o = r.start; o < r.end; ) {
+    for (let o = r.start; o < r.end;) {
       // chunk boundaries fall on multiples of chunkSize so blocks stay aligned to the image
       const next = Math.min(r.end, (Math.floor(o / chunkSize) + 1) * chunkSize);
       yield { offset: o, length: next - o };
@@ -91,7 +104,10 @@ export async function runPipeline(
     if (next.done === true) return;
     const chunk = next.value;
     const buf = pool.get();
-    const done = Promise.all([source.read(buf, chunk.offset, chunk.length), target.load(chunk.offset, chunk.length)]);
+    const done = Promise.all([
+      source.read(buf, chunk.offset, chunk.length),
+      target.load(chunk.offset, chunk.length),
+    ]);
     // a failure is reported when the chunk's turn comes; until then it must not be "unhandled"
     done.catch(() => {});
     queue.push({ chunk, buf, done });

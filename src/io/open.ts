@@ -42,11 +42,9 @@ export async function openSource(path: string): Promise<Opened> {
     const stats = await fh.stat();
     const kind = kindOf(stats);
     if (kind === undefined) {
-      throw new BlksyncError(
-        'ESRC_KIND',
-        `source ${path} is not a regular file or block device`,
-        { path },
-      );
+      throw new BlksyncError('ESRC_KIND', `source ${path} is not a regular file or block device`, {
+        path,
+      });
     }
     return { path, fh, kind, size: await sizeOf(stats), stats };
   } catch (err) {

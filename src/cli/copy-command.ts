@@ -1,0 +1,75 @@
+/** `blksync copy SRC DST` */
+
+import type { Command } from '@commander-js/extra-typings';
+import { copy, type CopyResult } from '../engine/copy.js';
+import { BlksyncError } from '../errors.js';
+import { formatBytes } from '../size.js';
+import {
+  blockSizeOption,
+  interruptible,
+  progressFor,
+  reportError,
+  type SetExit,
+} from './common.js';
+
+function copySummary(r: CopyResult): string {
+  const verb = r.dryRun ? 'would write' : 'wrote';
+  const lines = [
+    `${r.dryRun ? 'dry run: ' : ''}scanned ${formatBytes(r.bytesScanned)} in ${r.seconds.toFixed(2)} s; ` +
+      `${r.blocksDiffering} blocks of ${formatBytes(r.blockSize)} differ; ` +
+      `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
+      (r.created ? ` (created ${r.destination}, sparse)` : ''),
+  ];
+  if (r.destinationExtraBytes > 0) {
+    lines.push(
+      `${r.destination} is ${formatBytes(r.destinationExtraBytes)} larger than the source; the rest was left untouched`,
+    );
+  }
+  return lines.join('\n');
+}
+
+export function registerCopy(program: Command, setExit: SetExit): void {
+  program
+    .command('copy')
+    .description('write SRC onto DST, writing only the blocks that differ')
+    .argument('<src>', 'source image file or block device')
+    .argument('<dst>', 'destination file or block device (a missing file is created, sparse)')
+    .addOption(blockSizeOption())
+    .option('-n, --dry-run', 'scan and report what would be written; write nothing')
+    .option('--full', 'write everything without reading DST (like dd)')
+    .option('--json', 'print one JSON summary object on stdout')
+    .option('-q, --quiet', 'print nothing but errors')
+    .option('--debug', 'show stack traces on errors')
+    .action(async (src, dst, opts) => {
+      const intr = interruptible();
+      const { onProgress, bar } = progressFor(opts);
+      try {
+        const result = await copy(src, dst, {
+          blockSize: opts.blockSize,
+          dryRun: opts.dryRun === true,
+          full: opts.full === true,
+          signal: intr.signal,
+          ...(onProgress ? { onProgress } : {}),
+        });
+        bar?.clear();
+        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
+        else if (opts.quiet !== true) process.stdout.write(`${copySummary(result)}\n`);
+      } catch (err) {
+        bar?.clear();
+        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
+          const partial = err.partial as CopyResult | undefined;
+          if (opts.json === true) {
+            process.stdout.write(`${JSON.stringify({ ...partial, interrupted: true })}\n`);
+          } else if (partial !== undefined && opts.quiet !== true) {
+            process.stdout.write(`${copySummary(partial)}\n`);
+          }
+          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
+          setExit(intr.exitCode());
+          return;
+        }
+        setExit(reportError(err, opts.debug === true));
+      } finally {
+        intr.dispose();
+      }
+    });
+}
