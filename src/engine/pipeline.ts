@@ -131,7 +131,8 @@ export async function runPipeline(
           );
         }
         spans.length = 0;
-        knowledge.diff(buf, chunk.length, blockSize, spans);
+        const pending = knowledge.diff(buf, chunk.length, blockSize, spans);
+        if (pending !== undefined) await pending;
         for (let i = 0; i < spans.length; i += 2) {
           const s = spans[i]!;
           const e = spans[i + 1]!;

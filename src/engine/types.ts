@@ -37,9 +37,9 @@ export interface ChunkKnowledge {
   /**
    * Appends to `out`, as [start, end) pairs relative to the chunk, the block-aligned spans of
    * `data` that DST does not already hold. Blocks are aligned to the image, so the last one
-   * may be short.
+   * may be short. May return a promise when the knowledge hashes off the main thread.
    */
-  diff(data: Buffer, length: number, blockSize: number, out: number[]): void;
+  diff(data: Buffer, length: number, blockSize: number, out: number[]): void | Promise<void>;
   /** DST's bytes of this chunk, when the knowledge read them (compare refines ranges with it). */
   readonly held?: Buffer;
   /** Returns the chunk's buffers to the pool. */
