@@ -13,7 +13,10 @@ export interface CliResult {
 }
 
 /** Starts `blksync ...args`; the caller may signal the child. */
-export function startCli(args: string[], options: { input?: Buffer | string } = {}): {
+export function startCli(
+  args: string[],
+  options: { input?: Buffer | string } = {},
+): {
   child: ChildProcess;
   done: Promise<CliResult>;
 } {
@@ -35,6 +38,9 @@ export function startCli(args: string[], options: { input?: Buffer | string } = 
 }
 
 /** Runs `blksync ...args` to completion. */
-export function runCli(args: string[], options: { input?: Buffer | string } = {}): Promise<CliResult> {
+export function runCli(
+  args: string[],
+  options: { input?: Buffer | string } = {},
+): Promise<CliResult> {
   return startCli(args, options).done;
 }

@@ -28,7 +28,11 @@ export function seededBytes(length: number, seed: number): Buffer {
   return buf;
 }
 
-export async function writeRandomFile(path: string, length: number, seed?: number): Promise<Buffer> {
+export async function writeRandomFile(
+  path: string,
+  length: number,
+  seed?: number,
+): Promise<Buffer> {
   const data = seed === undefined ? randomBytes(length) : seededBytes(length, seed);
   await writeFile(path, data);
   return data;
