@@ -19,7 +19,13 @@ export type ErrorCode =
   | 'ESAME_FILE'
   | 'EREAD'
   | 'EWRITE'
-  | 'EINTERRUPTED';
+  | 'EINTERRUPTED'
+  | 'EINDEX_FORMAT'
+  | 'EINDEX_MISMATCH'
+  | 'EINDEX_STALE'
+  | 'EINDEX_OPEN'
+  | 'EINDEX_WRITE'
+  | 'EINFO_UNKNOWN';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;
