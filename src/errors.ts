@@ -25,7 +25,13 @@ export type ErrorCode =
   | 'EINDEX_STALE'
   | 'EINDEX_OPEN'
   | 'EINDEX_WRITE'
-  | 'EINFO_UNKNOWN';
+  | 'EINFO_UNKNOWN'
+  | 'EBMAP_OPEN'
+  | 'EBMAP_FORMAT'
+  | 'EBMAP_CHECKSUM'
+  | 'EBMAP_MISMATCH'
+  | 'ESRC_CORRUPT'
+  | 'ESRC_HTTP';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;
