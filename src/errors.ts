@@ -31,7 +31,19 @@ export type ErrorCode =
   | 'EBMAP_CHECKSUM'
   | 'EBMAP_MISMATCH'
   | 'ESRC_CORRUPT'
-  | 'ESRC_HTTP';
+  | 'ESRC_HTTP'
+  /** apply: TARGET holds neither the old nor the new content where a patch record goes. */
+  | 'EBASE_MISMATCH'
+  /** A patch file is malformed: bad magic, version, field, bound or record order. */
+  | 'EPATCH_FORMAT'
+  /** A patch file ends before its trailer. */
+  | 'EPATCH_TRUNCATED'
+  /** A patch's SHA-256 checksum, a header/record CRC or a payload hash does not match. */
+  | 'EPATCH_CHECKSUM'
+  /** apply --reverse on a patch made without --reversible. */
+  | 'EPATCH_NOT_REVERSIBLE'
+  /** A patch uses a compression this installation cannot read or write (zstd without zstd-napi). */
+  | 'EPATCH_UNSUPPORTED';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;
