@@ -18,8 +18,8 @@ import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
 
 /** Default block size: see the README's "Block size" section for the measurements. */
 export const DEFAULT_BLOCK_SIZE = 4096;
-/** Bytes read per chunk from each side. */
-export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
+/** Bytes read per chunk from each side: of 128 KiB to 16 MiB, 1-2 MiB with 4 in flight was fastest on a warm 1 GiB copy (smaller costs syscalls, larger spills the CPU caches). */
+export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 /** Chunks in flight at once. */
 export const DEFAULT_DEPTH = 4;
 /** Largest block size accepted. */
