@@ -1,0 +1,86 @@
+/**
+ * `npm run bench [-- [--runs N] [--size 1G] [SECTION...]]`: the benchmark, every speed claim
+ * of the project measured side by side with its peers, in one run, on the same data.
+ *
+ *   bench/run.ts          this file: picks the sections and runs them in order
+ *   bench/data.ts         seeded test images, cached in bench/.data/ (gitignored)
+ *   bench/measure.ts      timing, /proc I/O accounting, medians, tables
+ *   bench/setup.ts        builds dist/ and installs peer tools (apt-get) when missing
+ *   bench/sections/*.ts   one file per section; add yours to SECTIONS below
+ *
+ * With no SECTION it runs every default section; naming sections runs only those
+ * (non-default ones such as copy-tuning too). `--size 64M` makes a quick smoke run.
+ */
+
+import { parseArgs } from 'node:util';
+import { parseSize } from '../src/size.js';
+import { DEFAULT_IMAGE_SIZE } from './data.js';
+import { copySection } from './sections/copy.js';
+import { copyTuningSection } from './sections/copy-tuning.js';
+
+export interface BenchOptions {
+  /** Timed runs of each command (the table shows their median, min and max). */
+  runs: number;
+  /** Bytes in the generated image. */
+  imageSize: number;
+  log: (line: string) => void;
+}
+
+export interface Section {
+  name: string;
+  description: string;
+  /** Run when no section is named. */
+  default: boolean;
+  run(options: BenchOptions): Promise<void>;
+}
+
+const SECTIONS: readonly Section[] = [copySection, copyTuningSection];
+
+/** At least this many runs, so a median means something. */
+const MIN_RUNS = 3;
+
+async function main(): Promise<void> {
+  const { values, positionals } = parseArgs({
+    allowPositionals: true,
+    options: {
+      runs: { type: 'string', default: String(MIN_RUNS) },
+      size: { type: 'string', default: String(DEFAULT_IMAGE_SIZE) },
+      list: { type: 'boolean', default: false },
+    },
+  });
+  if (values.list) {
+    for (const s of SECTIONS) {
+      console.log(`${s.name.padEnd(14)} ${s.default ? '(default) ' : ''}${s.description}`);
+    }
+    return;
+  }
+  const runs = Number(values.runs);
+  if (!Number.isInteger(runs) || runs < MIN_RUNS) {
+    throw new Error(`--runs must be an integer >= ${MIN_RUNS}`);
+  }
+  const unknown = positionals.filter((name) => !SECTIONS.some((s) => s.name === name));
+  if (unknown.length > 0) {
+    throw new Error(
+      `unknown section ${unknown.join(', ')}; sections: ${SECTIONS.map((s) => s.name).join(', ')}`,
+    );
+  }
+  const chosen = SECTIONS.filter((s) =>
+    positionals.length > 0 ? positionals.includes(s.name) : s.default,
+  );
+  const options: BenchOptions = {
+    runs,
+    imageSize: parseSize(values.size, 'image size'),
+    log: (line) => console.log(line),
+  };
+  for (const section of chosen) {
+    console.log(`\n## ${section.name}: ${section.description}\n`);
+    await section.run(options);
+  }
+}
+
+try {
+  await main();
+} catch (err) {
+  console.error(`bench: ${err instanceof Error ? err.message : String(err)}`);
+  process.exitCode = 1;
+}
