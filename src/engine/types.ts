@@ -42,6 +42,13 @@ export interface ChunkKnowledge {
   diff(data: Buffer, length: number, blockSize: number, out: number[]): void | Promise<void>;
   /** DST's bytes of this chunk, when the knowledge read them (compare refines ranges with it). */
   readonly held?: Buffer;
+  /**
+   * The SHA-256 of each of DST's blocks in [start, end) of the chunk, concatenated (blocks
+   * aligned to the image, the last one clipped to DST's size). Knowledges that know DST by
+   * hashes rather than bytes (an index) provide this instead of `held`, so that `diff` can
+   * record a hash of the content each patch record replaces. Optional: only diff asks.
+   */
+  heldHashes?(start: number, end: number): Buffer;
   /** Returns the chunk's buffers to the pool. */
   release(): void;
 }
