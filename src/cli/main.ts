@@ -5,6 +5,7 @@
  */
 
 import { Command } from '@commander-js/extra-typings';
+import { registerBmap } from './bmap-command.js';
 import { reportError } from './common.js';
 import { registerCompare } from './compare-command.js';
 import { registerCopy } from './copy-command.js';
@@ -18,6 +19,7 @@ function buildProgram(setExit: (code: number) => void): Command {
     .exitOverride();
   registerCopy(program, setExit);
   registerCompare(program, setExit);
+  registerBmap(program, setExit);
   return program;
 }
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */

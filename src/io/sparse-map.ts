@@ -1,0 +1,97 @@
+/**
+ * Which parts of a file hold data: lseek(SEEK_DATA / SEEK_HOLE) through koffi, since Node
+ * has no binding for either, and the file system's block size through ioctl(FIGETBSZ).
+ *
+ * Ranges are widened to whole blocks (a data run starting or ending inside a block maps that
+ * block), which is what bmaptool's block map records.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import koffi from 'koffi';
+import { BlksyncError } from '../errors.js';
+import type { Range } from '../ranges.js';
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ENXIO = 6;
+const EINVAL = 22;
+/** ioctl(fd, FIGETBSZ, int *): the file system's block size. */
+const FIGETBSZ = 2;
+
+interface Libc {
+  lseek: (fd: number, offset: bigint | number, whence: number) => bigint | number;
+  ioctl: (fd: number, request: number, arg: Int32Array) => number;
+}
+
+let libc: Libc | undefined;
+
+function load(): Libc {
+  if (libc === undefined) {
+    const lib = koffi.load('libc.so.6');
+    libc = {
+      lseek: lib.func('int64_t lseek(int, int64_t, int)') as Libc['lseek'],
+      ioctl: lib.func('int ioctl(int, unsigned long, _Out_ int *)') as Libc['ioctl'],
+    };
+  }
+  return libc;
+}
+
+/**
+ * lseek with SEEK_DATA or SEEK_HOLE; -1 when there is no more data (ENXIO). The calls are
+ * synchronous: each is a short syscall with no I/O, as cheap as a libuv round trip.
+ */
+function seek(fd: number, offset: number, whence: number, path: string): number {
+  const r = Number(load().lseek(fd, offset, whence));
+  if (r >= 0) return r;
+  const errno = koffi.errno();
+  if (errno === ENXIO) return -1;
+  if (errno === EINVAL) {
+    throw new BlksyncError(
+      'ESRC_KIND',
+      `${path}: the file system does not report holes (SEEK_DATA/SEEK_HOLE unsupported)`,
+      { path, syscall: 'lseek' },
+    );
+  }
+  throw new BlksyncError('EREAD', `${path}: lseek failed (errno ${errno})`, {
+    path,
+    syscall: 'lseek',
+  });
+}
+
+/** The file system's block size for this file (FIGETBSZ), or st_blksize when that fails. */
+export async function fsBlockSize(fh: FileHandle): Promise<number> {
+  try {
+    const out = new Int32Array(1);
+    if (load().ioctl(fh.fd, FIGETBSZ, out) === 0 && (out[0] ?? 0) > 0) return out[0] ?? 0;
+  } catch {
+    // koffi could not load libc: fall back below
+  }
+  return (await fh.stat()).blksize;
+}
+
+/**
+ * The block-aligned ranges of the file's first `size` bytes that hold data (are not holes),
+ * ascending and merged. `blockSize` aligns them; the last one ends at `size`.
+ */
+export function mappedRanges(
+  fh: FileHandle,
+  size: number,
+  blockSize: number,
+  path: string,
+): Range[] {
+  const ranges: Range[] = [];
+  let pos = 0;
+  while (pos < size) {
+    const data = seek(fh.fd, pos, SEEK_DATA, path);
+    if (data < 0 || data >= size) break;
+    let hole = seek(fh.fd, data, SEEK_HOLE, path);
+    if (hole < 0 || hole > size) hole = size;
+    const start = Math.floor(data / blockSize) * blockSize;
+    const end = Math.min(size, Math.ceil(hole / blockSize) * blockSize);
+    const last = ranges[ranges.length - 1];
+    if (last !== undefined && start <= last.end) last.end = Math.max(last.end, end);
+    else ranges.push({ start, end });
+    pos = Math.max(end, hole);
+  }
+  return ranges;
+}
