@@ -4,6 +4,7 @@ import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
+import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import {
   blockSizeOption,
   interruptible,
@@ -20,12 +21,27 @@ function copySummary(r: CopyResult): string {
       `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
       (r.created ? ` (created ${r.destination}, sparse)` : ''),
   ];
+  if (r.index !== undefined) lines.push(indexSummary(r));
   if (r.destinationExtraBytes > 0) {
     lines.push(
       `${r.destination} is ${formatBytes(r.destinationExtraBytes)} larger than the source; the rest was left untouched`,
     );
   }
   return lines.join('\n');
+}
+
+function indexSummary(r: CopyResult): string {
+  const i = r.index!;
+  const hashed = `hashed ${formatBytes(i.bytesHashed)}`;
+  if (i.mode === 'used') {
+    const reread =
+      i.bytesReread > 0
+        ? `, re-read ${formatBytes(i.bytesReread)} an earlier copy left unsure`
+        : '';
+    return `index ${i.path}: used, ${r.dryRun ? '' : 'updated; '}read ${formatBytes(r.bytesRead)} of ${r.destination} (${i.sampleBlocks} sample blocks${reread}); ${hashed}`;
+  }
+  const why = i.reason !== undefined ? ` (${i.reason})` : '';
+  return `index ${i.path}: ${r.dryRun ? 'would be ' : ''}${i.mode}${why}; ${hashed}`;
 }
 
 export function registerCopy(program: Command, setExit: SetExit): void {
@@ -37,6 +53,13 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .addOption(blockSizeOption())
     .option('-n, --dry-run', 'scan and report what would be written; write nothing')
     .option('--full', 'write everything without reading DST (like dd)')
+    .option(
+      '--index <file>',
+      'know DST from this index instead of reading it, and update it ("auto": cached)',
+    )
+    .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
+    .addOption(verifySampleOption())
+    .addOption(hashThreadsOption())
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -48,6 +71,10 @@ export function registerCopy(program: Command, setExit: SetExit): void {
           blockSize: opts.blockSize,
           dryRun: opts.dryRun === true,
           full: opts.full === true,
+          ...(opts.index !== undefined ? { index: opts.index } : {}),
+          rebuildIndex: opts.rebuildIndex === true,
+          ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
+          ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
           signal: intr.signal,
           ...(onProgress ? { onProgress } : {}),
         });

@@ -9,6 +9,8 @@ import { registerBmap } from './bmap-command.js';
 import { reportError } from './common.js';
 import { registerCompare } from './compare-command.js';
 import { registerCopy } from './copy-command.js';
+import { registerIndex } from './index-command.js';
+import { registerInfo } from './info-command.js';
 
 function buildProgram(setExit: (code: number) => void): Command {
   const program = new Command()
@@ -19,6 +21,8 @@ function buildProgram(setExit: (code: number) => void): Command {
     .exitOverride();
   registerCopy(program, setExit);
   registerCompare(program, setExit);
+  registerIndex(program, setExit);
+  registerInfo(program, setExit);
   registerBmap(program, setExit);
   return program;
 }

@@ -12,6 +12,7 @@ import { FileSource } from '../io/file-source.js';
 import { createTarget, openSource, openTarget, sameFile, type Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
+import { DEFAULT_VERIFY_SAMPLE, IndexSession, type IndexReport } from './index-target.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
@@ -20,6 +21,8 @@ import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
 export const DEFAULT_BLOCK_SIZE = 4096;
 /** Bytes read per chunk from each side: of 128 KiB to 16 MiB, 1-2 MiB with 4 in flight was fastest on a warm 1 GiB copy (smaller costs syscalls, larger spills the CPU caches). */
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
+/** Bytes per chunk when hashing for an index. */
+export const INDEX_CHUNK_SIZE = 4 * 1024 * 1024;
 /** Chunks in flight at once. */
 export const DEFAULT_DEPTH = 4;
 /** Largest block size accepted. */
@@ -37,6 +40,14 @@ export interface CopyOptions {
   /** Tuning: bytes per read (default 4 MiB) and reads in flight (default 4). */
   chunkSize?: number;
   depth?: number;
+  /** An index of DST to use instead of reading it, and to update ("auto": the cache's). */
+  index?: string;
+  /** Replace an index that does not match DST instead of refusing. */
+  rebuildIndex?: boolean;
+  /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
+  verifySample?: number;
+  /** Worker threads hashing for the index (default: one per core, at most 4). */
+  hashThreads?: number;
 }
 
 export interface CopyResult {
@@ -61,6 +72,8 @@ export interface CopyResult {
   dryRun: boolean;
   full: boolean;
   seconds: number;
+  /** What was done with --index. */
+  index?: IndexReport;
 }
 
 /** Validates a block size: a power of two from 512 B to 64 MiB. */
@@ -92,7 +105,11 @@ export async function copy(
 ): Promise<CopyResult> {
   const started = performance.now();
   const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
-  const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
+  // hashing for an index wants bigger chunks: fewer hand-offs to the worker threads
+  const chunkSize = chunkSizeFor(
+    blockSize,
+    options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
+  );
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   options.signal?.throwIfAborted();
@@ -100,6 +117,7 @@ export async function copy(
   const source = await openSource(src);
   let target: Opened | undefined;
   let sink: Sink | undefined;
+  let index: IndexSession | undefined;
   try {
     const found = await openTarget(dst, { readOnly: dryRun });
     let created = false;
@@ -126,8 +144,26 @@ export async function copy(
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
 
+    if (options.index !== undefined) {
+      index = await IndexSession.open({
+        index: options.index,
+        dst: target,
+        dstPath: dst,
+        fresh: found.fh === undefined || found.size === 0,
+        imageSize: source.size,
+        blockSize: options.blockSize,
+        chunkSize,
+        rebuild: options.rebuildIndex === true,
+        verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+        full,
+        dryRun,
+        hashThreads: options.hashThreads,
+      });
+      if (index.target !== undefined) knowledge = index.target;
+    }
     if (!dryRun && target !== undefined) {
       sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      if (index !== undefined) sink = index.wrapSink(sink);
     }
     const run = await runPipeline(
       { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
@@ -135,21 +171,24 @@ export async function copy(
       knowledge,
       sink ? [sink] : [],
       {
-        blockSize,
+        blockSize: index?.target?.blockSize ?? blockSize,
         chunkSize,
         depth: options.depth ?? DEFAULT_DEPTH,
         signal: options.signal,
         onProgress: options.onProgress,
+        onChunk: index?.onChunk,
+        buffers: index?.buffers,
       },
     );
     await sink?.finish();
+    if (!run.interrupted) await index?.commit();
     const result: CopyResult = {
       source: src,
       destination: dst,
       bytesTotal: source.size,
       bytesScanned: run.bytesScanned,
       bytesRead: knowledge.bytesRead,
-      blockSize,
+      blockSize: index?.target?.blockSize ?? blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
       bytesWritten: run.bytesWritten,
@@ -160,6 +199,7 @@ export async function copy(
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,
+      ...(index !== undefined ? { index: index.report() } : {}),
     };
     if (run.interrupted) {
       throw new BlksyncError(
@@ -172,6 +212,7 @@ export async function copy(
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await sink?.finish().catch(() => {});
+    await index?.close();
     await target?.fh.close();
     await source.fh.close();
   }

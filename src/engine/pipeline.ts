@@ -38,6 +38,14 @@ export interface PipelineOptions {
         knowledge: ChunkKnowledge,
       ) => void)
     | undefined;
+  /**
+   * Called with every chunk's source data, differing or not, once it is read; runs alongside
+   * the diff and the writes, and the chunk's buffer is reused only after it settles. The index
+   * writer hashes the new content with it.
+   */
+  onChunk?: ((offset: number, data: Buffer, length: number) => void | Promise<void>) | undefined;
+  /** Where chunk buffers come from (default: plain buffers); hashing workers need shared ones. */
+  buffers?: { get(): Buffer; put(buf: Buffer): void } | undefined;
 }
 
 export interface PipelineResult {
@@ -85,7 +93,7 @@ export async function runPipeline(
   options: PipelineOptions,
 ): Promise<PipelineResult> {
   const { blockSize, chunkSize, depth, signal } = options;
-  const pool = new BufferPool(chunkSize);
+  const pool = options.buffers ?? new BufferPool(chunkSize);
   const chunks = chunksOf(plan, chunkSize);
   const queue: InFlight[] = [];
   const spans: number[] = [];
@@ -123,12 +131,18 @@ export async function runPipeline(
       const item = queue.shift()!;
       const { chunk, buf } = item;
       const [got, knowledge] = await item.done;
+      let chunkHooks: Promise<void> | undefined;
       try {
         if (got < chunk.length) {
           throw new BlksyncError(
             'ESRC_SHORT',
             `source ended at ${chunk.offset + got} bytes, expected ${plan.imageSize}; was it truncated while being read?`,
           );
+        }
+        const hooked = options.onChunk?.(chunk.offset, buf, chunk.length);
+        if (hooked instanceof Promise) {
+          chunkHooks = hooked;
+          hooked.catch(() => {}); // awaited below; until then it must not be "unhandled"
         }
         spans.length = 0;
         const pending = knowledge.diff(buf, chunk.length, blockSize, spans);
@@ -144,8 +158,11 @@ export async function runPipeline(
           result.ranges.add(chunk.offset + s, chunk.offset + e);
           result.bytesWritten += sinks.length > 0 ? e - s : 0;
         }
+        if (chunkHooks !== undefined) await chunkHooks;
       } finally {
         knowledge.release();
+        // the hook may still be reading buf after a failure; let it settle first
+        if (chunkHooks !== undefined) await chunkHooks.catch(() => {});
       }
       pool.put(buf);
       result.bytesScanned += chunk.length;

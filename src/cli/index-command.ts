@@ -1,0 +1,109 @@
+/** `blksync index SRC -o FILE` and `blksync index --list`. */
+
+import { Option, type Command } from '@commander-js/extra-typings';
+import { listCachedIndexes, makeIndex, type CachedIndex } from '../engine/make-index.js';
+import { BlksyncError } from '../errors.js';
+import { cacheDir } from '../io/cache-dir.js';
+import { formatBytes, parseSize } from '../size.js';
+import { interruptible, progressFor, reportError, type SetExit } from './common.js';
+
+/** --hash-threads N: worker threads hashing (0 hashes on the main thread). */
+export function hashThreadsOption(): Option<'--hash-threads <n>', undefined, undefined, number> {
+  return new Option('--hash-threads <n>', 'worker threads hashing (default: one per core, max 4)')
+    .argParser((v: string) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0 || n > 64) {
+        throw new BlksyncError('EUSAGE', `invalid --hash-threads "${v}": use 0 to 64`);
+      }
+      return n;
+    })
+    .hideHelp();
+}
+
+/** --verify-sample N: blocks of DST checked against an index before trusting it. */
+export function verifySampleOption(): Option<'--verify-sample <n>', undefined, undefined, number> {
+  return new Option(
+    '--verify-sample <n>',
+    'with --index: blocks of DST read and checked before trusting the index (default 16, 0 skips)',
+  ).argParser((v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0 || n > 1_000_000) {
+      throw new BlksyncError('EUSAGE', `invalid --verify-sample "${v}": use 0 to 1000000`);
+    }
+    return n;
+  });
+}
+
+function listing(entries: CachedIndex[]): string {
+  if (entries.length === 0) return `no cached indexes in ${cacheDir()}`;
+  const lines = entries.map((e) => {
+    if (e.error !== undefined) return `${e.path}\n  unreadable: ${e.error}`;
+    const id = e.identity;
+    const where = id?.path !== undefined ? `${id.path} ` : '';
+    return (
+      `${e.path}\n  ${where}(${id?.key ?? '?'}), ${formatBytes(e.imageSize ?? 0)} in ` +
+      `${formatBytes(e.blockSize ?? 0)} blocks, ${e.state ?? '?'}, written ${e.writtenAt ?? '?'}`
+    );
+  });
+  return lines.join('\n');
+}
+
+export function registerIndex(program: Command, setExit: SetExit): void {
+  program
+    .command('index')
+    .description(
+      'write an index of SRC (a SHA-256 per block) for `copy --index`; or list the cache',
+    )
+    .argument('[src]', 'image file or block device to index')
+    .option('-o, --output <file>', 'index file to write ("auto": the cache, keyed by SRC)')
+    .addOption(
+      new Option('-b, --block-size <size>', 'bytes per hashed block (default 64K)').argParser(
+        (v: string) => parseSize(v, 'block size'),
+      ),
+    )
+    .option('--list', `list the indexes cached for --index auto (in ${cacheDir()})`)
+    .addOption(hashThreadsOption())
+    .option('--json', 'print one JSON object on stdout')
+    .option('-q, --quiet', 'print nothing but errors')
+    .option('--debug', 'show stack traces on errors')
+    .action(async (src, opts) => {
+      const intr = interruptible();
+      const { onProgress, bar } = progressFor(opts);
+      try {
+        if (opts.list === true) {
+          const entries = await listCachedIndexes();
+          if (opts.json === true) process.stdout.write(`${JSON.stringify(entries)}\n`);
+          else process.stdout.write(`${listing(entries)}\n`);
+          return;
+        }
+        if (src === undefined || opts.output === undefined) {
+          throw new BlksyncError('EUSAGE', 'usage: blksync index SRC -o FILE (or --list)');
+        }
+        const result = await makeIndex(src, opts.output, {
+          blockSize: opts.blockSize,
+          signal: intr.signal,
+          ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
+          ...(onProgress ? { onProgress } : {}),
+        });
+        bar?.clear();
+        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
+        else if (opts.quiet !== true) {
+          process.stdout.write(
+            `${result.output}: ${result.blockCount} blocks of ${formatBytes(result.blockSize)} ` +
+              `(${result.algorithm}) of ${src}, ${formatBytes(result.imageSize)} in ` +
+              `${result.seconds.toFixed(2)} s\n`,
+          );
+        }
+      } catch (err) {
+        bar?.clear();
+        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
+          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
+          setExit(intr.exitCode());
+          return;
+        }
+        setExit(reportError(err, opts.debug === true));
+      } finally {
+        intr.dispose();
+      }
+    });
+}

@@ -1,0 +1,100 @@
+/**
+ * `blksync info FILE`: what a blksync file is and holds. The type is recognised by its
+ * magic; each type is one entry of FILE_TYPES (add a patch or other format there).
+ */
+
+import { open } from 'node:fs/promises';
+import type { Command } from '@commander-js/extra-typings';
+import { indexInfo, type IndexInfo } from '../engine/make-index.js';
+import { BlksyncError, fromSystemError } from '../errors.js';
+import { INDEX_MAGIC } from '../formats/index-file.js';
+import { formatBytes } from '../size.js';
+import { reportError, type SetExit } from './common.js';
+
+/** One kind of file `info` knows: its magic at offset 0, and how to describe it. */
+export interface FileType {
+  name: string;
+  magic: Buffer;
+  /** Reads and verifies the file; returns a JSON-able description and its text rendering. */
+  describe(path: string): Promise<{ json: object; text: string }>;
+}
+
+function indexText(i: IndexInfo): string {
+  const id = i.identity;
+  const lines = [
+    `${i.path}: blksync index, version ${i.version}, checksum ${i.checksum}`,
+    `  image       ${i.imageSize} bytes (${formatBytes(i.imageSize)})`,
+    `  blocks      ${i.blockCount} of ${formatBytes(i.blockSize)}, ${i.algorithm}`,
+    `  distinct    ${i.distinctBlocks} blocks; ${i.zeroBlocks} all zeros`,
+    `  target      ${id.kind} ${id.path ?? ''} (${id.key}${id.weak ? ', weak: only the device number' : ''}), ${id.size} bytes` +
+      (id.model !== undefined ? `, ${id.model}` : ''),
+    `  state       ${i.state}` +
+      (i.dirty !== undefined
+        ? ` (bytes ${i.dirty.start}-${i.dirty.end} may be dirty; the next copy reads them back)`
+        : ''),
+    `  written     ${i.writtenAt}`,
+  ];
+  return lines.join('\n');
+}
+
+export const FILE_TYPES: FileType[] = [
+  {
+    name: 'index',
+    magic: INDEX_MAGIC,
+    describe: async (path) => {
+      const info = await indexInfo(path);
+      return { json: info, text: indexText(info) };
+    },
+  },
+];
+
+const MAGIC_BYTES = Math.max(...FILE_TYPES.map((t) => t.magic.length));
+
+async function readMagic(path: string): Promise<Buffer> {
+  let fh;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    throw fromSystemError('EINDEX_OPEN', 'cannot open', path, err);
+  }
+  try {
+    const buf = Buffer.alloc(MAGIC_BYTES);
+    const { bytesRead } = await fh.read(buf, 0, MAGIC_BYTES, 0);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Describes a blksync file of any known type. */
+export async function describeFile(path: string): Promise<{ json: object; text: string }> {
+  const head = await readMagic(path);
+  const type = FILE_TYPES.find(
+    (t) => head.length >= t.magic.length && head.subarray(0, t.magic.length).equals(t.magic),
+  );
+  if (type === undefined) {
+    throw new BlksyncError(
+      'EINFO_UNKNOWN',
+      `${path} is not a file blksync knows (${FILE_TYPES.map((t) => t.name).join(', ')})`,
+      { path },
+    );
+  }
+  return type.describe(path);
+}
+
+export function registerInfo(program: Command, setExit: SetExit): void {
+  program
+    .command('info')
+    .description('describe a blksync file (index, ...): header, statistics, checksum')
+    .argument('<file>', 'the file')
+    .option('--json', 'print one JSON object on stdout')
+    .option('--debug', 'show stack traces on errors')
+    .action(async (file, opts) => {
+      try {
+        const d = await describeFile(file);
+        process.stdout.write(opts.json === true ? `${JSON.stringify(d.json)}\n` : `${d.text}\n`);
+      } catch (err) {
+        setExit(reportError(err, opts.debug === true));
+      }
+    });
+}

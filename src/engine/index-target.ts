@@ -1,0 +1,522 @@
+/**
+ * Copying with an index: the stored hashes stand in for DST's content, so DST is not read.
+ *
+ * IndexTarget is the TargetKnowledge: it hashes each source chunk (on worker threads) and
+ * reports the blocks whose hashes differ from the stored ones. Where the index cannot be
+ * trusted — the range an interrupted copy may have left dirty, or blocks past what the index
+ * covers — it reads DST and compares bytes instead.
+ *
+ * IndexSession is what copy() talks to. It decides whether the index is used, created or
+ * rebuilt, defends against a stale index (identity, mtime, a random sample of DST's blocks),
+ * keeps the on-disk index honest while DST is written, and writes the new index at the end:
+ *
+ *   open ─► identity ok? ─► sample of DST ok? ─► use ──► first write past the marked range:
+ *     │         │ no              │ no                     fsync DST, write the index
+ *     │         ▼                 ▼                        "in progress, [x, x+W) dirty"
+ *     │   EINDEX_MISMATCH    EINDEX_STALE                        │
+ *     │   (--rebuild-index: create instead)                      ▼
+ *     └─ no index file ─► create: compare DST as usual,     end: write the clean index
+ *                         hash every source chunk            (temp file, fsync, rename)
+ */
+
+import { randomInt } from 'node:crypto';
+import { rm, stat } from 'node:fs/promises';
+import { BlksyncError, isSystemError } from '../errors.js';
+import {
+  blockCountFor,
+  readIndexFile,
+  writeIndexFile,
+  type IndexFile,
+  type IndexState,
+} from '../formats/index-file.js';
+import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
+import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
+import {
+  describeIdentity,
+  identityMismatch,
+  identityOf,
+  type TargetIdentity,
+} from '../io/identity.js';
+import type { Opened } from '../io/open.js';
+import type { Range } from '../ranges.js';
+import { diffBuffers, ReadTarget } from './knowledge.js';
+import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
+import type { ChunkKnowledge, Sink, TargetKnowledge } from './types.js';
+
+/** Blocks of DST read and checked against the index before trusting it. */
+export const DEFAULT_VERIFY_SAMPLE = 16;
+/** Smallest range marked possibly dirty at a time while writing (see IndexGuardSink). */
+export const MIN_CHECKPOINT_BYTES = 256 * 1024 * 1024;
+/** At most this many index rewrites per copy: the marked range grows with the image. */
+export const MAX_CHECKPOINTS = 16;
+
+function alignDown(n: number, to: number): number {
+  return Math.floor(n / to) * to;
+}
+
+function alignUp(n: number, to: number): number {
+  return Math.ceil(n / to) * to;
+}
+
+/**
+ * What DST holds, from an index of it. `untrusted` are the byte ranges (block-aligned,
+ * ascending) whose stored hashes may not describe DST; they are read and compared.
+ */
+export class IndexTarget implements TargetKnowledge {
+  readonly blockSize: number;
+  readonly imageSize: number;
+  /** The new image's hashes: stored ones at first, SRC's as chunks are diffed. */
+  readonly table: Buffer;
+  readonly untrusted: readonly Range[];
+  readonly #pool: HashPool;
+  readonly #reader: ReadTarget;
+  readonly #scratch: Buffer;
+  /** The stored hashes of the chunk last diffed, before the new ones replaced them. */
+  readonly #held: Buffer;
+  #sampleBytes = 0;
+  /** Bytes read back from DST where the index was not trusted. */
+  get bytesReread(): number {
+    return this.#reader.bytesRead;
+  }
+
+  get bytesRead(): number {
+    return this.#reader.bytesRead + this.#sampleBytes;
+  }
+
+  constructor(index: IndexFile, imageSize: number, dst: Opened, chunkSize: number, pool: HashPool) {
+    const bs = index.blockSize;
+    this.blockSize = bs;
+    this.imageSize = imageSize;
+    this.#pool = pool;
+    this.#reader = new ReadTarget(dst.fh, dst.path, chunkSize);
+    this.#scratch = Buffer.alloc((chunkSize / bs) * HASH_BYTES);
+    this.#held = Buffer.alloc(this.#scratch.length);
+    this.table = Buffer.alloc(blockCountFor(imageSize, bs) * HASH_BYTES);
+    index.hashes.copy(this.table, 0, 0, Math.min(index.hashes.length, this.table.length));
+    const untrusted: Range[] = [];
+    if (index.state.kind === 'in-progress') {
+      const { start, end } = index.state.dirty;
+      const s = alignDown(start, bs);
+      const e = Math.min(imageSize, alignUp(end, bs));
+      if (s < e) untrusted.push({ start: s, end: e });
+    }
+    // a block is trusted only if it had the same extent when it was hashed
+    const covered =
+      index.imageSize === imageSize
+        ? imageSize
+        : alignDown(Math.min(index.imageSize, imageSize), bs);
+    if (covered < imageSize) {
+      const last = untrusted[untrusted.length - 1];
+      if (last !== undefined && last.end >= covered) last.end = imageSize;
+      else untrusted.push({ start: covered, end: imageSize });
+    }
+    this.untrusted = untrusted;
+  }
+
+  #isTrusted(start: number, end: number): boolean {
+    return this.untrusted.every((r) => end <= r.start || start >= r.end);
+  }
+
+  /** Where the untrusted ranges that reach past `offset` end (or `offset` if none do). */
+  untrustedEndAfter(offset: number): number {
+    let end = offset;
+    for (const r of this.untrusted) if (r.end > offset) end = Math.max(end, r.end);
+    return end;
+  }
+
+  /**
+   * Reads `count` random trusted blocks of DST and checks them against the index; returns
+   * the offset of the first block that does not match, or undefined.
+   */
+  async verifySample(count: number, dst: Opened): Promise<number | undefined> {
+    const bs = this.blockSize;
+    const blocks = blockCountFor(this.imageSize, bs);
+    if (count <= 0 || blocks === 0) return undefined;
+    const picked = new Set<number>();
+    const buf = Buffer.allocUnsafe(bs);
+    // always include the first and last trusted blocks: partition tables and backup GPTs
+    // are what tools most often write behind blksync's back
+    const candidates = [0, blocks - 1];
+    for (let tries = 0; picked.size < count && tries < count * 8; tries++) {
+      const i = candidates.shift() ?? randomInt(blocks);
+      const s = i * bs;
+      const e = Math.min(s + bs, this.imageSize);
+      if (picked.has(i) || !this.#isTrusted(s, e)) continue;
+      picked.add(i);
+      let got = 0;
+      while (got < e - s) {
+        const { bytesRead } = await dst.fh.read(buf, got, e - s - got, s + got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+      }
+      this.#sampleBytes += got;
+      if (got < e - s) return s;
+      const h = sha256(buf, 0, got);
+      if (h.compare(this.table, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return s;
+    }
+    return undefined;
+  }
+
+  async load(offset: number, length: number): Promise<ChunkKnowledge> {
+    if (this.#isTrusted(offset, offset + length)) {
+      const first = (offset / this.blockSize) * HASH_BYTES;
+      let diffed = false;
+      return {
+        diff: async (data, len, bs, out) => {
+          await this.#diffByHash(offset, data, len, bs, out);
+          diffed = true;
+        },
+        // DST's hashes, which diff has replaced in the table by then (valid until the next diff)
+        heldHashes: (start, end) => {
+          const s = (start / this.blockSize) * HASH_BYTES;
+          const e = Math.ceil(end / this.blockSize) * HASH_BYTES;
+          return diffed ? this.#held.subarray(s, e) : this.table.subarray(first + s, first + e);
+        },
+        release: () => {},
+      };
+    }
+    const read = await this.#reader.load(offset, length);
+    const held = read.held!;
+    return {
+      diff: async (data, len, bs, out) => {
+        await this.#pool.hashBlocks(data, 0, len, bs, this.table, (offset / bs) * HASH_BYTES);
+        diffBuffers(data, held, len, bs, out);
+      },
+      held,
+      heldHashes: (start, end) => {
+        const parts: Buffer[] = [];
+        for (let s = start; s < end; s += this.blockSize) {
+          parts.push(sha256(held, s, Math.min(s + this.blockSize, end)));
+        }
+        return Buffer.concat(parts);
+      },
+      release: () => read.release(),
+    };
+  }
+
+  async #diffByHash(
+    offset: number,
+    data: Buffer,
+    length: number,
+    bs: number,
+    out: number[],
+  ): Promise<void> {
+    const scratch = this.#scratch;
+    await this.#pool.hashBlocks(data, 0, length, bs, scratch, 0);
+    const first = (offset / bs) * HASH_BYTES;
+    const n = Math.ceil(length / bs);
+    let runStart = -1;
+    for (let b = 0; b < n; b++) {
+      const h = b * HASH_BYTES;
+      const differs =
+        scratch.compare(this.table, first + h, first + h + HASH_BYTES, h, h + HASH_BYTES) !== 0;
+      if (differs && runStart < 0) runStart = b * bs;
+      else if (!differs && runStart >= 0) {
+        out.push(runStart, b * bs);
+        runStart = -1;
+      }
+    }
+    if (runStart >= 0) out.push(runStart, length);
+    this.table.copy(this.#held, 0, first, first + n * HASH_BYTES);
+    scratch.copy(this.table, first, 0, n * HASH_BYTES);
+  }
+
+  async close(): Promise<void> {
+    await this.#reader.close();
+  }
+}
+
+export interface IndexSessionOptions {
+  /** Index file path, or "auto" for the cache directory keyed by DST's identity. */
+  index: string;
+  dst: Opened | undefined;
+  dstPath: string;
+  /** DST was just created or was empty: whatever index exists cannot describe it. */
+  fresh: boolean;
+  imageSize: number;
+  /** Block size asked for with -b, if any. */
+  blockSize: number | undefined;
+  chunkSize: number;
+  rebuild: boolean;
+  verifySample: number;
+  /** --full: write everything; the index is only written. */
+  full: boolean;
+  dryRun: boolean;
+  hashThreads?: number | undefined;
+  /** Tuning for tests: bytes marked possibly dirty at a time. */
+  checkpointBytes?: number | undefined;
+}
+
+/** What the copy did with the index, for its summary. */
+export interface IndexReport {
+  path: string;
+  /** used: DST was not read; created: FILE was new; rebuilt: FILE was replaced. */
+  mode: 'used' | 'created' | 'rebuilt';
+  blockSize: number;
+  bytesHashed: number;
+  /** DST blocks read to check the index before trusting it. */
+  sampleBlocks: number;
+  /** Bytes of DST read because the index did not vouch for them (an interrupted copy's range). */
+  bytesReread: number;
+  /** Times the index was marked in progress while writing. */
+  checkpoints: number;
+  /** Why the index was rebuilt, when it was. */
+  reason?: string;
+}
+
+function mismatch(path: string, why: string): BlksyncError {
+  return new BlksyncError(
+    'EINDEX_MISMATCH',
+    `index ${path} does not describe this destination: ${why}; pass --rebuild-index to replace it (DST is then read once)`,
+    { path },
+  );
+}
+
+function stale(path: string, why: string): BlksyncError {
+  return new BlksyncError(
+    'EINDEX_STALE',
+    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to read DST and rebuild it`,
+    { path },
+  );
+}
+
+export class IndexSession {
+  readonly path: string;
+  /** Block size of the hashes (the pipeline's, when the index is used). */
+  readonly blockSize: number;
+  readonly buffers: SharedBufferPool;
+  /** Set when the index is used: the pipeline's knowledge of DST. */
+  readonly target: IndexTarget | undefined;
+  /** Set when the index is created: hashes every chunk of the new content. */
+  readonly onChunk: ((offset: number, data: Buffer, length: number) => Promise<void>) | undefined;
+  readonly #o: IndexSessionOptions;
+  readonly #pool: HashPool;
+  readonly #collected: BlockHashes | undefined;
+  readonly #report: IndexReport;
+  /** An old index at path that must go before DST changes (create mode). */
+  #removeBeforeWrite: boolean;
+
+  private constructor(
+    o: IndexSessionOptions,
+    path: string,
+    pool: HashPool,
+    use: { index: IndexFile; target: IndexTarget; sampled: number } | undefined,
+    create: { reason: string | undefined; oldExists: boolean } | undefined,
+  ) {
+    this.#o = o;
+    this.path = path;
+    this.#pool = pool;
+    this.buffers = new SharedBufferPool(o.chunkSize);
+    this.#removeBeforeWrite = create?.oldExists === true;
+    if (use !== undefined) {
+      this.blockSize = use.index.blockSize;
+      this.target = use.target;
+      this.#collected = undefined;
+      this.onChunk = undefined;
+    } else {
+      this.blockSize = o.blockSize ?? DEFAULT_INDEX_BLOCK_SIZE;
+      this.target = undefined;
+      const collected = o.dryRun ? undefined : new BlockHashes(o.imageSize, this.blockSize, pool);
+      this.#collected = collected;
+      this.onChunk =
+        collected === undefined ? undefined : (off, data, len) => collected.add(off, data, len);
+    }
+    this.#report = {
+      path,
+      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
+      blockSize: this.blockSize,
+      bytesHashed: 0,
+      sampleBlocks: use?.sampled ?? 0,
+      bytesReread: 0,
+      checkpoints: 0,
+      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+    };
+  }
+
+  /** Opens the index for a copy onto `o.dst`: decides to use, create or rebuild it. */
+  static async open(o: IndexSessionOptions): Promise<IndexSession> {
+    const pool = new HashPool(o.hashThreads);
+    try {
+      return await IndexSession.#open(o, pool);
+    } catch (err) {
+      await pool.close();
+      throw err;
+    }
+  }
+
+  static async #open(o: IndexSessionOptions, pool: HashPool): Promise<IndexSession> {
+    const id =
+      o.dst === undefined ? undefined : await identityOf(o.dstPath, o.dst.stats, o.dst.size);
+    let path = o.index;
+    if (path === 'auto') {
+      if (id === undefined) {
+        // dry run onto a file that does not exist yet: nothing to key the cache by
+        return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
+      }
+      path = cachedIndexPath(id, await ensureCacheDir());
+    }
+    let index: IndexFile | undefined;
+    try {
+      index = await readIndexFile(path);
+    } catch (err) {
+      const missing =
+        err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
+      if (missing)
+        return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
+      if (!o.rebuild || !(err instanceof BlksyncError) || err.code !== 'EINDEX_FORMAT') throw err;
+      return new IndexSession(o, path, pool, undefined, { reason: err.message, oldExists: true });
+    }
+    const rebuild = (reason: string): IndexSession =>
+      new IndexSession(o, path, pool, undefined, { reason, oldExists: true });
+    if (o.fresh || id === undefined || o.full) {
+      return rebuild(o.full ? '--full writes everything' : 'the destination is new');
+    }
+    const why = identityMismatch(index.identity, id);
+    if (why !== undefined) {
+      if (o.rebuild) return rebuild(why);
+      throw mismatch(path, `${why} (${describeIdentity(id)})`);
+    }
+    if (o.chunkSize % index.blockSize !== 0) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `index ${path} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
+      );
+    }
+    if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
+      if (o.rebuild) return rebuild(`block size ${o.blockSize} asked for`);
+      throw new BlksyncError(
+        'EUSAGE',
+        `index ${path} has ${index.blockSize}-byte blocks but -b asks for ${o.blockSize}; omit -b, or pass --rebuild-index`,
+      );
+    }
+    if (
+      index.state.kind === 'clean' &&
+      id.mtimeNs !== undefined &&
+      index.identity.mtimeNs !== undefined &&
+      id.mtimeNs !== index.identity.mtimeNs
+    ) {
+      const why2 = `${o.dstPath} was modified after the index was written`;
+      if (o.rebuild) return rebuild(why2);
+      throw stale(path, why2);
+    }
+    const target = new IndexTarget(index, o.imageSize, o.dst!, o.chunkSize, pool);
+    const bad = await target.verifySample(o.verifySample, o.dst!);
+    if (bad !== undefined) {
+      const why2 = `the block at byte ${bad} of ${o.dstPath} does not match its hash`;
+      if (o.rebuild) return rebuild(why2);
+      throw stale(path, why2);
+    }
+    const sampled = Math.round(target.bytesRead / index.blockSize);
+    return new IndexSession(o, path, pool, { index, target, sampled }, undefined);
+  }
+
+  /** Wraps DST's sink so the on-disk index never vouches for a range being written. */
+  wrapSink(sink: Sink): Sink {
+    return new IndexGuardSink(sink, this);
+  }
+
+  /** Called by the guard before DST's first byte changes (create mode). */
+  async beforeFirstWrite(): Promise<void> {
+    if (!this.#removeBeforeWrite) return;
+    this.#removeBeforeWrite = false;
+    await rm(this.path, { force: true });
+  }
+
+  /** Bytes marked possibly dirty at a time. */
+  get checkpointBytes(): number {
+    const chunk = this.#o.chunkSize;
+    const want =
+      this.#o.checkpointBytes ??
+      Math.max(MIN_CHECKPOINT_BYTES, Math.ceil(this.#o.imageSize / MAX_CHECKPOINTS));
+    return alignUp(Math.max(want, chunk), chunk);
+  }
+
+  /**
+   * Makes DST's writes so far durable, then records in the index that [offset, end) may
+   * change; returns `end`. Blocks before `offset` hold the new content (all of it written
+   * and synced), so their new hashes are recorded as trusted.
+   */
+  async checkpoint(offset: number): Promise<number> {
+    const target = this.target!;
+    const dst = this.#o.dst!;
+    const start = alignDown(offset, this.blockSize);
+    const end = Math.min(
+      this.#o.imageSize,
+      Math.max(start + this.checkpointBytes, target.untrustedEndAfter(start)),
+    );
+    await dst.fh.sync();
+    await this.#write({ kind: 'in-progress', dirty: { start, end } }, target.table);
+    this.#report.checkpoints++;
+    return end;
+  }
+
+  async #write(state: IndexState, hashes: Buffer): Promise<void> {
+    const dst = this.#o.dst!;
+    const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
+    const size = dst.stats.isBlockDevice() ? dst.size : st.size;
+    const identity: TargetIdentity = await identityOf(dst.path, st, size);
+    await writeIndexFile(this.path, {
+      versionMajor: 1,
+      versionMinor: 0,
+      blockSize: this.blockSize,
+      imageSize: this.#o.imageSize,
+      algorithm: HASH_ALGORITHM,
+      hashBytes: HASH_BYTES,
+      blockCount: blockCountFor(this.#o.imageSize, this.blockSize),
+      state,
+      writtenAt: Date.now(),
+      identity,
+      hashes,
+    });
+  }
+
+  /** After a complete copy whose writes are synced: writes the clean index. */
+  async commit(): Promise<void> {
+    if (this.#o.dryRun || this.#o.dst === undefined) return;
+    const hashes = this.target?.table ?? this.#collected?.table;
+    if (hashes === undefined) return;
+    await this.#write({ kind: 'clean' }, hashes);
+  }
+
+  report(): IndexReport {
+    return {
+      ...this.#report,
+      bytesHashed: this.#pool.bytesHashed,
+      bytesReread: this.target?.bytesReread ?? 0,
+    };
+  }
+
+  async close(): Promise<void> {
+    await this.#pool.close();
+  }
+}
+
+/**
+ * Sits in front of DST's sink. Before a write reaches past the range the index marks as
+ * possibly dirty, it syncs DST and moves the mark (IndexSession.checkpoint); in create mode
+ * it removes a replaced index before DST's first byte changes.
+ */
+class IndexGuardSink implements Sink {
+  readonly #sink: Sink;
+  readonly #session: IndexSession;
+  #markedEnd = -1;
+
+  constructor(sink: Sink, session: IndexSession) {
+    this.#sink = sink;
+    this.#session = session;
+  }
+
+  async write(data: Buffer, offset: number): Promise<void> {
+    if (this.#session.target === undefined) {
+      await this.#session.beforeFirstWrite();
+    } else if (offset + data.length > this.#markedEnd) {
+      this.#markedEnd = await this.#session.checkpoint(offset);
+    }
+    await this.#sink.write(data, offset);
+  }
+
+  finish(): Promise<void> {
+    return this.#sink.finish();
+  }
+}

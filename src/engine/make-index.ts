@@ -1,0 +1,265 @@
+/**
+ * `makeIndex(src, out)`: the `index` operation. The pipeline with the whole image as plan,
+ * SRC as source, no knowledge of a target (every chunk "differs") and an index writer as the
+ * sink, which hashes every block it is handed; the file is written atomically at the end.
+ */
+
+import { readdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import {
+  blockCountFor,
+  readIndexFile,
+  readIndexSummary,
+  writeIndexFile,
+  type IndexFile,
+} from '../formats/index-file.js';
+import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
+import { FileSource } from '../io/file-source.js';
+import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
+import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { openSource } from '../io/open.js';
+import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import type { Range } from '../ranges.js';
+import { formatBytes } from '../size.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { NoTarget } from './knowledge.js';
+import { runPipeline } from './pipeline.js';
+import type { ProgressListener, Sink } from './types.js';
+
+/**
+ * Default index block size. 64 KiB hashes ~1.6× faster than 4 KiB with SHA-256 (1.8 vs
+ * 1.2 GiB/s per core, measured) and keeps the index at 0.05% of the image; writes with an
+ * index happen in whole index blocks.
+ */
+export const DEFAULT_INDEX_BLOCK_SIZE = 64 * 1024;
+
+/** The hashes of every block of an image, filled in as chunks pass (in any order). */
+export class BlockHashes {
+  readonly blockSize: number;
+  readonly imageSize: number;
+  readonly table: Buffer;
+  readonly #pool: HashPool;
+
+  constructor(imageSize: number, blockSize: number, pool: HashPool) {
+    this.blockSize = blockSize;
+    this.imageSize = imageSize;
+    this.table = Buffer.alloc(blockCountFor(imageSize, blockSize) * HASH_BYTES);
+    this.#pool = pool;
+  }
+
+  /** Hashes data[0, length), the image's bytes at `offset` (a multiple of the block size). */
+  add(offset: number, data: Buffer, length: number): Promise<void> {
+    const at = (offset / this.blockSize) * HASH_BYTES;
+    return this.#pool.hashBlocks(data, 0, length, this.blockSize, this.table, at);
+  }
+}
+
+/** A sink that hashes what it is handed: the index writer. */
+export class IndexWriterSink implements Sink {
+  readonly #hashes: BlockHashes;
+
+  constructor(hashes: BlockHashes) {
+    this.#hashes = hashes;
+  }
+
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.#hashes.add(offset, data, data.length);
+  }
+
+  finish(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+export interface MakeIndexOptions {
+  /** Bytes per hashed block (default 64 KiB). */
+  blockSize?: number;
+  /** Worker threads for hashing (default: one per core, at most 4; 0 = main thread). */
+  hashThreads?: number;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  chunkSize?: number;
+  depth?: number;
+}
+
+export interface MakeIndexResult {
+  source: string;
+  output: string;
+  imageSize: number;
+  blockSize: number;
+  blockCount: number;
+  algorithm: string;
+  bytesHashed: number;
+  /** The identity recorded for SRC. */
+  identity: string;
+  seconds: number;
+}
+
+/**
+ * Writes an index of SRC (one SHA-256 per block and SRC's identity) to `output`; "auto"
+ * puts it in the cache directory, where `copy --index auto` onto SRC finds it.
+ */
+export async function makeIndex(
+  src: string,
+  output: string,
+  options: MakeIndexOptions = {},
+): Promise<MakeIndexResult> {
+  const started = performance.now();
+  const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_INDEX_BLOCK_SIZE);
+  const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
+  options.signal?.throwIfAborted();
+  const source = await openSource(src);
+  const pool = new HashPool(options.hashThreads);
+  try {
+    const hashes = new BlockHashes(source.size, blockSize, pool);
+    const run = await runPipeline(
+      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
+      new FileSource(source.fh, src, source.size, false),
+      new NoTarget(),
+      [new IndexWriterSink(hashes)],
+      {
+        blockSize,
+        chunkSize,
+        depth: options.depth ?? DEFAULT_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress,
+        buffers: new SharedBufferPool(chunkSize),
+      },
+    );
+    if (run.interrupted) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(source.size)}; nothing was written, rerun the same command`,
+      );
+    }
+    const identity = await identityOf(src, source.stats, source.size);
+    if (output === 'auto') output = cachedIndexPath(identity, await ensureCacheDir());
+    const index: IndexFile = {
+      versionMajor: 1,
+      versionMinor: 0,
+      blockSize,
+      imageSize: source.size,
+      algorithm: HASH_ALGORITHM,
+      hashBytes: HASH_BYTES,
+      blockCount: blockCountFor(source.size, blockSize),
+      state: { kind: 'clean' },
+      writtenAt: Date.now(),
+      identity,
+      hashes: hashes.table,
+    };
+    await writeIndexFile(output, index);
+    return {
+      source: src,
+      output,
+      imageSize: source.size,
+      blockSize,
+      blockCount: index.blockCount,
+      algorithm: HASH_ALGORITHM,
+      bytesHashed: pool.bytesHashed,
+      identity: identity.key,
+      seconds: (performance.now() - started) / 1000,
+    };
+  } finally {
+    await pool.close();
+    await source.fh.close();
+  }
+}
+
+/** An index's header and statistics, as `blksync info` shows them. */
+export interface IndexInfo {
+  path: string;
+  type: 'index';
+  version: string;
+  blockSize: number;
+  imageSize: number;
+  blockCount: number;
+  algorithm: string;
+  state: 'clean' | 'in-progress';
+  /** The range an interrupted copy may have left dirty. */
+  dirty?: Range;
+  writtenAt: string;
+  identity: TargetIdentity;
+  /** Blocks whose hash is that of all zeros. */
+  zeroBlocks: number;
+  /** Distinct hashes: how many different blocks the image holds. */
+  distinctBlocks: number;
+  fileBytes: number;
+  checksum: 'ok';
+}
+
+/** Reads and fully verifies an index file and describes it. */
+export async function indexInfo(path: string): Promise<IndexInfo> {
+  const index = await readIndexFile(path);
+  const { blockSize, blockCount, imageSize, hashes } = index;
+  const zeroFull = sha256(Buffer.alloc(blockSize));
+  const lastLength = imageSize - (blockCount - 1) * blockSize;
+  const zeroLast = sha256(Buffer.alloc(Math.max(0, lastLength)));
+  let zeroBlocks = 0;
+  const distinct = new Set<string>();
+  for (let i = 0; i < blockCount; i++) {
+    const h = hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
+    if (h.equals(i === blockCount - 1 ? zeroLast : zeroFull)) zeroBlocks++;
+    distinct.add(h.toString('latin1'));
+  }
+  return {
+    path,
+    type: 'index',
+    version: `${index.versionMajor}.${index.versionMinor}`,
+    blockSize,
+    imageSize,
+    blockCount,
+    algorithm: index.algorithm,
+    state: index.state.kind,
+    ...(index.state.kind === 'in-progress' ? { dirty: index.state.dirty } : {}),
+    writtenAt: new Date(index.writtenAt).toISOString(),
+    identity: index.identity,
+    zeroBlocks,
+    distinctBlocks: distinct.size,
+    fileBytes: (await stat(path)).size,
+    checksum: 'ok',
+  };
+}
+
+/** One entry of the cache directory's listing. */
+export interface CachedIndex {
+  path: string;
+  /** Set when the file could not be read as an index. */
+  error?: string;
+  identity?: TargetIdentity;
+  imageSize?: number;
+  blockSize?: number;
+  state?: 'clean' | 'in-progress';
+  writtenAt?: string;
+  fileBytes?: number;
+}
+
+/** The indexes kept in the cache directory (`--index auto`), newest first. */
+export async function listCachedIndexes(dir = cacheDir()): Promise<CachedIndex[]> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (err) {
+    if (isSystemError(err) && err.code === 'ENOENT') return [];
+    throw fromSystemError('EINDEX_OPEN', 'cannot list', dir, err);
+  }
+  const out: CachedIndex[] = [];
+  for (const name of names.filter((n) => n.endsWith(INDEX_EXTENSION)).sort()) {
+    const path = join(dir, name);
+    try {
+      const s = await readIndexSummary(path);
+      out.push({
+        path,
+        identity: s.identity,
+        imageSize: s.imageSize,
+        blockSize: s.blockSize,
+        state: s.state.kind,
+        writtenAt: new Date(s.writtenAt).toISOString(),
+        fileBytes: s.fileBytes,
+      });
+    } catch (err) {
+      out.push({ path, error: err instanceof Error ? err.message : String(err) });
+    }
+  }
+  return out.sort((a, b) => (b.writtenAt ?? '').localeCompare(a.writtenAt ?? ''));
+}

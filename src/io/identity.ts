@@ -1,0 +1,154 @@
+/**
+ * What identifies a destination, so an index made for one disk is never trusted for another.
+ *
+ * A block device is known by the most stable name Linux offers, in this order: the WWN or
+ * serial that udev recorded (/run/udev/data/bMAJ:MIN), the kernel's wwid and serial in sysfs,
+ * a /dev/disk/by-id link, a loop device's backing file, and last the bare MAJ:MIN (weak: it
+ * names a slot, not a disk). A partition adds its number to its disk's name. A regular file
+ * is known by its device and inode; its mtime is recorded too, to catch writes behind
+ * blksync's back.
+ */
+
+import type { Stats } from 'node:fs';
+import { readdir, readFile, realpath, stat } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { devId } from './block-device.js';
+
+export interface TargetIdentity {
+  kind: 'file' | 'block-device';
+  /** Size in bytes of the file or device. */
+  size: number;
+  /** The stable name compared between runs, e.g. "wwn:0x5002538e4…", "file:2049:1234". */
+  key: string;
+  /** True when the key is only MAJ:MIN, which another disk may take after a replug. */
+  weak: boolean;
+  /** For a regular file: its mtime in nanoseconds, as a decimal string. */
+  mtimeNs?: string;
+  /** Human hints shown by `blksync info`; not compared. */
+  model?: string;
+  path?: string;
+}
+
+async function readText(path: string): Promise<string | undefined> {
+  try {
+    const text = (await readFile(path, 'utf8')).trim();
+    return text === '' ? undefined : text;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Parses udev's database file: "E:KEY=value" properties and "S:symlink" lines. */
+function parseUdev(text: string): { props: Map<string, string>; links: string[] } {
+  const props = new Map<string, string>();
+  const links: string[] = [];
+  for (const line of text.split('\n')) {
+    if (line.startsWith('E:')) {
+      const eq = line.indexOf('=');
+      if (eq > 2) props.set(line.slice(2, eq), line.slice(eq + 1));
+    } else if (line.startsWith('S:')) {
+      links.push(line.slice(2));
+    }
+  }
+  return { props, links };
+}
+
+async function byIdLink(devPath: string | undefined): Promise<string | undefined> {
+  if (devPath === undefined) return undefined;
+  let names: string[];
+  try {
+    names = (await readdir('/dev/disk/by-id')).sort();
+  } catch {
+    return undefined;
+  }
+  for (const name of names) {
+    try {
+      if ((await realpath(join('/dev/disk/by-id', name))) === devPath) return `by-id:${name}`;
+    } catch {
+      // a dangling link
+    }
+  }
+  return undefined;
+}
+
+/** The stable key of a whole disk (or of a partition, from its own udev data). */
+async function diskKey(
+  majMin: string,
+  devPath: string | undefined,
+): Promise<{ key: string | undefined; model: string | undefined }> {
+  const sys = `/sys/dev/block/${majMin}`;
+  const udevText = await readText(`/run/udev/data/b${majMin}`);
+  const udev = udevText === undefined ? undefined : parseUdev(udevText);
+  const model = udev?.props.get('ID_MODEL') ?? (await readText(`${sys}/device/model`));
+  const wwn = udev?.props.get('ID_WWN_WITH_EXTENSION') ?? udev?.props.get('ID_WWN');
+  if (wwn !== undefined) return { key: `wwn:${wwn}`, model };
+  const serial = udev?.props.get('ID_SERIAL');
+  if (serial !== undefined) return { key: `serial:${serial}`, model };
+  const wwid = (await readText(`${sys}/device/wwid`)) ?? (await readText(`${sys}/wwid`));
+  if (wwid !== undefined) return { key: `wwid:${wwid}`, model };
+  const sysSerial = await readText(`${sys}/device/serial`);
+  if (sysSerial !== undefined) return { key: `serial:${sysSerial}`, model };
+  const link = await byIdLink(devPath);
+  if (link !== undefined) return { key: link, model };
+  const backing = await readText(`${sys}/loop/backing_file`);
+  if (backing !== undefined) return { key: `loop:${backing}`, model };
+  return { key: undefined, model };
+}
+
+/** The identity of an open file or block device, from its stats and its size. */
+export async function identityOf(
+  path: string,
+  stats: Stats,
+  size: number,
+): Promise<TargetIdentity> {
+  if (!stats.isBlockDevice()) {
+    const big = await stat(path, { bigint: true }).catch(() => undefined);
+    return {
+      kind: 'file',
+      size,
+      key: `file:${stats.dev}:${stats.ino}`,
+      weak: false,
+      mtimeNs: big?.mtimeNs.toString() ?? String(Math.round(stats.mtimeMs * 1e6)),
+      path,
+    };
+  }
+  const devPath = await realpath(path).catch(() => undefined);
+  const sys = `/sys/dev/block/${devId(stats.rdev)}`;
+  const partition = await readText(`${sys}/partition`);
+  let found = await diskKey(devId(stats.rdev), devPath);
+  if (partition !== undefined && found.key === undefined) {
+    // a partition without its own udev data: name it by its disk and number
+    const parentDev = await readText(join(await realpath(sys).catch(() => sys), '..', 'dev'));
+    if (parentDev !== undefined && /^\d+:\d+$/.test(parentDev)) {
+      const parent = await diskKey(parentDev, undefined);
+      if (parent.key !== undefined) {
+        found = { key: `${parent.key}-part${partition}`, model: parent.model };
+      }
+    }
+  }
+  const key = found.key ?? `devnum:${devId(stats.rdev)}`;
+  return {
+    kind: 'block-device',
+    size,
+    key,
+    weak: found.key === undefined,
+    ...(found.model !== undefined ? { model: found.model } : {}),
+    ...(devPath !== undefined ? { path: devPath } : {}),
+  };
+}
+
+/** Why two identities are not the same target, or undefined when they are. */
+export function identityMismatch(stored: TargetIdentity, now: TargetIdentity): string | undefined {
+  if (stored.kind !== now.kind) return `it was made for a ${stored.kind}, this is a ${now.kind}`;
+  if (stored.key !== now.key) return `it was made for ${stored.key}, this is ${now.key}`;
+  if (stored.size !== now.size) {
+    return `it was made for a ${stored.kind} of ${stored.size} bytes, this one is ${now.size} bytes`;
+  }
+  return undefined;
+}
+
+/** A short name for messages: the path's base name and the key. */
+export function describeIdentity(id: TargetIdentity): string {
+  const name = id.path === undefined ? '' : `${basename(id.path)} `;
+  return `${name}(${id.key}${id.weak ? ', weak' : ''})`;
+}
