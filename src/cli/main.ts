@@ -5,10 +5,12 @@
  */
 
 import { Command } from '@commander-js/extra-typings';
+import { registerApply } from './apply-command.js';
 import { registerBmap } from './bmap-command.js';
 import { reportError } from './common.js';
 import { registerCompare } from './compare-command.js';
 import { registerCopy } from './copy-command.js';
+import { registerDiff } from './diff-command.js';
 import { registerIndex } from './index-command.js';
 import { registerInfo } from './info-command.js';
 
@@ -24,6 +26,8 @@ function buildProgram(setExit: (code: number) => void): Command {
   registerIndex(program, setExit);
   registerInfo(program, setExit);
   registerBmap(program, setExit);
+  registerDiff(program, setExit);
+  registerApply(program, setExit);
   return program;
 }
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */

@@ -1,0 +1,474 @@
+/**
+ * `apply(patch, target)`: write a patch into TARGET, refusing a TARGET that is not the base.
+ *
+ *   plan: the records to write × source: the patch's payloads × knowledge: none (each record
+ *   was already checked against TARGET) → FileSink
+ *
+ * Each record is in one of three states on TARGET, found by hashing TARGET's bytes there:
+ *   done      TARGET already holds the record's new content: skip it
+ *   ready     TARGET holds the old content: write it
+ *   mismatch  neither: TARGET is not the base (EBASE_MISMATCH), unless --force
+ * That makes apply idempotent record by record, so a run cut short (Ctrl-C, a bad record
+ * on stdin) is finished by rerunning it with the whole patch.
+ *
+ * From a file, the whole patch is read and checked (every CRC, bound and payload hash, the
+ * trailer's count and SHA-256) and every record's state found before the first write. From
+ * a stream, records are read in batches of up to STREAM_BATCH_BYTES; each batch is checked
+ * the same way before it is written, and the last batch only after the trailer checked out,
+ * so a patch smaller than a batch is as safe from stdin as from a file.
+ */
+
+import { open, type FileHandle } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import { BlksyncError, fromSystemError } from '../errors.js';
+import {
+  contentHash,
+  RECORD_NEW_COMPRESSED,
+  RECORD_OLD_COMPRESSED,
+  type Compression,
+  type PatchHeader,
+} from '../formats/patch.js';
+import { decompressPayload } from '../formats/patch-compression.js';
+import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
+import { FileSink } from '../io/file-sink.js';
+import { openTarget, sameFile, type Opened } from '../io/open.js';
+import { SequentialReader } from '../io/stream-source.js';
+import { formatBytes } from '../size.js';
+import { chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { NoTarget } from './knowledge.js';
+import { runPipeline } from './pipeline.js';
+import type { ProgressListener, Source } from './types.js';
+
+/** Payload bytes read from a stream before a batch is checked against TARGET and written. */
+export const STREAM_BATCH_BYTES = 64 * 1024 * 1024;
+/** TARGET reads in flight while records are checked. */
+const CHECK_DEPTH = 4;
+
+export interface ApplyOptions {
+  /** Undo the patch (it must have been made with --reversible). */
+  reverse?: boolean;
+  /** Write records even where TARGET holds neither the old nor the new content. */
+  force?: boolean;
+  /** Check and report; write nothing. */
+  dryRun?: boolean;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  chunkSize?: number;
+  depth?: number;
+}
+
+export interface ApplyResult {
+  /** The patch's path, or "-" for a stream. */
+  patch: string;
+  target: string;
+  reverse: boolean;
+  dryRun: boolean;
+  /** True when TARGET already held the result: nothing was written. */
+  alreadyApplied: boolean;
+  blockSize: number;
+  /** The size TARGET had to hold and the size it holds after (swapped by --reverse). */
+  fromSize: number;
+  toSize: number;
+  compression: Compression;
+  records: number;
+  /** Records written, skipped because already there, and written over a mismatch (--force). */
+  recordsWritten: number;
+  recordsAlreadyApplied: number;
+  recordsForced: number;
+  bytesWritten: number;
+  /** Bytes of TARGET read to check the records. */
+  bytesRead: number;
+  /** True when a TARGET file was truncated or extended to the result size. */
+  resized: boolean;
+  /** True when the patch came from a stream. */
+  streamed: boolean;
+  seconds: number;
+}
+
+type State = 'done' | 'ready' | 'mismatch';
+
+/** One record seen in the direction of the apply (old→new, or new→old with --reverse). */
+interface Step {
+  rec: PatchRecord;
+  offset: number;
+  fromBytes: number;
+  toBytes: number;
+  fromHash: Buffer;
+  toHash: Buffer;
+  /** Where the payload to write is stored, and how. */
+  toPos: number;
+  toStored: number;
+  toCompressed: boolean;
+  toData: Buffer | undefined;
+  state: State;
+}
+
+function stepOf(rec: PatchRecord, reverse: boolean): Step {
+  return reverse
+    ? {
+        rec,
+        offset: rec.offset,
+        fromBytes: rec.newBytes,
+        toBytes: rec.oldBytes,
+        fromHash: rec.newHash,
+        toHash: rec.oldHash,
+        toPos: rec.oldPos,
+        toStored: rec.oldStored,
+        toCompressed: (rec.flags & RECORD_OLD_COMPRESSED) !== 0,
+        toData: rec.oldData,
+        state: 'mismatch',
+      }
+    : {
+        rec,
+        offset: rec.offset,
+        fromBytes: rec.oldBytes,
+        toBytes: rec.newBytes,
+        fromHash: rec.oldHash,
+        toHash: rec.newHash,
+        toPos: rec.newPos,
+        toStored: rec.newStored,
+        toCompressed: (rec.flags & RECORD_NEW_COMPRESSED) !== 0,
+        toData: rec.newData,
+        state: 'mismatch',
+      };
+}
+
+/** The records' states on TARGET, a few reads in flight. Returns the bytes read. */
+async function classify(
+  steps: Step[],
+  fh: FileHandle,
+  path: string,
+  blockSize: number,
+): Promise<number> {
+  let next = 0;
+  let bytesRead = 0;
+  const worker = async (): Promise<void> => {
+    let buf = Buffer.alloc(0);
+    for (let i = next++; i < steps.length; i = next++) {
+      const s = steps[i]!;
+      const want = Math.max(s.fromBytes, s.toBytes);
+      if (buf.length < want) buf = Buffer.allocUnsafe(want);
+      let got = 0;
+      try {
+        while (got < want) {
+          const { bytesRead: n } = await fh.read(buf, got, want - got, s.offset + got);
+          if (n === 0) break;
+          got += n;
+        }
+      } catch (err) {
+        throw fromSystemError('EREAD', 'cannot read', path, err);
+      }
+      bytesRead += got;
+      if (got >= s.toBytes && contentHash(buf.subarray(0, s.toBytes), blockSize).equals(s.toHash))
+        s.state = 'done';
+      else if (
+        got >= s.fromBytes &&
+        contentHash(buf.subarray(0, s.fromBytes), blockSize).equals(s.fromHash)
+      ) {
+        s.state = 'ready';
+      } else s.state = 'mismatch';
+    }
+  };
+  await Promise.all(Array.from({ length: CHECK_DEPTH }, worker));
+  return bytesRead;
+}
+
+/** Serves the payloads of the steps to write as a Source, unpacking each record once. */
+class StepSource implements Source {
+  readonly size: number;
+  readonly #steps: Step[];
+  readonly #header: PatchHeader;
+  readonly #patch: FileHandle | undefined;
+  readonly #cache = new Map<number, Promise<Buffer>>();
+
+  constructor(steps: Step[], header: PatchHeader, size: number, patch: FileHandle | undefined) {
+    this.#steps = steps;
+    this.#header = header;
+    this.size = size;
+    this.#patch = patch;
+  }
+
+  #find(offset: number): number {
+    let lo = 0;
+    let hi = this.#steps.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.#steps[mid]!.offset <= offset) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  async #payload(i: number): Promise<Buffer> {
+    const s = this.#steps[i]!;
+    if (s.toData !== undefined) return s.toData;
+    const fh = this.#patch!;
+    const stored = Buffer.allocUnsafe(s.toStored);
+    const { bytesRead } = await fh.read(stored, 0, s.toStored, s.toPos);
+    if (bytesRead !== s.toStored) throw changedError();
+    const data = s.toCompressed
+      ? await decompressPayload(this.#header.compression, stored, s.toBytes)
+      : stored;
+    // the patch file was checked in full before; a mismatch now means it changed since
+    if (!contentHash(data, this.#header.blockSize).equals(s.toHash)) throw changedError();
+    return data;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const i = this.#find(offset);
+    let p = this.#cache.get(i);
+    if (p === undefined) {
+      p = this.#payload(i);
+      p.catch(() => {});
+      this.#cache.set(i, p);
+      for (const k of this.#cache.keys()) if (k < i - 1) this.#cache.delete(k);
+    }
+    const data = await p;
+    const at = offset - this.#steps[i]!.offset;
+    return data.copy(buf, 0, at, Math.min(at + length, data.length));
+  }
+
+  async close(): Promise<void> {}
+}
+
+function changedError(): BlksyncError {
+  return new BlksyncError(
+    'EPATCH_CHECKSUM',
+    'the patch file changed while being applied; rerun with an unchanged patch',
+  );
+}
+
+function mismatchError(
+  steps: Step[],
+  target: string,
+  reverse: boolean,
+  result: ApplyResult,
+): BlksyncError {
+  const bad = steps.filter((s) => s.state === 'mismatch');
+  const first = bad[0]!;
+  const what = reverse ? 'the result of this patch' : 'the base this patch was made from';
+  const applied =
+    result.recordsWritten > 0
+      ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
+      : '; nothing was written';
+  return new BlksyncError(
+    'EBASE_MISMATCH',
+    `${target} is not ${what}: ${bad.length} of ${steps.length} records find other content ` +
+      `(first at offset ${first.offset})${applied}; check TARGET, or use --force to write anyway`,
+    { path: target, partial: result },
+  );
+}
+
+interface Run {
+  header: PatchHeader;
+  target: Opened;
+  sink: FileSink | undefined;
+  result: ApplyResult;
+  options: ApplyOptions;
+}
+
+/** Checks the steps against TARGET and writes those that need it. */
+async function applySteps(
+  run: Run,
+  steps: Step[],
+  patchFh: FileHandle | undefined,
+  classified = false,
+): Promise<void> {
+  const { header, target, result, options } = run;
+  if (!classified)
+    result.bytesRead += await classify(steps, target.fh, target.path, header.blockSize);
+  if (options.force !== true && steps.some((s) => s.state === 'mismatch')) {
+    throw mismatchError(steps, target.path, options.reverse === true, result);
+  }
+  const todo = steps.filter((s) => s.state !== 'done' && s.toBytes > 0);
+  for (const s of steps) {
+    if (s.state === 'done') result.recordsAlreadyApplied++;
+    else if (s.state === 'mismatch') result.recordsForced++;
+  }
+  if (todo.length === 0) return;
+  if (options.dryRun === true) {
+    // a dry run reports what it would write
+    result.recordsWritten += todo.length;
+    result.bytesWritten += todo.reduce((n, s) => n + s.toBytes, 0);
+    return;
+  }
+  const chunkSize = chunkSizeFor(header.blockSize, options.chunkSize);
+  const out = await runPipeline(
+    {
+      imageSize: Math.max(header.baseSize, header.resultSize),
+      ranges: todo.map((s) => ({ start: s.offset, end: s.offset + s.toBytes })),
+    },
+    new StepSource(todo, header, result.toSize, patchFh),
+    new NoTarget(),
+    [run.sink!],
+    {
+      blockSize: header.blockSize,
+      chunkSize,
+      depth: options.depth ?? DEFAULT_DEPTH,
+      signal: options.signal,
+      onProgress: options.onProgress,
+    },
+  );
+  result.bytesWritten += out.bytesWritten;
+  if (out.interrupted) {
+    throw new BlksyncError(
+      'EINTERRUPTED',
+      `interrupted after writing ${formatBytes(result.bytesWritten)}; rerun the same command to finish`,
+      { partial: result },
+    );
+  }
+  result.recordsWritten += todo.length;
+}
+
+/**
+ * Applies a patch to TARGET. `patch` is a path or a stream (stdin). Throws EBASE_MISMATCH
+ * when TARGET is not the base (nothing written), EPATCH_* when the patch is damaged; returns
+ * with `alreadyApplied` when TARGET holds the result already.
+ */
+export async function apply(
+  patch: string | Readable,
+  target: string,
+  options: ApplyOptions = {},
+): Promise<ApplyResult> {
+  const started = performance.now();
+  const reverse = options.reverse === true;
+  const dryRun = options.dryRun === true;
+  const streamed = typeof patch !== 'string';
+  const patchName = typeof patch === 'string' ? patch : '-';
+  options.signal?.throwIfAborted();
+
+  let patchFh: FileHandle | undefined;
+  if (typeof patch === 'string') {
+    try {
+      patchFh = await open(patch, 'r');
+    } catch (err) {
+      throw fromSystemError('ESRC_OPEN', 'cannot open the patch', patch, err);
+    }
+  }
+  const input =
+    typeof patch === 'string' ? SequentialReader.fromFile(patch) : new SequentialReader(patch, '-');
+  const reader = new PatchReader(input);
+  let t: Opened | undefined;
+  let sink: FileSink | undefined;
+  try {
+    const header = await reader.header();
+    if (reverse && !header.reversible) {
+      throw new BlksyncError(
+        'EPATCH_NOT_REVERSIBLE',
+        `the patch ${patchName} was made without --reversible: it holds no old content to restore`,
+      );
+    }
+    const found = await openTarget(target, { readOnly: dryRun });
+    if (found.fh === undefined) {
+      throw new BlksyncError(
+        'EDEST_MISSING',
+        `${target} does not exist; apply writes into an existing copy of the base`,
+        {
+          path: target,
+        },
+      );
+    }
+    t = found;
+    if (patchFh !== undefined && sameFile(await patchFh.stat(), t.stats)) {
+      throw new BlksyncError('ESAME_FILE', `${patchName} and ${target} are the same file`, {
+        path: target,
+      });
+    }
+    const fromSize = reverse ? header.resultSize : header.baseSize;
+    const toSize = reverse ? header.baseSize : header.resultSize;
+    if (t.kind === 'block-device' && t.size < Math.max(fromSize, toSize)) {
+      throw new BlksyncError(
+        'EDEST_TOO_SMALL',
+        `${target} is ${t.size} bytes (${formatBytes(t.size)}) but the patch needs ${Math.max(fromSize, toSize)} bytes`,
+        { path: target },
+      );
+    }
+    if (!dryRun) sink = new FileSink(t.fh, target, { boundedSync: t.kind === 'block-device' });
+    const result: ApplyResult = {
+      patch: patchName,
+      target,
+      reverse,
+      dryRun,
+      alreadyApplied: false,
+      blockSize: header.blockSize,
+      fromSize,
+      toSize,
+      compression: header.compression,
+      records: 0,
+      recordsWritten: 0,
+      recordsAlreadyApplied: 0,
+      recordsForced: 0,
+      bytesWritten: 0,
+      bytesRead: 0,
+      resized: false,
+      streamed,
+      seconds: 0,
+    };
+    const run: Run = { header, target: t, sink, result, options };
+
+    // read and check records; from a file all of them before writing, from a stream by batches
+    let batch: Step[] = [];
+    let batchBytes = 0;
+    for (;;) {
+      options.signal?.throwIfAborted();
+      let rec: PatchRecord | undefined;
+      try {
+        rec = await reader.next(streamed ? 'keep' : 'verify');
+      } catch (err) {
+        if (result.recordsWritten > 0 && err instanceof BlksyncError) {
+          throw new BlksyncError(
+            err.code,
+            `${err.message}. ${result.recordsWritten} records (${formatBytes(result.bytesWritten)}) were applied before; ` +
+              'rerun with the complete patch to finish',
+            { cause: err, partial: result },
+          );
+        }
+        throw err;
+      }
+      if (rec === undefined) break;
+      result.records++;
+      batch.push(stepOf(rec, reverse));
+      batchBytes += rec.newBytes + rec.oldBytes;
+      if (streamed && batchBytes >= STREAM_BATCH_BYTES) {
+        await applySteps(run, batch, undefined);
+        batch = [];
+        batchBytes = 0;
+      }
+    }
+    const nothingYet = result.recordsWritten === 0 && result.recordsForced === 0;
+    // the last batch (from a file: all records) is checked first, so "already applied" is known
+    result.bytesRead += await classify(batch, t.fh, target, header.blockSize);
+    const needResize = t.kind === 'file' && t.size !== toSize;
+    if (nothingYet && !needResize && batch.every((s) => s.state === 'done')) {
+      result.alreadyApplied = true;
+      result.recordsAlreadyApplied += batch.length;
+    } else {
+      await applySteps(run, batch, patchFh, true);
+      if (needResize && !dryRun) {
+        try {
+          await sink!.finish();
+          await t.fh.truncate(toSize);
+          await t.fh.sync();
+        } catch (err) {
+          throw fromSystemError('EWRITE', 'cannot resize', target, err);
+        }
+        result.resized = true;
+      } else if (needResize) result.resized = true;
+    }
+    await sink?.finish();
+    result.seconds = (performance.now() - started) / 1000;
+    return result;
+  } catch (err) {
+    if (options.signal?.aborted === true && !(err instanceof BlksyncError)) {
+      throw new BlksyncError('EINTERRUPTED', 'interrupted; rerun the same command to finish', {
+        cause: err,
+      });
+    }
+    throw err;
+  } finally {
+    await sink?.finish().catch(() => {});
+    input.close();
+    await t?.fh.close();
+    await patchFh?.close();
+  }
+}

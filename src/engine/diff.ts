@@ -1,0 +1,330 @@
+/**
+ * `diff(base, next, output)`: a patch holding the blocks of NEW that differ from BASE.
+ *
+ *   plan: all of NEW × source: NEW × knowledge: BASE (its bytes, or its index) → PatchWriter
+ *
+ * For every differing span the writer also gets what BASE held there (through the
+ * pipeline's onDiffer, from the knowledge's `held` bytes or `heldHashes`), so each record
+ * carries the hash of the content it replaces and apply can refuse the wrong base.
+ *
+ * Sizes may differ. Past BASE's end every block of NEW is a record. When BASE is longer,
+ * the blocks from the result's last block to BASE's end are written as "tail" records with
+ * the old bytes (reversible patches) so that apply --reverse can restore them; apply
+ * truncates a TARGET file to the result size.
+ */
+
+import { createWriteStream } from 'node:fs';
+import { rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import type { Writable } from 'node:stream';
+import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import { clipped, type Compression } from '../formats/patch.js';
+import { compressionAvailable } from '../formats/patch-compression.js';
+import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
+import { FileSource } from '../io/file-source.js';
+import { openSource, sameFile, type Opened } from '../io/open.js';
+import { formatBytes } from '../size.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { BufferPool, diffBuffers } from './knowledge.js';
+import { runPipeline } from './pipeline.js';
+import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
+
+/**
+ * BASE known without its bytes: the hook for `blksync diff INDEX NEW` (an index made by
+ * `blksync index`). Its chunk knowledges must provide `heldHashes` (SHA-256 per block of
+ * `blockSize`) when they do not provide `held`. Such a base cannot make reversible patches.
+ */
+export interface BaseKnowledge {
+  /** What to call BASE in messages and results. */
+  name: string;
+  size: number;
+  /** The block size the hashes are of; the patch is made with it. */
+  blockSize: number;
+  knowledge: TargetKnowledge;
+}
+
+export interface DiffOptions {
+  /** Block size of the comparison and the records (default 4096; an index base fixes it). */
+  blockSize?: number;
+  /** Also store the old bytes so `apply --reverse` can undo the patch. */
+  reversible?: boolean;
+  /** Payload compression (default none). zstd needs the optional zstd-napi package. */
+  compress?: Compression;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  chunkSize?: number;
+  depth?: number;
+}
+
+export interface DiffResult extends PatchStats {
+  base: string;
+  next: string;
+  /** The patch's path, or "-" for a stream. */
+  output: string;
+  baseSize: number;
+  resultSize: number;
+  blockSize: number;
+  reversible: boolean;
+  compression: Compression;
+  bytesScanned: number;
+  /** Bytes of BASE read to compare (0 with an index). */
+  bytesRead: number;
+  bytesDiffering: number;
+  seconds: number;
+}
+
+/** Reads BASE chunk by chunk; past its end every block counts as differing. */
+class BaseReadKnowledge implements TargetKnowledge {
+  readonly #fh: FileHandle;
+  readonly #path: string;
+  readonly #size: number;
+  readonly #pool: BufferPool;
+  bytesRead = 0;
+
+  constructor(fh: FileHandle, path: string, size: number, chunkSize: number) {
+    this.#fh = fh;
+    this.#path = path;
+    this.#size = size;
+    this.#pool = new BufferPool(chunkSize);
+  }
+
+  async load(offset: number, length: number): Promise<ChunkKnowledge> {
+    const buf = this.#pool.get();
+    const want = clipped(offset, length, this.#size);
+    let got = 0;
+    try {
+      while (got < want) {
+        const { bytesRead } = await this.#fh.read(buf, got, want - got, offset + got);
+        if (bytesRead === 0) break;
+        got += bytesRead;
+      }
+    } catch (err) {
+      this.#pool.put(buf);
+      throw fromSystemError('EREAD', 'cannot read', this.#path, err);
+    }
+    this.bytesRead += got;
+    if (got < want) {
+      this.#pool.put(buf);
+      throw new BlksyncError(
+        'ESRC_SHORT',
+        `${this.#path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+        { path: this.#path },
+      );
+    }
+    return {
+      diff: (data, len, blockSize, out) => {
+        // blocks that BASE holds only in part (or not at all) differ
+        const inBase = want >= len ? len : Math.floor(want / blockSize) * blockSize;
+        diffBuffers(data, buf, inBase, blockSize, out);
+        if (inBase < len) {
+          if (out.length > 0 && out[out.length - 1] === inBase) out[out.length - 1] = len;
+          else out.push(inBase, len);
+        }
+      },
+      held: buf,
+      release: () => this.#pool.put(buf),
+    };
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** What BASE held in [start, end) of a chunk at chunkOffset, clipped to BASE's size. */
+function oldContent(
+  k: ChunkKnowledge,
+  chunkOffset: number,
+  start: number,
+  end: number,
+  baseSize: number,
+): OldContent {
+  const n = clipped(chunkOffset + start, end - start, baseSize);
+  if (k.held !== undefined) return { bytes: k.held.subarray(start, start + n) };
+  if (k.heldHashes !== undefined) return { blockHashes: k.heldHashes(start, start + n) };
+  throw new Error('diff: the base knowledge provides neither held bytes nor heldHashes');
+}
+
+function sameFileError(a: string, b: string): BlksyncError {
+  return new BlksyncError(
+    'ESAME_FILE',
+    `the patch ${b} would overwrite ${a}; choose another output`,
+    { path: b },
+  );
+}
+
+/**
+ * Writes a patch that turns BASE into NEW. `output` is a path (written to a temporary name
+ * and renamed when complete, so a patch file is never left half-made) or a stream (left
+ * open; an interrupted run leaves it without a trailer, which apply refuses).
+ */
+export async function diff(
+  base: string | BaseKnowledge,
+  next: string,
+  output: string | Writable,
+  options: DiffOptions = {},
+): Promise<DiffResult> {
+  const started = performance.now();
+  const indexBase = typeof base === 'string' ? undefined : base;
+  const blockSize = checkBlockSize(indexBase?.blockSize ?? options.blockSize ?? DEFAULT_BLOCK_SIZE);
+  const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
+  const reversible = options.reversible === true;
+  const compression = options.compress ?? 'none';
+  options.signal?.throwIfAborted();
+  if (indexBase !== undefined && reversible) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--reversible needs the base image itself, not an index: the patch stores its old bytes',
+    );
+  }
+  if (!(await compressionAvailable(compression))) {
+    throw new BlksyncError(
+      'EPATCH_UNSUPPORTED',
+      'zstd needs the optional package zstd-napi (npm install zstd-napi), or use --compress gzip',
+    );
+  }
+
+  const opened: Opened[] = [];
+  let out: Writable | undefined;
+  let tempPath: string | undefined;
+  let writer: PatchWriter | undefined;
+  try {
+    const src = await openSource(next);
+    opened.push(src);
+    let baseFile: Opened | undefined;
+    if (typeof base === 'string') {
+      baseFile = await openSource(base);
+      opened.push(baseFile);
+    }
+    const baseSize = baseFile?.size ?? indexBase!.size;
+    const baseName = typeof base === 'string' ? base : base.name;
+    const outName = typeof output === 'string' ? output : '-';
+    if (typeof output === 'string') {
+      const st = await stat(output).catch((err: unknown) => {
+        if (isSystemError(err) && err.code === 'ENOENT') return undefined;
+        throw fromSystemError('EDEST_OPEN', 'cannot write the patch to', output, err);
+      });
+      if (st !== undefined) {
+        if (sameFile(st, src.stats)) throw sameFileError(next, output);
+        if (baseFile !== undefined && sameFile(st, baseFile.stats))
+          throw sameFileError(base as string, output);
+        if (st.isBlockDevice())
+          throw new BlksyncError(
+            'EDEST_KIND',
+            `the patch ${output} would overwrite a block device`,
+            { path: output },
+          );
+      }
+      tempPath = `${output}.blksync-partial`;
+      out = createWriteStream(tempPath, { flags: 'w' });
+    } else {
+      out = output;
+    }
+
+    const header = {
+      version: 1,
+      blockSize,
+      baseSize,
+      resultSize: src.size,
+      reversible,
+      compression,
+    };
+    writer = new PatchWriter(header, out, { end: typeof output === 'string' });
+    const w = writer;
+    const knowledge =
+      indexBase?.knowledge ?? new BaseReadKnowledge(baseFile!.fh, baseName, baseSize, chunkSize);
+    const resultSize = src.size;
+    // when BASE is longer, the result's last (partial) block and BASE's tail are done below
+    const planEnd =
+      baseSize > resultSize ? Math.floor(resultSize / blockSize) * blockSize : resultSize;
+    const tailEnd = baseSize > resultSize ? (reversible ? baseSize : resultSize) : planEnd;
+    let old: OldContent | undefined;
+    const source = new FileSource(src.fh, next, src.size, false);
+    const run = await runPipeline(
+      { imageSize: resultSize, ranges: planEnd > 0 ? [{ start: 0, end: planEnd }] : [] },
+      source,
+      knowledge,
+      [
+        {
+          write: (data, offset) => w.add(offset, data.length, data, old!),
+          finish: () => Promise.resolve(),
+        },
+      ],
+      {
+        blockSize,
+        chunkSize,
+        depth: options.depth ?? DEFAULT_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress,
+        onDiffer: (chunkOffset, _data, s, e, k) => {
+          old = oldContent(k, chunkOffset, s, e, baseSize);
+        },
+      },
+    );
+    if (run.interrupted) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(resultSize)}; no patch was written; rerun the command`,
+      );
+    }
+    let bytesDiffering = run.bytesDiffering;
+    // the tail: always written whole (at most the result's last block, plus BASE's tail when reversible)
+    const buf = Buffer.allocUnsafe(chunkSize);
+    for (let o = planEnd; o < tailEnd; o += chunkSize) {
+      options.signal?.throwIfAborted();
+      const len = Math.min(chunkSize, tailEnd - o);
+      const newLen = clipped(o, len, resultSize);
+      if ((await source.read(buf, o, newLen)) < newLen) {
+        throw new BlksyncError(
+          'ESRC_SHORT',
+          `${next} ended early while being read; was it truncated?`,
+          { path: next },
+        );
+      }
+      const k = await knowledge.load(o, len);
+      try {
+        await w.add(o, len, buf.subarray(0, newLen), oldContent(k, o, 0, len, baseSize));
+      } finally {
+        k.release();
+      }
+      bytesDiffering += newLen;
+    }
+    await writer.finish();
+    await knowledge.close();
+    if (tempPath !== undefined && typeof output === 'string') {
+      try {
+        await rename(tempPath, output);
+      } catch (err) {
+        throw fromSystemError('EWRITE', 'cannot write the patch', output, err);
+      }
+      tempPath = undefined;
+    }
+    return {
+      base: baseName,
+      next,
+      output: outName,
+      baseSize,
+      resultSize,
+      blockSize,
+      reversible,
+      compression,
+      bytesScanned: run.bytesScanned,
+      bytesRead: knowledge.bytesRead,
+      bytesDiffering,
+      ...writer.stats,
+      seconds: (performance.now() - started) / 1000,
+    };
+  } catch (err) {
+    writer?.abort();
+    if (writer === undefined && tempPath !== undefined) out?.destroy();
+    if (err instanceof BlksyncError) throw err;
+    if (options.signal?.aborted === true) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        'interrupted; no patch was written; rerun the command',
+        { cause: err },
+      );
+    }
+    throw err;
+  } finally {
+    if (tempPath !== undefined) await unlink(tempPath).catch(() => {});
+    for (const o of opened) await o.fh.close();
+  }
+}

@@ -1,0 +1,264 @@
+/**
+ * The blksync patch format, version 1: the blocks of NEW that differ from BASE, each with
+ * a hash of the content it replaces, so that apply refuses a TARGET that is not BASE.
+ * Full description with the reasons in docs/formats/patch.md. All integers little-endian.
+ *
+ *   header (64 bytes)
+ *   ┌──────────┬─────────┬────────┬───────┬──────────┬───────────┬───────────┬───────────┬───────┐
+ *   │ magic  8 │ version │ hdrlen │ flags │ blocksz  │ compress  │ base size │ result sz │ crc32 │
+ *   │"BLKSPTCH"│  u16=1  │ u16=64 │  u32  │   u32    │ u8 + 3 pad│    u64    │    u64    │ of 0-59│
+ *   └──────────┴─────────┴────────┴───────┴──────────┴───────────┴───────────┴───────────┴───────┘
+ *    0          8         10       12      16         20          24          32    40-59 0  60
+ *
+ *   record, repeated (100-byte header, then payloads)
+ *   ┌──────┬───────┬────────┬────────┬───────────┬───────────┬──────┬──────────┬──────────┬───────┐
+ *   │"REC1"│ flags │ offset │ length │ new bytes │ old bytes │  0   │ old hash │ new hash │ crc32 │
+ *   │      │  u32  │  u64   │  u32   │ stored u32│ stored u32│ u32  │  32      │  32      │ of 0-95│
+ *   └──────┴───────┴────────┴────────┴───────────┴───────────┴──────┴──────────┴──────────┴───────┘
+ *    0      4       8        16       20          24          28     32         64         96
+ *   then the new payload (stored length), then the old payload (reversible patches only)
+ *
+ *   trailer (48 bytes)
+ *   ┌──────┬──────┬──────────────┬─────────────────────────────────────────────┐
+ *   │"END1"│  0   │ record count │ SHA-256 of every byte of the file before it  │
+ *   └──────┴──────┴──────────────┴─────────────────────────────────────────────┘
+ *    0      4      8              16                                            48
+ *
+ * A record covers [offset, offset + length) of the image. Its new content is the result's
+ * bytes there, clipped to the result size; its old content the base's bytes, clipped to the
+ * base size. A content hash is a hash list: SHA-256 over the SHA-256 of each block (blocks
+ * aligned to the image, the last one short), so an index of per-block hashes can stand in
+ * for reading BASE.
+ */
+
+import { crc32 } from 'node:zlib';
+import { BlksyncError } from '../errors.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
+
+export const PATCH_MAGIC = Buffer.from('BLKSPTCH', 'latin1');
+export const PATCH_VERSION = 1;
+export const HEADER_BYTES = 64;
+export const RECORD_HEADER_BYTES = 100;
+export const TRAILER_BYTES = 48;
+export const RECORD_TAG = Buffer.from('REC1', 'latin1');
+export const TRAILER_TAG = Buffer.from('END1', 'latin1');
+
+/** Header flag: each record also stores the old content, so the patch can be undone. */
+export const FLAG_REVERSIBLE = 1;
+/** Record flags: the payload is compressed with the header's compression. */
+export const RECORD_NEW_COMPRESSED = 1;
+export const RECORD_OLD_COMPRESSED = 2;
+
+/** Largest record span a reader accepts (writers make records of at most WRITE_RECORD_BYTES). */
+export const MAX_RECORD_BYTES = 64 * 1024 * 1024;
+/** Span at which the writer starts a new record: bounds memory and the grain of the base check. */
+export const WRITE_RECORD_BYTES = 1024 * 1024;
+/** Largest image size accepted (2^53 - 1 bytes: what a JS number holds exactly). */
+export const MAX_IMAGE_BYTES = Number.MAX_SAFE_INTEGER;
+/** Block sizes: a power of two from 512 B to 64 MiB, as for copy. */
+export const MIN_BLOCK_BYTES = 512;
+export const MAX_BLOCK_BYTES = 64 * 1024 * 1024;
+
+export type Compression = 'none' | 'gzip' | 'zstd';
+const COMPRESSION_IDS: readonly Compression[] = ['none', 'gzip', 'zstd'];
+
+export interface PatchHeader {
+  version: number;
+  blockSize: number;
+  baseSize: number;
+  resultSize: number;
+  reversible: boolean;
+  compression: Compression;
+}
+
+export interface RecordHeader {
+  offset: number;
+  length: number;
+  flags: number;
+  /** Bytes of each payload as stored in the file (compressed or not). */
+  newStored: number;
+  oldStored: number;
+  oldHash: Buffer;
+  newHash: Buffer;
+}
+
+function formatError(message: string): BlksyncError {
+  return new BlksyncError('EPATCH_FORMAT', `not a valid blksync patch: ${message}`);
+}
+
+function checksumError(message: string): BlksyncError {
+  return new BlksyncError(
+    'EPATCH_CHECKSUM',
+    `the patch is corrupted: ${message}; make it again or copy it again`,
+  );
+}
+
+/** Bytes of [offset, offset + length) that lie before `size`. */
+export function clipped(offset: number, length: number, size: number): number {
+  return Math.max(0, Math.min(offset + length, size) - offset);
+}
+
+/** The hash list of `data` (whose first byte is block-aligned): SHA-256 of the blocks' SHA-256s. */
+export function contentHash(data: Buffer, blockSize: number): Buffer {
+  const list = Buffer.allocUnsafe(Math.ceil(data.length / blockSize) * HASH_BYTES);
+  for (let s = 0, i = 0; s < data.length; s += blockSize, i += HASH_BYTES) {
+    sha256(data, s, Math.min(s + blockSize, data.length)).copy(list, i);
+  }
+  return sha256(list);
+}
+
+/** The content hash from per-block SHA-256s (e.g. from an index): SHA-256 of their concatenation. */
+export function contentHashFromBlockHashes(blockHashes: Buffer): Buffer {
+  return sha256(blockHashes);
+}
+
+function isBlockSize(n: number): boolean {
+  return n >= MIN_BLOCK_BYTES && n <= MAX_BLOCK_BYTES && (n & (n - 1)) === 0;
+}
+
+function readU64(buf: Buffer, at: number, what: string): number {
+  const v = buf.readBigUInt64LE(at);
+  if (v > BigInt(MAX_IMAGE_BYTES)) throw formatError(`${what} ${v} is too large`);
+  return Number(v);
+}
+
+export function encodeHeader(h: PatchHeader): Buffer {
+  const buf = Buffer.alloc(HEADER_BYTES);
+  PATCH_MAGIC.copy(buf, 0);
+  buf.writeUInt16LE(PATCH_VERSION, 8);
+  buf.writeUInt16LE(HEADER_BYTES, 10);
+  buf.writeUInt32LE(h.reversible ? FLAG_REVERSIBLE : 0, 12);
+  buf.writeUInt32LE(h.blockSize, 16);
+  buf.writeUInt8(COMPRESSION_IDS.indexOf(h.compression), 20);
+  buf.writeBigUInt64LE(BigInt(h.baseSize), 24);
+  buf.writeBigUInt64LE(BigInt(h.resultSize), 32);
+  buf.writeUInt32LE(crc32(buf.subarray(0, 60)), 60);
+  return buf;
+}
+
+/** True when `buf` starts with the patch magic (for `blksync info` to tell formats apart). */
+export function isPatch(buf: Buffer): boolean {
+  return (
+    buf.length >= PATCH_MAGIC.length && buf.subarray(0, PATCH_MAGIC.length).equals(PATCH_MAGIC)
+  );
+}
+
+export function decodeHeader(buf: Buffer): PatchHeader {
+  if (!isPatch(buf)) throw formatError('bad magic (expected "BLKSPTCH")');
+  const version = buf.readUInt16LE(8);
+  if (version !== PATCH_VERSION) {
+    throw new BlksyncError(
+      'EPATCH_FORMAT',
+      `patch format version ${version} is not supported (this blksync reads version ${PATCH_VERSION}); upgrade blksync`,
+    );
+  }
+  if (buf.readUInt32LE(60) !== crc32(buf.subarray(0, 60)))
+    throw checksumError('header CRC mismatch');
+  if (buf.readUInt16LE(10) !== HEADER_BYTES) throw formatError('bad header length');
+  const flags = buf.readUInt32LE(12);
+  if ((flags & ~FLAG_REVERSIBLE) !== 0)
+    throw formatError(`unknown header flags 0x${flags.toString(16)}`);
+  const blockSize = buf.readUInt32LE(16);
+  if (!isBlockSize(blockSize)) throw formatError(`bad block size ${blockSize}`);
+  const compression = COMPRESSION_IDS[buf.readUInt8(20)];
+  if (compression === undefined) throw formatError(`unknown compression ${buf.readUInt8(20)}`);
+  for (let i = 21; i < 24; i++) if (buf[i] !== 0) throw formatError('reserved header bytes set');
+  for (let i = 40; i < 60; i++) if (buf[i] !== 0) throw formatError('reserved header bytes set');
+  return {
+    version,
+    blockSize,
+    baseSize: readU64(buf, 24, 'base size'),
+    resultSize: readU64(buf, 32, 'result size'),
+    reversible: (flags & FLAG_REVERSIBLE) !== 0,
+    compression,
+  };
+}
+
+export function encodeRecordHeader(r: RecordHeader): Buffer {
+  const buf = Buffer.alloc(RECORD_HEADER_BYTES);
+  RECORD_TAG.copy(buf, 0);
+  buf.writeUInt32LE(r.flags, 4);
+  buf.writeBigUInt64LE(BigInt(r.offset), 8);
+  buf.writeUInt32LE(r.length, 16);
+  buf.writeUInt32LE(r.newStored, 20);
+  buf.writeUInt32LE(r.oldStored, 24);
+  r.oldHash.copy(buf, 32);
+  r.newHash.copy(buf, 64);
+  buf.writeUInt32LE(crc32(buf.subarray(0, 96)), 96);
+  return buf;
+}
+
+/**
+ * Decodes and bounds-checks a record header against the patch header and the end of the
+ * previous record (`prevEnd`): records are block-aligned, ascending, non-overlapping, inside
+ * the image, and their stored payloads no larger than their content.
+ */
+export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number): RecordHeader {
+  if (buf.readUInt32LE(96) !== crc32(buf.subarray(0, 96)))
+    throw checksumError('record header CRC mismatch');
+  const flags = buf.readUInt32LE(4);
+  const offset = readU64(buf, 8, 'record offset');
+  const length = buf.readUInt32LE(16);
+  const newStored = buf.readUInt32LE(20);
+  const oldStored = buf.readUInt32LE(24);
+  const at = `record at offset ${offset}`;
+  const imageEnd = Math.max(h.baseSize, h.resultSize);
+  const allowed = RECORD_NEW_COMPRESSED | (h.reversible ? RECORD_OLD_COMPRESSED : 0);
+  if ((flags & ~allowed) !== 0) throw formatError(`${at}: unknown flags 0x${flags.toString(16)}`);
+  if (h.compression === 'none' && flags !== 0)
+    throw formatError(`${at}: compressed in an uncompressed patch`);
+  if (buf.readUInt32LE(28) !== 0) throw formatError(`${at}: reserved bytes set`);
+  if (offset % h.blockSize !== 0) throw formatError(`${at}: not aligned to the block size`);
+  if (offset < prevEnd) throw formatError(`${at}: overlaps or precedes the previous record`);
+  if (length === 0 || length > MAX_RECORD_BYTES) throw formatError(`${at}: bad length ${length}`);
+  if (offset + length > imageEnd)
+    throw formatError(`${at}: passes the end of the image (${imageEnd})`);
+  if (length % h.blockSize !== 0 && offset + length !== imageEnd) {
+    throw formatError(`${at}: length ${length} is not whole blocks`);
+  }
+  const newBytes = clipped(offset, length, h.resultSize);
+  const oldBytes = h.reversible ? clipped(offset, length, h.baseSize) : 0;
+  const check = (stored: number, raw: number, compressed: boolean, what: string): void => {
+    if (compressed ? stored > raw || (stored === 0 && raw > 0) : stored !== raw) {
+      throw formatError(`${at}: ${what} payload of ${stored} bytes for ${raw} bytes of content`);
+    }
+  };
+  check(newStored, newBytes, (flags & RECORD_NEW_COMPRESSED) !== 0, 'new');
+  check(oldStored, oldBytes, (flags & RECORD_OLD_COMPRESSED) !== 0, 'old');
+  return {
+    offset,
+    length,
+    flags,
+    newStored,
+    oldStored,
+    oldHash: Buffer.from(buf.subarray(32, 64)),
+    newHash: Buffer.from(buf.subarray(64, 96)),
+  };
+}
+
+export function encodeTrailer(count: number): Buffer {
+  const buf = Buffer.alloc(16);
+  TRAILER_TAG.copy(buf, 0);
+  buf.writeBigUInt64LE(BigInt(count), 8);
+  return buf;
+}
+
+/** Decodes the trailer's first 16 bytes (the checksum follows) and checks the record count. */
+export function decodeTrailer(buf: Buffer, records: number): void {
+  if (buf.readUInt32LE(4) !== 0) throw formatError('reserved trailer bytes set');
+  const count = buf.readBigUInt64LE(8);
+  if (count !== BigInt(records)) {
+    throw checksumError(`the trailer counts ${count} records but the patch holds ${records}`);
+  }
+}
+
+/** The bytes a record's new and old content take, unpacked. */
+export function recordSizes(
+  r: RecordHeader,
+  h: PatchHeader,
+): { newBytes: number; oldBytes: number } {
+  return {
+    newBytes: clipped(r.offset, r.length, h.resultSize),
+    oldBytes: clipped(r.offset, r.length, h.baseSize),
+  };
+}
