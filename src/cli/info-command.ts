@@ -8,6 +8,8 @@ import type { Command } from '@commander-js/extra-typings';
 import { indexInfo, type IndexInfo } from '../engine/make-index.js';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import { INDEX_MAGIC } from '../formats/index-file.js';
+import { PATCH_MAGIC } from '../formats/patch.js';
+import { describePatch, patchInfoText } from '../formats/patch-info.js';
 import { formatBytes } from '../size.js';
 import { reportError, type SetExit } from './common.js';
 
@@ -44,6 +46,14 @@ export const FILE_TYPES: FileType[] = [
     describe: async (path) => {
       const info = await indexInfo(path);
       return { json: info, text: indexText(info) };
+    },
+  },
+  {
+    name: 'patch',
+    magic: PATCH_MAGIC,
+    describe: async (path) => {
+      const info = await describePatch(path);
+      return { json: info, text: patchInfoText(info) };
     },
   },
 ];

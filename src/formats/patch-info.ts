@@ -2,6 +2,7 @@
 
 import { stat } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
+import { formatBytes } from '../size.js';
 import { SequentialReader } from '../io/stream-source.js';
 import type { Compression } from './patch.js';
 import { PatchReader } from './patch-reader.js';
@@ -71,4 +72,22 @@ export async function describePatch(
   } finally {
     input.close();
   }
+}
+
+function sizeText(n: number): string {
+  return `${n} bytes (${formatBytes(n)})`;
+}
+
+/** The text `blksync info` prints for a patch. */
+export function patchInfoText(i: PatchInfo): string {
+  return [
+    `${i.path}: blksync patch, version ${i.version}, checksum verified`,
+    `  base        ${sizeText(i.baseSize)}`,
+    `  result      ${sizeText(i.resultSize)}`,
+    `  blocks      ${formatBytes(i.blockSize)}`,
+    `  records     ${i.records} (largest ${formatBytes(i.largestRecord)})`,
+    `  new bytes   ${sizeText(i.newBytes)}`,
+    `  reversible  ${i.reversible ? `yes (${sizeText(i.oldBytes)} of old content)` : 'no'}`,
+    `  compression ${i.compression}; payload ${sizeText(i.payloadBytes)}, file ${sizeText(i.patchBytes)}`,
+  ].join('\n');
 }
