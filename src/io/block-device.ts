@@ -59,3 +59,14 @@ export async function partitionIds(rdev: number): Promise<string[]> {
   }
   return ids;
 }
+
+/** The "MAJ:MIN" of the whole disk a partition belongs to (undefined for a whole disk). */
+export async function wholeDiskId(rdev: number): Promise<string | undefined> {
+  try {
+    const dir = await realpath(sysDir(rdev));
+    await readFile(join(dir, 'partition'), 'utf8');
+    return (await readFile(join(dir, '..', 'dev'), 'utf8')).trim();
+  } catch {
+    return undefined; // a whole disk (no partition file), or no sysfs entry
+  }
+}

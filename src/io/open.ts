@@ -1,14 +1,17 @@
 /**
  * Opening sources and destinations safely: regular files and block devices only; block
- * devices are sized from sysfs, checked for mounts (also of their partitions) and opened
- * with O_EXCL so nothing else can have them open for writing or mounted meanwhile.
+ * devices are sized from sysfs, checked for mounts and swap (also of their partitions and of
+ * their whole disk) and opened with O_EXCL, so that nothing can mount them or claim them
+ * (md, LVM, another blksync) meanwhile. O_EXCL does not keep out a program that opens the
+ * device without it (dd, for one): Linux has no way to refuse those.
  */
 
 import { constants, type Stats } from 'node:fs';
-import { open, stat, type FileHandle } from 'node:fs/promises';
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import { blockDeviceSize, devId } from './block-device.js';
-import { mountsOf } from './mounts.js';
+import { blockDeviceSize, devId, wholeDiskId } from './block-device.js';
+import { mountsOf, swapsOf } from './mounts.js';
 
 export type FileKind = 'file' | 'block-device';
 
@@ -59,20 +62,43 @@ export function sameFile(a: Stats, b: Stats): boolean {
   return a.dev === b.dev && a.ino === b.ino;
 }
 
-/** Refuses a block device that is mounted, or one of whose partitions is mounted. */
+/** How the device in use (`id`) relates to the destination, for the message. */
+async function relation(id: string, st: Stats): Promise<string> {
+  if (id === devId(st.rdev)) return '';
+  return id === (await wholeDiskId(st.rdev)) ? ' (its whole disk)' : ' (a partition of it)';
+}
+
+/**
+ * Refuses a block device that is mounted or used as swap, or whose partitions or whole disk
+ * are.
+ */
 export async function assertNotMounted(path: string, st: Stats): Promise<void> {
   if (!st.isBlockDevice()) return;
   const mounts = await mountsOf(st.rdev);
   const first = mounts[0];
   if (first !== undefined) {
     const where = mounts.map((m) => m.mountPoint).join(', ');
-    const part = first.device === devId(st.rdev) ? '' : ' (a partition of it)';
     throw new BlksyncError(
       'EDEST_MOUNTED',
-      `${path} is mounted${part} on ${where}; unmount it first (umount ${first.mountPoint})`,
+      `${path} is mounted${await relation(first.device, st)} on ${where}; unmount it first (umount ${first.mountPoint})`,
       { path },
     );
   }
+  const swap = (await swapsOf(st.rdev))[0];
+  if (swap !== undefined) {
+    throw new BlksyncError(
+      'EDEST_BUSY',
+      `${path} is in use as swap${await relation(swap.device, st)}; stop that first (swapoff ${swap.path})`,
+      { path },
+    );
+  }
+}
+
+/** True when `path` names something in /dev (also as //dev/x, ../dev/x or through a symlink). */
+async function inDev(path: string): Promise<boolean> {
+  const parent = dirname(resolve(path));
+  const real = await realpath(parent).catch(() => parent);
+  return real === '/dev' || real.startsWith('/dev/');
 }
 
 export interface OpenTargetOptions {
@@ -90,7 +116,8 @@ export async function openTarget(path: string, options: OpenTargetOptions): Prom
     st = await stat(path);
   } catch (err) {
     if (isSystemError(err) && err.code === 'ENOENT') {
-      if (path.startsWith('/dev/')) {
+      // creating a regular file in /dev (a RAM-backed devtmpfs) is never what was meant
+      if (await inDev(path)) {
         throw new BlksyncError(
           'EDEST_MISSING',
           `${path} does not exist; check the device name (lsblk lists them)`,

@@ -99,6 +99,34 @@ export async function mkfsExt4(dev: string): Promise<void> {
   await run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', dev]);
 }
 
+/** Makes `dev` a swap area and swaps on it until the test ends. */
+export async function swapOn(t: TestContext, dev: string): Promise<void> {
+  await run('mkswap', ['-f', dev]);
+  await run('swapon', [dev]);
+  defer(t, async () => {
+    await run('swapoff', [dev]);
+  });
+}
+
+/**
+ * A disk image of `size` bytes with a GPT holding one 32 MiB partition at 1 MiB, attached
+ * with its partitions; returns the disk and the partition.
+ */
+export async function partitionedLoop(
+  t: TestContext,
+  file: string,
+  size: number,
+): Promise<{ disk: string; part: string }> {
+  const fh = await open(file, 'w');
+  await fh.truncate(size);
+  await fh.close();
+  const sfdisk = run('sfdisk', ['-q', file]);
+  sfdisk.child.stdin?.end('label: gpt\nstart=2048, size=65536, type=linux\n');
+  await sfdisk;
+  const disk = await attachLoop(t, file, { partscan: true });
+  return { disk, part: await partitionOf(disk, 1) };
+}
+
 /** Mounts `dev` on a fresh directory; unmounted (and the directory removed) after the test. */
 export async function mountLoop(t: TestContext, dev: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), 'blksync-mnt-'));
