@@ -22,6 +22,13 @@ function copySummary(r: CopyResult): string {
       (r.created ? ` (created ${r.destination}, sparse)` : ''),
   ];
   if (r.index !== undefined) lines.push(indexSummary(r));
+  if (r.bmap !== undefined) {
+    const b = r.bmap;
+    lines.push(
+      `bmap ${b.path} (version ${b.version}): ${formatBytes(b.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${b.ranges} ranges; ` +
+        `${b.rangesVerified} range checksums verified`,
+    );
+  }
   if (r.destinationExtraBytes > 0) {
     lines.push(
       `${r.destination} is ${formatBytes(r.destinationExtraBytes)} larger than the source; the rest was left untouched`,
@@ -57,6 +64,9 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       '--index <file>',
       'know DST from this index instead of reading it, and update it ("auto": cached)',
     )
+    .option('--bmap <file>', "SRC's bmap (file or URL; default: found beside SRC as bmaptool does)")
+    .option('--no-bmap', 'ignore any bmap; consider the whole image')
+    .option('--no-verify-checksums', "do not verify the bmap's range checksums")
     .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
@@ -71,6 +81,9 @@ export function registerCopy(program: Command, setExit: SetExit): void {
           blockSize: opts.blockSize,
           dryRun: opts.dryRun === true,
           full: opts.full === true,
+          ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
+          noBmap: opts.bmap === false,
+          noVerifyChecksums: opts.verifyChecksums === false,
           ...(opts.index !== undefined ? { index: opts.index } : {}),
           rebuildIndex: opts.rebuildIndex === true,
           ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),

@@ -8,11 +8,11 @@
 
 import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
-import { FileSource } from '../io/file-source.js';
-import { createTarget, openSource, openTarget, sameFile, type Opened } from '../io/open.js';
+import { createTarget, openTarget, type Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import { DEFAULT_VERIFY_SAMPLE, IndexSession, type IndexReport } from './index-target.js';
+import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
@@ -48,6 +48,12 @@ export interface CopyOptions {
   verifySample?: number;
   /** Worker threads hashing for the index (default: one per core, at most 4). */
   hashThreads?: number;
+  /** SRC's bmap (file or URL); by default it is looked for beside SRC as bmaptool does. */
+  bmap?: string;
+  /** Ignore any bmap: consider the whole image. */
+  noBmap?: boolean;
+  /** Do not verify the bmap's range checksums. */
+  noVerifyChecksums?: boolean;
 }
 
 export interface CopyResult {
@@ -74,6 +80,8 @@ export interface CopyResult {
   seconds: number;
   /** What was done with --index. */
   index?: IndexReport;
+  /** The bmap used: only its mapped ranges were considered. */
+  bmap?: BmapReport;
 }
 
 /** Validates a block size: a power of two from 512 B to 64 MiB. */
@@ -114,11 +122,23 @@ export async function copy(
   const full = options.full === true;
   options.signal?.throwIfAborted();
 
-  const source = await openSource(src);
+  const source = await openCopySource(src, {
+    bmap: options.bmap,
+    noBmap: options.noBmap,
+    noVerifyChecksums: options.noVerifyChecksums,
+    signal: options.signal,
+  });
   let target: Opened | undefined;
   let sink: Sink | undefined;
   let index: IndexSession | undefined;
   try {
+    if (options.index !== undefined && source.bmap !== undefined) {
+      // an index describes all of DST; a bmap copy reads only the mapped ranges
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index cannot be combined with a bmap yet (found ${source.bmap.path}); add --no-bmap`,
+      );
+    }
     const found = await openTarget(dst, { readOnly: dryRun });
     let created = false;
     let knowledge: TargetKnowledge;
@@ -126,7 +146,7 @@ export async function copy(
       // new (or empty) file: it reads as zeros, so only non-zero blocks need writing,
       // and the rest stay holes
       if (found.fh !== undefined) {
-        if (sameFile(source.stats, found.stats)) throw sameFileError(src, dst);
+        if (source.sameAs(found.stats)) throw sameFileError(src, dst);
         if (found.kind === 'block-device') throw tooSmall(dst, 0, source.size);
         if (!dryRun) await found.fh.truncate(source.size);
         target = found;
@@ -139,7 +159,7 @@ export async function copy(
       knowledge = full ? new NoTarget() : new ZeroTarget();
     } else {
       target = found;
-      if (sameFile(source.stats, target.stats)) throw sameFileError(src, dst);
+      if (source.sameAs(target.stats)) throw sameFileError(src, dst);
       if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
@@ -165,21 +185,15 @@ export async function copy(
       sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
       if (index !== undefined) sink = index.wrapSink(sink);
     }
-    const run = await runPipeline(
-      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
-      new FileSource(source.fh, src, source.size, false),
-      knowledge,
-      sink ? [sink] : [],
-      {
-        blockSize: index?.target?.blockSize ?? blockSize,
-        chunkSize,
-        depth: options.depth ?? DEFAULT_DEPTH,
-        signal: options.signal,
-        onProgress: options.onProgress,
-        onChunk: index?.onChunk,
-        buffers: index?.buffers,
-      },
-    );
+    const run = await runPipeline(source.plan, source.source, knowledge, sink ? [sink] : [], {
+      blockSize: index?.target?.blockSize ?? blockSize,
+      chunkSize,
+      depth: options.depth ?? DEFAULT_DEPTH,
+      signal: options.signal,
+      onProgress: options.onProgress,
+      onChunk: index?.onChunk,
+      buffers: index?.buffers,
+    });
     await sink?.finish();
     if (!run.interrupted) await index?.commit();
     const result: CopyResult = {
@@ -200,6 +214,7 @@ export async function copy(
       full,
       seconds: (performance.now() - started) / 1000,
       ...(index !== undefined ? { index: index.report() } : {}),
+      ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
     };
     if (run.interrupted) {
       throw new BlksyncError(
@@ -214,7 +229,7 @@ export async function copy(
     await sink?.finish().catch(() => {});
     await index?.close();
     await target?.fh.close();
-    await source.fh.close();
+    await source.close();
   }
 }
 

@@ -26,7 +26,7 @@
 import { getHashes, hash } from 'node:crypto';
 import { SaxesParser } from 'saxes';
 import { BlksyncError } from '../errors.js';
-import type { Plan } from '../engine/types.js';
+import type { Range } from '../ranges.js';
 
 /** Largest bmap file read (a 200k-range bmap is about 20 MB). */
 export const MAX_BMAP_BYTES = 256 * 1024 * 1024;
@@ -333,8 +333,8 @@ export function rangeEnd(bmap: Bmap, r: BmapRange): number {
   return Math.min((r.last + 1) * bmap.blockSize, bmap.imageSize);
 }
 
-/** The bmap as a pipeline Plan: its mapped ranges in bytes. */
-export function bmapPlan(bmap: Bmap): Plan {
+/** The bmap's mapped ranges in bytes (the shape of a pipeline Plan). */
+export function bmapPlan(bmap: Bmap): { imageSize: number; ranges: Range[] } {
   return {
     imageSize: bmap.imageSize,
     ranges: bmap.ranges.map((r) => ({ start: r.first * bmap.blockSize, end: rangeEnd(bmap, r) })),

@@ -1,0 +1,175 @@
+/**
+ * A Source that checks a bmap's range checksums on the way from the source to the sinks.
+ *
+ * It wraps the real Source, so the pipeline, the target knowledge and the sinks stay as they
+ * are. The pipeline asks for chunks in ascending order and each chunk lies inside one plan
+ * range (the bmap's ranges), so the wrapper knows which range a read belongs to:
+ *
+ *   range ≤ MAX_VERIFY_IN_MEMORY_BYTES:  on its first chunk, read the whole range, hash it,
+ *                                         compare; only then hand out chunks (copied from the
+ *                                         range's buffer). A bad range fails before any of its
+ *                                         bytes reaches a sink: nothing bad is written.
+ *   larger range:                         pass chunks through, hashing them in order (a read
+ *                                         resolves only after the chunks before it were
+ *                                         hashed), and fail on the range's last chunk, naming
+ *                                         the range, which was then already partly written.
+ *
+ * A short source is not a checksum error: the short read is passed on and the pipeline
+ * reports ESRC_SHORT.
+ */
+
+import { createHash, type Hash } from 'node:crypto';
+import { BlksyncError } from '../errors.js';
+import type { Source } from './types.js';
+
+/** Largest range read whole and verified before any of it is handed on. */
+export const MAX_VERIFY_IN_MEMORY_BYTES = 32 * 1024 * 1024;
+
+export interface VerifiedRange {
+  /** Byte span [start, end) in the image. */
+  start: number;
+  end: number;
+  /** Expected lower-case hex digest. */
+  checksum: string;
+  /** For messages: "blocks 3-7". */
+  label: string;
+}
+
+interface Buffered {
+  kind: 'buffered';
+  range: VerifiedRange;
+  data: Promise<{ buf: Buffer; got: number }>;
+}
+
+interface Streamed {
+  kind: 'streamed';
+  range: VerifiedRange;
+  hash: Hash;
+  /** Settles when every chunk handed out so far has been hashed. */
+  chain: Promise<void>;
+  hashed: number;
+}
+
+export class VerifyingSource implements Source {
+  readonly size: number;
+  readonly #inner: Source;
+  readonly #ranges: readonly VerifiedRange[];
+  readonly #algorithm: string;
+  readonly #image: string;
+  readonly #maxInMemory: number;
+  #next = 0;
+  #current: Buffered | Streamed | undefined;
+  /** Ranges whose checksum passed. */
+  verified = 0;
+
+  /**
+   * `ranges`: the ranges with a checksum, ascending; reads outside them pass through.
+   * `image` names the source in errors.
+   */
+  constructor(
+    inner: Source,
+    ranges: readonly VerifiedRange[],
+    algorithm: string,
+    image: string,
+    maxInMemory = MAX_VERIFY_IN_MEMORY_BYTES,
+  ) {
+    this.#inner = inner;
+    this.size = inner.size;
+    this.#ranges = ranges;
+    this.#algorithm = algorithm;
+    this.#image = image;
+    this.#maxInMemory = maxInMemory;
+  }
+
+  read(buf: Buffer, offset: number, length: number): Promise<number> {
+    // find the range of this read; reads come in ascending order, so the cursor only advances
+    while (this.#next < this.#ranges.length && this.#ranges[this.#next]!.end <= offset) {
+      this.#next++;
+    }
+    const range = this.#ranges[this.#next];
+    if (range === undefined || range.start > offset) return this.#inner.read(buf, offset, length);
+    if (offset + length > range.end) {
+      return Promise.reject(
+        new Error(`read [${offset}, ${offset + length}) crosses the end of ${range.label}`),
+      );
+    }
+    if (this.#current?.range !== range) this.#current = this.#begin(range);
+    const cur = this.#current;
+    return cur.kind === 'buffered'
+      ? this.#fromBuffer(cur, buf, offset, length)
+      : this.#streamThrough(cur, buf, offset, length);
+  }
+
+  #begin(range: VerifiedRange): Buffered | Streamed {
+    const length = range.end - range.start;
+    if (length > this.#maxInMemory) {
+      return {
+        kind: 'streamed',
+        range,
+        hash: createHash(this.#algorithm),
+        chain: Promise.resolve(),
+        hashed: 0,
+      };
+    }
+    const data = (async () => {
+      const buf = Buffer.allocUnsafe(length);
+      const got = await this.#inner.read(buf, range.start, length);
+      if (got === length) this.#check(range, createHash(this.#algorithm).update(buf), true);
+      return { buf, got };
+    })();
+    data.catch(() => {}); // reported through each read of the range
+    return { kind: 'buffered', range, data };
+  }
+
+  async #fromBuffer(cur: Buffered, buf: Buffer, offset: number, length: number): Promise<number> {
+    const { buf: data, got } = await cur.data;
+    const at = offset - cur.range.start;
+    const n = Math.max(0, Math.min(length, got - at));
+    data.copy(buf, 0, at, at + n);
+    return n;
+  }
+
+  async #streamThrough(
+    cur: Streamed,
+    buf: Buffer,
+    offset: number,
+    length: number,
+  ): Promise<number> {
+    const before = cur.chain;
+    const mine = (async () => {
+      const got = await this.#inner.read(buf, offset, length);
+      await before;
+      if (got < length) return got; // short source: the pipeline reports it
+      cur.hash.update(buf.subarray(0, got));
+      cur.hashed += got;
+      if (offset + length === cur.range.end) this.#check(cur.range, cur.hash, false);
+      return got;
+    })();
+    cur.chain = mine.then(
+      () => {},
+      () => {},
+    );
+    return mine;
+  }
+
+  #check(range: VerifiedRange, hash: Hash, beforeWriting: boolean): void {
+    const computed = hash.digest('hex');
+    if (computed === range.checksum) {
+      this.verified++;
+      return;
+    }
+    throw new BlksyncError(
+      'EBMAP_CHECKSUM',
+      `${this.#image}: ${range.label} (bytes ${range.start}-${range.end - 1}) do not match the bmap's ` +
+        `${this.#algorithm} checksum (computed ${computed}, expected ${range.checksum}); ` +
+        (beforeWriting
+          ? 'nothing of this range was written. The image is damaged or the bmap belongs to another image'
+          : 'the range was too large to check before writing and is written but bad: get a good image and rerun'),
+      { path: this.#image },
+    );
+  }
+
+  close(): Promise<void> {
+    return this.#inner.close();
+  }
+}

@@ -1,0 +1,350 @@
+/**
+ * What `copy` reads: turns the SRC argument and the bmap options into the pipeline's Source
+ * and Plan.
+ *
+ *   SRC:   a file or block device   → FileSource (reads by offset)
+ *          the same, compressed     → decoder (by magic bytes) → SequentialSource
+ *          "-" (stdin)              → FileSource when stdin is a file, else as a stream
+ *          http(s)://...            → GET → [decoder] → SequentialSource
+ *   bmap:  --bmap FILE|URL, or found beside SRC as bmaptool finds it (SRC.bmap, then one
+ *          extension stripped at a time: x.img.xz → x.img.xz.bmap, x.img.bmap, x.bmap);
+ *          --no-bmap: none
+ *   Plan:  the bmap's mapped ranges, or the whole image
+ *   Source is wrapped in a VerifyingSource when the bmap has range checksums.
+ *
+ * The image size comes from the bmap, the file, Content-Length, or for a compressed local
+ * file without a bmap from one decoding pass that only counts bytes.
+ */
+
+import type { Stats } from 'node:fs';
+import { fstat } from 'node:fs';
+import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
+import { basename, extname } from 'node:path';
+import { Readable } from 'node:stream';
+import { promisify } from 'node:util';
+import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import {
+  bmapPlan,
+  checkBmapMatches,
+  mappedBytes,
+  MAX_BMAP_BYTES,
+  parseBmap,
+  rangeEnd,
+  type Bmap,
+} from '../formats/bmap.js';
+import {
+  decompress,
+  decompressedSize,
+  detectCompression,
+  MAGIC_BYTES,
+  type Compression,
+  type Decoder,
+} from '../io/decompress.js';
+import { FileSource } from '../io/file-source.js';
+import { bodyStream, httpFetchSmall, httpOpenOk, isUrl } from '../io/http-source.js';
+import { openSource, sameFile } from '../io/open.js';
+import { SequentialSource } from '../io/sequential-source.js';
+import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
+import type { Plan, Source } from './types.js';
+
+export interface CopySourceOptions {
+  /** A bmap file or URL to use instead of looking for one. */
+  bmap?: string | undefined;
+  /** Copy the whole image even when a bmap is found. */
+  noBmap?: boolean | undefined;
+  /** Skip the bmap's range checksums (they are verified by default). */
+  noVerifyChecksums?: boolean | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+/** What a copy learned about its bmap. */
+export interface BmapReport {
+  path: string;
+  version: string;
+  blockSize: number;
+  ranges: number;
+  mappedBytes: number;
+  /** Ranges whose checksum is verified while copying. */
+  rangesVerified: number;
+}
+
+export interface CopySource {
+  /** SRC as given. */
+  path: string;
+  kind: 'file' | 'block-device' | 'stdin' | 'url';
+  compression: Compression | undefined;
+  /** The (decompressed) image size in bytes. */
+  size: number;
+  source: Source;
+  plan: Plan;
+  bmap: BmapReport | undefined;
+  /** True when DST (with these stats) is SRC itself. */
+  sameAs(stats: Stats): boolean;
+  close(): Promise<void>;
+}
+
+/** The names bmaptool tries for IMAGE's bmap, in order. */
+export function bmapCandidates(image: string): string[] {
+  const out: string[] = [];
+  // for a URL, only the path's last component loses extensions; the query is dropped
+  let base = image;
+  let suffix = '';
+  if (isUrl(image)) {
+    const u = new URL(image);
+    suffix = u.search;
+    u.search = '';
+    u.hash = '';
+    base = u.href;
+  }
+  for (;;) {
+    out.push(`${base}.bmap${suffix}`);
+    const name = basename(base);
+    const ext = extname(name);
+    if (ext === '') return out;
+    base = base.slice(0, base.length - ext.length);
+  }
+}
+
+async function readLocalBmap(path: string): Promise<Buffer | undefined> {
+  let size: number;
+  try {
+    const st = await stat(path);
+    if (!st.isFile()) return undefined;
+    size = st.size;
+  } catch (err) {
+    if (isSystemError(err) && (err.code === 'ENOENT' || err.code === 'ENOTDIR')) return undefined;
+    throw fromSystemError('EBMAP_OPEN', 'cannot open bmap', path, err);
+  }
+  if (size > MAX_BMAP_BYTES) {
+    throw new BlksyncError('EBMAP_FORMAT', `${path} is ${size} bytes, more than a bmap can be`, {
+      path,
+    });
+  }
+  try {
+    return await readFile(path);
+  } catch (err) {
+    throw fromSystemError('EBMAP_OPEN', 'cannot read bmap', path, err);
+  }
+}
+
+function loadBmapBytes(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
+  return isUrl(path) ? httpFetchSmall(path, MAX_BMAP_BYTES, signal) : readLocalBmap(path);
+}
+
+/** Finds and parses the bmap for `src` (undefined: none, or --no-bmap). */
+export async function findBmap(
+  src: string,
+  options: CopySourceOptions,
+): Promise<{ path: string; bmap: Bmap } | undefined> {
+  if (options.noBmap === true) {
+    if (options.bmap !== undefined) {
+      throw new BlksyncError('EUSAGE', '--bmap and --no-bmap cannot be used together');
+    }
+    return undefined;
+  }
+  if (options.bmap !== undefined) {
+    const bytes = await loadBmapBytes(options.bmap, options.signal);
+    if (bytes === undefined) {
+      throw new BlksyncError('EBMAP_OPEN', `bmap ${options.bmap} does not exist`, {
+        path: options.bmap,
+      });
+    }
+    return { path: options.bmap, bmap: parseBmap(bytes, { path: options.bmap }) };
+  }
+  if (src === '-') return undefined;
+  for (const candidate of bmapCandidates(src)) {
+    if (candidate === src) continue;
+    const bytes = await loadBmapBytes(candidate, options.signal);
+    if (bytes !== undefined)
+      return { path: candidate, bmap: parseBmap(bytes, { path: candidate }) };
+  }
+  return undefined;
+}
+
+/** Reads the first bytes of a stream and gives back a stream that still starts with them. */
+async function peek(stream: Readable, n: number): Promise<{ head: Buffer; rest: Readable }> {
+  const it = stream[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+  const seen: Buffer[] = [];
+  let have = 0;
+  while (have < n) {
+    const r = await it.next();
+    if (r.done === true) break;
+    seen.push(r.value);
+    have += r.value.length;
+  }
+  async function* replay(): AsyncGenerator<Buffer> {
+    yield* seen;
+    for (;;) {
+      const r = await it.next();
+      if (r.done === true) return;
+      yield r.value;
+    }
+  }
+  const rest = Readable.from(replay(), { objectMode: false });
+  rest.on('close', () => stream.destroy());
+  return { head: Buffer.concat(seen).subarray(0, n), rest };
+}
+
+function verifiedRanges(bmap: Bmap): VerifiedRange[] {
+  const out: VerifiedRange[] = [];
+  for (const r of bmap.ranges) {
+    if (r.checksum === undefined) continue;
+    out.push({
+      start: r.first * bmap.blockSize,
+      end: rangeEnd(bmap, r),
+      checksum: r.checksum,
+      label: r.first === r.last ? `block ${r.first}` : `blocks ${r.first}-${r.last}`,
+    });
+  }
+  return out;
+}
+
+function unknownSize(src: string): BlksyncError {
+  return new BlksyncError(
+    'EUSAGE',
+    `the size of the image in ${src} is not known before reading it all; give its bmap (--bmap FILE) ` +
+      'or decompress it to a file first',
+    { path: src },
+  );
+}
+
+/** Opens SRC for `copy`: see the file header. */
+export async function openCopySource(
+  src: string,
+  options: CopySourceOptions = {},
+): Promise<CopySource> {
+  const found = await findBmap(src, options);
+  const bmap = found?.bmap;
+  const cleanups: (() => void | Promise<void>)[] = [];
+  const closeAll = async (): Promise<void> => {
+    for (const c of cleanups.reverse()) await c();
+    cleanups.length = 0;
+  };
+  try {
+    let kind: CopySource['kind'];
+    let compression: Compression | undefined;
+    let size = -1;
+    let source: Source;
+    let sameAs: (st: Stats) => boolean = () => false;
+
+    const streamed = (stream: Readable, name: string, sizeHint: number | undefined): Source => {
+      let s = stream;
+      if (compression !== undefined) {
+        const d: Decoder = decompress(stream, compression, name);
+        cleanups.push(() => d.stop());
+        s = d.output;
+        sizeHint = undefined;
+      } else {
+        cleanups.push(() => void stream.destroy());
+      }
+      size = bmap?.imageSize ?? sizeHint ?? -1;
+      if (size < 0) throw unknownSize(name);
+      if (bmap !== undefined && sizeHint !== undefined)
+        checkBmapMatches(bmap, sizeHint, found!.path, name);
+      return new SequentialSource(s, size, name);
+    };
+
+    if (isUrl(src)) {
+      kind = 'url';
+      const res = await httpOpenOk(src, options.signal);
+      const { head, rest } = await peek(bodyStream(res), MAGIC_BYTES);
+      compression = detectCompression(head);
+      source = streamed(rest, src, res.length);
+    } else if (src === '-') {
+      kind = 'stdin';
+      const st = await promisify(fstat)(0);
+      if (st.isFile()) {
+        // `< image`: a file after all, read by offset
+        const fh = await open('/dev/stdin', 'r');
+        cleanups.push(() => fh.close());
+        ({ compression, size, source } = await fromFile(fh, 'stdin', st.size));
+        sameAs = (other) => sameFile(st, other);
+      } else {
+        const { head, rest } = await peek(process.stdin, MAGIC_BYTES);
+        compression = detectCompression(head);
+        source = streamed(rest, 'stdin', undefined);
+      }
+    } else {
+      const opened = await openSource(src);
+      cleanups.push(() => opened.fh.close());
+      kind = opened.kind;
+      ({ compression, size, source } = await fromFile(opened.fh, src, opened.size));
+      sameAs = (other) => sameFile(opened.stats, other);
+    }
+
+    // a file or device read by offset: raw, or decoded by a spawned decoder
+    async function fromFile(
+      fh: FileHandle,
+      name: string,
+      fileSize: number,
+    ): Promise<{ compression: Compression | undefined; size: number; source: Source }> {
+      const head = Buffer.alloc(MAGIC_BYTES);
+      const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
+      const comp = detectCompression(head.subarray(0, bytesRead));
+      if (comp === undefined) {
+        if (bmap !== undefined) checkBmapMatches(bmap, fileSize, found!.path, name);
+        return {
+          compression: comp,
+          size: fileSize,
+          source: new FileSource(fh, name, fileSize, false),
+        };
+      }
+      // each decoder gets its own descriptor: a spawned one reads from the file offset
+      const path = name === 'stdin' ? '/dev/stdin' : name;
+      let imageSize = bmap?.imageSize;
+      if (imageSize === undefined) {
+        const counting = await open(path, 'r');
+        try {
+          imageSize = await decompressedSize(counting.fd, comp, name);
+        } finally {
+          await counting.close();
+        }
+      }
+      const decodeFh = await open(path, 'r');
+      cleanups.push(() => decodeFh.close());
+      const d = decompress(decodeFh.fd, comp, name);
+      cleanups.push(() => d.stop());
+      return {
+        compression: comp,
+        size: imageSize,
+        source: new SequentialSource(d.output, imageSize, name),
+      };
+    }
+
+    const plan: Plan = bmap
+      ? bmapPlan(bmap)
+      : { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let report: BmapReport | undefined;
+    if (bmap !== undefined) {
+      const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap);
+      if (ranges.length > 0 && bmap.checksumType !== undefined) {
+        source = new VerifyingSource(source, ranges, bmap.checksumType, src);
+      }
+      report = {
+        path: found!.path,
+        version: bmap.version,
+        blockSize: bmap.blockSize,
+        ranges: bmap.ranges.length,
+        mappedBytes: mappedBytes(bmap),
+        rangesVerified: ranges.length,
+      };
+    }
+    const finalSource = source;
+    return {
+      path: src,
+      kind,
+      compression,
+      size: size,
+      source: finalSource,
+      plan,
+      bmap: report,
+      sameAs,
+      close: async () => {
+        await closeAll();
+      },
+    };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}

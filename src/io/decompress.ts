@@ -1,0 +1,238 @@
+/**
+ * Streaming decompression of images, recognised by their magic bytes (not their names).
+ *
+ * gzip goes through node:zlib. xz, zstd, bzip2 and lz4 go through the system's own binaries
+ * (`xz -dc`, `zstd -dc`, `lbzip2 -dc` or `bzip2 -dc`, `lz4 -dc`), spawned with the image on
+ * their stdin and read from their stdout: they are two to four times faster than the
+ * libraries that install on Node 20 (see ../shared/STACK-NOTES.md) and run on another core.
+ * Nothing is unpacked to a temporary file.
+ *
+ * A decoder that fails, or input that ends too soon, is an error at the end of the stream
+ * (ESRC_CORRUPT, or ESRC_SHORT for a truncated file), never a silently short image: the
+ * output stream ends only after the decoder exited with status 0.
+ */
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants, createReadStream } from 'node:fs';
+import { delimiter, join } from 'node:path';
+import { PassThrough, type Readable } from 'node:stream';
+import { createGunzip } from 'node:zlib';
+import { BlksyncError } from '../errors.js';
+
+export type Compression = 'gzip' | 'xz' | 'zstd' | 'bzip2' | 'lz4';
+
+/** Bytes needed to recognise every format. */
+export const MAGIC_BYTES = 6;
+/** Bytes per chunk out of zlib. */
+const GUNZIP_CHUNK_BYTES = 256 * 1024;
+/** Decoder messages kept for the error. */
+const MAX_STDERR_CHARS = 2000;
+
+const MAGICS: readonly [Compression, readonly number[]][] = [
+  ['gzip', [0x1f, 0x8b]],
+  ['xz', [0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]],
+  ['zstd', [0x28, 0xb5, 0x2f, 0xfd]],
+  ['bzip2', [0x42, 0x5a, 0x68]], // "BZh", then the block size digit
+  ['lz4', [0x04, 0x22, 0x4d, 0x18]],
+  ['lz4', [0x02, 0x21, 0x4c, 0x18]], // legacy frame
+];
+
+/** The compression of data starting with `head`, or undefined for a raw image. */
+export function detectCompression(head: Buffer): Compression | undefined {
+  for (const [kind, magic] of MAGICS) {
+    if (head.length >= magic.length && magic.every((b, i) => head[i] === b)) {
+      if (kind === 'bzip2' && !(head[3] !== undefined && head[3] >= 0x31 && head[3] <= 0x39)) {
+        continue;
+      }
+      return kind;
+    }
+  }
+  return undefined;
+}
+
+function onPath(name: string): boolean {
+  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(delimiter)) {
+    try {
+      accessSync(join(dir, name), constants.X_OK);
+      return true;
+    } catch {
+      // not in this directory
+    }
+  }
+  return false;
+}
+
+/** The decoder command for a format: program, arguments and the package that has it. */
+function decoderFor(kind: Exclude<Compression, 'gzip'>): {
+  cmd: string;
+  args: string[];
+  pkg: string;
+} {
+  switch (kind) {
+    case 'xz':
+      return { cmd: 'xz', args: ['-dc', '-T0'], pkg: 'xz-utils' };
+    case 'zstd':
+      return { cmd: 'zstd', args: ['-dcq'], pkg: 'zstd' };
+    case 'bzip2':
+      // lbzip2 decodes on every core; bzip2 on one
+      return onPath('lbzip2')
+        ? { cmd: 'lbzip2', args: ['-dc'], pkg: 'lbzip2' }
+        : { cmd: 'bzip2', args: ['-dc'], pkg: 'bzip2' };
+    case 'lz4':
+      return { cmd: 'lz4', args: ['-dc'], pkg: 'lz4' };
+  }
+}
+
+const TRUNCATED_RE = /unexpected end|premature end|ends unexpectedly|unfinished stream|truncated/i;
+
+function decodeError(
+  kind: Compression,
+  name: string,
+  detail: string,
+  cause?: unknown,
+): BlksyncError {
+  const short = TRUNCATED_RE.test(detail);
+  return new BlksyncError(
+    short ? 'ESRC_SHORT' : 'ESRC_CORRUPT',
+    short
+      ? `${name}: the ${kind} data ends too soon (${detail}); the file is truncated: download or copy it again`
+      : `${name}: the ${kind} data is damaged (${detail}); get a good copy of the image`,
+    { path: name, cause },
+  );
+}
+
+/** A running decoder: its output, and a way to stop it early. */
+export interface Decoder {
+  readonly kind: Compression;
+  readonly output: Readable;
+  /** Stops the decoder (when the copy needs no more of the image, or failed). */
+  stop(): void;
+}
+
+/**
+ * Starts decoding `input`: a file descriptor read from offset 0 (not closed here), or a
+ * stream. `name` is used in errors.
+ */
+export function decompress(input: number | Readable, kind: Compression, name: string): Decoder {
+  const out = new PassThrough({ highWaterMark: 1024 * 1024 });
+  if (kind === 'gzip') {
+    const src =
+      typeof input === 'number'
+        ? createReadStream('', {
+            fd: input,
+            start: 0,
+            autoClose: false,
+            highWaterMark: 1024 * 1024,
+          })
+        : input;
+    const gunzip = createGunzip({ chunkSize: GUNZIP_CHUNK_BYTES });
+    src.on('error', (err: Error) => out.destroy(err));
+    gunzip.on('error', (err: NodeJS.ErrnoException) => {
+      out.destroy(
+        decodeError(
+          kind,
+          name,
+          err.code === 'Z_BUF_ERROR' ? 'unexpected end of file' : err.message,
+          err,
+        ),
+      );
+    });
+    src.pipe(gunzip).pipe(out);
+    return {
+      kind,
+      output: out,
+      stop: () => {
+        src.unpipe(gunzip);
+        if (typeof input !== 'number') src.destroy();
+        gunzip.destroy();
+      },
+    };
+  }
+
+  const { cmd, args, pkg } = decoderFor(kind);
+  let child: ChildProcess;
+  try {
+    child = spawn(cmd, args, {
+      stdio: [typeof input === 'number' ? input : 'pipe', 'pipe', 'pipe'],
+    });
+  } catch (err) {
+    throw new BlksyncError('ESRC_OPEN', `${name} is ${kind}-compressed but ${cmd} cannot start`, {
+      path: name,
+      cause: err,
+    });
+  }
+  let stderr = '';
+  let stopped = false;
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => {
+    if (stderr.length < MAX_STDERR_CHARS) stderr += d;
+  });
+  if (typeof input !== 'number') {
+    input.on('error', (err) => out.destroy(err));
+    child.stdin!.on('error', () => {}); // EPIPE when the decoder quits first; its status tells
+    input.pipe(child.stdin!);
+  }
+  child.stdout!.pipe(out, { end: false });
+  let stdoutEnded = false;
+  let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  const settle = (): void => {
+    if (!stdoutEnded || exit === undefined || out.destroyed) return;
+    if (exit.code === 0) out.end();
+    else if (!stopped) {
+      const why =
+        stderr.trim().replace(/\s+/g, ' ') || `${cmd} exited with ${exit.code ?? exit.signal}`;
+      out.destroy(decodeError(kind, name, why));
+    }
+  };
+  child.stdout!.on('end', () => {
+    stdoutEnded = true;
+    settle();
+  });
+  child.on('close', (code, signal) => {
+    exit = { code, signal };
+    stdoutEnded = true;
+    settle();
+  });
+  child.on('error', (err: NodeJS.ErrnoException) => {
+    out.destroy(
+      err.code === 'ENOENT'
+        ? new BlksyncError(
+            'ESRC_OPEN',
+            `${name} is ${kind}-compressed but ${cmd} is not installed (apt-get install ${pkg})`,
+            { path: name, cause: err },
+          )
+        : new BlksyncError('ESRC_OPEN', `${name}: cannot run ${cmd}: ${err.message}`, {
+            path: name,
+            cause: err,
+          }),
+    );
+  });
+  return {
+    kind,
+    output: out,
+    stop: () => {
+      stopped = true;
+      if (typeof input !== 'number') {
+        input.unpipe(child.stdin!);
+        input.destroy();
+      }
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      out.destroy();
+    },
+  };
+}
+
+/** Decodes everything once to learn the image size (for a compressed file without a bmap). */
+export async function decompressedSize(
+  fd: number,
+  kind: Compression,
+  name: string,
+): Promise<number> {
+  const d = decompress(fd, kind, name);
+  let n = 0;
+  try {
+    for await (const chunk of d.output) n += (chunk as Buffer).length;
+  } finally {
+    d.stop();
+  }
+  return n;
+}
