@@ -27,6 +27,8 @@ export interface IoCounters {
 
 export interface Measurement {
   seconds: number;
+  /** CPU seconds (user + system) of the command and all its children, every thread. */
+  cpuSeconds: number;
   status: number;
   stdout: string;
   stderr: string;
@@ -52,15 +54,27 @@ function parseIo(text: string): IoCounters {
   };
 }
 
+/**
+ * Reads the children's user + system seconds from bash's `times`, printed after `tag`: a line
+ * "0m0.001s 0m0.002s" for the shell itself, then one for its reaped children.
+ */
+function childrenCpu(report: string, tag: string): number | undefined {
+  const line = new RegExp(`^${tag}\\n.*\\n(.*)$`, 'm').exec(report)?.[1] ?? '';
+  const t = [...line.matchAll(/(\d+)m([\d.]+)s/g)].map((m) => 60 * Number(m[1]) + Number(m[2]));
+  return t.length === 2 ? t[0]! + t[1]! : undefined;
+}
+
 /** Runs a bash command line and measures its wall time and I/O (see the header). */
 export async function measure(command: string, cwd?: string): Promise<Measurement> {
   const script = [
     'set -o pipefail',
     'cat /proc/$$/io >&3',
+    'echo @c0 >&3; times >&3',
     'echo "@t0 $EPOCHREALTIME" >&3',
     command,
     's=$?',
     'echo "@t1 $EPOCHREALTIME" >&3',
+    'echo @c1 >&3; times >&3',
     'echo @io >&3',
     'cat /proc/$$/io >&3',
     'exit $s',
@@ -89,14 +103,17 @@ export async function measure(command: string, cwd?: string): Promise<Measuremen
   ]);
   const t0 = /^@t0 ([\d.]+)$/m.exec(report);
   const t1 = /^@t1 ([\d.]+)$/m.exec(report);
+  const c0 = childrenCpu(report, '@c0');
+  const c1 = childrenCpu(report, '@c1');
   const [before, after] = report.split('@io');
-  if (!t0 || !t1 || before === undefined || after === undefined) {
+  if (!t0 || !t1 || c0 === undefined || c1 === undefined || !before || !after) {
     throw new Error(`could not measure ${command}: ${report} ${stderr}`);
   }
   const a = parseIo(before);
   const b = parseIo(after);
   return {
     seconds: Number(t1[1]) - Number(t0[1]),
+    cpuSeconds: c1 - c0,
     status,
     stdout,
     stderr,
@@ -119,12 +136,15 @@ async function ownIo(): Promise<IoCounters> {
  */
 export async function measureCall(call: () => Promise<unknown>): Promise<Measurement> {
   const a = await ownIo();
+  const cpu = process.cpuUsage();
   const started = performance.now();
   await call();
   const seconds = (performance.now() - started) / 1000;
+  const { user, system } = process.cpuUsage(cpu);
   const b = await ownIo();
   return {
     seconds,
+    cpuSeconds: (user + system) / 1e6,
     status: 0,
     stdout: '',
     stderr: '',
@@ -261,6 +281,7 @@ export interface TrialResult {
   label: string;
   command: string;
   seconds: number[];
+  cpuSeconds: number[];
   /** Time to fsync the written file after each run (the durability the command skipped). */
   fsyncSeconds: number[];
   io: IoCounters[];
@@ -284,9 +305,11 @@ export async function runTrials(
     label: t.label,
     command: t.command,
     seconds: [],
+    cpuSeconds: [],
     fsyncSeconds: [],
     io: [],
   }));
+  const width = Math.max(...trials.map((t) => t.label.length));
   for (let r = 1; r <= options.runs; r++) {
     for (const [i, trial] of trials.entries()) {
       await options.prepare();
@@ -295,10 +318,12 @@ export async function runTrials(
       await trial.check(m);
       const result = results[i]!;
       result.seconds.push(m.seconds);
+      result.cpuSeconds.push(m.cpuSeconds);
       result.fsyncSeconds.push(synced);
       result.io.push(m.io);
       options.log(
-        `run ${r}/${options.runs}  ${trial.label.padEnd(16)} ${m.seconds.toFixed(3)} s` +
+        `run ${r}/${options.runs}  ${trial.label.padEnd(width)}  ${m.seconds.toFixed(3)} s` +
+          `  cpu ${m.cpuSeconds.toFixed(3)} s` +
           `  write_bytes ${formatBytes(m.io.writeBytes)}  then fsync ${synced.toFixed(3)} s`,
       );
     }

@@ -75,10 +75,15 @@ async function run(options: BenchOptions): Promise<void> {
       formatSeconds(s),
       (s.median / cmp).toFixed(2),
       (s.median / ddpt).toFixed(2),
+      summarize(r.cpuSeconds).median.toFixed(3),
       formatBytes(summarize(r.io.map((io) => io.writeBytes)).median),
     ]);
   log(`\nfastest first (load average now ${os.loadavg()[0]!.toFixed(2)})\n`);
-  log(renderTable(['', 'median s (min–max)', '× cmp', '× ddpt', 'write_bytes'], rows, ['left']));
+  log(
+    renderTable(['', 'median s (min–max)', '× cmp', '× ddpt', 'cpu s', 'write_bytes'], rows, [
+      'left',
+    ]),
+  );
 }
 
 export const copyTuningSection: Section = {

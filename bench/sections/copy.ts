@@ -90,20 +90,30 @@ interface Row {
 
 function tableOf(rows: readonly Row[], cmpMedian: number, first: string): string {
   return renderTable(
-    [first, 'median s (min–max)', '× cmp', 'then fsync s', 'write_bytes', 'wchar', 'command'],
+    [
+      first,
+      'median s (min–max)',
+      '× cmp',
+      'cpu s',
+      'then fsync s',
+      'write_bytes',
+      'wchar',
+      'command',
+    ],
     rows.map(({ result, spec }) => {
       const s = summarize(result.seconds);
       return [
         result.label,
         formatSeconds(s),
         (s.median / cmpMedian).toFixed(2),
+        summarize(result.cpuSeconds).median.toFixed(3),
         spec.readOnly === true ? '—' : summarize(result.fsyncSeconds).median.toFixed(3),
         formatBytes(summarize(result.io.map((io) => io.writeBytes)).median),
         formatBytes(summarize(result.io.map((io) => io.wchar)).median),
         spec.template,
       ];
     }),
-    ['left', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
 }
 
@@ -148,9 +158,14 @@ async function run(options: BenchOptions): Promise<void> {
   log(`\nblksync block size (the default is chosen from this)\n`);
   log(tableOf(rows.slice(PEER_COMMANDS.length), cmpMedian, 'block size'));
   log(
-    '\nwrite_bytes: page-cache bytes dirtied (whole folios, e.g. 64 KiB per touched region),' +
-      ' measured from /proc/PID/io;\nwchar: bytes passed to write(2), pipes included;' +
-      ' "then fsync": fsync of DST after the command (blksync fsyncs inside its time).',
+    [
+      '',
+      'median s: wall seconds of the command; × cmp: its median over the median of cmp -l',
+      'cpu s: user + system CPU of the command and its children, all threads (less load-sensitive)',
+      'then fsync: fsync of DST after the command, not in its time (blksync fsyncs inside it)',
+      'write_bytes: page-cache bytes dirtied, from /proc/PID/io (whole folios: 64 KiB per 4 KiB write here)',
+      'wchar: bytes passed to write(2), pipes included (cmp -l prints a line per differing byte)',
+    ].join('\n'),
   );
 }
 
