@@ -48,6 +48,8 @@ export interface CopyOptions {
   verifySample?: number;
   /** Worker threads hashing for the index (default: one per core, at most 4). */
   hashThreads?: number;
+  /** Tuning (tests): bytes the index marks as possibly dirty at a time while writing. */
+  indexCheckpointBytes?: number;
   /** SRC's bmap (file or URL); by default it is looked for beside SRC as bmaptool does. */
   bmap?: string;
   /** Ignore any bmap: consider the whole image. */
@@ -178,6 +180,7 @@ export async function copy(
         full,
         dryRun,
         hashThreads: options.hashThreads,
+        checkpointBytes: options.indexCheckpointBytes,
       });
       if (index.target !== undefined) knowledge = index.target;
     }

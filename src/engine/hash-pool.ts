@@ -89,7 +89,9 @@ export class HashPool {
 
   #start(): void {
     for (let i = this.#workers.length; i < this.threads; i++) {
-      const w = new Worker(WORKER_SOURCE, { eval: true });
+      // no execArgv: the worker is plain CommonJS, whatever loader or input type the main
+      // thread was started with (tsx, --input-type=module)
+      const w = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });
       w.unref();
       w.on('message', (m: { id: number; out?: ArrayBuffer; error?: string }) => {
         const p = this.#pending.get(m.id);

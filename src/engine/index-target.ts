@@ -75,6 +75,8 @@ export class IndexTarget implements TargetKnowledge {
   /** The stored hashes of the chunk last diffed, before the new ones replaced them. */
   readonly #held: Buffer;
   #sampleBytes = 0;
+  /** Blocks of DST read and checked by verifySample. */
+  sampledBlocks = 0;
   /** Bytes read back from DST where the index was not trusted. */
   get bytesReread(): number {
     return this.#reader.bytesRead;
@@ -138,8 +140,11 @@ export class IndexTarget implements TargetKnowledge {
     // always include the first and last trusted blocks: partition tables and backup GPTs
     // are what tools most often write behind blksync's back
     const candidates = [0, blocks - 1];
-    for (let tries = 0; picked.size < count && tries < count * 8; tries++) {
-      const i = candidates.shift() ?? randomInt(blocks);
+    // asked for as many blocks as there are: check them all, in order
+    const all = count >= blocks;
+    const tries = all ? blocks : count * 8;
+    for (let t = 0; picked.size < count && t < tries; t++) {
+      const i = all ? t : (candidates.shift() ?? randomInt(blocks));
       const s = i * bs;
       const e = Math.min(s + bs, this.imageSize);
       if (picked.has(i) || !this.#isTrusted(s, e)) continue;
@@ -151,6 +156,7 @@ export class IndexTarget implements TargetKnowledge {
         got += bytesRead;
       }
       this.#sampleBytes += got;
+      this.sampledBlocks++;
       if (got < e - s) return s;
       const h = sha256(buf, 0, got);
       if (h.compare(this.table, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return s;
@@ -407,7 +413,7 @@ export class IndexSession {
       if (o.rebuild) return rebuild(why2);
       throw stale(path, why2);
     }
-    const sampled = Math.round(target.bytesRead / index.blockSize);
+    const sampled = target.sampledBlocks;
     return new IndexSession(o, path, pool, { index, target, sampled }, undefined);
   }
 
