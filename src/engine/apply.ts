@@ -55,6 +55,8 @@ export interface ApplyOptions {
   onProgress?: ProgressListener;
   chunkSize?: number;
   depth?: number;
+  /** Tuning: payload bytes per batch when the patch is a stream (default STREAM_BATCH_BYTES). */
+  batchBytes?: number;
 }
 
 export interface ApplyResult {
@@ -428,8 +430,8 @@ export async function apply(
       if (rec === undefined) break;
       result.records++;
       batch.push(stepOf(rec, reverse));
-      batchBytes += rec.newBytes + rec.oldBytes;
-      if (streamed && batchBytes >= STREAM_BATCH_BYTES) {
+      batchBytes += rec.newBytes + (header.reversible ? rec.oldBytes : 0);
+      if (streamed && batchBytes >= (options.batchBytes ?? STREAM_BATCH_BYTES)) {
         await applySteps(run, batch, undefined);
         batch = [];
         batchBytes = 0;

@@ -213,7 +213,8 @@ export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number)
   if (length === 0 || length > MAX_RECORD_BYTES) throw formatError(`${at}: bad length ${length}`);
   if (offset + length > imageEnd)
     throw formatError(`${at}: passes the end of the image (${imageEnd})`);
-  if (length % h.blockSize !== 0 && offset + length !== imageEnd) {
+  const end = offset + length;
+  if (length % h.blockSize !== 0 && end !== h.resultSize && end !== h.baseSize) {
     throw formatError(`${at}: length ${length} is not whole blocks`);
   }
   const newBytes = clipped(offset, length, h.resultSize);
