@@ -14,6 +14,22 @@ export type { ApplyOptions, ApplyResult } from './engine/apply.js';
 export { describePatch } from './formats/patch-info.js';
 export type { PatchInfo } from './formats/patch-info.js';
 export type { Compression } from './formats/patch.js';
+export {
+  makeIndex,
+  indexInfo,
+  listCachedIndexes,
+  DEFAULT_INDEX_BLOCK_SIZE,
+} from './engine/make-index.js';
+export type {
+  MakeIndexOptions,
+  MakeIndexResult,
+  IndexInfo,
+  CachedIndex,
+} from './engine/make-index.js';
+export type { IndexReport } from './engine/index-target.js';
+export { readIndexFile, parseIndex } from './formats/index-file.js';
+export type { IndexFile, IndexState } from './formats/index-file.js';
+export type { TargetIdentity } from './io/identity.js';
 export type { Progress, ProgressListener } from './engine/types.js';
 export { BlksyncError } from './errors.js';
 export type { ErrorCode } from './errors.js';

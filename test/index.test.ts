@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdir, readFile, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { copy, type CopyResult } from '../src/engine/copy.js';
 import { makeIndex, type IndexInfo, type MakeIndexResult } from '../src/engine/make-index.js';
@@ -51,7 +51,7 @@ function essentials(i: IndexFile) {
   };
 }
 
-async function setup(t: Parameters<Parameters<typeof test>[1]>[0], size = 8 * MIB + 12345) {
+async function setup(t: TestContext, size = 8 * MIB + 12345) {
   const dir = await tempDir(t);
   const old = seededBytes(size, 7);
   const neu = changed(old, [0, 100_000, 3 * MIB + 5, size - 50_000], 40_000, 99);
@@ -393,7 +393,7 @@ test('fuzz: thousands of mutated index files parse cleanly or fail with EINDEX_F
   let accepted = 0;
   const started = performance.now();
   for (let i = 0; i < FUZZ_ITERATIONS; i++) {
-    let b = Buffer.from(bytes);
+    let b: Buffer = Buffer.from(bytes);
     const kind = next(5);
     if (kind === 0) b = b.subarray(0, next(b.length));
     else {
