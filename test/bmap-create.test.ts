@@ -13,9 +13,9 @@ import { need } from './helpers/resources.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const run = promisify(execFile);
-export const HAVE_BMAPTOOL = spawnSync('bmaptool', ['--version']).status === 0;
+const HAVE_BMAPTOOL = spawnSync('bmaptool', ['--version']).status === 0;
 
-export function needBmaptool(t: TestContext): boolean {
+function needBmaptool(t: TestContext): boolean {
   return need(t, HAVE_BMAPTOOL, 'bmaptool is not installed (apt-get install bmap-tools)');
 }
 

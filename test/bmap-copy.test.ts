@@ -1,0 +1,217 @@
+/** bmap-aware copy: src/engine/copy-source.ts, src/engine/bmap-verify.ts, with the real bmaptool. */
+
+import assert from 'node:assert/strict';
+import { execFile, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { copyFile, open, readFile, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, it, type TestContext } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { gzipSync } from 'node:zlib';
+import { createBmap } from '../src/engine/bmap-create.js';
+import { VerifyingSource } from '../src/engine/bmap-verify.js';
+import { bmapCandidates } from '../src/engine/copy-source.js';
+import type { Source } from '../src/engine/types.js';
+import { BlksyncError, copy, type Progress } from '../src/index.js';
+import { runCli } from './helpers/cli.js';
+import { need } from './helpers/resources.js';
+import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+
+const run = promisify(execFile);
+const FIXTURES = fileURLToPath(new URL('../../shared/fixtures/bmaptool-compat/', import.meta.url));
+const HAVE_BMAPTOOL = spawnSync('bmaptool', ['--version']).status === 0;
+
+function needBmaptool(t: TestContext): boolean {
+  return need(t, HAVE_BMAPTOOL, 'bmaptool is not installed (apt-get install bmap-tools)');
+}
+const BS = 4096;
+const MiB = 1024 * 1024;
+
+/** A 8 MiB sparse image with a few extents, its bytes, and its bmap beside it. */
+async function sparseImage(dir: string, name = 'img', seed = 1) {
+  const path = join(dir, name);
+  const size = 8 * MiB + 1000;
+  const pieces = [
+    { offset: 0, data: seededBytes(3 * BS, seed) },
+    { offset: MiB + 5 * BS, data: seededBytes(300 * BS, seed + 1) },
+    { offset: 6 * MiB, data: seededBytes(BS, seed + 2) },
+    { offset: 8 * MiB, data: seededBytes(1000, seed + 3) },
+  ];
+  await writeSparseFile(path, size, pieces);
+  const image = Buffer.alloc(size);
+  for (const p of pieces) p.data.copy(image, p.offset);
+  return { path, size, image, pieces };
+}
+
+/** Bytes of `path` that are allocated (not holes). */
+async function allocated(path: string): Promise<number> {
+  return (await stat(path)).blocks * 512;
+}
+
+describe('copy with a bmap', () => {
+  for (const v of ['1.2', '1.3', '1.4', '2.0']) {
+    it(`copies bmaptool's compressed fixture with its ${v} bmap to the same image`, async (t) => {
+      const dir = await tempDir(t);
+      const out = join(dir, 'out');
+      const r = await copy(`${FIXTURES}test.image.gz`, out, {
+        bmap: `${FIXTURES}test.image.bmap.v${v}`,
+      });
+      assert.equal(r.bmap?.version, v);
+      assert.equal(r.bmap?.rangesVerified, 48);
+      assert.equal(r.bytesScanned, 117 * BS);
+      const { gunzipSync } = await import('node:zlib');
+      const expected = gunzipSync(await readFile(`${FIXTURES}test.image.gz`));
+      assert.ok((await readFile(out)).equals(expected));
+    });
+  }
+
+  it('finds the bmap as bmaptool does and follows bmaptool create → blksync copy', async (t) => {
+    if (!needBmaptool(t)) return;
+    const dir = await tempDir(t);
+    const { path, image } = await sparseImage(dir, 'disk.img');
+    await run('bmaptool', ['create', path, '-o', join(dir, 'disk.bmap')]);
+    await writeFile(join(dir, 'disk.img.gz'), gzipSync(image));
+    const out = join(dir, 'out');
+    // disk.img.gz → disk.img.gz.bmap (none), disk.img.bmap (none), disk.bmap
+    const r = await copy(join(dir, 'disk.img.gz'), out);
+    assert.equal(r.bmap?.path, join(dir, 'disk.bmap'));
+    assert.ok((await readFile(out)).equals(image));
+    // only the mapped extents were written: the rest are holes
+    assert.ok((await allocated(out)) <= 400 * BS, `allocated ${await allocated(out)}`);
+    const again = await copy(join(dir, 'disk.img.gz'), out);
+    assert.equal(again.bytesWritten, 0);
+    assert.deepEqual(bmapCandidates('/a/x.img.xz'), [
+      '/a/x.img.xz.bmap',
+      '/a/x.img.bmap',
+      '/a/x.bmap',
+    ]);
+    assert.deepEqual(bmapCandidates('http://h/d.v/x.gz?s=1'), [
+      'http://h/d.v/x.gz.bmap?s=1',
+      'http://h/d.v/x.bmap?s=1',
+    ]);
+  });
+
+  it('writes only differing mapped blocks; --full writes all mapped ones; progress counts mapped bytes', async (t) => {
+    const dir = await tempDir(t);
+    const { path, image } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    const mapped = 3 * BS + 300 * BS + BS + 1000;
+    const out = join(dir, 'out');
+    const first = await copy(path, out);
+    assert.equal(first.bmap?.mappedBytes, mapped);
+    // a new version: one block changed
+    const fh = await open(path, 'r+');
+    await fh.write(Buffer.alloc(BS, 7), 0, BS, MiB + 10 * BS);
+    await fh.close();
+    Buffer.alloc(BS, 7).copy(image, MiB + 10 * BS);
+    await createBmap(path, { output: `${path}.bmap` });
+    let last: Progress | undefined;
+    const r = await copy(path, out, { onProgress: (p) => (last = p) });
+    assert.equal(r.bytesWritten, BS);
+    assert.equal(last?.bytesTotal, mapped);
+    assert.equal(last?.bytesScanned, mapped);
+    assert.ok((await readFile(out)).equals(image));
+    const full = await copy(path, out, { full: true });
+    assert.equal(full.bytesWritten, mapped);
+    const none = await copy(path, out, { noBmap: true });
+    assert.equal(none.bytesScanned, image.length);
+    assert.equal(none.bmap, undefined);
+  });
+
+  it('catches a corrupted image by its range checksum and writes nothing of the bad range', async (t) => {
+    const dir = await tempDir(t);
+    const { path } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    const fh = await open(path, 'r+');
+    await fh.write(Buffer.from('BAD'), 0, 3, MiB + 7 * BS + 11);
+    await fh.close();
+    const out = join(dir, 'out');
+    const r = await runCli(['copy', path, out]);
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      /blocks 261-560 .*do not match.*nothing of this range was written.*EBMAP_CHECKSUM/,
+    );
+    const written = await readFile(out);
+    assert.ok(
+      written.subarray(MiB, 3 * MiB).equals(Buffer.alloc(2 * MiB)),
+      'bad range not written',
+    );
+    // the first range was good and is there
+    assert.ok(written.subarray(0, 3 * BS).equals(seededBytes(3 * BS, 1)));
+  });
+
+  it('refuses a bmap made for another image before writing', async (t) => {
+    const dir = await tempDir(t);
+    const { path } = await sparseImage(dir);
+    await createBmap(path, { output: join(dir, 'other.bmap') });
+    const fh = await open(path, 'r+');
+    await fh.truncate(9 * MiB);
+    await fh.close();
+    const out = join(dir, 'out');
+    await assert.rejects(
+      copy(path, out, { bmap: join(dir, 'other.bmap') }),
+      (err: unknown) => err instanceof BlksyncError && err.code === 'EBMAP_MISMATCH',
+    );
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    await assert.rejects(
+      copy(path, out, { bmap: join(dir, 'missing.bmap') }),
+      (err: unknown) => err instanceof BlksyncError && err.code === 'EBMAP_OPEN',
+    );
+    const r = await runCli(['copy', '--bmap', join(dir, 'other.bmap'), '--no-bmap', path, out]);
+    assert.equal(r.code, 0, r.stderr); // commander: the last of --bmap/--no-bmap wins
+  });
+
+  it('blksync bmap create → bmaptool copy of the gzip image', async (t) => {
+    if (!needBmaptool(t)) return;
+    const dir = await tempDir(t);
+    const { path, image } = await sparseImage(dir, 'x.img', 5);
+    await createBmap(path, { output: `${path}.bmap` });
+    await writeFile(`${path}.gz`, gzipSync(image));
+    await copyFile(`${path}.bmap`, `${path}.gz.bmap`);
+    const out = join(dir, 'out');
+    await run('bmaptool', ['copy', `${path}.gz`, out]);
+    assert.ok((await readFile(out)).equals(image));
+  });
+});
+
+/** A Source over a buffer. */
+function bufferSource(data: Buffer): Source {
+  return {
+    size: data.length,
+    read: (buf, offset, length) => {
+      const n = Math.max(0, Math.min(length, data.length - offset));
+      data.copy(buf, 0, offset, offset + n);
+      return Promise.resolve(n);
+    },
+    close: () => Promise.resolve(),
+  };
+}
+
+describe('VerifyingSource', () => {
+  const data = seededBytes(64 * 1024, 3);
+  const sum = (a: number, b: number): string =>
+    createHash('sha256').update(data.subarray(a, b)).digest('hex');
+
+  it('streams ranges larger than its memory limit and names the bad one at its end', async () => {
+    const ranges = [
+      { start: 0, end: 32768, checksum: sum(0, 32768), label: 'blocks 0-7' },
+      { start: 32768, end: 65536, checksum: '0'.repeat(64), label: 'blocks 8-15' },
+    ];
+    const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', 8192);
+    const reads = [];
+    for (let o = 0; o < 65536; o += 8192) reads.push(v.read(Buffer.alloc(8192), o, 8192));
+    for (const p of reads) p.catch(() => {});
+    for (let i = 0; i < 7; i++) assert.equal(await reads[i], 8192);
+    await assert.rejects(reads[7]!, /blocks 8-15 .*too large to check before writing/);
+    assert.equal(v.verified, 1);
+  });
+
+  it('passes a short source on as short, not as a checksum error', async () => {
+    const ranges = [{ start: 0, end: 65536, checksum: sum(0, 65536), label: 'blocks 0-15' }];
+    const v = new VerifyingSource(bufferSource(data.subarray(0, 40000)), ranges, 'sha256', 'img');
+    assert.equal(await v.read(Buffer.alloc(32768), 0, 32768), 32768);
+    assert.equal(await v.read(Buffer.alloc(32768), 32768, 32768), 40000 - 32768);
+  });
+});
