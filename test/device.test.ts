@@ -311,6 +311,26 @@ test('a partition of a mounted whole disk is refused, naming the mount point', a
   await assertNothingOfSrc(part, srcData);
 });
 
+test('a device mounted as btrfs (an anonymous device in mountinfo) is refused', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mkfs.btrfs', 'btrfs-progs'))) return;
+  const dir = await tempDir(t);
+  const size = 128 * MiB; // mkfs.btrfs wants more than 109 MiB
+  const backing = join(dir, 'fs.img');
+  await writeFile(backing, Buffer.alloc(0));
+  await run('truncate', ['-s', String(size), backing]);
+  const dev = await attachLoop(t, backing);
+  await run('mkfs.btrfs', ['-q', dev]);
+  const mnt = await mountLoop(t, dev);
+  const src = join(dir, 'src.img');
+  const srcData = seededBytes(8 * MiB, 75);
+  await writeFile(src, srcData);
+
+  const res = await runCli(['copy', src, dev]);
+  assertRefused(res, 'EDEST_MOUNTED');
+  assert.ok(res.stderr.includes(mnt), `the message names ${mnt}: ${res.stderr}`);
+  await assertNothingOfSrc(dev, srcData);
+});
+
 test('a device used as swap, or whose partition is, is refused', async (t) => {
   if (
     !(await needDiskTools(t)) ||
@@ -414,4 +434,21 @@ test('SRC and DST the same device is refused, also through another device node',
   const viaAlias = await runCli(['copy', alias, dev]);
   assertRefused(viaAlias, 'ESAME_FILE');
   assert.ok((await readDevice(dev, 4 * MiB)).equals(old));
+});
+
+test('a partition and its own disk are refused as SRC and DST', async (t) => {
+  if (!(await needDiskTools(t))) return;
+  const dir = await tempDir(t);
+  const size = 64 * MiB;
+  const { disk, part } = await partitionedLoop(t, join(dir, 'disk.img'), size);
+  const before = sha256(await readDevice(disk, size));
+
+  // the partition's content written over the disk would overwrite the partition as it is read
+  const [res, sectors] = await sectorsWrittenDuring(disk, () => runCli(['copy', part, disk]));
+  assertRefused(res, 'ESAME_FILE');
+  const back = await runCli(['copy', disk, part]);
+  assert.equal(back.code, 1, back.stderr);
+  assert.match(back.stderr, /\[(ESAME_FILE|EDEST_TOO_SMALL)\]/);
+  assert.equal(sectors, 0);
+  assert.equal(sha256(await readDevice(disk, size)), before, 'the disk is untouched');
 });

@@ -3,6 +3,7 @@
  * device, so the size comes from sysfs (/sys/dev/block/MAJ:MIN/size, in 512-byte sectors).
  */
 
+import { readFileSync, realpathSync } from 'node:fs';
 import { readdir, readFile, realpath } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -68,5 +69,19 @@ export async function wholeDiskId(rdev: number): Promise<string | undefined> {
     return (await readFile(join(dir, '..', 'dev'), 'utf8')).trim();
   } catch {
     return undefined; // a whole disk (no partition file), or no sysfs entry
+  }
+}
+
+/**
+ * wholeDiskId for callers that need a plain predicate (sameFile): two small sysfs reads, so
+ * blocking is harmless.
+ */
+export function wholeDiskIdSync(rdev: number): string | undefined {
+  try {
+    const dir = realpathSync(sysDir(rdev));
+    readFileSync(join(dir, 'partition'), 'utf8');
+    return readFileSync(join(dir, '..', 'dev'), 'utf8').trim();
+  } catch {
+    return undefined;
   }
 }

@@ -10,7 +10,7 @@ import { constants, type Stats } from 'node:fs';
 import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import { blockDeviceSize, devId, wholeDiskId } from './block-device.js';
+import { blockDeviceSize, devId, wholeDiskId, wholeDiskIdSync } from './block-device.js';
 import { mountsOf, swapsOf } from './mounts.js';
 
 export type FileKind = 'file' | 'block-device';
@@ -56,9 +56,18 @@ export async function openSource(path: string): Promise<Opened> {
   }
 }
 
-/** True when both stats name the same file or the same device. */
+/**
+ * True when both stats name the same file or the same device, or when one device is a
+ * partition of the other: writing either would overwrite what is being read from the other.
+ */
 export function sameFile(a: Stats, b: Stats): boolean {
-  if (a.isBlockDevice() && b.isBlockDevice()) return a.rdev === b.rdev;
+  if (a.isBlockDevice() && b.isBlockDevice()) {
+    return (
+      a.rdev === b.rdev ||
+      wholeDiskIdSync(a.rdev) === devId(b.rdev) ||
+      wholeDiskIdSync(b.rdev) === devId(a.rdev)
+    );
+  }
   return a.dev === b.dev && a.ino === b.ino;
 }
 
