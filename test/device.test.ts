@@ -169,6 +169,30 @@ test('a device whose size is not a multiple of the block size is written to its 
   assert.ok((await readDevice(dev, size)).equals(mutate(neu, [size - 1])));
 });
 
+test('a 4096-byte-sector device takes a 512-byte block size and a partial last sector', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const devSize = 8 * MiB;
+  const old = seededBytes(devSize, 25);
+  const backing = join(dir, 'backing.img');
+  await writeFile(backing, old);
+  const dev = await attachLoop(t, backing, { sectorSize: 4096 });
+  const srcSize = 4 * MiB + 100;
+  const neu = mutate(old.subarray(0, srcSize), [700, srcSize - 1]);
+  const src = join(dir, 'src.img');
+  await writeFile(src, neu);
+
+  const { summary } = await copyJson(['-b', '512', src, dev]);
+  assert.deepEqual(summary.ranges, [
+    { start: 512, end: 1024 },
+    { start: srcSize - 100, end: srcSize },
+  ]);
+  assert.equal(summary.bytesWritten, 612);
+  const back = await readDevice(dev, devSize);
+  assert.ok(back.subarray(0, srcSize).equals(neu), 'the device holds SRC');
+  assert.ok(back.subarray(srcSize).equals(old.subarray(srcSize)), 'past SRC nothing changed');
+});
+
 test('a device smaller than SRC is refused before anything is written', async (t) => {
   if (!needLoop(t)) return;
   const dir = await tempDir(t);

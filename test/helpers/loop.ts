@@ -60,16 +60,18 @@ async function partitionNames(dev: string): Promise<string[]> {
 
 /**
  * Attaches `file` to a free loop device; `partscan` adds -P and makes sure the partitions
- * exist (kernels built without partition-table parsers get them from `partx -a`).
- * Detached after the test.
+ * exist (kernels built without partition-table parsers get them from `partx -a`);
+ * `sectorSize` sets the logical sector size. Detached after the test.
  */
 export async function attachLoop(
   t: TestContext,
   file: string,
-  options: { partscan?: boolean } = {},
+  options: { partscan?: boolean; sectorSize?: number } = {},
 ): Promise<string> {
   const partscan = options.partscan === true;
-  const args = ['-f', '--show', ...(partscan ? ['-P'] : []), file];
+  const args = ['-f', '--show', ...(partscan ? ['-P'] : [])];
+  if (options.sectorSize !== undefined) args.push('--sector-size', String(options.sectorSize));
+  args.push(file);
   const { stdout } = await run('losetup', args);
   const dev = stdout.trim();
   defer(t, async () => {
