@@ -43,7 +43,21 @@ export type ErrorCode =
   /** apply --reverse on a patch made without --reversible. */
   | 'EPATCH_NOT_REVERSIBLE'
   /** A patch uses a compression this installation cannot read or write (zstd without zstd-napi). */
-  | 'EPATCH_UNSUPPORTED';
+  | 'EPATCH_UNSUPPORTED'
+  /** ssh could not connect or log in (its exit status 255), or could not be started. */
+  | 'ESSH'
+  /** The remote has no node at the path tried (`--remote-node PATH` names another). */
+  | 'ENODE_MISSING'
+  /** The remote node is older than the agent needs (18). */
+  | 'ENODE_TOO_OLD'
+  /** The ssh link dropped during a run; rerunning converges. */
+  | 'ECONNECTION_LOST'
+  /** A frame broke the remote protocol, or the two ends speak different versions. */
+  | 'EREMOTE_PROTOCOL'
+  /** The remote agent failed in a way that has no code of its own. */
+  | 'EREMOTE'
+  /** The digest of the data written remotely does not match what was sent. */
+  | 'EVERIFY';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

@@ -3,6 +3,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
 import { BlksyncError } from '../errors.js';
+import type { ChannelStats } from '../remote/remote-copy.js';
 import { formatBytes } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import {
@@ -27,6 +28,13 @@ function copySummary(r: CopyResult): string {
     lines.push(
       `bmap ${b.path} (version ${b.version}): ${formatBytes(b.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${b.ranges} ranges; ` +
         `${b.rangesVerified} range checksums verified`,
+    );
+  }
+  const channel = (r as { channel?: ChannelStats }).channel;
+  if (channel !== undefined) {
+    lines.push(
+      `ssh ${channel.host}: sent ${formatBytes(channel.bytesSent)}, received ${formatBytes(channel.bytesReceived)}` +
+        ` (remote node ${channel.remoteNode}${channel.encoding !== '' ? `, ${channel.encoding}` : ''})`,
     );
   }
   if (r.destinationExtraBytes > 0) {
@@ -55,8 +63,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
   program
     .command('copy')
     .description('write SRC onto DST, writing only the blocks that differ')
-    .argument('<src>', 'source image file or block device')
-    .argument('<dst>', 'destination file or block device (a missing file is created, sparse)')
+    .argument('<src>', 'source image file or block device, or [user@]host:path')
+    .argument(
+      '<dst>',
+      'destination file or block device (a missing file is created, sparse), or [user@]host:path',
+    )
     .addOption(blockSizeOption())
     .option('-n, --dry-run', 'scan and report what would be written; write nothing')
     .option('--full', 'write everything without reading DST (like dd)')
@@ -70,6 +81,9 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
+    .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
+    .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
+    .option('--sudo', 'run the remote agent with sudo -n')
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -88,6 +102,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
           rebuildIndex: opts.rebuildIndex === true,
           ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
           ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
+          remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
           signal: intr.signal,
           ...(onProgress ? { onProgress } : {}),
         });

@@ -15,6 +15,8 @@ import { DEFAULT_VERIFY_SAMPLE, IndexSession, type IndexReport } from './index-t
 import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
+import { isRemote } from '../remote/spec.js';
+import type { RemoteOptions } from '../remote/link.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
 
 /** Default block size: see the README's "Block size" section for the measurements. */
@@ -56,6 +58,8 @@ export interface CopyOptions {
   noBmap?: boolean;
   /** Do not verify the bmap's range checksums. */
   noVerifyChecksums?: boolean;
+  /** How to reach a `host:path` end: ssh command, remote node, sudo. */
+  remote?: RemoteOptions;
 }
 
 export interface CopyResult {
@@ -123,6 +127,10 @@ export async function copy(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   options.signal?.throwIfAborted();
+  if (isRemote(src) || isRemote(dst)) {
+    const { remoteCopy } = await import('../remote/remote-copy.js');
+    return remoteCopy(src, dst, { ...options, ...options.remote, blockSize });
+  }
 
   const source = await openCopySource(src, {
     bmap: options.bmap,

@@ -1,0 +1,408 @@
+/**
+ * The agent: the far end of a remote copy, started by blksync over ssh as `node -e <bootstrap>`
+ * (see bootstrap.ts) and bundled by esbuild into one CommonJS file. It speaks the protocol in
+ * protocol.ts on stdin/stdout and opens files through io/open.ts, so a remote refusal
+ * (missing, not permitted, mounted, too small) carries the code a local run would give.
+ *
+ * State machine:
+ *
+ *   start ──HELLO──► ready ──DONE──► done ──stdin end──► exit
+ *     │                │
+ *     └── any other ───┴── bad frame, bad range, I/O error ──► ERROR frame, exit
+ *
+ * Frames are handled one at a time in arrival order, so replies come back in request order
+ * and a write is never reordered with a hash of the same range. The TOP_HASHES stream runs
+ * beside that queue. After an error nothing further is read or written.
+ */
+
+import { once } from 'node:events';
+import type { FileHandle } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { BlksyncError } from '../errors.js';
+import { FileSink } from '../io/file-sink.js';
+import { createTarget, openSource, openTarget } from '../io/open.js';
+import { Compressor, decode, DEFLATE_RAW } from './compress.js';
+import {
+  dataHeader,
+  frame,
+  FrameDecoder,
+  FrameType,
+  jsonFrame,
+  MAX_DATA_BYTES,
+  MAX_HASHES_PER_REPLY,
+  MAX_REQUEST_BYTES,
+  MIN_HASH_UNIT,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  rangeHeader,
+  readU64,
+  unitHashes,
+  wireHash,
+  type Frame,
+  type Hello,
+  type Ready,
+  type Summary,
+  type WireError,
+} from './protocol.js';
+
+/** Frames queued before stdin is paused. */
+const QUEUE_HIGH_WATER = 32;
+/** TOP_HASHES batched per frame. */
+const TOP_BATCH = 8;
+/** Top-level units read ahead while hashing. */
+const TOP_READ_AHEAD = 2;
+
+export interface AgentStreams {
+  input: NodeJS.ReadableStream;
+  output: NodeJS.WritableStream;
+}
+
+interface Opened {
+  /** Undefined only in a dry run onto a missing file, which reads as zeros. */
+  fh: FileHandle | undefined;
+  /** Bytes the protocol may touch: the image size (target) or the file size (source). */
+  limit: number;
+  role: 'target' | 'source';
+  sink: FileSink | undefined;
+  compressor: Compressor;
+  encoding: string;
+}
+
+function isSafeUInt(v: unknown): v is number {
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+}
+
+function parseHello(payload: Buffer): Hello {
+  if (payload.length < 2) throw new ProtocolError('HELLO too short');
+  const version = payload.readUInt16BE(0);
+  if (version !== PROTOCOL_VERSION) {
+    throw new BlksyncError(
+      'EREMOTE_PROTOCOL',
+      `blksync speaks protocol ${version} but the agent speaks ${PROTOCOL_VERSION}; use the same blksync version`,
+    );
+  }
+  let h: unknown;
+  try {
+    h = JSON.parse(payload.subarray(2).toString('utf8'));
+  } catch {
+    throw new ProtocolError('HELLO is not JSON');
+  }
+  const o = h as Partial<Hello> | null;
+  if (
+    o === null ||
+    typeof o !== 'object' ||
+    (o.role !== 'target' && o.role !== 'source') ||
+    typeof o.path !== 'string' ||
+    o.path === '' ||
+    !isSafeUInt(o.topUnit) ||
+    (o.topUnit !== 0 && (o.topUnit < MIN_HASH_UNIT || o.topUnit > MAX_REQUEST_BYTES)) ||
+    !Array.isArray(o.encodings) ||
+    (o.role === 'target' && !isSafeUInt(o.size))
+  ) {
+    throw new ProtocolError('HELLO has missing or invalid fields');
+  }
+  return o as Hello;
+}
+
+async function readFully(fh: FileHandle, buf: Buffer, length: number, offset: number) {
+  let got = 0;
+  while (got < length) {
+    const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
+    if (bytesRead === 0) break;
+    got += bytesRead;
+  }
+  if (got < length) {
+    throw new BlksyncError('EDEST_SHORT', `file ended at ${offset + got} bytes while being read`);
+  }
+}
+
+/** Runs the agent until stdin ends or an error; resolves with the exit status. */
+export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise<number> {
+  const { input, output } = streams;
+  const decoder = new FrameDecoder();
+  const queue: Frame[] = [];
+  let wake: (() => void) | undefined;
+  let ended = false;
+  let failed = false;
+  let opened: Opened | undefined;
+  let done = false;
+  let bytesRead = 0;
+  let bytes = 0;
+  let frames = 0;
+  const digest = createHash('sha256');
+  let sendChain: Promise<void> = Promise.resolve();
+
+  const send = (buf: Buffer): Promise<void> => {
+    sendChain = sendChain.then(async () => {
+      if (failed && buf[4] !== FrameType.ERROR) return;
+      if (!output.write(buf)) await once(output, 'drain');
+    });
+    return sendChain;
+  };
+
+  const fail = async (err: unknown): Promise<void> => {
+    if (failed) return;
+    failed = true;
+    queue.length = 0;
+    const e: WireError =
+      err instanceof BlksyncError
+        ? { code: err.code, message: err.message, ...(err.path ? { path: err.path } : {}) }
+        : err instanceof ProtocolError
+          ? { code: 'EREMOTE_PROTOCOL', message: `protocol error: ${err.message}` }
+          : { code: 'EREMOTE', message: `agent error: ${String(err)}` };
+    await send(jsonFrame(FrameType.ERROR, e)).catch(() => {});
+  };
+
+  const onData = (chunk: Buffer): void => {
+    if (failed) return;
+    try {
+      for (const f of decoder.push(chunk)) queue.push(f);
+    } catch (err) {
+      void fail(err);
+    }
+    if (queue.length >= QUEUE_HIGH_WATER) input.pause();
+    wake?.();
+  };
+
+  const checkRange = (offset: number | undefined, length: number): number => {
+    if (offset === undefined || length < 1 || length > MAX_REQUEST_BYTES) {
+      throw new ProtocolError('range out of bounds');
+    }
+    if (offset + length > opened!.limit) {
+      throw new ProtocolError(`range ${offset}+${length} passes the end (${opened!.limit})`);
+    }
+    return offset;
+  };
+
+  const topHashes = async (o: Opened, fh: FileHandle, unit: number): Promise<void> => {
+    const reads: Promise<Buffer>[] = [];
+    let next = 0;
+    const start = (): void => {
+      if (next >= o.limit) return;
+      const off = next;
+      const len = Math.min(unit, o.limit - off);
+      next += len;
+      const buf = Buffer.allocUnsafe(len);
+      const p = readFully(fh, buf, len, off).then(() => {
+        bytesRead += len;
+        return buf;
+      });
+      p.catch(() => {});
+      reads.push(p);
+    };
+    for (let i = 0; i < TOP_READ_AHEAD; i++) start();
+    let batch: Buffer[] = [];
+    let batchOffset = 0;
+    for (let off = 0; off < o.limit && !failed; off += unit) {
+      const buf = await reads.shift()!;
+      start();
+      if (batch.length === 0) batchOffset = off;
+      batch.push(wireHash(buf));
+      if (batch.length === TOP_BATCH || off + unit >= o.limit) {
+        await send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+        batch = [];
+      }
+    }
+  };
+
+  const hello = async (payload: Buffer): Promise<void> => {
+    const h = parseHello(payload);
+    const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
+    let ready: Ready;
+    if (h.role === 'source') {
+      const src = await openSource(h.path);
+      opened = {
+        fh: src.fh,
+        limit: src.size,
+        role: 'source',
+        sink: undefined,
+        compressor: new Compressor(encoding !== ''),
+        encoding,
+      };
+      ready = {
+        version: PROTOCOL_VERSION,
+        size: src.size,
+        kind: src.kind,
+        created: false,
+        zero: false,
+        encoding,
+        node: process.version,
+      };
+    } else {
+      const size = h.size!;
+      const dryRun = h.dryRun === true;
+      const found = await openTarget(h.path, { readOnly: dryRun });
+      let created = false;
+      let zero = false;
+      let fh: FileHandle | undefined;
+      let kind: 'file' | 'block-device' = 'file';
+      let have = size;
+      if (found.fh === undefined) {
+        created = true;
+        zero = true;
+        if (!dryRun) fh = (await createTarget(h.path, size)).fh;
+      } else {
+        fh = found.fh;
+        kind = found.kind;
+        have = found.size;
+        if (found.size === 0 && kind === 'file') {
+          zero = true;
+          if (!dryRun) await fh.truncate(size);
+          have = size;
+        } else if (found.size < size) {
+          await fh.close();
+          throw new BlksyncError(
+            'EDEST_TOO_SMALL',
+            `${h.path} is ${found.size} bytes but the source is ${size} bytes; use a larger destination`,
+            { path: h.path },
+          );
+        }
+      }
+      opened = {
+        // a dry run onto a missing file reads nothing: the image is all zeros
+        fh,
+        limit: size,
+        role: 'target',
+        sink:
+          !dryRun && fh !== undefined
+            ? new FileSink(fh, h.path, { boundedSync: kind === 'block-device' })
+            : undefined,
+        compressor: new Compressor(false),
+        encoding,
+      };
+      ready = {
+        version: PROTOCOL_VERSION,
+        size: have,
+        kind,
+        created,
+        zero,
+        encoding,
+        node: process.version,
+      };
+    }
+    await send(jsonFrame(FrameType.READY, ready));
+    if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined) {
+      topHashes(opened, opened.fh, h.topUnit).catch((err: unknown) => fail(err));
+    }
+  };
+
+  const handle = async (f: Frame): Promise<void> => {
+    const p = f.payload;
+    if (opened === undefined) {
+      if (f.type !== FrameType.HELLO) throw new ProtocolError(`frame type ${f.type} before HELLO`);
+      await hello(p);
+      return;
+    }
+    if (done) throw new ProtocolError(`frame type ${f.type} after DONE`);
+    const o = opened;
+    switch (f.type) {
+      case FrameType.HASH_REQ: {
+        if (p.length !== 16 || o.fh === undefined) throw new ProtocolError('bad HASH_REQ');
+        const length = p.readUInt32BE(8);
+        const unit = p.readUInt32BE(12);
+        const offset = checkRange(readU64(p, 0), length);
+        if (unit < MIN_HASH_UNIT || Math.ceil(length / unit) > MAX_HASHES_PER_REPLY) {
+          throw new ProtocolError(`bad hash unit ${unit}`);
+        }
+        const buf = Buffer.allocUnsafe(length);
+        await readFully(o.fh, buf, length, offset);
+        bytesRead += length;
+        await send(
+          frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)),
+        );
+        return;
+      }
+      case FrameType.DATA: {
+        if (o.role !== 'target' || o.sink === undefined) {
+          throw new ProtocolError('DATA sent to an agent that does not write');
+        }
+        if (p.length < 13) throw new ProtocolError('DATA too short');
+        const rawLength = p.readUInt32BE(8);
+        if (rawLength > MAX_DATA_BYTES) throw new ProtocolError('DATA too long');
+        const offset = checkRange(readU64(p, 0), rawLength);
+        const enc = p[12]!;
+        if (enc !== 0 && o.encoding === '') throw new ProtocolError('DATA encoding not negotiated');
+        const raw = decode(enc, p.subarray(13), rawLength);
+        if (raw === undefined) throw new ProtocolError('DATA does not decode to its length');
+        digest.update(p.subarray(0, 12)).update(raw);
+        await o.sink.write(raw, offset);
+        bytes += rawLength;
+        frames++;
+        const ack = Buffer.allocUnsafe(8);
+        ack.writeUInt32BE(Math.floor(bytes / 2 ** 32), 0);
+        ack.writeUInt32BE(bytes >>> 0, 4);
+        await send(frame(FrameType.WRITTEN, ack));
+        return;
+      }
+      case FrameType.DATA_REQ: {
+        if (o.role !== 'source' || p.length !== 12) throw new ProtocolError('bad DATA_REQ');
+        const length = p.readUInt32BE(8);
+        const offset = checkRange(readU64(p, 0), length);
+        const buf = Buffer.allocUnsafe(length);
+        await readFully(o.fh!, buf, length, offset);
+        bytesRead += length;
+        for (let s = 0; s < length; s += MAX_DATA_BYTES) {
+          const raw = buf.subarray(s, Math.min(s + MAX_DATA_BYTES, length));
+          const [enc, body] = await o.compressor.encode(raw);
+          const head = dataHeader(offset + s, raw.length, enc);
+          digest.update(head.subarray(0, 12)).update(raw);
+          bytes += raw.length;
+          frames++;
+          await send(frame(FrameType.DATA, head, body));
+        }
+        return;
+      }
+      case FrameType.DONE: {
+        if (p.length !== 0) throw new ProtocolError('bad DONE');
+        await o.sink?.finish();
+        done = true;
+        const s: Summary = { bytes, frames, digest: digest.digest('hex'), bytesRead };
+        await send(jsonFrame(FrameType.SUMMARY, s));
+        return;
+      }
+      default:
+        throw new ProtocolError(`unexpected frame type ${f.type}`);
+    }
+  };
+
+  input.on('data', onData);
+  input.on('end', () => {
+    ended = true;
+    wake?.();
+  });
+  input.on('error', () => {
+    ended = true;
+    wake?.();
+  });
+  if (initial !== undefined && initial.length > 0) onData(initial);
+  input.resume();
+
+  while (!failed) {
+    const f = queue.shift();
+    if (f === undefined) {
+      if (ended) break;
+      await new Promise<void>((resolve) => (wake = resolve));
+      wake = undefined;
+      continue;
+    }
+    if (queue.length < QUEUE_HIGH_WATER / 2) input.resume();
+    try {
+      await handle(f);
+    } catch (err) {
+      await fail(err);
+    }
+  }
+  input.removeListener('data', onData);
+  // make what was written durable, whether the link dropped or a frame was refused
+  await opened?.sink?.finish().catch(() => {});
+  await opened?.fh?.close().catch(() => {});
+  await sendChain.catch(() => {});
+  return failed ? 1 : 0;
+}
+
+/** The bundle's entry: called by the bootstrap with the bytes it read past the agent code. */
+export function main(rest: Buffer): void {
+  void runAgent({ input: process.stdin, output: process.stdout }, rest).then((code) => {
+    process.stdout.end(() => process.exit(code));
+  });
+}

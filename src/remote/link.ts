@@ -1,0 +1,447 @@
+/**
+ * The local end of a remote copy: starts the agent over ssh, speaks the protocol with it and
+ * counts the bytes that cross the ssh channel. Requests are pipelined: every HASH_REQ and
+ * DATA_REQ goes out at once and its reply is matched by order (the agent answers in order),
+ * so many chunks are refined concurrently and no step waits a round trip per block.
+ */
+
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { BlksyncError, type ErrorCode } from '../errors.js';
+import { formatBytes } from '../size.js';
+import { agentPayload, BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
+import { Compressor, decode } from './compress.js';
+import {
+  dataHeader,
+  frame,
+  FrameDecoder,
+  FrameType,
+  helloFrame,
+  MAX_DATA_BYTES,
+  rangeHeader,
+  readU64,
+  WIRE_HASH_BYTES,
+  type Frame,
+  type Hello,
+  type Ready,
+  type Summary,
+  type WireError,
+} from './protocol.js';
+import { shellQuote, splitCommand, type RemoteSpec } from './spec.js';
+
+/** How blksync reaches a remote: the ssh command, the remote node, sudo. */
+export interface RemoteOptions {
+  /** The ssh command line, split as a shell would (like rsync -e); default `ssh`. */
+  ssh?: string;
+  /** The node binary on the remote; default `node` (from the remote PATH). */
+  remoteNode?: string;
+  /** Run the agent with `sudo -n` (no password prompt). */
+  sudo?: boolean;
+}
+
+/** Bytes of ssh's stderr kept for error messages. */
+const STDERR_KEEP_BYTES = 4096;
+/** How long close() waits for ssh to exit before killing it. */
+const CLOSE_TIMEOUT_MS = 5000;
+
+interface Deferred<T> {
+  resolve: (v: T) => void;
+  reject: (e: unknown) => void;
+}
+
+type Pending =
+  | ({ kind: 'hashes'; offset: number; unit: number; count: number } & Deferred<Buffer>)
+  | ({ kind: 'data'; next: number; end: number; into: Buffer; at: number } & Deferred<void>);
+
+/** The remote command ssh runs: the bootstrap under the chosen node, maybe with sudo. */
+export function remoteCommand(options: RemoteOptions): string {
+  const node = shellQuote(options.remoteNode ?? 'node');
+  return `exec ${options.sudo === true ? 'sudo -n ' : ''}${node} -e ${shellQuote(BOOTSTRAP)}`;
+}
+
+export class AgentLink {
+  readonly #spec: RemoteSpec;
+  readonly #options: RemoteOptions;
+  readonly #child: ChildProcessWithoutNullStreams;
+  readonly #decoder = new FrameDecoder();
+  readonly #pending: Pending[] = [];
+  readonly #top = new Map<number, Buffer>();
+  readonly #topWaiters = new Map<number, Deferred<Buffer>>();
+  readonly #digest = createHash('sha256');
+  readonly #exited: Promise<void>;
+  #compressor = new Compressor(false);
+  #ready: Deferred<Ready> | undefined;
+  #summary: Deferred<Summary> | undefined;
+  #error: BlksyncError | undefined;
+  #stderr = '';
+  #readyInfo: Ready | undefined;
+  #exitCode: number | null = null;
+  #exitSignal: NodeJS.Signals | null = null;
+  /** Bytes written to ssh's stdin and read from its stdout. */
+  bytesSent = 0;
+  bytesReceived = 0;
+  /** Bytes the agent confirmed written (push). */
+  bytesConfirmed = 0;
+  /** Raw bytes of DATA sent (push) or received (pull). */
+  dataBytes = 0;
+
+  private constructor(spec: RemoteSpec, options: RemoteOptions) {
+    this.#spec = spec;
+    this.#options = options;
+    const argv = splitCommand(options.ssh ?? 'ssh');
+    const [cmd, ...args] = argv;
+    if (cmd === undefined) throw new BlksyncError('EUSAGE', '--ssh: empty command');
+    this.#child = spawn(cmd, [...args, spec.destination, remoteCommand(options)], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    this.#exited = new Promise((resolve) => {
+      this.#child.on('close', (code, signal) => {
+        this.#exitCode = code;
+        this.#exitSignal = signal;
+        this.#fail(this.#exitError());
+        resolve();
+      });
+    });
+    this.#child.on('error', (err) => {
+      this.#fail(
+        new BlksyncError('ESSH', `cannot run ssh (${cmd}): ${err.message}; check --ssh`, {
+          cause: err,
+        }),
+      );
+    });
+    this.#child.stdin.on('error', () => {});
+    this.#child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      this.#stderr = (this.#stderr + d).slice(-STDERR_KEEP_BYTES);
+    });
+    this.#child.stdout.on('data', (d: Buffer) => {
+      this.bytesReceived += d.length;
+      if (this.#error !== undefined) return;
+      let frames: Frame[];
+      try {
+        frames = this.#decoder.push(d);
+      } catch (err) {
+        this.#protocolError(String(err));
+        return;
+      }
+      for (const f of frames) {
+        if (this.#error !== undefined) return;
+        this.#onFrame(f);
+      }
+    });
+  }
+
+  /** Starts the agent on `spec` and completes the handshake. */
+  static async open(spec: RemoteSpec, options: RemoteOptions, hello: Hello): Promise<AgentLink> {
+    if (spec.destination.startsWith('-')) {
+      throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
+    }
+    const payload = await agentPayload();
+    const link = new AgentLink(spec, options);
+    try {
+      const ready = new Promise<Ready>((resolve, reject) => {
+        link.#ready = { resolve, reject };
+      });
+      // the agent code and the HELLO go out together: no round trip before the handshake
+      link.#write(Buffer.concat([payload, helloFrame(hello)]));
+      link.#readyInfo = await ready;
+      link.#compressor = new Compressor(link.#readyInfo.encoding !== '');
+      return link;
+    } catch (err) {
+      await link.close();
+      throw err;
+    }
+  }
+
+  get ready(): Ready {
+    return this.#readyInfo!;
+  }
+
+  /** `host:path` for messages. */
+  get name(): string {
+    return `${this.#spec.destination}:${this.#spec.path}`;
+  }
+
+  /** The agent's TOP_HASHES entry for the unit at `offset`. */
+  topHash(offset: number): Promise<Buffer> {
+    const h = this.#top.get(offset);
+    if (h !== undefined) {
+      this.#top.delete(offset);
+      return Promise.resolve(h);
+    }
+    if (this.#error !== undefined) return Promise.reject(this.#error);
+    return new Promise((resolve, reject) => this.#topWaiters.set(offset, { resolve, reject }));
+  }
+
+  /** Hashes of each `unit` of the remote range [offset, offset + length). */
+  hashes(offset: number, length: number, unit: number): Promise<Buffer> {
+    if (this.#error !== undefined) return Promise.reject(this.#error);
+    return new Promise((resolve, reject) => {
+      this.#pending.push({
+        kind: 'hashes',
+        offset,
+        unit,
+        count: Math.ceil(length / unit),
+        resolve,
+        reject,
+      });
+      this.#write(frame(FrameType.HASH_REQ, rangeHeader(offset, length, unit)));
+    });
+  }
+
+  /** Reads the remote range [offset, offset + length) into `into` at `at` (pull). */
+  fetch(offset: number, length: number, into: Buffer, at: number): Promise<void> {
+    if (this.#error !== undefined) return Promise.reject(this.#error);
+    return new Promise((resolve, reject) => {
+      this.#pending.push({
+        kind: 'data',
+        next: offset,
+        end: offset + length,
+        into,
+        at,
+        resolve,
+        reject,
+      });
+      this.#write(frame(FrameType.DATA_REQ, rangeHeader(offset, length)));
+    });
+  }
+
+  /** Sends `raw` to be written at `offset` (push); resolves once ssh has taken it. */
+  async sendData(raw: Buffer, offset: number): Promise<void> {
+    for (let s = 0; s < raw.length; s += MAX_DATA_BYTES) {
+      const piece = raw.subarray(s, Math.min(s + MAX_DATA_BYTES, raw.length));
+      const [encoding, body] = await this.#compressor.encode(piece);
+      if (this.#error !== undefined) throw this.#error;
+      const head = dataHeader(offset + s, piece.length, encoding);
+      this.#digest.update(head.subarray(0, 12)).update(piece);
+      this.dataBytes += piece.length;
+      if (!this.#write(frame(FrameType.DATA, head, body))) await this.#drained();
+    }
+  }
+
+  /** Sends DONE, waits for the agent's SUMMARY and checks its digest against ours. */
+  async finish(): Promise<Summary> {
+    if (this.#error !== undefined) throw this.#error;
+    const summary = new Promise<Summary>((resolve, reject) => {
+      this.#summary = { resolve, reject };
+    });
+    this.#write(frame(FrameType.DONE));
+    const s = await summary;
+    const mine = this.#digest.digest('hex');
+    if (s.digest !== mine || s.bytes !== this.dataBytes) {
+      throw new BlksyncError(
+        'EVERIFY',
+        `${this.name}: the data written (${s.bytes} bytes, sha256 ${s.digest.slice(0, 16)}) does not match ` +
+          `the data sent (${this.dataBytes} bytes, sha256 ${mine.slice(0, 16)}); rerun the command`,
+      );
+    }
+    return s;
+  }
+
+  /** Ends the session: closes ssh's stdin and waits for it to exit (killing it if it hangs). */
+  async close(): Promise<void> {
+    this.#child.stdin.end();
+    const timer = setTimeout(() => this.#child.kill('SIGTERM'), CLOSE_TIMEOUT_MS);
+    await this.#exited;
+    clearTimeout(timer);
+  }
+
+  /** Kills ssh at once (tests use it to drop the link). */
+  kill(): void {
+    this.#child.kill('SIGKILL');
+  }
+
+  get pid(): number | undefined {
+    return this.#child.pid;
+  }
+
+  #write(buf: Buffer): boolean {
+    this.bytesSent += buf.length;
+    return this.#child.stdin.write(buf);
+  }
+
+  #drained(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const done = (): void => {
+        this.#child.stdin.off('drain', done);
+        this.#child.off('close', done);
+        if (this.#error !== undefined) reject(this.#error);
+        else resolve();
+      };
+      this.#child.stdin.on('drain', done);
+      this.#child.on('close', done);
+    });
+  }
+
+  #onFrame(f: Frame): void {
+    const p = f.payload;
+    switch (f.type) {
+      case FrameType.READY: {
+        const r = this.#ready;
+        this.#ready = undefined;
+        if (r === undefined) return this.#protocolError('unexpected READY');
+        try {
+          r.resolve(JSON.parse(p.toString('utf8')) as Ready);
+        } catch {
+          this.#protocolError('READY is not JSON');
+        }
+        return;
+      }
+      case FrameType.ERROR: {
+        let e: WireError;
+        try {
+          e = JSON.parse(p.toString('utf8')) as WireError;
+        } catch {
+          return this.#protocolError('ERROR is not JSON');
+        }
+        const where = this.#spec.destination;
+        this.#fail(
+          new BlksyncError(e.code as ErrorCode, `${where}: ${e.message}`, {
+            ...(e.path !== undefined ? { path: `${where}:${e.path}` } : {}),
+          }),
+        );
+        return;
+      }
+      case FrameType.TOP_HASHES:
+      case FrameType.HASHES: {
+        if (p.length < 12 || (p.length - 12) % WIRE_HASH_BYTES !== 0) {
+          return this.#protocolError('bad hashes frame');
+        }
+        const offset = readU64(p, 0);
+        const unit = p.readUInt32BE(8);
+        const hashes = p.subarray(12);
+        const count = hashes.length / WIRE_HASH_BYTES;
+        if (offset === undefined) return this.#protocolError('bad hashes offset');
+        if (f.type === FrameType.TOP_HASHES) {
+          for (let i = 0; i < count; i++) {
+            const at = offset + i * unit;
+            const h = Buffer.from(hashes.subarray(i * WIRE_HASH_BYTES, (i + 1) * WIRE_HASH_BYTES));
+            const w = this.#topWaiters.get(at);
+            if (w !== undefined) {
+              this.#topWaiters.delete(at);
+              w.resolve(h);
+            } else this.#top.set(at, h);
+          }
+          return;
+        }
+        const head = this.#pending[0];
+        if (
+          head?.kind !== 'hashes' ||
+          head.offset !== offset ||
+          head.unit !== unit ||
+          head.count !== count
+        ) {
+          return this.#protocolError('HASHES does not answer the oldest request');
+        }
+        this.#pending.shift();
+        head.resolve(hashes);
+        return;
+      }
+      case FrameType.DATA: {
+        const head = this.#pending[0];
+        if (p.length < 13 || head?.kind !== 'data') return this.#protocolError('unexpected DATA');
+        const offset = readU64(p, 0);
+        const rawLength = p.readUInt32BE(8);
+        if (offset !== head.next || offset + rawLength > head.end) {
+          return this.#protocolError('DATA does not answer the oldest request');
+        }
+        const raw = decode(p[12]!, p.subarray(13), rawLength);
+        if (raw === undefined) return this.#protocolError('DATA does not decode');
+        this.#digest.update(p.subarray(0, 12)).update(raw);
+        this.dataBytes += rawLength;
+        raw.copy(head.into, head.at);
+        head.at += rawLength;
+        head.next += rawLength;
+        if (head.next === head.end) {
+          this.#pending.shift();
+          head.resolve();
+        }
+        return;
+      }
+      case FrameType.WRITTEN: {
+        if (p.length !== 8) return this.#protocolError('bad WRITTEN');
+        this.bytesConfirmed = readU64(p, 0) ?? this.bytesConfirmed;
+        return;
+      }
+      case FrameType.SUMMARY: {
+        const s = this.#summary;
+        this.#summary = undefined;
+        if (s === undefined) return this.#protocolError('unexpected SUMMARY');
+        try {
+          s.resolve(JSON.parse(p.toString('utf8')) as Summary);
+        } catch {
+          this.#protocolError('SUMMARY is not JSON');
+        }
+        return;
+      }
+      default:
+        this.#protocolError(`unknown frame type ${f.type}`);
+    }
+  }
+
+  #protocolError(what: string): void {
+    this.#fail(
+      new BlksyncError('EREMOTE_PROTOCOL', `${this.#spec.destination}: protocol error: ${what}`),
+    );
+    this.#child.kill('SIGTERM');
+  }
+
+  /** The error for ssh having exited: before READY it explains why; after, the link dropped. */
+  #exitError(): BlksyncError {
+    const dest = this.#spec.destination;
+    const lines = this.#stderr.trim().split('\n');
+    const last = lines[lines.length - 1] ?? '';
+    const said = last === '' ? '' : `: ${last}`;
+    const status =
+      this.#exitSignal !== null ? `signal ${this.#exitSignal}` : `status ${this.#exitCode}`;
+    if (this.#readyInfo === undefined) {
+      const node = this.#options.remoteNode ?? 'node';
+      if (
+        this.#exitCode === 127 ||
+        (/(not found|No such file or directory)/.test(this.#stderr) && this.#stderr.includes(node))
+      ) {
+        return new BlksyncError(
+          'ENODE_MISSING',
+          `no node at "${node}" on ${dest}${said}; install Node.js >= 18 there, or name it with --remote-node PATH`,
+        );
+      }
+      if (this.#exitCode === EXIT_NODE_TOO_OLD) {
+        return new BlksyncError(
+          'ENODE_TOO_OLD',
+          `${dest}${said}; install a newer Node.js there, or name one with --remote-node PATH`,
+        );
+      }
+      if (this.#options.sudo === true && /sudo:/.test(this.#stderr)) {
+        return new BlksyncError(
+          'EREMOTE',
+          `sudo -n failed on ${dest}${said}; allow it without a password (NOPASSWD) or log in as root`,
+        );
+      }
+      if (this.#exitCode === 255) {
+        return new BlksyncError('ESSH', `ssh to ${dest} failed${said}; check the host and --ssh`);
+      }
+      return new BlksyncError(
+        'EREMOTE',
+        `the remote command on ${dest} ended (${status}) before the agent started${said}`,
+      );
+    }
+    return new BlksyncError(
+      'ECONNECTION_LOST',
+      `connection to ${dest} lost (ssh ended with ${status}${said}) after ${formatBytes(this.bytesConfirmed)} confirmed written there`,
+    );
+  }
+
+  #fail(err: BlksyncError): void {
+    if (this.#error !== undefined) return;
+    this.#error = err;
+    for (const p of this.#pending.splice(0)) p.reject(err);
+    for (const w of this.#topWaiters.values()) w.reject(err);
+    this.#topWaiters.clear();
+    this.#ready?.reject(err);
+    this.#summary?.reject(err);
+  }
+
+  /** The error that ended the link, if any. */
+  get error(): BlksyncError | undefined {
+    return this.#error;
+  }
+}

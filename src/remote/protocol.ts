@@ -1,0 +1,242 @@
+/**
+ * The wire protocol between blksync and its agent (docs/protocol.md has the whole story).
+ * Every message is one frame:
+ *
+ *   0        4      5                              5 + n - 1
+ *   +--------+------+-------------------------------+
+ *   | length | type | payload (length - 1 bytes)    |
+ *   +--------+------+-------------------------------+
+ *    u32 BE   u8
+ *
+ * `length` counts the type byte and the payload and never exceeds MAX_FRAME_BYTES; a reader
+ * checks it before buffering anything. Offsets are u64 BE (written as two u32, high first,
+ * and refused above 2^53). This file is shared by both ends, so it imports node built-ins
+ * only and runs on Node 18 (the agent's floor).
+ */
+
+import { createHash } from 'node:crypto';
+import * as crypto from 'node:crypto';
+
+export const PROTOCOL_VERSION = 1;
+/** Bytes of the frame header: length (4) and type (1). */
+export const FRAME_HEADER_BYTES = 5;
+/** Largest DATA payload; larger spans go as several frames. */
+export const MAX_DATA_BYTES = 1024 * 1024;
+/** Largest frame accepted (type + payload): a DATA frame of MAX_DATA_BYTES plus its header. */
+export const MAX_FRAME_BYTES = MAX_DATA_BYTES + 64;
+/** Bytes of each hash on the wire: SHA-256 truncated to 128 bits. */
+export const WIRE_HASH_BYTES = 16;
+/** Largest range one HASH_REQ or DATA_REQ may cover. */
+export const MAX_REQUEST_BYTES = 64 * 1024 * 1024;
+/** Most hashes one HASHES reply may carry (keeps it under MAX_FRAME_BYTES). */
+export const MAX_HASHES_PER_REPLY = 16384;
+/** Smallest hash unit the agent accepts. */
+export const MIN_HASH_UNIT = 512;
+
+export const FrameType = {
+  /** c→a: u16 version, JSON Hello. */
+  HELLO: 0x01,
+  /** a→c: JSON Ready. */
+  READY: 0x02,
+  /** a→c: JSON WireError; the agent exits after it. */
+  ERROR: 0x03,
+  /** a→c, unasked: u64 offset, u32 unit, hashes of consecutive units of the whole image. */
+  TOP_HASHES: 0x10,
+  /** c→a: u64 offset, u32 length, u32 unit: hash each unit of the range. */
+  HASH_REQ: 0x11,
+  /** a→c: the reply to one HASH_REQ, same layout as TOP_HASHES. */
+  HASHES: 0x12,
+  /** both ways: u64 offset, u32 raw length, u8 encoding, bytes. */
+  DATA: 0x20,
+  /** c→a: u64 offset, u32 length: send these bytes (pull). */
+  DATA_REQ: 0x21,
+  /** a→c: u64 bytes written so far (push), after each DATA frame. */
+  WRITTEN: 0x22,
+  /** c→a: no payload: finish (fsync) and report. */
+  DONE: 0x30,
+  /** a→c: JSON Summary. */
+  SUMMARY: 0x31,
+} as const;
+export type FrameType = (typeof FrameType)[keyof typeof FrameType];
+
+export const Encoding = {
+  RAW: 0,
+  DEFLATE_RAW: 1,
+} as const;
+export type Encoding = (typeof Encoding)[keyof typeof Encoding];
+
+export type Role = 'target' | 'source';
+
+/** What blksync asks of the agent. */
+export interface Hello {
+  /** target: write the image at `path` (push); source: read it (pull). */
+  role: Role;
+  path: string;
+  /** target: bytes of the image that will be written (SRC's size). */
+  size?: number;
+  dryRun?: boolean;
+  /** Stream TOP_HASHES of this unit (0: none, as for --full). */
+  topUnit: number;
+  /** Encodings blksync can read and write besides raw, in order of preference. */
+  encodings: string[];
+}
+
+export interface Ready {
+  version: number;
+  /** Size of the remote file or device. */
+  size: number;
+  kind: 'file' | 'block-device';
+  /** target: the file did not exist (it was created, or would be in a dry run). */
+  created: boolean;
+  /** target: the image range reads as zeros (just created or was empty); no TOP_HASHES. */
+  zero: boolean;
+  /** Chosen encoding ('' for raw only). */
+  encoding: string;
+  node: string;
+}
+
+export interface WireError {
+  code: string;
+  message: string;
+  path?: string;
+}
+
+export interface Summary {
+  /** Raw bytes of DATA written (target) or sent (source). */
+  bytes: number;
+  frames: number;
+  /** Hex SHA-256 over every DATA frame in stream order: offset u64 ‖ length u32 ‖ raw bytes. */
+  digest: string;
+  /** Bytes the agent read from its file. */
+  bytesRead: number;
+}
+
+const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;
+
+/** SHA-256 truncated to WIRE_HASH_BYTES; crypto.hash where it exists (Node >= 20.12), else createHash. */
+export function wireHash(data: Buffer): Buffer {
+  const full =
+    nodeHash !== undefined
+      ? nodeHash('sha256', data, 'buffer')
+      : createHash('sha256').update(data).digest();
+  return full.subarray(0, WIRE_HASH_BYTES);
+}
+
+/** Hashes each `unit` of `data[0, length)` into one buffer (the last unit may be short). */
+export function unitHashes(data: Buffer, length: number, unit: number): Buffer {
+  const n = Math.ceil(length / unit);
+  const out = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+  for (let i = 0; i < n; i++) {
+    wireHash(data.subarray(i * unit, Math.min((i + 1) * unit, length))).copy(
+      out,
+      i * WIRE_HASH_BYTES,
+    );
+  }
+  return out;
+}
+
+export function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(value / 2 ** 32), at);
+  buf.writeUInt32BE(value >>> 0, at + 4);
+}
+
+/** Reads a u64 BE; undefined above 2^53 (no safe offset is that large). */
+export function readU64(buf: Buffer, at: number): number | undefined {
+  const hi = buf.readUInt32BE(at);
+  if (hi >= 2 ** 21) return undefined;
+  return hi * 2 ** 32 + buf.readUInt32BE(at + 4);
+}
+
+/** A whole frame, header included, ready to write. */
+export function frame(type: FrameType, ...parts: Buffer[]): Buffer {
+  const length = 1 + parts.reduce((n, p) => n + p.length, 0);
+  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  head.writeUInt32BE(length, 0);
+  head[4] = type;
+  return Buffer.concat([head, ...parts], FRAME_HEADER_BYTES + length - 1);
+}
+
+export function jsonFrame(type: FrameType, value: unknown): Buffer {
+  return frame(type, Buffer.from(JSON.stringify(value), 'utf8'));
+}
+
+export function helloFrame(hello: Hello): Buffer {
+  const v = Buffer.allocUnsafe(2);
+  v.writeUInt16BE(PROTOCOL_VERSION, 0);
+  return frame(FrameType.HELLO, v, Buffer.from(JSON.stringify(hello), 'utf8'));
+}
+
+/** u64 offset ‖ u32 a ‖ u32 b: the layout of HASH_REQ (length, unit). */
+export function rangeHeader(offset: number, a: number, b?: number): Buffer {
+  const head = Buffer.allocUnsafe(b === undefined ? 12 : 16);
+  writeU64(head, offset, 0);
+  head.writeUInt32BE(a, 8);
+  if (b !== undefined) head.writeUInt32BE(b, 12);
+  return head;
+}
+
+/** u64 offset ‖ u32 raw length ‖ u8 encoding: the head of a DATA payload. */
+export function dataHeader(offset: number, rawLength: number, encoding: Encoding): Buffer {
+  const head = Buffer.allocUnsafe(13);
+  writeU64(head, offset, 0);
+  head.writeUInt32BE(rawLength, 8);
+  head[12] = encoding;
+  return head;
+}
+
+export interface Frame {
+  type: number;
+  payload: Buffer;
+}
+
+export class ProtocolError extends Error {}
+
+/**
+ * Splits a byte stream into frames. A length of zero or above MAX_FRAME_BYTES is refused
+ * before any of the frame is buffered.
+ */
+export class FrameDecoder {
+  #chunks: Buffer[] = [];
+  #buffered = 0;
+
+  /** Appends `chunk` and returns the frames now complete. Throws ProtocolError. */
+  push(chunk: Buffer): Frame[] {
+    this.#chunks.push(chunk);
+    this.#buffered += chunk.length;
+    const frames: Frame[] = [];
+    for (;;) {
+      if (this.#buffered < FRAME_HEADER_BYTES) break;
+      const head = this.#peek(FRAME_HEADER_BYTES);
+      const length = head.readUInt32BE(0);
+      if (length === 0 || length > MAX_FRAME_BYTES) {
+        throw new ProtocolError(`frame length ${length} out of bounds (1..${MAX_FRAME_BYTES})`);
+      }
+      if (this.#buffered < 4 + length) break;
+      const whole = this.#take(4 + length);
+      frames.push({ type: whole[4]!, payload: whole.subarray(5) });
+    }
+    return frames;
+  }
+
+  /** Bytes buffered that do not yet make a whole frame. */
+  get pending(): number {
+    return this.#buffered;
+  }
+
+  #peek(n: number): Buffer {
+    const first = this.#chunks[0]!;
+    if (first.length >= n) return first;
+    const joined = Buffer.concat(this.#chunks);
+    this.#chunks = [joined];
+    return joined;
+  }
+
+  #take(n: number): Buffer {
+    const joined = this.#peek(n);
+    const out = joined.subarray(0, n);
+    const rest = joined.subarray(n);
+    this.#chunks = rest.length > 0 ? [rest] : [];
+    this.#buffered -= n;
+    return out;
+  }
+}

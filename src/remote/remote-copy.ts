@@ -1,0 +1,476 @@
+/**
+ * `copy` with a `host:path` end: push (local SRC → remote DST) and pull (remote SRC → local
+ * DST), each run by the same pipeline as a local copy (docs/architecture.md, "Remote ends"):
+ *
+ *   push:  FileSource(SRC) + hash refinement ──► RefinedTarget ──► RemoteSink (DATA frames)
+ *   pull:  RemoteSource (DST's bytes, patched with fetched blocks) ──► RefinedTarget ──► FileSink(DST)
+ *
+ * In both, the side that holds the file locally compares its own hashes with the agent's
+ * (hash-differ.ts) while the chunk is being read ahead, so refinements of several chunks
+ * overlap; the target knowledge then just reports the spans found.
+ */
+
+import { BlksyncError } from '../errors.js';
+import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
+import { runPipeline } from '../engine/pipeline.js';
+import type {
+  ChunkKnowledge,
+  ProgressListener,
+  Sink,
+  Source,
+  TargetKnowledge,
+} from '../engine/types.js';
+import type { CopyResult } from '../engine/copy.js';
+import { FileSink } from '../io/file-sink.js';
+import { FileSource } from '../io/file-source.js';
+import { createTarget, openSource, openTarget, type Opened } from '../io/open.js';
+import { formatBytes } from '../size.js';
+import { DEFLATE_RAW } from './compress.js';
+import { HashDiffer } from './hash-differ.js';
+import { AgentLink, type RemoteOptions } from './link.js';
+import { parseRemote, type RemoteSpec } from './spec.js';
+
+/** Bytes per chunk: the top level of the hash tree. */
+export const REMOTE_CHUNK_BYTES = 4 * 1024 * 1024;
+/** Chunks in flight: their refinement round trips overlap. */
+export const REMOTE_DEPTH = 8;
+
+export interface RemoteCopyOptions extends RemoteOptions {
+  blockSize: number;
+  dryRun?: boolean;
+  full?: boolean;
+  signal?: AbortSignal;
+  onProgress?: ProgressListener;
+  chunkSize?: number;
+  /** Not supported with a remote end yet; refused. */
+  index?: string;
+  bmap?: string;
+}
+
+/** What the ssh channel carried, added to the copy result of a remote run. */
+export interface ChannelStats {
+  host: string;
+  /** Bytes blksync wrote into ssh (agent code, requests, data) and read from it. */
+  bytesSent: number;
+  bytesReceived: number;
+  /** DATA encoding negotiated ('' for raw only). */
+  encoding: string;
+  remoteNode: string;
+}
+
+export type RemoteCopyResult = CopyResult & { channel: ChannelStats };
+
+/** Spans per chunk offset, found while reading and reported by the knowledge. */
+class SpanBook {
+  readonly #spans = new Map<number, number[]>();
+  set(offset: number, spans: number[]): void {
+    this.#spans.set(offset, spans);
+  }
+  take(offset: number): number[] {
+    const s = this.#spans.get(offset) ?? [];
+    this.#spans.delete(offset);
+    return s;
+  }
+}
+
+/** The knowledge of DST gained while the chunk was read: the spans the hashes found. */
+class RefinedTarget implements TargetKnowledge {
+  readonly #book: SpanBook;
+  readonly #bytesRead: () => number;
+
+  constructor(book: SpanBook, bytesRead: () => number) {
+    this.#book = book;
+    this.#bytesRead = bytesRead;
+  }
+
+  get bytesRead(): number {
+    return this.#bytesRead();
+  }
+
+  load(offset: number): Promise<ChunkKnowledge> {
+    return Promise.resolve({
+      diff: (_data, _length, _blockSize, out) => {
+        for (const x of this.#book.take(offset)) out.push(x);
+      },
+      release: () => {},
+    });
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** Push: reads SRC and, before handing the chunk on, finds where the remote DST differs. */
+class PushSource implements Source {
+  readonly size: number;
+  readonly #file: FileSource;
+  readonly #differ: HashDiffer;
+  readonly #book: SpanBook;
+
+  constructor(file: FileSource, differ: HashDiffer, book: SpanBook) {
+    this.size = file.size;
+    this.#file = file;
+    this.#differ = differ;
+    this.#book = book;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const got = await this.#file.read(buf, offset, length);
+    if (got < length) return got;
+    const spans: number[] = [];
+    await this.#differ.diff(offset, buf, length, false, spans);
+    this.#book.set(offset, spans);
+    return got;
+  }
+
+  close(): Promise<void> {
+    return this.#file.close();
+  }
+}
+
+/** The agent as a Sink: DATA frames, written there in order. */
+class RemoteSink implements Sink {
+  readonly #link: AgentLink;
+  constructor(link: AgentLink) {
+    this.#link = link;
+  }
+  write(data: Buffer, offset: number): Promise<void> {
+    return this.#link.sendData(data, offset);
+  }
+  async finish(): Promise<void> {}
+}
+
+/**
+ * Pull: the new bytes are on the remote. A chunk is DST's own bytes (or zeros) with the
+ * differing spans fetched into it, so only those spans are ever sent.
+ */
+class PullSource implements Source {
+  readonly size: number;
+  bytesRead = 0;
+  readonly #link: AgentLink;
+  readonly #dst: FileSource | undefined;
+  readonly #differ: HashDiffer | undefined;
+  readonly #book: SpanBook;
+  readonly #fetch: boolean;
+
+  constructor(
+    size: number,
+    link: AgentLink,
+    dst: FileSource | undefined,
+    differ: HashDiffer | undefined,
+    book: SpanBook,
+    fetch: boolean,
+  ) {
+    this.size = size;
+    this.#link = link;
+    this.#dst = dst;
+    this.#differ = differ;
+    this.#book = book;
+    this.#fetch = fetch;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const spans: number[] = [];
+    if (this.#differ === undefined) {
+      spans.push(0, length); // --full
+    } else {
+      if (this.#dst !== undefined) {
+        const got = await this.#dst.read(buf, offset, length);
+        this.bytesRead += got;
+        if (got < length) {
+          throw new BlksyncError(
+            'EDEST_SHORT',
+            `destination ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+          );
+        }
+      }
+      await this.#differ.diff(offset, buf, length, this.#dst === undefined, spans);
+    }
+    if (this.#fetch) {
+      const fetches: Promise<void>[] = [];
+      for (let i = 0; i < spans.length; i += 2) {
+        const s = spans[i]!;
+        fetches.push(this.#link.fetch(offset + s, spans[i + 1]! - s, buf, s));
+      }
+      await Promise.all(fetches);
+    }
+    this.#book.set(offset, spans);
+    return length;
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** Counts what a sink wrote, for the message when the link drops. */
+class CountingSink implements Sink {
+  written = 0;
+  readonly #inner: Sink;
+  constructor(inner: Sink) {
+    this.#inner = inner;
+  }
+  async write(data: Buffer, offset: number): Promise<void> {
+    await this.#inner.write(data, offset);
+    this.written += data.length;
+  }
+  finish(): Promise<void> {
+    return this.#inner.finish();
+  }
+}
+
+function chunkSizeOf(options: RemoteCopyOptions): number {
+  const bs = options.blockSize;
+  return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
+}
+
+/** Copies between a local path and `host:path` (either way). */
+export async function remoteCopy(
+  src: string,
+  dst: string,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const srcRemote = parseRemote(src);
+  const dstRemote = parseRemote(dst);
+  if (srcRemote !== undefined && dstRemote !== undefined) {
+    throw new BlksyncError(
+      'EUSAGE',
+      'both ends are remote; copy to a local file first, or run blksync on one of the hosts',
+    );
+  }
+  if (options.index !== undefined || options.bmap !== undefined) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--index and --bmap do not work with a host:path end yet; copy without them',
+    );
+  }
+  options.signal?.throwIfAborted();
+  if (dstRemote !== undefined) return push(src, dst, dstRemote, options);
+  if (srcRemote !== undefined) return pull(src, dst, srcRemote, options);
+  throw new BlksyncError('EUSAGE', 'neither end is remote');
+}
+
+function connectionLost(err: unknown, dst: string, written: number): unknown {
+  if (err instanceof BlksyncError && err.code === 'ECONNECTION_LOST') {
+    return new BlksyncError(
+      'ECONNECTION_LOST',
+      `${err.message}; ${formatBytes(written)} had been written to ${dst}; rerun the same command to finish`,
+      { cause: err },
+    );
+  }
+  return err;
+}
+
+function interrupted(result: CopyResult): BlksyncError {
+  return new BlksyncError(
+    'EINTERRUPTED',
+    `interrupted after ${formatBytes(result.bytesScanned)} of ${formatBytes(result.bytesTotal)}; rerun the same command to finish`,
+    { partial: result },
+  );
+}
+
+async function push(
+  src: string,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const started = performance.now();
+  const blockSize = options.blockSize;
+  const chunkSize = chunkSizeOf(options);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  const source = await openSource(src);
+  let link: AgentLink | undefined;
+  try {
+    link = await AgentLink.open(spec, options, {
+      role: 'target',
+      path: spec.path,
+      size: source.size,
+      dryRun,
+      topUnit: full ? 0 : chunkSize,
+      encodings: [DEFLATE_RAW],
+    });
+    const ready = link.ready;
+    const book = new SpanBook();
+    const file = new FileSource(source.fh, src, source.size, false);
+    let knowledge: TargetKnowledge;
+    let input: Source = file;
+    if (full) knowledge = new NoTarget();
+    else if (ready.zero) knowledge = new ZeroTarget();
+    else {
+      input = new PushSource(file, new HashDiffer(link, chunkSize, blockSize), book);
+      knowledge = new RefinedTarget(book, () => 0);
+    }
+    const run = await runPipeline(
+      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
+      input,
+      knowledge,
+      dryRun ? [] : [new RemoteSink(link)],
+      {
+        blockSize,
+        chunkSize,
+        depth: REMOTE_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress && withChannel(options.onProgress, link),
+      },
+    );
+    const summary = await link.finish();
+    const result: RemoteCopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: source.size,
+      bytesScanned: run.bytesScanned,
+      bytesRead: summary.bytesRead,
+      blockSize,
+      blocksDiffering: run.blocksDiffering,
+      bytesDiffering: run.bytesDiffering,
+      bytesWritten: summary.bytes,
+      rangesWritten: run.ranges.count,
+      ranges: [...run.ranges.ranges],
+      created: ready.created,
+      destinationExtraBytes: ready.created ? 0 : ready.size - source.size,
+      dryRun,
+      full,
+      seconds: 0,
+      channel: channelStats(link, spec),
+    };
+    await link.close();
+    result.channel = channelStats(link, spec);
+    result.seconds = (performance.now() - started) / 1000;
+    if (run.interrupted) throw interrupted(result);
+    return result;
+  } catch (err) {
+    throw connectionLost(err, dst, link?.bytesConfirmed ?? 0);
+  } finally {
+    await link?.close();
+    await source.fh.close();
+  }
+}
+
+async function pull(
+  src: string,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const started = performance.now();
+  const blockSize = options.blockSize;
+  const chunkSize = chunkSizeOf(options);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  let link: AgentLink | undefined;
+  let target: Opened | undefined;
+  let sink: CountingSink | undefined;
+  try {
+    // refusals of the local end come before ssh is even started
+    const found = await openTarget(dst, { readOnly: dryRun });
+    if (found.fh !== undefined) target = found;
+    link = await AgentLink.open(spec, options, {
+      role: 'source',
+      path: spec.path,
+      topUnit: full ? 0 : chunkSize,
+      encodings: [DEFLATE_RAW],
+    });
+    const size = link.ready.size;
+    let created = false;
+    let zero = false;
+    if (target === undefined) {
+      created = true;
+      zero = true;
+      if (!dryRun) target = await createTarget(dst, size);
+    } else if (target.size === 0 && target.kind === 'file') {
+      zero = true;
+      if (!dryRun) await target.fh.truncate(size);
+    } else if (target.size < size) {
+      throw new BlksyncError(
+        'EDEST_TOO_SMALL',
+        `${dst} is ${target.size} bytes (${formatBytes(target.size)}) but the source is ${size} bytes (${formatBytes(size)}); use a larger destination`,
+        { path: dst },
+      );
+    }
+    const book = new SpanBook();
+    const local =
+      target !== undefined && !zero
+        ? new FileSource(target.fh, dst, target.size, false)
+        : undefined;
+    const source = new PullSource(
+      size,
+      link,
+      local,
+      full ? undefined : new HashDiffer(link, chunkSize, blockSize),
+      book,
+      !dryRun,
+    );
+    if (!dryRun && target !== undefined) {
+      sink = new CountingSink(
+        new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' }),
+      );
+    }
+    const run = await runPipeline(
+      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      source,
+      new RefinedTarget(book, () => source.bytesRead),
+      sink ? [sink] : [],
+      {
+        blockSize,
+        chunkSize,
+        depth: REMOTE_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress && withChannel(options.onProgress, link),
+      },
+    );
+    await sink?.finish();
+    const summary = await link.finish();
+    if (!dryRun && summary.bytes !== run.bytesWritten) {
+      throw new BlksyncError(
+        'EVERIFY',
+        `${link.name}: sent ${summary.bytes} bytes but ${run.bytesWritten} were written; rerun the command`,
+      );
+    }
+    await link.close();
+    const result: RemoteCopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: size,
+      bytesScanned: run.bytesScanned,
+      bytesRead: source.bytesRead,
+      blockSize,
+      blocksDiffering: run.blocksDiffering,
+      bytesDiffering: run.bytesDiffering,
+      bytesWritten: run.bytesWritten,
+      rangesWritten: run.ranges.count,
+      ranges: [...run.ranges.ranges],
+      created,
+      destinationExtraBytes: target !== undefined && !created ? target.size - size : 0,
+      dryRun,
+      full,
+      seconds: (performance.now() - started) / 1000,
+      channel: channelStats(link, spec),
+    };
+    if (run.interrupted) throw interrupted(result);
+    return result;
+  } catch (err) {
+    throw connectionLost(err, dst, sink?.written ?? 0);
+  } finally {
+    await sink?.finish().catch(() => {});
+    await link?.close();
+    await target?.fh.close();
+  }
+}
+
+function channelStats(link: AgentLink, spec: RemoteSpec): ChannelStats {
+  return {
+    host: spec.destination,
+    bytesSent: link.bytesSent,
+    bytesReceived: link.bytesReceived,
+    encoding: link.ready.encoding,
+    remoteNode: link.ready.node,
+  };
+}
+
+function withChannel(listener: ProgressListener, link: AgentLink): ProgressListener {
+  return (p) =>
+    listener({
+      ...p,
+      channelBytesSent: link.bytesSent,
+      channelBytesReceived: link.bytesReceived,
+    } as typeof p);
+}

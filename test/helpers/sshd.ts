@@ -1,0 +1,146 @@
+/**
+ * A private OpenSSH server on 127.0.0.1 for remote-copy tests: its own host key, user key,
+ * authorized_keys and configs in a temp directory, on a free port, stopped (and the
+ * directory removed) after the tests. Clients reach it with `ssh -F <config> blksync-test`.
+ */
+
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createConnection, createServer } from 'node:net';
+import { tmpdir, userInfo } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { IS_ROOT } from './resources.js';
+
+const run = promisify(execFile);
+export const SSHD = '/usr/sbin/sshd';
+/** The Host name the client config defines. */
+export const TEST_HOST = 'blksync-test';
+
+export interface Sshd {
+  /** ssh command to pass as --ssh. */
+  ssh: string;
+  /** The client config file. */
+  config: string;
+  host: string;
+  port: number;
+  dir: string;
+  stop(): Promise<void>;
+}
+
+/** Whether sshd is there; as root it is installed when missing (as .ci/run does). */
+export async function sshdAvailable(): Promise<boolean> {
+  if (existsSync(SSHD)) return true;
+  if (!IS_ROOT) return false;
+  await run('apt-get', ['install', '-y', '-qq', 'openssh-server'], {
+    env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
+  }).catch(() => undefined);
+  return existsSync(SSHD);
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr !== null ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitForPort(port: number, child: ChildProcess, log: () => string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (child.exitCode !== null) throw new Error(`sshd exited (${child.exitCode}): ${log()}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = createConnection({ port, host: '127.0.0.1' });
+      s.once('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.once('error', () => resolve(false));
+    });
+    if (ok) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`sshd did not listen on ${port}: ${log()}`);
+}
+
+/** Starts the server; the caller stops it (after()). */
+export async function startSshd(): Promise<Sshd> {
+  const dir = await mkdtemp(join(tmpdir(), 'blksync-sshd-'));
+  const hostKey = join(dir, 'host_ed25519');
+  const userKey = join(dir, 'user_ed25519');
+  await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', hostKey]);
+  await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', userKey]);
+  await writeFile(join(dir, 'authorized_keys'), await readFile(`${userKey}.pub`));
+  const port = await freePort();
+  const user = userInfo().username;
+  await writeFile(
+    join(dir, 'sshd_config'),
+    [
+      `Port ${port}`,
+      'ListenAddress 127.0.0.1',
+      `HostKey ${hostKey}`,
+      `AuthorizedKeysFile ${join(dir, 'authorized_keys')}`,
+      `PidFile ${join(dir, 'sshd.pid')}`,
+      'UsePAM no',
+      'StrictModes no',
+      'PasswordAuthentication no',
+      'KbdInteractiveAuthentication no',
+      'PubkeyAuthentication yes',
+      'PermitRootLogin yes',
+      `AllowUsers ${user}`,
+      'LogLevel ERROR',
+      '',
+    ].join('\n'),
+  );
+  const hostPub = (await readFile(`${hostKey}.pub`, 'utf8')).trim();
+  await writeFile(join(dir, 'known_hosts'), `[127.0.0.1]:${port} ${hostPub}\n`);
+  const config = join(dir, 'ssh_config');
+  await writeFile(
+    config,
+    [
+      `Host ${TEST_HOST}`,
+      '  HostName 127.0.0.1',
+      `  Port ${port}`,
+      `  User ${user}`,
+      `  IdentityFile ${userKey}`,
+      '  IdentitiesOnly yes',
+      `  UserKnownHostsFile ${join(dir, 'known_hosts')}`,
+      '  StrictHostKeyChecking yes',
+      '  BatchMode yes',
+      '  LogLevel ERROR',
+      '',
+    ].join('\n'),
+  );
+  // the privilege separation directory sshd insists on
+  await mkdir('/run/sshd', { recursive: true, mode: 0o755 }).catch(() => {});
+  const child = spawn(SSHD, ['-D', '-e', '-f', join(dir, 'sshd_config')], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let log = '';
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => (log = (log + d).slice(-4000)));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  try {
+    await waitForPort(port, child, () => log);
+  } catch (err) {
+    child.kill('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+    throw err;
+  }
+  return {
+    ssh: `ssh -F ${config}`,
+    config,
+    host: TEST_HOST,
+    port,
+    dir,
+    stop: async () => {
+      if (child.exitCode === null) child.kill('SIGTERM');
+      await exited;
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
