@@ -130,7 +130,11 @@ test('the patch holds only the changed blocks plus headers', async (t) => {
   assert.equal(d.records, 10);
   const changedBlocks = d.bytesDiffering;
   assert.equal(d.newBytes, changedBlocks);
-  assert.ok(d.patchBytes <= changedBlocks + 64 + 48 + 10 * 100, `${d.patchBytes} bytes`);
+  // the payload is the changed bytes, not the changed blocks
+  assert.ok(d.payloadBytes <= 10 * 10_000, `${d.payloadBytes} bytes of payload`);
+  assert.ok(d.payloadBytes > 10 * 9_900, `${d.payloadBytes} bytes of payload`);
+  assert.ok(d.patchBytes <= d.payloadBytes + 64 + 48 + 10 * 104, `${d.patchBytes} bytes`);
+  assert.ok(changedBlocks > d.payloadBytes);
   assert.equal((await stat(f.patch)).size, d.patchBytes);
   const info = await describePatch(f.patch, { verify: true });
   assert.equal(info.records, 10);

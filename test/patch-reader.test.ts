@@ -49,7 +49,7 @@ function reseal(buf: Buffer, records: number[]): Buffer {
   if (out.length >= HEADER_BYTES) out.writeUInt32LE(crc32(out.subarray(0, 60)), 60);
   for (const at of records) {
     if (at + RECORD_HEADER_BYTES <= out.length - TRAILER_BYTES) {
-      out.writeUInt32LE(crc32(out.subarray(at, at + 96)), at + 96);
+      out.writeUInt32LE(crc32(out.subarray(at, at + 100)), at + 100);
     }
   }
   if (out.length >= 32) sha256(out, 0, out.length - 32).copy(out, out.length - 32);
@@ -131,6 +131,8 @@ test('hostile patches with valid checksums are refused without writing', async (
         flags: 0,
         newStored: payload.length,
         oldStored: 0,
+        head: 0,
+        tail: 0,
         oldHash: h,
         newHash: contentHash(payload, BS),
         ...over,
@@ -232,7 +234,7 @@ test('fuzz: thousands of mutated patches never write and only throw BlksyncError
       ]);
     else {
       // a field rewritten with an extreme value, then resealed so the deeper checks run
-      const fields = [8, 16, 20, 24, 28];
+      const fields = [8, 16, 20, 24, 28, 32];
       const rec = positions[Math.floor(r() * positions.length)] ?? HEADER_BYTES;
       const field = rec + fields[Math.floor(r() * fields.length)]!;
       const values = [0, 1, BS - 1, 0x7fff_ffff, 0xffff_ffff, Math.floor(r() * 2 ** 32)];

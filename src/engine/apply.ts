@@ -23,6 +23,7 @@ import type { Readable } from 'node:stream';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import {
   contentHash,
+  withEdges,
   RECORD_NEW_COMPRESSED,
   RECORD_OLD_COMPRESSED,
   type Compression,
@@ -97,19 +98,29 @@ interface Step {
   toBytes: number;
   fromHash: Buffer;
   toHash: Buffer;
-  /** Where the payload to write is stored, and how. */
+  /** Leading and trailing bytes shared by both contents: taken from TARGET, not the patch. */
+  head: number;
+  tail: number;
+  /** Where the payload to write is stored, and how; its size unpacked. */
   toPos: number;
   toStored: number;
   toCompressed: boolean;
+  toPayload: number;
   toData: Buffer | undefined;
   state: State;
 }
 
 function stepOf(rec: PatchRecord, reverse: boolean): Step {
+  const shared = {
+    rec,
+    offset: rec.offset,
+    head: rec.head,
+    tail: rec.tail,
+    state: 'mismatch' as State,
+  };
   return reverse
     ? {
-        rec,
-        offset: rec.offset,
+        ...shared,
         fromBytes: rec.newBytes,
         toBytes: rec.oldBytes,
         fromHash: rec.newHash,
@@ -117,12 +128,11 @@ function stepOf(rec: PatchRecord, reverse: boolean): Step {
         toPos: rec.oldPos,
         toStored: rec.oldStored,
         toCompressed: (rec.flags & RECORD_OLD_COMPRESSED) !== 0,
+        toPayload: rec.oldPayload,
         toData: rec.oldData,
-        state: 'mismatch',
       }
     : {
-        rec,
-        offset: rec.offset,
+        ...shared,
         fromBytes: rec.oldBytes,
         toBytes: rec.newBytes,
         fromHash: rec.oldHash,
@@ -130,18 +140,49 @@ function stepOf(rec: PatchRecord, reverse: boolean): Step {
         toPos: rec.newPos,
         toStored: rec.newStored,
         toCompressed: (rec.flags & RECORD_NEW_COMPRESSED) !== 0,
+        toPayload: rec.newPayload,
         toData: rec.newData,
-        state: 'mismatch',
       };
 }
 
-/** The records' states on TARGET, a few reads in flight. Returns the bytes read. */
+/** A step's payload, unpacked (without the shared edges): kept from a stream, or read again. */
+async function payloadOf(
+  s: Step,
+  header: PatchHeader,
+  patch: FileHandle | undefined,
+): Promise<Buffer> {
+  if (s.toData !== undefined) return s.toData;
+  const stored = Buffer.allocUnsafe(s.toStored);
+  const { bytesRead } = await patch!.read(stored, 0, s.toStored, s.toPos);
+  // the patch file was checked in full before; a difference now means it changed since
+  if (bytesRead !== s.toStored) throw changedError();
+  return s.toCompressed ? decompressPayload(header.compression, stored, s.toPayload) : stored;
+}
+
+/** The content to write: the payload between TARGET's shared edges (`edges`, at their places). */
+function contentOf(s: Step, header: PatchHeader, payload: Buffer, edges: Buffer): Buffer {
+  const data = withEdges(payload, edges, s.head, s.tail, s.toBytes);
+  if (s.state !== 'mismatch' && !contentHash(data, header.blockSize).equals(s.toHash)) {
+    throw new BlksyncError(
+      'EPATCH_CHECKSUM',
+      `the patch is corrupted: the content of the record at offset ${s.offset} does not match its hash; nothing more was written`,
+    );
+  }
+  return data;
+}
+
+/**
+ * The records' states on TARGET, a few reads in flight; for records to write whose payload
+ * leaves out shared edges, also checks the content they will make. Returns the bytes read.
+ */
 async function classify(
   steps: Step[],
   fh: FileHandle,
   path: string,
-  blockSize: number,
+  header: PatchHeader,
+  patch: FileHandle | undefined,
 ): Promise<number> {
+  const blockSize = header.blockSize;
   let next = 0;
   let bytesRead = 0;
   const worker = async (): Promise<void> => {
@@ -168,6 +209,7 @@ async function classify(
         contentHash(buf.subarray(0, s.fromBytes), blockSize).equals(s.fromHash)
       ) {
         s.state = 'ready';
+        if (s.head > 0 || s.tail > 0) contentOf(s, header, await payloadOf(s, header, patch), buf);
       } else s.state = 'mismatch';
     }
   };
@@ -175,19 +217,27 @@ async function classify(
   return bytesRead;
 }
 
-/** Serves the payloads of the steps to write as a Source, unpacking each record once. */
+/** Serves the content of the steps to write as a Source, making each record's once. */
 class StepSource implements Source {
   readonly size: number;
   readonly #steps: Step[];
   readonly #header: PatchHeader;
   readonly #patch: FileHandle | undefined;
+  readonly #target: FileHandle;
   readonly #cache = new Map<number, Promise<Buffer>>();
 
-  constructor(steps: Step[], header: PatchHeader, size: number, patch: FileHandle | undefined) {
+  constructor(
+    steps: Step[],
+    header: PatchHeader,
+    size: number,
+    patch: FileHandle | undefined,
+    target: FileHandle,
+  ) {
     this.#steps = steps;
     this.#header = header;
     this.size = size;
     this.#patch = patch;
+    this.#target = target;
   }
 
   #find(offset: number): number {
@@ -201,26 +251,27 @@ class StepSource implements Source {
     return lo;
   }
 
-  async #payload(i: number): Promise<Buffer> {
+  async #content(i: number): Promise<Buffer> {
     const s = this.#steps[i]!;
-    if (s.toData !== undefined) return s.toData;
-    const fh = this.#patch!;
-    const stored = Buffer.allocUnsafe(s.toStored);
-    const { bytesRead } = await fh.read(stored, 0, s.toStored, s.toPos);
-    if (bytesRead !== s.toStored) throw changedError();
-    const data = s.toCompressed
-      ? await decompressPayload(this.#header.compression, stored, s.toBytes)
-      : stored;
-    // the patch file was checked in full before; a mismatch now means it changed since
-    if (!contentHash(data, this.#header.blockSize).equals(s.toHash)) throw changedError();
-    return data;
+    const payload = await payloadOf(s, this.#header, this.#patch);
+    const edges = Buffer.allocUnsafe(s.head > 0 || s.tail > 0 ? s.toBytes : 0);
+    // the edges are read before this record is written: the pipeline writes in order
+    for (const [at, n] of [
+      [0, s.head],
+      [s.toBytes - s.tail, s.tail],
+    ] as const) {
+      if (n === 0) continue;
+      const { bytesRead } = await this.#target.read(edges, at, n, s.offset + at);
+      if (bytesRead !== n) throw changedError();
+    }
+    return contentOf(s, this.#header, payload, edges);
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
     const i = this.#find(offset);
     let p = this.#cache.get(i);
     if (p === undefined) {
-      p = this.#payload(i);
+      p = this.#content(i);
       p.catch(() => {});
       this.#cache.set(i, p);
       for (const k of this.#cache.keys()) if (k < i - 1) this.#cache.delete(k);
@@ -236,7 +287,7 @@ class StepSource implements Source {
 function changedError(): BlksyncError {
   return new BlksyncError(
     'EPATCH_CHECKSUM',
-    'the patch file changed while being applied; rerun with an unchanged patch',
+    'the patch file or TARGET changed while being applied; rerun the same command',
   );
 }
 
@@ -278,7 +329,7 @@ async function applySteps(
 ): Promise<void> {
   const { header, target, result, options } = run;
   if (!classified)
-    result.bytesRead += await classify(steps, target.fh, target.path, header.blockSize);
+    result.bytesRead += await classify(steps, target.fh, target.path, header, patchFh);
   if (options.force !== true && steps.some((s) => s.state === 'mismatch')) {
     throw mismatchError(steps, target.path, options.reverse === true, result);
   }
@@ -300,7 +351,7 @@ async function applySteps(
       imageSize: Math.max(header.baseSize, header.resultSize),
       ranges: todo.map((s) => ({ start: s.offset, end: s.offset + s.toBytes })),
     },
-    new StepSource(todo, header, result.toSize, patchFh),
+    new StepSource(todo, header, result.toSize, patchFh, target.fh),
     new NoTarget(),
     [run.sink!],
     {
@@ -439,7 +490,7 @@ export async function apply(
     }
     const nothingYet = result.recordsWritten === 0 && result.recordsForced === 0;
     // the last batch (from a file: all records) is checked first, so "already applied" is known
-    result.bytesRead += await classify(batch, t.fh, target, header.blockSize);
+    result.bytesRead += await classify(batch, t.fh, target, header, patchFh);
     const needResize = t.kind === 'file' && t.size !== toSize;
     if (nothingYet && !needResize && batch.every((s) => s.state === 'done')) {
       result.alreadyApplied = true;

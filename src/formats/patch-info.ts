@@ -31,7 +31,7 @@ export interface PatchInfo {
 
 /**
  * Reads the whole patch and checks it (CRCs, bounds, count, SHA-256; with `verify`, also
- * every payload's hash); throws the same EPATCH_* errors apply would.
+ * payload without shared edges); throws the same EPATCH_* errors apply would.
  */
 export async function describePatch(
   path: string,

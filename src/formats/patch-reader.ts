@@ -30,13 +30,16 @@ import { decompressPayload } from './patch-compression.js';
 export type PayloadMode = 'skip' | 'verify' | 'keep';
 
 export interface PatchRecord extends RecordHeader {
-  /** Bytes of new and old content once unpacked (clipped to the result and base sizes). */
+  /** Bytes of new and old content (clipped to the result and base sizes). */
   newBytes: number;
   oldBytes: number;
+  /** Bytes of the payloads once unpacked: the content less the shared head and tail. */
+  newPayload: number;
+  oldPayload: number;
   /** Where each stored payload starts in the patch. */
   newPos: number;
   oldPos: number;
-  /** Unpacked payloads, in 'keep' mode. */
+  /** Unpacked payloads (without the shared edges), in 'keep' mode. */
   newData?: Buffer;
   oldData?: Buffer;
 }
@@ -107,28 +110,33 @@ export class PatchReader {
       ...r,
       newBytes: sizes.newBytes,
       oldBytes: sizes.oldBytes,
+      newPayload: sizes.newPayload,
+      oldPayload: sizes.oldPayload,
       newPos: this.#in.position,
       oldPos: this.#in.position + r.newStored,
     };
     const newStored = await this.#read(r.newStored, 'a payload');
     const oldStored = await this.#read(r.oldStored, 'a payload');
     if (mode !== 'skip') {
+      // a payload without shared edges is the whole content: check it now; one with edges
+      // is checked by apply once it has TARGET's edges
+      const whole = r.head === 0 && r.tail === 0;
       const newData = await unpack(
         h,
         newStored,
         (r.flags & RECORD_NEW_COMPRESSED) !== 0,
-        rec.newBytes,
+        rec.newPayload,
       );
-      checkContent(h, rec, newData, r.newHash, 'new');
+      if (whole) checkContent(h, rec, newData, r.newHash, 'new');
       if (mode === 'keep') rec.newData = Buffer.from(newData);
       if (h.reversible) {
         const oldData = await unpack(
           h,
           oldStored,
           (r.flags & RECORD_OLD_COMPRESSED) !== 0,
-          rec.oldBytes,
+          rec.oldPayload,
         );
-        checkContent(h, rec, oldData, r.oldHash, 'old');
+        if (whole) checkContent(h, rec, oldData, r.oldHash, 'old');
         if (mode === 'keep') rec.oldData = Buffer.from(oldData);
       }
     }

@@ -44,13 +44,32 @@ function blockHashesOf(data: Buffer, blockSize: number): Buffer {
   return out;
 }
 
+/** Bytes a and b share at their start (at most n). */
+function sharedHead(a: Buffer, b: Buffer, n: number): number {
+  let i = 0;
+  while (i + 64 <= n && a.compare(b, i, i + 64, i, i + 64) === 0) i += 64;
+  while (i < n && a[i] === b[i]) i++;
+  return i;
+}
+
+/** Bytes a and b (of equal length) share at their end, at most n. */
+function sharedTail(a: Buffer, b: Buffer, n: number): number {
+  const len = a.length;
+  let i = 0;
+  while (i + 64 <= n && a.compare(b, len - i - 64, len - i, len - i - 64, len - i) === 0) i += 64;
+  while (i < n && a[len - 1 - i] === b[len - 1 - i]) i++;
+  return i;
+}
+
 interface Pending {
   offset: number;
   end: number;
   newData: Buffer;
   newLength: number;
-  oldData: Buffer | undefined;
+  oldData: Buffer;
   oldLength: number;
+  /** False when some of BASE's content came as hashes only: then nothing can be trimmed. */
+  oldKnown: boolean;
   newHashes: Buffer[];
   oldHashes: Buffer[];
 }
@@ -150,10 +169,9 @@ export class PatchWriter implements Sink {
         end: pos,
         newData: (this.#scratchNew ??= Buffer.allocUnsafe(this.#recordLimit)),
         newLength: 0,
-        oldData: h.reversible
-          ? (this.#scratchOld ??= Buffer.allocUnsafe(this.#recordLimit))
-          : undefined,
+        oldData: (this.#scratchOld ??= Buffer.allocUnsafe(this.#recordLimit)),
         oldLength: 0,
+        oldKnown: true,
         newHashes: [],
         oldHashes: [],
       });
@@ -167,11 +185,10 @@ export class PatchWriter implements Sink {
         if (oldPart.length !== oldLen)
           throw new Error('PatchWriter: old content shorter than the span');
         q.oldHashes.push(blockHashesOf(oldPart, h.blockSize));
-        if (q.oldData !== undefined) {
-          oldPart.copy(q.oldData, q.oldLength);
-          q.oldLength += oldLen;
-        }
+        oldPart.copy(q.oldData, q.oldLength);
+        q.oldLength += oldLen;
       } else {
+        q.oldKnown = false;
         if (h.reversible) throw new Error('PatchWriter: a reversible patch needs the old bytes');
         const first = (at / h.blockSize) * HASH_BYTES;
         q.oldHashes.push(
@@ -194,9 +211,20 @@ export class PatchWriter implements Sink {
     if (p === undefined) return;
     this.#pending = undefined;
     const newData = p.newData.subarray(0, p.newLength);
-    const oldData = p.oldData?.subarray(0, p.oldLength) ?? Buffer.alloc(0);
-    const [newStored, newFlag] = await this.#pack(newData, RECORD_NEW_COMPRESSED);
-    const [oldStored, oldFlag] = await this.#pack(oldData, RECORD_OLD_COMPRESSED);
+    const oldData = p.oldData.subarray(0, p.oldLength);
+    // leave out the bytes old and new share at the record's edges: apply takes them from TARGET
+    const both = Math.min(newData.length, oldData.length);
+    const head = p.oldKnown ? sharedHead(newData, oldData, both) : 0;
+    const tail =
+      p.oldKnown && newData.length === oldData.length
+        ? sharedTail(newData, oldData, both - head)
+        : 0;
+    const newPayload = newData.subarray(head, newData.length - tail);
+    const oldPayload = this.header.reversible
+      ? oldData.subarray(head, oldData.length - tail)
+      : Buffer.alloc(0);
+    const [newStored, newFlag] = await this.#pack(newPayload, RECORD_NEW_COMPRESSED);
+    const [oldStored, oldFlag] = await this.#pack(oldPayload, RECORD_OLD_COMPRESSED);
     await this.#emit(
       encodeRecordHeader({
         offset: p.offset,
@@ -204,6 +232,8 @@ export class PatchWriter implements Sink {
         flags: newFlag | oldFlag,
         newStored: newStored.length,
         oldStored: oldStored.length,
+        head,
+        tail,
         oldHash: sha256(Buffer.concat(p.oldHashes)),
         newHash: sha256(Buffer.concat(p.newHashes)),
       }),
@@ -212,7 +242,7 @@ export class PatchWriter implements Sink {
     if (oldStored.length > 0) await this.#emit(oldStored);
     this.stats.records++;
     this.stats.newBytes += newData.length;
-    this.stats.oldBytes += oldData.length;
+    this.stats.oldBytes += this.header.reversible ? oldData.length : 0;
     this.stats.payloadBytes += newStored.length + oldStored.length;
   }
 

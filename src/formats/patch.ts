@@ -10,12 +10,12 @@
  *   └──────────┴─────────┴────────┴───────┴──────────┴───────────┴───────────┴───────────┴───────┘
  *    0          8         10       12      16         20          24          32    40-59 0  60
  *
- *   record, repeated (100-byte header, then payloads)
- *   ┌──────┬───────┬────────┬────────┬───────────┬───────────┬──────┬──────────┬──────────┬───────┐
- *   │"REC1"│ flags │ offset │ length │ new bytes │ old bytes │  0   │ old hash │ new hash │ crc32 │
- *   │      │  u32  │  u64   │  u32   │ stored u32│ stored u32│ u32  │  32      │  32      │ of 0-95│
- *   └──────┴───────┴────────┴────────┴───────────┴───────────┴──────┴──────────┴──────────┴───────┘
- *    0      4       8        16       20          24          28     32         64         96
+ *   record, repeated (104-byte header, then payloads)
+ *   ┌──────┬───────┬────────┬────────┬───────────┬───────────┬──────┬──────┬──────────┬──────────┬───────┐
+ *   │"REC1"│ flags │ offset │ length │ new bytes │ old bytes │ head │ tail │ old hash │ new hash │ crc32 │
+ *   │      │  u32  │  u64   │  u32   │ stored u32│ stored u32│ u32  │ u32  │  32      │  32      │ of 0-99│
+ *   └──────┴───────┴────────┴────────┴───────────┴───────────┴──────┴──────┴──────────┴──────────┴───────┘
+ *    0      4       8        16       20          24          28     32     36         68         100
  *   then the new payload (stored length), then the old payload (reversible patches only)
  *
  *   trailer (48 bytes)
@@ -26,9 +26,12 @@
  *
  * A record covers [offset, offset + length) of the image. Its new content is the result's
  * bytes there, clipped to the result size; its old content the base's bytes, clipped to the
- * base size. A content hash is a hash list: SHA-256 over the SHA-256 of each block (blocks
- * aligned to the image, the last one short), so an index of per-block hashes can stand in
- * for reading BASE.
+ * base size. The first `head` and last `tail` bytes of a record are the same in both (the
+ * blocks are whole, the change inside them is not), so the payloads leave them out and
+ * apply takes them from TARGET, whose content it checks anyway: a patch is the changed bytes,
+ * not the changed blocks. A content hash is a hash list: SHA-256 over the SHA-256 of each
+ * block (aligned to the image, the last one short), so an index of per-block hashes can
+ * stand in for reading BASE.
  */
 
 import { crc32 } from 'node:zlib';
@@ -38,7 +41,7 @@ import { HASH_BYTES, sha256 } from '../hash.js';
 export const PATCH_MAGIC = Buffer.from('BLKSPTCH', 'latin1');
 export const PATCH_VERSION = 1;
 export const HEADER_BYTES = 64;
-export const RECORD_HEADER_BYTES = 100;
+export const RECORD_HEADER_BYTES = 104;
 export const TRAILER_BYTES = 48;
 export const RECORD_TAG = Buffer.from('REC1', 'latin1');
 export const TRAILER_TAG = Buffer.from('END1', 'latin1');
@@ -78,6 +81,9 @@ export interface RecordHeader {
   /** Bytes of each payload as stored in the file (compressed or not). */
   newStored: number;
   oldStored: number;
+  /** Leading and trailing bytes of the record that old and new content share, not stored. */
+  head: number;
+  tail: number;
   oldHash: Buffer;
   newHash: Buffer;
 }
@@ -182,9 +188,11 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
   buf.writeUInt32LE(r.length, 16);
   buf.writeUInt32LE(r.newStored, 20);
   buf.writeUInt32LE(r.oldStored, 24);
-  r.oldHash.copy(buf, 32);
-  r.newHash.copy(buf, 64);
-  buf.writeUInt32LE(crc32(buf.subarray(0, 96)), 96);
+  buf.writeUInt32LE(r.head, 28);
+  buf.writeUInt32LE(r.tail, 32);
+  r.oldHash.copy(buf, 36);
+  r.newHash.copy(buf, 68);
+  buf.writeUInt32LE(crc32(buf.subarray(0, 100)), 100);
   return buf;
 }
 
@@ -194,7 +202,7 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
  * the image, and their stored payloads no larger than their content.
  */
 export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number): RecordHeader {
-  if (buf.readUInt32LE(96) !== crc32(buf.subarray(0, 96)))
+  if (buf.readUInt32LE(100) !== crc32(buf.subarray(0, 100)))
     throw checksumError('record header CRC mismatch');
   const flags = buf.readUInt32LE(4);
   const offset = readU64(buf, 8, 'record offset');
@@ -207,7 +215,8 @@ export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number)
   if ((flags & ~allowed) !== 0) throw formatError(`${at}: unknown flags 0x${flags.toString(16)}`);
   if (h.compression === 'none' && flags !== 0)
     throw formatError(`${at}: compressed in an uncompressed patch`);
-  if (buf.readUInt32LE(28) !== 0) throw formatError(`${at}: reserved bytes set`);
+  const head = buf.readUInt32LE(28);
+  const tail = buf.readUInt32LE(32);
   if (offset % h.blockSize !== 0) throw formatError(`${at}: not aligned to the block size`);
   if (offset < prevEnd) throw formatError(`${at}: overlaps or precedes the previous record`);
   if (length === 0 || length > MAX_RECORD_BYTES) throw formatError(`${at}: bad length ${length}`);
@@ -218,22 +227,29 @@ export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number)
     throw formatError(`${at}: length ${length} is not whole blocks`);
   }
   const newBytes = clipped(offset, length, h.resultSize);
-  const oldBytes = h.reversible ? clipped(offset, length, h.baseSize) : 0;
+  const oldBytes = clipped(offset, length, h.baseSize);
+  // the shared edges lie inside both contents; a shared tail only when they end together
+  if (head + tail > Math.min(newBytes, oldBytes) || (tail > 0 && newBytes !== oldBytes)) {
+    throw formatError(`${at}: shared head ${head} and tail ${tail} do not fit the record`);
+  }
   const check = (stored: number, raw: number, compressed: boolean, what: string): void => {
     if (compressed ? stored > raw || (stored === 0 && raw > 0) : stored !== raw) {
       throw formatError(`${at}: ${what} payload of ${stored} bytes for ${raw} bytes of content`);
     }
   };
-  check(newStored, newBytes, (flags & RECORD_NEW_COMPRESSED) !== 0, 'new');
-  check(oldStored, oldBytes, (flags & RECORD_OLD_COMPRESSED) !== 0, 'old');
+  check(newStored, newBytes - head - tail, (flags & RECORD_NEW_COMPRESSED) !== 0, 'new');
+  const oldPayload = h.reversible ? oldBytes - head - tail : 0;
+  check(oldStored, oldPayload, (flags & RECORD_OLD_COMPRESSED) !== 0, 'old');
   return {
     offset,
     length,
     flags,
     newStored,
     oldStored,
-    oldHash: Buffer.from(buf.subarray(32, 64)),
-    newHash: Buffer.from(buf.subarray(64, 96)),
+    head,
+    tail,
+    oldHash: Buffer.from(buf.subarray(36, 68)),
+    newHash: Buffer.from(buf.subarray(68, 100)),
   };
 }
 
@@ -253,13 +269,36 @@ export function decodeTrailer(buf: Buffer, records: number): void {
   }
 }
 
-/** The bytes a record's new and old content take, unpacked. */
+/** The bytes a record's new and old content take, and its payloads unpacked. */
 export function recordSizes(
   r: RecordHeader,
   h: PatchHeader,
-): { newBytes: number; oldBytes: number } {
+): { newBytes: number; oldBytes: number; newPayload: number; oldPayload: number } {
+  const newBytes = clipped(r.offset, r.length, h.resultSize);
+  const oldBytes = clipped(r.offset, r.length, h.baseSize);
   return {
-    newBytes: clipped(r.offset, r.length, h.resultSize),
-    oldBytes: clipped(r.offset, r.length, h.baseSize),
+    newBytes,
+    oldBytes,
+    newPayload: newBytes - r.head - r.tail,
+    oldPayload: h.reversible ? oldBytes - r.head - r.tail : 0,
   };
+}
+
+/**
+ * A record's full content from its payload and the shared edges, which `edges` holds at
+ * the same places (TARGET's bytes of the record). Returns a new buffer of `bytes` bytes.
+ */
+export function withEdges(
+  payload: Buffer,
+  edges: Buffer,
+  head: number,
+  tail: number,
+  bytes: number,
+): Buffer {
+  if (head === 0 && tail === 0) return payload;
+  const out = Buffer.allocUnsafe(bytes);
+  edges.copy(out, 0, 0, head);
+  payload.copy(out, head);
+  edges.copy(out, bytes - tail, bytes - tail, bytes);
+  return out;
 }
