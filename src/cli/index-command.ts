@@ -1,7 +1,7 @@
 /** `blksync index SRC -o FILE` and `blksync index --list`. */
 
 import { Option, type Command } from '@commander-js/extra-typings';
-import { listCachedIndexes, makeIndex, type CachedIndex } from '../engine/make-index.js';
+import type { CachedIndex } from '../engine/make-index.js';
 import { BlksyncError } from '../errors.js';
 import { cacheDir } from '../io/cache-dir.js';
 import { formatBytes, parseSize } from '../size.js';
@@ -70,6 +70,8 @@ export function registerIndex(program: Command, setExit: SetExit): void {
       const intr = interruptible();
       const { onProgress, bar } = progressFor(opts);
       try {
+        // loaded here, not at start-up: other commands do not pay for hashing's modules
+        const { listCachedIndexes, makeIndex } = await import('../engine/make-index.js');
         if (opts.list === true) {
           const entries = await listCachedIndexes();
           if (opts.json === true) process.stdout.write(`${JSON.stringify(entries)}\n`);

@@ -5,7 +5,7 @@
 
 import { open } from 'node:fs/promises';
 import type { Command } from '@commander-js/extra-typings';
-import { indexInfo, type IndexInfo } from '../engine/make-index.js';
+import type { IndexInfo } from '../engine/make-index.js';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import { INDEX_MAGIC } from '../formats/index-file.js';
 import { PATCH_MAGIC } from '../formats/patch.js';
@@ -44,6 +44,7 @@ export const FILE_TYPES: FileType[] = [
     name: 'index',
     magic: INDEX_MAGIC,
     describe: async (path) => {
+      const { indexInfo } = await import('../engine/make-index.js');
       const info = await indexInfo(path);
       return { json: info, text: indexText(info) };
     },

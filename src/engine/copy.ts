@@ -11,7 +11,7 @@ import { FileSink } from '../io/file-sink.js';
 import { createTarget, openTarget, type Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
-import { DEFAULT_VERIFY_SAMPLE, IndexSession, type IndexReport } from './index-target.js';
+import type { IndexReport, IndexSession } from './index-target.js';
 import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
@@ -175,7 +175,9 @@ export async function copy(
     }
 
     if (options.index !== undefined) {
-      index = await IndexSession.open({
+      // loaded only when asked for: a plain copy does not pay for hashing's modules
+      const indexing = await import('./index-target.js');
+      index = await indexing.IndexSession.open({
         index: options.index,
         dst: target,
         dstPath: dst,
@@ -184,7 +186,7 @@ export async function copy(
         blockSize: options.blockSize,
         chunkSize,
         rebuild: options.rebuildIndex === true,
-        verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+        verifySample: options.verifySample ?? indexing.DEFAULT_VERIFY_SAMPLE,
         full,
         dryRun,
         hashThreads: options.hashThreads,
