@@ -1,7 +1,8 @@
 /**
  * `blksync copy` onto real block devices (loop devices, root only): what reaches the device,
- * what the kernel's write counters say was written, and every refusal (mounted, mounted
- * partition, held exclusively, too small, missing, same device) leaving the device untouched.
+ * what the kernel's write counters say was written, and every refusal leaving the device
+ * untouched: mounted (itself, a partition, its whole disk; ext4 and btrfs), swap, held
+ * exclusively, too small, missing, the same device, a partition and its own disk.
  */
 
 import assert from 'node:assert/strict';
