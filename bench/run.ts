@@ -17,6 +17,7 @@ import { parseSize } from '../src/size.js';
 import { DEFAULT_IMAGE_SIZE } from './data.js';
 import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
+import { diffApplySection } from './sections/diff-apply.js';
 import { indexSection } from './sections/index.js';
 
 export interface BenchOptions {
@@ -35,7 +36,12 @@ export interface Section {
   run(options: BenchOptions): Promise<void>;
 }
 
-const SECTIONS: readonly Section[] = [copySection, copyTuningSection, indexSection];
+const SECTIONS: readonly Section[] = [
+  copySection,
+  copyTuningSection,
+  indexSection,
+  diffApplySection,
+];
 
 /** At least this many runs, so a median means something. */
 const MIN_RUNS = 3;

@@ -28,7 +28,7 @@ import { copyTrial, PEER_COMMANDS, PEERS } from './copy.js';
 const MIB = 1024 * 1024;
 const CHUNK_SIZES = [1, 2, 4, 8, 16].map((n) => n * MIB);
 const DEPTHS = [2, 4, 8];
-const REFERENCES = ['blksync copy', 'cmp -l', 'ddpt sparing'];
+const REFERENCES = ['blksync copy', 'blksync start-up', 'cmp -l', 'ddpt sparing'];
 
 async function run(options: BenchOptions): Promise<void> {
   const { log } = options;
