@@ -199,7 +199,9 @@ describe('VerifyingSource', () => {
       { start: 0, end: 32768, checksum: sum(0, 32768), label: 'blocks 0-7' },
       { start: 32768, end: 65536, checksum: '0'.repeat(64), label: 'blocks 8-15' },
     ];
-    const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', 8192);
+    const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', {
+      maxInMemory: 8192,
+    });
     const reads = [];
     for (let o = 0; o < 65536; o += 8192) reads.push(v.read(Buffer.alloc(8192), o, 8192));
     for (const p of reads) p.catch(() => {});

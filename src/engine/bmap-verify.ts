@@ -59,26 +59,32 @@ export class VerifyingSource implements Source {
   readonly #maxInMemory: number;
   #next = 0;
   #current: Buffered | Streamed | undefined;
+  /** The next range, already being read and hashed while the current one is written. */
+  #ahead: Buffered | undefined;
+  readonly #prefetch: boolean;
   /** Ranges whose checksum passed. */
   verified = 0;
 
   /**
    * `ranges`: the ranges with a checksum, ascending; reads outside them pass through.
-   * `image` names the source in errors.
+   * `image` names the source in errors. `prefetch`: read and hash the next range while the
+   * current one is handed out; only when every plan range is in `ranges`, since the inner
+   * source must still see its reads in ascending order.
    */
   constructor(
     inner: Source,
     ranges: readonly VerifiedRange[],
     algorithm: string,
     image: string,
-    maxInMemory = MAX_VERIFY_IN_MEMORY_BYTES,
+    options: { maxInMemory?: number; prefetch?: boolean } = {},
   ) {
     this.#inner = inner;
     this.size = inner.size;
     this.#ranges = ranges;
     this.#algorithm = algorithm;
     this.#image = image;
-    this.#maxInMemory = maxInMemory;
+    this.#maxInMemory = options.maxInMemory ?? MAX_VERIFY_IN_MEMORY_BYTES;
+    this.#prefetch = options.prefetch === true;
   }
 
   read(buf: Buffer, offset: number, length: number): Promise<number> {
@@ -93,7 +99,20 @@ export class VerifyingSource implements Source {
         new Error(`read [${offset}, ${offset + length}) crosses the end of ${range.label}`),
       );
     }
-    if (this.#current?.range !== range) this.#current = this.#begin(range);
+    if (this.#current?.range !== range) {
+      const ahead = this.#ahead?.range === range ? this.#ahead : undefined;
+      this.#ahead = undefined;
+      this.#current = ahead ?? this.#begin(range);
+      const following = this.#ranges[this.#next + 1];
+      if (
+        this.#prefetch &&
+        this.#current.kind === 'buffered' &&
+        following !== undefined &&
+        following.end - following.start <= this.#maxInMemory
+      ) {
+        this.#ahead = this.#begin(following) as Buffered;
+      }
+    }
     const cur = this.#current;
     return cur.kind === 'buffered'
       ? this.#fromBuffer(cur, buf, offset, length)

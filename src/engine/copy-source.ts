@@ -318,7 +318,9 @@ export async function openCopySource(
     if (bmap !== undefined) {
       const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap);
       if (ranges.length > 0 && bmap.checksumType !== undefined) {
-        source = new VerifyingSource(source, ranges, bmap.checksumType, src);
+        source = new VerifyingSource(source, ranges, bmap.checksumType, src, {
+          prefetch: ranges.length === bmap.ranges.length,
+        });
       }
       report = {
         path: found!.path,
