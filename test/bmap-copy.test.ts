@@ -15,6 +15,7 @@ import { bmapCandidates } from '../src/engine/copy-source.js';
 import type { Source } from '../src/engine/types.js';
 import { BlksyncError, copy, type Progress } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
+import { attachLoop, ioStat, mkfsExt4, mountLoop, needLoop, readDevice } from './helpers/loop.js';
 import { need } from './helpers/resources.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
@@ -173,6 +174,39 @@ describe('copy with a bmap', () => {
     const out = join(dir, 'out');
     await run('bmaptool', ['copy', `${path}.gz`, out]);
     assert.ok((await readFile(out)).equals(image));
+  });
+});
+
+describe('copy with a bmap to a block device', () => {
+  it('writes only mapped blocks, then only what differs; refuses a mounted device', async (t) => {
+    if (!needLoop(t)) return;
+    const dir = await tempDir(t);
+    const { path, image } = await sparseImage(dir, 'disk.img', 11);
+    await createBmap(path, { output: join(dir, 'disk.bmap') });
+    await writeFile(`${path}.gz`, gzipSync(image));
+    const backing = join(dir, 'backing');
+    await writeSparseFile(backing, 10 * MiB, []);
+    const dev = await attachLoop(t, backing);
+    const before = await ioStat(dev);
+    const r = await copy(`${path}.gz`, dev);
+    assert.equal(r.bmap?.path, join(dir, 'disk.bmap'));
+    const mapped = 3 * BS + 300 * BS + BS + 1000;
+    assert.equal(r.bytesWritten, mapped);
+    const written = (await ioStat(dev)).writeSectors - before.writeSectors;
+    assert.ok(written * 512 <= mapped + BS, `device wrote ${written} sectors`);
+    assert.ok((await readDevice(dev, image.length)).equals(image));
+    const again = await copy(`${path}.gz`, dev);
+    assert.equal(again.bytesWritten, 0);
+
+    const other = join(dir, 'other');
+    await writeSparseFile(other, 10 * MiB, []);
+    const mounted = await attachLoop(t, other);
+    await mkfsExt4(mounted);
+    await mountLoop(t, mounted);
+    await assert.rejects(
+      copy(`${path}.gz`, mounted),
+      (err: unknown) => err instanceof BlksyncError && err.code === 'EDEST_MOUNTED',
+    );
   });
 });
 
