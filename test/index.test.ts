@@ -473,3 +473,49 @@ test('a copy killed mid-way leaves the index in progress; a rerun converges', as
   await makeIndex(dst, fresh);
   assert.deepEqual(essentials(await readIndexFile(index)), essentials(await readIndexFile(fresh)));
 });
+
+test('an index of a larger DST, or of a shorter image, trusts only the blocks it covers', async (t) => {
+  const dir = await tempDir(t);
+  const dstBytes = seededBytes(6 * MIB + 777, 21);
+  const dst = join(dir, 'dst.img');
+  const index = join(dir, 'dst.blkidx');
+  await writeFile(dst, dstBytes);
+  await makeIndex(dst, index); // covers all of DST
+
+  // a shorter SRC: its last, short block is compared with DST's bytes, not a hash
+  const short = changed(dstBytes.subarray(0, 3 * MIB + 100), [3 * MIB + 10], 20, 1);
+  const src = join(dir, 'src.img');
+  await writeFile(src, short);
+  const r1 = await copy(src, dst, { index });
+  assert.equal(r1.index?.mode, 'used');
+  // the chunk (4 MiB) holding the short block is read back; here that is the whole image
+  assert.equal(r1.index.bytesReread, short.length);
+  assert.equal(r1.bytesWritten, 100);
+  const after1 = await readFile(dst);
+  assert.deepEqual(after1.subarray(0, short.length), short);
+  assert.deepEqual(after1.subarray(short.length), dstBytes.subarray(short.length));
+  const idx1 = await readIndexFile(index);
+  assert.equal(idx1.imageSize, short.length);
+
+  // a longer SRC again: what the index no longer covers is read back
+  const long = changed(after1, [5 * MIB], 1000, 2);
+  await writeFile(src, long);
+  const r2 = await copy(src, dst, { index });
+  assert.deepEqual(await readFile(dst), long);
+  assert.ok(r2.index !== undefined && r2.index.bytesReread >= 3 * MIB, 'uncovered blocks read');
+  const fresh = join(dir, 'fresh.blkidx');
+  await makeIndex(dst, fresh);
+  assert.deepEqual(essentials(await readIndexFile(index)), essentials(await readIndexFile(fresh)));
+});
+
+test('copy --index --dry-run reports from the index and changes neither DST nor the index', async (t) => {
+  const s = await setup(t, 2 * MIB);
+  await makeIndex(s.dst, s.index);
+  const before = await readFile(s.index);
+  const r = await copy(s.src, s.dst, { index: s.index, dryRun: true });
+  assert.equal(r.index?.mode, 'used');
+  assert.ok(r.bytesDiffering > 0);
+  assert.equal(r.bytesWritten, 0);
+  assert.deepEqual(await readFile(s.dst), s.old);
+  assert.deepEqual(await readFile(s.index), before);
+});

@@ -41,7 +41,7 @@ import type { Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { diffBuffers, ReadTarget } from './knowledge.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
-import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
+import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
 import type { ChunkKnowledge, Sink, TargetKnowledge } from './types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
@@ -94,6 +94,7 @@ export class IndexTarget implements TargetKnowledge {
     this.#reader = new ReadTarget(dst.fh, dst.path, chunkSize);
     this.#scratch = Buffer.alloc((chunkSize / bs) * HASH_BYTES);
     this.#held = Buffer.alloc(this.#scratch.length);
+    checkIndexable(imageSize, bs);
     this.table = Buffer.alloc(blockCountFor(imageSize, bs) * HASH_BYTES);
     index.hashes.copy(this.table, 0, 0, Math.min(index.hashes.length, this.table.length));
     const untrusted: Range[] = [];

@@ -8,6 +8,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   blockCountFor,
+  MAX_INDEX_BLOCKS,
   readIndexFile,
   readIndexSummary,
   writeIndexFile,
@@ -34,6 +35,18 @@ import type { ProgressListener, Sink } from './types.js';
  */
 export const DEFAULT_INDEX_BLOCK_SIZE = 64 * 1024;
 
+/** Refuses an image with more blocks than an index may hold, before allocating its hashes. */
+export function checkIndexable(imageSize: number, blockSize: number): void {
+  const blocks = blockCountFor(imageSize, blockSize);
+  if (blocks > MAX_INDEX_BLOCKS) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `an index of ${formatBytes(imageSize)} in ${formatBytes(blockSize)} blocks would hold ${blocks} hashes, ` +
+        `more than the ${MAX_INDEX_BLOCKS} allowed; use larger blocks (-b 1M)`,
+    );
+  }
+}
+
 /** The hashes of every block of an image, filled in as chunks pass (in any order). */
 export class BlockHashes {
   readonly blockSize: number;
@@ -44,6 +57,7 @@ export class BlockHashes {
   constructor(imageSize: number, blockSize: number, pool: HashPool) {
     this.blockSize = blockSize;
     this.imageSize = imageSize;
+    checkIndexable(imageSize, blockSize);
     this.table = Buffer.alloc(blockCountFor(imageSize, blockSize) * HASH_BYTES);
     this.#pool = pool;
   }
