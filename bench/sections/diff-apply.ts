@@ -166,6 +166,8 @@ async function run(options: BenchOptions): Promise<void> {
   const changed = pair.differingBytes;
   const blk = tools.findIndex((t) => t.label === 'blksync');
   const blkTotal = median(made[blk]!) + median(applied[blk]!);
+  const extents = pair.changes.reduce((n, c) => n + c.length, 0);
+  const blkSize = sizes.get('blksync') ?? NaN;
   const rows = tools.map((tool, i) => {
     const size = sizes.get(tool.label) ?? NaN;
     const total = median(made[i]!) + median(applied[i]!);
@@ -211,7 +213,10 @@ async function run(options: BenchOptions): Promise<void> {
   log(
     [
       '',
-      `changed bytes: ${changed} (the ${pair.changes.length} changes, exact); median times`,
+      `changed bytes: ${changed} differing bytes in ${extents} bytes of changed regions ` +
+        `(the ${pair.changes.length} changes; random new bytes equal the old ones 1 time in 256)`,
+      `blksync's patch is the changed regions + ${blkSize - extents} bytes ` +
+        `(${(((blkSize - extents) / extents) * 100).toFixed(2)}%); times are medians`,
       'over changed bytes: (patch bytes - changed bytes) / changed bytes; blksync carries 112 bytes',
       '  of header and trailer and 104 bytes per record, plus unchanged bytes between changes in one block',
       'xdelta3 apply writes a new file (the whole image) and renames it over DST; rsync and blksync',

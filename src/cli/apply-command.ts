@@ -40,6 +40,18 @@ export function registerApply(program: Command, setExit: SetExit): void {
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
     .action(async (patch, target, opts) => {
+      if (patch === '-' && process.stdin.isTTY) {
+        setExit(
+          reportError(
+            new BlksyncError(
+              'EUSAGE',
+              'apply - reads the patch from stdin, which is a terminal; pipe a patch in',
+            ),
+            false,
+          ),
+        );
+        return;
+      }
       const intr = interruptible();
       const { onProgress, bar } = progressFor(opts);
       try {

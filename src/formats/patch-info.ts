@@ -31,7 +31,8 @@ export interface PatchInfo {
 
 /**
  * Reads the whole patch and checks it (CRCs, bounds, count, SHA-256; with `verify`, also
- * payload without shared edges); throws the same EPATCH_* errors apply would.
+ * the hash of every payload that is a record's whole content, i.e. has no shared edges);
+ * throws the same EPATCH_* errors apply would.
  */
 export async function describePatch(
   path: string,
