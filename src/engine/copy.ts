@@ -198,7 +198,8 @@ export async function copy(
       sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
       if (index !== undefined) sink = index.wrapSink(sink);
     }
-    const run = await runPipeline(source.plan, source.source, knowledge, sink ? [sink] : [], {
+    const from = index?.wrapSource(source.source) ?? source.source;
+    const run = await runPipeline(source.plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,

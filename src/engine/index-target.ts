@@ -42,7 +42,7 @@ import type { Range } from '../ranges.js';
 import { diffBuffers, ReadTarget } from './knowledge.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
 import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
-import type { ChunkKnowledge, Sink, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, Sink, Source, TargetKnowledge } from './types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
 export const DEFAULT_VERIFY_SAMPLE = 16;
@@ -72,6 +72,8 @@ export class IndexTarget implements TargetKnowledge {
   readonly #pool: HashPool;
   readonly #reader: ReadTarget;
   readonly #scratch: Buffer;
+  /** Hashes of chunks started as soon as they were read (HashingSource), by offset. */
+  readonly #prefetched = new Map<number, { hashes: Buffer; done: Promise<void> }>();
   /** The stored hashes of the chunk last diffed, before the new ones replaced them. */
   readonly #held: Buffer;
   #sampleBytes = 0;
@@ -187,7 +189,8 @@ export class IndexTarget implements TargetKnowledge {
     const held = read.held!;
     return {
       diff: async (data, len, bs, out) => {
-        await this.#pool.hashBlocks(data, 0, len, bs, this.table, (offset / bs) * HASH_BYTES);
+        const hashes = await this.#hashesOf(offset, data, len, bs);
+        hashes.copy(this.table, (offset / bs) * HASH_BYTES, 0, Math.ceil(len / bs) * HASH_BYTES);
         diffBuffers(data, held, len, bs, out);
       },
       held,
@@ -202,6 +205,29 @@ export class IndexTarget implements TargetKnowledge {
     };
   }
 
+  /**
+   * Starts hashing a chunk the moment the source has read it, so the workers run ahead of
+   * the diff instead of waiting for the chunk's turn.
+   */
+  prefetch(offset: number, data: Buffer, length: number): void {
+    const hashes = Buffer.allocUnsafe(Math.ceil(length / this.blockSize) * HASH_BYTES);
+    const done = this.#pool.hashBlocks(data, 0, length, this.blockSize, hashes, 0);
+    done.catch(() => {}); // awaited by the chunk's diff; until then it must not be "unhandled"
+    this.#prefetched.set(offset, { hashes, done });
+  }
+
+  /** The hashes of the chunk at `offset`: prefetched, or computed now into the scratch buffer. */
+  async #hashesOf(offset: number, data: Buffer, length: number, bs: number): Promise<Buffer> {
+    const pre = this.#prefetched.get(offset);
+    if (pre !== undefined) {
+      this.#prefetched.delete(offset);
+      await pre.done;
+      return pre.hashes;
+    }
+    await this.#pool.hashBlocks(data, 0, length, bs, this.#scratch, 0);
+    return this.#scratch;
+  }
+
   async #diffByHash(
     offset: number,
     data: Buffer,
@@ -209,8 +235,7 @@ export class IndexTarget implements TargetKnowledge {
     bs: number,
     out: number[],
   ): Promise<void> {
-    const scratch = this.#scratch;
-    await this.#pool.hashBlocks(data, 0, length, bs, scratch, 0);
+    const scratch = await this.#hashesOf(offset, data, length, bs);
     const first = (offset / bs) * HASH_BYTES;
     const n = Math.ceil(length / bs);
     let runStart = -1;
@@ -418,6 +443,11 @@ export class IndexSession {
     return new IndexSession(o, path, pool, { index, target, sampled }, undefined);
   }
 
+  /** Wraps SRC so that, when the index is used, chunks are hashed as soon as they are read. */
+  wrapSource(source: Source): Source {
+    return this.target === undefined ? source : new HashingSource(source, this.target);
+  }
+
   /** Wraps DST's sink so the on-disk index never vouches for a range being written. */
   wrapSink(sink: Sink): Sink {
     return new IndexGuardSink(sink, this);
@@ -496,6 +526,32 @@ export class IndexSession {
 
   async close(): Promise<void> {
     await this.#pool.close();
+  }
+}
+
+/** Passes reads through and hands each whole chunk to the IndexTarget to start hashing. */
+class HashingSource implements Source {
+  readonly #inner: Source;
+  readonly #target: IndexTarget;
+
+  constructor(inner: Source, target: IndexTarget) {
+    this.#inner = inner;
+    this.#target = target;
+  }
+
+  get size(): number {
+    return this.#inner.size;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const got = await this.#inner.read(buf, offset, length);
+    // a short read fails the chunk in the pipeline; nothing to hash then
+    if (got === length) this.#target.prefetch(offset, buf, got);
+    return got;
+  }
+
+  close(): Promise<void> {
+    return this.#inner.close();
   }
 }
 
