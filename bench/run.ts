@@ -15,6 +15,7 @@
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/size.js';
 import { DEFAULT_IMAGE_SIZE } from './data.js';
+import { bmapSection } from './sections/bmap.js';
 import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
 import { diffApplySection } from './sections/diff-apply.js';
@@ -41,6 +42,7 @@ const SECTIONS: readonly Section[] = [
   copyTuningSection,
   indexSection,
   diffApplySection,
+  bmapSection,
 ];
 
 /** At least this many runs, so a median means something. */
