@@ -87,6 +87,11 @@ export class HashPool {
     this.threads = Math.max(0, Math.floor(threads));
   }
 
+  /** Starts the workers now (they take tens of ms to boot), e.g. while an index is read. */
+  prestart(): void {
+    this.#start();
+  }
+
   #start(): void {
     for (let i = this.#workers.length; i < this.threads; i++) {
       // no execArgv: the worker is plain CommonJS, whatever loader or input type the main

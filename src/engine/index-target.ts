@@ -373,6 +373,7 @@ export class IndexSession {
   /** Opens the index for a copy onto `o.dst`: decides to use, create or rebuild it. */
   static async open(o: IndexSessionOptions): Promise<IndexSession> {
     const pool = new HashPool(o.hashThreads);
+    pool.prestart();
     try {
       return await IndexSession.#open(o, pool);
     } catch (err) {
