@@ -336,3 +336,53 @@ test('round trip on a loop device', async (t) => {
   const back = await diff(f.base, dev, join(dir, 'back.bsp'));
   assert.equal(back.records, 0, 'reverse restored the base on the device');
 });
+
+test('a TARGET file of another size than the base is refused, also by a patch without records', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(40_000, 81);
+  const f = await setup(dir, base, base);
+  const d = await diff(f.base, f.next, f.patch);
+  assert.equal(d.records, 0);
+  const other = seededBytes(50_000, 82);
+  await writeFile(f.target, other);
+  await rejectsWith(apply(f.patch, f.target), 'EBASE_MISMATCH');
+  assert.deepEqual(await readFile(f.target), other);
+});
+
+test('an interrupted diff leaves no patch; an interrupted apply is finished by a rerun', async (t) => {
+  const dir = await tempDir(t);
+  const size = 2 * 1024 * 1024;
+  const base = seededBytes(size, 91);
+  const next = Buffer.from(base);
+  for (let o = 0; o < size; o += 3 * BS) next[o] = next[o]! ^ 1;
+  const f = await setup(dir, base, next);
+  const stop = new AbortController();
+  await rejectsWith(
+    diff(f.base, f.next, f.patch, {
+      chunkSize: 64 * 1024,
+      signal: stop.signal,
+      onProgress: () => stop.abort(),
+    }),
+    'EINTERRUPTED',
+  );
+  await assert.rejects(stat(f.patch), { code: 'ENOENT' });
+  await assert.rejects(stat(`${f.patch}.blksync-partial`), { code: 'ENOENT' });
+
+  await diff(f.base, f.next, f.patch);
+  const halt = new AbortController();
+  const err = await apply(f.patch, f.target, {
+    chunkSize: 64 * 1024,
+    signal: halt.signal,
+    onProgress: () => halt.abort(),
+  }).then(
+    () => assert.fail('must be interrupted'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+  const partial = err.partial as { bytesWritten: number };
+  assert.ok(partial.bytesWritten > 0);
+  assert.notDeepEqual(await readFile(f.target), next);
+  const rerun = await apply(f.patch, f.target);
+  assert.ok(rerun.recordsAlreadyApplied > 0);
+  assert.deepEqual(await readFile(f.target), next);
+});

@@ -436,6 +436,20 @@ export async function apply(
         { path: target },
       );
     }
+    // a file ends resized to the result; one whose size is not between base and result (where
+    // a run cut short while the file grew leaves it) is not the base, even when no record says so
+    if (
+      t.kind === 'file' &&
+      (t.size < Math.min(fromSize, toSize) || t.size > Math.max(fromSize, toSize)) &&
+      options.force !== true
+    ) {
+      throw new BlksyncError(
+        'EBASE_MISMATCH',
+        `${target} is ${t.size} bytes but the ${reverse ? 'result of this patch' : 'base this patch was made from'} ` +
+          `is ${fromSize} bytes; nothing was written; check TARGET, or use --force to write anyway`,
+        { path: target },
+      );
+    }
     if (!dryRun) sink = new FileSink(t.fh, target, { boundedSync: t.kind === 'block-device' });
     const result: ApplyResult = {
       patch: patchName,
