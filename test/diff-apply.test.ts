@@ -9,7 +9,9 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
+import type { TargetKnowledge } from '../src/engine/types.js';
 import { BlksyncError } from '../src/errors.js';
+import { HASH_BYTES, sha256 } from '../src/hash.js';
 import { describePatch } from '../src/formats/patch-info.js';
 import { HEADER_BYTES } from '../src/formats/patch.js';
 import { runCli } from './helpers/cli.js';
@@ -385,4 +387,61 @@ test('an interrupted diff leaves no patch; an interrupted apply is finished by a
   const rerun = await apply(f.patch, f.target);
   assert.ok(rerun.recordsAlreadyApplied > 0);
   assert.deepEqual(await readFile(f.target), next);
+});
+
+test('hook: a base known only by its block hashes (as from an index) makes a patch apply accepts', async (t) => {
+  const dir = await tempDir(t);
+  const size = 300_000;
+  const base = seededBytes(size, 101);
+  const next = changed(base, size, 102);
+  const f = await setup(dir, base, next);
+  // what an index of BASE holds: one SHA-256 per block
+  const hashes = Buffer.concat(
+    Array.from({ length: Math.ceil(size / BS) }, (_, i) =>
+      sha256(base, i * BS, Math.min((i + 1) * BS, size)),
+    ),
+  );
+  const knowledge: TargetKnowledge = {
+    bytesRead: 0,
+    load: (offset, _length) => {
+      const first = (offset / BS) * HASH_BYTES;
+      return Promise.resolve({
+        diff: (data, len, bs, out) => {
+          for (let s = 0; s < len; s += bs) {
+            const h = sha256(data, s, Math.min(s + bs, len));
+            if (
+              h.compare(
+                hashes,
+                first + (s / bs) * HASH_BYTES,
+                first + (s / bs + 1) * HASH_BYTES,
+              ) === 0
+            )
+              continue;
+            if (out.length > 0 && out[out.length - 1] === s)
+              out[out.length - 1] = Math.min(s + bs, len);
+            else out.push(s, Math.min(s + bs, len));
+          }
+        },
+        heldHashes: (start, end) =>
+          hashes.subarray(
+            first + (start / BS) * HASH_BYTES,
+            first + Math.ceil(end / BS) * HASH_BYTES,
+          ),
+        release: () => {},
+      });
+    },
+    close: () => Promise.resolve(),
+  };
+  const d = await diff({ name: 'base.idx', size, blockSize: BS, knowledge }, f.next, f.patch);
+  assert.equal(d.bytesRead, 0);
+  const fromBytes = await diff(f.base, f.next, join(dir, 'bytes.bsp'));
+  assert.equal(d.records, fromBytes.records);
+  await apply(f.patch, f.target);
+  assert.deepEqual(await readFile(f.target), next);
+  await rejectsWith(
+    diff({ name: 'base.idx', size, blockSize: BS, knowledge }, f.next, f.patch, {
+      reversible: true,
+    }),
+    'EUSAGE',
+  );
 });
