@@ -158,6 +158,34 @@ describe('remote copy over ssh', () => {
     );
   });
 
+  test('a destination larger than the image: its tail is left alone, either way; --full', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 9 * MiB + 4097;
+    const old = randomBytes(13 * MiB);
+    const neu = mutate(old.subarray(0, size), [9 * MiB + 4096, 3]);
+    await writeFile(join(dir, 'src.img'), neu);
+    const expected = Buffer.concat([neu, old.subarray(size)]);
+    for (const [src, dst, extra] of [
+      [join(dir, 'src.img'), at(s, join(dir, 'dst.img')), []],
+      [at(s, join(dir, 'src.img')), join(dir, 'dst.img'), []],
+      [join(dir, 'src.img'), at(s, join(dir, 'dst.img')), ['--full']],
+      [at(s, join(dir, 'src.img')), join(dir, 'dst.img'), ['--full']],
+    ] as const) {
+      await writeFile(join(dir, 'dst.img'), old);
+      const r = await runCli(['copy', '--json', ...extra, '--ssh', s.ssh, src, dst]);
+      assert.equal(r.code, 0, r.stderr);
+      const result = JSON.parse(r.stdout) as CopyResult;
+      assert.equal(result.destinationExtraBytes, old.length - size);
+      assert.equal(result.bytesWritten, extra.length > 0 ? size : BS + 1);
+      assert.ok(
+        (await readFile(join(dir, 'dst.img'))).equals(expected),
+        `${src} -> ${dst} ${String(extra)}`,
+      );
+    }
+  });
+
   test('--dry-run reports and changes nothing, either way', async (t) => {
     const s = server(t);
     if (!s) return;

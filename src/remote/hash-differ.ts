@@ -22,7 +22,7 @@ let zeros = Buffer.alloc(0);
 const zeroHashes = new Map<number, Buffer>();
 
 /** The wire hash of `length` zero bytes (a new or empty local file reads as zeros). */
-function zeroHash(length: number): Buffer {
+export function zeroHash(length: number): Buffer {
   let h = zeroHashes.get(length);
   if (h === undefined) {
     if (zeros.length < length) zeros = Buffer.alloc(length);
@@ -46,9 +46,10 @@ export class HashDiffer {
 
   /**
    * Appends to `out`, as [start, end) pairs relative to the chunk, the spans of
-   * [offset, offset + length) where the remote differs from `data` (zeros when `zero`).
+   * [offset, offset + length) where the remote differs from `data` (zeros when `zero`),
+   * the chunk's top-level hashes being known to differ already.
    */
-  async diff(
+  async refine(
     offset: number,
     data: Buffer,
     length: number,
@@ -57,8 +58,6 @@ export class HashDiffer {
   ): Promise<void> {
     const local = (s: number, e: number): Buffer =>
       zero ? zeroHash(e - s) : wireHash(data.subarray(s, e));
-    const top = await this.#link.topHash(offset);
-    if (local(0, length).equals(top)) return;
     let candidates = [0, length];
     for (const unit of this.#levels) {
       const replies: Promise<Buffer>[] = [];

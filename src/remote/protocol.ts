@@ -109,6 +109,8 @@ export interface Summary {
   digest: string;
   /** Bytes the agent read from its file. */
   bytesRead: number;
+  /** CPU seconds (user + system) the agent has used. */
+  cpuSeconds?: number;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;

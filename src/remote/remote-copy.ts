@@ -26,7 +26,9 @@ import { FileSource } from '../io/file-source.js';
 import { createTarget, openSource, openTarget, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
-import { HashDiffer } from './hash-differ.js';
+import { HashDiffer, zeroHash } from './hash-differ.js';
+import { wireHash, type Summary } from './protocol.js';
+import { HashScanner } from './scanner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
@@ -53,6 +55,8 @@ export interface ChannelStats {
   /** Bytes blksync wrote into ssh (agent code, requests, data) and read from it. */
   bytesSent: number;
   bytesReceived: number;
+  /** CPU seconds the agent used (user + system). */
+  remoteCpuSeconds: number;
   /** DATA encoding negotiated ('' for raw only). */
   encoding: string;
   remoteNode: string;
@@ -99,26 +103,44 @@ class RefinedTarget implements TargetKnowledge {
   async close(): Promise<void> {}
 }
 
-/** Push: reads SRC and, before handing the chunk on, finds where the remote DST differs. */
+/**
+ * Push: a chunk whose hash (from the scanner) equals the agent's is not read again; the
+ * others are read and refined to blocks.
+ */
 class PushSource implements Source {
   readonly size: number;
   readonly #file: FileSource;
+  readonly #scanner: HashScanner;
+  readonly #link: AgentLink;
   readonly #differ: HashDiffer;
   readonly #book: SpanBook;
 
-  constructor(file: FileSource, differ: HashDiffer, book: SpanBook) {
+  constructor(
+    file: FileSource,
+    scanner: HashScanner,
+    link: AgentLink,
+    differ: HashDiffer,
+    book: SpanBook,
+  ) {
     this.size = file.size;
     this.#file = file;
+    this.#scanner = scanner;
+    this.#link = link;
     this.#differ = differ;
     this.#book = book;
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const [[mine], theirs] = await Promise.all([
+      this.#scanner.hash(offset),
+      this.#link.topHash(offset),
+    ]);
+    const spans: number[] = [];
+    this.#book.set(offset, spans);
+    if (mine.equals(theirs)) return length;
     const got = await this.#file.read(buf, offset, length);
     if (got < length) return got;
-    const spans: number[] = [];
-    await this.#differ.diff(offset, buf, length, false, spans);
-    this.#book.set(offset, spans);
+    await this.#differ.refine(offset, buf, length, false, spans);
     return got;
   }
 
@@ -141,13 +163,15 @@ class RemoteSink implements Sink {
 
 /**
  * Pull: the new bytes are on the remote. A chunk is DST's own bytes (or zeros) with the
- * differing spans fetched into it, so only those spans are ever sent.
+ * differing spans fetched into it, so only those spans are ever sent; DST is read again only
+ * where its hash (from the scanner) differs from the agent's.
  */
 class PullSource implements Source {
   readonly size: number;
-  bytesRead = 0;
+  #reread = 0;
   readonly #link: AgentLink;
   readonly #dst: FileSource | undefined;
+  readonly #scanner: HashScanner | undefined;
   readonly #differ: HashDiffer | undefined;
   readonly #book: SpanBook;
   readonly #fetch: boolean;
@@ -155,35 +179,59 @@ class PullSource implements Source {
   constructor(
     size: number,
     link: AgentLink,
-    dst: FileSource | undefined,
+    local: { dst: FileSource; scanner: HashScanner } | undefined,
     differ: HashDiffer | undefined,
     book: SpanBook,
     fetch: boolean,
   ) {
     this.size = size;
     this.#link = link;
-    this.#dst = dst;
+    this.#dst = local?.dst;
+    this.#scanner = local?.scanner;
     this.#differ = differ;
     this.#book = book;
     this.#fetch = fetch;
   }
 
+  get bytesRead(): number {
+    return (this.#scanner?.bytesRead ?? 0) + this.#reread;
+  }
+
+  async #readDst(buf: Buffer, offset: number, length: number): Promise<void> {
+    const got = await this.#dst!.read(buf, offset, length);
+    this.#reread += got;
+    if (got < length) {
+      throw new BlksyncError(
+        'EDEST_SHORT',
+        `destination ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+      );
+    }
+  }
+
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
     const spans: number[] = [];
+    this.#book.set(offset, spans);
     if (this.#differ === undefined) {
       spans.push(0, length); // --full
     } else {
-      if (this.#dst !== undefined) {
-        const got = await this.#dst.read(buf, offset, length);
-        this.bytesRead += got;
-        if (got < length) {
-          throw new BlksyncError(
-            'EDEST_SHORT',
-            `destination ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
-          );
+      const theirs = this.#link.topHash(offset);
+      let mine: Buffer;
+      let held = false;
+      if (this.#scanner === undefined) mine = zeroHash(length);
+      else {
+        const [h, scanned] = await this.#scanner.hash(offset);
+        mine = h;
+        if (scanned !== length) {
+          // the image ends inside this unit of a larger DST: hash just the image's part
+          await this.#readDst(buf, offset, length);
+          mine = wireHash(buf.subarray(0, length));
+          held = true;
         }
       }
-      await this.#differ.diff(offset, buf, length, this.#dst === undefined, spans);
+      if (!mine.equals(await theirs)) {
+        if (this.#scanner !== undefined && !held) await this.#readDst(buf, offset, length);
+        await this.#differ.refine(offset, buf, length, this.#scanner === undefined, spans);
+      }
     }
     if (this.#fetch) {
       const fetches: Promise<void>[] = [];
@@ -193,7 +241,6 @@ class PullSource implements Source {
       }
       await Promise.all(fetches);
     }
-    this.#book.set(offset, spans);
     return length;
   }
 
@@ -278,6 +325,10 @@ async function push(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   const source = await openSource(src);
+  // SRC's hashes are computed while ssh connects and the agent scans DST
+  const scanner = full
+    ? undefined
+    : new HashScanner(source.fh, src, source.size, chunkSize).start();
   let link: AgentLink | undefined;
   try {
     link = await AgentLink.open(spec, options, {
@@ -294,9 +345,11 @@ async function push(
     let knowledge: TargetKnowledge;
     let input: Source = file;
     if (full) knowledge = new NoTarget();
-    else if (ready.zero) knowledge = new ZeroTarget();
-    else {
-      input = new PushSource(file, new HashDiffer(link, chunkSize, blockSize), book);
+    else if (ready.zero || scanner === undefined) {
+      knowledge = new ZeroTarget();
+      await scanner?.stop();
+    } else {
+      input = new PushSource(file, scanner, link, new HashDiffer(link, chunkSize, blockSize), book);
       knowledge = new RefinedTarget(book, () => 0);
     }
     const run = await runPipeline(
@@ -330,16 +383,17 @@ async function push(
       dryRun,
       full,
       seconds: 0,
-      channel: channelStats(link, spec),
+      channel: channelStats(link, spec, summary),
     };
     await link.close();
-    result.channel = channelStats(link, spec);
+    result.channel = channelStats(link, spec, summary);
     result.seconds = (performance.now() - started) / 1000;
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
     throw connectionLost(err, dst, link?.bytesConfirmed ?? 0);
   } finally {
+    await scanner?.stop();
     await link?.close();
     await source.fh.close();
   }
@@ -359,10 +413,15 @@ async function pull(
   let link: AgentLink | undefined;
   let target: Opened | undefined;
   let sink: CountingSink | undefined;
+  let scanner: HashScanner | undefined;
   try {
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
+    // DST's hashes are computed while ssh connects and the agent scans SRC
+    if (!full && target !== undefined && target.size > 0) {
+      scanner = new HashScanner(target.fh, dst, target.size, chunkSize).start();
+    }
     link = await AgentLink.open(spec, options, {
       role: 'source',
       path: spec.path,
@@ -370,6 +429,7 @@ async function pull(
       encodings: [DEFLATE_RAW],
     });
     const size = link.ready.size;
+    scanner?.truncate(size);
     let created = false;
     let zero = false;
     if (target === undefined) {
@@ -388,8 +448,8 @@ async function pull(
     }
     const book = new SpanBook();
     const local =
-      target !== undefined && !zero
-        ? new FileSource(target.fh, dst, target.size, false)
+      target !== undefined && !zero && scanner !== undefined
+        ? { dst: new FileSource(target.fh, dst, target.size, false), scanner }
         : undefined;
     const source = new PullSource(
       size,
@@ -443,21 +503,23 @@ async function pull(
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,
-      channel: channelStats(link, spec),
+      channel: channelStats(link, spec, summary),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
     throw connectionLost(err, dst, sink?.written ?? 0);
   } finally {
+    await scanner?.stop();
     await sink?.finish().catch(() => {});
     await link?.close();
     await target?.fh.close();
   }
 }
 
-function channelStats(link: AgentLink, spec: RemoteSpec): ChannelStats {
+function channelStats(link: AgentLink, spec: RemoteSpec, summary: Summary): ChannelStats {
   return {
+    remoteCpuSeconds: summary.cpuSeconds ?? 0,
     host: spec.destination,
     bytesSent: link.bytesSent,
     bytesReceived: link.bytesReceived,

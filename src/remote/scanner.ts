@@ -1,0 +1,118 @@
+/**
+ * Hashes the local file's top-level units ahead of everything else. It starts before ssh has
+ * even connected and keeps only 16 bytes per unit, so it can run as far ahead as it likes;
+ * the copy then reads a chunk again only when its hash differs from the agent's (a few
+ * chunks in a mostly unchanged image), and the local and remote scans run side by side.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import { fromSystemError } from '../errors.js';
+import { wireHash } from './protocol.js';
+
+/** Reads in flight while scanning. */
+const SCAN_READ_AHEAD = 4;
+
+/** A unit's hash and the bytes it covers (short at the end of the file). */
+export type UnitHash = [hash: Buffer, length: number];
+
+interface Waiter {
+  resolve: (h: UnitHash) => void;
+  reject: (e: unknown) => void;
+}
+
+export class HashScanner {
+  readonly #fh: FileHandle;
+  readonly #path: string;
+  #size: number;
+  readonly #unit: number;
+  readonly #hashes = new Map<number, UnitHash>();
+  readonly #waiters = new Map<number, Waiter>();
+  #error: Error | undefined;
+  #stopped = false;
+  #done: Promise<void> | undefined;
+  bytesRead = 0;
+
+  constructor(fh: FileHandle, path: string, size: number, unit: number) {
+    this.#fh = fh;
+    this.#path = path;
+    this.#size = size;
+    this.#unit = unit;
+  }
+
+  /** Starts scanning [0, size) in units (the last may be short). */
+  start(): this {
+    this.#done = this.#scan().catch((err: unknown) => {
+      this.#error = fromSystemError('EREAD', 'cannot read', this.#path, err);
+      for (const w of this.#waiters.values()) w.reject(this.#error);
+      this.#waiters.clear();
+    });
+    return this;
+  }
+
+  /** Scans no unit starting at or past `size` (units already read keep their length). */
+  truncate(size: number): void {
+    this.#size = Math.min(this.#size, size);
+  }
+
+  /** The hash of the unit at `offset` (taken: each is asked for once). */
+  hash(offset: number): Promise<UnitHash> {
+    const h = this.#hashes.get(offset);
+    if (h !== undefined) {
+      this.#hashes.delete(offset);
+      return Promise.resolve(h);
+    }
+    if (this.#error !== undefined) return Promise.reject(this.#error);
+    return new Promise((resolve, reject) => this.#waiters.set(offset, { resolve, reject }));
+  }
+
+  /** Stops reading (the hashes are not needed after all, or the run ends). */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    await this.#done;
+    const err = new Error('hash scanner stopped');
+    for (const w of this.#waiters.values()) w.reject(err);
+    this.#waiters.clear();
+  }
+
+  async #scan(): Promise<void> {
+    const free: Buffer[] = [];
+    const reads: Promise<[Buffer, number, number]>[] = [];
+    let next = 0;
+    const start = (): void => {
+      if (next >= this.#size || this.#stopped) return;
+      const offset = next;
+      const length = Math.min(this.#unit, this.#size - offset);
+      next += length;
+      const buf = free.pop() ?? Buffer.allocUnsafe(this.#unit);
+      const p = this.#read(buf, offset, length).then((): [Buffer, number, number] => [
+        buf,
+        offset,
+        length,
+      ]);
+      p.catch(() => {});
+      reads.push(p);
+    };
+    for (let i = 0; i < SCAN_READ_AHEAD; i++) start();
+    for (let r = reads.shift(); r !== undefined; r = reads.shift()) {
+      const [buf, offset, length] = await r;
+      start();
+      const h: UnitHash = [wireHash(buf.subarray(0, length)), length];
+      free.push(buf);
+      const w = this.#waiters.get(offset);
+      if (w !== undefined) {
+        this.#waiters.delete(offset);
+        w.resolve(h);
+      } else this.#hashes.set(offset, h);
+    }
+  }
+
+  async #read(buf: Buffer, offset: number, length: number): Promise<void> {
+    let got = 0;
+    while (got < length) {
+      const { bytesRead } = await this.#fh.read(buf, got, length - got, offset + got);
+      if (bytesRead === 0) throw new Error(`${this.#path} ended at ${offset + got} bytes`);
+      got += bytesRead;
+    }
+    this.bytesRead += got;
+  }
+}
