@@ -15,7 +15,7 @@ import { HASH_BYTES, sha256 } from '../src/hash.js';
 import { describePatch } from '../src/formats/patch-info.js';
 import { HEADER_BYTES } from '../src/formats/patch.js';
 import { runCli } from './helpers/cli.js';
-import { attachLoop, needLoop } from './helpers/loop.js';
+import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const BS = 4096;
@@ -444,4 +444,16 @@ test('hook: a base known only by its block hashes (as from an index) makes a pat
     }),
     'EUSAGE',
   );
+});
+
+test('a mounted TARGET device is refused', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const size = 16 * 1024 * 1024;
+  const f = await setup(dir, Buffer.alloc(size), Buffer.alloc(size, 1));
+  const dev = await attachLoop(t, f.target);
+  await mkfsExt4(dev);
+  await diff(dev, f.next, f.patch);
+  await mountLoop(t, dev);
+  await rejectsWith(apply(f.patch, dev), 'EDEST_MOUNTED');
 });
