@@ -244,6 +244,33 @@ describe('VerifyingSource', () => {
     assert.equal(v.verified, 1);
   });
 
+  it('hashes on a worker thread, reusing range buffers, and still catches a bad range', async () => {
+    const ranges = [0, 1, 2, 3].map((i) => ({
+      start: i * 16384,
+      end: (i + 1) * 16384,
+      checksum: i === 2 ? 'f'.repeat(64) : sum(i * 16384, (i + 1) * 16384),
+      label: `range ${i}`,
+    }));
+    const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', {
+      prefetch: true,
+      workerThread: true,
+    });
+    try {
+      for (let o = 0; o < 32768; o += 4096) {
+        const buf = Buffer.alloc(4096);
+        assert.equal(await v.read(buf, o, 4096), 4096);
+        assert.ok(buf.equals(data.subarray(o, o + 4096)));
+      }
+      await assert.rejects(
+        v.read(Buffer.alloc(4096), 32768, 4096),
+        /range 2 .*nothing of this range/,
+      );
+      assert.equal(v.verified, 2);
+    } finally {
+      await v.close();
+    }
+  });
+
   it('passes a short source on as short, not as a checksum error', async () => {
     const ranges = [{ start: 0, end: 65536, checksum: sum(0, 65536), label: 'blocks 0-15' }];
     const v = new VerifyingSource(bufferSource(data.subarray(0, 40000)), ranges, 'sha256', 'img');

@@ -35,11 +35,10 @@ export function registerDiff(program: Command, setExit: SetExit): void {
     .addOption(blockSizeOption())
     .option('--reversible', 'also store the replaced blocks, so apply --reverse can undo the patch')
     .addOption(
-      new Option('--compress <method>', 'compress the payload').choices([
-        'none',
-        'gzip',
-        'zstd',
-      ] as const),
+      new Option(
+        '--compress <method>',
+        'compress the payload (zstd needs the optional zstd-napi package)',
+      ).choices(['none', 'gzip', 'zstd'] as const),
     )
     .option('--json', 'print one JSON summary object (on stderr with -o -)')
     .option('-q, --quiet', 'print nothing but errors')

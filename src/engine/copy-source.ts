@@ -47,6 +47,9 @@ import { SequentialSource } from '../io/sequential-source.js';
 import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
 import type { Plan, Source } from './types.js';
 
+/** Mapped bytes from which range checksums are computed on a worker thread. */
+export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
+
 export interface CopySourceOptions {
   /** A bmap file or URL to use instead of looking for one. */
   bmap?: string | undefined;
@@ -318,9 +321,13 @@ export async function openCopySource(
     if (bmap !== undefined) {
       const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap);
       if (ranges.length > 0 && bmap.checksumType !== undefined) {
-        source = new VerifyingSource(source, ranges, bmap.checksumType, src, {
+        const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
+        const verifying = new VerifyingSource(source, ranges, bmap.checksumType, src, {
           prefetch: ranges.length === bmap.ranges.length,
+          workerThread: verifiedBytes >= WORKER_HASHING_MIN_BYTES,
         });
+        cleanups.push(() => verifying.close());
+        source = verifying;
       }
       report = {
         path: found!.path,
