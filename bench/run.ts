@@ -20,6 +20,7 @@ import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
 import { diffApplySection } from './sections/diff-apply.js';
 import { indexSection } from './sections/index.js';
+import { remoteSection } from './sections/remote.js';
 
 export interface BenchOptions {
   /** Timed runs of each command (the table shows their median, min and max). */
@@ -43,6 +44,7 @@ const SECTIONS: readonly Section[] = [
   indexSection,
   diffApplySection,
   bmapSection,
+  remoteSection,
 ];
 
 /** At least this many runs, so a median means something. */
