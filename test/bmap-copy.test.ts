@@ -120,6 +120,18 @@ describe('copy with a bmap', () => {
     assert.equal(none.bmap, undefined);
   });
 
+  it('makes the unmapped areas of an existing file destination holes', async (t) => {
+    const dir = await tempDir(t);
+    const { path, image } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    const out = join(dir, 'out');
+    await writeFile(out, seededBytes(image.length, 99));
+    const r = await copy(path, out);
+    assert.equal(r.bmap?.unmappedPunched, true);
+    assert.ok((await readFile(out)).equals(image));
+    assert.ok((await allocated(out)) <= 310 * BS, `allocated ${await allocated(out)}`);
+  });
+
   it('catches a corrupted image by its range checksum and writes nothing of the bad range', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);

@@ -43,9 +43,10 @@ import {
 import { FileSource } from '../io/file-source.js';
 import { bodyStream, httpFetchSmall, httpOpenOk, isUrl } from '../io/http-source.js';
 import { openSource, sameFile } from '../io/open.js';
+import { punchHoles } from '../io/sparse-map.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
-import type { Plan, Source } from './types.js';
+import type { Plan, Sink, Source } from './types.js';
 
 /** Mapped bytes from which range checksums are computed on a worker thread. */
 export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
@@ -69,6 +70,11 @@ export interface BmapReport {
   mappedBytes: number;
   /** Ranges whose checksum is verified while copying. */
   rangesVerified: number;
+  /**
+   * For an existing file destination: whether the unmapped areas were made holes (reading
+   * as zeros, like the image's), false when its file system cannot punch holes.
+   */
+  unmappedPunched?: boolean;
 }
 
 export interface CopySource {
@@ -83,6 +89,12 @@ export interface CopySource {
   bmap: BmapReport | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
+  /**
+   * For an existing regular-file DST: a sink that, when finished, also punches holes in the
+   * areas the bmap leaves unmapped, so DST ends up equal to the image there too. Without a
+   * bmap it returns `sink` itself.
+   */
+  wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
   close(): Promise<void>;
 }
 
@@ -348,6 +360,28 @@ export async function openCopySource(
       plan,
       bmap: report,
       sameAs,
+      wrapFileSink: (sink, fh, path) => {
+        if (report === undefined) return sink;
+        const unmapped: { start: number; end: number }[] = [];
+        let at = 0;
+        for (const r of plan.ranges) {
+          if (r.start > at) unmapped.push({ start: at, end: r.start });
+          at = r.end;
+        }
+        if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
+        const bmapReport = report;
+        let punched = false;
+        return {
+          write: (data, offset) => sink.write(data, offset),
+          finish: async () => {
+            if (!punched) {
+              punched = true;
+              bmapReport.unmappedPunched = punchHoles(fh, unmapped, path);
+            }
+            await sink.finish();
+          },
+        };
+      },
       close: async () => {
         await closeAll();
       },

@@ -197,6 +197,7 @@ export async function copy(
     if (!dryRun && target !== undefined) {
       sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
       if (index !== undefined) sink = index.wrapSink(sink);
+      if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
     }
     const from = index?.wrapSource(source.source) ?? source.source;
     const run = await runPipeline(source.plan, from, knowledge, sink ? [sink] : [], {

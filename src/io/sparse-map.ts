@@ -15,12 +15,18 @@ const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const ENXIO = 6;
 const EINVAL = 22;
+const EOPNOTSUPP = 95;
 /** ioctl(fd, FIGETBSZ, int *): the file system's block size. */
 const FIGETBSZ = 2;
+
+/** fallocate mode: deallocate, keep the file size. */
+const FALLOC_FL_KEEP_SIZE = 0x01;
+const FALLOC_FL_PUNCH_HOLE = 0x02;
 
 interface Libc {
   lseek: (fd: number, offset: bigint | number, whence: number) => bigint | number;
   ioctl: (fd: number, request: number, arg: Int32Array) => number;
+  fallocate: (fd: number, mode: number, offset: number, length: number) => number;
 }
 
 let libc: Libc | undefined;
@@ -31,6 +37,7 @@ function load(): Libc {
     libc = {
       lseek: lib.func('int64_t lseek(int, int64_t, int)') as Libc['lseek'],
       ioctl: lib.func('int ioctl(int, unsigned long, _Out_ int *)') as Libc['ioctl'],
+      fallocate: lib.func('int fallocate(int, int, int64_t, int64_t)') as Libc['fallocate'],
     };
   }
   return libc;
@@ -94,4 +101,28 @@ export function mappedRanges(
     pos = Math.max(end, hole);
   }
   return ranges;
+}
+
+/**
+ * Deallocates [start, end) of each range (fallocate PUNCH_HOLE, size kept): the ranges then
+ * read as zeros and take no space. Returns false when the file system cannot punch holes.
+ * Synchronous calls: punching is a metadata update, and errno is only readable this way.
+ */
+export function punchHoles(fh: FileHandle, ranges: readonly Range[], path: string): boolean {
+  const fallocate = load().fallocate;
+  for (const r of ranges) {
+    if (r.end <= r.start) continue;
+    if (
+      fallocate(fh.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.start, r.end - r.start) === 0
+    ) {
+      continue;
+    }
+    const errno = koffi.errno();
+    if (errno === EOPNOTSUPP) return false;
+    throw new BlksyncError('EWRITE', `${path}: cannot punch holes (fallocate errno ${errno})`, {
+      path,
+      syscall: 'fallocate',
+    });
+  }
+  return true;
 }
