@@ -265,7 +265,7 @@ describe('VerifyingSource', () => {
     }));
     const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', {
       prefetch: true,
-      workerThread: true,
+      workerThreads: 2,
     });
     try {
       for (let o = 0; o < 32768; o += 4096) {

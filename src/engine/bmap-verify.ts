@@ -29,8 +29,8 @@ import type { Source } from './types.js';
 
 /** Largest range read whole and verified before any of it is handed on. */
 export const MAX_VERIFY_IN_MEMORY_BYTES = 32 * 1024 * 1024;
-/** Range buffers kept for reuse (the current range, the next one, one spare). */
-const MAX_FREE_BUFFERS = 3;
+/** Range buffers kept for reuse (the current range, those read ahead, a spare). */
+const MAX_FREE_BUFFERS = 4;
 
 // CommonJS evaluated in the worker, so the same code runs from src/ (tsx) and from dist/
 const DIGEST_WORKER_SOURCE = `
@@ -125,10 +125,12 @@ export class VerifyingSource implements Source {
   readonly #maxInMemory: number;
   #next = 0;
   #current: Buffered | Streamed | undefined;
-  /** The next range, already being read and hashed while the current one is written. */
-  #ahead: Buffered | undefined;
-  readonly #prefetch: boolean;
-  readonly #worker: DigestWorker | undefined;
+  /** The next ranges, already being read and hashed while the current one is written. */
+  #ahead: Buffered[] = [];
+  /** Ranges read ahead (0: none). */
+  readonly #lookahead: number;
+  readonly #workers: DigestWorker[];
+  #nextWorker = 0;
   readonly #free: Buffer[] = [];
   /** Ranges whose checksum passed. */
   verified = 0;
@@ -137,15 +139,16 @@ export class VerifyingSource implements Source {
    * `ranges`: the ranges with a checksum, ascending; reads outside them pass through.
    * `image` names the source in errors. `prefetch`: read and hash the next range while the
    * current one is handed out; only when every plan range is in `ranges`, since the inner
-   * source must still see its reads in ascending order. `workerThread`: hash whole ranges on
-   * a worker thread (worth its start-up for large copies).
+   * source must still see its reads in ascending order. `workerThreads`: hash whole ranges
+   * on this many worker threads (worth their start-up for large copies), as many ranges
+   * read ahead.
    */
   constructor(
     inner: Source,
     ranges: readonly VerifiedRange[],
     algorithm: string,
     image: string,
-    options: { maxInMemory?: number; prefetch?: boolean; workerThread?: boolean } = {},
+    options: { maxInMemory?: number; prefetch?: boolean; workerThreads?: number } = {},
   ) {
     this.#inner = inner;
     this.size = inner.size;
@@ -153,8 +156,9 @@ export class VerifyingSource implements Source {
     this.#algorithm = algorithm;
     this.#image = image;
     this.#maxInMemory = options.maxInMemory ?? MAX_VERIFY_IN_MEMORY_BYTES;
-    this.#prefetch = options.prefetch === true;
-    this.#worker = options.workerThread === true ? new DigestWorker() : undefined;
+    const threads = options.workerThreads ?? 0;
+    this.#workers = Array.from({ length: threads }, () => new DigestWorker());
+    this.#lookahead = options.prefetch === true ? Math.max(1, threads) : 0;
   }
 
   read(buf: Buffer, offset: number, length: number): Promise<number> {
@@ -170,23 +174,35 @@ export class VerifyingSource implements Source {
       );
     }
     if (this.#current?.range !== range) {
-      const ahead = this.#ahead?.range === range ? this.#ahead : undefined;
-      this.#ahead = undefined;
-      this.#current = ahead ?? this.#begin(range);
-      const following = this.#ranges[this.#next + 1];
-      if (
-        this.#prefetch &&
-        this.#current.kind === 'buffered' &&
-        following !== undefined &&
-        following.end - following.start <= this.#maxInMemory
-      ) {
-        this.#ahead = this.#begin(following) as Buffered;
+      const first = this.#ahead[0];
+      if (first?.range === range) this.#current = this.#ahead.shift();
+      else {
+        this.#ahead = [];
+        this.#current = this.#begin(range);
       }
+      if (this.#current!.kind === 'buffered') this.#readAhead();
     }
-    const cur = this.#current;
+    const cur = this.#current!;
     return cur.kind === 'buffered'
       ? this.#fromBuffer(cur, buf, offset, length)
       : this.#streamThrough(cur, buf, offset, length);
+  }
+
+  /**
+   * Begins the ranges after the current one, in order (the inner source sees ascending reads),
+   * up to the look-ahead, stopping before one too large to buffer.
+   */
+  #readAhead(): void {
+    let bytes = 0;
+    for (const a of this.#ahead) bytes += a.range.end - a.range.start;
+    while (this.#ahead.length < this.#lookahead) {
+      const r = this.#ranges[this.#next + 1 + this.#ahead.length];
+      if (r === undefined) return;
+      const length = r.end - r.start;
+      if (length > this.#maxInMemory || bytes + length > this.#maxInMemory * 2) return;
+      this.#ahead.push(this.#begin(r) as Buffered);
+      bytes += length;
+    }
   }
 
   #begin(range: VerifiedRange): Buffered | Streamed {
@@ -204,9 +220,10 @@ export class VerifyingSource implements Source {
       const buf = this.#buffer(length);
       const got = await this.#inner.read(buf, range.start, length);
       if (got === length) {
+        const worker = this.#workers[this.#nextWorker++ % Math.max(1, this.#workers.length)];
         const computed =
-          this.#worker !== undefined
-            ? await this.#worker.digest(this.#algorithm, buf)
+          worker !== undefined
+            ? await worker.digest(this.#algorithm, buf)
             : hash(this.#algorithm, buf, 'hex');
         this.#check(range, computed, true);
       }
@@ -277,7 +294,7 @@ export class VerifyingSource implements Source {
   }
 
   async close(): Promise<void> {
-    await this.#worker?.close();
+    await Promise.all(this.#workers.map((w) => w.close()));
     await this.#inner.close();
   }
 }

@@ -19,6 +19,7 @@
 import type { Stats } from 'node:fs';
 import { fstat } from 'node:fs';
 import { open, readFile, stat, type FileHandle } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { basename, extname } from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
@@ -48,8 +49,10 @@ import { SequentialSource } from '../io/sequential-source.js';
 import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
 import type { Plan, Sink, Source } from './types.js';
 
-/** Mapped bytes from which range checksums are computed on a worker thread. */
+/** Mapped bytes from which range checksums are computed on worker threads. */
 export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
+/** Worker threads hashing ranges: one per core, at most two (more ranges in memory buy little). */
+const HASH_WORKERS = Math.max(1, Math.min(2, availableParallelism()));
 
 export interface CopySourceOptions {
   /** A bmap file or URL to use instead of looking for one. */
@@ -336,7 +339,7 @@ export async function openCopySource(
         const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
         const verifying = new VerifyingSource(source, ranges, bmap.checksumType, src, {
           prefetch: ranges.length === bmap.ranges.length,
-          workerThread: verifiedBytes >= WORKER_HASHING_MIN_BYTES,
+          workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
         });
         cleanups.push(() => verifying.close());
         source = verifying;
