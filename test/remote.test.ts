@@ -129,6 +129,36 @@ describe('remote copy over ssh', () => {
     );
   });
 
+  test('remote to remote, relayed: only differing blocks; a new destination; a dry run', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 12 * MiB + 100;
+    const old = randomBytes(size);
+    const neu = mutate(old, [1, 4 * MiB, 11 * MiB + 3]);
+    await writeFile(join(dir, 'src.img'), neu);
+    await writeFile(join(dir, 'dst.img'), old);
+    const args = ['copy', '--json', '--ssh', s.ssh, at(s, join(dir, 'src.img'))];
+    const dry = await runCli([...args, '-n', at(s, join(dir, 'dst.img'))]);
+    assert.equal(dry.code, 0, dry.stderr);
+    assert.equal((JSON.parse(dry.stdout) as CopyResult).bytesDiffering, 3 * BS);
+    assert.deepEqual(await readFile(join(dir, 'dst.img')), old);
+
+    const r = await runCli([...args, at(s, join(dir, 'dst.img'))]);
+    assert.equal(r.code, 0, r.stderr);
+    const result = JSON.parse(r.stdout) as RemoteCopyResult;
+    assert.equal(result.bytesWritten, 3 * BS);
+    assert.deepEqual(await readFile(join(dir, 'dst.img')), neu);
+    assert.match(result.channel.host, /blksync-test → blksync-test/);
+    // two agents (~6 KiB each), hashes both ways, the blocks in from one and out to the other
+    assert.ok(result.channel.bytesSent + result.channel.bytesReceived < 64 * 1024);
+
+    const fresh = await runCli([...args, at(s, join(dir, 'new.img'))]);
+    assert.equal(fresh.code, 0, fresh.stderr);
+    assert.equal((JSON.parse(fresh.stdout) as CopyResult).created, true);
+    assert.deepEqual(await readFile(join(dir, 'new.img')), neu);
+  });
+
   test('push and pull create a missing destination, sparse; compressible data is compressed', async (t) => {
     const s = server(t);
     if (!s) return;

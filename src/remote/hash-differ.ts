@@ -83,4 +83,44 @@ export class HashDiffer {
     }
     for (const c of candidates) out.push(c);
   }
+
+  /**
+   * Like refine, but both sides are remote (a copy between two hosts relayed through this
+   * one): `mine` answers for the destination, the differ's own link for the source.
+   */
+  async refineBetween(
+    offset: number,
+    length: number,
+    mine: AgentLink,
+    out: number[],
+  ): Promise<void> {
+    let candidates = [0, length];
+    for (const unit of this.#levels) {
+      const theirs: Promise<Buffer>[] = [];
+      const ours: Promise<Buffer>[] = [];
+      for (let i = 0; i < candidates.length; i += 2) {
+        const s = candidates[i]!;
+        const len = candidates[i + 1]! - s;
+        theirs.push(this.#link.hashes(offset + s, len, unit));
+        ours.push(mine.hashes(offset + s, len, unit));
+      }
+      const [a, b] = await Promise.all([Promise.all(theirs), Promise.all(ours)]);
+      const next: number[] = [];
+      for (let i = 0; i < candidates.length; i += 2) {
+        const x = a[i / 2]!;
+        const y = b[i / 2]!;
+        const ce = candidates[i + 1]!;
+        for (let s = candidates[i]!, k = 0; s < ce; s += unit, k++) {
+          const h = k * WIRE_HASH_BYTES;
+          if (x.compare(y, h, h + WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES) === 0) continue;
+          const e = Math.min(s + unit, ce);
+          if (next.length > 0 && next[next.length - 1] === s) next[next.length - 1] = e;
+          else next.push(s, e);
+        }
+      }
+      candidates = next;
+      if (candidates.length === 0) break;
+    }
+    for (const c of candidates) out.push(c);
+  }
 }

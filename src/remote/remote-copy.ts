@@ -1,13 +1,16 @@
 /**
- * `copy` with a `host:path` end: push (local SRC → remote DST) and pull (remote SRC → local
- * DST), each run by the same pipeline as a local copy (docs/architecture.md, "Remote ends"):
+ * `copy` with a `host:path` end: push (local SRC → remote DST), pull (remote SRC → local
+ * DST) and relay (both remote, through this host), each run by the same pipeline as a local
+ * copy (docs/architecture.md, "Remote ends"):
  *
  *   push:  FileSource(SRC) + hash refinement ──► RefinedTarget ──► RemoteSink (DATA frames)
- *   pull:  RemoteSource (DST's bytes, patched with fetched blocks) ──► RefinedTarget ──► FileSink(DST)
+ *   pull:  PullSource (DST's bytes, patched with fetched blocks) ──► RefinedTarget ──► FileSink(DST)
+ *   relay: RelaySource (blocks fetched from SRC's agent) ──► RefinedTarget ──► RemoteSink
  *
- * In both, the side that holds the file locally compares its own hashes with the agent's
- * (hash-differ.ts) while the chunk is being read ahead, so refinements of several chunks
- * overlap; the target knowledge then just reports the spans found.
+ * In push and pull the side that holds the file locally compares its own hashes with the
+ * agent's (hash-differ.ts) while the chunk is being read ahead, so refinements of several
+ * chunks overlap; in a relay both agents' hashes are compared here. The target knowledge
+ * then just reports the spans found.
  */
 
 import { BlksyncError } from '../errors.js';
@@ -247,6 +250,64 @@ class PullSource implements Source {
   async close(): Promise<void> {}
 }
 
+/**
+ * Between two hosts, relayed through this one: the hashes of both agents are compared here
+ * and the differing spans fetched from SRC's agent, then sent on to DST's.
+ */
+class RelaySource implements Source {
+  readonly size: number;
+  readonly #from: AgentLink;
+  readonly #to: AgentLink;
+  readonly #differ: HashDiffer | undefined;
+  readonly #book: SpanBook;
+  readonly #fetch: boolean;
+
+  constructor(
+    size: number,
+    from: AgentLink,
+    to: AgentLink,
+    differ: HashDiffer | undefined,
+    book: SpanBook,
+    fetch: boolean,
+  ) {
+    this.size = size;
+    this.#from = from;
+    this.#to = to;
+    this.#differ = differ;
+    this.#book = book;
+    this.#fetch = fetch;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const spans: number[] = [];
+    this.#book.set(offset, spans);
+    if (this.#differ === undefined)
+      spans.push(0, length); // --full
+    else {
+      const zero = this.#to.ready.zero;
+      const [theirs, mine] = await Promise.all([
+        this.#from.topHash(offset),
+        zero ? zeroHash(length) : this.#to.topHash(offset),
+      ]);
+      if (!mine.equals(theirs)) {
+        if (zero) await this.#differ.refine(offset, buf, length, true, spans);
+        else await this.#differ.refineBetween(offset, length, this.#to, spans);
+      }
+    }
+    if (this.#fetch) {
+      const fetches: Promise<void>[] = [];
+      for (let i = 0; i < spans.length; i += 2) {
+        const s = spans[i]!;
+        fetches.push(this.#from.fetch(offset + s, spans[i + 1]! - s, buf, s));
+      }
+      await Promise.all(fetches);
+    }
+    return length;
+  }
+
+  async close(): Promise<void> {}
+}
+
 /** Counts what a sink wrote, for the message when the link drops. */
 class CountingSink implements Sink {
   written = 0;
@@ -268,7 +329,7 @@ function chunkSizeOf(options: RemoteCopyOptions): number {
   return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
 }
 
-/** Copies between a local path and `host:path` (either way). */
+/** Copies between a local path and `host:path` (either way), or between two hosts. */
 export async function remoteCopy(
   src: string,
   dst: string,
@@ -276,12 +337,6 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (srcRemote !== undefined && dstRemote !== undefined) {
-    throw new BlksyncError(
-      'EUSAGE',
-      'both ends are remote; copy to a local file first, or run blksync on one of the hosts',
-    );
-  }
   if (options.index !== undefined || options.bmap !== undefined) {
     throw new BlksyncError(
       'EUSAGE',
@@ -289,6 +344,9 @@ export async function remoteCopy(
     );
   }
   options.signal?.throwIfAborted();
+  if (srcRemote !== undefined && dstRemote !== undefined) {
+    return relay(src, dst, srcRemote, dstRemote, options);
+  }
   if (dstRemote !== undefined) return push(src, dst, dstRemote, options);
   if (srcRemote !== undefined) return pull(src, dst, srcRemote, options);
   throw new BlksyncError('EUSAGE', 'neither end is remote');
@@ -514,6 +572,109 @@ async function pull(
     await sink?.finish().catch(() => {});
     await link?.close();
     await target?.fh.close();
+  }
+}
+
+async function relay(
+  src: string,
+  dst: string,
+  fromSpec: RemoteSpec,
+  toSpec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const started = performance.now();
+  const blockSize = options.blockSize;
+  const chunkSize = chunkSizeOf(options);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  const topUnit = full ? 0 : chunkSize;
+  let from: AgentLink | undefined;
+  let to: AgentLink | undefined;
+  try {
+    from = await AgentLink.open(fromSpec, options, {
+      role: 'source',
+      path: fromSpec.path,
+      topUnit,
+      encodings: [DEFLATE_RAW],
+    });
+    const size = from.ready.size;
+    to = await AgentLink.open(toSpec, options, {
+      role: 'target',
+      path: toSpec.path,
+      size,
+      dryRun,
+      topUnit,
+      encodings: [DEFLATE_RAW],
+    });
+    const book = new SpanBook();
+    const source = new RelaySource(
+      size,
+      from,
+      to,
+      full ? undefined : new HashDiffer(from, chunkSize, blockSize),
+      book,
+      !dryRun,
+    );
+    const links = [from, to];
+    const run = await runPipeline(
+      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      source,
+      new RefinedTarget(book, () => 0),
+      dryRun ? [] : [new RemoteSink(to)],
+      {
+        blockSize,
+        chunkSize,
+        depth: REMOTE_DEPTH,
+        signal: options.signal,
+        onProgress:
+          options.onProgress &&
+          ((p) =>
+            options.onProgress!({
+              ...p,
+              channelBytesSent: links.reduce((n, l) => n + l.bytesSent, 0),
+              channelBytesReceived: links.reduce((n, l) => n + l.bytesReceived, 0),
+            } as typeof p)),
+      },
+    );
+    const fromSummary = await from.finish();
+    const toSummary = await to.finish();
+    await Promise.all([from.close(), to.close()]);
+    const a = channelStats(from, fromSpec, fromSummary);
+    const b = channelStats(to, toSpec, toSummary);
+    const result: RemoteCopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: size,
+      bytesScanned: run.bytesScanned,
+      bytesRead: toSummary.bytesRead,
+      blockSize,
+      blocksDiffering: run.blocksDiffering,
+      bytesDiffering: run.bytesDiffering,
+      bytesWritten: toSummary.bytes,
+      rangesWritten: run.ranges.count,
+      ranges: [...run.ranges.ranges],
+      created: to.ready.created,
+      destinationExtraBytes: to.ready.created ? 0 : to.ready.size - size,
+      dryRun,
+      full,
+      seconds: (performance.now() - started) / 1000,
+      channel: {
+        host: `${a.host} → ${b.host}`,
+        bytesSent: a.bytesSent + b.bytesSent,
+        bytesReceived: a.bytesReceived + b.bytesReceived,
+        remoteCpuSeconds: a.remoteCpuSeconds + b.remoteCpuSeconds,
+        encoding: a.encoding === b.encoding ? a.encoding : `${a.encoding}/${b.encoding}`,
+        remoteNode:
+          a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
+      },
+    };
+    if (run.interrupted) throw interrupted(result);
+    return result;
+  } catch (err) {
+    throw connectionLost(err, dst, to?.bytesConfirmed ?? 0);
+  } finally {
+    await to?.close();
+    await from?.close();
   }
 }
 
