@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { copy, type CopyResult } from '../src/engine/copy.js';
+import { HashPool, hashBlocksSync } from '../src/engine/hash-pool.js';
 import { makeIndex, type IndexInfo, type MakeIndexResult } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import {
@@ -518,4 +519,24 @@ test('copy --index --dry-run reports from the index and changes neither DST nor 
   assert.equal(r.bytesWritten, 0);
   assert.deepEqual(await readFile(s.dst), s.old);
   assert.deepEqual(await readFile(s.index), before);
+});
+
+test('worker-thread hashing gives the same hashes as the main thread, short last block included', async () => {
+  const length = 3 * 65536 + 1234;
+  const shared = Buffer.from(new SharedArrayBuffer(4 * 65536));
+  seededBytes(length, 77).copy(shared);
+  const expected = Buffer.alloc(4 * 32);
+  hashBlocksSync(shared, 0, length, 65536, expected, 0);
+  assert.deepEqual(expected.subarray(96), sha256(shared, 3 * 65536, length));
+  for (const threads of [0, 1, 3]) {
+    const pool = new HashPool(threads);
+    try {
+      const out = Buffer.alloc(5 * 32);
+      await pool.hashBlocks(shared, 0, length, 65536, out, 32);
+      assert.deepEqual(out.subarray(32), expected, `${threads} threads`);
+      assert.equal(pool.bytesHashed, length);
+    } finally {
+      await pool.close();
+    }
+  }
 });
