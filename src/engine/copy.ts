@@ -16,6 +16,7 @@ import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import { isRemote } from '../remote/spec.js';
+import { isUrl } from '../io/http-source.js';
 import type { RemoteOptions } from '../remote/link.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
 
@@ -127,7 +128,8 @@ export async function copy(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   options.signal?.throwIfAborted();
-  if (isRemote(src) || isRemote(dst)) {
+  // http(s)://host/... has a colon before its first slash, but is a URL source, not ssh
+  if ((isRemote(src) && !isUrl(src)) || isRemote(dst)) {
     const { remoteCopy } = await import('../remote/remote-copy.js');
     return remoteCopy(src, dst, { ...options, ...options.remote, blockSize });
   }

@@ -115,6 +115,9 @@ export interface Decoder {
  */
 export function decompress(input: number | Readable, kind: Compression, name: string): Decoder {
   const out = new PassThrough({ highWaterMark: 1024 * 1024 });
+  // the reader gets a failure when it reads (the stream keeps it); this listener only stops
+  // a decoder that fails before the first read from crashing the process
+  out.on('error', () => {});
   if (kind === 'gzip') {
     const src =
       typeof input === 'number'

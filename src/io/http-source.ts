@@ -156,6 +156,7 @@ function cutShort(
  */
 export function bodyStream(res: HttpResponse): Readable {
   const out = new PassThrough({ highWaterMark: 1024 * 1024 });
+  out.on('error', () => {}); // kept by the stream for its reader (see decompress.ts)
   let got = 0;
   let failed = false;
   const fail = (err?: unknown): void => {
