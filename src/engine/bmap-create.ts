@@ -70,9 +70,9 @@ export async function createBmap(
     const mapped = mappedRanges(src.fh, src.size, blockSize, image);
     const bytesTotal = mapped.reduce((n, r) => n + r.end - r.start, 0);
     const out: BmapRange[] = [];
-    const buf = Buffer.allocUnsafe(
-      Math.max(blockSize, Math.floor(BMAP_READ_CHUNK / blockSize) * blockSize),
-    );
+    const chunk = Math.max(blockSize, Math.floor(BMAP_READ_CHUNK / blockSize) * blockSize);
+    // two buffers: the next piece is read while the current one is hashed
+    const bufs = [Buffer.allocUnsafe(chunk), Buffer.allocUnsafe(chunk)] as const;
     const zero = Buffer.alloc(blockSize);
     let scanned = 0;
 
@@ -84,55 +84,70 @@ export async function createBmap(
       run = undefined;
     };
 
-    for (const r of mapped) {
-      for (let off = r.start; off < r.end;) {
-        options.signal?.throwIfAborted();
-        const len = Math.min(buf.length, r.end - off);
-        let got = 0;
-        try {
-          while (got < len) {
-            const { bytesRead } = await src.fh.read(buf, got, len - got, off + got);
-            if (bytesRead === 0) break;
-            got += bytesRead;
-          }
-        } catch (err) {
-          throw fromSystemError('EREAD', 'cannot read', image, err);
+    const readPiece = async (buf: Buffer, off: number, len: number): Promise<void> => {
+      let got = 0;
+      try {
+        while (got < len) {
+          const { bytesRead } = await src.fh.read(buf, got, len - got, off + got);
+          if (bytesRead === 0) break;
+          got += bytesRead;
         }
-        if (got < len) {
-          throw new BlksyncError('ESRC_SHORT', `${image} shrank while its bmap was being made`, {
-            path: image,
-          });
-        }
-        const firstBlock = off / blockSize;
-        if (!detectZeros) {
-          run ??= { first: firstBlock, hash: createHash(checksumType) };
-          run.hash.update(buf.subarray(0, len));
-        } else {
-          let spanStart = -1; // start (in buf) of non-zero blocks not yet hashed
-          for (let s = 0; s < len; s += blockSize) {
-            const e = Math.min(s + blockSize, len);
-            const isZero = buf.compare(zero, 0, e - s, s, e) === 0;
-            if (isZero) {
-              if (spanStart >= 0) run?.hash.update(buf.subarray(spanStart, s));
-              spanStart = -1;
-              close(firstBlock + s / blockSize);
-            } else {
-              run ??= { first: firstBlock + s / blockSize, hash: createHash(checksumType) };
-              if (spanStart < 0) spanStart = s;
-            }
-          }
-          if (spanStart >= 0) run?.hash.update(buf.subarray(spanStart, len));
-        }
-        off += len;
-        scanned += len;
-        options.onProgress?.({
-          bytesScanned: scanned,
-          bytesTotal,
-          bytesDiffering: 0,
-          bytesWritten: 0,
+      } catch (err) {
+        throw fromSystemError('EREAD', 'cannot read', image, err);
+      }
+      if (got < len) {
+        throw new BlksyncError('ESRC_SHORT', `${image} shrank while its bmap was being made`, {
+          path: image,
         });
       }
-      close(Math.ceil(r.end / blockSize));
+    };
+
+    const hashPiece = (buf: Buffer, off: number, len: number): void => {
+      const firstBlock = off / blockSize;
+      if (!detectZeros) {
+        run ??= { first: firstBlock, hash: createHash(checksumType) };
+        run.hash.update(buf.subarray(0, len));
+        return;
+      }
+      let spanStart = -1; // start (in buf) of non-zero blocks not yet hashed
+      for (let s = 0; s < len; s += blockSize) {
+        const e = Math.min(s + blockSize, len);
+        if (buf.compare(zero, 0, e - s, s, e) === 0) {
+          if (spanStart >= 0) run?.hash.update(buf.subarray(spanStart, s));
+          spanStart = -1;
+          close(firstBlock + s / blockSize);
+        } else {
+          run ??= { first: firstBlock + s / blockSize, hash: createHash(checksumType) };
+          if (spanStart < 0) spanStart = s;
+        }
+      }
+      if (spanStart >= 0) run?.hash.update(buf.subarray(spanStart, len));
+    };
+
+    const pieces = piecesOf(mapped, chunk);
+    let cur = pieces.next();
+    let curRead = cur.done === true ? undefined : readPiece(bufs[0], cur.value.off, cur.value.len);
+    for (let i = 0; cur.done !== true; i++) {
+      options.signal?.throwIfAborted();
+      const piece = cur.value;
+      const next = pieces.next();
+      const nextRead =
+        next.done === true
+          ? undefined
+          : readPiece(bufs[(i + 1) % 2]!, next.value.off, next.value.len);
+      nextRead?.catch(() => {}); // awaited on its turn
+      await curRead;
+      hashPiece(bufs[i % 2]!, piece.off, piece.len);
+      if (piece.rangeEnd !== undefined) close(Math.ceil(piece.rangeEnd / blockSize));
+      scanned += piece.len;
+      options.onProgress?.({
+        bytesScanned: scanned,
+        bytesTotal,
+        bytesDiffering: 0,
+        bytesWritten: 0,
+      });
+      cur = next;
+      curRead = nextRead;
     }
 
     const text = serializeBmap({ imageSize: src.size, blockSize, checksumType, ranges: out });
@@ -156,5 +171,18 @@ export async function createBmap(
     };
   } finally {
     await src.fh.close();
+  }
+}
+
+/** The reads of the mapped ranges, at most `chunk` bytes each; the last of a range says so. */
+function* piecesOf(
+  ranges: readonly { start: number; end: number }[],
+  chunk: number,
+): Generator<{ off: number; len: number; rangeEnd: number | undefined }> {
+  for (const r of ranges) {
+    for (let off = r.start; off < r.end; off += chunk) {
+      const len = Math.min(chunk, r.end - off);
+      yield { off, len, rangeEnd: off + len === r.end ? r.end : undefined };
+    }
   }
 }
