@@ -487,6 +487,8 @@ export class IndexSession {
       this.#o.imageSize,
       Math.max(start + this.checkpointBytes, target.untrustedEndAfter(start)),
     );
+    // also before the first mark: a killed earlier run's writes may still be only in the
+    // page cache, and this mark is about to vouch for them
     await dst.fh.sync();
     await this.#write({ kind: 'in-progress', dirty: { start, end } }, target.table);
     this.#report.checkpoints++;
