@@ -20,6 +20,8 @@ import {
   FrameType,
   helloFrame,
   rangeHeader,
+  TOP_HASH_GMAC,
+  topHasher,
   unitHashes,
   WIRE_HASH_BYTES,
   type Frame,
@@ -129,6 +131,16 @@ const refused: [string, (path: string, size: number) => Buffer[], string][] = [
   [
     'a second HELLO',
     (p, n) => [hello(p, n), hello(p, n), data(0, Buffer.alloc(4096, 1))],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'a GMAC top hash without a proper key',
+    (p, n) => [hello(p, n, { topUnit: MiB, topHash: 'gmac-aes128', key: 'abc' })],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'an unknown top hash',
+    (p, n) => [hello(p, n, { topUnit: MiB, topHash: 'crc32', key: '00'.repeat(16) })],
     'EREMOTE_PROTOCOL',
   ],
   [
@@ -284,6 +296,24 @@ test('random frames (seeded) never make the agent write', async (t) => {
     assert.equal(r.frames.filter((f) => f.type === FrameType.WRITTEN).length, 0);
   }
   assert.deepEqual(await readFile(path), content);
+});
+
+test('TOP_HASHES under a session key are GMAC tags that blksync can recompute', async (t) => {
+  const dir = await tempDir(t);
+  const [path, content] = await imageFile(dir, 3 * MiB);
+  const key = Buffer.alloc(16, 9);
+  const r = await runAgent([
+    hello(path, content.length, { topUnit: MiB, topHash: TOP_HASH_GMAC, key: key.toString('hex') }),
+    frame(FrameType.DONE),
+  ]);
+  assert.equal(r.error, undefined);
+  const tops = Buffer.concat(
+    r.frames.filter((f) => f.type === FrameType.TOP_HASHES).map((f) => f.payload.subarray(12)),
+  );
+  const hash = topHasher(key);
+  const expected = [0, 1, 2].map((i) => hash(content.subarray(i * MiB, (i + 1) * MiB)));
+  assert.deepEqual(tops, Buffer.concat(expected));
+  assert.notDeepEqual(tops, unitHashes(content, content.length, MiB));
 });
 
 test('a pull agent serves TOP_HASHES unasked and DATA in request order', async (t) => {

@@ -37,7 +37,10 @@ import {
   rangeHeader,
   readU64,
   unitHashes,
-  wireHash,
+  topHasher,
+  TOP_HASH_GMAC,
+  GMAC_KEY_BYTES,
+  type TopHasher,
   type Frame,
   type Hello,
   type Ready,
@@ -97,11 +100,19 @@ function parseHello(payload: Buffer): Hello {
     !isSafeUInt(o.topUnit) ||
     (o.topUnit !== 0 && (o.topUnit < MIN_HASH_UNIT || o.topUnit > MAX_REQUEST_BYTES)) ||
     !Array.isArray(o.encodings) ||
-    (o.role === 'target' && !isSafeUInt(o.size))
+    (o.role === 'target' && !isSafeUInt(o.size)) ||
+    (o.topHash !== undefined &&
+      (o.topHash !== TOP_HASH_GMAC ||
+        typeof o.key !== 'string' ||
+        !new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)))
   ) {
     throw new ProtocolError('HELLO has missing or invalid fields');
   }
   return o as Hello;
+}
+
+function hasherOf(h: Hello): TopHasher {
+  return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
 }
 
 async function readFully(fh: FileHandle, buf: Buffer, length: number, offset: number) {
@@ -174,7 +185,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     return offset;
   };
 
-  const topHashes = async (o: Opened, fh: FileHandle, unit: number): Promise<void> => {
+  const topHashes = async (
+    o: Opened,
+    fh: FileHandle,
+    unit: number,
+    hasher: TopHasher,
+  ): Promise<void> => {
     // a few buffers reused round robin: fresh 4 MiB buffers cost a page fault per 4 KiB
     const free: Buffer[] = [];
     const reads: Promise<[Buffer, number]>[] = [];
@@ -199,7 +215,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       const [buf, len] = await reads.shift()!;
       start();
       if (batch.length === 0) batchOffset = off;
-      batch.push(wireHash(buf.subarray(0, len)));
+      batch.push(hasher(buf.subarray(0, len)));
       free.push(buf);
       if (batch.length === TOP_BATCH || off + unit >= o.limit) {
         await send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
@@ -285,7 +301,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
     await send(jsonFrame(FrameType.READY, ready));
     if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined) {
-      topHashes(opened, opened.fh, h.topUnit).catch((err: unknown) => fail(err));
+      topHashes(opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => fail(err));
     }
   };
 

@@ -12,25 +12,14 @@
  * refine at once (each is a read-ahead of the pipeline), so the round trips overlap.
  */
 
-import { wireHash, WIRE_HASH_BYTES } from './protocol.js';
+import { wireHash, WIRE_HASH_BYTES, zeroHasher } from './protocol.js';
 import type { AgentLink } from './link.js';
 
 /** The middle level of the hash tree. */
 export const MID_UNIT_BYTES = 64 * 1024;
 
-let zeros = Buffer.alloc(0);
-const zeroHashes = new Map<number, Buffer>();
-
 /** The wire hash of `length` zero bytes (a new or empty local file reads as zeros). */
-export function zeroHash(length: number): Buffer {
-  let h = zeroHashes.get(length);
-  if (h === undefined) {
-    if (zeros.length < length) zeros = Buffer.alloc(length);
-    h = wireHash(zeros.subarray(0, length));
-    zeroHashes.set(length, h);
-  }
-  return h;
-}
+export const zeroHash = zeroHasher(wireHash);
 
 export class HashDiffer {
   readonly #link: AgentLink;

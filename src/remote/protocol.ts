@@ -14,7 +14,7 @@
  * only and runs on Node 18 (the agent's floor).
  */
 
-import { createHash } from 'node:crypto';
+import { createCipheriv, createHash } from 'node:crypto';
 import * as crypto from 'node:crypto';
 
 export const PROTOCOL_VERSION = 1;
@@ -79,6 +79,10 @@ export interface Hello {
   topUnit: number;
   /** Encodings blksync can read and write besides raw, in order of preference. */
   encodings: string[];
+  /** The TOP_HASHES function: TOP_HASH_GMAC with `key`, or (absent) truncated SHA-256. */
+  topHash?: string;
+  /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
+  key?: string;
 }
 
 export interface Ready {
@@ -135,6 +139,47 @@ export function unitHashes(data: Buffer, length: number, unit: number): Buffer {
     );
   }
   return out;
+}
+
+/**
+ * The top level's hash: GMAC (AES-128-GCM over the data as associated data, fixed IV) under a
+ * key blksync draws at random for each session and sends only inside the ssh channel. Two
+ * different inputs of n 16-byte blocks get the same tag only if the secret GHASH key is a
+ * root of their difference polynomial: probability ≤ n / 2^128 (≤ 2^-110 for 4 MiB) for any
+ * contents not chosen with knowledge of the key. It runs ~4× faster than SHA-256 with AES-NI
+ * and PCLMUL, and the top level hashes every byte of both sides, so it sets the pace.
+ */
+export const TOP_HASH_GMAC = 'gmac-aes128';
+/** Bytes of a TOP_HASH_GMAC key. */
+export const GMAC_KEY_BYTES = 16;
+const GMAC_IV = Buffer.alloc(12);
+
+export type TopHasher = (data: Buffer) => Buffer;
+
+/** The top-level hash for a session: GMAC under `key`, or truncated SHA-256 without one. */
+export function topHasher(key: Buffer | undefined): TopHasher {
+  if (key === undefined) return wireHash;
+  return (data) => {
+    const c = createCipheriv('aes-128-gcm', key, GMAC_IV);
+    c.setAAD(data);
+    c.final();
+    return c.getAuthTag();
+  };
+}
+
+/** Memoizes a hasher's value for all-zero inputs by length (new files read as zeros). */
+export function zeroHasher(hasher: TopHasher | typeof wireHash): (length: number) => Buffer {
+  const memo = new Map<number, Buffer>();
+  let zeros = Buffer.alloc(0);
+  return (length) => {
+    let h = memo.get(length);
+    if (h === undefined) {
+      if (zeros.length < length) zeros = Buffer.alloc(length);
+      h = hasher(zeros.subarray(0, length));
+      memo.set(length, h);
+    }
+    return h;
+  };
 }
 
 export function writeU64(buf: Buffer, value: number, at: number): void {

@@ -13,6 +13,7 @@
  * then just reports the spans found.
  */
 
+import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
 import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
@@ -29,8 +30,15 @@ import { FileSource } from '../io/file-source.js';
 import { createTarget, openSource, openTarget, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
-import { HashDiffer, zeroHash } from './hash-differ.js';
-import { wireHash, type Summary } from './protocol.js';
+import { HashDiffer } from './hash-differ.js';
+import {
+  GMAC_KEY_BYTES,
+  TOP_HASH_GMAC,
+  topHasher,
+  zeroHasher,
+  type Summary,
+  type TopHasher,
+} from './protocol.js';
 import { HashScanner } from './scanner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
@@ -178,10 +186,12 @@ class PullSource implements Source {
   readonly #differ: HashDiffer | undefined;
   readonly #book: SpanBook;
   readonly #fetch: boolean;
+  readonly #top: TopHashing;
 
   constructor(
     size: number,
     link: AgentLink,
+    top: TopHashing,
     local: { dst: FileSource; scanner: HashScanner } | undefined,
     differ: HashDiffer | undefined,
     book: SpanBook,
@@ -189,6 +199,7 @@ class PullSource implements Source {
   ) {
     this.size = size;
     this.#link = link;
+    this.#top = top;
     this.#dst = local?.dst;
     this.#scanner = local?.scanner;
     this.#differ = differ;
@@ -220,14 +231,14 @@ class PullSource implements Source {
       const theirs = this.#link.topHash(offset);
       let mine: Buffer;
       let held = false;
-      if (this.#scanner === undefined) mine = zeroHash(length);
+      if (this.#scanner === undefined) mine = this.#top.zero(length);
       else {
         const [h, scanned] = await this.#scanner.hash(offset);
         mine = h;
         if (scanned !== length) {
           // the image ends inside this unit of a larger DST: hash just the image's part
           await this.#readDst(buf, offset, length);
-          mine = wireHash(buf.subarray(0, length));
+          mine = this.#top.hash(buf.subarray(0, length));
           held = true;
         }
       }
@@ -261,11 +272,13 @@ class RelaySource implements Source {
   readonly #differ: HashDiffer | undefined;
   readonly #book: SpanBook;
   readonly #fetch: boolean;
+  readonly #top: TopHashing;
 
   constructor(
     size: number,
     from: AgentLink,
     to: AgentLink,
+    top: TopHashing,
     differ: HashDiffer | undefined,
     book: SpanBook,
     fetch: boolean,
@@ -273,6 +286,7 @@ class RelaySource implements Source {
     this.size = size;
     this.#from = from;
     this.#to = to;
+    this.#top = top;
     this.#differ = differ;
     this.#book = book;
     this.#fetch = fetch;
@@ -287,7 +301,7 @@ class RelaySource implements Source {
       const zero = this.#to.ready.zero;
       const [theirs, mine] = await Promise.all([
         this.#from.topHash(offset),
-        zero ? zeroHash(length) : this.#to.topHash(offset),
+        zero ? this.#top.zero(length) : this.#to.topHash(offset),
       ]);
       if (!mine.equals(theirs)) {
         if (zero) await this.#differ.refine(offset, buf, length, true, spans);
@@ -322,6 +336,23 @@ class CountingSink implements Sink {
   finish(): Promise<void> {
     return this.#inner.finish();
   }
+}
+
+/** The top-level hash of one session: GMAC under a fresh random key (protocol.ts). */
+interface TopHashing {
+  hello: { topHash: string; key: string };
+  hash: TopHasher;
+  zero: (length: number) => Buffer;
+}
+
+function topHashing(): TopHashing {
+  const key = randomBytes(GMAC_KEY_BYTES);
+  const hash = topHasher(key);
+  return {
+    hello: { topHash: TOP_HASH_GMAC, key: key.toString('hex') },
+    hash,
+    zero: zeroHasher(hash),
+  };
 }
 
 function chunkSizeOf(options: RemoteCopyOptions): number {
@@ -383,10 +414,11 @@ async function push(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   const source = await openSource(src);
+  const top = topHashing();
   // SRC's hashes are computed while ssh connects and the agent scans DST
   const scanner = full
     ? undefined
-    : new HashScanner(source.fh, src, source.size, chunkSize).start();
+    : new HashScanner(source.fh, src, source.size, chunkSize, top.hash).start();
   let link: AgentLink | undefined;
   try {
     link = await AgentLink.open(spec, options, {
@@ -395,6 +427,7 @@ async function push(
       size: source.size,
       dryRun,
       topUnit: full ? 0 : chunkSize,
+      ...top.hello,
       encodings: [DEFLATE_RAW],
     });
     const ready = link.ready;
@@ -472,18 +505,20 @@ async function pull(
   let target: Opened | undefined;
   let sink: CountingSink | undefined;
   let scanner: HashScanner | undefined;
+  const top = topHashing();
   try {
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
     // DST's hashes are computed while ssh connects and the agent scans SRC
     if (!full && target !== undefined && target.size > 0) {
-      scanner = new HashScanner(target.fh, dst, target.size, chunkSize).start();
+      scanner = new HashScanner(target.fh, dst, target.size, chunkSize, top.hash).start();
     }
     link = await AgentLink.open(spec, options, {
       role: 'source',
       path: spec.path,
       topUnit: full ? 0 : chunkSize,
+      ...top.hello,
       encodings: [DEFLATE_RAW],
     });
     const size = link.ready.size;
@@ -512,6 +547,7 @@ async function pull(
     const source = new PullSource(
       size,
       link,
+      top,
       local,
       full ? undefined : new HashDiffer(link, chunkSize, blockSize),
       book,
@@ -588,6 +624,7 @@ async function relay(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   const topUnit = full ? 0 : chunkSize;
+  const top = topHashing();
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
   try {
@@ -595,6 +632,7 @@ async function relay(
       role: 'source',
       path: fromSpec.path,
       topUnit,
+      ...top.hello,
       encodings: [DEFLATE_RAW],
     });
     const size = from.ready.size;
@@ -604,6 +642,7 @@ async function relay(
       size,
       dryRun,
       topUnit,
+      ...top.hello,
       encodings: [DEFLATE_RAW],
     });
     const book = new SpanBook();
@@ -611,6 +650,7 @@ async function relay(
       size,
       from,
       to,
+      top,
       full ? undefined : new HashDiffer(from, chunkSize, blockSize),
       book,
       !dryRun,

@@ -7,7 +7,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
-import { wireHash } from './protocol.js';
+import type { TopHasher } from './protocol.js';
 
 /** Reads in flight while scanning. */
 const SCAN_READ_AHEAD = 4;
@@ -25,6 +25,7 @@ export class HashScanner {
   readonly #path: string;
   #size: number;
   readonly #unit: number;
+  readonly #hasher: TopHasher;
   readonly #hashes = new Map<number, UnitHash>();
   readonly #waiters = new Map<number, Waiter>();
   #error: Error | undefined;
@@ -32,7 +33,8 @@ export class HashScanner {
   #done: Promise<void> | undefined;
   bytesRead = 0;
 
-  constructor(fh: FileHandle, path: string, size: number, unit: number) {
+  constructor(fh: FileHandle, path: string, size: number, unit: number, hasher: TopHasher) {
+    this.#hasher = hasher;
     this.#fh = fh;
     this.#path = path;
     this.#size = size;
@@ -96,7 +98,7 @@ export class HashScanner {
     for (let r = reads.shift(); r !== undefined; r = reads.shift()) {
       const [buf, offset, length] = await r;
       start();
-      const h: UnitHash = [wireHash(buf.subarray(0, length)), length];
+      const h: UnitHash = [this.#hasher(buf.subarray(0, length)), length];
       free.push(buf);
       const w = this.#waiters.get(offset);
       if (w !== undefined) {
