@@ -520,6 +520,9 @@ export class IndexSession {
     if (this.#o.dryRun || this.#o.dst === undefined) return;
     const hashes = this.target?.table ?? this.#collected?.table;
     if (hashes === undefined) return;
+    // DST's sink syncs only what this run wrote; what an earlier, killed run wrote may still
+    // be only in the page cache, and the clean index is about to vouch for it
+    await this.#o.dst.fh.sync();
     await this.#write({ kind: 'clean' }, hashes);
   }
 
