@@ -117,8 +117,12 @@ export class IndexTarget implements TargetKnowledge {
         : alignDown(Math.min(index.imageSize, imageSize), bs);
     if (covered < imageSize) {
       const last = untrusted[untrusted.length - 1];
-      if (last !== undefined && last.end >= covered) last.end = imageSize;
-      else untrusted.push({ start: covered, end: imageSize });
+      if (last !== undefined && last.end >= covered) {
+        last.start = Math.min(last.start, covered);
+        last.end = imageSize;
+      } else {
+        untrusted.push({ start: covered, end: imageSize });
+      }
     }
     this.untrusted = untrusted;
   }
