@@ -10,7 +10,10 @@ import { readdir, readFile, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { copy, type CopyResult } from '../src/engine/copy.js';
+import { apply } from '../src/engine/apply.js';
+import { copy, DEFAULT_CHUNK_SIZE, type CopyResult } from '../src/engine/copy.js';
+import { diff } from '../src/engine/diff.js';
+import { indexAsBase } from '../src/engine/index-target.js';
 import { HashPool, hashBlocksSync } from '../src/engine/hash-pool.js';
 import { makeIndex, type IndexInfo, type MakeIndexResult } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
@@ -539,4 +542,19 @@ test('worker-thread hashing gives the same hashes as the main thread, short last
       await pool.close();
     }
   }
+});
+
+test('an index stands in for BASE: diff INDEX NEW makes a patch that apply accepts', async (t) => {
+  const s = await setup(t, 3 * MIB + 5000);
+  await makeIndex(s.dst, s.index);
+  const base = await indexAsBase(s.index, DEFAULT_CHUNK_SIZE);
+  const patch = join(s.dir, 'p.bsp');
+  try {
+    const d = await diff(base, s.src, patch);
+    assert.equal(d.bytesRead, 0, 'BASE is not read');
+  } finally {
+    await base.knowledge.close();
+  }
+  await apply(patch, s.dst);
+  assert.deepEqual(await readFile(s.dst), s.neu);
 });

@@ -74,7 +74,8 @@ export class IndexTarget implements TargetKnowledge {
   readonly table: Buffer;
   readonly untrusted: readonly Range[];
   readonly #pool: HashPool;
-  readonly #reader: ReadTarget;
+  /** Reads DST where the index is not trusted; absent when there is no DST (diff INDEX NEW). */
+  readonly #reader: ReadTarget | undefined;
   readonly #scratch: Buffer;
   /** Hashes of chunks started as soon as they were read (HashingSource), by offset. */
   readonly #prefetched = new Map<number, { hashes: Buffer; done: Promise<void> }>();
@@ -85,19 +86,25 @@ export class IndexTarget implements TargetKnowledge {
   sampledBlocks = 0;
   /** Bytes read back from DST where the index was not trusted. */
   get bytesReread(): number {
-    return this.#reader.bytesRead;
+    return this.#reader?.bytesRead ?? 0;
   }
 
   get bytesRead(): number {
-    return this.#reader.bytesRead + this.#sampleBytes;
+    return this.bytesReread + this.#sampleBytes;
   }
 
-  constructor(index: IndexFile, imageSize: number, dst: Opened, chunkSize: number, pool: HashPool) {
+  constructor(
+    index: IndexFile,
+    imageSize: number,
+    dst: Opened | undefined,
+    chunkSize: number,
+    pool: HashPool,
+  ) {
     const bs = index.blockSize;
     this.blockSize = bs;
     this.imageSize = imageSize;
     this.#pool = pool;
-    this.#reader = new ReadTarget(dst.fh, dst.path, chunkSize);
+    this.#reader = dst === undefined ? undefined : new ReadTarget(dst.fh, dst.path, chunkSize);
     this.#scratch = Buffer.alloc((chunkSize / bs) * HASH_BYTES);
     this.#held = Buffer.alloc(this.#scratch.length);
     checkIndexable(imageSize, bs);
@@ -184,14 +191,23 @@ export class IndexTarget implements TargetKnowledge {
           await this.#diffByHash(offset, data, len, bs, out);
           diffed = true;
         },
-        // DST's hashes, which diff has replaced in the table by then (valid until the next diff)
+        // DST's hashes, which diff has replaced in the table by then
         heldHashes: (start, end) => {
           const s = (start / this.blockSize) * HASH_BYTES;
           const e = Math.ceil(end / this.blockSize) * HASH_BYTES;
-          return diffed ? this.#held.subarray(s, e) : this.table.subarray(first + s, first + e);
+          // a copy: callers may keep it past the next chunk, which reuses #held and the table
+          return Buffer.from(
+            diffed ? this.#held.subarray(s, e) : this.table.subarray(first + s, first + e),
+          );
         },
         release: () => {},
       };
+    }
+    if (this.#reader === undefined) {
+      throw new BlksyncError(
+        'EINDEX_STALE',
+        `the index does not vouch for bytes ${offset}-${offset + length} and there is no target to read them from`,
+      );
     }
     const read = await this.#reader.load(offset, length);
     const held = read.held!;
@@ -263,8 +279,60 @@ export class IndexTarget implements TargetKnowledge {
   }
 
   async close(): Promise<void> {
-    await this.#reader.close();
+    await this.#reader?.close();
   }
+}
+
+/** An index standing in for a BASE image that is not at hand (`blksync diff INDEX NEW`). */
+export interface IndexBase {
+  name: string;
+  size: number;
+  blockSize: number;
+  /** Hashes NEW's chunks and compares them with the stored hashes; provides heldHashes. */
+  knowledge: TargetKnowledge;
+}
+
+/**
+ * Opens an index as the knowledge of a BASE image, for making a patch without BASE's bytes.
+ * Only a clean index will do: there is no BASE to read an interrupted copy's range from.
+ * `chunkSize` must be the pipeline's; closing the knowledge stops its hashing workers.
+ */
+export async function indexAsBase(
+  path: string,
+  chunkSize: number,
+  options: { hashThreads?: number } = {},
+): Promise<IndexBase> {
+  const index = await readIndexFile(path);
+  if (index.state.kind !== 'clean') {
+    throw new BlksyncError(
+      'EINDEX_STALE',
+      `index ${path} is marked in progress (a copy was interrupted); it cannot stand for its image until a copy with it finishes`,
+      { path },
+    );
+  }
+  if (chunkSize % index.blockSize !== 0) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `index ${path}: its ${index.blockSize}-byte blocks do not divide the ${chunkSize}-byte chunks`,
+    );
+  }
+  const pool = new HashPool(options.hashThreads);
+  const target = new IndexTarget(index, index.imageSize, undefined, chunkSize, pool);
+  return {
+    name: path,
+    size: index.imageSize,
+    blockSize: index.blockSize,
+    knowledge: {
+      load: (offset, length) => target.load(offset, length),
+      get bytesRead() {
+        return 0;
+      },
+      close: async () => {
+        await target.close();
+        await pool.close();
+      },
+    },
+  };
 }
 
 export interface IndexSessionOptions {
@@ -441,8 +509,9 @@ export class IndexSession {
       if (o.rebuild) return rebuild(why2);
       throw stale(path, why2);
     }
-    const target = new IndexTarget(index, o.imageSize, o.dst!, o.chunkSize, pool);
-    const bad = await target.verifySample(o.verifySample, o.dst!);
+    const dst = o.dst!; // there is an identity, so there is a DST
+    const target = new IndexTarget(index, o.imageSize, dst, o.chunkSize, pool);
+    const bad = await target.verifySample(o.verifySample, dst);
     if (bad !== undefined) {
       const why2 = `the block at byte ${bad} of ${o.dstPath} does not match its hash`;
       if (o.rebuild) return rebuild(why2);
