@@ -12,6 +12,7 @@
  * (non-default ones such as copy-tuning too). `--size 64M` makes a quick smoke run.
  */
 
+import os from 'node:os';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/size.js';
 import { DEFAULT_IMAGE_SIZE } from './data.js';
@@ -83,6 +84,14 @@ async function main(): Promise<void> {
     imageSize: parseSize(values.size, 'image size'),
     log: (line) => console.log(line),
   };
+  const load = os.loadavg()[0]!;
+  if (load > os.cpus().length / 2) {
+    // other work on the box slows the tools unevenly; CPU seconds suffer less than wall time
+    console.log(
+      `WARNING: load average ${load.toFixed(2)} on ${os.cpus().length} CPUs: something else is ` +
+        'running, so wall times are noisy; compare the cpu s columns, or rerun on a quiet machine',
+    );
+  }
   for (const section of chosen) {
     console.log(`\n## ${section.name}: ${section.description}\n`);
     await section.run(options);

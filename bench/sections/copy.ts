@@ -92,7 +92,11 @@ export function copyTrial(spec: CommandSpec, pair: ImagePair, dst: string): Tria
         return;
       }
       if (m.status !== 0) throw fail(m, `exit status ${m.status}`);
-      if (spec.kind === 'writes') await assertSameFiles(pair.newPath, dst);
+      if (spec.kind === 'writes') {
+        await assertSameFiles(pair.newPath, dst).catch((err: Error) => {
+          throw fail(m, err.message.replace(/^CHECK FAILED: /, ''));
+        });
+      }
     },
   };
 }
