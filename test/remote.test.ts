@@ -355,6 +355,40 @@ describe('remote copy over ssh', () => {
     );
   });
 
+  test('an aborted remote copy ends with EINTERRUPTED and its partial result; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const neu = randomBytes(size);
+    await writeFile(join(dir, 'src.img'), neu);
+    for (const [src, dst] of [
+      [join(dir, 'src.img'), at(s, join(dir, 'dst.img'))],
+      [at(s, join(dir, 'src.img')), join(dir, 'dst.img')],
+    ] as const) {
+      await writeFile(join(dir, 'dst.img'), randomBytes(size));
+      const controller = new AbortController();
+      await assert.rejects(
+        copy(src, dst, {
+          remote: { ssh: s.ssh },
+          signal: controller.signal,
+          onProgress: (p) => {
+            if (p.bytesScanned >= 8 * MiB) controller.abort();
+          },
+        }),
+        (err: unknown) => {
+          assert.ok(err instanceof BlksyncError);
+          assert.equal(err.code, 'EINTERRUPTED', err.message);
+          const partial = err.partial as CopyResult;
+          assert.ok(partial.bytesScanned < size && partial.bytesWritten > 0);
+          return true;
+        },
+      );
+      await copy(src, dst, { remote: { ssh: s.ssh } });
+      assert.ok((await readFile(join(dir, 'dst.img'))).equals(neu), `${src} -> ${dst}`);
+    }
+  });
+
   test('ssh killed mid-transfer: ECONNECTION_LOST, and a rerun converges', async (t) => {
     const s = server(t);
     if (!s) return;

@@ -3,14 +3,15 @@
  * DST) and relay (both remote, through this host), each run by the same pipeline as a local
  * copy (docs/architecture.md, "Remote ends"):
  *
- *   push:  FileSource(SRC) + hash refinement ──► RefinedTarget ──► RemoteSink (DATA frames)
- *   pull:  PullSource (DST's bytes, patched with fetched blocks) ──► RefinedTarget ──► FileSink(DST)
- *   relay: RelaySource (blocks fetched from SRC's agent) ──► RefinedTarget ──► RemoteSink
+ *   push:  PushSource (SRC, re-read where it differs) ──► RefinedTarget ──► RemoteSink (DATA)
+ *   pull:  FetchedSource (blocks fetched from the agent) ──► RefinedTarget ──► FileSink(DST)
+ *   relay: FetchedSource (blocks fetched from SRC's agent) ──► RefinedTarget ──► RemoteSink
  *
- * In push and pull the side that holds the file locally compares its own hashes with the
- * agent's (hash-differ.ts) while the chunk is being read ahead, so refinements of several
- * chunks overlap; in a relay both agents' hashes are compared here. The target knowledge
- * then just reports the spans found.
+ * A Refiner (refiner.ts) compares each chunk's top-level hashes as soon as both are known —
+ * the local file's from a HashScanner started before ssh connects, the agent's from its
+ * stream; in a relay both agents' — and refines the chunks that differ ahead of the pipeline,
+ * several at once. The sources hand its results to the pipeline in order, and the target
+ * knowledge (RefinedTarget) reports the spans found.
  */
 
 import { randomBytes } from 'node:crypto';
@@ -40,6 +41,8 @@ import {
   type TopHasher,
 } from './protocol.js';
 import { HashScanner } from './scanner.js';
+import { Refiner, type Found } from './refiner.js';
+import { BufferPool } from '../engine/knowledge.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
@@ -115,44 +118,27 @@ class RefinedTarget implements TargetKnowledge {
 }
 
 /**
- * Push: a chunk whose hash (from the scanner) equals the agent's is not read again; the
- * others are read and refined to blocks.
+ * Push: the refiner found the spans; a chunk is read again (into the pipeline's buffer) only
+ * when it has some.
  */
 class PushSource implements Source {
   readonly size: number;
   readonly #file: FileSource;
-  readonly #scanner: HashScanner;
-  readonly #link: AgentLink;
-  readonly #differ: HashDiffer;
+  readonly #refiner: Refiner;
   readonly #book: SpanBook;
 
-  constructor(
-    file: FileSource,
-    scanner: HashScanner,
-    link: AgentLink,
-    differ: HashDiffer,
-    book: SpanBook,
-  ) {
+  constructor(file: FileSource, refiner: Refiner, book: SpanBook) {
     this.size = file.size;
     this.#file = file;
-    this.#scanner = scanner;
-    this.#link = link;
-    this.#differ = differ;
+    this.#refiner = refiner;
     this.#book = book;
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    const [[mine], theirs] = await Promise.all([
-      this.#scanner.hash(offset),
-      this.#link.topHash(offset),
-    ]);
-    const spans: number[] = [];
+    const { spans } = await this.#refiner.get(offset);
     this.#book.set(offset, spans);
-    if (mine.equals(theirs)) return length;
-    const got = await this.#file.read(buf, offset, length);
-    if (got < length) return got;
-    await this.#differ.refine(offset, buf, length, false, spans);
-    return got;
+    if (spans.length === 0) return length;
+    return this.#file.read(buf, offset, length);
   }
 
   close(): Promise<void> {
@@ -173,87 +159,47 @@ class RemoteSink implements Sink {
 }
 
 /**
- * Pull: the new bytes are on the remote. A chunk is DST's own bytes (or zeros) with the
- * differing spans fetched into it, so only those spans are ever sent; DST is read again only
- * where its hash (from the scanner) differs from the agent's.
+ * Pull and relay: the new bytes are on a remote. The refiner fetched the differing spans'
+ * bytes (or, with --full, every chunk is fetched here); a chunk hands them to the pipeline at
+ * their places, so only they are written. What the buffer holds elsewhere is never written.
  */
-class PullSource implements Source {
+class FetchedSource implements Source {
   readonly size: number;
-  #reread = 0;
+  readonly #refiner: Refiner | undefined;
   readonly #link: AgentLink;
-  readonly #dst: FileSource | undefined;
-  readonly #scanner: HashScanner | undefined;
-  readonly #differ: HashDiffer | undefined;
   readonly #book: SpanBook;
-  readonly #fetch: boolean;
-  readonly #top: TopHashing;
+  readonly #fetchAll: boolean;
 
+  /** `refiner` undefined: --full, fetch every chunk whole (unless `fetchAll` is false: dry run). */
   constructor(
     size: number,
     link: AgentLink,
-    top: TopHashing,
-    local: { dst: FileSource; scanner: HashScanner } | undefined,
-    differ: HashDiffer | undefined,
+    refiner: Refiner | undefined,
     book: SpanBook,
-    fetch: boolean,
+    fetchAll: boolean,
   ) {
     this.size = size;
     this.#link = link;
-    this.#top = top;
-    this.#dst = local?.dst;
-    this.#scanner = local?.scanner;
-    this.#differ = differ;
+    this.#refiner = refiner;
     this.#book = book;
-    this.#fetch = fetch;
-  }
-
-  get bytesRead(): number {
-    return (this.#scanner?.bytesRead ?? 0) + this.#reread;
-  }
-
-  async #readDst(buf: Buffer, offset: number, length: number): Promise<void> {
-    const got = await this.#dst!.read(buf, offset, length);
-    this.#reread += got;
-    if (got < length) {
-      throw new BlksyncError(
-        'EDEST_SHORT',
-        `destination ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
-      );
-    }
+    this.#fetchAll = fetchAll;
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    const spans: number[] = [];
-    this.#book.set(offset, spans);
-    if (this.#differ === undefined) {
-      spans.push(0, length); // --full
-    } else {
-      const theirs = this.#link.topHash(offset);
-      let mine: Buffer;
-      let held = false;
-      if (this.#scanner === undefined) mine = this.#top.zero(length);
-      else {
-        const [h, scanned] = await this.#scanner.hash(offset);
-        mine = h;
-        if (scanned !== length) {
-          // the image ends inside this unit of a larger DST: hash just the image's part
-          await this.#readDst(buf, offset, length);
-          mine = this.#top.hash(buf.subarray(0, length));
-          held = true;
-        }
-      }
-      if (!mine.equals(await theirs)) {
-        if (this.#scanner !== undefined && !held) await this.#readDst(buf, offset, length);
-        await this.#differ.refine(offset, buf, length, this.#scanner === undefined, spans);
-      }
+    if (this.#refiner === undefined) {
+      this.#book.set(offset, [0, length]);
+      if (this.#fetchAll) await this.#link.fetch(offset, length, buf, 0);
+      return length;
     }
-    if (this.#fetch) {
-      const fetches: Promise<void>[] = [];
-      for (let i = 0; i < spans.length; i += 2) {
+    const { spans, data } = await this.#refiner.get(offset);
+    this.#book.set(offset, spans);
+    if (data !== undefined) {
+      for (let i = 0, at = 0; i < spans.length; i += 2) {
         const s = spans[i]!;
-        fetches.push(this.#link.fetch(offset + s, spans[i + 1]! - s, buf, s));
+        const e = spans[i + 1]!;
+        data.copy(buf, s, at, at + e - s);
+        at += e - s;
       }
-      await Promise.all(fetches);
     }
     return length;
   }
@@ -261,65 +207,38 @@ class PullSource implements Source {
   async close(): Promise<void> {}
 }
 
-/**
- * Between two hosts, relayed through this one: the hashes of both agents are compared here
- * and the differing spans fetched from SRC's agent, then sent on to DST's.
- */
-class RelaySource implements Source {
-  readonly size: number;
-  readonly #from: AgentLink;
-  readonly #to: AgentLink;
-  readonly #differ: HashDiffer | undefined;
-  readonly #book: SpanBook;
-  readonly #fetch: boolean;
-  readonly #top: TopHashing;
-
-  constructor(
-    size: number,
-    from: AgentLink,
-    to: AgentLink,
-    top: TopHashing,
-    differ: HashDiffer | undefined,
-    book: SpanBook,
-    fetch: boolean,
-  ) {
-    this.size = size;
-    this.#from = from;
-    this.#to = to;
-    this.#top = top;
-    this.#differ = differ;
-    this.#book = book;
-    this.#fetch = fetch;
+/** Fetches `spans` of the chunk at `offset` from `link` into one buffer, back to back. */
+async function fetchSpans(link: AgentLink, offset: number, spans: number[]): Promise<Buffer> {
+  let total = 0;
+  for (let i = 0; i < spans.length; i += 2) total += spans[i + 1]! - spans[i]!;
+  const data = Buffer.allocUnsafe(total);
+  const fetches: Promise<void>[] = [];
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const s = spans[i]!;
+    const len = spans[i + 1]! - s;
+    fetches.push(link.fetch(offset + s, len, data, at));
+    at += len;
   }
+  await Promise.all(fetches);
+  return data;
+}
 
-  async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    const spans: number[] = [];
-    this.#book.set(offset, spans);
-    if (this.#differ === undefined)
-      spans.push(0, length); // --full
-    else {
-      const zero = this.#to.ready.zero;
-      const [theirs, mine] = await Promise.all([
-        this.#from.topHash(offset),
-        zero ? this.#top.zero(length) : this.#to.topHash(offset),
-      ]);
-      if (!mine.equals(theirs)) {
-        if (zero) await this.#differ.refine(offset, buf, length, true, spans);
-        else await this.#differ.refineBetween(offset, length, this.#to, spans);
-      }
-    }
-    if (this.#fetch) {
-      const fetches: Promise<void>[] = [];
-      for (let i = 0; i < spans.length; i += 2) {
-        const s = spans[i]!;
-        fetches.push(this.#from.fetch(offset + s, spans[i + 1]! - s, buf, s));
-      }
-      await Promise.all(fetches);
-    }
-    return length;
+/** Reads [offset, offset + length) of a local file into `buf`, all of it or EDEST_SHORT. */
+async function readChunk(
+  file: FileSource,
+  path: string,
+  buf: Buffer,
+  offset: number,
+  length: number,
+): Promise<void> {
+  const got = await file.read(buf, offset, length);
+  if (got < length) {
+    throw new BlksyncError(
+      'EDEST_SHORT',
+      `${path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+      { path },
+    );
   }
-
-  async close(): Promise<void> {}
 }
 
 /** Counts what a sink wrote, for the message when the link drops. */
@@ -415,6 +334,7 @@ async function push(
   const full = options.full === true;
   const source = await openSource(src);
   const top = topHashing();
+  let refiner: Refiner | undefined;
   // SRC's hashes are computed while ssh connects and the agent scans DST
   const scanner = full
     ? undefined
@@ -440,7 +360,29 @@ async function push(
       knowledge = new ZeroTarget();
       await scanner?.stop();
     } else {
-      input = new PushSource(file, scanner, link, new HashDiffer(link, chunkSize, blockSize), book);
+      const differ = new HashDiffer(link, chunkSize, blockSize);
+      const pool = new BufferPool(chunkSize);
+      const l = link;
+      refiner = new Refiner(
+        source.size,
+        chunkSize,
+        async (offset) => {
+          const [[mine], theirs] = await Promise.all([scanner.hash(offset), l.topHash(offset)]);
+          return mine.equals(theirs);
+        },
+        async (offset, length): Promise<Found> => {
+          const buf = pool.get();
+          try {
+            await readChunk(file, src, buf, offset, length);
+            const spans: number[] = [];
+            await differ.refine(offset, buf, length, false, spans);
+            return { spans };
+          } finally {
+            pool.put(buf);
+          }
+        },
+      );
+      input = new PushSource(file, refiner, book);
       knowledge = new RefinedTarget(book, () => 0);
     }
     const run = await runPipeline(
@@ -456,6 +398,7 @@ async function push(
         onProgress: options.onProgress && withChannel(options.onProgress, link),
       },
     );
+    await refiner?.stop();
     const summary = await link.finish();
     const result: RemoteCopyResult = {
       source: src,
@@ -484,6 +427,7 @@ async function push(
   } catch (err) {
     throw connectionLost(err, dst, link?.bytesConfirmed ?? 0);
   } finally {
+    await refiner?.stop();
     await scanner?.stop();
     await link?.close();
     await source.fh.close();
@@ -505,6 +449,7 @@ async function pull(
   let target: Opened | undefined;
   let sink: CountingSink | undefined;
   let scanner: HashScanner | undefined;
+  let refiner: Refiner | undefined;
   const top = topHashing();
   try {
     // refusals of the local end come before ssh is even started
@@ -540,19 +485,50 @@ async function pull(
       );
     }
     const book = new SpanBook();
+    const l = link;
+    const s = scanner;
     const local =
-      target !== undefined && !zero && scanner !== undefined
-        ? { dst: new FileSource(target.fh, dst, target.size, false), scanner }
+      target !== undefined && !zero
+        ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
-    const source = new PullSource(
-      size,
-      link,
-      top,
-      local,
-      full ? undefined : new HashDiffer(link, chunkSize, blockSize),
-      book,
-      !dryRun,
-    );
+    let reread = 0;
+    if (!full) {
+      const differ = new HashDiffer(link, chunkSize, blockSize);
+      const pool = new BufferPool(chunkSize);
+      refiner = new Refiner(
+        size,
+        chunkSize,
+        async (offset, length) => {
+          const theirs = l.topHash(offset);
+          if (local === undefined || s === undefined) return top.zero(length).equals(await theirs);
+          const [mine, scanned] = await s.hash(offset);
+          // the image ends inside this unit of a larger DST: let the finer hashes decide
+          if (scanned !== length) {
+            await theirs;
+            return false;
+          }
+          return mine.equals(await theirs);
+        },
+        async (offset, length): Promise<Found> => {
+          const spans: number[] = [];
+          if (local === undefined)
+            await differ.refine(offset, Buffer.alloc(0), length, true, spans);
+          else {
+            const buf = pool.get();
+            try {
+              await readChunk(local, dst, buf, offset, length);
+              reread += length;
+              await differ.refine(offset, buf, length, false, spans);
+            } finally {
+              pool.put(buf);
+            }
+          }
+          return dryRun ? { spans } : { spans, data: await fetchSpans(l, offset, spans) };
+        },
+      );
+    }
+    const source = new FetchedSource(size, link, refiner, book, !dryRun);
+    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread;
     if (!dryRun && target !== undefined) {
       sink = new CountingSink(
         new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' }),
@@ -561,7 +537,7 @@ async function pull(
     const run = await runPipeline(
       { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
       source,
-      new RefinedTarget(book, () => source.bytesRead),
+      new RefinedTarget(book, bytesRead),
       sink ? [sink] : [],
       {
         blockSize,
@@ -572,8 +548,10 @@ async function pull(
       },
     );
     await sink?.finish();
+    await refiner?.stop();
     const summary = await link.finish();
-    if (!dryRun && summary.bytes !== run.bytesWritten) {
+    // the refiner fetches ahead, so an interrupted run received more than it wrote
+    if (!dryRun && !run.interrupted && summary.bytes !== run.bytesWritten) {
       throw new BlksyncError(
         'EVERIFY',
         `${link.name}: sent ${summary.bytes} bytes but ${run.bytesWritten} were written; rerun the command`,
@@ -585,7 +563,7 @@ async function pull(
       destination: dst,
       bytesTotal: size,
       bytesScanned: run.bytesScanned,
-      bytesRead: source.bytesRead,
+      bytesRead: bytesRead(),
       blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
@@ -604,6 +582,7 @@ async function pull(
   } catch (err) {
     throw connectionLost(err, dst, sink?.written ?? 0);
   } finally {
+    await refiner?.stop();
     await scanner?.stop();
     await sink?.finish().catch(() => {});
     await link?.close();
@@ -627,6 +606,7 @@ async function relay(
   const top = topHashing();
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
+  let refiner: Refiner | undefined;
   try {
     from = await AgentLink.open(fromSpec, options, {
       role: 'source',
@@ -646,15 +626,29 @@ async function relay(
       encodings: [DEFLATE_RAW],
     });
     const book = new SpanBook();
-    const source = new RelaySource(
-      size,
-      from,
-      to,
-      top,
-      full ? undefined : new HashDiffer(from, chunkSize, blockSize),
-      book,
-      !dryRun,
-    );
+    const f = from;
+    const t = to;
+    if (!full) {
+      const differ = new HashDiffer(from, chunkSize, blockSize);
+      refiner = new Refiner(
+        size,
+        chunkSize,
+        async (offset, length) => {
+          const [theirs, mine] = await Promise.all([
+            f.topHash(offset),
+            t.ready.zero ? top.zero(length) : t.topHash(offset),
+          ]);
+          return mine.equals(theirs);
+        },
+        async (offset, length): Promise<Found> => {
+          const spans: number[] = [];
+          if (t.ready.zero) await differ.refine(offset, Buffer.alloc(0), length, true, spans);
+          else await differ.refineBetween(offset, length, t, spans);
+          return dryRun ? { spans } : { spans, data: await fetchSpans(f, offset, spans) };
+        },
+      );
+    }
+    const source = new FetchedSource(size, from, refiner, book, !dryRun);
     const links = [from, to];
     const run = await runPipeline(
       { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
@@ -676,6 +670,7 @@ async function relay(
             } as typeof p)),
       },
     );
+    await refiner?.stop();
     const fromSummary = await from.finish();
     const toSummary = await to.finish();
     await Promise.all([from.close(), to.close()]);
@@ -713,6 +708,7 @@ async function relay(
   } catch (err) {
     throw connectionLost(err, dst, to?.bytesConfirmed ?? 0);
   } finally {
+    await refiner?.stop();
     await to?.close();
     await from?.close();
   }
