@@ -326,6 +326,22 @@ describe('remote copy over ssh', () => {
     assert.equal(existsSync(join(dir, 'dst.img')), false);
   });
 
+  test('--sudo runs the agent through sudo -n', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    if (!need(t, existsSync('/usr/bin/sudo') && process.getuid?.() === 0, 'needs root and sudo')) {
+      return;
+    }
+    const dir = await tempDir(t);
+    const data = randomBytes(2 * MiB);
+    await writeFile(join(dir, 'src.img'), data);
+    const r = await copy(join(dir, 'src.img'), at(s, join(dir, 'dst.img')), {
+      remote: { ssh: s.ssh, sudo: true },
+    });
+    assert.equal(r.created, true);
+    assert.deepEqual(await readFile(join(dir, 'dst.img')), data);
+  });
+
   test('an unreachable host is ESSH', async (t) => {
     const s = server(t);
     if (!s) return;
