@@ -127,7 +127,9 @@ export async function copy(
   );
   const dryRun = options.dryRun === true;
   const full = options.full === true;
-  options.signal?.throwIfAborted();
+  if (options.signal?.aborted === true) {
+    throw new BlksyncError('EINTERRUPTED', 'interrupted before starting; nothing was written');
+  }
   // http(s)://host/... has a colon before its first slash, but is a URL source, not ssh
   if ((isRemote(src) && !isUrl(src)) || isRemote(dst)) {
     const { remoteCopy } = await import('../remote/remote-copy.js');
@@ -159,7 +161,7 @@ export async function copy(
       // and the rest stay holes
       if (found.fh !== undefined) {
         if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device') throw tooSmall(dst, 0, source.size);
+        if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
         if (!dryRun) await found.fh.truncate(source.size);
         target = found;
       } else if (!dryRun) {
@@ -253,7 +255,7 @@ export async function copy(
 function sameFileError(src: string, dst: string): BlksyncError {
   return new BlksyncError(
     'ESAME_FILE',
-    `${src} and ${dst} are the same file or device; nothing to do`,
+    `${src} and ${dst} are the same file or device (or one is a partition of the other); choose another destination`,
     {
       path: dst,
     },
