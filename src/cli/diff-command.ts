@@ -29,7 +29,10 @@ export function registerDiff(program: Command, setExit: SetExit): void {
     .description(
       'write a patch of the blocks of NEW that differ from BASE (apply it with blksync apply)',
     )
-    .argument('<base>', 'the image the patch will be applied to (file or block device)')
+    .argument(
+      '<base>',
+      'the image the patch will be applied to (file or block device), or its index (blksync index)',
+    )
     .argument('<new>', 'the image the patch turns BASE into')
     .requiredOption('-o, --output <patch>', 'the patch file, or - for stdout')
     .addOption(blockSizeOption())

@@ -3,13 +3,13 @@
  * magic; each type is one entry of FILE_TYPES (add a patch or other format there).
  */
 
-import { open } from 'node:fs/promises';
 import type { Command } from '@commander-js/extra-typings';
 import type { IndexInfo } from '../engine/make-index.js';
-import { BlksyncError, fromSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import { INDEX_MAGIC } from '../formats/index-file.js';
 import { PATCH_MAGIC } from '../formats/patch.js';
 import { describePatch, patchInfoText } from '../formats/patch-info.js';
+import { readHead, startsWith } from '../io/file-head.js';
 import { formatBytes } from '../size.js';
 import { reportError, type SetExit } from './common.js';
 
@@ -61,28 +61,10 @@ export const FILE_TYPES: FileType[] = [
 
 const MAGIC_BYTES = Math.max(...FILE_TYPES.map((t) => t.magic.length));
 
-async function readMagic(path: string): Promise<Buffer> {
-  let fh;
-  try {
-    fh = await open(path, 'r');
-  } catch (err) {
-    throw fromSystemError('EINDEX_OPEN', 'cannot open', path, err);
-  }
-  try {
-    const buf = Buffer.alloc(MAGIC_BYTES);
-    const { bytesRead } = await fh.read(buf, 0, MAGIC_BYTES, 0);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
-  }
-}
-
 /** Describes a blksync file of any known type. */
 export async function describeFile(path: string): Promise<{ json: object; text: string }> {
-  const head = await readMagic(path);
-  const type = FILE_TYPES.find(
-    (t) => head.length >= t.magic.length && head.subarray(0, t.magic.length).equals(t.magic),
-  );
+  const head = await readHead(path, MAGIC_BYTES, 'EINDEX_OPEN');
+  const type = FILE_TYPES.find((t) => startsWith(head, t.magic));
   if (type === undefined) {
     throw new BlksyncError(
       'EINFO_UNKNOWN',

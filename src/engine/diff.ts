@@ -20,6 +20,8 @@ import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import { clipped, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
 import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
+import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
+import { hasMagic } from '../io/file-head.js';
 import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
@@ -161,6 +163,17 @@ export async function diff(
   output: string | Writable,
   options: DiffOptions = {},
 ): Promise<DiffResult> {
+  if (typeof base === 'string' && (await hasMagic(base, INDEX_MAGIC))) {
+    // an index made by `blksync index` stands for its image: only NEW is read
+    const { indexAsBase } = await import('./index-target.js');
+    const { blockSize } = await readIndexSummary(base);
+    const indexBase = await indexAsBase(base, chunkSizeFor(blockSize, options.chunkSize));
+    try {
+      return await diff(indexBase, next, output, options);
+    } finally {
+      await indexBase.knowledge.close().catch(() => {});
+    }
+  }
   const started = performance.now();
   const indexBase = typeof base === 'string' ? undefined : base;
   const blockSize = checkBlockSize(indexBase?.blockSize ?? options.blockSize ?? DEFAULT_BLOCK_SIZE);
