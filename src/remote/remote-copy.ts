@@ -16,7 +16,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
-import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
+import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
 import type {
   ChunkKnowledge,
@@ -42,7 +42,6 @@ import {
 } from './protocol.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
-import { BufferPool } from '../engine/knowledge.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
