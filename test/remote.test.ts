@@ -7,8 +7,10 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { chmod, readFile, stat, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { chmod, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/engine/copy.js';
 import { BlksyncError } from '../src/errors.js';
@@ -20,6 +22,7 @@ import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
 import { tempDir } from './helpers/tmp.js';
 
 const BS = 4096;
+const CLI_ENTRY = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
 const MiB = 1024 * 1024;
 
 /** Flips one byte at each offset. */
@@ -403,6 +406,43 @@ describe('remote copy over ssh', () => {
       await copy(src, dst, { remote: { ssh: s.ssh } });
       assert.ok((await readFile(join(dir, 'dst.img'))).equals(neu), `${src} -> ${dst}`);
     }
+  });
+
+  test('Ctrl-C to the whole process group (ssh too) exits 130 with EINTERRUPTED; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 96 * MiB;
+    const neu = randomBytes(size);
+    const old = randomBytes(size);
+    await writeFile(join(dir, 'src.img'), neu);
+    await writeFile(join(dir, 'dst.img'), old);
+    const args = ['copy', '--ssh', s.ssh, join(dir, 'src.img'), at(s, join(dir, 'dst.img'))];
+    // detached: its own process group, which a terminal's Ctrl-C signals as a whole
+    const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, ...args], {
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.stdout.resume();
+    const closed = new Promise<number | null>((resolve) => child.on('close', resolve));
+    const head = Buffer.alloc(64 * 1024);
+    for (let i = 0; i < 400; i++) {
+      await new Promise((r) => setTimeout(r, 25));
+      const fh = await open(join(dir, 'dst.img'), 'r');
+      await fh.read(head, 0, head.length, 0);
+      await fh.close();
+      if (!head.equals(old.subarray(0, head.length))) break;
+    }
+    process.kill(-child.pid!, 'SIGINT');
+    const code = await closed;
+    assert.equal(code, 130, stderr);
+    assert.match(stderr, /\[EINTERRUPTED\]/);
+    assert.ok(!(await readFile(join(dir, 'dst.img'))).equals(neu), 'interrupted before the end');
+    const again = await runCli(args);
+    assert.equal(again.code, 0, again.stderr);
+    assert.ok((await readFile(join(dir, 'dst.img'))).equals(neu));
   });
 
   test('ssh killed mid-transfer: ECONNECTION_LOST, and a rerun converges', async (t) => {

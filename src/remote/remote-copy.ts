@@ -301,8 +301,29 @@ export async function remoteCopy(
   throw new BlksyncError('EUSAGE', 'neither end is remote');
 }
 
-function connectionLost(err: unknown, dst: string, written: number): unknown {
+/** How long a dropped link waits for a Ctrl-C that may have dropped it to be noticed. */
+const SIGNAL_GRACE_MS = 200;
+
+async function connectionLost(
+  err: unknown,
+  dst: string,
+  written: number,
+  signal: AbortSignal | undefined,
+): Promise<unknown> {
   if (err instanceof BlksyncError && err.code === 'ECONNECTION_LOST') {
+    if (signal !== undefined && !signal.aborted) {
+      // ssh may have died of the same SIGINT whose handler has not run yet
+      await new Promise((resolve) => setTimeout(resolve, SIGNAL_GRACE_MS));
+    }
+    if (signal?.aborted === true) {
+      // Ctrl-C reaches ssh too (same process group, which it needs for password prompts),
+      // so an interrupted run usually sees the link drop first: it is still an interruption
+      return new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(written)} had been written to ${dst}; rerun the same command to finish`,
+        { cause: err },
+      );
+    }
     return new BlksyncError(
       'ECONNECTION_LOST',
       `${err.message}; ${formatBytes(written)} had been written to ${dst}; rerun the same command to finish`,
@@ -424,7 +445,7 @@ async function push(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw connectionLost(err, dst, link?.bytesConfirmed ?? 0);
+    throw await connectionLost(err, dst, link?.bytesConfirmed ?? 0, options.signal);
   } finally {
     await refiner?.stop();
     await scanner?.stop();
@@ -579,7 +600,7 @@ async function pull(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw connectionLost(err, dst, sink?.written ?? 0);
+    throw await connectionLost(err, dst, sink?.written ?? 0, options.signal);
   } finally {
     await refiner?.stop();
     await scanner?.stop();
@@ -705,7 +726,7 @@ async function relay(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw connectionLost(err, dst, to?.bytesConfirmed ?? 0);
+    throw await connectionLost(err, dst, to?.bytesConfirmed ?? 0, options.signal);
   } finally {
     await refiner?.stop();
     await to?.close();
