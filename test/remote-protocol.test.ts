@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFile, writeFile } from 'node:fs/promises';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
@@ -251,6 +251,35 @@ for (const [what, frames, code] of refused) {
     assert.deepEqual(await readFile(path), content);
   });
 }
+
+test('offsets past 4 GiB travel as u64 (sparse 5 GiB image)', async (t) => {
+  const dir = await tempDir(t);
+  const path = join(dir, 'big.img');
+  const size = 5 * 1024 * MiB;
+  const fh = await open(path, 'w');
+  await fh.truncate(size);
+  await fh.close();
+  const at = 4 * 1024 * MiB + 12345 * 4096;
+  const piece = Buffer.alloc(4096, 0x77);
+  const r = await runAgent([
+    hello(path, size),
+    data(at, piece),
+    frame(FrameType.HASH_REQ, rangeHeader(at, 8192, 4096)),
+    frame(FrameType.DONE),
+  ]);
+  assert.equal(r.error, undefined);
+  const hashes = r.frames.find((f) => f.type === FrameType.HASHES)!.payload;
+  assert.equal(hashes.readUInt32BE(0), 1, 'high word of the offset');
+  assert.deepEqual(
+    hashes.subarray(12),
+    unitHashes(Buffer.concat([piece, Buffer.alloc(4096)]), 8192, 4096),
+  );
+  const check = await open(path, 'r');
+  const back = Buffer.alloc(4096);
+  await check.read(back, 0, 4096, at);
+  await check.close();
+  assert.deepEqual(back, piece);
+});
 
 test('valid DATA before a bad frame is written; nothing after it is', async (t) => {
   const dir = await tempDir(t);
