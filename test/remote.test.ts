@@ -345,7 +345,7 @@ describe('remote copy over ssh', () => {
     assert.deepEqual(await readFile(join(dir, 'dst.img')), data);
   });
 
-  test('an unreachable host is ESSH', async (t) => {
+  test('an unreachable host or a missing ssh is ESSH', async (t) => {
     const s = server(t);
     if (!s) return;
     const dir = await tempDir(t);
@@ -354,6 +354,13 @@ describe('remote copy over ssh', () => {
     await rejectsWith(
       copy(join(dir, 'src.img'), at(s, join(dir, 'dst.img')), { remote: { ssh } }),
       'ESSH',
+    );
+    await rejectsWith(
+      copy(join(dir, 'src.img'), at(s, join(dir, 'dst.img')), {
+        remote: { ssh: '/nonexistent/ssh -x' },
+      }),
+      'ESSH',
+      /cannot run ssh/,
     );
   });
 

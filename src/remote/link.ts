@@ -245,15 +245,6 @@ export class AgentLink {
     clearTimeout(timer);
   }
 
-  /** Kills ssh at once (tests use it to drop the link). */
-  kill(): void {
-    this.#child.kill('SIGKILL');
-  }
-
-  get pid(): number | undefined {
-    return this.#child.pid;
-  }
-
   #write(buf: Buffer): boolean {
     this.bytesSent += buf.length;
     return this.#child.stdin.write(buf);
