@@ -61,6 +61,7 @@ export interface AgentStreams {
 }
 
 interface Opened {
+  path: string;
   /** Undefined only in a dry run onto a missing file, which reads as zeros. */
   fh: FileHandle | undefined;
   /** Bytes the protocol may touch: the image size (target) or the file size (source). */
@@ -115,7 +116,13 @@ function hasherOf(h: Hello): TopHasher {
   return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
 }
 
-async function readFully(fh: FileHandle, buf: Buffer, length: number, offset: number) {
+async function readFully(
+  o: Opened,
+  fh: FileHandle,
+  buf: Buffer,
+  length: number,
+  offset: number,
+): Promise<void> {
   let got = 0;
   while (got < length) {
     const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
@@ -123,7 +130,11 @@ async function readFully(fh: FileHandle, buf: Buffer, length: number, offset: nu
     got += bytesRead;
   }
   if (got < length) {
-    throw new BlksyncError('EDEST_SHORT', `file ended at ${offset + got} bytes while being read`);
+    throw new BlksyncError(
+      o.role === 'source' ? 'ESRC_SHORT' : 'EDEST_SHORT',
+      `${o.path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+      { path: o.path },
+    );
   }
 }
 
@@ -201,7 +212,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       const len = Math.min(unit, o.limit - off);
       next += len;
       const buf = free.pop() ?? Buffer.allocUnsafe(unit);
-      const p = readFully(fh, buf, len, off).then((): [Buffer, number] => {
+      const p = readFully(o, fh, buf, len, off).then((): [Buffer, number] => {
         bytesRead += len;
         return [buf, len];
       });
@@ -231,6 +242,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     if (h.role === 'source') {
       const src = await openSource(h.path);
       opened = {
+        path: h.path,
         fh: src.fh,
         limit: src.size,
         role: 'source',
@@ -278,6 +290,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         }
       }
       opened = {
+        path: h.path,
         // a dry run onto a missing file reads nothing: the image is all zeros
         fh,
         limit: size,
@@ -324,7 +337,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           throw new ProtocolError(`bad hash unit ${unit}`);
         }
         const buf = Buffer.allocUnsafe(length);
-        await readFully(o.fh, buf, length, offset);
+        await readFully(o, o.fh, buf, length, offset);
         bytesRead += length;
         await send(
           frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)),
@@ -358,7 +371,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         const length = p.readUInt32BE(8);
         const offset = checkRange(readU64(p, 0), length);
         const buf = Buffer.allocUnsafe(length);
-        await readFully(o.fh!, buf, length, offset);
+        await readFully(o, o.fh!, buf, length, offset);
         bytesRead += length;
         for (let s = 0; s < length; s += MAX_DATA_BYTES) {
           const raw = buf.subarray(s, Math.min(s + MAX_DATA_BYTES, length));
