@@ -376,6 +376,7 @@ test('endpoints: a colon before the first slash means remote (rsync rule)', () =
   assert.equal(parseRemote('/mnt/a:b'), undefined);
   assert.equal(parseRemote('plain.img'), undefined);
   assert.equal(parseRemote(':x'), undefined);
+  assert.equal(parseRemote('https://example.com/disk.img'), undefined);
   assert.deepEqual(splitCommand(`ssh -p 2222 -i 'my key' -o "A=b c"`), [
     'ssh',
     '-p',

@@ -1,7 +1,7 @@
 /**
  * Telling remote endpoints from local paths, by rsync's rule: `[user@]host:path` is remote
  * when a colon comes before the first slash, so `./a:b` and `/mnt/a:b` stay local.
- * `[v6addr]:path` brackets an IPv6 address.
+ * `[v6addr]:path` brackets an IPv6 address; `scheme://...` is a URL, not a remote.
  */
 
 export interface RemoteSpec {
@@ -13,6 +13,8 @@ export interface RemoteSpec {
 
 /** Parses `[user@]host:path`; undefined when `arg` names a local path. */
 export function parseRemote(arg: string): RemoteSpec | undefined {
+  // scheme://... is a URL (http source, or rsync's own rsync://), never an ssh end
+  if (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(arg)) return undefined;
   let hostEnd: number;
   if (arg.startsWith('[') || /^[^/[]*@\[/.test(arg)) {
     const close = arg.indexOf(']');
