@@ -277,7 +277,7 @@ describe('VerifyingSource', () => {
         v.read(Buffer.alloc(4096), 32768, 4096),
         /range 2 .*nothing of this range/,
       );
-      assert.equal(v.verified, 2);
+      assert.ok(v.verified >= 2); // range 3 may be verified already, read ahead
     } finally {
       await v.close();
     }

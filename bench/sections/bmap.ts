@@ -205,8 +205,11 @@ async function runSection(options: BenchOptions): Promise<void> {
 
   const rows: string[][] = [];
   try {
+    // BENCH_BMAP_SOURCES=.img,.img.gz limits the sources (for quicker iterations)
+    const only = process.env.BENCH_BMAP_SOURCES?.split(',');
+    const sources = data.sources.filter((s) => only === undefined || only.includes(s.label));
     for (const dst of destinations) {
-      for (const src of data.sources) {
+      for (const src of sources) {
         for (const start of ['empty', 'previous'] as const) {
           const trials = [
             trial(

@@ -46,7 +46,10 @@ parentPort.on('message', (m) => {
 });
 `;
 
-/** One worker thread computing digests of shared buffers. */
+/**
+ * One worker thread computing digests of shared buffers. It keeps the process alive until
+ * close(): unref'd, its terminate() could be left pending when the event loop ran dry.
+ */
 class DigestWorker {
   readonly #worker: Worker;
   readonly #pending = new Map<
@@ -57,7 +60,6 @@ class DigestWorker {
 
   constructor() {
     this.#worker = new Worker(DIGEST_WORKER_SOURCE, { eval: true });
-    this.#worker.unref();
     this.#worker.on('message', (m: { id: number; hex?: string; error?: string }) => {
       const p = this.#pending.get(m.id);
       this.#pending.delete(m.id);
