@@ -42,7 +42,10 @@ export class ProgressBar {
     const line =
       `[${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ` +
       `${formatBytes(p.bytesScanned)} / ${formatBytes(p.bytesTotal)}  ` +
-      `${formatBytes(rate)}/s  ETA ${formatDuration(eta)}  differing ${formatBytes(p.bytesDiffering)}`;
+      `${formatBytes(rate)}/s  ETA ${formatDuration(eta)}  differing ${formatBytes(p.bytesDiffering)}` +
+      (p.channelBytesSent !== undefined
+        ? `  ssh ↑${formatBytes(p.channelBytesSent)} ↓${formatBytes(p.channelBytesReceived ?? 0)}`
+        : '');
     const cols = this.#out.columns || 100;
     this.#out.write(`\r${line.slice(0, cols - 1)}\x1b[K`);
     this.#drawn = true;

@@ -66,6 +66,9 @@ export interface Progress {
   bytesTotal: number;
   bytesDiffering: number;
   bytesWritten: number;
+  /** Bytes sent and received on the ssh channel, when an end is remote. */
+  channelBytesSent?: number;
+  channelBytesReceived?: number;
 }
 
 export type ProgressListener = (progress: Progress) => void;
