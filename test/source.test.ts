@@ -130,7 +130,22 @@ describe('stdin', () => {
     assert.ok((await readFile(out)).equals(image));
     const noSize = await runCli(['copy', '-', join(dir, 'out2')], { input: gzipSync(image) });
     assert.equal(noSize.code, 2);
-    assert.match(noSize.stderr, /not known before reading it all.*--bmap/);
+    assert.match(noSize.stderr, /not known before reading it all.*--bmap.*--size/);
+    const sized = await runCli(['copy', '--size', String(image.length), '-', join(dir, 'out3')], {
+      input: gzipSync(image),
+    });
+    assert.equal(sized.code, 0, sized.stderr);
+    assert.ok((await readFile(join(dir, 'out3'))).equals(image));
+    const small = await runCli(['copy', '--size', '5M', '-', join(dir, 'out4')], {
+      input: gzipSync(image),
+    });
+    assert.equal(small.code, 2);
+    assert.match(small.stderr, /larger than the 5242880 bytes given with --size/);
+    const large = await runCli(['copy', '--size', '7M', '-', join(dir, 'out5')], {
+      input: gzipSync(image),
+    });
+    assert.equal(large.code, 1);
+    assert.match(large.stderr, /ESRC_SHORT/);
   });
 });
 

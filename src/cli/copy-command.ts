@@ -4,7 +4,7 @@ import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
 import { BlksyncError } from '../errors.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
-import { formatBytes } from '../size.js';
+import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import {
   blockSizeOption,
@@ -78,6 +78,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--bmap <file>', "SRC's bmap (file or URL; default: found beside SRC as bmaptool does)")
     .option('--no-bmap', 'ignore any bmap; consider the whole image')
     .option('--no-verify-checksums', "do not verify the bmap's range checksums")
+    .option(
+      '--size <size>',
+      'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
+      (v: string) => parseSize(v, 'image size'),
+    )
     .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
@@ -98,6 +103,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
           ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
           noBmap: opts.bmap === false,
           noVerifyChecksums: opts.verifyChecksums === false,
+          ...(opts.size !== undefined ? { size: opts.size } : {}),
           ...(opts.index !== undefined ? { index: opts.index } : {}),
           rebuildIndex: opts.rebuildIndex === true,
           ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),

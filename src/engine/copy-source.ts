@@ -61,6 +61,11 @@ export interface CopySourceOptions {
   noBmap?: boolean | undefined;
   /** Skip the bmap's range checksums (they are verified by default). */
   noVerifyChecksums?: boolean | undefined;
+  /**
+   * The image size when a stream's cannot be known before reading it all (compressed stdin
+   * or URL without a bmap); the stream must then end exactly there.
+   */
+  size?: number | undefined;
   signal?: AbortSignal | undefined;
 }
 
@@ -220,8 +225,8 @@ function verifiedRanges(bmap: Bmap): VerifiedRange[] {
 function unknownSize(src: string): BlksyncError {
   return new BlksyncError(
     'EUSAGE',
-    `the size of the image in ${src} is not known before reading it all; give its bmap (--bmap FILE) ` +
-      'or decompress it to a file first',
+    `the size of the image in ${src} is not known before reading it all; give its bmap (--bmap FILE), ` +
+      'its size (--size BYTES), or decompress it to a file first',
     { path: src },
   );
 }
@@ -255,11 +260,20 @@ export async function openCopySource(
       } else {
         cleanups.push(() => void stream.destroy());
       }
-      size = bmap?.imageSize ?? sizeHint ?? -1;
+      const given = options.size;
+      const known = bmap?.imageSize ?? sizeHint;
+      if (given !== undefined && known !== undefined && known !== given) {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--size ${given} contradicts the size ${known} of ${name}`,
+        );
+      }
+      size = known ?? given ?? -1;
       if (size < 0) throw unknownSize(name);
       if (bmap !== undefined && sizeHint !== undefined)
         checkBmapMatches(bmap, sizeHint, found!.path, name);
-      return new SequentialSource(s, size, name);
+      // a size taken on trust is checked: the stream must end exactly there
+      return new SequentialSource(s, size, name, undefined, known === undefined);
     };
 
     if (isUrl(src)) {
@@ -301,6 +315,12 @@ export async function openCopySource(
       const comp = detectCompression(head.subarray(0, bytesRead));
       if (comp === undefined) {
         if (bmap !== undefined) checkBmapMatches(bmap, fileSize, found!.path, name);
+        if (options.size !== undefined && options.size !== fileSize) {
+          throw new BlksyncError(
+            'EUSAGE',
+            `--size ${options.size} contradicts the size ${fileSize} of ${name}`,
+          );
+        }
         return {
           compression: comp,
           size: fileSize,
@@ -309,7 +329,9 @@ export async function openCopySource(
       }
       // each decoder gets its own descriptor: a spawned one reads from the file offset
       const path = name === 'stdin' ? '/dev/stdin' : name;
-      let imageSize = bmap?.imageSize;
+      // with --size and no bmap, the counting pass is skipped and the stream checked at its end
+      let imageSize = bmap?.imageSize ?? options.size;
+      const onTrust = bmap === undefined && options.size !== undefined;
       if (imageSize === undefined) {
         const counting = await open(path, 'r');
         try {
@@ -325,7 +347,7 @@ export async function openCopySource(
       return {
         compression: comp,
         size: imageSize,
-        source: new SequentialSource(d.output, imageSize, name),
+        source: new SequentialSource(d.output, imageSize, name, undefined, onTrust),
       };
     }
 

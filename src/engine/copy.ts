@@ -59,6 +59,8 @@ export interface CopyOptions {
   noBmap?: boolean;
   /** Do not verify the bmap's range checksums. */
   noVerifyChecksums?: boolean;
+  /** The image size, for a stream whose size cannot be known before reading it all. */
+  size?: number;
   /** How to reach a `host:path` end: ssh command, remote node, sudo. */
   remote?: RemoteOptions;
 }
@@ -140,6 +142,7 @@ export async function copy(
     bmap: options.bmap,
     noBmap: options.noBmap,
     noVerifyChecksums: options.noVerifyChecksums,
+    size: options.size,
     signal: options.signal,
   });
   let target: Opened | undefined;

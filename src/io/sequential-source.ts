@@ -16,6 +16,7 @@ export class SequentialSource implements Source {
   readonly #it: AsyncIterator<Buffer | string>;
   readonly #name: string;
   readonly #onClose: (() => void | Promise<void>) | undefined;
+  readonly #checkEnd: boolean;
   #queue: Promise<unknown> = Promise.resolve();
   #pending: Buffer | undefined;
   #ended = false;
@@ -25,17 +26,21 @@ export class SequentialSource implements Source {
   /**
    * `stream`: the bytes; errors it raises reach the read that hits them (BlksyncErrors as
    * they are). `size`: the image size. `onClose`: releases what produced the stream.
+   * `checkEnd`: the read that reaches `size` fails unless the stream ends there too (for a
+   * size given by the user rather than known).
    */
   constructor(
     stream: AsyncIterable<Buffer | string>,
     size: number,
     name: string,
     onClose?: () => void | Promise<void>,
+    checkEnd = false,
   ) {
     this.#it = stream[Symbol.asyncIterator]();
     this.size = size;
     this.#name = name;
     this.#onClose = onClose;
+    this.#checkEnd = checkEnd;
   }
 
   read(buf: Buffer, offset: number, length: number): Promise<number> {
@@ -91,6 +96,15 @@ export class SequentialSource implements Source {
       if (n < chunk.length) this.#pending = chunk.subarray(n);
       got += n;
       this.position += n;
+    }
+    if (this.#checkEnd && this.position === this.size) {
+      const more = await this.#next();
+      if (more !== undefined) {
+        throw new BlksyncError(
+          'EUSAGE',
+          `${this.#name} is larger than the ${this.size} bytes given with --size; give its real size`,
+        );
+      }
     }
     return got;
   }
