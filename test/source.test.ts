@@ -14,6 +14,7 @@ import { after, before, describe, it } from 'node:test';
 import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { BlksyncError, copy } from '../src/index.js';
+import { serializeBmap } from '../src/formats/bmap-write.js';
 import { detectCompression } from '../src/io/decompress.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
@@ -155,6 +156,14 @@ describe('http sources', () => {
   let server: Server;
   let base: string;
   let bmapText: Buffer;
+  const bigBmap = Buffer.from(
+    serializeBmap({
+      imageSize: 256 * MiB,
+      blockSize: BS,
+      checksumType: 'sha256',
+      ranges: [{ first: 0, last: 0 }],
+    }),
+  );
 
   before(async () => {
     const { mkdtemp, rm } = await import('node:fs/promises');
@@ -171,6 +180,18 @@ describe('http sources', () => {
         res.end(body);
       };
       if (url === '/disk.img.gz') send(packed);
+      else if (url === '/big.img') {
+        // 256 MiB of which the bmap maps the first block: the copy must not wait for the rest
+        res.writeHead(200, { 'content-length': 256 * MiB });
+        const block = Buffer.alloc(MiB, 1);
+        let sent = 0;
+        const more = (): void => {
+          while (sent < 256 && res.write(block)) sent++;
+          if (sent < 256) res.once('drain', more);
+          else res.end();
+        };
+        more();
+      } else if (url === '/big.bmap') send(bigBmap);
       else if (url === '/disk.img') send(image);
       else if (url === '/disk.bmap') send(bmapText);
       else if (url === '/moved.img.gz') {
@@ -206,6 +227,18 @@ describe('http sources', () => {
     assert.equal(moved.bmap?.rangesVerified, 3);
     const raw = await copy(`${base}/disk.img`, join(dir, 'raw'), { noBmap: true });
     assert.equal(raw.bytesScanned, image.length);
+  });
+
+  it('stops downloading once the last mapped range is in', async (t) => {
+    const dir = await tempDir(t);
+    const started = performance.now();
+    const r = await runCli(['copy', '-q', `${base}/big.img`, join(dir, 'big')]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(performance.now() - started < 20_000);
+    const out = await readFile(join(dir, 'big'));
+    assert.equal(out.length, 256 * MiB);
+    assert.ok(out.subarray(0, BS).equals(Buffer.alloc(BS, 1)));
+    assert.ok(out.subarray(BS, 2 * BS).equals(Buffer.alloc(BS)));
   });
 
   it('reports 404, server errors and a connection cut mid-body', async (t) => {

@@ -171,5 +171,8 @@ export function bodyStream(res: HttpResponse): Readable {
     if (res.length !== undefined && got < res.length) fail();
   });
   res.body.pipe(out);
+  // a copy that needs no more (a bmap's last range is in) closes the stream: drop the
+  // connection rather than leave it open, which would keep the process alive
+  out.on('close', () => res.body.destroy());
   return out;
 }
