@@ -37,6 +37,7 @@ const DIGEST_WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { hash } = require('node:crypto');
 parentPort.on('message', (m) => {
+  if (m === 'close') return parentPort.close(); // nothing left to do: the thread ends
   try {
     const hex = hash(m.algorithm, Buffer.from(m.sab, m.offset, m.length), 'hex');
     parentPort.postMessage({ id: m.id, hex });
@@ -48,7 +49,8 @@ parentPort.on('message', (m) => {
 
 /**
  * One worker thread computing digests of shared buffers. It keeps the process alive until
- * close(): unref'd, its terminate() could be left pending when the event loop ran dry.
+ * close(), which lets it end on its own: terminate() would block the main thread for tens of
+ * milliseconds while the thread is torn down, and unref'd it could be left pending.
  */
 class DigestWorker {
   readonly #worker: Worker;
@@ -86,8 +88,9 @@ class DigestWorker {
     });
   }
 
-  async close(): Promise<void> {
-    await this.#worker.terminate();
+  close(): void {
+    this.#worker.postMessage('close');
+    this.#worker.unref();
   }
 }
 
@@ -296,7 +299,7 @@ export class VerifyingSource implements Source {
   }
 
   async close(): Promise<void> {
-    await Promise.all(this.#workers.map((w) => w.close()));
+    for (const w of this.#workers) w.close();
     await this.#inner.close();
   }
 }
