@@ -14,7 +14,7 @@
  */
 
 import { createWriteStream } from 'node:fs';
-import { rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { rename, stat, unlink } from 'node:fs/promises';
 import type { Writable } from 'node:stream';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import { clipped, type Compression } from '../formats/patch.js';
@@ -26,7 +26,7 @@ import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
-import { BufferPool, diffBuffers } from './knowledge.js';
+import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
 
@@ -72,62 +72,6 @@ export interface DiffResult extends PatchStats {
   bytesRead: number;
   bytesDiffering: number;
   seconds: number;
-}
-
-/** Reads BASE chunk by chunk; past its end every block counts as differing. */
-class BaseReadKnowledge implements TargetKnowledge {
-  readonly #fh: FileHandle;
-  readonly #path: string;
-  readonly #size: number;
-  readonly #pool: BufferPool;
-  bytesRead = 0;
-
-  constructor(fh: FileHandle, path: string, size: number, chunkSize: number) {
-    this.#fh = fh;
-    this.#path = path;
-    this.#size = size;
-    this.#pool = new BufferPool(chunkSize);
-  }
-
-  async load(offset: number, length: number): Promise<ChunkKnowledge> {
-    const buf = this.#pool.get();
-    const want = clipped(offset, length, this.#size);
-    let got = 0;
-    try {
-      while (got < want) {
-        const { bytesRead } = await this.#fh.read(buf, got, want - got, offset + got);
-        if (bytesRead === 0) break;
-        got += bytesRead;
-      }
-    } catch (err) {
-      this.#pool.put(buf);
-      throw fromSystemError('EREAD', 'cannot read', this.#path, err);
-    }
-    this.bytesRead += got;
-    if (got < want) {
-      this.#pool.put(buf);
-      throw new BlksyncError(
-        'ESRC_SHORT',
-        `${this.#path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
-        { path: this.#path },
-      );
-    }
-    return {
-      diff: (data, len, blockSize, out) => {
-        // blocks that BASE holds only in part (or not at all) differ
-        const inBase = want >= len ? len : Math.floor(want / blockSize) * blockSize;
-        diffBuffers(data, buf, inBase, blockSize, out);
-        if (inBase < len) {
-          if (out.length > 0 && out[out.length - 1] === inBase) out[out.length - 1] = len;
-          else out.push(inBase, len);
-        }
-      },
-      held: buf,
-      release: () => this.#pool.put(buf),
-    };
-  }
-
-  async close(): Promise<void> {}
 }
 
 /** What BASE held in [start, end) of a chunk at chunkOffset, clipped to BASE's size. */
@@ -242,7 +186,11 @@ export async function diff(
     writer = new PatchWriter(header, out, { end: typeof output === 'string' });
     const w = writer;
     const knowledge =
-      indexBase?.knowledge ?? new BaseReadKnowledge(baseFile!.fh, baseName, baseSize, chunkSize);
+      indexBase?.knowledge ??
+      new ReadTarget(baseFile!.fh, baseName, chunkSize, {
+        size: baseSize,
+        shortCode: 'ESRC_SHORT',
+      });
     const resultSize = src.size;
     // when BASE is longer, the result's last (partial) block and BASE's tail are done below
     const planEnd =

@@ -22,6 +22,7 @@
 import { randomInt } from 'node:crypto';
 import { rm, stat } from 'node:fs/promises';
 import { BlksyncError, isSystemError } from '../errors.js';
+import { readFully } from '../io/read-fully.js';
 import {
   blockCountFor,
   readIndexFile,
@@ -167,12 +168,7 @@ export class IndexTarget implements TargetKnowledge {
       const e = Math.min(s + bs, this.imageSize);
       if (picked.has(i) || !this.#isTrusted(s, e)) continue;
       picked.add(i);
-      let got = 0;
-      while (got < e - s) {
-        const { bytesRead } = await dst.fh.read(buf, got, e - s - got, s + got);
-        if (bytesRead === 0) break;
-        got += bytesRead;
-      }
+      const got = await readFully(dst.fh, buf, 0, e - s, s);
       this.#sampleBytes += got;
       this.sampledBlocks++;
       if (got < e - s) return s;

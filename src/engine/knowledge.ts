@@ -7,7 +7,8 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
-import { BlksyncError, fromSystemError } from '../errors.js';
+import { BlksyncError, fromSystemError, type ErrorCode } from '../errors.js';
+import { readFully } from '../io/read-fully.js';
 import type { ChunkKnowledge, TargetKnowledge } from './types.js';
 
 /** Appends the spans of blocks where a and b differ. Compares whole chunks first (memcmp). */
@@ -50,42 +51,60 @@ export class BufferPool {
   }
 }
 
+export interface ReadTargetOptions {
+  /**
+   * DST's size when it may be shorter than the image (diff's BASE): past it every block
+   * counts as differing. Without it, DST must hold every byte asked for.
+   */
+  size?: number;
+  /** The code when DST ends early (default EDEST_SHORT). */
+  shortCode?: ErrorCode;
+}
+
 export class ReadTarget implements TargetKnowledge {
   readonly #fh: FileHandle;
   readonly #path: string;
   readonly #pool: BufferPool;
+  readonly #size: number;
+  readonly #shortCode: ErrorCode;
   bytesRead = 0;
 
-  constructor(fh: FileHandle, path: string, chunkSize: number) {
+  constructor(fh: FileHandle, path: string, chunkSize: number, options: ReadTargetOptions = {}) {
     this.#fh = fh;
     this.#path = path;
     this.#pool = new BufferPool(chunkSize);
+    this.#size = options.size ?? Infinity;
+    this.#shortCode = options.shortCode ?? 'EDEST_SHORT';
   }
 
   async load(offset: number, length: number): Promise<ChunkKnowledge> {
     const buf = this.#pool.get();
-    let got = 0;
+    const want = Math.max(0, Math.min(offset + length, this.#size) - offset);
+    let got: number;
     try {
-      while (got < length) {
-        const { bytesRead } = await this.#fh.read(buf, got, length - got, offset + got);
-        if (bytesRead === 0) break;
-        got += bytesRead;
-      }
+      got = await readFully(this.#fh, buf, 0, want, offset);
     } catch (err) {
       this.#pool.put(buf);
       throw fromSystemError('EREAD', 'cannot read', this.#path, err);
     }
     this.bytesRead += got;
-    if (got < length) {
+    if (got < want) {
       this.#pool.put(buf);
       throw new BlksyncError(
-        'EDEST_SHORT',
+        this.#shortCode,
         `${this.#path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
         { path: this.#path },
       );
     }
     return {
-      diff: (data, len, blockSize, out) => diffBuffers(data, buf, len, blockSize, out),
+      diff: (data, len, blockSize, out) => {
+        if (want >= len) return diffBuffers(data, buf, len, blockSize, out);
+        // blocks that DST holds only in part (or not at all) differ
+        const inDst = Math.floor(want / blockSize) * blockSize;
+        diffBuffers(data, buf, inDst, blockSize, out);
+        if (out.length > 0 && out[out.length - 1] === inDst) out[out.length - 1] = len;
+        else out.push(inDst, len);
+      },
       held: buf,
       release: () => this.#pool.put(buf),
     };

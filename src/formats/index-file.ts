@@ -37,6 +37,7 @@ import { dirname } from 'node:path';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
 import type { TargetIdentity } from '../io/identity.js';
+import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 
 export const INDEX_MAGIC = Buffer.from('BLKSIDX\0', 'latin1');
@@ -296,13 +297,7 @@ export function parseIndex(buf: Buffer, path = 'index'): IndexFile {
 
 async function readExactly(fh: FileHandle, length: number, position: number): Promise<Buffer> {
   const buf = Buffer.alloc(length);
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await fh.read(buf, got, length - got, position + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return buf.subarray(0, got);
+  return buf.subarray(0, await readFully(fh, buf, 0, length, position));
 }
 
 /**

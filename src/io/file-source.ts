@@ -3,6 +3,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
 import type { Source } from '../engine/types.js';
+import { readFully } from './read-fully.js';
 
 export class FileSource implements Source {
   readonly size: number;
@@ -19,17 +20,11 @@ export class FileSource implements Source {
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    let got = 0;
     try {
-      while (got < length) {
-        const { bytesRead } = await this.#fh.read(buf, got, length - got, offset + got);
-        if (bytesRead === 0) break;
-        got += bytesRead;
-      }
+      return await readFully(this.#fh, buf, 0, length, offset);
     } catch (err) {
       throw fromSystemError('EREAD', 'cannot read', this.#path, err);
     }
-    return got;
   }
 
   async close(): Promise<void> {

@@ -687,7 +687,7 @@ async function relay(
               ...p,
               channelBytesSent: links.reduce((n, l) => n + l.bytesSent, 0),
               channelBytesReceived: links.reduce((n, l) => n + l.bytesReceived, 0),
-            } as typeof p)),
+            })),
       },
     );
     await refiner?.stop();
@@ -751,5 +751,5 @@ function withChannel(listener: ProgressListener, link: AgentLink): ProgressListe
       ...p,
       channelBytesSent: link.bytesSent,
       channelBytesReceived: link.bytesReceived,
-    } as typeof p);
+    });
 }
