@@ -4,7 +4,7 @@ import type { Command } from '@commander-js/extra-typings';
 import { apply, type ApplyResult } from '../engine/apply.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
-import { interruptible, progressFor, reportError, type SetExit } from './common.js';
+import { type SetExit, runOperation } from './common.js';
 
 function applySummary(r: ApplyResult): string {
   const what = r.reverse ? 'patch undone' : 'patch';
@@ -40,48 +40,24 @@ export function registerApply(program: Command, setExit: SetExit): void {
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
     .action(async (patch, target, opts) => {
-      if (patch === '-' && process.stdin.isTTY) {
-        setExit(
-          reportError(
-            new BlksyncError(
+      await runOperation(
+        opts,
+        setExit,
+        async ({ signal, onProgress }) => {
+          if (patch === '-' && process.stdin.isTTY)
+            throw new BlksyncError(
               'EUSAGE',
               'apply - reads the patch from stdin, which is a terminal; pipe a patch in',
-            ),
-            false,
-          ),
-        );
-        return;
-      }
-      const intr = interruptible();
-      const { onProgress, bar } = progressFor(opts);
-      try {
-        const result = await apply(patch === '-' ? process.stdin : patch, target, {
-          reverse: opts.reverse === true,
-          force: opts.force === true,
-          dryRun: opts.dryRun === true,
-          signal: intr.signal,
-          ...(onProgress ? { onProgress } : {}),
-        });
-        bar?.clear();
-        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
-        else if (opts.quiet !== true) process.stdout.write(`${applySummary(result)}\n`);
-      } catch (err) {
-        bar?.clear();
-        const partial =
-          err instanceof BlksyncError ? (err.partial as ApplyResult | undefined) : undefined;
-        if (partial !== undefined && opts.json === true) {
-          process.stdout.write(
-            `${JSON.stringify({ ...partial, error: (err as BlksyncError).code })}\n`,
-          );
-        }
-        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
-          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
-          setExit(intr.exitCode());
-          return;
-        }
-        setExit(reportError(err, opts.debug === true));
-      } finally {
-        intr.dispose();
-      }
+            );
+          return apply(patch === '-' ? process.stdin : patch, target, {
+            reverse: opts.reverse === true,
+            force: opts.force === true,
+            dryRun: opts.dryRun === true,
+            signal,
+            ...(onProgress ? { onProgress } : {}),
+          });
+        },
+        applySummary,
+      );
     });
 }

@@ -71,3 +71,56 @@ export function reportError(err: unknown, debug: boolean): number {
 
 /** Sets the process exit status; commands call it instead of touching process.exitCode. */
 export type SetExit = (code: number) => void;
+
+export interface RunOptions<R> {
+  /** Where the summary goes (default stdout; stderr when stdout carries data, as `diff -o -`). */
+  out?: NodeJS.WritableStream;
+  /** Exit status of a successful run (compare: 1 when different). */
+  exitCode?: (result: R) => number;
+  /** Maps the status of a failed run (compare: every trouble is 2, as cmp). */
+  errorExit?: (status: number) => number;
+}
+
+/**
+ * Runs one operation the way every command does: Ctrl-C/SIGTERM abort it, a progress bar on a
+ * terminal, then the summary (or one JSON object), and on failure one line on stderr. An
+ * interrupted or failed run that carries a partial result prints that too, so the user sees
+ * what was done.
+ */
+export async function runOperation<R extends object>(
+  opts: OutputOptions,
+  setExit: SetExit,
+  operation: (ctx: { signal: AbortSignal; onProgress?: (p: Progress) => void }) => Promise<R>,
+  summarize: (result: R) => string,
+  options: RunOptions<R> = {},
+): Promise<void> {
+  const out = options.out ?? process.stdout;
+  const intr = interruptible();
+  const { onProgress, bar } = progressFor(opts);
+  try {
+    const result = await operation({ signal: intr.signal, ...(onProgress ? { onProgress } : {}) });
+    bar?.clear();
+    if (opts.json === true) out.write(`${JSON.stringify(result)}\n`);
+    else if (opts.quiet !== true) out.write(`${summarize(result)}\n`);
+    setExit(options.exitCode?.(result) ?? 0);
+  } catch (err) {
+    bar?.clear();
+    const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
+    const partial = err instanceof BlksyncError ? (err.partial as R | undefined) : undefined;
+    if (partial !== undefined && opts.json === true) {
+      const marker = interrupted ? { interrupted: true } : { error: (err as BlksyncError).code };
+      out.write(`${JSON.stringify({ ...partial, ...marker })}\n`);
+    } else if (partial !== undefined && interrupted && opts.quiet !== true) {
+      out.write(`${summarize(partial)}\n`);
+    }
+    if (interrupted) {
+      process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
+      setExit(intr.exitCode());
+      return;
+    }
+    const status = reportError(err, opts.debug === true);
+    setExit(options.errorExit?.(status) ?? status);
+  } finally {
+    intr.dispose();
+  }
+}

@@ -2,15 +2,8 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { compare, type CompareResult } from '../engine/compare.js';
-import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
-import {
-  blockSizeOption,
-  interruptible,
-  progressFor,
-  reportError,
-  type SetExit,
-} from './common.js';
+import { blockSizeOption, type SetExit, runOperation } from './common.js';
 
 function compareSummary(r: CompareResult): string {
   const lines: string[] = [];
@@ -40,32 +33,19 @@ export function registerCompare(program: Command, setExit: SetExit): void {
     .option('--json', 'print one JSON object on stdout')
     .option('-q, --quiet', 'print nothing; the exit status tells')
     .option('--debug', 'show stack traces on errors')
-    .action(async (a, b, opts) => {
-      const intr = interruptible();
-      const { onProgress, bar } = progressFor(opts);
-      try {
-        const result = await compare(a, b, {
-          blockSize: opts.blockSize,
-          signal: intr.signal,
-          ...(onProgress ? { onProgress } : {}),
-        });
-        bar?.clear();
-        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
-        else if (opts.quiet !== true) process.stdout.write(`${compareSummary(result)}\n`);
-        setExit(result.same ? 0 : 1);
-      } catch (err) {
-        bar?.clear();
-        // cmp's convention: trouble is 2, whatever kind
-        const code = reportError(err, opts.debug === true);
-        setExit(
-          err instanceof BlksyncError && err.code === 'EINTERRUPTED'
-            ? intr.exitCode()
-            : code === 0
-              ? 0
-              : 2,
-        );
-      } finally {
-        intr.dispose();
-      }
-    });
+    .action((a, b, opts) =>
+      runOperation(
+        opts,
+        setExit,
+        ({ signal, onProgress }) =>
+          compare(a, b, {
+            blockSize: opts.blockSize,
+            signal,
+            ...(onProgress ? { onProgress } : {}),
+          }),
+        compareSummary,
+        // cmp's convention: 1 different, 2 trouble of any kind
+        { exitCode: (r) => (r.same ? 0 : 1), errorExit: (status) => (status === 0 ? 0 : 2) },
+      ),
+    );
 }

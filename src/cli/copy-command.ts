@@ -2,17 +2,10 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
-import { BlksyncError } from '../errors.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
-import {
-  blockSizeOption,
-  interruptible,
-  progressFor,
-  reportError,
-  type SetExit,
-} from './common.js';
+import { blockSizeOption, type SetExit, runOperation } from './common.js';
 
 function copySummary(r: CopyResult): string {
   const verb = r.dryRun ? 'would write' : 'wrote';
@@ -92,45 +85,28 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
-    .action(async (src, dst, opts) => {
-      const intr = interruptible();
-      const { onProgress, bar } = progressFor(opts);
-      try {
-        const result = await copy(src, dst, {
-          blockSize: opts.blockSize,
-          dryRun: opts.dryRun === true,
-          full: opts.full === true,
-          ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
-          noBmap: opts.bmap === false,
-          noVerifyChecksums: opts.verifyChecksums === false,
-          ...(opts.size !== undefined ? { size: opts.size } : {}),
-          ...(opts.index !== undefined ? { index: opts.index } : {}),
-          rebuildIndex: opts.rebuildIndex === true,
-          ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
-          ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
-          remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
-          signal: intr.signal,
-          ...(onProgress ? { onProgress } : {}),
-        });
-        bar?.clear();
-        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
-        else if (opts.quiet !== true) process.stdout.write(`${copySummary(result)}\n`);
-      } catch (err) {
-        bar?.clear();
-        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
-          const partial = err.partial as CopyResult | undefined;
-          if (opts.json === true) {
-            process.stdout.write(`${JSON.stringify({ ...partial, interrupted: true })}\n`);
-          } else if (partial !== undefined && opts.quiet !== true) {
-            process.stdout.write(`${copySummary(partial)}\n`);
-          }
-          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
-          setExit(intr.exitCode());
-          return;
-        }
-        setExit(reportError(err, opts.debug === true));
-      } finally {
-        intr.dispose();
-      }
-    });
+    .action((src, dst, opts) =>
+      runOperation(
+        opts,
+        setExit,
+        ({ signal, onProgress }) =>
+          copy(src, dst, {
+            blockSize: opts.blockSize,
+            dryRun: opts.dryRun === true,
+            full: opts.full === true,
+            ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
+            noBmap: opts.bmap === false,
+            noVerifyChecksums: opts.verifyChecksums === false,
+            ...(opts.size !== undefined ? { size: opts.size } : {}),
+            ...(opts.index !== undefined ? { index: opts.index } : {}),
+            rebuildIndex: opts.rebuildIndex === true,
+            ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
+            ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
+            remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
+            signal,
+            ...(onProgress ? { onProgress } : {}),
+          }),
+        copySummary,
+      ),
+    );
 }

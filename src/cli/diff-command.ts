@@ -4,13 +4,7 @@ import { Option, type Command } from '@commander-js/extra-typings';
 import { diff, type DiffResult } from '../engine/diff.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
-import {
-  blockSizeOption,
-  interruptible,
-  progressFor,
-  reportError,
-  type SetExit,
-} from './common.js';
+import { blockSizeOption, type SetExit, runOperation } from './common.js';
 
 function diffSummary(r: DiffResult): string {
   return (
@@ -48,42 +42,25 @@ export function registerDiff(program: Command, setExit: SetExit): void {
     .option('--debug', 'show stack traces on errors')
     .action(async (base, next, opts) => {
       const toStdout = opts.output === '-';
-      if (toStdout && process.stdout.isTTY) {
-        setExit(
-          reportError(
-            new BlksyncError(
+      await runOperation(
+        opts,
+        setExit,
+        async ({ signal, onProgress }) => {
+          if (toStdout && process.stdout.isTTY)
+            throw new BlksyncError(
               'EUSAGE',
               'refusing to write a binary patch to a terminal; redirect stdout or use -o FILE',
-            ),
-            false,
-          ),
-        );
-        return;
-      }
-      const intr = interruptible();
-      const { onProgress, bar } = progressFor(opts);
-      const report = toStdout ? process.stderr : process.stdout;
-      try {
-        const result = await diff(base, next, toStdout ? process.stdout : opts.output, {
-          blockSize: opts.blockSize,
-          reversible: opts.reversible === true,
-          compress: opts.compress ?? 'none',
-          signal: intr.signal,
-          ...(onProgress ? { onProgress } : {}),
-        });
-        bar?.clear();
-        if (opts.json === true) report.write(`${JSON.stringify(result)}\n`);
-        else if (opts.quiet !== true) report.write(`${diffSummary(result)}\n`);
-      } catch (err) {
-        bar?.clear();
-        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
-          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
-          setExit(intr.exitCode());
-          return;
-        }
-        setExit(reportError(err, opts.debug === true));
-      } finally {
-        intr.dispose();
-      }
+            );
+          return diff(base, next, toStdout ? process.stdout : opts.output, {
+            blockSize: opts.blockSize,
+            reversible: opts.reversible === true,
+            compress: opts.compress ?? 'none',
+            signal,
+            ...(onProgress ? { onProgress } : {}),
+          });
+        },
+        diffSummary,
+        { out: toStdout ? process.stderr : process.stdout },
+      );
     });
 }
