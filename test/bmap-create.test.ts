@@ -115,6 +115,24 @@ describe('bmap create', () => {
     const out = join(dir, 'copy');
     await run('bmaptool', ['copy', img, out]);
     assert.ok((await readFile(out)).equals(await readFile(img)));
+    // a dense image (zeros written out) with a --detect-zeros bmap copies the same
+    const dense = join(dir, 'dense');
+    await writeSparseFile(dense, (await readFile(img)).length, [
+      { offset: 0, data: await readFile(img) },
+    ]);
+    const z = await runCli([
+      'bmap',
+      'create',
+      '--detect-zeros',
+      dense,
+      '-o',
+      `${dense}.bmap`,
+      '-q',
+    ]);
+    assert.equal(z.code, 0, z.stderr);
+    const zout = join(dir, 'zcopy');
+    await run('bmaptool', ['copy', dense, zout]);
+    assert.ok((await readFile(zout)).equals(await readFile(img)));
   });
 
   it('prints to stdout without -o and refuses an empty image', async (t) => {
