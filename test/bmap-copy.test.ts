@@ -155,6 +155,24 @@ describe('copy with a bmap', () => {
     assert.ok(written.subarray(0, 3 * BS).equals(seededBytes(3 * BS, 1)));
   });
 
+  it('verifies a range too large to buffer before writing any of it (file source)', async (t) => {
+    const dir = await tempDir(t);
+    const path = join(dir, 'big.img');
+    const extent = seededBytes(34 * MiB, 21);
+    await writeSparseFile(path, 40 * MiB, [{ offset: 2 * MiB, data: extent }]);
+    await createBmap(path, { output: `${path}.bmap` });
+    const fh = await open(path, 'r+');
+    await fh.write(Buffer.from('BAD'), 0, 3, 30 * MiB);
+    await fh.close();
+    const out = join(dir, 'out');
+    await assert.rejects(copy(path, out), (err: unknown) => {
+      assert.ok(err instanceof BlksyncError && err.code === 'EBMAP_CHECKSUM', String(err));
+      assert.match(err.message, /blocks 512-9215 .*nothing of this range was written/);
+      return true;
+    });
+    assert.equal(await allocated(out), 0);
+  });
+
   it('refuses a bmap made for another image before writing', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);
@@ -281,6 +299,23 @@ describe('VerifyingSource', () => {
     } finally {
       await v.close();
     }
+  });
+
+  it('verifies a large range of a file source before handing any of it on', async () => {
+    const ranges = [
+      { start: 0, end: 32768, checksum: sum(0, 32768), label: 'blocks 0-7' },
+      { start: 32768, end: 65536, checksum: '0'.repeat(64), label: 'blocks 8-15' },
+    ];
+    const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', {
+      maxInMemory: 8192,
+      rereadable: true,
+    });
+    const buf = Buffer.alloc(8192);
+    assert.equal(await v.read(buf, 0, 8192), 8192);
+    assert.ok(buf.equals(data.subarray(0, 8192)));
+    for (let o = 8192; o < 32768; o += 8192) assert.equal(await v.read(buf, o, 8192), 8192);
+    await assert.rejects(v.read(buf, 32768, 8192), /blocks 8-15 .*nothing of this range/);
+    assert.equal(v.verified, 1);
   });
 
   it('passes a short source on as short, not as a checksum error', async () => {

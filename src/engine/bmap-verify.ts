@@ -9,7 +9,11 @@
  *                                         compare; only then hand out chunks (copied from the
  *                                         range's buffer). A bad range fails before any of its
  *                                         bytes reaches a sink: nothing bad is written.
- *   larger range:                         pass chunks through, hashing them in order (a read
+ *   larger range, source read by offset:  on its first chunk, read the whole range once in
+ *   (`rereadable`)                        pieces and hash it; only then pass its chunks through
+ *                                         (read a second time, usually from the page cache).
+ *                                         Nothing bad is written either.
+ *   larger range of a stream:             pass chunks through, hashing them in order (a read
  *                                         resolves only after the chunks before it were
  *                                         hashed), and fail on the range's last chunk, naming
  *                                         the range, which was then already partly written.
@@ -112,6 +116,13 @@ interface Buffered {
   served: number;
 }
 
+interface Prechecked {
+  kind: 'prechecked';
+  range: VerifiedRange;
+  /** Settles once the whole range was read and its checksum passed (or the source was short). */
+  ready: Promise<void>;
+}
+
 interface Streamed {
   kind: 'streamed';
   range: VerifiedRange;
@@ -129,7 +140,8 @@ export class VerifyingSource implements Source {
   readonly #image: string;
   readonly #maxInMemory: number;
   #next = 0;
-  #current: Buffered | Streamed | undefined;
+  #current: Buffered | Prechecked | Streamed | undefined;
+  readonly #rereadable: boolean;
   /** The next ranges, already being read and hashed while the current one is written. */
   #ahead: Buffered[] = [];
   /** Ranges read ahead (0: none). */
@@ -146,14 +158,20 @@ export class VerifyingSource implements Source {
    * current one is handed out; only when every plan range is in `ranges`, since the inner
    * source must still see its reads in ascending order. `workerThreads`: hash whole ranges
    * on this many worker threads (worth their start-up for large copies), as many ranges
-   * read ahead.
+   * read ahead. `rereadable`: the inner source reads by offset in any order (a file), so a
+   * range too large to buffer is read twice, verified before any of it is handed on.
    */
   constructor(
     inner: Source,
     ranges: readonly VerifiedRange[],
     algorithm: string,
     image: string,
-    options: { maxInMemory?: number; prefetch?: boolean; workerThreads?: number } = {},
+    options: {
+      maxInMemory?: number;
+      prefetch?: boolean;
+      workerThreads?: number;
+      rereadable?: boolean;
+    } = {},
   ) {
     this.#inner = inner;
     this.size = inner.size;
@@ -164,6 +182,7 @@ export class VerifyingSource implements Source {
     const threads = options.workerThreads ?? 0;
     this.#workers = Array.from({ length: threads }, () => new DigestWorker());
     this.#lookahead = options.prefetch === true ? Math.max(1, threads) : 0;
+    this.#rereadable = options.rereadable === true;
   }
 
   read(buf: Buffer, offset: number, length: number): Promise<number> {
@@ -188,6 +207,9 @@ export class VerifyingSource implements Source {
       if (this.#current!.kind === 'buffered') this.#readAhead();
     }
     const cur = this.#current!;
+    if (cur.kind === 'prechecked') {
+      return cur.ready.then(() => this.#inner.read(buf, offset, length));
+    }
     return cur.kind === 'buffered'
       ? this.#fromBuffer(cur, buf, offset, length)
       : this.#streamThrough(cur, buf, offset, length);
@@ -210,8 +232,13 @@ export class VerifyingSource implements Source {
     }
   }
 
-  #begin(range: VerifiedRange): Buffered | Streamed {
+  #begin(range: VerifiedRange): Buffered | Prechecked | Streamed {
     const length = range.end - range.start;
+    if (length > this.#maxInMemory && this.#rereadable) {
+      const ready = this.#precheck(range);
+      ready.catch(() => {}); // reported through each read of the range
+      return { kind: 'prechecked', range, ready };
+    }
     if (length > this.#maxInMemory) {
       return {
         kind: 'streamed',
@@ -236,6 +263,24 @@ export class VerifyingSource implements Source {
     })();
     data.catch(() => {}); // reported through each read of the range
     return { kind: 'buffered', range, data, served: 0 };
+  }
+
+  /** Reads a large range once, in pieces, and checks its checksum. */
+  async #precheck(range: VerifiedRange): Promise<void> {
+    const piece = this.#buffer(this.#maxInMemory);
+    const h = createHash(this.#algorithm);
+    try {
+      for (let at = range.start; at < range.end;) {
+        const n = Math.min(piece.length, range.end - at);
+        const got = await this.#inner.read(piece, at, n);
+        if (got < n) return; // short source: the pass-through reads report it
+        h.update(piece.subarray(0, n));
+        at += n;
+      }
+    } finally {
+      if (this.#free.length < MAX_FREE_BUFFERS) this.#free.push(piece);
+    }
+    this.#check(range, h.digest('hex'), true);
   }
 
   /** A shared buffer of `length` bytes, reused when one is free. */

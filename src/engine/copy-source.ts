@@ -362,6 +362,8 @@ export async function openCopySource(
         const verifying = new VerifyingSource(source, ranges, bmap.checksumType, src, {
           prefetch: ranges.length === bmap.ranges.length,
           workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
+          // a file is read by offset: large ranges can be verified before they are copied
+          rereadable: source instanceof FileSource,
         });
         cleanups.push(() => verifying.close());
         source = verifying;
