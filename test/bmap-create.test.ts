@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
 import { createBmap } from '../src/engine/bmap-create.js';
+import { BlksyncError } from '../src/errors.js';
 import { parseBmap } from '../src/formats/bmap.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
@@ -133,6 +134,19 @@ describe('bmap create', () => {
     const zout = join(dir, 'zcopy');
     await run('bmaptool', ['copy', dense, zout]);
     assert.ok((await readFile(zout)).equals(await readFile(img)));
+  });
+
+  it('stops with EINTERRUPTED when aborted, writing no bmap', async (t) => {
+    const dir = await tempDir(t);
+    const f = join(dir, 'img');
+    await writeSparseFile(f, 5000, [{ offset: 0, data: Buffer.from('x') }]);
+    const controller = new AbortController();
+    controller.abort();
+    await assert.rejects(
+      createBmap(f, { output: `${f}.bmap`, signal: controller.signal }),
+      (err: unknown) => err instanceof BlksyncError && err.code === 'EINTERRUPTED',
+    );
+    await assert.rejects(readFile(`${f}.bmap`), { code: 'ENOENT' });
   });
 
   it('prints to stdout without -o and refuses an empty image', async (t) => {

@@ -2,6 +2,7 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { createBmap } from '../engine/bmap-create.js';
+import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { interruptible, progressFor, reportError, type SetExit } from './common.js';
 
@@ -44,7 +45,9 @@ export function registerBmap(program: Command, setExit: SetExit): void {
         }
       } catch (err) {
         bar?.clear();
-        setExit(reportError(err, opts.debug === true));
+        const status = reportError(err, opts.debug === true);
+        const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
+        setExit(interrupted ? intr.exitCode() : status);
       } finally {
         intr.dispose();
       }

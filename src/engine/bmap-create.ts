@@ -52,7 +52,7 @@ export async function createBmap(
   const started = performance.now();
   const checksumType = options.checksumType ?? 'sha256';
   const detectZeros = options.detectZeros === true;
-  options.signal?.throwIfAborted();
+  checkAborted(options.signal, image);
   const src = await openSource(image);
   try {
     if (src.size === 0) {
@@ -128,7 +128,7 @@ export async function createBmap(
     let cur = pieces.next();
     let curRead = cur.done === true ? undefined : readPiece(bufs[0], cur.value.off, cur.value.len);
     for (let i = 0; cur.done !== true; i++) {
-      options.signal?.throwIfAborted();
+      checkAborted(options.signal, image);
       const piece = cur.value;
       const next = pieces.next();
       const nextRead =
@@ -184,5 +184,15 @@ function* piecesOf(
       const len = Math.min(chunk, r.end - off);
       yield { off, len, rangeEnd: off + len === r.end ? r.end : undefined };
     }
+  }
+}
+
+function checkAborted(signal: AbortSignal | undefined, image: string): void {
+  if (signal?.aborted === true) {
+    throw new BlksyncError(
+      'EINTERRUPTED',
+      `interrupted while making the bmap of ${image}; nothing was written: rerun the command`,
+      { path: image },
+    );
   }
 }
