@@ -1,7 +1,7 @@
 /** `blksync apply PATCH TARGET` */
 
 import type { Command } from '@commander-js/extra-typings';
-import { apply, type ApplyResult } from '../engine/apply.js';
+import type { ApplyResult } from '../engine/apply.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { type SetExit, runOperation } from './common.js';
@@ -49,6 +49,7 @@ export function registerApply(program: Command, setExit: SetExit): void {
               'EUSAGE',
               'apply - reads the patch from stdin, which is a terminal; pipe a patch in',
             );
+          const { apply } = await import('../engine/apply.js');
           return apply(patch === '-' ? process.stdin : patch, target, {
             reverse: opts.reverse === true,
             force: opts.force === true,

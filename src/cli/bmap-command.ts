@@ -1,7 +1,6 @@
 /** `blksync bmap create IMAGE [-o FILE]`: bmaptool-compatible block maps. */
 
 import type { Command } from '@commander-js/extra-typings';
-import { createBmap } from '../engine/bmap-create.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { interruptible, progressFor, reportError, type SetExit } from './common.js';
@@ -24,6 +23,7 @@ export function registerBmap(program: Command, setExit: SetExit): void {
       const intr = interruptible();
       const { onProgress, bar } = progressFor(opts);
       try {
+        const { createBmap } = await import('../engine/bmap-create.js');
         const result = await createBmap(image, {
           detectZeros: opts.detectZeros === true,
           checksumType: opts.checksum.toLowerCase(),

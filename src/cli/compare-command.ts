@@ -1,7 +1,7 @@
 /** `blksync compare A B`: cmp for images. */
 
 import type { Command } from '@commander-js/extra-typings';
-import { compare, type CompareResult } from '../engine/compare.js';
+import type { CompareResult } from '../engine/compare.js';
 import { formatBytes } from '../size.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
 
@@ -37,8 +37,8 @@ export function registerCompare(program: Command, setExit: SetExit): void {
       runOperation(
         opts,
         setExit,
-        ({ signal, onProgress }) =>
-          compare(a, b, {
+        async ({ signal, onProgress }) =>
+          (await import('../engine/compare.js')).compare(a, b, {
             blockSize: opts.blockSize,
             signal,
             ...(onProgress ? { onProgress } : {}),

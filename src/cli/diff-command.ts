@@ -1,7 +1,7 @@
 /** `blksync diff BASE NEW -o PATCH` */
 
 import { Option, type Command } from '@commander-js/extra-typings';
-import { diff, type DiffResult } from '../engine/diff.js';
+import type { DiffResult } from '../engine/diff.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -51,6 +51,8 @@ export function registerDiff(program: Command, setExit: SetExit): void {
               'EUSAGE',
               'refusing to write a binary patch to a terminal; redirect stdout or use -o FILE',
             );
+          // loaded when used, so other commands do not pay for its modules at start-up
+          const { diff } = await import('../engine/diff.js');
           return diff(base, next, toStdout ? process.stdout : opts.output, {
             blockSize: opts.blockSize,
             reversible: opts.reversible === true,

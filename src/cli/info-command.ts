@@ -8,7 +8,6 @@ import type { IndexInfo } from '../engine/make-index.js';
 import { BlksyncError } from '../errors.js';
 import { INDEX_MAGIC } from '../formats/index-file.js';
 import { PATCH_MAGIC } from '../formats/patch.js';
-import { describePatch, patchInfoText } from '../formats/patch-info.js';
 import { readHead, startsWith } from '../io/file-head.js';
 import { formatBytes } from '../size.js';
 import { reportError, type SetExit } from './common.js';
@@ -53,6 +52,7 @@ export const FILE_TYPES: FileType[] = [
     name: 'patch',
     magic: PATCH_MAGIC,
     describe: async (path) => {
+      const { describePatch, patchInfoText } = await import('../formats/patch-info.js');
       const info = await describePatch(path);
       return { json: info, text: patchInfoText(info) };
     },
