@@ -16,7 +16,6 @@ import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import { isRemote } from '../remote/spec.js';
-import { isUrl } from '../io/http-source.js';
 import type { RemoteOptions } from '../remote/link.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
 
@@ -132,8 +131,7 @@ export async function copy(
   if (options.signal?.aborted === true) {
     throw new BlksyncError('EINTERRUPTED', 'interrupted before starting; nothing was written');
   }
-  // http(s)://host/... has a colon before its first slash, but is a URL source, not ssh
-  if ((isRemote(src) && !isUrl(src)) || isRemote(dst)) {
+  if (isRemote(src) || isRemote(dst)) {
     const { remoteCopy } = await import('../remote/remote-copy.js');
     return remoteCopy(src, dst, { ...options, ...options.remote, blockSize });
   }

@@ -4,6 +4,8 @@
  * copy (docs/architecture.md, "Remote ends"):
  *
  *   push:  PushSource (SRC, re-read where it differs) ──► RefinedTarget ──► RemoteSink (DATA)
+ *          or, for a source read once in order (compressed, stdin, URL, bmap plan):
+ *          CheckedSource (hashes each chunk as it is read) ──► RefinedTarget ──► RemoteSink
  *   pull:  FetchedSource (blocks fetched from the agent) ──► RefinedTarget ──► FileSink(DST)
  *   relay: FetchedSource (blocks fetched from SRC's agent) ──► RefinedTarget ──► RemoteSink
  *
@@ -11,7 +13,8 @@
  * the local file's from a HashScanner started before ssh connects, the agent's from its
  * stream; in a relay both agents' — and refines the chunks that differ ahead of the pipeline,
  * several at once. The sources hand its results to the pipeline in order, and the target
- * knowledge (RefinedTarget) reports the spans found.
+ * knowledge (RefinedTarget) reports the spans found. A push takes SRC from openCopySource, as a
+ * local copy does, so compressed images, stdin, http(s) URLs and bmap plans push too.
  */
 
 import { randomBytes } from 'node:crypto';
@@ -26,16 +29,19 @@ import type {
   TargetKnowledge,
 } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
+import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
-import { createTarget, openSource, openTarget, type Opened } from '../io/open.js';
+import { createTarget, openTarget, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
 import {
   GMAC_KEY_BYTES,
+  MIN_HASH_UNIT,
   TOP_HASH_GMAC,
   topHasher,
+  wireHash,
   zeroHasher,
   type Summary,
   type TopHasher,
@@ -50,7 +56,11 @@ export const REMOTE_CHUNK_BYTES = 4 * 1024 * 1024;
 /** Chunks in flight: their refinement round trips overlap. */
 export const REMOTE_DEPTH = 8;
 
-export interface RemoteCopyOptions extends RemoteOptions {
+/**
+ * A remote copy's options. The CopySourceOptions (bmap, size, ...) describe a local SRC and
+ * are handed to openCopySource as they are, so a push reads SRC exactly as a local copy does.
+ */
+export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   blockSize: number;
   dryRun?: boolean;
   full?: boolean;
@@ -59,7 +69,6 @@ export interface RemoteCopyOptions extends RemoteOptions {
   chunkSize?: number;
   /** Not supported with a remote end yet; refused. */
   index?: string;
-  bmap?: string;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -143,6 +152,39 @@ class PushSource implements Source {
   close(): Promise<void> {
     return this.#file.close();
   }
+}
+
+/**
+ * Push from a source read once, in order (a decoder, stdin, a URL, a bmap plan): each chunk
+ * is compared by hashes as soon as it has been read, before it is handed to the pipeline.
+ * Several chunks are in flight, so their refinement round trips overlap.
+ */
+class CheckedSource implements Source {
+  readonly size: number;
+  readonly #inner: Source;
+  readonly #book: SpanBook;
+  readonly #spansOf: (offset: number, data: Buffer, length: number) => Promise<number[]>;
+
+  constructor(
+    inner: Source,
+    book: SpanBook,
+    spansOf: (offset: number, data: Buffer, length: number) => Promise<number[]>,
+  ) {
+    this.size = inner.size;
+    this.#inner = inner;
+    this.#book = book;
+    this.#spansOf = spansOf;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const got = await this.#inner.read(buf, offset, length);
+    // a short source: the pipeline reports ESRC_SHORT
+    this.#book.set(offset, got < length ? [] : await this.#spansOf(offset, buf, length));
+    return got;
+  }
+
+  /** The CopySource the inner source came from closes it. */
+  async close(): Promise<void> {}
 }
 
 /** The agent as a Sink: DATA frames, written there in order. */
@@ -286,10 +328,17 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined || options.bmap !== undefined) {
+  if (options.index !== undefined) {
+    // the agent compares by hashes, so an index of DST would save reads only on its side
     throw new BlksyncError(
       'EUSAGE',
-      '--index and --bmap do not work with a host:path end yet; copy without them',
+      '--index does not work with a host:path end yet; copy without it (the remote end is compared by hashes)',
+    );
+  }
+  if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--bmap and --size describe a local SRC; ${src} is on ${srcRemote.destination}`,
     );
   }
   options.signal?.throwIfAborted();
@@ -352,39 +401,48 @@ async function push(
   const chunkSize = chunkSizeOf(options);
   const dryRun = options.dryRun === true;
   const full = options.full === true;
-  const source = await openSource(src);
+  // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
+  const opened = await openCopySource(src, options);
+  const { plan, size } = opened;
+  const whole =
+    plan.ranges.length === 0 ||
+    (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
+  // a plain file read by offset is hashed ahead and re-read only where it differs; any
+  // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource)
+  const file = whole && opened.source instanceof FileSource ? opened.source : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
   // SRC's hashes are computed while ssh connects and the agent scans DST
-  const scanner = full
-    ? undefined
-    : new HashScanner(source.fh, src, source.size, chunkSize, top.hash).start();
+  const scanner =
+    full || file === undefined
+      ? undefined
+      : new HashScanner(file, src, size, chunkSize, top.hash).start();
   let link: AgentLink | undefined;
   try {
     link = await AgentLink.open(spec, options, {
       role: 'target',
       path: spec.path,
-      size: source.size,
+      size,
       dryRun,
-      topUnit: full ? 0 : chunkSize,
+      // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
+      topUnit: full || !whole ? 0 : chunkSize,
       ...top.hello,
       encodings: [DEFLATE_RAW],
     });
     const ready = link.ready;
     const book = new SpanBook();
-    const file = new FileSource(source.fh, src, source.size, false);
+    const l = link;
     let knowledge: TargetKnowledge;
-    let input: Source = file;
+    let input: Source = opened.source;
     if (full) knowledge = new NoTarget();
-    else if (ready.zero || scanner === undefined) {
+    else if (ready.zero) {
       knowledge = new ZeroTarget();
       await scanner?.stop();
-    } else {
+    } else if (file !== undefined && scanner !== undefined) {
       const differ = new HashDiffer(link, chunkSize, blockSize);
       const pool = new BufferPool(chunkSize);
-      const l = link;
       refiner = new Refiner(
-        source.size,
+        size,
         chunkSize,
         async (offset) => {
           const [[mine], theirs] = await Promise.all([scanner.hash(offset), l.topHash(offset)]);
@@ -404,26 +462,33 @@ async function push(
       );
       input = new PushSource(file, refiner, book);
       knowledge = new RefinedTarget(book, () => 0);
+    } else {
+      const differ = new HashDiffer(link, chunkSize, blockSize);
+      input = new CheckedSource(opened.source, book, async (offset, data, length) => {
+        const chunk = data.subarray(0, length);
+        // the whole image: the agent's TOP_HASHES stream; a bmap's piece: one hash asked for
+        const same = whole
+          ? top.hash(chunk).equals(await l.topHash(offset))
+          : wireHash(chunk).equals(await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT)));
+        const spans: number[] = [];
+        if (!same) await differ.refine(offset, data, length, false, spans);
+        return spans;
+      });
+      knowledge = new RefinedTarget(book, () => 0);
     }
-    const run = await runPipeline(
-      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
-      input,
-      knowledge,
-      dryRun ? [] : [new RemoteSink(link)],
-      {
-        blockSize,
-        chunkSize,
-        depth: REMOTE_DEPTH,
-        signal: options.signal,
-        onProgress: options.onProgress && withChannel(options.onProgress, link),
-      },
-    );
+    const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [new RemoteSink(link)], {
+      blockSize,
+      chunkSize,
+      depth: REMOTE_DEPTH,
+      signal: options.signal,
+      onProgress: options.onProgress && withChannel(options.onProgress, link),
+    });
     await refiner?.stop();
     const summary = await link.finish();
     const result: RemoteCopyResult = {
       source: src,
       destination: dst,
-      bytesTotal: source.size,
+      bytesTotal: size,
       bytesScanned: run.bytesScanned,
       bytesRead: summary.bytesRead,
       blockSize,
@@ -433,11 +498,12 @@ async function push(
       rangesWritten: run.ranges.count,
       ranges: [...run.ranges.ranges],
       created: ready.created,
-      destinationExtraBytes: ready.created ? 0 : ready.size - source.size,
+      destinationExtraBytes: ready.created ? 0 : ready.size - size,
       dryRun,
       full,
       seconds: 0,
       channel: channelStats(link, spec, summary),
+      ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
     };
     await link.close();
     result.channel = channelStats(link, spec, summary);
@@ -450,7 +516,7 @@ async function push(
     await refiner?.stop();
     await scanner?.stop();
     await link?.close();
-    await source.fh.close();
+    await opened.close();
   }
 }
 
@@ -477,7 +543,8 @@ async function pull(
     if (found.fh !== undefined) target = found;
     // DST's hashes are computed while ssh connects and the agent scans SRC
     if (!full && target !== undefined && target.size > 0) {
-      scanner = new HashScanner(target.fh, dst, target.size, chunkSize, top.hash).start();
+      const file = new FileSource(target.fh, dst, target.size, false);
+      scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
     link = await AgentLink.open(spec, options, {
       role: 'source',

@@ -5,8 +5,8 @@
  * chunks in a mostly unchanged image), and the local and remote scans run side by side.
  */
 
-import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
+import type { Source } from '../engine/types.js';
 import type { TopHasher } from './protocol.js';
 
 /** Reads in flight while scanning. */
@@ -21,7 +21,7 @@ interface Waiter {
 }
 
 export class HashScanner {
-  readonly #fh: FileHandle;
+  readonly #file: Pick<Source, 'read'>;
   readonly #path: string;
   #size: number;
   readonly #unit: number;
@@ -33,9 +33,16 @@ export class HashScanner {
   #done: Promise<void> | undefined;
   bytesRead = 0;
 
-  constructor(fh: FileHandle, path: string, size: number, unit: number, hasher: TopHasher) {
+  /** `file` is read by offset, in any order (a FileSource). */
+  constructor(
+    file: Pick<Source, 'read'>,
+    path: string,
+    size: number,
+    unit: number,
+    hasher: TopHasher,
+  ) {
     this.#hasher = hasher;
-    this.#fh = fh;
+    this.#file = file;
     this.#path = path;
     this.#size = size;
     this.#unit = unit;
@@ -109,12 +116,8 @@ export class HashScanner {
   }
 
   async #read(buf: Buffer, offset: number, length: number): Promise<void> {
-    let got = 0;
-    while (got < length) {
-      const { bytesRead } = await this.#fh.read(buf, got, length - got, offset + got);
-      if (bytesRead === 0) throw new Error(`${this.#path} ended at ${offset + got} bytes`);
-      got += bytesRead;
-    }
+    const got = await this.#file.read(buf, offset, length);
+    if (got < length) throw new Error(`${this.#path} ended at ${offset + got} bytes`);
     this.bytesRead += got;
   }
 }
