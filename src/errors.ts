@@ -56,8 +56,16 @@ export type ErrorCode =
   | 'EREMOTE_PROTOCOL'
   /** The remote agent failed in a way that has no code of its own. */
   | 'EREMOTE'
-  /** The digest of the data written remotely does not match what was sent. */
-  | 'EVERIFY';
+  /** The data written (remotely, or read back by copy --verify) does not match what was sent. */
+  | 'EVERIFY'
+  /** A bmap's OpenPGP signature is bad, expired, revoked, malformed or by another key than --fingerprint. */
+  | 'ESIG_INVALID'
+  /** A bmap is signed but neither gpg nor gpgv is installed to check it. */
+  | 'ESIG_UNAVAILABLE'
+  /** A bmap's signature was made by a key that is not in the keyring used. */
+  | 'ESIG_UNKNOWN_KEY'
+  /** --fingerprint or --keyring was given but the bmap has no signature. */
+  | 'ESIG_MISSING';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

@@ -22,6 +22,23 @@ function copySummary(r: CopyResult): string {
       `bmap ${b.path} (version ${b.version}): ${formatBytes(b.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${b.ranges} ranges; ` +
         `${b.rangesVerified} range checksums verified`,
     );
+    const sig = b.signature;
+    if (sig !== undefined) {
+      lines.push(
+        `signature ${sig.kind === 'clearsigned' ? '(clearsigned) ' : `${sig.path} `}good, by ${sig.signers.join(', ')} ` +
+          `(key ${sig.fingerprints.join(', ')}; checked with ${sig.verifiedWith})`,
+      );
+    }
+  }
+  if (r.verify !== undefined) {
+    const v = r.verify;
+    lines.push(
+      `verified ${formatBytes(v.bytesVerified)} of ${r.destination} in ${v.seconds.toFixed(2)} s: read back ` +
+        (v.direct
+          ? 'bypassing the page cache (O_DIRECT)'
+          : 'after fsync, through the page cache (no O_DIRECT here)') +
+        `, ${v.ranges} ranges match ${v.against === 'bmap' ? "the bmap's" : "the source's"} ${v.algorithm} checksums`,
+    );
   }
   const channel = (r as { channel?: ChannelStats }).channel;
   if (channel !== undefined) {
@@ -71,6 +88,14 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--bmap <file>', "SRC's bmap (file or URL; default: found beside SRC as bmaptool does)")
     .option('--no-bmap', 'ignore any bmap; consider the whole image')
     .option('--no-verify-checksums', "do not verify the bmap's range checksums")
+    .option('--bmap-sig <file>', "the bmap's detached signature (default: BMAP.asc, then BMAP.sig)")
+    .option('--no-sig-verify', "do not check the bmap's signature")
+    .option('--fingerprint <fpr>', 'require the bmap to be signed by this key (full fingerprint)')
+    .option('--keyring <file>', "check the bmap's signature with the keys in this file only")
+    .option(
+      '--verify',
+      'read back what was written (bypassing the page cache) and compare checksums',
+    )
     .option(
       '--size <size>',
       'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
@@ -97,6 +122,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
             noBmap: opts.bmap === false,
             noVerifyChecksums: opts.verifyChecksums === false,
+            ...(opts.bmapSig !== undefined ? { bmapSig: opts.bmapSig } : {}),
+            noSigVerify: opts.sigVerify === false,
+            ...(opts.fingerprint !== undefined ? { fingerprint: opts.fingerprint } : {}),
+            ...(opts.keyring !== undefined ? { keyring: opts.keyring } : {}),
+            verify: opts.verify === true,
             ...(opts.size !== undefined ? { size: opts.size } : {}),
             ...(opts.index !== undefined ? { index: opts.index } : {}),
             rebuildIndex: opts.rebuildIndex === true,

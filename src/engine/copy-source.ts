@@ -46,6 +46,11 @@ import { bodyStream, httpFetchSmall, httpOpenOk, isUrl } from '../io/http-source
 import { openSource, sameFile } from '../io/open.js';
 import { punchHoles } from '../io/sparse-map.js';
 import { SequentialSource } from '../io/sequential-source.js';
+import {
+  verifyBmapSignature,
+  type SignatureOptions,
+  type SignatureReport,
+} from '../io/signature.js';
 import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
 import type { Plan, Sink, Source } from './types.js';
 
@@ -54,7 +59,7 @@ export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
 /** Worker threads hashing ranges: one per core, at most two (more ranges in memory buy little). */
 const HASH_WORKERS = Math.max(1, Math.min(2, availableParallelism()));
 
-export interface CopySourceOptions {
+export interface CopySourceOptions extends SignatureOptions {
   /** A bmap file or URL to use instead of looking for one. */
   bmap?: string | undefined;
   /** Copy the whole image even when a bmap is found. */
@@ -78,6 +83,8 @@ export interface BmapReport {
   mappedBytes: number;
   /** Ranges whose checksum is verified while copying. */
   rangesVerified: number;
+  /** The bmap's OpenPGP signature, when it had one and it was checked. */
+  signature?: SignatureReport;
   /**
    * For an existing file destination: whether the unmapped areas were made holes (reading
    * as zeros, like the image's), false when its file system cannot punch holes.
@@ -95,6 +102,11 @@ export interface CopySource {
   source: Source;
   plan: Plan;
   bmap: BmapReport | undefined;
+  /**
+   * The bmap's range checksums, when every range has one and each is verified while
+   * copying: what `--verify` compares DST with. Undefined otherwise.
+   */
+  checksums: { units: VerifiedRange[]; algorithm: string } | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
   /**
@@ -154,16 +166,26 @@ function loadBmapBytes(path: string, signal?: AbortSignal): Promise<Buffer | und
   return isUrl(path) ? httpFetchSmall(path, MAX_BMAP_BYTES, signal) : readLocalBmap(path);
 }
 
-/** Finds and parses the bmap for `src` (undefined: none, or --no-bmap). */
+/** A found bmap: checks its signature (before anything is written), then parses it. */
+async function signedBmap(
+  path: string,
+  bytes: Buffer,
+  options: CopySourceOptions,
+): Promise<{ path: string; bmap: Bmap; signature: SignatureReport | undefined }> {
+  const { content, signature } = await verifyBmapSignature(bytes, path, options);
+  return { path, bmap: parseBmap(content, { path }), signature };
+}
+
+/** Finds, checks and parses the bmap for `src` (undefined: none, or --no-bmap). */
 export async function findBmap(
   src: string,
   options: CopySourceOptions,
-): Promise<{ path: string; bmap: Bmap } | undefined> {
+): Promise<{ path: string; bmap: Bmap; signature: SignatureReport | undefined } | undefined> {
   if (options.noBmap === true) {
     if (options.bmap !== undefined) {
       throw new BlksyncError('EUSAGE', '--bmap and --no-bmap cannot be used together');
     }
-    return undefined;
+    return noBmapFound(options);
   }
   if (options.bmap !== undefined) {
     const bytes = await loadBmapBytes(options.bmap, options.signal);
@@ -172,14 +194,29 @@ export async function findBmap(
         path: options.bmap,
       });
     }
-    return { path: options.bmap, bmap: parseBmap(bytes, { path: options.bmap }) };
+    return signedBmap(options.bmap, bytes, options);
   }
-  if (src === '-') return undefined;
+  if (src === '-') return noBmapFound(options);
   for (const candidate of bmapCandidates(src)) {
     if (candidate === src) continue;
     const bytes = await loadBmapBytes(candidate, options.signal);
-    if (bytes !== undefined)
-      return { path: candidate, bmap: parseBmap(bytes, { path: candidate }) };
+    if (bytes !== undefined) return signedBmap(candidate, bytes, options);
+  }
+  return noBmapFound(options);
+}
+
+/** Signature options need a bmap to apply to. */
+function noBmapFound(options: CopySourceOptions): undefined {
+  const given = [
+    options.bmapSig !== undefined ? '--bmap-sig' : undefined,
+    options.fingerprint !== undefined ? '--fingerprint' : undefined,
+    options.keyring !== undefined ? '--keyring' : undefined,
+  ].filter((o) => o !== undefined);
+  if (given.length > 0) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `${given.join(' and ')} apply to a bmap's signature, but no bmap is used (give one with --bmap FILE)`,
+    );
   }
   return undefined;
 }
@@ -355,6 +392,7 @@ export async function openCopySource(
       ? bmapPlan(bmap)
       : { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
     let report: BmapReport | undefined;
+    let checksums: CopySource['checksums'];
     if (bmap !== undefined) {
       const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap);
       if (ranges.length > 0 && bmap.checksumType !== undefined) {
@@ -367,6 +405,9 @@ export async function openCopySource(
         });
         cleanups.push(() => verifying.close());
         source = verifying;
+        if (ranges.length === bmap.ranges.length) {
+          checksums = { units: ranges, algorithm: bmap.checksumType };
+        }
       }
       report = {
         path: found!.path,
@@ -375,6 +416,7 @@ export async function openCopySource(
         ranges: bmap.ranges.length,
         mappedBytes: mappedBytes(bmap),
         rangesVerified: ranges.length,
+        ...(found!.signature !== undefined ? { signature: found!.signature } : {}),
       };
     }
     const finalSource = source;
@@ -386,6 +428,7 @@ export async function openCopySource(
       source: finalSource,
       plan,
       bmap: report,
+      checksums,
       sameAs,
       wrapFileSink: (sink, fh, path) => {
         if (report === undefined) return sink;

@@ -15,6 +15,7 @@ import type { IndexReport, IndexSession } from './index-target.js';
 import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
+import { SourceDigests, verifyWritten, type VerifyReport } from './verify-written.js';
 import { isRemote } from '../remote/spec.js';
 import type { RemoteOptions } from '../remote/link.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
@@ -60,6 +61,19 @@ export interface CopyOptions {
   noVerifyChecksums?: boolean;
   /** The image size, for a stream whose size cannot be known before reading it all. */
   size?: number;
+  /** The bmap's detached signature (file or URL); by default BMAP.asc, then BMAP.sig. */
+  bmapSig?: string;
+  /** Do not check the bmap's signature (a clearsigned bmap's text is still used). */
+  noSigVerify?: boolean;
+  /** Require the bmap to be signed by this key (full fingerprint). */
+  fingerprint?: string;
+  /** Check the bmap's signature against the keys in this file instead of the user's keyring. */
+  keyring?: string;
+  /**
+   * After the copy, read back what was written (bypassing the page cache where the file
+   * system allows) and compare checksums: the bmap's, or the source's taken while copying.
+   */
+  verify?: boolean;
   /** How to reach a `host:path` end: ssh command, remote node, sudo. */
   remote?: RemoteOptions;
 }
@@ -90,6 +104,8 @@ export interface CopyResult {
   index?: IndexReport;
   /** The bmap used: only its mapped ranges were considered. */
   bmap?: BmapReport;
+  /** What --verify read back and compared. */
+  verify?: VerifyReport;
 }
 
 /** Validates a block size: a power of two from 512 B to 64 MiB. */
@@ -131,9 +147,21 @@ export async function copy(
   if (options.signal?.aborted === true) {
     throw new BlksyncError('EINTERRUPTED', 'interrupted before starting; nothing was written');
   }
+  if (options.verify === true && dryRun) {
+    throw new BlksyncError('EUSAGE', '--verify has nothing to read back in a dry run');
+  }
   if (isRemote(src) || isRemote(dst)) {
+    if (options.verify === true) {
+      // a remote copy checks the digest of what the agent wrote instead
+      throw new BlksyncError('EUSAGE', '--verify does not work with a host:path end yet');
+    }
     const { remoteCopy } = await import('../remote/remote-copy.js');
-    return remoteCopy(src, dst, { ...options, ...options.remote, blockSize });
+    return remoteCopy(src, dst, {
+      ...options,
+      ...options.remote,
+      blockSize,
+      blockSizeGiven: options.blockSize,
+    });
   }
 
   const source = await openCopySource(src, {
@@ -141,6 +169,10 @@ export async function copy(
     noBmap: options.noBmap,
     noVerifyChecksums: options.noVerifyChecksums,
     size: options.size,
+    bmapSig: options.bmapSig,
+    noSigVerify: options.noSigVerify,
+    fingerprint: options.fingerprint,
+    keyring: options.keyring,
     signal: options.signal,
   });
   let target: Opened | undefined;
@@ -205,16 +237,50 @@ export async function copy(
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
     }
     const from = index?.wrapSource(source.source) ?? source.source;
+    // --verify without bmap checksums compares with the source's digests, taken as it is copied
+    const digests =
+      options.verify === true && source.checksums === undefined
+        ? new SourceDigests(source.plan.ranges)
+        : undefined;
+    const indexHook = index?.onChunk;
+    const onChunk =
+      digests === undefined
+        ? indexHook
+        : indexHook === undefined
+          ? digests.onChunk
+          : (offset: number, data: Buffer, length: number) => {
+              digests.onChunk(offset, data, length);
+              return indexHook(offset, data, length);
+            };
     const run = await runPipeline(source.plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
       signal: options.signal,
       onProgress: options.onProgress,
-      onChunk: index?.onChunk,
+      onChunk,
       buffers: index?.buffers,
     });
     await sink?.finish();
+    let verified: VerifyReport | undefined;
+    if (options.verify === true && !run.interrupted && target !== undefined) {
+      // after finish(): fsynced, so the read-back sees what the medium holds
+      const t0 = performance.now();
+      const expected = source.checksums ?? {
+        units: digests!.units(),
+        algorithm: digests!.algorithm,
+      };
+      const r = await verifyWritten(dst, expected.units, expected.algorithm, {
+        fd: target.fh.fd,
+        signal: options.signal,
+      });
+      verified = {
+        ...r,
+        against: source.checksums !== undefined ? 'bmap' : 'source',
+        algorithm: expected.algorithm,
+        seconds: (performance.now() - t0) / 1000,
+      };
+    }
     if (!run.interrupted) await index?.commit();
     const result: CopyResult = {
       source: src,
@@ -235,6 +301,7 @@ export async function copy(
       seconds: (performance.now() - started) / 1000,
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
+      ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) {
       throw new BlksyncError(
