@@ -265,12 +265,4 @@ describe('push from any local source', () => {
     );
     assert.ok((await readFile(join(dir, 'dst.img'))).equals(old), 'nothing written');
   });
-
-  test('--index with a remote end is refused with a clear message', async (t) => {
-    const dir = await tempDir(t);
-    await writeFile(join(dir, 'src.img'), seededBytes(BS, 1));
-    const r = await runCli(['copy', '--index', 'auto', join(dir, 'src.img'), 'h:/x']);
-    assert.equal(r.code, 2, r.stderr);
-    assert.match(r.stderr, /--index does not work with a host:path end yet.*\[EUSAGE\]/);
-  });
 });

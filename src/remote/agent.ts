@@ -20,6 +20,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
+import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
 import {
@@ -70,6 +71,11 @@ interface Opened {
   sink: FileSink | undefined;
   compressor: Compressor;
   encoding: string;
+  /** Report the identity after DONE (blksync keeps an index of this target). */
+  identity: boolean;
+  kind: 'file' | 'block-device';
+  /** The file's or device's size when opened. */
+  fileSize: number;
 }
 
 function isSafeUInt(v: unknown): v is number {
@@ -101,6 +107,7 @@ function parseHello(payload: Buffer): Hello {
     !isSafeUInt(o.topUnit) ||
     (o.topUnit !== 0 && (o.topUnit < MIN_HASH_UNIT || o.topUnit > MAX_REQUEST_BYTES)) ||
     !Array.isArray(o.encodings) ||
+    (o.identity !== undefined && typeof o.identity !== 'boolean') ||
     (o.role === 'target' && !isSafeUInt(o.size)) ||
     (o.topHash !== undefined &&
       (o.topHash !== TOP_HASH_GMAC ||
@@ -249,6 +256,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         sink: undefined,
         compressor: new Compressor(encoding !== ''),
         encoding,
+        identity: false,
+        kind: src.kind,
+        fileSize: src.size,
       };
       ready = {
         version: PROTOCOL_VERSION,
@@ -301,6 +311,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
             : undefined,
         compressor: new Compressor(false),
         encoding,
+        identity: h.identity === true,
+        kind,
+        fileSize: have,
       };
       ready = {
         version: PROTOCOL_VERSION,
@@ -310,6 +323,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         zero,
         encoding,
         node: process.version,
+        ...(h.identity === true && found.fh !== undefined
+          ? { identity: await identityOf(h.path, found.stats, found.size) }
+          : {}),
       };
     }
     await send(jsonFrame(FrameType.READY, ready));
@@ -387,6 +403,14 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       case FrameType.DONE: {
         if (p.length !== 0) throw new ProtocolError('bad DONE');
         await o.sink?.finish();
+        let identity: Summary['identity'];
+        if (o.identity && o.fh !== undefined && o.sink !== undefined) {
+          // an index is about to vouch for all of the file, also what an earlier, killed run
+          // wrote and this one found equal: make all of it durable, then say what it is now
+          await o.fh.sync();
+          const st = await o.fh.stat();
+          identity = await identityOf(o.path, st, o.kind === 'file' ? st.size : o.fileSize);
+        }
         done = true;
         const cpu = process.cpuUsage();
         const s: Summary = {
@@ -395,6 +419,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           digest: digest.digest('hex'),
           bytesRead,
           cpuSeconds: (cpu.user + cpu.system) / 1e6,
+          ...(identity !== undefined ? { identity } : {}),
         };
         await send(jsonFrame(FrameType.SUMMARY, s));
         return;

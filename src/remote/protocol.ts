@@ -16,6 +16,7 @@
 
 import { createCipheriv, createHash } from 'node:crypto';
 import * as crypto from 'node:crypto';
+import type { TargetIdentity } from '../io/identity.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Bytes of the frame header: length (4) and type (1). */
@@ -83,6 +84,11 @@ export interface Hello {
   topHash?: string;
   /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
   key?: string;
+  /**
+   * target: report the file's identity in READY and, after DONE has synced all of it (not
+   * only this run's writes), in SUMMARY: blksync keeps an index of it (--index).
+   */
+  identity?: boolean;
 }
 
 export interface Ready {
@@ -97,6 +103,8 @@ export interface Ready {
   /** Chosen encoding ('' for raw only). */
   encoding: string;
   node: string;
+  /** target with `identity` asked for, when the file exists: what an index is keyed by. */
+  identity?: TargetIdentity;
 }
 
 export interface WireError {
@@ -115,6 +123,8 @@ export interface Summary {
   bytesRead: number;
   /** CPU seconds (user + system) the agent has used. */
   cpuSeconds?: number;
+  /** target with `identity` asked for: the file's identity after the final sync. */
+  identity?: TargetIdentity;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;

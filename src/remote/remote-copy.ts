@@ -19,6 +19,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
+import { DEFAULT_VERIFY_SAMPLE } from '../engine/index-target.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
 import type {
@@ -49,6 +50,7 @@ import {
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
+import { readIndexIfAny, RemoteIndex } from './remote-index.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
 /** Bytes per chunk: the top level of the hash tree. */
@@ -67,8 +69,13 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
-  /** Not supported with a remote end yet; refused. */
+  /** An index of the remote DST kept here (push only): see remote-index.ts. */
   index?: string;
+  rebuildIndex?: boolean;
+  verifySample?: number;
+  hashThreads?: number;
+  /** The block size given with -b (blockSize holds the default otherwise). */
+  blockSizeGiven?: number;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -328,11 +335,10 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined) {
-    // the agent compares by hashes, so an index of DST would save reads only on its side
+  if (options.index !== undefined && srcRemote !== undefined) {
     throw new BlksyncError(
       'EUSAGE',
-      '--index does not work with a host:path end yet; copy without it (the remote end is compared by hashes)',
+      '--index works with a host:path DST (push) only: the index is kept here and describes the remote DST',
     );
   }
   if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
@@ -407,9 +413,12 @@ async function push(
   const whole =
     plan.ranges.length === 0 ||
     (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
+  const indexing = options.index !== undefined;
   // a plain file read by offset is hashed ahead and re-read only where it differs; any
-  // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource)
-  const file = whole && opened.source instanceof FileSource ? opened.source : undefined;
+  // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource), also
+  // when an index is made or used: it needs every chunk's bytes
+  const file =
+    whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
   // SRC's hashes are computed while ssh connects and the agent scans DST
@@ -418,23 +427,63 @@ async function push(
       ? undefined
       : new HashScanner(file, src, size, chunkSize, top.hash).start();
   let link: AgentLink | undefined;
+  let index: RemoteIndex | undefined;
   try {
+    let found: Awaited<ReturnType<typeof readIndexIfAny>>;
+    if (options.index !== undefined) {
+      if (options.index === 'auto') {
+        throw new BlksyncError(
+          'EUSAGE',
+          '--index auto keys the cache by a local DST; with a host:path DST name the index file (--index FILE)',
+        );
+      }
+      if (opened.bmap !== undefined) {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
+        );
+      }
+      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+    }
+    // an index that may be used makes the agent's scan of DST needless
+    const mayUseIndex = found !== undefined && 'index' in found;
+    const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
     link = await AgentLink.open(spec, options, {
       role: 'target',
       path: spec.path,
       size,
       dryRun,
       // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
-      topUnit: full || !whole ? 0 : chunkSize,
+      topUnit,
       ...top.hello,
       encodings: [DEFLATE_RAW],
+      ...(indexing ? { identity: true } : {}),
     });
     const ready = link.ready;
     const book = new SpanBook();
     const l = link;
+    if (options.index !== undefined) {
+      index = await RemoteIndex.open(
+        {
+          index: options.index,
+          imageSize: size,
+          blockSize: options.blockSizeGiven,
+          chunkSize,
+          rebuild: options.rebuildIndex === true,
+          verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+          full,
+          dryRun,
+          hashThreads: options.hashThreads,
+        },
+        found,
+        l,
+        (bs) => new HashDiffer(l, chunkSize, bs),
+      );
+    }
     let knowledge: TargetKnowledge;
     let input: Source = opened.source;
     if (full) knowledge = new NoTarget();
+    else if (index?.knowledge !== undefined) knowledge = index.knowledge;
     else if (ready.zero) {
       knowledge = new ZeroTarget();
       await scanner?.stop();
@@ -467,31 +516,38 @@ async function push(
       input = new CheckedSource(opened.source, book, async (offset, data, length) => {
         const chunk = data.subarray(0, length);
         // the whole image: the agent's TOP_HASHES stream; a bmap's piece: one hash asked for
-        const same = whole
-          ? top.hash(chunk).equals(await l.topHash(offset))
-          : wireHash(chunk).equals(await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT)));
+        const same =
+          topUnit > 0
+            ? top.hash(chunk).equals(await l.topHash(offset))
+            : wireHash(chunk).equals(
+                await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT)),
+              );
         const spans: number[] = [];
         if (!same) await differ.refine(offset, data, length, false, spans);
         return spans;
       });
       knowledge = new RefinedTarget(book, () => 0);
     }
-    const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [new RemoteSink(link)], {
-      blockSize,
+    const sink: Sink = index?.wrapSink(new RemoteSink(link)) ?? new RemoteSink(link);
+    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : blockSize;
+    const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
+      blockSize: pipelineBlockSize,
       chunkSize,
       depth: REMOTE_DEPTH,
       signal: options.signal,
       onProgress: options.onProgress && withChannel(options.onProgress, link),
+      onChunk: index?.onChunk,
     });
     await refiner?.stop();
     const summary = await link.finish();
+    if (!run.interrupted) await index?.commit(summary.identity);
     const result: RemoteCopyResult = {
       source: src,
       destination: dst,
       bytesTotal: size,
       bytesScanned: run.bytesScanned,
       bytesRead: summary.bytesRead,
-      blockSize,
+      blockSize: pipelineBlockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
       bytesWritten: summary.bytes,
@@ -503,6 +559,7 @@ async function push(
       full,
       seconds: 0,
       channel: channelStats(link, spec, summary),
+      ...(index !== undefined ? { index: index.report() } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
     };
     await link.close();
@@ -516,6 +573,7 @@ async function push(
     await refiner?.stop();
     await scanner?.stop();
     await link?.close();
+    await index?.close();
     await opened.close();
   }
 }

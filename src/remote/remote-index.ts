@@ -1,0 +1,363 @@
+/**
+ * `--index FILE` for a push: the index of the remote DST lives here, so a copy that can trust
+ * it compares SRC's block hashes with the stored ones and the agent does not read DST at all
+ * (no TOP_HASHES scan) — except the sample that defends against a stale index, as a local
+ * copy's does (engine/index-target.ts), asked for with HASH_REQ:
+ *
+ *   open ─► READY identity matches? ─► sample of DST's blocks (HASH_REQ) matches? ─► use
+ *     │            │ no                        │ no
+ *     │            ▼                           ▼
+ *     │      EINDEX_MISMATCH              EINDEX_STALE      (--rebuild-index: create instead)
+ *     └─ no index / DST new / --full ─► create: compare by hashes as usual, hash every chunk
+ *
+ * Keeping the index honest without syncing the remote mid-copy: before the first write it is
+ * marked in progress from that write (or the first range it did not vouch for) to the end of
+ * the image, so a copy killed anywhere leaves an index that vouches only for blocks that were
+ * durable. A rerun compares that range by the agent's hashes. After DONE the agent syncs all
+ * of DST and reports its identity then, and the clean index is written with it.
+ */
+
+import { randomInt } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { BlksyncError, isSystemError } from '../errors.js';
+import {
+  blockCountFor,
+  readIndexFile,
+  writeIndexFile,
+  type IndexFile,
+  type IndexState,
+} from '../formats/index-file.js';
+import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
+import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
+import { HashPool } from '../engine/hash-pool.js';
+import { IndexTarget, type IndexReport } from '../engine/index-target.js';
+import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
+import type { ChunkKnowledge, Sink, TargetKnowledge } from '../engine/types.js';
+import type { HashDiffer } from './hash-differ.js';
+import type { AgentLink } from './link.js';
+import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash } from './protocol.js';
+
+export interface RemoteIndexOptions {
+  /** The index file (a path: the cache's "auto" is keyed by a local DST). */
+  index: string;
+  imageSize: number;
+  /** Block size asked for with -b, if any. */
+  blockSize: number | undefined;
+  chunkSize: number;
+  rebuild: boolean;
+  verifySample: number;
+  full: boolean;
+  dryRun: boolean;
+  hashThreads?: number | undefined;
+}
+
+/** Reads the index file before ssh starts; undefined when there is none. */
+export async function readIndexIfAny(
+  path: string,
+  rebuild: boolean,
+): Promise<{ index: IndexFile } | { unreadable: string } | undefined> {
+  try {
+    return { index: await readIndexFile(path) };
+  } catch (err) {
+    const missing =
+      err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
+    if (missing) return undefined;
+    if (rebuild && err instanceof BlksyncError && err.code === 'EINDEX_FORMAT') {
+      return { unreadable: err.message };
+    }
+    throw err;
+  }
+}
+
+function stale(path: string, why: string): BlksyncError {
+  return new BlksyncError(
+    'EINDEX_STALE',
+    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
+    { path },
+  );
+}
+
+/** The remote DST's knowledge from an index; the ranges it does not vouch for by hashes. */
+class RemoteIndexTarget implements TargetKnowledge {
+  readonly #target: IndexTarget;
+  readonly #link: AgentLink;
+  readonly #differ: HashDiffer;
+  /** Bytes of DST compared by the agent's hashes (the index did not vouch for them). */
+  bytesCompared = 0;
+
+  constructor(target: IndexTarget, link: AgentLink, differ: HashDiffer) {
+    this.#target = target;
+    this.#link = link;
+    this.#differ = differ;
+  }
+
+  get bytesRead(): number {
+    return 0;
+  }
+
+  load(offset: number, length: number): Promise<ChunkKnowledge> {
+    const trusted = this.#target.untrusted.every(
+      (r) => offset + length <= r.start || offset >= r.end,
+    );
+    if (trusted) return this.#target.load(offset, length);
+    return Promise.resolve({
+      diff: async (data, len, bs, out) => {
+        const chunk = data.subarray(0, len);
+        const theirs = await this.#link.hashes(offset, len, Math.max(len, MIN_HASH_UNIT));
+        this.bytesCompared += len;
+        if (!wireHash(chunk).equals(theirs)) {
+          await this.#differ.refine(offset, data, len, false, out);
+        }
+        // the new content's hashes, for the index written at the end
+        const table = this.#target.table;
+        for (let s = 0; s < len; s += bs) {
+          sha256(chunk, s, Math.min(s + bs, len)).copy(table, ((offset + s) / bs) * HASH_BYTES);
+        }
+      },
+      release: () => {},
+    });
+  }
+
+  close(): Promise<void> {
+    return this.#target.close();
+  }
+}
+
+export class RemoteIndex {
+  readonly path: string;
+  readonly blockSize: number;
+  /** Set when the index is used: the pipeline's knowledge of DST. */
+  readonly knowledge: RemoteIndexTarget | undefined;
+  /** Set when the index is created: hashes every chunk of the new content. */
+  readonly onChunk: ((offset: number, data: Buffer, length: number) => Promise<void>) | undefined;
+  readonly #o: RemoteIndexOptions;
+  readonly #pool: HashPool;
+  readonly #target: IndexTarget | undefined;
+  readonly #collected: BlockHashes | undefined;
+  readonly #identity: TargetIdentity | undefined;
+  readonly #report: IndexReport;
+  #removeBeforeWrite: boolean;
+
+  private constructor(
+    o: RemoteIndexOptions,
+    pool: HashPool,
+    identity: TargetIdentity | undefined,
+    use: { target: IndexTarget; knowledge: RemoteIndexTarget; sampled: number } | undefined,
+    create: { reason: string | undefined; oldExists: boolean } | undefined,
+  ) {
+    this.#o = o;
+    this.path = o.index;
+    this.#pool = pool;
+    this.#identity = identity;
+    this.#removeBeforeWrite = create?.oldExists === true;
+    if (use !== undefined) {
+      this.blockSize = use.target.blockSize;
+      this.#target = use.target;
+      this.knowledge = use.knowledge;
+      this.#collected = undefined;
+      this.onChunk = undefined;
+    } else {
+      this.blockSize = o.blockSize ?? DEFAULT_INDEX_BLOCK_SIZE;
+      this.#target = undefined;
+      this.knowledge = undefined;
+      const collected = o.dryRun ? undefined : new BlockHashes(o.imageSize, this.blockSize, pool);
+      this.#collected = collected;
+      this.onChunk =
+        collected === undefined ? undefined : (off, data, len) => collected.add(off, data, len);
+    }
+    this.#report = {
+      path: o.index,
+      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
+      blockSize: this.blockSize,
+      bytesHashed: 0,
+      sampleBlocks: use?.sampled ?? 0,
+      bytesReread: 0,
+      checkpoints: 0,
+      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+    };
+  }
+
+  /**
+   * Decides, once the agent is READY, whether the index read before (`found`) is used, or
+   * created or rebuilt; `differ` must compare in the index's blocks when it is used.
+   */
+  static async open(
+    o: RemoteIndexOptions,
+    found: Awaited<ReturnType<typeof readIndexIfAny>>,
+    link: AgentLink,
+    differFor: (blockSize: number) => HashDiffer,
+  ): Promise<RemoteIndex> {
+    const pool = new HashPool(o.hashThreads);
+    try {
+      const ready = link.ready;
+      const id = ready.identity;
+      const create = (reason: string | undefined, oldExists: boolean): RemoteIndex =>
+        new RemoteIndex(o, pool, id, undefined, { reason, oldExists });
+      if (found === undefined) return create(undefined, false);
+      if ('unreadable' in found) return create(found.unreadable, true);
+      const index = found.index;
+      if (ready.created || ready.zero || id === undefined || o.full) {
+        return create(o.full ? '--full writes everything' : 'the destination is new', true);
+      }
+      const why = identityMismatch(index.identity, id);
+      if (why !== undefined) {
+        if (o.rebuild) return create(why, true);
+        throw new BlksyncError(
+          'EINDEX_MISMATCH',
+          `index ${o.index} does not describe this destination: ${why} (${describeIdentity(id)}); pass --rebuild-index to replace it (DST is then compared by hashes once)`,
+          { path: o.index },
+        );
+      }
+      if (o.chunkSize % index.blockSize !== 0) {
+        throw new BlksyncError(
+          'EUSAGE',
+          `index ${o.index} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
+        );
+      }
+      if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
+        if (o.rebuild) return create(`block size ${o.blockSize} asked for`, true);
+        throw new BlksyncError(
+          'EUSAGE',
+          `index ${o.index} has ${index.blockSize}-byte blocks but -b asks for ${o.blockSize}; omit -b, or pass --rebuild-index`,
+        );
+      }
+      if (
+        index.state.kind === 'clean' &&
+        id.mtimeNs !== undefined &&
+        index.identity.mtimeNs !== undefined &&
+        id.mtimeNs !== index.identity.mtimeNs
+      ) {
+        const why2 = `${link.name} was modified after the index was written`;
+        if (o.rebuild) return create(why2, true);
+        throw stale(o.index, why2);
+      }
+      const target = new IndexTarget(index, o.imageSize, undefined, o.chunkSize, pool);
+      const sample = await verifySample(target, o.verifySample, link);
+      if (sample.bad !== undefined) {
+        const why2 = `the block at byte ${sample.bad} of ${link.name} does not match its hash`;
+        if (o.rebuild) return create(why2, true);
+        throw stale(o.index, why2);
+      }
+      const knowledge = new RemoteIndexTarget(target, link, differFor(index.blockSize));
+      return new RemoteIndex(o, pool, id, { target, knowledge, sampled: sample.blocks }, undefined);
+    } catch (err) {
+      await pool.close();
+      throw err;
+    }
+  }
+
+  /**
+   * Wraps the sink to the agent: before DST's first byte changes, an index being used is
+   * marked in progress from there to the end (a replaced one is removed).
+   */
+  wrapSink(sink: Sink): Sink {
+    let first = true;
+    return {
+      write: async (data, offset) => {
+        if (first) {
+          first = false;
+          await this.#beforeFirstWrite(offset);
+        }
+        await sink.write(data, offset);
+      },
+      finish: () => sink.finish(),
+    };
+  }
+
+  async #beforeFirstWrite(offset: number): Promise<void> {
+    if (this.#removeBeforeWrite) {
+      this.#removeBeforeWrite = false;
+      await rm(this.path, { force: true });
+    }
+    const target = this.#target;
+    if (target === undefined || this.#identity === undefined) return;
+    // blocks before this vouched for what DST durably held; from here on it may change
+    let start = offset;
+    for (const r of target.untrusted) start = Math.min(start, r.start);
+    start = Math.floor(start / this.blockSize) * this.blockSize;
+    await this.#write(
+      { kind: 'in-progress', dirty: { start, end: this.#o.imageSize } },
+      this.#identity,
+      target.table,
+    );
+    this.#report.checkpoints++;
+  }
+
+  /** After the agent synced all of DST (DONE): the clean index, with DST's identity then. */
+  async commit(identity: TargetIdentity | undefined): Promise<void> {
+    if (this.#o.dryRun || identity === undefined) return;
+    const hashes = this.#target?.table ?? this.#collected?.table;
+    if (hashes === undefined) return;
+    await this.#write({ kind: 'clean' }, identity, hashes);
+  }
+
+  async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
+    await writeIndexFile(this.path, {
+      versionMajor: 1,
+      versionMinor: 0,
+      blockSize: this.blockSize,
+      imageSize: this.#o.imageSize,
+      algorithm: HASH_ALGORITHM,
+      hashBytes: HASH_BYTES,
+      blockCount: blockCountFor(this.#o.imageSize, this.blockSize),
+      state,
+      writtenAt: Date.now(),
+      identity,
+      hashes,
+    });
+  }
+
+  report(): IndexReport {
+    return {
+      ...this.#report,
+      bytesHashed: this.#pool.bytesHashed,
+      bytesReread: this.knowledge?.bytesCompared ?? 0,
+    };
+  }
+
+  async close(): Promise<void> {
+    await this.#pool.close();
+  }
+}
+
+/**
+ * Asks the agent for the hashes of `count` trusted blocks (the first and last among them,
+ * where partition tables live, then random ones), all at once, and compares them with the
+ * index's (a wire hash is SHA-256 truncated, so it is a prefix of the stored hash).
+ */
+async function verifySample(
+  target: IndexTarget,
+  count: number,
+  link: AgentLink,
+): Promise<{ bad: number | undefined; blocks: number }> {
+  const bs = target.blockSize;
+  const blocks = blockCountFor(target.imageSize, bs);
+  if (count <= 0 || blocks === 0) return { bad: undefined, blocks: 0 };
+  const trusted = (s: number, e: number): boolean =>
+    target.untrusted.every((r) => e <= r.start || s >= r.end);
+  const picked = new Set<number>();
+  const candidates = [0, blocks - 1];
+  const all = count >= blocks;
+  const tries = all ? blocks : count * 8;
+  for (let t = 0; picked.size < count && t < tries; t++) {
+    const i = all ? t : (candidates.shift() ?? randomInt(blocks));
+    const s = i * bs;
+    if (!picked.has(i) && trusted(s, Math.min(s + bs, target.imageSize))) picked.add(i);
+  }
+  const order = [...picked].sort((a, b) => a - b);
+  const replies = await Promise.all(
+    order.map((i) => {
+      const s = i * bs;
+      const len = Math.min(bs, target.imageSize - s);
+      return link.hashes(s, len, Math.max(len, MIN_HASH_UNIT));
+    }),
+  );
+  for (let k = 0; k < order.length; k++) {
+    const i = order[k]!;
+    const h = i * HASH_BYTES;
+    if (replies[k]!.compare(target.table, h, h + WIRE_HASH_BYTES) !== 0) {
+      return { bad: i * bs, blocks: k + 1 };
+    }
+  }
+  return { bad: undefined, blocks: order.length };
+}

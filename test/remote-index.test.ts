@@ -1,0 +1,193 @@
+/**
+ * `--index FILE` with a remote DST (push) over a real OpenSSH server on 127.0.0.1: the index
+ * is kept here; when it is used the agent reads only the sample that defends against a stale
+ * index; a DST changed behind blksync's back is caught by that sample; an interrupted copy
+ * leaves an index that vouches only for what was durable, and a rerun converges.
+ */
+
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { open, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, test, type TestContext } from 'node:test';
+import { copy, type CopyResult } from '../src/engine/copy.js';
+import { BlksyncError } from '../src/errors.js';
+import { readIndexFile } from '../src/formats/index-file.js';
+import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
+import { runCli } from './helpers/cli.js';
+import { need } from './helpers/resources.js';
+import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
+
+const MiB = 1024 * 1024;
+const INDEX_BS = 64 * 1024;
+
+function flip(data: Buffer, offsets: number[]): Buffer {
+  const out = Buffer.from(data);
+  for (const o of offsets) out[o] = out[o]! ^ 0xff;
+  return out;
+}
+
+async function rejectsWith(p: Promise<unknown>, code: string, text?: RegExp): Promise<void> {
+  await assert.rejects(p, (err: unknown) => {
+    assert.ok(err instanceof BlksyncError, `not a BlksyncError: ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    if (text !== undefined) assert.match(err.message, text);
+    return true;
+  });
+}
+
+describe('push with --index kept here', () => {
+  let sshd: Sshd | undefined;
+  let available = false;
+
+  before(async () => {
+    available = await sshdAvailable();
+    if (available) sshd = await startSshd();
+  });
+  after(async () => {
+    await sshd?.stop();
+  });
+
+  function server(t: TestContext): Sshd | undefined {
+    const ok = need(
+      t,
+      available && sshd !== undefined,
+      'sshd is not installed (apt-get install openssh-server)',
+    );
+    return ok ? sshd : undefined;
+  }
+  const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
+
+  test('created, then used: the agent reads only the sample of DST', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 24 * MiB + 5000;
+    const v1 = seededBytes(size, 1);
+    await writeFile(join(dir, 'src.img'), v1);
+    await writeFile(join(dir, 'dst.img'), flip(v1, [3, 9 * MiB]));
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx };
+    const first = (await copy(
+      join(dir, 'src.img'),
+      at(s, join(dir, 'dst.img')),
+      opts,
+    )) as RemoteCopyResult;
+    assert.equal(first.index?.mode, 'created');
+    assert.equal(first.bytesWritten, 2 * 4096);
+    assert.ok((await readFile(join(dir, 'dst.img'))).equals(v1));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+
+    const v2 = flip(v1, [100, 20 * MiB, size - 1]);
+    await writeFile(join(dir, 'src.img'), v2);
+    const r = await runCli([
+      'copy',
+      '--json',
+      '--index',
+      idx,
+      '--ssh',
+      s.ssh,
+      join(dir, 'src.img'),
+      at(s, join(dir, 'dst.img')),
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    const used = JSON.parse(r.stdout) as RemoteCopyResult;
+    assert.equal(used.index?.mode, 'used');
+    assert.equal(used.index?.sampleBlocks, 16);
+    assert.equal(used.blockSize, INDEX_BS);
+    assert.equal(used.bytesWritten, 2 * INDEX_BS + (size % INDEX_BS));
+    // the sample and nothing else: 16 blocks of 64 KiB
+    assert.ok(used.bytesRead <= 16 * INDEX_BS, `the agent read ${used.bytesRead}`);
+    assert.ok((await readFile(join(dir, 'dst.img'))).equals(v2));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+
+    // the index now describes v2: a rerun writes nothing
+    const again = await copy(join(dir, 'src.img'), at(s, join(dir, 'dst.img')), opts);
+    assert.equal(again.index?.mode, 'used');
+    assert.equal(again.bytesWritten, 0);
+  });
+
+  test("a DST changed behind blksync's back is caught by the sample (EINDEX_STALE)", async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 8 * MiB;
+    const data = seededBytes(size, 3);
+    const dst = join(dir, 'dst.img');
+    await writeFile(join(dir, 'src.img'), data);
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx };
+    await copy(join(dir, 'src.img'), at(s, dst), opts);
+    // change the first block (always sampled) and keep the mtime, so only the sample can tell
+    execFileSync('touch', ['-r', dst, join(dir, 'stamp')]);
+    const fh = await open(dst, 'r+');
+    await fh.write(Buffer.from('changed'), 0, 7, 10);
+    await fh.close();
+    execFileSync('touch', ['-r', join(dir, 'stamp'), dst]);
+    const changed = await readFile(dst);
+    await rejectsWith(
+      copy(join(dir, 'src.img'), at(s, dst), opts),
+      'EINDEX_STALE',
+      /block at byte 0 .*does not match its hash/,
+    );
+    assert.ok((await readFile(dst)).equals(changed), 'nothing written');
+    const rebuilt = await copy(join(dir, 'src.img'), at(s, dst), { ...opts, rebuildIndex: true });
+    assert.equal(rebuilt.index?.mode, 'rebuilt');
+    assert.ok((await readFile(dst)).equals(data));
+    // an index made for another file
+    await writeFile(join(dir, 'other.img'), data);
+    await rejectsWith(
+      copy(join(dir, 'src.img'), at(s, join(dir, 'other.img')), opts),
+      'EINDEX_MISMATCH',
+    );
+  });
+
+  test('an interrupted copy leaves the index in progress; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const v1 = seededBytes(size, 5);
+    const v2 = seededBytes(size, 6);
+    const dst = join(dir, 'dst.img');
+    await writeFile(join(dir, 'src.img'), v1);
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx };
+    await copy(join(dir, 'src.img'), at(s, dst), opts);
+    await writeFile(join(dir, 'src.img'), v2);
+    const controller = new AbortController();
+    await assert.rejects(
+      copy(join(dir, 'src.img'), at(s, dst), {
+        ...opts,
+        signal: controller.signal,
+        onProgress: (p) => {
+          if (p.bytesScanned >= 8 * MiB) controller.abort();
+        },
+      }),
+      (err: unknown) => {
+        assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+        assert.ok((err.partial as CopyResult).bytesWritten > 0);
+        return true;
+      },
+    );
+    const marked = await readIndexFile(idx);
+    assert.equal(marked.state.kind, 'in-progress');
+    const rerun = await copy(join(dir, 'src.img'), at(s, dst), opts);
+    assert.equal(rerun.index?.mode, 'used');
+    assert.ok((rerun.index?.bytesReread ?? 0) > 0, 'the marked range was compared by hashes');
+    assert.ok((await readFile(dst)).equals(v2));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+  });
+
+  test('--index is refused for a remote SRC and for auto', async (t) => {
+    const dir = await tempDir(t);
+    await writeFile(join(dir, 'src.img'), seededBytes(4096, 1));
+    const pull = await runCli(['copy', '--index', join(dir, 'i'), 'h:/x', join(dir, 'y')]);
+    assert.equal(pull.code, 2, pull.stderr);
+    assert.match(pull.stderr, /--index works with a host:path DST \(push\) only.*\[EUSAGE\]/);
+    const auto = await runCli(['copy', '--index', 'auto', join(dir, 'src.img'), 'h:/x']);
+    assert.equal(auto.code, 2, auto.stderr);
+    assert.match(auto.stderr, /--index auto .*--index FILE.*\[EUSAGE\]/);
+  });
+});
