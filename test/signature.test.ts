@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
@@ -18,6 +18,7 @@ import { seededBytes, writeSparseFile } from './helpers/tmp.js';
 
 const run = promisify(execFile);
 const HAVE_GPG = spawnSync('gpg', ['--version']).status === 0;
+const GPGV = spawnSync('sh', ['-c', 'command -v gpgv'], { encoding: 'utf8' }).stdout.trim();
 const MiB = 1024 * 1024;
 
 function needGpg(t: TestContext): boolean {
@@ -225,6 +226,32 @@ describe('signed bmaps', () => {
       );
     } finally {
       process.env.GNUPGHOME = home;
+    }
+  });
+
+  it('with only gpgv installed: checks against --keyring, detached and clearsigned', async (t) => {
+    if (!needGpg(t)) return;
+    if (!need(t, GPGV !== '', 'gpgv is not installed (apt-get install gpgv)')) return;
+    const { dir, img, bmap, image } = await imageWithBmap();
+    await signAs(keyA, '--armor', '--detach-sign', '-o', `${bmap}.asc`, bmap);
+    await signAs(keyA, '--clearsign', '-o', join(dir, 'clear.bmap'), bmap);
+    const bin = join(dir, 'bin');
+    await mkdir(bin);
+    await symlink(GPGV, join(bin, 'gpgv'));
+    const savedPath = process.env.PATH;
+    process.env.PATH = bin;
+    try {
+      const r = await copy(img, join(dir, 'out'), { keyring: keyringA, fingerprint: keyA });
+      assert.equal(r.bmap?.signature?.verifiedWith, 'gpgv');
+      const c = await copy(img, join(dir, 'out2'), {
+        bmap: join(dir, 'clear.bmap'),
+        keyring: keyringA,
+      });
+      assert.equal(c.bmap?.signature?.kind, 'clearsigned');
+      assert.equal(c.bmap?.signature?.verifiedWith, 'gpgv');
+      assert.ok((await readFile(join(dir, 'out2'))).equals(image));
+    } finally {
+      process.env.PATH = savedPath;
     }
   });
 

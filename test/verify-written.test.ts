@@ -63,6 +63,15 @@ describe('copy --verify', () => {
     assert.equal(unchecked.verify?.against, 'source');
     assert.equal(unchecked.verify?.bytesVerified, mapped);
 
+    // beside an index, which hashes the same chunks
+    const indexed = await copy(path, join(dir, 'out2'), {
+      verify: true,
+      noBmap: true,
+      index: join(dir, 'out2.idx'),
+    });
+    assert.equal(indexed.verify?.bytesVerified, size);
+    assert.ok(indexed.index !== undefined);
+
     const cli = await runCli(['copy', '--verify', '--json', path, join(dir, 'out4')]);
     assert.equal(cli.code, 0, cli.stderr);
     const json = JSON.parse(cli.stdout) as { verify: { bytesVerified: number } };

@@ -350,7 +350,7 @@ async function verifyWithGnupg(
     if (outcome === undefined) {
       throw new BlksyncError(
         'ESIG_UNAVAILABLE',
-        `${where} is signed but neither gpg nor gpgv is installed to check the signature; install ` +
+        `the bmap is signed (${where}) but neither gpg nor gpgv is installed to check the signature; install ` +
           'one (apt-get install gpgv, or gnupg) or pass --no-sig-verify to copy without checking',
         { path: where },
       );
