@@ -171,6 +171,8 @@ describe('signed bmaps', () => {
     const r = await runCli(['copy', '--fingerprint', keyA, img, out]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /ESIG_INVALID/);
+    // not passed on to a push yet: refused rather than ignored
+    await assert.rejects(copy(img, 'nohost.invalid:/dev/x', { fingerprint: keyA }), code('EUSAGE'));
     // a key id is not a fingerprint
     assert.throws(() => normalizeFingerprint(keyA.slice(-16)), code('EUSAGE'));
     // --fingerprint needs a signature to check

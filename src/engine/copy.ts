@@ -155,6 +155,19 @@ export async function copy(
       // a remote copy checks the digest of what the agent wrote instead
       throw new BlksyncError('EUSAGE', '--verify does not work with a host:path end yet');
     }
+    const sigOptions = [
+      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
+      options.fingerprint !== undefined ? '--fingerprint' : undefined,
+      options.keyring !== undefined ? '--keyring' : undefined,
+      options.noSigVerify === true ? '--no-sig-verify' : undefined,
+    ].filter((o) => o !== undefined);
+    if (sigOptions.length > 0) {
+      // a push still checks a signature found beside its bmap, with the user's keyring
+      throw new BlksyncError(
+        'EUSAGE',
+        `${sigOptions.join(', ')} do not work with a host:path end yet`,
+      );
+    }
     const { remoteCopy } = await import('../remote/remote-copy.js');
     return remoteCopy(src, dst, {
       ...options,
