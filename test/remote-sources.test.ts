@@ -250,6 +250,18 @@ describe('push from any local source', () => {
     assert.match(fresh.stdout, /bmap .*4 range checksums verified/);
     assert.ok((await readFile(join(dir, 'new.img'))).equals(data));
 
+    // compressed beside its bmap (disk.img.xz finds disk.img.bmap, as bmaptool does)
+    if (await needTool(t, 'xz', 'xz-utils')) {
+      await writeFile(join(dir, 'disk.img.xz'), xz(data));
+      await writeFile(join(dir, 'xz.img'), old);
+      const packed = (await copy(join(dir, 'disk.img.xz'), at(s, join(dir, 'xz.img')), {
+        remote: { ssh: s.ssh },
+      })) as RemoteCopyResult;
+      assert.equal(packed.bmap?.path, `${img}.bmap`);
+      assert.equal(packed.bytesScanned, mapped);
+      assert.ok((await readFile(join(dir, 'xz.img'))).equals(expected));
+    }
+
     // a damaged image: refused by its checksum, nothing written there
     const fh = await open(img, 'r+');
     await fh.write(Buffer.from('BAD'), 0, 3, 11);
