@@ -24,15 +24,7 @@ import { basename, extname } from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import {
-  bmapPlan,
-  checkBmapMatches,
-  mappedBytes,
-  MAX_BMAP_BYTES,
-  parseBmap,
-  rangeEnd,
-  type Bmap,
-} from '../formats/bmap.js';
+import type { Bmap } from '../formats/bmap.js';
 import {
   decompress,
   decompressedSize,
@@ -42,17 +34,25 @@ import {
   type Decoder,
 } from '../io/decompress.js';
 import { FileSource } from '../io/file-source.js';
-import { bodyStream, httpFetchSmall, httpOpenOk, isUrl } from '../io/http-source.js';
 import { openSource, sameFile } from '../io/open.js';
-import { punchHoles } from '../io/sparse-map.js';
 import { SequentialSource } from '../io/sequential-source.js';
-import {
-  verifyBmapSignature,
-  type SignatureOptions,
-  type SignatureReport,
-} from '../io/signature.js';
-import { VerifyingSource, type VerifiedRange } from './bmap-verify.js';
+import type { SignatureOptions, SignatureReport } from '../io/signature.js';
+import { isUrl } from '../io/url.js';
+import type { VerifiedRange } from './bmap-verify.js';
 import type { Plan, Sink, Source } from './types.js';
+
+/**
+ * What only a bmap copy needs (saxes, koffi, hashing workers), loaded only then: a plain copy
+ * starts faster without them.
+ */
+async function bmapModules() {
+  const [formats, verify, sparse] = await Promise.all([
+    import('../formats/bmap.js'),
+    import('./bmap-verify.js'),
+    import('../io/sparse-map.js'),
+  ]);
+  return { ...formats, ...verify, ...sparse };
+}
 
 /** Mapped bytes from which range checksums are computed on worker threads. */
 export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
@@ -150,6 +150,7 @@ async function readLocalBmap(path: string): Promise<Buffer | undefined> {
     if (isSystemError(err) && (err.code === 'ENOENT' || err.code === 'ENOTDIR')) return undefined;
     throw fromSystemError('EBMAP_OPEN', 'cannot open bmap', path, err);
   }
+  const { MAX_BMAP_BYTES } = await import('../formats/bmap.js');
   if (size > MAX_BMAP_BYTES) {
     throw new BlksyncError('EBMAP_FORMAT', `${path} is ${size} bytes, more than a bmap can be`, {
       path,
@@ -162,8 +163,13 @@ async function readLocalBmap(path: string): Promise<Buffer | undefined> {
   }
 }
 
-function loadBmapBytes(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
-  return isUrl(path) ? httpFetchSmall(path, MAX_BMAP_BYTES, signal) : readLocalBmap(path);
+async function loadBmapBytes(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
+  if (!isUrl(path)) return readLocalBmap(path);
+  const [{ httpFetchSmall }, { MAX_BMAP_BYTES }] = await Promise.all([
+    import('../io/http-source.js'),
+    import('../formats/bmap.js'),
+  ]);
+  return httpFetchSmall(path, MAX_BMAP_BYTES, signal);
 }
 
 /** A found bmap: checks its signature (before anything is written), then parses it. */
@@ -172,6 +178,10 @@ async function signedBmap(
   bytes: Buffer,
   options: CopySourceOptions,
 ): Promise<{ path: string; bmap: Bmap; signature: SignatureReport | undefined }> {
+  const [{ verifyBmapSignature }, { parseBmap }] = await Promise.all([
+    import('../io/signature.js'),
+    import('../formats/bmap.js'),
+  ]);
   const { content, signature } = await verifyBmapSignature(bytes, path, options);
   return { path, bmap: parseBmap(content, { path }), signature };
 }
@@ -245,7 +255,10 @@ async function peek(stream: Readable, n: number): Promise<{ head: Buffer; rest: 
   return { head: Buffer.concat(seen).subarray(0, n), rest };
 }
 
-function verifiedRanges(bmap: Bmap): VerifiedRange[] {
+function verifiedRanges(
+  bmap: Bmap,
+  rangeEnd: (b: Bmap, r: Bmap['ranges'][number]) => number,
+): VerifiedRange[] {
   const out: VerifiedRange[] = [];
   for (const r of bmap.ranges) {
     if (r.checksum === undefined) continue;
@@ -275,6 +288,7 @@ export async function openCopySource(
 ): Promise<CopySource> {
   const found = await findBmap(src, options);
   const bmap = found?.bmap;
+  const lib = bmap === undefined ? undefined : await bmapModules();
   const cleanups: (() => void | Promise<void>)[] = [];
   const closeAll = async (): Promise<void> => {
     for (const c of cleanups.reverse()) await c();
@@ -308,13 +322,14 @@ export async function openCopySource(
       size = known ?? given ?? -1;
       if (size < 0) throw unknownSize(name);
       if (bmap !== undefined && sizeHint !== undefined)
-        checkBmapMatches(bmap, sizeHint, found!.path, name);
+        lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
       // a size taken on trust is checked: the stream must end exactly there
       return new SequentialSource(s, size, name, undefined, known === undefined);
     };
 
     if (isUrl(src)) {
       kind = 'url';
+      const { bodyStream, httpOpenOk } = await import('../io/http-source.js');
       const res = await httpOpenOk(src, options.signal);
       const { head, rest } = await peek(bodyStream(res), MAGIC_BYTES);
       compression = detectCompression(head);
@@ -351,7 +366,7 @@ export async function openCopySource(
       const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
       const comp = detectCompression(head.subarray(0, bytesRead));
       if (comp === undefined) {
-        if (bmap !== undefined) checkBmapMatches(bmap, fileSize, found!.path, name);
+        if (bmap !== undefined) lib!.checkBmapMatches(bmap, fileSize, found!.path, name);
         if (options.size !== undefined && options.size !== fileSize) {
           throw new BlksyncError(
             'EUSAGE',
@@ -389,15 +404,15 @@ export async function openCopySource(
     }
 
     const plan: Plan = bmap
-      ? bmapPlan(bmap)
+      ? lib!.bmapPlan(bmap)
       : { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
     let report: BmapReport | undefined;
     let checksums: CopySource['checksums'];
-    if (bmap !== undefined) {
-      const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap);
+    if (bmap !== undefined && lib !== undefined) {
+      const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap, lib.rangeEnd);
       if (ranges.length > 0 && bmap.checksumType !== undefined) {
         const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
-        const verifying = new VerifyingSource(source, ranges, bmap.checksumType, src, {
+        const verifying = new lib.VerifyingSource(source, ranges, bmap.checksumType, src, {
           prefetch: ranges.length === bmap.ranges.length,
           workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
           // a file is read by offset: large ranges can be verified before they are copied
@@ -414,7 +429,7 @@ export async function openCopySource(
         version: bmap.version,
         blockSize: bmap.blockSize,
         ranges: bmap.ranges.length,
-        mappedBytes: mappedBytes(bmap),
+        mappedBytes: lib.mappedBytes(bmap),
         rangesVerified: ranges.length,
         ...(found!.signature !== undefined ? { signature: found!.signature } : {}),
       };
@@ -446,7 +461,7 @@ export async function openCopySource(
           finish: async () => {
             if (!punched) {
               punched = true;
-              bmapReport.unmappedPunched = punchHoles(fh, unmapped, path);
+              bmapReport.unmappedPunched = lib!.punchHoles(fh, unmapped, path);
             }
             await sink.finish();
           },

@@ -15,7 +15,7 @@ import type { IndexReport, IndexSession } from './index-target.js';
 import { openCopySource, type BmapReport } from './copy-source.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import { SourceDigests, verifyWritten, type VerifyReport } from './verify-written.js';
+import type { VerifyReport } from './verify-written.js';
 import { isRemote } from '../remote/spec.js';
 import type { RemoteOptions } from '../remote/link.js';
 import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
@@ -251,9 +251,11 @@ export async function copy(
     }
     const from = index?.wrapSource(source.source) ?? source.source;
     // --verify without bmap checksums compares with the source's digests, taken as it is copied
+    // loaded only with --verify: it brings koffi for aligned buffers
+    const verifying = options.verify === true ? await import('./verify-written.js') : undefined;
     const digests =
-      options.verify === true && source.checksums === undefined
-        ? new SourceDigests(source.plan.ranges)
+      verifying !== undefined && source.checksums === undefined
+        ? new verifying.SourceDigests(source.plan.ranges)
         : undefined;
     const indexHook = index?.onChunk;
     const onChunk =
@@ -276,14 +278,14 @@ export async function copy(
     });
     await sink?.finish();
     let verified: VerifyReport | undefined;
-    if (options.verify === true && !run.interrupted && target !== undefined) {
+    if (verifying !== undefined && !run.interrupted && target !== undefined) {
       // after finish(): fsynced, so the read-back sees what the medium holds
       const t0 = performance.now();
       const expected = source.checksums ?? {
         units: digests!.units(),
         algorithm: digests!.algorithm,
       };
-      const r = await verifyWritten(dst, expected.units, expected.algorithm, {
+      const r = await verifying.verifyWritten(dst, expected.units, expected.algorithm, {
         fd: target.fh.fd,
         signal: options.signal,
       });

@@ -15,9 +15,7 @@ export const MAX_REDIRECTS = 10;
 /** Time allowed for a server to answer or to send the next bytes. */
 export const HTTP_TIMEOUT_MS = 60_000;
 
-export function isUrl(s: string): boolean {
-  return /^https?:\/\//i.test(s);
-}
+export { isUrl } from './url.js';
 
 export interface HttpResponse {
   /** The URL that answered, after redirects. */
