@@ -13,7 +13,7 @@ import { writeFile } from 'node:fs/promises';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import type { BmapRange } from '../formats/bmap.js';
 import { serializeBmap } from '../formats/bmap-write.js';
-import { openSource } from '../io/open.js';
+import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
 import { fsBlockSize, mappedRanges } from '../io/sparse-map.js';
 import type { ProgressListener } from './types.js';
 
@@ -55,6 +55,8 @@ export async function createBmap(
   checkAborted(options.signal, image);
   const src = await openSource(image);
   try {
+    if (options.output !== undefined)
+      await assertSeparateOutput(options.output, [inputOf(src, 'the image')]);
     if (src.size === 0) {
       throw new BlksyncError(
         'ESRC_KIND',

@@ -331,7 +331,11 @@ export async function openCopySource(
       kind = 'url';
       const { bodyStream, httpOpenOk } = await import('../io/http-source.js');
       const res = await httpOpenOk(src, options.signal);
-      const { head, rest } = await peek(bodyStream(res), MAGIC_BYTES);
+      const body = bodyStream(res);
+      // destroyed directly: the peeked stream's destroy waits for a pending read that a
+      // stalled connection never completes
+      cleanups.push(() => void body.destroy());
+      const { head, rest } = await peek(body, MAGIC_BYTES);
       compression = detectCompression(head);
       source = streamed(rest, src, res.length);
     } else if (src === '-') {
@@ -344,6 +348,7 @@ export async function openCopySource(
         ({ compression, size, source } = await fromFile(fh, 'stdin', st.size));
         sameAs = (other) => sameFile(st, other);
       } else {
+        cleanups.push(() => void process.stdin.destroy());
         const { head, rest } = await peek(process.stdin, MAGIC_BYTES);
         compression = detectCompression(head);
         source = streamed(rest, 'stdin', undefined);

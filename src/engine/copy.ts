@@ -6,9 +6,16 @@
  * still differs, so no journal is needed.
  */
 
+import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
-import { createTarget, openTarget, type Opened } from '../io/open.js';
+import {
+  assertSeparateOutput,
+  createTarget,
+  inputOf,
+  openTarget,
+  type Opened,
+} from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import type { IndexReport, IndexSession } from './index-target.js';
@@ -190,7 +197,13 @@ export async function copy(
   });
   let target: Opened | undefined;
   let sink: Sink | undefined;
+  // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
+  // bmap copy punching the unmapped areas) happens only after success
+  let fileSink: FileSink | undefined;
   let index: IndexSession | undefined;
+  // what this run did to DST before its first write, undone if a refusal comes after it
+  let madeDst: 'created' | 'grown' | undefined;
+  let writing = false;
   try {
     if (options.index !== undefined && source.bmap !== undefined) {
       // an index describes all of DST; a bmap copy reads only the mapped ranges
@@ -208,11 +221,15 @@ export async function copy(
       if (found.fh !== undefined) {
         if (source.sameAs(found.stats)) throw sameFileError(src, dst);
         if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
-        if (!dryRun) await found.fh.truncate(source.size);
+        if (!dryRun) {
+          await found.fh.truncate(source.size);
+          madeDst = 'grown';
+        }
         target = found;
       } else if (!dryRun) {
         target = await createTarget(dst, source.size);
         created = true;
+        madeDst = 'created';
       } else {
         created = true;
       }
@@ -225,6 +242,12 @@ export async function copy(
     }
 
     if (options.index !== undefined) {
+      if (options.index !== 'auto') {
+        await assertSeparateOutput(options.index, [
+          { path: src, role: 'the source', isSame: (st) => source.sameAs(st) },
+          ...(target !== undefined ? [inputOf(target, 'the destination')] : []),
+        ]);
+      }
       // loaded only when asked for: a plain copy does not pay for hashing's modules
       const indexing = await import('./index-target.js');
       index = await indexing.IndexSession.open({
@@ -245,7 +268,8 @@ export async function copy(
       if (index.target !== undefined) knowledge = index.target;
     }
     if (!dryRun && target !== undefined) {
-      sink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      sink = fileSink;
       if (index !== undefined) sink = index.wrapSink(sink);
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
     }
@@ -267,6 +291,7 @@ export async function copy(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
+    writing = true;
     const run = await runPipeline(source.plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
@@ -326,13 +351,35 @@ export async function copy(
       );
     }
     return result;
+  } catch (caught) {
+    let err = caught;
+    if (
+      isAborted(options.signal) &&
+      !(err instanceof BlksyncError && err.code === 'EINTERRUPTED')
+    ) {
+      // a read cut short by the interruption itself is not the source's fault
+      err = new BlksyncError('EINTERRUPTED', 'interrupted; rerun the same command to finish', {
+        cause: caught,
+      });
+    }
+    if (!writing && madeDst !== undefined && target !== undefined) {
+      // refused before the first write: leave DST as it was found
+      if (madeDst === 'created') await unlink(dst).catch(() => {});
+      else await target.fh.truncate(0).catch(() => {});
+    }
+    throw err;
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
-    await sink?.finish().catch(() => {});
+    await fileSink?.finish().catch(() => {});
     await index?.close();
     await target?.fh.close();
     await source.close();
   }
+}
+
+/** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */
+function isAborted(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true;
 }
 
 function sameFileError(src: string, dst: string): BlksyncError {

@@ -14,16 +14,16 @@
  */
 
 import { createWriteStream } from 'node:fs';
-import { rename, stat, unlink } from 'node:fs/promises';
+import { rename, unlink } from 'node:fs/promises';
 import type { Writable } from 'node:stream';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import { BlksyncError, fromSystemError } from '../errors.js';
 import { clipped, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
 import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
 import { FileSource } from '../io/file-source.js';
-import { openSource, sameFile, type Opened } from '../io/open.js';
+import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
 import { ReadTarget } from './knowledge.js';
@@ -88,14 +88,6 @@ function oldContent(
   throw new Error('diff: the base knowledge provides neither held bytes nor heldHashes');
 }
 
-function sameFileError(a: string, b: string): BlksyncError {
-  return new BlksyncError(
-    'ESAME_FILE',
-    `the patch ${b} would overwrite ${a}; choose another output`,
-    { path: b },
-  );
-}
-
 /**
  * Writes a patch that turns BASE into NEW. `output` is a path (written to a temporary name
  * and renamed when complete, so a patch file is never left half-made) or a stream (left
@@ -154,21 +146,10 @@ export async function diff(
     const baseName = typeof base === 'string' ? base : base.name;
     const outName = typeof output === 'string' ? output : '-';
     if (typeof output === 'string') {
-      const st = await stat(output).catch((err: unknown) => {
-        if (isSystemError(err) && err.code === 'ENOENT') return undefined;
-        throw fromSystemError('EDEST_OPEN', 'cannot write the patch to', output, err);
-      });
-      if (st !== undefined) {
-        if (sameFile(st, src.stats)) throw sameFileError(next, output);
-        if (baseFile !== undefined && sameFile(st, baseFile.stats))
-          throw sameFileError(base as string, output);
-        if (st.isBlockDevice())
-          throw new BlksyncError(
-            'EDEST_KIND',
-            `the patch ${output} would overwrite a block device`,
-            { path: output },
-          );
-      }
+      await assertSeparateOutput(output, [
+        inputOf(src, 'NEW'),
+        ...(baseFile !== undefined ? [inputOf(baseFile, 'BASE')] : []),
+      ]);
       tempPath = `${output}.blksync-partial`;
       out = createWriteStream(tempPath, { flags: 'w' });
     } else {

@@ -18,7 +18,7 @@ import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
 import { FileSource } from '../io/file-source.js';
 import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
-import { openSource } from '../io/open.js';
+import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
@@ -124,6 +124,12 @@ export async function makeIndex(
   const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
   options.signal?.throwIfAborted();
   const source = await openSource(src);
+  try {
+    if (output !== 'auto') await assertSeparateOutput(output, [inputOf(source, 'the source')]);
+  } catch (err) {
+    await source.fh.close();
+    throw err;
+  }
   const pool = new HashPool(options.hashThreads);
   try {
     const hashes = new BlockHashes(source.size, blockSize, pool);

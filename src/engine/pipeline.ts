@@ -75,6 +75,34 @@ function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
   }
 }
 
+const ABORTED = Symbol('aborted');
+
+/** Bounded wait for reads still in flight after an interruption (a stalled stream never settles). */
+const ABORT_SETTLE_MS = 500;
+
+/** `p`'s outcome, or ABORTED as soon as the signal fires: a stalled stream must not delay Ctrl-C. */
+function untilAborted<T>(
+  p: Promise<T>,
+  signal: AbortSignal | undefined,
+): Promise<T | typeof ABORTED> {
+  if (signal === undefined) return p;
+  if (signal.aborted) return Promise.resolve(ABORTED);
+  return new Promise((resolve, reject) => {
+    const onAbort = (): void => resolve(ABORTED);
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (err: Error) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(err);
+      },
+    );
+  });
+}
+
 interface InFlight {
   chunk: Chunk;
   buf: Buffer;
@@ -130,7 +158,13 @@ export async function runPipeline(
       }
       const item = queue.shift()!;
       const { chunk, buf } = item;
-      const [got, knowledge] = await item.done;
+      const settled = await untilAborted(item.done, signal);
+      if (settled === ABORTED) {
+        queue.unshift(item);
+        result.interrupted = true;
+        break;
+      }
+      const [got, knowledge] = settled;
       let chunkHooks: Promise<void> | undefined;
       try {
         if (got < chunk.length) {
@@ -175,8 +209,19 @@ export async function runPipeline(
       start();
     }
   } finally {
-    // let reads still in flight settle before their buffers and handles go away
-    await Promise.allSettled(queue.map((q) => q.done.then(([, k]) => k.release())));
+    // let reads still in flight settle before their buffers and handles go away; after an
+    // interruption not for long, since a stalled stream settles only when it is destroyed
+    const settling = Promise.allSettled(queue.map((q) => q.done.then(([, k]) => k.release())));
+    if (result.interrupted) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        settling,
+        new Promise((resolve) => (timer = setTimeout(resolve, ABORT_SETTLE_MS).unref())),
+      ]);
+      clearTimeout(timer);
+    } else {
+      await settling;
+    }
   }
   return result;
 }

@@ -15,6 +15,8 @@ export async function readHead(path: string, bytes: number, code: ErrorCode): Pr
     const buf = Buffer.alloc(bytes);
     const { bytesRead } = await fh.read(buf, 0, bytes, 0);
     return buf.subarray(0, bytesRead);
+  } catch (err) {
+    throw fromSystemError(code, 'cannot read', path, err);
   } finally {
     await fh.close();
   }

@@ -187,3 +187,47 @@ export async function createTarget(path: string, size: number): Promise<Opened> 
     throw fromSystemError('EDEST_OPEN', 'cannot create destination', path, err);
   }
 }
+
+/** An input an output must not overwrite: its path and role for messages, a same-file test. */
+export interface InputFile {
+  path: string;
+  /** "the source", "the destination", "BASE", ... */
+  role: string;
+  isSame: (st: Stats) => boolean;
+}
+
+/**
+ * Refuses an output file (an index, a bmap, a patch) that is one of the command's inputs, or
+ * a block device; an output that does not exist yet is fine. Called before anything is read.
+ */
+export async function assertSeparateOutput(
+  output: string,
+  inputs: readonly InputFile[],
+): Promise<void> {
+  let st: Stats;
+  try {
+    st = await stat(output);
+  } catch (err) {
+    if (isSystemError(err) && err.code === 'ENOENT') return;
+    throw fromSystemError('EDEST_OPEN', 'cannot write', output, err);
+  }
+  for (const input of inputs) {
+    if (input.isSame(st)) {
+      throw new BlksyncError(
+        'ESAME_FILE',
+        `the output ${output} is ${input.role} (${input.path}); writing it would destroy that: choose another output file`,
+        { path: output },
+      );
+    }
+  }
+  if (st.isBlockDevice()) {
+    throw new BlksyncError('EDEST_KIND', `${output} is a block device; write it to a file`, {
+      path: output,
+    });
+  }
+}
+
+/** The same-file test for an opened file. */
+export function inputOf(opened: Opened, role: string): InputFile {
+  return { path: opened.path, role, isSame: (st) => sameFile(opened.stats, st) };
+}

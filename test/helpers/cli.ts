@@ -15,7 +15,7 @@ export interface CliResult {
 /** Starts `blksync ...args`; the caller may signal the child. */
 export function startCli(
   args: string[],
-  options: { input?: Buffer | string } = {},
+  options: { input?: Buffer | string; keepStdinOpen?: boolean } = {},
 ): {
   child: ChildProcess;
   done: Promise<CliResult>;
@@ -29,7 +29,7 @@ export function startCli(
   child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
   child.stdin.on('error', () => {});
   if (options.input !== undefined) child.stdin.end(options.input);
-  else child.stdin.end();
+  else if (options.keepStdinOpen !== true) child.stdin.end();
   const done = new Promise<CliResult>((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
