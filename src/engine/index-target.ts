@@ -26,11 +26,12 @@ import { readFully } from '../io/read-fully.js';
 import {
   blockCountFor,
   readIndexFile,
+  newIndex,
   writeIndexFile,
   type IndexFile,
   type IndexState,
 } from '../formats/index-file.js';
-import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
 import {
   describeIdentity,
@@ -569,19 +570,16 @@ export class IndexSession {
     const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
     const size = dst.stats.isBlockDevice() ? dst.size : st.size;
     const identity: TargetIdentity = await identityOf(dst.path, st, size);
-    await writeIndexFile(this.path, {
-      versionMajor: 1,
-      versionMinor: 0,
-      blockSize: this.blockSize,
-      imageSize: this.#o.imageSize,
-      algorithm: HASH_ALGORITHM,
-      hashBytes: HASH_BYTES,
-      blockCount: blockCountFor(this.#o.imageSize, this.blockSize),
-      state,
-      writtenAt: Date.now(),
-      identity,
-      hashes,
-    });
+    await writeIndexFile(
+      this.path,
+      newIndex({
+        blockSize: this.blockSize,
+        imageSize: this.#o.imageSize,
+        state,
+        identity,
+        hashes,
+      }),
+    );
   }
 
   /** After a complete copy whose writes are synced: writes the clean index. */

@@ -11,8 +11,8 @@ import {
   MAX_INDEX_BLOCKS,
   readIndexFile,
   readIndexSummary,
+  newIndex,
   writeIndexFile,
-  type IndexFile,
 } from '../formats/index-file.js';
 import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
 import { FileSource } from '../io/file-source.js';
@@ -155,19 +155,13 @@ export async function makeIndex(
     }
     const identity = await identityOf(src, source.stats, source.size);
     if (output === 'auto') output = cachedIndexPath(identity, await ensureCacheDir());
-    const index: IndexFile = {
-      versionMajor: 1,
-      versionMinor: 0,
+    const index = newIndex({
       blockSize,
       imageSize: source.size,
-      algorithm: HASH_ALGORITHM,
-      hashBytes: HASH_BYTES,
-      blockCount: blockCountFor(source.size, blockSize),
       state: { kind: 'clean' },
-      writtenAt: Date.now(),
       identity,
       hashes: hashes.table,
-    };
+    });
     await writeIndexFile(output, index);
     return {
       source: src,

@@ -35,7 +35,7 @@
 import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { BlksyncError, fromSystemError } from '../errors.js';
-import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
+import { HASH_ALGORITHM, HASH_BYTES, sha256, sha256Stream } from '../hash.js';
 import type { TargetIdentity } from '../io/identity.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
@@ -361,6 +361,25 @@ export async function readIndexSummary(
   } finally {
     await fh.close();
   }
+}
+
+/** An index of this version, SHA-256, written now: what every writer of an index fills in. */
+export function newIndex(fields: {
+  blockSize: number;
+  imageSize: number;
+  state: IndexState;
+  identity: TargetIdentity;
+  hashes: Buffer;
+}): IndexFile {
+  return {
+    versionMajor: INDEX_VERSION_MAJOR,
+    versionMinor: INDEX_VERSION_MINOR,
+    algorithm: HASH_ALGORITHM,
+    hashBytes: HASH_BYTES,
+    blockCount: blockCountFor(fields.imageSize, fields.blockSize),
+    writtenAt: Date.now(),
+    ...fields,
+  };
 }
 
 /**

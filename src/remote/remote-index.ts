@@ -23,11 +23,12 @@ import { BlksyncError, isSystemError } from '../errors.js';
 import {
   blockCountFor,
   readIndexFile,
+  newIndex,
   writeIndexFile,
   type IndexFile,
   type IndexState,
 } from '../formats/index-file.js';
-import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
 import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
 import { HashPool } from '../engine/hash-pool.js';
 import { IndexTarget, type IndexReport } from '../engine/index-target.js';
@@ -292,19 +293,16 @@ export class RemoteIndex {
   }
 
   async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
-    await writeIndexFile(this.path, {
-      versionMajor: 1,
-      versionMinor: 0,
-      blockSize: this.blockSize,
-      imageSize: this.#o.imageSize,
-      algorithm: HASH_ALGORITHM,
-      hashBytes: HASH_BYTES,
-      blockCount: blockCountFor(this.#o.imageSize, this.blockSize),
-      state,
-      writtenAt: Date.now(),
-      identity,
-      hashes,
-    });
+    await writeIndexFile(
+      this.path,
+      newIndex({
+        blockSize: this.blockSize,
+        imageSize: this.#o.imageSize,
+        state,
+        identity,
+        hashes,
+      }),
+    );
   }
 
   report(): IndexReport {
