@@ -164,6 +164,21 @@ interface Header {
 }
 
 /** Validates the fixed header; `head` holds at least its first INDEX_HEADER_BYTES. */
+/** The header's fields as an IndexFile carries them. */
+function headerFields(h: Header): Omit<IndexFile, 'identity' | 'hashes'> {
+  return {
+    versionMajor: h.versionMajor,
+    versionMinor: h.versionMinor,
+    blockSize: h.blockSize,
+    imageSize: h.imageSize,
+    algorithm: h.algorithm,
+    hashBytes: h.hashBytes,
+    blockCount: h.blockCount,
+    state: h.state,
+    writtenAt: h.writtenAt,
+  };
+}
+
 function parseHeader(head: Buffer, path: string): Header {
   if (head.length < INDEX_HEADER_BYTES || !head.subarray(0, 8).equals(INDEX_MAGIC)) {
     throw formatError(path, 'no index magic (is it an index file?)');
@@ -281,15 +296,7 @@ export function parseIndex(buf: Buffer, path = 'index'): IndexFile {
     path,
   );
   return {
-    versionMajor: h.versionMajor,
-    versionMinor: h.versionMinor,
-    blockSize: h.blockSize,
-    imageSize: h.imageSize,
-    algorithm: h.algorithm,
-    hashBytes: h.hashBytes,
-    blockCount: h.blockCount,
-    state: h.state,
-    writtenAt: h.writtenAt,
+    ...headerFields(h),
     identity,
     hashes: buf.subarray(h.hashesAt, h.hashesAt + h.blockCount * h.hashBytes),
   };
@@ -346,15 +353,7 @@ export async function readIndexSummary(
     if (st.size !== h.fileBytes) throw formatError(path, 'its length does not match its header');
     const idBytes = await readExactly(fh, h.identityBytes, h.headerBytes);
     return {
-      versionMajor: h.versionMajor,
-      versionMinor: h.versionMinor,
-      blockSize: h.blockSize,
-      imageSize: h.imageSize,
-      algorithm: h.algorithm,
-      hashBytes: h.hashBytes,
-      blockCount: h.blockCount,
-      state: h.state,
-      writtenAt: h.writtenAt,
+      ...headerFields(h),
       identity: parseIdentity(idBytes, path),
       fileBytes: h.fileBytes,
     };

@@ -31,26 +31,26 @@ import {
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
 import { HashPool } from '../engine/hash-pool.js';
-import { IndexTarget, type IndexReport } from '../engine/index-target.js';
+import { IndexTarget, type IndexReport, type IndexSessionOptions } from '../engine/index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import type { ChunkKnowledge, Sink, TargetKnowledge } from '../engine/types.js';
 import type { HashDiffer } from './hash-differ.js';
 import type { AgentLink } from './link.js';
 import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash } from './protocol.js';
 
-export interface RemoteIndexOptions {
-  /** The index file (a path: the cache's "auto" is keyed by a local DST). */
-  index: string;
-  imageSize: number;
-  /** Block size asked for with -b, if any. */
-  blockSize: number | undefined;
-  chunkSize: number;
-  rebuild: boolean;
-  verifySample: number;
-  full: boolean;
-  dryRun: boolean;
-  hashThreads?: number | undefined;
-}
+/** The index options of a local copy that apply to a push (the cache's "auto" is keyed by a local DST). */
+export type RemoteIndexOptions = Pick<
+  IndexSessionOptions,
+  | 'index'
+  | 'imageSize'
+  | 'blockSize'
+  | 'chunkSize'
+  | 'rebuild'
+  | 'verifySample'
+  | 'full'
+  | 'dryRun'
+  | 'hashThreads'
+>;
 
 /** Reads the index file before ssh starts; undefined when there is none. */
 export async function readIndexIfAny(
