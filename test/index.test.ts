@@ -137,9 +137,9 @@ test('--index auto keeps the index in $XDG_CACHE_HOME/blksync, keyed by DST; ind
   const list = await runCli(['index', '--list', '--json']);
   assert.equal(list.code, 0, list.stderr);
   const entries = JSON.parse(list.stdout) as { path: string; identity: { path: string } }[];
-  assert.equal(entries.length, 1);
-  assert.equal(entries[0]!.path, first.index.path);
-  assert.equal(entries[0]!.identity.path, s.dst);
+  // DST's, and SRC's (--index auto keeps an index of SRC too: see source-index.test.ts)
+  assert.deepEqual(entries.map((e) => e.identity.path).sort(), [s.dst, s.src].sort());
+  assert.equal(entries.find((e) => e.identity.path === s.dst)?.path, first.index.path);
 });
 
 test('info describes an index, as text and JSON, and refuses files it does not know', async (t) => {

@@ -16,6 +16,7 @@ function copySummary(r: CopyResult): string {
       (r.created ? ` (created ${r.destination}, sparse)` : ''),
   ];
   if (r.index !== undefined) lines.push(indexSummary(r));
+  if (r.index?.source !== undefined) lines.push(sourceIndexSummary(r));
   if (r.bmap !== undefined) {
     const b = r.bmap;
     lines.push(
@@ -69,6 +70,15 @@ function indexSummary(r: CopyResult): string {
   return `index ${i.path}: ${r.dryRun ? 'would be ' : ''}${i.mode}${why}; ${hashed}`;
 }
 
+function sourceIndexSummary(r: CopyResult): string {
+  const s = r.index!.source!;
+  if (s.mode === 'used') {
+    return `index of SRC ${s.path}: used; read ${formatBytes(r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
+  }
+  const why = s.reason !== undefined ? ` (${s.reason})` : '';
+  return `index of SRC ${s.path}: ${r.dryRun ? 'would be ' : ''}${s.mode}${why}; read all of ${r.source}`;
+}
+
 export function registerCopy(program: Command, setExit: SetExit): void {
   program
     .command('copy')
@@ -85,6 +95,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       '--index <file>',
       'know DST from this index instead of reading it, and update it ("auto": cached)',
     )
+    .option(
+      '--src-index <file>',
+      'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto)',
+    )
+    .option('--no-src-index', 'with --index auto: do not keep or use an index of SRC')
     .option('--bmap <file>', "SRC's bmap (file or URL; default: found beside SRC as bmaptool does)")
     .option('--no-bmap', 'ignore any bmap; consider the whole image')
     .option('--no-verify-checksums', "do not verify the bmap's range checksums")
@@ -129,6 +144,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             verify: opts.verify === true,
             ...(opts.size !== undefined ? { size: opts.size } : {}),
             ...(opts.index !== undefined ? { index: opts.index } : {}),
+            ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
             rebuildIndex: opts.rebuildIndex === true,
             ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),

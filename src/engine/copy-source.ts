@@ -34,7 +34,7 @@ import {
   type Decoder,
 } from '../io/decompress.js';
 import { FileSource } from '../io/file-source.js';
-import { openSource, sameFile } from '../io/open.js';
+import { openSource, sameFile, type Opened } from '../io/open.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { SignatureOptions, SignatureReport } from '../io/signature.js';
 import { isUrl } from '../io/url.js';
@@ -107,6 +107,8 @@ export interface CopySource {
    * copying: what `--verify` compares DST with. Undefined otherwise.
    */
   checksums: { units: VerifiedRange[]; algorithm: string } | undefined;
+  /** SRC when it is a file or device read by offset as it is (not decoded, not stdin). */
+  file: Opened | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
   /**
@@ -300,6 +302,7 @@ export async function openCopySource(
     let size = -1;
     let source: Source;
     let sameAs: (st: Stats) => boolean = () => false;
+    let file: Opened | undefined;
 
     const streamed = (stream: Readable, name: string, sizeHint: number | undefined): Source => {
       let s = stream;
@@ -359,6 +362,7 @@ export async function openCopySource(
       kind = opened.kind;
       ({ compression, size, source } = await fromFile(opened.fh, src, opened.size));
       sameAs = (other) => sameFile(opened.stats, other);
+      if (compression === undefined) file = opened;
     }
 
     // a file or device read by offset: raw, or decoded by a spawned decoder
@@ -449,6 +453,7 @@ export async function openCopySource(
       plan,
       bmap: report,
       checksums,
+      file,
       sameAs,
       wrapFileSink: (sink, fh, path) => {
         if (report === undefined) return sink;

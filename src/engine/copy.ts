@@ -19,7 +19,8 @@ import {
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import type { IndexReport, IndexSession } from './index-target.js';
-import { openCopySource, type BmapReport } from './copy-source.js';
+import { openCopySource, type BmapReport, type CopySource } from './copy-source.js';
+import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { VerifyReport } from './verify-written.js';
@@ -52,6 +53,12 @@ export interface CopyOptions {
   depth?: number;
   /** An index of DST to use instead of reading it, and to update ("auto": the cache's). */
   index?: string;
+  /**
+   * An index of SRC (a regular file), with `index`: only the blocks whose hashes differ from
+   * DST's are read, when it can be trusted; written after the copy otherwise. "auto": the
+   * cache's, which `index: "auto"` implies; false: none.
+   */
+  srcIndex?: string | false;
   /** Replace an index that does not match DST instead of refusing. */
   rebuildIndex?: boolean;
   /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
@@ -241,12 +248,20 @@ export async function copy(
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
 
+    const srcIndex = sourceIndexFor(options, source);
     if (options.index !== undefined) {
-      if (options.index !== 'auto') {
-        await assertSeparateOutput(options.index, [
+      for (const out of [options.index, srcIndex?.index]) {
+        if (out === undefined || out === 'auto') continue;
+        await assertSeparateOutput(out, [
           { path: src, role: 'the source', isSame: (st) => source.sameAs(st) },
           ...(target !== undefined ? [inputOf(target, 'the destination')] : []),
         ]);
+      }
+      if (srcIndex !== undefined && srcIndex.index === options.index && options.index !== 'auto') {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--src-index and --index name the same file ${options.index}; give each its own`,
+        );
       }
       // loaded only when asked for: a plain copy does not pay for hashing's modules
       const indexing = await import('./index-target.js');
@@ -264,6 +279,7 @@ export async function copy(
         dryRun,
         hashThreads: options.hashThreads,
         checkpointBytes: options.indexCheckpointBytes,
+        source: srcIndex,
       });
       if (index.target !== undefined) knowledge = index.target;
     }
@@ -292,7 +308,7 @@ export async function copy(
               return indexHook(offset, data, length);
             };
     writing = true;
-    const run = await runPipeline(source.plan, from, knowledge, sink ? [sink] : [], {
+    const run = await runPipeline(index?.plan ?? source.plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
@@ -375,6 +391,38 @@ export async function copy(
     await target?.fh.close();
     await source.close();
   }
+}
+
+/**
+ * The index of SRC to use with --index: --src-index's, or the cache's with --index auto when
+ * SRC is a plain file. Asking for one where it cannot work is an error; the implied one is
+ * just left out.
+ */
+function sourceIndexFor(options: CopyOptions, source: CopySource): SourceIndexOptions | undefined {
+  const asked = options.srcIndex === false ? undefined : options.srcIndex;
+  if (asked !== undefined && options.index === undefined) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--src-index works with --index: it saves reading SRC only where DST is known from an index',
+    );
+  }
+  const wanted =
+    asked ?? (options.srcIndex !== false && options.index === 'auto' ? 'auto' : undefined);
+  if (wanted === undefined) return undefined;
+  const file = source.file;
+  if (file === undefined || file.kind !== 'file') {
+    if (asked === undefined) return undefined;
+    throw new BlksyncError(
+      'EUSAGE',
+      `--src-index needs SRC to be a regular file read as it is; ${source.path} is ${source.compression !== undefined ? `${source.compression}-compressed` : `a ${source.kind}`}`,
+    );
+  }
+  return {
+    index: wanted,
+    opened: file,
+    rebuild: options.rebuildIndex === true,
+    dryRun: options.dryRun === true,
+  };
 }
 
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */

@@ -19,10 +19,8 @@
  *                         hash every source chunk            (temp file, fsync, rename)
  */
 
-import { randomInt } from 'node:crypto';
 import { rm, stat } from 'node:fs/promises';
 import { BlksyncError, isSystemError } from '../errors.js';
-import { readFully } from '../io/read-fully.js';
 import {
   blockCountFor,
   readIndexFile,
@@ -43,8 +41,10 @@ import type { Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { diffBuffers, ReadTarget } from './knowledge.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { sampleMismatch } from './index-sample.js';
 import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
-import type { ChunkKnowledge, Sink, Source, TargetKnowledge } from './types.js';
+import { SourceIndex, type SourceIndexOptions, type SourceIndexReport } from './source-index.js';
+import type { ChunkKnowledge, Plan, Sink, Source, TargetKnowledge } from './types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
 export const DEFAULT_VERIFY_SAMPLE = 16;
@@ -84,6 +84,8 @@ export class IndexTarget implements TargetKnowledge {
   /** The stored hashes of the chunk last diffed, before the new ones replaced them. */
   readonly #held: Buffer;
   #sampleBytes = 0;
+  /** SRC's hashes from its index: every chunk hashed must match them (see source-index.ts). */
+  #expected: { hashes: Buffer; mismatch: (offset: number) => Error } | undefined;
   /** Blocks of DST read and checked by verifySample. */
   sampledBlocks = 0;
   /** Bytes read back from DST where the index was not trusted. */
@@ -136,6 +138,26 @@ export class IndexTarget implements TargetKnowledge {
     this.untrusted = untrusted;
   }
 
+  /** Checks every chunk hashed against SRC's index; `mismatch` makes the error to throw. */
+  expectSourceHashes(hashes: Buffer, mismatch: (offset: number) => Error): void {
+    this.#expected = { hashes, mismatch };
+  }
+
+  /** Throws when the hashes of the chunk at `offset` are not what SRC's index says. */
+  #checkExpected(offset: number, hashes: Buffer, blocks: number): void {
+    const e = this.#expected;
+    if (e === undefined) return;
+    const first = (offset / this.blockSize) * HASH_BYTES;
+    const bytes = blocks * HASH_BYTES;
+    if (hashes.compare(e.hashes, first, first + bytes, 0, bytes) === 0) return;
+    for (let b = 0; b < blocks; b++) {
+      const h = b * HASH_BYTES;
+      if (hashes.compare(e.hashes, first + h, first + h + HASH_BYTES, h, h + HASH_BYTES) !== 0) {
+        throw e.mismatch(offset + b * this.blockSize);
+      }
+    }
+  }
+
   #isTrusted(start: number, end: number): boolean {
     return this.untrusted.every((r) => end <= r.start || start >= r.end);
   }
@@ -152,31 +174,12 @@ export class IndexTarget implements TargetKnowledge {
    * the offset of the first block that does not match, or undefined.
    */
   async verifySample(count: number, dst: Opened): Promise<number | undefined> {
-    const bs = this.blockSize;
-    const blocks = blockCountFor(this.imageSize, bs);
-    if (count <= 0 || blocks === 0) return undefined;
-    const picked = new Set<number>();
-    const buf = Buffer.allocUnsafe(bs);
-    // always include the first and last trusted blocks: partition tables and backup GPTs
-    // are what tools most often write behind blksync's back
-    const candidates = [0, blocks - 1];
-    // asked for as many blocks as there are: check them all, in order
-    const all = count >= blocks;
-    const tries = all ? blocks : count * 8;
-    for (let t = 0; picked.size < count && t < tries; t++) {
-      const i = all ? t : (candidates.shift() ?? randomInt(blocks));
-      const s = i * bs;
-      const e = Math.min(s + bs, this.imageSize);
-      if (picked.has(i) || !this.#isTrusted(s, e)) continue;
-      picked.add(i);
-      const got = await readFully(dst.fh, buf, 0, e - s, s);
-      this.#sampleBytes += got;
-      this.sampledBlocks++;
-      if (got < e - s) return s;
-      const h = sha256(buf, 0, got);
-      if (h.compare(this.table, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return s;
-    }
-    return undefined;
+    const r = await sampleMismatch(dst, this.table, this.blockSize, this.imageSize, count, (s, e) =>
+      this.#isTrusted(s, e),
+    );
+    this.#sampleBytes += r.bytes;
+    this.sampledBlocks += r.blocks;
+    return r.mismatchAt;
   }
 
   async load(offset: number, length: number): Promise<ChunkKnowledge> {
@@ -211,6 +214,7 @@ export class IndexTarget implements TargetKnowledge {
     return {
       diff: async (data, len, bs, out) => {
         const hashes = await this.#hashesOf(offset, data, len, bs);
+        this.#checkExpected(offset, hashes, Math.ceil(len / bs));
         hashes.copy(this.table, (offset / bs) * HASH_BYTES, 0, Math.ceil(len / bs) * HASH_BYTES);
         diffBuffers(data, held, len, bs, out);
       },
@@ -259,6 +263,7 @@ export class IndexTarget implements TargetKnowledge {
     const scratch = await this.#hashesOf(offset, data, length, bs);
     const first = (offset / bs) * HASH_BYTES;
     const n = Math.ceil(length / bs);
+    this.#checkExpected(offset, scratch, n);
     let runStart = -1;
     for (let b = 0; b < n; b++) {
       const h = b * HASH_BYTES;
@@ -351,6 +356,8 @@ export interface IndexSessionOptions {
   hashThreads?: number | undefined;
   /** Tuning for tests: bytes marked possibly dirty at a time. */
   checkpointBytes?: number | undefined;
+  /** An index of SRC to read only the blocks that differ, and to write after the copy. */
+  source?: SourceIndexOptions | undefined;
 }
 
 /** What the copy did with the index, for its summary. */
@@ -368,6 +375,8 @@ export interface IndexReport {
   checkpoints: number;
   /** Why the index was rebuilt, when it was. */
   reason?: string;
+  /** What was done with the index of SRC (--src-index, or implied by --index auto). */
+  source?: SourceIndexReport;
 }
 
 function mismatch(path: string, why: string): BlksyncError {
@@ -395,6 +404,12 @@ export class IndexSession {
   readonly target: IndexTarget | undefined;
   /** Set when the index is created: hashes every chunk of the new content. */
   readonly onChunk: ((offset: number, data: Buffer, length: number) => Promise<void>) | undefined;
+  /**
+   * Set when SRC's index is trusted too: only the blocks whose hashes differ (and what DST's
+   * index does not vouch for) are copied, so the rest of SRC is never read.
+   */
+  plan: Plan | undefined;
+  #source: SourceIndex | undefined;
   readonly #o: IndexSessionOptions;
   readonly #pool: HashPool;
   readonly #collected: BlockHashes | undefined;
@@ -444,7 +459,9 @@ export class IndexSession {
     const pool = new HashPool(o.hashThreads);
     pool.prestart();
     try {
-      return await IndexSession.#open(o, pool);
+      const session = await IndexSession.#open(o, pool);
+      if (o.source !== undefined) await session.#openSource(o.source);
+      return session;
     } catch (err) {
       await pool.close();
       throw err;
@@ -516,6 +533,17 @@ export class IndexSession {
     }
     const sampled = target.sampledBlocks;
     return new IndexSession(o, path, pool, { index, target, sampled }, undefined);
+  }
+
+  async #openSource(so: SourceIndexOptions): Promise<void> {
+    const target = this.target;
+    const size = this.#o.imageSize;
+    const usable = target !== undefined;
+    const src = await SourceIndex.open(so, this.blockSize, size, usable, this.#o.verifySample);
+    this.#source = src;
+    if (src.hashes === undefined || target === undefined) return;
+    this.plan = { imageSize: size, ranges: src.plan(target.table, target.untrusted, size) };
+    target.expectSourceHashes(src.hashes, (offset) => src.mismatch(offset));
   }
 
   /** Wraps SRC so that, when the index is used, chunks are hashed as soon as they are read. */
@@ -591,6 +619,8 @@ export class IndexSession {
     // be only in the page cache, and the clean index is about to vouch for it
     await this.#o.dst.fh.sync();
     await this.#write({ kind: 'clean' }, hashes);
+    // every block of SRC was hashed: what this copy learnt about DST is SRC's content too
+    await this.#source?.save(hashes);
   }
 
   report(): IndexReport {
@@ -598,11 +628,13 @@ export class IndexSession {
       ...this.#report,
       bytesHashed: this.#pool.bytesHashed,
       bytesReread: this.target?.bytesReread ?? 0,
+      ...(this.#source !== undefined ? { source: this.#source.report() } : {}),
     };
   }
 
   async close(): Promise<void> {
     await this.#pool.close();
+    await this.#source?.close();
   }
 }
 

@@ -15,13 +15,14 @@ export interface CliResult {
 /** Starts `blksync ...args`; the caller may signal the child. */
 export function startCli(
   args: string[],
-  options: { input?: Buffer | string; keepStdinOpen?: boolean } = {},
+  options: { input?: Buffer | string; keepStdinOpen?: boolean; env?: NodeJS.ProcessEnv } = {},
 ): {
   child: ChildProcess;
   done: Promise<CliResult>;
 } {
   const child = spawn(process.execPath, ['--import', 'tsx', ENTRY, ...args], {
     stdio: ['pipe', 'pipe', 'pipe'],
+    ...(options.env !== undefined ? { env: { ...process.env, ...options.env } } : {}),
   });
   let stdout = '';
   let stderr = '';
@@ -40,7 +41,7 @@ export function startCli(
 /** Runs `blksync ...args` to completion. */
 export function runCli(
   args: string[],
-  options: { input?: Buffer | string } = {},
+  options: { input?: Buffer | string; env?: NodeJS.ProcessEnv } = {},
 ): Promise<CliResult> {
   return startCli(args, options).done;
 }

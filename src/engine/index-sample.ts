@@ -1,0 +1,58 @@
+/**
+ * The sample check done before trusting an index (of DST, or of SRC): read a few blocks and
+ * compare their hashes with the stored ones. It catches a whole-disk rewrite or a new
+ * partition table behind blksync's back; it cannot catch every changed block, which is why
+ * identity and mtime are checked first.
+ */
+
+import { randomInt } from 'node:crypto';
+import type { FileHandle } from 'node:fs/promises';
+import { blockCountFor } from '../formats/index-file.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
+import { readFully } from '../io/read-fully.js';
+
+export interface SampleResult {
+  /** Offset of the first sampled block that does not match, if any. */
+  mismatchAt: number | undefined;
+  blocks: number;
+  bytes: number;
+}
+
+/**
+ * Reads `count` random blocks of `file` for which `trusted(start, end)` holds — always the
+ * first and last of them, where partition tables live — and compares their SHA-256 with
+ * `hashes` (block 0 first). All blocks, in order, when `count` covers them.
+ */
+export async function sampleMismatch(
+  file: { fh: FileHandle },
+  hashes: Buffer,
+  blockSize: number,
+  imageSize: number,
+  count: number,
+  trusted: (start: number, end: number) => boolean = () => true,
+): Promise<SampleResult> {
+  const result: SampleResult = { mismatchAt: undefined, blocks: 0, bytes: 0 };
+  const blocks = blockCountFor(imageSize, blockSize);
+  if (count <= 0 || blocks === 0) return result;
+  const picked = new Set<number>();
+  const buf = Buffer.allocUnsafe(blockSize);
+  const candidates = [0, blocks - 1];
+  const all = count >= blocks;
+  const tries = all ? blocks : count * 8;
+  for (let t = 0; picked.size < count && t < tries; t++) {
+    const i = all ? t : (candidates.shift() ?? randomInt(blocks));
+    const s = i * blockSize;
+    const e = Math.min(s + blockSize, imageSize);
+    if (picked.has(i) || !trusted(s, e)) continue;
+    picked.add(i);
+    const got = await readFully(file.fh, buf, 0, e - s, s);
+    result.bytes += got;
+    result.blocks++;
+    const h = sha256(buf, 0, got);
+    if (got < e - s || h.compare(hashes, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) {
+      result.mismatchAt = s;
+      return result;
+    }
+  }
+  return result;
+}
