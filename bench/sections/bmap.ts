@@ -14,9 +14,10 @@
 
 import { createCipheriv, createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { devId } from '../../src/io/block-device.js';
 import { DATA_DIR } from '../data.js';
 import {
   assertSameFiles,
@@ -125,6 +126,8 @@ interface Destination {
   label: string;
   /** What the tools write to. */
   path: string;
+  /** Only raw images are copied to it. */
+  rawOnly?: boolean;
   /** Resets it: empty (new file, zeroed device) or holding the previous image. */
   reset(start: 'empty' | 'previous'): Promise<void>;
   dispose(): Promise<void>;
@@ -146,9 +149,12 @@ function fileDestination(data: BmapData): Destination {
   };
 }
 
-async function loopDestination(data: BmapData): Promise<Destination | undefined> {
+async function loopDestination(
+  data: BmapData,
+  backingName = 'loop-backing.img',
+): Promise<Destination | undefined> {
   if (process.getuid?.() !== 0 || !existsSync('/dev/loop-control')) return undefined;
-  const backing = path.join(data.dir, 'loop-backing.img');
+  const backing = path.join(data.dir, backingName);
   const fh = await open(backing, 'w');
   await fh.truncate(data.size);
   await fh.close();
@@ -167,6 +173,46 @@ async function loopDestination(data: BmapData): Promise<Destination | undefined>
     dispose: async () => {
       await run('losetup', ['-d', dev]).catch(() => {});
       await rm(backing, { force: true });
+    },
+  };
+}
+
+/** cgroup v1 blkio throttles: they apply to every bio sent to the device, writeback included. */
+const THROTTLE_DIR = '/sys/fs/cgroup/blkio';
+/** A USB 3 flash stick, roughly: what flashing a device looks like, unlike the page cache. */
+const SLOW_WRITE_BPS = 40_000_000;
+const SLOW_READ_BPS = 120_000_000;
+
+/**
+ * A loop device throttled like a flash stick (writes 40 MB/s, reads 120 MB/s, through the
+ * blkio controller), its page cache dropped before each run as for a stick just plugged in.
+ * Only raw images are copied to it: the time is the device's, not the decoder's.
+ */
+async function slowLoopDestination(data: BmapData): Promise<Destination | undefined> {
+  if (!existsSync(path.join(THROTTLE_DIR, 'blkio.throttle.write_bps_device'))) return undefined;
+  const loop = await loopDestination(data, 'slow-backing.img');
+  if (loop === undefined) return undefined;
+  const { rdev } = await stat(loop.path);
+  const majMin = devId(rdev);
+  const throttle = async (write: number, read: number): Promise<void> => {
+    await writeFile(
+      path.join(THROTTLE_DIR, 'blkio.throttle.write_bps_device'),
+      `${majMin} ${write}`,
+    );
+    await writeFile(path.join(THROTTLE_DIR, 'blkio.throttle.read_bps_device'), `${majMin} ${read}`);
+  };
+  return {
+    label: `loop device at ${SLOW_WRITE_BPS / 1e6}/${SLOW_READ_BPS / 1e6} MB/s w/r`,
+    path: loop.path,
+    rawOnly: true,
+    reset: async (start) => {
+      await throttle(0, 0);
+      await loop.reset(start); // ends with the device's page cache dropped
+      await throttle(SLOW_WRITE_BPS, SLOW_READ_BPS);
+    },
+    dispose: async () => {
+      await throttle(0, 0).catch(() => {});
+      await loop.dispose();
     },
   };
 }
@@ -196,6 +242,9 @@ async function runSection(options: BenchOptions): Promise<void> {
   const loop = await loopDestination(data);
   if (loop !== undefined) destinations.push(loop);
   else log('not root or no loop devices: file destinations only');
+  const slow = await slowLoopDestination(data);
+  if (slow !== undefined) destinations.push(slow);
+  else log('no blkio throttling (cgroup v1) here: no slow-device rows');
   log(
     `${formatBytes(data.size)} image, ${formatBytes(data.mappedBytes)} mapped in ${EXTENTS} extents; ` +
       `previous version differs in ${CHANGES} × ${CHANGE_BYTES} bytes\n` +
@@ -210,6 +259,7 @@ async function runSection(options: BenchOptions): Promise<void> {
     const sources = data.sources.filter((s) => only === undefined || only.includes(s.label));
     for (const dst of destinations) {
       for (const src of sources) {
+        if (dst.rawOnly === true && src.label !== '.img') continue;
         for (const start of ['empty', 'previous'] as const) {
           const trials = [
             trial(
