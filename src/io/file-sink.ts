@@ -3,15 +3,24 @@
  *
  * Block devices are fsynced at a bounded cadence (by dirty bytes and by time) so that the
  * kernel never holds gigabytes of dirty pages: Ctrl-C then returns in about a second instead
- * of waiting for a slow USB stick to drain. Regular files are fsynced once, at the end.
+ * of waiting for a slow USB stick to drain. The sync runs in the background while the copy
+ * goes on reading and writing the next window; a write waits only when the window after it
+ * is full too, so at most two windows are dirty:
+ *
+ *   window:  [ write 1 ][ write 2 ][ write 3 ]...
+ *   fsync:              [ sync 1 ─────][ sync 2 ─────]
+ *                                    ▲ write 3's window full: wait for sync 1, start sync 2
+ *
+ * On a slow device the reads of DST then overlap the device's writing instead of taking
+ * turns with it. Regular files are fsynced once, at the end.
  */
 
 import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
 import type { Sink } from '../engine/types.js';
 
-/** Dirty bytes after which a block device is fsynced. */
-export const SYNC_EVERY_BYTES = 64 * 1024 * 1024;
+/** Dirty bytes after which a block device's sync starts (two windows are dirty at most). */
+export const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
 /** Time after which a block device with dirty data is fsynced. */
 export const SYNC_EVERY_MS = 1000;
 
@@ -22,6 +31,10 @@ export class FileSink implements Sink {
   #dirty = 0;
   #lastSync = Date.now();
   #finished = false;
+  /** The background sync of the previous window, if it is still running. */
+  #syncing: Promise<void> | undefined;
+  /** What a background sync failed with: reported by the next write or finish. */
+  #syncError: unknown;
 
   constructor(fh: FileHandle, path: string, options: { boundedSync: boolean }) {
     this.#fh = fh;
@@ -30,6 +43,7 @@ export class FileSink implements Sink {
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
+    this.#throwSyncError();
     try {
       let done = 0;
       while (done < data.length) {
@@ -41,29 +55,50 @@ export class FileSink implements Sink {
         );
         done += bytesWritten;
       }
-      this.#dirty += data.length;
-      if (
-        this.#boundedSync &&
-        (this.#dirty >= SYNC_EVERY_BYTES || Date.now() - this.#lastSync >= SYNC_EVERY_MS)
-      ) {
-        await this.#sync();
-      }
     } catch (err) {
       throw fromSystemError('EWRITE', 'cannot write', this.#path, err);
     }
+    this.#dirty += data.length;
+    if (
+      this.#boundedSync &&
+      (this.#dirty >= SYNC_EVERY_BYTES || Date.now() - this.#lastSync >= SYNC_EVERY_MS)
+    ) {
+      await this.#syncing;
+      this.#throwSyncError();
+      this.#startSync();
+    }
   }
 
-  async #sync(): Promise<void> {
-    await this.#fh.sync();
+  #startSync(): void {
     this.#dirty = 0;
     this.#lastSync = Date.now();
+    const running: Promise<void> = this.#fh.sync().then(
+      () => {
+        if (this.#syncing === running) this.#syncing = undefined;
+      },
+      (err: unknown) => {
+        this.#syncError ??= err;
+        if (this.#syncing === running) this.#syncing = undefined;
+      },
+    );
+    this.#syncing = running;
+  }
+
+  #throwSyncError(): void {
+    if (this.#syncError !== undefined) {
+      throw fromSystemError('EWRITE', 'cannot flush', this.#path, this.#syncError);
+    }
   }
 
   async finish(): Promise<void> {
     if (this.#finished) return;
     this.#finished = true;
+    await this.#syncing;
+    this.#throwSyncError();
     try {
-      if (this.#dirty > 0) await this.#sync();
+      // a sync that started before the last writes does not cover them
+      if (this.#dirty > 0) await this.#fh.sync();
+      this.#dirty = 0;
     } catch (err) {
       throw fromSystemError('EWRITE', 'cannot flush', this.#path, err);
     }
