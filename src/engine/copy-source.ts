@@ -117,6 +117,8 @@ export interface CopySource {
    * bmap it returns `sink` itself.
    */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
+  adviseTarget(fd: number): void;
   close(): Promise<void>;
 }
 
@@ -455,6 +457,9 @@ export async function openCopySource(
       checksums,
       file,
       sameAs,
+      adviseTarget: (fd) => {
+        if (report !== undefined) lib!.adviseNoReadahead(fd);
+      },
       wrapFileSink: (sink, fh, path) => {
         if (report === undefined) return sink;
         const unmapped: { start: number; end: number }[] = [];

@@ -245,6 +245,7 @@ export async function copy(
       target = found;
       if (source.sameAs(target.stats)) throw sameFileError(src, dst);
       if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
+      if (!full) source.adviseTarget(target.fh.fd);
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
 
