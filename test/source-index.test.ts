@@ -11,7 +11,8 @@ import { test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/engine/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
-import { readIndexFile } from '../src/formats/index-file.js';
+import { newIndex, readIndexFile, writeIndexFile } from '../src/formats/index-file.js';
+import { identityOf } from '../src/io/identity.js';
 import { runCli } from './helpers/cli.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -254,4 +255,29 @@ test('--src-index is refused where it cannot work, before anything is written', 
     return true;
   });
   assert.deepEqual(await readFile(s.dst), s.old);
+});
+
+test("DST's range an interrupted copy left unsure is read and fixed even where SRC's and DST's hashes agree", async (t) => {
+  const s = await setup(t);
+  await makeIndex(s.dst, s.index);
+  await makeIndex(s.src, s.srcIndex);
+  // an interrupted copy wrote block 50 of DST (marked dirty) before its index caught up
+  const idx = await readIndexFile(s.index);
+  const half = changed(s.old, [50 * BLOCK + 7], 20, 3);
+  await writeFile(s.dst, half);
+  const st = await stat(s.dst);
+  await writeIndexFile(
+    s.index,
+    newIndex({
+      blockSize: idx.blockSize,
+      imageSize: idx.imageSize,
+      state: { kind: 'in-progress', dirty: { start: 48 * BLOCK, end: 52 * BLOCK } },
+      identity: await identityOf(s.dst, st, st.size),
+      hashes: idx.hashes,
+    }),
+  );
+  const r = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex });
+  assert.equal(r.index?.source?.mode, 'used');
+  assert.equal(r.index.bytesReread, 4 * BLOCK, 'the unsure range was read back');
+  assert.deepEqual(await readFile(s.dst), s.neu);
 });

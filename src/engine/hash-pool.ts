@@ -74,7 +74,7 @@ export function hashBlocksSync(
 }
 
 export class HashPool {
-  readonly threads: number;
+  #threads: number;
   readonly #workers: Worker[] = [];
   readonly #pending = new Map<number, Pending>();
   #nextId = 0;
@@ -84,7 +84,20 @@ export class HashPool {
 
   /** `threads` 0 hashes on the main thread. */
   constructor(threads = DEFAULT_HASH_THREADS) {
-    this.threads = Math.max(0, Math.floor(threads));
+    this.#threads = Math.max(0, Math.floor(threads));
+  }
+
+  /** Worker threads hashing (0: the main thread). */
+  get threads(): number {
+    return this.#threads;
+  }
+
+  /**
+   * Hashes on the main thread from now on, when there is too little to hash to be worth a
+   * worker's start-up (tens of ms each). Only before any worker started.
+   */
+  inline(): void {
+    if (this.#workers.length === 0) this.#threads = 0;
   }
 
   /** Starts the workers now (they take tens of ms to boot), e.g. while an index is read. */
@@ -93,7 +106,7 @@ export class HashPool {
   }
 
   #start(): void {
-    for (let i = this.#workers.length; i < this.threads; i++) {
+    for (let i = this.#workers.length; i < this.#threads; i++) {
       // no execArgv: the worker is plain CommonJS, whatever loader or input type the main
       // thread was started with (tsx, --input-type=module)
       const w = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });

@@ -54,6 +54,8 @@ export const DEFAULT_VERIFY_SAMPLE = 16;
  * reads the marked range back, which costs at most what a copy without an index reads.
  */
 export const MIN_CHECKPOINT_BYTES = 1024 * 1024 * 1024;
+/** Planned bytes below which hashing stays on the main thread (worker start-up costs more). */
+export const INLINE_HASH_MAX_BYTES = 32 * 1024 * 1024;
 /** At most this many index rewrites per copy: the marked range grows with the image. */
 export const MAX_CHECKPOINTS = 8;
 
@@ -457,10 +459,14 @@ export class IndexSession {
   /** Opens the index for a copy onto `o.dst`: decides to use, create or rebuild it. */
   static async open(o: IndexSessionOptions): Promise<IndexSession> {
     const pool = new HashPool(o.hashThreads);
-    pool.prestart();
+    // with an index of SRC there may be little to hash: decided once it is read
+    if (o.source === undefined) pool.prestart();
     try {
       const session = await IndexSession.#open(o, pool);
       if (o.source !== undefined) await session.#openSource(o.source);
+      const planned = session.plan?.ranges.reduce((n, r) => n + r.end - r.start, 0);
+      if (planned !== undefined && planned < INLINE_HASH_MAX_BYTES) pool.inline();
+      else pool.prestart();
       return session;
     } catch (err) {
       await pool.close();
