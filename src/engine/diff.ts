@@ -11,8 +11,14 @@
  * the blocks from the result's last block to BASE's end are written as "tail" records with
  * the old bytes (reversible patches) so that apply --reverse can restore them; apply
  * truncates a TARGET file to the result size.
+ *
+ * NEW is opened as `copy` opens SRC (engine/copy-source.ts, without a bmap: a patch
+ * describes the whole image), so it may be compressed, stdin or a URL, read once as a
+ * stream; with BASE an index, a new release's .img.xz is diffed against the last one's
+ * without unpacking either. BASE is a file or device read by offset, or an index.
  */
 
+import { once } from 'node:events';
 import { createWriteStream } from 'node:fs';
 import { rename, unlink } from 'node:fs/promises';
 import type { Writable } from 'node:stream';
@@ -22,10 +28,10 @@ import { compressionAvailable } from '../formats/patch-compression.js';
 import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
-import { FileSource } from '../io/file-source.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { openCopySource, type CopySource } from './copy-source.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
@@ -51,6 +57,11 @@ export interface DiffOptions {
   reversible?: boolean;
   /** Payload compression (default none). zstd needs the optional zstd-napi package. */
   compress?: Compression;
+  /**
+   * NEW's size when a stream's cannot be known before reading it all (compressed stdin or
+   * URL); the stream must then end exactly there.
+   */
+  size?: number | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -130,28 +141,32 @@ export async function diff(
     );
   }
 
-  const opened: Opened[] = [];
+  let baseFile: Opened | undefined;
+  let src: CopySource | undefined;
   let out: Writable | undefined;
   let tempPath: string | undefined;
   let writer: PatchWriter | undefined;
   try {
-    const src = await openSource(next);
-    opened.push(src);
-    let baseFile: Opened | undefined;
-    if (typeof base === 'string') {
-      baseFile = await openSource(base);
-      opened.push(baseFile);
-    }
+    // BASE first: a compressed NEW may be decoded once just to learn its size
+    if (typeof base === 'string') baseFile = await openSource(base);
+    src = await openCopySource(next, { noBmap: true, size: options.size, signal: options.signal });
+    const newSource = src;
     const baseSize = baseFile?.size ?? indexBase!.size;
     const baseName = typeof base === 'string' ? base : base.name;
     const outName = typeof output === 'string' ? output : '-';
     if (typeof output === 'string') {
       await assertSeparateOutput(output, [
-        inputOf(src, 'NEW'),
+        { path: next, role: 'NEW', isSame: (st) => newSource.sameAs(st) },
         ...(baseFile !== undefined ? [inputOf(baseFile, 'BASE')] : []),
       ]);
       tempPath = `${output}.blksync-partial`;
       out = createWriteStream(tempPath, { flags: 'w' });
+      // opened before anything can fail, so the unlink below never races the file's creation
+      try {
+        await once(out, 'open');
+      } catch (err) {
+        throw fromSystemError('EWRITE', 'cannot write the patch', tempPath, err);
+      }
     } else {
       out = output;
     }
@@ -178,7 +193,7 @@ export async function diff(
       baseSize > resultSize ? Math.floor(resultSize / blockSize) * blockSize : resultSize;
     const tailEnd = baseSize > resultSize ? (reversible ? baseSize : resultSize) : planEnd;
     let old: OldContent | undefined;
-    const source = new FileSource(src.fh, next, src.size, false);
+    const source = src.source;
     const run = await runPipeline(
       { imageSize: resultSize, ranges: planEnd > 0 ? [{ start: 0, end: planEnd }] : [] },
       source,
@@ -213,7 +228,7 @@ export async function diff(
       options.signal?.throwIfAborted();
       const len = Math.min(chunkSize, tailEnd - o);
       const newLen = clipped(o, len, resultSize);
-      if ((await source.read(buf, o, newLen)) < newLen) {
+      if (newLen > 0 && (await source.read(buf, o, newLen)) < newLen) {
         throw new BlksyncError(
           'ESRC_SHORT',
           `${next} ended early while being read; was it truncated?`,
@@ -267,6 +282,7 @@ export async function diff(
     throw err;
   } finally {
     if (tempPath !== undefined) await unlink(tempPath).catch(() => {});
-    for (const o of opened) await o.fh.close();
+    await src?.close();
+    await baseFile?.fh.close();
   }
 }
