@@ -100,6 +100,45 @@ function oldContent(
 }
 
 /**
+ * An index base for a NEW longer than BASE. The index's hashes end with BASE (its last block
+ * may be partial), so the knowledge is asked only about BASE's bytes; from the block that
+ * crosses BASE's end on, every block of NEW differs (as with a base read as bytes). Without
+ * this the index knowledge would compare hashes past the end of its table.
+ */
+function endingAt(inner: TargetKnowledge, baseSize: number): TargetKnowledge {
+  return {
+    load: async (offset, length) => {
+      if (offset + length <= baseSize) return inner.load(offset, length);
+      const within = Math.max(0, baseSize - offset);
+      const k = within > 0 ? await inner.load(offset, within) : undefined;
+      return {
+        diff: async (data, len, bs, out) => {
+          const mark = out.length;
+          if (k !== undefined) await k.diff(data, within, bs, out);
+          // spans reaching the block across BASE's end merge with the differing rest
+          let start = Math.floor(within / bs) * bs;
+          while (out.length > mark && out[out.length - 1]! >= start) {
+            start = Math.min(start, out[out.length - 2]!);
+            out.length -= 2;
+          }
+          out.push(start, len);
+        },
+        // old content is asked for only up to BASE's end (oldContent clips it)
+        heldHashes: (start, end) =>
+          end <= start || k?.heldHashes === undefined
+            ? Buffer.alloc(0)
+            : k.heldHashes(start, Math.min(end, within)),
+        release: () => k?.release(),
+      };
+    },
+    get bytesRead() {
+      return inner.bytesRead;
+    },
+    close: () => inner.close(),
+  };
+}
+
+/**
  * Writes a patch that turns BASE into NEW. `output` is a path (written to a temporary name
  * and renamed when complete, so a patch file is never left half-made) or a stream (left
  * open; an interrupted run leaves it without a trailer, which apply refuses).
@@ -182,11 +221,14 @@ export async function diff(
     writer = new PatchWriter(header, out, { end: typeof output === 'string' });
     const w = writer;
     const knowledge =
-      indexBase?.knowledge ??
-      new ReadTarget(baseFile!.fh, baseName, chunkSize, {
-        size: baseSize,
-        shortCode: 'ESRC_SHORT',
-      });
+      indexBase !== undefined
+        ? src.size > baseSize
+          ? endingAt(indexBase.knowledge, baseSize)
+          : indexBase.knowledge
+        : new ReadTarget(baseFile!.fh, baseName, chunkSize, {
+            size: baseSize,
+            shortCode: 'ESRC_SHORT',
+          });
     const resultSize = src.size;
     // when BASE is longer, the result's last (partial) block and BASE's tail are done below
     const planEnd =
