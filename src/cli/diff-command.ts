@@ -3,7 +3,7 @@
 import { Option, type Command } from '@commander-js/extra-typings';
 import type { DiffResult } from '../engine/diff.js';
 import { BlksyncError } from '../errors.js';
-import { formatBytes } from '../size.js';
+import { formatBytes, parseSize } from '../size.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
 
 function diffSummary(r: DiffResult): string {
@@ -27,7 +27,10 @@ export function registerDiff(program: Command, setExit: SetExit): void {
       '<base>',
       'the image the patch will be applied to (file or block device), or its index (blksync index)',
     )
-    .argument('<new>', 'the image the patch turns BASE into')
+    .argument(
+      '<new>',
+      'the image the patch turns BASE into, read whole (no bmap): file or block device, compressed (gzip, xz, zstd, bzip2, lz4), - for stdin, or an http(s) URL',
+    )
     .requiredOption('-o, --output <patch>', 'the patch file, or - for stdout')
     .addOption(blockSizeOption())
     .option('--reversible', 'also store the replaced blocks, so apply --reverse can undo the patch')
@@ -36,6 +39,11 @@ export function registerDiff(program: Command, setExit: SetExit): void {
         '--compress <method>',
         'compress the payload (zstd needs the optional zstd-napi package)',
       ).choices(['none', 'gzip', 'zstd'] as const),
+    )
+    .option(
+      '--size <size>',
+      'size of NEW, for compressed stdin or URL sources (checked at the end)',
+      (v: string) => parseSize(v, 'image size'),
     )
     .option('--json', 'print one JSON summary object (on stderr with -o -)')
     .option('-q, --quiet', 'print nothing but errors')
@@ -57,6 +65,7 @@ export function registerDiff(program: Command, setExit: SetExit): void {
             blockSize: opts.blockSize,
             reversible: opts.reversible === true,
             compress: opts.compress ?? 'none',
+            size: opts.size,
             signal,
             ...(onProgress ? { onProgress } : {}),
           });

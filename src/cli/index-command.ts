@@ -52,14 +52,25 @@ export function registerIndex(program: Command, setExit: SetExit): void {
   program
     .command('index')
     .description(
-      'write an index of SRC (a SHA-256 per block) for `copy --index`; or list the cache',
+      'write an index of SRC (a SHA-256 per block of the whole image, no bmap) for `copy --index` or as BASE of `diff`; or list the cache',
     )
-    .argument('[src]', 'image file or block device to index')
-    .option('-o, --output <file>', 'index file to write ("auto": the cache, keyed by SRC)')
+    .argument(
+      '[src]',
+      'image file or block device to index; compressed (gzip, xz, zstd, bzip2, lz4), - for stdin, or an http(s) URL',
+    )
+    .option(
+      '-o, --output <file>',
+      'index file to write ("auto": the cache, keyed by SRC; only for a file or device read as it is)',
+    )
     .addOption(
       new Option('-b, --block-size <size>', 'bytes per hashed block (default 64K)').argParser(
         (v: string) => parseSize(v, 'block size'),
       ),
+    )
+    .option(
+      '--size <size>',
+      'image size, for compressed stdin or URL sources (checked at the end)',
+      (v: string) => parseSize(v, 'image size'),
     )
     .option('--list', `list the indexes cached for --index auto (in ${cacheDir()})`)
     .addOption(hashThreadsOption())
@@ -83,6 +94,7 @@ export function registerIndex(program: Command, setExit: SetExit): void {
         }
         const result = await makeIndex(src, opts.output, {
           blockSize: opts.blockSize,
+          size: opts.size,
           signal: intr.signal,
           ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
           ...(onProgress ? { onProgress } : {}),

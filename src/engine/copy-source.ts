@@ -109,6 +109,11 @@ export interface CopySource {
   checksums: { units: VerifiedRange[]; algorithm: string } | undefined;
   /** SRC when it is a file or device read by offset as it is (not decoded, not stdin). */
   file: Opened | undefined;
+  /**
+   * The local file or device SRC names, as opened, also when it is decoded (undefined for
+   * stdin and URLs): what names a compressed image, for an index's identity.
+   */
+  opened: Opened | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
   /**
@@ -276,10 +281,11 @@ function verifiedRanges(
   return out;
 }
 
-function unknownSize(src: string): BlksyncError {
+function unknownSize(src: string, bmapHint: boolean): BlksyncError {
   return new BlksyncError(
     'EUSAGE',
-    `the size of the image in ${src} is not known before reading it all; give its bmap (--bmap FILE), ` +
+    `the size of the image in ${src} is not known before reading it all; give ` +
+      (bmapHint ? 'its bmap (--bmap FILE), ' : '') +
       'its size (--size BYTES), or decompress it to a file first',
     { path: src },
   );
@@ -305,6 +311,7 @@ export async function openCopySource(
     let source: Source;
     let sameAs: (st: Stats) => boolean = () => false;
     let file: Opened | undefined;
+    let opened: Opened | undefined;
 
     const streamed = (stream: Readable, name: string, sizeHint: number | undefined): Source => {
       let s = stream;
@@ -325,7 +332,7 @@ export async function openCopySource(
         );
       }
       size = known ?? given ?? -1;
-      if (size < 0) throw unknownSize(name);
+      if (size < 0) throw unknownSize(name, options.noBmap !== true);
       if (bmap !== undefined && sizeHint !== undefined)
         lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
       // a size taken on trust is checked: the stream must end exactly there
@@ -359,12 +366,13 @@ export async function openCopySource(
         source = streamed(rest, 'stdin', undefined);
       }
     } else {
-      const opened = await openSource(src);
-      cleanups.push(() => opened.fh.close());
-      kind = opened.kind;
-      ({ compression, size, source } = await fromFile(opened.fh, src, opened.size));
-      sameAs = (other) => sameFile(opened.stats, other);
-      if (compression === undefined) file = opened;
+      const o = await openSource(src);
+      cleanups.push(() => o.fh.close());
+      opened = o;
+      kind = o.kind;
+      ({ compression, size, source } = await fromFile(o.fh, src, o.size));
+      sameAs = (other) => sameFile(o.stats, other);
+      if (compression === undefined) file = o;
     }
 
     // a file or device read by offset: raw, or decoded by a spawned decoder
@@ -456,6 +464,7 @@ export async function openCopySource(
       bmap: report,
       checksums,
       file,
+      opened,
       sameAs,
       adviseTarget: (fd) => {
         if (report !== undefined) lib!.adviseNoReadahead(fd);

@@ -11,8 +11,14 @@
  * the blocks from the result's last block to BASE's end are written as "tail" records with
  * the old bytes (reversible patches) so that apply --reverse can restore them; apply
  * truncates a TARGET file to the result size.
+ *
+ * NEW is opened as `copy` opens SRC (engine/copy-source.ts, without a bmap: a patch
+ * describes the whole image), so it may be compressed, stdin or a URL, read once as a
+ * stream; with BASE an index, a new release's .img.xz is diffed against the last one's
+ * without unpacking either. BASE is a file or device read by offset, or an index.
  */
 
+import { once } from 'node:events';
 import { createWriteStream } from 'node:fs';
 import { rename, unlink } from 'node:fs/promises';
 import type { Writable } from 'node:stream';
@@ -22,10 +28,10 @@ import { compressionAvailable } from '../formats/patch-compression.js';
 import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
-import { FileSource } from '../io/file-source.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { openCopySource, type CopySource } from './copy-source.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
@@ -51,6 +57,11 @@ export interface DiffOptions {
   reversible?: boolean;
   /** Payload compression (default none). zstd needs the optional zstd-napi package. */
   compress?: Compression;
+  /**
+   * NEW's size when a stream's cannot be known before reading it all (compressed stdin or
+   * URL); the stream must then end exactly there.
+   */
+  size?: number | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -86,6 +97,45 @@ function oldContent(
   if (k.held !== undefined) return { bytes: k.held.subarray(start, start + n) };
   if (k.heldHashes !== undefined) return { blockHashes: k.heldHashes(start, start + n) };
   throw new Error('diff: the base knowledge provides neither held bytes nor heldHashes');
+}
+
+/**
+ * An index base for a NEW longer than BASE. The index's hashes end with BASE (its last block
+ * may be partial), so the knowledge is asked only about BASE's bytes; from the block that
+ * crosses BASE's end on, every block of NEW differs (as with a base read as bytes). Without
+ * this the index knowledge would compare hashes past the end of its table.
+ */
+function endingAt(inner: TargetKnowledge, baseSize: number): TargetKnowledge {
+  return {
+    load: async (offset, length) => {
+      if (offset + length <= baseSize) return inner.load(offset, length);
+      const within = Math.max(0, baseSize - offset);
+      const k = within > 0 ? await inner.load(offset, within) : undefined;
+      return {
+        diff: async (data, len, bs, out) => {
+          const mark = out.length;
+          if (k !== undefined) await k.diff(data, within, bs, out);
+          // spans reaching the block across BASE's end merge with the differing rest
+          let start = Math.floor(within / bs) * bs;
+          while (out.length > mark && out[out.length - 1]! >= start) {
+            start = Math.min(start, out[out.length - 2]!);
+            out.length -= 2;
+          }
+          out.push(start, len);
+        },
+        // old content is asked for only up to BASE's end (oldContent clips it)
+        heldHashes: (start, end) =>
+          end <= start || k?.heldHashes === undefined
+            ? Buffer.alloc(0)
+            : k.heldHashes(start, Math.min(end, within)),
+        release: () => k?.release(),
+      };
+    },
+    get bytesRead() {
+      return inner.bytesRead;
+    },
+    close: () => inner.close(),
+  };
 }
 
 /**
@@ -130,28 +180,32 @@ export async function diff(
     );
   }
 
-  const opened: Opened[] = [];
+  let baseFile: Opened | undefined;
+  let src: CopySource | undefined;
   let out: Writable | undefined;
   let tempPath: string | undefined;
   let writer: PatchWriter | undefined;
   try {
-    const src = await openSource(next);
-    opened.push(src);
-    let baseFile: Opened | undefined;
-    if (typeof base === 'string') {
-      baseFile = await openSource(base);
-      opened.push(baseFile);
-    }
+    // BASE first: a compressed NEW may be decoded once just to learn its size
+    if (typeof base === 'string') baseFile = await openSource(base);
+    src = await openCopySource(next, { noBmap: true, size: options.size, signal: options.signal });
+    const newSource = src;
     const baseSize = baseFile?.size ?? indexBase!.size;
     const baseName = typeof base === 'string' ? base : base.name;
     const outName = typeof output === 'string' ? output : '-';
     if (typeof output === 'string') {
       await assertSeparateOutput(output, [
-        inputOf(src, 'NEW'),
+        { path: next, role: 'NEW', isSame: (st) => newSource.sameAs(st) },
         ...(baseFile !== undefined ? [inputOf(baseFile, 'BASE')] : []),
       ]);
       tempPath = `${output}.blksync-partial`;
       out = createWriteStream(tempPath, { flags: 'w' });
+      // opened before anything can fail, so the unlink below never races the file's creation
+      try {
+        await once(out, 'open');
+      } catch (err) {
+        throw fromSystemError('EWRITE', 'cannot write the patch', tempPath, err);
+      }
     } else {
       out = output;
     }
@@ -167,18 +221,21 @@ export async function diff(
     writer = new PatchWriter(header, out, { end: typeof output === 'string' });
     const w = writer;
     const knowledge =
-      indexBase?.knowledge ??
-      new ReadTarget(baseFile!.fh, baseName, chunkSize, {
-        size: baseSize,
-        shortCode: 'ESRC_SHORT',
-      });
+      indexBase !== undefined
+        ? src.size > baseSize
+          ? endingAt(indexBase.knowledge, baseSize)
+          : indexBase.knowledge
+        : new ReadTarget(baseFile!.fh, baseName, chunkSize, {
+            size: baseSize,
+            shortCode: 'ESRC_SHORT',
+          });
     const resultSize = src.size;
     // when BASE is longer, the result's last (partial) block and BASE's tail are done below
     const planEnd =
       baseSize > resultSize ? Math.floor(resultSize / blockSize) * blockSize : resultSize;
     const tailEnd = baseSize > resultSize ? (reversible ? baseSize : resultSize) : planEnd;
     let old: OldContent | undefined;
-    const source = new FileSource(src.fh, next, src.size, false);
+    const source = src.source;
     const run = await runPipeline(
       { imageSize: resultSize, ranges: planEnd > 0 ? [{ start: 0, end: planEnd }] : [] },
       source,
@@ -213,7 +270,7 @@ export async function diff(
       options.signal?.throwIfAborted();
       const len = Math.min(chunkSize, tailEnd - o);
       const newLen = clipped(o, len, resultSize);
-      if ((await source.read(buf, o, newLen)) < newLen) {
+      if (newLen > 0 && (await source.read(buf, o, newLen)) < newLen) {
         throw new BlksyncError(
           'ESRC_SHORT',
           `${next} ended early while being read; was it truncated?`,
@@ -267,6 +324,7 @@ export async function diff(
     throw err;
   } finally {
     if (tempPath !== undefined) await unlink(tempPath).catch(() => {});
-    for (const o of opened) await o.fh.close();
+    await src?.close();
+    await baseFile?.fh.close();
   }
 }

@@ -2,6 +2,11 @@
  * `makeIndex(src, out)`: the `index` operation. The pipeline with the whole image as plan,
  * SRC as source, no knowledge of a target (every chunk "differs") and an index writer as the
  * sink, which hashes every block it is handed; the file is written atomically at the end.
+ *
+ * SRC is opened as `copy` opens it (engine/copy-source.ts, without a bmap: an index
+ * describes the whole image), so it may be compressed, stdin or a URL, streamed. The
+ * identity recorded is what names the bytes read (see `sourceIdentity`): only a file or
+ * device read as it is gets the identity `copy --index` compares with DST's.
  */
 
 import { readdir, stat } from 'node:fs/promises';
@@ -15,14 +20,15 @@ import {
   writeIndexFile,
 } from '../formats/index-file.js';
 import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
-import { FileSource } from '../io/file-source.js';
 import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
+import type { Compression } from '../io/decompress.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
-import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
+import { assertSeparateOutput } from '../io/open.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { openCopySource, type CopySource } from './copy-source.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
@@ -91,6 +97,12 @@ export interface MakeIndexOptions {
   blockSize?: number;
   /** Worker threads for hashing (default: one per core, at most 4; 0 = main thread). */
   hashThreads?: number;
+  /**
+   * The image size when a stream's cannot be known before reading it all (compressed stdin
+   * or URL); the stream must then end exactly there. For a compressed file it saves the
+   * pass that only counts the decoded bytes.
+   */
+  size?: number | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -99,20 +111,55 @@ export interface MakeIndexOptions {
 
 export interface MakeIndexResult {
   source: string;
+  /** How SRC was read: a file or device by offset, or a stream from stdin or a URL. */
+  sourceKind: CopySource['kind'];
+  /** SRC's compression, when it was decoded. */
+  compression: Compression | undefined;
   output: string;
   imageSize: number;
   blockSize: number;
   blockCount: number;
   algorithm: string;
   bytesHashed: number;
-  /** The identity recorded for SRC. */
+  /** The identity key recorded for SRC (see sourceIdentity). */
   identity: string;
   seconds: number;
 }
 
+/** Longest URL kept in a stream's identity (the record holds at most 4 KiB). */
+const MAX_IDENTITY_URL_CHARS = 1024;
+
+/**
+ * The identity recorded in an index of SRC. A file or device read as it is: its own identity,
+ * which `copy --index` compares with DST's. Anything decoded or streamed gets a key that no
+ * file or device has (identityOf's keys begin "file:", "wwn:", "serial:", ...), so such an
+ * index can never be taken for an index of a destination, while `diff INDEX NEW`, which
+ * does not look at the identity, can still use it as BASE:
+ *
+ *   x.img.xz (a file)  → "xz:file:DEV:INO", with the compressed file's size and mtime:
+ *                        it names the compressed file, not an image anyone can write to
+ *   stdin, a URL       → "stdin", "url:ORIGIN/PATH" (no credentials, no query), weak: the
+ *                        name does not vouch for the bytes, which may differ next time
+ */
+export async function sourceIdentity(src: string, s: CopySource): Promise<TargetIdentity> {
+  if (s.file !== undefined) return identityOf(src, s.file.stats, s.file.size);
+  if (s.opened !== undefined) {
+    const id = await identityOf(src, s.opened.stats, s.opened.size);
+    return { ...id, key: `${s.compression ?? 'stream'}:${id.key}` };
+  }
+  if (s.kind === 'url') {
+    const u = new URL(src);
+    const name = `${u.origin}${u.pathname}`.slice(0, MAX_IDENTITY_URL_CHARS);
+    return { kind: 'file', size: s.size, key: `url:${name}`, weak: true, path: name };
+  }
+  return { kind: 'file', size: s.size, key: 'stdin', weak: true };
+}
+
 /**
  * Writes an index of SRC (one SHA-256 per block and SRC's identity) to `output`; "auto"
- * puts it in the cache directory, where `copy --index auto` onto SRC finds it.
+ * puts it in the cache directory, where `copy --index auto` onto SRC finds it. SRC is
+ * anything `copy` reads (compressed, "-" for stdin, a URL); a stream that fails or ends
+ * early is an error and no index is written.
  */
 export async function makeIndex(
   src: string,
@@ -123,19 +170,31 @@ export async function makeIndex(
   const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_INDEX_BLOCK_SIZE);
   const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
   options.signal?.throwIfAborted();
-  const source = await openSource(src);
+  const source = await openCopySource(src, {
+    noBmap: true,
+    size: options.size,
+    signal: options.signal,
+  });
+  let pool: HashPool | undefined;
   try {
-    if (output !== 'auto') await assertSeparateOutput(output, [inputOf(source, 'the source')]);
-  } catch (err) {
-    await source.fh.close();
-    throw err;
-  }
-  const pool = new HashPool(options.hashThreads);
-  try {
-    const hashes = new BlockHashes(source.size, blockSize, pool);
+    if (output === 'auto' && source.file === undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `-o auto keeps an index for copy --index auto onto SRC itself, which ${src} ` +
+          `(${source.compression !== undefined ? `${source.compression}-compressed` : source.kind}) cannot be; give -o FILE`,
+      );
+    }
+    if (output !== 'auto') {
+      await assertSeparateOutput(output, [
+        { path: src, role: 'the source', isSame: (st) => source.sameAs(st) },
+      ]);
+    }
+    const imageSize = source.size;
+    pool = new HashPool(options.hashThreads);
+    const hashes = new BlockHashes(imageSize, blockSize, pool);
     const run = await runPipeline(
-      { imageSize: source.size, ranges: source.size > 0 ? [{ start: 0, end: source.size }] : [] },
-      new FileSource(source.fh, src, source.size, false),
+      source.plan,
+      source.source,
       new NoTarget(),
       [new IndexWriterSink(hashes)],
       {
@@ -150,14 +209,14 @@ export async function makeIndex(
     if (run.interrupted) {
       throw new BlksyncError(
         'EINTERRUPTED',
-        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(source.size)}; nothing was written, rerun the same command`,
+        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(imageSize)}; nothing was written, rerun the same command`,
       );
     }
-    const identity = await identityOf(src, source.stats, source.size);
+    const identity = await sourceIdentity(src, source);
     if (output === 'auto') output = cachedIndexPath(identity, await ensureCacheDir());
     const index = newIndex({
       blockSize,
-      imageSize: source.size,
+      imageSize,
       state: { kind: 'clean' },
       identity,
       hashes: hashes.table,
@@ -165,8 +224,10 @@ export async function makeIndex(
     await writeIndexFile(output, index);
     return {
       source: src,
+      sourceKind: source.kind,
+      compression: source.compression,
       output,
-      imageSize: source.size,
+      imageSize,
       blockSize,
       blockCount: index.blockCount,
       algorithm: HASH_ALGORITHM,
@@ -175,8 +236,8 @@ export async function makeIndex(
       seconds: (performance.now() - started) / 1000,
     };
   } finally {
-    await pool.close();
-    await source.fh.close();
+    await pool?.close();
+    await source.close();
   }
 }
 
