@@ -11,7 +11,8 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
-import { agentPayload, BOOTSTRAP } from '../src/remote/bootstrap.js';
+import { agentPayload } from '../src/remote/agent-payload.js';
+import { BOOTSTRAP } from '../src/remote/bootstrap.js';
 import {
   dataHeader,
   Encoding,

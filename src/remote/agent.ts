@@ -59,6 +59,8 @@ const TOP_READ_AHEAD = 4;
 export interface AgentStreams {
   input: NodeJS.ReadableStream;
   output: NodeJS.WritableStream;
+  /** The agent bundle as the bootstrap received it (length prefix included). */
+  payload?: Buffer | undefined;
 }
 
 interface Opened {
@@ -464,9 +466,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   return failed ? 1 : 0;
 }
 
-/** The bundle's entry: called by the bootstrap with the bytes it read past the agent code. */
-export function main(rest: Buffer): void {
-  void runAgent({ input: process.stdin, output: process.stdout }, rest).then((code) => {
+/**
+ * The bundle's entry: called by the bootstrap with the bytes it read past the agent code, and
+ * the agent code as it was sent (for --direct, where this agent starts another).
+ */
+export function main(rest: Buffer, payload?: Buffer): void {
+  void runAgent({ input: process.stdin, output: process.stdout, payload }, rest).then((code) => {
     process.stdout.end(() => process.exit(code));
   });
 }

@@ -9,7 +9,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { BlksyncError, type ErrorCode } from '../errors.js';
 import { formatBytes } from '../size.js';
-import { agentPayload, BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
+import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
 import {
   dataHeader,
@@ -130,12 +130,19 @@ export class AgentLink {
     });
   }
 
-  /** Starts the agent on `spec` and completes the handshake. */
-  static async open(spec: RemoteSpec, options: RemoteOptions, hello: Hello): Promise<AgentLink> {
+  /**
+   * Starts the agent on `spec` and completes the handshake. `payload` is the agent bundle as
+   * agent-payload.ts makes it (an agent starting another one for --direct sends its own).
+   */
+  static async open(
+    spec: RemoteSpec,
+    options: RemoteOptions,
+    hello: Hello,
+    payload: Buffer,
+  ): Promise<AgentLink> {
     if (spec.destination.startsWith('-')) {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
-    const payload = await agentPayload();
     const link = new AgentLink(spec, options);
     try {
       const ready = new Promise<Ready>((resolve, reject) => {

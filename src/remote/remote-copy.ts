@@ -17,18 +17,11 @@
  * local copy does, so compressed images, stdin, http(s) URLs and bmap plans push too.
  */
 
-import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
 import { DEFAULT_VERIFY_SAMPLE } from '../engine/index-target.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
-import type {
-  ChunkKnowledge,
-  ProgressListener,
-  Sink,
-  Source,
-  TargetKnowledge,
-} from '../engine/types.js';
+import type { ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
@@ -37,19 +30,22 @@ import { createTarget, openTarget, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
-import {
-  GMAC_KEY_BYTES,
-  MIN_HASH_UNIT,
-  TOP_HASH_GMAC,
-  topHasher,
-  wireHash,
-  zeroHasher,
-  type Summary,
-  type TopHasher,
-} from './protocol.js';
+import { agentPayload } from './agent-payload.js';
+import { MIN_HASH_UNIT, wireHash, type Summary } from './protocol.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
+import {
+  CountingSink,
+  fetchSpans,
+  FetchedSource,
+  hashAheadPush,
+  readChunk,
+  RefinedTarget,
+  RemoteSink,
+  SpanBook,
+  topHashing,
+} from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
@@ -93,74 +89,6 @@ export interface ChannelStats {
 
 export type RemoteCopyResult = CopyResult & { channel: ChannelStats };
 
-/** Spans per chunk offset, found while reading and reported by the knowledge. */
-class SpanBook {
-  readonly #spans = new Map<number, number[]>();
-  set(offset: number, spans: number[]): void {
-    this.#spans.set(offset, spans);
-  }
-  take(offset: number): number[] {
-    const s = this.#spans.get(offset) ?? [];
-    this.#spans.delete(offset);
-    return s;
-  }
-}
-
-/** The knowledge of DST gained while the chunk was read: the spans the hashes found. */
-class RefinedTarget implements TargetKnowledge {
-  readonly #book: SpanBook;
-  readonly #bytesRead: () => number;
-
-  constructor(book: SpanBook, bytesRead: () => number) {
-    this.#book = book;
-    this.#bytesRead = bytesRead;
-  }
-
-  get bytesRead(): number {
-    return this.#bytesRead();
-  }
-
-  load(offset: number): Promise<ChunkKnowledge> {
-    return Promise.resolve({
-      diff: (_data, _length, _blockSize, out) => {
-        for (const x of this.#book.take(offset)) out.push(x);
-      },
-      release: () => {},
-    });
-  }
-
-  async close(): Promise<void> {}
-}
-
-/**
- * Push: the refiner found the spans; a chunk is read again (into the pipeline's buffer) only
- * when it has some.
- */
-class PushSource implements Source {
-  readonly size: number;
-  readonly #file: FileSource;
-  readonly #refiner: Refiner;
-  readonly #book: SpanBook;
-
-  constructor(file: FileSource, refiner: Refiner, book: SpanBook) {
-    this.size = file.size;
-    this.#file = file;
-    this.#refiner = refiner;
-    this.#book = book;
-  }
-
-  async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    const { spans } = await this.#refiner.get(offset);
-    this.#book.set(offset, spans);
-    if (spans.length === 0) return length;
-    return this.#file.read(buf, offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.#file.close();
-  }
-}
-
 /**
  * Push from a source read once, in order (a decoder, stdin, a URL, a bmap plan): each chunk
  * is compared by hashes as soon as it has been read, before it is handed to the pipeline.
@@ -192,134 +120,6 @@ class CheckedSource implements Source {
 
   /** The CopySource the inner source came from closes it. */
   async close(): Promise<void> {}
-}
-
-/** The agent as a Sink: DATA frames, written there in order. */
-class RemoteSink implements Sink {
-  readonly #link: AgentLink;
-  constructor(link: AgentLink) {
-    this.#link = link;
-  }
-  write(data: Buffer, offset: number): Promise<void> {
-    return this.#link.sendData(data, offset);
-  }
-  async finish(): Promise<void> {}
-}
-
-/**
- * Pull and relay: the new bytes are on a remote. The refiner fetched the differing spans'
- * bytes (or, with --full, every chunk is fetched here); a chunk hands them to the pipeline at
- * their places, so only they are written. What the buffer holds elsewhere is never written.
- */
-class FetchedSource implements Source {
-  readonly size: number;
-  readonly #refiner: Refiner | undefined;
-  readonly #link: AgentLink;
-  readonly #book: SpanBook;
-  readonly #fetchAll: boolean;
-
-  /** `refiner` undefined: --full, fetch every chunk whole (unless `fetchAll` is false: dry run). */
-  constructor(
-    size: number,
-    link: AgentLink,
-    refiner: Refiner | undefined,
-    book: SpanBook,
-    fetchAll: boolean,
-  ) {
-    this.size = size;
-    this.#link = link;
-    this.#refiner = refiner;
-    this.#book = book;
-    this.#fetchAll = fetchAll;
-  }
-
-  async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    if (this.#refiner === undefined) {
-      this.#book.set(offset, [0, length]);
-      if (this.#fetchAll) await this.#link.fetch(offset, length, buf, 0);
-      return length;
-    }
-    const { spans, data } = await this.#refiner.get(offset);
-    this.#book.set(offset, spans);
-    if (data !== undefined) {
-      for (let i = 0, at = 0; i < spans.length; i += 2) {
-        const s = spans[i]!;
-        const e = spans[i + 1]!;
-        data.copy(buf, s, at, at + e - s);
-        at += e - s;
-      }
-    }
-    return length;
-  }
-
-  async close(): Promise<void> {}
-}
-
-/** Fetches `spans` of the chunk at `offset` from `link` into one buffer, back to back. */
-async function fetchSpans(link: AgentLink, offset: number, spans: number[]): Promise<Buffer> {
-  let total = 0;
-  for (let i = 0; i < spans.length; i += 2) total += spans[i + 1]! - spans[i]!;
-  const data = Buffer.allocUnsafe(total);
-  const fetches: Promise<void>[] = [];
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const s = spans[i]!;
-    const len = spans[i + 1]! - s;
-    fetches.push(link.fetch(offset + s, len, data, at));
-    at += len;
-  }
-  await Promise.all(fetches);
-  return data;
-}
-
-/** Reads [offset, offset + length) of a local file into `buf`, all of it or EDEST_SHORT. */
-async function readChunk(
-  file: FileSource,
-  path: string,
-  buf: Buffer,
-  offset: number,
-  length: number,
-): Promise<void> {
-  const got = await file.read(buf, offset, length);
-  if (got < length) {
-    throw new BlksyncError(
-      'EDEST_SHORT',
-      `${path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
-      { path },
-    );
-  }
-}
-
-/** Counts what a sink wrote, for the message when the link drops. */
-class CountingSink implements Sink {
-  written = 0;
-  readonly #inner: Sink;
-  constructor(inner: Sink) {
-    this.#inner = inner;
-  }
-  async write(data: Buffer, offset: number): Promise<void> {
-    await this.#inner.write(data, offset);
-    this.written += data.length;
-  }
-  finish(): Promise<void> {
-    return this.#inner.finish();
-  }
-}
-
-/** The top-level hash of one session: GMAC under a fresh random key (protocol.ts). */
-interface TopHashing {
-  hello: { topHash: string; key: string };
-  hash: TopHasher;
-  zero: (length: number) => Buffer;
-}
-
-function topHashing(): TopHashing {
-  const key = randomBytes(GMAC_KEY_BYTES);
-  const hash = topHasher(key);
-  return {
-    hello: { topHash: TOP_HASH_GMAC, key: key.toString('hex') },
-    hash,
-    zero: zeroHasher(hash),
-  };
 }
 
 function chunkSizeOf(options: RemoteCopyOptions): number {
@@ -448,17 +248,22 @@ async function push(
     // an index that may be used makes the agent's scan of DST needless
     const mayUseIndex = found !== undefined && 'index' in found;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
-    link = await AgentLink.open(spec, options, {
-      role: 'target',
-      path: spec.path,
-      size,
-      dryRun,
-      // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-      ...(indexing ? { identity: true } : {}),
-    });
+    link = await AgentLink.open(
+      spec,
+      options,
+      {
+        role: 'target',
+        path: spec.path,
+        size,
+        dryRun,
+        // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+        ...(indexing ? { identity: true } : {}),
+      },
+      await agentPayload(),
+    );
     const ready = link.ready;
     const book = new SpanBook();
     const l = link;
@@ -488,28 +293,9 @@ async function push(
       knowledge = new ZeroTarget();
       await scanner?.stop();
     } else if (file !== undefined && scanner !== undefined) {
-      const differ = new HashDiffer(link, chunkSize, blockSize);
-      const pool = new BufferPool(chunkSize);
-      refiner = new Refiner(
-        size,
-        chunkSize,
-        async (offset) => {
-          const [[mine], theirs] = await Promise.all([scanner.hash(offset), l.topHash(offset)]);
-          return mine.equals(theirs);
-        },
-        async (offset, length): Promise<Found> => {
-          const buf = pool.get();
-          try {
-            await readChunk(file, src, buf, offset, length);
-            const spans: number[] = [];
-            await differ.refine(offset, buf, length, false, spans);
-            return { spans };
-          } finally {
-            pool.put(buf);
-          }
-        },
-      );
-      input = new PushSource(file, refiner, book);
+      const ahead = hashAheadPush(file, src, size, chunkSize, blockSize, scanner, link, book);
+      refiner = ahead.refiner;
+      input = ahead.input;
       knowledge = new RefinedTarget(book, () => 0);
     } else {
       const differ = new HashDiffer(link, chunkSize, blockSize);
@@ -604,13 +390,18 @@ async function pull(
       const file = new FileSource(target.fh, dst, target.size, false);
       scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
-    link = await AgentLink.open(spec, options, {
-      role: 'source',
-      path: spec.path,
-      topUnit: full ? 0 : chunkSize,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    link = await AgentLink.open(
+      spec,
+      options,
+      {
+        role: 'source',
+        path: spec.path,
+        topUnit: full ? 0 : chunkSize,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const size = link.ready.size;
     scanner?.truncate(size);
     let created = false;
@@ -753,23 +544,33 @@ async function relay(
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
   try {
-    from = await AgentLink.open(fromSpec, options, {
-      role: 'source',
-      path: fromSpec.path,
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    from = await AgentLink.open(
+      fromSpec,
+      options,
+      {
+        role: 'source',
+        path: fromSpec.path,
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const size = from.ready.size;
-    to = await AgentLink.open(toSpec, options, {
-      role: 'target',
-      path: toSpec.path,
-      size,
-      dryRun,
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    to = await AgentLink.open(
+      toSpec,
+      options,
+      {
+        role: 'target',
+        path: toSpec.path,
+        size,
+        dryRun,
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const book = new SpanBook();
     const f = from;
     const t = to;
