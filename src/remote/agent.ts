@@ -23,6 +23,7 @@ import { FileSink } from '../io/file-sink.js';
 import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
+import { DirectCopy } from './direct.js';
 import {
   dataHeader,
   frame,
@@ -43,6 +44,8 @@ import {
   GMAC_KEY_BYTES,
   type TopHasher,
   type Frame,
+  type DirectHello,
+  type DirectReport,
   type Hello,
   type Ready,
   type Summary,
@@ -111,6 +114,7 @@ function parseHello(payload: Buffer): Hello {
     !Array.isArray(o.encodings) ||
     (o.identity !== undefined && typeof o.identity !== 'boolean') ||
     (o.role === 'target' && !isSafeUInt(o.size)) ||
+    (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
     (o.topHash !== undefined &&
       (o.topHash !== TOP_HASH_GMAC ||
         typeof o.key !== 'string' ||
@@ -119,6 +123,29 @@ function parseHello(payload: Buffer): Hello {
     throw new ProtocolError('HELLO has missing or invalid fields');
   }
   return o as Hello;
+}
+
+/** A --direct request: a host and path to copy to, and a sane block and chunk size. */
+function validDirect(d: unknown): d is DirectHello {
+  if (d === null || typeof d !== 'object') return false;
+  const o = d as Partial<DirectHello>;
+  const optionalString = (v: unknown): boolean => v === undefined || typeof v === 'string';
+  return (
+    typeof o.destination === 'string' &&
+    o.destination !== '' &&
+    !o.destination.startsWith('-') &&
+    typeof o.path === 'string' &&
+    o.path !== '' &&
+    optionalString(o.ssh) &&
+    optionalString(o.remoteNode) &&
+    isSafeUInt(o.blockSize) &&
+    o.blockSize >= MIN_HASH_UNIT &&
+    (o.blockSize & (o.blockSize - 1)) === 0 &&
+    isSafeUInt(o.chunkSize) &&
+    o.chunkSize >= o.blockSize &&
+    o.chunkSize <= MAX_REQUEST_BYTES &&
+    o.chunkSize % o.blockSize === 0
+  );
 }
 
 function hasherOf(h: Hello): TopHasher {
@@ -161,6 +188,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   let bytes = 0;
   let frames = 0;
   const digest = createHash('sha256');
+  let direct: DirectCopy | undefined;
+  let directRun: Promise<DirectReport> | undefined;
   let sendChain: Promise<void> = Promise.resolve();
 
   const send = (buf: Buffer): Promise<void> => {
@@ -262,6 +291,15 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         kind: src.kind,
         fileSize: src.size,
       };
+      if (h.direct !== undefined) {
+        direct = await DirectCopy.open(
+          h.direct,
+          h,
+          { path: h.path, fh: src.fh, size: src.size },
+          hasherOf(h),
+          streams.payload,
+        );
+      }
       ready = {
         version: PROTOCOL_VERSION,
         size: src.size,
@@ -270,6 +308,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         zero: false,
         encoding,
         node: process.version,
+        ...(direct !== undefined ? { target: direct.ready } : {}),
       };
     } else {
       const size = h.size!;
@@ -331,6 +370,10 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       };
     }
     await send(jsonFrame(FrameType.READY, ready));
+    if (direct !== undefined) {
+      directRun = direct.run((p) => void send(jsonFrame(FrameType.PROGRESS, p)));
+      directRun.catch((err: unknown) => fail(err));
+    }
     if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined) {
       topHashes(opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => fail(err));
     }
@@ -404,6 +447,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       }
       case FrameType.DONE: {
         if (p.length !== 0) throw new ProtocolError('bad DONE');
+        const directReport = await directRun;
         await o.sink?.finish();
         let identity: Summary['identity'];
         if (o.identity && o.fh !== undefined && o.sink !== undefined) {
@@ -422,6 +466,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           bytesRead,
           cpuSeconds: (cpu.user + cpu.system) / 1e6,
           ...(identity !== undefined ? { identity } : {}),
+          ...(directReport !== undefined ? { direct: directReport } : {}),
         };
         await send(jsonFrame(FrameType.SUMMARY, s));
         return;
@@ -434,6 +479,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   input.on('data', onData);
   input.on('end', () => {
     ended = true;
+    // even while DONE waits for it: blksync is gone, nobody will read the summary
+    direct?.abort();
     wake?.();
   });
   input.on('error', () => {
@@ -459,6 +506,11 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
   }
   input.removeListener('data', onData);
+  // blksync went away (or a frame was refused) during a direct copy: stop it; the other
+  // host's agent syncs what it wrote
+  direct?.abort();
+  await directRun?.catch(() => {});
+  await direct?.close().catch(() => {});
   // make what was written durable, whether the link dropped or a frame was refused
   await opened?.sink?.finish().catch(() => {});
   await opened?.fh?.close().catch(() => {});

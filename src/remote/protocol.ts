@@ -17,6 +17,7 @@
 import { createCipheriv, createHash } from 'node:crypto';
 import * as crypto from 'node:crypto';
 import type { TargetIdentity } from '../io/identity.js';
+import type { Range } from '../ranges.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Bytes of the frame header: length (4) and type (1). */
@@ -57,6 +58,8 @@ export const FrameType = {
   DONE: 0x30,
   /** a→c: JSON Summary. */
   SUMMARY: 0x31,
+  /** a→c, unasked, only from an agent running a direct copy: JSON Progress (engine/types.ts). */
+  PROGRESS: 0x32,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -89,6 +92,45 @@ export interface Hello {
    * only this run's writes), in SUMMARY: blksync keeps an index of it (--index).
    */
   identity?: boolean;
+  /**
+   * source: copy `path` straight to another host (--direct). The agent starts a target agent
+   * there over ssh itself, runs the copy as a push would, and reports PROGRESS and, after
+   * DONE, the outcome in SUMMARY's `direct`. No DATA passes through blksync.
+   */
+  direct?: DirectHello;
+}
+
+/** What a source agent needs to copy its file straight to another host. */
+export interface DirectHello {
+  /** ssh's destination for the other host (`host` or `user@host`), as blksync was given it. */
+  destination: string;
+  path: string;
+  /** blksync's --ssh, --remote-node and --sudo, used from the source host. */
+  ssh?: string;
+  remoteNode?: string;
+  sudo?: boolean;
+  blockSize: number;
+  /** The top unit and pipeline chunk; a multiple of blockSize. */
+  chunkSize: number;
+  dryRun?: boolean;
+  full?: boolean;
+}
+
+/** What a direct copy did, reported by the source agent in SUMMARY. */
+export interface DirectReport {
+  bytesScanned: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  rangesWritten: number;
+  /** The first ranges written (or that would be, in a dry run). */
+  ranges: Range[];
+  /** Bytes of SRC the source agent read. */
+  bytesReadSource: number;
+  /** The target agent's own summary (bytes written, DST bytes read, CPU). */
+  target: Summary;
+  /** The ssh channel between the two hosts, as the source agent counted it. */
+  bytesSent: number;
+  bytesReceived: number;
 }
 
 export interface Ready {
@@ -105,6 +147,8 @@ export interface Ready {
   node: string;
   /** target with `identity` asked for, when the file exists: what an index is keyed by. */
   identity?: TargetIdentity;
+  /** source with `direct`: the READY of the target agent it started on the other host. */
+  target?: Ready;
 }
 
 export interface WireError {
@@ -125,6 +169,8 @@ export interface Summary {
   cpuSeconds?: number;
   /** target with `identity` asked for: the file's identity after the final sync. */
   identity?: TargetIdentity;
+  /** source with `direct`: what the direct copy did. */
+  direct?: DirectReport;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;

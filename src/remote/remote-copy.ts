@@ -21,7 +21,7 @@ import { BlksyncError } from '../errors.js';
 import { DEFAULT_VERIFY_SAMPLE } from '../engine/index-target.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
-import type { ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
+import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
@@ -42,6 +42,8 @@ import {
   hashAheadPush,
   readChunk,
   RefinedTarget,
+  REMOTE_CHUNK_BYTES,
+  REMOTE_DEPTH,
   RemoteSink,
   SpanBook,
   topHashing,
@@ -49,10 +51,7 @@ import {
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
 import { parseRemote, type RemoteSpec } from './spec.js';
 
-/** Bytes per chunk: the top level of the hash tree. */
-export const REMOTE_CHUNK_BYTES = 4 * 1024 * 1024;
-/** Chunks in flight: their refinement round trips overlap. */
-export const REMOTE_DEPTH = 8;
+export { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from './roles.js';
 
 /**
  * A remote copy's options. The CopySourceOptions (bmap, size, ...) describe a local SRC and
@@ -72,6 +71,8 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   hashThreads?: number;
   /** The block size given with -b (blockSize holds the default otherwise). */
   blockSizeGiven?: number;
+  /** Both ends remote: SRC's host copies straight to DST's host (see direct.ts). */
+  direct?: boolean;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -85,6 +86,11 @@ export interface ChannelStats {
   /** DATA encoding negotiated ('' for raw only). */
   encoding: string;
   remoteNode: string;
+  /**
+   * --direct: the ssh channel between the two hosts, which carried the hashes and the data
+   * (the fields above count only blksync's own channel, to SRC's host).
+   */
+  direct?: { host: string; bytesSent: number; bytesReceived: number };
 }
 
 export type RemoteCopyResult = CopyResult & { channel: ChannelStats };
@@ -148,6 +154,18 @@ export async function remoteCopy(
     );
   }
   options.signal?.throwIfAborted();
+  if (options.direct === true) {
+    if (srcRemote === undefined || dstRemote === undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
+      );
+    }
+    if (options.index !== undefined) {
+      throw new BlksyncError('EUSAGE', '--index does not work with --direct yet; drop one of them');
+    }
+    return direct(src, dst, srcRemote, dstRemote, options);
+  }
   if (srcRemote !== undefined && dstRemote !== undefined) {
     return relay(src, dst, srcRemote, dstRemote, options);
   }
@@ -657,6 +675,122 @@ async function relay(
     await refiner?.stop();
     await to?.close();
     await from?.close();
+  }
+}
+
+/**
+ * Both ends remote, --direct: the agent on SRC's host starts the one on DST's host and runs
+ * the copy itself (direct.ts); this end sends the HELLO and DONE and receives PROGRESS and
+ * the SUMMARY, so no hash or data of the image crosses this machine.
+ */
+async function direct(
+  src: string,
+  dst: string,
+  fromSpec: RemoteSpec,
+  toSpec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const started = performance.now();
+  const chunkSize = chunkSizeOf(options);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  let link: AgentLink | undefined;
+  let last: Progress | undefined;
+  const signal = options.signal;
+  const onAbort = (): void => void link?.close();
+  try {
+    link = await AgentLink.open(
+      fromSpec,
+      options,
+      {
+        role: 'source',
+        path: fromSpec.path,
+        topUnit: 0,
+        ...topHashing().hello,
+        encodings: [],
+        direct: {
+          destination: toSpec.destination,
+          path: toSpec.path,
+          ...(options.ssh !== undefined ? { ssh: options.ssh } : {}),
+          ...(options.remoteNode !== undefined ? { remoteNode: options.remoteNode } : {}),
+          sudo: options.sudo === true,
+          blockSize: options.blockSize,
+          chunkSize,
+          dryRun,
+          full,
+        },
+      },
+      await agentPayload(),
+    );
+    const l = link;
+    l.onProgress = (p) => {
+      last = p;
+      options.onProgress?.({
+        ...p,
+        channelBytesSent: l.bytesSent + (p.channelBytesSent ?? 0),
+        channelBytesReceived: l.bytesReceived + (p.channelBytesReceived ?? 0),
+      });
+    };
+    // Ctrl-C: closing the channel makes the agent stop the copy (the far agent syncs)
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const size = link.ready.size;
+    const target = link.ready.target;
+    if (target === undefined) {
+      throw new BlksyncError('EREMOTE_PROTOCOL', `${link.name}: READY lacks the direct target`);
+    }
+    const summary = await link.finish();
+    const report = summary.direct;
+    if (report === undefined) {
+      throw new BlksyncError('EREMOTE_PROTOCOL', `${link.name}: SUMMARY lacks the direct report`);
+    }
+    await link.close();
+    const result: RemoteCopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: size,
+      bytesScanned: report.bytesScanned,
+      bytesRead: report.target.bytesRead,
+      blockSize: options.blockSize,
+      blocksDiffering: report.blocksDiffering,
+      bytesDiffering: report.bytesDiffering,
+      bytesWritten: report.target.bytes,
+      rangesWritten: report.rangesWritten,
+      ranges: report.ranges,
+      created: target.created,
+      destinationExtraBytes: target.created ? 0 : target.size - size,
+      dryRun,
+      full,
+      seconds: (performance.now() - started) / 1000,
+      channel: {
+        host: `${fromSpec.destination} → ${toSpec.destination} (direct)`,
+        bytesSent: link.bytesSent,
+        bytesReceived: link.bytesReceived,
+        remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
+        encoding: target.encoding,
+        remoteNode:
+          link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
+        direct: {
+          host: `${fromSpec.destination} → ${toSpec.destination}`,
+          bytesSent: report.bytesSent,
+          bytesReceived: report.bytesReceived,
+        },
+      },
+    };
+    return result;
+  } catch (err) {
+    // what the far agent confirmed is known only to the near one: the last progress says
+    const lost = await connectionLost(err, dst, last?.bytesWritten ?? 0, signal);
+    if (lost instanceof BlksyncError && lost.code === 'EINTERRUPTED' && last !== undefined) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(last.bytesScanned)} of ${formatBytes(last.bytesTotal)}; rerun the same command to finish`,
+        { cause: err },
+      );
+    }
+    throw lost;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+    await link?.close();
   }
 }
 

@@ -26,6 +26,11 @@ import {
 import { Refiner, type Found } from './refiner.js';
 import type { HashScanner } from './scanner.js';
 
+/** Bytes per chunk: the top level of the hash tree. */
+export const REMOTE_CHUNK_BYTES = 4 * 1024 * 1024;
+/** Chunks in flight: their refinement round trips overlap. */
+export const REMOTE_DEPTH = 8;
+
 /** Spans per chunk offset, found while reading and reported by the knowledge. */
 export class SpanBook {
   readonly #spans = new Map<number, number[]>();
