@@ -180,14 +180,156 @@ describe('push with --index kept here', () => {
     assert.equal((await readIndexFile(idx)).state.kind, 'clean');
   });
 
-  test('--index is refused for a remote SRC and for auto', async (t) => {
+  test('--index auto for a push is refused; --index with two remote ends too', async (t) => {
     const dir = await tempDir(t);
     await writeFile(join(dir, 'src.img'), seededBytes(4096, 1));
-    const pull = await runCli(['copy', '--index', join(dir, 'i'), 'h:/x', join(dir, 'y')]);
-    assert.equal(pull.code, 2, pull.stderr);
-    assert.match(pull.stderr, /--index works with a host:path DST \(push\) only.*\[EUSAGE\]/);
+    const both = await runCli(['copy', '--index', join(dir, 'i'), 'h:/x', 'g:/y']);
+    assert.equal(both.code, 2, both.stderr);
+    assert.match(both.stderr, /--index does not work with two remote ends.*\[EUSAGE\]/);
     const auto = await runCli(['copy', '--index', 'auto', join(dir, 'src.img'), 'h:/x']);
     assert.equal(auto.code, 2, auto.stderr);
-    assert.match(auto.stderr, /--index auto .*--index FILE.*\[EUSAGE\]/);
+    assert.match(auto.stderr, /--index auto .*\[EUSAGE\]/);
+  });
+});
+
+describe('pull with --index: the index of the local DST', () => {
+  let sshd: Sshd | undefined;
+  let available = false;
+
+  before(async () => {
+    available = await sshdAvailable();
+    if (available) sshd = await startSshd();
+  });
+  after(async () => {
+    await sshd?.stop();
+  });
+
+  function server(t: TestContext): Sshd | undefined {
+    const ok = need(
+      t,
+      available && sshd !== undefined,
+      'sshd is not installed (apt-get install openssh-server)',
+    );
+    return ok ? sshd : undefined;
+  }
+  const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
+
+  test('created, then used: DST is read only for the sample; a dry run changes nothing', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 24 * MiB + 5000;
+    const v1 = seededBytes(size, 11);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    await writeFile(dst, flip(v1, [3, 9 * MiB]));
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx };
+    const first = (await copy(at(s, src), dst, opts)) as RemoteCopyResult;
+    assert.equal(first.index?.mode, 'created');
+    assert.equal(first.bytesWritten, 2 * 4096);
+    assert.ok((await readFile(dst)).equals(v1));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+
+    const v2 = flip(v1, [100, 20 * MiB, size - 1]);
+    await writeFile(src, v2);
+    const indexBefore = await readFile(idx);
+    const dry = await runCli([
+      'copy',
+      '--json',
+      '-n',
+      '--index',
+      idx,
+      '--ssh',
+      s.ssh,
+      at(s, src),
+      dst,
+    ]);
+    assert.equal(dry.code, 0, dry.stderr);
+    const planned = JSON.parse(dry.stdout) as RemoteCopyResult;
+    assert.equal(planned.index?.mode, 'used');
+    assert.equal(planned.bytesDiffering, 2 * INDEX_BS + (size % INDEX_BS));
+    assert.ok((await readFile(dst)).equals(v1), 'a dry run writes nothing');
+    assert.ok((await readFile(idx)).equals(indexBefore), 'nor the index');
+
+    const r = await runCli(['copy', '--json', '--index', idx, '--ssh', s.ssh, at(s, src), dst]);
+    assert.equal(r.code, 0, r.stderr);
+    const used = JSON.parse(r.stdout) as RemoteCopyResult;
+    assert.equal(used.index?.mode, 'used');
+    assert.equal(used.index?.sampleBlocks, 16);
+    assert.equal(used.blockSize, INDEX_BS);
+    assert.equal(used.bytesWritten, 2 * INDEX_BS + (size % INDEX_BS));
+    // the sample and nothing else: 16 blocks of 64 KiB
+    assert.ok(used.bytesRead <= 16 * INDEX_BS, `DST was read for ${used.bytesRead} bytes`);
+    assert.ok((await readFile(dst)).equals(v2));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+
+    // the index now describes v2: a rerun writes nothing and reads only the sample
+    const again = await copy(at(s, src), dst, opts);
+    assert.equal(again.index?.mode, 'used');
+    assert.equal(again.bytesWritten, 0);
+    assert.ok(again.bytesRead <= 16 * INDEX_BS);
+  });
+
+  test("a DST changed behind blksync's back: EINDEX_STALE; another DST: EINDEX_MISMATCH", async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const data = seededBytes(8 * MiB, 13);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, data);
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx };
+    await copy(at(s, src), dst, opts);
+    execFileSync('touch', ['-r', dst, join(dir, 'stamp')]);
+    const fh = await open(dst, 'r+');
+    await fh.write(Buffer.from('changed'), 0, 7, 10);
+    await fh.close();
+    execFileSync('touch', ['-r', join(dir, 'stamp'), dst]);
+    const changed = await readFile(dst);
+    await rejectsWith(copy(at(s, src), dst, opts), 'EINDEX_STALE', /block at byte 0 /);
+    assert.ok((await readFile(dst)).equals(changed), 'nothing written');
+    const rebuilt = await copy(at(s, src), dst, { ...opts, rebuildIndex: true });
+    assert.equal(rebuilt.index?.mode, 'rebuilt');
+    assert.ok((await readFile(dst)).equals(data));
+    await writeFile(join(dir, 'other.img'), data);
+    await rejectsWith(copy(at(s, src), join(dir, 'other.img'), opts), 'EINDEX_MISMATCH');
+  });
+
+  test('--index auto keeps the index in the local cache, keyed by the local DST', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const cache = join(dir, 'cache');
+    const v1 = seededBytes(12 * MiB, 17);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    const args = ['copy', '--json', '--index', 'auto', '--ssh', s.ssh, at(s, src), dst];
+    // the CLI child inherits it
+    const saved = process.env.XDG_CACHE_HOME;
+    process.env.XDG_CACHE_HOME = cache;
+    t.after(() => {
+      if (saved === undefined) delete process.env.XDG_CACHE_HOME;
+      else process.env.XDG_CACHE_HOME = saved;
+    });
+    const first = await runCli(args);
+    assert.equal(first.code, 0, first.stderr);
+    const made = JSON.parse(first.stdout) as RemoteCopyResult;
+    assert.equal(made.created, true);
+    assert.equal(made.index?.mode, 'created');
+    assert.ok(made.index.path.startsWith(join(cache, 'blksync')), made.index.path);
+    const v2 = flip(v1, [5 * MiB]);
+    await writeFile(src, v2);
+    const second = await runCli(args);
+    assert.equal(second.code, 0, second.stderr);
+    const used = JSON.parse(second.stdout) as RemoteCopyResult;
+    assert.equal(used.index?.mode, 'used');
+    assert.equal(used.index.path, made.index.path);
+    assert.equal(used.bytesWritten, INDEX_BS);
+    assert.ok(used.bytesRead <= 16 * INDEX_BS);
+    assert.ok((await readFile(dst)).equals(v2));
   });
 });

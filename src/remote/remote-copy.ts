@@ -18,7 +18,13 @@
  */
 
 import { BlksyncError } from '../errors.js';
-import { DEFAULT_VERIFY_SAMPLE } from '../engine/index-target.js';
+import {
+  DEFAULT_VERIFY_SAMPLE,
+  type IndexSession,
+  type IndexTarget,
+} from '../engine/index-target.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
+import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
 import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
@@ -26,12 +32,18 @@ import type { CopyResult } from '../engine/copy.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
-import { createTarget, openTarget, type Opened } from '../io/open.js';
+import {
+  assertSeparateOutput,
+  createTarget,
+  inputOf,
+  openTarget,
+  type Opened,
+} from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
 import { agentPayload } from './agent-payload.js';
-import { MIN_HASH_UNIT, wireHash, type Summary } from './protocol.js';
+import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash, type Summary } from './protocol.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
@@ -141,10 +153,10 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined && srcRemote !== undefined) {
+  if (options.index !== undefined && srcRemote !== undefined && dstRemote !== undefined) {
     throw new BlksyncError(
       'EUSAGE',
-      '--index works with a host:path DST (push) only: the index is kept here and describes the remote DST',
+      '--index does not work with two remote ends yet; run the copy on one of the hosts',
     );
   }
   if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
@@ -398,13 +410,17 @@ async function pull(
   let sink: CountingSink | undefined;
   let scanner: HashScanner | undefined;
   let refiner: Refiner | undefined;
+  let index: IndexSession | undefined;
   const top = topHashing();
+  // with --index, each chunk is compared by one SHA-256 asked for (or the index's block
+  // hashes), not by the TOP_HASHES stream: DST is read only where the index does not vouch
+  const indexing = options.index !== undefined;
   try {
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
     // DST's hashes are computed while ssh connects and the agent scans SRC
-    if (!full && target !== undefined && target.size > 0) {
+    if (!full && !indexing && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
       scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
@@ -414,7 +430,7 @@ async function pull(
       {
         role: 'source',
         path: spec.path,
-        topUnit: full ? 0 : chunkSize,
+        topUnit: full || indexing ? 0 : chunkSize,
         ...top.hello,
         encodings: [DEFLATE_RAW],
       },
@@ -438,15 +454,67 @@ async function pull(
         { path: dst },
       );
     }
+    if (options.index !== undefined) {
+      if (options.index !== 'auto' && target !== undefined) {
+        await assertSeparateOutput(options.index, [inputOf(target, 'the destination')]);
+      }
+      // the index describes the local DST: the local copy's IndexSession keeps it
+      const kept = await import('../engine/index-target.js');
+      index = await kept.IndexSession.open({
+        index: options.index,
+        dst: target,
+        dstPath: dst,
+        fresh: zero,
+        imageSize: size,
+        blockSize: options.blockSizeGiven,
+        chunkSize,
+        rebuild: options.rebuildIndex === true,
+        verifySample: options.verifySample ?? kept.DEFAULT_VERIFY_SAMPLE,
+        full,
+        dryRun,
+        hashThreads: options.hashThreads,
+      });
+    }
     const book = new SpanBook();
     const l = link;
     const s = scanner;
+    const used = index?.target;
+    // an index being made hashes every chunk's new content: the chunk is handed over whole
+    const whole = index?.onChunk !== undefined;
     const local =
       target !== undefined && !zero
         ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
     let reread = 0;
-    if (!full) {
+    if (!full && index !== undefined) {
+      const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
+      refiner = new Refiner(
+        size,
+        chunkSize,
+        () => Promise.resolve(false),
+        async (offset, length): Promise<Found> => {
+          if (used !== undefined && isTrusted(used.untrusted, offset, length)) {
+            return byIndex(used, l, offset, length, dryRun);
+          }
+          const buf = Buffer.alloc(length);
+          if (local !== undefined) {
+            await readChunk(local, dst, buf, offset, length);
+            reread += length;
+          }
+          const spans: number[] = [];
+          const theirs = await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT));
+          if (!wireHash(buf).equals(theirs)) {
+            await differ.refine(offset, buf, length, local === undefined, spans);
+          }
+          if (dryRun) return { spans };
+          const data = await fetchSpans(l, offset, spans);
+          patch(buf, spans, data);
+          // the index now holds this chunk's new content's hashes
+          if (used !== undefined) hashInto(used.table, used.blockSize, offset, buf, 0, length);
+          return whole ? { spans, data, whole: buf } : { spans, data };
+        },
+      );
+    } else if (!full) {
       const differ = new HashDiffer(link, chunkSize, blockSize);
       const pool = new BufferPool(chunkSize);
       refiner = new Refiner(
@@ -482,11 +550,12 @@ async function pull(
       );
     }
     const source = new FetchedSource(size, link, refiner, book, !dryRun);
-    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread;
+    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
+    let fileSink: Sink | undefined;
     if (!dryRun && target !== undefined) {
-      sink = new CountingSink(
-        new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' }),
-      );
+      fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      // with an index: marked in progress before DST changes (IndexSession's guard)
+      sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
     }
     const run = await runPipeline(
       { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
@@ -494,11 +563,12 @@ async function pull(
       new RefinedTarget(book, bytesRead),
       sink ? [sink] : [],
       {
-        blockSize,
+        blockSize: used?.blockSize ?? blockSize,
         chunkSize,
         depth: REMOTE_DEPTH,
         signal: options.signal,
         onProgress: options.onProgress && withChannel(options.onProgress, link),
+        onChunk: index?.onChunk,
       },
     );
     await sink?.finish();
@@ -512,13 +582,14 @@ async function pull(
       );
     }
     await link.close();
+    if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
       source: src,
       destination: dst,
       bytesTotal: size,
       bytesScanned: run.bytesScanned,
       bytesRead: bytesRead(),
-      blockSize,
+      blockSize: used?.blockSize ?? blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
       bytesWritten: run.bytesWritten,
@@ -530,6 +601,7 @@ async function pull(
       full,
       seconds: (performance.now() - started) / 1000,
       channel: channelStats(link, spec, summary),
+      ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -540,6 +612,7 @@ async function pull(
     await scanner?.stop();
     await sink?.finish().catch(() => {});
     await link?.close();
+    await index?.close();
     await target?.fh.close();
   }
 }
@@ -792,6 +865,70 @@ async function direct(
     signal?.removeEventListener('abort', onAbort);
     await link?.close();
   }
+}
+
+function isTrusted(untrusted: readonly Range[], offset: number, length: number): boolean {
+  return untrusted.every((r) => offset + length <= r.start || offset >= r.end);
+}
+
+/** Writes `spans`' bytes (`data`, back to back) into `buf` at their places. */
+function patch(buf: Buffer, spans: number[], data: Buffer): void {
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    data.copy(buf, spans[i], at, at + len);
+    at += len;
+  }
+}
+
+/** Stores the SHA-256 of each block of `data[start, end)` (at image `offset`) in `table`. */
+function hashInto(
+  table: Buffer,
+  blockSize: number,
+  offset: number,
+  data: Buffer,
+  start: number,
+  end: number,
+): void {
+  for (let s = start; s < end; s += blockSize) {
+    sha256(data, s, Math.min(s + blockSize, end)).copy(
+      table,
+      ((offset + s) / blockSize) * HASH_BYTES,
+    );
+  }
+}
+
+/**
+ * Pull with an index that vouches for the chunk: the agent hashes SRC's blocks of the index's
+ * size and only those whose hash differs from the stored one (a wire hash is a prefix of it)
+ * are fetched; their new hashes go into the table. DST is not read.
+ */
+async function byIndex(
+  target: IndexTarget,
+  link: AgentLink,
+  offset: number,
+  length: number,
+  dryRun: boolean,
+): Promise<Found> {
+  const bs = target.blockSize;
+  const theirs = await link.hashes(offset, length, Math.max(bs, MIN_HASH_UNIT));
+  const spans: number[] = [];
+  for (let s = 0, k = 0; s < length; s += bs, k++) {
+    const h = ((offset + s) / bs) * HASH_BYTES;
+    const w = k * WIRE_HASH_BYTES;
+    if (theirs.compare(target.table, h, h + WIRE_HASH_BYTES, w, w + WIRE_HASH_BYTES) === 0)
+      continue;
+    const e = Math.min(s + bs, length);
+    if (spans.length > 0 && spans[spans.length - 1] === s) spans[spans.length - 1] = e;
+    else spans.push(s, e);
+  }
+  if (dryRun) return { spans };
+  const data = await fetchSpans(link, offset, spans);
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
+    at += len;
+  }
+  return { spans, data };
 }
 
 function channelStats(link: AgentLink, spec: RemoteSpec, summary: Summary): ChannelStats {

@@ -144,9 +144,10 @@ export class FetchedSource implements Source {
       if (this.#fetchAll) await this.#link.fetch(offset, length, buf, 0);
       return length;
     }
-    const { spans, data } = await this.#refiner.get(offset);
+    const { spans, data, whole } = await this.#refiner.get(offset);
     this.#book.set(offset, spans);
-    if (data !== undefined) {
+    if (whole !== undefined) whole.copy(buf, 0, 0, length);
+    else if (data !== undefined) {
       for (let i = 0, at = 0; i < spans.length; i += 2) {
         const s = spans[i]!;
         const e = spans[i + 1]!;
