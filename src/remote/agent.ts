@@ -23,6 +23,7 @@ import { FileSink } from '../io/file-sink.js';
 import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
+import { AgentIndex } from './agent-index.js';
 import { DirectCopy } from './direct.js';
 import {
   dataHeader,
@@ -47,6 +48,7 @@ import {
   type DirectHello,
   type DirectReport,
   type Hello,
+  type IndexHello,
   type Ready,
   type Summary,
   type WireError,
@@ -115,6 +117,7 @@ function parseHello(payload: Buffer): Hello {
     (o.identity !== undefined && typeof o.identity !== 'boolean') ||
     (o.role === 'target' && !isSafeUInt(o.size)) ||
     (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
+    (o.index !== undefined && (o.role !== 'target' || !validIndex(o.index))) ||
     (o.topHash !== undefined &&
       (o.topHash !== TOP_HASH_GMAC ||
         typeof o.key !== 'string' ||
@@ -145,6 +148,26 @@ function validDirect(d: unknown): d is DirectHello {
     o.chunkSize >= o.blockSize &&
     o.chunkSize <= MAX_REQUEST_BYTES &&
     o.chunkSize % o.blockSize === 0
+  );
+}
+
+/** An --index request: a path and sane sizes. */
+function validIndex(x: unknown): x is IndexHello {
+  if (x === null || typeof x !== 'object') return false;
+  const o = x as Partial<IndexHello>;
+  return (
+    typeof o.path === 'string' &&
+    o.path !== '' &&
+    isSafeUInt(o.blockSize) &&
+    o.blockSize >= MIN_HASH_UNIT &&
+    (o.blockSize & (o.blockSize - 1)) === 0 &&
+    isSafeUInt(o.chunkSize) &&
+    o.chunkSize >= o.blockSize &&
+    o.chunkSize <= MAX_REQUEST_BYTES &&
+    isSafeUInt(o.verifySample) &&
+    typeof o.blockSizeGiven === 'boolean' &&
+    typeof o.rebuild === 'boolean' &&
+    typeof o.full === 'boolean'
   );
 }
 
@@ -189,6 +212,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   let frames = 0;
   const digest = createHash('sha256');
   let direct: DirectCopy | undefined;
+  let index: AgentIndex | undefined;
   let directRun: Promise<DirectReport> | undefined;
   let sendChain: Promise<void> = Promise.resolve();
 
@@ -263,6 +287,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     for (let off = 0; off < o.limit && !failed; off += unit) {
       const [buf, len] = await reads.shift()!;
       start();
+      // before this unit's hash goes out: no DATA for it can have come yet
+      index?.learned(off, buf, len);
       if (batch.length === 0) batchOffset = off;
       batch.push(hasher(buf.subarray(0, len)));
       free.push(buf);
@@ -356,6 +382,21 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         kind,
         fileSize: have,
       };
+      if (h.index !== undefined) {
+        index = await AgentIndex.open(
+          h.index,
+          {
+            path: h.path,
+            fh,
+            stats: found.fh !== undefined ? found.stats : await fh?.stat(),
+            kind,
+            size: have,
+          },
+          size,
+          zero,
+          dryRun,
+        );
+      }
       ready = {
         version: PROTOCOL_VERSION,
         size: have,
@@ -364,6 +405,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         zero,
         encoding,
         node: process.version,
+        ...(index !== undefined
+          ? { index: { mode: index.report().mode, path: index.path, blockSize: index.blockSize } }
+          : {}),
         ...(h.identity === true && found.fh !== undefined
           ? { identity: await identityOf(h.path, found.stats, found.size) }
           : {}),
@@ -374,7 +418,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       directRun = direct.run((p) => void send(jsonFrame(FrameType.PROGRESS, p)));
       directRun.catch((err: unknown) => fail(err));
     }
-    if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined) {
+    // a used index stands in for DST: no scan
+    if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && index?.used !== true) {
       topHashes(opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => fail(err));
     }
   };
@@ -397,9 +442,15 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         if (unit < MIN_HASH_UNIT || Math.ceil(length / unit) > MAX_HASHES_PER_REPLY) {
           throw new ProtocolError(`bad hash unit ${unit}`);
         }
+        const known = index?.hashesFor(offset, length, unit);
+        if (known !== undefined) {
+          await send(frame(FrameType.HASHES, rangeHeader(offset, unit), known));
+          return;
+        }
         const buf = Buffer.allocUnsafe(length);
         await readFully(o, o.fh, buf, length, offset);
         bytesRead += length;
+        index?.learned(offset, buf, length);
         await send(
           frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)),
         );
@@ -418,7 +469,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         const raw = decode(enc, p.subarray(13), rawLength);
         if (raw === undefined) throw new ProtocolError('DATA does not decode to its length');
         digest.update(p.subarray(0, 12)).update(raw);
+        await index?.beforeWrite(offset);
         await o.sink.write(raw, offset);
+        index?.wrote(offset, raw);
         bytes += rawLength;
         frames++;
         const ack = Buffer.allocUnsafe(8);
@@ -457,6 +510,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           const st = await o.fh.stat();
           identity = await identityOf(o.path, st, o.kind === 'file' ? st.size : o.fileSize);
         }
+        if (index !== undefined && o.fh !== undefined && o.sink !== undefined) {
+          // the clean index vouches for all of DST, also what a killed run wrote
+          await o.fh.sync();
+          await index.commit();
+          bytesRead += index.bytesRead;
+        } else if (index !== undefined) bytesRead += index.bytesRead;
         done = true;
         const cpu = process.cpuUsage();
         const s: Summary = {
@@ -467,6 +526,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           cpuSeconds: (cpu.user + cpu.system) / 1e6,
           ...(identity !== undefined ? { identity } : {}),
           ...(directReport !== undefined ? { direct: directReport } : {}),
+          ...(index !== undefined ? { index: index.report() } : {}),
         };
         await send(jsonFrame(FrameType.SUMMARY, s));
         return;

@@ -18,6 +18,7 @@ import { createCipheriv, createHash } from 'node:crypto';
 import * as crypto from 'node:crypto';
 import type { TargetIdentity } from '../io/identity.js';
 import type { Range } from '../ranges.js';
+import type { IndexReport } from '../engine/index-target.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Bytes of the frame header: length (4) and type (1). */
@@ -98,7 +99,31 @@ export interface Hello {
    * DONE, the outcome in SUMMARY's `direct`. No DATA passes through blksync.
    */
   direct?: DirectHello;
+  /**
+   * target: keep an index of `path` beside it (--index host:FILE, or the remote's cache for
+   * "auto"); see agent-index.ts. READY says whether it is used; SUMMARY reports it.
+   */
+  index?: IndexHello;
 }
+
+/** An index the target agent keeps of its file. */
+export interface IndexHello {
+  /** The index file on the agent's host, or "auto": its cache, keyed by the file's identity. */
+  path: string;
+  /** Block size of an index made now; one being used keeps its own. */
+  blockSize: number;
+  /** -b was given: an index of another block size is refused (or rebuilt). */
+  blockSizeGiven: boolean;
+  /** The chunk blksync compares in (the top unit); the index's blocks must divide it. */
+  chunkSize: number;
+  rebuild: boolean;
+  /** Blocks of the file checked against the index before trusting it. */
+  verifySample: number;
+  full: boolean;
+}
+
+/** What a target agent did with its index (the fields of a local copy's IndexReport). */
+export type IndexWireReport = IndexReport;
 
 /** What a source agent needs to copy its file straight to another host. */
 export interface DirectHello {
@@ -149,6 +174,11 @@ export interface Ready {
   identity?: TargetIdentity;
   /** source with `direct`: the READY of the target agent it started on the other host. */
   target?: Ready;
+  /**
+   * target with `index`: whether it is used (HASH_REQ in its blocks is then answered from it
+   * and no TOP_HASHES are sent) or made, its path (resolved for "auto") and block size.
+   */
+  index?: { mode: IndexReport['mode']; path: string; blockSize: number };
 }
 
 export interface WireError {
@@ -171,6 +201,8 @@ export interface Summary {
   identity?: TargetIdentity;
   /** source with `direct`: what the direct copy did. */
   direct?: DirectReport;
+  /** target with `index`: what was done with it. */
+  index?: IndexWireReport;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;

@@ -43,7 +43,8 @@ import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
 import { agentPayload } from './agent-payload.js';
-import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash, type Summary } from './protocol.js';
+import { MIN_HASH_UNIT, unitHashes, WIRE_HASH_BYTES, wireHash, type Summary } from './protocol.js';
+import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
@@ -61,7 +62,7 @@ import {
   topHashing,
 } from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
-import { parseRemote, type RemoteSpec } from './spec.js';
+import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
 
 export { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from './roles.js';
 
@@ -159,6 +160,17 @@ export async function remoteCopy(
       '--index does not work with two remote ends yet; run the copy on one of the hosts',
     );
   }
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote === undefined &&
+    isRemote(options.index)
+  ) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
+    );
+  }
   if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
     throw new BlksyncError(
       'EUSAGE',
@@ -243,7 +255,9 @@ async function push(
   const whole =
     plan.ranges.length === 0 ||
     (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
-  const indexing = options.index !== undefined;
+  // --index auto or host:FILE: the index is kept beside DST by the agent (agent-index.ts)
+  const kept = keptRemotely(options.index, spec);
+  const indexing = options.index !== undefined && kept === undefined;
   // a plain file read by offset is hashed ahead and re-read only where it differs; any
   // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource), also
   // when an index is made or used: it needs every chunk's bytes
@@ -260,19 +274,13 @@ async function push(
   let index: RemoteIndex | undefined;
   try {
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
-    if (options.index !== undefined) {
-      if (options.index === 'auto') {
-        throw new BlksyncError(
-          'EUSAGE',
-          '--index auto keys the cache by a local DST; with a host:path DST name the index file (--index FILE)',
-        );
-      }
-      if (opened.bmap !== undefined) {
-        throw new BlksyncError(
-          'EUSAGE',
-          `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
-        );
-      }
+    if (options.index !== undefined && opened.bmap !== undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
+      );
+    }
+    if (options.index !== undefined && indexing) {
       found = await readIndexIfAny(options.index, options.rebuildIndex === true);
     }
     // an index that may be used makes the agent's scan of DST needless
@@ -291,13 +299,28 @@ async function push(
         ...top.hello,
         encodings: [DEFLATE_RAW],
         ...(indexing ? { identity: true } : {}),
+        ...(kept !== undefined
+          ? {
+              index: {
+                path: kept,
+                blockSize: options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE,
+                blockSizeGiven: options.blockSizeGiven !== undefined,
+                chunkSize,
+                rebuild: options.rebuildIndex === true,
+                verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+                full,
+              },
+            }
+          : {}),
       },
       await agentPayload(),
     );
     const ready = link.ready;
     const book = new SpanBook();
     const l = link;
-    if (options.index !== undefined) {
+    // the agent's index is used: it answers hashes in its blocks, and DST is not read
+    const ibs = ready.index?.mode === 'used' ? ready.index.blockSize : undefined;
+    if (options.index !== undefined && indexing) {
       index = await RemoteIndex.open(
         {
           index: options.index,
@@ -319,7 +342,23 @@ async function push(
     let input: Source = opened.source;
     if (full) knowledge = new NoTarget();
     else if (index?.knowledge !== undefined) knowledge = index.knowledge;
-    else if (ready.zero) {
+    else if (ibs !== undefined) {
+      await scanner?.stop();
+      input = new CheckedSource(opened.source, book, async (offset, data, length) => {
+        const theirs = await l.hashes(offset, length, ibs);
+        const mine = unitHashes(data, length, ibs);
+        const spans: number[] = [];
+        for (let s = 0, k = 0; s < length; s += ibs, k++) {
+          const h = k * WIRE_HASH_BYTES;
+          if (mine.compare(theirs, h, h + WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES) === 0) continue;
+          const e = Math.min(s + ibs, length);
+          if (spans.length > 0 && spans[spans.length - 1] === s) spans[spans.length - 1] = e;
+          else spans.push(s, e);
+        }
+        return spans;
+      });
+      knowledge = new RefinedTarget(book, () => 0);
+    } else if (ready.zero) {
       knowledge = new ZeroTarget();
       await scanner?.stop();
     } else if (file !== undefined && scanner !== undefined) {
@@ -345,7 +384,7 @@ async function push(
       knowledge = new RefinedTarget(book, () => 0);
     }
     const sink: Sink = index?.wrapSink(new RemoteSink(link)) ?? new RemoteSink(link);
-    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : blockSize;
+    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : (ibs ?? blockSize);
     const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
       blockSize: pipelineBlockSize,
       chunkSize,
@@ -376,6 +415,7 @@ async function push(
       seconds: 0,
       channel: channelStats(link, spec, summary),
       ...(index !== undefined ? { index: index.report() } : {}),
+      ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
     };
     await link.close();
@@ -749,6 +789,24 @@ async function relay(
     await to?.close();
     await from?.close();
   }
+}
+
+/**
+ * The index path the agent keeps for `--index`, on DST's host: "auto" (its cache) or the path
+ * of `host:FILE`; undefined for an index kept here. FILE must be on DST's host.
+ */
+function keptRemotely(index: string | undefined, dst: RemoteSpec): string | undefined {
+  if (index === undefined) return undefined;
+  if (index === 'auto') return 'auto';
+  const at = parseRemote(index);
+  if (at === undefined) return undefined;
+  if (at.destination !== dst.destination) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${index} is on ${at.destination}, but an index kept remotely lives beside DST on ${dst.destination}; use ${dst.destination}:FILE, or a local FILE`,
+    );
+  }
+  return at.path;
 }
 
 /**

@@ -99,6 +99,8 @@ export async function startSshd(): Promise<Sshd> {
       'PubkeyAuthentication yes',
       'PermitRootLogin yes',
       `AllowUsers ${user}`,
+      // tests point the agent's cache (--index auto) into their temp dir: ssh -o SetEnv=...
+      'AcceptEnv XDG_CACHE_HOME',
       'LogLevel ERROR',
       '',
     ].join('\n'),
