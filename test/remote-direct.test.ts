@@ -11,6 +11,8 @@ import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test, type TestContext } from 'node:test';
+import { copy } from '../src/engine/copy.js';
+import { BlksyncError } from '../src/errors.js';
 import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
@@ -110,6 +112,43 @@ describe('copy between two hosts with --direct', () => {
       /^blksync: blksync-test: cannot reach blksync-unreachable over ssh .*drop --direct.* \[EREMOTE_UNREACHABLE\]\n$/,
     );
     assert.equal(existsSync(dst), false, 'nothing was created');
+  });
+
+  test('an interrupted direct copy stops both agents; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 96 * MiB;
+    const neu = randomBytes(size);
+    await writeFile(join(dir, 'src.img'), neu);
+    const src = at(s.host, join(dir, 'src.img'));
+    const dst = at(s.host, join(dir, 'dst.img'));
+    const controller = new AbortController();
+    let seen = 0;
+    await assert.rejects(
+      copy(src, dst, {
+        remote: { ssh: s.ssh },
+        direct: true,
+        signal: controller.signal,
+        onProgress: (p) => {
+          seen = p.bytesScanned;
+          if (p.bytesScanned > 0 && p.bytesScanned < size) controller.abort();
+        },
+      }),
+      (err: unknown) => {
+        assert.ok(err instanceof BlksyncError, String(err));
+        assert.equal(err.code, 'EINTERRUPTED', err.message);
+        assert.match(err.message, /rerun the same command to finish/);
+        return true;
+      },
+    );
+    assert.ok(seen > 0, 'progress came through the near agent');
+    const rerun = (await copy(src, dst, {
+      remote: { ssh: s.ssh },
+      direct: true,
+    })) as RemoteCopyResult;
+    assert.ok(rerun.bytesWritten < size, `the rerun wrote ${rerun.bytesWritten} of ${size}`);
+    assert.deepEqual(await readFile(join(dir, 'dst.img')), neu);
   });
 
   test('--direct needs two remote ends', async (t) => {

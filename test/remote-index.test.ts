@@ -293,6 +293,46 @@ describe('push with the index kept beside the remote DST (--index host:FILE, aut
     await rejectsWith(copy(src, at(s, join(dir, 'other.img')), opts), 'EINDEX_MISMATCH');
   });
 
+  test('host:FILE: an interrupted copy leaves the index in progress; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const v1 = seededBytes(size, 31);
+    const v2 = seededBytes(size, 32);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    const idx = join(dir, 'dst.blkidx');
+    const opts = { remote: { ssh: s.ssh }, index: at(s, idx) };
+    await copy(src, at(s, dst), opts);
+    await writeFile(src, v2);
+    const controller = new AbortController();
+    await assert.rejects(
+      copy(src, at(s, dst), {
+        ...opts,
+        signal: controller.signal,
+        onProgress: (p) => {
+          if (p.bytesScanned >= 8 * MiB) controller.abort();
+        },
+      }),
+      (err: unknown) => {
+        assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+        assert.ok((err.partial as CopyResult).bytesWritten > 0);
+        return true;
+      },
+    );
+    assert.equal((await readIndexFile(idx)).state.kind, 'in-progress');
+    const rerun = await copy(src, at(s, dst), opts);
+    assert.equal(rerun.index?.mode, 'used');
+    assert.ok((await readFile(dst)).equals(v2));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+    // and the clean index describes v2: nothing to write, DST read only for the sample
+    const again = await copy(src, at(s, dst), opts);
+    assert.equal(again.bytesWritten, 0);
+    assert.ok(again.bytesRead <= 16 * INDEX_BS);
+  });
+
   test("--index auto: the remote's cache, keyed by the remote DST", async (t) => {
     const s = server(t);
     if (!s) return;

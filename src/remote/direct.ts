@@ -182,6 +182,7 @@ export class DirectCopy {
       const target = await link.finish();
       await link.close();
       return {
+        interrupted: run.interrupted,
         bytesScanned: run.bytesScanned,
         blocksDiffering: run.blocksDiffering,
         bytesDiffering: run.bytesDiffering,

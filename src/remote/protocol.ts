@@ -143,6 +143,8 @@ export interface DirectHello {
 
 /** What a direct copy did, reported by the source agent in SUMMARY. */
 export interface DirectReport {
+  /** The copy was stopped before the end (blksync went away). */
+  interrupted: boolean;
   bytesScanned: number;
   blocksDiffering: number;
   bytesDiffering: number;

@@ -394,7 +394,11 @@ async function push(
       onChunk: index?.onChunk,
     });
     await refiner?.stop();
-    const summary = await link.finish();
+    // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
+    // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
+    // progress rather than having the agent read back what it never compared
+    const summary =
+      run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
     if (!run.interrupted) await index?.commit(summary.identity);
     const result: RemoteCopyResult = {
       source: src,
@@ -907,8 +911,10 @@ async function direct(
         },
       },
     };
+    if (report.interrupted || signal?.aborted === true) throw interrupted(result);
     return result;
   } catch (err) {
+    if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') throw err;
     // what the far agent confirmed is known only to the near one: the last progress says
     const lost = await connectionLost(err, dst, last?.bytesWritten ?? 0, signal);
     if (lost instanceof BlksyncError && lost.code === 'EINTERRUPTED' && last !== undefined) {
@@ -987,6 +993,12 @@ async function byIndex(
     at += len;
   }
   return { spans, data };
+}
+
+/** Ends a session without DONE; what the agent confirmed stands in for its summary. */
+async function closedEarly(link: AgentLink): Promise<Summary> {
+  await link.close();
+  return { bytes: link.bytesConfirmed, frames: 0, digest: '', bytesRead: 0 };
 }
 
 function channelStats(link: AgentLink, spec: RemoteSpec, summary: Summary): ChannelStats {
