@@ -71,7 +71,7 @@ describe('copy between two hosts with --direct', () => {
     assert.deepEqual(await readFile(join(dir, 'dst.img')), neu);
     assert.equal(result.bytesWritten, 2 * MiB);
     assert.equal(result.blocksDiffering, (2 * MiB) / 4096);
-    assert.match(result.channel.host, /blksync-test → blksync-test \(direct\)/);
+    assert.match(result.channel.host, /^blksync-test \(direct to blksync-test\)$/);
     // the changed data crossed the channel between the hosts...
     const direct = result.channel.direct;
     assert.ok(direct !== undefined, 'the summary has the direct channel');
@@ -84,7 +84,11 @@ describe('copy between two hosts with --direct', () => {
     const again = await runCli([...args, at(s.host, join(dir, 'dst.img'))]);
     assert.equal(again.code, 0, again.stderr);
     assert.match(again.stdout, /wrote 0 B in 0 ranges/);
-    assert.match(again.stdout, /ssh blksync-test → blksync-test \(direct\): sent .* received/);
+    assert.match(again.stdout, /^ssh blksync-test \(direct to blksync-test\): sent .* received/m);
+    assert.match(
+      again.stdout,
+      /^ssh blksync-test → blksync-test \(between the hosts\): sent .* received/m,
+    );
 
     const fresh = await runCli([...args, '--json', at(s.host, join(dir, 'new.img'))]);
     assert.equal(fresh.code, 0, fresh.stderr);

@@ -469,6 +469,46 @@ describe('pull with --index: the index of the local DST', () => {
     await rejectsWith(copy(at(s, src), join(dir, 'other.img'), opts), 'EINDEX_MISMATCH');
   });
 
+  test('an interrupted pull leaves the index in progress; a rerun converges', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const v1 = seededBytes(size, 41);
+    const v2 = seededBytes(size, 42);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    const idx = join(dir, 'dst.idx');
+    const opts = { remote: { ssh: s.ssh }, index: idx, indexCheckpointBytes: 8 * MiB };
+    await copy(at(s, src), dst, opts);
+    await writeFile(src, v2);
+    const controller = new AbortController();
+    await assert.rejects(
+      copy(at(s, src), dst, {
+        ...opts,
+        signal: controller.signal,
+        onProgress: (p) => {
+          if (p.bytesScanned >= 8 * MiB) controller.abort();
+        },
+      }),
+      (err: unknown) => {
+        assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+        assert.ok((err.partial as CopyResult).bytesWritten > 0);
+        return true;
+      },
+    );
+    assert.equal((await readIndexFile(idx)).state.kind, 'in-progress');
+    const rerun = await copy(at(s, src), dst, opts);
+    assert.equal(rerun.index?.mode, 'used');
+    assert.ok((rerun.index?.bytesReread ?? 0) > 0, 'the marked range was read and compared');
+    assert.ok((await readFile(dst)).equals(v2));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
+    const again = await copy(at(s, src), dst, opts);
+    assert.equal(again.bytesWritten, 0);
+    assert.ok(again.bytesRead <= 16 * INDEX_BS);
+  });
+
   test('--index auto keeps the index in the local cache, keyed by the local DST', async (t) => {
     const s = server(t);
     if (!s) return;

@@ -48,7 +48,7 @@ function copySummary(r: CopyResult): string {
     );
     if (channel.direct !== undefined) {
       lines.push(
-        `ssh ${channel.direct.host} (direct): sent ${formatBytes(channel.direct.bytesSent)}, received ${formatBytes(channel.direct.bytesReceived)}`,
+        `ssh ${channel.direct.host} (between the hosts): sent ${formatBytes(channel.direct.bytesSent)}, received ${formatBytes(channel.direct.bytesReceived)}`,
       );
     }
   }

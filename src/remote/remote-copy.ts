@@ -81,6 +81,8 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   index?: string;
   rebuildIndex?: boolean;
   verifySample?: number;
+  /** Tuning (tests): bytes a pull's index marks as possibly dirty at a time. */
+  indexCheckpointBytes?: number;
   hashThreads?: number;
   /** The block size given with -b (blockSize holds the default otherwise). */
   blockSizeGiven?: number;
@@ -517,6 +519,7 @@ async function pull(
         full,
         dryRun,
         hashThreads: options.hashThreads,
+        checkpointBytes: options.indexCheckpointBytes,
       });
     }
     const book = new SpanBook();
@@ -897,7 +900,7 @@ async function direct(
       full,
       seconds: (performance.now() - started) / 1000,
       channel: {
-        host: `${fromSpec.destination} → ${toSpec.destination} (direct)`,
+        host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
         bytesSent: link.bytesSent,
         bytesReceived: link.bytesReceived,
         remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
