@@ -291,6 +291,13 @@ describe('push with the index kept beside the remote DST (--index host:FILE, aut
     assert.equal((await readIndexFile(idx)).state.kind, 'clean');
     await writeFile(join(dir, 'other.img'), data);
     await rejectsWith(copy(src, at(s, join(dir, 'other.img')), opts), 'EINDEX_MISMATCH');
+    // an index path that is DST itself would be renamed over it
+    await rejectsWith(
+      copy(src, at(s, dst), { ...opts, index: at(s, dst) }),
+      'ESAME_FILE',
+      /is the destination/,
+    );
+    assert.ok((await readFile(dst)).equals(data), 'DST is intact');
   });
 
   test('host:FILE: an interrupted copy leaves the index in progress; a rerun converges', async (t) => {

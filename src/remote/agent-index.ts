@@ -42,6 +42,7 @@ import {
   identityOf,
   type TargetIdentity,
 } from '../io/identity.js';
+import { assertSeparateOutput, sameFile } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { WIRE_HASH_BYTES, type IndexHello, type IndexWireReport } from './protocol.js';
 
@@ -189,6 +190,13 @@ export class AgentIndex {
       // a dry run onto a file that does not exist yet: nothing to key the cache by
       if (id === undefined) return make(undefined, false);
       path = cachedIndexPath(id, await ensureCacheDir());
+    }
+    const stats = dst.stats;
+    if (stats !== undefined) {
+      // the index is written by rename: over DST itself it would destroy it
+      await assertSeparateOutput(path, [
+        { path: dst.path, role: 'the destination', isSame: (st) => sameFile(stats, st) },
+      ]);
     }
     let index: IndexFile;
     try {
