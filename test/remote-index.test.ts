@@ -260,10 +260,12 @@ describe('push with the index kept beside the remote DST (--index host:FILE, aut
     assert.ok((await readFile(dst)).equals(v2));
     assert.equal((await readIndexFile(idx)).state.kind, 'clean');
 
-    const again = await copy(src, at(s, dst), opts);
+    const again = (await copy(src, at(s, dst), opts)) as RemoteCopyResult;
     assert.equal(again.index?.mode, 'used');
     assert.equal(again.bytesWritten, 0);
     assert.ok(again.bytesRead <= 16 * INDEX_BS);
+    // one 16-byte digest per 4 MiB chunk from the index, not one hash per 64 KiB block (6 KiB)
+    assert.ok(again.channel.bytesReceived < 2048, `received ${again.channel.bytesReceived}`);
   });
 
   test("host:FILE: a DST changed behind blksync's back is EINDEX_STALE; another, EINDEX_MISMATCH", async (t) => {
@@ -444,10 +446,12 @@ describe('pull with --index: the index of the local DST', () => {
     assert.equal((await readIndexFile(idx)).state.kind, 'clean');
 
     // the index now describes v2: a rerun writes nothing and reads only the sample
-    const again = await copy(at(s, src), dst, opts);
+    const again = (await copy(at(s, src), dst, opts)) as RemoteCopyResult;
     assert.equal(again.index?.mode, 'used');
     assert.equal(again.bytesWritten, 0);
     assert.ok(again.bytesRead <= 16 * INDEX_BS);
+    // one 16-byte digest per 4 MiB chunk, not one hash per 64 KiB block (6 KiB)
+    assert.ok(again.channel.bytesReceived < 2048, `received ${again.channel.bytesReceived}`);
   });
 
   test("a DST changed behind blksync's back: EINDEX_STALE; another DST: EINDEX_MISMATCH", async (t) => {

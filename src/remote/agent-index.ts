@@ -44,7 +44,7 @@ import {
 } from '../io/identity.js';
 import { assertSeparateOutput, sameFile } from '../io/open.js';
 import type { Range } from '../ranges.js';
-import { WIRE_HASH_BYTES, type IndexHello, type IndexWireReport } from './protocol.js';
+import { blockDigest, WIRE_HASH_BYTES, type IndexHello, type IndexWireReport } from './protocol.js';
 
 const HASH_BYTES = 32;
 
@@ -319,6 +319,28 @@ export class AgentIndex {
       this.#table.copy(out, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
     }
     return out;
+  }
+
+  /** Whether the table holds the current hash of every block of [offset, offset + length). */
+  knows(offset: number, length: number): boolean {
+    const bs = this.blockSize;
+    for (let i = Math.floor(offset / bs); i * bs < offset + length; i++) {
+      if (this.#known[i] !== 1) return false;
+    }
+    return true;
+  }
+
+  /** The block digest of [offset, offset + length) (block-aligned; every block known). */
+  digest(offset: number, length: number): Buffer {
+    const bs = this.blockSize;
+    const first = offset / bs;
+    const n = Math.ceil(length / bs);
+    const hashes = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+    for (let i = 0; i < n; i++) {
+      const h = (first + i) * HASH_BYTES;
+      this.#table.copy(hashes, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
+    }
+    return blockDigest(hashes);
   }
 
   /** DST's bytes at `offset` were read (a scan, a HASH_REQ): the whole blocks' hashes are now known. */

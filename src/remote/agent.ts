@@ -42,6 +42,8 @@ import {
   unitHashes,
   topHasher,
   TOP_HASH_GMAC,
+  TOP_HASH_BLOCKS,
+  blockDigestHasher,
   GMAC_KEY_BYTES,
   type TopHasher,
   type Frame,
@@ -119,9 +121,18 @@ function parseHello(payload: Buffer): Hello {
     (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
     (o.index !== undefined && (o.role !== 'target' || !validIndex(o.index))) ||
     (o.topHash !== undefined &&
-      (o.topHash !== TOP_HASH_GMAC ||
-        typeof o.key !== 'string' ||
-        !new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)))
+      !(
+        o.topHash === TOP_HASH_GMAC &&
+        typeof o.key === 'string' &&
+        new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)
+      ) &&
+      !(
+        o.topHash === TOP_HASH_BLOCKS &&
+        isSafeUInt(o.topBlock) &&
+        o.topBlock >= MIN_HASH_UNIT &&
+        (o.topBlock & (o.topBlock - 1)) === 0 &&
+        o.topUnit % o.topBlock === 0
+      ))
   ) {
     throw new ProtocolError('HELLO has missing or invalid fields');
   }
@@ -172,6 +183,7 @@ function validIndex(x: unknown): x is IndexHello {
 }
 
 function hasherOf(h: Hello): TopHasher {
+  if (h.topHash === TOP_HASH_BLOCKS) return blockDigestHasher(h.topBlock!);
   return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
 }
 
@@ -299,10 +311,41 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
   };
 
+  /**
+   * A used index's TOP_HASHES: each unit's block digest from the table, DST read only where
+   * the index does not vouch (then its hashes are learned first). Like the scan, a unit's
+   * entry goes out before any DATA for it can come.
+   */
+  const digestHashes = async (
+    o: Opened,
+    fh: FileHandle,
+    unit: number,
+    idx: AgentIndex,
+  ): Promise<void> => {
+    let batch: Buffer[] = [];
+    let batchOffset = 0;
+    for (let off = 0; off < o.limit && !failed; off += unit) {
+      const len = Math.min(unit, o.limit - off);
+      if (!idx.knows(off, len)) {
+        const buf = Buffer.allocUnsafe(len);
+        await readFully(o, fh, buf, len, off);
+        bytesRead += len;
+        idx.learned(off, buf, len);
+      }
+      if (batch.length === 0) batchOffset = off;
+      batch.push(idx.digest(off, len));
+      if (batch.length === TOP_BATCH || off + unit >= o.limit) {
+        await send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+        batch = [];
+      }
+    }
+  };
+
   const hello = async (payload: Buffer): Promise<void> => {
     const h = parseHello(payload);
     const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
     let ready: Ready;
+    let digests = false;
     if (h.role === 'source') {
       const src = await openSource(h.path);
       opened = {
@@ -396,6 +439,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           zero,
           dryRun,
         );
+        digests =
+          index.used &&
+          h.index.topDigest === true &&
+          h.topUnit > 0 &&
+          h.topUnit % index.blockSize === 0 &&
+          fh !== undefined;
       }
       ready = {
         version: PROTOCOL_VERSION,
@@ -406,7 +455,14 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         encoding,
         node: process.version,
         ...(index !== undefined
-          ? { index: { mode: index.report().mode, path: index.path, blockSize: index.blockSize } }
+          ? {
+              index: {
+                mode: index.report().mode,
+                path: index.path,
+                blockSize: index.blockSize,
+                ...(digests ? { digests } : {}),
+              },
+            }
           : {}),
         ...(h.identity === true && found.fh !== undefined
           ? { identity: await identityOf(h.path, found.stats, found.size) }
@@ -417,6 +473,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     if (direct !== undefined) {
       directRun = direct.run((p) => void send(jsonFrame(FrameType.PROGRESS, p)));
       directRun.catch((err: unknown) => fail(err));
+    }
+    if (digests) {
+      digestHashes(opened, opened.fh!, h.topUnit, index!).catch((err: unknown) => fail(err));
     }
     // a used index stands in for DST: no scan
     if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && index?.used !== true) {

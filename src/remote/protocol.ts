@@ -84,8 +84,14 @@ export interface Hello {
   topUnit: number;
   /** Encodings blksync can read and write besides raw, in order of preference. */
   encodings: string[];
-  /** The TOP_HASHES function: TOP_HASH_GMAC with `key`, or (absent) truncated SHA-256. */
+  /**
+   * The TOP_HASHES function: TOP_HASH_GMAC with `key`, TOP_HASH_BLOCKS with `topBlock` (a
+   * unit's block digest, which an index of the other side knows), or (absent) truncated
+   * SHA-256.
+   */
   topHash?: string;
+  /** TOP_HASH_BLOCKS: the block size of the digest (a power of two dividing topUnit). */
+  topBlock?: number;
   /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
   key?: string;
   /**
@@ -120,6 +126,11 @@ export interface IndexHello {
   /** Blocks of the file checked against the index before trusting it. */
   verifySample: number;
   full: boolean;
+  /**
+   * When the index is used, stream TOP_HASHES (of `topUnit`) as block digests (blockDigest)
+   * from the index instead of not at all: one hash per unit, not one per block, on the wire.
+   */
+  topDigest?: boolean;
 }
 
 /** What a target agent did with its index (the fields of a local copy's IndexReport). */
@@ -180,7 +191,13 @@ export interface Ready {
    * target with `index`: whether it is used (HASH_REQ in its blocks is then answered from it
    * and no TOP_HASHES are sent) or made, its path (resolved for "auto") and block size.
    */
-  index?: { mode: IndexReport['mode']; path: string; blockSize: number };
+  index?: {
+    mode: IndexReport['mode'];
+    path: string;
+    blockSize: number;
+    /** TOP_HASHES are block digests in `blockSize` blocks (asked with topDigest, index used). */
+    digests?: boolean;
+  };
 }
 
 export interface WireError {
@@ -218,6 +235,15 @@ export function wireHash(data: Buffer): Buffer {
   return full.subarray(0, WIRE_HASH_BYTES);
 }
 
+/**
+ * A unit's block digest: the wire hash of its blocks' wire hashes, back to back (as
+ * unitHashes lays them out). An index knows it without the blocks' bytes, so a used index
+ * can answer for a whole chunk with 16 bytes.
+ */
+export function blockDigest(blockHashes: Buffer): Buffer {
+  return wireHash(blockHashes);
+}
+
 /** Hashes each `unit` of `data[0, length)` into one buffer (the last unit may be short). */
 export function unitHashes(data: Buffer, length: number, unit: number): Buffer {
   const n = Math.ceil(length / unit);
@@ -244,7 +270,15 @@ export const TOP_HASH_GMAC = 'gmac-aes128';
 export const GMAC_KEY_BYTES = 16;
 const GMAC_IV = Buffer.alloc(12);
 
+/** TOP_HASHES as block digests (blockDigest) in `topBlock` blocks: for a pull with an index. */
+export const TOP_HASH_BLOCKS = 'sha256-blocks';
+
 export type TopHasher = (data: Buffer) => Buffer;
+
+/** The TOP_HASH_BLOCKS hasher: a unit's block digest in `block` blocks. */
+export function blockDigestHasher(block: number): TopHasher {
+  return (data) => blockDigest(unitHashes(data, data.length, block));
+}
 
 /** The top-level hash for a session: GMAC under `key`, or truncated SHA-256 without one. */
 export function topHasher(key: Buffer | undefined): TopHasher {

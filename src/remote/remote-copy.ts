@@ -24,6 +24,8 @@ import {
   type IndexTarget,
 } from '../engine/index-target.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
+import { cachedIndexPath } from '../io/cache-dir.js';
+import { identityOf } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
@@ -43,7 +45,15 @@ import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
 import { agentPayload } from './agent-payload.js';
-import { MIN_HASH_UNIT, unitHashes, WIRE_HASH_BYTES, wireHash, type Summary } from './protocol.js';
+import {
+  blockDigest,
+  MIN_HASH_UNIT,
+  TOP_HASH_BLOCKS,
+  unitHashes,
+  WIRE_HASH_BYTES,
+  wireHash,
+  type Summary,
+} from './protocol.js';
 import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
@@ -311,6 +321,7 @@ async function push(
                 rebuild: options.rebuildIndex === true,
                 verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
                 full,
+                topDigest: true,
               },
             }
           : {}),
@@ -322,6 +333,7 @@ async function push(
     const l = link;
     // the agent's index is used: it answers hashes in its blocks, and DST is not read
     const ibs = ready.index?.mode === 'used' ? ready.index.blockSize : undefined;
+    const digests = ready.index?.digests === true;
     if (options.index !== undefined && indexing) {
       index = await RemoteIndex.open(
         {
@@ -347,8 +359,10 @@ async function push(
     else if (ibs !== undefined) {
       await scanner?.stop();
       input = new CheckedSource(opened.source, book, async (offset, data, length) => {
-        const theirs = await l.hashes(offset, length, ibs);
         const mine = unitHashes(data, length, ibs);
+        // one 16-byte digest per chunk from the index; its blocks only where it differs
+        if (digests && blockDigest(mine).equals(await l.topHash(offset))) return [];
+        const theirs = await l.hashes(offset, length, ibs);
         const spans: number[] = [];
         for (let s = 0, k = 0; s < length; s += ibs, k++) {
           const h = k * WIRE_HASH_BYTES;
@@ -458,13 +472,14 @@ async function pull(
   let refiner: Refiner | undefined;
   let index: IndexSession | undefined;
   const top = topHashing();
-  // with --index, each chunk is compared by one SHA-256 asked for (or the index's block
-  // hashes), not by the TOP_HASHES stream: DST is read only where the index does not vouch
+  // with --index, TOP_HASHES are block digests in the index's blocks, which the index knows
+  // for DST without reading it (protocol.ts, TOP_HASH_BLOCKS)
   const indexing = options.index !== undefined;
   try {
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
+    const topBlock = indexing && !full ? await digestBlockFor(options, target, dst, chunkSize) : 0;
     // DST's hashes are computed while ssh connects and the agent scans SRC
     if (!full && !indexing && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
@@ -476,8 +491,8 @@ async function pull(
       {
         role: 'source',
         path: spec.path,
-        topUnit: full || indexing ? 0 : chunkSize,
-        ...top.hello,
+        topUnit: full ? 0 : chunkSize,
+        ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : top.hello),
         encodings: [DEFLATE_RAW],
       },
       await agentPayload(),
@@ -535,13 +550,22 @@ async function pull(
     let reread = 0;
     if (!full && index !== undefined) {
       const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
+      const trusted = (offset: number, length: number): boolean =>
+        used !== undefined && isTrusted(used.untrusted, offset, length);
+      // the index's own digest of the chunk: no DST read, 16 bytes on the wire
+      const byDigest = (offset: number, length: number): boolean =>
+        trusted(offset, length) && used!.blockSize === topBlock;
       refiner = new Refiner(
         size,
         chunkSize,
-        () => Promise.resolve(false),
+        async (offset, length) =>
+          byDigest(offset, length) &&
+          tableDigest(used!, offset, length).equals(await l.topHash(offset)),
         async (offset, length): Promise<Found> => {
-          if (used !== undefined && isTrusted(used.untrusted, offset, length)) {
-            return byIndex(used, l, offset, length, dryRun);
+          if (trusted(offset, length)) {
+            // the agent's digest was taken by the comparison above (or is not one of ours)
+            if (!byDigest(offset, length)) await l.topHash(offset);
+            return byIndex(used!, l, offset, length, dryRun);
           }
           const buf = Buffer.alloc(length);
           if (local !== undefined) {
@@ -549,8 +573,8 @@ async function pull(
             reread += length;
           }
           const spans: number[] = [];
-          const theirs = await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT));
-          if (!wireHash(buf).equals(theirs)) {
+          const theirs = await l.topHash(offset);
+          if (!blockDigest(unitHashes(buf, length, topBlock)).equals(theirs)) {
             await differ.refine(offset, buf, length, local === undefined, spans);
           }
           if (dryRun) return { spans };
@@ -962,6 +986,43 @@ function hashInto(
       ((offset + s) / blockSize) * HASH_BYTES,
     );
   }
+}
+
+/**
+ * The block size of a pull's TOP_HASH_BLOCKS stream: the index's, read before ssh starts
+ * (the IndexSession reads it again once SRC's size is known), else that of an index about to
+ * be made. Any block size compares chunks correctly; the index's lets it answer unread.
+ */
+async function digestBlockFor(
+  options: RemoteCopyOptions,
+  target: Opened | undefined,
+  dst: string,
+  chunkSize: number,
+): Promise<number> {
+  // divides the chunk: it is -b's, which the chunk is made of, or 64 KiB of 4 MiB
+  const made = options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE;
+  let path = options.index!;
+  if (path === 'auto') {
+    if (target === undefined) return made;
+    path = cachedIndexPath(await identityOf(dst, target.stats, target.size));
+  }
+  const found = await readIndexIfAny(path, true).catch(() => undefined);
+  const bs = found !== undefined && 'index' in found ? found.index.blockSize : made;
+  // an index whose blocks do not divide the chunk is refused by the IndexSession anyway
+  return chunkSize % bs === 0 ? bs : made;
+}
+
+/** An index's block digest of [offset, offset + length): the stored hashes' prefixes. */
+function tableDigest(target: IndexTarget, offset: number, length: number): Buffer {
+  const bs = target.blockSize;
+  const first = offset / bs;
+  const n = Math.ceil(length / bs);
+  const hashes = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+  for (let i = 0; i < n; i++) {
+    const h = (first + i) * HASH_BYTES;
+    target.table.copy(hashes, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
+  }
+  return blockDigest(hashes);
 }
 
 /**
