@@ -56,6 +56,8 @@ export type ErrorCode =
   | 'EREMOTE_PROTOCOL'
   /** The remote agent failed in a way that has no code of its own. */
   | 'EREMOTE'
+  /** copy --direct: SRC's host could not reach DST's host over ssh (drop --direct to relay). */
+  | 'EREMOTE_UNREACHABLE'
   /** The data written (remotely, or read back by copy --verify) does not match what was sent. */
   | 'EVERIFY'
   /** A bmap's OpenPGP signature is bad, expired, revoked, malformed or by another key than --fingerprint. */

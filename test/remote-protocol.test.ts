@@ -11,8 +11,10 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { deflateRawSync } from 'node:zlib';
-import { agentPayload, BOOTSTRAP } from '../src/remote/bootstrap.js';
+import { agentPayload } from '../src/remote/agent-payload.js';
+import { BOOTSTRAP } from '../src/remote/bootstrap.js';
 import {
+  blockDigest,
   dataHeader,
   Encoding,
   frame,
@@ -20,6 +22,7 @@ import {
   FrameType,
   helloFrame,
   rangeHeader,
+  TOP_HASH_BLOCKS,
   TOP_HASH_GMAC,
   topHasher,
   unitHashes,
@@ -29,6 +32,7 @@ import {
   type WireError,
 } from '../src/remote/protocol.js';
 import { parseRemote, splitCommand } from '../src/remote/spec.js';
+import { sha256 } from '../src/hash.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
@@ -234,6 +238,50 @@ const refused: [string, (path: string, size: number) => Buffer[], string][] = [
     'EREMOTE_PROTOCOL',
   ],
   [
+    'a direct copy asked of a writing agent',
+    (p, n) => [
+      hello(p, n, { direct: { destination: 'h', path: '/x', blockSize: 4096, chunkSize: 65536 } }),
+      data(0, Buffer.alloc(4096, 1)),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'a direct copy to a host that looks like an option',
+    (p, n) => [
+      hello(p, n, {
+        role: 'source',
+        direct: { destination: '-oProxyCommand=x', path: '/x', blockSize: 4096, chunkSize: 65536 },
+      }),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'an index with a block size that is no power of two',
+    (p, n) => [
+      hello(p, n, {
+        index: {
+          path: `${p}.idx`,
+          blockSize: 5000,
+          blockSizeGiven: true,
+          chunkSize: 4 * 1024 * 1024,
+          rebuild: false,
+          verifySample: 16,
+          full: false,
+        },
+      }),
+      data(0, Buffer.alloc(4096, 1)),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'block digests whose block does not divide the unit',
+    (p, n) => [
+      hello(p, n, { topUnit: 65536, topHash: 'sha256-blocks', topBlock: 3 * 4096 }),
+      data(0, Buffer.alloc(4096, 1)),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
     'a reply type sent to the agent',
     (p, n) => [hello(p, n), frame(FrameType.SUMMARY, Buffer.from('{}'))],
     'EREMOTE_PROTOCOL',
@@ -343,6 +391,29 @@ test('TOP_HASHES under a session key are GMAC tags that blksync can recompute', 
   const expected = [0, 1, 2].map((i) => hash(content.subarray(i * MiB, (i + 1) * MiB)));
   assert.deepEqual(tops, Buffer.concat(expected));
   assert.notDeepEqual(tops, unitHashes(content, content.length, MiB));
+});
+
+test("TOP_HASHES as block digests are the hash of the blocks' hashes, as an index knows them", async (t) => {
+  const dir = await tempDir(t);
+  const [path, content] = await imageFile(dir, 3 * MiB);
+  const block = 64 * 1024;
+  const r = await runAgent([
+    hello(path, content.length, { topUnit: MiB, topHash: TOP_HASH_BLOCKS, topBlock: block }),
+    frame(FrameType.DONE),
+  ]);
+  assert.equal(r.error, undefined);
+  const tops = Buffer.concat(
+    r.frames.filter((f) => f.type === FrameType.TOP_HASHES).map((f) => f.payload.subarray(12)),
+  );
+  // what an index's table gives: each block's SHA-256, of which the wire hash is the prefix
+  const expected = [0, 1, 2].map((i) => {
+    const blocks = [];
+    for (let s = i * MiB; s < (i + 1) * MiB; s += block) {
+      blocks.push(sha256(content, s, s + block).subarray(0, WIRE_HASH_BYTES));
+    }
+    return blockDigest(Buffer.concat(blocks));
+  });
+  assert.deepEqual(tops, Buffer.concat(expected));
 });
 
 test('a pull agent serves TOP_HASHES unasked and DATA in request order', async (t) => {

@@ -242,7 +242,8 @@ describe('push from any local source', () => {
     })) as RemoteCopyResult;
     assert.equal(again.bytesWritten, 0);
     assert.equal(again.bytesRead, mapped);
-    assert.ok(again.channel.bytesSent < 16 * 1024, `sent ${again.channel.bytesSent}`);
+    // the agent's code (~18 KiB) and one hash request per mapped piece
+    assert.ok(again.channel.bytesSent < 32 * 1024, `sent ${again.channel.bytesSent}`);
 
     // onto a new remote file: the image exactly (unmapped areas stay holes)
     const fresh = await runCli(['copy', '--ssh', s.ssh, img, at(s, join(dir, 'new.img'))]);

@@ -93,7 +93,7 @@ describe('remote copy over ssh', () => {
     const blocks = new Set(offsets.map((o) => Math.floor(o / BS))).size;
     assert.equal(result.blocksDiffering, blocks);
     assert.ok(result.bytesWritten <= blocks * BS);
-    // agent code (~6 KiB) + hashes + 4 blocks: far below the image
+    // agent code (~18 KiB) + hashes + 4 blocks: far below the image
     assert.ok(result.channel.bytesSent < 64 * 1024, `sent ${result.channel.bytesSent}`);
     assert.ok(result.channel.bytesReceived < 16 * 1024, `received ${result.channel.bytesReceived}`);
 
@@ -153,8 +153,8 @@ describe('remote copy over ssh', () => {
     assert.equal(result.bytesWritten, 3 * BS);
     assert.deepEqual(await readFile(join(dir, 'dst.img')), neu);
     assert.match(result.channel.host, /blksync-test → blksync-test/);
-    // two agents (~6 KiB each), hashes both ways, the blocks in from one and out to the other
-    assert.ok(result.channel.bytesSent + result.channel.bytesReceived < 64 * 1024);
+    // two agents (~18 KiB each), hashes both ways, the blocks in from one and out to the other
+    assert.ok(result.channel.bytesSent + result.channel.bytesReceived < 96 * 1024);
 
     const fresh = await runCli([...args, at(s, join(dir, 'new.img'))]);
     assert.equal(fresh.code, 0, fresh.stderr);

@@ -10,6 +10,13 @@
  *
  * The issue's bar: bytes on the wire ≤ 1.1 × the differing bytes + 64 KiB, and wall time
  * ≤ 0.5 × rsync's.
+ *
+ * Between two hosts (both the same sshd here) blksync relays through this machine or, with
+ * --direct, lets SRC's host send to DST's host itself; rsync cannot copy between two remotes.
+ * Those rows run without the wrapper (with --direct the ssh command is also run on SRC's
+ * host, so the wrapper would count both channels in one log) and take the bytes from
+ * blksync's own --json channel counts: this machine's channel, and for --direct the one
+ * between the hosts.
  */
 
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -32,6 +39,7 @@ import {
 } from '../measure.js';
 import type { BenchOptions, Section } from '../run.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
+import type { ChannelStats } from '../../src/remote/remote-copy.js';
 
 const PEERS = { rsync: 'rsync', ssh: 'openssh-client', dd: 'coreutils' };
 
@@ -67,9 +75,11 @@ child.on('close', (code) => {
 
 interface Row {
   label: string;
-  direction: 'push' | 'pull';
+  direction: 'push' | 'pull' | 'between';
   tool: string;
   counted: boolean;
+  /** The wire bytes come from blksync's --json summary instead of the wrapper. */
+  json?: boolean;
   command: string;
 }
 
@@ -126,7 +136,20 @@ async function run(options: BenchOptions): Promise<void> {
       }
     }
 
+    for (const direct of [false, true]) {
+      rows.push({
+        label: `blksync ${direct ? '--direct' : 'relay'} host → host`,
+        direction: 'between',
+        tool: 'blksync',
+        counted: false,
+        json: true,
+        command: `${cli} copy --json ${direct ? '--direct ' : ''}--ssh ${sh(plainSsh)} ${sh(`${host}:${src}`)} ${sh(`${host}:${dst}`)}`,
+      });
+    }
+
     const wire = new Map<string, [number, number][]>();
+    /** --direct: bytes on the channel between the two hosts. */
+    const between = new Map<string, [number, number][]>();
     const trials: Trial[] = rows.map((row) => ({
       label: row.label,
       command: row.command,
@@ -138,6 +161,18 @@ async function run(options: BenchOptions): Promise<void> {
           );
         }
         await assertSameFiles(src, dst);
+        if (row.json === true) {
+          const channel = (JSON.parse(m.stdout) as { channel: ChannelStats }).channel;
+          const list = wire.get(row.label) ?? [];
+          list.push([channel.bytesSent, channel.bytesReceived]);
+          wire.set(row.label, list);
+          if (channel.direct !== undefined) {
+            const b = between.get(row.label) ?? [];
+            b.push([channel.direct.bytesSent, channel.direct.bytesReceived]);
+            between.set(row.label, b);
+          }
+          return;
+        }
         if (!row.counted) return;
         const lines = (await readFile(countLog, 'utf8')).trim().split('\n');
         let up = 0;
@@ -148,7 +183,7 @@ async function run(options: BenchOptions): Promise<void> {
           down += d ?? 0;
         }
         const list = wire.get(row.label) ?? [];
-        list.push(direction(row) === 'push' ? [up, down] : [up, down]);
+        list.push([up, down]);
         wire.set(row.label, list);
       },
     }));
@@ -178,7 +213,10 @@ async function run(options: BenchOptions): Promise<void> {
     const table = rows.map((row, i) => {
       const result = results[i]!;
       const s = summarize(result.seconds);
-      const rsync = median(`rsync ${row.direction}${row.counted ? '' : ' (no counter)'}`);
+      const rsync =
+        row.direction === 'between'
+          ? undefined
+          : median(`rsync ${row.direction}${row.counted ? '' : ' (no counter)'}`);
       const w = wire.get(row.label);
       const up = w ? summarize(w.map((x) => x[0])).median : undefined;
       const down = w ? summarize(w.map((x) => x[1])).median : undefined;
@@ -186,7 +224,7 @@ async function run(options: BenchOptions): Promise<void> {
       return [
         row.label,
         formatSeconds(s),
-        (s.median / rsync).toFixed(2),
+        rsync === undefined ? '—' : (s.median / rsync).toFixed(2),
         summarize(result.cpuSeconds).median.toFixed(3),
         up === undefined ? '—' : formatBytes(up),
         down === undefined ? '—' : formatBytes(down),
@@ -217,6 +255,12 @@ async function run(options: BenchOptions): Promise<void> {
         'to ssh / from ssh: bytes written into / read out of the ssh process by the local side',
         '(push: to the remote / from it; pull likewise), counted by the wrapper; × goal: over 1.1 × differing + 64 KiB',
         'local cpu s: user + system of the local command and its children (ssh, the counter), not the remote side',
+        "host → host rows: to / from ssh are blksync's own counts of its channel(s) (--json), no wrapper",
+        ...[...between].map(([label, list]) => {
+          const up = summarize(list.map((x) => x[0])).median;
+          const down = summarize(list.map((x) => x[1])).median;
+          return `${label}: between the two hosts ${formatBytes(up)} sent, ${formatBytes(down)} received (not through here)`;
+        }),
         ...rows.filter((r) => r.counted).map((r) => `${r.label}: ${r.command}`),
       ].join('\n'),
     );
@@ -225,10 +269,6 @@ async function run(options: BenchOptions): Promise<void> {
     await rm(work, { recursive: true, force: true });
     await rm(path.join(pair.dir, 'remote-dst.img'), { force: true });
   }
-}
-
-function direction(row: Row): 'push' | 'pull' {
-  return row.direction;
 }
 
 export const remoteSection: Section = {

@@ -47,6 +47,11 @@ function copySummary(r: CopyResult): string {
       `ssh ${channel.host}: sent ${formatBytes(channel.bytesSent)}, received ${formatBytes(channel.bytesReceived)}` +
         ` (remote node ${channel.remoteNode}${channel.encoding !== '' ? `, ${channel.encoding}` : ''})`,
     );
+    if (channel.direct !== undefined) {
+      lines.push(
+        `ssh ${channel.direct.host} (between the hosts): sent ${formatBytes(channel.direct.bytesSent)}, received ${formatBytes(channel.direct.bytesReceived)}`,
+      );
+    }
   }
   if (r.destinationExtraBytes > 0) {
     lines.push(
@@ -122,6 +127,10 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
     .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
     .option('--sudo', 'run the remote agent with sudo -n')
+    .option(
+      '--direct',
+      "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
+    )
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -149,6 +158,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
+            direct: opts.direct === true,
             signal,
             ...(onProgress ? { onProgress } : {}),
           }),

@@ -90,6 +90,8 @@ export interface CopyOptions {
   verify?: boolean;
   /** How to reach a `host:path` end: ssh command, remote node, sudo. */
   remote?: RemoteOptions;
+  /** Both ends remote: SRC's host sends to DST's host itself, not through this machine. */
+  direct?: boolean;
 }
 
 export interface CopyResult {
@@ -163,6 +165,12 @@ export async function copy(
   }
   if (options.verify === true && dryRun) {
     throw new BlksyncError('EUSAGE', '--verify has nothing to read back in a dry run');
+  }
+  if (options.direct === true && !(isRemote(src) && isRemote(dst))) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
+    );
   }
   if (isRemote(src) || isRemote(dst)) {
     if (options.verify === true) {

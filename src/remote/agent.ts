@@ -23,6 +23,8 @@ import { FileSink } from '../io/file-sink.js';
 import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
+import { AgentIndex } from './agent-index.js';
+import { DirectCopy } from './direct.js';
 import {
   dataHeader,
   frame,
@@ -40,10 +42,15 @@ import {
   unitHashes,
   topHasher,
   TOP_HASH_GMAC,
+  TOP_HASH_BLOCKS,
+  blockDigestHasher,
   GMAC_KEY_BYTES,
   type TopHasher,
   type Frame,
+  type DirectHello,
+  type DirectReport,
   type Hello,
+  type IndexHello,
   type Ready,
   type Summary,
   type WireError,
@@ -59,6 +66,8 @@ const TOP_READ_AHEAD = 4;
 export interface AgentStreams {
   input: NodeJS.ReadableStream;
   output: NodeJS.WritableStream;
+  /** The agent bundle as the bootstrap received it (length prefix included). */
+  payload?: Buffer | undefined;
 }
 
 interface Opened {
@@ -109,17 +118,72 @@ function parseHello(payload: Buffer): Hello {
     !Array.isArray(o.encodings) ||
     (o.identity !== undefined && typeof o.identity !== 'boolean') ||
     (o.role === 'target' && !isSafeUInt(o.size)) ||
+    (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
+    (o.index !== undefined && (o.role !== 'target' || !validIndex(o.index))) ||
     (o.topHash !== undefined &&
-      (o.topHash !== TOP_HASH_GMAC ||
-        typeof o.key !== 'string' ||
-        !new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)))
+      !(
+        o.topHash === TOP_HASH_GMAC &&
+        typeof o.key === 'string' &&
+        new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)
+      ) &&
+      !(
+        o.topHash === TOP_HASH_BLOCKS &&
+        isSafeUInt(o.topBlock) &&
+        o.topBlock >= MIN_HASH_UNIT &&
+        (o.topBlock & (o.topBlock - 1)) === 0 &&
+        o.topUnit % o.topBlock === 0
+      ))
   ) {
     throw new ProtocolError('HELLO has missing or invalid fields');
   }
   return o as Hello;
 }
 
+/** A --direct request: a host and path to copy to, and a sane block and chunk size. */
+function validDirect(d: unknown): d is DirectHello {
+  if (d === null || typeof d !== 'object') return false;
+  const o = d as Partial<DirectHello>;
+  const optionalString = (v: unknown): boolean => v === undefined || typeof v === 'string';
+  return (
+    typeof o.destination === 'string' &&
+    o.destination !== '' &&
+    !o.destination.startsWith('-') &&
+    typeof o.path === 'string' &&
+    o.path !== '' &&
+    optionalString(o.ssh) &&
+    optionalString(o.remoteNode) &&
+    isSafeUInt(o.blockSize) &&
+    o.blockSize >= MIN_HASH_UNIT &&
+    (o.blockSize & (o.blockSize - 1)) === 0 &&
+    isSafeUInt(o.chunkSize) &&
+    o.chunkSize >= o.blockSize &&
+    o.chunkSize <= MAX_REQUEST_BYTES &&
+    o.chunkSize % o.blockSize === 0
+  );
+}
+
+/** An --index request: a path and sane sizes. */
+function validIndex(x: unknown): x is IndexHello {
+  if (x === null || typeof x !== 'object') return false;
+  const o = x as Partial<IndexHello>;
+  return (
+    typeof o.path === 'string' &&
+    o.path !== '' &&
+    isSafeUInt(o.blockSize) &&
+    o.blockSize >= MIN_HASH_UNIT &&
+    (o.blockSize & (o.blockSize - 1)) === 0 &&
+    isSafeUInt(o.chunkSize) &&
+    o.chunkSize >= o.blockSize &&
+    o.chunkSize <= MAX_REQUEST_BYTES &&
+    isSafeUInt(o.verifySample) &&
+    typeof o.blockSizeGiven === 'boolean' &&
+    typeof o.rebuild === 'boolean' &&
+    typeof o.full === 'boolean'
+  );
+}
+
 function hasherOf(h: Hello): TopHasher {
+  if (h.topHash === TOP_HASH_BLOCKS) return blockDigestHasher(h.topBlock!);
   return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
 }
 
@@ -159,6 +223,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   let bytes = 0;
   let frames = 0;
   const digest = createHash('sha256');
+  let direct: DirectCopy | undefined;
+  let index: AgentIndex | undefined;
+  let directRun: Promise<DirectReport> | undefined;
   let sendChain: Promise<void> = Promise.resolve();
 
   const send = (buf: Buffer): Promise<void> => {
@@ -232,9 +299,41 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     for (let off = 0; off < o.limit && !failed; off += unit) {
       const [buf, len] = await reads.shift()!;
       start();
+      // before this unit's hash goes out: no DATA for it can have come yet
+      index?.learned(off, buf, len);
       if (batch.length === 0) batchOffset = off;
       batch.push(hasher(buf.subarray(0, len)));
       free.push(buf);
+      if (batch.length === TOP_BATCH || off + unit >= o.limit) {
+        await send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+        batch = [];
+      }
+    }
+  };
+
+  /**
+   * A used index's TOP_HASHES: each unit's block digest from the table, DST read only where
+   * the index does not vouch (then its hashes are learned first). Like the scan, a unit's
+   * entry goes out before any DATA for it can come.
+   */
+  const digestHashes = async (
+    o: Opened,
+    fh: FileHandle,
+    unit: number,
+    idx: AgentIndex,
+  ): Promise<void> => {
+    let batch: Buffer[] = [];
+    let batchOffset = 0;
+    for (let off = 0; off < o.limit && !failed; off += unit) {
+      const len = Math.min(unit, o.limit - off);
+      if (!idx.knows(off, len)) {
+        const buf = Buffer.allocUnsafe(len);
+        await readFully(o, fh, buf, len, off);
+        bytesRead += len;
+        idx.learned(off, buf, len);
+      }
+      if (batch.length === 0) batchOffset = off;
+      batch.push(idx.digest(off, len));
       if (batch.length === TOP_BATCH || off + unit >= o.limit) {
         await send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
         batch = [];
@@ -246,6 +345,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     const h = parseHello(payload);
     const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
     let ready: Ready;
+    let digests = false;
     if (h.role === 'source') {
       const src = await openSource(h.path);
       opened = {
@@ -260,6 +360,15 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         kind: src.kind,
         fileSize: src.size,
       };
+      if (h.direct !== undefined) {
+        direct = await DirectCopy.open(
+          h.direct,
+          h,
+          { path: h.path, fh: src.fh, size: src.size },
+          hasherOf(h),
+          streams.payload,
+        );
+      }
       ready = {
         version: PROTOCOL_VERSION,
         size: src.size,
@@ -268,6 +377,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         zero: false,
         encoding,
         node: process.version,
+        ...(direct !== undefined ? { target: direct.ready } : {}),
       };
     } else {
       const size = h.size!;
@@ -315,6 +425,27 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         kind,
         fileSize: have,
       };
+      if (h.index !== undefined) {
+        index = await AgentIndex.open(
+          h.index,
+          {
+            path: h.path,
+            fh,
+            stats: found.fh !== undefined ? found.stats : await fh?.stat(),
+            kind,
+            size: have,
+          },
+          size,
+          zero,
+          dryRun,
+        );
+        digests =
+          index.used &&
+          h.index.topDigest === true &&
+          h.topUnit > 0 &&
+          h.topUnit % index.blockSize === 0 &&
+          fh !== undefined;
+      }
       ready = {
         version: PROTOCOL_VERSION,
         size: have,
@@ -323,13 +454,31 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         zero,
         encoding,
         node: process.version,
+        ...(index !== undefined
+          ? {
+              index: {
+                mode: index.report().mode,
+                path: index.path,
+                blockSize: index.blockSize,
+                ...(digests ? { digests } : {}),
+              },
+            }
+          : {}),
         ...(h.identity === true && found.fh !== undefined
           ? { identity: await identityOf(h.path, found.stats, found.size) }
           : {}),
       };
     }
     await send(jsonFrame(FrameType.READY, ready));
-    if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined) {
+    if (direct !== undefined) {
+      directRun = direct.run((p) => void send(jsonFrame(FrameType.PROGRESS, p)));
+      directRun.catch((err: unknown) => fail(err));
+    }
+    if (digests) {
+      digestHashes(opened, opened.fh!, h.topUnit, index!).catch((err: unknown) => fail(err));
+    }
+    // a used index stands in for DST: no scan
+    if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && index?.used !== true) {
       topHashes(opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => fail(err));
     }
   };
@@ -352,9 +501,15 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         if (unit < MIN_HASH_UNIT || Math.ceil(length / unit) > MAX_HASHES_PER_REPLY) {
           throw new ProtocolError(`bad hash unit ${unit}`);
         }
+        const known = index?.hashesFor(offset, length, unit);
+        if (known !== undefined) {
+          await send(frame(FrameType.HASHES, rangeHeader(offset, unit), known));
+          return;
+        }
         const buf = Buffer.allocUnsafe(length);
         await readFully(o, o.fh, buf, length, offset);
         bytesRead += length;
+        index?.learned(offset, buf, length);
         await send(
           frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)),
         );
@@ -373,7 +528,9 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         const raw = decode(enc, p.subarray(13), rawLength);
         if (raw === undefined) throw new ProtocolError('DATA does not decode to its length');
         digest.update(p.subarray(0, 12)).update(raw);
+        await index?.beforeWrite(offset);
         await o.sink.write(raw, offset);
+        index?.wrote(offset, raw);
         bytes += rawLength;
         frames++;
         const ack = Buffer.allocUnsafe(8);
@@ -402,6 +559,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       }
       case FrameType.DONE: {
         if (p.length !== 0) throw new ProtocolError('bad DONE');
+        const directReport = await directRun;
         await o.sink?.finish();
         let identity: Summary['identity'];
         if (o.identity && o.fh !== undefined && o.sink !== undefined) {
@@ -411,6 +569,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           const st = await o.fh.stat();
           identity = await identityOf(o.path, st, o.kind === 'file' ? st.size : o.fileSize);
         }
+        if (index !== undefined && o.fh !== undefined && o.sink !== undefined) {
+          // the clean index vouches for all of DST, also what a killed run wrote
+          await o.fh.sync();
+          await index.commit();
+          bytesRead += index.bytesRead;
+        } else if (index !== undefined) bytesRead += index.bytesRead;
         done = true;
         const cpu = process.cpuUsage();
         const s: Summary = {
@@ -420,6 +584,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           bytesRead,
           cpuSeconds: (cpu.user + cpu.system) / 1e6,
           ...(identity !== undefined ? { identity } : {}),
+          ...(directReport !== undefined ? { direct: directReport } : {}),
+          ...(index !== undefined ? { index: index.report() } : {}),
         };
         await send(jsonFrame(FrameType.SUMMARY, s));
         return;
@@ -432,6 +598,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   input.on('data', onData);
   input.on('end', () => {
     ended = true;
+    // even while DONE waits for it: blksync is gone, nobody will read the summary
+    direct?.abort();
     wake?.();
   });
   input.on('error', () => {
@@ -457,6 +625,11 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
   }
   input.removeListener('data', onData);
+  // blksync went away (or a frame was refused) during a direct copy: stop it; the other
+  // host's agent syncs what it wrote
+  direct?.abort();
+  await directRun?.catch(() => {});
+  await direct?.close().catch(() => {});
   // make what was written durable, whether the link dropped or a frame was refused
   await opened?.sink?.finish().catch(() => {});
   await opened?.fh?.close().catch(() => {});
@@ -464,9 +637,12 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   return failed ? 1 : 0;
 }
 
-/** The bundle's entry: called by the bootstrap with the bytes it read past the agent code. */
-export function main(rest: Buffer): void {
-  void runAgent({ input: process.stdin, output: process.stdout }, rest).then((code) => {
+/**
+ * The bundle's entry: called by the bootstrap with the bytes it read past the agent code, and
+ * the agent code as it was sent (for --direct, where this agent starts another).
+ */
+export function main(rest: Buffer, payload?: Buffer): void {
+  void runAgent({ input: process.stdin, output: process.stdout, payload }, rest).then((code) => {
     process.stdout.end(() => process.exit(code));
   });
 }

@@ -8,8 +8,9 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { BlksyncError, type ErrorCode } from '../errors.js';
+import type { Progress } from '../engine/types.js';
 import { formatBytes } from '../size.js';
-import { agentPayload, BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
+import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
 import {
   dataHeader,
@@ -84,6 +85,8 @@ export class AgentLink {
   bytesConfirmed = 0;
   /** Raw bytes of DATA sent (push) or received (pull). */
   dataBytes = 0;
+  /** Called with each PROGRESS frame (an agent running a direct copy sends them). */
+  onProgress: ((p: Progress) => void) | undefined;
 
   private constructor(spec: RemoteSpec, options: RemoteOptions) {
     this.#spec = spec;
@@ -130,12 +133,19 @@ export class AgentLink {
     });
   }
 
-  /** Starts the agent on `spec` and completes the handshake. */
-  static async open(spec: RemoteSpec, options: RemoteOptions, hello: Hello): Promise<AgentLink> {
+  /**
+   * Starts the agent on `spec` and completes the handshake. `payload` is the agent bundle as
+   * agent-payload.ts makes it (an agent starting another one for --direct sends its own).
+   */
+  static async open(
+    spec: RemoteSpec,
+    options: RemoteOptions,
+    hello: Hello,
+    payload: Buffer,
+  ): Promise<AgentLink> {
     if (spec.destination.startsWith('-')) {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
-    const payload = await agentPayload();
     const link = new AgentLink(spec, options);
     try {
       const ready = new Promise<Ready>((resolve, reject) => {
@@ -351,6 +361,16 @@ export class AgentLink {
       case FrameType.WRITTEN: {
         if (p.length !== 8) return this.#protocolError('bad WRITTEN');
         this.bytesConfirmed = readU64(p, 0) ?? this.bytesConfirmed;
+        return;
+      }
+      case FrameType.PROGRESS: {
+        let progress: Progress;
+        try {
+          progress = JSON.parse(p.toString('utf8')) as Progress;
+        } catch {
+          return this.#protocolError('PROGRESS is not JSON');
+        }
+        this.onProgress?.(progress);
         return;
       }
       case FrameType.SUMMARY: {

@@ -17,6 +17,8 @@
 import { createCipheriv, createHash } from 'node:crypto';
 import * as crypto from 'node:crypto';
 import type { TargetIdentity } from '../io/identity.js';
+import type { Range } from '../ranges.js';
+import type { IndexReport } from '../engine/index-target.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Bytes of the frame header: length (4) and type (1). */
@@ -57,6 +59,8 @@ export const FrameType = {
   DONE: 0x30,
   /** a→c: JSON Summary. */
   SUMMARY: 0x31,
+  /** a→c, unasked, only from an agent running a direct copy: JSON Progress (engine/types.ts). */
+  PROGRESS: 0x32,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -80,8 +84,14 @@ export interface Hello {
   topUnit: number;
   /** Encodings blksync can read and write besides raw, in order of preference. */
   encodings: string[];
-  /** The TOP_HASHES function: TOP_HASH_GMAC with `key`, or (absent) truncated SHA-256. */
+  /**
+   * The TOP_HASHES function: TOP_HASH_GMAC with `key`, TOP_HASH_BLOCKS with `topBlock` (a
+   * unit's block digest, which an index of the other side knows), or (absent) truncated
+   * SHA-256.
+   */
   topHash?: string;
+  /** TOP_HASH_BLOCKS: the block size of the digest (a power of two dividing topUnit). */
+  topBlock?: number;
   /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
   key?: string;
   /**
@@ -89,6 +99,76 @@ export interface Hello {
    * only this run's writes), in SUMMARY: blksync keeps an index of it (--index).
    */
   identity?: boolean;
+  /**
+   * source: copy `path` straight to another host (--direct). The agent starts a target agent
+   * there over ssh itself, runs the copy as a push would, and reports PROGRESS and, after
+   * DONE, the outcome in SUMMARY's `direct`. No DATA passes through blksync.
+   */
+  direct?: DirectHello;
+  /**
+   * target: keep an index of `path` beside it (--index host:FILE, or the remote's cache for
+   * "auto"); see agent-index.ts. READY says whether it is used; SUMMARY reports it.
+   */
+  index?: IndexHello;
+}
+
+/** An index the target agent keeps of its file. */
+export interface IndexHello {
+  /** The index file on the agent's host, or "auto": its cache, keyed by the file's identity. */
+  path: string;
+  /** Block size of an index made now; one being used keeps its own. */
+  blockSize: number;
+  /** -b was given: an index of another block size is refused (or rebuilt). */
+  blockSizeGiven: boolean;
+  /** The chunk blksync compares in (the top unit); the index's blocks must divide it. */
+  chunkSize: number;
+  rebuild: boolean;
+  /** Blocks of the file checked against the index before trusting it. */
+  verifySample: number;
+  full: boolean;
+  /**
+   * When the index is used, stream TOP_HASHES (of `topUnit`) as block digests (blockDigest)
+   * from the index instead of not at all: one hash per unit, not one per block, on the wire.
+   */
+  topDigest?: boolean;
+}
+
+/** What a target agent did with its index (the fields of a local copy's IndexReport). */
+export type IndexWireReport = IndexReport;
+
+/** What a source agent needs to copy its file straight to another host. */
+export interface DirectHello {
+  /** ssh's destination for the other host (`host` or `user@host`), as blksync was given it. */
+  destination: string;
+  path: string;
+  /** blksync's --ssh, --remote-node and --sudo, used from the source host. */
+  ssh?: string;
+  remoteNode?: string;
+  sudo?: boolean;
+  blockSize: number;
+  /** The top unit and pipeline chunk; a multiple of blockSize. */
+  chunkSize: number;
+  dryRun?: boolean;
+  full?: boolean;
+}
+
+/** What a direct copy did, reported by the source agent in SUMMARY. */
+export interface DirectReport {
+  /** The copy was stopped before the end (blksync went away). */
+  interrupted: boolean;
+  bytesScanned: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  rangesWritten: number;
+  /** The first ranges written (or that would be, in a dry run). */
+  ranges: Range[];
+  /** Bytes of SRC the source agent read. */
+  bytesReadSource: number;
+  /** The target agent's own summary (bytes written, DST bytes read, CPU). */
+  target: Summary;
+  /** The ssh channel between the two hosts, as the source agent counted it. */
+  bytesSent: number;
+  bytesReceived: number;
 }
 
 export interface Ready {
@@ -105,6 +185,19 @@ export interface Ready {
   node: string;
   /** target with `identity` asked for, when the file exists: what an index is keyed by. */
   identity?: TargetIdentity;
+  /** source with `direct`: the READY of the target agent it started on the other host. */
+  target?: Ready;
+  /**
+   * target with `index`: whether it is used (HASH_REQ in its blocks is then answered from it
+   * and no TOP_HASHES are sent) or made, its path (resolved for "auto") and block size.
+   */
+  index?: {
+    mode: IndexReport['mode'];
+    path: string;
+    blockSize: number;
+    /** TOP_HASHES are block digests in `blockSize` blocks (asked with topDigest, index used). */
+    digests?: boolean;
+  };
 }
 
 export interface WireError {
@@ -125,6 +218,10 @@ export interface Summary {
   cpuSeconds?: number;
   /** target with `identity` asked for: the file's identity after the final sync. */
   identity?: TargetIdentity;
+  /** source with `direct`: what the direct copy did. */
+  direct?: DirectReport;
+  /** target with `index`: what was done with it. */
+  index?: IndexWireReport;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;
@@ -136,6 +233,15 @@ export function wireHash(data: Buffer): Buffer {
       ? nodeHash('sha256', data, 'buffer')
       : createHash('sha256').update(data).digest();
   return full.subarray(0, WIRE_HASH_BYTES);
+}
+
+/**
+ * A unit's block digest: the wire hash of its blocks' wire hashes, back to back (as
+ * unitHashes lays them out). An index knows it without the blocks' bytes, so a used index
+ * can answer for a whole chunk with 16 bytes.
+ */
+export function blockDigest(blockHashes: Buffer): Buffer {
+  return wireHash(blockHashes);
 }
 
 /** Hashes each `unit` of `data[0, length)` into one buffer (the last unit may be short). */
@@ -164,7 +270,15 @@ export const TOP_HASH_GMAC = 'gmac-aes128';
 export const GMAC_KEY_BYTES = 16;
 const GMAC_IV = Buffer.alloc(12);
 
+/** TOP_HASHES as block digests (blockDigest) in `topBlock` blocks: for a pull with an index. */
+export const TOP_HASH_BLOCKS = 'sha256-blocks';
+
 export type TopHasher = (data: Buffer) => Buffer;
+
+/** The TOP_HASH_BLOCKS hasher: a unit's block digest in `block` blocks. */
+export function blockDigestHasher(block: number): TopHasher {
+  return (data) => blockDigest(unitHashes(data, data.length, block));
+}
 
 /** The top-level hash for a session: GMAC under `key`, or truncated SHA-256 without one. */
 export function topHasher(key: Buffer | undefined): TopHasher {

@@ -16,6 +16,8 @@ export interface Found {
   spans: number[];
   /** The spans' new bytes, back to back, when they were fetched from an agent. */
   data?: Buffer;
+  /** The chunk's whole new content, when a hook needs every byte (an index being made). */
+  whole?: Buffer;
 }
 
 /** Chunks refined at once (each may hold a chunk-sized buffer while it does). */

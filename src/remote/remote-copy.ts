@@ -17,46 +17,64 @@
  * local copy does, so compressed images, stdin, http(s) URLs and bmap plans push too.
  */
 
-import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
-import { DEFAULT_VERIFY_SAMPLE } from '../engine/index-target.js';
+import {
+  DEFAULT_VERIFY_SAMPLE,
+  type IndexSession,
+  type IndexTarget,
+} from '../engine/index-target.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
+import { cachedIndexPath } from '../io/cache-dir.js';
+import { identityOf } from '../io/identity.js';
+import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
-import type {
-  ChunkKnowledge,
-  ProgressListener,
-  Sink,
-  Source,
-  TargetKnowledge,
-} from '../engine/types.js';
+import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
-import { createTarget, openTarget, type Opened } from '../io/open.js';
+import {
+  assertSeparateOutput,
+  createTarget,
+  inputOf,
+  openTarget,
+  type Opened,
+} from '../io/open.js';
 import { formatBytes } from '../size.js';
 import { DEFLATE_RAW } from './compress.js';
 import { HashDiffer } from './hash-differ.js';
+import { agentPayload } from './agent-payload.js';
 import {
-  GMAC_KEY_BYTES,
+  blockDigest,
   MIN_HASH_UNIT,
-  TOP_HASH_GMAC,
-  topHasher,
+  TOP_HASH_BLOCKS,
+  unitHashes,
+  WIRE_HASH_BYTES,
   wireHash,
-  zeroHasher,
   type Summary,
-  type TopHasher,
 } from './protocol.js';
+import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
+import {
+  CountingSink,
+  fetchSpans,
+  FetchedSource,
+  hashAheadPush,
+  readChunk,
+  RefinedTarget,
+  REMOTE_CHUNK_BYTES,
+  REMOTE_DEPTH,
+  RemoteSink,
+  SpanBook,
+  topHashing,
+} from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
-import { parseRemote, type RemoteSpec } from './spec.js';
+import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
 
-/** Bytes per chunk: the top level of the hash tree. */
-export const REMOTE_CHUNK_BYTES = 4 * 1024 * 1024;
-/** Chunks in flight: their refinement round trips overlap. */
-export const REMOTE_DEPTH = 8;
+export { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from './roles.js';
 
 /**
  * A remote copy's options. The CopySourceOptions (bmap, size, ...) describe a local SRC and
@@ -73,9 +91,13 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   index?: string;
   rebuildIndex?: boolean;
   verifySample?: number;
+  /** Tuning (tests): bytes a pull's index marks as possibly dirty at a time. */
+  indexCheckpointBytes?: number;
   hashThreads?: number;
   /** The block size given with -b (blockSize holds the default otherwise). */
   blockSizeGiven?: number;
+  /** Both ends remote: SRC's host copies straight to DST's host (see direct.ts). */
+  direct?: boolean;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -89,77 +111,14 @@ export interface ChannelStats {
   /** DATA encoding negotiated ('' for raw only). */
   encoding: string;
   remoteNode: string;
+  /**
+   * --direct: the ssh channel between the two hosts, which carried the hashes and the data
+   * (the fields above count only blksync's own channel, to SRC's host).
+   */
+  direct?: { host: string; bytesSent: number; bytesReceived: number };
 }
 
 export type RemoteCopyResult = CopyResult & { channel: ChannelStats };
-
-/** Spans per chunk offset, found while reading and reported by the knowledge. */
-class SpanBook {
-  readonly #spans = new Map<number, number[]>();
-  set(offset: number, spans: number[]): void {
-    this.#spans.set(offset, spans);
-  }
-  take(offset: number): number[] {
-    const s = this.#spans.get(offset) ?? [];
-    this.#spans.delete(offset);
-    return s;
-  }
-}
-
-/** The knowledge of DST gained while the chunk was read: the spans the hashes found. */
-class RefinedTarget implements TargetKnowledge {
-  readonly #book: SpanBook;
-  readonly #bytesRead: () => number;
-
-  constructor(book: SpanBook, bytesRead: () => number) {
-    this.#book = book;
-    this.#bytesRead = bytesRead;
-  }
-
-  get bytesRead(): number {
-    return this.#bytesRead();
-  }
-
-  load(offset: number): Promise<ChunkKnowledge> {
-    return Promise.resolve({
-      diff: (_data, _length, _blockSize, out) => {
-        for (const x of this.#book.take(offset)) out.push(x);
-      },
-      release: () => {},
-    });
-  }
-
-  async close(): Promise<void> {}
-}
-
-/**
- * Push: the refiner found the spans; a chunk is read again (into the pipeline's buffer) only
- * when it has some.
- */
-class PushSource implements Source {
-  readonly size: number;
-  readonly #file: FileSource;
-  readonly #refiner: Refiner;
-  readonly #book: SpanBook;
-
-  constructor(file: FileSource, refiner: Refiner, book: SpanBook) {
-    this.size = file.size;
-    this.#file = file;
-    this.#refiner = refiner;
-    this.#book = book;
-  }
-
-  async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    const { spans } = await this.#refiner.get(offset);
-    this.#book.set(offset, spans);
-    if (spans.length === 0) return length;
-    return this.#file.read(buf, offset, length);
-  }
-
-  close(): Promise<void> {
-    return this.#file.close();
-  }
-}
 
 /**
  * Push from a source read once, in order (a decoder, stdin, a URL, a bmap plan): each chunk
@@ -194,134 +153,6 @@ class CheckedSource implements Source {
   async close(): Promise<void> {}
 }
 
-/** The agent as a Sink: DATA frames, written there in order. */
-class RemoteSink implements Sink {
-  readonly #link: AgentLink;
-  constructor(link: AgentLink) {
-    this.#link = link;
-  }
-  write(data: Buffer, offset: number): Promise<void> {
-    return this.#link.sendData(data, offset);
-  }
-  async finish(): Promise<void> {}
-}
-
-/**
- * Pull and relay: the new bytes are on a remote. The refiner fetched the differing spans'
- * bytes (or, with --full, every chunk is fetched here); a chunk hands them to the pipeline at
- * their places, so only they are written. What the buffer holds elsewhere is never written.
- */
-class FetchedSource implements Source {
-  readonly size: number;
-  readonly #refiner: Refiner | undefined;
-  readonly #link: AgentLink;
-  readonly #book: SpanBook;
-  readonly #fetchAll: boolean;
-
-  /** `refiner` undefined: --full, fetch every chunk whole (unless `fetchAll` is false: dry run). */
-  constructor(
-    size: number,
-    link: AgentLink,
-    refiner: Refiner | undefined,
-    book: SpanBook,
-    fetchAll: boolean,
-  ) {
-    this.size = size;
-    this.#link = link;
-    this.#refiner = refiner;
-    this.#book = book;
-    this.#fetchAll = fetchAll;
-  }
-
-  async read(buf: Buffer, offset: number, length: number): Promise<number> {
-    if (this.#refiner === undefined) {
-      this.#book.set(offset, [0, length]);
-      if (this.#fetchAll) await this.#link.fetch(offset, length, buf, 0);
-      return length;
-    }
-    const { spans, data } = await this.#refiner.get(offset);
-    this.#book.set(offset, spans);
-    if (data !== undefined) {
-      for (let i = 0, at = 0; i < spans.length; i += 2) {
-        const s = spans[i]!;
-        const e = spans[i + 1]!;
-        data.copy(buf, s, at, at + e - s);
-        at += e - s;
-      }
-    }
-    return length;
-  }
-
-  async close(): Promise<void> {}
-}
-
-/** Fetches `spans` of the chunk at `offset` from `link` into one buffer, back to back. */
-async function fetchSpans(link: AgentLink, offset: number, spans: number[]): Promise<Buffer> {
-  let total = 0;
-  for (let i = 0; i < spans.length; i += 2) total += spans[i + 1]! - spans[i]!;
-  const data = Buffer.allocUnsafe(total);
-  const fetches: Promise<void>[] = [];
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const s = spans[i]!;
-    const len = spans[i + 1]! - s;
-    fetches.push(link.fetch(offset + s, len, data, at));
-    at += len;
-  }
-  await Promise.all(fetches);
-  return data;
-}
-
-/** Reads [offset, offset + length) of a local file into `buf`, all of it or EDEST_SHORT. */
-async function readChunk(
-  file: FileSource,
-  path: string,
-  buf: Buffer,
-  offset: number,
-  length: number,
-): Promise<void> {
-  const got = await file.read(buf, offset, length);
-  if (got < length) {
-    throw new BlksyncError(
-      'EDEST_SHORT',
-      `${path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
-      { path },
-    );
-  }
-}
-
-/** Counts what a sink wrote, for the message when the link drops. */
-class CountingSink implements Sink {
-  written = 0;
-  readonly #inner: Sink;
-  constructor(inner: Sink) {
-    this.#inner = inner;
-  }
-  async write(data: Buffer, offset: number): Promise<void> {
-    await this.#inner.write(data, offset);
-    this.written += data.length;
-  }
-  finish(): Promise<void> {
-    return this.#inner.finish();
-  }
-}
-
-/** The top-level hash of one session: GMAC under a fresh random key (protocol.ts). */
-interface TopHashing {
-  hello: { topHash: string; key: string };
-  hash: TopHasher;
-  zero: (length: number) => Buffer;
-}
-
-function topHashing(): TopHashing {
-  const key = randomBytes(GMAC_KEY_BYTES);
-  const hash = topHasher(key);
-  return {
-    hello: { topHash: TOP_HASH_GMAC, key: key.toString('hex') },
-    hash,
-    zero: zeroHasher(hash),
-  };
-}
-
 function chunkSizeOf(options: RemoteCopyOptions): number {
   const bs = options.blockSize;
   return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
@@ -335,10 +166,21 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined && srcRemote !== undefined) {
+  if (options.index !== undefined && srcRemote !== undefined && dstRemote !== undefined) {
     throw new BlksyncError(
       'EUSAGE',
-      '--index works with a host:path DST (push) only: the index is kept here and describes the remote DST',
+      '--index does not work with two remote ends yet; run the copy on one of the hosts',
+    );
+  }
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote === undefined &&
+    isRemote(options.index)
+  ) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
   if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
@@ -348,6 +190,18 @@ export async function remoteCopy(
     );
   }
   options.signal?.throwIfAborted();
+  if (options.direct === true) {
+    if (srcRemote === undefined || dstRemote === undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
+      );
+    }
+    if (options.index !== undefined) {
+      throw new BlksyncError('EUSAGE', '--index does not work with --direct yet; drop one of them');
+    }
+    return direct(src, dst, srcRemote, dstRemote, options);
+  }
   if (srcRemote !== undefined && dstRemote !== undefined) {
     return relay(src, dst, srcRemote, dstRemote, options);
   }
@@ -413,7 +267,9 @@ async function push(
   const whole =
     plan.ranges.length === 0 ||
     (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
-  const indexing = options.index !== undefined;
+  // --index auto or host:FILE: the index is kept beside DST by the agent (agent-index.ts)
+  const kept = keptRemotely(options.index, spec);
+  const indexing = options.index !== undefined && kept === undefined;
   // a plain file read by offset is hashed ahead and re-read only where it differs; any
   // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource), also
   // when an index is made or used: it needs every chunk's bytes
@@ -430,39 +286,55 @@ async function push(
   let index: RemoteIndex | undefined;
   try {
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
-    if (options.index !== undefined) {
-      if (options.index === 'auto') {
-        throw new BlksyncError(
-          'EUSAGE',
-          '--index auto keys the cache by a local DST; with a host:path DST name the index file (--index FILE)',
-        );
-      }
-      if (opened.bmap !== undefined) {
-        throw new BlksyncError(
-          'EUSAGE',
-          `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
-        );
-      }
+    if (options.index !== undefined && opened.bmap !== undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
+      );
+    }
+    if (options.index !== undefined && indexing) {
       found = await readIndexIfAny(options.index, options.rebuildIndex === true);
     }
     // an index that may be used makes the agent's scan of DST needless
     const mayUseIndex = found !== undefined && 'index' in found;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
-    link = await AgentLink.open(spec, options, {
-      role: 'target',
-      path: spec.path,
-      size,
-      dryRun,
-      // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-      ...(indexing ? { identity: true } : {}),
-    });
+    link = await AgentLink.open(
+      spec,
+      options,
+      {
+        role: 'target',
+        path: spec.path,
+        size,
+        dryRun,
+        // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+        ...(indexing ? { identity: true } : {}),
+        ...(kept !== undefined
+          ? {
+              index: {
+                path: kept,
+                blockSize: options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE,
+                blockSizeGiven: options.blockSizeGiven !== undefined,
+                chunkSize,
+                rebuild: options.rebuildIndex === true,
+                verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+                full,
+                topDigest: true,
+              },
+            }
+          : {}),
+      },
+      await agentPayload(),
+    );
     const ready = link.ready;
     const book = new SpanBook();
     const l = link;
-    if (options.index !== undefined) {
+    // the agent's index is used: it answers hashes in its blocks, and DST is not read
+    const ibs = ready.index?.mode === 'used' ? ready.index.blockSize : undefined;
+    const digests = ready.index?.digests === true;
+    if (options.index !== undefined && indexing) {
       index = await RemoteIndex.open(
         {
           index: options.index,
@@ -484,32 +356,31 @@ async function push(
     let input: Source = opened.source;
     if (full) knowledge = new NoTarget();
     else if (index?.knowledge !== undefined) knowledge = index.knowledge;
-    else if (ready.zero) {
+    else if (ibs !== undefined) {
+      await scanner?.stop();
+      input = new CheckedSource(opened.source, book, async (offset, data, length) => {
+        const mine = unitHashes(data, length, ibs);
+        // one 16-byte digest per chunk from the index; its blocks only where it differs
+        if (digests && blockDigest(mine).equals(await l.topHash(offset))) return [];
+        const theirs = await l.hashes(offset, length, ibs);
+        const spans: number[] = [];
+        for (let s = 0, k = 0; s < length; s += ibs, k++) {
+          const h = k * WIRE_HASH_BYTES;
+          if (mine.compare(theirs, h, h + WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES) === 0) continue;
+          const e = Math.min(s + ibs, length);
+          if (spans.length > 0 && spans[spans.length - 1] === s) spans[spans.length - 1] = e;
+          else spans.push(s, e);
+        }
+        return spans;
+      });
+      knowledge = new RefinedTarget(book, () => 0);
+    } else if (ready.zero) {
       knowledge = new ZeroTarget();
       await scanner?.stop();
     } else if (file !== undefined && scanner !== undefined) {
-      const differ = new HashDiffer(link, chunkSize, blockSize);
-      const pool = new BufferPool(chunkSize);
-      refiner = new Refiner(
-        size,
-        chunkSize,
-        async (offset) => {
-          const [[mine], theirs] = await Promise.all([scanner.hash(offset), l.topHash(offset)]);
-          return mine.equals(theirs);
-        },
-        async (offset, length): Promise<Found> => {
-          const buf = pool.get();
-          try {
-            await readChunk(file, src, buf, offset, length);
-            const spans: number[] = [];
-            await differ.refine(offset, buf, length, false, spans);
-            return { spans };
-          } finally {
-            pool.put(buf);
-          }
-        },
-      );
-      input = new PushSource(file, refiner, book);
+      const ahead = hashAheadPush(file, src, size, chunkSize, blockSize, scanner, link, book);
+      refiner = ahead.refiner;
+      input = ahead.input;
       knowledge = new RefinedTarget(book, () => 0);
     } else {
       const differ = new HashDiffer(link, chunkSize, blockSize);
@@ -529,7 +400,7 @@ async function push(
       knowledge = new RefinedTarget(book, () => 0);
     }
     const sink: Sink = index?.wrapSink(new RemoteSink(link)) ?? new RemoteSink(link);
-    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : blockSize;
+    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : (ibs ?? blockSize);
     const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
       blockSize: pipelineBlockSize,
       chunkSize,
@@ -539,7 +410,11 @@ async function push(
       onChunk: index?.onChunk,
     });
     await refiner?.stop();
-    const summary = await link.finish();
+    // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
+    // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
+    // progress rather than having the agent read back what it never compared
+    const summary =
+      run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
     if (!run.interrupted) await index?.commit(summary.identity);
     const result: RemoteCopyResult = {
       source: src,
@@ -560,6 +435,7 @@ async function push(
       seconds: 0,
       channel: channelStats(link, spec, summary),
       ...(index !== undefined ? { index: index.report() } : {}),
+      ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
     };
     await link.close();
@@ -594,23 +470,33 @@ async function pull(
   let sink: CountingSink | undefined;
   let scanner: HashScanner | undefined;
   let refiner: Refiner | undefined;
+  let index: IndexSession | undefined;
   const top = topHashing();
+  // with --index, TOP_HASHES are block digests in the index's blocks, which the index knows
+  // for DST without reading it (protocol.ts, TOP_HASH_BLOCKS)
+  const indexing = options.index !== undefined;
   try {
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
+    const topBlock = indexing && !full ? await digestBlockFor(options, target, dst, chunkSize) : 0;
     // DST's hashes are computed while ssh connects and the agent scans SRC
-    if (!full && target !== undefined && target.size > 0) {
+    if (!full && !indexing && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
       scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
-    link = await AgentLink.open(spec, options, {
-      role: 'source',
-      path: spec.path,
-      topUnit: full ? 0 : chunkSize,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    link = await AgentLink.open(
+      spec,
+      options,
+      {
+        role: 'source',
+        path: spec.path,
+        topUnit: full ? 0 : chunkSize,
+        ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : top.hello),
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const size = link.ready.size;
     scanner?.truncate(size);
     let created = false;
@@ -629,15 +515,77 @@ async function pull(
         { path: dst },
       );
     }
+    if (options.index !== undefined) {
+      if (options.index !== 'auto' && target !== undefined) {
+        await assertSeparateOutput(options.index, [inputOf(target, 'the destination')]);
+      }
+      // the index describes the local DST: the local copy's IndexSession keeps it
+      const kept = await import('../engine/index-target.js');
+      index = await kept.IndexSession.open({
+        index: options.index,
+        dst: target,
+        dstPath: dst,
+        fresh: zero,
+        imageSize: size,
+        blockSize: options.blockSizeGiven,
+        chunkSize,
+        rebuild: options.rebuildIndex === true,
+        verifySample: options.verifySample ?? kept.DEFAULT_VERIFY_SAMPLE,
+        full,
+        dryRun,
+        hashThreads: options.hashThreads,
+        checkpointBytes: options.indexCheckpointBytes,
+      });
+    }
     const book = new SpanBook();
     const l = link;
     const s = scanner;
+    const used = index?.target;
+    // an index being made hashes every chunk's new content: the chunk is handed over whole
+    const whole = index?.onChunk !== undefined;
     const local =
       target !== undefined && !zero
         ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
     let reread = 0;
-    if (!full) {
+    if (!full && index !== undefined) {
+      const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
+      const trusted = (offset: number, length: number): boolean =>
+        used !== undefined && isTrusted(used.untrusted, offset, length);
+      // the index's own digest of the chunk: no DST read, 16 bytes on the wire
+      const byDigest = (offset: number, length: number): boolean =>
+        trusted(offset, length) && used!.blockSize === topBlock;
+      refiner = new Refiner(
+        size,
+        chunkSize,
+        async (offset, length) =>
+          byDigest(offset, length) &&
+          tableDigest(used!, offset, length).equals(await l.topHash(offset)),
+        async (offset, length): Promise<Found> => {
+          if (trusted(offset, length)) {
+            // the agent's digest was taken by the comparison above (or is not one of ours)
+            if (!byDigest(offset, length)) await l.topHash(offset);
+            return byIndex(used!, l, offset, length, dryRun);
+          }
+          const buf = Buffer.alloc(length);
+          if (local !== undefined) {
+            await readChunk(local, dst, buf, offset, length);
+            reread += length;
+          }
+          const spans: number[] = [];
+          const theirs = await l.topHash(offset);
+          if (!blockDigest(unitHashes(buf, length, topBlock)).equals(theirs)) {
+            await differ.refine(offset, buf, length, local === undefined, spans);
+          }
+          if (dryRun) return { spans };
+          const data = await fetchSpans(l, offset, spans);
+          patch(buf, spans, data);
+          // the index now holds this chunk's new content's hashes
+          if (used !== undefined) hashInto(used.table, used.blockSize, offset, buf, 0, length);
+          return whole ? { spans, data, whole: buf } : { spans, data };
+        },
+      );
+    } else if (!full) {
       const differ = new HashDiffer(link, chunkSize, blockSize);
       const pool = new BufferPool(chunkSize);
       refiner = new Refiner(
@@ -673,11 +621,12 @@ async function pull(
       );
     }
     const source = new FetchedSource(size, link, refiner, book, !dryRun);
-    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread;
+    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
+    let fileSink: Sink | undefined;
     if (!dryRun && target !== undefined) {
-      sink = new CountingSink(
-        new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' }),
-      );
+      fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      // with an index: marked in progress before DST changes (IndexSession's guard)
+      sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
     }
     const run = await runPipeline(
       { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
@@ -685,11 +634,12 @@ async function pull(
       new RefinedTarget(book, bytesRead),
       sink ? [sink] : [],
       {
-        blockSize,
+        blockSize: used?.blockSize ?? blockSize,
         chunkSize,
         depth: REMOTE_DEPTH,
         signal: options.signal,
         onProgress: options.onProgress && withChannel(options.onProgress, link),
+        onChunk: index?.onChunk,
       },
     );
     await sink?.finish();
@@ -703,13 +653,14 @@ async function pull(
       );
     }
     await link.close();
+    if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
       source: src,
       destination: dst,
       bytesTotal: size,
       bytesScanned: run.bytesScanned,
       bytesRead: bytesRead(),
-      blockSize,
+      blockSize: used?.blockSize ?? blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
       bytesWritten: run.bytesWritten,
@@ -721,6 +672,7 @@ async function pull(
       full,
       seconds: (performance.now() - started) / 1000,
       channel: channelStats(link, spec, summary),
+      ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -731,6 +683,7 @@ async function pull(
     await scanner?.stop();
     await sink?.finish().catch(() => {});
     await link?.close();
+    await index?.close();
     await target?.fh.close();
   }
 }
@@ -753,23 +706,33 @@ async function relay(
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
   try {
-    from = await AgentLink.open(fromSpec, options, {
-      role: 'source',
-      path: fromSpec.path,
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    from = await AgentLink.open(
+      fromSpec,
+      options,
+      {
+        role: 'source',
+        path: fromSpec.path,
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const size = from.ready.size;
-    to = await AgentLink.open(toSpec, options, {
-      role: 'target',
-      path: toSpec.path,
-      size,
-      dryRun,
-      topUnit,
-      ...top.hello,
-      encodings: [DEFLATE_RAW],
-    });
+    to = await AgentLink.open(
+      toSpec,
+      options,
+      {
+        role: 'target',
+        path: toSpec.path,
+        size,
+        dryRun,
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+      },
+      await agentPayload(),
+    );
     const book = new SpanBook();
     const f = from;
     const t = to;
@@ -857,6 +820,249 @@ async function relay(
     await to?.close();
     await from?.close();
   }
+}
+
+/**
+ * The index path the agent keeps for `--index`, on DST's host: "auto" (its cache) or the path
+ * of `host:FILE`; undefined for an index kept here. FILE must be on DST's host.
+ */
+function keptRemotely(index: string | undefined, dst: RemoteSpec): string | undefined {
+  if (index === undefined) return undefined;
+  if (index === 'auto') return 'auto';
+  const at = parseRemote(index);
+  if (at === undefined) return undefined;
+  if (at.destination !== dst.destination) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${index} is on ${at.destination}, but an index kept remotely lives beside DST on ${dst.destination}; use ${dst.destination}:FILE, or a local FILE`,
+    );
+  }
+  return at.path;
+}
+
+/**
+ * Both ends remote, --direct: the agent on SRC's host starts the one on DST's host and runs
+ * the copy itself (direct.ts); this end sends the HELLO and DONE and receives PROGRESS and
+ * the SUMMARY, so no hash or data of the image crosses this machine.
+ */
+async function direct(
+  src: string,
+  dst: string,
+  fromSpec: RemoteSpec,
+  toSpec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const started = performance.now();
+  const chunkSize = chunkSizeOf(options);
+  const dryRun = options.dryRun === true;
+  const full = options.full === true;
+  let link: AgentLink | undefined;
+  let last: Progress | undefined;
+  const signal = options.signal;
+  const onAbort = (): void => void link?.close();
+  try {
+    link = await AgentLink.open(
+      fromSpec,
+      options,
+      {
+        role: 'source',
+        path: fromSpec.path,
+        topUnit: 0,
+        ...topHashing().hello,
+        encodings: [],
+        direct: {
+          destination: toSpec.destination,
+          path: toSpec.path,
+          ...(options.ssh !== undefined ? { ssh: options.ssh } : {}),
+          ...(options.remoteNode !== undefined ? { remoteNode: options.remoteNode } : {}),
+          sudo: options.sudo === true,
+          blockSize: options.blockSize,
+          chunkSize,
+          dryRun,
+          full,
+        },
+      },
+      await agentPayload(),
+    );
+    const l = link;
+    l.onProgress = (p) => {
+      last = p;
+      options.onProgress?.({
+        ...p,
+        channelBytesSent: l.bytesSent + (p.channelBytesSent ?? 0),
+        channelBytesReceived: l.bytesReceived + (p.channelBytesReceived ?? 0),
+      });
+    };
+    // Ctrl-C: closing the channel makes the agent stop the copy (the far agent syncs)
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const size = link.ready.size;
+    const target = link.ready.target;
+    if (target === undefined) {
+      throw new BlksyncError('EREMOTE_PROTOCOL', `${link.name}: READY lacks the direct target`);
+    }
+    const summary = await link.finish();
+    const report = summary.direct;
+    if (report === undefined) {
+      throw new BlksyncError('EREMOTE_PROTOCOL', `${link.name}: SUMMARY lacks the direct report`);
+    }
+    await link.close();
+    const result: RemoteCopyResult = {
+      source: src,
+      destination: dst,
+      bytesTotal: size,
+      bytesScanned: report.bytesScanned,
+      bytesRead: report.target.bytesRead,
+      blockSize: options.blockSize,
+      blocksDiffering: report.blocksDiffering,
+      bytesDiffering: report.bytesDiffering,
+      bytesWritten: report.target.bytes,
+      rangesWritten: report.rangesWritten,
+      ranges: report.ranges,
+      created: target.created,
+      destinationExtraBytes: target.created ? 0 : target.size - size,
+      dryRun,
+      full,
+      seconds: (performance.now() - started) / 1000,
+      channel: {
+        host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
+        bytesSent: link.bytesSent,
+        bytesReceived: link.bytesReceived,
+        remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
+        encoding: target.encoding,
+        remoteNode:
+          link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
+        direct: {
+          host: `${fromSpec.destination} → ${toSpec.destination}`,
+          bytesSent: report.bytesSent,
+          bytesReceived: report.bytesReceived,
+        },
+      },
+    };
+    if (report.interrupted || signal?.aborted === true) throw interrupted(result);
+    return result;
+  } catch (err) {
+    if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') throw err;
+    // what the far agent confirmed is known only to the near one: the last progress says
+    const lost = await connectionLost(err, dst, last?.bytesWritten ?? 0, signal);
+    if (lost instanceof BlksyncError && lost.code === 'EINTERRUPTED' && last !== undefined) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `interrupted after ${formatBytes(last.bytesScanned)} of ${formatBytes(last.bytesTotal)}; rerun the same command to finish`,
+        { cause: err },
+      );
+    }
+    throw lost;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+    await link?.close();
+  }
+}
+
+function isTrusted(untrusted: readonly Range[], offset: number, length: number): boolean {
+  return untrusted.every((r) => offset + length <= r.start || offset >= r.end);
+}
+
+/** Writes `spans`' bytes (`data`, back to back) into `buf` at their places. */
+function patch(buf: Buffer, spans: number[], data: Buffer): void {
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    data.copy(buf, spans[i], at, at + len);
+    at += len;
+  }
+}
+
+/** Stores the SHA-256 of each block of `data[start, end)` (at image `offset`) in `table`. */
+function hashInto(
+  table: Buffer,
+  blockSize: number,
+  offset: number,
+  data: Buffer,
+  start: number,
+  end: number,
+): void {
+  for (let s = start; s < end; s += blockSize) {
+    sha256(data, s, Math.min(s + blockSize, end)).copy(
+      table,
+      ((offset + s) / blockSize) * HASH_BYTES,
+    );
+  }
+}
+
+/**
+ * The block size of a pull's TOP_HASH_BLOCKS stream: the index's, read before ssh starts
+ * (the IndexSession reads it again once SRC's size is known), else that of an index about to
+ * be made. Any block size compares chunks correctly; the index's lets it answer unread.
+ */
+async function digestBlockFor(
+  options: RemoteCopyOptions,
+  target: Opened | undefined,
+  dst: string,
+  chunkSize: number,
+): Promise<number> {
+  // divides the chunk: it is -b's, which the chunk is made of, or 64 KiB of 4 MiB
+  const made = options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE;
+  let path = options.index!;
+  if (path === 'auto') {
+    if (target === undefined) return made;
+    path = cachedIndexPath(await identityOf(dst, target.stats, target.size));
+  }
+  const found = await readIndexIfAny(path, true).catch(() => undefined);
+  const bs = found !== undefined && 'index' in found ? found.index.blockSize : made;
+  // an index whose blocks do not divide the chunk is refused by the IndexSession anyway
+  return chunkSize % bs === 0 ? bs : made;
+}
+
+/** An index's block digest of [offset, offset + length): the stored hashes' prefixes. */
+function tableDigest(target: IndexTarget, offset: number, length: number): Buffer {
+  const bs = target.blockSize;
+  const first = offset / bs;
+  const n = Math.ceil(length / bs);
+  const hashes = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+  for (let i = 0; i < n; i++) {
+    const h = (first + i) * HASH_BYTES;
+    target.table.copy(hashes, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
+  }
+  return blockDigest(hashes);
+}
+
+/**
+ * Pull with an index that vouches for the chunk: the agent hashes SRC's blocks of the index's
+ * size and only those whose hash differs from the stored one (a wire hash is a prefix of it)
+ * are fetched; their new hashes go into the table. DST is not read.
+ */
+async function byIndex(
+  target: IndexTarget,
+  link: AgentLink,
+  offset: number,
+  length: number,
+  dryRun: boolean,
+): Promise<Found> {
+  const bs = target.blockSize;
+  const theirs = await link.hashes(offset, length, Math.max(bs, MIN_HASH_UNIT));
+  const spans: number[] = [];
+  for (let s = 0, k = 0; s < length; s += bs, k++) {
+    const h = ((offset + s) / bs) * HASH_BYTES;
+    const w = k * WIRE_HASH_BYTES;
+    if (theirs.compare(target.table, h, h + WIRE_HASH_BYTES, w, w + WIRE_HASH_BYTES) === 0)
+      continue;
+    const e = Math.min(s + bs, length);
+    if (spans.length > 0 && spans[spans.length - 1] === s) spans[spans.length - 1] = e;
+    else spans.push(s, e);
+  }
+  if (dryRun) return { spans };
+  const data = await fetchSpans(link, offset, spans);
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
+    at += len;
+  }
+  return { spans, data };
+}
+
+/** Ends a session without DONE; what the agent confirmed stands in for its summary. */
+async function closedEarly(link: AgentLink): Promise<Summary> {
+  await link.close();
+  return { bytes: link.bytesConfirmed, frames: 0, digest: '', bytesRead: 0 };
 }
 
 function channelStats(link: AgentLink, spec: RemoteSpec, summary: Summary): ChannelStats {

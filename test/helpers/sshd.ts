@@ -17,6 +17,8 @@ const run = promisify(execFile);
 export const SSHD = '/usr/sbin/sshd';
 /** The Host name the client config defines. */
 export const TEST_HOST = 'blksync-test';
+/** A Host the client config points at a port nothing listens on (ssh fails, status 255). */
+export const UNREACHABLE_HOST = 'blksync-unreachable';
 
 export interface Sshd {
   /** ssh command to pass as --ssh. */
@@ -24,6 +26,8 @@ export interface Sshd {
   /** The client config file. */
   config: string;
   host: string;
+  /** A host that refuses connections, for failure tests. */
+  unreachable: string;
   port: number;
   dir: string;
   stop(): Promise<void>;
@@ -77,6 +81,8 @@ export async function startSshd(): Promise<Sshd> {
   await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', userKey]);
   await writeFile(join(dir, 'authorized_keys'), await readFile(`${userKey}.pub`));
   const port = await freePort();
+  // free a moment ago and not listened on by anyone here: connections are refused
+  const closedPort = await freePort();
   const user = userInfo().username;
   await writeFile(
     join(dir, 'sshd_config'),
@@ -93,6 +99,8 @@ export async function startSshd(): Promise<Sshd> {
       'PubkeyAuthentication yes',
       'PermitRootLogin yes',
       `AllowUsers ${user}`,
+      // tests point the agent's cache (--index auto) into their temp dir: ssh -o SetEnv=...
+      'AcceptEnv XDG_CACHE_HOME',
       'LogLevel ERROR',
       '',
     ].join('\n'),
@@ -113,6 +121,11 @@ export async function startSshd(): Promise<Sshd> {
       '  StrictHostKeyChecking yes',
       '  BatchMode yes',
       '  LogLevel ERROR',
+      `Host ${UNREACHABLE_HOST}`,
+      '  HostName 127.0.0.1',
+      `  Port ${closedPort}`,
+      '  BatchMode yes',
+      '  ConnectTimeout 5',
       '',
     ].join('\n'),
   );
@@ -135,6 +148,7 @@ export async function startSshd(): Promise<Sshd> {
     ssh: `ssh -F ${config}`,
     config,
     host: TEST_HOST,
+    unreachable: UNREACHABLE_HOST,
     port,
     dir,
     stop: async () => {

@@ -1,0 +1,434 @@
+/**
+ * An index kept beside a remote DST (`--index host:FILE`, or `--index auto` for a push: the
+ * remote's own cache keyed by DST's identity), kept by the target agent. It decides as a
+ * local copy does (engine/index-target.ts) and then stands in for DST:
+ *
+ *   open ─► identity ok? ─► sample of DST ok? ─► used: HASH_REQ in the index's blocks is
+ *     │        │ no              │ no                  answered from the table, DST unread
+ *     │        ▼                 ▼
+ *     │  EINDEX_MISMATCH    EINDEX_STALE     (--rebuild-index: create instead)
+ *     └─ no index / DST new / --full ─► created: DST's blocks are hashed as the TOP_HASHES
+ *                                        scan reads them (zeros for a new DST)
+ *
+ * Either way the table follows DST: a HASH_REQ that reads DST in the index's blocks stores
+ * their hashes, each DATA frame replaces the hashes of the blocks it covers, and blocks no
+ * one hashed (a partial block, --full) are read back at DONE. Before the first DATA the file
+ * is marked in progress from there to the end (after syncing DST), so a killed copy leaves
+ * an index that vouches only for what was durable; after DONE has synced DST the clean index
+ * is written with DST's identity then.
+ *
+ * The agent runs on Node >= 18, but the index format's checksums use crypto.hash (Node
+ * >= 20.12); an older remote node is told so instead of failing half-way.
+ */
+
+import * as crypto from 'node:crypto';
+import type { Stats } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { rm } from 'node:fs/promises';
+import { BlksyncError, isSystemError } from '../errors.js';
+import {
+  blockCountFor,
+  MAX_INDEX_BLOCKS,
+  newIndex,
+  readIndexFile,
+  writeIndexFile,
+  type IndexFile,
+  type IndexState,
+} from '../formats/index-file.js';
+import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
+import {
+  describeIdentity,
+  identityMismatch,
+  identityOf,
+  type TargetIdentity,
+} from '../io/identity.js';
+import { assertSeparateOutput, sameFile } from '../io/open.js';
+import type { Range } from '../ranges.js';
+import { blockDigest, WIRE_HASH_BYTES, type IndexHello, type IndexWireReport } from './protocol.js';
+
+const HASH_BYTES = 32;
+
+/** Full SHA-256 (the index's hash); createHash, which every node the agent runs on has. */
+function sha256(data: Buffer, start: number, end: number): Buffer {
+  return crypto.createHash('sha256').update(data.subarray(start, end)).digest();
+}
+
+/** DST as the agent opened it. */
+export interface IndexedTarget {
+  path: string;
+  fh: FileHandle | undefined;
+  stats: Stats | undefined;
+  kind: 'file' | 'block-device';
+  /** The file's or device's size (after a new or empty file was grown). */
+  size: number;
+}
+
+function stale(path: string, why: string): BlksyncError {
+  return new BlksyncError(
+    'EINDEX_STALE',
+    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
+    { path },
+  );
+}
+
+async function readAll(
+  fh: FileHandle,
+  buf: Buffer,
+  length: number,
+  offset: number,
+): Promise<number> {
+  let got = 0;
+  while (got < length) {
+    const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
+    if (bytesRead === 0) break;
+    got += bytesRead;
+  }
+  return got;
+}
+
+export class AgentIndex {
+  readonly path: string;
+  readonly blockSize: number;
+  readonly used: boolean;
+  /** Bytes of DST read for the sample and the read-back at DONE. */
+  bytesRead = 0;
+  readonly #imageSize: number;
+  readonly #dst: IndexedTarget;
+  readonly #dryRun: boolean;
+  readonly #table: Buffer;
+  /** 1 where the table holds the hash of what DST holds now. */
+  readonly #known: Uint8Array;
+  readonly #untrusted: Range[];
+  readonly #report: IndexWireReport;
+  #removeBeforeWrite: boolean;
+  #marked = false;
+
+  private constructor(
+    path: string,
+    blockSize: number,
+    imageSize: number,
+    dst: IndexedTarget,
+    dryRun: boolean,
+    use: { index: IndexFile; untrusted: Range[] } | undefined,
+    create: { reason: string | undefined; oldExists: boolean; zero: boolean } | undefined,
+  ) {
+    this.path = path;
+    this.blockSize = blockSize;
+    this.used = use !== undefined;
+    this.#imageSize = imageSize;
+    this.#dst = dst;
+    this.#dryRun = dryRun;
+    const blocks = blockCountFor(imageSize, blockSize);
+    this.#table = Buffer.alloc(blocks * HASH_BYTES);
+    this.#known = new Uint8Array(blocks);
+    this.#untrusted = use?.untrusted ?? [];
+    this.#removeBeforeWrite = create?.oldExists === true;
+    if (use !== undefined) {
+      use.index.hashes.copy(
+        this.#table,
+        0,
+        0,
+        Math.min(use.index.hashes.length, this.#table.length),
+      );
+      this.#known.fill(1);
+      for (const r of this.#untrusted) {
+        this.#known.fill(0, r.start / blockSize, Math.ceil(r.end / blockSize));
+      }
+    } else if (create?.zero === true && blocks > 0) {
+      // a new or empty DST reads as zeros
+      const full = sha256(Buffer.alloc(blockSize), 0, blockSize);
+      for (let i = 0; i < blocks; i++) full.copy(this.#table, i * HASH_BYTES);
+      const tail = imageSize - (blocks - 1) * blockSize;
+      sha256(Buffer.alloc(tail), 0, tail).copy(this.#table, (blocks - 1) * HASH_BYTES);
+      this.#known.fill(1);
+    }
+    this.#report = {
+      path,
+      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
+      blockSize,
+      bytesHashed: 0,
+      sampleBlocks: 0,
+      bytesReread: 0,
+      checkpoints: 0,
+      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+    };
+  }
+
+  /** Decides whether the index at `o.path` (or the cache's, for "auto") is used or made. */
+  static async open(
+    o: IndexHello,
+    dst: IndexedTarget,
+    imageSize: number,
+    fresh: boolean,
+    dryRun: boolean,
+  ): Promise<AgentIndex> {
+    if (typeof (crypto as { hash?: unknown }).hash !== 'function') {
+      throw new BlksyncError(
+        'EREMOTE',
+        `an index kept on this host needs Node.js >= 20.12 here (this is ${process.version}); use --remote-node, or keep the index locally (--index FILE)`,
+      );
+    }
+    const bs = o.blockSize;
+    if (blockCountFor(imageSize, bs) > MAX_INDEX_BLOCKS) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `an index of ${imageSize} bytes in ${bs}-byte blocks would hold too many hashes; use larger blocks (-b 1M)`,
+      );
+    }
+    const id =
+      dst.fh !== undefined && dst.stats !== undefined
+        ? await identityOf(dst.path, dst.stats, dst.size)
+        : undefined;
+    let path = o.path;
+    const make = (reason: string | undefined, oldExists: boolean, p = path): AgentIndex =>
+      new AgentIndex(p, bs, imageSize, dst, dryRun, undefined, {
+        reason,
+        oldExists,
+        zero: fresh,
+      });
+    if (path === 'auto') {
+      // a dry run onto a file that does not exist yet: nothing to key the cache by
+      if (id === undefined) return make(undefined, false);
+      path = cachedIndexPath(id, await ensureCacheDir());
+    }
+    const stats = dst.stats;
+    if (stats !== undefined) {
+      // the index is written by rename: over DST itself it would destroy it
+      await assertSeparateOutput(path, [
+        { path: dst.path, role: 'the destination', isSame: (st) => sameFile(stats, st) },
+      ]);
+    }
+    let index: IndexFile;
+    try {
+      index = await readIndexFile(path);
+    } catch (err) {
+      const missing =
+        err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
+      if (missing) return make(undefined, false);
+      if (o.rebuild && err instanceof BlksyncError && err.code === 'EINDEX_FORMAT') {
+        return make(err.message, true);
+      }
+      throw err;
+    }
+    if (fresh || id === undefined || o.full) {
+      return make(o.full ? '--full writes everything' : 'the destination is new', true);
+    }
+    const why = identityMismatch(index.identity, id);
+    if (why !== undefined) {
+      if (o.rebuild) return make(why, true);
+      throw new BlksyncError(
+        'EINDEX_MISMATCH',
+        `index ${path} does not describe this destination: ${why} (${describeIdentity(id)}); pass --rebuild-index to replace it (DST is then compared by hashes once)`,
+        { path },
+      );
+    }
+    if (o.chunkSize % index.blockSize !== 0) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `index ${path} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
+      );
+    }
+    if (o.blockSizeGiven && bs !== index.blockSize) {
+      if (o.rebuild) return make(`block size ${bs} asked for`, true);
+      throw new BlksyncError(
+        'EUSAGE',
+        `index ${path} has ${index.blockSize}-byte blocks but -b asks for ${bs}; omit -b, or pass --rebuild-index`,
+      );
+    }
+    if (
+      index.state.kind === 'clean' &&
+      id.mtimeNs !== undefined &&
+      index.identity.mtimeNs !== undefined &&
+      id.mtimeNs !== index.identity.mtimeNs
+    ) {
+      const why2 = `${dst.path} was modified after the index was written`;
+      if (o.rebuild) return make(why2, true);
+      throw stale(path, why2);
+    }
+    const ibs = index.blockSize;
+    const untrusted: Range[] = [];
+    if (index.state.kind === 'in-progress') {
+      const s = Math.floor(index.state.dirty.start / ibs) * ibs;
+      const e = Math.min(imageSize, Math.ceil(index.state.dirty.end / ibs) * ibs);
+      if (s < e) untrusted.push({ start: s, end: e });
+    }
+    // a block is trusted only if it had the same extent when it was hashed
+    const covered =
+      index.imageSize === imageSize
+        ? imageSize
+        : Math.floor(Math.min(index.imageSize, imageSize) / ibs) * ibs;
+    if (covered < imageSize) {
+      const last = untrusted[untrusted.length - 1];
+      if (last !== undefined && last.end >= covered) {
+        last.start = Math.min(last.start, covered);
+        last.end = imageSize;
+      } else untrusted.push({ start: covered, end: imageSize });
+    }
+    const used = new AgentIndex(path, ibs, imageSize, dst, dryRun, { index, untrusted }, undefined);
+    const bad = await used.#verifySample(o.verifySample);
+    if (bad !== undefined) {
+      const why2 = `the block at byte ${bad} of ${dst.path} does not match its hash`;
+      if (o.rebuild) return make(why2, true, path);
+      throw stale(path, why2);
+    }
+    return used;
+  }
+
+  /** Reads `count` trusted blocks (first, last, then random) and checks them; the first bad one. */
+  async #verifySample(count: number): Promise<number | undefined> {
+    const fh = this.#dst.fh!;
+    const bs = this.blockSize;
+    const blocks = this.#known.length;
+    if (count <= 0 || blocks === 0) return undefined;
+    const picked = new Set<number>();
+    const candidates = [0, blocks - 1];
+    const all = count >= blocks;
+    const tries = all ? blocks : count * 8;
+    const buf = Buffer.allocUnsafe(bs);
+    for (let t = 0; picked.size < count && t < tries; t++) {
+      const i = all ? t : (candidates.shift() ?? crypto.randomInt(blocks));
+      if (picked.has(i) || this.#known[i] !== 1) continue;
+      picked.add(i);
+      const s = i * bs;
+      const len = Math.min(bs, this.#imageSize - s);
+      const got = await readAll(fh, buf, len, s);
+      this.bytesRead += got;
+      this.#report.sampleBlocks++;
+      if (got < len) return s;
+      const h = i * HASH_BYTES;
+      if (sha256(buf, 0, len).compare(this.#table, h, h + HASH_BYTES) !== 0) return s;
+    }
+    return undefined;
+  }
+
+  /**
+   * The reply to a HASH_REQ from the table, when the index vouches for every block of it and
+   * the unit is the index's block; undefined when DST must be read.
+   */
+  hashesFor(offset: number, length: number, unit: number): Buffer | undefined {
+    const bs = this.blockSize;
+    if (!this.used || unit !== bs || offset % bs !== 0) return undefined;
+    const end = offset + length;
+    if (end !== this.#imageSize && end % bs !== 0) return undefined;
+    const first = offset / bs;
+    const n = Math.ceil(length / bs);
+    const out = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+    for (let i = 0; i < n; i++) {
+      if (this.#known[first + i] !== 1) return undefined;
+      const h = (first + i) * HASH_BYTES;
+      this.#table.copy(out, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
+    }
+    return out;
+  }
+
+  /** Whether the table holds the current hash of every block of [offset, offset + length). */
+  knows(offset: number, length: number): boolean {
+    const bs = this.blockSize;
+    for (let i = Math.floor(offset / bs); i * bs < offset + length; i++) {
+      if (this.#known[i] !== 1) return false;
+    }
+    return true;
+  }
+
+  /** The block digest of [offset, offset + length) (block-aligned; every block known). */
+  digest(offset: number, length: number): Buffer {
+    const bs = this.blockSize;
+    const first = offset / bs;
+    const n = Math.ceil(length / bs);
+    const hashes = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
+    for (let i = 0; i < n; i++) {
+      const h = (first + i) * HASH_BYTES;
+      this.#table.copy(hashes, i * WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES);
+    }
+    return blockDigest(hashes);
+  }
+
+  /** DST's bytes at `offset` were read (a scan, a HASH_REQ): the whole blocks' hashes are now known. */
+  learned(offset: number, data: Buffer, length: number): void {
+    this.#hashBlocks(offset, data, length);
+  }
+
+  /** Before DST's first byte changes: remove a replaced index, or mark the used one in progress. */
+  async beforeWrite(offset: number): Promise<void> {
+    if (this.#marked || this.#dryRun) return;
+    this.#marked = true;
+    if (this.#removeBeforeWrite) await rm(this.path, { force: true });
+    if (!this.used) return;
+    let start = offset;
+    for (const r of this.#untrusted) start = Math.min(start, r.start);
+    start = Math.floor(start / this.blockSize) * this.blockSize;
+    // what an earlier, killed run wrote may be only in the page cache; the mark vouches for it
+    await this.#dst.fh!.sync();
+    await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
+    this.#report.checkpoints++;
+  }
+
+  /** DATA was written at `offset`. */
+  wrote(offset: number, raw: Buffer): void {
+    this.#hashBlocks(offset, raw, raw.length);
+  }
+
+  /** After DONE synced DST: reads back the blocks no one hashed, and writes the clean index. */
+  async commit(): Promise<void> {
+    const fh = this.#dst.fh;
+    if (this.#dryRun || fh === undefined) return;
+    const bs = this.blockSize;
+    const buf = Buffer.allocUnsafe(bs);
+    for (let i = 0; i < this.#known.length; i++) {
+      if (this.#known[i] === 1) continue;
+      const s = i * bs;
+      const len = Math.min(bs, this.#imageSize - s);
+      const got = await readAll(fh, buf, len, s);
+      this.bytesRead += got;
+      this.#report.bytesReread += got;
+      if (got < len) {
+        throw new BlksyncError('EDEST_SHORT', `${this.#dst.path} ended at ${s + got} bytes`);
+      }
+      this.#hashBlocks(s, buf, len);
+    }
+    await this.#write({ kind: 'clean' });
+  }
+
+  report(): IndexWireReport {
+    return { ...this.#report };
+  }
+
+  /** Stores the hashes of the whole blocks in data[0, length) at image `offset`. */
+  #hashBlocks(offset: number, data: Buffer, length: number): void {
+    const bs = this.blockSize;
+    const end = offset + length;
+    let i = Math.floor(offset / bs);
+    for (; i * bs < end && i < this.#known.length; i++) {
+      const s = i * bs;
+      const e = Math.min(s + bs, this.#imageSize);
+      if (s < offset || e > end) {
+        // only part of the block: its hash is no longer known
+        this.#known[i] = 0;
+        continue;
+      }
+      sha256(data, s - offset, e - offset).copy(this.#table, i * HASH_BYTES);
+      this.#report.bytesHashed += e - s;
+      this.#known[i] = 1;
+    }
+  }
+
+  async #write(state: IndexState): Promise<void> {
+    const d = this.#dst;
+    const st = await d.fh!.stat();
+    const identity: TargetIdentity = await identityOf(
+      d.path,
+      st,
+      d.kind === 'file' ? st.size : d.size,
+    );
+    await writeIndexFile(
+      this.path,
+      newIndex({
+        blockSize: this.blockSize,
+        imageSize: this.#imageSize,
+        state,
+        identity,
+        hashes: this.#table,
+      }),
+    );
+  }
+}
