@@ -16,9 +16,6 @@
  * is marked in progress from there to the end (after syncing DST), so a killed copy leaves
  * an index that vouches only for what was durable; after DONE has synced DST the clean index
  * is written with DST's identity then.
- *
- * The agent runs on Node >= 18, but the index format's checksums use crypto.hash (Node
- * >= 20.12); an older remote node is told so instead of failing half-way.
  */
 
 import * as crypto from 'node:crypto';
@@ -162,12 +159,6 @@ export class AgentIndex {
     fresh: boolean,
     dryRun: boolean,
   ): Promise<AgentIndex> {
-    if (typeof (crypto as { hash?: unknown }).hash !== 'function') {
-      throw new BlksyncError(
-        'EREMOTE',
-        `an index kept on this host needs Node.js >= 20.12 here (this is ${process.version}); use --remote-node, or keep the index locally (--index FILE)`,
-      );
-    }
     const bs = o.blockSize;
     if (blockCountFor(imageSize, bs) > MAX_INDEX_BLOCKS) {
       throw new BlksyncError(
