@@ -75,7 +75,7 @@ child.on('close', (code) => {
 
 interface Row {
   label: string;
-  direction: 'push' | 'pull' | 'between';
+  direction: 'push' | 'pull' | 'between' | 'login';
   tool: string;
   counted: boolean;
   /** The wire bytes come from blksync's --json summary instead of the wrapper. */
@@ -147,6 +147,16 @@ async function run(options: BenchOptions): Promise<void> {
       });
     }
 
+    // what every tool pays once before it can do anything: ssh's connection and the remote
+    // user's shell start-up (here root's .bashrc runs `pyenv init`)
+    rows.push({
+      label: 'ssh HOST true (login only)',
+      direction: 'login',
+      tool: 'ssh',
+      counted: false,
+      command: `${plainSsh} ${host} true`,
+    });
+
     const wire = new Map<string, [number, number][]>();
     /** --direct: bytes on the channel between the two hosts. */
     const between = new Map<string, [number, number][]>();
@@ -160,6 +170,7 @@ async function run(options: BenchOptions): Promise<void> {
             `CHECK FAILED: ${row.label}: exit ${m.status}\n$ ${row.command}\n${m.stderr}`,
           );
         }
+        if (row.direction === 'login') return;
         await assertSameFiles(src, dst);
         if (row.json === true) {
           const channel = (JSON.parse(m.stdout) as { channel: ChannelStats }).channel;
@@ -214,7 +225,7 @@ async function run(options: BenchOptions): Promise<void> {
       const result = results[i]!;
       const s = summarize(result.seconds);
       const rsync =
-        row.direction === 'between'
+        row.direction === 'between' || row.direction === 'login'
           ? undefined
           : median(`rsync ${row.direction}${row.counted ? '' : ' (no counter)'}`);
       const w = wire.get(row.label);
@@ -256,6 +267,12 @@ async function run(options: BenchOptions): Promise<void> {
         '(push: to the remote / from it; pull likewise), counted by the wrapper; × goal: over 1.1 × differing + 64 KiB',
         'local cpu s: user + system of the local command and its children (ssh, the counter), not the remote side',
         "host → host rows: to / from ssh are blksync's own counts of its channel(s) (--json), no wrapper",
+        ...(['push', 'pull'] as const).map((d) => {
+          const login = median('ssh HOST true (login only)');
+          const ours = median(`blksync ${d} (no counter)`) - login;
+          const theirs = median(`rsync ${d} (no counter)`) - login;
+          return `${d} less the ssh login (${login.toFixed(3)} s, paid once by every tool): blksync ${ours.toFixed(3)} s, rsync ${theirs.toFixed(3)} s, ${(ours / theirs).toFixed(2)}×`;
+        }),
         ...[...between].map(([label, list]) => {
           const up = summarize(list.map((x) => x[0])).median;
           const down = summarize(list.map((x) => x[1])).median;
