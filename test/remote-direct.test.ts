@@ -10,37 +10,19 @@ import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import { copy } from '../src/engine/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
 import { runCli } from './helpers/cli.js';
-import { need } from './helpers/resources.js';
-import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { tempDir } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
 
 describe('copy between two hosts with --direct', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
-
-  before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
-  });
-  after(async () => {
-    await sshd?.stop();
-  });
-
-  function server(t: TestContext): Sshd | undefined {
-    const ok = need(
-      t,
-      available && sshd !== undefined,
-      'sshd is not installed (apt-get install openssh-server)',
-    );
-    return ok ? sshd : undefined;
-  }
+  /** Skips (or fails under strict) without sshd; returns the server. */
+  const server = sharedSshd();
   const at = (host: string, path: string): string => `${host}:${path}`;
 
   test('the data goes host to host: byte-identical DST, little on the local channel', async (t) => {

@@ -9,14 +9,13 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import { copy, type CopyResult } from '../src/engine/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
 import { runCli } from './helpers/cli.js';
-import { need } from './helpers/resources.js';
-import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
+import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
@@ -38,25 +37,8 @@ async function rejectsWith(p: Promise<unknown>, code: string, text?: RegExp): Pr
 }
 
 describe('push with --index kept here', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
-
-  before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
-  });
-  after(async () => {
-    await sshd?.stop();
-  });
-
-  function server(t: TestContext): Sshd | undefined {
-    const ok = need(
-      t,
-      available && sshd !== undefined,
-      'sshd is not installed (apt-get install openssh-server)',
-    );
-    return ok ? sshd : undefined;
-  }
+  /** Skips (or fails under strict) without sshd; returns the server. */
+  const server = sharedSshd();
   const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
 
   test('created, then used: the agent reads only the sample of DST', async (t) => {
@@ -196,25 +178,8 @@ describe('push with --index kept here', () => {
 });
 
 describe('push with the index kept beside the remote DST (--index host:FILE, auto)', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
-
-  before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
-  });
-  after(async () => {
-    await sshd?.stop();
-  });
-
-  function server(t: TestContext): Sshd | undefined {
-    const ok = need(
-      t,
-      available && sshd !== undefined,
-      'sshd is not installed (apt-get install openssh-server)',
-    );
-    return ok ? sshd : undefined;
-  }
+  /** Skips (or fails under strict) without sshd; returns the server. */
+  const server = sharedSshd();
   const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
 
   test('host:FILE: created, then used without reading DST; a dry run changes nothing', async (t) => {
@@ -373,25 +338,8 @@ describe('push with the index kept beside the remote DST (--index host:FILE, aut
 });
 
 describe('pull with --index: the index of the local DST', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
-
-  before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
-  });
-  after(async () => {
-    await sshd?.stop();
-  });
-
-  function server(t: TestContext): Sshd | undefined {
-    const ok = need(
-      t,
-      available && sshd !== undefined,
-      'sshd is not installed (apt-get install openssh-server)',
-    );
-    return ok ? sshd : undefined;
-  }
+  /** Skips (or fails under strict) without sshd; returns the server. */
+  const server = sharedSshd();
   const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
 
   test('created, then used: DST is read only for the sample; a dry run changes nothing', async (t) => {

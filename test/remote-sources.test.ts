@@ -11,7 +11,7 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { after, before, describe, test } from 'node:test';
 import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { copy } from '../src/engine/copy.js';
@@ -20,8 +20,7 @@ import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
 import { isRemote, parseRemote } from '../src/remote/spec.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, needLoop, needTool, readDevice } from './helpers/loop.js';
-import { need } from './helpers/resources.js';
-import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
+import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const BS = 4096;
@@ -46,15 +45,12 @@ function xz(data: Buffer): Buffer {
 }
 
 describe('push from any local source', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
+  const server = sharedSshd();
   let http: Server | undefined;
   let base = '';
   const served = new Map<string, Buffer>();
 
   before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
     http = createServer((req, res) => {
       const body = served.get(req.url ?? '');
       if (body === undefined) {
@@ -67,18 +63,9 @@ describe('push from any local source', () => {
     base = `http://127.0.0.1:${(http.address() as AddressInfo).port}`;
   });
   after(async () => {
-    await sshd?.stop();
     await new Promise((resolve) => http?.close(resolve));
   });
 
-  function server(t: TestContext): Sshd | undefined {
-    const ok = need(
-      t,
-      available && sshd !== undefined,
-      'sshd is not installed (apt-get install openssh-server)',
-    );
-    return ok ? sshd : undefined;
-  }
   const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
 
   test('a URL is never an ssh end, whatever its port or user part', () => {

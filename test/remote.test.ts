@@ -11,14 +11,14 @@ import { spawn } from 'node:child_process';
 import { chmod, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { after, before, describe, test, type TestContext } from 'node:test';
+import { describe, test } from 'node:test';
 import { copy, type CopyResult } from '../src/engine/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import type { RemoteCopyResult } from '../src/remote/remote-copy.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { need } from './helpers/resources.js';
-import { startSshd, sshdAvailable, type Sshd } from './helpers/sshd.js';
+import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { tempDir } from './helpers/tmp.js';
 
 const BS = 4096;
@@ -42,30 +42,8 @@ async function rejectsWith(p: Promise<unknown>, code: string, text?: RegExp): Pr
 }
 
 describe('remote copy over ssh', () => {
-  let sshd: Sshd | undefined;
-  let available = false;
-
-  before(async () => {
-    available = await sshdAvailable();
-    if (available) sshd = await startSshd();
-  });
-  after(async () => {
-    await sshd?.stop();
-  });
-
   /** Skips (or fails under strict) without sshd; returns the server. */
-  function server(t: TestContext): Sshd | undefined {
-    if (
-      !need(
-        t,
-        available && sshd !== undefined,
-        'sshd is not installed (apt-get install openssh-server)',
-      )
-    ) {
-      return undefined;
-    }
-    return sshd;
-  }
+  const server = sharedSshd();
 
   const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
 

@@ -19,6 +19,28 @@ export interface SampleResult {
 }
 
 /**
+ * Which blocks to sample: `count` of the `blocks` for which `trusted(i)` holds, the first and
+ * the last block first (where partition tables live, and what other tools most often
+ * rewrite), then random ones; all of them, in order, when `count` covers them.
+ */
+export function pickSampleBlocks(
+  blocks: number,
+  count: number,
+  trusted: (block: number) => boolean = () => true,
+): number[] {
+  const picked = new Set<number>();
+  if (count <= 0 || blocks === 0) return [];
+  const candidates = [0, blocks - 1];
+  const all = count >= blocks;
+  const tries = all ? blocks : count * 8;
+  for (let t = 0; picked.size < count && t < tries; t++) {
+    const i = all ? t : (candidates.shift() ?? randomInt(blocks));
+    if (!picked.has(i) && trusted(i)) picked.add(i);
+  }
+  return [...picked];
+}
+
+/**
  * Reads `count` random blocks of `file` for which `trusted(start, end)` holds — always the
  * first and last of them, where partition tables live — and compares their SHA-256 with
  * `hashes` (block 0 first). All blocks, in order, when `count` covers them.
@@ -33,18 +55,12 @@ export async function sampleMismatch(
 ): Promise<SampleResult> {
   const result: SampleResult = { mismatchAt: undefined, blocks: 0, bytes: 0 };
   const blocks = blockCountFor(imageSize, blockSize);
-  if (count <= 0 || blocks === 0) return result;
-  const picked = new Set<number>();
+  const end = (i: number): number => Math.min((i + 1) * blockSize, imageSize);
+  const picked = pickSampleBlocks(blocks, count, (i) => trusted(i * blockSize, end(i)));
   const buf = Buffer.allocUnsafe(blockSize);
-  const candidates = [0, blocks - 1];
-  const all = count >= blocks;
-  const tries = all ? blocks : count * 8;
-  for (let t = 0; picked.size < count && t < tries; t++) {
-    const i = all ? t : (candidates.shift() ?? randomInt(blocks));
+  for (const i of picked) {
     const s = i * blockSize;
-    const e = Math.min(s + blockSize, imageSize);
-    if (picked.has(i) || !trusted(s, e)) continue;
-    picked.add(i);
+    const e = end(i);
     const got = await readFully(file.fh, buf, 0, e - s, s);
     result.bytes += got;
     result.blocks++;

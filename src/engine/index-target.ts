@@ -160,6 +160,11 @@ export class IndexTarget implements TargetKnowledge {
     }
   }
 
+  /** Whether the index vouches for DST's bytes [start, end). */
+  trusts(start: number, end: number): boolean {
+    return this.#isTrusted(start, end);
+  }
+
   #isTrusted(start: number, end: number): boolean {
     return this.untrusted.every((r) => end <= r.start || start >= r.end);
   }

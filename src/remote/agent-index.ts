@@ -18,7 +18,6 @@
  * is written with DST's identity then.
  */
 
-import * as crypto from 'node:crypto';
 import type { Stats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { rm } from 'node:fs/promises';
@@ -40,15 +39,11 @@ import {
   type TargetIdentity,
 } from '../io/identity.js';
 import { assertSeparateOutput, sameFile } from '../io/open.js';
+import { readFully } from '../io/read-fully.js';
+import { sampleMismatch } from '../engine/index-sample.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
 import { blockDigest, WIRE_HASH_BYTES, type IndexHello, type IndexWireReport } from './protocol.js';
-
-const HASH_BYTES = 32;
-
-/** Full SHA-256 (the index's hash); createHash, which every node the agent runs on has. */
-function sha256(data: Buffer, start: number, end: number): Buffer {
-  return crypto.createHash('sha256').update(data.subarray(start, end)).digest();
-}
 
 /** DST as the agent opened it. */
 export interface IndexedTarget {
@@ -66,21 +61,6 @@ function stale(path: string, why: string): BlksyncError {
     `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
     { path },
   );
-}
-
-async function readAll(
-  fh: FileHandle,
-  buf: Buffer,
-  length: number,
-  offset: number,
-): Promise<number> {
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got;
 }
 
 export class AgentIndex {
@@ -267,29 +247,18 @@ export class AgentIndex {
 
   /** Reads `count` trusted blocks (first, last, then random) and checks them; the first bad one. */
   async #verifySample(count: number): Promise<number | undefined> {
-    const fh = this.#dst.fh!;
     const bs = this.blockSize;
-    const blocks = this.#known.length;
-    if (count <= 0 || blocks === 0) return undefined;
-    const picked = new Set<number>();
-    const candidates = [0, blocks - 1];
-    const all = count >= blocks;
-    const tries = all ? blocks : count * 8;
-    const buf = Buffer.allocUnsafe(bs);
-    for (let t = 0; picked.size < count && t < tries; t++) {
-      const i = all ? t : (candidates.shift() ?? crypto.randomInt(blocks));
-      if (picked.has(i) || this.#known[i] !== 1) continue;
-      picked.add(i);
-      const s = i * bs;
-      const len = Math.min(bs, this.#imageSize - s);
-      const got = await readAll(fh, buf, len, s);
-      this.bytesRead += got;
-      this.#report.sampleBlocks++;
-      if (got < len) return s;
-      const h = i * HASH_BYTES;
-      if (sha256(buf, 0, len).compare(this.#table, h, h + HASH_BYTES) !== 0) return s;
-    }
-    return undefined;
+    const r = await sampleMismatch(
+      { fh: this.#dst.fh! },
+      this.#table,
+      bs,
+      this.#imageSize,
+      count,
+      (start) => this.#known[start / bs] === 1,
+    );
+    this.bytesRead += r.bytes;
+    this.#report.sampleBlocks += r.blocks;
+    return r.mismatchAt;
   }
 
   /**
@@ -369,7 +338,7 @@ export class AgentIndex {
       if (this.#known[i] === 1) continue;
       const s = i * bs;
       const len = Math.min(bs, this.#imageSize - s);
-      const got = await readAll(fh, buf, len, s);
+      const got = await readFully(fh, buf, 0, len, s);
       this.bytesRead += got;
       this.#report.bytesReread += got;
       if (got < len) {

@@ -17,8 +17,8 @@
  * of DST and reports its identity then, and the clean index is written with it.
  */
 
-import { randomInt } from 'node:crypto';
 import { rm } from 'node:fs/promises';
+import { pickSampleBlocks } from '../engine/index-sample.js';
 import { BlksyncError, isSystemError } from '../errors.js';
 import {
   blockCountFor,
@@ -330,19 +330,9 @@ async function verifySample(
 ): Promise<{ bad: number | undefined; blocks: number }> {
   const bs = target.blockSize;
   const blocks = blockCountFor(target.imageSize, bs);
-  if (count <= 0 || blocks === 0) return { bad: undefined, blocks: 0 };
-  const trusted = (s: number, e: number): boolean =>
-    target.untrusted.every((r) => e <= r.start || s >= r.end);
-  const picked = new Set<number>();
-  const candidates = [0, blocks - 1];
-  const all = count >= blocks;
-  const tries = all ? blocks : count * 8;
-  for (let t = 0; picked.size < count && t < tries; t++) {
-    const i = all ? t : (candidates.shift() ?? randomInt(blocks));
-    const s = i * bs;
-    if (!picked.has(i) && trusted(s, Math.min(s + bs, target.imageSize))) picked.add(i);
-  }
-  const order = [...picked].sort((a, b) => a - b);
+  const order = pickSampleBlocks(blocks, count, (i) =>
+    target.trusts(i * bs, Math.min((i + 1) * bs, target.imageSize)),
+  ).sort((a, b) => a - b);
   const replies = await Promise.all(
     order.map((i) => {
       const s = i * bs;

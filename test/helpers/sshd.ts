@@ -10,8 +10,9 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
+import { after, before, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
-import { IS_ROOT } from './resources.js';
+import { IS_ROOT, need } from './resources.js';
 
 const run = promisify(execFile);
 export const SSHD = '/usr/sbin/sshd';
@@ -157,4 +158,29 @@ export async function startSshd(): Promise<Sshd> {
       await rm(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * For a describe block (or a file's top level): one sshd for its tests, started before them
+ * and stopped after. Returns what a test calls to get the server; without sshd that skips
+ * the test (a failure under BLKSYNC_TEST_STRICT) and returns undefined.
+ */
+export function sharedSshd(): (t: TestContext) => Sshd | undefined {
+  let sshd: Sshd | undefined;
+  let available = false;
+  before(async () => {
+    available = await sshdAvailable();
+    if (available) sshd = await startSshd();
+  });
+  after(async () => {
+    await sshd?.stop();
+  });
+  return (t) =>
+    need(
+      t,
+      available && sshd !== undefined,
+      'sshd is not installed (apt-get install openssh-server)',
+    )
+      ? sshd
+      : undefined;
 }
