@@ -14,6 +14,7 @@ import { clearsignedText, normalizeFingerprint, signatureCandidates } from '../s
 import { BlksyncError, copy } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, writeSparseFile } from './helpers/tmp.js';
 
 const run = promisify(execFile);
@@ -98,6 +99,7 @@ describe('signed bmaps', () => {
   }
 
   const signAs = (key: string, ...args: string[]) => gpg('--local-user', key, ...args);
+  const sshServer = sharedSshd();
 
   it('copies with a good detached signature found beside the bmap, and with --fingerprint', async (t) => {
     if (!needGpg(t)) return;
@@ -171,8 +173,8 @@ describe('signed bmaps', () => {
     const r = await runCli(['copy', '--fingerprint', keyA, img, out]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /ESIG_INVALID/);
-    // not passed on to a push yet: refused rather than ignored
-    await assert.rejects(copy(img, 'nohost.invalid:/dev/x', { fingerprint: keyA }), code('EUSAGE'));
+    // a remote SRC has no local bmap to check: refused rather than ignored
+    await assert.rejects(copy('nohost.invalid:/dev/x', out, { fingerprint: keyA }), code('EUSAGE'));
     // a key id is not a fingerprint
     assert.throws(() => normalizeFingerprint(keyA.slice(-16)), code('EUSAGE'));
     // --fingerprint needs a signature to check
@@ -314,5 +316,29 @@ describe('signed bmaps', () => {
     files['/d/disk.img.bmap.asc'] = Buffer.from('garbage');
     await assert.rejects(copy(url, join(dir, 'out2')), code('ESIG_INVALID'));
     await assert.rejects(stat(join(dir, 'out2')), { code: 'ENOENT' });
+  });
+
+  it("a push checks the local bmap's signature as a local copy does", async (t) => {
+    if (!needGpg(t)) return;
+    const ssh = sshServer(t);
+    if (ssh === undefined) return;
+    const { dir, img, bmap, image } = await imageWithBmap();
+    await signAs(keyB, '--armor', '--detach-sign', '-o', `${bmap}.asc`, bmap);
+    const remote = `${ssh.host}:${join(dir, 'pushed')}`;
+    const options = { remote: { ssh: ssh.ssh } };
+    // signed by bob, alice asked for: refused before anything reaches the host
+    await assert.rejects(
+      copy(img, remote, { ...options, fingerprint: keyA }),
+      code('ESIG_INVALID'),
+    );
+    await assert.rejects(stat(join(dir, 'pushed')), { code: 'ENOENT' });
+    // alice's keyring only: bob is an unknown signer
+    await assert.rejects(
+      copy(img, remote, { ...options, keyring: keyringA }),
+      code('ESIG_UNKNOWN_KEY'),
+    );
+    const r = await copy(img, remote, { ...options, fingerprint: keyB });
+    assert.deepEqual(r.bmap?.signature?.fingerprints, [keyB]);
+    assert.ok((await readFile(join(dir, 'pushed'))).equals(image));
   });
 });

@@ -183,11 +183,11 @@ export async function copy(
       options.keyring !== undefined ? '--keyring' : undefined,
       options.noSigVerify === true ? '--no-sig-verify' : undefined,
     ].filter((o) => o !== undefined);
-    if (sigOptions.length > 0) {
-      // a push still checks a signature found beside its bmap, with the user's keyring
+    if (sigOptions.length > 0 && isRemote(src)) {
+      // a push reads its local SRC as a local copy does, signature checks included
       throw new BlksyncError(
         'EUSAGE',
-        `${sigOptions.join(', ')} do not work with a host:path end yet`,
+        `${sigOptions.join(', ')} check the bmap of a local SRC; ${src} is on another host`,
       );
     }
     const { remoteCopy } = await import('../remote/remote-copy.js');
