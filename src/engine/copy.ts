@@ -220,14 +220,16 @@ export async function copy(
   let madeDst: 'created' | 'grown' | undefined;
   let writing = false;
   try {
-    if (options.index !== undefined && source.bmap !== undefined) {
-      // an index describes all of DST; a bmap copy reads only the mapped ranges
+    // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
+    const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
+    if (bmapBlock !== undefined && options.blockSize !== undefined && bmapBlock % blockSize !== 0) {
       throw new BlksyncError(
         'EUSAGE',
-        `--index cannot be combined with a bmap yet (found ${source.bmap.path}); add --no-bmap`,
+        `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
       );
     }
     const found = await openTarget(dst, { readOnly: dryRun });
+    const fresh = found.fh === undefined || found.size === 0;
     let created = false;
     let knowledge: TargetKnowledge;
     if (found.fh === undefined || found.size === 0) {
@@ -278,9 +280,22 @@ export async function copy(
         index: options.index,
         dst: target,
         dstPath: dst,
-        fresh: found.fh === undefined || found.size === 0,
+        fresh,
         imageSize: source.size,
-        blockSize: options.blockSize,
+        blockSize: options.blockSize ?? bmapBlock,
+        ...(options.blockSize === undefined && bmapBlock !== undefined
+          ? { blockSizeReason: "the bmap's blocks are" }
+          : {}),
+        ...(source.bmap !== undefined
+          ? {
+              partial: {
+                ranges: source.plan.ranges,
+                // a new file stays a hole there; an existing one gets holes punched
+                zeroedOutside: () => fresh || source.bmap?.unmappedPunched === true,
+                punches: !fresh && found.kind === 'file',
+              },
+            }
+          : {}),
         chunkSize,
         rebuild: options.rebuildIndex === true,
         verifySample: options.verifySample ?? indexing.DEFAULT_VERIFY_SAMPLE,
@@ -419,11 +434,13 @@ function sourceIndexFor(options: CopyOptions, source: CopySource): SourceIndexOp
     asked ?? (options.srcIndex !== false && options.index === 'auto' ? 'auto' : undefined);
   if (wanted === undefined) return undefined;
   const file = source.file;
-  if (file === undefined || file.kind !== 'file') {
+  if (file === undefined || file.kind !== 'file' || source.bmap !== undefined) {
     if (asked === undefined) return undefined;
     throw new BlksyncError(
       'EUSAGE',
-      `--src-index needs SRC to be a regular file read as it is; ${source.path} is ${source.compression !== undefined ? `${source.compression}-compressed` : `a ${source.kind}`}`,
+      source.bmap !== undefined
+        ? `--src-index describes all of SRC; a bmap copy reads only its mapped ranges (add --no-bmap)`
+        : `--src-index needs SRC to be a regular file read as it is; ${source.path} is ${source.compression !== undefined ? `${source.compression}-compressed` : `a ${source.kind}`}`,
     );
   }
   return {

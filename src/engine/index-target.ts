@@ -40,7 +40,8 @@ import {
 import type { Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { diffBuffers, ReadTarget } from './knowledge.js';
-import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { HashPool, hashBlocksSync, SharedBufferPool } from './hash-pool.js';
+import { readFully } from '../io/read-fully.js';
 import { sampleMismatch } from './index-sample.js';
 import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
 import { SourceIndex, type SourceIndexOptions, type SourceIndexReport } from './source-index.js';
@@ -54,6 +55,8 @@ export const DEFAULT_VERIFY_SAMPLE = 16;
  * reads the marked range back, which costs at most what a copy without an index reads.
  */
 export const MIN_CHECKPOINT_BYTES = 1024 * 1024 * 1024;
+/** Bytes of DST read at a time when hashing what a bmap copy did not pass through. */
+const HASH_READ_BYTES = 4 * 1024 * 1024;
 /** Planned bytes below which hashing stays on the main thread (worker start-up costs more). */
 export const INLINE_HASH_MAX_BYTES = 32 * 1024 * 1024;
 /** At most this many index rewrites per copy: the marked range grows with the image. */
@@ -365,6 +368,21 @@ export interface IndexSessionOptions {
   checkpointBytes?: number | undefined;
   /** An index of SRC to read only the blocks that differ, and to write after the copy. */
   source?: SourceIndexOptions | undefined;
+  /** Why blockSize is required, for messages (default: "-b asks for"). */
+  blockSizeReason?: string | undefined;
+  /**
+   * A bmap copy: only these ranges (block-aligned) pass through the pipeline. Outside them
+   * DST keeps what it holds, or, when `zeroedOutside()` says so after the copy (a new file,
+   * or holes punched there), reads as zeros; commit() gives those blocks their hashes.
+   */
+  partial?:
+    | {
+        ranges: readonly Range[];
+        zeroedOutside: () => boolean;
+        /** Holes are punched outside the ranges when the copy ends (an existing file). */
+        punches: boolean;
+      }
+    | undefined;
 }
 
 /** What the copy did with the index, for its summary. */
@@ -518,10 +536,11 @@ export class IndexSession {
       );
     }
     if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
-      if (o.rebuild) return rebuild(`block size ${o.blockSize} asked for`);
+      const reason = o.blockSizeReason ?? '-b asks for';
+      if (o.rebuild) return rebuild(`${reason} ${o.blockSize}-byte blocks`);
       throw new BlksyncError(
         'EUSAGE',
-        `index ${path} has ${index.blockSize}-byte blocks but -b asks for ${o.blockSize}; omit -b, or pass --rebuild-index`,
+        `index ${path} has ${index.blockSize}-byte blocks but ${reason} ${o.blockSize}; ${o.blockSizeReason === undefined ? 'omit -b, or ' : ''}pass --rebuild-index`,
       );
     }
     if (
@@ -591,11 +610,16 @@ export class IndexSession {
   async checkpoint(offset: number): Promise<number> {
     const target = this.target!;
     const dst = this.#o.dst!;
-    const start = alignDown(offset, this.blockSize);
-    const end = Math.min(
-      this.#o.imageSize,
-      Math.max(start + this.checkpointBytes, target.untrustedEndAfter(start)),
-    );
+    // a bmap copy onto a file punches holes outside the mapped ranges when it ends, anywhere
+    // in the image: until the clean index is written, none of it is vouched for
+    const whole = this.#o.partial?.punches === true;
+    const start = whole ? 0 : alignDown(offset, this.blockSize);
+    const end = whole
+      ? this.#o.imageSize
+      : Math.min(
+          this.#o.imageSize,
+          Math.max(start + this.checkpointBytes, target.untrustedEndAfter(start)),
+        );
     // also before the first mark: a killed earlier run's writes may still be only in the
     // page cache, and this mark is about to vouch for them
     await dst.fh.sync();
@@ -629,9 +653,49 @@ export class IndexSession {
     // DST's sink syncs only what this run wrote; what an earlier, killed run wrote may still
     // be only in the page cache, and the clean index is about to vouch for it
     await this.#o.dst.fh.sync();
+    if (this.#o.partial !== undefined) await this.#hashOutside(this.#o.partial, hashes);
     await this.#write({ kind: 'clean' }, hashes);
     // every block of SRC was hashed: what this copy learnt about DST is SRC's content too
     await this.#source?.save(hashes);
+  }
+
+  /**
+   * A bmap copy passed only the mapped ranges through the pipeline: gives the blocks outside
+   * them their hashes. Zeroed there (a new file, holes punched): a zero block's. Otherwise
+   * DST was not written there: a used index already knows those blocks, except where it did
+   * not vouch for them (an interrupted copy's range), and a new index knows none; those are
+   * read from DST and hashed.
+   */
+  async #hashOutside(
+    partial: NonNullable<IndexSessionOptions['partial']>,
+    table: Buffer,
+  ): Promise<void> {
+    const bs = this.blockSize;
+    const size = this.#o.imageSize;
+    const zeroed = partial.zeroedOutside();
+    const outside: Range[] = [];
+    let at = 0;
+    for (const r of [...partial.ranges, { start: size, end: size }]) {
+      if (r.start > at) outside.push({ start: at, end: r.start });
+      at = Math.max(at, r.end);
+    }
+    const target = this.target;
+    const zero = Buffer.alloc(bs);
+    const buf = Buffer.allocUnsafe(Math.max(bs, alignDown(HASH_READ_BYTES, bs)));
+    for (const r of outside) {
+      for (let s = r.start; s < r.end;) {
+        const e = Math.min(r.end, s + buf.length);
+        if (zeroed) {
+          for (let b = s; b < e; b += bs) {
+            sha256(zero, 0, Math.min(bs, size - b)).copy(table, (b / bs) * HASH_BYTES);
+          }
+        } else if (target === undefined || !target.trusts(s, e)) {
+          const got = await readFully(this.#o.dst!.fh, buf, 0, e - s, s);
+          hashBlocksSync(buf, 0, got, bs, table, (s / bs) * HASH_BYTES);
+        }
+        s = e;
+      }
+    }
   }
 
   report(): IndexReport {
