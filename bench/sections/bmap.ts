@@ -17,6 +17,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { makeIndex } from '../../src/engine/make-index.js';
 import { devId } from '../../src/io/block-device.js';
 import { DATA_DIR } from '../data.js';
 import {
@@ -129,7 +130,7 @@ interface Destination {
   /** Only raw images are copied to it. */
   rawOnly?: boolean;
   /** Resets it: empty (new file, zeroed device) or holding the previous image. */
-  reset(start: 'empty' | 'previous'): Promise<void>;
+  reset(start: 'empty' | 'previous', then?: () => Promise<void>): Promise<void>;
   dispose(): Promise<void>;
 }
 
@@ -138,12 +139,13 @@ function fileDestination(data: BmapData): Destination {
   return {
     label: 'file',
     path: dst,
-    reset: async (start) => {
+    reset: async (start, then) => {
       await rm(dst, { force: true });
       if (start === 'previous') {
         await run('cp', ['--sparse=always', data.oldPath, dst]);
         await run('sync', ['-f', dst]);
       }
+      await then?.();
     },
     dispose: () => rm(dst, { force: true }),
   };
@@ -162,12 +164,13 @@ async function loopDestination(
   return {
     label: 'loop device',
     path: dev,
-    reset: async (start) => {
-      // through the device, so its page cache holds what the next run reads
+    reset: async (start, then) => {
       if (start === 'empty')
         await run('blkdiscard', ['-f', dev]).catch(() => run('blkdiscard', [dev]));
       else
         await run('dd', [`if=${data.oldPath}`, `of=${dev}`, 'bs=4M', 'conv=fsync', 'status=none']);
+      await then?.();
+      // drops the device's page cache: the run reads DST from the device
       await run('blockdev', ['--flushbufs', dev]);
     },
     dispose: async () => {
@@ -205,9 +208,9 @@ async function slowLoopDestination(data: BmapData): Promise<Destination | undefi
     label: `loop device at ${SLOW_WRITE_BPS / 1e6}/${SLOW_READ_BPS / 1e6} MB/s w/r`,
     path: loop.path,
     rawOnly: true,
-    reset: async (start) => {
+    reset: async (start, then) => {
       await throttle(0, 0);
-      await loop.reset(start); // ends with the device's page cache dropped
+      await loop.reset(start, then); // ends with the device's page cache dropped
       await throttle(SLOW_WRITE_BPS, SLOW_READ_BPS);
     },
     dispose: async () => {
@@ -261,6 +264,9 @@ async function runSection(options: BenchOptions): Promise<void> {
       for (const src of sources) {
         if (dst.rawOnly === true && src.label !== '.img') continue;
         for (const start of ['empty', 'previous'] as const) {
+          // with an index of DST made beforehand (untimed): DST is then not read at all
+          const withIndex = src.label === '.img' && start === 'previous';
+          const indexPath = path.join(data.dir, 'dst.blkidx');
           const trials = [
             trial(
               'blksync',
@@ -274,13 +280,28 @@ async function runSection(options: BenchOptions): Promise<void> {
               data.newPath,
               dst.path,
             ),
+            ...(withIndex
+              ? [
+                  trial(
+                    'blksync --index',
+                    `node ${sh(CLI)} copy -q --index ${sh(indexPath)} ${sh(src.path)} ${sh(dst.path)}`,
+                    data.newPath,
+                    dst.path,
+                  ),
+                ]
+              : []),
           ];
           const results = await runTrials(trials, {
             runs: options.runs,
             file: dst.path,
             log,
             prepare: async () => {
-              await dst.reset(start);
+              await dst.reset(
+                start,
+                withIndex
+                  ? () => makeIndex(dst.path, indexPath, { blockSize: 4096 }).then(() => {})
+                  : undefined,
+              );
               await warm([src.path, path.join(data.dir, 'new.bmap')]);
             },
           });
@@ -298,6 +319,22 @@ async function runSection(options: BenchOptions): Promise<void> {
             `${summarize(results[0]!.cpuSeconds).median.toFixed(2)} / ${summarize(results[1]!.cpuSeconds).median.toFixed(2)}`,
             `${formatBytes(summarize(results[0]!.io.map((io) => io.writeBytes)).median)} / ${formatBytes(summarize(results[1]!.io.map((io) => io.writeBytes)).median)}`,
           ]);
+          const indexed = results[2];
+          if (indexed !== undefined) {
+            const s = summarize(indexed.seconds);
+            const r = theirs!.median / s.median;
+            rows.push([
+              src.label,
+              dst.label,
+              'previous, --index',
+              formatSeconds(s),
+              formatSeconds(theirs!),
+              `${r.toFixed(2)}×`,
+              `≥ 3.0 ${r >= 3.0 ? 'met' : 'MISSED'}`,
+              `${summarize(indexed.cpuSeconds).median.toFixed(2)} / ${summarize(results[1]!.cpuSeconds).median.toFixed(2)}`,
+              `${formatBytes(summarize(indexed.io.map((io) => io.writeBytes)).median)} / ${formatBytes(summarize(results[1]!.io.map((io) => io.writeBytes)).median)}`,
+            ]);
+          }
         }
       }
     }

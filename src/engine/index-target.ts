@@ -681,13 +681,15 @@ export class IndexSession {
     }
     const target = this.target;
     const zero = Buffer.alloc(bs);
+    const zeroBlockHash = sha256(zero);
     const buf = Buffer.allocUnsafe(Math.max(bs, alignDown(HASH_READ_BYTES, bs)));
     for (const r of outside) {
       for (let s = r.start; s < r.end;) {
         const e = Math.min(r.end, s + buf.length);
         if (zeroed) {
           for (let b = s; b < e; b += bs) {
-            sha256(zero, 0, Math.min(bs, size - b)).copy(table, (b / bs) * HASH_BYTES);
+            const h = size - b >= bs ? zeroBlockHash : sha256(zero, 0, size - b);
+            h.copy(table, (b / bs) * HASH_BYTES);
           }
         } else if (target === undefined || !target.trusts(s, e)) {
           const got = await readFully(this.#o.dst!.fh, buf, 0, e - s, s);
