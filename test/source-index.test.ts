@@ -281,3 +281,27 @@ test("DST's range an interrupted copy left unsure is read and fixed even where S
   assert.equal(r.index.bytesReread, 4 * BLOCK, 'the unsure range was read back');
   assert.deepEqual(await readFile(s.dst), s.neu);
 });
+
+test('a damaged index of SRC is refused with EINDEX_FORMAT before writing, unless --rebuild-index', async (t) => {
+  const s = await setup(t);
+  await makeIndex(s.dst, s.index);
+  await makeIndex(s.src, s.srcIndex);
+  const whole = await readFile(s.srcIndex);
+  await writeFile(s.srcIndex, whole.subarray(0, whole.length - 100)); // truncated
+  await assert.rejects(
+    copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex }),
+    code('EINDEX_FORMAT'),
+  );
+  assert.deepEqual(await readFile(s.dst), s.old, 'nothing written');
+  const flipped = Buffer.from(whole);
+  flipped[flipped.length - 5]! ^= 0x40; // a bit flipped in the checksum
+  await writeFile(s.srcIndex, flipped);
+  await assert.rejects(
+    copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex }),
+    code('EINDEX_FORMAT'),
+  );
+  const r = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex, rebuildIndex: true });
+  assert.equal(r.index?.source?.mode, 'rebuilt');
+  assert.deepEqual(await readFile(s.dst), s.neu);
+  assert.ok((await readIndexFile(s.srcIndex)).hashes.length > 0);
+});
