@@ -232,7 +232,7 @@ export async function copy(
     const fresh = found.fh === undefined || found.size === 0;
     let created = false;
     let knowledge: TargetKnowledge;
-    if (found.fh === undefined || found.size === 0) {
+    if (fresh) {
       // new (or empty) file: it reads as zeros, so only non-zero blocks need writing,
       // and the rest stay holes
       if (found.fh !== undefined) {
