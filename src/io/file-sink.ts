@@ -19,8 +19,13 @@ import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
 import type { Sink } from '../engine/types.js';
 
-/** Dirty bytes after which a block device's sync starts (two windows are dirty at most). */
-export const SYNC_EVERY_BYTES = 32 * 1024 * 1024;
+/**
+ * Dirty bytes after which a block device's sync starts (two windows are dirty at most). On a
+ * loop device throttled to 40 MB/s writes, 300 MiB took 9.03 / 8.21 / 8.12 / 8.06 s with
+ * 128 / 32 / 16 / 8 MiB windows: smaller keeps the device busier, but each sync also
+ * flushes the device's cache.
+ */
+export const SYNC_EVERY_BYTES = 16 * 1024 * 1024;
 /** Time after which a block device with dirty data is fsynced. */
 export const SYNC_EVERY_MS = 1000;
 
