@@ -204,6 +204,14 @@ async function slowLoopDestination(data: BmapData): Promise<Destination | undefi
     );
     await writeFile(path.join(THROTTLE_DIR, 'blkio.throttle.read_bps_device'), `${majMin} ${read}`);
   };
+  // the limits are the whole machine's: an interrupted bench must not leave them behind
+  const clearOnSignal = (signal: NodeJS.Signals): void => {
+    void throttle(0, 0)
+      .catch(() => {})
+      .finally(() => process.kill(process.pid, signal));
+  };
+  process.once('SIGINT', clearOnSignal);
+  process.once('SIGTERM', clearOnSignal);
   return {
     label: `loop device at ${SLOW_WRITE_BPS / 1e6}/${SLOW_READ_BPS / 1e6} MB/s w/r`,
     path: loop.path,
@@ -214,6 +222,8 @@ async function slowLoopDestination(data: BmapData): Promise<Destination | undefi
       await throttle(SLOW_WRITE_BPS, SLOW_READ_BPS);
     },
     dispose: async () => {
+      process.off('SIGINT', clearOnSignal);
+      process.off('SIGTERM', clearOnSignal);
       await throttle(0, 0).catch(() => {});
       await loop.dispose();
     },
