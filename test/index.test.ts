@@ -157,6 +157,7 @@ test('info describes an index, as text and JSON, and refuses files it does not k
   const text = await runCli(['info', s.index]);
   assert.match(text.stdout, /blksync index, version 1\.0, checksum ok/);
   assert.match(text.stdout, /state\s+clean/);
+  assert.match(text.stdout, /made for\s+file \S*dst\.img \(file:\d+:\d+\)/);
   const unknown = await runCli(['info', s.src]);
   assert.equal(unknown.code, 1);
   assert.match(unknown.stderr, /not a file blksync knows.*EINFO_UNKNOWN/);

@@ -27,7 +27,8 @@ function indexText(i: IndexInfo): string {
     `  image       ${i.imageSize} bytes (${formatBytes(i.imageSize)})`,
     `  blocks      ${i.blockCount} of ${formatBytes(i.blockSize)}, ${i.algorithm}`,
     `  distinct    ${i.distinctBlocks} blocks; ${i.zeroBlocks} all zeros`,
-    `  target      ${id.kind} ${id.path ?? ''} (${id.key}${id.weak ? ', weak: only the device number' : ''}), ${id.size} bytes` +
+    // an index may describe a destination, a source image or a stream: "made for", not "target"
+    `  made for    ${id.kind} ${id.path ?? ''} (${id.key}${id.weak ? (id.kind === 'block-device' ? ', weak: only the device number' : ', weak') : ''}), ${id.size} bytes` +
       (id.model !== undefined ? `, ${id.model}` : ''),
     `  state       ${i.state}` +
       (i.dirty !== undefined
