@@ -24,10 +24,9 @@ import { BlksyncError, isSystemError } from '../errors.js';
 import {
   blockCountFor,
   readIndexFile,
-  newIndex,
-  writeIndexFile,
   type IndexFile,
   type IndexState,
+  writeNewIndex,
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
@@ -633,16 +632,13 @@ export class IndexSession {
     const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
     const size = dst.stats.isBlockDevice() ? dst.size : st.size;
     const identity: TargetIdentity = await identityOf(dst.path, st, size);
-    await writeIndexFile(
-      this.path,
-      newIndex({
-        blockSize: this.blockSize,
-        imageSize: this.#o.imageSize,
-        state,
-        identity,
-        hashes,
-      }),
-    );
+    await writeNewIndex(this.path, {
+      blockSize: this.blockSize,
+      imageSize: this.#o.imageSize,
+      state,
+      identity,
+      hashes,
+    });
   }
 
   /** After a complete copy whose writes are synced: writes the clean index. */

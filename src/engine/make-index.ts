@@ -16,8 +16,7 @@ import {
   MAX_INDEX_BLOCKS,
   readIndexFile,
   readIndexSummary,
-  newIndex,
-  writeIndexFile,
+  writeNewIndex,
 } from '../formats/index-file.js';
 import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
 import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
@@ -214,14 +213,13 @@ export async function makeIndex(
     }
     const identity = await sourceIdentity(src, source);
     if (output === 'auto') output = cachedIndexPath(identity, await ensureCacheDir());
-    const index = newIndex({
+    const index = await writeNewIndex(output, {
       blockSize,
       imageSize,
       state: { kind: 'clean' },
       identity,
       hashes: hashes.table,
     });
-    await writeIndexFile(output, index);
     return {
       source: src,
       sourceKind: source.kind,

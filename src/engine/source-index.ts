@@ -21,7 +21,7 @@
 
 import { rm, stat } from 'node:fs/promises';
 import { BlksyncError, isSystemError } from '../errors.js';
-import { readIndexFile, newIndex, writeIndexFile, type IndexFile } from '../formats/index-file.js';
+import { readIndexFile, type IndexFile, writeNewIndex } from '../formats/index-file.js';
 import { HASH_BYTES } from '../hash.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
 import {
@@ -216,16 +216,13 @@ export class SourceIndex {
     const now = await stat(src.path, { bigint: true }).catch(() => undefined);
     if (now === undefined || now.size !== BigInt(src.size)) return;
     if (now.mtimeNs.toString() !== this.#identity.mtimeNs) return;
-    await writeIndexFile(
-      this.path,
-      newIndex({
-        blockSize: this.#blockSize,
-        imageSize: src.size,
-        state: { kind: 'clean' },
-        identity: this.#identity,
-        hashes,
-      }),
-    );
+    await writeNewIndex(this.path, {
+      blockSize: this.#blockSize,
+      imageSize: src.size,
+      state: { kind: 'clean' },
+      identity: this.#identity,
+      hashes,
+    });
   }
 
   /** Removes a cached index found stale, so the next run rebuilds it. */

@@ -363,13 +363,16 @@ export async function readIndexSummary(
 }
 
 /** An index of this version, SHA-256, written now: what every writer of an index fills in. */
-export function newIndex(fields: {
+/** What a writer of an index chooses; the rest newIndex() fills in. */
+export interface NewIndexFields {
   blockSize: number;
   imageSize: number;
   state: IndexState;
   identity: TargetIdentity;
   hashes: Buffer;
-}): IndexFile {
+}
+
+export function newIndex(fields: NewIndexFields): IndexFile {
   return {
     versionMajor: INDEX_VERSION_MAJOR,
     versionMinor: INDEX_VERSION_MINOR,
@@ -413,4 +416,11 @@ export async function writeIndexFile(path: string, index: IndexFile): Promise<vo
     await rm(tmp, { force: true });
     throw fromSystemError('EINDEX_WRITE', 'cannot write index', path, err);
   }
+}
+
+/** newIndex(fields), written atomically at `path` (writeIndexFile); returns what was written. */
+export async function writeNewIndex(path: string, fields: NewIndexFields): Promise<IndexFile> {
+  const index = newIndex(fields);
+  await writeIndexFile(path, index);
+  return index;
 }

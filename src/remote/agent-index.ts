@@ -25,11 +25,10 @@ import { BlksyncError, isSystemError } from '../errors.js';
 import {
   blockCountFor,
   MAX_INDEX_BLOCKS,
-  newIndex,
   readIndexFile,
-  writeIndexFile,
   type IndexFile,
   type IndexState,
+  writeNewIndex,
 } from '../formats/index-file.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
 import {
@@ -380,15 +379,12 @@ export class AgentIndex {
       st,
       d.kind === 'file' ? st.size : d.size,
     );
-    await writeIndexFile(
-      this.path,
-      newIndex({
-        blockSize: this.blockSize,
-        imageSize: this.#imageSize,
-        state,
-        identity,
-        hashes: this.#table,
-      }),
-    );
+    await writeNewIndex(this.path, {
+      blockSize: this.blockSize,
+      imageSize: this.#imageSize,
+      state,
+      identity,
+      hashes: this.#table,
+    });
   }
 }

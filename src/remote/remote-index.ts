@@ -23,10 +23,9 @@ import { BlksyncError, isSystemError } from '../errors.js';
 import {
   blockCountFor,
   readIndexFile,
-  newIndex,
-  writeIndexFile,
   type IndexFile,
   type IndexState,
+  writeNewIndex,
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
@@ -293,16 +292,13 @@ export class RemoteIndex {
   }
 
   async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
-    await writeIndexFile(
-      this.path,
-      newIndex({
-        blockSize: this.blockSize,
-        imageSize: this.#o.imageSize,
-        state,
-        identity,
-        hashes,
-      }),
-    );
+    await writeNewIndex(this.path, {
+      blockSize: this.blockSize,
+      imageSize: this.#o.imageSize,
+      state,
+      identity,
+      hashes,
+    });
   }
 
   report(): IndexReport {
