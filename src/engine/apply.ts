@@ -450,7 +450,7 @@ export async function apply(
         { path: target },
       );
     }
-    if (!dryRun) sink = new FileSink(t.fh, target, { boundedSync: t.kind === 'block-device' });
+    if (!dryRun) sink = new FileSink(t.fh, target);
     const result: ApplyResult = {
       patch: patchName,
       target,

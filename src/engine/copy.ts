@@ -308,7 +308,7 @@ export async function copy(
       if (index.target !== undefined) knowledge = index.target;
     }
     if (!dryRun && target !== undefined) {
-      fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      fileSink = new FileSink(target.fh, dst);
       sink = fileSink;
       if (index !== undefined) sink = index.wrapSink(sink);
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);

@@ -1,7 +1,7 @@
 /**
  * A Sink writing into a regular file or block device with pwrite.
  *
- * Block devices are fsynced at a bounded cadence (by dirty bytes and by time) so that the
+ * The destination is fsynced at a bounded cadence (by dirty bytes and by time) so that the
  * kernel never holds gigabytes of dirty pages: Ctrl-C then returns in about a second instead
  * of waiting for a slow USB stick to drain. The sync runs in the background while the copy
  * goes on reading and writing the next window; a write waits only when the window after it
@@ -12,7 +12,9 @@
  *                                    ▲ write 3's window full: wait for sync 1, start sync 2
  *
  * On a slow device the reads of DST then overlap the device's writing instead of taking
- * turns with it. Regular files are fsynced once, at the end.
+ * turns with it. Regular files are synced the same way: the disk writes back while the copy
+ * goes on, instead of all at the end (writing 300 MiB into a new file took 0.38 s instead of
+ * 0.55 s, of which the final fsync alone was 0.13 s).
  */
 
 import type { FileHandle } from 'node:fs/promises';
@@ -20,19 +22,18 @@ import { fromSystemError } from '../errors.js';
 import type { Sink } from '../engine/types.js';
 
 /**
- * Dirty bytes after which a block device's sync starts (two windows are dirty at most). On a
+ * Dirty bytes after which a sync starts (two windows are dirty at most). On a
  * loop device throttled to 40 MB/s writes, 300 MiB took 9.03 / 8.21 / 8.12 / 8.06 s with
  * 128 / 32 / 16 / 8 MiB windows: smaller keeps the device busier, but each sync also
  * flushes the device's cache.
  */
 export const SYNC_EVERY_BYTES = 16 * 1024 * 1024;
-/** Time after which a block device with dirty data is fsynced. */
+/** Time after which a destination with dirty data is fsynced. */
 export const SYNC_EVERY_MS = 1000;
 
 export class FileSink implements Sink {
   readonly #fh: FileHandle;
   readonly #path: string;
-  readonly #boundedSync: boolean;
   #dirty = 0;
   #lastSync = Date.now();
   #finished = false;
@@ -41,10 +42,9 @@ export class FileSink implements Sink {
   /** What a background sync failed with: reported by the next write or finish. */
   #syncError: unknown;
 
-  constructor(fh: FileHandle, path: string, options: { boundedSync: boolean }) {
+  constructor(fh: FileHandle, path: string) {
     this.#fh = fh;
     this.#path = path;
-    this.#boundedSync = options.boundedSync;
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
@@ -64,10 +64,7 @@ export class FileSink implements Sink {
       throw fromSystemError('EWRITE', 'cannot write', this.#path, err);
     }
     this.#dirty += data.length;
-    if (
-      this.#boundedSync &&
-      (this.#dirty >= SYNC_EVERY_BYTES || Date.now() - this.#lastSync >= SYNC_EVERY_MS)
-    ) {
+    if (this.#dirty >= SYNC_EVERY_BYTES || Date.now() - this.#lastSync >= SYNC_EVERY_MS) {
       await this.#syncing;
       this.#throwSyncError();
       this.#startSync();

@@ -415,10 +415,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         fh,
         limit: size,
         role: 'target',
-        sink:
-          !dryRun && fh !== undefined
-            ? new FileSink(fh, h.path, { boundedSync: kind === 'block-device' })
-            : undefined,
+        sink: !dryRun && fh !== undefined ? new FileSink(fh, h.path) : undefined,
         compressor: new Compressor(false),
         encoding,
         identity: h.identity === true,

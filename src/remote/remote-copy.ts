@@ -624,7 +624,7 @@ async function pull(
     const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
     let fileSink: Sink | undefined;
     if (!dryRun && target !== undefined) {
-      fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      fileSink = new FileSink(target.fh, dst);
       // with an index: marked in progress before DST changes (IndexSession's guard)
       sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
     }
