@@ -58,13 +58,15 @@ parentPort.on('message', (m) => {
  */
 class DigestWorker {
   readonly #worker: Worker;
+  #adopted = true;
   readonly #pending = new Map<
     number,
     { resolve: (hex: string) => void; reject: (e: Error) => void }
   >();
   #nextId = 0;
 
-  constructor() {
+  /** `idle`: started ahead of use, it does not keep the process alive until adopted. */
+  constructor(idle = false) {
     this.#worker = new Worker(DIGEST_WORKER_SOURCE, { eval: true });
     this.#worker.on('message', (m: { id: number; hex?: string; error?: string }) => {
       const p = this.#pending.get(m.id);
@@ -76,6 +78,20 @@ class DigestWorker {
       for (const p of this.#pending.values()) p.reject(err);
       this.#pending.clear();
     });
+    if (idle) {
+      // after the listeners: adding a 'message' listener refs the worker's port again
+      this.#adopted = false;
+      this.#worker.unref();
+    }
+  }
+
+  /** Takes a worker started ahead into use: it keeps the process alive until close(). */
+  adopt(): this {
+    if (!this.#adopted) {
+      this.#adopted = true;
+      this.#worker.ref();
+    }
+    return this;
   }
 
   digest(algorithm: string, data: Buffer): Promise<string> {
@@ -96,6 +112,23 @@ class DigestWorker {
     this.#worker.postMessage('close');
     this.#worker.unref();
   }
+}
+
+/** Workers started ahead of a copy (prestartDigestWorkers), not yet taken by a VerifyingSource. */
+const idleWorkers: DigestWorker[] = [];
+
+/**
+ * Starts `count` digest workers now, for a VerifyingSource made later to take: a worker
+ * takes ~30 ms to boot, which then overlaps reading and parsing the bmap instead of delaying
+ * the first range's checksum. Unused ones are stopped by stopIdleDigestWorkers().
+ */
+export function prestartDigestWorkers(count: number): void {
+  while (idleWorkers.length < count) idleWorkers.push(new DigestWorker(true));
+}
+
+/** Stops the prestarted workers no VerifyingSource took. */
+export function stopIdleDigestWorkers(): void {
+  for (const w of idleWorkers.splice(0)) w.close();
 }
 
 export interface VerifiedRange {
@@ -180,7 +213,10 @@ export class VerifyingSource implements Source {
     this.#image = image;
     this.#maxInMemory = options.maxInMemory ?? MAX_VERIFY_IN_MEMORY_BYTES;
     const threads = options.workerThreads ?? 0;
-    this.#workers = Array.from({ length: threads }, () => new DigestWorker());
+    this.#workers = Array.from(
+      { length: threads },
+      () => idleWorkers.shift()?.adopt() ?? new DigestWorker(),
+    );
     this.#lookahead = options.prefetch === true ? Math.max(1, threads) : 0;
     this.#rereadable = options.rereadable === true;
   }

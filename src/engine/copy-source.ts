@@ -76,6 +76,8 @@ export interface CopySourceOptions extends SignatureOptions {
    */
   size?: number | undefined;
   signal?: AbortSignal | undefined;
+  /** Called as soon as a bmap's bytes are read, before its signature is checked and it is parsed. */
+  onBmapFound?: (() => void) | undefined;
 }
 
 /** What a copy learned about its bmap. */
@@ -176,13 +178,22 @@ async function readLocalBmap(path: string): Promise<Buffer | undefined> {
   }
 }
 
-async function loadBmapBytes(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
-  if (!isUrl(path)) return readLocalBmap(path);
-  const [{ httpFetchSmall }, { MAX_BMAP_BYTES }] = await Promise.all([
-    import('../io/http-source.js'),
-    import('../formats/bmap.js'),
-  ]);
-  return httpFetchSmall(path, MAX_BMAP_BYTES, signal);
+async function loadBmapBytes(
+  path: string,
+  options: CopySourceOptions,
+): Promise<Buffer | undefined> {
+  let bytes: Buffer | undefined;
+  if (isUrl(path)) {
+    const [{ httpFetchSmall }, { MAX_BMAP_BYTES }] = await Promise.all([
+      import('../io/http-source.js'),
+      import('../formats/bmap.js'),
+    ]);
+    bytes = await httpFetchSmall(path, MAX_BMAP_BYTES, options.signal);
+  } else {
+    bytes = await readLocalBmap(path);
+  }
+  if (bytes !== undefined) options.onBmapFound?.();
+  return bytes;
 }
 
 /** A found bmap: checks its signature (before anything is written), then parses it. */
@@ -211,7 +222,7 @@ export async function findBmap(
     return noBmapFound(options);
   }
   if (options.bmap !== undefined) {
-    const bytes = await loadBmapBytes(options.bmap, options.signal);
+    const bytes = await loadBmapBytes(options.bmap, options);
     if (bytes === undefined) {
       throw new BlksyncError('EBMAP_OPEN', `bmap ${options.bmap} does not exist`, {
         path: options.bmap,
@@ -222,7 +233,7 @@ export async function findBmap(
   if (src === '-') return noBmapFound(options);
   for (const candidate of bmapCandidates(src)) {
     if (candidate === src) continue;
-    const bytes = await loadBmapBytes(candidate, options.signal);
+    const bytes = await loadBmapBytes(candidate, options);
     if (bytes !== undefined) return signedBmap(candidate, bytes, options);
   }
   return noBmapFound(options);
@@ -300,7 +311,34 @@ export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
-  const found = await findBmap(src, options);
+  // a bmap copy hashes on workers: they boot while the bmap is checked and parsed
+  let verify: Promise<typeof import('./bmap-verify.js')> | undefined;
+  try {
+    const found = await findBmap(src, {
+      ...options,
+      onBmapFound: () => {
+        verify ??= import('./bmap-verify.js').then((m) => {
+          m.prestartDigestWorkers(HASH_WORKERS);
+          return m;
+        });
+      },
+    });
+    return await openFound(src, options, found);
+  } finally {
+    // those no VerifyingSource took (no checksums, a small image, a bad bmap or signature):
+    // an idle worker left running would keep the process from exiting
+    await verify?.then(
+      (m) => m.stopIdleDigestWorkers(),
+      () => {},
+    );
+  }
+}
+
+async function openFound(
+  src: string,
+  options: CopySourceOptions,
+  found: Awaited<ReturnType<typeof findBmap>>,
+): Promise<CopySource> {
   const bmap = found?.bmap;
   const lib = bmap === undefined ? undefined : await bmapModules();
   const cleanups: (() => void | Promise<void>)[] = [];

@@ -29,7 +29,7 @@ import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import { httpFetchSmall, isUrl } from './http-source.js';
+import { isUrl } from './url.js';
 
 /** A clearsigned file starts with exactly this line. */
 export const CLEARSIGN_MARKER = '-----BEGIN PGP SIGNED MESSAGE-----';
@@ -107,10 +107,11 @@ async function readLocalSmall(path: string, what: string): Promise<Buffer | unde
   }
 }
 
-function loadSignature(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
-  return isUrl(path)
-    ? httpFetchSmall(path, MAX_SIGNATURE_BYTES, signal)
-    : readLocalSmall(path, 'signature');
+async function loadSignature(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
+  if (!isUrl(path)) return readLocalSmall(path, 'signature');
+  // node:http and node:https load only for a URL (a local bmap starts ~10 ms sooner)
+  const { httpFetchSmall } = await import('./http-source.js');
+  return httpFetchSmall(path, MAX_SIGNATURE_BYTES, signal);
 }
 
 /** True when `bytes` is a clearsigned message. */

@@ -7,7 +7,7 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
-import koffi from 'koffi';
+import { createRequire } from 'node:module';
 import { BlksyncError } from '../errors.js';
 import type { Range } from '../ranges.js';
 
@@ -23,6 +23,16 @@ const FIGETBSZ = 2;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 
+type Koffi = typeof import('koffi');
+
+/** koffi (a native addon, ~10 ms to load) is loaded on first use: a copy to a new file never needs it. */
+let koffiModule: Koffi | undefined;
+
+function koffi(): Koffi {
+  koffiModule ??= createRequire(import.meta.url)('koffi') as Koffi;
+  return koffiModule;
+}
+
 interface Libc {
   lseek: (fd: number, offset: bigint | number, whence: number) => bigint | number;
   ioctl: (fd: number, request: number, arg: Int32Array) => number;
@@ -34,7 +44,7 @@ let libc: Libc | undefined;
 
 function load(): Libc {
   if (libc === undefined) {
-    const lib = koffi.load('libc.so.6');
+    const lib = koffi().load('libc.so.6');
     libc = {
       lseek: lib.func('int64_t lseek(int, int64_t, int)') as Libc['lseek'],
       ioctl: lib.func('int ioctl(int, unsigned long, _Out_ int *)') as Libc['ioctl'],
@@ -54,7 +64,7 @@ function load(): Libc {
 function seek(fd: number, offset: number, whence: number, path: string): number {
   const r = Number(load().lseek(fd, offset, whence));
   if (r >= 0) return r;
-  const errno = koffi.errno();
+  const errno = koffi().errno();
   if (errno === ENXIO) return -1;
   if (errno === EINVAL) {
     throw new BlksyncError(
@@ -138,7 +148,7 @@ export function punchHoles(fh: FileHandle, ranges: readonly Range[], path: strin
     ) {
       continue;
     }
-    const errno = koffi.errno();
+    const errno = koffi().errno();
     if (errno === EOPNOTSUPP) return false;
     throw new BlksyncError('EWRITE', `${path}: cannot punch holes (fallocate errno ${errno})`, {
       path,
