@@ -95,6 +95,7 @@ export class DirectCopy {
           topUnit: d.full === true ? 0 : d.chunkSize,
           ...(hello.topHash !== undefined ? { topHash: hello.topHash, key: hello.key } : {}),
           encodings: [DEFLATE_RAW],
+          ...(d.verify === true ? { verify: true } : {}),
         },
         payload,
       );
@@ -192,6 +193,7 @@ export class DirectCopy {
         target,
         bytesSent: link.bytesSent,
         bytesReceived: link.bytesReceived,
+        ...(link.verified !== undefined ? { verify: link.verified } : {}),
       };
     } finally {
       await refiner?.stop();

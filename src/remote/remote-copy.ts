@@ -31,6 +31,8 @@ import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
 import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
+import type { VerifyReport } from '../engine/verify-written.js';
+import { compareWritten, readBackWritten, WrittenSink } from '../engine/written-log.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
@@ -98,6 +100,8 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   blockSizeGiven?: number;
   /** Both ends remote: SRC's host copies straight to DST's host (see direct.ts). */
   direct?: boolean;
+  /** Read back what was written, past the page cache, and compare (written-log.ts). */
+  verify?: boolean;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -311,6 +315,7 @@ async function push(
         ...top.hello,
         encodings: [DEFLATE_RAW],
         ...(indexing ? { identity: true } : {}),
+        ...(options.verify === true ? { verify: true } : {}),
         ...(kept !== undefined
           ? {
               index: {
@@ -437,6 +442,7 @@ async function push(
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
+      ...verifyReport(link.verified),
     };
     await link.close();
     result.channel = channelStats(link, spec, summary);
@@ -623,8 +629,11 @@ async function pull(
     const source = new FetchedSource(size, link, refiner, book, !dryRun);
     const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
     let fileSink: Sink | undefined;
+    // --verify: what is written is recorded, and read back after the fsync
+    let logged: WrittenSink | undefined;
     if (!dryRun && target !== undefined) {
       fileSink = new FileSink(target.fh, dst, { boundedSync: target.kind === 'block-device' });
+      if (options.verify === true) fileSink = logged = new WrittenSink(fileSink);
       // with an index: marked in progress before DST changes (IndexSession's guard)
       sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
     }
@@ -653,6 +662,25 @@ async function pull(
       );
     }
     await link.close();
+    let verified: VerifyReport | undefined;
+    if (logged !== undefined && target !== undefined && !run.interrupted) {
+      // DST is local: the local --verify's read-back (O_DIRECT, koffi's aligned buffer)
+      const t0 = performance.now();
+      const { alignedBuffer } = await import('../engine/verify-written.js');
+      const back = await readBackWritten(dst, logged.ranges, {
+        fd: target.fh.fd,
+        signal: options.signal,
+        alignedBuffer,
+      });
+      const r = compareWritten(logged.digests.digests(), back.digests, dst, back.direct);
+      verified = {
+        ...r,
+        direct: back.direct,
+        against: 'written',
+        algorithm: 'sha256',
+        seconds: (performance.now() - t0) / 1000,
+      };
+    }
     if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
       source: src,
@@ -673,6 +701,7 @@ async function pull(
       seconds: (performance.now() - started) / 1000,
       channel: channelStats(link, spec, summary),
       ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
+      ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -730,6 +759,7 @@ async function relay(
         topUnit,
         ...top.hello,
         encodings: [DEFLATE_RAW],
+        ...(options.verify === true ? { verify: true } : {}),
       },
       await agentPayload(),
     );
@@ -810,6 +840,7 @@ async function relay(
         remoteNode:
           a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
       },
+      ...verifyReport(to.verified),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -880,6 +911,7 @@ async function direct(
           chunkSize,
           dryRun,
           full,
+          ...(options.verify === true ? { verify: true } : {}),
         },
       },
       await agentPayload(),
@@ -937,6 +969,7 @@ async function direct(
           bytesReceived: report.bytesReceived,
         },
       },
+      ...verifyReport(report.verify),
     };
     if (report.interrupted || signal?.aborted === true) throw interrupted(result);
     return result;
@@ -1057,6 +1090,14 @@ async function byIndex(
     at += len;
   }
   return { spans, data };
+}
+
+/** The copy result's `verify` from what a target agent read back and was found equal. */
+function verifyReport(
+  v: { bytesVerified: number; ranges: number; direct: boolean; seconds: number } | undefined,
+): { verify?: VerifyReport } {
+  if (v === undefined) return {};
+  return { verify: { ...v, against: 'written', algorithm: 'sha256' } };
 }
 
 /** Ends a session without DONE; what the agent confirmed stands in for its summary. */
