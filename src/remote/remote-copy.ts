@@ -290,12 +290,20 @@ async function push(
   let index: RemoteIndex | undefined;
   try {
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
-    if (options.index !== undefined && opened.bmap !== undefined) {
+    // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
+    // dividing them (as a local copy's)
+    const bmapBlock = options.index !== undefined ? opened.bmap?.blockSize : undefined;
+    if (
+      bmapBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      bmapBlock % options.blockSizeGiven !== 0
+    ) {
       throw new BlksyncError(
         'EUSAGE',
-        `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
+        `-b ${options.blockSizeGiven} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
       );
     }
+    const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
       found = await readIndexIfAny(options.index, options.rebuildIndex === true);
     }
@@ -320,8 +328,8 @@ async function push(
           ? {
               index: {
                 path: kept,
-                blockSize: options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE,
-                blockSizeGiven: options.blockSizeGiven !== undefined,
+                blockSize: indexBlock ?? DEFAULT_INDEX_BLOCK_SIZE,
+                blockSizeGiven: indexBlock !== undefined,
                 chunkSize,
                 rebuild: options.rebuildIndex === true,
                 verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
@@ -344,7 +352,11 @@ async function push(
         {
           index: options.index,
           imageSize: size,
-          blockSize: options.blockSizeGiven,
+          blockSize: indexBlock,
+          ...(options.blockSizeGiven === undefined && bmapBlock !== undefined
+            ? { blockSizeReason: "the bmap's blocks are" }
+            : {}),
+          ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
           rebuild: options.rebuildIndex === true,
           verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
