@@ -156,6 +156,7 @@ function validDirect(d: unknown): d is DirectHello {
     optionalString(o.ssh) &&
     optionalString(o.remoteNode) &&
     (o.verify === undefined || typeof o.verify === 'boolean') &&
+    (o.index === undefined || validIndex(o.index)) &&
     isSafeUInt(o.blockSize) &&
     o.blockSize >= MIN_HASH_UNIT &&
     (o.blockSize & (o.blockSize - 1)) === 0 &&

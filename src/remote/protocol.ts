@@ -163,6 +163,8 @@ export interface DirectHello {
   full?: boolean;
   /** --verify: the target agent reads back what it wrote; the source agent compares. */
   verify?: boolean;
+  /** --index host:FILE or auto: the target agent keeps an index of its file (IndexHello). */
+  index?: IndexHello;
 }
 
 /** What a direct copy did, reported by the source agent in SUMMARY. */

@@ -49,6 +49,9 @@ import { HashDiffer } from './hash-differ.js';
 import { agentPayload } from './agent-payload.js';
 import {
   blockDigest,
+  blockDigestHasher,
+  zeroHasher,
+  type IndexHello,
   MIN_HASH_UNIT,
   TOP_HASH_BLOCKS,
   unitHashes,
@@ -72,6 +75,7 @@ import {
   RemoteSink,
   SpanBook,
   topHashing,
+  type TopHashing,
 } from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
 import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
@@ -170,10 +174,16 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined && srcRemote !== undefined && dstRemote !== undefined) {
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote !== undefined &&
+    keptRemotely(options.index, dstRemote) === undefined
+  ) {
+    // the index would have to learn SRC's blocks, whose bytes stay on the hosts
     throw new BlksyncError(
       'EUSAGE',
-      '--index does not work with two remote ends yet; run the copy on one of the hosts',
+      `--index ${options.index}: with two remote ends the index is kept beside DST by its agent; use --index ${dstRemote.destination}:FILE or --index auto`,
     );
   }
   if (
@@ -200,9 +210,6 @@ export async function remoteCopy(
         'EUSAGE',
         '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
       );
-    }
-    if (options.index !== undefined) {
-      throw new BlksyncError('EUSAGE', '--index does not work with --direct yet; drop one of them');
     }
     return direct(src, dst, srcRemote, dstRemote, options);
   }
@@ -325,18 +332,7 @@ async function push(
         ...(indexing ? { identity: true } : {}),
         ...(options.verify === true ? { verify: true } : {}),
         ...(kept !== undefined
-          ? {
-              index: {
-                path: kept,
-                blockSize: indexBlock ?? DEFAULT_INDEX_BLOCK_SIZE,
-                blockSizeGiven: indexBlock !== undefined,
-                chunkSize,
-                rebuild: options.rebuildIndex === true,
-                verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
-                full,
-                topDigest: true,
-              },
-            }
+          ? { index: agentIndexHello(kept, options, chunkSize, indexBlock) }
           : {}),
       },
       await agentPayload(),
@@ -742,7 +738,10 @@ async function relay(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   const topUnit = full ? 0 : chunkSize;
-  const top = topHashing();
+  const kept = keptRemotely(options.index, toSpec);
+  // with DST's agent keeping an index, both sides' top hashes are block digests, which a
+  // used index knows without reading DST
+  const top = kept !== undefined ? blockTopHashing(indexBlockOf(options)) : topHashing();
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
@@ -772,6 +771,9 @@ async function relay(
         ...top.hello,
         encodings: [DEFLATE_RAW],
         ...(options.verify === true ? { verify: true } : {}),
+        ...(kept !== undefined
+          ? { index: agentIndexHello(kept, options, chunkSize, options.blockSizeGiven) }
+          : {}),
       },
       await agentPayload(),
     );
@@ -822,7 +824,9 @@ async function relay(
     );
     await refiner?.stop();
     const fromSummary = await from.finish();
-    const toSummary = await to.finish();
+    // an interrupted run leaves DST's agent index marked in progress (as a push does)
+    const toSummary =
+      run.interrupted && to.ready.index !== undefined ? await closedEarly(to) : await to.finish();
     await Promise.all([from.close(), to.close()]);
     const a = channelStats(from, fromSpec, fromSummary);
     const b = channelStats(to, toSpec, toSummary);
@@ -853,6 +857,7 @@ async function relay(
           a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
       },
       ...verifyReport(to.verified),
+      ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -883,6 +888,42 @@ function keptRemotely(index: string | undefined, dst: RemoteSpec): string | unde
   return at.path;
 }
 
+/** The block size of an index the agent makes: -b's, else the default. */
+function indexBlockOf(options: RemoteCopyOptions): number {
+  return options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE;
+}
+
+/**
+ * The HELLO's `index` for an index DST's agent keeps (push, relay, --direct): `blockSize`
+ * given (-b, or a bmap's blocks) makes an index of other blocks be refused or rebuilt.
+ */
+function agentIndexHello(
+  path: string,
+  options: RemoteCopyOptions,
+  chunkSize: number,
+  blockSize: number | undefined,
+): IndexHello {
+  return {
+    path,
+    blockSize: blockSize ?? DEFAULT_INDEX_BLOCK_SIZE,
+    blockSizeGiven: blockSize !== undefined,
+    chunkSize,
+    rebuild: options.rebuildIndex === true,
+    verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+    full: options.full === true,
+    topDigest: true,
+  };
+}
+
+/**
+ * Top hashes as block digests in `block` blocks (TOP_HASH_BLOCKS): what an index DST's agent
+ * keeps knows for DST without reading it, and what SRC's side computes from its bytes.
+ */
+function blockTopHashing(block: number): TopHashing {
+  const hash = blockDigestHasher(block);
+  return { hello: { topHash: TOP_HASH_BLOCKS, topBlock: block }, hash, zero: zeroHasher(hash) };
+}
+
 /**
  * Both ends remote, --direct: the agent on SRC's host starts the one on DST's host and runs
  * the copy itself (direct.ts); this end sends the HELLO and DONE and receives PROGRESS and
@@ -899,6 +940,7 @@ async function direct(
   const chunkSize = chunkSizeOf(options);
   const dryRun = options.dryRun === true;
   const full = options.full === true;
+  const kept = keptRemotely(options.index, toSpec);
   let link: AgentLink | undefined;
   let last: Progress | undefined;
   const signal = options.signal;
@@ -911,7 +953,7 @@ async function direct(
         role: 'source',
         path: fromSpec.path,
         topUnit: 0,
-        ...topHashing().hello,
+        ...(kept !== undefined ? blockTopHashing(indexBlockOf(options)) : topHashing()).hello,
         encodings: [],
         direct: {
           destination: toSpec.destination,
@@ -924,6 +966,9 @@ async function direct(
           dryRun,
           full,
           ...(options.verify === true ? { verify: true } : {}),
+          ...(kept !== undefined
+            ? { index: agentIndexHello(kept, options, chunkSize, options.blockSizeGiven) }
+            : {}),
         },
       },
       await agentPayload(),
@@ -982,6 +1027,7 @@ async function direct(
         },
       },
       ...verifyReport(report.verify),
+      ...(report.target.index !== undefined ? { index: report.target.index } : {}),
     };
     if (report.interrupted || signal?.aborted === true) throw interrupted(result);
     return result;
