@@ -162,12 +162,15 @@ describe('push with --index kept here', () => {
     assert.equal((await readIndexFile(idx)).state.kind, 'clean');
   });
 
-  test('--index with two remote ends, or on another host than DST, is refused', async (t) => {
+  test('--index kept here with two remote ends, or on another host than DST, is refused', async (t) => {
     const dir = await tempDir(t);
     await writeFile(join(dir, 'src.img'), seededBytes(4096, 1));
     const both = await runCli(['copy', '--index', join(dir, 'i'), 'h:/x', 'g:/y']);
     assert.equal(both.code, 2, both.stderr);
-    assert.match(both.stderr, /--index does not work with two remote ends.*\[EUSAGE\]/);
+    assert.match(
+      both.stderr,
+      /with two remote ends the index is kept beside DST by its agent; use --index g:FILE or --index auto \[EUSAGE\]/,
+    );
     const other = await runCli(['copy', '--index', 'g:/i', join(dir, 'src.img'), 'h:/x']);
     assert.equal(other.code, 2, other.stderr);
     assert.match(other.stderr, /--index g:\/i is on g, .* beside DST on h.*\[EUSAGE\]/);

@@ -21,6 +21,7 @@ import {
   FrameDecoder,
   FrameType,
   helloFrame,
+  parseReadBack,
   rangeHeader,
   TOP_HASH_BLOCKS,
   TOP_HASH_GMAC,
@@ -29,6 +30,7 @@ import {
   WIRE_HASH_BYTES,
   type Frame,
   type Hello,
+  type Summary,
   type WireError,
 } from '../src/remote/protocol.js';
 import { parseRemote, splitCommand } from '../src/remote/spec.js';
@@ -110,7 +112,51 @@ test('a well-formed session writes what DATA asks, and reports a matching SUMMAR
   assert.deepEqual(await readFile(path), expected);
 });
 
+test('a target asked to verify reads back what it wrote: READ_BACK digests before SUMMARY', async (t) => {
+  const dir = await tempDir(t);
+  const [path, content] = await imageFile(dir, 70 * MiB);
+  const a = Buffer.alloc(8192, 0x41);
+  const b = Buffer.alloc(4096, 0x42);
+  const c = Buffer.alloc(100, 0x43);
+  const r = await runAgent([
+    hello(path, content.length, { verify: true }),
+    data(4096, a),
+    data(4096 + 8192, b), // touches the write before: one range
+    data(66 * MiB, c), // the second 64 MiB segment
+    frame(FrameType.DONE),
+  ]);
+  assert.equal(r.error, undefined);
+  assert.deepEqual(
+    r.frames.map((f) => f.type),
+    [
+      FrameType.READY,
+      FrameType.WRITTEN,
+      FrameType.WRITTEN,
+      FrameType.WRITTEN,
+      FrameType.READ_BACK,
+      FrameType.SUMMARY,
+    ],
+  );
+  assert.deepEqual(parseReadBack(r.frames[4]!.payload), [
+    {
+      start: 4096,
+      end: 4096 + 12288,
+      bytes: 12288,
+      sha256: sha256(Buffer.concat([a, b])).toString('hex'),
+    },
+    { start: 66 * MiB, end: 66 * MiB + 100, bytes: 100, sha256: sha256(c).toString('hex') },
+  ]);
+  const summary = JSON.parse(r.frames[5]!.payload.toString('utf8')) as Summary;
+  assert.equal(summary.verify?.bytesRead !== undefined && summary.verify.bytesRead >= 12388, true);
+  assert.equal(typeof summary.verify?.direct, 'boolean');
+});
+
 const refused: [string, (path: string, size: number) => Buffer[], string][] = [
+  [
+    'verify asked of a source',
+    (p) => [hello(p, 0, { role: 'source', verify: true })],
+    'EREMOTE_PROTOCOL',
+  ],
   ['DATA before HELLO', () => [data(0, Buffer.alloc(4096, 1))], 'EREMOTE_PROTOCOL'],
   [
     'an oversized frame length',

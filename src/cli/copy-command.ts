@@ -38,7 +38,9 @@ function copySummary(r: CopyResult): string {
         (v.direct
           ? 'bypassing the page cache (O_DIRECT)'
           : 'after fsync, through the page cache (no O_DIRECT here)') +
-        `, ${v.ranges} ranges match ${v.against === 'bmap' ? "the bmap's" : "the source's"} ${v.algorithm} checksums`,
+        (v.against === 'written'
+          ? `, the bytes written match what was sent (${v.ranges} ${v.algorithm} segment digests)`
+          : `, ${v.ranges} ranges match ${v.against === 'bmap' ? "the bmap's" : "the source's"} ${v.algorithm} checksums`),
     );
   }
   const channel = (r as { channel?: ChannelStats }).channel;

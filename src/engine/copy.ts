@@ -173,10 +173,6 @@ export async function copy(
     );
   }
   if (isRemote(src) || isRemote(dst)) {
-    if (options.verify === true) {
-      // a remote copy checks the digest of what the agent wrote instead
-      throw new BlksyncError('EUSAGE', '--verify does not work with a host:path end yet');
-    }
     const sigOptions = [
       options.bmapSig !== undefined ? '--bmap-sig' : undefined,
       options.fingerprint !== undefined ? '--fingerprint' : undefined,

@@ -2,43 +2,26 @@
  * `copy --verify`: after the copy (and its fsync), read back what DST holds and compare
  * checksums, so a device that silently drops or corrupts writes is caught.
  *
- * The read bypasses the page cache: DST is reopened (through /proc/self/fd, so it is the
- * same file even if its path changed) with O_DIRECT, which needs offsets, lengths and the
- * buffer's address aligned to the device's logical block size; everything here is aligned to
- * ALIGN_BYTES (4096, a multiple of every logical block size Linux uses), and the buffer is
- * carved out of a larger ArrayBuffer at an offset that makes its address aligned (Node cannot
- * allocate aligned memory, so the address is asked of libc through koffi). File systems
- * without O_DIRECT (tmpfs) refuse it at open; DST is then read through the page cache after
- * the fsync, and the report says so (`direct: false`).
+ * The read bypasses the page cache (read-back.ts: O_DIRECT, aligned windows); here the
+ * aligned buffer is carved out of a larger ArrayBuffer at an offset that makes its address
+ * aligned, the address asked of libc through koffi. File systems without O_DIRECT (tmpfs)
+ * refuse it at open; DST is then read through the page cache after the fsync, and the report
+ * says so (`direct: false`).
  *
  * What is compared ("units", ascending, not overlapping):
  *   with a bmap whose range checksums were verified while copying: each range against its
  *   checksum in the bmap;
  *   otherwise: SHA-256 of each piece of the source (at most VERIFY_SEGMENT_BYTES, aligned
  *   to multiples of it), taken from the pipeline's chunks as they were copied (`SourceDigests`).
- *
- *   DST:   |--unit--|   |-unit-|--unit--|            |--unit--|
- *   reads: [ aligned window ...         ]            [  window ]
- *   windows cover the units, rounded out to ALIGN_BYTES; units closer than MAX_GAP_BYTES
- *   share windows, and a window is at most READ_BYTES long.
  */
 
 import { createHash, type Hash } from 'node:crypto';
-import { constants } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
 import koffi from 'koffi';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import { readFully } from '../io/read-fully.js';
+import { BlksyncError } from '../errors.js';
 import type { Range } from '../ranges.js';
+import { ALIGN_BYTES, readBack, VERIFY_SEGMENT_BYTES } from './read-back.js';
 
-/** Alignment of O_DIRECT offsets, lengths and buffers. */
-export const ALIGN_BYTES = 4096;
-/** Bytes read at a time. */
-export const READ_BYTES = 8 * 1024 * 1024;
-/** Units closer than this are read in one window (reading the gap costs less than a seek). */
-export const MAX_GAP_BYTES = 256 * 1024;
-/** Source bytes per digest when there are no bmap checksums to compare with. */
-export const VERIFY_SEGMENT_BYTES = 64 * 1024 * 1024;
+export { ALIGN_BYTES, MAX_GAP_BYTES, READ_BYTES, VERIFY_SEGMENT_BYTES } from './read-back.js';
 
 /** One span of DST and the digest it must have. */
 export interface VerifyUnit {
@@ -54,18 +37,18 @@ export interface VerifyUnit {
 export interface VerifyReport {
   /** Bytes of DST read back and found equal to what was meant to be written. */
   bytesVerified: number;
-  /** Units (bmap ranges or source segments) compared. */
+  /** Units (bmap ranges, source segments, or segments of what was written) compared. */
   ranges: number;
-  /** What the read-back was compared with. */
-  against: 'bmap' | 'source';
+  /**
+   * What the read-back was compared with: the bmap's checksums, the source's digests, or
+   * (`written`, a copy with a remote end) the digests of the bytes this run wrote.
+   */
+  against: 'bmap' | 'source' | 'written';
   algorithm: string;
   /** True when the page cache was bypassed (O_DIRECT); false: read after fsync through it. */
   direct: boolean;
   seconds: number;
 }
-
-const alignDown = (n: number): number => Math.floor(n / ALIGN_BYTES) * ALIGN_BYTES;
-const alignUp = (n: number): number => Math.ceil(n / ALIGN_BYTES) * ALIGN_BYTES;
 
 let addressOf: ((buf: Buffer) => number) | null | undefined;
 
@@ -96,84 +79,8 @@ export function alignedBuffer(length: number): Buffer | undefined {
 }
 
 /**
- * Opens DST again for reading, bypassing the page cache when it can. `fd`: DST's open
- * descriptor, reopened through /proc so it is the very file written.
- */
-async function openForReadBack(
-  path: string,
-  fd: number | undefined,
-): Promise<{ fh: FileHandle; direct: boolean }> {
-  const at = fd !== undefined ? `/proc/self/fd/${fd}` : path;
-  const direct = constants.O_DIRECT;
-  if (direct !== undefined && alignedBuffer(ALIGN_BYTES) !== undefined) {
-    try {
-      return { fh: await open(at, constants.O_RDONLY | direct), direct: true };
-    } catch (err) {
-      // EINVAL: this file system has no O_DIRECT (tmpfs); read after the fsync instead
-      if (!isSystemError(err) || err.code !== 'EINVAL') {
-        throw fromSystemError('EREAD', 'cannot open for verifying', path, err);
-      }
-    }
-  }
-  try {
-    return { fh: await open(at, constants.O_RDONLY), direct: false };
-  } catch (err) {
-    throw fromSystemError('EREAD', 'cannot open for verifying', path, err);
-  }
-}
-
-/** Windows (aligned, ascending) covering every unit. */
-function* windowsOver(units: readonly Range[]): Generator<Range> {
-  let i = 0;
-  while (i < units.length) {
-    const start = alignDown(units[i]!.start);
-    let end = alignUp(units[i]!.end);
-    i++;
-    while (i < units.length && units[i]!.start - end <= MAX_GAP_BYTES) {
-      end = Math.max(end, alignUp(units[i]!.end));
-      i++;
-    }
-    for (let at = start; at < end; at += READ_BYTES) {
-      yield { start: at, end: Math.min(end, at + READ_BYTES) };
-    }
-  }
-}
-
-/**
- * Reads one window; fewer bytes only at the end of DST. With O_DIRECT a read that ends off
- * the alignment is the end of the file: reading on from there would be refused (EINVAL).
- */
-async function readWindow(
-  fh: FileHandle,
-  buf: Buffer,
-  w: Range,
-  direct: boolean,
-  path: string,
-): Promise<number> {
-  if (!direct) {
-    try {
-      return await readFully(fh, buf, 0, w.end - w.start, w.start);
-    } catch (err) {
-      throw fromSystemError('EREAD', 'cannot read back', path, err);
-    }
-  }
-  let got = 0;
-  while (got < w.end - w.start) {
-    let n: number;
-    try {
-      ({ bytesRead: n } = await fh.read(buf, got, w.end - w.start - got, w.start + got));
-    } catch (err) {
-      throw fromSystemError('EREAD', 'cannot read back', path, err);
-    }
-    got += n;
-    if (n === 0 || got % ALIGN_BYTES !== 0) break;
-  }
-  return got;
-}
-
-/**
- * Reads `units` of the file or device at `path` back and compares each with its checksum.
- * Throws EVERIFY naming the first unit that differs (or that DST cannot supply).
+ * Reads `units` of the file or device at `path` back (read-back.ts) and compares each with
+ * its checksum. Throws EVERIFY naming the first unit that differs (or that DST cannot supply).
  */
 export async function verifyWritten(
   path: string,
@@ -181,55 +88,27 @@ export async function verifyWritten(
   algorithm: string,
   options: { fd?: number | undefined; signal?: AbortSignal | undefined } = {},
 ): Promise<{ bytesVerified: number; ranges: number; direct: boolean }> {
-  const { fh, direct } = await openForReadBack(path, options.fd);
-  try {
-    const buf = (direct ? alignedBuffer(READ_BYTES) : undefined) ?? Buffer.alloc(READ_BYTES);
-    let next = 0;
-    let hash: Hash | undefined;
-    let bytesVerified = 0;
-    for (const w of windowsOver(units)) {
-      if (options.signal?.aborted === true) {
+  let bytesVerified = 0;
+  const { direct } = await readBack(
+    path,
+    units.map((u, i) => ({ ...u, group: i })),
+    algorithm,
+    (i, computed, direct) => {
+      const u = units[i]!;
+      if (computed !== u.checksum) {
         throw new BlksyncError(
-          'EINTERRUPTED',
-          `interrupted while verifying ${path}; the copy itself had finished`,
+          'EVERIFY',
+          `${path}: ${u.label} (bytes ${u.start}-${u.end - 1}) read back ${direct ? 'from the device' : 'after fsync'} ` +
+            `do not match what was written (${algorithm} ${computed}, expected ${u.checksum}); ` +
+            'the destination did not store the data: check the medium (dmesg), then copy again',
+          { path },
         );
       }
-      const got = await readWindow(fh, buf, w, direct, path);
-      const have = w.start + got;
-      while (next < units.length && units[next]!.start < w.end) {
-        const u = units[next]!;
-        const from = Math.max(u.start, w.start);
-        const to = Math.min(u.end, w.end);
-        if (have < to) {
-          throw new BlksyncError(
-            'EVERIFY',
-            `${path}: reading back ${u.label} (bytes ${u.start}-${u.end - 1}) ended at byte ${have}; ` +
-              'the destination is shorter than what was written to it',
-            { path },
-          );
-        }
-        hash ??= createHash(algorithm);
-        hash.update(buf.subarray(from - w.start, to - w.start));
-        if (u.end > w.end) break; // continues in the next window
-        const computed = hash.digest('hex');
-        hash = undefined;
-        if (computed !== u.checksum) {
-          throw new BlksyncError(
-            'EVERIFY',
-            `${path}: ${u.label} (bytes ${u.start}-${u.end - 1}) read back ${direct ? 'from the device' : 'after fsync'} ` +
-              `do not match what was written (${algorithm} ${computed}, expected ${u.checksum}); ` +
-              'the destination did not store the data: check the medium (dmesg), then copy again',
-            { path },
-          );
-        }
-        bytesVerified += u.end - u.start;
-        next++;
-      }
-    }
-    return { bytesVerified, ranges: units.length, direct };
-  } finally {
-    await fh.close();
-  }
+      bytesVerified += u.end - u.start;
+    },
+    { ...options, alignedBuffer },
+  );
+  return { bytesVerified, ranges: units.length, direct };
 }
 
 /**

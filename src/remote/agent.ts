@@ -22,6 +22,7 @@ import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
 import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
+import { readBackWritten, WrittenRanges } from '../engine/written-log.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
 import { AgentIndex } from './agent-index.js';
 import { DirectCopy } from './direct.js';
@@ -29,6 +30,7 @@ import {
   dataHeader,
   frame,
   FrameDecoder,
+  readBackFrames,
   FrameType,
   jsonFrame,
   MAX_DATA_BYTES,
@@ -117,6 +119,7 @@ function parseHello(payload: Buffer): Hello {
     (o.topUnit !== 0 && (o.topUnit < MIN_HASH_UNIT || o.topUnit > MAX_REQUEST_BYTES)) ||
     !Array.isArray(o.encodings) ||
     (o.identity !== undefined && typeof o.identity !== 'boolean') ||
+    (o.verify !== undefined && (typeof o.verify !== 'boolean' || o.role !== 'target')) ||
     (o.role === 'target' && !isSafeUInt(o.size)) ||
     (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
     (o.index !== undefined && (o.role !== 'target' || !validIndex(o.index))) ||
@@ -152,6 +155,8 @@ function validDirect(d: unknown): d is DirectHello {
     o.path !== '' &&
     optionalString(o.ssh) &&
     optionalString(o.remoteNode) &&
+    (o.verify === undefined || typeof o.verify === 'boolean') &&
+    (o.index === undefined || validIndex(o.index)) &&
     isSafeUInt(o.blockSize) &&
     o.blockSize >= MIN_HASH_UNIT &&
     (o.blockSize & (o.blockSize - 1)) === 0 &&
@@ -225,6 +230,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   const digest = createHash('sha256');
   let direct: DirectCopy | undefined;
   let index: AgentIndex | undefined;
+  /** --verify: where this session wrote, read back at DONE. */
+  let written: WrittenRanges | undefined;
   let directRun: Promise<DirectReport> | undefined;
   let sendChain: Promise<void> = Promise.resolve();
 
@@ -422,6 +429,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         kind,
         fileSize: have,
       };
+      if (h.verify === true) written = new WrittenRanges();
       if (h.index !== undefined) {
         index = await AgentIndex.open(
           h.index,
@@ -528,6 +536,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
         await index?.beforeWrite(offset);
         await o.sink.write(raw, offset);
         index?.wrote(offset, raw);
+        written?.add(offset, rawLength);
         bytes += rawLength;
         frames++;
         const ack = Buffer.allocUnsafe(8);
@@ -572,6 +581,21 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           await index.commit();
           bytesRead += index.bytesRead;
         } else if (index !== undefined) bytesRead += index.bytesRead;
+        let verified: Summary['verify'];
+        if (written !== undefined) {
+          // after the fsync above: the read-back sees what the medium holds
+          const t0 = performance.now();
+          const r =
+            o.fh !== undefined && !written.empty
+              ? await readBackWritten(o.path, written, { fd: o.fh.fd })
+              : { digests: [], direct: false, bytesRead: 0 };
+          for (const f of readBackFrames(r.digests)) await send(f);
+          verified = {
+            direct: r.direct,
+            bytesRead: r.bytesRead,
+            seconds: (performance.now() - t0) / 1000,
+          };
+        }
         done = true;
         const cpu = process.cpuUsage();
         const s: Summary = {
@@ -583,6 +607,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
           ...(identity !== undefined ? { identity } : {}),
           ...(directReport !== undefined ? { direct: directReport } : {}),
           ...(index !== undefined ? { index: index.report() } : {}),
+          ...(verified !== undefined ? { verify: verified } : {}),
         };
         await send(jsonFrame(FrameType.SUMMARY, s));
         return;

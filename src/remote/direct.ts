@@ -22,7 +22,7 @@ import type { Progress, Source, TargetKnowledge } from '../engine/types.js';
 import { FileSource } from '../io/file-source.js';
 import { DEFLATE_RAW } from './compress.js';
 import { AgentLink } from './link.js';
-import type { DirectHello, DirectReport, Hello, Ready, TopHasher } from './protocol.js';
+import type { DirectHello, DirectReport, Hello, Ready, Summary, TopHasher } from './protocol.js';
 import { hashAheadPush, RefinedTarget, REMOTE_DEPTH, RemoteSink, SpanBook } from './roles.js';
 import { HashScanner } from './scanner.js';
 import type { Refiner } from './refiner.js';
@@ -93,8 +93,12 @@ export class DirectCopy {
           size: src.size,
           dryRun: d.dryRun === true,
           topUnit: d.full === true ? 0 : d.chunkSize,
-          ...(hello.topHash !== undefined ? { topHash: hello.topHash, key: hello.key } : {}),
+          ...(hello.topHash !== undefined
+            ? { topHash: hello.topHash, key: hello.key, topBlock: hello.topBlock }
+            : {}),
           encodings: [DEFLATE_RAW],
+          ...(d.index !== undefined ? { index: d.index } : {}),
+          ...(d.verify === true ? { verify: true } : {}),
         },
         payload,
       );
@@ -179,7 +183,11 @@ export class DirectCopy {
       );
       await refiner?.stop();
       await scanner?.stop();
-      const target = await link.finish();
+      // an interrupted copy leaves B's index marked in progress, as an interrupted push does
+      const target: Summary =
+        run.interrupted && link.ready.index !== undefined
+          ? { bytes: link.bytesConfirmed, frames: 0, digest: '', bytesRead: 0 }
+          : await link.finish();
       await link.close();
       return {
         interrupted: run.interrupted,
@@ -192,6 +200,7 @@ export class DirectCopy {
         target,
         bytesSent: link.bytesSent,
         bytesReceived: link.bytesReceived,
+        ...(link.verified !== undefined ? { verify: link.verified } : {}),
       };
     } finally {
       await refiner?.stop();

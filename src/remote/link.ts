@@ -9,6 +9,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { BlksyncError, type ErrorCode } from '../errors.js';
 import type { Progress } from '../engine/types.js';
+import { compareWritten, WrittenDigests, type WrittenDigest } from '../engine/written-log.js';
 import { formatBytes } from '../size.js';
 import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
@@ -19,6 +20,7 @@ import {
   FrameType,
   helloFrame,
   MAX_DATA_BYTES,
+  parseReadBack,
   rangeHeader,
   readU64,
   WIRE_HASH_BYTES,
@@ -78,6 +80,11 @@ export class AgentLink {
   #readyInfo: Ready | undefined;
   #exitCode: number | null = null;
   #exitSignal: NodeJS.Signals | null = null;
+  /** --verify: digests of the DATA sent, and the agent's READ_BACK of what it wrote. */
+  #sent: WrittenDigests | undefined;
+  #readBack: WrittenDigest[] = [];
+  /** --verify: what the agent read back and finish() found equal to what was sent. */
+  verified: { bytesVerified: number; ranges: number; direct: boolean; seconds: number } | undefined;
   /** Bytes written to ssh's stdin and read from its stdout. */
   bytesSent = 0;
   bytesReceived = 0;
@@ -147,6 +154,7 @@ export class AgentLink {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
     const link = new AgentLink(spec, options);
+    if (hello.verify === true) link.#sent = new WrittenDigests();
     try {
       const ready = new Promise<Ready>((resolve, reject) => {
         link.#ready = { resolve, reject };
@@ -223,12 +231,16 @@ export class AgentLink {
       if (this.#error !== undefined) throw this.#error;
       const head = dataHeader(offset + s, piece.length, encoding);
       this.#digest.update(head.subarray(0, 12)).update(piece);
+      this.#sent?.add(offset + s, piece);
       this.dataBytes += piece.length;
       if (!this.#write(frame(FrameType.DATA, head, body))) await this.#drained();
     }
   }
 
-  /** Sends DONE, waits for the agent's SUMMARY and checks its digest against ours. */
+  /**
+   * Sends DONE, waits for the agent's SUMMARY and checks its digest against ours; with
+   * --verify, also the digests of what it read back against those of what was sent (EVERIFY).
+   */
   async finish(): Promise<Summary> {
     if (this.#error !== undefined) throw this.#error;
     const summary = new Promise<Summary>((resolve, reject) => {
@@ -243,6 +255,13 @@ export class AgentLink {
         `${this.name}: the data written (${s.bytes} bytes, sha256 ${s.digest.slice(0, 16)}) does not match ` +
           `the data sent (${this.dataBytes} bytes, sha256 ${mine.slice(0, 16)}); rerun the command`,
       );
+    }
+    if (this.#sent !== undefined) {
+      if (s.verify === undefined) {
+        throw new BlksyncError('EREMOTE_PROTOCOL', `${this.name}: SUMMARY lacks the read-back`);
+      }
+      const r = compareWritten(this.#sent.digests(), this.#readBack, this.name, s.verify.direct);
+      this.verified = { ...r, direct: s.verify.direct, seconds: s.verify.seconds };
     }
     return s;
   }
@@ -371,6 +390,12 @@ export class AgentLink {
           return this.#protocolError('PROGRESS is not JSON');
         }
         this.onProgress?.(progress);
+        return;
+      }
+      case FrameType.READ_BACK: {
+        const records = this.#sent !== undefined ? parseReadBack(p) : undefined;
+        if (records === undefined) return this.#protocolError('unexpected READ_BACK');
+        this.#readBack.push(...records);
         return;
       }
       case FrameType.SUMMARY: {

@@ -19,6 +19,7 @@ import * as crypto from 'node:crypto';
 import type { TargetIdentity } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import type { IndexReport } from '../engine/index-target.js';
+import type { WrittenDigest } from '../engine/written-log.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Bytes of the frame header: length (4) and type (1). */
@@ -61,6 +62,11 @@ export const FrameType = {
   SUMMARY: 0x31,
   /** a→c, unasked, only from an agent running a direct copy: JSON Progress (engine/types.ts). */
   PROGRESS: 0x32,
+  /**
+   * a→c, after DONE and before SUMMARY, only from a target asked to `verify`: the digests of
+   * what it wrote as read back from DST, READ_BACK_RECORD_BYTES each.
+   */
+  READ_BACK: 0x33,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -110,6 +116,11 @@ export interface Hello {
    * "auto"); see agent-index.ts. READY says whether it is used; SUMMARY reports it.
    */
   index?: IndexHello;
+  /**
+   * target (--verify): record the ranges written; at DONE, after the fsync, read them back
+   * bypassing the page cache and send their digests (READ_BACK) before SUMMARY.
+   */
+  verify?: boolean;
 }
 
 /** An index the target agent keeps of its file. */
@@ -150,6 +161,10 @@ export interface DirectHello {
   chunkSize: number;
   dryRun?: boolean;
   full?: boolean;
+  /** --verify: the target agent reads back what it wrote; the source agent compares. */
+  verify?: boolean;
+  /** --index host:FILE or auto: the target agent keeps an index of its file (IndexHello). */
+  index?: IndexHello;
 }
 
 /** What a direct copy did, reported by the source agent in SUMMARY. */
@@ -169,6 +184,8 @@ export interface DirectReport {
   /** The ssh channel between the two hosts, as the source agent counted it. */
   bytesSent: number;
   bytesReceived: number;
+  /** --verify: what the target agent read back and the source agent found equal. */
+  verify?: { bytesVerified: number; ranges: number; direct: boolean; seconds: number };
 }
 
 export interface Ready {
@@ -222,6 +239,45 @@ export interface Summary {
   direct?: DirectReport;
   /** target with `index`: what was done with it. */
   index?: IndexWireReport;
+  /** target with `verify`: how the written ranges were read back (READ_BACK has the digests). */
+  verify?: { direct: boolean; bytesRead: number; seconds: number };
+}
+
+/** Bytes of one READ_BACK record: u64 start, u64 end, u64 bytes, SHA-256. */
+export const READ_BACK_RECORD_BYTES = 56;
+/** Records per READ_BACK frame (under MAX_FRAME_BYTES). */
+export const READ_BACK_RECORDS_PER_FRAME = 16384;
+
+/** READ_BACK frames carrying `digests`, at most READ_BACK_RECORDS_PER_FRAME each. */
+export function readBackFrames(digests: readonly WrittenDigest[]): Buffer[] {
+  const frames: Buffer[] = [];
+  for (let i = 0; i < digests.length; i += READ_BACK_RECORDS_PER_FRAME) {
+    const batch = digests.slice(i, i + READ_BACK_RECORDS_PER_FRAME);
+    const body = Buffer.allocUnsafe(batch.length * READ_BACK_RECORD_BYTES);
+    batch.forEach((d, k) => {
+      const at = k * READ_BACK_RECORD_BYTES;
+      writeU64(body, d.start, at);
+      writeU64(body, d.end, at + 8);
+      writeU64(body, d.bytes, at + 16);
+      Buffer.from(d.sha256, 'hex').copy(body, at + 24);
+    });
+    frames.push(frame(FrameType.READ_BACK, body));
+  }
+  return frames;
+}
+
+/** The records of one READ_BACK payload; undefined if it is malformed. */
+export function parseReadBack(p: Buffer): WrittenDigest[] | undefined {
+  if (p.length === 0 || p.length % READ_BACK_RECORD_BYTES !== 0) return undefined;
+  const out: WrittenDigest[] = [];
+  for (let at = 0; at < p.length; at += READ_BACK_RECORD_BYTES) {
+    const start = readU64(p, at);
+    const end = readU64(p, at + 8);
+    const bytes = readU64(p, at + 16);
+    if (start === undefined || end === undefined || bytes === undefined) return undefined;
+    out.push({ start, end, bytes, sha256: p.toString('hex', at + 24, at + 56) });
+  }
+  return out;
 }
 
 const nodeHash = (crypto as { hash?: (alg: string, data: Buffer, enc: 'buffer') => Buffer }).hash;

@@ -31,6 +31,8 @@ import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
 import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
+import type { VerifyReport } from '../engine/verify-written.js';
+import { compareWritten, readBackWritten, WrittenSink } from '../engine/written-log.js';
 import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
@@ -47,6 +49,9 @@ import { HashDiffer } from './hash-differ.js';
 import { agentPayload } from './agent-payload.js';
 import {
   blockDigest,
+  blockDigestHasher,
+  zeroHasher,
+  type IndexHello,
   MIN_HASH_UNIT,
   TOP_HASH_BLOCKS,
   unitHashes,
@@ -70,6 +75,7 @@ import {
   RemoteSink,
   SpanBook,
   topHashing,
+  type TopHashing,
 } from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
 import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
@@ -98,6 +104,8 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   blockSizeGiven?: number;
   /** Both ends remote: SRC's host copies straight to DST's host (see direct.ts). */
   direct?: boolean;
+  /** Read back what was written, past the page cache, and compare (written-log.ts). */
+  verify?: boolean;
 }
 
 /** What the ssh channel carried, added to the copy result of a remote run. */
@@ -166,10 +174,16 @@ export async function remoteCopy(
 ): Promise<RemoteCopyResult> {
   const srcRemote = parseRemote(src);
   const dstRemote = parseRemote(dst);
-  if (options.index !== undefined && srcRemote !== undefined && dstRemote !== undefined) {
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote !== undefined &&
+    keptRemotely(options.index, dstRemote) === undefined
+  ) {
+    // the index would have to learn SRC's blocks, whose bytes stay on the hosts
     throw new BlksyncError(
       'EUSAGE',
-      '--index does not work with two remote ends yet; run the copy on one of the hosts',
+      `--index ${options.index}: with two remote ends the index is kept beside DST by its agent; use --index ${dstRemote.destination}:FILE or --index auto`,
     );
   }
   if (
@@ -196,9 +210,6 @@ export async function remoteCopy(
         'EUSAGE',
         '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
       );
-    }
-    if (options.index !== undefined) {
-      throw new BlksyncError('EUSAGE', '--index does not work with --direct yet; drop one of them');
     }
     return direct(src, dst, srcRemote, dstRemote, options);
   }
@@ -286,12 +297,20 @@ async function push(
   let index: RemoteIndex | undefined;
   try {
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
-    if (options.index !== undefined && opened.bmap !== undefined) {
+    // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
+    // dividing them (as a local copy's)
+    const bmapBlock = options.index !== undefined ? opened.bmap?.blockSize : undefined;
+    if (
+      bmapBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      bmapBlock % options.blockSizeGiven !== 0
+    ) {
       throw new BlksyncError(
         'EUSAGE',
-        `--index cannot be combined with a bmap yet (found ${opened.bmap.path}); add --no-bmap`,
+        `-b ${options.blockSizeGiven} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
       );
     }
+    const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
       found = await readIndexIfAny(options.index, options.rebuildIndex === true);
     }
@@ -311,19 +330,9 @@ async function push(
         ...top.hello,
         encodings: [DEFLATE_RAW],
         ...(indexing ? { identity: true } : {}),
+        ...(options.verify === true ? { verify: true } : {}),
         ...(kept !== undefined
-          ? {
-              index: {
-                path: kept,
-                blockSize: options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE,
-                blockSizeGiven: options.blockSizeGiven !== undefined,
-                chunkSize,
-                rebuild: options.rebuildIndex === true,
-                verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
-                full,
-                topDigest: true,
-              },
-            }
+          ? { index: agentIndexHello(kept, options, chunkSize, indexBlock) }
           : {}),
       },
       await agentPayload(),
@@ -339,7 +348,11 @@ async function push(
         {
           index: options.index,
           imageSize: size,
-          blockSize: options.blockSizeGiven,
+          blockSize: indexBlock,
+          ...(options.blockSizeGiven === undefined && bmapBlock !== undefined
+            ? { blockSizeReason: "the bmap's blocks are" }
+            : {}),
+          ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
           rebuild: options.rebuildIndex === true,
           verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
@@ -437,6 +450,7 @@ async function push(
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
+      ...verifyReport(link.verified),
     };
     await link.close();
     result.channel = channelStats(link, spec, summary);
@@ -623,8 +637,11 @@ async function pull(
     const source = new FetchedSource(size, link, refiner, book, !dryRun);
     const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
     let fileSink: Sink | undefined;
+    // --verify: what is written is recorded, and read back after the fsync
+    let logged: WrittenSink | undefined;
     if (!dryRun && target !== undefined) {
       fileSink = new FileSink(target.fh, dst);
+      if (options.verify === true) fileSink = logged = new WrittenSink(fileSink);
       // with an index: marked in progress before DST changes (IndexSession's guard)
       sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
     }
@@ -653,6 +670,25 @@ async function pull(
       );
     }
     await link.close();
+    let verified: VerifyReport | undefined;
+    if (logged !== undefined && target !== undefined && !run.interrupted) {
+      // DST is local: the local --verify's read-back (O_DIRECT, koffi's aligned buffer)
+      const t0 = performance.now();
+      const { alignedBuffer } = await import('../engine/verify-written.js');
+      const back = await readBackWritten(dst, logged.ranges, {
+        fd: target.fh.fd,
+        signal: options.signal,
+        alignedBuffer,
+      });
+      const r = compareWritten(logged.digests.digests(), back.digests, dst, back.direct);
+      verified = {
+        ...r,
+        direct: back.direct,
+        against: 'written',
+        algorithm: 'sha256',
+        seconds: (performance.now() - t0) / 1000,
+      };
+    }
     if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
       source: src,
@@ -673,6 +709,7 @@ async function pull(
       seconds: (performance.now() - started) / 1000,
       channel: channelStats(link, spec, summary),
       ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
+      ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -701,7 +738,10 @@ async function relay(
   const dryRun = options.dryRun === true;
   const full = options.full === true;
   const topUnit = full ? 0 : chunkSize;
-  const top = topHashing();
+  const kept = keptRemotely(options.index, toSpec);
+  // with DST's agent keeping an index, both sides' top hashes are block digests, which a
+  // used index knows without reading DST
+  const top = kept !== undefined ? blockTopHashing(indexBlockOf(options)) : topHashing();
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
@@ -730,6 +770,10 @@ async function relay(
         topUnit,
         ...top.hello,
         encodings: [DEFLATE_RAW],
+        ...(options.verify === true ? { verify: true } : {}),
+        ...(kept !== undefined
+          ? { index: agentIndexHello(kept, options, chunkSize, options.blockSizeGiven) }
+          : {}),
       },
       await agentPayload(),
     );
@@ -780,7 +824,9 @@ async function relay(
     );
     await refiner?.stop();
     const fromSummary = await from.finish();
-    const toSummary = await to.finish();
+    // an interrupted run leaves DST's agent index marked in progress (as a push does)
+    const toSummary =
+      run.interrupted && to.ready.index !== undefined ? await closedEarly(to) : await to.finish();
     await Promise.all([from.close(), to.close()]);
     const a = channelStats(from, fromSpec, fromSummary);
     const b = channelStats(to, toSpec, toSummary);
@@ -810,6 +856,8 @@ async function relay(
         remoteNode:
           a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
       },
+      ...verifyReport(to.verified),
+      ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -840,6 +888,42 @@ function keptRemotely(index: string | undefined, dst: RemoteSpec): string | unde
   return at.path;
 }
 
+/** The block size of an index the agent makes: -b's, else the default. */
+function indexBlockOf(options: RemoteCopyOptions): number {
+  return options.blockSizeGiven ?? DEFAULT_INDEX_BLOCK_SIZE;
+}
+
+/**
+ * The HELLO's `index` for an index DST's agent keeps (push, relay, --direct): `blockSize`
+ * given (-b, or a bmap's blocks) makes an index of other blocks be refused or rebuilt.
+ */
+function agentIndexHello(
+  path: string,
+  options: RemoteCopyOptions,
+  chunkSize: number,
+  blockSize: number | undefined,
+): IndexHello {
+  return {
+    path,
+    blockSize: blockSize ?? DEFAULT_INDEX_BLOCK_SIZE,
+    blockSizeGiven: blockSize !== undefined,
+    chunkSize,
+    rebuild: options.rebuildIndex === true,
+    verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+    full: options.full === true,
+    topDigest: true,
+  };
+}
+
+/**
+ * Top hashes as block digests in `block` blocks (TOP_HASH_BLOCKS): what an index DST's agent
+ * keeps knows for DST without reading it, and what SRC's side computes from its bytes.
+ */
+function blockTopHashing(block: number): TopHashing {
+  const hash = blockDigestHasher(block);
+  return { hello: { topHash: TOP_HASH_BLOCKS, topBlock: block }, hash, zero: zeroHasher(hash) };
+}
+
 /**
  * Both ends remote, --direct: the agent on SRC's host starts the one on DST's host and runs
  * the copy itself (direct.ts); this end sends the HELLO and DONE and receives PROGRESS and
@@ -856,6 +940,7 @@ async function direct(
   const chunkSize = chunkSizeOf(options);
   const dryRun = options.dryRun === true;
   const full = options.full === true;
+  const kept = keptRemotely(options.index, toSpec);
   let link: AgentLink | undefined;
   let last: Progress | undefined;
   const signal = options.signal;
@@ -868,7 +953,7 @@ async function direct(
         role: 'source',
         path: fromSpec.path,
         topUnit: 0,
-        ...topHashing().hello,
+        ...(kept !== undefined ? blockTopHashing(indexBlockOf(options)) : topHashing()).hello,
         encodings: [],
         direct: {
           destination: toSpec.destination,
@@ -880,6 +965,10 @@ async function direct(
           chunkSize,
           dryRun,
           full,
+          ...(options.verify === true ? { verify: true } : {}),
+          ...(kept !== undefined
+            ? { index: agentIndexHello(kept, options, chunkSize, options.blockSizeGiven) }
+            : {}),
         },
       },
       await agentPayload(),
@@ -937,6 +1026,8 @@ async function direct(
           bytesReceived: report.bytesReceived,
         },
       },
+      ...verifyReport(report.verify),
+      ...(report.target.index !== undefined ? { index: report.target.index } : {}),
     };
     if (report.interrupted || signal?.aborted === true) throw interrupted(result);
     return result;
@@ -1057,6 +1148,14 @@ async function byIndex(
     at += len;
   }
   return { spans, data };
+}
+
+/** The copy result's `verify` from what a target agent read back and was found equal. */
+function verifyReport(
+  v: { bytesVerified: number; ranges: number; direct: boolean; seconds: number } | undefined,
+): { verify?: VerifyReport } {
+  if (v === undefined) return {};
+  return { verify: { ...v, against: 'written', algorithm: 'sha256' } };
 }
 
 /** Ends a session without DONE; what the agent confirmed stands in for its summary. */

@@ -28,6 +28,7 @@ import {
   writeNewIndex,
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
+import type { Range } from '../ranges.js';
 import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
 import { HashPool } from '../engine/hash-pool.js';
 import { IndexTarget, type IndexReport, type IndexSessionOptions } from '../engine/index-target.js';
@@ -43,13 +44,21 @@ export type RemoteIndexOptions = Pick<
   | 'index'
   | 'imageSize'
   | 'blockSize'
+  | 'blockSizeReason'
   | 'chunkSize'
   | 'rebuild'
   | 'verifySample'
   | 'full'
   | 'dryRun'
   | 'hashThreads'
->;
+> & {
+  /**
+   * A bmap copy: only these ranges pass through the pipeline; DST is left as it is outside
+   * them. The index still describes all of DST, so the blocks outside must be known here
+   * without reading them: zeros on a new or empty DST, or vouched for by a used index.
+   */
+  partial?: { ranges: readonly Range[] };
+};
 
 /** Reads the index file before ssh starts; undefined when there is none. */
 export async function readIndexIfAny(
@@ -74,6 +83,26 @@ function stale(path: string, why: string): BlksyncError {
     'EINDEX_STALE',
     `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
     { path },
+  );
+}
+
+/** The ranges of [0, size) outside the ascending `ranges`. */
+function outsideOf(ranges: readonly Range[], size: number): Range[] {
+  const outside: Range[] = [];
+  let at = 0;
+  for (const r of [...ranges, { start: size, end: size }]) {
+    if (r.start > at) outside.push({ start: at, end: r.start });
+    at = Math.max(at, r.end);
+  }
+  return outside;
+}
+
+function unmappedUnknown(index: string, dst: string): BlksyncError {
+  return new BlksyncError(
+    'EUSAGE',
+    `index ${index} is kept here and cannot learn the blocks of ${dst} outside the bmap's ranges (a bmap copy does not read them); ` +
+      `keep the index beside DST with --index ${dst.slice(0, dst.indexOf(':'))}:FILE or --index auto, or make this one with --no-bmap`,
+    { path: index },
   );
 }
 
@@ -191,8 +220,13 @@ export class RemoteIndex {
     try {
       const ready = link.ready;
       const id = ready.identity;
-      const create = (reason: string | undefined, oldExists: boolean): RemoteIndex =>
-        new RemoteIndex(o, pool, id, undefined, { reason, oldExists });
+      const fresh = ready.created || ready.zero;
+      const create = (reason: string | undefined, oldExists: boolean): RemoteIndex => {
+        // a bmap copy does not read DST outside the mapped ranges, and the agent's hashes
+        // are truncated: an index kept here cannot learn those blocks of an existing DST
+        if (o.partial !== undefined && !fresh) throw unmappedUnknown(o.index, link.name);
+        return new RemoteIndex(o, pool, id, undefined, { reason, oldExists });
+      };
       if (found === undefined) return create(undefined, false);
       if ('unreadable' in found) return create(found.unreadable, true);
       const index = found.index;
@@ -216,9 +250,10 @@ export class RemoteIndex {
       }
       if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
         if (o.rebuild) return create(`block size ${o.blockSize} asked for`, true);
+        const reason = o.blockSizeReason ?? '-b asks for';
         throw new BlksyncError(
           'EUSAGE',
-          `index ${o.index} has ${index.blockSize}-byte blocks but -b asks for ${o.blockSize}; omit -b, or pass --rebuild-index`,
+          `index ${o.index} has ${index.blockSize}-byte blocks but ${reason} ${o.blockSize}; ${o.blockSizeReason === undefined ? 'omit -b, or ' : ''}pass --rebuild-index`,
         );
       }
       if (
@@ -232,6 +267,12 @@ export class RemoteIndex {
         throw stale(o.index, why2);
       }
       const target = new IndexTarget(index, o.imageSize, undefined, o.chunkSize, pool);
+      if (o.partial !== undefined) {
+        // an interrupted copy's range outside the mapped ranges stays unknown here
+        for (const r of outsideOf(o.partial.ranges, o.imageSize)) {
+          if (!target.trusts(r.start, r.end)) throw unmappedUnknown(o.index, link.name);
+        }
+      }
       const sample = await verifySample(target, o.verifySample, link);
       if (sample.bad !== undefined) {
         const why2 = `the block at byte ${sample.bad} of ${link.name} does not match its hash`;
@@ -288,6 +329,19 @@ export class RemoteIndex {
     if (this.#o.dryRun || identity === undefined) return;
     const hashes = this.#target?.table ?? this.#collected?.table;
     if (hashes === undefined) return;
+    if (this.#collected !== undefined && this.#o.partial !== undefined) {
+      // made on a new or empty DST (open() refused any other): it reads as zeros outside
+      const bs = this.blockSize;
+      const size = this.#o.imageSize;
+      const zero = Buffer.alloc(bs);
+      const zeroBlock = sha256(zero);
+      for (const r of outsideOf(this.#o.partial.ranges, size)) {
+        for (let b = r.start; b < r.end; b += bs) {
+          const h = size - b >= bs ? zeroBlock : sha256(zero, 0, size - b);
+          h.copy(hashes, (b / bs) * HASH_BYTES);
+        }
+      }
+    }
     await this.#write({ kind: 'clean' }, identity, hashes);
   }
 

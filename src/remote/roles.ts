@@ -217,7 +217,8 @@ export class CountingSink implements Sink {
 
 /** The top-level hash of one session: GMAC under a fresh random key (protocol.ts). */
 export interface TopHashing {
-  hello: { topHash: string; key: string };
+  /** The HELLO fields that choose it: topHash, and key or topBlock. */
+  hello: { topHash: string; key?: string; topBlock?: number };
   hash: TopHasher;
   zero: (length: number) => Buffer;
 }
