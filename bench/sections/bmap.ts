@@ -4,9 +4,10 @@
  * The image is SIZE bytes with ~30% data in 20 extents (300 MiB of 1 GiB), about 2:1
  * compressible, as .img and as .img.gz, .img.xz and .img.zst; its bmap (made by bmaptool,
  * identical to blksync's) sits beside it as new.bmap, where both tools find it. Each source
- * is copied to a file and to a loop device (when root), from an empty destination (a new
- * file; a zeroed device) and from one holding the previous version of the image (~1 MiB of
- * the mapped data differs). Every run is checked with cmp against the image.
+ * is copied to a file and to a loop device (when root), and the raw image also to loop devices
+ * throttled like a USB stick and an SD card (MEDIA), from an empty destination (a new file; a
+ * zeroed device) and from one holding the previous version of the image (~1 MiB of the mapped
+ * data differs). Every run is checked with cmp against the image.
  *
  * The goals (issue 5): blksync at most 1.0× bmaptool's time from empty, and at least 3×
  * faster than bmaptool when the destination holds the previous version.
@@ -182,18 +183,39 @@ async function loopDestination(
 
 /** cgroup v1 blkio throttles: they apply to every bio sent to the device, writeback included. */
 const THROTTLE_DIR = '/sys/fs/cgroup/blkio';
-/** A USB 3 flash stick, roughly: what flashing a device looks like, unlike the page cache. */
-const SLOW_WRITE_BPS = 40_000_000;
-const SLOW_READ_BPS = 120_000_000;
+
+/** Flash media as the bench throttles a loop device: what flashing looks like, unlike the page cache. */
+interface MediumProfile {
+  /** For BENCH_BMAP_DESTINATIONS. */
+  key: string;
+  name: string;
+  writeBps: number;
+  readBps: number;
+}
 
 /**
- * A loop device throttled like a flash stick (writes 40 MB/s, reads 120 MB/s, through the
- * blkio controller), its page cache dropped before each run as for a stick just plugged in.
- * Only raw images are copied to it: the time is the device's, not the decoder's.
+ * Two kinds of media people flash. Rewriting only what differs pays off by the medium's read
+ * speed over its write speed: when DST holds the previous version blksync reads all mapped
+ * data once where bmaptool writes it, so read/write bounds the speed-up without an index.
  */
-async function slowLoopDestination(data: BmapData): Promise<Destination | undefined> {
+const MEDIA: readonly MediumProfile[] = [
+  // a USB 3 flash stick, roughly
+  { key: 'usb', name: 'USB stick', writeBps: 40_000_000, readBps: 120_000_000 },
+  // a UHS-I class 10 SD card (a Raspberry Pi's, a camera's): writes 10-30, reads 80-95 MB/s
+  { key: 'sd', name: 'SD card', writeBps: 20_000_000, readBps: 90_000_000 },
+];
+
+/**
+ * A loop device throttled like a flash medium (through the blkio controller), its page cache
+ * dropped before each run as for a medium just plugged in. Only raw images are copied to it:
+ * the time is the device's, not the decoder's.
+ */
+async function slowLoopDestination(
+  data: BmapData,
+  medium: MediumProfile,
+): Promise<Destination | undefined> {
   if (!existsSync(path.join(THROTTLE_DIR, 'blkio.throttle.write_bps_device'))) return undefined;
-  const loop = await loopDestination(data, 'slow-backing.img');
+  const loop = await loopDestination(data, `${medium.key}-backing.img`);
   if (loop === undefined) return undefined;
   const { rdev } = await stat(loop.path);
   const majMin = devId(rdev);
@@ -213,13 +235,13 @@ async function slowLoopDestination(data: BmapData): Promise<Destination | undefi
   process.once('SIGINT', clearOnSignal);
   process.once('SIGTERM', clearOnSignal);
   return {
-    label: `loop device at ${SLOW_WRITE_BPS / 1e6}/${SLOW_READ_BPS / 1e6} MB/s w/r`,
+    label: `${medium.name}: loop at ${medium.writeBps / 1e6}/${medium.readBps / 1e6} MB/s w/r`,
     path: loop.path,
     rawOnly: true,
     reset: async (start, then) => {
       await throttle(0, 0);
       await loop.reset(start, then); // ends with the device's page cache dropped
-      await throttle(SLOW_WRITE_BPS, SLOW_READ_BPS);
+      await throttle(medium.writeBps, medium.readBps);
     },
     dispose: async () => {
       process.off('SIGINT', clearOnSignal);
@@ -251,13 +273,18 @@ async function runSection(options: BenchOptions): Promise<void> {
   await ensureCommands(PEERS, log);
   await ensureBuilt(log);
   const data = await ensureData(options.imageSize, log);
-  const destinations = [fileDestination(data)];
-  const loop = await loopDestination(data);
+  // BENCH_BMAP_DESTINATIONS=file,loop,usb,sd limits the destinations (for quicker iterations)
+  const wanted = process.env.BENCH_BMAP_DESTINATIONS?.split(',');
+  const want = (key: string): boolean => wanted === undefined || wanted.includes(key);
+  const destinations: Destination[] = want('file') ? [fileDestination(data)] : [];
+  const loop = want('loop') ? await loopDestination(data) : undefined;
   if (loop !== undefined) destinations.push(loop);
-  else log('not root or no loop devices: file destinations only');
-  const slow = await slowLoopDestination(data);
-  if (slow !== undefined) destinations.push(slow);
-  else log('no blkio throttling (cgroup v1) here: no slow-device rows');
+  else if (want('loop')) log('not root or no loop devices: file destinations only');
+  for (const medium of MEDIA.filter((m) => want(m.key))) {
+    const slow = await slowLoopDestination(data, medium);
+    if (slow !== undefined) destinations.push(slow);
+    else log(`no blkio throttling (cgroup v1) here: no ${medium.name} rows`);
+  }
   log(
     `${formatBytes(data.size)} image, ${formatBytes(data.mappedBytes)} mapped in ${EXTENTS} extents; ` +
       `previous version differs in ${CHANGES} × ${CHANGE_BYTES} bytes\n` +
