@@ -275,6 +275,8 @@ export interface Trial {
   run(): Promise<Measurement>;
   /** Throws (loudly) when a run did not do its job; `m` is that run's measurement. */
   check(m: Measurement): Promise<void>;
+  /** Run after the shared `prepare`, for this trial only (not timed). */
+  prepare?: () => Promise<void>;
 }
 
 export interface TrialResult {
@@ -313,6 +315,7 @@ export async function runTrials(
   for (let r = 1; r <= options.runs; r++) {
     for (const [i, trial] of trials.entries()) {
       await options.prepare();
+      await trial.prepare?.();
       const m = await trial.run();
       const synced = await fsyncSeconds(options.file);
       await trial.check(m);

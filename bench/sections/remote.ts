@@ -31,6 +31,7 @@ import {
   freshCopy,
   measure,
   renderTable,
+  run as runCommand,
   runTrials,
   sh,
   summarize,
@@ -81,6 +82,14 @@ interface Row {
   /** The wire bytes come from blksync's --json summary instead of the wrapper. */
   json?: boolean;
   command: string;
+  /** Run with the page cache dropped (both files read from the disk), as a nightly backup is. */
+  cold?: boolean;
+}
+
+/** Writes back and drops the page cache, so the next run reads SRC and DST from the disk. */
+async function dropPageCache(): Promise<void> {
+  await runCommand('sync', []);
+  await writeFile('/proc/sys/vm/drop_caches', '3\n');
 }
 
 async function run(options: BenchOptions): Promise<void> {
@@ -136,6 +145,29 @@ async function run(options: BenchOptions): Promise<void> {
       }
     }
 
+    // a nightly backup of a device finds little of it in the page cache: the same copies with
+    // the cache dropped before each run (root only)
+    if (process.getuid?.() === 0) {
+      for (const direction of ['push', 'pull'] as const) {
+        const [from, to] = direction === 'push' ? [src, `${host}:${dst}`] : [`${host}:${src}`, dst];
+        for (const tool of ['blksync', 'rsync']) {
+          rows.push({
+            label: `${tool} ${direction}, cold cache`,
+            direction,
+            tool,
+            counted: false,
+            cold: true,
+            command:
+              tool === 'blksync'
+                ? `${cli} copy -q --ssh ${sh(plainSsh)} ${sh(from)} ${sh(to)}`
+                : `rsync --inplace --no-whole-file -I -e ${sh(plainSsh)} ${sh(from)} ${sh(to)}`,
+          });
+        }
+      }
+    } else {
+      log('not root: no cold-cache rows (dropping the page cache needs root)');
+    }
+
     for (const direct of [false, true]) {
       rows.push({
         label: `blksync ${direct ? '--direct' : 'relay'} host → host`,
@@ -163,6 +195,7 @@ async function run(options: BenchOptions): Promise<void> {
     const trials: Trial[] = rows.map((row) => ({
       label: row.label,
       command: row.command,
+      ...(row.cold === true ? { prepare: dropPageCache } : {}),
       run: () => measure(row.command),
       check: async (m) => {
         if (m.status !== 0) {
@@ -227,7 +260,9 @@ async function run(options: BenchOptions): Promise<void> {
       const rsync =
         row.direction === 'between' || row.direction === 'login'
           ? undefined
-          : median(`rsync ${row.direction}${row.counted ? '' : ' (no counter)'}`);
+          : median(
+              `rsync ${row.direction}${row.cold === true ? ', cold cache' : row.counted ? '' : ' (no counter)'}`,
+            );
       const w = wire.get(row.label);
       const up = w ? summarize(w.map((x) => x[0])).median : undefined;
       const down = w ? summarize(w.map((x) => x[1])).median : undefined;
