@@ -8,38 +8,13 @@ import assert from 'node:assert/strict';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { createBmap } from '../src/engine/bmap-create.js';
 import { copy } from '../src/engine/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { attachLoop, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
-import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
-
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const BS = 4 * KiB;
-const SIZE = 8 * MiB + 1000;
-
-/** A sparse image of a few extents, version `v` (v2 changes one block in each of two), with its bmap. */
-async function image(dir: string, v: 1 | 2): Promise<{ path: string; bytes: Buffer }> {
-  const path = join(dir, `v${v}.img`);
-  const pieces = [
-    { offset: 0, data: seededBytes(3 * BS, 1) },
-    { offset: MiB + 5 * BS, data: seededBytes(300 * BS, 2) },
-    { offset: 6 * MiB, data: seededBytes(BS, 3) },
-    { offset: 8 * MiB, data: seededBytes(1000, 4) },
-  ];
-  if (v === 2) {
-    seededBytes(100, 5).copy(pieces[1]!.data, 7 * BS + 10);
-    seededBytes(100, 6).copy(pieces[2]!.data, 0);
-  }
-  await writeSparseFile(path, SIZE, pieces);
-  await createBmap(path, { output: `${path}.bmap` });
-  const bytes = Buffer.alloc(SIZE);
-  for (const p of pieces) p.data.copy(bytes, p.offset);
-  return { path, bytes };
-}
+import { BS, KiB, MiB, SIZE, bmapImage } from './helpers/bmap-image.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
 
 /** The index's hashes equal those of a fresh index of DST's first SIZE bytes in 4 KiB blocks. */
 async function assertIndexDescribes(index: string, dst: string, dir: string): Promise<void> {
@@ -56,8 +31,8 @@ async function assertIndexDescribes(index: string, dst: string, dir: string): Pr
 
 test('a bmap copy onto a file with --index: mapped ranges compared by hash, holes punched, index exact', async (t) => {
   const dir = await tempDir(t);
-  const v1 = await image(dir, 1);
-  const v2 = await image(dir, 2);
+  const v1 = await bmapImage(dir, 1);
+  const v2 = await bmapImage(dir, 2);
   const dst = join(dir, 'dst.img');
   const index = join(dir, 'dst.blkidx');
   await writeFile(dst, seededBytes(SIZE, 9)); // old junk everywhere
@@ -79,8 +54,8 @@ test('a bmap copy onto a file with --index: mapped ranges compared by hash, hole
 test('a bmap copy onto a device with --index: unmapped areas untouched and indexed, then not read', async (t) => {
   if (!needLoop(t)) return;
   const dir = await tempDir(t);
-  const v1 = await image(dir, 1);
-  const v2 = await image(dir, 2);
+  const v1 = await bmapImage(dir, 1);
+  const v2 = await bmapImage(dir, 2);
   const backing = join(dir, 'backing');
   const junk = seededBytes(10 * MiB, 8);
   await writeFile(backing, junk);
@@ -118,7 +93,7 @@ test('a bmap copy onto a device with --index: unmapped areas untouched and index
 
 test("an index in other blocks than the bmap's is refused unless --rebuild-index; so is -b that does not divide them", async (t) => {
   const dir = await tempDir(t);
-  const v1 = await image(dir, 1);
+  const v1 = await bmapImage(dir, 1);
   const dst = join(dir, 'dst.img');
   const index = join(dir, 'dst.blkidx');
   const junk = seededBytes(SIZE, 9);

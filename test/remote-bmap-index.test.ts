@@ -9,38 +9,13 @@ import assert from 'node:assert/strict';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { createBmap } from '../src/engine/bmap-create.js';
 import { copy } from '../src/engine/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { sharedSshd } from './helpers/sshd.js';
-import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
-
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const BS = 4 * KiB;
-const SIZE = 8 * MiB + 1000;
-
-/** A sparse image of a few extents, version `v` (v2 changes one block in each of two), with its bmap. */
-async function image(dir: string, v: 1 | 2): Promise<{ path: string; bytes: Buffer }> {
-  const path = join(dir, `v${v}.img`);
-  const pieces = [
-    { offset: 0, data: seededBytes(3 * BS, 1) },
-    { offset: MiB + 5 * BS, data: seededBytes(300 * BS, 2) },
-    { offset: 6 * MiB, data: seededBytes(BS, 3) },
-    { offset: 8 * MiB, data: seededBytes(1000, 4) },
-  ];
-  if (v === 2) {
-    seededBytes(100, 5).copy(pieces[1]!.data, 7 * BS + 10);
-    seededBytes(100, 6).copy(pieces[2]!.data, 0);
-  }
-  await writeSparseFile(path, SIZE, pieces);
-  await createBmap(path, { output: `${path}.bmap` });
-  const bytes = Buffer.alloc(SIZE);
-  for (const p of pieces) p.data.copy(bytes, p.offset);
-  return { path, bytes };
-}
+import { BS, KiB, MiB, SIZE, bmapImage } from './helpers/bmap-image.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
 
 /** `bytes` with the image's mapped pieces laid over it: a bmap push onto an existing DST. */
 function over(bytes: Buffer, img: Buffer): Buffer {
@@ -73,8 +48,8 @@ describe('push with a bmap and --index', () => {
     const s = server(t);
     if (!s) return;
     const dir = await tempDir(t);
-    const v1 = await image(dir, 1);
-    const v2 = await image(dir, 2);
+    const v1 = await bmapImage(dir, 1);
+    const v2 = await bmapImage(dir, 2);
     const dst = join(dir, 'dst.img');
     const index = join(dir, 'dst.blkidx');
     const opts = { remote: { ssh: s.ssh }, index };
@@ -98,8 +73,8 @@ describe('push with a bmap and --index', () => {
     const s = server(t);
     if (!s) return;
     const dir = await tempDir(t);
-    const v1 = await image(dir, 1);
-    const v2 = await image(dir, 2);
+    const v1 = await bmapImage(dir, 1);
+    const v2 = await bmapImage(dir, 2);
     const dst = join(dir, 'dst.img');
     const index = join(dir, 'dst.blkidx');
     const junk = seededBytes(SIZE, 9);
@@ -124,7 +99,7 @@ describe('push with a bmap and --index', () => {
     const s = server(t);
     if (!s) return;
     const dir = await tempDir(t);
-    const v1 = await image(dir, 1);
+    const v1 = await bmapImage(dir, 1);
     const dst = join(dir, 'dst.img');
     const index = join(dir, 'dst.blkidx');
     const junk = seededBytes(SIZE, 9);
