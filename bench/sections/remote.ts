@@ -86,10 +86,15 @@ interface Row {
   cold?: boolean;
 }
 
-/** Writes back and drops the page cache, so the next run reads SRC and DST from the disk. */
-async function dropPageCache(): Promise<void> {
+/**
+ * Drops SRC's and DST's pages from the page cache (GNU dd: nocache with count=0 advises the
+ * whole file), so the next run reads them from the disk. Only the data: node, rsync and ssh
+ * stay cached, as they would be next to a device of terabytes.
+ */
+async function evictFromCache(files: readonly string[]): Promise<void> {
   await runCommand('sync', []);
-  await writeFile('/proc/sys/vm/drop_caches', '3\n');
+  for (const f of files)
+    await runCommand('dd', [`if=${f}`, 'iflag=nocache', 'count=0', 'status=none']);
 }
 
 async function run(options: BenchOptions): Promise<void> {
@@ -146,26 +151,22 @@ async function run(options: BenchOptions): Promise<void> {
     }
 
     // a nightly backup of a device finds little of it in the page cache: the same copies with
-    // the cache dropped before each run (root only)
-    if (process.getuid?.() === 0) {
-      for (const direction of ['push', 'pull'] as const) {
-        const [from, to] = direction === 'push' ? [src, `${host}:${dst}`] : [`${host}:${src}`, dst];
-        for (const tool of ['blksync', 'rsync']) {
-          rows.push({
-            label: `${tool} ${direction}, cold cache`,
-            direction,
-            tool,
-            counted: false,
-            cold: true,
-            command:
-              tool === 'blksync'
-                ? `${cli} copy -q --ssh ${sh(plainSsh)} ${sh(from)} ${sh(to)}`
-                : `rsync --inplace --no-whole-file -I -e ${sh(plainSsh)} ${sh(from)} ${sh(to)}`,
-          });
-        }
+    // SRC and DST evicted from it before each run
+    for (const direction of ['push', 'pull'] as const) {
+      const [from, to] = direction === 'push' ? [src, `${host}:${dst}`] : [`${host}:${src}`, dst];
+      for (const tool of ['blksync', 'rsync']) {
+        rows.push({
+          label: `${tool} ${direction}, cold cache`,
+          direction,
+          tool,
+          counted: false,
+          cold: true,
+          command:
+            tool === 'blksync'
+              ? `${cli} copy -q --ssh ${sh(plainSsh)} ${sh(from)} ${sh(to)}`
+              : `rsync --inplace --no-whole-file -I -e ${sh(plainSsh)} ${sh(from)} ${sh(to)}`,
+        });
       }
-    } else {
-      log('not root: no cold-cache rows (dropping the page cache needs root)');
     }
 
     for (const direct of [false, true]) {
@@ -195,7 +196,7 @@ async function run(options: BenchOptions): Promise<void> {
     const trials: Trial[] = rows.map((row) => ({
       label: row.label,
       command: row.command,
-      ...(row.cold === true ? { prepare: dropPageCache } : {}),
+      ...(row.cold === true ? { prepare: () => evictFromCache([src, dst]) } : {}),
       run: () => measure(row.command),
       check: async (m) => {
         if (m.status !== 0) {
