@@ -15,11 +15,10 @@
 
 import { createCipheriv, createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { makeIndex } from '../../src/engine/make-index.js';
-import { devId } from '../../src/io/block-device.js';
 import { DATA_DIR } from '../data.js';
 import {
   assertSameFiles,
@@ -35,6 +34,7 @@ import {
   type Trial,
 } from '../measure.js';
 import type { BenchOptions, Section } from '../run.js';
+import { canThrottle, throttleDevice } from '../throttle.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
 const PEERS = { bmaptool: 'bmap-tools', xz: 'xz-utils', zstd: 'zstd', gzip: 'gzip' };
@@ -181,9 +181,6 @@ async function loopDestination(
   };
 }
 
-/** cgroup v1 blkio throttles: they apply to every bio sent to the device, writeback included. */
-const THROTTLE_DIR = '/sys/fs/cgroup/blkio';
-
 /** Flash media as the bench throttles a loop device: what flashing looks like, unlike the page cache. */
 interface MediumProfile {
   /** For BENCH_BMAP_DESTINATIONS. */
@@ -214,39 +211,21 @@ async function slowLoopDestination(
   data: BmapData,
   medium: MediumProfile,
 ): Promise<Destination | undefined> {
-  if (!existsSync(path.join(THROTTLE_DIR, 'blkio.throttle.write_bps_device'))) return undefined;
+  if (!canThrottle()) return undefined;
   const loop = await loopDestination(data, `${medium.key}-backing.img`);
   if (loop === undefined) return undefined;
-  const { rdev } = await stat(loop.path);
-  const majMin = devId(rdev);
-  const throttle = async (write: number, read: number): Promise<void> => {
-    await writeFile(
-      path.join(THROTTLE_DIR, 'blkio.throttle.write_bps_device'),
-      `${majMin} ${write}`,
-    );
-    await writeFile(path.join(THROTTLE_DIR, 'blkio.throttle.read_bps_device'), `${majMin} ${read}`);
-  };
-  // the limits are the whole machine's: an interrupted bench must not leave them behind
-  const clearOnSignal = (signal: NodeJS.Signals): void => {
-    void throttle(0, 0)
-      .catch(() => {})
-      .finally(() => process.kill(process.pid, signal));
-  };
-  process.once('SIGINT', clearOnSignal);
-  process.once('SIGTERM', clearOnSignal);
+  const throttle = await throttleDevice(loop.path);
   return {
     label: `${medium.name}: loop at ${medium.writeBps / 1e6}/${medium.readBps / 1e6} MB/s w/r`,
     path: loop.path,
     rawOnly: true,
     reset: async (start, then) => {
-      await throttle(0, 0);
+      await throttle.set(0, 0);
       await loop.reset(start, then); // ends with the device's page cache dropped
-      await throttle(medium.writeBps, medium.readBps);
+      await throttle.set(medium.writeBps, medium.readBps);
     },
     dispose: async () => {
-      process.off('SIGINT', clearOnSignal);
-      process.off('SIGTERM', clearOnSignal);
-      await throttle(0, 0).catch(() => {});
+      await throttle.dispose();
       await loop.dispose();
     },
   };

@@ -9,7 +9,9 @@
  * byte, the same for every tool; blksync and rsync are also timed without it.
  *
  * The issue's bar: bytes on the wire ≤ 1.1 × the differing bytes + 64 KiB, and wall time
- * ≤ 0.5 × rsync's.
+ * ≤ 0.5 × rsync's. The same copies run three ways: warm (both files in the page cache), cold
+ * (both evicted: read from this machine's one disk) and on two disks (SRC and DST on separate
+ * throttled loop devices, as on two hosts; see twoDisks).
  *
  * Between two hosts (both the same sshd here) blksync relays through this machine or, with
  * --direct, lets SRC's host send to DST's host itself; rsync cannot copy between two remotes.
@@ -19,7 +21,8 @@
  * between the hosts.
  */
 
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { startSshd } from '../../test/helpers/sshd.js';
@@ -40,6 +43,7 @@ import {
 } from '../measure.js';
 import type { BenchOptions, Section } from '../run.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
+import { canThrottle, throttleDevice, type Throttle } from '../throttle.js';
 import type { ChannelStats } from '../../src/remote/remote-copy.js';
 
 const PEERS = { rsync: 'rsync', ssh: 'openssh-client', dd: 'coreutils' };
@@ -95,6 +99,118 @@ async function evictFromCache(files: readonly string[]): Promise<void> {
   await runCommand('sync', []);
   for (const f of files)
     await runCommand('dd', [`if=${f}`, 'iflag=nocache', 'count=0', 'status=none']);
+}
+
+/** Read speed of each host's disk in the two-disk rows: a hard disk's, or a SATA SSD's share. */
+const DISK_READ_BPS = 200_000_000;
+
+/**
+ * Each host its own disk: SRC on one ext4 file system and DST on another, each on a loop device
+ * whose reads are throttled to DISK_READ_BPS, with both files evicted from the page cache before
+ * every run. On one shared disk (the cold-cache rows) reading SRC and DST at once cannot be
+ * faster than one after the other; on two hosts it is. rsync reads DST (its checksums) before
+ * it reads SRC; blksync's agent reads DST while this end reads SRC.
+ */
+async function twoDisks(
+  options: BenchOptions,
+  pair: { oldPath: string; newPath: string; size: number },
+  host: string,
+  ssh: string,
+  work: string,
+): Promise<void> {
+  const { log } = options;
+  if (process.getuid?.() !== 0 || !existsSync('/dev/loop-control') || !canThrottle()) {
+    log('\nnot root, or no loop devices or blkio throttling: no two-disk rows');
+    return;
+  }
+  const disks: { dev: string; mount: string; backing: string; throttle?: Throttle }[] = [];
+  try {
+    for (const name of ['src-disk', 'dst-disk']) {
+      const backing = path.join(path.dirname(pair.newPath), `${name}.img`);
+      const fh = await open(backing, 'w');
+      await fh.truncate(Math.ceil((pair.size * 1.1) / 1048576) * 1048576 + 256 * 1048576);
+      await fh.close();
+      const dev = (await runCommand('losetup', ['-f', '--show', backing])).trim();
+      const mount = path.join(work, name);
+      disks.push({ dev, mount, backing });
+      await runCommand('mkfs.ext4', ['-q', '-F', dev]);
+      await mkdir(mount);
+      await runCommand('mount', [dev, mount]);
+      disks[disks.length - 1]!.throttle = await throttleDevice(dev);
+    }
+    const src = path.join(disks[0]!.mount, 'new.img');
+    const dst = path.join(disks[1]!.mount, 'dst.img');
+    await freshCopy(pair.newPath, src);
+    const cli = `node ${sh(CLI)}`;
+    const rows = (['push', 'pull'] as const).flatMap((direction) => {
+      const [from, to] = direction === 'push' ? [src, `${host}:${dst}`] : [`${host}:${src}`, dst];
+      return [
+        {
+          label: `blksync ${direction}`,
+          command: `${cli} copy -q --ssh ${sh(ssh)} ${sh(from)} ${sh(to)}`,
+        },
+        {
+          label: `rsync ${direction}`,
+          command: `rsync --inplace --no-whole-file -I -e ${sh(ssh)} ${sh(from)} ${sh(to)}`,
+        },
+      ];
+    });
+    const trials: Trial[] = rows.map((row) => ({
+      label: row.label,
+      command: row.command,
+      run: () => measure(row.command),
+      check: async (m) => {
+        if (m.status !== 0) {
+          throw new Error(
+            `CHECK FAILED: ${row.label}: exit ${m.status}\n$ ${row.command}\n${m.stderr}`,
+          );
+        }
+        await assertSameFiles(src, dst);
+      },
+    }));
+    log(
+      `\ntwo disks: SRC and DST on separate ext4 file systems, each on a loop device read at ` +
+        `${DISK_READ_BPS / 1e6} MB/s, both files out of the page cache at the start of each run`,
+    );
+    const results = await runTrials(trials, {
+      runs: options.runs,
+      file: dst,
+      log,
+      prepare: async () => {
+        for (const d of disks) await d.throttle!.set(0, 0);
+        await freshCopy(pair.oldPath, dst);
+        await evictFromCache([src, dst]);
+        for (const d of disks) await d.throttle!.set(0, DISK_READ_BPS);
+      },
+    });
+    const median = (label: string): number =>
+      summarize(results.find((r) => r.label === label)!.seconds).median;
+    log(
+      '\n' +
+        renderTable(
+          ['tool, two disks', 'median s (min–max)', '× rsync', 'local cpu s'],
+          rows.map((row, i) => {
+            const r = results[i]!;
+            const s = summarize(r.seconds);
+            const rsync = median(`rsync ${row.label.split(' ')[1]}`);
+            return [
+              row.label,
+              formatSeconds(s),
+              (s.median / rsync).toFixed(2),
+              summarize(r.cpuSeconds).median.toFixed(3),
+            ];
+          }),
+          ['left'],
+        ),
+    );
+  } finally {
+    for (const d of disks.reverse()) {
+      await d.throttle?.dispose();
+      await runCommand('umount', [d.mount]).catch(() => {});
+      await runCommand('losetup', ['-d', d.dev]).catch(() => {});
+      await rm(d.backing, { force: true });
+    }
+  }
 }
 
 async function run(options: BenchOptions): Promise<void> {
@@ -317,6 +433,7 @@ async function run(options: BenchOptions): Promise<void> {
         ...rows.filter((r) => r.counted).map((r) => `${r.label}: ${r.command}`),
       ].join('\n'),
     );
+    await twoDisks(options, pair, host, plainSsh, work);
   } finally {
     await sshd.stop();
     await rm(work, { recursive: true, force: true });
