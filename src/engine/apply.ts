@@ -33,6 +33,7 @@ import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
 import { FileSink } from '../io/file-sink.js';
 import { openTarget, sameFile, type Opened } from '../io/open.js';
+import { dropCachedPages } from '../io/sparse-map.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
@@ -450,7 +451,14 @@ export async function apply(
         { path: target },
       );
     }
-    if (!dryRun) sink = new FileSink(t.fh, target);
+    if (!dryRun) {
+      const fh = t.fh;
+      sink = new FileSink(
+        fh,
+        target,
+        t.kind === 'block-device' ? { afterSync: () => dropCachedPages(fh.fd) } : {},
+      );
+    }
     const result: ApplyResult = {
       patch: patchName,
       target,

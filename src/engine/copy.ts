@@ -9,6 +9,7 @@
 import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
+import { dropCachedPages } from '../io/sparse-map.js';
 import {
   assertSeparateOutput,
   createTarget,
@@ -304,7 +305,12 @@ export async function copy(
       if (index.target !== undefined) knowledge = index.target;
     }
     if (!dryRun && target !== undefined) {
-      fileSink = new FileSink(target.fh, dst);
+      const fh = target.fh;
+      fileSink = new FileSink(
+        fh,
+        dst,
+        target.kind === 'block-device' ? { afterSync: () => dropCachedPages(fh.fd) } : {},
+      );
       sink = fileSink;
       if (index !== undefined) sink = index.wrapSink(sink);
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);

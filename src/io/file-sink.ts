@@ -42,9 +42,17 @@ export class FileSink implements Sink {
   /** What a background sync failed with: reported by the next write or finish. */
   #syncError: unknown;
 
-  constructor(fh: FileHandle, path: string) {
+  readonly #afterSync: (() => void) | undefined;
+
+  /**
+   * `afterSync` runs after each background sync succeeds: for a block device, copy.ts drops
+   * its now clean cached pages there (sparse-map.ts dropCachedPages). It is passed in, not
+   * imported, because the remote agent writes with FileSink too and carries no koffi.
+   */
+  constructor(fh: FileHandle, path: string, options: { afterSync?: () => void } = {}) {
     this.#fh = fh;
     this.#path = path;
+    this.#afterSync = options.afterSync;
   }
 
   async write(data: Buffer, offset: number): Promise<void> {
@@ -76,6 +84,7 @@ export class FileSink implements Sink {
     this.#lastSync = Date.now();
     const running: Promise<void> = this.#fh.sync().then(
       () => {
+        this.#afterSync?.();
         if (this.#syncing === running) this.#syncing = undefined;
       },
       (err: unknown) => {

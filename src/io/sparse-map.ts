@@ -117,13 +117,10 @@ export function mappedRanges(
   return ranges;
 }
 
-/**
- * Deallocates [start, end) of each range (fallocate PUNCH_HOLE, size kept): the ranges then
- * read as zeros and take no space. Returns false when the file system cannot punch holes.
- * Synchronous calls: punching is a metadata update, and errno is only readable this way.
- */
 /** posix_fadvise advice: reads come in no order the kernel can predict. */
 const POSIX_FADV_RANDOM = 1;
+/** posix_fadvise advice: drop the clean cached pages. */
+const POSIX_FADV_DONTNEED = 4;
 
 /**
  * Turns off the kernel's readahead on `fd` (for this open file only). A bmap copy reads DST
@@ -139,6 +136,25 @@ export function adviseNoReadahead(fd: number): void {
   }
 }
 
+/**
+ * Drops `fd`'s clean pages from the page cache (dirty ones stay until written back). For a
+ * block device being flashed, after each sync: the kernel drops a device's cache at its last
+ * close anyway, which after writing 300 MiB took ~50 ms of the copy's end, and the user's
+ * files are not pushed out of the cache by the image. Best effort, like adviseNoReadahead.
+ */
+export function dropCachedPages(fd: number): void {
+  try {
+    load().posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  } catch {
+    // koffi could not load libc: the kernel drops them at close
+  }
+}
+
+/**
+ * Deallocates [start, end) of each range (fallocate PUNCH_HOLE, size kept): the ranges then
+ * read as zeros and take no space. Returns false when the file system cannot punch holes.
+ * Synchronous calls: punching is a metadata update, and errno is only readable this way.
+ */
 export function punchHoles(fh: FileHandle, ranges: readonly Range[], path: string): boolean {
   const fallocate = load().fallocate;
   for (const r of ranges) {
