@@ -78,7 +78,7 @@ import {
   type TopHashing,
 } from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
-import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
+import { isRemote, parseRemote, shellQuote, type RemoteSpec } from './spec.js';
 
 export { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from './roles.js';
 
@@ -211,14 +211,36 @@ export async function remoteCopy(
         '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
       );
     }
-    return direct(src, dst, srcRemote, dstRemote, options);
   }
-  if (srcRemote !== undefined && dstRemote !== undefined) {
-    return relay(src, dst, srcRemote, dstRemote, options);
+  if (dstRemote !== undefined && srcRemote === undefined) return push(src, dst, dstRemote, options);
+  if (srcRemote === undefined) throw new BlksyncError('EUSAGE', 'neither end is remote');
+  try {
+    if (dstRemote === undefined) return await pull(src, dst, srcRemote, options);
+    if (options.direct === true) return await direct(src, dst, srcRemote, dstRemote, options);
+    return await relay(src, dst, srcRemote, dstRemote, options);
+  } catch (err) {
+    throw compressedRemote(err, dst, srcRemote, options);
   }
-  if (dstRemote !== undefined) return push(src, dst, dstRemote, options);
-  if (srcRemote !== undefined) return pull(src, dst, srcRemote, options);
-  throw new BlksyncError('EUSAGE', 'neither end is remote');
+}
+
+/**
+ * The agent refuses a compressed SRC (it would copy the compressed bytes); this adds what to
+ * do, which only this end knows how to spell: stream it through here, where it is decoded.
+ */
+function compressedRemote(
+  err: unknown,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): unknown {
+  if (!(err instanceof BlksyncError) || err.code !== 'ESRC_COMPRESSED') return err;
+  const cat = `${options.sudo === true ? 'sudo -n ' : ''}cat ${shellQuote(spec.path)}`;
+  const stream = `${options.ssh ?? 'ssh'} ${spec.destination} ${shellQuote(cat)} | blksync copy --size BYTES - ${shellQuote(dst)}`;
+  return new BlksyncError(
+    'ESRC_COMPRESSED',
+    `${err.message}, and blksync decodes only on this machine: stream it through here with \`${stream}\` (BYTES: its decompressed size), or decompress it on ${spec.destination} first`,
+    { cause: err, ...(err.path !== undefined ? { path: err.path } : {}) },
+  );
 }
 
 /** How long a dropped link waits for a Ctrl-C that may have dropped it to be noticed. */
