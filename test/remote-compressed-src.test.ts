@@ -77,7 +77,14 @@ describe('a compressed remote SRC', () => {
     const dir = await tempDir(t);
     const data = seededBytes(2 * MiB + 5, 11);
     await writeFile(join(dir, 'disk.img.gz'), gzipSync(data));
-    const r = await runCli(['copy', '--ssh', s.ssh, `${s.host}:${join(dir, 'disk.img.gz')}`, 'x']);
+    const r = await runCli([
+      'copy',
+      '--ssh',
+      s.ssh,
+      `${s.host}:${join(dir, 'disk.img.gz')}`,
+      join(dir, 'refused.img'),
+    ]);
+    assert.equal(existsSync(join(dir, 'refused.img')), false);
     const suggested = /`(.*)`/.exec(r.stderr)?.[1];
     assert.ok(suggested !== undefined, r.stderr);
     assert.match(suggested, /--size BYTES/);
