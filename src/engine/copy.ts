@@ -179,11 +179,12 @@ export async function copy(
       options.keyring !== undefined ? '--keyring' : undefined,
       options.noSigVerify === true ? '--no-sig-verify' : undefined,
     ].filter((o) => o !== undefined);
-    if (sigOptions.length > 0 && isRemote(src)) {
-      // a push reads its local SRC as a local copy does, signature checks included
+    if (sigOptions.length > 0 && isRemote(src) && isRemote(dst)) {
+      // a push reads its local SRC as a local copy does, signature checks included, and a
+      // pull checks its --bmap FILE so; with two remote ends there is no bmap
       throw new BlksyncError(
         'EUSAGE',
-        `${sigOptions.join(', ')} check the bmap of a local SRC; ${src} is on another host`,
+        `${sigOptions.join(', ')} check a bmap, which a copy between two hosts does not use; pull to a local file with --bmap FILE first, or drop them`,
       );
     }
     const { remoteCopy } = await import('../remote/remote-copy.js');

@@ -29,11 +29,25 @@ import { identityOf } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline } from '../engine/pipeline.js';
-import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
+import type {
+  Plan,
+  Progress,
+  ProgressListener,
+  Sink,
+  Source,
+  TargetKnowledge,
+} from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
 import type { VerifyReport } from '../engine/verify-written.js';
 import { compareWritten, readBackWritten, WrittenSink } from '../engine/written-log.js';
-import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
+import {
+  bmapSourcing,
+  findBmap,
+  openCopySource,
+  type BmapSourcing,
+  type CopySourceOptions,
+  type FoundBmap,
+} from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
 import {
@@ -61,12 +75,14 @@ import {
 } from './protocol.js';
 import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
+import { MappedPullSource } from './mapped-pull.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import {
   CountingSink,
   fetchSpans,
   FetchedSource,
+  patchSpans,
   hashAheadPush,
   readChunk,
   RefinedTarget,
@@ -197,10 +213,14 @@ export async function remoteCopy(
       `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
-  if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
+  if (
+    srcRemote !== undefined &&
+    dstRemote !== undefined &&
+    (options.bmap !== undefined || options.size !== undefined)
+  ) {
     throw new BlksyncError(
       'EUSAGE',
-      `--bmap and --size describe a local SRC; ${src} is on ${srcRemote.destination}`,
+      `--bmap and --size with a remote SRC work when DST is here; with two remote ends pull to a local file first, or drop them`,
     );
   }
   options.signal?.throwIfAborted();
@@ -507,17 +527,30 @@ async function pull(
   let scanner: HashScanner | undefined;
   let refiner: Refiner | undefined;
   let index: IndexSession | undefined;
+  let mapped: BmapSourcing | undefined;
+  // the bare file sink: on an error only it is finished, so a bmap copy punches the unmapped
+  // areas only after success (as a local copy)
+  let fileSink: FileSink | undefined;
   const top = topHashing();
   // with --index, TOP_HASHES are block digests in the index's blocks, which the index knows
   // for DST without reading it (protocol.ts, TOP_HASH_BLOCKS)
   const indexing = options.index !== undefined;
   try {
+    // a local bmap describing the remote image, its signature checked before ssh starts
+    const bmap = await givenBmap(options);
+    if (bmap !== undefined && indexing) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index with --bmap is not supported when SRC is remote (${src}); drop one of them`,
+      );
+    }
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
     const topBlock = indexing && !full ? await digestBlockFor(options, target, dst, chunkSize) : 0;
-    // DST's hashes are computed while ssh connects and the agent scans SRC
-    if (!full && !indexing && target !== undefined && target.size > 0) {
+    // DST's hashes are computed while ssh connects and the agent scans SRC (with a bmap,
+    // only the mapped ranges are compared, piece by piece)
+    if (!full && !indexing && bmap === undefined && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
       scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
@@ -527,13 +560,15 @@ async function pull(
       {
         role: 'source',
         path: spec.path,
-        topUnit: full ? 0 : chunkSize,
+        topUnit: full || bmap !== undefined ? 0 : chunkSize,
         ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : top.hello),
         encodings: [DEFLATE_RAW],
       },
       await agentPayload(),
     );
     const size = link.ready.size;
+    // as a local copy checks a local SRC, before DST is created or written
+    await checkRemoteSize(size, src, options.size, bmap);
     scanner?.truncate(size);
     let created = false;
     let zero = false;
@@ -584,7 +619,27 @@ async function pull(
         ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
     let reread = 0;
-    if (!full && index !== undefined) {
+    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let pulled: MappedPullSource | undefined;
+    if (bmap !== undefined) {
+      pulled = new MappedPullSource(link, book, {
+        size,
+        chunkSize,
+        blockSize,
+        local: full ? undefined : local,
+        dst,
+        full,
+        dryRun,
+      });
+      // DST holds each piece as it will be when it is handed on: its range checksums are
+      // verified here, as a local bmap copy's (not in a dry run: nothing is fetched)
+      mapped = await bmapSourcing(bmap, pulled, src, {
+        noVerifyChecksums: options.noVerifyChecksums === true || dryRun,
+        rereadable: false,
+      });
+      plan = mapped.plan;
+      if (local !== undefined && !full) mapped.adviseTarget(target!.fh.fd);
+    } else if (!full && index !== undefined) {
       const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
       const trusted = (offset: number, length: number): boolean =>
         used !== undefined && isTrusted(used.untrusted, offset, length);
@@ -615,7 +670,7 @@ async function pull(
           }
           if (dryRun) return { spans };
           const data = await fetchSpans(l, offset, spans);
-          patch(buf, spans, data);
+          patchSpans(buf, spans, data);
           // the index now holds this chunk's new content's hashes
           if (used !== undefined) hashInto(used.table, used.blockSize, offset, buf, 0, length);
           return whole ? { spans, data, whole: buf } : { spans, data };
@@ -656,19 +711,28 @@ async function pull(
         },
       );
     }
-    const source = new FetchedSource(size, link, refiner, book, !dryRun);
-    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
-    let fileSink: Sink | undefined;
-    // --verify: what is written is recorded, and read back after the fsync
+    const source: Source = mapped?.source ?? new FetchedSource(size, link, refiner, book, !dryRun);
+    const bytesRead = (): number =>
+      (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0) + (pulled?.bytesRead ?? 0);
+    // --verify: what is written is recorded, and read back after the fsync (with a bmap's
+    // checksums, the mapped ranges are read back and compared with them, as locally)
     let logged: WrittenSink | undefined;
     if (!dryRun && target !== undefined) {
       fileSink = new FileSink(target.fh, dst);
-      if (options.verify === true) fileSink = logged = new WrittenSink(fileSink);
+      let inner: Sink = fileSink;
+      if (options.verify === true && mapped?.checksums === undefined) {
+        inner = logged = new WrittenSink(inner);
+      }
       // with an index: marked in progress before DST changes (IndexSession's guard)
-      sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
+      if (index !== undefined) inner = index.wrapSink(inner);
+      // with a bmap, an existing file gets its unmapped areas punched (a new one has holes)
+      if (mapped !== undefined && !created && target.kind === 'file') {
+        inner = mapped.wrapFileSink(inner, target.fh, dst);
+      }
+      sink = new CountingSink(inner);
     }
     const run = await runPipeline(
-      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      plan,
       source,
       new RefinedTarget(book, bytesRead),
       sink ? [sink] : [],
@@ -683,6 +747,7 @@ async function pull(
     );
     await sink?.finish();
     await refiner?.stop();
+    await pulled?.stop();
     const summary = await link.finish();
     // the refiner fetches ahead, so an interrupted run received more than it wrote
     if (!dryRun && !run.interrupted && summary.bytes !== run.bytesWritten) {
@@ -693,7 +758,12 @@ async function pull(
     }
     await link.close();
     let verified: VerifyReport | undefined;
-    if (logged !== undefined && target !== undefined && !run.interrupted) {
+    const checksums = mapped?.checksums;
+    if (options.verify === true && checksums !== undefined && target !== undefined) {
+      if (!run.interrupted) {
+        verified = await verifyAgainstBmap(dst, target, checksums, options.signal);
+      }
+    } else if (logged !== undefined && target !== undefined && !run.interrupted) {
       // DST is local: the local --verify's read-back (O_DIRECT, koffi's aligned buffer)
       const t0 = performance.now();
       const { alignedBuffer } = await import('../engine/verify-written.js');
@@ -731,6 +801,7 @@ async function pull(
       seconds: (performance.now() - started) / 1000,
       channel: channelStats(link, spec, summary),
       ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
+      ...(mapped !== undefined ? { bmap: mapped.report } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) throw interrupted(result);
@@ -740,9 +811,10 @@ async function pull(
   } finally {
     await refiner?.stop();
     await scanner?.stop();
-    await sink?.finish().catch(() => {});
+    await fileSink?.finish().catch(() => {});
     await link?.close();
     await index?.close();
+    await mapped?.close();
     await target?.fh.close();
   }
 }
@@ -890,6 +962,52 @@ async function relay(
     await to?.close();
     await from?.close();
   }
+}
+
+/**
+ * The bmap of a remote SRC: only --bmap's, a local file or URL (none is looked for beside SRC
+ * on its host), its signature checked as a local copy checks it. As for stdin, without
+ * --bmap there is none and the signature options are refused.
+ */
+function givenBmap(options: RemoteCopyOptions): Promise<FoundBmap | undefined> {
+  return findBmap('-', options);
+}
+
+/** --size and the bmap must describe the remote SRC's size, as a local SRC's (EUSAGE, EBMAP_MISMATCH). */
+async function checkRemoteSize(
+  size: number,
+  src: string,
+  given: number | undefined,
+  bmap: FoundBmap | undefined,
+): Promise<void> {
+  if (given !== undefined && given !== size) {
+    throw new BlksyncError('EUSAGE', `--size ${given} contradicts the size ${size} of ${src}`);
+  }
+  if (bmap !== undefined) {
+    const { checkBmapMatches } = await import('../formats/bmap.js');
+    checkBmapMatches(bmap.bmap, size, bmap.path, src);
+  }
+}
+
+/** A pull's --verify with a bmap's checksums: DST's mapped ranges read back and compared, as locally. */
+async function verifyAgainstBmap(
+  dst: string,
+  target: Opened,
+  checksums: NonNullable<BmapSourcing['checksums']>,
+  signal: AbortSignal | undefined,
+): Promise<VerifyReport> {
+  const t0 = performance.now();
+  const { verifyWritten } = await import('../engine/verify-written.js');
+  const r = await verifyWritten(dst, checksums.units, checksums.algorithm, {
+    fd: target.fh.fd,
+    signal,
+  });
+  return {
+    ...r,
+    against: 'bmap',
+    algorithm: checksums.algorithm,
+    seconds: (performance.now() - t0) / 1000,
+  };
 }
 
 /**
@@ -1073,15 +1191,6 @@ async function direct(
 
 function isTrusted(untrusted: readonly Range[], offset: number, length: number): boolean {
   return untrusted.every((r) => offset + length <= r.start || offset >= r.end);
-}
-
-/** Writes `spans`' bytes (`data`, back to back) into `buf` at their places. */
-function patch(buf: Buffer, spans: number[], data: Buffer): void {
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const len = spans[i + 1]! - spans[i]!;
-    data.copy(buf, spans[i], at, at + len);
-    at += len;
-  }
 }
 
 /** Stores the SHA-256 of each block of `data[start, end)` (at image `offset`) in `table`. */

@@ -181,6 +181,15 @@ export async function fetchSpans(
   return data;
 }
 
+/** Writes `spans`' bytes (`data`, back to back, as fetchSpans gives them) into `buf`. */
+export function patchSpans(buf: Buffer, spans: number[], data: Buffer): void {
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    data.copy(buf, spans[i], at, at + len);
+    at += len;
+  }
+}
+
 /** Reads [offset, offset + length) of a local file into `buf`, all of it or EDEST_SHORT. */
 export async function readChunk(
   file: FileSource,
