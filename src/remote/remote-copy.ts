@@ -28,7 +28,7 @@ import { cachedIndexPath } from '../io/cache-dir.js';
 import { identityOf } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
-import { runPipeline } from '../engine/pipeline.js';
+import { runPipeline, type PipelineResult } from '../engine/pipeline.js';
 import type {
   Plan,
   Progress,
@@ -182,6 +182,84 @@ function chunkSizeOf(options: RemoteCopyOptions): number {
   return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
 }
 
+/** What push, pull, relay and --direct all start from, taken once from the options. */
+interface Session {
+  started: number;
+  blockSize: number;
+  chunkSize: number;
+  dryRun: boolean;
+  full: boolean;
+}
+
+function sessionOf(options: RemoteCopyOptions): Session {
+  return {
+    started: performance.now(),
+    blockSize: options.blockSize,
+    chunkSize: chunkSizeOf(options),
+    dryRun: options.dryRun === true,
+    full: options.full === true,
+  };
+}
+
+/** What the pipeline found: a run here, or the report of an agent that ran it (--direct). */
+interface Counts {
+  bytesScanned: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  rangesWritten: number;
+  ranges: Range[];
+}
+
+function countsOf(run: PipelineResult): Counts {
+  return {
+    bytesScanned: run.bytesScanned,
+    blocksDiffering: run.blocksDiffering,
+    bytesDiffering: run.bytesDiffering,
+    rangesWritten: run.ranges.count,
+    ranges: [...run.ranges.ranges],
+  };
+}
+
+/**
+ * A remote copy's result: the counts, and what each direction knows in its own way (`dstSize`:
+ * DST's size as found, which extends past the image unless DST was created).
+ */
+function resultOf(
+  session: Session,
+  src: string,
+  dst: string,
+  size: number,
+  counts: Counts,
+  ends: {
+    bytesRead: number;
+    blockSize: number;
+    bytesWritten: number;
+    created: boolean;
+    dstSize: number;
+    channel: ChannelStats;
+  },
+): RemoteCopyResult {
+  return {
+    source: src,
+    destination: dst,
+    bytesTotal: size,
+    bytesScanned: counts.bytesScanned,
+    bytesRead: ends.bytesRead,
+    blockSize: ends.blockSize,
+    blocksDiffering: counts.blocksDiffering,
+    bytesDiffering: counts.bytesDiffering,
+    bytesWritten: ends.bytesWritten,
+    rangesWritten: counts.rangesWritten,
+    ranges: counts.ranges,
+    created: ends.created,
+    destinationExtraBytes: ends.created ? 0 : ends.dstSize - size,
+    dryRun: session.dryRun,
+    full: session.full,
+    seconds: (performance.now() - session.started) / 1000,
+    channel: ends.channel,
+  };
+}
+
 /** Copies between a local path and `host:path` (either way), or between two hosts. */
 export async function remoteCopy(
   src: string,
@@ -309,11 +387,8 @@ async function push(
   spec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
   const opened = await openCopySource(src, options);
   const { plan, size } = opened;
@@ -472,23 +547,14 @@ async function push(
       run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
     if (!run.interrupted) await index?.commit(summary.identity);
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: summary.bytesRead,
-      blockSize: pipelineBlockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: summary.bytes,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created: ready.created,
-      destinationExtraBytes: ready.created ? 0 : ready.size - size,
-      dryRun,
-      full,
-      seconds: 0,
-      channel: channelStats(link, spec, summary),
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: summary.bytesRead,
+        blockSize: pipelineBlockSize,
+        bytesWritten: summary.bytes,
+        created: ready.created,
+        dstSize: ready.size,
+        channel: channelStats(link, spec, summary),
+      }),
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
@@ -496,7 +562,7 @@ async function push(
     };
     await link.close();
     result.channel = channelStats(link, spec, summary);
-    result.seconds = (performance.now() - started) / 1000;
+    result.seconds = (performance.now() - session.started) / 1000;
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
@@ -516,11 +582,8 @@ async function pull(
   spec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   let link: AgentLink | undefined;
   let target: Opened | undefined;
   let sink: CountingSink | undefined;
@@ -783,23 +846,14 @@ async function pull(
     }
     if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: bytesRead(),
-      blockSize: used?.blockSize ?? blockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: run.bytesWritten,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created,
-      destinationExtraBytes: target !== undefined && !created ? target.size - size : 0,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: channelStats(link, spec, summary),
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: bytesRead(),
+        blockSize: used?.blockSize ?? blockSize,
+        bytesWritten: run.bytesWritten,
+        created,
+        dstSize: target?.size ?? size,
+        channel: channelStats(link, spec, summary),
+      }),
       ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
       ...(mapped !== undefined ? { bmap: mapped.report } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
@@ -826,11 +880,8 @@ async function relay(
   toSpec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   const topUnit = full ? 0 : chunkSize;
   const kept = keptRemotely(options.index, toSpec);
   // with DST's agent keeping an index, both sides' top hashes are block digests, which a
@@ -925,31 +976,22 @@ async function relay(
     const a = channelStats(from, fromSpec, fromSummary);
     const b = channelStats(to, toSpec, toSummary);
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: toSummary.bytesRead,
-      blockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: toSummary.bytes,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created: to.ready.created,
-      destinationExtraBytes: to.ready.created ? 0 : to.ready.size - size,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: {
-        host: `${a.host} → ${b.host}`,
-        bytesSent: a.bytesSent + b.bytesSent,
-        bytesReceived: a.bytesReceived + b.bytesReceived,
-        remoteCpuSeconds: a.remoteCpuSeconds + b.remoteCpuSeconds,
-        encoding: a.encoding === b.encoding ? a.encoding : `${a.encoding}/${b.encoding}`,
-        remoteNode:
-          a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
-      },
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: toSummary.bytesRead,
+        blockSize,
+        bytesWritten: toSummary.bytes,
+        created: to.ready.created,
+        dstSize: to.ready.size,
+        channel: {
+          host: `${a.host} → ${b.host}`,
+          bytesSent: a.bytesSent + b.bytesSent,
+          bytesReceived: a.bytesReceived + b.bytesReceived,
+          remoteCpuSeconds: a.remoteCpuSeconds + b.remoteCpuSeconds,
+          encoding: a.encoding === b.encoding ? a.encoding : `${a.encoding}/${b.encoding}`,
+          remoteNode:
+            a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
+        },
+      }),
       ...verifyReport(to.verified),
       ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
     };
@@ -1076,10 +1118,8 @@ async function direct(
   toSpec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { chunkSize, dryRun, full } = session;
   const kept = keptRemotely(options.index, toSpec);
   let link: AgentLink | undefined;
   let last: Progress | undefined;
@@ -1136,36 +1176,28 @@ async function direct(
     }
     await link.close();
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: report.bytesScanned,
-      bytesRead: report.target.bytesRead,
-      blockSize: options.blockSize,
-      blocksDiffering: report.blocksDiffering,
-      bytesDiffering: report.bytesDiffering,
-      bytesWritten: report.target.bytes,
-      rangesWritten: report.rangesWritten,
-      ranges: report.ranges,
-      created: target.created,
-      destinationExtraBytes: target.created ? 0 : target.size - size,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: {
-        host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
-        bytesSent: link.bytesSent,
-        bytesReceived: link.bytesReceived,
-        remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
-        encoding: target.encoding,
-        remoteNode:
-          link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
-        direct: {
-          host: `${fromSpec.destination} → ${toSpec.destination}`,
-          bytesSent: report.bytesSent,
-          bytesReceived: report.bytesReceived,
+      // the copy ran on SRC's host: its report has the pipeline's counts
+      ...resultOf(session, src, dst, size, report, {
+        bytesRead: report.target.bytesRead,
+        blockSize: options.blockSize,
+        bytesWritten: report.target.bytes,
+        created: target.created,
+        dstSize: target.size,
+        channel: {
+          host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
+          bytesSent: link.bytesSent,
+          bytesReceived: link.bytesReceived,
+          remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
+          encoding: target.encoding,
+          remoteNode:
+            link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
+          direct: {
+            host: `${fromSpec.destination} → ${toSpec.destination}`,
+            bytesSent: report.bytesSent,
+            bytesReceived: report.bytesReceived,
+          },
         },
-      },
+      }),
       ...verifyReport(report.verify),
       ...(report.target.index !== undefined ? { index: report.target.index } : {}),
     };
