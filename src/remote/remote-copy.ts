@@ -682,6 +682,7 @@ async function pull(
         ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
     let reread = 0;
+    const tableUpdates = new Map<number, () => void>();
     let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
     let pulled: MappedPullSource | undefined;
     if (bmap !== undefined) {
@@ -703,6 +704,12 @@ async function pull(
       plan = mapped.plan;
       if (local !== undefined && !full) mapped.adviseTarget(target!.fh.fd);
     } else if (!full && index !== undefined) {
+      // a chunk's new hashes go into the table only when the pipeline reaches the chunk: the
+      // refiner runs chunks ahead of the writes, and a checkpoint writes the table as it is
+      // (an interrupted pull's index vouched for blocks fetched but never written)
+      const later = (offset: number, update: () => void): void => {
+        if (used !== undefined) tableUpdates.set(offset, update);
+      };
       const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
       const trusted = (offset: number, length: number): boolean =>
         used !== undefined && isTrusted(used.untrusted, offset, length);
@@ -719,7 +726,7 @@ async function pull(
           if (trusted(offset, length)) {
             // the agent's digest was taken by the comparison above (or is not one of ours)
             if (!byDigest(offset, length)) await l.topHash(offset);
-            return byIndex(used!, l, offset, length, dryRun);
+            return byIndex(used!, l, offset, length, dryRun, (u) => later(offset, u));
           }
           const buf = Buffer.alloc(length);
           if (local !== undefined) {
@@ -734,8 +741,8 @@ async function pull(
           if (dryRun) return { spans };
           const data = await fetchSpans(l, offset, spans);
           patchSpans(buf, spans, data);
-          // the index now holds this chunk's new content's hashes
-          if (used !== undefined) hashInto(used.table, used.blockSize, offset, buf, 0, length);
+          // the index will hold this chunk's new content's hashes
+          later(offset, () => hashInto(used!.table, used!.blockSize, offset, buf, 0, length));
           return whole ? { spans, data, whole: buf } : { spans, data };
         },
       );
@@ -797,7 +804,10 @@ async function pull(
     const run = await runPipeline(
       plan,
       source,
-      new RefinedTarget(book, bytesRead),
+      new RefinedTarget(book, bytesRead, (offset) => {
+        tableUpdates.get(offset)?.();
+        tableUpdates.delete(offset);
+      }),
       sink ? [sink] : [],
       {
         blockSize: used?.blockSize ?? blockSize,
@@ -1282,7 +1292,7 @@ function tableDigest(target: IndexTarget, offset: number, length: number): Buffe
 /**
  * Pull with an index that vouches for the chunk: the agent hashes SRC's blocks of the index's
  * size and only those whose hash differs from the stored one (a wire hash is a prefix of it)
- * are fetched; their new hashes go into the table. DST is not read.
+ * are fetched; `later` gets what puts their new hashes into the table. DST is not read.
  */
 async function byIndex(
   target: IndexTarget,
@@ -1290,6 +1300,7 @@ async function byIndex(
   offset: number,
   length: number,
   dryRun: boolean,
+  later: (update: () => void) => void,
 ): Promise<Found> {
   const bs = target.blockSize;
   const theirs = await link.hashes(offset, length, Math.max(bs, MIN_HASH_UNIT));
@@ -1305,11 +1316,13 @@ async function byIndex(
   }
   if (dryRun) return { spans };
   const data = await fetchSpans(link, offset, spans);
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const len = spans[i + 1]! - spans[i]!;
-    hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
-    at += len;
-  }
+  later(() => {
+    for (let i = 0, at = 0; i < spans.length; i += 2) {
+      const len = spans[i + 1]! - spans[i]!;
+      hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
+      at += len;
+    }
+  });
   return { spans, data };
 }
 

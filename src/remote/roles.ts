@@ -48,10 +48,13 @@ export class SpanBook {
 export class RefinedTarget implements TargetKnowledge {
   readonly #book: SpanBook;
   readonly #bytesRead: () => number;
+  readonly #reached: ((offset: number) => void) | undefined;
 
-  constructor(book: SpanBook, bytesRead: () => number) {
+  /** `reached(offset)`: called when the pipeline diffs the chunk, in order, before its writes. */
+  constructor(book: SpanBook, bytesRead: () => number, reached?: (offset: number) => void) {
     this.#book = book;
     this.#bytesRead = bytesRead;
+    this.#reached = reached;
   }
 
   get bytesRead(): number {
@@ -61,6 +64,7 @@ export class RefinedTarget implements TargetKnowledge {
   load(offset: number): Promise<ChunkKnowledge> {
     return Promise.resolve({
       diff: (_data, _length, _blockSize, out) => {
+        this.#reached?.(offset);
         for (const x of this.#book.take(offset)) out.push(x);
       },
       release: () => {},
