@@ -164,6 +164,37 @@ describe('pull with a local bmap of the remote image', () => {
     assert.equal(data.length, 16 * MiB + 1000);
   });
 
+  test('a mapped range over 32 MiB is checked as it streams, as a local stream is', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const img = join(dir, 'big.img');
+    const big = seededBytes(40 * MiB, 8);
+    await writeSparseFile(img, 48 * MiB, [{ offset: 4 * MiB, data: big }]);
+    const bmap = join(dir, 'big.bmap');
+    await createBmap(img, { output: bmap });
+    const expected = Buffer.alloc(48 * MiB);
+    big.copy(expected, 4 * MiB);
+    const dst = join(dir, 'dst.img');
+    const old = Buffer.from(expected);
+    old[30 * MiB] = old[30 * MiB]! ^ 1;
+    await writeFile(dst, old);
+    const r = (await copy(`${s.host}:${img}`, dst, {
+      remote: { ssh: s.ssh },
+      bmap,
+    })) as RemoteCopyResult;
+    assert.equal(r.bmap?.rangesVerified, 1);
+    assert.equal(r.bytesWritten, BS);
+    assert.ok((await readFile(dst)).equals(expected));
+    // damaged on the host: the range is too large to hold, so it is found bad once written
+    const fh = await open(img, 'r+');
+    await fh.write(Buffer.from('BAD'), 0, 3, 20 * MiB);
+    await fh.close();
+    const bad = await runCli(['copy', '--ssh', s.ssh, '--bmap', bmap, `${s.host}:${img}`, dst]);
+    assert.equal(bad.code, 1, bad.stderr);
+    assert.match(bad.stderr, /too large to check before writing.*\[EBMAP_CHECKSUM\]$/m);
+  });
+
   test('a bmap, --size or range checksum that does not fit is refused before writing', async (t) => {
     const s = server(t);
     if (!s) return;
