@@ -173,20 +173,8 @@ export async function copy(
     );
   }
   if (isRemote(src) || isRemote(dst)) {
-    const sigOptions = [
-      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
-      options.fingerprint !== undefined ? '--fingerprint' : undefined,
-      options.keyring !== undefined ? '--keyring' : undefined,
-      options.noSigVerify === true ? '--no-sig-verify' : undefined,
-    ].filter((o) => o !== undefined);
-    if (sigOptions.length > 0 && isRemote(src) && isRemote(dst)) {
-      // a push reads its local SRC as a local copy does, signature checks included, and a
-      // pull checks its --bmap FILE so; with two remote ends there is no bmap
-      throw new BlksyncError(
-        'EUSAGE',
-        `${sigOptions.join(', ')} check a bmap, which a copy between two hosts does not use; pull to a local file with --bmap FILE first, or drop them`,
-      );
-    }
+    // a push reads its local SRC as a local copy does, signature checks included; a remote
+    // SRC's bmap is --bmap FILE, checked so too (remote-copy.ts)
     const { remoteCopy } = await import('../remote/remote-copy.js');
     return remoteCopy(src, dst, {
       ...options,

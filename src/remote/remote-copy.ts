@@ -44,6 +44,7 @@ import {
   bmapSourcing,
   findBmap,
   openCopySource,
+  type BmapReport,
   type BmapSourcing,
   type CopySourceOptions,
   type FoundBmap,
@@ -75,7 +76,7 @@ import {
 } from './protocol.js';
 import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
-import { MappedPullSource } from './mapped-pull.js';
+import { MappedSource } from './mapped-source.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import {
@@ -291,15 +292,21 @@ export async function remoteCopy(
       `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
-  if (
-    srcRemote !== undefined &&
-    dstRemote !== undefined &&
-    (options.bmap !== undefined || options.size !== undefined)
-  ) {
-    throw new BlksyncError(
-      'EUSAGE',
-      `--bmap and --size with a remote SRC work when DST is here; with two remote ends pull to a local file first, or drop them`,
-    );
+  if (options.direct === true) {
+    const given = [
+      options.bmap !== undefined ? '--bmap' : undefined,
+      options.size !== undefined ? '--size' : undefined,
+      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
+      options.fingerprint !== undefined ? '--fingerprint' : undefined,
+      options.keyring !== undefined ? '--keyring' : undefined,
+    ].filter((o) => o !== undefined);
+    if (given.length > 0) {
+      // the copy runs on SRC's host, which has neither the bmap nor gpg's verdict
+      throw new BlksyncError(
+        'EUSAGE',
+        `${given.join(', ')} with --direct: drop --direct to relay the copy through this machine`,
+      );
+    }
   }
   options.signal?.throwIfAborted();
   if (options.direct === true) {
@@ -684,9 +691,9 @@ async function pull(
     let reread = 0;
     const tableUpdates = new Map<number, () => void>();
     let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
-    let pulled: MappedPullSource | undefined;
+    let pulled: MappedSource | undefined;
     if (bmap !== undefined) {
-      pulled = new MappedPullSource(link, book, {
+      pulled = new MappedSource(link, book, {
         size,
         chunkSize,
         blockSize,
@@ -892,7 +899,6 @@ async function relay(
 ): Promise<RemoteCopyResult> {
   const session = sessionOf(options);
   const { blockSize, chunkSize, dryRun, full } = session;
-  const topUnit = full ? 0 : chunkSize;
   const kept = keptRemotely(options.index, toSpec);
   // with DST's agent keeping an index, both sides' top hashes are block digests, which a
   // used index knows without reading DST
@@ -900,7 +906,18 @@ async function relay(
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
+  let mapped: MappedSource | undefined;
   try {
+    // a local bmap of SRC's image: only its mapped ranges are compared (one hash per piece
+    // from each agent, no TOP_HASHES scan)
+    const bmap = await givenBmap(options);
+    if (bmap !== undefined && kept !== undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index with --bmap is not supported when SRC is remote (${src}); drop one of them`,
+      );
+    }
+    const topUnit = full || bmap !== undefined ? 0 : chunkSize;
     from = await AgentLink.open(
       fromSpec,
       options,
@@ -914,6 +931,8 @@ async function relay(
       await agentPayload(),
     );
     const size = from.ready.size;
+    // before DST's agent opens (or creates) DST
+    await checkRemoteSize(size, src, options.size, bmap);
     to = await AgentLink.open(
       toSpec,
       options,
@@ -935,7 +954,26 @@ async function relay(
     const book = new SpanBook();
     const f = from;
     const t = to;
-    if (!full) {
+    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let bmapReport: BmapReport | undefined;
+    if (bmap !== undefined) {
+      mapped = new MappedSource(from, book, {
+        size,
+        chunkSize,
+        blockSize,
+        local: t.ready.zero ? undefined : t,
+        dst,
+        full,
+        dryRun,
+      });
+      // the range checksums cannot be checked: DST's unchanged blocks never pass through here
+      const b = await bmapSourcing(bmap, mapped, src, {
+        noVerifyChecksums: true,
+        rereadable: false,
+      });
+      plan = b.plan;
+      bmapReport = b.report;
+    } else if (!full) {
       const differ = new HashDiffer(from, chunkSize, blockSize);
       refiner = new Refiner(
         size,
@@ -955,10 +993,10 @@ async function relay(
         },
       );
     }
-    const source = new FetchedSource(size, from, refiner, book, !dryRun);
+    const source = mapped ?? new FetchedSource(size, from, refiner, book, !dryRun);
     const links = [from, to];
     const run = await runPipeline(
-      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      plan,
       source,
       new RefinedTarget(book, () => 0),
       dryRun ? [] : [new RemoteSink(to)],
@@ -978,6 +1016,7 @@ async function relay(
       },
     );
     await refiner?.stop();
+    await mapped?.stop();
     const fromSummary = await from.finish();
     // an interrupted run leaves DST's agent index marked in progress (as a push does)
     const toSummary =
@@ -1004,6 +1043,7 @@ async function relay(
       }),
       ...verifyReport(to.verified),
       ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
+      ...(bmapReport !== undefined ? { bmap: bmapReport } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -1011,6 +1051,7 @@ async function relay(
     throw await connectionLost(err, dst, to?.bytesConfirmed ?? 0, options.signal);
   } finally {
     await refiner?.stop();
+    await mapped?.stop();
     await to?.close();
     await from?.close();
   }

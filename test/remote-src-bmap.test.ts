@@ -4,6 +4,7 @@
  * checksums are verified here on DST's new content, an existing file DST ends equal to the
  * image (unmapped areas punched, as a local bmap copy leaves it), a loop device keeps its
  * unmapped areas, and a bmap, --size or checksum that does not fit is refused before writing.
+ * Relayed to another host, only the mapped ranges are compared and sent.
  */
 
 import assert from 'node:assert/strict';
@@ -195,6 +196,34 @@ describe('pull with a local bmap of the remote image', () => {
     assert.match(bad.stderr, /too large to check before writing.*\[EBMAP_CHECKSUM\]$/m);
   });
 
+  test('relayed to another host: only the mapped ranges, the unmapped areas left as they are', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const { data, pieces, img, bmap } = await setup(dir, 12);
+    const old = seededBytes(data.length, 13);
+    const dst = join(dir, 'dst.img');
+    await writeFile(dst, old);
+    const remote = (p: string): string => `${s.host}:${p}`;
+    const args = ['copy', '--json', '--ssh', s.ssh, '--bmap', bmap, remote(img)];
+    const r = await runCli([...args, remote(dst)]);
+    assert.equal(r.code, 0, r.stderr);
+    const result = JSON.parse(r.stdout) as RemoteCopyResult;
+    assert.equal(result.bytesScanned, MAPPED);
+    // the unchanged blocks never pass through here: no range checksum can be checked
+    assert.equal(result.bmap?.rangesVerified, 0);
+    // as a push leaves a remote DST: the mapped ranges the image's, the rest as it was
+    const expected = Buffer.from(old);
+    for (const p of pieces) p.data.copy(expected, p.offset);
+    assert.ok((await readFile(dst)).equals(expected));
+    const again = await runCli([...args, remote(dst)]);
+    assert.equal((JSON.parse(again.stdout) as RemoteCopyResult).bytesWritten, 0);
+    // onto a new remote file: the image
+    const fresh = await runCli([...args, remote(join(dir, 'fresh.img'))]);
+    assert.equal(fresh.code, 0, fresh.stderr);
+    assert.ok((await readFile(join(dir, 'fresh.img'))).equals(data));
+  });
+
   test('a bmap, --size or range checksum that does not fit is refused before writing', async (t) => {
     const s = server(t);
     if (!s) return;
@@ -244,9 +273,10 @@ describe('pull with a local bmap of the remote image', () => {
       copy(remote, dst, { ...options, bmap, index: join(dir, 'x.idx') }),
       code('EUSAGE'),
     );
-    // with two remote ends there is no bmap plan
-    const both = await runCli([
+    // --direct: the copy would run on SRC's host, which has no bmap
+    const direct = await runCli([
       'copy',
+      '--direct',
       '--ssh',
       s.ssh,
       '--bmap',
@@ -254,8 +284,13 @@ describe('pull with a local bmap of the remote image', () => {
       remote,
       `${s.host}:${fresh}`,
     ]);
-    assert.equal(both.code, 2, both.stderr);
-    assert.match(both.stderr, /\[EUSAGE\]$/m);
+    assert.equal(direct.code, 2, direct.stderr);
+    assert.match(direct.stderr, /drop --direct .*\[EUSAGE\]$/m);
+    // relayed, a bmap of another image is refused before DST's host is touched
+    await assert.rejects(
+      copy(remote, `${s.host}:${fresh}`, { ...options, bmap: join(dir, 'other.bmap') }),
+      code('EBMAP_MISMATCH'),
+    );
     await untouched('usage errors');
 
     // the remote image damaged in its first range: its checksum fails before it is written
