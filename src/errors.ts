@@ -32,6 +32,8 @@ export type ErrorCode =
   | 'EBMAP_MISMATCH'
   | 'ESRC_CORRUPT'
   | 'ESRC_HTTP'
+  /** A remote SRC is compressed: blksync decodes only on the machine it runs on. */
+  | 'ESRC_COMPRESSED'
   /** apply: TARGET holds neither the old nor the new content where a patch record goes. */
   | 'EBASE_MISMATCH'
   /** A patch file is malformed: bad magic, version, field, bound or record order. */

@@ -173,7 +173,7 @@ describe('signed bmaps', () => {
     const r = await runCli(['copy', '--fingerprint', keyA, img, out]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /ESIG_INVALID/);
-    // a remote SRC has no local bmap to check: refused rather than ignored
+    // a remote SRC without --bmap has no local bmap to check: refused rather than ignored
     await assert.rejects(copy('nohost.invalid:/dev/x', out, { fingerprint: keyA }), code('EUSAGE'));
     // a key id is not a fingerprint
     assert.throws(() => normalizeFingerprint(keyA.slice(-16)), code('EUSAGE'));
@@ -340,5 +340,41 @@ describe('signed bmaps', () => {
     const r = await copy(img, remote, { ...options, fingerprint: keyB });
     assert.deepEqual(r.bmap?.signature?.fingerprints, [keyB]);
     assert.ok((await readFile(join(dir, 'pushed'))).equals(image));
+  });
+
+  it("a pull checks its --bmap's signature as a local copy does", async (t) => {
+    if (!needGpg(t)) return;
+    const ssh = sshServer(t);
+    if (ssh === undefined) return;
+    const { dir, img, bmap, image } = await imageWithBmap();
+    await signAs(keyB, '--armor', '--detach-sign', '-o', `${bmap}.asc`, bmap);
+    const remote = `${ssh.host}:${img}`;
+    const out = join(dir, 'pulled');
+    const options = { remote: { ssh: ssh.ssh }, bmap };
+    // signed by bob, alice asked for: refused before ssh starts, nothing written
+    await assert.rejects(
+      copy(remote, out, { ...options, fingerprint: keyA }),
+      code('ESIG_INVALID'),
+    );
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    await assert.rejects(
+      copy(remote, out, { ...options, keyring: keyringA }),
+      code('ESIG_UNKNOWN_KEY'),
+    );
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    // a tampered signature; --no-sig-verify skips the check
+    await writeFile(`${bmap}.asc`, 'not a signature\n');
+    const cli = await runCli(['copy', '--ssh', ssh.ssh, '--bmap', bmap, remote, out]);
+    assert.equal(cli.code, 1, cli.stderr);
+    assert.match(cli.stderr, /\[ESIG_INVALID\]$/m);
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    const skipped = await copy(remote, out, { ...options, noSigVerify: true });
+    assert.equal(skipped.bmap?.signature, undefined);
+    await signAs(keyB, '--armor', '--detach-sign', '-o', `${bmap}.asc`, bmap);
+    await rm(out);
+    const r = await copy(remote, out, { ...options, fingerprint: keyB });
+    assert.deepEqual(r.bmap?.signature?.fingerprints, [keyB]);
+    assert.equal(r.bmap?.rangesVerified, 1);
+    assert.ok((await readFile(out)).equals(image));
   });
 });

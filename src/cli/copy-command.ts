@@ -107,7 +107,10 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto)',
     )
     .option('--no-src-index', 'with --index auto: do not keep or use an index of SRC')
-    .option('--bmap <file>', "SRC's bmap (file or URL; default: found beside SRC as bmaptool does)")
+    .option(
+      '--bmap <file>',
+      "SRC's bmap (file or URL; default: found beside a local SRC as bmaptool does)",
+    )
     .option('--no-bmap', 'ignore any bmap; consider the whole image')
     .option('--no-verify-checksums', "do not verify the bmap's range checksums")
     .option('--bmap-sig <file>', "the bmap's detached signature (default: BMAP.asc, then BMAP.sig)")

@@ -464,75 +464,30 @@ async function openFound(
       };
     }
 
-    const plan: Plan = bmap
-      ? lib!.bmapPlan(bmap)
-      : { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
-    let report: BmapReport | undefined;
-    let checksums: CopySource['checksums'];
-    if (bmap !== undefined && lib !== undefined) {
-      const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap, lib.rangeEnd);
-      if (ranges.length > 0 && bmap.checksumType !== undefined) {
-        const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
-        const verifying = new lib.VerifyingSource(source, ranges, bmap.checksumType, src, {
-          prefetch: ranges.length === bmap.ranges.length,
-          workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
-          // a file is read by offset: large ranges can be verified before they are copied
-          rereadable: source instanceof FileSource,
-        });
-        cleanups.push(() => verifying.close());
-        source = verifying;
-        if (ranges.length === bmap.ranges.length) {
-          checksums = { units: ranges, algorithm: bmap.checksumType };
-        }
-      }
-      report = {
-        path: found!.path,
-        version: bmap.version,
-        blockSize: bmap.blockSize,
-        ranges: bmap.ranges.length,
-        mappedBytes: lib.mappedBytes(bmap),
-        rangesVerified: ranges.length,
-        ...(found!.signature !== undefined ? { signature: found!.signature } : {}),
-      };
+    let bmapped: BmapSourcing | undefined;
+    if (found !== undefined) {
+      // a file is read by offset: large ranges can be verified before they are copied
+      const b = await bmapSourcing(found, source, src, {
+        noVerifyChecksums: options.noVerifyChecksums,
+        rereadable: source instanceof FileSource,
+      });
+      cleanups.push(() => b.close());
+      bmapped = b;
     }
-    const finalSource = source;
     return {
       path: src,
       kind,
       compression,
       size: size,
-      source: finalSource,
-      plan,
-      bmap: report,
-      checksums,
+      source: bmapped?.source ?? source,
+      plan: bmapped?.plan ?? { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      bmap: bmapped?.report,
+      checksums: bmapped?.checksums,
       file,
       opened,
       sameAs,
-      adviseTarget: (fd) => {
-        if (report !== undefined) lib!.adviseNoReadahead(fd);
-      },
-      wrapFileSink: (sink, fh, path) => {
-        if (report === undefined) return sink;
-        const unmapped: { start: number; end: number }[] = [];
-        let at = 0;
-        for (const r of plan.ranges) {
-          if (r.start > at) unmapped.push({ start: at, end: r.start });
-          at = r.end;
-        }
-        if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
-        const bmapReport = report;
-        let punched = false;
-        return {
-          write: (data, offset) => sink.write(data, offset),
-          finish: async () => {
-            if (!punched) {
-              punched = true;
-              bmapReport.unmappedPunched = lib!.punchHoles(fh, unmapped, path);
-            }
-            await sink.finish();
-          },
-        };
-      },
+      adviseTarget: (fd) => bmapped?.adviseTarget(fd),
+      wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
         await closeAll();
       },
@@ -541,4 +496,94 @@ async function openFound(
     await closeAll();
     throw err;
   }
+}
+
+/** A found bmap: its path, its parsed content and its checked signature. */
+export type FoundBmap = NonNullable<Awaited<ReturnType<typeof findBmap>>>;
+
+/**
+ * What a bmap adds to a copy's source, wherever the image's bytes come from (a local file or
+ * stream, or a remote SRC fetched over ssh): the plan of its mapped ranges, the source wrapped
+ * in a VerifyingSource when the ranges have checksums, its report, and the holes punched in
+ * the unmapped areas of an existing file DST.
+ */
+export interface BmapSourcing {
+  plan: Plan;
+  source: Source;
+  report: BmapReport;
+  checksums: CopySource['checksums'];
+  /** See CopySource.wrapFileSink. */
+  wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  adviseTarget(fd: number): void;
+  /** Closes the VerifyingSource (its workers and the inner source). */
+  close(): Promise<void>;
+}
+
+/**
+ * The bmap part of a copy's source (see BmapSourcing). The image's size must have been checked
+ * against the bmap (checkBmapMatches) or taken from it. `rereadable`: `source` reads by
+ * offset in any order, so ranges too large to buffer are verified before they are copied.
+ */
+export async function bmapSourcing(
+  found: FoundBmap,
+  source: Source,
+  image: string,
+  options: { noVerifyChecksums?: boolean | undefined; rereadable: boolean },
+): Promise<BmapSourcing> {
+  const lib = await bmapModules();
+  const { bmap } = found;
+  const plan: Plan = lib.bmapPlan(bmap);
+  const ranges = options.noVerifyChecksums === true ? [] : verifiedRanges(bmap, lib.rangeEnd);
+  let verifying: InstanceType<typeof lib.VerifyingSource> | undefined;
+  let checksums: CopySource['checksums'];
+  if (ranges.length > 0 && bmap.checksumType !== undefined) {
+    const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
+    verifying = new lib.VerifyingSource(source, ranges, bmap.checksumType, image, {
+      prefetch: ranges.length === bmap.ranges.length,
+      workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
+      rereadable: options.rereadable,
+    });
+    if (ranges.length === bmap.ranges.length) {
+      checksums = { units: ranges, algorithm: bmap.checksumType };
+    }
+  }
+  const report: BmapReport = {
+    path: found.path,
+    version: bmap.version,
+    blockSize: bmap.blockSize,
+    ranges: bmap.ranges.length,
+    mappedBytes: lib.mappedBytes(bmap),
+    rangesVerified: verifying !== undefined ? ranges.length : 0,
+    ...(found.signature !== undefined ? { signature: found.signature } : {}),
+  };
+  return {
+    plan,
+    source: verifying ?? source,
+    report,
+    checksums,
+    adviseTarget: (fd) => lib.adviseNoReadahead(fd),
+    wrapFileSink: (sink, fh, path) => {
+      const unmapped: { start: number; end: number }[] = [];
+      let at = 0;
+      for (const r of plan.ranges) {
+        if (r.start > at) unmapped.push({ start: at, end: r.start });
+        at = r.end;
+      }
+      if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
+      let punched = false;
+      return {
+        write: (data, offset) => sink.write(data, offset),
+        finish: async () => {
+          if (!punched) {
+            punched = true;
+            report.unmappedPunched = lib.punchHoles(fh, unmapped, path);
+          }
+          await sink.finish();
+        },
+      };
+    },
+    close: async () => {
+      await verifying?.close();
+    },
+  };
 }

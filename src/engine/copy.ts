@@ -174,19 +174,8 @@ export async function copy(
     );
   }
   if (isRemote(src) || isRemote(dst)) {
-    const sigOptions = [
-      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
-      options.fingerprint !== undefined ? '--fingerprint' : undefined,
-      options.keyring !== undefined ? '--keyring' : undefined,
-      options.noSigVerify === true ? '--no-sig-verify' : undefined,
-    ].filter((o) => o !== undefined);
-    if (sigOptions.length > 0 && isRemote(src)) {
-      // a push reads its local SRC as a local copy does, signature checks included
-      throw new BlksyncError(
-        'EUSAGE',
-        `${sigOptions.join(', ')} check the bmap of a local SRC; ${src} is on another host`,
-      );
-    }
+    // a push reads its local SRC as a local copy does, signature checks included; a remote
+    // SRC's bmap is --bmap FILE, checked so too (remote-copy.ts)
     const { remoteCopy } = await import('../remote/remote-copy.js');
     return remoteCopy(src, dst, {
       ...options,

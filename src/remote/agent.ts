@@ -22,6 +22,7 @@ import { BlksyncError } from '../errors.js';
 import { FileSink } from '../io/file-sink.js';
 import { identityOf } from '../io/identity.js';
 import { createTarget, openSource, openTarget } from '../io/open.js';
+import { detectCompression, MAGIC_BYTES } from '../io/compression-magic.js';
 import { readBackWritten, WrittenRanges } from '../engine/written-log.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
 import { AgentIndex } from './agent-index.js';
@@ -214,6 +215,21 @@ async function readFully(
   }
 }
 
+/**
+ * A compressed SRC would be copied as its compressed bytes: blksync decodes only where it
+ * runs, and a decoder here would give neither the size up front nor reads by offset. Refused
+ * before anything is opened for writing (--direct's target is opened after this);
+ * remote-copy.ts adds what to do instead.
+ */
+async function refuseCompressed(path: string, fh: FileHandle): Promise<void> {
+  const head = Buffer.alloc(MAGIC_BYTES);
+  const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
+  const kind = detectCompression(head.subarray(0, bytesRead));
+  if (kind === undefined) return;
+  await fh.close();
+  throw new BlksyncError('ESRC_COMPRESSED', `${path} is ${kind}-compressed`, { path });
+}
+
 /** Runs the agent until stdin ends or an error; resolves with the exit status. */
 export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise<number> {
   const { input, output } = streams;
@@ -355,6 +371,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     let digests = false;
     if (h.role === 'source') {
       const src = await openSource(h.path);
+      await refuseCompressed(h.path, src.fh);
       opened = {
         path: h.path,
         fh: src.fh,

@@ -28,12 +28,27 @@ import { cachedIndexPath } from '../io/cache-dir.js';
 import { identityOf } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
-import { runPipeline } from '../engine/pipeline.js';
-import type { Progress, ProgressListener, Sink, Source, TargetKnowledge } from '../engine/types.js';
+import { runPipeline, type PipelineResult } from '../engine/pipeline.js';
+import type {
+  Plan,
+  Progress,
+  ProgressListener,
+  Sink,
+  Source,
+  TargetKnowledge,
+} from '../engine/types.js';
 import type { CopyResult } from '../engine/copy.js';
 import type { VerifyReport } from '../engine/verify-written.js';
 import { compareWritten, readBackWritten, WrittenSink } from '../engine/written-log.js';
-import { openCopySource, type CopySourceOptions } from '../engine/copy-source.js';
+import {
+  bmapSourcing,
+  findBmap,
+  openCopySource,
+  type BmapReport,
+  type BmapSourcing,
+  type CopySourceOptions,
+  type FoundBmap,
+} from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
 import {
@@ -61,12 +76,14 @@ import {
 } from './protocol.js';
 import { DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import { HashScanner } from './scanner.js';
+import { MappedSource } from './mapped-source.js';
 import { Refiner, type Found } from './refiner.js';
 import { AgentLink, type RemoteOptions } from './link.js';
 import {
   CountingSink,
   fetchSpans,
   FetchedSource,
+  patchSpans,
   hashAheadPush,
   readChunk,
   RefinedTarget,
@@ -78,7 +95,7 @@ import {
   type TopHashing,
 } from './roles.js';
 import { readIndexIfAny, RemoteIndex } from './remote-index.js';
-import { isRemote, parseRemote, type RemoteSpec } from './spec.js';
+import { isRemote, parseRemote, shellQuote, type RemoteSpec } from './spec.js';
 
 export { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from './roles.js';
 
@@ -166,6 +183,84 @@ function chunkSizeOf(options: RemoteCopyOptions): number {
   return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
 }
 
+/** What push, pull, relay and --direct all start from, taken once from the options. */
+interface Session {
+  started: number;
+  blockSize: number;
+  chunkSize: number;
+  dryRun: boolean;
+  full: boolean;
+}
+
+function sessionOf(options: RemoteCopyOptions): Session {
+  return {
+    started: performance.now(),
+    blockSize: options.blockSize,
+    chunkSize: chunkSizeOf(options),
+    dryRun: options.dryRun === true,
+    full: options.full === true,
+  };
+}
+
+/** What the pipeline found: a run here, or the report of an agent that ran it (--direct). */
+interface Counts {
+  bytesScanned: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  rangesWritten: number;
+  ranges: Range[];
+}
+
+function countsOf(run: PipelineResult): Counts {
+  return {
+    bytesScanned: run.bytesScanned,
+    blocksDiffering: run.blocksDiffering,
+    bytesDiffering: run.bytesDiffering,
+    rangesWritten: run.ranges.count,
+    ranges: [...run.ranges.ranges],
+  };
+}
+
+/**
+ * A remote copy's result: the counts, and what each direction knows in its own way (`dstSize`:
+ * DST's size as found, which extends past the image unless DST was created).
+ */
+function resultOf(
+  session: Session,
+  src: string,
+  dst: string,
+  size: number,
+  counts: Counts,
+  ends: {
+    bytesRead: number;
+    blockSize: number;
+    bytesWritten: number;
+    created: boolean;
+    dstSize: number;
+    channel: ChannelStats;
+  },
+): RemoteCopyResult {
+  return {
+    source: src,
+    destination: dst,
+    bytesTotal: size,
+    bytesScanned: counts.bytesScanned,
+    bytesRead: ends.bytesRead,
+    blockSize: ends.blockSize,
+    blocksDiffering: counts.blocksDiffering,
+    bytesDiffering: counts.bytesDiffering,
+    bytesWritten: ends.bytesWritten,
+    rangesWritten: counts.rangesWritten,
+    ranges: counts.ranges,
+    created: ends.created,
+    destinationExtraBytes: ends.created ? 0 : ends.dstSize - size,
+    dryRun: session.dryRun,
+    full: session.full,
+    seconds: (performance.now() - session.started) / 1000,
+    channel: ends.channel,
+  };
+}
+
 /** Copies between a local path and `host:path` (either way), or between two hosts. */
 export async function remoteCopy(
   src: string,
@@ -197,11 +292,21 @@ export async function remoteCopy(
       `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
-  if (srcRemote !== undefined && (options.bmap !== undefined || options.size !== undefined)) {
-    throw new BlksyncError(
-      'EUSAGE',
-      `--bmap and --size describe a local SRC; ${src} is on ${srcRemote.destination}`,
-    );
+  if (options.direct === true) {
+    const given = [
+      options.bmap !== undefined ? '--bmap' : undefined,
+      options.size !== undefined ? '--size' : undefined,
+      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
+      options.fingerprint !== undefined ? '--fingerprint' : undefined,
+      options.keyring !== undefined ? '--keyring' : undefined,
+    ].filter((o) => o !== undefined);
+    if (given.length > 0) {
+      // the copy runs on SRC's host, which has neither the bmap nor gpg's verdict
+      throw new BlksyncError(
+        'EUSAGE',
+        `${given.join(', ')} with --direct: drop --direct to relay the copy through this machine`,
+      );
+    }
   }
   options.signal?.throwIfAborted();
   if (options.direct === true) {
@@ -211,14 +316,36 @@ export async function remoteCopy(
         '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
       );
     }
-    return direct(src, dst, srcRemote, dstRemote, options);
   }
-  if (srcRemote !== undefined && dstRemote !== undefined) {
-    return relay(src, dst, srcRemote, dstRemote, options);
+  if (dstRemote !== undefined && srcRemote === undefined) return push(src, dst, dstRemote, options);
+  if (srcRemote === undefined) throw new BlksyncError('EUSAGE', 'neither end is remote');
+  try {
+    if (dstRemote === undefined) return await pull(src, dst, srcRemote, options);
+    if (options.direct === true) return await direct(src, dst, srcRemote, dstRemote, options);
+    return await relay(src, dst, srcRemote, dstRemote, options);
+  } catch (err) {
+    throw compressedRemote(err, dst, srcRemote, options);
   }
-  if (dstRemote !== undefined) return push(src, dst, dstRemote, options);
-  if (srcRemote !== undefined) return pull(src, dst, srcRemote, options);
-  throw new BlksyncError('EUSAGE', 'neither end is remote');
+}
+
+/**
+ * The agent refuses a compressed SRC (it would copy the compressed bytes); this adds what to
+ * do, which only this end knows how to spell: stream it through here, where it is decoded.
+ */
+function compressedRemote(
+  err: unknown,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): unknown {
+  if (!(err instanceof BlksyncError) || err.code !== 'ESRC_COMPRESSED') return err;
+  const cat = `${options.sudo === true ? 'sudo -n ' : ''}cat ${shellQuote(spec.path)}`;
+  const stream = `${options.ssh ?? 'ssh'} ${spec.destination} ${shellQuote(cat)} | blksync copy --size BYTES - ${shellQuote(dst)}`;
+  return new BlksyncError(
+    'ESRC_COMPRESSED',
+    `${err.message}, and blksync decodes only on this machine: stream it through here with \`${stream}\` (BYTES: its decompressed size), or decompress it on ${spec.destination} first`,
+    { cause: err, ...(err.path !== undefined ? { path: err.path } : {}) },
+  );
 }
 
 /** How long a dropped link waits for a Ctrl-C that may have dropped it to be noticed. */
@@ -267,11 +394,8 @@ async function push(
   spec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
   const opened = await openCopySource(src, options);
   const { plan, size } = opened;
@@ -430,23 +554,14 @@ async function push(
       run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
     if (!run.interrupted) await index?.commit(summary.identity);
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: summary.bytesRead,
-      blockSize: pipelineBlockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: summary.bytes,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created: ready.created,
-      destinationExtraBytes: ready.created ? 0 : ready.size - size,
-      dryRun,
-      full,
-      seconds: 0,
-      channel: channelStats(link, spec, summary),
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: summary.bytesRead,
+        blockSize: pipelineBlockSize,
+        bytesWritten: summary.bytes,
+        created: ready.created,
+        dstSize: ready.size,
+        channel: channelStats(link, spec, summary),
+      }),
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(summary.index !== undefined ? { index: summary.index } : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
@@ -454,7 +569,7 @@ async function push(
     };
     await link.close();
     result.channel = channelStats(link, spec, summary);
-    result.seconds = (performance.now() - started) / 1000;
+    result.seconds = (performance.now() - session.started) / 1000;
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
@@ -474,28 +589,38 @@ async function pull(
   spec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   let link: AgentLink | undefined;
   let target: Opened | undefined;
   let sink: CountingSink | undefined;
   let scanner: HashScanner | undefined;
   let refiner: Refiner | undefined;
   let index: IndexSession | undefined;
+  let mapped: BmapSourcing | undefined;
+  // the bare file sink: on an error only it is finished, so a bmap copy punches the unmapped
+  // areas only after success (as a local copy)
+  let fileSink: FileSink | undefined;
   const top = topHashing();
   // with --index, TOP_HASHES are block digests in the index's blocks, which the index knows
   // for DST without reading it (protocol.ts, TOP_HASH_BLOCKS)
   const indexing = options.index !== undefined;
   try {
+    // a local bmap describing the remote image, its signature checked before ssh starts
+    const bmap = await givenBmap(options);
+    if (bmap !== undefined && indexing) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index with --bmap is not supported when SRC is remote (${src}); drop one of them`,
+      );
+    }
     // refusals of the local end come before ssh is even started
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) target = found;
     const topBlock = indexing && !full ? await digestBlockFor(options, target, dst, chunkSize) : 0;
-    // DST's hashes are computed while ssh connects and the agent scans SRC
-    if (!full && !indexing && target !== undefined && target.size > 0) {
+    // DST's hashes are computed while ssh connects and the agent scans SRC (with a bmap,
+    // only the mapped ranges are compared, piece by piece)
+    if (!full && !indexing && bmap === undefined && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
       scanner = new HashScanner(file, dst, target.size, chunkSize, top.hash).start();
     }
@@ -505,13 +630,15 @@ async function pull(
       {
         role: 'source',
         path: spec.path,
-        topUnit: full ? 0 : chunkSize,
+        topUnit: full || bmap !== undefined ? 0 : chunkSize,
         ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : top.hello),
         encodings: [DEFLATE_RAW],
       },
       await agentPayload(),
     );
     const size = link.ready.size;
+    // as a local copy checks a local SRC, before DST is created or written
+    await checkRemoteSize(size, src, options.size, bmap);
     scanner?.truncate(size);
     let created = false;
     let zero = false;
@@ -562,7 +689,34 @@ async function pull(
         ? new FileSource(target.fh, dst, target.size, false)
         : undefined;
     let reread = 0;
-    if (!full && index !== undefined) {
+    const tableUpdates = new Map<number, () => void>();
+    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let pulled: MappedSource | undefined;
+    if (bmap !== undefined) {
+      pulled = new MappedSource(link, book, {
+        size,
+        chunkSize,
+        blockSize,
+        local: full ? undefined : local,
+        dst,
+        full,
+        dryRun,
+      });
+      // DST holds each piece as it will be when it is handed on: its range checksums are
+      // verified here, as a local bmap copy's (not in a dry run: nothing is fetched)
+      mapped = await bmapSourcing(bmap, pulled, src, {
+        noVerifyChecksums: options.noVerifyChecksums === true || dryRun,
+        rereadable: false,
+      });
+      plan = mapped.plan;
+      if (local !== undefined && !full) mapped.adviseTarget(target!.fh.fd);
+    } else if (!full && index !== undefined) {
+      // a chunk's new hashes go into the table only when the pipeline reaches the chunk: the
+      // refiner runs chunks ahead of the writes, and a checkpoint writes the table as it is
+      // (an interrupted pull's index vouched for blocks fetched but never written)
+      const later = (offset: number, update: () => void): void => {
+        if (used !== undefined) tableUpdates.set(offset, update);
+      };
       const differ = new HashDiffer(link, chunkSize, used?.blockSize ?? blockSize);
       const trusted = (offset: number, length: number): boolean =>
         used !== undefined && isTrusted(used.untrusted, offset, length);
@@ -579,7 +733,7 @@ async function pull(
           if (trusted(offset, length)) {
             // the agent's digest was taken by the comparison above (or is not one of ours)
             if (!byDigest(offset, length)) await l.topHash(offset);
-            return byIndex(used!, l, offset, length, dryRun);
+            return byIndex(used!, l, offset, length, dryRun, (u) => later(offset, u));
           }
           const buf = Buffer.alloc(length);
           if (local !== undefined) {
@@ -593,9 +747,9 @@ async function pull(
           }
           if (dryRun) return { spans };
           const data = await fetchSpans(l, offset, spans);
-          patch(buf, spans, data);
-          // the index now holds this chunk's new content's hashes
-          if (used !== undefined) hashInto(used.table, used.blockSize, offset, buf, 0, length);
+          patchSpans(buf, spans, data);
+          // the index will hold this chunk's new content's hashes
+          later(offset, () => hashInto(used!.table, used!.blockSize, offset, buf, 0, length));
           return whole ? { spans, data, whole: buf } : { spans, data };
         },
       );
@@ -634,21 +788,33 @@ async function pull(
         },
       );
     }
-    const source = new FetchedSource(size, link, refiner, book, !dryRun);
-    const bytesRead = (): number => (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0);
-    let fileSink: Sink | undefined;
-    // --verify: what is written is recorded, and read back after the fsync
+    const source: Source = mapped?.source ?? new FetchedSource(size, link, refiner, book, !dryRun);
+    const bytesRead = (): number =>
+      (scanner?.bytesRead ?? 0) + reread + (used?.bytesRead ?? 0) + (pulled?.bytesRead ?? 0);
+    // --verify: what is written is recorded, and read back after the fsync (with a bmap's
+    // checksums, the mapped ranges are read back and compared with them, as locally)
     let logged: WrittenSink | undefined;
     if (!dryRun && target !== undefined) {
       fileSink = new FileSink(target.fh, dst);
-      if (options.verify === true) fileSink = logged = new WrittenSink(fileSink);
+      let inner: Sink = fileSink;
+      if (options.verify === true && mapped?.checksums === undefined) {
+        inner = logged = new WrittenSink(inner);
+      }
       // with an index: marked in progress before DST changes (IndexSession's guard)
-      sink = new CountingSink(index?.wrapSink(fileSink) ?? fileSink);
+      if (index !== undefined) inner = index.wrapSink(inner);
+      // with a bmap, an existing file gets its unmapped areas punched (a new one has holes)
+      if (mapped !== undefined && !created && target.kind === 'file') {
+        inner = mapped.wrapFileSink(inner, target.fh, dst);
+      }
+      sink = new CountingSink(inner);
     }
     const run = await runPipeline(
-      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      plan,
       source,
-      new RefinedTarget(book, bytesRead),
+      new RefinedTarget(book, bytesRead, (offset) => {
+        tableUpdates.get(offset)?.();
+        tableUpdates.delete(offset);
+      }),
       sink ? [sink] : [],
       {
         blockSize: used?.blockSize ?? blockSize,
@@ -661,6 +827,7 @@ async function pull(
     );
     await sink?.finish();
     await refiner?.stop();
+    await pulled?.stop();
     const summary = await link.finish();
     // the refiner fetches ahead, so an interrupted run received more than it wrote
     if (!dryRun && !run.interrupted && summary.bytes !== run.bytesWritten) {
@@ -671,7 +838,12 @@ async function pull(
     }
     await link.close();
     let verified: VerifyReport | undefined;
-    if (logged !== undefined && target !== undefined && !run.interrupted) {
+    const checksums = mapped?.checksums;
+    if (options.verify === true && checksums !== undefined && target !== undefined) {
+      if (!run.interrupted) {
+        verified = await verifyAgainstBmap(dst, target, checksums, options.signal);
+      }
+    } else if (logged !== undefined && target !== undefined && !run.interrupted) {
       // DST is local: the local --verify's read-back (O_DIRECT, koffi's aligned buffer)
       const t0 = performance.now();
       const { alignedBuffer } = await import('../engine/verify-written.js');
@@ -691,24 +863,16 @@ async function pull(
     }
     if (!run.interrupted) await index?.commit();
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: bytesRead(),
-      blockSize: used?.blockSize ?? blockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: run.bytesWritten,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created,
-      destinationExtraBytes: target !== undefined && !created ? target.size - size : 0,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: channelStats(link, spec, summary),
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: bytesRead(),
+        blockSize: used?.blockSize ?? blockSize,
+        bytesWritten: run.bytesWritten,
+        created,
+        dstSize: target?.size ?? size,
+        channel: channelStats(link, spec, summary),
+      }),
       ...(index !== undefined ? { index: { ...index.report(), bytesReread: reread } } : {}),
+      ...(mapped !== undefined ? { bmap: mapped.report } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) throw interrupted(result);
@@ -718,9 +882,10 @@ async function pull(
   } finally {
     await refiner?.stop();
     await scanner?.stop();
-    await sink?.finish().catch(() => {});
+    await fileSink?.finish().catch(() => {});
     await link?.close();
     await index?.close();
+    await mapped?.close();
     await target?.fh.close();
   }
 }
@@ -732,12 +897,8 @@ async function relay(
   toSpec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const blockSize = options.blockSize;
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
-  const topUnit = full ? 0 : chunkSize;
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
   const kept = keptRemotely(options.index, toSpec);
   // with DST's agent keeping an index, both sides' top hashes are block digests, which a
   // used index knows without reading DST
@@ -745,7 +906,18 @@ async function relay(
   let from: AgentLink | undefined;
   let to: AgentLink | undefined;
   let refiner: Refiner | undefined;
+  let mapped: MappedSource | undefined;
   try {
+    // a local bmap of SRC's image: only its mapped ranges are compared (one hash per piece
+    // from each agent, no TOP_HASHES scan)
+    const bmap = await givenBmap(options);
+    if (bmap !== undefined && kept !== undefined) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--index with --bmap is not supported when SRC is remote (${src}); drop one of them`,
+      );
+    }
+    const topUnit = full || bmap !== undefined ? 0 : chunkSize;
     from = await AgentLink.open(
       fromSpec,
       options,
@@ -759,6 +931,8 @@ async function relay(
       await agentPayload(),
     );
     const size = from.ready.size;
+    // before DST's agent opens (or creates) DST
+    await checkRemoteSize(size, src, options.size, bmap);
     to = await AgentLink.open(
       toSpec,
       options,
@@ -780,7 +954,26 @@ async function relay(
     const book = new SpanBook();
     const f = from;
     const t = to;
-    if (!full) {
+    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let bmapReport: BmapReport | undefined;
+    if (bmap !== undefined) {
+      mapped = new MappedSource(from, book, {
+        size,
+        chunkSize,
+        blockSize,
+        local: t.ready.zero ? undefined : t,
+        dst,
+        full,
+        dryRun,
+      });
+      // the range checksums cannot be checked: DST's unchanged blocks never pass through here
+      const b = await bmapSourcing(bmap, mapped, src, {
+        noVerifyChecksums: true,
+        rereadable: false,
+      });
+      plan = b.plan;
+      bmapReport = b.report;
+    } else if (!full) {
       const differ = new HashDiffer(from, chunkSize, blockSize);
       refiner = new Refiner(
         size,
@@ -800,10 +993,10 @@ async function relay(
         },
       );
     }
-    const source = new FetchedSource(size, from, refiner, book, !dryRun);
+    const source = mapped ?? new FetchedSource(size, from, refiner, book, !dryRun);
     const links = [from, to];
     const run = await runPipeline(
-      { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      plan,
       source,
       new RefinedTarget(book, () => 0),
       dryRun ? [] : [new RemoteSink(to)],
@@ -823,6 +1016,7 @@ async function relay(
       },
     );
     await refiner?.stop();
+    await mapped?.stop();
     const fromSummary = await from.finish();
     // an interrupted run leaves DST's agent index marked in progress (as a push does)
     const toSummary =
@@ -831,33 +1025,25 @@ async function relay(
     const a = channelStats(from, fromSpec, fromSummary);
     const b = channelStats(to, toSpec, toSummary);
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: toSummary.bytesRead,
-      blockSize,
-      blocksDiffering: run.blocksDiffering,
-      bytesDiffering: run.bytesDiffering,
-      bytesWritten: toSummary.bytes,
-      rangesWritten: run.ranges.count,
-      ranges: [...run.ranges.ranges],
-      created: to.ready.created,
-      destinationExtraBytes: to.ready.created ? 0 : to.ready.size - size,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: {
-        host: `${a.host} → ${b.host}`,
-        bytesSent: a.bytesSent + b.bytesSent,
-        bytesReceived: a.bytesReceived + b.bytesReceived,
-        remoteCpuSeconds: a.remoteCpuSeconds + b.remoteCpuSeconds,
-        encoding: a.encoding === b.encoding ? a.encoding : `${a.encoding}/${b.encoding}`,
-        remoteNode:
-          a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
-      },
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: toSummary.bytesRead,
+        blockSize,
+        bytesWritten: toSummary.bytes,
+        created: to.ready.created,
+        dstSize: to.ready.size,
+        channel: {
+          host: `${a.host} → ${b.host}`,
+          bytesSent: a.bytesSent + b.bytesSent,
+          bytesReceived: a.bytesReceived + b.bytesReceived,
+          remoteCpuSeconds: a.remoteCpuSeconds + b.remoteCpuSeconds,
+          encoding: a.encoding === b.encoding ? a.encoding : `${a.encoding}/${b.encoding}`,
+          remoteNode:
+            a.remoteNode === b.remoteNode ? a.remoteNode : `${a.remoteNode}/${b.remoteNode}`,
+        },
+      }),
       ...verifyReport(to.verified),
       ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
+      ...(bmapReport !== undefined ? { bmap: bmapReport } : {}),
     };
     if (run.interrupted) throw interrupted(result);
     return result;
@@ -865,9 +1051,56 @@ async function relay(
     throw await connectionLost(err, dst, to?.bytesConfirmed ?? 0, options.signal);
   } finally {
     await refiner?.stop();
+    await mapped?.stop();
     await to?.close();
     await from?.close();
   }
+}
+
+/**
+ * The bmap of a remote SRC: only --bmap's, a local file or URL (none is looked for beside SRC
+ * on its host), its signature checked as a local copy checks it. As for stdin, without
+ * --bmap there is none and the signature options are refused.
+ */
+function givenBmap(options: RemoteCopyOptions): Promise<FoundBmap | undefined> {
+  return findBmap('-', options);
+}
+
+/** --size and the bmap must describe the remote SRC's size, as a local SRC's (EUSAGE, EBMAP_MISMATCH). */
+async function checkRemoteSize(
+  size: number,
+  src: string,
+  given: number | undefined,
+  bmap: FoundBmap | undefined,
+): Promise<void> {
+  if (given !== undefined && given !== size) {
+    throw new BlksyncError('EUSAGE', `--size ${given} contradicts the size ${size} of ${src}`);
+  }
+  if (bmap !== undefined) {
+    const { checkBmapMatches } = await import('../formats/bmap.js');
+    checkBmapMatches(bmap.bmap, size, bmap.path, src);
+  }
+}
+
+/** A pull's --verify with a bmap's checksums: DST's mapped ranges read back and compared, as locally. */
+async function verifyAgainstBmap(
+  dst: string,
+  target: Opened,
+  checksums: NonNullable<BmapSourcing['checksums']>,
+  signal: AbortSignal | undefined,
+): Promise<VerifyReport> {
+  const t0 = performance.now();
+  const { verifyWritten } = await import('../engine/verify-written.js');
+  const r = await verifyWritten(dst, checksums.units, checksums.algorithm, {
+    fd: target.fh.fd,
+    signal,
+  });
+  return {
+    ...r,
+    against: 'bmap',
+    algorithm: checksums.algorithm,
+    seconds: (performance.now() - t0) / 1000,
+  };
 }
 
 /**
@@ -936,10 +1169,8 @@ async function direct(
   toSpec: RemoteSpec,
   options: RemoteCopyOptions,
 ): Promise<RemoteCopyResult> {
-  const started = performance.now();
-  const chunkSize = chunkSizeOf(options);
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
+  const session = sessionOf(options);
+  const { chunkSize, dryRun, full } = session;
   const kept = keptRemotely(options.index, toSpec);
   let link: AgentLink | undefined;
   let last: Progress | undefined;
@@ -996,36 +1227,28 @@ async function direct(
     }
     await link.close();
     const result: RemoteCopyResult = {
-      source: src,
-      destination: dst,
-      bytesTotal: size,
-      bytesScanned: report.bytesScanned,
-      bytesRead: report.target.bytesRead,
-      blockSize: options.blockSize,
-      blocksDiffering: report.blocksDiffering,
-      bytesDiffering: report.bytesDiffering,
-      bytesWritten: report.target.bytes,
-      rangesWritten: report.rangesWritten,
-      ranges: report.ranges,
-      created: target.created,
-      destinationExtraBytes: target.created ? 0 : target.size - size,
-      dryRun,
-      full,
-      seconds: (performance.now() - started) / 1000,
-      channel: {
-        host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
-        bytesSent: link.bytesSent,
-        bytesReceived: link.bytesReceived,
-        remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
-        encoding: target.encoding,
-        remoteNode:
-          link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
-        direct: {
-          host: `${fromSpec.destination} → ${toSpec.destination}`,
-          bytesSent: report.bytesSent,
-          bytesReceived: report.bytesReceived,
+      // the copy ran on SRC's host: its report has the pipeline's counts
+      ...resultOf(session, src, dst, size, report, {
+        bytesRead: report.target.bytesRead,
+        blockSize: options.blockSize,
+        bytesWritten: report.target.bytes,
+        created: target.created,
+        dstSize: target.size,
+        channel: {
+          host: `${fromSpec.destination} (direct to ${toSpec.destination})`,
+          bytesSent: link.bytesSent,
+          bytesReceived: link.bytesReceived,
+          remoteCpuSeconds: (summary.cpuSeconds ?? 0) + (report.target.cpuSeconds ?? 0),
+          encoding: target.encoding,
+          remoteNode:
+            link.ready.node === target.node ? target.node : `${link.ready.node}/${target.node}`,
+          direct: {
+            host: `${fromSpec.destination} → ${toSpec.destination}`,
+            bytesSent: report.bytesSent,
+            bytesReceived: report.bytesReceived,
+          },
         },
-      },
+      }),
       ...verifyReport(report.verify),
       ...(report.target.index !== undefined ? { index: report.target.index } : {}),
     };
@@ -1051,15 +1274,6 @@ async function direct(
 
 function isTrusted(untrusted: readonly Range[], offset: number, length: number): boolean {
   return untrusted.every((r) => offset + length <= r.start || offset >= r.end);
-}
-
-/** Writes `spans`' bytes (`data`, back to back) into `buf` at their places. */
-function patch(buf: Buffer, spans: number[], data: Buffer): void {
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const len = spans[i + 1]! - spans[i]!;
-    data.copy(buf, spans[i], at, at + len);
-    at += len;
-  }
 }
 
 /** Stores the SHA-256 of each block of `data[start, end)` (at image `offset`) in `table`. */
@@ -1119,7 +1333,7 @@ function tableDigest(target: IndexTarget, offset: number, length: number): Buffe
 /**
  * Pull with an index that vouches for the chunk: the agent hashes SRC's blocks of the index's
  * size and only those whose hash differs from the stored one (a wire hash is a prefix of it)
- * are fetched; their new hashes go into the table. DST is not read.
+ * are fetched; `later` gets what puts their new hashes into the table. DST is not read.
  */
 async function byIndex(
   target: IndexTarget,
@@ -1127,6 +1341,7 @@ async function byIndex(
   offset: number,
   length: number,
   dryRun: boolean,
+  later: (update: () => void) => void,
 ): Promise<Found> {
   const bs = target.blockSize;
   const theirs = await link.hashes(offset, length, Math.max(bs, MIN_HASH_UNIT));
@@ -1142,11 +1357,13 @@ async function byIndex(
   }
   if (dryRun) return { spans };
   const data = await fetchSpans(link, offset, spans);
-  for (let i = 0, at = 0; i < spans.length; i += 2) {
-    const len = spans[i + 1]! - spans[i]!;
-    hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
-    at += len;
-  }
+  later(() => {
+    for (let i = 0, at = 0; i < spans.length; i += 2) {
+      const len = spans[i + 1]! - spans[i]!;
+      hashInto(target.table, bs, offset + spans[i]!, data, at, at + len);
+      at += len;
+    }
+  });
   return { spans, data };
 }
 

@@ -48,10 +48,13 @@ export class SpanBook {
 export class RefinedTarget implements TargetKnowledge {
   readonly #book: SpanBook;
   readonly #bytesRead: () => number;
+  readonly #reached: ((offset: number) => void) | undefined;
 
-  constructor(book: SpanBook, bytesRead: () => number) {
+  /** `reached(offset)`: called when the pipeline diffs the chunk, in order, before its writes. */
+  constructor(book: SpanBook, bytesRead: () => number, reached?: (offset: number) => void) {
     this.#book = book;
     this.#bytesRead = bytesRead;
+    this.#reached = reached;
   }
 
   get bytesRead(): number {
@@ -61,6 +64,7 @@ export class RefinedTarget implements TargetKnowledge {
   load(offset: number): Promise<ChunkKnowledge> {
     return Promise.resolve({
       diff: (_data, _length, _blockSize, out) => {
+        this.#reached?.(offset);
         for (const x of this.#book.take(offset)) out.push(x);
       },
       release: () => {},
@@ -179,6 +183,15 @@ export async function fetchSpans(
   }
   await Promise.all(fetches);
   return data;
+}
+
+/** Writes `spans`' bytes (`data`, back to back, as fetchSpans gives them) into `buf`. */
+export function patchSpans(buf: Buffer, spans: number[], data: Buffer): void {
+  for (let i = 0, at = 0; i < spans.length; i += 2) {
+    const len = spans[i + 1]! - spans[i]!;
+    data.copy(buf, spans[i], at, at + len);
+    at += len;
+  }
 }
 
 /** Reads [offset, offset + length) of a local file into `buf`, all of it or EDEST_SHORT. */

@@ -1,0 +1,99 @@
+/**
+ * A compressed image as a remote SRC (pull, relayed, --direct) over a real OpenSSH server on
+ * 127.0.0.1: blksync decodes only where it runs, so the agent recognises the compression by
+ * its magic bytes and the copy is refused before anything is written (ESRC_COMPRESSED), with
+ * the command that streams it through this machine instead. That command works.
+ */
+
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { gzipSync } from 'node:zlib';
+import { runCli } from './helpers/cli.js';
+import { needTool } from './helpers/loop.js';
+import { sharedSshd } from './helpers/sshd.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
+
+const MiB = 1024 * 1024;
+
+describe('a compressed remote SRC', () => {
+  const server = sharedSshd();
+
+  test('pull, relay and --direct refuse it before writing, for every format', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const data = Buffer.alloc(3 * MiB + 123);
+    seededBytes(MiB, 5).copy(data, MiB);
+    const packed: [string, Buffer][] = [['gz', gzipSync(data)]];
+    for (const [ext, cmd, pkg, args] of [
+      ['xz', 'xz', 'xz-utils', ['-c', '-1', '-T1']],
+      ['zst', 'zstd', 'zstd', ['-c', '-q', '-1']],
+      ['bz2', 'bzip2', 'bzip2', ['-c', '-1']],
+      ['lz4', 'lz4', 'lz4', ['-c', '-q']],
+    ] as const) {
+      if (await needTool(t, cmd, pkg)) {
+        packed.push([ext, execFileSync(cmd, [...args], { input: data, maxBuffer: 64 * MiB })]);
+      }
+    }
+    const old = seededBytes(data.length, 9);
+    for (const [ext, bytes] of packed) {
+      const src = join(dir, `disk.img.${ext}`);
+      await writeFile(src, bytes);
+      for (const mode of ['pull', 'relay', 'direct'] as const) {
+        const dst = join(dir, `dst-${mode}.img`);
+        await writeFile(dst, old);
+        const fresh = join(dir, `fresh-${mode}.img`);
+        for (const target of [dst, fresh]) {
+          const r = await runCli([
+            'copy',
+            '--ssh',
+            s.ssh,
+            ...(mode === 'direct' ? ['--direct'] : []),
+            `${s.host}:${src}`,
+            mode === 'pull' ? target : `${s.host}:${target}`,
+          ]);
+          assert.equal(r.code, 1, `${ext} ${mode}: ${r.stderr}`);
+          const lines = r.stderr.trim().split('\n');
+          assert.equal(lines.length, 1, r.stderr);
+          assert.match(lines[0]!, /\[ESRC_COMPRESSED\]$/, `${ext} ${mode}`);
+          assert.match(lines[0]!, /-compressed/);
+          // what to do: stream it through this machine, or decompress it on the host
+          assert.match(lines[0]!, / 'cat .*disk\.img\.\w+' \| blksync copy --size BYTES - /);
+          assert.match(lines[0]!, /decompress it on blksync-test/);
+        }
+        assert.deepEqual(await readFile(dst), old, `${ext} ${mode}: DST untouched`);
+        assert.equal(existsSync(fresh), false, `${ext} ${mode}: no DST created`);
+      }
+    }
+  });
+
+  test('the suggested stream through this machine copies the decompressed image', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const data = seededBytes(2 * MiB + 5, 11);
+    await writeFile(join(dir, 'disk.img.gz'), gzipSync(data));
+    const r = await runCli([
+      'copy',
+      '--ssh',
+      s.ssh,
+      `${s.host}:${join(dir, 'disk.img.gz')}`,
+      join(dir, 'refused.img'),
+    ]);
+    assert.equal(existsSync(join(dir, 'refused.img')), false);
+    const suggested = /`(.*)`/.exec(r.stderr)?.[1];
+    assert.ok(suggested !== undefined, r.stderr);
+    assert.match(suggested, /--size BYTES/);
+    // what a user would run: the ssh command, with the size filled in and a real DST
+    const [ssh] = suggested.split(' | ');
+    const piped = execFileSync('sh', ['-c', ssh!], { maxBuffer: 64 * MiB });
+    const out = join(dir, 'out.img');
+    const c = await runCli(['copy', '--size', String(data.length), '-', out], { input: piped });
+    assert.equal(c.code, 0, c.stderr);
+    assert.deepEqual(await readFile(out), data);
+  });
+});
