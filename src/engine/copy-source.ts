@@ -239,13 +239,18 @@ export async function findBmap(
   return noBmapFound(options);
 }
 
-/** Signature options need a bmap to apply to. */
-function noBmapFound(options: CopySourceOptions): undefined {
-  const given = [
+/** The signature options given, as their flags (for refusals that name them). */
+export function signatureFlagsGiven(options: SignatureOptions): string[] {
+  return [
     options.bmapSig !== undefined ? '--bmap-sig' : undefined,
     options.fingerprint !== undefined ? '--fingerprint' : undefined,
     options.keyring !== undefined ? '--keyring' : undefined,
   ].filter((o) => o !== undefined);
+}
+
+/** Signature options need a bmap to apply to. */
+function noBmapFound(options: CopySourceOptions): undefined {
+  const given = signatureFlagsGiven(options);
   if (given.length > 0) {
     throw new BlksyncError(
       'EUSAGE',

@@ -48,6 +48,7 @@ import {
   type BmapSourcing,
   type CopySourceOptions,
   type FoundBmap,
+  signatureFlagsGiven,
 } from '../engine/copy-source.js';
 import { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
@@ -294,12 +295,10 @@ export async function remoteCopy(
   }
   if (options.direct === true) {
     const given = [
-      options.bmap !== undefined ? '--bmap' : undefined,
-      options.size !== undefined ? '--size' : undefined,
-      options.bmapSig !== undefined ? '--bmap-sig' : undefined,
-      options.fingerprint !== undefined ? '--fingerprint' : undefined,
-      options.keyring !== undefined ? '--keyring' : undefined,
-    ].filter((o) => o !== undefined);
+      ...(options.bmap !== undefined ? ['--bmap'] : []),
+      ...(options.size !== undefined ? ['--size'] : []),
+      ...signatureFlagsGiven(options),
+    ];
     if (given.length > 0) {
       // the copy runs on SRC's host, which has neither the bmap nor gpg's verdict
       throw new BlksyncError(
