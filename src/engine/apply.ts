@@ -31,9 +31,9 @@ import {
 } from '../formats/patch.js';
 import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
-import { FileSink } from '../io/file-sink.js';
+import { destinationSink } from '../io/destination-sink.js';
+import type { FileSink } from '../io/file-sink.js';
 import { openTarget, sameFile, type Opened } from '../io/open.js';
-import { dropCachedPages } from '../io/sparse-map.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
@@ -451,14 +451,7 @@ export async function apply(
         { path: target },
       );
     }
-    if (!dryRun) {
-      const fh = t.fh;
-      sink = new FileSink(
-        fh,
-        target,
-        t.kind === 'block-device' ? { afterSync: () => dropCachedPages(fh.fd) } : {},
-      );
-    }
+    if (!dryRun) sink = destinationSink(t.fh, target, t.kind);
     const result: ApplyResult = {
       patch: patchName,
       target,

@@ -8,8 +8,8 @@
 
 import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
-import { FileSink } from '../io/file-sink.js';
-import { dropCachedPages } from '../io/sparse-map.js';
+import { destinationSink } from '../io/destination-sink.js';
+import type { FileSink } from '../io/file-sink.js';
 import {
   assertSeparateOutput,
   createTarget,
@@ -294,12 +294,7 @@ export async function copy(
       if (index.target !== undefined) knowledge = index.target;
     }
     if (!dryRun && target !== undefined) {
-      const fh = target.fh;
-      fileSink = new FileSink(
-        fh,
-        dst,
-        target.kind === 'block-device' ? { afterSync: () => dropCachedPages(fh.fd) } : {},
-      );
+      fileSink = destinationSink(target.fh, dst, target.kind);
       sink = fileSink;
       if (index !== undefined) sink = index.wrapSink(sink);
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);

@@ -45,9 +45,10 @@ export class FileSink implements Sink {
   readonly #afterSync: (() => void) | undefined;
 
   /**
-   * `afterSync` runs after each background sync succeeds: for a block device, copy.ts drops
-   * its now clean cached pages there (sparse-map.ts dropCachedPages). It is passed in, not
-   * imported, because the remote agent writes with FileSink too and carries no koffi.
+   * `afterSync` runs after each background sync succeeds: for a block device,
+   * destination-sink.ts drops its now clean cached pages there (sparse-map.ts
+   * dropCachedPages). It is passed in, not imported, because the remote agent writes with
+   * FileSink too and carries no koffi.
    */
   constructor(fh: FileHandle, path: string, options: { afterSync?: () => void } = {}) {
     this.#fh = fh;

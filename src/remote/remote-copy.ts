@@ -50,7 +50,8 @@ import {
   type FoundBmap,
   signatureFlagsGiven,
 } from '../engine/copy-source.js';
-import { FileSink } from '../io/file-sink.js';
+import { destinationSink } from '../io/destination-sink.js';
+import type { FileSink } from '../io/file-sink.js';
 import { FileSource } from '../io/file-source.js';
 import {
   assertSeparateOutput,
@@ -794,7 +795,7 @@ async function pull(
     // checksums, the mapped ranges are read back and compared with them, as locally)
     let logged: WrittenSink | undefined;
     if (!dryRun && target !== undefined) {
-      fileSink = new FileSink(target.fh, dst);
+      fileSink = destinationSink(target.fh, dst, target.kind);
       let inner: Sink = fileSink;
       if (options.verify === true && mapped?.checksums === undefined) {
         inner = logged = new WrittenSink(inner);
