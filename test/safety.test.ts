@@ -56,6 +56,24 @@ test('a bmap copy that fails its checksum leaves an existing DST untouched (no h
   assert.deepEqual(await readFile(dst), old, 'not a byte of DST changed');
 });
 
+test('a bmap copy whose first range fails its checksum leaves no new DST behind', async (t) => {
+  const dir = await tempDir(t);
+  const img = join(dir, 'img');
+  const mib = 1024 * 1024;
+  const good = seededBytes(mib, 3);
+  await writeSparseFile(img, 8 * mib, [{ offset: 0, data: good }]);
+  const made = await runCli(['bmap', 'create', img, '-o', `${img}.bmap`]);
+  assert.equal(made.code, 0, made.stderr);
+  const bad = Buffer.from(good);
+  bad[100] = bad[100]! ^ 0xff;
+  await writeFile(img, bad, { flag: 'r+' });
+  const dst = join(dir, 'new.img');
+  const r = await runCli(['copy', img, dst]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /nothing of this range was written.*\[EBMAP_CHECKSUM\]/);
+  await assert.rejects(stat(dst), /ENOENT/, 'the DST this run created is gone');
+});
+
 test('a destination created by this run is removed when a refusal comes before writing', async (t) => {
   const dir = await tempDir(t);
   const src = join(dir, 'src');

@@ -204,7 +204,6 @@ export async function copy(
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
   let madeDst: 'created' | 'grown' | undefined;
-  let writing = false;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -317,7 +316,6 @@ export async function copy(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    writing = true;
     const run = await runPipeline(index?.plan ?? source.plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
@@ -388,8 +386,9 @@ export async function copy(
         cause: caught,
       });
     }
-    if (!writing && madeDst !== undefined && target !== undefined) {
-      // refused before the first write: leave DST as it was found
+    if (madeDst !== undefined && target !== undefined && (fileSink?.bytesWritten ?? 0) === 0) {
+      // refused, or failed, before the first byte was written (a bad first range of a bmap):
+      // leave DST as it was found
       if (madeDst === 'created') await unlink(dst).catch(() => {});
       else await target.fh.truncate(0).catch(() => {});
     }

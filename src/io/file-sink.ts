@@ -35,6 +35,8 @@ export class FileSink implements Sink {
   readonly #fh: FileHandle;
   readonly #path: string;
   #dirty = 0;
+  /** Bytes written so far. */
+  bytesWritten = 0;
   #lastSync = Date.now();
   #finished = false;
   /** The background sync of the previous window, if it is still running. */
@@ -73,6 +75,7 @@ export class FileSink implements Sink {
       throw fromSystemError('EWRITE', 'cannot write', this.#path, err);
     }
     this.#dirty += data.length;
+    this.bytesWritten += data.length;
     if (this.#dirty >= SYNC_EVERY_BYTES || Date.now() - this.#lastSync >= SYNC_EVERY_MS) {
       await this.#syncing;
       this.#throwSyncError();
