@@ -306,6 +306,7 @@ describe('pull with a local bmap of the remote image', () => {
       );
     }
     assert.deepEqual(await readFile(dst), old, 'a bad range is not written');
+    assert.equal(existsSync(fresh), false, 'the DST the failed pull created is removed');
     // --no-verify-checksums copies it as it is
     const unchecked = (await copy(remote, dst, {
       ...options,

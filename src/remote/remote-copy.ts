@@ -17,6 +17,7 @@
  * local copy does, so compressed images, stdin, http(s) URLs and bmap plans push too.
  */
 
+import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import {
   DEFAULT_VERIFY_SAMPLE,
@@ -601,6 +602,8 @@ async function pull(
   // the bare file sink: on an error only it is finished, so a bmap copy punches the unmapped
   // areas only after success (as a local copy)
   let fileSink: FileSink | undefined;
+  /** DST as this run made it: created, or an empty file grown to the image's size. */
+  let made: 'created' | 'grown' | undefined;
   const top = topHashing();
   // with --index, TOP_HASHES are block digests in the index's blocks, which the index knows
   // for DST without reading it (protocol.ts, TOP_HASH_BLOCKS)
@@ -645,10 +648,16 @@ async function pull(
     if (target === undefined) {
       created = true;
       zero = true;
-      if (!dryRun) target = await createTarget(dst, size);
+      if (!dryRun) {
+        target = await createTarget(dst, size);
+        made = 'created';
+      }
     } else if (target.size === 0 && target.kind === 'file') {
       zero = true;
-      if (!dryRun) await target.fh.truncate(size);
+      if (!dryRun) {
+        await target.fh.truncate(size);
+        made = 'grown';
+      }
     } else if (target.size < size) {
       throw new BlksyncError(
         'EDEST_TOO_SMALL',
@@ -878,6 +887,11 @@ async function pull(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
+    if (made !== undefined && target !== undefined && (fileSink?.bytesWritten ?? 0) === 0) {
+      // failed before the first byte was written: leave DST as it was found (as copy.ts does)
+      if (made === 'created') await unlink(dst).catch(() => {});
+      else await target.fh.truncate(0).catch(() => {});
+    }
     throw await connectionLost(err, dst, sink?.written ?? 0, options.signal);
   } finally {
     await refiner?.stop();
