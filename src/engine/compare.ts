@@ -10,7 +10,7 @@ import { openSource } from '../io/open.js';
 import { RangeList, type Range } from '../ranges.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
 import { ReadTarget } from './knowledge.js';
-import { runPipeline } from './pipeline.js';
+import { runPipeline, wholeImagePlan } from './pipeline.js';
 import type { ProgressListener } from './types.js';
 
 export interface CompareOptions {
@@ -67,7 +67,7 @@ export async function compare(
       // the target knowledge keeps B's chunk; compare it byte by byte only at the ends of spans
       const target = new ReadTarget(B.fh, b, chunkSize);
       const run = await runPipeline(
-        { imageSize: common, ranges: common > 0 ? [{ start: 0, end: common }] : [] },
+        wholeImagePlan(common),
         new FileSource(A.fh, a, A.size, false),
         target,
         [],

@@ -39,6 +39,7 @@ import { SequentialSource } from '../io/sequential-source.js';
 import type { SignatureOptions, SignatureReport } from '../io/signature.js';
 import { isUrl } from '../io/url.js';
 import type { VerifiedRange } from './bmap-verify.js';
+import { wholeImagePlan } from './pipeline.js';
 import type { Plan, Sink, Source } from './types.js';
 
 /**
@@ -485,7 +486,7 @@ async function openFound(
       compression,
       size: size,
       source: bmapped?.source ?? source,
-      plan: bmapped?.plan ?? { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+      plan: bmapped?.plan ?? wholeImagePlan(size),
       bmap: bmapped?.report,
       checksums: bmapped?.checksums,
       file,

@@ -64,6 +64,11 @@ interface Chunk {
   length: number;
 }
 
+/** The plan of a whole image of `size` bytes: one range, or none for an empty image. */
+export function wholeImagePlan(size: number): Plan {
+  return { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+}
+
 function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
   for (const r of plan.ranges) {
     for (let o = r.start; o < r.end;) {

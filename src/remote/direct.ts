@@ -16,7 +16,7 @@
 
 import { BlksyncError } from '../errors.js';
 import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
-import { runPipeline } from '../engine/pipeline.js';
+import { runPipeline, wholeImagePlan } from '../engine/pipeline.js';
 import type { FileHandle } from 'node:fs/promises';
 import type { Progress, Source, TargetKnowledge } from '../engine/types.js';
 import { FileSource } from '../io/file-source.js';
@@ -160,7 +160,7 @@ export class DirectCopy {
       }
       let last = 0;
       const run = await runPipeline(
-        { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] },
+        wholeImagePlan(size),
         input,
         knowledge,
         d.dryRun === true ? [] : [new RemoteSink(link)],

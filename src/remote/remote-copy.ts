@@ -29,7 +29,7 @@ import { cachedIndexPath } from '../io/cache-dir.js';
 import { identityOf } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import { BufferPool, NoTarget, ZeroTarget } from '../engine/knowledge.js';
-import { runPipeline, type PipelineResult } from '../engine/pipeline.js';
+import { runPipeline, wholeImagePlan, type PipelineResult } from '../engine/pipeline.js';
 import type {
   Plan,
   Progress,
@@ -699,7 +699,7 @@ async function pull(
         : undefined;
     let reread = 0;
     const tableUpdates = new Map<number, () => void>();
-    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let plan: Plan = wholeImagePlan(size);
     let pulled: MappedSource | undefined;
     if (bmap !== undefined) {
       pulled = new MappedSource(link, book, {
@@ -968,7 +968,7 @@ async function relay(
     const book = new SpanBook();
     const f = from;
     const t = to;
-    let plan: Plan = { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
+    let plan: Plan = wholeImagePlan(size);
     let bmapReport: BmapReport | undefined;
     if (bmap !== undefined) {
       mapped = new MappedSource(from, book, {
