@@ -20,7 +20,7 @@ import { need } from './helpers/resources.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const run = promisify(execFile);
-const FIXTURES = fileURLToPath(new URL('../../shared/fixtures/bmaptool-compat/', import.meta.url));
+const FIXTURES = fileURLToPath(new URL('./fixtures/bmaptool-compat/', import.meta.url));
 const HAVE_BMAPTOOL = spawnSync('bmaptool', ['--version']).status === 0;
 
 function needBmaptool(t: TestContext): boolean {

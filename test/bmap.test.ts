@@ -10,7 +10,7 @@ import { BlksyncError } from '../src/errors.js';
 import { bmapPlan, mappedBytes, parseBmap } from '../src/formats/bmap.js';
 import { humanSize, pyFixed1, serializeBmap } from '../src/formats/bmap-write.js';
 
-const FIXTURES = fileURLToPath(new URL('../../shared/fixtures/bmaptool-compat/', import.meta.url));
+const FIXTURES = fileURLToPath(new URL('./fixtures/bmaptool-compat/', import.meta.url));
 const VERSIONS = ['1.2', '1.3', '1.4', '2.0'];
 
 function fixture(version: string): Buffer {
