@@ -3,6 +3,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
+import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -136,6 +137,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
     )
+    .option(
+      '--timeout <seconds>',
+      `give up on a silent web server after this many seconds without data (default ${DEFAULT_TIMEOUT_S})`,
+      parseTimeout,
+    )
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -164,6 +170,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
+            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
             ...(onProgress ? { onProgress } : {}),
           }),
