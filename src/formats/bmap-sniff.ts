@@ -12,7 +12,10 @@ import { CLEARSIGN_MARKER } from '../io/signature.js';
 const SNIFF_BYTES = 64 * 1024;
 
 export function looksLikeBmap(bytes: Buffer): boolean {
-  let text = bytes.subarray(0, SNIFF_BYTES).toString('utf8').replace(/^\uFEFF/, '');
+  let text = bytes
+    .subarray(0, SNIFF_BYTES)
+    .toString('utf8')
+    .replace(/^\uFEFF/, '');
   text = text.trimStart();
   if (text.startsWith(CLEARSIGN_MARKER)) return true;
   for (;;) {

@@ -268,7 +268,8 @@ export function bodyStream(res: HttpResponse): Readable {
   res.body.on('aborted', () => fail(cutShort(res.url, got, res.length)));
   res.body.on('error', (err) => fail(cutShort(res.url, got, res.length, err)));
   res.body.on('end', () => {
-    if (res.length !== undefined && got < res.length) return fail(cutShort(res.url, got, res.length));
+    if (res.length !== undefined && got < res.length)
+      return fail(cutShort(res.url, got, res.length));
     done = true;
     stopClock();
     out.end();

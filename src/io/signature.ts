@@ -35,12 +35,7 @@ import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import {
-  BlksyncError,
-  fromSystemError,
-  isSystemError,
-  type BlksyncWarning,
-} from '../errors.js';
+import { BlksyncError, fromSystemError, isSystemError, type BlksyncWarning } from '../errors.js';
 import { isUrl } from './url.js';
 
 /** A clearsigned file starts with exactly this line. */
@@ -154,7 +149,13 @@ const SIGNATURE_PACKET_TAG = 2;
  */
 export function looksLikeSignature(bytes: Buffer): boolean {
   const text = bytes.subarray(0, 1024).toString('latin1');
-  if (text.replace(/^\xEF\xBB\xBF/, '').trimStart().startsWith(SIGNATURE_BEGIN)) return true;
+  if (
+    text
+      .replace(/^\xEF\xBB\xBF/, '')
+      .trimStart()
+      .startsWith(SIGNATURE_BEGIN)
+  )
+    return true;
   const first = bytes[0];
   if (first === undefined || (first & 0x80) === 0) return false;
   const tag = (first & 0x40) !== 0 ? first & 0x3f : (first >> 2) & 0x0f;
