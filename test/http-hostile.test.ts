@@ -16,6 +16,7 @@ import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
 import { BlksyncError, copy } from '../src/index.js';
+import { bodyStream, httpOpenOk } from '../src/io/http-source.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
@@ -259,6 +260,21 @@ describe('hostile web servers', () => {
     const r = await runCli(['copy', '-q', '--no-bmap', '--timeout', '1', `${http}/slow.img`, out]);
     assert.equal(r.code, 0, r.stderr);
     assert.ok((await readFile(out)).equals(IMAGE));
+  });
+
+  it('does not count a reader that stops reading as the server stalling', async () => {
+    const big = Buffer.alloc(16 * 1024 * 1024, 7);
+    routes.set('/big.img', (_req, res) => {
+      res.writeHead(200, { 'content-length': big.length }).end(big);
+    });
+    const res = await httpOpenOk(`${http}/big.img`, { timeout: 1 });
+    const body = bodyStream(res);
+    // the reader (a DST slow to write) takes nothing for twice the timeout, the body's
+    // buffers fill, the server waits: it owes nothing meanwhile
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    let got = 0;
+    for await (const chunk of body) got += (chunk as Buffer).length;
+    assert.equal(got, big.length);
   });
 
   it('refuses a --timeout that is not a positive number of seconds', async (t) => {
