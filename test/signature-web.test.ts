@@ -205,8 +205,9 @@ describe('signatures and bmaps at web servers', () => {
       assert.deepEqual(r.bmap?.signature?.signingKeys, [carolSub]);
       assert.ok((await readFile(join(dir, `out${i}`))).equals(image));
     }
-    const cli = await runCli(['copy', '-q', '--fingerprint', carolSub, url, join(dir, 'cli')]);
+    const cli = await runCli(['copy', '--fingerprint', carolSub, url, join(dir, 'cli')]);
     assert.equal(cli.code, 0, cli.stderr);
+    assert.match(cli.stdout, new RegExp(`key ${carol}, signing subkey ${carolSub}`));
     // another key's fingerprint: refused, naming both of carol's
     await assert.rejects(
       copy(url, join(dir, 'other'), { fingerprint: alice }),

@@ -2,6 +2,7 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
+import type { SignatureReport } from '../io/signature.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
 import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
@@ -28,7 +29,7 @@ function copySummary(r: CopyResult): string {
     if (sig !== undefined) {
       lines.push(
         `signature ${sig.kind === 'clearsigned' ? '(clearsigned) ' : `${sig.path} `}good, by ${sig.signers.join(', ')} ` +
-          `(key ${sig.fingerprints.join(', ')}; checked with ${sig.verifiedWith})`,
+          `(key ${signingKeysText(sig)}; checked with ${sig.verifiedWith})`,
       );
     }
   }
@@ -62,6 +63,18 @@ function copySummary(r: CopyResult): string {
     );
   }
   return lines.join('\n');
+}
+
+/** The signers' primary keys, each with the subkey that signed when it is another. */
+function signingKeysText(sig: SignatureReport): string {
+  return sig.fingerprints
+    .map((primary, i) => {
+      const signing = sig.signingKeys[i];
+      return signing !== undefined && signing !== primary
+        ? `${primary}, signing subkey ${signing}`
+        : primary;
+    })
+    .join('; ');
 }
 
 function indexSummary(r: CopyResult): string {
