@@ -152,7 +152,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     )
     .option(
       '--timeout <seconds>',
-      `give up on a silent web server after this many seconds without data (default ${DEFAULT_TIMEOUT_S})`,
+      `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
       parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
