@@ -16,6 +16,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { createBmap } from '../src/engine/bmap-create.js';
+import { looksLikeBmap } from '../src/formats/bmap-sniff.js';
 import type { BlksyncWarning } from '../src/errors.js';
 import { BlksyncError, copy } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
@@ -190,6 +191,23 @@ describe('signatures and bmaps at web servers', () => {
       rejectsWith('EBMAP_FORMAT'),
     );
     await absent(join(dir, 'named'));
+  });
+
+  it("tells bmaptool's bmaps (1.2 to 2.0) from pages, for the probe", async () => {
+    const fixtures = new URL('./fixtures/bmaptool-compat/', import.meta.url);
+    for (const v of ['1.2', '1.3', '1.4', '2.0']) {
+      const bytes = await readFile(new URL(`test.image.bmap.v${v}`, fixtures));
+      assert.ok(looksLikeBmap(bytes), v);
+      assert.ok(looksLikeBmap(Buffer.concat([Buffer.from('\uFEFF\n'), bytes])), v);
+    }
+    for (const page of [
+      NOT_FOUND_PAGE,
+      Buffer.from('<bmapx/>'),
+      Buffer.from(''),
+      Buffer.from('{}'),
+    ]) {
+      assert.equal(looksLikeBmap(page), false, page.toString());
+    }
   });
 
   it('--fingerprint accepts the signing subkey as well as the primary key', async (t) => {
