@@ -237,13 +237,26 @@ export function bodyStream(res: HttpResponse): Readable {
   // the clock runs only while the body flows: paused (out full, its reader busy), the
   // server owes nothing
   let timer: NodeJS.Timeout | undefined;
+  let flowing = false;
   const stopClock = (): void => {
+    flowing = false;
     clearTimeout(timer);
     timer = undefined;
   };
+  const expired = (): void => {
+    timer = undefined;
+    // after the event loop was held up (a busy or starved process), expired timers run before
+    // the I/O that came meanwhile: judge once that I/O is read (it restarts the clock)
+    setImmediate(() => {
+      if (!done && flowing && timer === undefined) {
+        fail(stalled(res.url, got, res.length, res.idleMs));
+      }
+    });
+  };
   const restartClock = (): void => {
+    flowing = true;
     if (timer !== undefined) timer.refresh();
-    else timer = setTimeout(() => fail(stalled(res.url, got, res.length, res.idleMs)), res.idleMs);
+    else timer = setTimeout(expired, res.idleMs);
   };
   const fail = (err: BlksyncError): void => {
     if (done) return;
