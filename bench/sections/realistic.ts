@@ -5,12 +5,14 @@
  *
  *   local   blksync copy vs ddpt's fastest correct settings and cmp, onto a file holding v1
  *   bmap    blksync copy --bmap vs bmaptool copy, onto a file holding v1
+ *   ssh     blksync push vs rsync --inplace over ssh (a private sshd on 127.0.0.1)
  *
  * DST is a fresh sparse copy of v1 before every run (as a previous flash leaves a file), both
  * files warm in the page cache; every run ends with cmp proving DST equals v2.
  */
 
 import os from 'node:os';
+import { startSshd } from '../../test/helpers/sshd.js';
 import path from 'node:path';
 import type { BenchOptions, Section } from '../run.js';
 import { ensureRealisticPair } from '../realistic.js';
@@ -30,7 +32,7 @@ import {
 } from '../measure.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
-const PEERS = { cmp: 'diffutils', ddpt: 'ddpt', bmaptool: 'bmap-tools' };
+const PEERS = { cmp: 'diffutils', ddpt: 'ddpt', bmaptool: 'bmap-tools', rsync: 'rsync' };
 
 function trial(
   label: string,
@@ -137,16 +139,32 @@ async function run(options: BenchOptions): Promise<void> {
   ];
   const bmapResults = await runTrials(bmapTrials, { runs: options.runs, file: dst, log, prepare });
 
+  const sshd = await startSshd();
+  let sshResults: TrialResult[];
+  try {
+    const ssh = `ssh -F ${sshd.config}`;
+    const to = sh(`${sshd.host}:${dst}`);
+    const sshTrials = [
+      trial('rsync push', `rsync --inplace --no-whole-file -I -e ${sh(ssh)} ${S} ${to}`, writes),
+      trial('blksync push', `${node} copy -q --ssh ${sh(ssh)} ${S} ${to}`, writes),
+    ];
+    sshResults = await runTrials(sshTrials, { runs: options.runs, file: dst, log, prepare });
+  } finally {
+    await sshd.stop();
+  }
+
   log(`\nlocal copy onto a file holding v1 (realistic pair)\n`);
   log(table(localResults, localResults[0]!));
   log(`\nbmap copy onto a file holding v1 (realistic pair)\n`);
   log(table(bmapResults, bmapResults[0]!));
+  log(`\npush over ssh to 127.0.0.1 onto a file holding v1 (realistic pair)\n`);
+  log(table(sshResults, sshResults[0]!));
 }
 
 export const realisticSection: Section = {
   name: 'realistic',
   description:
-    'a real OS-image update (ext4 of real files, one byte changed): local copy vs ddpt, bmap vs bmaptool',
+    'a real OS-image update (ext4 of real files, one byte changed): local copy vs ddpt, bmap vs bmaptool, push vs rsync',
   default: true,
   run,
 };
