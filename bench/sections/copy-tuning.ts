@@ -7,7 +7,8 @@
 
 import os from 'node:os';
 import path from 'node:path';
-import { copy, DEFAULT_CHUNK_SIZE, DEFAULT_DEPTH } from '../../src/engine/copy.js';
+import { copy } from '../../src/copy.js';
+import { DEFAULT_CHUNK_SIZE, DEFAULT_DEPTH } from '../../src/engine/block-size.js';
 import { ensureImages } from '../data.js';
 import {
   assertSameFiles,

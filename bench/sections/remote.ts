@@ -44,7 +44,7 @@ import {
 import type { BenchOptions, Section } from '../run.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 import { canThrottle, throttleDevice, type Throttle } from '../throttle.js';
-import type { ChannelStats } from '../../src/remote/remote-copy.js';
+import type { ChannelStats } from '../../src/copy.js';
 
 const PEERS = { rsync: 'rsync', ssh: 'openssh-client', dd: 'coreutils' };
 

@@ -1,8 +1,7 @@
 /** `blksync copy SRC DST` */
 
 import type { Command } from '@commander-js/extra-typings';
-import { copy, type CopyResult } from '../engine/copy.js';
-import type { ChannelStats } from '../remote/remote-copy.js';
+import { copy, type ChannelStats, type CopyResult } from '../copy.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';

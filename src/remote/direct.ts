@@ -18,7 +18,7 @@ import { BlksyncError } from '../errors.js';
 import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
 import { runPipeline, wholeImagePlan } from '../engine/pipeline.js';
 import type { FileHandle } from 'node:fs/promises';
-import type { Progress, Source, TargetKnowledge } from '../engine/types.js';
+import type { Progress, Source, TargetKnowledge } from '../types.js';
 import { FileSource } from '../io/file-source.js';
 import { DEFLATE_RAW } from './compress.js';
 import { AgentLink } from './link.js';
