@@ -22,7 +22,7 @@ import {
   warm,
   type Trial,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { ensureBuilt, ensureCommands } from '../setup.js';
 import { copyTrial, PEER_COMMANDS, PEERS } from './copy.js';
 

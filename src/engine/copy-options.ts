@@ -83,7 +83,6 @@ export interface CopyResult {
   verify?: VerifyReport;
 }
 
-
 /** The options with the defaults filled in, as every copy path takes them. */
 export interface ResolvedCopyOptions extends LocalCopyOptions {
   blockSize: number;

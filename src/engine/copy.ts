@@ -54,7 +54,11 @@ export async function copyLocal(
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
-    if (bmapBlock !== undefined && options.blockSizeGiven !== undefined && bmapBlock % blockSize !== 0) {
+    if (
+      bmapBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      bmapBlock % blockSize !== 0
+    ) {
       throw new BlksyncError(
         'EUSAGE',
         `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
@@ -254,7 +258,10 @@ export async function copyLocal(
  * SRC is a plain file. Asking for one where it cannot work is an error; the implied one is
  * just left out.
  */
-function sourceIndexFor(options: ResolvedCopyOptions, source: CopySource): SourceIndexOptions | undefined {
+function sourceIndexFor(
+  options: ResolvedCopyOptions,
+  source: CopySource,
+): SourceIndexOptions | undefined {
   const asked = options.srcIndex === false ? undefined : options.srcIndex;
   if (asked !== undefined && options.index === undefined) {
     throw new BlksyncError(

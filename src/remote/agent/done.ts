@@ -5,13 +5,7 @@
 
 import { readBackWritten } from '../../engine/written-log.js';
 import { identityOf } from '../../io/identity.js';
-import {
-  FrameType,
-  jsonFrame,
-  ProtocolError,
-  readBackFrames,
-  type Summary,
-} from '../protocol.js';
+import { FrameType, jsonFrame, ProtocolError, readBackFrames, type Summary } from '../protocol.js';
 import type { AgentSession, Opened } from './session.js';
 
 export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void> {

@@ -5,12 +5,7 @@
 
 import { DEFAULT_INDEX_BLOCK_SIZE } from '../../engine/make-index.js';
 import { BlksyncError } from '../../errors.js';
-import {
-  blockDigestHasher,
-  TOP_HASH_BLOCKS,
-  zeroHasher,
-  type IndexHello,
-} from '../protocol.js';
+import { blockDigestHasher, TOP_HASH_BLOCKS, zeroHasher, type IndexHello } from '../protocol.js';
 import type { TopHashing } from '../roles.js';
 import { parseRemote, type RemoteSpec } from '../spec.js';
 import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
