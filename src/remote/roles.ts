@@ -1,6 +1,6 @@
 /**
  * The remote implementations of the pipeline's roles (docs/architecture.md, "Remote ends"),
- * shared by remote-copy.ts (here) and direct.ts (inside an agent, for --direct):
+ * shared by the copies in remote/copy/ and agent/direct-copy.ts (inside an agent, for --direct):
  *
  *   PushSource    SRC re-read only where the Refiner found spans     ─┐
  *   FetchedSource the Refiner's fetched spans at their places         ├─► RefinedTarget ─► sink

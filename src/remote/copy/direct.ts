@@ -17,7 +17,7 @@ import {
 
 /**
  * Both ends remote, --direct: the agent on SRC's host starts the one on DST's host and runs
- * the copy itself (direct.ts); this end sends the HELLO and DONE and receives PROGRESS and
+ * the copy itself (agent/direct-copy.ts); this end sends the HELLO and DONE and receives PROGRESS and
  * the SUMMARY, so no hash or data of the image crosses this machine.
  */
 export async function direct(
