@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
-import type { TargetKnowledge } from '../src/engine/types.js';
+import type { TargetKnowledge } from '../src/types.js';
 import { BlksyncError } from '../src/errors.js';
 import { HASH_BYTES, sha256 } from '../src/hash.js';
 import { describePatch } from '../src/formats/patch-info.js';

@@ -1,9 +1,8 @@
 /** `blksync copy SRC DST` */
 
 import type { Command } from '@commander-js/extra-typings';
-import { copy, type CopyResult } from '../engine/copy.js';
+import { copy, type ChannelStats, type CopyResult } from '../copy.js';
 import type { SignatureReport } from '../io/signature.js';
-import type { ChannelStats } from '../remote/remote-copy.js';
 import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';

@@ -15,7 +15,7 @@ import type { BmapRange } from '../formats/bmap.js';
 import { serializeBmap } from '../formats/bmap-write.js';
 import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
 import { fsBlockSize, mappedRanges } from '../io/sparse-map.js';
-import type { ProgressListener } from './types.js';
+import type { ProgressListener } from '../types.js';
 
 /** Bytes read at once while hashing. */
 export const BMAP_READ_CHUNK = 4 * 1024 * 1024;

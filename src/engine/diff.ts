@@ -30,11 +30,11 @@ import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
 import { formatBytes } from '../size.js';
-import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from '../types.js';
 
 /**
  * BASE known without its bytes: the hook for `blksync diff INDEX NEW` (an index made by

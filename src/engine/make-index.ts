@@ -26,12 +26,12 @@ import { assertSeparateOutput } from '../io/open.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
-import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import type { ProgressListener, Sink } from './types.js';
+import type { ProgressListener, Sink } from '../types.js';
 
 /**
  * Default index block size. 64 KiB hashes ~1.6× faster than 4 KiB with SHA-256 (1.8 vs
