@@ -69,7 +69,13 @@ export type ErrorCode =
   /** A bmap's signature was made by a key that is not in the keyring used. */
   | 'ESIG_UNKNOWN_KEY'
   /** --fingerprint or --keyring was given but the bmap has no signature. */
-  | 'ESIG_MISSING';
+  | 'ESIG_MISSING'
+  /** An output path (-o, an index) is a symbolic link, block device, directory or socket: not written. */
+  | 'EOUTPUT_KIND'
+  /** The cache directory (--index auto) is another user's, or others may write in it. */
+  | 'ECACHE_UNSAFE'
+  /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
+  | 'ECACHE_DIR';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;
