@@ -15,6 +15,7 @@ import { cachedIndexPath } from '../src/io/cache-dir.js';
 import { identityOf } from '../src/io/identity.js';
 import { runCli } from './helpers/cli.js';
 import { IS_ROOT, need } from './helpers/resources.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const KIB = 1024;
@@ -108,6 +109,28 @@ test('a cache directory inside one others may write without the sticky bit is re
   const p = await plant(t);
   await chmod(p.cacheRoot, 0o777);
   await assertRefused(p, /may be swapped by others/);
+});
+
+const server = sharedSshd();
+
+test('a remote agent refuses its own unsafe cache the same way (push --index auto)', async (t) => {
+  const s = server(t);
+  if (!s) return;
+  const p = await plant(t);
+  await chmod(p.cache, 0o777);
+  // this side's cache (SRC's index) is a private one: the refusal must come from the agent
+  const here = join(p.dir, 'here');
+  await mkdir(here, { mode: 0o700 });
+  useCache(t, here);
+  const ssh = `${s.ssh} -o SetEnv=XDG_CACHE_HOME=${p.cacheRoot}`;
+  await assert.rejects(
+    copy(p.src, `${s.host}:${p.dst}`, { remote: { ssh }, index: 'auto' }),
+    (err: NodeJS.ErrnoException) => {
+      assert.equal(err.code, 'ECACHE_UNSAFE', err.message);
+      return true;
+    },
+  );
+  assert.ok((await readFile(p.dst)).equals(p.dstBefore), 'nothing was written to DST');
 });
 
 test('control: in a private cache the same index is trusted, so the attacks above would have worked', async (t) => {
