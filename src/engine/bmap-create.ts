@@ -13,7 +13,7 @@ import { BlksyncError, fromSystemError } from '../errors.js';
 import type { BmapRange } from '../formats/bmap.js';
 import { serializeBmap } from '../formats/bmap-write.js';
 import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
-import { writeOutputFile } from '../io/output-file.js';
+import { checkOutput, writeOutputFile } from '../io/output-file.js';
 import { fsBlockSize, mappedRanges } from '../io/sparse-map.js';
 import type { ProgressListener } from './types.js';
 
@@ -55,8 +55,10 @@ export async function createBmap(
   checkAborted(options.signal, image);
   const src = await openSource(image);
   try {
-    if (options.output !== undefined)
+    if (options.output !== undefined) {
       await assertSeparateOutput(options.output, [inputOf(src, 'the image')]);
+      await checkOutput(options.output, { what: 'bmap', code: 'EWRITE' });
+    }
     if (src.size === 0) {
       throw new BlksyncError(
         'ESRC_KIND',

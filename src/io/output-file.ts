@@ -85,6 +85,20 @@ async function lstatOrNone(path: string): Promise<Stats | undefined> {
 }
 
 /**
+ * Refuses now what OutputFile.open would refuse at the end (a link, a block device, a
+ * directory), so a long run (hashing a whole disk) does not end in that refusal.
+ */
+export async function checkOutput(path: string, options: OutputOptions): Promise<void> {
+  let st: Stats | undefined;
+  try {
+    st = await lstatOrNone(path);
+  } catch (err) {
+    throw fromSystemError(options.code, `cannot write the ${options.what}`, path, err);
+  }
+  dispositionOf(path, st, options.what);
+}
+
+/**
  * An output being written. Bytes are appended in order (a FIFO or a device written in place
  * cannot seek); `commit()` makes them the output, `abort()` leaves the path as it was (a
  * device or FIFO written in place keeps what was already written to it).
