@@ -9,7 +9,8 @@
  *                                     name is never followed (O_EXCL refuses any existing name)
  *   character device, FIFO         →  written in place (opened without O_CREAT/O_TRUNC and
  *                                     without following a link): `-o /dev/null` stays
- *                                     /dev/null, a FIFO's reader gets the bytes
+ *                                     /dev/null, a FIFO's reader gets the bytes (opening
+ *                                     a FIFO waits for its reader, as a shell's `>` does)
  *   symbolic link                  →  refused (EOUTPUT_KIND): neither followed into wherever it
  *                                     points (a link planted at the output name would aim a
  *                                     root-run write at any file) nor silently replaced
@@ -43,7 +44,7 @@ const TEMP_RANDOM_BYTES = 8;
 /** A temporary's name keeps this much of the output's, under NAME_MAX (255). */
 const TEMP_NAME_KEEP = 200;
 
-/** The temporary an output is written to, beside it: `NAME.<16 hex>.blksync-partial`. */
+/** The temporary an output is written to, beside it: `.NAME.<16 hex>.blksync-partial`. */
 export function temporaryName(path: string): string {
   const name = basename(path).slice(0, TEMP_NAME_KEEP);
   return join(
