@@ -5,9 +5,11 @@
  */
 
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { chmod, chown, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { copy } from '../src/engine/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { readIndexFile, writeNewIndex } from '../src/formats/index-file.js';
@@ -178,4 +180,42 @@ test('XDG_CACHE_HOME naming a file is a coded error (ECACHE_DIR), not an interna
     assert.doesNotMatch(r.stderr, /internal error/);
     assert.match(r.stderr, /cache directory .*not-a-dir.*\[ECACHE_DIR\]/);
   }
+});
+
+test('a cache directory the user may not create (EACCES) is a coded error (ECACHE_DIR)', async (t) => {
+  if (!need(t, IS_ROOT, 'running blksync as another user (uid 12345) needs root')) return;
+  const dir = await tempDir(t);
+  await chmod(dir, 0o755);
+  const img = join(dir, 'img');
+  await writeSparseFile(img, 1 * MIB, [{ offset: 0, data: Buffer.alloc(KIB, 1) }]);
+  await chmod(img, 0o644);
+  const rootOwned = join(dir, 'root-owned');
+  await mkdir(rootOwned, { mode: 0o755 });
+  const entry = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
+  const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+    const child = execFile(
+      'setpriv',
+      [
+        '--reuid=12345',
+        '--regid=12345',
+        '--clear-groups',
+        process.execPath,
+        '--import',
+        'tsx',
+        entry,
+        'index',
+        img,
+        '-o',
+        'auto',
+      ],
+      { env: { ...process.env, XDG_CACHE_HOME: rootOwned, HOME: rootOwned } },
+      (_err, _stdout, stderr) => resolve({ code: child.exitCode, stderr }),
+    );
+  });
+  assert.notEqual(r.code, 0);
+  assert.doesNotMatch(r.stderr, /internal error/);
+  assert.match(
+    r.stderr,
+    /cache directory .*root-owned.*permission denied \(EACCES\).*\[ECACHE_DIR\]/,
+  );
 });

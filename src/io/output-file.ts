@@ -164,6 +164,15 @@ export class OutputFile {
         return new OutputFile(path, fh, temp, options);
       } catch (err) {
         if (isSystemError(err) && err.code === 'EEXIST' && attempt < 2) continue;
+        if (isSystemError(err) && (err.code === 'EACCES' || err.code === 'EPERM')) {
+          // the file itself may be writable: say that it is the directory that is not
+          throw new BlksyncError(
+            options.code,
+            `cannot write the ${options.what} ${path}: its directory ${dirname(path)} does not let a file be created there, ` +
+              `and blksync writes through a temporary file beside it (${err.code}); choose another directory`,
+            { cause: err, path },
+          );
+        }
         throw fail(err);
       }
     }
