@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { lstat, readFile, readdir, stat, symlink, writeFile } from 'node:fs/promises';
+import { lchown, lstat, readFile, readdir, stat, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { createBmap } from '../src/engine/bmap-create.js';
@@ -137,6 +137,38 @@ for (const [name, write] of writers) {
     }
   });
 }
+
+test('a link of your own to a FIFO (as /dev/stdout is) is written through, in place', async (t) => {
+  const s = await setup(t);
+  const fifo = join(s.dir, 'fifo');
+  const link = join(s.dir, 'out');
+  const got = join(s.dir, 'got');
+  await run('mkfifo', [fifo]);
+  await symlink(fifo, link);
+  const reader = spawn('sh', ['-c', 'cat "$1" > "$2"', 'sh', fifo, got], { stdio: 'ignore' });
+  const readerDone = new Promise<number | null>((resolve) => reader.on('close', resolve));
+  t.after(() => {
+    if (reader.exitCode === null) reader.kill('SIGKILL');
+  });
+  await createBmap(s.next, { output: link });
+  assert.equal(await readerDone, 0);
+  assert.ok((await lstat(link)).isSymbolicLink() && (await lstat(fifo)).isFIFO());
+  assert.equal(await readFile(got, 'utf8'), (await createBmap(s.next)).text);
+});
+
+test("another user's link is not followed even to a device (it could aim at /dev/port)", async (t) => {
+  if (!need(t, IS_ROOT, 'mknod and lchown need root')) return;
+  const s = await setup(t);
+  const dev = join(s.dir, 'null');
+  await run('mknod', ['-m', '666', dev, 'c', '1', '3']);
+  const out = join(s.dir, 'out');
+  await symlink(dev, out);
+  await lchown(out, 12345, 12345);
+  for (const [, write] of writers) {
+    await assert.rejects(write(s, out), { code: 'EOUTPUT_KIND', message: /owned by uid 12345/ });
+  }
+  assert.ok((await lstat(out)).isSymbolicLink());
+});
 
 test('a directory or a block device node as the output is refused, and left as it is', async (t) => {
   const s = await setup(t);

@@ -13,7 +13,9 @@
  *                                     a FIFO waits for its reader, as a shell's `>` does)
  *   symbolic link                  →  refused (EOUTPUT_KIND): neither followed into wherever it
  *                                     points (a link planted at the output name would aim a
- *                                     root-run write at any file) nor silently replaced
+ *                                     root-run write at any file) nor silently replaced; except
+ *                                     a link of root's or the user's own to a character device
+ *                                     or FIFO (`-o /dev/stdout`), written in place (planFor)
  *   block device, directory,       →  refused (EOUTPUT_KIND): an index or patch written over a
  *   socket                            disk would destroy it; the node is never replaced
  *
@@ -25,7 +27,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { constants, type Stats } from 'node:fs';
-import { lstat, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { lstat, open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { Writable } from 'node:stream';
 import { BlksyncError, fromSystemError, isSystemError, type ErrorCode } from '../errors.js';
@@ -53,27 +55,27 @@ export function temporaryName(path: string): string {
   );
 }
 
-/** How the node at an output path is written: 'replace' (temp + rename) or 'in-place'. */
-type Disposition = 'replace' | 'in-place';
+/**
+ * How the node at an output path is written: through a temporary renamed over it, or in
+ * place (`node`: what is written, `follow`: reached through a link).
+ */
+type Plan = { how: 'replace' } | { how: 'in-place'; node: Stats; follow: boolean };
+
+function refuse(path: string, what: string, kind: string, todo: string): never {
+  throw new BlksyncError('EOUTPUT_KIND', `the ${what} output ${path} is ${kind}; ${todo}`, {
+    path,
+  });
+}
 
 /** Decides by what is at the path (not following a link); refuses what must not be written. */
-function dispositionOf(path: string, st: Stats | undefined, what: string): Disposition {
-  if (st === undefined || st.isFile()) return 'replace';
-  if (st.isCharacterDevice() || st.isFIFO()) return 'in-place';
-  const refuse = (kind: string, todo: string): never => {
-    throw new BlksyncError('EOUTPUT_KIND', `the ${what} output ${path} is ${kind}; ${todo}`, {
-      path,
-    });
-  };
-  if (st.isSymbolicLink()) {
-    return refuse(
-      'a symbolic link',
-      'blksync neither writes through a link nor replaces it: name the file it points to, or remove the link',
-    );
-  }
-  if (st.isBlockDevice()) return refuse('a block device', `write the ${what} to a file`);
-  if (st.isDirectory()) return refuse('a directory', `give a file name for the ${what}`);
-  return refuse('a socket or other special file', `write the ${what} to a file`);
+function planByKind(path: string, st: Stats | undefined, what: string): Plan {
+  if (st === undefined || st.isFile()) return { how: 'replace' };
+  if (st.isCharacterDevice() || st.isFIFO()) return { how: 'in-place', node: st, follow: false };
+  if (st.isBlockDevice())
+    return refuse(path, what, 'a block device', `write the ${what} to a file`);
+  if (st.isDirectory())
+    return refuse(path, what, 'a directory', `give a file name for the ${what}`);
+  return refuse(path, what, 'a socket or other special file', `write the ${what} to a file`);
 }
 
 async function lstatOrNone(path: string): Promise<Stats | undefined> {
@@ -86,17 +88,45 @@ async function lstatOrNone(path: string): Promise<Stats | undefined> {
 }
 
 /**
+ * The plan for `path`. A link is followed only to a character device or FIFO (`-o
+ * /dev/stdout`, `-o >(gzip > f)`), and only when the link is root's or the user's own: a
+ * link another user planted is refused whatever it points to (it could aim a root-run write
+ * at /dev/port), and a link to a file is refused rather than replaced or written through.
+ */
+async function planFor(path: string, what: string): Promise<Plan> {
+  const st = await lstatOrNone(path);
+  if (st === undefined || !st.isSymbolicLink()) return planByKind(path, st, what);
+  const uid = process.geteuid?.();
+  if (st.uid !== 0 && st.uid !== uid) {
+    return refuse(
+      path,
+      what,
+      `a symbolic link owned by uid ${st.uid}, not by you or root`,
+      'blksync does not follow a link another user could have planted: name the file it points to, or remove the link',
+    );
+  }
+  const target = await stat(path).catch(() => undefined);
+  if (target !== undefined && (target.isCharacterDevice() || target.isFIFO())) {
+    return { how: 'in-place', node: target, follow: true };
+  }
+  return refuse(
+    path,
+    what,
+    'a symbolic link',
+    'blksync writes through a link only to a device or FIFO (as /dev/stdout), and does not replace one: name the file it points to, or remove the link',
+  );
+}
+
+/**
  * Refuses now what OutputFile.open would refuse at the end (a link, a block device, a
  * directory), so a long run (hashing a whole disk) does not end in that refusal.
  */
 export async function checkOutput(path: string, options: OutputOptions): Promise<void> {
-  let st: Stats | undefined;
   try {
-    st = await lstatOrNone(path);
+    await planFor(path, options.what);
   } catch (err) {
     throw fromSystemError(options.code, `cannot write the ${options.what}`, path, err);
   }
-  dispositionOf(path, st, options.what);
 }
 
 /**
@@ -126,23 +156,23 @@ export class OutputFile {
   static async open(path: string, options: OutputOptions): Promise<OutputFile> {
     const fail = (err: unknown): BlksyncError =>
       fromSystemError(options.code, `cannot write the ${options.what}`, path, err);
-    let st: Stats | undefined;
+    let plan: Plan;
     try {
-      st = await lstatOrNone(path);
+      plan = await planFor(path, options.what);
     } catch (err) {
       throw fail(err);
     }
-    if (dispositionOf(path, st, options.what) === 'in-place') {
+    if (plan.how === 'in-place') {
       let fh: FileHandle;
       try {
         // no O_CREAT: if the node went away meanwhile, nothing is created in its place
-        fh = await open(path, constants.O_WRONLY | constants.O_NOFOLLOW);
+        fh = await open(path, constants.O_WRONLY | (plan.follow ? 0 : constants.O_NOFOLLOW));
       } catch (err) {
         throw fail(err);
       }
       try {
         const now = await fh.stat();
-        if (now.ino !== st!.ino || now.dev !== st!.dev) {
+        if (now.ino !== plan.node.ino || now.dev !== plan.node.dev) {
           throw new BlksyncError(
             'EOUTPUT_KIND',
             `the ${options.what} output ${path} was replaced while it was being opened; rerun the command`,
