@@ -231,6 +231,10 @@ export class OutputFile {
       write: (chunk: Buffer, _encoding, done) => {
         this.write(chunk).then(() => done(), done);
       },
+      // what queued up while a write was in flight goes as one (as fs.WriteStream does)
+      writev: (chunks, done) => {
+        this.write(Buffer.concat(chunks.map((c) => c.chunk as Buffer))).then(() => done(), done);
+      },
     });
   }
 
