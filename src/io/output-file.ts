@@ -27,7 +27,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { constants, type Stats } from 'node:fs';
-import { lstat, open, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { lstat, open, readlink, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { Writable } from 'node:stream';
 import { BlksyncError, fromSystemError, isSystemError, type ErrorCode } from '../errors.js';
@@ -109,10 +109,11 @@ async function planFor(path: string, what: string): Promise<Plan> {
   if (target !== undefined && (target.isCharacterDevice() || target.isFIFO())) {
     return { how: 'in-place', node: target, follow: true };
   }
+  const to = await readlink(path).catch(() => undefined);
   return refuse(
     path,
     what,
-    'a symbolic link',
+    `a symbolic link${to !== undefined ? ` (to ${to})` : ''}`,
     'blksync writes through a link only to a device or FIFO (as /dev/stdout), and does not replace one: name the file it points to, or remove the link',
   );
 }
