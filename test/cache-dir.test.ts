@@ -10,7 +10,7 @@ import { chmod, chown, mkdir, readFile, stat, writeFile } from 'node:fs/promises
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { copy } from '../src/engine/copy.js';
+import { copy } from '../src/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { readIndexFile, writeNewIndex } from '../src/formats/index-file.js';
 import { cachedIndexPath } from '../src/io/cache-dir.js';
