@@ -81,7 +81,15 @@ export type ErrorCode =
   /** The cache directory (--index auto) is another user's, or others may write in it. */
   | 'ECACHE_UNSAFE'
   /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
-  | 'ECACHE_DIR';
+  | 'ECACHE_DIR'
+  /**
+   * SRC is a container (archive, virtual disk) that is not decoded: a format blksync does not
+   * read, or one it decodes with a tool that is not installed. Nothing is written (--raw
+   * writes SRC as it is).
+   */
+  | 'ESRC_CONTAINER'
+  /** An archive SRC holds several files and none or several could be the image (--entry NAME). */
+  | 'ESRC_ENTRY';
 
 /** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
 export type WarningCode =

@@ -139,6 +139,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
       (v: string) => parseSize(v, 'image size'),
     )
+    .option('--raw', 'write SRC as it is even when it is a container (zip, tar, qcow2, ...)')
+    .option('--entry <name>', 'the file of a zip or tar SRC that holds the image')
     .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
@@ -182,6 +184,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.keyring !== undefined ? { keyring: opts.keyring } : {}),
             verify: opts.verify === true,
             ...(opts.size !== undefined ? { size: opts.size } : {}),
+            raw: opts.raw === true,
+            ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
             ...(opts.index !== undefined ? { index: opts.index } : {}),
             ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
             rebuildIndex: opts.rebuildIndex === true,

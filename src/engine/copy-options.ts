@@ -113,6 +113,9 @@ export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptio
     blockSizeGiven: options.blockSize,
     dryRun,
     full: options.full === true,
+    // an Android sparse image's don't-care chunks are left as they are, like a bmap's
+    // unmapped ranges; with --index they are written as zeros so the index describes DST
+    skipDontCare: options.skipDontCare ?? (options.full !== true && options.index === undefined),
     rebuildIndex: options.rebuildIndex === true,
     verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
   };
