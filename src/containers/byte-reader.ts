@@ -29,7 +29,9 @@ export class ByteReader {
       try {
         r = await this.#it.next();
       } catch (err) {
-        throw err instanceof BlksyncError ? err : fromSystemError('EREAD', 'cannot read', this.#name, err);
+        throw err instanceof BlksyncError
+          ? err
+          : fromSystemError('EREAD', 'cannot read', this.#name, err);
       }
       if (r.done === true) {
         this.#ended = true;
@@ -97,8 +99,7 @@ export class ByteReader {
   /** Gives back bytes read too far (they are read again next). */
   unread(bytes: Buffer): void {
     if (bytes.length === 0) return;
-    this.#pending =
-      this.#pending === undefined ? bytes : Buffer.concat([bytes, this.#pending]);
+    this.#pending = this.#pending === undefined ? bytes : Buffer.concat([bytes, this.#pending]);
     this.position -= bytes.length;
   }
 

@@ -21,17 +21,7 @@ export const CONTAINER_HEAD_BYTES = 512;
 export const CONTAINER_TAIL_BYTES = 512;
 
 export type ContainerFormat =
-  | 'zip'
-  | 'tar'
-  | 'simg'
-  | 'vhd-fixed'
-  | 'qcow2'
-  | 'vhd'
-  | 'vmdk'
-  | 'vdi'
-  | 'vhdx'
-  | 'qcow'
-  | 'qed';
+  'zip' | 'tar' | 'simg' | 'vhd-fixed' | 'qcow2' | 'vhd' | 'vmdk' | 'vdi' | 'vhdx' | 'qcow' | 'qed';
 
 /** What a head (and tail) of bytes says the data is. */
 export type Detected =
@@ -52,8 +42,7 @@ export const QEMU_FORMATS: Partial<Record<ContainerFormat, string>> = {
 function at(buf: Buffer, offset: number, magic: string | readonly number[]): boolean {
   const bytes = typeof magic === 'string' ? Buffer.from(magic, 'latin1') : Buffer.from(magic);
   return (
-    buf.length >= offset + bytes.length &&
-    buf.subarray(offset, offset + bytes.length).equals(bytes)
+    buf.length >= offset + bytes.length && buf.subarray(offset, offset + bytes.length).equals(bytes)
   );
 }
 
@@ -72,7 +61,9 @@ function isZipLocalHeader(h: Buffer): boolean {
   if (!at(h, 0, 'PK\x03\x04') || h.length < 30) return false;
   const method = h.readUInt16LE(8);
   const nameLength = h.readUInt16LE(26);
-  return h.readUInt16LE(4) <= 63 && [0, 8, 9, 12, 14, 93, 95, 99].includes(method) && nameLength > 0;
+  return (
+    h.readUInt16LE(4) <= 63 && [0, 8, 9, 12, 14, 93, 95, 99].includes(method) && nameLength > 0
+  );
 }
 
 /** A VHD footer ("conectix", its checksum correct): a fixed VHD ends with one. */
@@ -80,7 +71,7 @@ export function isVhdFooter(f: Buffer): boolean {
   if (f.length < 512 || !at(f, 0, 'conectix')) return false;
   let sum = 0;
   for (let i = 0; i < 512; i++) if (i < 64 || i >= 68) sum += f[i]!;
-  return (~sum >>> 0) === f.readUInt32BE(64);
+  return ~sum >>> 0 === f.readUInt32BE(64);
 }
 
 /**
@@ -127,7 +118,8 @@ export function detectContainer(head: Buffer, tail?: Buffer): Detected | undefin
   }
   if (tail !== undefined) {
     if (isVhdFooter(tail)) return ok('vhd-fixed', 'VHD (fixed)');
-    if (tail.length >= 512 && at(tail, tail.length - 512, 'koly')) return no('dmg', 'Apple disk image (dmg)');
+    if (tail.length >= 512 && at(tail, tail.length - 512, 'koly'))
+      return no('dmg', 'Apple disk image (dmg)');
   }
   return undefined;
 }

@@ -174,15 +174,27 @@ export async function openContainerFile(
       return fixed(report, size, new SliceSource(fh, 0, size, name));
     }
     default:
-      return fromQemu(report, await qemuDecode({ path }, QEMU_FORMATS[format]!, detected.name, name));
+      return fromQemu(
+        report,
+        await qemuDecode({ path }, QEMU_FORMATS[format]!, detected.name, name),
+      );
   }
 }
 
-function fromQemu(report: ContainerReport, q: Awaited<ReturnType<typeof qemuDecode>>): OpenedContainer {
+function fromQemu(
+  report: ContainerReport,
+  q: Awaited<ReturnType<typeof qemuDecode>>,
+): OpenedContainer {
   report.decoder = 'qemu-img';
   report.temporary = q.temporary;
   if (q.backing !== undefined) report.backing = q.backing;
-  return { size: q.size, source: () => q.source, defined: undefined, report, close: () => q.close() };
+  return {
+    size: q.size,
+    source: () => q.source,
+    defined: undefined,
+    report,
+    close: () => q.close(),
+  };
 }
 
 /** A container streamed (stdin, a URL, a decompressor's output). */
@@ -208,7 +220,9 @@ export async function openContainerStream(
     close: () => reader.close(),
   });
   const pick = (entryName: string): boolean =>
-    options.entry !== undefined ? sameEntryName(entryName, options.entry) : looksLikeImage(entryName);
+    options.entry !== undefined
+      ? sameEntryName(entryName, options.entry)
+      : looksLikeImage(entryName);
   try {
     switch (format) {
       case 'simg': {

@@ -94,15 +94,21 @@ export async function qemuDecode(
     } else {
       path = input.path;
     }
-    const info = JSON.parse(await run(['info', '--output=json', '-f', format, path], name, what)) as {
+    const info = JSON.parse(
+      await run(['info', '--output=json', '-f', format, path], name, what),
+    ) as {
       'virtual-size'?: unknown;
       'backing-filename'?: unknown;
     };
     const size = info['virtual-size'];
     if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
-      throw new BlksyncError('ESRC_CORRUPT', `${name}: qemu-img gives no size for this ${what} image`, {
-        path: name,
-      });
+      throw new BlksyncError(
+        'ESRC_CORRUPT',
+        `${name}: qemu-img gives no size for this ${what} image`,
+        {
+          path: name,
+        },
+      );
     }
     const backing =
       typeof info['backing-filename'] === 'string' ? info['backing-filename'] : undefined;

@@ -111,7 +111,10 @@ function parseChunkHeader(c: Buffer, header: SimgHeader, index: number, name: st
   const dataBytes = total - header.chunkHeaderBytes;
   const expect = (want: number, t: ChunkHeader['type']): ChunkHeader => {
     if (dataBytes !== want) {
-      throw corrupt(name, `chunk ${index} says ${total} bytes, its type needs ${want + header.chunkHeaderBytes}`);
+      throw corrupt(
+        name,
+        `chunk ${index} says ${total} bytes, its type needs ${want + header.chunkHeaderBytes}`,
+      );
     }
     return { type: t, blocks, dataBytes };
   };
@@ -189,7 +192,8 @@ function shortFile(name: string, chunk: number): BlksyncError {
 /** Fills buf[from, to) with `pattern` repeated, phased as if it started at `phase`. */
 function fillPattern(buf: Buffer, pattern: Buffer, from: number, to: number, phase: number): void {
   const shift = phase % 4;
-  const p = shift === 0 ? pattern : Buffer.concat([pattern.subarray(shift), pattern.subarray(0, shift)]);
+  const p =
+    shift === 0 ? pattern : Buffer.concat([pattern.subarray(shift), pattern.subarray(0, shift)]);
   buf.fill(p, from, to);
 }
 

@@ -63,7 +63,10 @@ function parseSize(h: Buffer, name: string): number {
     if (!Number.isSafeInteger(v)) throw corrupt(name, 'a size past 2^53');
     return v;
   }
-  const text = field.toString('latin1').replace(/[\0 ]+$/, '').trim();
+  const text = field
+    .toString('latin1')
+    .replace(/[\0 ]+$/, '')
+    .trim();
   if (!/^[0-7]*$/.test(text)) throw corrupt(name, `a size field ${JSON.stringify(text)}`);
   return text === '' ? 0 : parseInt(text, 8);
 }

@@ -96,7 +96,7 @@ function zip64(
 ): { size: number; compressed: number; offset: number | undefined } {
   let { size, compressed } = fields;
   let offset = fields.offset;
-  for (let at = 0; at + 4 <= extra.length; ) {
+  for (let at = 0; at + 4 <= extra.length;) {
     const id = extra.readUInt16LE(at);
     const len = extra.readUInt16LE(at + 2);
     if (at + 4 + len > extra.length) throw corrupt(name, 'an extra field past its record');
@@ -128,7 +128,10 @@ export async function zipDirectory(
   await readFully(fh, tail, 0, tailBytes, fileSize - tailBytes);
   let endAt = -1;
   for (let i = tailBytes - END_BYTES; i >= 0; i--) {
-    if (tail.readUInt32LE(i) === END_SIG && i + END_BYTES + tail.readUInt16LE(i + 20) <= tailBytes) {
+    if (
+      tail.readUInt32LE(i) === END_SIG &&
+      i + END_BYTES + tail.readUInt16LE(i + 20) <= tailBytes
+    ) {
       endAt = i;
       break;
     }
@@ -169,7 +172,8 @@ export async function zipDirectory(
     const extraLen = dir.readUInt16LE(at + 30);
     const commentLen = dir.readUInt16LE(at + 32);
     const next = at + CENTRAL_BYTES + nameLen + extraLen + commentLen;
-    if (next > dirBytes) throw corrupt(name, `central directory record ${i} runs past the directory`);
+    if (next > dirBytes)
+      throw corrupt(name, `central directory record ${i} runs past the directory`);
     const entryName = dir.toString('utf8', at + CENTRAL_BYTES, at + CENTRAL_BYTES + nameLen);
     const z = zip64(
       dir.subarray(at + CENTRAL_BYTES + nameLen, at + CENTRAL_BYTES + nameLen + extraLen),

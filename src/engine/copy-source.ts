@@ -568,7 +568,9 @@ async function openFound(
       container: container?.report,
       size: size,
       source: bmapped?.source ?? source,
-      plan: bmapped?.plan ?? (defined !== undefined ? { imageSize: size, ranges: defined } : wholeImagePlan(size)),
+      plan:
+        bmapped?.plan ??
+        (defined !== undefined ? { imageSize: size, ranges: defined } : wholeImagePlan(size)),
       bmap: bmapped?.report,
       checksums: bmapped?.checksums,
       file,
