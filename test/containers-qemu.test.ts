@@ -25,7 +25,11 @@ const MiB = 1024 * 1024;
 
 /** 8 MiB: data, zeros, data (a size VHD's geometry keeps as it is is not needed: compared with qemu's own output). */
 function image(seed: number): Buffer {
-  return Buffer.concat([seededBytes(3 * MiB, seed), Buffer.alloc(4 * MiB), seededBytes(MiB, seed + 1)]);
+  return Buffer.concat([
+    seededBytes(3 * MiB, seed),
+    Buffer.alloc(4 * MiB),
+    seededBytes(MiB, seed + 1),
+  ]);
 }
 
 async function reference(src: string, format: string, out: string): Promise<Buffer> {
@@ -81,7 +85,10 @@ test('a qcow2 onto a loop device writes only the blocks that differ (kernel writ
   const after = await ioStat(dev);
   const summary = JSON.parse(res.stdout) as { bytesWritten: number };
   assert.equal(summary.bytesWritten, 3 * BS);
-  assert.ok((after.writeSectors - before.writeSectors) * 512 <= 3 * BS, 'only 3 blocks reached the device');
+  assert.ok(
+    (after.writeSectors - before.writeSectors) * 512 <= 3 * BS,
+    'only 3 blocks reached the device',
+  );
   assert.ok((await readDevice(dev, bytes.length)).equals(bytes));
 });
 
