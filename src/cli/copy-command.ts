@@ -16,6 +16,16 @@ function copySummary(r: CopyResult): string {
       `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
       (r.created ? ` (created ${r.destination}, sparse)` : ''),
   ];
+  if (r.container !== undefined) {
+    const c = r.container;
+    lines.push(
+      `decoded ${c.name}${c.entry !== undefined ? ` entry ${c.entry}` : ''}` +
+        (c.decoder === 'qemu-img'
+          ? ` with qemu-img (through a temporary raw file in ${c.temporary ?? 'the temporary directory'})`
+          : '') +
+        (c.backing !== undefined ? `, backing file ${c.backing}` : ''),
+    );
+  }
   if (r.index !== undefined) lines.push(indexSummary(r));
   if (r.index?.source !== undefined) lines.push(sourceIndexSummary(r));
   if (r.bmap !== undefined) {

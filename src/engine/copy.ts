@@ -216,6 +216,7 @@ export async function copyLocal(
       seconds: (performance.now() - started) / 1000,
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
+      ...(source.container !== undefined ? { container: source.container } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) {
