@@ -158,3 +158,49 @@ test('a damaged qcow2 is refused before any write (qemu-img says why)', async (t
   });
   assert.equal(existsSync(dst), false);
 });
+
+test("the seed's overlay commit: an overlay of DST itself copies only its own clusters (DST reads counted)", async (t) => {
+  if (!(await needTool(t, 'qemu-io', 'qemu-utils'))) return;
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const bytes = Buffer.concat([seededBytes(16 * MiB, 6), Buffer.alloc(16 * MiB)]);
+  const disk = join(dir, 'disk');
+  await writeFile(disk, bytes);
+  const dev = await attachLoop(t, disk);
+  const overlay = join(dir, 'overlay.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', dev, '-F', 'raw', overlay]);
+  // the changes made in the overlay: 256 KiB of data (half of it equal to what DST holds),
+  // and 128 KiB zeroed
+  await run('qemu-io', ['-c', 'write -P 0xab 1M 128k', '-c', 'write -z 4M 128k', overlay]);
+  await run('qemu-io', ['-c', `write -P 0 20M 128k`, overlay]);
+  const want = Buffer.from(bytes);
+  want.fill(0xab, MiB, MiB + 128 * 1024);
+  want.fill(0, 4 * MiB, 4 * MiB + 128 * 1024);
+  const allocated = 3 * 128 * 1024;
+
+  const dry = await runCli(['copy', '--dry-run', '--json', overlay, dev]);
+  assert.equal(dry.code, 0, dry.stderr);
+  const plan = JSON.parse(dry.stdout) as { bytesDiffering: number; bytesScanned: number };
+  assert.equal(plan.bytesScanned, allocated, 'only the overlay clusters are considered');
+  assert.equal(plan.bytesDiffering, 2 * 128 * 1024, 'the zeros at 20M are there already');
+
+  await run('blockdev', ['--flushbufs', dev]);
+  const before = await ioStat(dev);
+  const res = await runCli(['copy', '--json', overlay, dev]);
+  assert.equal(res.code, 0, res.stderr);
+  const after = await ioStat(dev);
+  const summary = JSON.parse(res.stdout) as {
+    bytesWritten: number;
+    container: { overlayOfDestination?: boolean };
+  };
+  assert.equal(summary.container.overlayOfDestination, true);
+  assert.equal(summary.bytesWritten, 2 * 128 * 1024);
+  const read = (after.readSectors - before.readSectors) * 512;
+  assert.ok(read <= 2 * allocated, `DST read ${read} bytes for ${allocated} allocated`);
+  assert.ok((after.writeSectors - before.writeSectors) * 512 <= 2 * 128 * 1024);
+  assert.ok((await readDevice(dev, bytes.length)).equals(want));
+  // the same overlay onto another file: the whole image, through qemu-img
+  const other = join(dir, 'other');
+  await copy(overlay, other);
+  assert.ok((await readFile(other)).equals(want));
+});

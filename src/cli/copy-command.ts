@@ -23,7 +23,10 @@ function copySummary(r: CopyResult): string {
         (c.decoder === 'qemu-img'
           ? ` with qemu-img (through a temporary raw file in ${c.temporary ?? 'the temporary directory'})`
           : '') +
-        (c.backing !== undefined ? `, backing file ${c.backing}` : ''),
+        (c.backing !== undefined ? `, backing file ${c.backing}` : '') +
+        (c.overlayOfDestination === true
+          ? ` (${r.destination} itself: only the overlay's own clusters were compared)`
+          : ''),
     );
   }
   if (r.index !== undefined) lines.push(indexSummary(r));

@@ -55,6 +55,8 @@ export interface ContainerReport {
   temporary?: string;
   /** A qcow2/VHD/VMDK overlay's backing file, read through. */
   backing?: string;
+  /** The overlay's backing file is DST: only the overlay's own clusters were compared. */
+  overlayOfDestination?: boolean;
 }
 
 export interface OpenedContainer {
@@ -64,6 +66,8 @@ export interface OpenedContainer {
   source(size: number): Source;
   /** The ranges the image defines (Android sparse without its don't-care chunks). */
   defined: Range[] | undefined;
+  /** The only ranges to copy: an overlay of DST, which holds the rest already. */
+  only?: Range[] | undefined;
   report: ContainerReport;
   close(): Promise<void>;
 }
@@ -71,6 +75,8 @@ export interface OpenedContainer {
 export interface ContainerOptions {
   /** The archive entry holding the image (zip, tar). */
   entry?: string | undefined;
+  /** DST, when an overlay backed by DST itself may copy only its own clusters. */
+  destination?: string | undefined;
 }
 
 /** Refuses a format that is recognised but not decoded. */
@@ -176,7 +182,7 @@ export async function openContainerFile(
     default:
       return fromQemu(
         report,
-        await qemuDecode({ path }, QEMU_FORMATS[format]!, detected.name, name),
+        await qemuDecode({ path }, QEMU_FORMATS[format]!, detected.name, name, options.destination),
       );
   }
 }
@@ -186,12 +192,14 @@ function fromQemu(
   q: Awaited<ReturnType<typeof qemuDecode>>,
 ): OpenedContainer {
   report.decoder = 'qemu-img';
-  report.temporary = q.temporary;
+  if (q.temporary !== undefined) report.temporary = q.temporary;
   if (q.backing !== undefined) report.backing = q.backing;
+  if (q.only !== undefined) report.overlayOfDestination = true;
   return {
     size: q.size,
     source: () => q.source,
     defined: undefined,
+    only: q.only,
     report,
     close: () => q.close(),
   };

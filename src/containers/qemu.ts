@@ -14,12 +14,14 @@
 
 import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { mkdtemp, open, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { BlksyncError } from '../errors.js';
 import { FileSource } from '../io/file-source.js';
+import { readFully } from '../io/read-fully.js';
+import type { Range } from '../ranges.js';
 import type { Source } from '../types.js';
 
 /** Characters of qemu-img's messages kept for an error. */
@@ -76,8 +78,13 @@ export interface QemuDecoded {
   source: Source;
   /** The backing file qemu-img read through, if any (as the image names it). */
   backing: string | undefined;
-  /** The temporary directory holding the converted image (and a spooled SRC). */
-  temporary: string;
+  /** The temporary directory holding the converted image (and a spooled SRC); none for an overlay of DST. */
+  temporary: string | undefined;
+  /**
+   * An overlay whose backing file is DST itself: only these ranges (the overlay's own
+   * clusters) are the copy's business, the rest is DST's already.
+   */
+  only: Range[] | undefined;
   close(): Promise<void>;
 }
 
@@ -90,6 +97,7 @@ export async function qemuDecode(
   format: string,
   what: string,
   name: string,
+  destination?: string,
 ): Promise<QemuDecoded> {
   const dir = await mkdtemp(join(tmpdir(), 'blksync-'));
   const remove = (): Promise<void> => rm(dir, { recursive: true, force: true });
@@ -106,6 +114,7 @@ export async function qemuDecode(
     ) as {
       'virtual-size'?: unknown;
       'backing-filename'?: unknown;
+      'backing-filename-format'?: unknown;
     };
     const size = info['virtual-size'];
     if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
@@ -130,6 +139,19 @@ export async function qemuDecode(
     // exits 0: check first. Its statuses: 0 clean, 3 only leaked clusters (harmless), 63 the
     // format has no check; 2 corrupted, 1 the check could not finish
     await run(['check', '-q', '-f', format, path], name, what, [0, 3, 63]);
+    if (
+      backing !== undefined &&
+      destination !== undefined &&
+      !('stream' in input) &&
+      info['backing-filename-format'] === 'raw' &&
+      (await sameFile(isAbsolute(backing) ? backing : resolve(dirname(path), backing), destination))
+    ) {
+      const overlay = await overlayOfDestination(path, format, what, name, size);
+      if (overlay !== undefined) {
+        await remove();
+        return { size, backing, temporary: undefined, ...overlay };
+      }
+    }
     const raw = join(dir, 'image.raw');
     await run(['convert', '-q', '-f', format, '-O', 'raw', path, raw], name, what);
     if ('stream' in input) await rm(path, { force: true });
@@ -140,6 +162,7 @@ export async function qemuDecode(
       source,
       backing,
       temporary: dir,
+      only: undefined,
       close: async () => {
         await source.close();
         await remove();
@@ -149,4 +172,116 @@ export async function qemuDecode(
     await remove();
     throw err;
   }
+}
+
+/** True when both paths name the same file, or the same block device. */
+async function sameFile(a: string, b: string): Promise<boolean> {
+  try {
+    const [x, y] = await Promise.all([stat(a), stat(b)]);
+    if (x.isBlockDevice() && y.isBlockDevice()) return x.rdev === y.rdev;
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false; // DST may not exist yet
+  }
+}
+
+interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+/**
+ * The seed's `qemu-img commit`, done better: an overlay made on DST itself
+ * (`qemu-img create -f qcow2 -b /dev/sdX -F raw overlay.qcow2`). The image is DST but for
+ * the overlay's own clusters (`qemu-img map`, depth 0), so only those are planned, read from
+ * the overlay file where qemu-img says they are (zero clusters as zeros) and compared with
+ * DST; DST is read only there, never through qemu-img. Undefined when a cluster of the
+ * overlay's has no plain offset (compressed): then the whole image is converted.
+ */
+async function overlayOfDestination(
+  path: string,
+  format: string,
+  what: string,
+  name: string,
+  size: number,
+): Promise<{ source: Source; only: Range[]; close(): Promise<void> } | undefined> {
+  const map = JSON.parse(
+    await run(['map', '--output=json', '-f', format, path], name, what),
+  ) as MapEntry[];
+  const own = map.filter((e) => e.depth === 0 && (e.data || e.zero));
+  if (own.some((e) => !e.zero && typeof e.offset !== 'number')) return undefined;
+  const fh = await open(path, 'r');
+  const { size: fileSize } = await fh.stat();
+  for (const e of own) {
+    const bad =
+      e.start < 0 ||
+      e.start + e.length > size ||
+      (!e.zero && (e.offset! < 0 || e.offset! + e.length > fileSize));
+    if (bad) {
+      await fh.close();
+      throw new BlksyncError(
+        'ESRC_CORRUPT',
+        `${name}: a cluster of the ${what} overlay lies outside it`,
+        {
+          path: name,
+        },
+      );
+    }
+  }
+  const only: Range[] = [];
+  for (const e of own) {
+    const last = only[only.length - 1];
+    if (last !== undefined && last.end === e.start) last.end = e.start + e.length;
+    else only.push({ start: e.start, end: e.start + e.length });
+  }
+  const source = new OverlaySource(fh, own, size, name);
+  return { source, only, close: () => fh.close() };
+}
+
+/** The overlay's own clusters, read by offset from its file; nothing else is ever asked for. */
+class OverlaySource implements Source {
+  readonly size: number;
+  readonly #fh: FileHandle;
+  readonly #own: MapEntry[];
+  readonly #name: string;
+
+  constructor(fh: FileHandle, own: MapEntry[], size: number, name: string) {
+    this.#fh = fh;
+    this.#own = own;
+    this.size = size;
+    this.#name = name;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const end = Math.min(offset + length, this.size);
+    buf.fill(0, 0, end - offset);
+    for (const e of this.#own) {
+      const from = Math.max(offset, e.start);
+      const to = Math.min(end, e.start + e.length);
+      if (from >= to || e.zero) continue;
+      const got = await readFully(
+        this.#fh,
+        buf,
+        from - offset,
+        to - from,
+        e.offset! + from - e.start,
+      );
+      if (got !== to - from) {
+        throw new BlksyncError(
+          'ESRC_SHORT',
+          `${this.#name}: the overlay file shrank while copying`,
+          {
+            path: this.#name,
+          },
+        );
+      }
+    }
+    return Math.max(0, end - offset);
+  }
+
+  async close(): Promise<void> {}
 }

@@ -92,6 +92,11 @@ export interface CopySourceOptions extends SignatureOptions {
   /** The file of an archive SRC (zip, tar) that holds the image. */
   entry?: string | undefined;
   /**
+   * DST (a copy without --index): a qcow2 overlay whose backing file is DST itself is copied
+   * by its own clusters only, as `qemu-img commit` would.
+   */
+  destination?: string | undefined;
+  /**
    * Leave an Android sparse image's don't-care chunks out of the plan, as a bmap's unmapped
    * ranges (a copy without --full or --index); otherwise they read as zeros.
    */
@@ -560,7 +565,8 @@ async function openFound(
       cleanups.push(() => b.close());
       bmapped = b;
     }
-    const defined = options.skipDontCare === true ? container?.defined : undefined;
+    const defined =
+      container?.only ?? (options.skipDontCare === true ? container?.defined : undefined);
     return {
       path: src,
       kind,

@@ -42,7 +42,12 @@ export async function copyLocal(
     blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
-  const source = await openCopySource(src, options);
+  // an overlay of DST copies only its own clusters; with --index the index must describe all
+  // of DST, which that plan leaves out, so the overlay is then read whole
+  const source = await openCopySource(
+    src,
+    options.index === undefined ? { ...options, destination: dst } : options,
+  );
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
