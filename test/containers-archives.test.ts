@@ -232,3 +232,27 @@ test('fuzz: mutated zips and tars decode or fail with a BlksyncError, never anyt
     }
   }
 });
+
+test('an archive whose image is itself compressed or a container is refused, not written as those bytes', async (t) => {
+  if (!(await needZip(t))) return;
+  if (!(await needTool(t, 'xz', 'xz-utils'))) return;
+  const dir = await tempDir(t);
+  const img = join(dir, 'os.img');
+  await writeFile(img, image(6));
+  await run('xz', ['-k', '-1', img]);
+  const zip = join(dir, 'os.zip');
+  await makeZip(zip, { 'os.img.xz': `${img}.xz` }, 'stored');
+  const deflated = join(dir, 'd.zip');
+  await makeZip(deflated, { 'os.img.xz': `${img}.xz` }, 'deflated');
+  await run('tar', ['-C', dir, '-czf', join(dir, 'os.tar.gz'), 'os.img.xz']);
+  for (const src of [zip, deflated, join(dir, 'os.tar.gz')]) {
+    const dst = `${src}.out`;
+    await assert.rejects(copy(src, dst), (err: unknown) => {
+      assert.ok(err instanceof BlksyncError);
+      assert.equal(err.code, 'ESRC_CONTAINER');
+      assert.match(err.message, /os\.img\.xz is itself xz-compressed/);
+      return true;
+    });
+    assert.equal(existsSync(dst), false, `${src}: no DST`);
+  }
+});

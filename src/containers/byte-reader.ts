@@ -119,3 +119,36 @@ export class ByteReader {
     }
   }
 }
+
+/** The first `n` bytes of `src` (fewer if it is shorter), and all of it again from the start. */
+export async function peekBytes(
+  src: AsyncIterable<Buffer>,
+  n: number,
+): Promise<{ head: Buffer; all: AsyncIterable<Buffer> }> {
+  const it = src[Symbol.asyncIterator]();
+  const seen: Buffer[] = [];
+  let have = 0;
+  let done = false;
+  while (have < n) {
+    const r = await it.next();
+    if (r.done === true) {
+      done = true;
+      break;
+    }
+    seen.push(r.value);
+    have += r.value.length;
+  }
+  async function* all(): AsyncGenerator<Buffer> {
+    try {
+      yield* seen;
+      while (!done) {
+        const r = await it.next();
+        if (r.done === true) return;
+        yield r.value;
+      }
+    } finally {
+      await it.return?.();
+    }
+  }
+  return { head: Buffer.concat(seen).subarray(0, n), all: all() };
+}

@@ -15,7 +15,8 @@ export interface ArchiveEntry {
 }
 
 /** Names an image goes by inside archives (Raspberry Pi, Armbian, Yocto, OpenWrt). */
-const IMAGE_NAME = /\.(img|raw|iso|wic|hddimg|sdimg|sdcard|dd|ext[234]|vfat|bin)$/i;
+const IMAGE_NAME =
+  /\.(img|raw|iso|wic|hddimg|sdimg|sdcard|dd|ext[234]|vfat|bin|simg|qcow2|vhd|vmdk)(\.(gz|xz|zst|bz2|lz4))?$/i;
 /** True when a file's name is an image's (how a stream's entry is picked without --entry). */
 export function looksLikeImage(name: string): boolean {
   return IMAGE_NAME.test(name);

@@ -24,8 +24,15 @@ import { readFully } from '../io/read-fully.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { Range } from '../ranges.js';
 import type { Source } from '../types.js';
-import { ByteReader } from './byte-reader.js';
-import { QEMU_FORMATS, type ContainerFormat, type Detected } from './detect.js';
+import { ByteReader, peekBytes } from './byte-reader.js';
+import { detectCompression } from '../io/compression-magic.js';
+import {
+  CONTAINER_HEAD_BYTES,
+  detectContainer,
+  QEMU_FORMATS,
+  type ContainerFormat,
+  type Detected,
+} from './detect.js';
 import { chooseEntry, looksLikeImage, sameEntryName, type ArchiveEntry } from './entries.js';
 import { FileCursor, SliceSource } from './file-parts.js';
 import { qemuDecode } from './qemu.js';
@@ -98,6 +105,37 @@ function fixed(
   return { size, source: () => source, defined, report, close: () => source.close() };
 }
 
+/**
+ * An archive's image that is itself compressed or a container (a zip holding os.img.xz) would
+ * be written as those bytes: refused. One layer is decoded, not a chain.
+ */
+function refuseNested(head: Buffer, name: string, entry: string): void {
+  const compression = detectCompression(head);
+  const inner = compression === undefined ? detectContainer(head) : undefined;
+  if (compression === undefined && inner === undefined) return;
+  throw new BlksyncError(
+    'ESRC_CONTAINER',
+    `${name}: ${entry} is itself ${compression !== undefined ? `${compression}-compressed` : `a ${inner!.name}`}, and blksync decodes one layer: extract ${entry} and copy that file`,
+    { path: name },
+  );
+}
+
+async function headAt(fh: FileHandle, at: number, size: number): Promise<Buffer> {
+  const head = Buffer.alloc(Math.min(CONTAINER_HEAD_BYTES, size));
+  const got = await readFully(fh, head, 0, head.length, at);
+  return head.subarray(0, got);
+}
+
+async function nestedChecked(
+  bytes: AsyncIterable<Buffer>,
+  name: string,
+  entry: string,
+): Promise<AsyncIterable<Buffer>> {
+  const { head, all } = await peekBytes(bytes, CONTAINER_HEAD_BYTES);
+  refuseNested(head, name, entry);
+  return all;
+}
+
 /** A stream's archive without the entry wanted: all its entries were seen, so say which. */
 function noEntry(
   name: string,
@@ -141,6 +179,7 @@ export async function openContainerFile(
       const e = chooseEntry(entries, options.entry, name, 'tar');
       checkTarEntry(e, name);
       report.entry = e.name;
+      refuseNested(await headAt(fh, e.dataAt, e.size), name, e.name);
       return fixed(report, e.size, new SliceSource(fh, e.dataAt, e.size, name));
     }
     case 'zip': {
@@ -158,13 +197,11 @@ export async function openContainerFile(
             { path: name },
           );
         }
+        refuseNested(await headAt(fh, dataAt, size), name, e.name);
         return fixed(report, size, new SliceSource(fh, dataAt, size, name));
       }
-      return fixed(
-        report,
-        size,
-        new SequentialSource(inflateFileEntry(path, dataAt, e, name), size, name),
-      );
+      const bytes = await nestedChecked(inflateFileEntry(path, dataAt, e, name), name, e.name);
+      return fixed(report, size, new SequentialSource(bytes, size, name));
     }
     case 'vhd-fixed': {
       const footer = Buffer.alloc(512);
@@ -245,7 +282,8 @@ export async function openContainerStream(
           if (!e.file || !pick(e.name)) continue;
           checkTarEntry(e, name);
           report.entry = e.name;
-          return streamed(e.size, reader.take(e.size, `${e.name} in the tar archive`));
+          const bytes = reader.take(e.size, `${e.name} in the tar archive`);
+          return streamed(e.size, await nestedChecked(bytes, name, e.name));
         }
         throw noEntry(name, 'tar', options.entry, seen);
       }
@@ -254,7 +292,7 @@ export async function openContainerStream(
         const found = await openZipStream(reader, name, pick, seen);
         if (found === undefined) throw noEntry(name, 'zip', options.entry, seen);
         report.entry = found.entry.name;
-        return streamed(found.entry.size, found.bytes);
+        return streamed(found.entry.size, await nestedChecked(found.bytes, name, found.entry.name));
       }
       default:
         throw new BlksyncError(
