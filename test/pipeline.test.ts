@@ -511,6 +511,33 @@ test('a failing diff and a failing sink end the run with their error and release
   assert.equal(t2.released, t2.loaded);
 });
 
+test('a failing chunk waits for its onChunk hook to settle before the run fails', async () => {
+  const size = 3 * CHUNK;
+  const { src, dst } = pair(size, [CHUNK]);
+  const target = new MemTarget(dst);
+  target.failDiffAt = CHUNK;
+  let hooksRunning = 0;
+  await assert.rejects(
+    runPipeline(
+      wholeImagePlan(size),
+      new MemSource(src),
+      target,
+      [],
+      options({
+        onChunk: async () => {
+          hooksRunning++;
+          await new Promise((resolve) => setTimeout(resolve, 5));
+          hooksRunning--;
+        },
+      }),
+    ).finally(() => {
+      // the hook may still be reading the chunk's buffer: the run ends only after it
+      assert.equal(hooksRunning, 0, 'the run failed while a hook still ran');
+    }),
+    /diff failed at 64/,
+  );
+});
+
 test('a failing onChunk hook ends the run with its error', async () => {
   const size = 3 * CHUNK;
   const { src, dst } = pair(size, []);
@@ -602,7 +629,7 @@ test('aborting mid-run stops after the chunk under way; what was written is repo
 test(
   'aborting while a read never finishes still ends the run, interrupted',
   { timeout: 20_000 },
-  async () => {
+  async (t) => {
     const size = 4 * CHUNK;
     const { src, dst } = pair(size, [0]);
     const source = new MemSource(src);
@@ -610,8 +637,10 @@ test(
     source.gate = (offset) => (offset === CHUNK ? stalled : undefined);
     const ac = new AbortController();
     const sink = new MemSink(Buffer.from(dst));
-    // a real stalled stream holds a handle open; this stands in for it
+    // a real stalled stream holds a handle open; this stands in for it until the test ends
+    // (also on a timeout: a pipeline that never returns must fail the test, not hang it)
     const handle = setInterval(() => {}, 1000);
+    t.after(() => clearInterval(handle));
     const r = await runPipeline(
       wholeImagePlan(size),
       source,
@@ -623,7 +652,7 @@ test(
           if (p.bytesScanned === CHUNK) setImmediate(() => ac.abort());
         },
       }),
-    ).finally(() => clearInterval(handle));
+    );
     assert.equal(r.interrupted, true);
     assert.equal(r.bytesScanned, CHUNK);
     assert.deepEqual(sink.writes, [{ offset: 0, length: BS }]);
