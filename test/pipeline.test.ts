@@ -17,7 +17,7 @@ import type {
   Sink,
   Source,
   TargetKnowledge,
-} from '../src/engine/types.js';
+} from '../src/types.js';
 import { seededBytes } from './helpers/tmp.js';
 
 const BS = 16;
