@@ -7,7 +7,7 @@
  */
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { buildSync } from 'esbuild';
@@ -16,6 +16,9 @@ import { AGENT_BUILD } from '../../src/remote/agent-payload.js';
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const ENTRY = fileURLToPath(new URL('./cli-entry.ts', import.meta.url));
 const AGENT_ENTRY = join(ROOT, 'src', 'remote', 'agent-entry.ts');
+
+const PREFIX = 'blksync-test-cli-';
+const STALE_MS = 24 * 60 * 60 * 1000;
 
 let bundle: string | undefined;
 
@@ -29,7 +32,17 @@ function cliBundle(): string {
   if (bundle !== undefined) return bundle;
   const cache = join(ROOT, 'node_modules', '.cache');
   mkdirSync(cache, { recursive: true });
-  const base = mkdtempSync(join(cache, 'blksync-test-cli-'));
+  // what a test process killed before its exit left behind, a day ago or more
+  for (const name of readdirSync(cache)) {
+    const old = join(cache, name);
+    if (
+      name.startsWith(PREFIX) &&
+      (statSync(old, { throwIfNoEntry: false })?.mtimeMs ?? Infinity) < Date.now() - STALE_MS
+    ) {
+      rmSync(old, { recursive: true, force: true });
+    }
+  }
+  const base = mkdtempSync(join(cache, PREFIX));
   process.once('exit', () => rmSync(base, { recursive: true, force: true }));
   const outdir = join(base, 'cli', 'bundle');
   buildSync({
