@@ -13,6 +13,8 @@ export type ErrorCode =
   | 'EDEST_KIND'
   | 'EDEST_MISSING'
   | 'EDEST_TOO_SMALL'
+  /** DST is a read-only block device (write-protect switch, `losetup -r`, `blockdev --setro`). */
+  | 'EDEST_READONLY'
   | 'EDEST_MOUNTED'
   | 'EDEST_BUSY'
   | 'EDEST_SHORT'
@@ -70,6 +72,20 @@ export type ErrorCode =
   | 'ESIG_UNKNOWN_KEY'
   /** --fingerprint or --keyring was given but the bmap has no signature. */
   | 'ESIG_MISSING';
+
+/** Stable warning codes: something worth knowing that does not stop the run. */
+export type WarningCode =
+  /** SRC is a block device mounted read-write: what is read may change while it is read. */
+  'WSRC_MOUNTED_RW';
+
+/** A warning the library reports through an `onWarning` callback; it never prints. */
+export interface BlksyncWarning {
+  code: WarningCode;
+  message: string;
+  path?: string;
+}
+
+export type WarningListener = (warning: BlksyncWarning) => void;
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

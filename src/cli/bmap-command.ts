@@ -45,7 +45,7 @@ export function registerBmap(program: Command, setExit: SetExit): void {
         }
       } catch (err) {
         bar?.clear();
-        const status = reportError(err, opts.debug === true);
+        const status = reportError(err, opts);
         const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
         setExit(interrupted ? intr.exitCode() : status);
       } finally {

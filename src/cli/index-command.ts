@@ -110,12 +110,9 @@ export function registerIndex(program: Command, setExit: SetExit): void {
         }
       } catch (err) {
         bar?.clear();
-        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
-          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
-          setExit(intr.exitCode());
-          return;
-        }
-        setExit(reportError(err, opts.debug === true));
+        const status = reportError(err, opts);
+        const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
+        setExit(interrupted ? intr.exitCode() : status);
       } finally {
         intr.dispose();
       }

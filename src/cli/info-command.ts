@@ -88,7 +88,7 @@ export function registerInfo(program: Command, setExit: SetExit): void {
         const d = await describeFile(file);
         process.stdout.write(opts.json === true ? `${JSON.stringify(d.json)}\n` : `${d.text}\n`);
       } catch (err) {
-        setExit(reportError(err, opts.debug === true));
+        setExit(reportError(err, opts));
       }
     });
 }

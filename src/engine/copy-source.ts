@@ -23,7 +23,12 @@ import { availableParallelism } from 'node:os';
 import { basename, extname } from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import {
+  BlksyncError,
+  fromSystemError,
+  isSystemError,
+  type WarningListener,
+} from '../errors.js';
 import type { Bmap } from '../formats/bmap.js';
 import {
   decompress,
@@ -77,6 +82,8 @@ export interface CopySourceOptions extends SignatureOptions {
    */
   size?: number | undefined;
   signal?: AbortSignal | undefined;
+  /** Told when SRC is a block device mounted read-write. */
+  onWarning?: WarningListener | undefined;
   /** Called as soon as a bmap's bytes are read, before its signature is checked and it is parsed. */
   onBmapFound?: (() => void) | undefined;
 }
@@ -414,7 +421,7 @@ async function openFound(
         source = streamed(rest, 'stdin', undefined);
       }
     } else {
-      const o = await openSource(src);
+      const o = await openSource(src, { onWarning: options.onWarning });
       cleanups.push(() => o.fh.close());
       opened = o;
       kind = o.kind;

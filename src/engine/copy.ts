@@ -7,16 +7,19 @@
  */
 
 import { unlink } from 'node:fs/promises';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, type WarningListener } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
 import {
   assertSeparateOutput,
+  assertWritableOutput,
   createTarget,
+  destinationTooSmall,
   inputOf,
   openTarget,
   type Opened,
 } from '../io/open.js';
+import { partlyWritten } from '../partial-write.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
 import type { IndexReport, IndexSession } from './index-target.js';
@@ -49,6 +52,8 @@ export interface CopyOptions {
   full?: boolean;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
+  /** Told of what does not stop the copy but should be known (SRC mounted read-write). */
+  onWarning?: WarningListener;
   /** Tuning: bytes per read (default 4 MiB) and reads in flight (default 4). */
   chunkSize?: number;
   depth?: number;
@@ -185,6 +190,14 @@ export async function copy(
     });
   }
 
+  // an index that cannot be written would fail only after DST is written: refuse it first
+  if (!dryRun) {
+    for (const out of [options.index, options.srcIndex]) {
+      if (typeof out === 'string' && out !== 'auto') {
+        await assertWritableOutput(out, 'index', 'EINDEX_WRITE');
+      }
+    }
+  }
   const source = await openCopySource(src, {
     bmap: options.bmap,
     noBmap: options.noBmap,
@@ -195,6 +208,7 @@ export async function copy(
     fingerprint: options.fingerprint,
     keyring: options.keyring,
     signal: options.signal,
+    onWarning: options.onWarning,
   });
   let target: Opened | undefined;
   let sink: Sink | undefined;
@@ -222,7 +236,9 @@ export async function copy(
       // and the rest stay holes
       if (found.fh !== undefined) {
         if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
+        if (found.kind === 'block-device' && source.size > 0) {
+          throw destinationTooSmall(dst, found.kind, 0, source.size);
+        }
         if (!dryRun) {
           await found.fh.truncate(source.size);
           madeDst = 'grown';
@@ -239,7 +255,9 @@ export async function copy(
     } else {
       target = found;
       if (source.sameAs(target.stats)) throw sameFileError(src, dst);
-      if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
+      if (target.size < source.size) {
+        throw destinationTooSmall(dst, target.kind, target.size, source.size);
+      }
       if (!full) source.adviseTarget(target.fh.fd);
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
@@ -392,7 +410,13 @@ export async function copy(
       if (madeDst === 'created') await unlink(dst).catch(() => {});
       else await target.fh.truncate(0).catch(() => {});
     }
-    throw err;
+    // after the first write, the error says so: how much, and that a rerun converges
+    throw partlyWritten(err, {
+      source: src,
+      destination: dst,
+      bytesWritten: fileSink?.bytesWritten ?? 0,
+      created: madeDst === 'created',
+    });
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});
@@ -448,18 +472,5 @@ function sameFileError(src: string, dst: string): BlksyncError {
     {
       path: dst,
     },
-  );
-}
-
-function tooSmall(dst: string, have: number, need: number): BlksyncError {
-  return new BlksyncError(
-    'EDEST_TOO_SMALL',
-    `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
-      ' (for a file: truncate -s ' +
-      String(need) +
-      ' ' +
-      dst +
-      ')',
-    { path: dst },
   );
 }
