@@ -143,7 +143,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       runOperation(
         opts,
         setExit,
-        ({ signal, onProgress }) =>
+        ({ signal, onProgress, onWarning }) =>
           copy(src, dst, {
             blockSize: opts.blockSize,
             dryRun: opts.dryRun === true,
@@ -165,6 +165,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
             signal,
+            onWarning,
             ...(onProgress ? { onProgress } : {}),
           }),
         copySummary,

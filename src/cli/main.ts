@@ -67,7 +67,8 @@ function refuseContradictions(cmd: Command<unknown[], OptionValues, OptionValues
       });
     }
   }
-  for (const sub of cmd.commands) refuseContradictions(sub as Command<unknown[], OptionValues, OptionValues>);
+  for (const sub of cmd.commands)
+    refuseContradictions(sub as Command<unknown[], OptionValues, OptionValues>);
 }
 
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */

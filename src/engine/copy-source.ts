@@ -23,12 +23,7 @@ import { availableParallelism } from 'node:os';
 import { basename, extname } from 'node:path';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import {
-  BlksyncError,
-  fromSystemError,
-  isSystemError,
-  type WarningListener,
-} from '../errors.js';
+import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
 import type { Bmap } from '../formats/bmap.js';
 import {
   decompress,
