@@ -72,6 +72,14 @@ function printLine(text: string): void {
   process.stderr.write(`${escapeControl(text)}\n`);
 }
 
+/**
+ * Prints a summary (several lines, each escaped: paths, signers' names and remote hosts come
+ * from outside too).
+ */
+export function printText(out: NodeJS.WritableStream, text: string): void {
+  out.write(`${text.split('\n').map(escapeControl).join('\n')}\n`);
+}
+
 /** Prints a library warning: `blksync: warning: message [CODE]` on stderr. */
 export function printWarning(w: BlksyncWarning): void {
   printLine(`blksync: warning: ${w.message} [${w.code}]`);
@@ -200,14 +208,14 @@ export async function runOperation<R extends object>(
     if (opts.json === true) {
       const withWarnings = warnings.length > 0 ? { ...result, warnings } : result;
       out.write(`${JSON.stringify(withWarnings)}\n`);
-    } else if (opts.quiet !== true) out.write(`${summarize(result)}\n`);
+    } else if (opts.quiet !== true) printText(out, summarize(result));
     setExit(options.exitCode?.(result) ?? 0);
   } catch (err) {
     bar?.clear();
     const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
     const partial = err instanceof BlksyncError ? (err.partial as R | undefined) : undefined;
     if (partial !== undefined && interrupted && opts.json !== true && opts.quiet !== true) {
-      out.write(`${summarize(partial)}\n`);
+      printText(out, summarize(partial));
     }
     const status = reportError(err, opts, { out, warnings });
     setExit(interrupted ? intr.exitCode() : (options.errorExit?.(status) ?? status));

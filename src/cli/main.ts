@@ -67,8 +67,7 @@ function refuseContradictions(cmd: Command<unknown[], OptionValues, OptionValues
       });
     }
   }
-  for (const sub of cmd.commands)
-    refuseContradictions(sub as Command<unknown[], OptionValues, OptionValues>);
+  for (const sub of cmd.commands) refuseContradictions(sub);
 }
 
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */
