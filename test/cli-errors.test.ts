@@ -80,6 +80,18 @@ test('a file name with ESC and BEL is printed escaped: nothing reaches the termi
   assert.ok(parsed.error.message.includes(hostile));
 });
 
+test('no message tells a user to delete their image (an image given as --index by mistake)', async (t) => {
+  const dir = await tempDir(t);
+  const image = join(dir, 'disk.img');
+  await writeFile(image, Buffer.alloc(64 * 1024, 7));
+  const src = join(dir, 'src.img');
+  await writeFile(src, Buffer.alloc(64 * 1024, 8));
+  const r = await runCli(['copy', src, join(dir, 'dst.img'), '--index', image]);
+  assert.equal(r.code, 1);
+  assert.match(firstLine(r.stderr), /disk\.img is not a usable blksync index.*\[EINDEX_FORMAT\]$/);
+  assert.doesNotMatch(r.stderr, /delete|remove it|\brm\b/i);
+});
+
 test('escapeControl keeps text and UTF-8, escapes C0, DEL and C1 (a newline too: one line)', () => {
   assert.equal(escapeControl('disk é.img'), 'disk é.img');
   assert.equal(escapeControl('a\x1b[31mb\x07c'), 'a\\x1b[31mb\\x07c');
