@@ -308,8 +308,9 @@ export async function assertSeparateOutput(
 
 /**
  * Refuses, before anything is written, an output file that cannot be written when its turn
- * comes: its directory is missing, not a directory, or not writable (a new file is created
- * there, or a temporary renamed into place), or the file itself is not writable.
+ * comes: its directory is missing, not a directory, or not writable. Outputs are written
+ * through a temporary beside them, renamed into place, so the directory is what must be
+ * writable (a read-only file there is replaced all the same).
  */
 export async function assertWritableOutput(
   output: string,
@@ -330,9 +331,6 @@ export async function assertWritableOutput(
   }
   try {
     await access(dir, constants.W_OK);
-    await access(output, constants.W_OK).catch((err: unknown) => {
-      if (!(isSystemError(err) && err.code === 'ENOENT')) throw err;
-    });
   } catch (err) {
     throw fromSystemError(code, `cannot write ${what}`, output, err);
   }
