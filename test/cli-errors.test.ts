@@ -30,6 +30,7 @@ test("commander's own errors have the project's form: blksync: message [EUSAGE],
     ['bmap'], // no subcommand
     ['diff', 'a', 'b'], // a required option missing
     ['copy', '--ssh'], // an option without its value
+    ['copy', '--jsn', 'a', 'b'], // a suggestion follows on commander's second line
   ]) {
     const r = await runCli(args);
     assert.equal(r.code, 2, `${args.join(' ')}: exit ${r.code}\n${r.stderr}`);
@@ -37,6 +38,7 @@ test("commander's own errors have the project's form: blksync: message [EUSAGE],
     assert.match(line, FIRST_LINE, `${args.join(' ')}: ${r.stderr}`);
     assert.match(line, /\[EUSAGE\]$/, args.join(' '));
     assert.doesNotMatch(line, /error: /, 'no commander prefix inside the message');
+    assert.doesNotMatch(line, /\\x0a/, 'one line, no escaped newline');
   }
 });
 

@@ -88,7 +88,8 @@ export function printWarning(w: BlksyncWarning): void {
 /** commander's own errors, with the project's codes: every one of them is a usage error. */
 function usageMessage(err: CommanderError): string {
   if (err.code === 'commander.help') return 'a command is needed';
-  return err.message.replace(/^error: /, '');
+  // "unknown option '--jsn'\n(Did you mean --json?)": one line
+  return err.message.replace(/^error: /, '').replace(/\s*\n\s*/g, ' ');
 }
 
 export interface ReportOptions {
