@@ -19,12 +19,20 @@ export interface PartialWrite {
  * callers still switch on ESRC_SHORT, EWRITE, ... An error that already carries a partial
  * result (EINTERRUPTED), or a run that wrote nothing, is returned as it is.
  */
-export function partlyWritten(err: unknown, partial: PartialWrite): unknown {
+export function partlyWritten(
+  err: unknown,
+  partial: PartialWrite,
+  options: { allWritten?: boolean } = {},
+): unknown {
   if (!(err instanceof BlksyncError) || err.partial !== undefined) return err;
   if (partial.bytesWritten <= 0) return err;
+  // allWritten: the failure came after every differing block was written (index, verify)
+  const state =
+    options.allWritten === true
+      ? `was written (${formatBytes(partial.bytesWritten)}) before the failure`
+      : `was partly written (${formatBytes(partial.bytesWritten)} written before the failure, the rest as it was)`;
   const message =
-    `${err.message}; ${partial.destination} was partly written ` +
-    `(${formatBytes(partial.bytesWritten)} written before the failure, the rest as it was): ` +
+    `${err.message}; ${partial.destination} ${state}: ` +
     'rerun the same command once the cause is fixed, it writes only what still differs and converges';
   const wrapped = new BlksyncError(err.code, message, {
     cause: err.cause ?? err,

@@ -218,6 +218,8 @@ export async function copy(
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
   let madeDst: 'created' | 'grown' | undefined;
+  // every differing block was written: a failure after that (index, verify) left DST whole
+  let allWritten = false;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -344,6 +346,7 @@ export async function copy(
       buffers: index?.buffers,
     });
     await sink?.finish();
+    allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
     if (verifying !== undefined && !run.interrupted && target !== undefined) {
       // after finish(): fsynced, so the read-back sees what the medium holds
@@ -411,12 +414,16 @@ export async function copy(
       else await target.fh.truncate(0).catch(() => {});
     }
     // after the first write, the error says so: how much, and that a rerun converges
-    throw partlyWritten(err, {
-      source: src,
-      destination: dst,
-      bytesWritten: fileSink?.bytesWritten ?? 0,
-      created: madeDst === 'created',
-    });
+    throw partlyWritten(
+      err,
+      {
+        source: src,
+        destination: dst,
+        bytesWritten: fileSink?.bytesWritten ?? 0,
+        created: madeDst === 'created',
+      },
+      { allWritten },
+    );
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});
