@@ -52,8 +52,6 @@ export interface CopyOptions {
   full?: boolean;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
-  /** Told of what does not stop the copy but should be known (SRC mounted read-write). */
-  onWarning?: WarningListener;
   /** Tuning: bytes per read (default 4 MiB) and reads in flight (default 4). */
   chunkSize?: number;
   depth?: number;
@@ -98,6 +96,16 @@ export interface CopyOptions {
   remote?: RemoteOptions;
   /** Both ends remote: SRC's host sends to DST's host itself, not through this machine. */
   direct?: boolean;
+  /**
+   * Seconds a peer (a web server) may stay silent while an answer is due before the copy
+   * fails with ETIMEOUT (default DEFAULT_TIMEOUT_S in limits.ts). Idle time, not total time.
+   */
+  timeout?: number;
+  /**
+   * Told of problems worked around (a URL probed for a bmap or signature that answered a
+   * page) and of what does not stop the copy but should be known (SRC mounted read-write).
+   */
+  onWarning?: WarningListener;
 }
 
 export interface CopyResult {
@@ -208,6 +216,7 @@ export async function copy(
     fingerprint: options.fingerprint,
     keyring: options.keyring,
     signal: options.signal,
+    timeout: options.timeout,
     onWarning: options.onWarning,
   });
   let target: Opened | undefined;
