@@ -75,6 +75,10 @@ test('a file name with ESC and BEL is printed escaped: nothing reaches the termi
   assert.ok(!r.stderr.includes('\x1b') && !r.stderr.includes('\x07'), 'no raw ESC or BEL');
   assert.match(firstLine(r.stderr), FIRST_LINE);
   assert.ok(r.stderr.includes('evil\\x1b]0;pwned\\x07\\x1b[2J.img'), r.stderr);
+  // the stack (--debug) repeats the message: escaped too
+  const debug = await runCli(['copy', '--debug', hostile, join(dir, 'dst.img')]);
+  assert.ok(!debug.stderr.includes('\x1b') && !debug.stderr.includes('\x07'), 'no raw ESC or BEL');
+  assert.match(debug.stderr, /\n\s+at /, 'the stack is there');
   // in JSON the string is escaped by JSON itself, and keeps the name exactly
   const j = await runCli(['copy', '--json', hostile, join(dir, 'dst.img')]);
   assert.ok(!j.stdout.includes('\x1b') && !j.stdout.includes('\x07'));

@@ -137,7 +137,7 @@ export function reportError(err: unknown, opts: OutputOptions, report: ReportOpt
       help !== undefined && help !== '' ? `${help}\n` : '(run blksync --help for usage)\n',
     );
   } else if (opts.debug === true && err instanceof Error && err.stack !== undefined) {
-    process.stderr.write(`${err.stack}\n`);
+    printText(process.stderr, err.stack);
   }
   if (opts.json === true) {
     const partial =
