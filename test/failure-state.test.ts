@@ -14,7 +14,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { describe, test, type TestContext } from 'node:test';
 import { runCli, type CliResult } from './helpers/cli.js';
 import {
   attachLoop,
@@ -25,6 +25,7 @@ import {
   readDevice,
   run,
 } from './helpers/loop.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
@@ -271,4 +272,26 @@ test('SRC a device mounted read-write: copied with a warning; mounted read-only:
   const ro = await runCli(['copy', dev, out]);
   assert.equal(ro.code, 0, ro.stderr);
   assert.doesNotMatch(ro.stderr, /warning/);
+});
+
+describe('over ssh', () => {
+  const server = sharedSshd();
+
+  test('a push whose local stream is cut short after writes began: the same partial-write message and JSON', async (t) => {
+    const s = server(t);
+    if (s === undefined) return;
+    const { image, dst } = await imageAndDst(t);
+    const gz = execFileSync('gzip', ['-1', '-c'], { input: image, maxBuffer: 64 * MiB });
+    const cut = gz.subarray(0, Math.floor(gz.length * 0.6));
+    const r = await runCli(
+      ['copy', '--json', '--ssh', s.ssh, '--size', String(image.length), '-', `${s.host}:${dst}`],
+      { input: cut },
+    );
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr.split('\n')[0]!, /\[ESRC_SHORT\]$/);
+    assertPartlyWritten(r.stderr, dst);
+    const obj = errorObject(r);
+    assert.equal(obj.error.code, 'ESRC_SHORT');
+    assert.ok((obj.bytesWritten ?? 0) > 0, `bytesWritten ${obj.bytesWritten}`);
+  });
 });

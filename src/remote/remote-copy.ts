@@ -19,6 +19,7 @@
 
 import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
+import { partlyWritten } from '../partial-write.js';
 import {
   DEFAULT_VERIFY_SAMPLE,
   type IndexSession,
@@ -375,10 +376,11 @@ async function connectionLost(
     return new BlksyncError(
       'ECONNECTION_LOST',
       `${err.message}; ${formatBytes(written)} had been written to ${dst}; rerun the same command to finish`,
-      { cause: err },
+      { cause: err, partial: { destination: dst, bytesWritten: written } },
     );
   }
-  return err;
+  // any other failure after writes began (a local SRC cut short) says so as a local copy does
+  return partlyWritten(err, { destination: dst, bytesWritten: written });
 }
 
 function interrupted(result: CopyResult): BlksyncError {
