@@ -95,8 +95,6 @@ function usageMessage(err: CommanderError): string {
 export interface ReportOptions {
   /** Where the JSON error object goes (default stdout). */
   out?: NodeJS.WritableStream;
-  /** The partial result of a run that failed half-way (fields of the JSON error object). */
-  partial?: object;
   /** Warnings given before the failure (JSON: `warnings`). */
   warnings?: readonly BlksyncWarning[];
   /** Text commander wrote for this error (its help), shown after the error line. */
@@ -140,11 +138,12 @@ export function reportError(err: unknown, opts: OutputOptions, report: ReportOpt
     printText(process.stderr, err.stack);
   }
   if (opts.json === true) {
-    const partial =
-      report.partial ??
-      (err instanceof BlksyncError && typeof err.partial === 'object' && err.partial !== null
-        ? err.partial
-        : {});
+    // what the run had done, when known (an interrupted copy's summary, bytes written)
+    const partial: Record<string, unknown> =
+      err instanceof BlksyncError && typeof err.partial === 'object' && err.partial !== null
+        ? { ...(err.partial as Record<string, unknown>) }
+        : {};
+    delete partial.error;
     const warnings =
       report.warnings !== undefined && report.warnings.length > 0
         ? { warnings: report.warnings }
