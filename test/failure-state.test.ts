@@ -294,4 +294,23 @@ describe('over ssh', () => {
     assert.equal(obj.error.code, 'ESRC_SHORT');
     assert.ok((obj.bytesWritten ?? 0) > 0, `bytesWritten ${obj.bytesWritten}`);
   });
+
+  test('a push onto a read-only remote device is refused by the agent at open: EDEST_READONLY', async (t) => {
+    const s = server(t);
+    if (s === undefined) return;
+    if (!needLoop(t)) return;
+    const dir = await tempDir(t);
+    const old = seededBytes(4 * MiB, 61);
+    const backing = join(dir, 'backing.img');
+    await writeFile(backing, old);
+    const { stdout } = await run('losetup', ['-f', '--show', '-r', backing]);
+    const dev = stdout.trim();
+    t.after(() => run('losetup', ['-d', dev]));
+    const src = join(dir, 'src.img');
+    await writeFile(src, seededBytes(4 * MiB, 62));
+    const r = await runCli(['copy', '--ssh', s.ssh, src, `${s.host}:${dev}`]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr.split('\n')[0]!, /read-only.*\[EDEST_READONLY\]$/);
+    assert.ok((await readDevice(dev, old.length)).equals(old), 'device untouched');
+  });
 });
