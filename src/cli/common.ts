@@ -87,7 +87,7 @@ export function printWarning(w: BlksyncWarning): void {
 
 /** commander's own errors, with the project's codes: every one of them is a usage error. */
 function usageMessage(err: CommanderError): string {
-  if (err.code === 'commander.help') return 'a command is needed';
+  if (err.code === 'commander.help') return 'a known command is needed: see the list below';
   // "unknown option '--jsn'\n(Did you mean --json?)": one line
   return err.message.replace(/^error: /, '').replace(/\s*\n\s*/g, ' ');
 }
