@@ -358,6 +358,8 @@ async function connectionLost(
   dst: string,
   written: number,
   signal: AbortSignal | undefined,
+  /** Push: bytes sent as DATA; the agent writes what it received before it exits. */
+  sent = 0,
 ): Promise<unknown> {
   if (err instanceof BlksyncError && err.code === 'ECONNECTION_LOST') {
     if (signal !== undefined && !signal.aborted) {
@@ -380,7 +382,7 @@ async function connectionLost(
     );
   }
   // any other failure after writes began (a local SRC cut short) says so as a local copy does
-  return partlyWritten(err, { destination: dst, bytesWritten: written });
+  return partlyWritten(err, { destination: dst, bytesWritten: Math.max(written, sent) });
 }
 
 function interrupted(result: CopyResult): BlksyncError {
@@ -576,7 +578,13 @@ async function push(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw await connectionLost(err, dst, link?.bytesConfirmed ?? 0, options.signal);
+    throw await connectionLost(
+      err,
+      dst,
+      link?.bytesConfirmed ?? 0,
+      options.signal,
+      link?.dataBytes ?? 0,
+    );
   } finally {
     await refiner?.stop();
     await scanner?.stop();
