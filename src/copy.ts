@@ -14,7 +14,7 @@
 
 import { BlksyncError } from './errors.js';
 import { copyLocal } from './engine/copy.js';
-import { assertWritableOutput } from './io/open.js';
+import { checkOutput } from './io/output-file.js';
 import {
   resolveCopyOptions,
   type CopyResult,
@@ -80,14 +80,14 @@ export async function copy(
 
 /**
  * An index kept here (local DST: a local copy or a pull) that cannot be written would fail
- * only after DST is written: its directory is checked before anything is read. The cache
- * (`auto`) is checked where it is opened.
+ * only after DST is written: it is checked (its kind, its directory) before anything is read.
+ * The cache (`auto`) is checked where it is opened.
  */
 async function assertIndexesWritable(options: ResolvedCopyOptions): Promise<void> {
   if (options.dryRun) return;
   for (const out of [options.index, options.srcIndex]) {
     if (typeof out === 'string' && out !== 'auto' && parseRemote(out) === undefined) {
-      await assertWritableOutput(out, 'index', 'EINDEX_WRITE');
+      await checkOutput(out, { what: 'index', code: 'EINDEX_WRITE' });
     }
   }
 }

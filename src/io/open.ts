@@ -7,15 +7,9 @@
  */
 
 import { constants, type Stats } from 'node:fs';
-import { access, open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import {
-  BlksyncError,
-  fromSystemError,
-  type ErrorCode,
-  isSystemError,
-  type WarningListener,
-} from '../errors.js';
+import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
 import { formatBytes } from '../size.js';
 import {
   blockDeviceSize,
@@ -303,36 +297,6 @@ export async function assertSeparateOutput(
     throw new BlksyncError('EDEST_KIND', `${output} is a block device; write it to a file`, {
       path: output,
     });
-  }
-}
-
-/**
- * Refuses, before anything is written, an output file that cannot be written when its turn
- * comes: its directory is missing, not a directory, or not writable. Outputs are written
- * through a temporary beside them, renamed into place, so the directory is what must be
- * writable (a read-only file there is replaced all the same).
- */
-export async function assertWritableOutput(
-  output: string,
-  what: string,
-  code: ErrorCode,
-): Promise<void> {
-  const dir = dirname(resolve(output));
-  let dirStat: Stats;
-  try {
-    dirStat = await stat(dir);
-  } catch (err) {
-    throw fromSystemError(code, `cannot write ${what}`, output, err);
-  }
-  if (!dirStat.isDirectory()) {
-    throw new BlksyncError(code, `cannot write ${what} ${output}: ${dir} is not a directory`, {
-      path: output,
-    });
-  }
-  try {
-    await access(dir, constants.W_OK);
-  } catch (err) {
-    throw fromSystemError(code, `cannot write ${what}`, output, err);
   }
 }
 
