@@ -162,7 +162,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
-    .option('-q, --quiet', 'print nothing but errors')
+    .option('-q, --quiet', 'print nothing but errors and warnings')
     .option('--debug', 'show stack traces on errors')
     .action((src, dst, opts) =>
       runOperation(
