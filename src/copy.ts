@@ -49,8 +49,10 @@ export async function copy(
       '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
     );
   }
-  if (to === undefined) await assertIndexesWritable(resolved);
-  if (from === undefined && to === undefined) return copyLocal(src, dst, resolved);
+  if (from === undefined && to === undefined) {
+    await assertIndexesWritable(resolved);
+    return copyLocal(src, dst, resolved);
+  }
 
   // loaded only for a remote end: a local copy does not pay for ssh's modules. A push reads
   // its local SRC as a local copy does, signature checks included; a remote SRC's bmap is
@@ -58,6 +60,7 @@ export async function copy(
   const remote = { ...resolved, ...options.remote, direct: options.direct === true };
   const { checkRemoteCopy, compressedRemote } = await import('./remote/copy/options.js');
   checkRemoteCopy(from, to, remote);
+  if (to === undefined) await assertIndexesWritable(resolved);
   if (from === undefined) {
     const { push } = await import('./remote/copy/push.js');
     return push(src, dst, to!, remote);
