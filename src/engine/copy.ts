@@ -14,10 +14,12 @@ import type { FileSink } from '../io/file-sink.js';
 import {
   assertSeparateOutput,
   createTarget,
+  destinationTooSmall,
   inputOf,
   openTarget,
   type Opened,
 } from '../io/open.js';
+import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-target.js';
 import { openCopySource, type CopySource } from './copy-source.js';
@@ -52,6 +54,8 @@ export async function copyLocal(
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
   let madeDst: 'created' | 'grown' | undefined;
+  // every differing block was written: a failure after that (index, verify) left DST whole
+  let allWritten = false;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -74,7 +78,9 @@ export async function copyLocal(
       // and the rest stay holes
       if (found.fh !== undefined) {
         if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
+        if (found.kind === 'block-device' && source.size > 0) {
+          throw destinationTooSmall(dst, found.kind, 0, source.size);
+        }
         if (!dryRun) {
           await found.fh.truncate(source.size);
           madeDst = 'grown';
@@ -91,7 +97,9 @@ export async function copyLocal(
     } else {
       target = found;
       if (source.sameAs(target.stats)) throw sameFileError(src, dst);
-      if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
+      if (target.size < source.size) {
+        throw destinationTooSmall(dst, target.kind, target.size, source.size);
+      }
       if (!full) source.adviseTarget(target.fh.fd);
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
@@ -183,6 +191,7 @@ export async function copyLocal(
       buffers: index?.buffers,
     });
     await sink?.finish();
+    allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
     if (verifying !== undefined && !run.interrupted && target !== undefined) {
       // after finish(): fsynced, so the read-back sees what the medium holds
@@ -249,7 +258,17 @@ export async function copyLocal(
       if (madeDst === 'created') await unlink(dst).catch(() => {});
       else await target.fh.truncate(0).catch(() => {});
     }
-    throw err;
+    // after the first write, the error says so: how much, and that a rerun converges
+    throw partlyWritten(
+      err,
+      {
+        source: src,
+        destination: dst,
+        bytesWritten: fileSink?.bytesWritten ?? 0,
+        created: madeDst === 'created',
+      },
+      { allWritten },
+    );
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});
@@ -327,18 +346,5 @@ function sameFileError(src: string, dst: string): BlksyncError {
     {
       path: dst,
     },
-  );
-}
-
-function tooSmall(dst: string, have: number, need: number): BlksyncError {
-  return new BlksyncError(
-    'EDEST_TOO_SMALL',
-    `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
-      ' (for a file: truncate -s ' +
-      String(need) +
-      ' ' +
-      dst +
-      ')',
-    { path: dst },
   );
 }
