@@ -19,7 +19,8 @@ import {
 } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
-import type { IndexReport, IndexSession } from './index-target.js';
+import type { IndexSession } from './index-session.js';
+import type { IndexReport } from './index-target.js';
 import { openCopySource, type BmapReport, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
@@ -60,8 +61,10 @@ export interface CopyOptions {
    * cache's, which `index: "auto"` implies; false: none.
    */
   srcIndex?: string | false;
-  /** Replace an index that does not match DST instead of refusing. */
+  /** Read DST once and write a fresh index, whatever the old one says. */
   rebuildIndex?: boolean;
+  /** Use the index although nothing vouches that DST is unchanged (the user does). */
+  trustIndex?: boolean;
   /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
   verifySample?: number;
   /** Worker threads hashing for the index (default: one per core, at most 4). */
@@ -260,7 +263,7 @@ export async function copy(
         );
       }
       // loaded only when asked for: a plain copy does not pay for hashing's modules
-      const indexing = await import('./index-target.js');
+      const indexing = await import('./index-session.js');
       index = await indexing.IndexSession.open({
         index: options.index,
         dst: target,
@@ -283,6 +286,7 @@ export async function copy(
           : {}),
         chunkSize,
         rebuild: options.rebuildIndex === true,
+        trust: options.trustIndex === true,
         verifySample: options.verifySample ?? indexing.DEFAULT_VERIFY_SAMPLE,
         full,
         dryRun,
@@ -346,6 +350,7 @@ export async function copy(
       };
     }
     if (!run.interrupted) await index?.commit();
+    else await index?.settle();
     const result: CopyResult = {
       source: src,
       destination: dst,

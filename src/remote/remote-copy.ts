@@ -19,11 +19,8 @@
 
 import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
-import {
-  DEFAULT_VERIFY_SAMPLE,
-  type IndexSession,
-  type IndexTarget,
-} from '../engine/index-target.js';
+import type { IndexSession } from '../engine/index-session.js';
+import { DEFAULT_VERIFY_SAMPLE, type IndexTarget } from '../engine/index-target.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { cachedIndexPath } from '../io/cache-dir.js';
 import { identityOf } from '../io/identity.js';
@@ -116,6 +113,8 @@ export interface RemoteCopyOptions extends RemoteOptions, CopySourceOptions {
   /** An index of the remote DST kept here (push only): see remote-index.ts. */
   index?: string;
   rebuildIndex?: boolean;
+  /** --trust-index: the user vouches that DST holds what its index says. */
+  trustIndex?: boolean;
   verifySample?: number;
   /** Tuning (tests): bytes a pull's index marks as possibly dirty at a time. */
   indexCheckpointBytes?: number;
@@ -437,7 +436,7 @@ async function push(
     }
     const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
-      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+      found = await readIndexIfAny(options.index);
     }
     // an index that may be used makes the agent's scan of DST needless
     const mayUseIndex = found !== undefined && 'index' in found;
@@ -480,6 +479,7 @@ async function push(
           ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
           rebuild: options.rebuildIndex === true,
+          trust: options.trustIndex === true,
           verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
           full,
           dryRun,
@@ -670,7 +670,7 @@ async function pull(
         await assertSeparateOutput(options.index, [inputOf(target, 'the destination')]);
       }
       // the index describes the local DST: the local copy's IndexSession keeps it
-      const kept = await import('../engine/index-target.js');
+      const kept = await import('../engine/index-session.js');
       index = await kept.IndexSession.open({
         index: options.index,
         dst: target,
@@ -680,6 +680,7 @@ async function pull(
         blockSize: options.blockSizeGiven,
         chunkSize,
         rebuild: options.rebuildIndex === true,
+        trust: options.trustIndex === true,
         verifySample: options.verifySample ?? kept.DEFAULT_VERIFY_SAMPLE,
         full,
         dryRun,
@@ -1156,6 +1157,7 @@ function agentIndexHello(
     blockSizeGiven: blockSize !== undefined,
     chunkSize,
     rebuild: options.rebuildIndex === true,
+    ...(options.trustIndex === true ? { trust: true } : {}),
     verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
     full: options.full === true,
     topDigest: true,
@@ -1325,7 +1327,7 @@ async function digestBlockFor(
     if (target === undefined) return made;
     path = cachedIndexPath(await identityOf(dst, target.stats, target.size));
   }
-  const found = await readIndexIfAny(path, true).catch(() => undefined);
+  const found = await readIndexIfAny(path).catch(() => undefined);
   const bs = found !== undefined && 'index' in found ? found.index.blockSize : made;
   // an index whose blocks do not divide the chunk is refused by the IndexSession anyway
   return chunkSize % bs === 0 ? bs : made;
