@@ -338,9 +338,12 @@ export async function copy(
         units: digests!.units(),
         algorithm: digests!.algorithm,
       };
+      const session = index;
       const r = await verifying.verifyWritten(dst, expected.units, expected.algorithm, {
         fd: target.fh.fd,
         signal: options.signal,
+        // with an index: which blocks differ, and the index marked stale over them
+        explain: session && ((bad) => session.verifyFailed(bad)),
       });
       verified = {
         ...r,

@@ -72,7 +72,7 @@ export type IndexDecision =
   | { action: 'refuse'; error: BlksyncError };
 
 const WHAT_TO_DO = (dst: string): string =>
-  `pass --rebuild-index to read ${dst} once and rebuild the index, or --trust-index if you know ${dst} holds what the index says`;
+  `Pass --rebuild-index to read ${dst} once and rebuild the index, or --trust-index if you know ${dst} holds what the index says`;
 
 /** Decides what to do with an index of DST; pure: every fact is gathered by the caller. */
 export function decideIndex(f: IndexFacts): IndexDecision {
@@ -195,7 +195,7 @@ export function unvouchedSince(
   const then = BigInt(s.sectorsWritten);
   const count = BigInt(now.sectorsWritten);
   if (count > then) {
-    return `${(count - then).toString()} sectors were written to ${dst} since the index was written, not by this index's copy`;
+    return `${(count - then).toString()} sectors were written to ${dst} since the index was written (not by blksync)`;
   }
   if (count < then) {
     return `the kernel's write counter of ${dst} started again (it was detached and attached again since the index was written)`;

@@ -15,6 +15,7 @@
  */
 
 import { rm, stat } from 'node:fs/promises';
+import { BlksyncError } from '../errors.js';
 import {
   readIndexIfAny,
   type IndexFile,
@@ -39,6 +40,7 @@ import {
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
 import { SourceIndex, type SourceIndexOptions } from './source-index.js';
 import type { Plan, Sink, Source } from './types.js';
+import type { VerifyUnit } from './verify-written.js';
 
 export { DEFAULT_VERIFY_SAMPLE } from './index-target.js';
 
@@ -54,6 +56,15 @@ const HASH_READ_BYTES = 4 * 1024 * 1024;
 export const INLINE_HASH_MAX_BYTES = 32 * 1024 * 1024;
 /** At most this many index rewrites per copy: the marked range grows with the image. */
 export const MAX_CHECKPOINTS = 8;
+/** Spans of differing blocks named in a --verify failure; the rest are counted. */
+const MAX_BLOCK_SPANS_SHOWN = 8;
+
+/** "block 7 (bytes 458752-524287)" or "blocks 7-9 (bytes …)". */
+function describeBlocks(r: Range, bs: number): string {
+  const a = r.start / bs;
+  const b = Math.ceil(r.end / bs) - 1;
+  return `${a === b ? `block ${a}` : `blocks ${a}-${b}`} (bytes ${r.start}-${r.end - 1})`;
+}
 
 export interface IndexSessionOptions {
   /** Index file path, or "auto" for the cache directory keyed by DST's identity. */
@@ -336,6 +347,70 @@ export class IndexSession {
     await this.#write({ kind: 'clean' }, hashes);
     // every block of SRC was hashed: what this copy learnt about DST is SRC's content too
     await this.#source?.save(hashes);
+  }
+
+  /**
+   * `--verify` found `bad` ranges of DST that do not hold what SRC has: names the blocks that
+   * differ (reading those ranges and hashing them in the index's blocks) and marks the index
+   * in progress over them, so that the next copy compares them with SRC instead of trusting
+   * the index. Returns the error the copy fails with.
+   */
+  async verifyFailed(bad: readonly VerifyUnit[]): Promise<BlksyncError | undefined> {
+    const dst = this.#o.dst;
+    const table = this.target?.table ?? this.#collected?.table;
+    if (dst === undefined || table === undefined || bad.length === 0) return undefined;
+    const bs = this.blockSize;
+    const differing: Range[] = [];
+    const buf = Buffer.allocUnsafe(Math.max(bs, alignDown(HASH_READ_BYTES, bs)));
+    const hashes = Buffer.allocUnsafe((buf.length / bs) * HASH_BYTES);
+    for (const u of bad) {
+      for (let s = alignDown(u.start, bs); s < u.end;) {
+        const e = Math.min(this.#o.imageSize, alignUp(u.end, bs), s + buf.length);
+        const got = await readFully(dst.fh, buf, 0, e - s, s);
+        hashBlocksSync(buf, 0, got, bs, hashes, 0);
+        for (let b = s; b < e; b += bs) {
+          const h = ((b - s) / bs) * HASH_BYTES;
+          const t = (b / bs) * HASH_BYTES;
+          if (b - s < got && hashes.compare(table, t, t + HASH_BYTES, h, h + HASH_BYTES) === 0) {
+            continue;
+          }
+          const last = differing[differing.length - 1];
+          const end = Math.min(b + bs, this.#o.imageSize);
+          if (last !== undefined && last.end === b) last.end = end;
+          else differing.push({ start: b, end });
+        }
+        s = e;
+      }
+    }
+    const spans =
+      differing.length > 0 ? differing : bad.map((u) => ({ start: u.start, end: u.end }));
+    const first = alignDown(spans[0]!.start, bs);
+    const last = spans[spans.length - 1]!.end;
+    if (!this.#o.dryRun) {
+      // a bmap copy's table may not know the blocks outside its ranges: none of it is vouched
+      const partial = this.#o.partial !== undefined;
+      const dirty = partial ? { start: 0, end: this.#o.imageSize } : { start: first, end: last };
+      await dst.fh.sync();
+      await this.#write({ kind: 'in-progress', dirty }, table);
+    }
+    const shown = spans
+      .slice(0, MAX_BLOCK_SPANS_SHOWN)
+      .map((r) => describeBlocks(r, bs))
+      .join(', ');
+    const more =
+      spans.length > MAX_BLOCK_SPANS_SHOWN
+        ? ` and ${spans.length - MAX_BLOCK_SPANS_SHOWN} more`
+        : '';
+    const why =
+      this.target !== undefined
+        ? `the index said they already held it, so they were not compared: ${this.#o.dstPath} was changed behind the index's back`
+        : `${this.#o.dstPath} did not store what was written: check the medium (dmesg)`;
+    return new BlksyncError(
+      'EVERIFY',
+      `${this.#o.dstPath}: read back after the copy, ${shown}${more} (${bs}-byte blocks) do not hold what SRC has; ${why}. ` +
+        `The index ${this.path} is marked stale there: copy again to rewrite them`,
+      { path: this.#o.dstPath },
+    );
   }
 
   /**
