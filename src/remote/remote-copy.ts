@@ -872,6 +872,7 @@ async function pull(
       };
     }
     if (!run.interrupted) await index?.commit();
+    else await index?.settle();
     const result: RemoteCopyResult = {
       ...resultOf(session, src, dst, size, countsOf(run), {
         bytesRead: bytesRead(),
