@@ -29,7 +29,7 @@ import {
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
-import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
+import type { TargetIdentity } from '../io/identity.js';
 import { HashPool } from '../engine/hash-pool.js';
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import type { IndexSessionOptions } from '../engine/index-session.js';
