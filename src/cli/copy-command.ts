@@ -2,7 +2,9 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
+import type { SignatureReport } from '../io/signature.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
+import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -27,7 +29,7 @@ function copySummary(r: CopyResult): string {
     if (sig !== undefined) {
       lines.push(
         `signature ${sig.kind === 'clearsigned' ? '(clearsigned) ' : `${sig.path} `}good, by ${sig.signers.join(', ')} ` +
-          `(key ${sig.fingerprints.join(', ')}; checked with ${sig.verifiedWith})`,
+          `(key ${signingKeysText(sig)}; checked with ${sig.verifiedWith})`,
       );
     }
   }
@@ -61,6 +63,18 @@ function copySummary(r: CopyResult): string {
     );
   }
   return lines.join('\n');
+}
+
+/** The signers' primary keys, each with the subkey that signed when it is another. */
+function signingKeysText(sig: SignatureReport): string {
+  return sig.fingerprints
+    .map((primary, i) => {
+      const signing = sig.signingKeys[i];
+      return signing !== undefined && signing !== primary
+        ? `${primary}, signing subkey ${signing}`
+        : primary;
+    })
+    .join('; ');
 }
 
 function indexSummary(r: CopyResult): string {
@@ -141,6 +155,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
     )
+    .option(
+      '--timeout <seconds>',
+      `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
+      parseTimeout,
+    )
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -170,6 +189,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
+            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
             ...(onProgress ? { onProgress } : {}),
           }),
