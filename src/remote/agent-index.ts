@@ -93,6 +93,9 @@ export class AgentIndex {
   readonly #report: IndexWireReport;
   #removeBeforeWrite: boolean;
   #marked = false;
+  /** Where the range marked possibly dirty begins (it runs to the end), once marked. */
+  #markedFrom: number | undefined;
+  #committed = false;
 
   private constructor(
     path: string,
@@ -285,7 +288,21 @@ export class AgentIndex {
     // what an earlier, killed run wrote may be only in the page cache; the mark vouches for it
     await this.#dst.fh!.sync();
     await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
+    this.#markedFrom = start;
     this.#report.checkpoints++;
+  }
+
+  /**
+   * The run ended without DONE (blksync went away, interrupted) after DST's writes were
+   * synced: the in-progress index is written again with DST's identity now, so that this
+   * run's own writes (all inside the marked range, which stays untrusted) do not make the
+   * rerun distrust the rest (engine/index-policy.ts).
+   */
+  async settle(): Promise<void> {
+    const start = this.#markedFrom;
+    if (start === undefined || this.#committed || this.#dryRun) return;
+    await this.#dst.fh!.sync();
+    await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
   }
 
   /** DATA was written at `offset`. */
@@ -312,6 +329,7 @@ export class AgentIndex {
       this.#hashBlocks(s, buf, len);
     }
     await this.#write({ kind: 'clean' });
+    this.#committed = true;
   }
 
   report(): IndexWireReport {

@@ -672,6 +672,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   await direct?.close().catch(() => {});
   // make what was written durable, whether the link dropped or a frame was refused
   await opened?.sink?.finish().catch(() => {});
+  // an index marked in progress vouches again for what lies outside its marked range
+  await index?.settle().catch(() => {});
   await opened?.fh?.close().catch(() => {});
   await sendChain.catch(() => {});
   return failed ? 1 : 0;

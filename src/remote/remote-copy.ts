@@ -439,7 +439,7 @@ async function push(
       found = await readIndexIfAny(options.index);
     }
     // an index that may be used makes the agent's scan of DST needless
-    const mayUseIndex = found !== undefined && 'index' in found;
+    const mayUseIndex = found !== undefined && 'index' in found && options.rebuildIndex !== true;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
     link = await AgentLink.open(
       spec,
