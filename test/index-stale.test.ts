@@ -9,11 +9,11 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import type { CopyResult } from '../src/engine/copy.js';
+import { copy, type CopyResult } from '../src/engine/copy.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, holdExclusive, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
@@ -231,5 +231,40 @@ test('--verify failing names the blocks that differ and marks the index stale; a
   const again = await copyJson(args);
   assert.equal(again.index?.mode, 'used');
   assert.equal(again.bytesWritten, INDEX_BLOCK, 'the marked block was compared and rewritten');
+  assert.deepEqual(await readDevice(s.dev, SIZE), s.neu);
+});
+
+test('a device written by another program during the copy: the index written then vouches for none of it', async (t) => {
+  if (!needLoop(t)) return;
+  const s = await deviceSetup(t);
+  // the device differs from SRC only at 12 MiB: the block written behind blksync's back (at
+  // 2 MiB, already compared equal when it is written) is one blksync does not write itself
+  const near = Buffer.from(s.neu);
+  near.fill(0x11, 12 * MIB, 12 * MIB + 4096);
+  const fh = await open(s.dev, 'r+');
+  await fh.write(near, 0, SIZE, 0);
+  await fh.sync();
+  await fh.close();
+  // blksync holds the device with O_EXCL, which does not keep out a plain writer (dd)
+  const behind = 2 * MIB + 8192;
+  let wrote = false;
+  const r = await copy(s.src, s.dev, {
+    index: s.index,
+    verifySample: 2,
+    onProgress: (p) => {
+      if (wrote || p.bytesScanned < 8 * MIB) return;
+      wrote = true;
+      const fd = openSync(s.dev, 'r+');
+      writeSync(fd, Buffer.alloc(4096, 0x3c), 0, 4096, behind);
+      fsyncSync(fd);
+      closeSync(fd);
+    },
+  });
+  assert.ok(wrote, 'the write came while the copy ran');
+  assert.ok((r.index?.sectorsWrittenMeanwhile ?? 0) >= 8, JSON.stringify(r.index));
+  const left = await readIndexFile(s.index);
+  assert.deepEqual(left.state, { kind: 'in-progress', dirty: { start: 0, end: SIZE } });
+  const again = await copyJson([s.src, s.dev, '--index', s.index, '--verify-sample', '2']);
+  assert.equal(again.bytesWritten, INDEX_BLOCK, 'the block written meanwhile was put back');
   assert.deepEqual(await readDevice(s.dev, SIZE), s.neu);
 });

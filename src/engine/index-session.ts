@@ -25,6 +25,7 @@ import {
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { OwnWrites } from '../io/write-counter.js';
 import type { Opened } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
@@ -128,6 +129,10 @@ export class IndexSession {
   readonly #report: IndexReport;
   /** An old index at path that must go before DST changes (create mode). */
   #removeBeforeWrite: boolean;
+  /** DST's identity when the session opened: its write counter before this copy's writes. */
+  #openedAs: TargetIdentity | undefined;
+  /** The sectors this copy's writes add to DST's write counter. */
+  readonly #own = new OwnWrites();
   /** Where the first range marked possibly dirty began (undefined: nothing marked yet). */
   #markedFrom: number | undefined;
 
@@ -213,6 +218,7 @@ export class IndexSession {
       blockSizeReason: o.blockSizeReason,
     });
     let decision = decideIndex(facts);
+    let session: IndexSession | undefined;
     if (decision.action === 'use' && typeof found === 'object' && 'hashes' in found) {
       const dst = o.dst!; // an index is used only for a DST with an identity
       const target = new IndexTarget(found, o.imageSize, dst, o.chunkSize, pool);
@@ -224,21 +230,19 @@ export class IndexSession {
           sampled: target.sampledBlocks,
           onWord: decision.onWord,
         };
-        return new IndexSession(o, path, pool, use, undefined);
+        session = new IndexSession(o, path, pool, use, undefined);
+      } else {
+        decision = decideIndex({ ...facts, sampleMismatchAt: bad });
       }
-      decision = decideIndex({ ...facts, sampleMismatchAt: bad });
     }
-    switch (decision.action) {
-      case 'refuse':
-        throw decision.error;
-      case 'rebuild':
-        return new IndexSession(o, path, pool, undefined, {
-          reason: decision.reason,
-          oldExists: true,
-        });
-      default:
-        return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
-    }
+    if (decision.action === 'refuse') throw decision.error;
+    session ??= new IndexSession(o, path, pool, undefined, {
+      reason: decision.action === 'rebuild' ? decision.reason : undefined,
+      oldExists: decision.action === 'rebuild',
+    });
+    // DST's write counter before this copy's writes: what the index written after them vouches
+    session.#openedAs = id;
+    return session;
   }
 
   async #openSource(so: SourceIndexOptions): Promise<void> {
@@ -321,11 +325,23 @@ export class IndexSession {
     await this.#write({ kind: 'in-progress', dirty }, target.table);
   }
 
+  /** DST's bytes [offset, offset + length) are about to be written by this copy. */
+  ownWrite(offset: number, length: number): void {
+    this.#own.add(offset, length);
+  }
+
   async #write(state: IndexState, hashes: Buffer): Promise<void> {
     const dst = this.#o.dst!;
     const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
     const size = dst.stats.isBlockDevice() ? dst.size : st.size;
     const identity: TargetIdentity = await identityOf(dst.path, st, size);
+    const foreign = this.#own.foreign(this.#openedAs, identity);
+    if (foreign > 0n) {
+      // someone else wrote DST during this copy: the stamp would vouch for their writes too,
+      // so the index vouches for no block of DST (the next copy compares all of it)
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
+      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+    }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
       imageSize: this.#o.imageSize,
@@ -490,6 +506,7 @@ class IndexGuardSink implements Sink {
     } else if (offset + data.length > this.#markedEnd) {
       this.#markedEnd = await this.#session.checkpoint(offset);
     }
+    this.#session.ownWrite(offset, data.length);
     await this.#sink.write(data, offset);
   }
 

@@ -329,6 +329,12 @@ export interface IndexReport {
    * so (--trust-index). The summary says the index was trusted on the user's word.
    */
   trustedOnWord?: boolean;
+  /**
+   * Sectors of DST written by something other than this copy while it ran (the kernel's
+   * write counter moved more than its own writes account for): the index written then
+   * vouches for no block, and the next copy compares all of DST.
+   */
+  sectorsWrittenMeanwhile?: number;
   /** What was done with the index of SRC (--src-index, or implied by --index auto). */
   source?: SourceIndexReport;
 }

@@ -50,3 +50,38 @@ export async function writeStamp(rdev: number): Promise<WriteStamp | undefined> 
   if (boot === undefined || sectors === undefined) return undefined;
   return { bootId: boot, sectorsWritten: sectors.toString() };
 }
+
+/** The page cache writes whole pages back: a write's sectors are those of the pages it touches. */
+export const PAGE_BYTES = 4096;
+const SECTOR_BYTES = 512;
+
+/**
+ * The sectors blksync's own writes to a device add to its write counter, counted as the pages
+ * they touch (what writeback sends; measured equal on a loop device). Writes to the same page
+ * twice count twice, so the count errs high, never low.
+ */
+export class OwnWrites {
+  #sectors = 0n;
+
+  add(offset: number, length: number): void {
+    if (length <= 0) return;
+    const start = Math.floor(offset / PAGE_BYTES) * PAGE_BYTES;
+    const end = Math.ceil((offset + length) / PAGE_BYTES) * PAGE_BYTES;
+    this.#sectors += BigInt((end - start) / SECTOR_BYTES);
+  }
+
+  get sectors(): bigint {
+    return this.#sectors;
+  }
+
+  /**
+   * Sectors others wrote to the device between the stamps `before` and `now` (taken after
+   * blksync's own writes were synced), beyond these writes; 0 when the counter is unknown.
+   */
+  foreign(before: Partial<WriteStamp> | undefined, now: Partial<WriteStamp>): bigint {
+    if (before?.sectorsWritten === undefined || now.sectorsWritten === undefined) return 0n;
+    if (before.bootId !== now.bootId) return 0n;
+    const extra = BigInt(now.sectorsWritten) - BigInt(before.sectorsWritten) - this.#sectors;
+    return extra > 0n ? extra : 0n;
+  }
+}

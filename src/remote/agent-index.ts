@@ -33,6 +33,7 @@ import {
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { OwnWrites } from '../io/write-counter.js';
 import { assertSeparateOutput, sameFile } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
 import { sampleMismatch } from '../engine/index-sample.js';
@@ -96,6 +97,10 @@ export class AgentIndex {
   /** Where the range marked possibly dirty begins (it runs to the end), once marked. */
   #markedFrom: number | undefined;
   #committed = false;
+  /** DST's identity when the index was opened: its write counter before this run's writes. */
+  #openedAs: TargetIdentity | undefined;
+  /** The sectors this run's writes add to DST's write counter. */
+  readonly #own = new OwnWrites();
 
   private constructor(
     path: string,
@@ -205,12 +210,20 @@ export class AgentIndex {
       const use = { index: found, untrusted, onWord: decision.onWord };
       const used = new AgentIndex(path, found.blockSize, imageSize, dst, dryRun, use, undefined);
       const bad = await used.#verifySample(o.verifySample);
-      if (bad === undefined) return used;
+      if (bad === undefined) {
+        used.#openedAs = id;
+        return used;
+      }
       decision = decideIndex({ ...facts, sampleMismatchAt: bad });
     }
     if (decision.action === 'refuse') throw decision.error;
-    if (decision.action === 'rebuild') return make(decision.reason, true, path);
-    return make(undefined, false, path);
+    const made = make(
+      decision.action === 'rebuild' ? decision.reason : undefined,
+      decision.action === 'rebuild',
+      path,
+    );
+    made.#openedAs = id;
+    return made;
   }
 
   /** Reads `count` trusted blocks (first, last, then random) and checks them; the first bad one. */
@@ -307,6 +320,7 @@ export class AgentIndex {
 
   /** DATA was written at `offset`. */
   wrote(offset: number, raw: Buffer): void {
+    this.#own.add(offset, raw.length);
     this.#hashBlocks(offset, raw, raw.length);
   }
 
@@ -363,6 +377,12 @@ export class AgentIndex {
       st,
       d.kind === 'file' ? st.size : d.size,
     );
+    const foreign = this.#own.foreign(this.#openedAs, identity);
+    if (foreign > 0n) {
+      // someone else wrote DST during this run: the stamp would vouch for their writes too
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
+      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+    }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
       imageSize: this.#imageSize,

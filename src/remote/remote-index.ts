@@ -30,6 +30,7 @@ import {
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
 import type { TargetIdentity } from '../io/identity.js';
+import { OwnWrites } from '../io/write-counter.js';
 import { HashPool } from '../engine/hash-pool.js';
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import type { IndexSessionOptions } from '../engine/index-session.js';
@@ -159,6 +160,8 @@ export class RemoteIndex {
   readonly #identity: TargetIdentity | undefined;
   readonly #report: IndexReport;
   #removeBeforeWrite: boolean;
+  /** The sectors this copy's writes add to DST's write counter. */
+  readonly #own = new OwnWrites();
 
   private constructor(
     o: RemoteIndexOptions,
@@ -278,6 +281,7 @@ export class RemoteIndex {
           first = false;
           await this.#beforeFirstWrite(offset);
         }
+        this.#own.add(offset, data.length);
         await sink.write(data, offset);
       },
       finish: () => sink.finish(),
@@ -325,6 +329,12 @@ export class RemoteIndex {
   }
 
   async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
+    const foreign = this.#own.foreign(this.#identity, identity);
+    if (foreign > 0n) {
+      // someone else wrote DST during this copy: the stamp would vouch for their writes too
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
+      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+    }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
       imageSize: this.#o.imageSize,
