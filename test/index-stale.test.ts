@@ -268,3 +268,40 @@ test('a device written by another program during the copy: the index written the
   assert.equal(again.bytesWritten, INDEX_BLOCK, 'the block written meanwhile was put back');
   assert.deepEqual(await readDevice(s.dev, SIZE), s.neu);
 });
+
+test('an interrupted copy stamps its index after its last sync: the rerun reads back only the marked range', async (t) => {
+  const dir = await tempDir(t);
+  const size = 24 * MIB;
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  const index = join(dir, 'dst.blkidx');
+  await writeFile(src, seededBytes(size, 91));
+  await writeFile(dst, seededBytes(size, 92));
+  await copy(src, dst, { index, chunkSize: MIB });
+  // the first 8 MiB stay as they are; every block after differs
+  const neu = Buffer.concat([
+    seededBytes(size, 91).subarray(0, 8 * MIB),
+    seededBytes(16 * MIB, 93),
+  ]);
+  await writeFile(src, neu);
+  const controller = new AbortController();
+  await assert.rejects(
+    copy(src, dst, {
+      index,
+      chunkSize: MIB,
+      indexCheckpointBytes: 2 * MIB,
+      signal: controller.signal,
+      onProgress: (p) => {
+        if (p.bytesScanned >= 12 * MIB) controller.abort();
+      },
+    }),
+    /interrupted/,
+  );
+  const left = await readIndexFile(index);
+  assert.equal(left.state.kind, 'in-progress');
+  const r = await copy(src, dst, { index, chunkSize: MIB });
+  assert.equal(r.index?.mode, 'used', r.index?.reason);
+  // from the first write (at 8 MiB) to the end; what lies before still vouched for
+  assert.equal(r.index.bytesReread, size - 8 * MIB);
+  assert.deepEqual(await readFile(dst), neu);
+});

@@ -19,10 +19,10 @@
 
 import { rm } from 'node:fs/promises';
 import { pickSampleBlocks } from '../engine/index-sample.js';
-import { BlksyncError, isSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import {
   blockCountFor,
-  readIndexFile,
+  readIndexIfAny as readIndexFileIfAny,
   type IndexFile,
   type IndexState,
   writeNewIndex,
@@ -68,16 +68,8 @@ export type RemoteIndexOptions = Pick<
 export async function readIndexIfAny(
   path: string,
 ): Promise<{ index: IndexFile } | { unreadable: BlksyncError } | undefined> {
-  const found = await readIndexFile(path).then(
-    (index) => ({ index }),
-    (err: unknown) => {
-      if (!(err instanceof BlksyncError)) throw err;
-      if (isSystemError(err.cause) && err.cause.code === 'ENOENT') return undefined;
-      if (err.code === 'EINDEX_FORMAT') return { unreadable: err };
-      throw err;
-    },
-  );
-  return found;
+  const found = await readIndexFileIfAny(path);
+  return found === 'absent' ? undefined : 'unreadable' in found ? found : { index: found };
 }
 
 /** The ranges of [0, size) outside the ascending `ranges`. */
