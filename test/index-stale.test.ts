@@ -13,7 +13,7 @@ import { closeSync, existsSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { copy, type CopyResult } from '../src/engine/copy.js';
+import { copy, type CopyResult } from '../src/copy.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, holdExclusive, ioStat, needLoop, readDevice, run } from './helpers/loop.js';

@@ -40,7 +40,7 @@ import {
 } from './index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
 import { SourceIndex, type SourceIndexOptions } from './source-index.js';
-import type { Plan, Sink, Source } from './types.js';
+import type { Plan, Sink, Source } from '../types.js';
 import type { VerifyUnit } from './verify-written.js';
 
 export { DEFAULT_VERIFY_SAMPLE } from './index-target.js';

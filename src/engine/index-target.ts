@@ -19,7 +19,7 @@ import { HashPool } from './hash-pool.js';
 import { sampleMismatch } from './index-sample.js';
 import { checkIndexable } from './make-index.js';
 import type { SourceIndexReport } from './source-index.js';
-import type { ChunkKnowledge, Source, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, Source, TargetKnowledge } from '../types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
 export const DEFAULT_VERIFY_SAMPLE = 16;

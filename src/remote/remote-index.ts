@@ -36,7 +36,7 @@ import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import type { IndexSessionOptions } from '../engine/index-session.js';
 import { IndexTarget, type IndexReport } from '../engine/index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
-import type { ChunkKnowledge, Sink, TargetKnowledge } from '../engine/types.js';
+import type { ChunkKnowledge, Sink, TargetKnowledge } from '../types.js';
 import type { HashDiffer } from './hash-differ.js';
 import type { AgentLink } from './link.js';
 import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash } from './protocol.js';
