@@ -77,6 +77,13 @@ function signingKeysText(sig: SignatureReport): string {
 }
 
 function indexSummary(r: CopyResult): string {
+  const line = indexLine(r);
+  const meanwhile = r.index?.sectorsWrittenMeanwhile;
+  if (meanwhile === undefined) return line;
+  return `${line}\n${r.destination} was written by another program during the copy (${formatBytes(meanwhile * 512)}): the index vouches for none of it, and the next copy compares all of it`;
+}
+
+function indexLine(r: CopyResult): string {
   const i = r.index!;
   const hashed = `hashed ${formatBytes(i.bytesHashed)}`;
   if (i.mode === 'used') {
