@@ -481,7 +481,7 @@ async function openFound(
         source = await streamed(rest, head, 'stdin', undefined);
       }
     } else {
-      const o = await openSource(src);
+      const o = await openSource(src, { onWarning: options.onWarning });
       cleanups.push(() => o.fh.close());
       opened = o;
       kind = o.kind;
