@@ -103,7 +103,9 @@ export type WarningCode =
   /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
   | 'WPROBE_NOT_FOUND'
   /** SRC is a block device mounted read-write: what is read may change while it is read. */
-  | 'WSRC_MOUNTED_RW';
+  | 'WSRC_MOUNTED_RW'
+  /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */
+  | 'WSPOOLED';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {

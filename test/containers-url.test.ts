@@ -52,8 +52,11 @@ test('an Android sparse image, a tar.gz and a qcow2 from a URL decode; a 7z is r
   const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   for (const name of ['os.simg', 'os.tar.gz', 'os.qcow2']) {
     const dst = join(dir, `${name}.out`);
-    await copy(`${base}/${name}`, dst);
+    const warnings: string[] = [];
+    await copy(`${base}/${name}`, dst, { onWarning: (w) => warnings.push(w.code) });
     assert.ok((await readFile(dst)).equals(bytes), name);
+    // the qcow2 is spooled to a temporary file, and the user is told
+    assert.equal(warnings.includes('WSPOOLED'), name === 'os.qcow2', `${name}: ${warnings.join()}`);
   }
   const dst = join(dir, '7z.out');
   await assert.rejects(copy(`${base}/os.7z`, dst), (err: unknown) => {

@@ -19,7 +19,7 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, type BlksyncWarning } from '../errors.js';
 import { readFully } from '../io/read-fully.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { Range } from '../ranges.js';
@@ -84,6 +84,7 @@ export interface ContainerOptions {
   entry?: string | undefined;
   /** DST, when an overlay backed by DST itself may copy only its own clusters. */
   destination?: string | undefined;
+  onWarning?: ((warning: BlksyncWarning) => void) | undefined;
 }
 
 /** Refuses a format that is recognised but not decoded. */
@@ -254,7 +255,16 @@ export async function openContainerStream(
   const report: ContainerReport = { format, name: detected.name, decoder: 'native' };
   const QEMU = QEMU_FORMATS[format];
   if (QEMU !== undefined) {
-    return fromQemu(report, await qemuDecode({ stream }, QEMU, detected.name, name));
+    const spooled = (path: string): void =>
+      options.onWarning?.({
+        code: 'WSPOOLED',
+        message: `${name} is a ${detected.name}, which qemu-img reads from a file: spooling it to ${path} (removed after the copy)`,
+        path: name,
+      });
+    return fromQemu(
+      report,
+      await qemuDecode({ stream }, QEMU, detected.name, name, undefined, spooled),
+    );
   }
   const reader = new ByteReader(stream, name);
   const streamed = (size: number | undefined, bytes: AsyncIterable<Buffer>): OpenedContainer => ({

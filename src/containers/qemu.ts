@@ -98,6 +98,7 @@ export async function qemuDecode(
   what: string,
   name: string,
   destination?: string,
+  onSpool?: (path: string) => void,
 ): Promise<QemuDecoded> {
   const dir = await mkdtemp(join(tmpdir(), 'blksync-'));
   const remove = (): Promise<void> => rm(dir, { recursive: true, force: true });
@@ -105,6 +106,7 @@ export async function qemuDecode(
     let path: string;
     if ('stream' in input) {
       path = join(dir, 'spooled');
+      onSpool?.(path);
       await pipeline(input.stream, createWriteStream(path, { flags: 'wx' }));
     } else {
       path = input.path;
