@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
@@ -205,7 +205,20 @@ test('fuzz: mutated zips and tars decode or fail with a BlksyncError, never anyt
   const zip = join(dir, 'os.zip');
   await makeZip(zip, { 'os.img': img, 'b.txt': img }, 'deflated');
   await run('tar', ['-C', dir, '--format=posix', '-cf', join(dir, 'os.tar'), 'os.img']);
-  const samples = [await readFile(zip), await readFile(join(dir, 'os.tar'))];
+  // a sparse entry with extension blocks (old GNU) and one with a pax 1.0 map
+  const sparse = join(dir, 'sparse.img');
+  const sfh = await open(sparse, 'w');
+  for (let i = 0; i < 6; i++) await sfh.write(seededBytes(BS, i), 0, BS, i * 5 * BS);
+  await sfh.truncate(40 * BS);
+  await sfh.close();
+  await run('tar', ['-C', dir, '--format=gnu', '-cSf', join(dir, 'gnu.tar'), 'sparse.img']);
+  await run('tar', ['-C', dir, '--format=posix', '-cSf', join(dir, 'pax.tar'), 'sparse.img']);
+  const samples = [
+    await readFile(zip),
+    await readFile(join(dir, 'os.tar')),
+    await readFile(join(dir, 'gnu.tar')),
+    await readFile(join(dir, 'pax.tar')),
+  ];
   let x = 424242;
   const r = (): number => {
     x ^= x << 13;
@@ -217,7 +230,7 @@ test('fuzz: mutated zips and tars decode or fail with a BlksyncError, never anyt
   };
   const src = join(dir, 'fuzz');
   for (let i = 0; i < 400; i++) {
-    const good = samples[i % 2]!;
+    const good = samples[i % samples.length]!;
     let m = Buffer.from(good);
     const at = Math.floor(r() * m.length);
     const kind = Math.floor(r() * 3);
@@ -226,7 +239,10 @@ test('fuzz: mutated zips and tars decode or fail with a BlksyncError, never anyt
     else if (at + 4 <= m.length) m.writeUInt32LE(Math.floor(r() * 2 ** 32), at);
     await writeFile(src, m);
     try {
-      await copy(src, join(dir, 'fuzz.out'), { dryRun: true, entry: 'os.img' });
+      await copy(src, join(dir, 'fuzz.out'), {
+        dryRun: true,
+        entry: i % samples.length < 2 ? 'os.img' : 'sparse.img',
+      });
     } catch (err) {
       assert.ok(err instanceof BlksyncError, `case ${i}: ${String(err)}`);
     }
@@ -254,5 +270,39 @@ test('an archive whose image is itself compressed or a container is refused, not
       return true;
     });
     assert.equal(existsSync(dst), false, `${src}: no DST`);
+  }
+});
+
+test('sparse tar entries (GNU tar -S: old GNU and pax 1.0 maps, many regions) decode; holes are zeros written over DST', async (t) => {
+  if (!(await needTool(t, 'tar', 'tar'))) return;
+  const dir = await tempDir(t);
+  const img = join(dir, 'disk.img');
+  const size = 48 * 1024 * 1024;
+  const want = Buffer.alloc(size);
+  const fh = await open(img, 'w');
+  await fh.truncate(size);
+  // 40 scattered regions: more than the 4 a GNU header holds, so extension blocks follow
+  for (let i = 0; i < 40; i++) {
+    const data = seededBytes(BS * (1 + (i % 3)), 100 + i);
+    const at = i * 1_200_000 - ((i * 1_200_000) % BS);
+    data.copy(want, at);
+    await fh.write(data, 0, data.length, at);
+  }
+  await fh.close();
+  for (const format of ['gnu', 'posix'] as const) {
+    for (const z of ['', 'z'] as const) {
+      const tar = join(dir, `${format}${z}.tar`);
+      await run('tar', ['-C', dir, `--format=${format}`, `-cS${z}f`, tar, 'disk.img']);
+      const dst = join(dir, `${format}${z}.out`);
+      // DST holds something else everywhere, holes included: they must end as zeros
+      await writeFile(dst, seededBytes(size, 5));
+      await copy(tar, dst);
+      assert.ok((await readFile(dst)).equals(want), `${format}${z}: file`);
+      assert.equal((await copy(tar, dst)).bytesWritten, 0);
+      const viaStdin = join(dir, `${format}${z}.stdin`);
+      const c = await runCli(['copy', '-', viaStdin], { input: await readFile(tar) });
+      assert.equal(c.code, 0, c.stderr);
+      assert.ok((await readFile(viaStdin)).equals(want), `${format}${z}: stdin`);
+    }
   }
 });

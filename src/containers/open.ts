@@ -38,6 +38,7 @@ import { FileCursor, SliceSource } from './file-parts.js';
 import { qemuDecode } from './qemu.js';
 import { openSimgFile, readSimgHeader, simgStream } from './simg.js';
 import { checkTarEntry, tarEntries, type TarEntry } from './tar.js';
+import { SparseEntrySource, sparseEntryStream } from './tar-sparse.js';
 import {
   checkZipEntry,
   inflateFileEntry,
@@ -180,8 +181,14 @@ export async function openContainerFile(
       const e = chooseEntry(entries, options.entry, name, 'tar');
       checkTarEntry(e, name);
       report.entry = e.name;
-      refuseNested(await headAt(fh, e.dataAt, e.size), name, e.name);
-      return fixed(report, e.size, new SliceSource(fh, e.dataAt, e.size, name));
+      const source =
+        e.sparse !== undefined
+          ? new SparseEntrySource(fh, e.dataAt, e.sparse, e.size, name)
+          : new SliceSource(fh, e.dataAt, e.size, name);
+      const head = Buffer.alloc(Math.min(CONTAINER_HEAD_BYTES, e.size));
+      await source.read(head, 0, head.length);
+      refuseNested(head, name, e.name);
+      return fixed(report, e.size, source);
     }
     case 'zip': {
       const entries = await zipDirectory(fh, fileSize, name);
@@ -292,7 +299,10 @@ export async function openContainerStream(
           if (!e.file || !pick(e.name)) continue;
           checkTarEntry(e, name);
           report.entry = e.name;
-          const bytes = reader.take(e.size, `${e.name} in the tar archive`);
+          const bytes =
+            e.sparse !== undefined
+              ? sparseEntryStream(reader, e.sparse, e.size, e.name)
+              : reader.take(e.size, `${e.name} in the tar archive`);
           return streamed(e.size, await nestedChecked(bytes, name, e.name));
         }
         throw noEntry(name, 'tar', options.entry, seen);

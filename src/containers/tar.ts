@@ -9,7 +9,8 @@
  *            257 "ustar"  345 prefix[155] (POSIX: the name's directory)
  *   types    '0' / NUL / '7' a file; 'x' pax attributes for the next entry (path, size);
  *            'g' global pax attributes; 'L' GNU long name of the next entry; 'K' long link
- *            name; 'S' and pax GNU.sparse.*: sparse files (refused: not decoded)
+ *            name; 'S' and pax GNU.sparse 1.0: sparse files (tar-sparse.ts); older pax
+ *            sparse versions are listed, and refused when chosen
  *
  * One walker serves a file (positioned reads; data skipped without reading) and a stream
  * (stdin, a decompressor's output: data read and dropped).
@@ -18,6 +19,7 @@
 import { BlksyncError } from '../errors.js';
 import { isTarHeader } from './detect.js';
 import type { ArchiveEntry } from './entries.js';
+import { checkSparseMap, gnuSparseMap, paxSparseMap, type SparseRegion } from './tar-sparse.js';
 
 const BLOCK = 512;
 /** Largest pax or GNU long-name record accepted (a lying size must not cost memory). */
@@ -34,10 +36,12 @@ export interface Cursor {
 
 export interface TarEntry extends ArchiveEntry {
   size: number;
-  /** Where the file's data starts in the archive. */
+  /** Where the file's data starts in the archive (a sparse entry's: after its map). */
   dataAt: number;
-  /** A GNU sparse entry ('S', or pax GNU.sparse.*): listed, refused when chosen. */
-  sparse: boolean;
+  /** A GNU sparse entry: where its stored regions go (size is the file's real size). */
+  sparse: SparseRegion[] | undefined;
+  /** A sparse entry of a pax version that is not decoded (0.x): refused when chosen. */
+  oldSparse: boolean;
 }
 
 function corrupt(name: string, detail: string): BlksyncError {
@@ -97,7 +101,7 @@ function padded(n: number): number {
 function sparseRefusal(archive: string, entry: string): BlksyncError {
   return new BlksyncError(
     'ESRC_CONTAINER',
-    `${archive}: ${entry} is a sparse tar entry, which blksync does not decode; unpack it with tar (tar -xSf) and copy the file`,
+    `${archive}: ${entry} is a sparse tar entry of an old pax format (GNU sparse 0.x), which blksync does not decode; unpack it with tar (tar -xSf) and copy the file`,
     { path: archive },
   );
 }
@@ -137,20 +141,44 @@ export async function* tarEntries(cur: Cursor, archive: string): AsyncGenerator<
       }
       size = Number(paxSize);
     }
-    const sparse = type === 'S' || [...pax.keys()].some((k) => k.startsWith('GNU.sparse.'));
-    pax = new Map();
-    longName = undefined;
     const file = type === '0' || type === '\0' || type === '7' || type === 'S';
     // links and directories carry no data, whatever their size field says
     const dataBytes = file ? size : type === '1' || type === '2' || type === '5' ? 0 : size;
-    yield { name, size, file, dataAt, sparse };
-    await cur.skip(dataAt + padded(dataBytes) - cur.position, `${name} in the tar archive`);
+    let sparse: SparseRegion[] | undefined;
+    let realSize = size;
+    // where the entry's data ends: an old GNU map's extension blocks come before the data and
+    // are not counted in its size; a pax map is part of the data
+    let end = dataAt + padded(dataBytes);
+    const paxSparse = pax.get('GNU.sparse.major');
+    const oldSparse =
+      paxSparse === undefined
+        ? [...pax.keys()].some((k) => k.startsWith('GNU.sparse.'))
+        : paxSparse !== '1' || pax.get('GNU.sparse.minor') !== '0';
+    if (type === 'S') {
+      const g = await gnuSparseMap(h, cur, archive);
+      realSize = g.realSize;
+      sparse = checkSparseMap(g.map, realSize, size, archive);
+      end = cur.position + padded(size);
+    } else if (file && paxSparse !== undefined && !oldSparse) {
+      const real = pax.get('GNU.sparse.realsize') ?? '';
+      if (!/^\d{1,16}$/.test(real)) throw corrupt(archive, `a sparse real size ${real}`);
+      realSize = Number(real);
+      name = pax.get('GNU.sparse.name') ?? name;
+      const map = await paxSparseMap(cur, archive);
+      const mapBytes = cur.position - dataAt;
+      if (mapBytes > size) throw corrupt(archive, `${name}'s sparse map is longer than its data`);
+      sparse = checkSparseMap(map, realSize, size - mapBytes, archive);
+    }
+    pax = new Map();
+    longName = undefined;
+    yield { name, size: realSize, file, dataAt: cur.position, sparse, oldSparse };
+    await cur.skip(end - cur.position, `${name} in the tar archive`);
   }
 }
 
-/** True when the entry is a sparse one (refused). */
+/** Refuses an entry that is not decoded (an old pax sparse version). */
 export function checkTarEntry(e: TarEntry, archive: string): void {
-  if (e.sparse) throw sparseRefusal(archive, e.name);
+  if (e.oldSparse) throw sparseRefusal(archive, e.name);
 }
 
 function shortTar(archive: string): BlksyncError {
