@@ -105,7 +105,9 @@ export type WarningCode =
   /** SRC is a block device mounted read-write: what is read may change while it is read. */
   | 'WSRC_MOUNTED_RW'
   /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */
-  | 'WSPOOLED';
+  | 'WSPOOLED'
+  /** A virtual disk SRC is an overlay: its backing file (named inside SRC) is read too. */
+  | 'WSRC_BACKING';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {

@@ -105,8 +105,10 @@ test("a qcow2 overlay reads through its backing file, named relative to the over
   const want = Buffer.from(bytes);
   want.fill(0xab, MiB, MiB + 64 * 1024);
   const dst = join(dir, 'dst');
-  await copy(overlay, dst);
+  const warnings: string[] = [];
+  await copy(overlay, dst, { onWarning: (w) => warnings.push(w.message) });
   assert.ok((await readFile(dst)).equals(want));
+  assert.match(warnings.join('\n'), /its backing file base\.raw is read too/);
   // from stdin the backing file could not be resolved: refused, nothing written
   const viaStdin = join(dir, 'stdin.out');
   const r = await runCli(['copy', '-', viaStdin], { input: await readFile(overlay) });

@@ -224,11 +224,25 @@ export async function openContainerFile(
       }
       return fixed(report, size, new SliceSource(fh, 0, size, name));
     }
-    default:
-      return fromQemu(
-        report,
-        await qemuDecode({ path }, QEMU_FORMATS[format]!, detected.name, name, options.destination),
+    default: {
+      const q = await qemuDecode(
+        { path },
+        QEMU_FORMATS[format]!,
+        detected.name,
+        name,
+        options.destination,
       );
+      if (q.backing !== undefined && q.only === undefined) {
+        // the file SRC names decides what else is read: say so (a downloaded image could
+        // name a device of this machine)
+        options.onWarning?.({
+          code: 'WSRC_BACKING',
+          message: `${name} is a ${detected.name} overlay: its backing file ${q.backing} is read too`,
+          path: name,
+        });
+      }
+      return fromQemu(report, q);
+    }
   }
 }
 
