@@ -12,6 +12,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { copy } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
@@ -205,4 +206,25 @@ test("the seed's overlay commit: an overlay of DST itself copies only its own cl
   const other = join(dir, 'other');
   await copy(overlay, other);
   assert.ok((await readFile(other)).equals(want));
+});
+
+test('a qcow2 given on stdin redirected from a file (`< os.qcow2`) is read by qemu-img through this process', async (t) => {
+  if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
+  const dir = await tempDir(t);
+  const raw = join(dir, 'os.raw');
+  const bytes = image(7);
+  await writeFile(raw, bytes);
+  const qcow = join(dir, 'os.qcow2');
+  await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow]);
+  const dst = join(dir, 'dst');
+  const entry = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
+  await run('sh', [
+    '-c',
+    '"$0" --import tsx "$1" copy -q - "$2" < "$3"',
+    process.execPath,
+    entry,
+    dst,
+    qcow,
+  ]);
+  assert.ok((await readFile(dst)).equals(bytes));
 });

@@ -508,7 +508,17 @@ async function openFound(
         const c =
           detected === undefined
             ? undefined
-            : await decode((m) => m.openContainerFile(fh, path, name, fileSize, detected, options));
+            : await decode((m) =>
+                m.openContainerFile(
+                  fh,
+                  // a spawned qemu-img has its own stdin: it opens ours by this process's fd
+                  name === 'stdin' ? `/proc/${process.pid}/fd/0` : path,
+                  name,
+                  fileSize,
+                  detected,
+                  options,
+                ),
+              );
         const imageSize = c?.size ?? fileSize;
         if (bmap !== undefined) lib!.checkBmapMatches(bmap, imageSize, found!.path, name);
         if (options.size !== undefined && options.size !== imageSize) {
