@@ -21,7 +21,9 @@ function copySummary(r: CopyResult): string {
     lines.push(
       `decoded ${c.name}${c.entry !== undefined ? ` entry ${c.entry}` : ''}` +
         (c.decoder === 'qemu-img'
-          ? ` with qemu-img (through a temporary raw file in ${c.temporary ?? 'the temporary directory'})`
+          ? c.temporary !== undefined
+            ? ` with qemu-img (through a temporary raw file in ${c.temporary})`
+            : ' with qemu-img map'
           : '') +
         (c.backing !== undefined ? `, backing file ${c.backing}` : '') +
         (c.overlayOfDestination === true

@@ -61,9 +61,7 @@ function isZipLocalHeader(h: Buffer): boolean {
   if (!at(h, 0, 'PK\x03\x04') || h.length < 30) return false;
   const method = h.readUInt16LE(8);
   const nameLength = h.readUInt16LE(26);
-  return (
-    h.readUInt16LE(4) <= 63 && [0, 8, 9, 12, 14, 93, 95, 99].includes(method) && nameLength > 0
-  );
+  return h[4]! <= 63 && [0, 8, 9, 12, 14, 93, 95, 99].includes(method) && nameLength > 0;
 }
 
 /** A VHD footer ("conectix", its checksum correct): a fixed VHD ends with one. */
