@@ -37,6 +37,7 @@ import { openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
+import { destinationTooSmall } from '../io/prepare-destination.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Source } from '../types.js';
@@ -431,10 +432,12 @@ export async function apply(
     const fromSize = reverse ? header.resultSize : header.baseSize;
     const toSize = reverse ? header.baseSize : header.resultSize;
     if (t.kind === 'block-device' && t.size < Math.max(fromSize, toSize)) {
-      throw new BlksyncError(
-        'EDEST_TOO_SMALL',
-        `${target} is ${t.size} bytes (${formatBytes(t.size)}) but the patch needs ${Math.max(fromSize, toSize)} bytes`,
-        { path: target },
+      throw destinationTooSmall(
+        target,
+        t.kind,
+        t.size,
+        'the patch needs',
+        Math.max(fromSize, toSize),
       );
     }
     // a file ends resized to the result; one whose size is not between base and result (where

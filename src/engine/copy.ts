@@ -11,13 +11,8 @@ import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
-import {
-  assertSeparateOutput,
-  createTarget,
-  inputOf,
-  openTarget,
-  type Opened,
-} from '../io/open.js';
+import { assertSeparateOutput, inputOf, openTarget, type Opened } from '../io/open.js';
+import { prepareDestination } from '../io/prepare-destination.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-target.js';
 import { openCopySource, type CopySource } from './copy-source.js';
@@ -65,34 +60,23 @@ export async function copyLocal(
       );
     }
     const found = await openTarget(dst, { readOnly: dryRun });
-    const fresh = found.fh === undefined || found.size === 0;
-    let created = false;
+    if (found.fh !== undefined) {
+      target = found;
+      if (source.sameAs(found.stats)) throw sameFileError(src, dst);
+    }
+    const prepared = await prepareDestination(found, source.size, dryRun);
+    target = prepared.target;
+    madeDst = prepared.made;
+    const { created, zero: fresh } = prepared;
     let knowledge: TargetKnowledge;
-    if (fresh) {
+    if (full) knowledge = new NoTarget();
+    else if (fresh) {
       // new (or empty) file: it reads as zeros, so only non-zero blocks need writing,
       // and the rest stay holes
-      if (found.fh !== undefined) {
-        if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
-        if (!dryRun) {
-          await found.fh.truncate(source.size);
-          madeDst = 'grown';
-        }
-        target = found;
-      } else if (!dryRun) {
-        target = await createTarget(dst, source.size);
-        created = true;
-        madeDst = 'created';
-      } else {
-        created = true;
-      }
-      knowledge = full ? new NoTarget() : new ZeroTarget();
+      knowledge = new ZeroTarget();
     } else {
-      target = found;
-      if (source.sameAs(target.stats)) throw sameFileError(src, dst);
-      if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
-      if (!full) source.adviseTarget(target.fh.fd);
-      knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
+      source.adviseTarget(target!.fh.fd);
+      knowledge = new ReadTarget(target!.fh, dst, chunkSize);
     }
 
     const srcIndex = sourceIndexFor(options, source);
@@ -128,7 +112,7 @@ export async function copyLocal(
                 ranges: source.plan.ranges,
                 // a new file stays a hole there; an existing one gets holes punched
                 zeroedOutside: () => fresh || source.bmap?.unmappedPunched === true,
-                punches: !fresh && found.kind === 'file',
+                punches: !fresh && target?.kind === 'file',
               },
             }
           : {}),
@@ -210,7 +194,7 @@ export async function copyLocal(
       rangesWritten: run.ranges.count,
       ranges: [...run.ranges.ranges],
       created,
-      destinationExtraBytes: target !== undefined && !created ? target.size - source.size : 0,
+      destinationExtraBytes: prepared.extraBytes,
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,
@@ -302,18 +286,5 @@ function sameFileError(src: string, dst: string): BlksyncError {
     {
       path: dst,
     },
-  );
-}
-
-function tooSmall(dst: string, have: number, need: number): BlksyncError {
-  return new BlksyncError(
-    'EDEST_TOO_SMALL',
-    `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
-      ' (for a file: truncate -s ' +
-      String(need) +
-      ' ' +
-      dst +
-      ')',
-    { path: dst },
   );
 }

@@ -48,9 +48,9 @@ export function agentIndexHello(
     blockSize: blockSize ?? DEFAULT_INDEX_BLOCK_SIZE,
     blockSizeGiven: blockSize !== undefined,
     chunkSize,
-    rebuild: options.rebuildIndex === true,
+    rebuild: options.rebuildIndex,
     verifySample: options.verifySample,
-    full: options.full === true,
+    full: options.full,
     topDigest: true,
   };
 }

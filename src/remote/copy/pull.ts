@@ -26,12 +26,12 @@ import type { FileSink } from '../../io/file-sink.js';
 import { FileSource } from '../../io/file-source.js';
 import {
   assertSeparateOutput,
-  createTarget,
   inputOf,
   openTarget,
   type Opened,
+  type TargetOpened,
 } from '../../io/open.js';
-import { formatBytes } from '../../size.js';
+import { prepareDestination } from '../../io/prepare-destination.js';
 import type { Plan, Sink, Source } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
 import { DEFLATE_RAW } from '../compress.js';
@@ -101,6 +101,8 @@ class Pull {
   readonly #tableUpdates = new Map<number, () => void>();
 
   #link: AgentLink | undefined;
+  /** DST as openTarget found it, before ssh starts. */
+  #found: TargetOpened | undefined;
   #target: Opened | undefined;
   /** DST as this run made it: created, or an empty file grown to the image's size. */
   #made: 'created' | 'grown' | undefined;
@@ -145,7 +147,11 @@ class Pull {
       // as a local copy checks a local SRC, before DST is created or written
       await checkRemoteSize(size, this.#src, options.size, bmap);
       this.#scanner?.truncate(size);
-      const { created, zero } = await this.#prepareDst(size);
+      // created, or an empty file grown, at the image's size; a smaller DST is refused
+      const prepared = await prepareDestination(this.#found!, size, this.#session.dryRun);
+      this.#target = prepared.target;
+      this.#made = prepared.made;
+      const { created, zero } = prepared;
       if (options.index !== undefined) await this.#openIndex(options.index, size, zero);
       const local =
         this.#target !== undefined && !zero
@@ -175,7 +181,7 @@ class Pull {
           blockSize: used?.blockSize ?? this.#session.blockSize,
           bytesWritten: run.bytesWritten,
           created,
-          dstSize: this.#target?.size ?? size,
+          dstSize: size + prepared.extraBytes,
           channel: channelStats(link, this.#spec, summary),
         }),
         ...(this.#index !== undefined
@@ -208,6 +214,7 @@ class Pull {
     const { dryRun, full, chunkSize } = this.#session;
     const dst = this.#dst;
     const found = await openTarget(dst, { readOnly: dryRun });
+    this.#found = found;
     if (found.fh !== undefined) this.#target = found;
     const target = this.#target;
     const topBlock =
@@ -231,34 +238,6 @@ class Pull {
     );
     this.#topBlock = topBlock;
     return this.#link;
-  }
-
-  /** Creates DST at the image's size, or grows an empty file to it; refuses a smaller one. */
-  async #prepareDst(size: number): Promise<{ created: boolean; zero: boolean }> {
-    const { dryRun } = this.#session;
-    const target = this.#target;
-    if (target === undefined) {
-      if (!dryRun) {
-        this.#target = await createTarget(this.#dst, size);
-        this.#made = 'created';
-      }
-      return { created: true, zero: true };
-    }
-    if (target.size === 0 && target.kind === 'file') {
-      if (!dryRun) {
-        await target.fh.truncate(size);
-        this.#made = 'grown';
-      }
-      return { created: false, zero: true };
-    }
-    if (target.size < size) {
-      throw new BlksyncError(
-        'EDEST_TOO_SMALL',
-        `${this.#dst} is ${target.size} bytes (${formatBytes(target.size)}) but the source is ${size} bytes (${formatBytes(size)}); use a larger destination`,
-        { path: this.#dst },
-      );
-    }
-    return { created: false, zero: false };
   }
 
   /** The index describes the local DST: the local copy's IndexSession keeps it. */

@@ -96,7 +96,7 @@ export async function push(
     }
     const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
-      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+      found = await readIndexIfAny(options.index, options.rebuildIndex);
     }
     // an index that may be used makes the agent's scan of DST needless
     const mayUseIndex = found !== undefined && 'index' in found;
@@ -138,7 +138,7 @@ export async function push(
             : {}),
           ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
-          rebuild: options.rebuildIndex === true,
+          rebuild: options.rebuildIndex,
           verifySample: options.verifySample,
           full,
           dryRun,

@@ -1,0 +1,82 @@
+/**
+ * The one preparation of a copy's DST before its first write, used by a local copy
+ * (engine/copy.ts), a pull (remote/copy/pull.ts) and the agent writing a pushed or relayed
+ * copy (remote/agent/open-end.ts):
+ *
+ *   missing            → created at the image's size (sparse), reads as zeros
+ *   empty regular file → grown to the image's size, reads as zeros
+ *   smaller            → EDEST_TOO_SMALL, nothing written
+ *   as large or larger → used as it is; the bytes past the image are left alone
+ *
+ * In a dry run nothing is created or grown. `made` says what this run did, so that a copy
+ * failing before its first byte is written can leave DST as it was found.
+ */
+
+import { BlksyncError } from '../errors.js';
+import { formatBytes } from '../size.js';
+import { createTarget, type FileKind, type Opened, type TargetOpened } from './open.js';
+
+export interface PreparedDestination {
+  /** DST, open; undefined only in a dry run onto a missing file (which reads as zeros). */
+  target: Opened | undefined;
+  /** DST did not exist. */
+  created: boolean;
+  /** DST reads as zeros: created, or an empty regular file grown to the image's size. */
+  zero: boolean;
+  /** What this run did to DST, undone when it fails before its first write. */
+  made: 'created' | 'grown' | undefined;
+  /** Bytes of DST past the image's end, left as they were. */
+  extraBytes: number;
+}
+
+/** Prepares `found` (from openTarget) to receive an image of `size` bytes. */
+export async function prepareDestination(
+  found: TargetOpened,
+  size: number,
+  dryRun: boolean,
+): Promise<PreparedDestination> {
+  if (found.fh === undefined) {
+    if (dryRun)
+      return { target: undefined, created: true, zero: true, made: undefined, extraBytes: 0 };
+    const target = await createTarget(found.path, size);
+    return { target, created: true, zero: true, made: 'created', extraBytes: 0 };
+  }
+  if (found.size === 0 && found.kind === 'file') {
+    if (dryRun)
+      return { target: found, created: false, zero: true, made: undefined, extraBytes: 0 };
+    await found.fh.truncate(size);
+    return { target: found, created: false, zero: true, made: 'grown', extraBytes: 0 };
+  }
+  if (found.size < size) {
+    throw destinationTooSmall(found.path, found.kind, found.size, 'the source is', size);
+  }
+  return {
+    target: found,
+    created: false,
+    zero: false,
+    made: undefined,
+    extraBytes: found.size - size,
+  };
+}
+
+/**
+ * EDEST_TOO_SMALL, worded once: DST's size, what is needed (`needs`: "the source is", "the
+ * patch needs") and how to make room.
+ */
+export function destinationTooSmall(
+  path: string,
+  kind: FileKind,
+  have: number,
+  needs: string,
+  need: number,
+): BlksyncError {
+  const fix =
+    kind === 'file'
+      ? `use a larger destination (for a file: truncate -s ${need} ${path})`
+      : 'use a larger destination';
+  return new BlksyncError(
+    'EDEST_TOO_SMALL',
+    `${path} is ${have} bytes (${formatBytes(have)}) but ${needs} ${need} bytes (${formatBytes(need)}); ${fix}`,
+    { path },
+  );
+}
