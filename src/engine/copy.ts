@@ -7,12 +7,15 @@
  * still differs, so no journal is needed.
  */
 
-import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
 import { assertSeparateOutput, inputOf, openTarget, type Opened } from '../io/open.js';
-import { prepareDestination } from '../io/prepare-destination.js';
+import {
+  prepareDestination,
+  undoPreparation,
+  type PreparedDestination,
+} from '../io/prepare-destination.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-target.js';
 import { openCopySource, type CopySource } from './copy-source.js';
@@ -45,7 +48,7 @@ export async function copyLocal(
   let fileSink: FileSink | undefined;
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
-  let madeDst: 'created' | 'grown' | undefined;
+  let prepared: PreparedDestination | undefined;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -64,9 +67,8 @@ export async function copyLocal(
       target = found;
       if (source.sameAs(found.stats)) throw sameFileError(src, dst);
     }
-    const prepared = await prepareDestination(found, source.size, dryRun);
+    prepared = await prepareDestination(found, source.size, dryRun);
     target = prepared.target;
-    madeDst = prepared.made;
     const { created, zero: fresh } = prepared;
     let knowledge: TargetKnowledge;
     if (full) knowledge = new NoTarget();
@@ -221,12 +223,8 @@ export async function copyLocal(
         cause: caught,
       });
     }
-    if (madeDst !== undefined && target !== undefined && (fileSink?.bytesWritten ?? 0) === 0) {
-      // refused, or failed, before the first byte was written (a bad first range of a bmap):
-      // leave DST as it was found
-      if (madeDst === 'created') await unlink(dst).catch(() => {});
-      else await target.fh.truncate(0).catch(() => {});
-    }
+    // refused, or failed, before the first byte was written: leave DST as it was found
+    await undoPreparation(prepared, fileSink?.bytesWritten ?? 0);
     throw err;
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it

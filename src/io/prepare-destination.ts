@@ -12,6 +12,7 @@
  * failing before its first byte is written can leave DST as it was found.
  */
 
+import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { createTarget, type FileKind, type Opened, type TargetOpened } from './open.js';
@@ -57,6 +58,22 @@ export async function prepareDestination(
     made: undefined,
     extraBytes: found.size - size,
   };
+}
+
+/**
+ * Leaves DST as it was found when the copy failed before its first byte was written
+ * (`written` bytes, from FileSink.bytesWritten): a DST it created is removed, an empty file it
+ * grew is truncated back to empty. A refusal after the preparation (a bad first range of a
+ * bmap, an index that does not match) so leaves nothing behind.
+ */
+export async function undoPreparation(
+  prepared: PreparedDestination | undefined,
+  written: number,
+): Promise<void> {
+  const target = prepared?.target;
+  if (prepared?.made === undefined || target === undefined || written !== 0) return;
+  if (prepared.made === 'created') await unlink(target.path).catch(() => {});
+  else await target.fh.truncate(0).catch(() => {});
 }
 
 /**

@@ -13,7 +13,6 @@
  * any step closes exactly those and undoes a DST it created before the first write.
  */
 
-import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
 import { bmapSourcing, type BmapSourcing, type FoundBmap } from '../../engine/copy-source.js';
 import type { IndexSession } from '../../engine/index-target.js';
@@ -31,7 +30,11 @@ import {
   type Opened,
   type TargetOpened,
 } from '../../io/open.js';
-import { prepareDestination } from '../../io/prepare-destination.js';
+import {
+  prepareDestination,
+  undoPreparation,
+  type PreparedDestination,
+} from '../../io/prepare-destination.js';
 import type { Plan, Sink, Source } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
 import { DEFLATE_RAW } from '../compress.js';
@@ -104,8 +107,8 @@ class Pull {
   /** DST as openTarget found it, before ssh starts. */
   #found: TargetOpened | undefined;
   #target: Opened | undefined;
-  /** DST as this run made it: created, or an empty file grown to the image's size. */
-  #made: 'created' | 'grown' | undefined;
+  /** What this run did to DST (created, or an empty file grown), undone on an early failure. */
+  #prepared: PreparedDestination | undefined;
   #scanner: HashScanner | undefined;
   #refiner: Refiner | undefined;
   #index: IndexSession | undefined;
@@ -149,8 +152,8 @@ class Pull {
       this.#scanner?.truncate(size);
       // created, or an empty file grown, at the image's size; a smaller DST is refused
       const prepared = await prepareDestination(this.#found!, size, this.#session.dryRun);
+      this.#prepared = prepared;
       this.#target = prepared.target;
-      this.#made = prepared.made;
       const { created, zero } = prepared;
       if (options.index !== undefined) await this.#openIndex(options.index, size, zero);
       const local =
@@ -193,7 +196,8 @@ class Pull {
       if (run.interrupted) throw interrupted(result);
       return result;
     } catch (err) {
-      await this.#undoMade();
+      // failed before the first byte was written: leave DST as it was found, as copyLocal does
+      await undoPreparation(this.#prepared, this.#fileSink?.bytesWritten ?? 0);
       throw await connectionLost(err, this.#dst, this.#sink?.written ?? 0, options.signal);
     } finally {
       await this.#refiner?.stop();
@@ -454,14 +458,5 @@ class Pull {
       (this.#index?.target?.bytesRead ?? 0) +
       (this.#pulled?.bytesRead ?? 0)
     );
-  }
-
-  /** Failed before the first byte was written: leave DST as it was found (as copy.ts does). */
-  async #undoMade(): Promise<void> {
-    const target = this.#target;
-    if (this.#made === undefined || target === undefined) return;
-    if ((this.#fileSink?.bytesWritten ?? 0) !== 0) return;
-    if (this.#made === 'created') await unlink(this.#dst).catch(() => {});
-    else await target.fh.truncate(0).catch(() => {});
   }
 }
