@@ -427,7 +427,7 @@ test('fuzz: thousands of mutated index files parse cleanly or fail with EINDEX_F
 });
 
 const KILLER = `
-import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/engine/copy.ts', import.meta.url)))};
+import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/copy.ts', import.meta.url)))};
 const [src, dst, index, at] = process.argv.slice(1);
 await copy(src, dst, {
   index, chunkSize: 1 << 20, indexCheckpointBytes: 2 << 20,
