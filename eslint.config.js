@@ -104,6 +104,8 @@ const CYCLE_DIRS = ['src', 'bench', 'test'].map((d) => path.join(ROOT, d));
 
 function listTs(/** @type {string} */ dir, /** @type {string[]} */ out = []) {
   for (const name of readdirSync(dir)) {
+    // bench/.data holds generated images and file trees, not the project's modules
+    if (name.startsWith('.')) continue;
     const p = path.join(dir, name);
     if (statSync(p).isDirectory()) listTs(p, out);
     else if (name.endsWith('.ts') && !name.endsWith('.d.ts')) out.push(p);
@@ -219,7 +221,7 @@ const noCyclesRule = {
 };
 
 export default tseslint.config(
-  { ignores: ['dist/', 'node_modules/', 'eslint.config.js', 'bin/'] },
+  { ignores: ['dist/', 'node_modules/', 'bench/.data/', 'eslint.config.js', 'bin/'] },
   eslint.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {

@@ -115,9 +115,12 @@ describe('copy with a bmap', () => {
     assert.ok((await readFile(out)).equals(image));
     const full = await copy(path, out, { full: true });
     assert.equal(full.bytesWritten, mapped);
+    // without the bmap the whole image is considered: where both files are holes they are
+    // equal without reading (engine/sparse-plan.ts), so only the data is scanned
     const none = await copy(path, out, { noBmap: true });
-    assert.equal(none.bytesScanned, image.length);
     assert.equal(none.bmap, undefined);
+    assert.equal(none.bytesWritten, 0);
+    assert.ok((await readFile(out)).equals(image));
   });
 
   it('makes the unmapped areas of an existing file destination holes', async (t) => {

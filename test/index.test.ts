@@ -466,7 +466,7 @@ test('a copy killed mid-way leaves the index in progress; a rerun converges', as
   const partly = await readFile(dst);
   assert.ok(!partly.equals(old) && !partly.equals(neu), 'the kill came mid-way');
   assert.ok(
-    (await readdir(dir)).every((n) => !n.includes('.tmp-')),
+    (await readdir(dir)).every((n) => !n.endsWith('.blksync-partial')),
     'no temporary file left',
   );
 

@@ -2,6 +2,8 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type ChannelStats, type CopyResult } from '../copy.js';
+import type { SignatureReport } from '../io/signature.js';
+import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -26,7 +28,7 @@ function copySummary(r: CopyResult): string {
     if (sig !== undefined) {
       lines.push(
         `signature ${sig.kind === 'clearsigned' ? '(clearsigned) ' : `${sig.path} `}good, by ${sig.signers.join(', ')} ` +
-          `(key ${sig.fingerprints.join(', ')}; checked with ${sig.verifiedWith})`,
+          `(key ${signingKeysText(sig)}; checked with ${sig.verifiedWith})`,
       );
     }
   }
@@ -60,6 +62,18 @@ function copySummary(r: CopyResult): string {
     );
   }
   return lines.join('\n');
+}
+
+/** The signers' primary keys, each with the subkey that signed when it is another. */
+function signingKeysText(sig: SignatureReport): string {
+  return sig.fingerprints
+    .map((primary, i) => {
+      const signing = sig.signingKeys[i];
+      return signing !== undefined && signing !== primary
+        ? `${primary}, signing subkey ${signing}`
+        : primary;
+    })
+    .join('; ');
 }
 
 function indexSummary(r: CopyResult): string {
@@ -130,10 +144,22 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .addOption(hashThreadsOption())
     .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
     .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
-    .option('--sudo', 'run the remote agent with sudo -n')
+    .option(
+      '--sudo',
+      'run the remote agent as root: ssh runs `sudo -n NODE -e BOOTSTRAP`, and that root node ' +
+        'runs the agent code this blksync sends over the ssh channel; the agent opens only the ' +
+        'paths given (DST or SRC, and the index) but is full root, so sudo must allow NODE ' +
+        'without a password (NOPASSWD), which gives this login root on that host; with --direct, ' +
+        "SRC's agent also runs ssh to DST's host as root (root's ssh keys and config)",
+    )
     .option(
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
+    )
+    .option(
+      '--timeout <seconds>',
+      `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
+      parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
@@ -163,6 +189,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
+            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
             ...(onProgress ? { onProgress } : {}),
           }),

@@ -22,6 +22,7 @@ import { openCopySource, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
+import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Sink, TargetKnowledge } from '../types.js';
 import { chunkSizeFor, DEFAULT_DEPTH, INDEX_CHUNK_SIZE } from './block-size.js';
@@ -153,7 +154,12 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    const run = await runPipeline(index?.plan ?? source.plan, from, knowledge, sink ? [sink] : [], {
+    const plan =
+      index?.plan ??
+      (full || options.verify === true || source.checksums !== undefined
+        ? source.plan
+        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
+    const run = await runPipeline(plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
@@ -270,6 +276,25 @@ function sourceIndexFor(
     rebuild: options.rebuildIndex,
     dryRun: options.dryRun,
   };
+}
+
+/**
+ * The regular files among SRC and DST whose holes narrow the plan (engine/sparse-plan.ts):
+ * none unless SRC is a plain file read as it is; DST too when it held something before.
+ */
+function sparseSides(
+  source: CopySource,
+  target: Opened | undefined,
+  fresh: boolean,
+  dst: string,
+): SparseSide[] {
+  const file = source.file;
+  if (file?.fh === undefined || file.kind !== 'file' || source.compression !== undefined) return [];
+  const sides: SparseSide[] = [{ fh: file.fh, path: source.path }];
+  if (fresh) return sides;
+  if (target?.fh === undefined || target.kind !== 'file') return [];
+  sides.push({ fh: target.fh, path: dst });
+  return sides;
 }
 
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */

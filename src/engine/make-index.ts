@@ -23,6 +23,7 @@ import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../i
 import type { Compression } from '../io/decompress.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
 import { assertSeparateOutput } from '../io/open.js';
+import { checkOutput } from '../io/output-file.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
@@ -187,6 +188,7 @@ export async function makeIndex(
       await assertSeparateOutput(output, [
         { path: src, role: 'the source', isSame: (st) => source.sameAs(st) },
       ]);
+      await checkOutput(output, { what: 'index', code: 'EINDEX_WRITE' });
     }
     const imageSize = source.size;
     pool = new HashPool(options.hashThreads);
