@@ -7,7 +7,7 @@
 import { BlksyncError } from '../../errors.js';
 import { chunkSizeFor } from '../../engine/block-size.js';
 import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
-import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/copy-source.js';
+import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/find-bmap.js';
 import type { RemoteOptions } from '../link.js';
 import { REMOTE_CHUNK_BYTES } from '../roles.js';
 import { isRemote, shellQuote, type RemoteSpec } from '../spec.js';

@@ -14,7 +14,8 @@
  */
 
 import { BlksyncError } from '../../errors.js';
-import { bmapSourcing, type BmapSourcing, type FoundBmap } from '../../engine/copy-source.js';
+import { bmapSourcing, type BmapSourcing } from '../../engine/copy-source.js';
+import type { FoundBmap } from '../../engine/find-bmap.js';
 import type { IndexSession } from '../../engine/index-target.js';
 import { BufferPool } from '../../engine/knowledge.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
