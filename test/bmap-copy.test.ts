@@ -195,7 +195,9 @@ describe('copy with a bmap', () => {
       (err: unknown) => err instanceof BlksyncError && err.code === 'EBMAP_OPEN',
     );
     const r = await runCli(['copy', '--bmap', join(dir, 'other.bmap'), '--no-bmap', path, out]);
-    assert.equal(r.code, 0, r.stderr); // commander: the last of --bmap/--no-bmap wins
+    // contradictory: refused, not "the last one wins" (test/cli-errors.test.ts)
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /contradict each other.*\[EUSAGE\]/);
   });
 
   it('blksync bmap create → bmaptool copy of the gzip image', async (t) => {

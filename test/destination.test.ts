@@ -42,7 +42,7 @@ describe('DST preparation', () => {
     await writeFile(src, randomBytes(2 * MiB));
     await writeFile(small, old);
     const opts = { remote: { ssh: s.ssh } };
-    const said = `${small} is 1048576 bytes (1.00 MiB) but the source is 2097152 bytes (2.00 MiB); use a larger destination (for a file: truncate -s 2097152 ${small})`;
+    const said = `${small} is 1048576 bytes (1.00 MiB) but the source is 2097152 bytes (2.00 MiB); grow it first (truncate -s 2097152 ${small}) or choose another destination`;
     assert.equal(await tooSmallMessage(copy(src, small)), said);
     assert.equal(await tooSmallMessage(copy(at(s, src), small, opts)), said);
     // from the agent, its host named first

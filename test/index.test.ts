@@ -377,7 +377,7 @@ test('truncated, bit-flipped and hostile index files are refused with a clear er
       (err: unknown) => err,
     );
     assert.ok(isIndexError('EINDEX_FORMAT')(run), `${name}: ${String(run)}`);
-    assert.match((run as Error).message, /delete it or rebuild it/);
+    assert.match((run as Error).message, /rebuild it/);
     assert.deepEqual(await readFile(dst), dstBytes, `${name}: nothing written`);
   }
   const cli = await runCli(['copy', src, dst, '--index', join(dir, 'bad.blkidx')]);

@@ -33,11 +33,10 @@ import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
-import { openTarget, sameFile, type Opened } from '../io/open.js';
+import { destinationTooSmall, openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
-import { destinationTooSmall } from '../io/prepare-destination.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Source } from '../types.js';
@@ -436,8 +435,8 @@ export async function apply(
         target,
         t.kind,
         t.size,
-        'the patch needs',
         Math.max(fromSize, toSize),
+        'the patch needs',
       );
     }
     // a file ends resized to the result; one whose size is not between base and result (where

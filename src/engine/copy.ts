@@ -16,6 +16,7 @@ import {
   undoPreparation,
   type PreparedDestination,
 } from '../io/prepare-destination.js';
+import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-target.js';
 import { openCopySource, type CopySource } from './copy-source.js';
@@ -50,6 +51,8 @@ export async function copyLocal(
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
   let prepared: PreparedDestination | undefined;
+  // every differing block was written: a failure after that (index, verify) left DST whole
+  let allWritten = false;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -169,6 +172,7 @@ export async function copyLocal(
       buffers: index?.buffers,
     });
     await sink?.finish();
+    allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
     if (verifying !== undefined && !run.interrupted && target !== undefined) {
       // after finish(): fsynced, so the read-back sees what the medium holds
@@ -231,7 +235,17 @@ export async function copyLocal(
     }
     // refused, or failed, before the first byte was written: leave DST as it was found
     await undoPreparation(prepared, fileSink?.bytesWritten ?? 0);
-    throw err;
+    // after the first write, the error says so: how much, and that a rerun converges
+    throw partlyWritten(
+      err,
+      {
+        source: src,
+        destination: dst,
+        bytesWritten: fileSink?.bytesWritten ?? 0,
+        created: prepared?.made === 'created',
+      },
+      { allWritten },
+    );
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});

@@ -5,7 +5,7 @@
  *
  *   missing            → created at the image's size (sparse), reads as zeros
  *   empty regular file → grown to the image's size, reads as zeros
- *   smaller            → EDEST_TOO_SMALL, nothing written
+ *   smaller            → EDEST_TOO_SMALL (open.ts's destinationTooSmall), nothing written
  *   as large or larger → used as it is; the bytes past the image are left alone
  *
  * In a dry run nothing is created or grown. `made` says what this run did, so that a copy
@@ -13,9 +13,7 @@
  */
 
 import { unlink } from 'node:fs/promises';
-import { BlksyncError } from '../errors.js';
-import { formatBytes } from '../size.js';
-import { createTarget, type FileKind, type Opened, type TargetOpened } from './open.js';
+import { createTarget, destinationTooSmall, type Opened, type TargetOpened } from './open.js';
 
 export interface PreparedDestination {
   /** DST, open; undefined only in a dry run onto a missing file (which reads as zeros). */
@@ -49,7 +47,7 @@ export async function prepareDestination(
     return { target: found, created: false, zero: true, made: 'grown', extraBytes: 0 };
   }
   if (found.size < size) {
-    throw destinationTooSmall(found.path, found.kind, found.size, 'the source is', size);
+    throw destinationTooSmall(found.path, found.kind, found.size, size);
   }
   return {
     target: found,
@@ -74,26 +72,4 @@ export async function undoPreparation(
   if (prepared?.made === undefined || target === undefined || written !== 0) return;
   if (prepared.made === 'created') await unlink(target.path).catch(() => {});
   else await target.fh.truncate(0).catch(() => {});
-}
-
-/**
- * EDEST_TOO_SMALL, worded once: DST's size, what is needed (`needs`: "the source is", "the
- * patch needs") and how to make room.
- */
-export function destinationTooSmall(
-  path: string,
-  kind: FileKind,
-  have: number,
-  needs: string,
-  need: number,
-): BlksyncError {
-  const fix =
-    kind === 'file'
-      ? `use a larger destination (for a file: truncate -s ${need} ${path})`
-      : 'use a larger destination';
-  return new BlksyncError(
-    'EDEST_TOO_SMALL',
-    `${path} is ${have} bytes (${formatBytes(have)}) but ${needs} ${need} bytes (${formatBytes(need)}); ${fix}`,
-    { path },
-  );
 }
