@@ -18,7 +18,7 @@ import {
 } from '../io/prepare-destination.js';
 import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
-import type { IndexSession } from './index-target.js';
+import type { IndexSession } from './index-session.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
@@ -101,7 +101,7 @@ export async function copyLocal(
         );
       }
       // loaded only when asked for: a plain copy does not pay for hashing's modules
-      const indexing = await import('./index-target.js');
+      const indexing = await import('./index-session.js');
       index = await indexing.IndexSession.open({
         index: options.index,
         dst: target,
@@ -124,6 +124,7 @@ export async function copyLocal(
           : {}),
         chunkSize,
         rebuild: options.rebuildIndex,
+        trust: options.trustIndex,
         verifySample: options.verifySample,
         full,
         dryRun,
@@ -181,9 +182,12 @@ export async function copyLocal(
         units: digests!.units(),
         algorithm: digests!.algorithm,
       };
+      const session = index;
       const r = await verifying.verifyWritten(dst, expected.units, expected.algorithm, {
         fd: target.fh.fd,
         signal: options.signal,
+        // with an index: which blocks differ, and the index marked stale over them
+        explain: session && ((bad) => session.verifyFailed(bad)),
       });
       verified = {
         ...r,
@@ -193,6 +197,7 @@ export async function copyLocal(
       };
     }
     if (!run.interrupted) await index?.commit();
+    else await index?.settle();
     const result: CopyResult = {
       source: src,
       destination: dst,

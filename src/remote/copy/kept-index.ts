@@ -49,6 +49,7 @@ export function agentIndexHello(
     blockSizeGiven: blockSize !== undefined,
     chunkSize,
     rebuild: options.rebuildIndex,
+    ...(options.trustIndex ? { trust: true } : {}),
     verifySample: options.verifySample,
     full: options.full,
     topDigest: true,
