@@ -160,3 +160,18 @@ test('raw images are never taken for containers: random bytes, MBR, GPT, ext4, F
     assert.ok((await readFile(dst)).equals(await readFile(img)), `${img} copied as it is`);
   }
 });
+
+test('--entry with a SRC that is no archive, or with --raw, is a usage error; nothing is written', async (t) => {
+  const dir = await tempDir(t);
+  const img = join(dir, 'os.img');
+  await writeFile(img, seededBytes(8192, 21));
+  const dst = join(dir, 'dst');
+  await assert.rejects(copy(img, dst, { entry: 'os.img' }), (err: unknown) => {
+    assert.ok(err instanceof BlksyncError);
+    assert.equal(err.code, 'EUSAGE');
+    assert.match(err.message, /no archive/);
+    return true;
+  });
+  await assert.rejects(copy(img, dst, { entry: 'os.img', raw: true }), /written as it is/);
+  assert.equal(existsSync(dst), false);
+});

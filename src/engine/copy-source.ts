@@ -422,6 +422,15 @@ async function openFound(
       cleanups.push(() => b.close());
       bmapped = b;
     }
+    if (options.entry !== undefined) {
+      const c = container?.report;
+      if (c?.format !== 'zip' && c?.format !== 'tar') {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--entry names a file inside a zip or tar SRC; ${src} is ${options.raw === true ? 'written as it is (--raw)' : c === undefined ? 'no archive' : `a ${c.name}`}`,
+        );
+      }
+    }
     const defined =
       container?.only ?? (options.skipDontCare === true ? container?.defined : undefined);
     return {
