@@ -69,7 +69,9 @@ export type ErrorCode =
   /** A bmap's signature was made by a key that is not in the keyring used. */
   | 'ESIG_UNKNOWN_KEY'
   /** --fingerprint or --keyring was given but the bmap has no signature. */
-  | 'ESIG_MISSING';
+  | 'ESIG_MISSING'
+  /** A peer (ssh agent) sent nothing for --timeout seconds while a reply was awaited. */
+  | 'ETIMEOUT';
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

@@ -3,6 +3,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
+import { DEFAULT_TIMEOUT_SECONDS, parseTimeout } from '../timeout.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -133,6 +134,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
     .option('--sudo', 'run the remote agent with sudo -n')
     .option(
+      '--timeout <seconds>',
+      `seconds a remote end may stay silent while a reply is awaited, 0: wait for ever (default ${DEFAULT_TIMEOUT_SECONDS})`,
+      parseTimeout,
+    )
+    .option(
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
     )
@@ -162,7 +168,12 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             rebuildIndex: opts.rebuildIndex === true,
             ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
-            remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
+            remote: {
+              ssh: opts.ssh,
+              remoteNode: opts.remoteNode,
+              sudo: opts.sudo === true,
+              ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+            },
             direct: opts.direct === true,
             signal,
             ...(onProgress ? { onProgress } : {}),

@@ -27,6 +27,7 @@ import { readBackWritten, WrittenRanges } from '../engine/written-log.js';
 import { Compressor, decode, DEFLATE_RAW } from './compress.js';
 import { AgentIndex } from './agent-index.js';
 import { DirectCopy } from './direct.js';
+import { parseHello } from './messages.js';
 import {
   dataHeader,
   frame,
@@ -47,13 +48,10 @@ import {
   TOP_HASH_GMAC,
   TOP_HASH_BLOCKS,
   blockDigestHasher,
-  GMAC_KEY_BYTES,
   type TopHasher,
   type Frame,
-  type DirectHello,
   type DirectReport,
   type Hello,
-  type IndexHello,
   type Ready,
   type Summary,
   type WireError,
@@ -90,11 +88,7 @@ interface Opened {
   fileSize: number;
 }
 
-function isSafeUInt(v: unknown): v is number {
-  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
-}
-
-function parseHello(payload: Buffer): Hello {
+function parseHelloFrame(payload: Buffer): Hello {
   if (payload.length < 2) throw new ProtocolError('HELLO too short');
   const version = payload.readUInt16BE(0);
   if (version !== PROTOCOL_VERSION) {
@@ -109,83 +103,7 @@ function parseHello(payload: Buffer): Hello {
   } catch {
     throw new ProtocolError('HELLO is not JSON');
   }
-  const o = h as Partial<Hello> | null;
-  if (
-    o === null ||
-    typeof o !== 'object' ||
-    (o.role !== 'target' && o.role !== 'source') ||
-    typeof o.path !== 'string' ||
-    o.path === '' ||
-    !isSafeUInt(o.topUnit) ||
-    (o.topUnit !== 0 && (o.topUnit < MIN_HASH_UNIT || o.topUnit > MAX_REQUEST_BYTES)) ||
-    !Array.isArray(o.encodings) ||
-    (o.identity !== undefined && typeof o.identity !== 'boolean') ||
-    (o.verify !== undefined && (typeof o.verify !== 'boolean' || o.role !== 'target')) ||
-    (o.role === 'target' && !isSafeUInt(o.size)) ||
-    (o.direct !== undefined && (o.role !== 'source' || !validDirect(o.direct))) ||
-    (o.index !== undefined && (o.role !== 'target' || !validIndex(o.index))) ||
-    (o.topHash !== undefined &&
-      !(
-        o.topHash === TOP_HASH_GMAC &&
-        typeof o.key === 'string' &&
-        new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`).test(o.key)
-      ) &&
-      !(
-        o.topHash === TOP_HASH_BLOCKS &&
-        isSafeUInt(o.topBlock) &&
-        o.topBlock >= MIN_HASH_UNIT &&
-        (o.topBlock & (o.topBlock - 1)) === 0 &&
-        o.topUnit % o.topBlock === 0
-      ))
-  ) {
-    throw new ProtocolError('HELLO has missing or invalid fields');
-  }
-  return o as Hello;
-}
-
-/** A --direct request: a host and path to copy to, and a sane block and chunk size. */
-function validDirect(d: unknown): d is DirectHello {
-  if (d === null || typeof d !== 'object') return false;
-  const o = d as Partial<DirectHello>;
-  const optionalString = (v: unknown): boolean => v === undefined || typeof v === 'string';
-  return (
-    typeof o.destination === 'string' &&
-    o.destination !== '' &&
-    !o.destination.startsWith('-') &&
-    typeof o.path === 'string' &&
-    o.path !== '' &&
-    optionalString(o.ssh) &&
-    optionalString(o.remoteNode) &&
-    (o.verify === undefined || typeof o.verify === 'boolean') &&
-    (o.index === undefined || validIndex(o.index)) &&
-    isSafeUInt(o.blockSize) &&
-    o.blockSize >= MIN_HASH_UNIT &&
-    (o.blockSize & (o.blockSize - 1)) === 0 &&
-    isSafeUInt(o.chunkSize) &&
-    o.chunkSize >= o.blockSize &&
-    o.chunkSize <= MAX_REQUEST_BYTES &&
-    o.chunkSize % o.blockSize === 0
-  );
-}
-
-/** An --index request: a path and sane sizes. */
-function validIndex(x: unknown): x is IndexHello {
-  if (x === null || typeof x !== 'object') return false;
-  const o = x as Partial<IndexHello>;
-  return (
-    typeof o.path === 'string' &&
-    o.path !== '' &&
-    isSafeUInt(o.blockSize) &&
-    o.blockSize >= MIN_HASH_UNIT &&
-    (o.blockSize & (o.blockSize - 1)) === 0 &&
-    isSafeUInt(o.chunkSize) &&
-    o.chunkSize >= o.blockSize &&
-    o.chunkSize <= MAX_REQUEST_BYTES &&
-    isSafeUInt(o.verifySample) &&
-    typeof o.blockSizeGiven === 'boolean' &&
-    typeof o.rebuild === 'boolean' &&
-    typeof o.full === 'boolean'
-  );
+  return parseHello(h);
 }
 
 function hasherOf(h: Hello): TopHasher {
@@ -251,10 +169,18 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   let directRun: Promise<DirectReport> | undefined;
   let sendChain: Promise<void> = Promise.resolve();
 
+  /** HELLO's keepalive timer; frames queued to send (a keepalive waits behind none). */
+  let keepalive: NodeJS.Timeout | undefined;
+  let sending = 0;
   const send = (buf: Buffer): Promise<void> => {
+    sending++;
     sendChain = sendChain.then(async () => {
-      if (failed && buf[4] !== FrameType.ERROR) return;
-      if (!output.write(buf)) await once(output, 'drain');
+      try {
+        if (failed && buf[4] !== FrameType.ERROR) return;
+        if (!output.write(buf)) await once(output, 'drain');
+      } finally {
+        sending--;
+      }
     });
     return sendChain;
   };
@@ -365,7 +291,16 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   };
 
   const hello = async (payload: Buffer): Promise<void> => {
-    const h = parseHello(payload);
+    const h = parseHelloFrame(payload);
+    if (h.keepalive !== undefined && h.keepalive > 0) {
+      // blksync times out a silent link: say "alive" whenever nothing else went out for a while
+      keepalive = setInterval(
+        () => {
+          if (sending === 0 && !failed) void send(frame(FrameType.KEEPALIVE));
+        },
+        Math.max(10, h.keepalive * 1000),
+      );
+    }
     const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
     let ready: Ready;
     let digests = false;
@@ -513,6 +448,10 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
       return;
     }
     if (done) throw new ProtocolError(`frame type ${f.type} after DONE`);
+    // a --direct source runs the copy itself: blksync only says when to finish
+    if (direct !== undefined && f.type !== FrameType.DONE) {
+      throw new ProtocolError(`frame type ${f.type} to an agent running a direct copy`);
+    }
     const o = opened;
     switch (f.type) {
       case FrameType.HASH_REQ: {
@@ -664,6 +603,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
   }
   input.removeListener('data', onData);
+  clearInterval(keepalive);
   // blksync went away (or a frame was refused) during a direct copy: stop it; the other
   // host's agent syncs what it wrote
   direct?.abort();
