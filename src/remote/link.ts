@@ -305,12 +305,6 @@ export class AgentLink {
       // the agent code and the HELLO go out together: no round trip before the handshake
       link.#write(Buffer.concat([payload, helloFrame(hello)]));
       link.#readyInfo = await ready;
-      if (hello.topUnit > 0) {
-        // the stream HELLO asked for, over the image: a target's size as sent, a source's
-        // as READY says
-        const limit = hello.role === 'target' ? hello.size! : link.#readyInfo.size;
-        link.#top = new TopStream(hello.topUnit, limit, TOP_WINDOW_UNITS);
-      }
       link.#compressor = new Compressor(link.#readyInfo.encoding !== '');
       return link;
     } catch (err) {
@@ -466,6 +460,14 @@ export class AgentLink {
           index: h.index,
         });
         this.#ready = undefined;
+        // frames after READY in the same read are taken before open() resumes
+        this.#readyInfo = ready;
+        if (h.topUnit > 0) {
+          // the stream HELLO asked for, over the image: a target's size as sent, a source's
+          // as READY says
+          const limit = h.role === 'target' ? h.size! : ready.size;
+          this.#top = new TopStream(h.topUnit, limit, TOP_WINDOW_UNITS);
+        }
         r.resolve(ready);
         return;
       }

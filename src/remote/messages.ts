@@ -349,10 +349,7 @@ export function parseHello(json: unknown): Hello {
   if (h.role === 'source' && h.index !== undefined) bad('HELLO.index', '{...}', 'for a target');
   if (h.role === 'source' && h.verify !== undefined) bad('HELLO.verify', h.verify, 'for a target');
   if (h.topHash === TOP_HASH_GMAC && h.key === undefined) bad('HELLO.key', undefined, 'a key');
-  if (
-    h.topHash === TOP_HASH_BLOCKS &&
-    (h.topBlock === undefined || h.topUnit % h.topBlock !== 0)
-  ) {
+  if (h.topHash === TOP_HASH_BLOCKS && (h.topBlock === undefined || h.topUnit % h.topBlock !== 0)) {
     bad('HELLO.topBlock', h.topBlock, 'a block size dividing topUnit');
   }
   return h;

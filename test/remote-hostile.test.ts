@@ -1,0 +1,299 @@
+/**
+ * Hostile and broken peers (issue #13, "Remote peers"): blksync run as a user would, its
+ * `--ssh` pointing at test/helpers/fake-agent.ts, which speaks real frames as an attacker or
+ * a stuck agent would. Each must end in a coded error (EREMOTE_PROTOCOL, ETIMEOUT, EUSAGE),
+ * never a crash, a hang or a file left behind; a slow but live agent must pass.
+ */
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { access, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { test } from 'node:test';
+import { parseProgress, parseReady, parseSummary, parseWireError } from '../src/remote/messages.js';
+import { PROTOCOL_VERSION } from '../src/remote/protocol.js';
+import type { CliResult } from './helpers/cli.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
+
+const ENTRY = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
+const FAKE = fileURLToPath(new URL('./helpers/fake-agent.ts', import.meta.url));
+const MiB = 1024 * 1024;
+/** Ample for every case here; a hang fails the test instead of the suite. */
+const TEST_TIMEOUT_MS = 60_000;
+
+/** `--ssh` running the fake agent in `scenario`. */
+function fakeSsh(scenario: string): string {
+  const quoted = `'${scenario.replace(/'/g, `'\\''`)}'`;
+  return `${process.execPath} --import tsx ${FAKE} ${quoted}`;
+}
+
+/** Runs `blksync ...args` under node with `nodeFlags` (e.g. a small heap). */
+function blksync(args: string[], nodeFlags: string[] = []): Promise<CliResult> {
+  const child = spawn(process.execPath, [...nodeFlags, '--import', 'tsx', ENTRY, ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  return new Promise((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+  });
+}
+
+async function exists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  );
+}
+
+function assertCode(r: CliResult, code: string): void {
+  assert.equal(r.signal, null, r.stderr);
+  assert.notEqual(r.code, 0, r.stderr);
+  assert.match(r.stderr, new RegExp(`\\[${code}\\]`), r.stderr);
+  assert.doesNotMatch(r.stderr, /internal error|heap out of memory|RangeError/, r.stderr);
+}
+
+test('hostile peers', { timeout: 10 * TEST_TIMEOUT_MS }, async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  await writeFile(src, seededBytes(MiB, 7));
+
+  await t.test(
+    'unsolicited TOP_HASHES or READ_BACK floods end in EREMOTE_PROTOCOL, on a 256 MB heap',
+    async () => {
+      const small = ['--max-old-space-size=256'];
+      const top = await blksync(['copy', '--ssh', fakeSsh('flood-top'), src, 'h:/dst'], small);
+      assertCode(top, 'EREMOTE_PROTOCOL');
+      assert.match(top.stderr, /TOP_HASHES/);
+      const back = await blksync(
+        ['copy', '--verify', '--ssh', fakeSsh('flood-readback'), src, 'h:/dst'],
+        small,
+      );
+      assertCode(back, 'EREMOTE_PROTOCOL');
+      assert.match(back.stderr, /READ_BACK/);
+    },
+  );
+
+  await t.test(
+    'a READY that lies about its size or types is EREMOTE_PROTOCOL; a pull leaves no DST',
+    async () => {
+      const ready = (fields: Record<string, unknown>): string =>
+        JSON.stringify({
+          version: PROTOCOL_VERSION,
+          size: MiB,
+          kind: 'file',
+          created: false,
+          zero: false,
+          encoding: '',
+          node: 'v20.0.0',
+          ...fields,
+        });
+      const lies: [string, RegExp][] = [
+        [ready({ size: -1 }), /READY\.size: -1/],
+        [ready({ size: 2 ** 60 }), /READY\.size/],
+        [ready({ size: String(MiB) }), /READY\.size/],
+        [ready({ size: null }), /READY\.size: null/],
+        [ready({ kind: 'pipe' }), /READY\.kind/],
+        ['null', /READY: null is not an object/],
+        ['[1,2]', /READY/],
+        ['not json', /READY is not JSON/],
+      ];
+      for (const [payload, why] of lies) {
+        const dst = join(dir, 'pulled.img');
+        const r = await blksync(['copy', '--ssh', fakeSsh(`ready:${payload}`), 'h:/src', dst]);
+        assertCode(r, 'EREMOTE_PROTOCOL');
+        assert.match(r.stderr, why, payload);
+        assert.equal(await exists(dst), false, `${payload} left ${dst}`);
+      }
+      // a push: the agent cannot hold a smaller file than the image it was sent
+      const r = await blksync([
+        'copy',
+        '--ssh',
+        fakeSsh(`ready:${ready({ size: 1 })}`),
+        src,
+        'h:/x',
+      ]);
+      assertCode(r, 'EREMOTE_PROTOCOL');
+      assert.match(r.stderr, /READY\.size: 1 is not at least/);
+    },
+  );
+
+  await t.test('an ERROR that is not one is EREMOTE_PROTOCOL', async () => {
+    for (const payload of ['null', '{"code":null,"message":"x"}', '{"code":"EUSAGE"}']) {
+      const r = await blksync(['copy', '--ssh', fakeSsh(`error:${payload}`), src, 'h:/x']);
+      assertCode(r, 'EREMOTE_PROTOCOL');
+    }
+    // a real one keeps its code
+    const r = await blksync([
+      'copy',
+      '--ssh',
+      fakeSsh('error:{"code":"EDEST_MOUNTED","message":"/dev/x is mounted"}'),
+      src,
+      'h:/dev/x',
+    ]);
+    assertCode(r, 'EDEST_MOUNTED');
+  });
+
+  await t.test(
+    'a claimed 8 TiB source that then says nothing: ETIMEOUT, and no local file',
+    async () => {
+      const dst = join(dir, 'huge.img');
+      const payload = JSON.stringify({
+        version: PROTOCOL_VERSION,
+        size: 8 * 2 ** 40,
+        kind: 'file',
+        created: false,
+        zero: false,
+        encoding: '',
+        node: 'v20.0.0',
+      });
+      const r = await blksync([
+        'copy',
+        '--timeout',
+        '1',
+        '--ssh',
+        fakeSsh(`ready:${payload}`),
+        'h:/src',
+        dst,
+      ]);
+      assertCode(r, 'ETIMEOUT');
+      assert.equal(await exists(dst), false);
+    },
+  );
+
+  await t.test(
+    'an agent that stops talking ends with ETIMEOUT, before and after READY',
+    async () => {
+      const after = await blksync([
+        'copy',
+        '--timeout',
+        '1',
+        '--ssh',
+        fakeSsh('silent'),
+        src,
+        'h:/x',
+      ]);
+      assertCode(after, 'ETIMEOUT');
+      assert.match(after.stderr, /nothing received for 1 s while waiting for its reply/);
+      const before = await blksync([
+        'copy',
+        '--timeout',
+        '1',
+        '--ssh',
+        fakeSsh('mute'),
+        src,
+        'h:/x',
+      ]);
+      assertCode(before, 'ETIMEOUT');
+      assert.match(before.stderr, /while waiting for the agent to start/);
+      const usage = await blksync(['copy', '--timeout', 'soon', src, 'h:/x']);
+      assertCode(usage, 'EUSAGE');
+    },
+  );
+
+  await t.test('empty DATA where data is due is EREMOTE_PROTOCOL, not progress', async () => {
+    const dst = join(dir, 'empty-data.img');
+    const r = await blksync(['copy', '--full', '--ssh', fakeSsh('empty-data'), 'h:/src', dst]);
+    assertCode(r, 'EREMOTE_PROTOCOL');
+    assert.match(r.stderr, /DATA of 0 bytes/);
+  });
+
+  await t.test(
+    'a slow but live agent (KEEPALIVE) passes --timeout; a stalled one does not',
+    async () => {
+      const live = join(dir, 'live.img');
+      const ok = await blksync([
+        'copy',
+        '--timeout',
+        '1',
+        '--ssh',
+        fakeSsh('proxy-keepalive'),
+        src,
+        `h:${live}`,
+      ]);
+      assert.equal(ok.code, 0, ok.stderr);
+      assert.deepEqual(await readFile(live), await readFile(src));
+      const stuck = join(dir, 'stuck.img');
+      const r = await blksync([
+        'copy',
+        '--timeout',
+        '1',
+        '--ssh',
+        fakeSsh('proxy-stall'),
+        src,
+        `h:${stuck}`,
+      ]);
+      assertCode(r, 'ETIMEOUT');
+    },
+  );
+
+  await t.test(
+    'a host or path ssh would take for an option is EUSAGE before any ssh starts',
+    async () => {
+      const marker = join(dir, 'ssh-ran');
+      // an "ssh" that leaves a mark when started
+      const ssh = `sh -c 'touch ${marker}; exit 255'`;
+      const cases: string[][] = [
+        [src, '-oProxyCommand=x:/dst'],
+        ['-oProxyCommand=x:/src', join(dir, 'out.img')],
+        ['ok:/src', '-oProxyCommand=x:/dst'],
+        ['--direct', 'ok:/src', '-oProxyCommand=x:/dst'],
+        ['--direct', '-oProxyCommand=x:/src', 'ok:/dst'],
+        ['--', 'ok:/src', '-oProxyCommand=x:/dst'],
+        ['--direct', '--', 'ok:/src', '-oProxyCommand=x:/dst'],
+        ['--', src, 'me@-oProxyCommand=x:/dst'],
+        ['--', src, '[-x]:/dst'],
+        [src, 'ok:-dst'],
+        ['ok:/src', 'ok:--dst'],
+      ];
+      for (const args of cases) {
+        const r = await blksync(['copy', '--ssh', ssh, ...args]);
+        // before `--` the argument parser itself refuses what looks like an option
+        if (args.includes('--') || !args.some((a) => a.startsWith('-o'))) assertCode(r, 'EUSAGE');
+        assert.equal(r.code, 2, r.stderr);
+        assert.equal(await exists(marker), false, `ssh started for ${args.join(' ')}`);
+      }
+    },
+  );
+});
+
+test('messages from the agent are validated field by field', () => {
+  const json = (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8');
+  const ready = {
+    version: PROTOCOL_VERSION,
+    size: MiB,
+    kind: 'file',
+    created: false,
+    zero: false,
+    encoding: '',
+    node: 'v20',
+  };
+  const ctx = { role: 'source' as const, encodings: ['deflate-raw'] };
+  assert.equal(parseReady(json(ready), ctx).size, MiB);
+  assert.throws(() => parseReady(json({ ...ready, encoding: 'zstd' }), ctx), /READY\.encoding/);
+  assert.throws(() => parseReady(json({ ...ready, version: 1 }), ctx), /READY\.version/);
+  assert.throws(() => parseReady(json({ ...ready, size: 1.5 }), ctx), /READY\.size/);
+  assert.throws(() => parseReady(json({ ...ready, identity: {} }), ctx), /READY\.identity/);
+  assert.throws(() => parseReady(json({ ...ready, target: ready }), ctx), /READY\.target/);
+  const summary = { bytes: 0, frames: 0, digest: 'a'.repeat(64), bytesRead: 5 };
+  assert.equal(parseSummary(json(summary)).bytesRead, 5);
+  for (const bad of [
+    { ...summary, bytes: -1 },
+    { ...summary, frames: '1' },
+    { ...summary, digest: null },
+    { ...summary, cpuSeconds: -2 },
+    { ...summary, verify: { direct: 1, bytesRead: 0, seconds: 0 } },
+    { ...summary, direct: { interrupted: false } },
+  ]) {
+    assert.throws(() => parseSummary(json(bad)), /SUMMARY/, JSON.stringify(bad));
+  }
+  assert.throws(() => parseWireError(json({ code: 'x', message: '' })), /ERROR\.code/);
+  assert.throws(
+    () => parseProgress(json({ bytesScanned: 1, bytesTotal: 2, bytesDiffering: 0 })),
+    /PROGRESS\.bytesWritten/,
+  );
+});
