@@ -21,6 +21,7 @@ import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
 import { diffApplySection } from './sections/diff-apply.js';
 import { indexSection } from './sections/index.js';
+import { realisticSection } from './sections/realistic.js';
 import { remoteSection } from './sections/remote.js';
 
 export interface BenchOptions {
@@ -46,6 +47,7 @@ const SECTIONS: readonly Section[] = [
   diffApplySection,
   bmapSection,
   remoteSection,
+  realisticSection,
 ];
 
 /** At least this many runs, so a median means something. */

@@ -70,8 +70,24 @@ export type ErrorCode =
   | 'ESIG_UNKNOWN_KEY'
   /** --fingerprint or --keyring was given but the bmap has no signature. */
   | 'ESIG_MISSING'
-  /** A peer (ssh agent) sent nothing for --timeout seconds while a reply was awaited. */
-  | 'ETIMEOUT';
+  /** A peer (web server, ssh agent) sent nothing for `timeout` seconds while an answer was due. */
+  | 'ETIMEOUT'
+  /** An https URL redirected to plain http (an https → http downgrade): refused. */
+  | 'ESRC_DOWNGRADE'
+  /** A redirect that cannot be followed: to a scheme other than http(s), or a malformed Location. */
+  | 'ESRC_REDIRECT';
+
+/** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
+export type WarningCode =
+  /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
+  'WPROBE_NOT_FOUND';
+
+/** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
+export interface BlksyncWarning {
+  code: WarningCode;
+  message: string;
+  path?: string;
+}
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

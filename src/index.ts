@@ -42,6 +42,7 @@ export type { RemoteSpec } from './remote/spec.js';
 export type { RemoteOptions } from './remote/link.js';
 export type { RemoteCopyResult, ChannelStats } from './remote/remote-copy.js';
 export { BlksyncError } from './errors.js';
-export type { ErrorCode } from './errors.js';
+export type { ErrorCode, BlksyncWarning, WarningCode } from './errors.js';
+export { DEFAULT_TIMEOUT_S } from './limits.js';
 export type { Range } from './ranges.js';
 export { parseSize, formatBytes } from './size.js';

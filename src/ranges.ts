@@ -60,3 +60,32 @@ export class RangeList {
     return this.#count > this.#ranges.length;
   }
 }
+
+/** The union of two ascending, non-overlapping range lists, merging ranges less than `gap` apart. */
+export function unionRanges(a: readonly Range[], b: readonly Range[], gap = 0): Range[] {
+  const out: Range[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    const next = j >= b.length || (i < a.length && a[i]!.start <= b[j]!.start) ? a[i++]! : b[j++]!;
+    const last = out[out.length - 1];
+    if (last !== undefined && next.start - last.end <= gap) last.end = Math.max(last.end, next.end);
+    else out.push({ start: next.start, end: next.end });
+  }
+  return out;
+}
+
+/** The parts of `ranges` that lie inside `keep` (both ascending and non-overlapping). */
+export function intersectRanges(ranges: readonly Range[], keep: readonly Range[]): Range[] {
+  const out: Range[] = [];
+  let j = 0;
+  for (const r of ranges) {
+    while (j < keep.length && keep[j]!.end <= r.start) j++;
+    for (let k = j; k < keep.length && keep[k]!.start < r.end; k++) {
+      const start = Math.max(r.start, keep[k]!.start);
+      const end = Math.min(r.end, keep[k]!.end);
+      if (start < end) out.push({ start, end });
+    }
+  }
+  return out;
+}

@@ -312,8 +312,11 @@ describe('signed bmaps', () => {
     assert.equal(r.bmap?.signature?.path, `http://127.0.0.1:${port}/d/disk.img.bmap.asc?token=1`);
     assert.ok((await readFile(join(dir, 'out'))).equals(image));
     assert.ok(requested.includes('/d/disk.img.bmap.asc'));
-    // tampered at the server
-    files['/d/disk.img.bmap.asc'] = Buffer.from('garbage');
+    // tampered at the server: a real signature, but of other text
+    const other = join(dir, 'other');
+    await writeFile(other, 'not the bmap\n');
+    await signAs(keyA, '--armor', '--detach-sign', '-o', `${other}.asc`, other);
+    files['/d/disk.img.bmap.asc'] = await readFile(`${other}.asc`);
     await assert.rejects(copy(url, join(dir, 'out2')), code('ESIG_INVALID'));
     await assert.rejects(stat(join(dir, 'out2')), { code: 'ENOENT' });
   });

@@ -2,8 +2,9 @@
 
 import type { Command } from '@commander-js/extra-typings';
 import { copy, type CopyResult } from '../engine/copy.js';
+import type { SignatureReport } from '../io/signature.js';
 import type { ChannelStats } from '../remote/remote-copy.js';
-import { DEFAULT_TIMEOUT_SECONDS, parseTimeout } from '../timeout.js';
+import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
 import { blockSizeOption, type SetExit, runOperation } from './common.js';
@@ -28,7 +29,7 @@ function copySummary(r: CopyResult): string {
     if (sig !== undefined) {
       lines.push(
         `signature ${sig.kind === 'clearsigned' ? '(clearsigned) ' : `${sig.path} `}good, by ${sig.signers.join(', ')} ` +
-          `(key ${sig.fingerprints.join(', ')}; checked with ${sig.verifiedWith})`,
+          `(key ${signingKeysText(sig)}; checked with ${sig.verifiedWith})`,
       );
     }
   }
@@ -62,6 +63,18 @@ function copySummary(r: CopyResult): string {
     );
   }
   return lines.join('\n');
+}
+
+/** The signers' primary keys, each with the subkey that signed when it is another. */
+function signingKeysText(sig: SignatureReport): string {
+  return sig.fingerprints
+    .map((primary, i) => {
+      const signing = sig.signingKeys[i];
+      return signing !== undefined && signing !== primary
+        ? `${primary}, signing subkey ${signing}`
+        : primary;
+    })
+    .join('; ');
 }
 
 function indexSummary(r: CopyResult): string {
@@ -134,13 +147,13 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
     .option('--sudo', 'run the remote agent with sudo -n')
     .option(
-      '--timeout <seconds>',
-      `seconds a remote end may stay silent while a reply is awaited, 0: wait for ever (default ${DEFAULT_TIMEOUT_SECONDS})`,
-      parseTimeout,
-    )
-    .option(
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
+    )
+    .option(
+      '--timeout <seconds>',
+      `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
+      parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
@@ -168,13 +181,10 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             rebuildIndex: opts.rebuildIndex === true,
             ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
-            remote: {
-              ssh: opts.ssh,
-              remoteNode: opts.remoteNode,
-              sudo: opts.sudo === true,
-              ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
-            },
+            remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
+            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
             ...(onProgress ? { onProgress } : {}),
           }),

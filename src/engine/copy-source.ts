@@ -179,17 +179,28 @@ async function readLocalBmap(path: string): Promise<Buffer | undefined> {
   }
 }
 
+/**
+ * A bmap's bytes (undefined: there is none). A `probe` beside a URL whose answer is not a bmap
+ * (a server's "not found" page sent with 200) counts as none, and is pushed on `notBmaps`.
+ */
 async function loadBmapBytes(
   path: string,
   options: CopySourceOptions,
+  notBmaps?: string[],
 ): Promise<Buffer | undefined> {
   let bytes: Buffer | undefined;
   if (isUrl(path)) {
-    const [{ httpFetchSmall }, { MAX_BMAP_BYTES }] = await Promise.all([
+    const [{ httpFetchSmall }, { MAX_BMAP_BYTES }, { looksLikeBmap }] = await Promise.all([
       import('../io/http-source.js'),
       import('../formats/bmap.js'),
+      import('../formats/bmap-sniff.js'),
     ]);
-    bytes = await httpFetchSmall(path, MAX_BMAP_BYTES, options.signal);
+    const got = await httpFetchSmall(path, MAX_BMAP_BYTES, options);
+    if (got !== undefined && notBmaps !== undefined && !looksLikeBmap(got.bytes)) {
+      notBmaps.push(`${path} (${got.contentType ?? 'no Content-Type'})`);
+      return undefined;
+    }
+    bytes = got?.bytes;
   } else {
     bytes = await readLocalBmap(path);
   }
@@ -232,10 +243,18 @@ export async function findBmap(
     return signedBmap(options.bmap, bytes, options);
   }
   if (src === '-') return noBmapFound(options);
+  const notBmaps: string[] = [];
   for (const candidate of bmapCandidates(src)) {
     if (candidate === src) continue;
-    const bytes = await loadBmapBytes(candidate, options);
+    const bytes = await loadBmapBytes(candidate, options, notBmaps);
     if (bytes !== undefined) return signedBmap(candidate, bytes, options);
+  }
+  if (notBmaps.length > 0) {
+    options.onWarning?.({
+      code: 'WPROBE_NOT_FOUND',
+      message: `no bmap used: the server answered ${notBmaps.join(', ')} with something that is not a bmap (likely a "not found" page)`,
+      path: src,
+    });
   }
   return noBmapFound(options);
 }
@@ -390,7 +409,7 @@ async function openFound(
     if (isUrl(src)) {
       kind = 'url';
       const { bodyStream, httpOpenOk } = await import('../io/http-source.js');
-      const res = await httpOpenOk(src, options.signal);
+      const res = await httpOpenOk(src, options);
       const body = bodyStream(res);
       // destroyed directly: the peeked stream's destroy waits for a pending read that a
       // stalled connection never completes

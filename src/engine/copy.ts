@@ -7,7 +7,7 @@
  */
 
 import { unlink } from 'node:fs/promises';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, type BlksyncWarning } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
 import {
@@ -93,6 +93,13 @@ export interface CopyOptions {
   remote?: RemoteOptions;
   /** Both ends remote: SRC's host sends to DST's host itself, not through this machine. */
   direct?: boolean;
+  /**
+   * Seconds a peer (a web server) may stay silent while an answer is due before the copy
+   * fails with ETIMEOUT (default DEFAULT_TIMEOUT_S in limits.ts). Idle time, not total time.
+   */
+  timeout?: number;
+  /** Told of problems worked around (a URL probed for a bmap or signature that answered a page). */
+  onWarning?: (warning: BlksyncWarning) => void;
 }
 
 export interface CopyResult {
@@ -195,6 +202,8 @@ export async function copy(
     fingerprint: options.fingerprint,
     keyring: options.keyring,
     signal: options.signal,
+    timeout: options.timeout,
+    onWarning: options.onWarning,
   });
   let target: Opened | undefined;
   let sink: Sink | undefined;

@@ -1,21 +1,33 @@
 /**
- * http:// and https:// images and bmaps, with node:http and node:https (undici 8 needs
- * Node 22; one GET per file needs nothing more). Redirects are followed, a status other than
- * 2xx is an ESRC_HTTP error naming it, and a body cut short (a dropped connection, fewer
- * bytes than Content-Length) is ESRC_SHORT, never a silently short image.
+ * http:// and https:// images, bmaps and signatures, with node:http and node:https (undici 8
+ * needs Node 22; one GET per file needs nothing more). Web servers are untrusted peers:
+ *
+ * - redirects are followed to http: and https: only (anything else is ESRC_REDIRECT), never
+ *   from https down to http (ESRC_DOWNGRADE: whoever sits on the path could then change the
+ *   image), and at most MAX_REDIRECTS times;
+ * - silence ends at `timeout` seconds of idle time (ETIMEOUT): waiting for an answer's headers,
+ *   and waiting for the next bytes of a body while its reader wants them (a body paused because
+ *   DST is slow to write is not the server's silence, so the clock stops then);
+ * - a status other than 2xx is an ESRC_HTTP error naming it, and a body cut short (a dropped
+ *   connection, fewer bytes than Content-Length) is ESRC_SHORT, never a silently short image.
  */
 
 import { get as httpGet, type IncomingMessage } from 'node:http';
 import { get as httpsGet } from 'node:https';
 import { PassThrough, type Readable } from 'node:stream';
 import { BlksyncError } from '../errors.js';
+import { timeoutMs } from '../limits.js';
 
 /** Redirects followed before giving up. */
 export const MAX_REDIRECTS = 10;
-/** Time allowed for a server to answer or to send the next bytes. */
-export const HTTP_TIMEOUT_MS = 60_000;
 
 export { isUrl } from './url.js';
+
+export interface HttpOptions {
+  signal?: AbortSignal | undefined;
+  /** Seconds the server may stay silent while an answer is due (default DEFAULT_TIMEOUT_S). */
+  timeout?: number | undefined;
+}
 
 export interface HttpResponse {
   /** The URL that answered, after redirects. */
@@ -24,33 +36,86 @@ export interface HttpResponse {
   /** Content-Length, when the server sent one. */
   length: number | undefined;
   body: IncomingMessage;
+  /** Idle time allowed while reading the body, in milliseconds. */
+  idleMs: number;
 }
 
-function request(url: string, signal: AbortSignal | undefined): Promise<IncomingMessage> {
-  return new Promise((resolve, reject) => {
+function seconds(ms: number): string {
+  return `${ms / 1000} s`;
+}
+
+function request(url: string, idleMs: number, signal: AbortSignal | undefined) {
+  return new Promise<IncomingMessage>((resolve, reject) => {
     const get = url.toLowerCase().startsWith('https:') ? httpsGet : httpGet;
+    // `timeout` is the socket's idle timeout: it covers connecting, TLS and the headers
     const req = get(
       url,
-      { signal, timeout: HTTP_TIMEOUT_MS, headers: { 'accept-encoding': 'identity' } },
-      resolve,
+      { signal, timeout: idleMs, headers: { 'accept-encoding': 'identity' } },
+      (res) => {
+        // from here bodyStream keeps the clock, stopped while the body is paused
+        req.setTimeout(0);
+        resolve(res);
+      },
     );
-    req.on('timeout', () => req.destroy(new Error(`no answer in ${HTTP_TIMEOUT_MS / 1000} s`)));
+    req.on('timeout', () =>
+      req.destroy(
+        new BlksyncError(
+          'ETIMEOUT',
+          `${url}: no answer from the server in ${seconds(idleMs)}; try again later, or wait longer with --timeout SECONDS`,
+          { path: url },
+        ),
+      ),
+    );
     req.on('error', (err) =>
       reject(
-        new BlksyncError('ESRC_HTTP', `cannot get ${url}: ${err.message}`, {
-          path: url,
-          cause: err,
-        }),
+        err instanceof BlksyncError
+          ? err
+          : new BlksyncError('ESRC_HTTP', `cannot get ${url}: ${err.message}`, {
+              path: url,
+              cause: err,
+            }),
       ),
     );
   });
 }
 
+/** Where a redirect from `from` to `location` leads, or why it is not followed. */
+function redirectTarget(from: string, location: string): string {
+  let next: URL;
+  try {
+    next = new URL(location, from);
+  } catch (err) {
+    throw new BlksyncError(
+      'ESRC_REDIRECT',
+      `${from} redirects to ${JSON.stringify(location)}, which is not a URL; ask the server's owner, or give the image's real URL`,
+      { path: from, cause: err },
+    );
+  }
+  if (next.protocol !== 'http:' && next.protocol !== 'https:') {
+    throw new BlksyncError(
+      'ESRC_REDIRECT',
+      `${from} redirects to ${next.href}: blksync follows redirects to http: and https: only, not ${next.protocol}; ` +
+        'fetch that location yourself if you trust it',
+      { path: from },
+    );
+  }
+  if (new URL(from).protocol === 'https:' && next.protocol === 'http:') {
+    throw new BlksyncError(
+      'ESRC_DOWNGRADE',
+      `${from} redirects to ${next.href}: an https → http downgrade, after which anyone on the network path could ` +
+        'change what is read; refused. If you trust the plain-http location, give that http:// URL itself',
+      { path: from },
+    );
+  }
+  return next.href;
+}
+
 /** GETs `url`, following redirects; resolves with the final response whatever its status. */
-export async function httpOpen(url: string, signal?: AbortSignal): Promise<HttpResponse> {
+export async function httpOpen(url: string, options: HttpOptions = {}): Promise<HttpResponse> {
+  const idleMs = timeoutMs(options.timeout);
   let current = url;
   for (let i = 0; ; i++) {
-    const res = await request(current, signal);
+    const res = await request(current, idleMs, options.signal);
     const status = res.statusCode ?? 0;
     const location = res.headers.location;
     if ([301, 302, 303, 307, 308].includes(status) && location !== undefined) {
@@ -60,12 +125,12 @@ export async function httpOpen(url: string, signal?: AbortSignal): Promise<HttpR
           path: url,
         });
       }
-      current = new URL(location, current).href;
+      current = redirectTarget(current, location);
       continue;
     }
     const len = res.headers['content-length'];
     const length = len !== undefined && /^\d+$/.test(len) ? Number(len) : undefined;
-    return { url: current, status, length, body: res };
+    return { url: current, status, length, body: res, idleMs };
   }
 }
 
@@ -79,8 +144,8 @@ function statusError(url: string, res: HttpResponse): BlksyncError {
 }
 
 /** GETs `url` and fails unless the answer is 2xx. */
-export async function httpOpenOk(url: string, signal?: AbortSignal): Promise<HttpResponse> {
-  const res = await httpOpen(url, signal);
+export async function httpOpenOk(url: string, options: HttpOptions = {}): Promise<HttpResponse> {
+  const res = await httpOpen(url, options);
   if (res.status < 200 || res.status > 299) {
     res.body.resume();
     throw statusError(url, res);
@@ -88,16 +153,22 @@ export async function httpOpenOk(url: string, signal?: AbortSignal): Promise<Htt
   return res;
 }
 
+/** A small file fetched whole: its bytes and the Content-Type the server gave. */
+export interface SmallFile {
+  bytes: Buffer;
+  contentType: string | undefined;
+}
+
 /**
- * The body of a small file (a bmap), at most `maxBytes`; undefined when the server says it
- * does not exist (404, 410), so that bmap discovery can try the next name.
+ * The body of a small file (a bmap, a signature), at most `maxBytes`; undefined when the
+ * server says it does not exist (404, 410), so that discovery can try the next name.
  */
 export async function httpFetchSmall(
   url: string,
   maxBytes: number,
-  signal?: AbortSignal,
-): Promise<Buffer | undefined> {
-  const res = await httpOpen(url, signal);
+  options: HttpOptions = {},
+): Promise<SmallFile | undefined> {
+  const res = await httpOpen(url, options);
   if (res.status === 404 || res.status === 410) {
     res.body.resume();
     return undefined;
@@ -112,25 +183,20 @@ export async function httpFetchSmall(
       path: url,
     });
   }
+  const body = bodyStream(res);
   const parts: Buffer[] = [];
   let n = 0;
-  try {
-    for await (const chunk of res.body) {
-      n += (chunk as Buffer).length;
-      if (n > maxBytes) {
-        res.body.destroy();
-        throw new BlksyncError('EBMAP_FORMAT', `${url} is larger than ${maxBytes} bytes`, {
-          path: url,
-        });
-      }
-      parts.push(chunk as Buffer);
+  for await (const chunk of body) {
+    n += (chunk as Buffer).length;
+    if (n > maxBytes) {
+      body.destroy();
+      throw new BlksyncError('EBMAP_FORMAT', `${url} is larger than ${maxBytes} bytes`, {
+        path: url,
+      });
     }
-  } catch (err) {
-    if (err instanceof BlksyncError) throw err;
-    throw cutShort(url, n, res.length, err);
+    parts.push(chunk as Buffer);
   }
-  if (res.length !== undefined && n < res.length) throw cutShort(url, n, res.length);
-  return Buffer.concat(parts);
+  return { bytes: Buffer.concat(parts), contentType: res.body.headers['content-type'] };
 }
 
 function cutShort(
@@ -148,29 +214,86 @@ function cutShort(
   );
 }
 
+function stalled(url: string, got: number, length: number | undefined, idleMs: number) {
+  return new BlksyncError(
+    'ETIMEOUT',
+    `${url}: the server sent nothing for ${seconds(idleMs)} after ${got} bytes` +
+      (length !== undefined ? ` of ${length}` : '') +
+      '; the transfer stalled. Rerun to try again, or allow longer silences with --timeout SECONDS',
+    { path: url },
+  );
+}
+
 /**
  * The response body as a stream whose errors are BlksyncErrors: a connection cut mid-body
- * becomes ESRC_SHORT with the byte count.
+ * becomes ESRC_SHORT with the byte count, a server silent for `idleMs` while the stream has
+ * room for more becomes ETIMEOUT.
  */
 export function bodyStream(res: HttpResponse): Readable {
   const out = new PassThrough({ highWaterMark: 1024 * 1024 });
   out.on('error', () => {}); // kept by the stream for its reader (see decompress.ts)
   let got = 0;
-  let failed = false;
-  const fail = (err?: unknown): void => {
-    if (failed) return;
-    failed = true;
-    out.destroy(cutShort(res.url, got, res.length, err));
+  let done = false;
+  // the clock runs only while the body flows: paused (out full, its reader busy), the
+  // server owes nothing
+  let timer: NodeJS.Timeout | undefined;
+  let flowing = false;
+  const stopClock = (): void => {
+    flowing = false;
+    clearTimeout(timer);
+    timer = undefined;
   };
-  res.body.on('data', (c: Buffer) => (got += c.length));
-  res.body.on('aborted', () => fail());
-  res.body.on('error', (err) => fail(err));
-  res.body.on('end', () => {
-    if (res.length !== undefined && got < res.length) fail();
+  const expired = (): void => {
+    timer = undefined;
+    // after the event loop was held up (a busy or starved process), expired timers run before
+    // the I/O that came meanwhile: judge once that I/O is read (it restarts the clock)
+    setImmediate(() => {
+      if (!done && flowing && timer === undefined) {
+        fail(stalled(res.url, got, res.length, res.idleMs));
+      }
+    });
+  };
+  const restartClock = (): void => {
+    flowing = true;
+    if (timer !== undefined) timer.refresh();
+    else timer = setTimeout(expired, res.idleMs);
+  };
+  const fail = (err: BlksyncError): void => {
+    if (done) return;
+    done = true;
+    stopClock();
+    out.destroy(err);
+    res.body.destroy();
+  };
+  res.body.on('data', (c: Buffer) => {
+    got += c.length;
+    if (out.write(c)) restartClock();
+    else {
+      stopClock();
+      res.body.pause();
+    }
   });
-  res.body.pipe(out);
+  out.on('drain', () => {
+    if (done) return;
+    restartClock();
+    res.body.resume();
+  });
+  res.body.on('aborted', () => fail(cutShort(res.url, got, res.length)));
+  res.body.on('error', (err) => fail(cutShort(res.url, got, res.length, err)));
+  res.body.on('end', () => {
+    if (res.length !== undefined && got < res.length)
+      return fail(cutShort(res.url, got, res.length));
+    done = true;
+    stopClock();
+    out.end();
+  });
   // a copy that needs no more (a bmap's last range is in) closes the stream: drop the
   // connection rather than leave it open, which would keep the process alive
-  out.on('close', () => res.body.destroy());
+  out.on('close', () => {
+    done = true;
+    stopClock();
+    res.body.destroy();
+  });
+  restartClock();
   return out;
 }

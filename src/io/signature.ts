@@ -21,14 +21,21 @@
  * its trustedkeys.kbx only when gpg is missing), or, with --keyring FILE, from that file alone
  * (imported into a temporary GNUPGHOME, so the user's keyring is neither used nor changed).
  * Trust levels are not consulted: a key in the keyring used is trusted, as with gpgv.
- * --fingerprint FPR also requires a signature by that key (primary key or signing subkey).
+ * --fingerprint FPR also requires a signature by that key: its primary key's fingerprint or
+ * the fingerprint of the (sub)key that made the signature, either one.
+ *
+ * Many web servers answer 200 with an HTML page for a file they do not have: a probed
+ * IMAGE.bmap.asc / .sig URL whose answer is not an OpenPGP signature (neither the armor line
+ * "-----BEGIN PGP SIGNATURE-----" nor a binary signature packet) counts as no signature, with a
+ * warning, unless --fingerprint or --keyring demand one (ESIG_MISSING). Anything that looks
+ * like a signature is checked, and a bad one is ESIG_INVALID.
  */
 
 import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import { BlksyncError, fromSystemError, isSystemError, type BlksyncWarning } from '../errors.js';
 import { isUrl } from './url.js';
 
 /** A clearsigned file starts with exactly this line. */
@@ -50,6 +57,10 @@ export interface SignatureOptions {
   /** Take the keys from this file only (binary or armored export) instead of the user's keyring. */
   keyring?: string | undefined;
   signal?: AbortSignal | undefined;
+  /** Seconds a web server may stay silent (signatures and bmaps at URLs; default DEFAULT_TIMEOUT_S). */
+  timeout?: number | undefined;
+  /** Told of what was worked around (a probed signature URL that answered something else). */
+  onWarning?: ((warning: BlksyncWarning) => void) | undefined;
 }
 
 /** What was checked, for the copy's report. */
@@ -57,8 +68,10 @@ export interface SignatureReport {
   /** "clearsigned", or the detached signature's path or URL. */
   kind: 'clearsigned' | 'detached';
   path: string;
-  /** Fingerprints of the keys that made the signatures (primary keys). */
+  /** Fingerprints of the primary keys of the keys that made the signatures. */
   fingerprints: string[];
+  /** Fingerprints of the keys that made the signatures (a signing subkey's, or the primary's). */
+  signingKeys: string[];
   /** The signers' user ids as GnuPG printed them. */
   signers: string[];
   /** Which program checked. */
@@ -107,11 +120,55 @@ async function readLocalSmall(path: string, what: string): Promise<Buffer | unde
   }
 }
 
-async function loadSignature(path: string, signal?: AbortSignal): Promise<Buffer | undefined> {
-  if (!isUrl(path)) return readLocalSmall(path, 'signature');
+/** A signature file's bytes, and for a URL the Content-Type its server gave. */
+interface LoadedSignature {
+  bytes: Buffer;
+  contentType?: string | undefined;
+}
+
+async function loadSignature(
+  path: string,
+  options: SignatureOptions,
+): Promise<LoadedSignature | undefined> {
+  if (!isUrl(path)) {
+    const bytes = await readLocalSmall(path, 'signature');
+    return bytes === undefined ? undefined : { bytes };
+  }
   // node:http and node:https load only for a URL (a local bmap starts ~10 ms sooner)
   const { httpFetchSmall } = await import('./http-source.js');
-  return httpFetchSmall(path, MAX_SIGNATURE_BYTES, signal);
+  return httpFetchSmall(path, MAX_SIGNATURE_BYTES, options);
+}
+
+/** OpenPGP packet tag of a signature packet (RFC 4880 section 4.3). */
+const SIGNATURE_PACKET_TAG = 2;
+
+/**
+ * True when `bytes` can be an OpenPGP detached signature: ASCII armor whose first line is
+ * "-----BEGIN PGP SIGNATURE-----", or a binary packet whose tag (old or new format header,
+ * RFC 4880 section 4.2) is a signature packet's. Only a sniff: GnuPG does the checking.
+ */
+export function looksLikeSignature(bytes: Buffer): boolean {
+  const text = bytes.subarray(0, 1024).toString('latin1');
+  if (
+    text
+      .replace(/^\xEF\xBB\xBF/, '')
+      .trimStart()
+      .startsWith(SIGNATURE_BEGIN)
+  )
+    return true;
+  const first = bytes[0];
+  if (first === undefined || (first & 0x80) === 0) return false;
+  const tag = (first & 0x40) !== 0 ? first & 0x3f : (first >> 2) & 0x0f;
+  return tag === SIGNATURE_PACKET_TAG;
+}
+
+function notASignature(path: string, found: LoadedSignature): string {
+  return (
+    `${path} is not an OpenPGP signature` +
+    (found.contentType !== undefined
+      ? ` (the server answered ${JSON.stringify(found.contentType)}, likely a "not found" page)`
+      : '')
+  );
 }
 
 /** True when `bytes` is a clearsigned message. */
@@ -196,6 +253,7 @@ function runGpg(
 
 interface Verdict {
   fingerprints: string[];
+  signingKeys: string[];
   signers: string[];
 }
 
@@ -256,6 +314,7 @@ function judge(outcome: GpgOutcome, where: string, program: string): Verdict {
   return {
     // VALIDSIG's last field is the primary key's fingerprint (gpg 2.x), its first the signing key's
     fingerprints: valid.map((l) => (l.length >= 11 ? l[10]! : l[1]!).toUpperCase()),
+    signingKeys: valid.map((l) => l[1]!.toUpperCase()),
     signers: good.map((l) => l.slice(2).join(' ')),
   };
 }
@@ -404,30 +463,53 @@ export async function verifyBmapSignature(
   } else {
     if (skip) return { content: bytes, signature: undefined };
     if (options.bmapSig !== undefined) {
-      signature = await loadSignature(options.bmapSig, options.signal);
-      if (signature === undefined) {
+      const found = await loadSignature(options.bmapSig, options);
+      if (found === undefined) {
         throw new BlksyncError('EUSAGE', `signature ${options.bmapSig} does not exist`, {
           path: options.bmapSig,
         });
       }
+      if (!looksLikeSignature(found.bytes)) {
+        throw new BlksyncError(
+          'ESIG_INVALID',
+          `${notASignature(options.bmapSig, found)}; nothing was written. Check the --bmap-sig you gave`,
+          { path: options.bmapSig },
+        );
+      }
+      signature = found.bytes;
       sigPath = options.bmapSig;
     } else {
       sigPath = '';
+      // URLs answered with something else (a server's "not found" page): no signature there
+      const notSignatures: string[] = [];
       for (const candidate of signatureCandidates(bmapPath)) {
-        signature = await loadSignature(candidate, options.signal);
-        if (signature !== undefined) {
-          sigPath = candidate;
-          break;
+        const found = await loadSignature(candidate, options);
+        if (found === undefined) continue;
+        if (isUrl(candidate) && !looksLikeSignature(found.bytes)) {
+          notSignatures.push(notASignature(candidate, found));
+          continue;
         }
+        signature = found.bytes;
+        sigPath = candidate;
+        break;
       }
       if (signature === undefined) {
         if (wanted !== undefined || options.keyring !== undefined) {
           throw new BlksyncError(
             'ESIG_MISSING',
             `--${wanted !== undefined ? 'fingerprint' : 'keyring'} was given but ${bmapPath} is not signed ` +
-              `(no ${signatureCandidates(bmapPath).join(' or ')}, and it is not clearsigned); name the signature with --bmap-sig`,
+              `(no ${signatureCandidates(bmapPath).join(' or ')}, and it is not clearsigned` +
+              (notSignatures.length > 0 ? `; ${notSignatures.join('; ')}` : '') +
+              '); nothing was written. Name the signature with --bmap-sig',
             { path: bmapPath },
           );
+        }
+        for (const message of notSignatures) {
+          options.onWarning?.({
+            code: 'WPROBE_NOT_FOUND',
+            message: `${message}; taken as no signature, the bmap is used unsigned`,
+            path: bmapPath,
+          });
         }
         return { content: bytes, signature: undefined };
       }
@@ -439,10 +521,20 @@ export async function verifyBmapSignature(
     sigPath,
     options,
   );
-  if (wanted !== undefined && !verdict.fingerprints.includes(wanted)) {
+  if (
+    wanted !== undefined &&
+    !verdict.fingerprints.includes(wanted) &&
+    !verdict.signingKeys.includes(wanted)
+  ) {
+    const keys = verdict.fingerprints.map((primary, i) => {
+      const signing = verdict.signingKeys[i];
+      return signing !== undefined && signing !== primary
+        ? `${primary} (signing subkey ${signing})`
+        : primary;
+    });
     throw new BlksyncError(
       'ESIG_INVALID',
-      `${sigPath}: the signature is good but was made by ${verdict.fingerprints.join(', ')} ` +
+      `${sigPath}: the signature is good but was made by ${keys.join(', ')} ` +
         `(${verdict.signers.join(', ')}), not by the key --fingerprint ${wanted} asks for; nothing was written`,
       { path: sigPath },
     );
@@ -465,6 +557,7 @@ export async function verifyBmapSignature(
       kind: clearsigned ? 'clearsigned' : 'detached',
       path: sigPath,
       fingerprints: verdict.fingerprints,
+      signingKeys: verdict.signingKeys,
       signers: verdict.signers,
       verifiedWith: verdict.verifiedWith,
     },

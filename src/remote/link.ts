@@ -30,7 +30,7 @@ import { BlksyncError, type ErrorCode } from '../errors.js';
 import type { Progress } from '../engine/types.js';
 import { compareWritten, WrittenDigests, type WrittenDigest } from '../engine/written-log.js';
 import { formatBytes } from '../size.js';
-import { DEFAULT_TIMEOUT_SECONDS } from '../timeout.js';
+import { timeoutMs } from '../limits.js';
 import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
 import {
@@ -63,8 +63,8 @@ export interface RemoteOptions {
   sudo?: boolean;
   /**
    * Seconds with nothing received from the agent while a reply is awaited before the session
-   * ends with ETIMEOUT (not the total time: a slow but live agent sends KEEPALIVE); 0: wait
-   * for ever. Default DEFAULT_TIMEOUT_SECONDS.
+   * ends with ETIMEOUT (not the total time: a slow but live agent sends KEEPALIVE). Default
+   * DEFAULT_TIMEOUT_S (limits.ts).
    */
   timeout?: number;
 }
@@ -227,7 +227,7 @@ export class AgentLink {
     this.#spec = spec;
     this.#options = options;
     this.#hello = hello;
-    this.#timeoutMs = 1000 * (options.timeout ?? DEFAULT_TIMEOUT_SECONDS);
+    this.#timeoutMs = timeoutMs(options.timeout);
     const argv = splitCommand(options.ssh ?? 'ssh');
     const [cmd, ...args] = argv;
     if (cmd === undefined) throw new BlksyncError('EUSAGE', '--ssh: empty command');
@@ -253,13 +253,11 @@ export class AgentLink {
     this.#child.stderr.setEncoding('utf8').on('data', (d: string) => {
       this.#stderr = (this.#stderr + d).slice(-STDERR_KEEP_BYTES);
     });
-    if (this.#timeoutMs > 0) {
-      this.#idleTimer = setInterval(
-        () => this.#checkIdle(),
-        Math.max(20, Math.min(1000, this.#timeoutMs / 4)),
-      );
-      this.#idleTimer.unref();
-    }
+    this.#idleTimer = setInterval(
+      () => this.#checkIdle(),
+      Math.max(20, Math.min(1000, this.#timeoutMs / 4)),
+    );
+    this.#idleTimer.unref();
     this.#child.stdout.on('data', (d: Buffer) => {
       this.bytesReceived += d.length;
       this.#lastHeard = performance.now();
@@ -291,11 +289,8 @@ export class AgentLink {
     if (spec.destination.startsWith('-')) {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
-    const timeout = options.timeout ?? DEFAULT_TIMEOUT_SECONDS;
-    if (!(Number.isFinite(timeout) && timeout >= 0)) {
-      throw new BlksyncError('EUSAGE', `--timeout ${timeout}: give seconds, 0 or more`);
-    }
-    if (timeout > 0) hello = { ...hello, keepalive: timeout / KEEPALIVE_PER_TIMEOUT };
+    // EUSAGE for a bad one, before ssh starts
+    hello = { ...hello, keepalive: timeoutMs(options.timeout) / 1000 / KEEPALIVE_PER_TIMEOUT };
     const link = new AgentLink(spec, options, hello);
     if (hello.verify === true) link.#sent = new WrittenDigests();
     try {

@@ -1,0 +1,170 @@
+/**
+ * Section `realistic`: the races of a real OS image update, on two 1 GiB ext4 images built
+ * from real files with one byte appended to one file (bench/realistic.ts). Mostly holes, a
+ * few blocks changed — what flashing the next release looks like.
+ *
+ *   local   blksync copy vs ddpt's fastest correct settings and cmp, onto a file holding v1
+ *   bmap    blksync copy --bmap vs bmaptool copy, onto a file holding v1
+ *   ssh     blksync push vs rsync --inplace over ssh (a private sshd on 127.0.0.1)
+ *
+ * DST is a fresh sparse copy of v1 before every run (as a previous flash leaves a file), both
+ * files warm in the page cache; every run ends with cmp proving DST equals v2.
+ */
+
+import os from 'node:os';
+import { startSshd } from '../../test/helpers/sshd.js';
+import path from 'node:path';
+import type { BenchOptions, Section } from '../run.js';
+import { ensureRealisticPair } from '../realistic.js';
+import {
+  assertSameFiles,
+  formatBytes,
+  formatSeconds,
+  measure,
+  renderTable,
+  run as runCommand,
+  runTrials,
+  sh,
+  summarize,
+  warm,
+  type Trial,
+  type TrialResult,
+} from '../measure.js';
+import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
+
+const PEERS = { cmp: 'diffutils', ddpt: 'ddpt', bmaptool: 'bmap-tools', rsync: 'rsync' };
+
+function trial(
+  label: string,
+  command: string,
+  check: (status: number, stdout: string) => Promise<void>,
+): Trial {
+  return {
+    label,
+    command,
+    run: () => measure(command),
+    check: async (m) => {
+      try {
+        await check(m.status, m.stdout);
+      } catch (err) {
+        throw new Error(
+          `CHECK FAILED: ${label}: ${(err as Error).message}\n$ ${command}\n${m.stdout}${m.stderr}`,
+        );
+      }
+    },
+  };
+}
+
+function table(results: readonly TrialResult[], reference: TrialResult): string {
+  const ref = summarize(reference.seconds).median;
+  const refCpu = summarize(reference.cpuSeconds).median;
+  return renderTable(
+    [
+      'tool',
+      'median s (min–max)',
+      `× ${reference.label}`,
+      'cpu s',
+      `cpu × ${reference.label}`,
+      'wchar',
+      'command',
+    ],
+    results.map((r) => {
+      const s = summarize(r.seconds);
+      const cpu = summarize(r.cpuSeconds).median;
+      return [
+        r.label,
+        formatSeconds(s),
+        (s.median / ref).toFixed(2),
+        cpu.toFixed(3),
+        (cpu / refCpu).toFixed(2),
+        formatBytes(summarize(r.io.map((io) => io.wchar)).median),
+        r.command,
+      ];
+    }),
+    ['left', 'right', 'right', 'right', 'right', 'right', 'left'],
+  );
+}
+
+async function run(options: BenchOptions): Promise<void> {
+  const { log } = options;
+  await ensureCommands(PEERS, log);
+  await ensureBuilt(log);
+  const pair = await ensureRealisticPair(log);
+  const dst = path.join(pair.dir, 'dst.img');
+  const bmap = path.join(pair.dir, 'new.img.bmap');
+  await runCommand('bash', ['-c', `bmaptool -q create -o ${sh(bmap)} ${sh(pair.newPath)}`]);
+
+  log(
+    `SRC = ${pair.newPath} (ext4 of ${pair.files} real files, ${formatBytes(pair.treeBytes)}; ` +
+      `${formatBytes(pair.allocatedBytes)} allocated in ${formatBytes(pair.size)})\n` +
+      `DST = fresh sparse copy of ${pair.oldPath} before every run; v1 → v2 appends one byte to ` +
+      `${pair.changedFile}: ${pair.differingBytes} bytes differ in ${pair.differingBlocks} blocks of 4 KiB\n` +
+      `${options.runs} runs each, round robin, warm page cache; ${os.cpus().length} CPUs, ` +
+      `load average ${os.loadavg()[0]!.toFixed(2)}, node ${process.version}\n`,
+  );
+
+  const writes = async (status: number): Promise<void> => {
+    if (status !== 0) throw new Error(`exit status ${status}`);
+    await assertSameFiles(pair.newPath, dst);
+  };
+  const reads = (status: number, stdout: string): Promise<void> => {
+    if (status !== 1) throw new Error(`exit status ${status}, expected 1`);
+    const lines = Number(stdout.trim());
+    if (lines !== pair.differingBytes) {
+      throw new Error(`found ${lines} differing bytes, expected ${pair.differingBytes}`);
+    }
+    return Promise.resolve();
+  };
+  const S = sh(pair.newPath);
+  const D = sh(dst);
+  const node = `node ${sh(CLI)}`;
+  const prepare = async (): Promise<void> => {
+    await runCommand('bash', [
+      '-c',
+      `rm -f ${D} && cp --sparse=always ${sh(pair.oldPath)} ${D} && sync ${D}`,
+    ]);
+    await warm([pair.newPath, dst]);
+  };
+
+  const local = [
+    trial('ddpt sparing', `ddpt if=${S} of=${D} bs=4096 bpt=128 oflag=sparing`, writes),
+    trial('blksync copy', `${node} copy -q ${S} ${D}`, writes),
+    trial('cmp -l', `cmp -l ${S} ${D} | wc -l`, reads),
+  ];
+  const localResults = await runTrials(local, { runs: options.runs, file: dst, log, prepare });
+
+  const bmapTrials = [
+    trial('bmaptool copy', `bmaptool -q copy --bmap ${sh(bmap)} ${S} ${D}`, writes),
+    trial('blksync copy --bmap', `${node} copy -q --bmap ${sh(bmap)} ${S} ${D}`, writes),
+  ];
+  const bmapResults = await runTrials(bmapTrials, { runs: options.runs, file: dst, log, prepare });
+
+  const sshd = await startSshd();
+  let sshResults: TrialResult[];
+  try {
+    const ssh = `ssh -F ${sshd.config}`;
+    const to = sh(`${sshd.host}:${dst}`);
+    const sshTrials = [
+      trial('rsync push', `rsync --inplace --no-whole-file -I -e ${sh(ssh)} ${S} ${to}`, writes),
+      trial('blksync push', `${node} copy -q --ssh ${sh(ssh)} ${S} ${to}`, writes),
+    ];
+    sshResults = await runTrials(sshTrials, { runs: options.runs, file: dst, log, prepare });
+  } finally {
+    await sshd.stop();
+  }
+
+  log(`\nlocal copy onto a file holding v1 (realistic pair)\n`);
+  log(table(localResults, localResults[0]!));
+  log(`\nbmap copy onto a file holding v1 (realistic pair)\n`);
+  log(table(bmapResults, bmapResults[0]!));
+  log(`\npush over ssh to 127.0.0.1 onto a file holding v1 (realistic pair)\n`);
+  log(table(sshResults, sshResults[0]!));
+}
+
+export const realisticSection: Section = {
+  name: 'realistic',
+  description:
+    'a real OS-image update (ext4 of real files, one byte changed): local copy vs ddpt, bmap vs bmaptool, push vs rsync',
+  default: true,
+  run,
+};
