@@ -3,7 +3,7 @@ import eslint from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['dist/', 'node_modules/', 'eslint.config.js', 'bin/'] },
+  { ignores: ['dist/', 'node_modules/', 'bench/.data/', 'eslint.config.js', 'bin/'] },
   eslint.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {

@@ -220,6 +220,8 @@ export async function ensureRealisticPair(
   if (changedFile === '') throw new Error('realistic pair: no file of 8 KiB–1 MiB to change');
   await appendFile(path.join(tree, changedFile), '\n');
   await mkfs(newPath, tree, size);
+  // the tree is only needed to build the images (and would hold thousands of files of other projects)
+  await rm(tree, { recursive: true, force: true });
   const [differingBytes, differingBlocks] = await countDifferences(oldPath, newPath, size);
   const allocatedBytes = (await stat(newPath)).blocks * 512;
   const made: RealisticMeta = {

@@ -5,6 +5,7 @@
  *   bench/run.ts          this file: picks the sections and runs them in order
  *   bench/data.ts         seeded test images, cached in bench/.data/ (gitignored)
  *   bench/measure.ts      timing, /proc I/O accounting, medians, tables
+ *   bench/section.ts      what a section is and the options it is run with
  *   bench/setup.ts        builds dist/ and installs peer tools (apt-get) when missing
  *   bench/sections/*.ts   one file per section; add yours to SECTIONS below
  *
@@ -23,22 +24,7 @@ import { diffApplySection } from './sections/diff-apply.js';
 import { indexSection } from './sections/index.js';
 import { realisticSection } from './sections/realistic.js';
 import { remoteSection } from './sections/remote.js';
-
-export interface BenchOptions {
-  /** Timed runs of each command (the table shows their median, min and max). */
-  runs: number;
-  /** Bytes in the generated image. */
-  imageSize: number;
-  log: (line: string) => void;
-}
-
-export interface Section {
-  name: string;
-  description: string;
-  /** Run when no section is named. */
-  default: boolean;
-  run(options: BenchOptions): Promise<void>;
-}
+import type { BenchOptions, Section } from './section.js';
 
 const SECTIONS: readonly Section[] = [
   copySection,

@@ -75,7 +75,13 @@ export type ErrorCode =
   /** An https URL redirected to plain http (an https → http downgrade): refused. */
   | 'ESRC_DOWNGRADE'
   /** A redirect that cannot be followed: to a scheme other than http(s), or a malformed Location. */
-  | 'ESRC_REDIRECT';
+  | 'ESRC_REDIRECT'
+  /** An output path (-o, an index) is a symbolic link, block device, directory or socket: not written. */
+  | 'EOUTPUT_KIND'
+  /** The cache directory (--index auto) is another user's, or others may write in it. */
+  | 'ECACHE_UNSAFE'
+  /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
+  | 'ECACHE_DIR';
 
 /** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
 export type WarningCode =

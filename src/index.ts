@@ -3,8 +3,9 @@
  * The library never prints and never exits; it returns results and throws BlksyncError.
  */
 
-export { copy, DEFAULT_BLOCK_SIZE } from './engine/copy.js';
-export type { CopyOptions, CopyResult } from './engine/copy.js';
+export { copy } from './copy.js';
+export type { CopyOptions, CopyResult, RemoteCopyResult, ChannelStats } from './copy.js';
+export { DEFAULT_BLOCK_SIZE } from './engine/block-size.js';
 export { compare } from './engine/compare.js';
 export type { CompareOptions, CompareResult } from './engine/compare.js';
 export { diff } from './engine/diff.js';
@@ -36,11 +37,10 @@ export type { BmapReport } from './engine/copy-source.js';
 export { parseBmap } from './formats/bmap.js';
 export type { Bmap, BmapRange } from './formats/bmap.js';
 export { serializeBmap } from './formats/bmap-write.js';
-export type { Progress, ProgressListener } from './engine/types.js';
+export type { Progress, ProgressListener } from './types.js';
 export { parseRemote, isRemote } from './remote/spec.js';
 export type { RemoteSpec } from './remote/spec.js';
 export type { RemoteOptions } from './remote/link.js';
-export type { RemoteCopyResult, ChannelStats } from './remote/remote-copy.js';
 export { BlksyncError } from './errors.js';
 export type { ErrorCode, BlksyncWarning, WarningCode } from './errors.js';
 export { DEFAULT_TIMEOUT_S } from './limits.js';

@@ -12,7 +12,7 @@ import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { VerifyingSource } from '../src/engine/bmap-verify.js';
 import { bmapCandidates } from '../src/engine/copy-source.js';
-import type { Source } from '../src/engine/types.js';
+import type { Source } from '../src/types.js';
 import { BlksyncError, copy, type Progress } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, ioStat, mkfsExt4, mountLoop, needLoop, readDevice } from './helpers/loop.js';

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { copy } from '../src/engine/copy.js';
+import { copy } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import { runCli } from './helpers/cli.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';

@@ -11,7 +11,7 @@ import { existsSync, statSync } from 'node:fs';
 import { rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import type { CopyResult } from '../src/engine/copy.js';
+import type { CopyResult } from '../src/copy.js';
 import { runCli, type CliResult } from './helpers/cli.js';
 import {
   attachLoop,

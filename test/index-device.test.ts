@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { open, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import type { CopyResult } from '../src/engine/copy.js';
+import type { CopyResult } from '../src/copy.js';
 import { readIndexFile, type IndexFile } from '../src/formats/index-file.js';
 import { sha256 } from '../src/hash.js';
 import { runCli } from './helpers/cli.js';

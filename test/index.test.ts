@@ -11,7 +11,8 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { apply } from '../src/engine/apply.js';
-import { copy, DEFAULT_CHUNK_SIZE, type CopyResult } from '../src/engine/copy.js';
+import { copy, type CopyResult } from '../src/copy.js';
+import { DEFAULT_CHUNK_SIZE } from '../src/engine/block-size.js';
 import { diff } from '../src/engine/diff.js';
 import { indexAsBase } from '../src/engine/index-target.js';
 import { HashPool, hashBlocksSync } from '../src/engine/hash-pool.js';
@@ -465,7 +466,7 @@ test('a copy killed mid-way leaves the index in progress; a rerun converges', as
   const partly = await readFile(dst);
   assert.ok(!partly.equals(old) && !partly.equals(neu), 'the kill came mid-way');
   assert.ok(
-    (await readdir(dir)).every((n) => !n.includes('.tmp-')),
+    (await readdir(dir)).every((n) => !n.endsWith('.blksync-partial')),
     'no temporary file left',
   );
 

@@ -15,7 +15,7 @@ import { mkdtemp, open, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test, type TestContext } from 'node:test';
-import type { CopyResult } from '../src/engine/copy.js';
+import type { CopyResult } from '../src/copy.js';
 import { runCli, startCli, type CliResult } from './helpers/cli.js';
 import { attachLoop, ioStat, needLoop, run } from './helpers/loop.js';
 import { tempDir } from './helpers/tmp.js';

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { copy } from '../src/engine/copy.js';
+import { copy } from '../src/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { copy, type CopyResult } from '../src/engine/copy.js';
+import { copy, type CopyResult } from '../src/copy.js';
 import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import { newIndex, readIndexFile, writeIndexFile } from '../src/formats/index-file.js';

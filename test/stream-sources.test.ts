@@ -12,7 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
 import { apply } from '../src/engine/apply.js';
-import { copy } from '../src/engine/copy.js';
+import { copy } from '../src/copy.js';
 import { diff } from '../src/engine/diff.js';
 import { makeIndex, type MakeIndexResult } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';

@@ -33,7 +33,7 @@ import {
   warm,
   type Trial,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { canThrottle, throttleDevice } from '../throttle.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 

@@ -7,7 +7,8 @@
 
 import os from 'node:os';
 import path from 'node:path';
-import { copy, DEFAULT_CHUNK_SIZE, DEFAULT_DEPTH } from '../../src/engine/copy.js';
+import { copy } from '../../src/copy.js';
+import { DEFAULT_CHUNK_SIZE, DEFAULT_DEPTH } from '../../src/engine/block-size.js';
 import { ensureImages } from '../data.js';
 import {
   assertSameFiles,
@@ -21,7 +22,7 @@ import {
   warm,
   type Trial,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { ensureBuilt, ensureCommands } from '../setup.js';
 import { copyTrial, PEER_COMMANDS, PEERS } from './copy.js';
 

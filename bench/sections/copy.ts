@@ -25,7 +25,7 @@ import {
   type Trial,
   type TrialResult,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
 /** Peer commands and the Debian packages that provide them. */

@@ -30,7 +30,7 @@ import {
   type Trial,
   type TrialResult,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
 const PEERS = { xdelta3: 'xdelta3', rsync: 'rsync' };

@@ -29,7 +29,7 @@ import {
   type Trial,
   type TrialResult,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { CLI, ensureBuilt } from '../setup.js';
 
 function commandTrial(

@@ -14,7 +14,7 @@
 import os from 'node:os';
 import { startSshd } from '../../test/helpers/sshd.js';
 import path from 'node:path';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { ensureRealisticPair } from '../realistic.js';
 import {
   assertSameFiles,

@@ -41,10 +41,10 @@ import {
   warm,
   type Trial,
 } from '../measure.js';
-import type { BenchOptions, Section } from '../run.js';
+import type { BenchOptions, Section } from '../section.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 import { canThrottle, throttleDevice, type Throttle } from '../throttle.js';
-import type { ChannelStats } from '../../src/remote/remote-copy.js';
+import type { ChannelStats } from '../../src/copy.js';
 
 const PEERS = { rsync: 'rsync', ssh: 'openssh-client', dd: 'coreutils' };
 

@@ -1,7 +1,7 @@
 /** Pieces every CLI command shares: signals, progress, error reporting, options. */
 
 import { CommanderError, Option } from '@commander-js/extra-typings';
-import type { Progress } from '../engine/types.js';
+import type { Progress } from '../types.js';
 import { BlksyncError } from '../errors.js';
 import { parseSize } from '../size.js';
 import { EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, exitCodeFor } from './exit-codes.js';

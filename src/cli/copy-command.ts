@@ -1,9 +1,8 @@
 /** `blksync copy SRC DST` */
 
 import type { Command } from '@commander-js/extra-typings';
-import { copy, type CopyResult } from '../engine/copy.js';
+import { copy, type ChannelStats, type CopyResult } from '../copy.js';
 import type { SignatureReport } from '../io/signature.js';
-import type { ChannelStats } from '../remote/remote-copy.js';
 import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
@@ -145,7 +144,14 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .addOption(hashThreadsOption())
     .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
     .option('--remote-node <path>', 'node on the remote host (default: node on its PATH)')
-    .option('--sudo', 'run the remote agent with sudo -n')
+    .option(
+      '--sudo',
+      'run the remote agent as root: ssh runs `sudo -n NODE -e BOOTSTRAP`, and that root node ' +
+        'runs the agent code this blksync sends over the ssh channel; the agent opens only the ' +
+        'paths given (DST or SRC, and the index) but is full root, so sudo must allow NODE ' +
+        'without a password (NOPASSWD), which gives this login root on that host; with --direct, ' +
+        "SRC's agent also runs ssh to DST's host as root (root's ssh keys and config)",
+    )
     .option(
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",

@@ -4,7 +4,7 @@
  * figures (bytes differing) that generic bar libraries would need templating for.
  */
 
-import type { Progress } from '../engine/types.js';
+import type { Progress } from '../types.js';
 import { formatBytes } from '../size.js';
 
 const REDRAW_MS = 100;

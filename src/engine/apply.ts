@@ -36,10 +36,10 @@ import type { FileSink } from '../io/file-sink.js';
 import { openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
-import { chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import type { ProgressListener, Source } from './types.js';
+import type { ProgressListener, Source } from '../types.js';
 
 /** Payload bytes read from a stream before a batch is checked against TARGET and written. */
 export const STREAM_BATCH_BYTES = 64 * 1024 * 1024;

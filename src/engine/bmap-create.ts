@@ -9,13 +9,13 @@
  */
 
 import { createHash, type Hash } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import type { BmapRange } from '../formats/bmap.js';
 import { serializeBmap } from '../formats/bmap-write.js';
 import { assertSeparateOutput, inputOf, openSource } from '../io/open.js';
+import { checkOutput, writeOutputFile } from '../io/output-file.js';
 import { fsBlockSize, mappedRanges } from '../io/sparse-map.js';
-import type { ProgressListener } from './types.js';
+import type { ProgressListener } from '../types.js';
 
 /** Bytes read at once while hashing. */
 export const BMAP_READ_CHUNK = 4 * 1024 * 1024;
@@ -55,8 +55,10 @@ export async function createBmap(
   checkAborted(options.signal, image);
   const src = await openSource(image);
   try {
-    if (options.output !== undefined)
+    if (options.output !== undefined) {
       await assertSeparateOutput(options.output, [inputOf(src, 'the image')]);
+      await checkOutput(options.output, { what: 'bmap', code: 'EWRITE' });
+    }
     if (src.size === 0) {
       throw new BlksyncError(
         'ESRC_KIND',
@@ -154,11 +156,8 @@ export async function createBmap(
 
     const text = serializeBmap({ imageSize: src.size, blockSize, checksumType, ranges: out });
     if (options.output !== undefined) {
-      try {
-        await writeFile(options.output, text);
-      } catch (err) {
-        throw fromSystemError('EWRITE', 'cannot write bmap', options.output, err);
-      }
+      // as every output (io/output-file.ts): a temporary renamed into place, a device in place
+      await writeOutputFile(options.output, text, { what: 'bmap', code: 'EWRITE' });
     }
     return {
       image,

@@ -29,7 +29,7 @@
 import { createHash, hash, type Hash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { BlksyncError } from '../errors.js';
-import type { Source } from './types.js';
+import type { Source } from '../types.js';
 
 /** Largest range read whole and verified before any of it is handed on. */
 export const MAX_VERIFY_IN_MEMORY_BYTES = 32 * 1024 * 1024;

@@ -8,10 +8,10 @@ import { BlksyncError } from '../errors.js';
 import { FileSource } from '../io/file-source.js';
 import { openSource } from '../io/open.js';
 import { RangeList, type Range } from '../ranges.js';
-import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './block-size.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline, wholeImagePlan } from './pipeline.js';
-import type { ProgressListener } from './types.js';
+import type { ProgressListener } from '../types.js';
 
 export interface CompareOptions {
   /** Granularity of the scan; differences closer than this are merged (default 4096). */

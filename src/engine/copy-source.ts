@@ -40,7 +40,7 @@ import type { SignatureOptions, SignatureReport } from '../io/signature.js';
 import { isUrl } from '../io/url.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { wholeImagePlan } from './pipeline.js';
-import type { Plan, Sink, Source } from './types.js';
+import type { Plan, Sink, Source } from '../types.js';
 
 /**
  * What only a bmap copy needs (saxes, koffi, hashing workers), loaded only then: a plain copy

@@ -1,5 +1,6 @@
 /**
- * `copy(src, dst)`: write SRC onto DST, writing only the blocks that differ.
+ * A local copy (`copyLocal`): write SRC onto DST, both on this machine, writing only the blocks
+ * that differ. The router (src/copy.ts) sends copies with a `host:path` end to remote/copy/.
  *
  * Every refusal (same file, mounted, too small) happens before the first byte is written.
  * Rerunning an interrupted copy converges: the pipeline compares again and writes what
@@ -7,7 +8,7 @@
  */
 
 import { unlink } from 'node:fs/promises';
-import { BlksyncError, type BlksyncWarning } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
 import {
@@ -17,194 +18,31 @@ import {
   openTarget,
   type Opened,
 } from '../io/open.js';
-import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
-import type { IndexReport, IndexSession } from './index-target.js';
-import { openCopySource, type BmapReport, type CopySource } from './copy-source.js';
+import type { IndexSession } from './index-target.js';
+import { openCopySource, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { VerifyReport } from './verify-written.js';
-import { isRemote } from '../remote/spec.js';
-import type { RemoteOptions } from '../remote/link.js';
-import type { ProgressListener, Sink, TargetKnowledge } from './types.js';
+import type { Sink, TargetKnowledge } from '../types.js';
+import { chunkSizeFor, DEFAULT_DEPTH, INDEX_CHUNK_SIZE } from './block-size.js';
+import type { CopyResult, ResolvedCopyOptions } from './copy-options.js';
 
-/** Default block size: see the README's "Block size" section for the measurements. */
-export const DEFAULT_BLOCK_SIZE = 4096;
-/** Bytes read per chunk from each side: of 128 KiB to 16 MiB, 1-2 MiB with 4 in flight was fastest on a warm 1 GiB copy (smaller costs syscalls, larger spills the CPU caches). */
-export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
-/** Bytes per chunk when hashing for an index. */
-export const INDEX_CHUNK_SIZE = 4 * 1024 * 1024;
-/** Chunks in flight at once. */
-export const DEFAULT_DEPTH = 4;
-/** Largest block size accepted. */
-export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
-
-export interface CopyOptions {
-  /** Compare and write granularity in bytes (default 4096). */
-  blockSize?: number;
-  /** Scan and report; write nothing, create nothing. */
-  dryRun?: boolean;
-  /** Write everything without reading DST (dd behaviour). */
-  full?: boolean;
-  signal?: AbortSignal;
-  onProgress?: ProgressListener;
-  /** Tuning: bytes per read (default 4 MiB) and reads in flight (default 4). */
-  chunkSize?: number;
-  depth?: number;
-  /** An index of DST to use instead of reading it, and to update ("auto": the cache's). */
-  index?: string;
-  /**
-   * An index of SRC (a regular file), with `index`: only the blocks whose hashes differ from
-   * DST's are read, when it can be trusted; written after the copy otherwise. "auto": the
-   * cache's, which `index: "auto"` implies; false: none.
-   */
-  srcIndex?: string | false;
-  /** Replace an index that does not match DST instead of refusing. */
-  rebuildIndex?: boolean;
-  /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
-  verifySample?: number;
-  /** Worker threads hashing for the index (default: one per core, at most 4). */
-  hashThreads?: number;
-  /** Tuning (tests): bytes the index marks as possibly dirty at a time while writing. */
-  indexCheckpointBytes?: number;
-  /** SRC's bmap (file or URL); by default it is looked for beside SRC as bmaptool does. */
-  bmap?: string;
-  /** Ignore any bmap: consider the whole image. */
-  noBmap?: boolean;
-  /** Do not verify the bmap's range checksums. */
-  noVerifyChecksums?: boolean;
-  /** The image size, for a stream whose size cannot be known before reading it all. */
-  size?: number;
-  /** The bmap's detached signature (file or URL); by default BMAP.asc, then BMAP.sig. */
-  bmapSig?: string;
-  /** Do not check the bmap's signature (a clearsigned bmap's text is still used). */
-  noSigVerify?: boolean;
-  /** Require the bmap to be signed by this key (full fingerprint). */
-  fingerprint?: string;
-  /** Check the bmap's signature against the keys in this file instead of the user's keyring. */
-  keyring?: string;
-  /**
-   * After the copy, read back what was written (bypassing the page cache where the file
-   * system allows) and compare checksums: the bmap's, or the source's taken while copying.
-   */
-  verify?: boolean;
-  /** How to reach a `host:path` end: ssh command, remote node, sudo. */
-  remote?: RemoteOptions;
-  /** Both ends remote: SRC's host sends to DST's host itself, not through this machine. */
-  direct?: boolean;
-  /**
-   * Seconds a peer (a web server) may stay silent while an answer is due before the copy
-   * fails with ETIMEOUT (default DEFAULT_TIMEOUT_S in limits.ts). Idle time, not total time.
-   */
-  timeout?: number;
-  /** Told of problems worked around (a URL probed for a bmap or signature that answered a page). */
-  onWarning?: (warning: BlksyncWarning) => void;
-}
-
-export interface CopyResult {
-  source: string;
-  destination: string;
-  /** SRC's size, the bytes considered. */
-  bytesTotal: number;
-  bytesScanned: number;
-  /** Bytes of DST read to compare. */
-  bytesRead: number;
-  blockSize: number;
-  blocksDiffering: number;
-  bytesDiffering: number;
-  bytesWritten: number;
-  rangesWritten: number;
-  /** The first ranges written (or that would be, in a dry run). */
-  ranges: Range[];
-  /** True when DST did not exist and was created (sparse). */
-  created: boolean;
-  /** Bytes of DST past SRC's end, left as they were. */
-  destinationExtraBytes: number;
-  dryRun: boolean;
-  full: boolean;
-  seconds: number;
-  /** What was done with --index. */
-  index?: IndexReport;
-  /** The bmap used: only its mapped ranges were considered. */
-  bmap?: BmapReport;
-  /** What --verify read back and compared. */
-  verify?: VerifyReport;
-}
-
-/** Validates a block size: a power of two from 512 B to 64 MiB. */
-export function checkBlockSize(blockSize: number): number {
-  if (
-    !Number.isInteger(blockSize) ||
-    blockSize < 512 ||
-    blockSize > MAX_BLOCK_SIZE ||
-    (blockSize & (blockSize - 1)) !== 0
-  ) {
-    throw new BlksyncError(
-      'EUSAGE',
-      `invalid block size ${blockSize}: use a power of two from 512 to 64M (e.g. 4K, 64K, 1M)`,
-    );
-  }
-  return blockSize;
-}
-
-/** Chunk size rounded to a multiple of the block size. */
-export function chunkSizeFor(blockSize: number, chunkSize = DEFAULT_CHUNK_SIZE): number {
-  return Math.max(blockSize, Math.floor(chunkSize / blockSize) * blockSize);
-}
-
-/** Writes SRC onto DST, writing only the blocks that differ. */
-export async function copy(
+/** Writes SRC onto DST, both local, writing only the blocks that differ. */
+export async function copyLocal(
   src: string,
   dst: string,
-  options: CopyOptions = {},
+  options: ResolvedCopyOptions,
 ): Promise<CopyResult> {
   const started = performance.now();
-  const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
+  const { blockSize, dryRun, full } = options;
   // hashing for an index wants bigger chunks: fewer hand-offs to the worker threads
   const chunkSize = chunkSizeFor(
     blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
-  const dryRun = options.dryRun === true;
-  const full = options.full === true;
-  if (options.signal?.aborted === true) {
-    throw new BlksyncError('EINTERRUPTED', 'interrupted before starting; nothing was written');
-  }
-  if (options.verify === true && dryRun) {
-    throw new BlksyncError('EUSAGE', '--verify has nothing to read back in a dry run');
-  }
-  if (options.direct === true && !(isRemote(src) && isRemote(dst))) {
-    throw new BlksyncError(
-      'EUSAGE',
-      '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
-    );
-  }
-  if (isRemote(src) || isRemote(dst)) {
-    // a push reads its local SRC as a local copy does, signature checks included; a remote
-    // SRC's bmap is --bmap FILE, checked so too (remote-copy.ts)
-    const { remoteCopy } = await import('../remote/remote-copy.js');
-    return remoteCopy(src, dst, {
-      ...options,
-      ...options.remote,
-      blockSize,
-      blockSizeGiven: options.blockSize,
-    });
-  }
-
-  const source = await openCopySource(src, {
-    bmap: options.bmap,
-    noBmap: options.noBmap,
-    noVerifyChecksums: options.noVerifyChecksums,
-    size: options.size,
-    bmapSig: options.bmapSig,
-    noSigVerify: options.noSigVerify,
-    fingerprint: options.fingerprint,
-    keyring: options.keyring,
-    signal: options.signal,
-    timeout: options.timeout,
-    onWarning: options.onWarning,
-  });
+  const source = await openCopySource(src, options);
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
@@ -216,7 +54,11 @@ export async function copy(
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
-    if (bmapBlock !== undefined && options.blockSize !== undefined && bmapBlock % blockSize !== 0) {
+    if (
+      bmapBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      bmapBlock % blockSize !== 0
+    ) {
       throw new BlksyncError(
         'EUSAGE',
         `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
@@ -276,8 +118,8 @@ export async function copy(
         dstPath: dst,
         fresh,
         imageSize: source.size,
-        blockSize: options.blockSize ?? bmapBlock,
-        ...(options.blockSize === undefined && bmapBlock !== undefined
+        blockSize: options.blockSizeGiven ?? bmapBlock,
+        ...(options.blockSizeGiven === undefined && bmapBlock !== undefined
           ? { blockSizeReason: "the bmap's blocks are" }
           : {}),
         ...(source.bmap !== undefined
@@ -291,8 +133,8 @@ export async function copy(
             }
           : {}),
         chunkSize,
-        rebuild: options.rebuildIndex === true,
-        verifySample: options.verifySample ?? indexing.DEFAULT_VERIFY_SAMPLE,
+        rebuild: options.rebuildIndex,
+        verifySample: options.verifySample,
         full,
         dryRun,
         hashThreads: options.hashThreads,
@@ -416,7 +258,10 @@ export async function copy(
  * SRC is a plain file. Asking for one where it cannot work is an error; the implied one is
  * just left out.
  */
-function sourceIndexFor(options: CopyOptions, source: CopySource): SourceIndexOptions | undefined {
+function sourceIndexFor(
+  options: ResolvedCopyOptions,
+  source: CopySource,
+): SourceIndexOptions | undefined {
   const asked = options.srcIndex === false ? undefined : options.srcIndex;
   if (asked !== undefined && options.index === undefined) {
     throw new BlksyncError(
@@ -440,8 +285,8 @@ function sourceIndexFor(options: CopyOptions, source: CopySource): SourceIndexOp
   return {
     index: wanted,
     opened: file,
-    rebuild: options.rebuildIndex === true,
-    dryRun: options.dryRun === true,
+    rebuild: options.rebuildIndex,
+    dryRun: options.dryRun,
   };
 }
 

@@ -18,23 +18,21 @@
  * without unpacking either. BASE is a file or device read by offset, or an index.
  */
 
-import { once } from 'node:events';
-import { createWriteStream } from 'node:fs';
-import { rename, unlink } from 'node:fs/promises';
 import type { Writable } from 'node:stream';
-import { BlksyncError, fromSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import { clipped, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
 import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
+import { OutputFile } from '../io/output-file.js';
 import { formatBytes } from '../size.js';
-import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './copy.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from '../types.js';
 
 /**
  * BASE known without its bytes: the hook for `blksync diff INDEX NEW` (an index made by
@@ -139,9 +137,10 @@ function endingAt(inner: TargetKnowledge, baseSize: number): TargetKnowledge {
 }
 
 /**
- * Writes a patch that turns BASE into NEW. `output` is a path (written to a temporary name
- * and renamed when complete, so a patch file is never left half-made) or a stream (left
- * open; an interrupted run leaves it without a trailer, which apply refuses).
+ * Writes a patch that turns BASE into NEW. `output` is a path (written as every output is,
+ * io/output-file.ts: through a temporary renamed into place when complete, so a patch file is
+ * never left half-made; a device or FIFO in place) or a stream (left open; an interrupted run
+ * leaves it without a trailer, which apply refuses).
  */
 export async function diff(
   base: string | BaseKnowledge,
@@ -183,7 +182,7 @@ export async function diff(
   let baseFile: Opened | undefined;
   let src: CopySource | undefined;
   let out: Writable | undefined;
-  let tempPath: string | undefined;
+  let outFile: OutputFile | undefined;
   let writer: PatchWriter | undefined;
   try {
     // BASE first: a compressed NEW may be decoded once just to learn its size
@@ -198,14 +197,8 @@ export async function diff(
         { path: next, role: 'NEW', isSame: (st) => newSource.sameAs(st) },
         ...(baseFile !== undefined ? [inputOf(baseFile, 'BASE')] : []),
       ]);
-      tempPath = `${output}.blksync-partial`;
-      out = createWriteStream(tempPath, { flags: 'w' });
-      // opened before anything can fail, so the unlink below never races the file's creation
-      try {
-        await once(out, 'open');
-      } catch (err) {
-        throw fromSystemError('EWRITE', 'cannot write the patch', tempPath, err);
-      }
+      outFile = await OutputFile.open(output, { what: 'patch', code: 'EWRITE' });
+      out = outFile.stream();
     } else {
       out = output;
     }
@@ -287,13 +280,10 @@ export async function diff(
     }
     await writer.finish();
     await knowledge.close();
-    if (tempPath !== undefined && typeof output === 'string') {
-      try {
-        await rename(tempPath, output);
-      } catch (err) {
-        throw fromSystemError('EWRITE', 'cannot write the patch', output, err);
-      }
-      tempPath = undefined;
+    if (outFile !== undefined) {
+      const committing = outFile;
+      outFile = undefined;
+      await committing.commit();
     }
     return {
       base: baseName,
@@ -312,7 +302,7 @@ export async function diff(
     };
   } catch (err) {
     writer?.abort();
-    if (writer === undefined && tempPath !== undefined) out?.destroy();
+    if (writer === undefined && outFile !== undefined) out?.destroy();
     if (err instanceof BlksyncError) throw err;
     if (options.signal?.aborted === true) {
       throw new BlksyncError(
@@ -323,7 +313,7 @@ export async function diff(
     }
     throw err;
   } finally {
-    if (tempPath !== undefined) await unlink(tempPath).catch(() => {});
+    await outFile?.abort();
     await src?.close();
     await baseFile?.fh.close();
   }

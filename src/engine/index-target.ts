@@ -44,7 +44,7 @@ import { readFully } from '../io/read-fully.js';
 import { sampleMismatch } from './index-sample.js';
 import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
 import { SourceIndex, type SourceIndexOptions, type SourceIndexReport } from './source-index.js';
-import type { ChunkKnowledge, Plan, Sink, Source, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, Plan, Sink, Source, TargetKnowledge } from '../types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
 export const DEFAULT_VERIFY_SAMPLE = 16;

@@ -9,7 +9,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError, fromSystemError, type ErrorCode } from '../errors.js';
 import { readFully } from '../io/read-fully.js';
-import type { ChunkKnowledge, TargetKnowledge } from './types.js';
+import type { ChunkKnowledge, TargetKnowledge } from '../types.js';
 
 /** Appends the spans of blocks where a and b differ. Compares whole chunks first (memcmp). */
 export function diffBuffers(

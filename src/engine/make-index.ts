@@ -23,15 +23,16 @@ import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../i
 import type { Compression } from '../io/decompress.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
 import { assertSeparateOutput } from '../io/open.js';
+import { checkOutput } from '../io/output-file.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import { formatBytes } from '../size.js';
-import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './copy.js';
+import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
-import type { ProgressListener, Sink } from './types.js';
+import type { ProgressListener, Sink } from '../types.js';
 
 /**
  * Default index block size. 64 KiB hashes ~1.6× faster than 4 KiB with SHA-256 (1.8 vs
@@ -187,6 +188,7 @@ export async function makeIndex(
       await assertSeparateOutput(output, [
         { path: src, role: 'the source', isSame: (st) => source.sameAs(st) },
       ]);
+      await checkOutput(output, { what: 'index', code: 'EINDEX_WRITE' });
     }
     const imageSize = source.size;
     pool = new HashPool(options.hashThreads);

@@ -18,7 +18,7 @@ import type {
   Sink,
   Source,
   TargetKnowledge,
-} from './types.js';
+} from '../types.js';
 
 export interface PipelineOptions {
   blockSize: number;

@@ -12,7 +12,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { mappedRanges } from '../io/sparse-map.js';
 import { intersectRanges, unionRanges, type Range } from '../ranges.js';
-import type { Plan } from './types.js';
+import type { Plan } from '../types.js';
 
 /**
  * Data ranges closer than this are read as one: reading a short hole costs less than the

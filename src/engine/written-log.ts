@@ -21,7 +21,7 @@
 
 import { createHash, type Hash } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
-import type { Sink } from './types.js';
+import type { Sink } from '../types.js';
 import {
   readBack,
   VERIFY_SEGMENT_BYTES,

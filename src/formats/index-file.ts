@@ -32,11 +32,12 @@
  * length is exactly what the header declares; then the checksum; then the identity.
  */
 
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { open, type FileHandle } from 'node:fs/promises';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import { HASH_ALGORITHM, HASH_BYTES, sha256, sha256Stream } from '../hash.js';
+import { indexFileMode } from '../io/cache-dir.js';
 import type { TargetIdentity } from '../io/identity.js';
+import { writeOutputFile } from '../io/output-file.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 
@@ -386,36 +387,15 @@ export function newIndex(fields: NewIndexFields): IndexFile {
 
 /**
  * Writes an index so that `path` always holds either the old file or the new one, whole:
- * a temporary file beside it, fsync, rename over, fsync of the directory.
+ * through io/output-file.ts (a random O_EXCL temporary beside it, fsync, rename, fsync of
+ * the directory; a device or FIFO written in place, a link refused), 0600 in the cache.
  */
 export async function writeIndexFile(path: string, index: IndexFile): Promise<void> {
-  const tmp = `${path}.tmp-${process.pid}-${Date.now().toString(36)}`;
-  try {
-    const fh = await open(tmp, 'wx', 0o644);
-    try {
-      let position = 0;
-      for (const part of serializeIndexParts(index)) {
-        for (let done = 0; done < part.length;) {
-          const { bytesWritten } = await fh.write(part, done, part.length - done, position);
-          done += bytesWritten;
-          position += bytesWritten;
-        }
-      }
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(tmp, path);
-    const dir = await open(dirname(path), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw fromSystemError('EINDEX_WRITE', 'cannot write index', path, err);
-  }
+  await writeOutputFile(path, serializeIndexParts(index), {
+    what: 'index',
+    code: 'EINDEX_WRITE',
+    mode: indexFileMode(path),
+  });
 }
 
 /** newIndex(fields), written atomically at `path` (writeIndexFile); returns what was written. */

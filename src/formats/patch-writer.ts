@@ -7,7 +7,7 @@
  */
 
 import type { Writable } from 'node:stream';
-import type { Sink } from '../engine/types.js';
+import type { Sink } from '../types.js';
 import { BlksyncError } from '../errors.js';
 import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
 import {

@@ -19,7 +19,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
-import type { Sink } from '../engine/types.js';
+import type { Sink } from '../types.js';
 
 /**
  * Dirty bytes after which a sync starts (two windows are dirty at most). On a

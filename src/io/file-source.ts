@@ -2,7 +2,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { fromSystemError } from '../errors.js';
-import type { Source } from '../engine/types.js';
+import type { Source } from '../types.js';
 import { readFully } from './read-fully.js';
 
 export class FileSource implements Source {

@@ -8,7 +8,7 @@
  * current position is a programming error, since the bytes are gone.
  */
 
-import type { Source } from '../engine/types.js';
+import type { Source } from '../types.js';
 import { BlksyncError, fromSystemError } from '../errors.js';
 
 export class SequentialSource implements Source {

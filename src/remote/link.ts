@@ -27,7 +27,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { BlksyncError, type ErrorCode } from '../errors.js';
-import type { Progress } from '../engine/types.js';
+import type { Progress } from '../types.js';
 import { compareWritten, WrittenDigests, type WrittenDigest } from '../engine/written-log.js';
 import { formatBytes } from '../size.js';
 import { timeoutMs } from '../limits.js';

@@ -17,7 +17,7 @@
  * once); they are cut at the pipeline's chunk boundaries, and the pieces are compared at once.
  */
 
-import type { Source } from '../engine/types.js';
+import type { Source } from '../types.js';
 import { FileSource } from '../io/file-source.js';
 import { HashDiffer, zeroHash } from './hash-differ.js';
 import type { AgentLink } from './link.js';

@@ -27,7 +27,7 @@ import {
   type Summary,
   type WireError,
 } from './protocol.js';
-import type { Progress } from '../engine/types.js';
+import type { Progress } from '../types.js';
 
 /** Longest string field taken from a peer (paths, messages, versions). */
 const MAX_TEXT = 4096;

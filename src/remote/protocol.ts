@@ -61,7 +61,7 @@ export const FrameType = {
   DONE: 0x30,
   /** a→c: JSON Summary. */
   SUMMARY: 0x31,
-  /** a→c, unasked, only from an agent running a direct copy: JSON Progress (engine/types.ts). */
+  /** a→c, unasked, only from an agent running a direct copy: JSON Progress (src/types.ts). */
   PROGRESS: 0x32,
   /**
    * a→c, after DONE and before SUMMARY, only from a target asked to `verify`: the digests of

@@ -33,7 +33,7 @@ import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/i
 import { HashPool } from '../engine/hash-pool.js';
 import { IndexTarget, type IndexReport, type IndexSessionOptions } from '../engine/index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
-import type { ChunkKnowledge, Sink, TargetKnowledge } from '../engine/types.js';
+import type { ChunkKnowledge, Sink, TargetKnowledge } from '../types.js';
 import type { HashDiffer } from './hash-differ.js';
 import type { AgentLink } from './link.js';
 import { MIN_HASH_UNIT, WIRE_HASH_BYTES, wireHash } from './protocol.js';

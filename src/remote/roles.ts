@@ -1,6 +1,6 @@
 /**
  * The remote implementations of the pipeline's roles (docs/architecture.md, "Remote ends"),
- * shared by remote-copy.ts (here) and direct.ts (inside an agent, for --direct):
+ * shared by the copies in remote/copy/ and agent/direct-copy.ts (inside an agent, for --direct):
  *
  *   PushSource    SRC re-read only where the Refiner found spans     ─┐
  *   FetchedSource the Refiner's fetched spans at their places         ├─► RefinedTarget ─► sink
@@ -12,7 +12,7 @@
 import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
 import { BufferPool } from '../engine/knowledge.js';
-import type { ChunkKnowledge, Sink, Source, TargetKnowledge } from '../engine/types.js';
+import type { ChunkKnowledge, Sink, Source, TargetKnowledge } from '../types.js';
 import type { FileSource } from '../io/file-source.js';
 import { HashDiffer } from './hash-differ.js';
 import type { AgentLink } from './link.js';

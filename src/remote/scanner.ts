@@ -6,7 +6,7 @@
  */
 
 import { fromSystemError } from '../errors.js';
-import type { Source } from '../engine/types.js';
+import type { Source } from '../types.js';
 import type { TopHasher } from './protocol.js';
 
 /** Reads in flight while scanning. */

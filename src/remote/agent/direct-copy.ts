@@ -14,18 +14,18 @@
  * PushSource (SRC hashed ahead, re-read where it differs) ──► RefinedTarget ──► RemoteSink(B)
  */
 
-import { BlksyncError } from '../errors.js';
-import { NoTarget, ZeroTarget } from '../engine/knowledge.js';
-import { runPipeline, wholeImagePlan } from '../engine/pipeline.js';
+import { BlksyncError } from '../../errors.js';
+import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
+import { runPipeline, wholeImagePlan } from '../../engine/pipeline.js';
 import type { FileHandle } from 'node:fs/promises';
-import type { Progress, Source, TargetKnowledge } from '../engine/types.js';
-import { FileSource } from '../io/file-source.js';
-import { DEFLATE_RAW } from './compress.js';
-import { AgentLink } from './link.js';
-import type { DirectHello, DirectReport, Hello, Ready, Summary, TopHasher } from './protocol.js';
-import { hashAheadPush, RefinedTarget, REMOTE_DEPTH, RemoteSink, SpanBook } from './roles.js';
-import { HashScanner } from './scanner.js';
-import type { Refiner } from './refiner.js';
+import type { Progress, Source, TargetKnowledge } from '../../types.js';
+import { FileSource } from '../../io/file-source.js';
+import { DEFLATE_RAW } from '../compress.js';
+import { AgentLink } from '../link.js';
+import type { DirectHello, DirectReport, Hello, Ready, Summary, TopHasher } from '../protocol.js';
+import { hashAheadPush, RefinedTarget, REMOTE_DEPTH, RemoteSink, SpanBook } from '../roles.js';
+import { HashScanner } from '../scanner.js';
+import type { Refiner } from '../refiner.js';
 
 /** Least time between two PROGRESS frames: they cross the link blksync is on. */
 export const PROGRESS_INTERVAL_MS = 250;

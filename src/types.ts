@@ -7,7 +7,7 @@
  * are implementations of them.
  */
 
-import type { Range } from '../ranges.js';
+import type { Range } from './ranges.js';
 
 /** Which byte ranges of the image to consider, ascending and non-overlapping. */
 export interface Plan {

@@ -1,0 +1,76 @@
+/**
+ * The copy router: which ends are local or remote decides which copy runs.
+ *
+ *   local SRC → local DST        engine/copy.ts      copyLocal
+ *   local SRC → host:DST         remote/copy/push.ts
+ *   host:SRC  → local DST        remote/copy/pull.ts
+ *   host:SRC  → host:DST         remote/copy/relay.ts (through this machine)
+ *                                remote/copy/direct.ts (--direct: SRC's host sends to DST's)
+ *
+ * It sits above engine/ and remote/ so that neither imports the other upward: the engine
+ * knows nothing of ssh, and remote/ uses the engine as a library. The options are checked and
+ * given their defaults once here (engine/copy-options.ts) for every path.
+ */
+
+import { BlksyncError } from './errors.js';
+import { copyLocal } from './engine/copy.js';
+import {
+  resolveCopyOptions,
+  type CopyResult,
+  type LocalCopyOptions,
+} from './engine/copy-options.js';
+import type { RemoteOptions } from './remote/link.js';
+import { parseRemote } from './remote/spec.js';
+
+export type { CopyResult } from './engine/copy-options.js';
+export type { ChannelStats, RemoteCopyResult } from './remote/copy/outcome.js';
+
+export interface CopyOptions extends LocalCopyOptions {
+  /** How to reach a `host:path` end: ssh command, remote node, sudo. */
+  remote?: RemoteOptions;
+  /** Both ends remote: SRC's host sends to DST's host itself, not through this machine. */
+  direct?: boolean;
+}
+
+/** Writes SRC onto DST, writing only the blocks that differ; either end may be `host:path`. */
+export async function copy(
+  src: string,
+  dst: string,
+  options: CopyOptions = {},
+): Promise<CopyResult> {
+  const resolved = resolveCopyOptions(options);
+  const from = parseRemote(src);
+  const to = parseRemote(dst);
+  if (options.direct === true && (from === undefined || to === undefined)) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
+    );
+  }
+  if (from === undefined && to === undefined) return copyLocal(src, dst, resolved);
+
+  // loaded only for a remote end: a local copy does not pay for ssh's modules. A push reads
+  // its local SRC as a local copy does, signature checks included; a remote SRC's bmap is
+  // --bmap FILE, checked so too
+  const remote = { ...resolved, ...options.remote, direct: options.direct === true };
+  const { checkRemoteCopy, compressedRemote } = await import('./remote/copy/options.js');
+  checkRemoteCopy(from, to, remote);
+  if (from === undefined) {
+    const { push } = await import('./remote/copy/push.js');
+    return push(src, dst, to!, remote);
+  }
+  try {
+    if (to === undefined) {
+      const { pull } = await import('./remote/copy/pull.js');
+      return await pull(src, dst, from, remote);
+    }
+    if (options.direct === true) {
+      const { direct } = await import('./remote/copy/direct.js');
+      return await direct(src, dst, from, to, remote);
+    }
+    const { relay } = await import('./remote/copy/relay.js');
+    return await relay(src, dst, from, to, remote);
+  } catch (err) {
+    throw compressedRemote(err, dst, from, remote);
+  }
+}

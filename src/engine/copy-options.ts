@@ -1,0 +1,119 @@
+/**
+ * A copy's options, their defaults and its result: the one place that lists them, for a local
+ * copy (engine/copy.ts) and the remote ones (remote/copy/) alike. `resolveCopyOptions` checks
+ * what every copy checks before it starts and fills in the defaults, once, in the router.
+ */
+
+import { BlksyncError } from '../errors.js';
+import type { Range } from '../ranges.js';
+import type { ProgressListener } from '../types.js';
+import { checkBlockSize, DEFAULT_BLOCK_SIZE } from './block-size.js';
+import type { BmapReport, CopySourceOptions } from './copy-source.js';
+import type { IndexReport } from './index-target.js';
+import type { VerifyReport } from './verify-written.js';
+
+/** Blocks of DST checked against an index before trusting it, unless told otherwise. */
+export const DEFAULT_VERIFY_SAMPLE = 16;
+
+/**
+ * The options of a copy between local ends (the router adds those of remote ends). SRC's bmap,
+ * signature, size and the signal are CopySourceOptions, handed to openCopySource as they are.
+ */
+export interface LocalCopyOptions extends CopySourceOptions {
+  /** Compare and write granularity in bytes (default 4096). */
+  blockSize?: number;
+  /** Scan and report; write nothing, create nothing. */
+  dryRun?: boolean;
+  /** Write everything without reading DST (dd behaviour). */
+  full?: boolean;
+  onProgress?: ProgressListener;
+  /** Tuning: bytes per read (default 1 MiB, 4 MiB with an index) and reads in flight (default 4). */
+  chunkSize?: number;
+  depth?: number;
+  /** An index of DST to use instead of reading it, and to update ("auto": the cache's). */
+  index?: string;
+  /**
+   * An index of SRC (a regular file), with `index`: only the blocks whose hashes differ from
+   * DST's are read, when it can be trusted; written after the copy otherwise. "auto": the
+   * cache's, which `index: "auto"` implies; false: none.
+   */
+  srcIndex?: string | false;
+  /** Replace an index that does not match DST instead of refusing. */
+  rebuildIndex?: boolean;
+  /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
+  verifySample?: number;
+  /** Worker threads hashing for the index (default: one per core, at most 4). */
+  hashThreads?: number;
+  /** Tuning (tests): bytes the index marks as possibly dirty at a time while writing. */
+  indexCheckpointBytes?: number;
+  /**
+   * After the copy, read back what was written (bypassing the page cache where the file
+   * system allows) and compare checksums: the bmap's, or the source's taken while copying.
+   */
+  verify?: boolean;
+}
+
+export interface CopyResult {
+  source: string;
+  destination: string;
+  /** SRC's size, the bytes considered. */
+  bytesTotal: number;
+  bytesScanned: number;
+  /** Bytes of DST read to compare. */
+  bytesRead: number;
+  blockSize: number;
+  blocksDiffering: number;
+  bytesDiffering: number;
+  bytesWritten: number;
+  rangesWritten: number;
+  /** The first ranges written (or that would be, in a dry run). */
+  ranges: Range[];
+  /** True when DST did not exist and was created (sparse). */
+  created: boolean;
+  /** Bytes of DST past SRC's end, left as they were. */
+  destinationExtraBytes: number;
+  dryRun: boolean;
+  full: boolean;
+  seconds: number;
+  /** What was done with --index. */
+  index?: IndexReport;
+  /** The bmap used: only its mapped ranges were considered. */
+  bmap?: BmapReport;
+  /** What --verify read back and compared. */
+  verify?: VerifyReport;
+}
+
+/** The options with the defaults filled in, as every copy path takes them. */
+export interface ResolvedCopyOptions extends LocalCopyOptions {
+  blockSize: number;
+  /** The block size given (-b); blockSize holds the default otherwise. */
+  blockSizeGiven: number | undefined;
+  dryRun: boolean;
+  full: boolean;
+  rebuildIndex: boolean;
+  verifySample: number;
+}
+
+/**
+ * Checks what every copy checks before it starts (the block size, a signal already aborted,
+ * --verify in a dry run) and fills in the defaults.
+ */
+export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptions {
+  const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
+  const dryRun = options.dryRun === true;
+  if (options.signal?.aborted === true) {
+    throw new BlksyncError('EINTERRUPTED', 'interrupted before starting; nothing was written');
+  }
+  if (options.verify === true && dryRun) {
+    throw new BlksyncError('EUSAGE', '--verify has nothing to read back in a dry run');
+  }
+  return {
+    ...options,
+    blockSize,
+    blockSizeGiven: options.blockSize,
+    dryRun,
+    full: options.full === true,
+    rebuildIndex: options.rebuildIndex === true,
+    verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
+  };
+}

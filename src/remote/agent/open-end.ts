@@ -1,0 +1,195 @@
+/**
+ * HELLO: the agent opens its end — SRC to read (and, with --direct, the copy to DST's host),
+ * or DST to write, created or grown to the image's size, with the index it keeps — answers
+ * READY, and starts the TOP_HASHES stream blksync asked for.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import { BlksyncError } from '../../errors.js';
+import { WrittenRanges } from '../../engine/written-log.js';
+import { detectCompression, MAGIC_BYTES } from '../../io/compression-magic.js';
+import { FileSink } from '../../io/file-sink.js';
+import { identityOf } from '../../io/identity.js';
+import { createTarget, openSource, openTarget } from '../../io/open.js';
+import { AgentIndex } from '../agent-index.js';
+import { Compressor, DEFLATE_RAW } from '../compress.js';
+import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '../protocol.js';
+import { DirectCopy } from './direct-copy.js';
+import { parseHello } from './hello-check.js';
+import type { AgentSession } from './session.js';
+import { digestHashes, hasherOf, topHashes } from './top-hashes.js';
+
+/** Handles HELLO: opens the end, sends READY, starts what runs beside the request queue. */
+export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
+  const h = parseHello(payload);
+  s.startKeepalive(h.keepalive);
+  const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
+  const { ready, digests } =
+    h.role === 'source' ? await openSourceEnd(s, h, encoding) : await openTargetEnd(s, h, encoding);
+  const opened = s.opened!;
+  await s.send(jsonFrame(FrameType.READY, ready));
+  if (s.direct !== undefined) {
+    s.directRun = s.direct.run((p) => void s.send(jsonFrame(FrameType.PROGRESS, p)));
+    s.directRun.catch((err: unknown) => s.fail(err));
+  }
+  if (digests) {
+    digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) => s.fail(err));
+  }
+  // a used index stands in for DST: no scan
+  if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && s.index?.used !== true) {
+    topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => s.fail(err));
+  }
+}
+
+interface OpenedEnd {
+  ready: Ready;
+  /** TOP_HASHES come from the used index's digests instead of a scan. */
+  digests: boolean;
+}
+
+async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promise<OpenedEnd> {
+  const src = await openSource(h.path);
+  await refuseCompressed(h.path, src.fh);
+  s.opened = {
+    path: h.path,
+    fh: src.fh,
+    limit: src.size,
+    role: 'source',
+    sink: undefined,
+    compressor: new Compressor(encoding !== ''),
+    encoding,
+    identity: false,
+    kind: src.kind,
+    fileSize: src.size,
+  };
+  if (h.direct !== undefined) {
+    s.direct = await DirectCopy.open(
+      h.direct,
+      h,
+      { path: h.path, fh: src.fh, size: src.size },
+      hasherOf(h),
+      s.payload,
+    );
+  }
+  const ready: Ready = {
+    version: PROTOCOL_VERSION,
+    size: src.size,
+    kind: src.kind,
+    created: false,
+    zero: false,
+    encoding,
+    node: process.version,
+    ...(s.direct !== undefined ? { target: s.direct.ready } : {}),
+  };
+  return { ready, digests: false };
+}
+
+async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promise<OpenedEnd> {
+  const size = h.size!;
+  const dryRun = h.dryRun === true;
+  const found = await openTarget(h.path, { readOnly: dryRun });
+  let created = false;
+  let zero = false;
+  let fh: FileHandle | undefined;
+  let kind: 'file' | 'block-device' = 'file';
+  let have = size;
+  if (found.fh === undefined) {
+    created = true;
+    zero = true;
+    if (!dryRun) fh = (await createTarget(h.path, size)).fh;
+  } else {
+    fh = found.fh;
+    kind = found.kind;
+    have = found.size;
+    if (found.size === 0 && kind === 'file') {
+      zero = true;
+      if (!dryRun) await fh.truncate(size);
+      have = size;
+    } else if (found.size < size) {
+      await fh.close();
+      throw new BlksyncError(
+        'EDEST_TOO_SMALL',
+        `${h.path} is ${found.size} bytes but the source is ${size} bytes; use a larger destination`,
+        { path: h.path },
+      );
+    }
+  }
+  s.opened = {
+    path: h.path,
+    // a dry run onto a missing file reads nothing: the image is all zeros
+    fh,
+    limit: size,
+    role: 'target',
+    sink: !dryRun && fh !== undefined ? new FileSink(fh, h.path) : undefined,
+    compressor: new Compressor(false),
+    encoding,
+    identity: h.identity === true,
+    kind,
+    fileSize: have,
+  };
+  if (h.verify === true) s.written = new WrittenRanges();
+  let digests = false;
+  const index =
+    h.index === undefined
+      ? undefined
+      : await AgentIndex.open(
+          h.index,
+          {
+            path: h.path,
+            fh,
+            stats: found.fh !== undefined ? found.stats : await fh?.stat(),
+            kind,
+            size: have,
+          },
+          size,
+          zero,
+          dryRun,
+        );
+  s.index = index;
+  if (index !== undefined) {
+    digests =
+      index.used &&
+      h.index!.topDigest === true &&
+      h.topUnit > 0 &&
+      h.topUnit % index.blockSize === 0 &&
+      fh !== undefined;
+  }
+  const ready: Ready = {
+    version: PROTOCOL_VERSION,
+    size: have,
+    kind,
+    created,
+    zero,
+    encoding,
+    node: process.version,
+    ...(index !== undefined
+      ? {
+          index: {
+            mode: index.report().mode,
+            path: index.path,
+            blockSize: index.blockSize,
+            ...(digests ? { digests } : {}),
+          },
+        }
+      : {}),
+    ...(h.identity === true && found.fh !== undefined
+      ? { identity: await identityOf(h.path, found.stats, found.size) }
+      : {}),
+  };
+  return { ready, digests };
+}
+
+/**
+ * A compressed SRC would be copied as its compressed bytes: blksync decodes only where it
+ * runs, and a decoder here would give neither the size up front nor reads by offset. Refused
+ * before anything is opened for writing (--direct's target is opened after this); the
+ * router (src/copy.ts, with remote/copy/options.ts) adds what to do instead.
+ */
+async function refuseCompressed(path: string, fh: FileHandle): Promise<void> {
+  const head = Buffer.alloc(MAGIC_BYTES);
+  const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
+  const kind = detectCompression(head.subarray(0, bytesRead));
+  if (kind === undefined) return;
+  await fh.close();
+  throw new BlksyncError('ESRC_COMPRESSED', `${path} is ${kind}-compressed`, { path });
+}

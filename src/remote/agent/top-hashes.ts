@@ -1,0 +1,104 @@
+/**
+ * The agent's unasked TOP_HASHES stream: one hash per top-level unit of its file, sent while
+ * the request queue runs beside it, so blksync can compare chunks before it asks for anything.
+ * A unit's hash always goes out before any DATA for that unit can have come.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import type { AgentIndex } from '../agent-index.js';
+import {
+  blockDigestHasher,
+  frame,
+  FrameType,
+  rangeHeader,
+  TOP_HASH_BLOCKS,
+  TOP_HASH_GMAC,
+  topHasher,
+  type Hello,
+  type TopHasher,
+} from '../protocol.js';
+import { readFully, type AgentSession, type Opened } from './session.js';
+
+/** TOP_HASHES batched per frame. */
+const TOP_BATCH = 4;
+/** Top-level units read ahead while hashing. */
+const TOP_READ_AHEAD = 4;
+
+/** The top-level hash HELLO asked for: GMAC under its key, block digests, or SHA-256. */
+export function hasherOf(h: Hello): TopHasher {
+  if (h.topHash === TOP_HASH_BLOCKS) return blockDigestHasher(h.topBlock!);
+  return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
+}
+
+/** Reads the whole file in `unit`s and sends each unit's hash. */
+export async function topHashes(
+  s: AgentSession,
+  o: Opened,
+  fh: FileHandle,
+  unit: number,
+  hasher: TopHasher,
+): Promise<void> {
+  // a few buffers reused round robin: fresh 4 MiB buffers cost a page fault per 4 KiB
+  const free: Buffer[] = [];
+  const reads: Promise<[Buffer, number]>[] = [];
+  let next = 0;
+  const start = (): void => {
+    if (next >= o.limit || s.failed) return;
+    const off = next;
+    const len = Math.min(unit, o.limit - off);
+    next += len;
+    const buf = free.pop() ?? Buffer.allocUnsafe(unit);
+    const p = readFully(o, fh, buf, len, off).then((): [Buffer, number] => {
+      s.bytesRead += len;
+      return [buf, len];
+    });
+    p.catch(() => {});
+    reads.push(p);
+  };
+  for (let i = 0; i < TOP_READ_AHEAD; i++) start();
+  let batch: Buffer[] = [];
+  let batchOffset = 0;
+  for (let off = 0; off < o.limit && !s.failed; off += unit) {
+    const [buf, len] = await reads.shift()!;
+    start();
+    // before this unit's hash goes out: no DATA for it can have come yet
+    s.index?.learned(off, buf, len);
+    if (batch.length === 0) batchOffset = off;
+    batch.push(hasher(buf.subarray(0, len)));
+    free.push(buf);
+    if (batch.length === TOP_BATCH || off + unit >= o.limit) {
+      await s.send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+      batch = [];
+    }
+  }
+}
+
+/**
+ * A used index's TOP_HASHES: each unit's block digest from the table, DST read only where
+ * the index does not vouch (then its hashes are learned first).
+ */
+export async function digestHashes(
+  s: AgentSession,
+  o: Opened,
+  fh: FileHandle,
+  unit: number,
+  idx: AgentIndex,
+): Promise<void> {
+  let batch: Buffer[] = [];
+  let batchOffset = 0;
+  for (let off = 0; off < o.limit && !s.failed; off += unit) {
+    const len = Math.min(unit, o.limit - off);
+    if (!idx.knows(off, len)) {
+      const buf = Buffer.allocUnsafe(len);
+      await readFully(o, fh, buf, len, off);
+      s.bytesRead += len;
+      idx.learned(off, buf, len);
+    }
+    if (batch.length === 0) batchOffset = off;
+    batch.push(idx.digest(off, len));
+    if (batch.length === TOP_BATCH || off + unit >= o.limit) {
+      await s.send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+      batch = [];
+    }
+  }
+}

@@ -1,0 +1,141 @@
+/**
+ * What every remote copy (push, pull, relay, --direct) starts from: its options, the session
+ * taken once from them, the checks made before any ssh starts, and what a remote SRC's size
+ * and bmap must agree on.
+ */
+
+import { BlksyncError } from '../../errors.js';
+import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
+import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/copy-source.js';
+import type { RemoteOptions } from '../link.js';
+import { REMOTE_CHUNK_BYTES } from '../roles.js';
+import { isRemote, shellQuote, type RemoteSpec } from '../spec.js';
+import { keptRemotely } from './kept-index.js';
+
+/**
+ * A remote copy's options: a copy's (resolved once by the router, engine/copy-options.ts) and
+ * how to reach the hosts. The CopySourceOptions among them (bmap, size, ...) describe a local
+ * SRC and are handed to openCopySource as they are, so a push reads SRC as a local copy does.
+ */
+export interface RemoteCopyOptions extends ResolvedCopyOptions, RemoteOptions {
+  /** Both ends remote: SRC's host copies straight to DST's host (see agent/direct-copy.ts). */
+  direct?: boolean;
+}
+
+function chunkSizeOf(options: RemoteCopyOptions): number {
+  const bs = options.blockSize;
+  return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
+}
+
+/** What push, pull, relay and --direct all start from, taken once from the options. */
+export interface Session {
+  started: number;
+  blockSize: number;
+  chunkSize: number;
+  dryRun: boolean;
+  full: boolean;
+}
+
+export function sessionOf(options: RemoteCopyOptions): Session {
+  return {
+    started: performance.now(),
+    blockSize: options.blockSize,
+    chunkSize: chunkSizeOf(options),
+    dryRun: options.dryRun === true,
+    full: options.full === true,
+  };
+}
+
+/**
+ * The refusals of a remote copy's options that need no host (made before ssh starts): an index
+ * kept where it cannot be, --direct with options only this machine can honour.
+ */
+export function checkRemoteCopy(
+  srcRemote: RemoteSpec | undefined,
+  dstRemote: RemoteSpec | undefined,
+  options: RemoteCopyOptions,
+): void {
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote !== undefined &&
+    keptRemotely(options.index, dstRemote) === undefined
+  ) {
+    // the index would have to learn SRC's blocks, whose bytes stay on the hosts
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${options.index}: with two remote ends the index is kept beside DST by its agent; use --index ${dstRemote.destination}:FILE or --index auto`,
+    );
+  }
+  if (
+    options.index !== undefined &&
+    srcRemote !== undefined &&
+    dstRemote === undefined &&
+    isRemote(options.index)
+  ) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
+    );
+  }
+  if (options.direct === true) {
+    const given = [
+      ...(options.bmap !== undefined ? ['--bmap'] : []),
+      ...(options.size !== undefined ? ['--size'] : []),
+      ...signatureFlagsGiven(options),
+    ];
+    if (given.length > 0) {
+      // the copy runs on SRC's host, which has neither the bmap nor gpg's verdict
+      throw new BlksyncError(
+        'EUSAGE',
+        `${given.join(', ')} with --direct: drop --direct to relay the copy through this machine`,
+      );
+    }
+  }
+  options.signal?.throwIfAborted();
+}
+
+/**
+ * The bmap of a remote SRC: only --bmap's, a local file or URL (none is looked for beside SRC
+ * on its host), its signature checked as a local copy checks it. As for stdin, without
+ * --bmap there is none and the signature options are refused.
+ */
+export function givenBmap(options: RemoteCopyOptions): Promise<FoundBmap | undefined> {
+  return findBmap('-', options);
+}
+
+/** --size and the bmap must describe the remote SRC's size, as a local SRC's (EUSAGE, EBMAP_MISMATCH). */
+export async function checkRemoteSize(
+  size: number,
+  src: string,
+  given: number | undefined,
+  bmap: FoundBmap | undefined,
+): Promise<void> {
+  if (given !== undefined && given !== size) {
+    throw new BlksyncError('EUSAGE', `--size ${given} contradicts the size ${size} of ${src}`);
+  }
+  if (bmap !== undefined) {
+    const { checkBmapMatches } = await import('../../formats/bmap.js');
+    checkBmapMatches(bmap.bmap, size, bmap.path, src);
+  }
+}
+
+/**
+ * The agent refuses a compressed SRC (it would copy the compressed bytes); this adds what to
+ * do, which only this end knows how to spell: stream it through here, where it is decoded.
+ */
+export function compressedRemote(
+  err: unknown,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): unknown {
+  if (!(err instanceof BlksyncError) || err.code !== 'ESRC_COMPRESSED') return err;
+  const cat = `${options.sudo === true ? 'sudo -n ' : ''}cat ${shellQuote(spec.path)}`;
+  const stream = `${options.ssh ?? 'ssh'} ${spec.destination} ${shellQuote(cat)} | blksync copy --size BYTES - ${shellQuote(dst)}`;
+  return new BlksyncError(
+    'ESRC_COMPRESSED',
+    `${err.message}, and blksync decodes only on this machine: stream it through here with \`${stream}\` (BYTES: its decompressed size), or decompress it on ${spec.destination} first`,
+    { cause: err, ...(err.path !== undefined ? { path: err.path } : {}) },
+  );
+}

@@ -1,0 +1,244 @@
+/**
+ * Push: a local SRC onto a remote DST (docs/architecture.md, "Remote ends").
+ *
+ *   PushSource (SRC, re-read where it differs) ──► RefinedTarget ──► RemoteSink (DATA)
+ *   or, for a source read once in order (compressed, stdin, URL, bmap plan):
+ *   CheckedSource (hashes each chunk as it is read) ──► RefinedTarget ──► RemoteSink
+ *
+ * SRC comes from openCopySource, as a local copy's does. A plain file is hashed ahead by a
+ * HashScanner started before ssh connects; a Refiner compares its top-level hashes with the
+ * agent's stream and refines the chunks that differ ahead of the pipeline.
+ */
+
+import { BlksyncError } from '../../errors.js';
+import { openCopySource } from '../../engine/copy-source.js';
+import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
+import { runPipeline } from '../../engine/pipeline.js';
+import { FileSource } from '../../io/file-source.js';
+import type { Sink, Source, TargetKnowledge } from '../../types.js';
+import { agentPayload } from '../agent-payload.js';
+import { DEFLATE_RAW } from '../compress.js';
+import { HashDiffer } from '../hash-differ.js';
+import { AgentLink } from '../link.js';
+import { blockDigest, MIN_HASH_UNIT, unitHashes, WIRE_HASH_BYTES, wireHash } from '../protocol.js';
+import type { Refiner } from '../refiner.js';
+import { readIndexIfAny, RemoteIndex } from '../remote-index.js';
+import {
+  hashAheadPush,
+  RefinedTarget,
+  REMOTE_DEPTH,
+  RemoteSink,
+  SpanBook,
+  topHashing,
+} from '../roles.js';
+import { HashScanner } from '../scanner.js';
+import type { RemoteSpec } from '../spec.js';
+import { CheckedSource } from './checked-source.js';
+import { agentIndexHello, keptRemotely } from './kept-index.js';
+import { sessionOf, type RemoteCopyOptions } from './options.js';
+import {
+  channelStats,
+  closedEarly,
+  connectionLost,
+  countsOf,
+  interrupted,
+  resultOf,
+  verifyReport,
+  withChannel,
+  type RemoteCopyResult,
+} from './outcome.js';
+
+export async function push(
+  src: string,
+  dst: string,
+  spec: RemoteSpec,
+  options: RemoteCopyOptions,
+): Promise<RemoteCopyResult> {
+  const session = sessionOf(options);
+  const { blockSize, chunkSize, dryRun, full } = session;
+  // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
+  const opened = await openCopySource(src, options);
+  const { plan, size } = opened;
+  const whole =
+    plan.ranges.length === 0 ||
+    (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
+  // --index auto or host:FILE: the index is kept beside DST by the agent (agent-index.ts)
+  const kept = keptRemotely(options.index, spec);
+  const indexing = options.index !== undefined && kept === undefined;
+  // a plain file read by offset is hashed ahead and re-read only where it differs; any
+  // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource), also
+  // when an index is made or used: it needs every chunk's bytes
+  const file =
+    whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
+  const top = topHashing();
+  let refiner: Refiner | undefined;
+  // SRC's hashes are computed while ssh connects and the agent scans DST
+  const scanner =
+    full || file === undefined
+      ? undefined
+      : new HashScanner(file, src, size, chunkSize, top.hash).start();
+  let link: AgentLink | undefined;
+  let index: RemoteIndex | undefined;
+  try {
+    let found: Awaited<ReturnType<typeof readIndexIfAny>>;
+    // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
+    // dividing them (as a local copy's)
+    const bmapBlock = options.index !== undefined ? opened.bmap?.blockSize : undefined;
+    if (
+      bmapBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      bmapBlock % options.blockSizeGiven !== 0
+    ) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `-b ${options.blockSizeGiven} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
+      );
+    }
+    const indexBlock = options.blockSizeGiven ?? bmapBlock;
+    if (options.index !== undefined && indexing) {
+      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+    }
+    // an index that may be used makes the agent's scan of DST needless
+    const mayUseIndex = found !== undefined && 'index' in found;
+    const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
+    link = await AgentLink.open(
+      spec,
+      options,
+      {
+        role: 'target',
+        path: spec.path,
+        size,
+        dryRun,
+        // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
+        topUnit,
+        ...top.hello,
+        encodings: [DEFLATE_RAW],
+        ...(indexing ? { identity: true } : {}),
+        ...(options.verify === true ? { verify: true } : {}),
+        ...(kept !== undefined
+          ? { index: agentIndexHello(kept, options, chunkSize, indexBlock) }
+          : {}),
+      },
+      await agentPayload(),
+    );
+    const ready = link.ready;
+    const book = new SpanBook();
+    const l = link;
+    // the agent's index is used: it answers hashes in its blocks, and DST is not read
+    const ibs = ready.index?.mode === 'used' ? ready.index.blockSize : undefined;
+    const digests = ready.index?.digests === true;
+    if (options.index !== undefined && indexing) {
+      index = await RemoteIndex.open(
+        {
+          index: options.index,
+          imageSize: size,
+          blockSize: indexBlock,
+          ...(options.blockSizeGiven === undefined && bmapBlock !== undefined
+            ? { blockSizeReason: "the bmap's blocks are" }
+            : {}),
+          ...(whole ? {} : { partial: { ranges: plan.ranges } }),
+          chunkSize,
+          rebuild: options.rebuildIndex === true,
+          verifySample: options.verifySample,
+          full,
+          dryRun,
+          hashThreads: options.hashThreads,
+        },
+        found,
+        l,
+        (bs) => new HashDiffer(l, chunkSize, bs),
+      );
+    }
+    let knowledge: TargetKnowledge;
+    let input: Source = opened.source;
+    if (full) knowledge = new NoTarget();
+    else if (index?.knowledge !== undefined) knowledge = index.knowledge;
+    else if (ibs !== undefined) {
+      await scanner?.stop();
+      input = new CheckedSource(opened.source, book, async (offset, data, length) => {
+        const mine = unitHashes(data, length, ibs);
+        // one 16-byte digest per chunk from the index; its blocks only where it differs
+        if (digests && blockDigest(mine).equals(await l.topHash(offset))) return [];
+        const theirs = await l.hashes(offset, length, ibs);
+        const spans: number[] = [];
+        for (let s = 0, k = 0; s < length; s += ibs, k++) {
+          const h = k * WIRE_HASH_BYTES;
+          if (mine.compare(theirs, h, h + WIRE_HASH_BYTES, h, h + WIRE_HASH_BYTES) === 0) continue;
+          const e = Math.min(s + ibs, length);
+          if (spans.length > 0 && spans[spans.length - 1] === s) spans[spans.length - 1] = e;
+          else spans.push(s, e);
+        }
+        return spans;
+      });
+      knowledge = new RefinedTarget(book, () => 0);
+    } else if (ready.zero) {
+      knowledge = new ZeroTarget();
+      await scanner?.stop();
+    } else if (file !== undefined && scanner !== undefined) {
+      const ahead = hashAheadPush(file, src, size, chunkSize, blockSize, scanner, link, book);
+      refiner = ahead.refiner;
+      input = ahead.input;
+      knowledge = new RefinedTarget(book, () => 0);
+    } else {
+      const differ = new HashDiffer(link, chunkSize, blockSize);
+      input = new CheckedSource(opened.source, book, async (offset, data, length) => {
+        const chunk = data.subarray(0, length);
+        // the whole image: the agent's TOP_HASHES stream; a bmap's piece: one hash asked for
+        const same =
+          topUnit > 0
+            ? top.hash(chunk).equals(await l.topHash(offset))
+            : wireHash(chunk).equals(
+                await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT)),
+              );
+        const spans: number[] = [];
+        if (!same) await differ.refine(offset, data, length, false, spans);
+        return spans;
+      });
+      knowledge = new RefinedTarget(book, () => 0);
+    }
+    const sink: Sink = index?.wrapSink(new RemoteSink(link)) ?? new RemoteSink(link);
+    const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : (ibs ?? blockSize);
+    const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
+      blockSize: pipelineBlockSize,
+      chunkSize,
+      depth: REMOTE_DEPTH,
+      signal: options.signal,
+      onProgress: options.onProgress && withChannel(options.onProgress, link),
+      onChunk: index?.onChunk,
+    });
+    await refiner?.stop();
+    // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
+    // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
+    // progress rather than having the agent read back what it never compared
+    const summary =
+      run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
+    if (!run.interrupted) await index?.commit(summary.identity);
+    const result: RemoteCopyResult = {
+      ...resultOf(session, src, dst, size, countsOf(run), {
+        bytesRead: summary.bytesRead,
+        blockSize: pipelineBlockSize,
+        bytesWritten: summary.bytes,
+        created: ready.created,
+        dstSize: ready.size,
+        channel: channelStats(link, spec, summary),
+      }),
+      ...(index !== undefined ? { index: index.report() } : {}),
+      ...(summary.index !== undefined ? { index: summary.index } : {}),
+      ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
+      ...verifyReport(link.verified),
+    };
+    await link.close();
+    result.channel = channelStats(link, spec, summary);
+    result.seconds = (performance.now() - session.started) / 1000;
+    if (run.interrupted) throw interrupted(result);
+    return result;
+  } catch (err) {
+    throw await connectionLost(err, dst, link?.bytesConfirmed ?? 0, options.signal);
+  } finally {
+    await refiner?.stop();
+    await scanner?.stop();
+    await link?.close();
+    await index?.close();
+    await opened.close();
+  }
+}
