@@ -11,8 +11,19 @@ import { access, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
+import { agentPayload } from '../src/remote/agent-payload.js';
+import { BOOTSTRAP } from '../src/remote/bootstrap.js';
 import { parseProgress, parseReady, parseSummary, parseWireError } from '../src/remote/messages.js';
-import { PROTOCOL_VERSION } from '../src/remote/protocol.js';
+import {
+  frame,
+  FrameDecoder,
+  FrameType,
+  helloFrame,
+  PROTOCOL_VERSION,
+  rangeHeader,
+  type Frame,
+  type WireError,
+} from '../src/remote/protocol.js';
 import type { CliResult } from './helpers/cli.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -296,4 +307,69 @@ test('messages from the agent are validated field by field', () => {
     () => parseProgress(json({ bytesScanned: 1, bytesTotal: 2, bytesDiffering: 0 })),
     /PROGRESS\.bytesWritten/,
   );
+});
+
+/**
+ * A --direct source agent started directly (as ssh would), its own "ssh" to the other host
+ * being `ssh`; sends `after` once READY came and returns the ERROR it ends with, if any.
+ */
+async function directAgent(
+  src: string,
+  dst: string,
+  ssh: string,
+  after: Buffer[],
+): Promise<{ frames: Frame[]; error: WireError | undefined }> {
+  const child = spawn(process.execPath, ['--max-old-space-size=256', '-e', BOOTSTRAP], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  const decoder = new FrameDecoder();
+  const frames: Frame[] = [];
+  child.stdin.on('error', () => {});
+  child.stdout.on('data', (d: Buffer) => {
+    for (const f of decoder.push(d)) {
+      frames.push(f);
+      if (f.type === FrameType.READY) {
+        for (const b of after) child.stdin.write(b);
+      }
+      if (f.type === FrameType.ERROR) child.stdin.end();
+    }
+  });
+  child.stdin.write(await agentPayload());
+  child.stdin.write(
+    helloFrame({
+      role: 'source',
+      path: src,
+      topUnit: 0,
+      encodings: [],
+      keepalive: 0.25,
+      direct: { destination: 'b', path: dst, ssh, blockSize: 4096, chunkSize: 65536, timeout: 1 },
+    }),
+  );
+  await new Promise((resolve) => child.on('close', resolve));
+  const err = frames.find((f) => f.type === FrameType.ERROR);
+  return { frames, error: err && (JSON.parse(err.payload.toString('utf8')) as WireError) };
+}
+
+test('--direct: the source agent takes only DONE from blksync, and its own link is guarded', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  await writeFile(src, seededBytes(MiB, 3));
+  // "ssh" to the other host: run the remote command here, as a shell would
+  const local = `sh -c 'eval "$2"' sh`;
+  const asked = await directAgent(src, join(dir, 'a.img'), local, [
+    frame(FrameType.HASH_REQ, rangeHeader(0, 4096, 4096)),
+  ]);
+  assert.equal(asked.error?.code, 'EREMOTE_PROTOCOL');
+  assert.match(asked.error.message, /to an agent running a direct copy/);
+  assert.equal(
+    asked.frames.some((f) => f.type === FrameType.HASHES),
+    false,
+  );
+  // the other host's agent floods top hashes nobody asked for: the source agent refuses them
+  const flooded = await directAgent(src, join(dir, 'b.img'), fakeSsh('flood-top'), []);
+  assert.equal(flooded.error?.code, 'EREMOTE_PROTOCOL', JSON.stringify(flooded.error));
+  assert.match(flooded.error.message, /TOP_HASHES/);
+  // and one that stops talking after its READY ends in ETIMEOUT (direct.timeout)
+  const silent = await directAgent(src, join(dir, 'c.img'), fakeSsh('silent'), []);
+  assert.equal(silent.error?.code, 'ETIMEOUT', JSON.stringify(silent.error));
 });

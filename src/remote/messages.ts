@@ -28,6 +28,7 @@ import {
   type WireError,
 } from './protocol.js';
 import type { Progress } from '../types.js';
+import { DEFLATE_RAW } from './compress.js';
 
 /** Longest string field taken from a peer (paths, messages, versions). */
 const MAX_TEXT = 4096;
@@ -226,7 +227,8 @@ function checkReady(v: unknown, at: string, c: ReadyContext): Ready {
     target: checkReady(target, `${at}.target`, {
       role: 'target',
       size: r.size,
-      encodings: c.encodings,
+      // offered by the source agent to the other host, not by blksync
+      encodings: [DEFLATE_RAW],
       identity: false,
       index: c.direct.index,
     }),
