@@ -10,7 +10,7 @@ import { spawn } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { agentPayload } from '../src/remote/agent-payload.js';
 import { BOOTSTRAP } from '../src/remote/bootstrap.js';
 import { parseProgress, parseReady, parseSummary, parseWireError } from '../src/remote/messages.js';
@@ -68,209 +68,215 @@ function assertCode(r: CliResult, code: string): void {
   assert.doesNotMatch(r.stderr, /internal error|heap out of memory|RangeError/, r.stderr);
 }
 
-test('hostile peers', { timeout: 10 * TEST_TIMEOUT_MS }, async (t) => {
+/** A temporary directory holding SRC, 1 MiB of seeded bytes. */
+async function fixture(t: TestContext): Promise<{ dir: string; src: string }> {
   const dir = await tempDir(t);
   const src = join(dir, 'src.img');
   await writeFile(src, seededBytes(MiB, 7));
+  return { dir, src };
+}
 
-  await t.test(
-    'unsolicited TOP_HASHES or READ_BACK floods end in EREMOTE_PROTOCOL, on a 256 MB heap',
-    async () => {
-      const small = ['--max-old-space-size=256'];
-      const top = await blksync(['copy', '--ssh', fakeSsh('flood-top'), src, 'h:/dst'], small);
-      assertCode(top, 'EREMOTE_PROTOCOL');
-      assert.match(top.stderr, /TOP_HASHES/);
-      const back = await blksync(
-        ['copy', '--verify', '--ssh', fakeSsh('flood-readback'), src, 'h:/dst'],
-        small,
-      );
-      assertCode(back, 'EREMOTE_PROTOCOL');
-      assert.match(back.stderr, /READ_BACK/);
-    },
-  );
+test(
+  'unsolicited TOP_HASHES or READ_BACK floods end in EREMOTE_PROTOCOL, on a 256 MB heap',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { src } = await fixture(t);
+    const small = ['--max-old-space-size=256'];
+    const top = await blksync(['copy', '--ssh', fakeSsh('flood-top'), src, 'h:/dst'], small);
+    assertCode(top, 'EREMOTE_PROTOCOL');
+    assert.match(top.stderr, /TOP_HASHES/);
+    const back = await blksync(
+      ['copy', '--verify', '--ssh', fakeSsh('flood-readback'), src, 'h:/dst'],
+      small,
+    );
+    assertCode(back, 'EREMOTE_PROTOCOL');
+    assert.match(back.stderr, /READ_BACK/);
+  },
+);
 
-  await t.test(
-    'a READY that lies about its size or types is EREMOTE_PROTOCOL; a pull leaves no DST',
-    async () => {
-      const ready = (fields: Record<string, unknown>): string =>
-        JSON.stringify({
-          version: PROTOCOL_VERSION,
-          size: MiB,
-          kind: 'file',
-          created: false,
-          zero: false,
-          encoding: '',
-          node: 'v20.0.0',
-          ...fields,
-        });
-      const lies: [string, RegExp][] = [
-        [ready({ size: -1 }), /READY\.size: -1/],
-        [ready({ size: 2 ** 60 }), /READY\.size/],
-        [ready({ size: String(MiB) }), /READY\.size/],
-        [ready({ size: null }), /READY\.size: null/],
-        [ready({ kind: 'pipe' }), /READY\.kind/],
-        ['null', /READY: null is not an object/],
-        ['[1,2]', /READY/],
-        ['not json', /READY is not JSON/],
-      ];
-      for (const [payload, why] of lies) {
-        const dst = join(dir, 'pulled.img');
-        const r = await blksync(['copy', '--ssh', fakeSsh(`ready:${payload}`), 'h:/src', dst]);
-        assertCode(r, 'EREMOTE_PROTOCOL');
-        assert.match(r.stderr, why, payload);
-        assert.equal(await exists(dst), false, `${payload} left ${dst}`);
-      }
-      // a push: the agent cannot hold a smaller file than the image it was sent
-      const r = await blksync([
-        'copy',
-        '--ssh',
-        fakeSsh(`ready:${ready({ size: 1 })}`),
-        src,
-        'h:/x',
-      ]);
-      assertCode(r, 'EREMOTE_PROTOCOL');
-      assert.match(r.stderr, /READY\.size: 1 is not at least/);
-    },
-  );
-
-  await t.test('an ERROR that is not one is EREMOTE_PROTOCOL', async () => {
-    for (const payload of ['null', '{"code":null,"message":"x"}', '{"code":"EUSAGE"}']) {
-      const r = await blksync(['copy', '--ssh', fakeSsh(`error:${payload}`), src, 'h:/x']);
-      assertCode(r, 'EREMOTE_PROTOCOL');
-    }
-    // a real one keeps its code
-    const r = await blksync([
-      'copy',
-      '--ssh',
-      fakeSsh('error:{"code":"EDEST_MOUNTED","message":"/dev/x is mounted"}'),
-      src,
-      'h:/dev/x',
-    ]);
-    assertCode(r, 'EDEST_MOUNTED');
-  });
-
-  await t.test(
-    'a claimed 8 TiB source that then says nothing: ETIMEOUT, and no local file',
-    async () => {
-      const dst = join(dir, 'huge.img');
-      const payload = JSON.stringify({
+test(
+  'a READY that lies about its size or types is EREMOTE_PROTOCOL; a pull leaves no DST',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { dir, src } = await fixture(t);
+    const ready = (fields: Record<string, unknown>): string =>
+      JSON.stringify({
         version: PROTOCOL_VERSION,
-        size: 8 * 2 ** 40,
+        size: MiB,
         kind: 'file',
         created: false,
         zero: false,
         encoding: '',
         node: 'v20.0.0',
+        ...fields,
       });
-      const r = await blksync([
-        'copy',
-        '--timeout',
-        '1',
-        '--ssh',
-        fakeSsh(`ready:${payload}`),
-        'h:/src',
-        dst,
-      ]);
-      assertCode(r, 'ETIMEOUT');
-      assert.equal(await exists(dst), false);
-    },
-  );
+    const lies: [string, RegExp][] = [
+      [ready({ size: -1 }), /READY\.size: -1/],
+      [ready({ size: 2 ** 60 }), /READY\.size/],
+      [ready({ size: String(MiB) }), /READY\.size/],
+      [ready({ size: null }), /READY\.size: null/],
+      [ready({ kind: 'pipe' }), /READY\.kind/],
+      ['null', /READY: null is not an object/],
+      ['[1,2]', /READY/],
+      ['not json', /READY is not JSON/],
+    ];
+    for (const [payload, why] of lies) {
+      const dst = join(dir, 'pulled.img');
+      const r = await blksync(['copy', '--ssh', fakeSsh(`ready:${payload}`), 'h:/src', dst]);
+      assertCode(r, 'EREMOTE_PROTOCOL');
+      assert.match(r.stderr, why, payload);
+      assert.equal(await exists(dst), false, `${payload} left ${dst}`);
+    }
+    // a push: the agent cannot hold a smaller file than the image it was sent
+    const r = await blksync(['copy', '--ssh', fakeSsh(`ready:${ready({ size: 1 })}`), src, 'h:/x']);
+    assertCode(r, 'EREMOTE_PROTOCOL');
+    assert.match(r.stderr, /READY\.size: 1 is not at least/);
+  },
+);
 
-  await t.test(
-    'an agent that stops talking ends with ETIMEOUT, before and after READY',
-    async () => {
-      const after = await blksync([
-        'copy',
-        '--timeout',
-        '1',
-        '--ssh',
-        fakeSsh('silent'),
-        src,
-        'h:/x',
-      ]);
-      assertCode(after, 'ETIMEOUT');
-      assert.match(after.stderr, /nothing received for 1 s while waiting for its reply/);
-      const before = await blksync([
-        'copy',
-        '--timeout',
-        '1',
-        '--ssh',
-        fakeSsh('mute'),
-        src,
-        'h:/x',
-      ]);
-      assertCode(before, 'ETIMEOUT');
-      assert.match(before.stderr, /while waiting for the agent to start/);
-      const usage = await blksync(['copy', '--timeout', 'soon', src, 'h:/x']);
-      assertCode(usage, 'EUSAGE');
-    },
-  );
+test('an ERROR that is not one is EREMOTE_PROTOCOL', { timeout: TEST_TIMEOUT_MS }, async (t) => {
+  const { src } = await fixture(t);
+  for (const payload of ['null', '{"code":null,"message":"x"}', '{"code":"EUSAGE"}']) {
+    const r = await blksync(['copy', '--ssh', fakeSsh(`error:${payload}`), src, 'h:/x']);
+    assertCode(r, 'EREMOTE_PROTOCOL');
+  }
+  // a real one keeps its code
+  const r = await blksync([
+    'copy',
+    '--ssh',
+    fakeSsh('error:{"code":"EDEST_MOUNTED","message":"/dev/x is mounted"}'),
+    src,
+    'h:/dev/x',
+  ]);
+  assertCode(r, 'EDEST_MOUNTED');
+});
 
-  await t.test('empty DATA where data is due is EREMOTE_PROTOCOL, not progress', async () => {
+test(
+  'a claimed 8 TiB source that then says nothing: ETIMEOUT, and no local file',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { dir } = await fixture(t);
+    const dst = join(dir, 'huge.img');
+    const payload = JSON.stringify({
+      version: PROTOCOL_VERSION,
+      size: 8 * 2 ** 40,
+      kind: 'file',
+      created: false,
+      zero: false,
+      encoding: '',
+      node: 'v20.0.0',
+    });
+    const r = await blksync([
+      'copy',
+      '--timeout',
+      '1',
+      '--ssh',
+      fakeSsh(`ready:${payload}`),
+      'h:/src',
+      dst,
+    ]);
+    assertCode(r, 'ETIMEOUT');
+    assert.equal(await exists(dst), false);
+  },
+);
+
+test(
+  'an agent that stops talking ends with ETIMEOUT, before and after READY',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { src } = await fixture(t);
+    const after = await blksync([
+      'copy',
+      '--timeout',
+      '1',
+      '--ssh',
+      fakeSsh('silent'),
+      src,
+      'h:/x',
+    ]);
+    assertCode(after, 'ETIMEOUT');
+    assert.match(after.stderr, /nothing received for 1 s while waiting for its reply/);
+    const before = await blksync(['copy', '--timeout', '1', '--ssh', fakeSsh('mute'), src, 'h:/x']);
+    assertCode(before, 'ETIMEOUT');
+    assert.match(before.stderr, /while waiting for the agent to start/);
+    const usage = await blksync(['copy', '--timeout', 'soon', src, 'h:/x']);
+    assertCode(usage, 'EUSAGE');
+  },
+);
+
+test(
+  'empty DATA where data is due is EREMOTE_PROTOCOL, not progress',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { dir } = await fixture(t);
     const dst = join(dir, 'empty-data.img');
     const r = await blksync(['copy', '--full', '--ssh', fakeSsh('empty-data'), 'h:/src', dst]);
     assertCode(r, 'EREMOTE_PROTOCOL');
     assert.match(r.stderr, /DATA of 0 bytes/);
-  });
+  },
+);
 
-  await t.test(
-    'a slow but live agent (KEEPALIVE) passes --timeout; a stalled one does not',
-    async () => {
-      const live = join(dir, 'live.img');
-      const ok = await blksync([
-        'copy',
-        '--timeout',
-        '1',
-        '--ssh',
-        fakeSsh('proxy-keepalive'),
-        src,
-        `h:${live}`,
-      ]);
-      assert.equal(ok.code, 0, ok.stderr);
-      assert.deepEqual(await readFile(live), await readFile(src));
-      const stuck = join(dir, 'stuck.img');
-      const r = await blksync([
-        'copy',
-        '--timeout',
-        '1',
-        '--ssh',
-        fakeSsh('proxy-stall'),
-        src,
-        `h:${stuck}`,
-      ]);
-      assertCode(r, 'ETIMEOUT');
-    },
-  );
+test(
+  'a slow but live agent (KEEPALIVE) passes --timeout; a stalled one does not',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { dir, src } = await fixture(t);
+    const live = join(dir, 'live.img');
+    const ok = await blksync([
+      'copy',
+      '--timeout',
+      '1',
+      '--ssh',
+      fakeSsh('proxy-keepalive'),
+      src,
+      `h:${live}`,
+    ]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.deepEqual(await readFile(live), await readFile(src));
+    const stuck = join(dir, 'stuck.img');
+    const r = await blksync([
+      'copy',
+      '--timeout',
+      '1',
+      '--ssh',
+      fakeSsh('proxy-stall'),
+      src,
+      `h:${stuck}`,
+    ]);
+    assertCode(r, 'ETIMEOUT');
+  },
+);
 
-  await t.test(
-    'a host or path ssh would take for an option is EUSAGE before any ssh starts',
-    async () => {
-      const marker = join(dir, 'ssh-ran');
-      // an "ssh" that leaves a mark when started
-      const ssh = `sh -c 'touch ${marker}; exit 255'`;
-      const cases: string[][] = [
-        [src, '-oProxyCommand=x:/dst'],
-        ['-oProxyCommand=x:/src', join(dir, 'out.img')],
-        ['ok:/src', '-oProxyCommand=x:/dst'],
-        ['--direct', 'ok:/src', '-oProxyCommand=x:/dst'],
-        ['--direct', '-oProxyCommand=x:/src', 'ok:/dst'],
-        ['--', 'ok:/src', '-oProxyCommand=x:/dst'],
-        ['--direct', '--', 'ok:/src', '-oProxyCommand=x:/dst'],
-        ['--', src, 'me@-oProxyCommand=x:/dst'],
-        ['--', src, '[-x]:/dst'],
-        [src, 'ok:-dst'],
-        ['ok:/src', 'ok:--dst'],
-      ];
-      for (const args of cases) {
-        const r = await blksync(['copy', '--ssh', ssh, ...args]);
-        // before `--` the argument parser itself refuses what looks like an option
-        if (args.includes('--') || !args.some((a) => a.startsWith('-o'))) assertCode(r, 'EUSAGE');
-        assert.equal(r.code, 2, r.stderr);
-        assert.equal(await exists(marker), false, `ssh started for ${args.join(' ')}`);
-      }
-    },
-  );
-});
+test(
+  'a host or path ssh would take for an option is EUSAGE before any ssh starts',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const { dir, src } = await fixture(t);
+    const marker = join(dir, 'ssh-ran');
+    // an "ssh" that leaves a mark when started
+    const ssh = `sh -c 'touch ${marker}; exit 255'`;
+    const cases: string[][] = [
+      [src, '-oProxyCommand=x:/dst'],
+      ['-oProxyCommand=x:/src', join(dir, 'out.img')],
+      ['ok:/src', '-oProxyCommand=x:/dst'],
+      ['--direct', 'ok:/src', '-oProxyCommand=x:/dst'],
+      ['--direct', '-oProxyCommand=x:/src', 'ok:/dst'],
+      ['--', 'ok:/src', '-oProxyCommand=x:/dst'],
+      ['--direct', '--', 'ok:/src', '-oProxyCommand=x:/dst'],
+      ['--', src, 'me@-oProxyCommand=x:/dst'],
+      ['--', src, '[-x]:/dst'],
+      [src, 'ok:-dst'],
+      ['ok:/src', 'ok:--dst'],
+    ];
+    for (const args of cases) {
+      const r = await blksync(['copy', '--ssh', ssh, ...args]);
+      // before `--` the argument parser itself refuses what looks like an option
+      if (args.includes('--') || !args.some((a) => a.startsWith('-o'))) assertCode(r, 'EUSAGE');
+      assert.equal(r.code, 2, r.stderr);
+      assert.equal(await exists(marker), false, `ssh started for ${args.join(' ')}`);
+    }
+  },
+);
 
 test('messages from the agent are validated field by field', () => {
   const json = (v: unknown): Buffer => Buffer.from(JSON.stringify(v), 'utf8');
@@ -350,26 +356,30 @@ async function directAgent(
   return { frames, error: err && (JSON.parse(err.payload.toString('utf8')) as WireError) };
 }
 
-test('--direct: the source agent takes only DONE from blksync, and its own link is guarded', async (t) => {
-  const dir = await tempDir(t);
-  const src = join(dir, 'src.img');
-  await writeFile(src, seededBytes(MiB, 3));
-  // "ssh" to the other host: run the remote command here, as a shell would
-  const local = `sh -c 'eval "$2"' sh`;
-  const asked = await directAgent(src, join(dir, 'a.img'), local, [
-    frame(FrameType.HASH_REQ, rangeHeader(0, 4096, 4096)),
-  ]);
-  assert.equal(asked.error?.code, 'EREMOTE_PROTOCOL');
-  assert.match(asked.error.message, /to an agent running a direct copy/);
-  assert.equal(
-    asked.frames.some((f) => f.type === FrameType.HASHES),
-    false,
-  );
-  // the other host's agent floods top hashes nobody asked for: the source agent refuses them
-  const flooded = await directAgent(src, join(dir, 'b.img'), fakeSsh('flood-top'), []);
-  assert.equal(flooded.error?.code, 'EREMOTE_PROTOCOL', JSON.stringify(flooded.error));
-  assert.match(flooded.error.message, /TOP_HASHES/);
-  // and one that stops talking after its READY ends in ETIMEOUT (direct.timeout)
-  const silent = await directAgent(src, join(dir, 'c.img'), fakeSsh('silent'), []);
-  assert.equal(silent.error?.code, 'ETIMEOUT', JSON.stringify(silent.error));
-});
+test(
+  '--direct: the source agent takes only DONE from blksync, and its own link is guarded',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    await writeFile(src, seededBytes(MiB, 3));
+    // "ssh" to the other host: run the remote command here, as a shell would
+    const local = `sh -c 'eval "$2"' sh`;
+    const asked = await directAgent(src, join(dir, 'a.img'), local, [
+      frame(FrameType.HASH_REQ, rangeHeader(0, 4096, 4096)),
+    ]);
+    assert.equal(asked.error?.code, 'EREMOTE_PROTOCOL');
+    assert.match(asked.error.message, /to an agent running a direct copy/);
+    assert.equal(
+      asked.frames.some((f) => f.type === FrameType.HASHES),
+      false,
+    );
+    // the other host's agent floods top hashes nobody asked for: the source agent refuses them
+    const flooded = await directAgent(src, join(dir, 'b.img'), fakeSsh('flood-top'), []);
+    assert.equal(flooded.error?.code, 'EREMOTE_PROTOCOL', JSON.stringify(flooded.error));
+    assert.match(flooded.error.message, /TOP_HASHES/);
+    // and one that stops talking after its READY ends in ETIMEOUT (direct.timeout)
+    const silent = await directAgent(src, join(dir, 'c.img'), fakeSsh('silent'), []);
+    assert.equal(silent.error?.code, 'ETIMEOUT', JSON.stringify(silent.error));
+  },
+);
