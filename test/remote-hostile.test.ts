@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { test, type TestContext } from 'node:test';
 import { agentPayload } from '../src/remote/agent-payload.js';
 import { BOOTSTRAP } from '../src/remote/bootstrap.js';
+import { TopStream } from '../src/remote/link.js';
 import { parseProgress, parseReady, parseSummary, parseWireError } from '../src/remote/messages.js';
 import {
   frame,
@@ -381,5 +382,67 @@ test(
     // and one that stops talking after its READY ends in ETIMEOUT (direct.timeout)
     const silent = await directAgent(src, join(dir, 'c.img'), fakeSsh('silent'), []);
     assert.equal(silent.error?.code, 'ETIMEOUT', JSON.stringify(silent.error));
+  },
+);
+
+test('the TOP_HASHES window: in order, of the unit asked, inside the image, bounded ahead', async () => {
+  const unit = 4096;
+  const hashes = (n: number, fill = 1): Buffer => Buffer.alloc(16 * n, fill);
+  const s = new TopStream(unit, 100 * unit, 4);
+  assert.match(s.accept(0, 512, hashes(1)) ?? '', /unit 512/);
+  assert.match(s.accept(unit, unit, hashes(1)) ?? '', /at 4096, expected 0/);
+  assert.match(s.accept(0, unit, hashes(0)) ?? '', /empty/);
+  assert.equal(s.accept(0, unit, hashes(4)), undefined);
+  // a fifth unit before the copy took any: beyond the window, refused rather than kept
+  assert.match(s.accept(4 * unit, unit, hashes(1)) ?? '', /more than 4 units ahead/);
+  // taken in any order, each once; taking the oldest opens the window
+  assert.equal((await s.get(2 * unit)).length, 16);
+  assert.match(s.accept(4 * unit, unit, hashes(1)) ?? '', /more than 4 units ahead/);
+  await s.get(0);
+  assert.equal(s.accept(4 * unit, unit, hashes(1, 9)), undefined);
+  await assert.rejects(s.get(2 * unit), /twice/);
+  // a waiter is answered by the frame that brings its unit
+  await s.get(unit);
+  await s.get(3 * unit);
+  const later = s.get(5 * unit);
+  assert.equal(s.waiting, true);
+  assert.equal(s.accept(5 * unit, unit, hashes(1, 7)), undefined);
+  assert.deepEqual(await later, Buffer.alloc(16, 7));
+  assert.deepEqual(await s.get(4 * unit), Buffer.alloc(16, 9));
+  // never past the image's end
+  const end = new TopStream(unit, 2 * unit + 1, 8);
+  assert.match(end.accept(0, unit, hashes(4)) ?? '', /past the end/);
+  assert.equal(end.accept(0, unit, hashes(3)), undefined);
+});
+
+test(
+  'the agent sends KEEPALIVE while it has nothing else to say, when HELLO asks',
+  { timeout: TEST_TIMEOUT_MS },
+  async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    await writeFile(src, seededBytes(MiB, 5));
+    const child = spawn(process.execPath, ['-e', BOOTSTRAP], {
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    const decoder = new FrameDecoder();
+    const seen: number[] = [];
+    child.stdin.on('error', () => {});
+    const keepalive = new Promise<void>((resolve) => {
+      child.stdout.on('data', (d: Buffer) => {
+        for (const f of decoder.push(d)) {
+          seen.push(f.type);
+          if (f.type === FrameType.KEEPALIVE) resolve();
+        }
+      });
+    });
+    child.stdin.write(await agentPayload());
+    child.stdin.write(
+      helloFrame({ role: 'source', path: src, topUnit: 0, encodings: [], keepalive: 0.05 }),
+    );
+    await keepalive;
+    child.stdin.end();
+    await new Promise((resolve) => child.on('close', resolve));
+    assert.equal(seen[0], FrameType.READY);
   },
 );

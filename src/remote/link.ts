@@ -94,9 +94,9 @@ type Pending =
 /**
  * The TOP_HASHES stream the HELLO asked for: `count` units of `unit` bytes, arriving in order
  * and taken by the copy in any order (each once). Kept in a ring of at most `window` hashes
- * between the oldest not yet taken and the newest received.
+ * between the oldest not yet taken and the newest received. Exported for its tests.
  */
-class TopStream {
+export class TopStream {
   readonly #unit: number;
   readonly #count: number;
   readonly #window: number;
