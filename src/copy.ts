@@ -14,10 +14,12 @@
 
 import { BlksyncError } from './errors.js';
 import { copyLocal } from './engine/copy.js';
+import { checkOutput } from './io/output-file.js';
 import {
   resolveCopyOptions,
   type CopyResult,
   type LocalCopyOptions,
+  type ResolvedCopyOptions,
 } from './engine/copy-options.js';
 import type { RemoteOptions } from './remote/link.js';
 import { parseRemote } from './remote/spec.js';
@@ -47,7 +49,10 @@ export async function copy(
       '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
     );
   }
-  if (from === undefined && to === undefined) return copyLocal(src, dst, resolved);
+  if (from === undefined && to === undefined) {
+    await assertIndexesWritable(resolved);
+    return copyLocal(src, dst, resolved);
+  }
 
   // loaded only for a remote end: a local copy does not pay for ssh's modules. A push reads
   // its local SRC as a local copy does, signature checks included; a remote SRC's bmap is
@@ -55,6 +60,7 @@ export async function copy(
   const remote = { ...resolved, ...options.remote, direct: options.direct === true };
   const { checkRemoteCopy, compressedRemote } = await import('./remote/copy/options.js');
   checkRemoteCopy(from, to, remote);
+  if (to === undefined) await assertIndexesWritable(resolved);
   if (from === undefined) {
     const { push } = await import('./remote/copy/push.js');
     return push(src, dst, to!, remote);
@@ -72,5 +78,19 @@ export async function copy(
     return await relay(src, dst, from, to, remote);
   } catch (err) {
     throw compressedRemote(err, dst, from, remote);
+  }
+}
+
+/**
+ * An index kept here (local DST: a local copy or a pull) that cannot be written would fail
+ * only after DST is written: it is checked (its kind, its directory) before anything is read.
+ * The cache (`auto`) is checked where it is opened.
+ */
+async function assertIndexesWritable(options: ResolvedCopyOptions): Promise<void> {
+  if (options.dryRun) return;
+  for (const out of [options.index, options.srcIndex]) {
+    if (typeof out === 'string' && out !== 'auto' && parseRemote(out) === undefined) {
+      await checkOutput(out, { what: 'index', code: 'EINDEX_WRITE' });
+    }
   }
 }

@@ -13,6 +13,8 @@ export type ErrorCode =
   | 'EDEST_KIND'
   | 'EDEST_MISSING'
   | 'EDEST_TOO_SMALL'
+  /** DST is a read-only block device (write-protect switch, `losetup -r`, `blockdev --setro`). */
+  | 'EDEST_READONLY'
   | 'EDEST_MOUNTED'
   | 'EDEST_BUSY'
   | 'EDEST_SHORT'
@@ -32,6 +34,8 @@ export type ErrorCode =
   | 'EBMAP_MISMATCH'
   | 'ESRC_CORRUPT'
   | 'ESRC_HTTP'
+  /** blksync index: SRC was written while it was read, so an index of it would record old content. */
+  | 'ESRC_CHANGED'
   /** A remote SRC is compressed: blksync decodes only on the machine it runs on. */
   | 'ESRC_COMPRESSED'
   /** apply: TARGET holds neither the old nor the new content where a patch record goes. */
@@ -83,10 +87,15 @@ export type ErrorCode =
   /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
   | 'ECACHE_DIR';
 
-/** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
+/**
+ * Stable codes of warnings: problems the library worked around, or that do not stop the run
+ * but should be known, reported through `onWarning`.
+ */
 export type WarningCode =
   /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
-  'WPROBE_NOT_FOUND';
+  | 'WPROBE_NOT_FOUND'
+  /** SRC is a block device mounted read-write: what is read may change while it is read. */
+  | 'WSRC_MOUNTED_RW';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {
@@ -94,6 +103,9 @@ export interface BlksyncWarning {
   message: string;
   path?: string;
 }
+
+/** What an `onWarning` option takes. */
+export type WarningListener = (warning: BlksyncWarning) => void;
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

@@ -156,7 +156,7 @@ test('info describes an index, as text and JSON, and refuses files it does not k
   assert.equal(info.distinctBlocks, 2, 'a full zero block and the short last one');
   assert.equal(info.state, 'clean');
   const text = await runCli(['info', s.index]);
-  assert.match(text.stdout, /blksync index, version 1\.0, checksum ok/);
+  assert.match(text.stdout, /blksync index, version 1\.1, checksum ok/);
   assert.match(text.stdout, /state\s+clean/);
   assert.match(text.stdout, /made for\s+file \S*dst\.img \(file:\d+:\d+\)/);
   const unknown = await runCli(['info', s.src]);
@@ -272,7 +272,7 @@ test('truncated, bit-flipped and hostile index files are refused with a clear er
           return b;
         })(),
       ),
-      /version 2\.0 is not supported/,
+      /version 2\.\d+ is not supported/,
     ],
     [
       'block count for a huge image in a small file',
@@ -377,7 +377,7 @@ test('truncated, bit-flipped and hostile index files are refused with a clear er
       (err: unknown) => err,
     );
     assert.ok(isIndexError('EINDEX_FORMAT')(run), `${name}: ${String(run)}`);
-    assert.match((run as Error).message, /delete it or rebuild it/);
+    assert.match((run as Error).message, /rebuild it/);
     assert.deepEqual(await readFile(dst), dstBytes, `${name}: nothing written`);
   }
   const cli = await runCli(['copy', src, dst, '--index', join(dir, 'bad.blkidx')]);
@@ -427,7 +427,7 @@ test('fuzz: thousands of mutated index files parse cleanly or fail with EINDEX_F
 });
 
 const KILLER = `
-import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/engine/copy.ts', import.meta.url)))};
+import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/copy.ts', import.meta.url)))};
 const [src, dst, index, at] = process.argv.slice(1);
 await copy(src, dst, {
   index, chunkSize: 1 << 20, indexCheckpointBytes: 2 << 20,
@@ -473,7 +473,10 @@ test('a copy killed mid-way leaves the index in progress; a rerun converges', as
   const rerun = await runCli(['copy', src, dst, '--index', index, '--json']);
   assert.equal(rerun.code, 0, rerun.stderr);
   const r = JSON.parse(rerun.stdout) as CopyResult;
-  assert.ok(r.index !== undefined && r.index.bytesReread > 0, 'the dirty range was read back');
+  // killed outright, the run's own writes moved DST's ctime after the last mark: nothing
+  // vouches for the rest of the index either, so DST is read and compared once
+  assert.equal(r.index?.mode, 'rebuilt');
+  assert.match(r.index.reason ?? '', /interrupted/);
   assert.deepEqual(await readFile(dst), neu);
   const fresh = join(dir, 'fresh.blkidx');
   await makeIndex(dst, fresh);

@@ -77,6 +77,13 @@ function signingKeysText(sig: SignatureReport): string {
 }
 
 function indexSummary(r: CopyResult): string {
+  const line = indexLine(r);
+  const meanwhile = r.index?.sectorsWrittenMeanwhile;
+  if (meanwhile === undefined) return line;
+  return `${line}\n${r.destination} was written by another program during the copy (${formatBytes(meanwhile * 512)}): the index vouches for none of it, and the next copy compares all of it`;
+}
+
+function indexLine(r: CopyResult): string {
   const i = r.index!;
   const hashed = `hashed ${formatBytes(i.bytesHashed)}`;
   if (i.mode === 'used') {
@@ -84,7 +91,8 @@ function indexSummary(r: CopyResult): string {
       i.bytesReread > 0
         ? `, re-read ${formatBytes(i.bytesReread)} an earlier copy left unsure`
         : '';
-    return `index ${i.path}: used, ${r.dryRun ? '' : 'updated; '}read ${formatBytes(r.bytesRead)} of ${r.destination} (${i.sampleBlocks} sample blocks${reread}); ${hashed}`;
+    const word = i.trustedOnWord === true ? ' (trusted on your word: --trust-index)' : '';
+    return `index ${i.path}: used${word}, ${r.dryRun ? '' : 'updated; '}read ${formatBytes(r.bytesRead)} of ${r.destination} (${i.sampleBlocks} sample blocks${reread}); ${hashed}`;
   }
   const why = i.reason !== undefined ? ` (${i.reason})` : '';
   return `index ${i.path}: ${r.dryRun ? 'would be ' : ''}${i.mode}${why}; ${hashed}`;
@@ -139,7 +147,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
       (v: string) => parseSize(v, 'image size'),
     )
-    .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
+    .option('--rebuild-index', 'read DST once and write a fresh index, whatever the old one says')
+    .option(
+      '--trust-index',
+      'use the index although nothing vouches that DST is unchanged since it was written (you do)',
+    )
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
     .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
@@ -162,13 +174,13 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
-    .option('-q, --quiet', 'print nothing but errors')
+    .option('-q, --quiet', 'print nothing but errors and warnings')
     .option('--debug', 'show stack traces on errors')
     .action((src, dst, opts) =>
       runOperation(
         opts,
         setExit,
-        ({ signal, onProgress }) =>
+        ({ signal, onProgress, onWarning }) =>
           copy(src, dst, {
             blockSize: opts.blockSize,
             dryRun: opts.dryRun === true,
@@ -185,13 +197,14 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             ...(opts.index !== undefined ? { index: opts.index } : {}),
             ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
             rebuildIndex: opts.rebuildIndex === true,
+            ...(opts.trustIndex === true ? { trustIndex: true } : {}),
             ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
             ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
             ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
-            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
+            onWarning,
             ...(onProgress ? { onProgress } : {}),
           }),
         copySummary,

@@ -275,7 +275,7 @@ const indexHello: Check<IndexHello> = (v, at) => {
       verifySample: uint,
       full: bool,
     },
-    { topDigest: bool },
+    { topDigest: bool, trust: bool },
   )(v, at);
   if (i.chunkSize < i.blockSize || i.chunkSize > MAX_REQUEST_BYTES) {
     bad(`${at}.chunkSize`, i.chunkSize, 'a chunk from the block size up to 64 MiB');

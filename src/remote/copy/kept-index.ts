@@ -49,6 +49,7 @@ export function agentIndexHello(
     blockSizeGiven: blockSize !== undefined,
     chunkSize,
     rebuild: options.rebuildIndex === true,
+    ...(options.trustIndex ? { trust: true } : {}),
     verifySample: options.verifySample,
     full: options.full === true,
     topDigest: true,

@@ -16,7 +16,7 @@
 import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
 import { bmapSourcing, type BmapSourcing, type FoundBmap } from '../../engine/copy-source.js';
-import type { IndexSession } from '../../engine/index-target.js';
+import type { IndexSession } from '../../engine/index-session.js';
 import { BufferPool } from '../../engine/knowledge.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
@@ -168,6 +168,7 @@ class Pull {
       await link.close();
       const verified = run.interrupted ? undefined : await this.#verify();
       if (!run.interrupted) await this.#index?.commit();
+      else await this.#index?.settle();
       const used = this.#index?.target;
       const result: RemoteCopyResult = {
         ...resultOf(this.#session, this.#src, this.#dst, size, countsOf(run), {
@@ -267,7 +268,7 @@ class Pull {
     if (path !== 'auto' && this.#target !== undefined) {
       await assertSeparateOutput(path, [inputOf(this.#target, 'the destination')]);
     }
-    const kept = await import('../../engine/index-target.js');
+    const kept = await import('../../engine/index-session.js');
     this.#index = await kept.IndexSession.open({
       index: path,
       dst: this.#target,
@@ -277,6 +278,7 @@ class Pull {
       blockSize: options.blockSizeGiven,
       chunkSize: this.#session.chunkSize,
       rebuild: options.rebuildIndex,
+      trust: options.trustIndex,
       verifySample: options.verifySample,
       full: this.#session.full,
       dryRun: this.#session.dryRun,

@@ -96,10 +96,10 @@ export async function push(
     }
     const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
-      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+      found = await readIndexIfAny(options.index);
     }
     // an index that may be used makes the agent's scan of DST needless
-    const mayUseIndex = found !== undefined && 'index' in found;
+    const mayUseIndex = found !== undefined && 'index' in found && !options.rebuildIndex;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
     link = await AgentLink.open(
       spec,
@@ -139,6 +139,7 @@ export async function push(
           ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
           rebuild: options.rebuildIndex === true,
+          trust: options.trustIndex,
           verifySample: options.verifySample,
           full,
           dryRun,
@@ -233,7 +234,13 @@ export async function push(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw await connectionLost(err, dst, link?.bytesConfirmed ?? 0, options.signal);
+    throw await connectionLost(
+      err,
+      dst,
+      link?.bytesConfirmed ?? 0,
+      options.signal,
+      link?.dataBytes ?? 0,
+    );
   } finally {
     await refiner?.stop();
     await scanner?.stop();
