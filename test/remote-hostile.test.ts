@@ -31,6 +31,11 @@ import { seededBytes, tempDir } from './helpers/tmp.js';
 const ENTRY = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
 const FAKE = fileURLToPath(new URL('./helpers/fake-agent.ts', import.meta.url));
 const MiB = 1024 * 1024;
+/**
+ * A --timeout long enough for the fake agent to start on a loaded machine (node and tsx), for
+ * the cases that need its handshake through; the proxies hold SUMMARY back for longer.
+ */
+const PATIENT = '3';
 /** Ample for every case here; a hang fails the test instead of the suite. */
 const TEST_TIMEOUT_MS = 60_000;
 
@@ -128,6 +133,17 @@ test(
       assert.match(r.stderr, why, payload);
       assert.equal(await exists(dst), false, `${payload} left ${dst}`);
     }
+    // a size no file here can have (4 PiB): refused by the file system, nothing left behind,
+    // and an empty DST that was there stays as it was
+    const huge = ready({ size: 2 ** 52 });
+    const dst = join(dir, 'huge.img');
+    const big = await blksync(['copy', '--ssh', fakeSsh(`ready:${huge}`), 'h:/src', dst]);
+    assertCode(big, 'EDEST_OPEN');
+    assert.equal(await exists(dst), false);
+    await writeFile(dst, '');
+    const grown = await blksync(['copy', '--ssh', fakeSsh(`ready:${huge}`), 'h:/src', dst]);
+    assertCode(grown, 'EDEST_OPEN');
+    assert.equal((await readFile(dst)).length, 0);
     // a push: the agent cannot hold a smaller file than the image it was sent
     const r = await blksync(['copy', '--ssh', fakeSsh(`ready:${ready({ size: 1 })}`), src, 'h:/x']);
     assertCode(r, 'EREMOTE_PROTOCOL');
@@ -189,14 +205,14 @@ test(
     const after = await blksync([
       'copy',
       '--timeout',
-      '1',
+      PATIENT,
       '--ssh',
       fakeSsh('silent'),
       src,
       'h:/x',
     ]);
     assertCode(after, 'ETIMEOUT');
-    assert.match(after.stderr, /nothing received for 1 s while waiting for its reply/);
+    assert.match(after.stderr, /nothing received for 3 s while waiting for its reply/);
     const before = await blksync(['copy', '--timeout', '1', '--ssh', fakeSsh('mute'), src, 'h:/x']);
     assertCode(before, 'ETIMEOUT');
     assert.match(before.stderr, /while waiting for the agent to start/);
@@ -226,7 +242,7 @@ test(
     const ok = await blksync([
       'copy',
       '--timeout',
-      '1',
+      PATIENT,
       '--ssh',
       fakeSsh('proxy-keepalive'),
       src,
@@ -238,7 +254,7 @@ test(
     const r = await blksync([
       'copy',
       '--timeout',
-      '1',
+      PATIENT,
       '--ssh',
       fakeSsh('proxy-stall'),
       src,
@@ -349,7 +365,14 @@ async function directAgent(
       topUnit: 0,
       encodings: [],
       keepalive: 0.25,
-      direct: { destination: 'b', path: dst, ssh, blockSize: 4096, chunkSize: 65536, timeout: 1 },
+      direct: {
+        destination: 'b',
+        path: dst,
+        ssh,
+        blockSize: 4096,
+        chunkSize: 65536,
+        timeout: Number(PATIENT),
+      },
     }),
   );
   await new Promise((resolve) => child.on('close', resolve));

@@ -35,7 +35,7 @@ import {
 
 const scenario = process.argv[2] ?? 'silent';
 /** How long the proxies hold SUMMARY back. */
-const HOLD_MS = 2500;
+const HOLD_MS = 7000;
 const KEEPALIVE_MS = 200;
 
 process.stdout.on('error', () => process.exit(0));

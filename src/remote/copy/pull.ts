@@ -14,7 +14,7 @@
  */
 
 import { unlink } from 'node:fs/promises';
-import { BlksyncError } from '../../errors.js';
+import { BlksyncError, fromSystemError } from '../../errors.js';
 import { bmapSourcing, type BmapSourcing, type FoundBmap } from '../../engine/copy-source.js';
 import type { IndexSession } from '../../engine/index-session.js';
 import { BufferPool } from '../../engine/knowledge.js';
@@ -247,7 +247,9 @@ class Pull {
     }
     if (target.size === 0 && target.kind === 'file') {
       if (!dryRun) {
-        await target.fh.truncate(size);
+        await target.fh.truncate(size).catch((err: unknown) => {
+          throw fromSystemError('EDEST_OPEN', 'cannot grow destination', this.#dst, err);
+        });
         this.#made = 'grown';
       }
       return { created: false, zero: true };
