@@ -11,23 +11,14 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { copy } from '../src/copy.js';
-import { BlksyncError } from '../src/errors.js';
 import type { RemoteCopyResult } from '../src/copy.js';
 import { attachLoop, loopAvailable, readDevice, run } from './helpers/loop.js';
 import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
+import { rejectsWith } from './helpers/assert-error.js';
 
 const MiB = 1024 * 1024;
 const TAMPERED = 5 * MiB + 8192;
-
-async function rejectsWith(p: Promise<unknown>, code: string, text: RegExp): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof BlksyncError, `not a BlksyncError: ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    assert.match(err.message, text);
-    return true;
-  });
-}
 
 /** Changes 4 KiB of `path` at TAMPERED and puts its mtime back, as `touch -r` does. */
 async function tamperKeepingMtime(dir: string, path: string): Promise<void> {

@@ -18,6 +18,7 @@ import type { RemoteCopyResult } from '../src/copy.js';
 import { runCli } from './helpers/cli.js';
 import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
+import { rejectsWith } from './helpers/assert-error.js';
 
 const MiB = 1024 * 1024;
 const INDEX_BS = 64 * 1024;
@@ -26,15 +27,6 @@ function flip(data: Buffer, offsets: number[]): Buffer {
   const out = Buffer.from(data);
   for (const o of offsets) out[o] = out[o]! ^ 0xff;
   return out;
-}
-
-async function rejectsWith(p: Promise<unknown>, code: string, text?: RegExp): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof BlksyncError, `not a BlksyncError: ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    if (text !== undefined) assert.match(err.message, text);
-    return true;
-  });
 }
 
 describe('push with --index kept here', () => {

@@ -138,7 +138,7 @@ export async function push(
             : {}),
           ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
-          rebuild: options.rebuildIndex === true,
+          rebuild: options.rebuildIndex,
           trust: options.trustIndex,
           verifySample: options.verifySample,
           full,
