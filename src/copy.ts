@@ -47,7 +47,12 @@ export async function copy(
       '--direct copies between two hosts: give both SRC and DST as [user@]host:path',
     );
   }
-  if (from === undefined && to === undefined) return copyLocal(src, dst, resolved);
+  if (from === undefined && to === undefined) {
+    // an http(s) SRC published beside its URL is fetched by ranges, only what DST lacks
+    // (delta/): learned by hashing DST, so not with --full or an index standing for DST
+    const delta = !resolved.full && resolved.index === undefined;
+    return copyLocal(src, dst, delta ? { ...resolved, destination: dst } : resolved);
+  }
 
   // loaded only for a remote end: a local copy does not pay for ssh's modules. A push reads
   // its local SRC as a local copy does, signature checks included; a remote SRC's bmap is

@@ -81,7 +81,15 @@ export type ErrorCode =
   /** The cache directory (--index auto) is another user's, or others may write in it. */
   | 'ECACHE_UNSAFE'
   /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
-  | 'ECACHE_DIR';
+  | 'ECACHE_DIR'
+  /** A published index (IMG.blkpub) or its data is malformed: truncated, absurd sizes, offsets past the end. */
+  | 'EPUB_FORMAT'
+  /** A published chunk or hash level does not match its hash: damaged, tampered with, or changed while read. */
+  | 'EPUB_CHECKSUM'
+  /** The published files changed on the server between two requests of one copy (ETag/Last-Modified). */
+  | 'EPUB_CHANGED'
+  /** A web server's answer to a range request is not what was asked (wrong Content-Range, 416, bad multipart). */
+  | 'ESRC_RANGE';
 
 /** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
 export type WarningCode =

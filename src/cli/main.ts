@@ -13,6 +13,7 @@ import { registerCopy } from './copy-command.js';
 import { registerDiff } from './diff-command.js';
 import { registerIndex } from './index-command.js';
 import { registerInfo } from './info-command.js';
+import { registerPublish } from './publish-command.js';
 
 function buildProgram(setExit: (code: number) => void): Command {
   const program = new Command()
@@ -28,6 +29,7 @@ function buildProgram(setExit: (code: number) => void): Command {
   registerBmap(program, setExit);
   registerDiff(program, setExit);
   registerApply(program, setExit);
+  registerPublish(program, setExit);
   return program;
 }
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */

@@ -38,6 +38,7 @@ import { openSource, sameFile, type Opened } from '../io/open.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { SignatureOptions, SignatureReport } from '../io/signature.js';
 import { isUrl } from '../io/url.js';
+import type { DeltaReport } from '../delta/published-source.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { wholeImagePlan } from './pipeline.js';
 import type { Plan, Sink, Source } from '../types.js';
@@ -79,6 +80,11 @@ export interface CopySourceOptions extends SignatureOptions {
   signal?: AbortSignal | undefined;
   /** Called as soon as a bmap's bytes are read, before its signature is checked and it is parsed. */
   onBmapFound?: (() => void) | undefined;
+  /**
+   * The local DST of a copy (set by the router): an http(s) SRC published with `blksync
+   * publish` is then fetched by ranges, only the chunks DST lacks (delta/).
+   */
+  destination?: string | undefined;
 }
 
 /** What a copy learned about its bmap. */
@@ -131,6 +137,8 @@ export interface CopySource {
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
+  /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */
+  delta?: () => DeltaReport;
   close(): Promise<void>;
 }
 
@@ -336,6 +344,16 @@ export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
+  if (
+    isUrl(src) &&
+    options.destination !== undefined &&
+    options.bmap === undefined &&
+    options.noBmap !== true &&
+    signatureFlagsGiven(options).length === 0
+  ) {
+    const published = await openPublishedSource(src, options.destination, options);
+    if (published !== undefined) return published;
+  }
   // a bmap copy hashes on workers: they boot while the bmap is checked and parsed
   let verify: Promise<typeof import('./bmap-verify.js')> | undefined;
   try {
@@ -357,6 +375,34 @@ export async function openCopySource(
       () => {},
     );
   }
+}
+
+/** SRC published beside its URL (`blksync publish`): only the chunks DST lacks are fetched. */
+async function openPublishedSource(
+  src: string,
+  destination: string,
+  options: CopySourceOptions,
+): Promise<CopySource | undefined> {
+  const { openPublished } = await import('../delta/published-source.js');
+  const p = await openPublished(src, { destination, signal: options.signal, timeout: options.timeout });
+  if (p === undefined) return undefined;
+  return {
+    path: src,
+    kind: 'url',
+    compression: undefined,
+    size: p.size,
+    source: p.source,
+    plan: p.plan,
+    bmap: undefined,
+    checksums: undefined,
+    file: undefined,
+    opened: undefined,
+    sameAs: () => false,
+    wrapFileSink: (sink) => sink,
+    adviseTarget: () => {},
+    delta: p.report,
+    close: () => p.source.close(),
+  };
 }
 
 async function openFound(

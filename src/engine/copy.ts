@@ -217,6 +217,7 @@ export async function copyLocal(
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
+      ...(source.delta !== undefined ? { http: source.delta() } : {}),
     };
     if (run.interrupted) {
       throw new BlksyncError(
