@@ -38,7 +38,12 @@ export function registerPublish(program: Command, setExit: SetExit): void {
         const result = await publish(image, {
           outputDir: opts.outputDir,
           chunkSize: opts.chunkSize,
-          codec: opts.codec === 'deflate' ? CODEC_DEFLATE : opts.codec === 'brotli' ? CODEC_BROTLI : undefined,
+          codec:
+            opts.codec === 'deflate'
+              ? CODEC_DEFLATE
+              : opts.codec === 'brotli'
+                ? CODEC_BROTLI
+                : undefined,
           signal: intr.signal,
           ...(onProgress
             ? {

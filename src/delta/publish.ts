@@ -198,9 +198,13 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
           throw fromSystemError('EREAD', 'cannot read', image, err);
         }
         if (got < len) {
-          throw new BlksyncError('ESRC_SHORT', `${image} ended at ${start + got} bytes while being read; did it shrink?`, {
-            path: image,
-          });
+          throw new BlksyncError(
+            'ESRC_SHORT',
+            `${image} ended at ${start + got} bytes while being read; did it shrink?`,
+            {
+              path: image,
+            },
+          );
         }
       }
       const zero = !mapped || isZero(content);
@@ -219,7 +223,12 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
       const first = g * groupChunks;
       const n = Math.min(chunks, first + groupChunks) - first;
       for (let k = 0; k < n; k++) {
-        leaves.copy(hashes, k * HASH_BYTES, (first + k) * LEAF_BYTES, (first + k) * LEAF_BYTES + HASH_BYTES);
+        leaves.copy(
+          hashes,
+          k * HASH_BYTES,
+          (first + k) * LEAF_BYTES,
+          (first + k) * LEAF_BYTES + HASH_BYTES,
+        );
       }
       sha256(hashes, 0, n * HASH_BYTES).copy(top, g * HASH_BYTES);
     }

@@ -167,7 +167,7 @@ async function hashDestination(
     if (size === 0) mapped = [];
     const buf = Buffer.allocUnsafe(READ_BYTES);
     let r = 0;
-    for (let i = 0; i < chunks; ) {
+    for (let i = 0; i < chunks;) {
       if (signal?.aborted === true) {
         throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
       }
@@ -194,9 +194,13 @@ async function hashDestination(
         throw fromSystemError('EREAD', 'cannot read', path, err);
       }
       if (got < len) {
-        throw new BlksyncError('EDEST_SHORT', `${path} ended at ${start + got} bytes while being read; rerun`, {
-          path,
-        });
+        throw new BlksyncError(
+          'EDEST_SHORT',
+          `${path} ended at ${start + got} bytes while being read; rerun`,
+          {
+            path,
+          },
+        );
       }
       for (let k = 0; k < n && i < chunks; k++, i++) {
         const at = k * h.chunkSize;
@@ -245,7 +249,9 @@ export async function openPublished(
     parsed.forEach((leaf, k) => leaves.set(g * h.groupChunks + k, leaf));
   };
   if (found.whole !== undefined) {
-    differing.forEach((g, n) => take(g, found.whole!.subarray(leafRanges[n]!.start, leafRanges[n]!.end)));
+    differing.forEach((g, n) =>
+      take(g, found.whole!.subarray(leafRanges[n]!.start, leafRanges[n]!.end)),
+    );
   } else if (differing.length > 0) {
     let n = 0;
     for await (const bytes of index.fetch(leafRanges)) take(differing[n++]!, bytes);
@@ -361,7 +367,10 @@ class ChunkSource implements Source {
     for (;;) {
       const want = this.#needed[this.#next];
       if (want === undefined || want > i) {
-        throw new BlksyncError('EPUB_FORMAT', `chunk ${i} was read but is not planned (internal error)`);
+        throw new BlksyncError(
+          'EPUB_FORMAT',
+          `chunk ${i} was read but is not planned (internal error)`,
+        );
       }
       this.#next++;
       const leaf = this.#leaves.get(want)!;
@@ -371,7 +380,10 @@ class ChunkSource implements Source {
       else {
         const r = await this.#stored.next();
         if (r.done === true) {
-          throw new BlksyncError('ESRC_SHORT', `the published data ended before chunk ${want}; rerun`);
+          throw new BlksyncError(
+            'ESRC_SHORT',
+            `the published data ended before chunk ${want}; rerun`,
+          );
         }
         data = decode(h, leaf, r.value, len, want);
         this.fetched++;
@@ -397,7 +409,8 @@ class ChunkSource implements Source {
 /** A stored chunk's content: decompressed with its length as the bound (no bomb gets past it). */
 function decode(h: PublishedHeader, leaf: Leaf, stored: Buffer, len: number, i: number): Buffer {
   if (leaf.kind === KIND_RAW) return Buffer.from(stored);
-  if (leaf.kind !== KIND_COMPRESSED) throw new BlksyncError('EPUB_FORMAT', `chunk ${i}: unknown kind`);
+  if (leaf.kind !== KIND_COMPRESSED)
+    throw new BlksyncError('EPUB_FORMAT', `chunk ${i}: unknown kind`);
   let out: Buffer;
   try {
     out =

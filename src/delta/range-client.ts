@@ -169,7 +169,8 @@ export class RangeClient {
       if (!whole) {
         const cr = parseContentRange(res.body.headers['content-range'], this.url);
         this.#checkSize(cr.total);
-        if (cr.start !== 0) throw this.#wrongRange(`bytes ${cr.start}-${cr.end - 1} for 0-${n - 1}`);
+        if (cr.start !== 0)
+          throw this.#wrongRange(`bytes ${cr.start}-${cr.end - 1} for 0-${n - 1}`);
       }
       let limit = n;
       let sized = !whole;
@@ -236,7 +237,9 @@ export class RangeClient {
           );
         }
         const type = res.body.headers['content-type'] ?? '';
-        const boundary = /^multipart\/byteranges\s*;.*boundary=("?)([^";]{1,70})\1/i.exec(type)?.[2];
+        const boundary = /^multipart\/byteranges\s*;.*boundary=("?)([^";]{1,70})\1/i.exec(
+          type,
+        )?.[2];
         const batchEnd = ranges[ranges.length - 1]!.end;
         const until = (from: number): number => {
           let n = from;

@@ -384,7 +384,11 @@ async function openPublishedSource(
   options: CopySourceOptions,
 ): Promise<CopySource | undefined> {
   const { openPublished } = await import('../delta/published-source.js');
-  const p = await openPublished(src, { destination, signal: options.signal, timeout: options.timeout });
+  const p = await openPublished(src, {
+    destination,
+    signal: options.signal,
+    timeout: options.timeout,
+  });
   if (p === undefined) return undefined;
   return {
     path: src,

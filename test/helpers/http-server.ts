@@ -23,11 +23,18 @@ export interface ServerOptions {
   ignoreRange?: boolean;
   /** Answer a missing file with 200 text/html (a "not found" page). */
   notFoundPage?: boolean;
+  /** Called for each request before the file is looked at (tests change files here). */
+  onRequest?: (req: IncomingMessage, n: number) => void;
   /**
    * Called for each request before the normal handling; returns true when it answered. `n`
    * counts requests from 1.
    */
-  hook?: (req: IncomingMessage, res: ServerResponse, file: ServedFile | undefined, n: number) => boolean;
+  hook?: (
+    req: IncomingMessage,
+    res: ServerResponse,
+    file: ServedFile | undefined,
+    n: number,
+  ) => boolean;
 }
 
 export interface Served {
@@ -41,7 +48,10 @@ export interface Served {
 export const BOUNDARY = '00000000000000000042';
 
 /** Parses `bytes=a-b,c-,-n` against `size`: [start, end) ranges, or 'unsatisfiable'. */
-export function parseRange(header: string, size: number): { start: number; end: number }[] | 'unsatisfiable' | undefined {
+export function parseRange(
+  header: string,
+  size: number,
+): { start: number; end: number }[] | 'unsatisfiable' | undefined {
   const m = /^bytes=(.+)$/.exec(header);
   if (m === null) return undefined;
   const out: { start: number; end: number }[] = [];
@@ -83,11 +93,16 @@ export async function serveDirectory(
       n++;
       const name = normalize(decodeURIComponent(new URL(req.url ?? '/', 'http://x').pathname));
       const path = join(dir, name);
+      options.onRequest?.(req, n);
       let file: ServedFile | undefined;
       try {
         const st = await stat(path);
         if (st.isFile()) {
-          file = { path, data: await readFile(path), etag: `"${st.size.toString(16)}-${st.mtimeMs.toString(16)}"` };
+          file = {
+            path,
+            data: await readFile(path),
+            etag: `"${st.size.toString(16)}-${st.mtimeMs.toString(16)}"`,
+          };
         }
       } catch {
         file = undefined;
@@ -111,7 +126,9 @@ export async function serveDirectory(
       const base = { etag: file.etag, 'accept-ranges': 'bytes' };
       const ifRange = req.headers['if-range'];
       let ranges =
-        range === undefined || options.ignoreRange === true || (ifRange !== undefined && ifRange !== file.etag)
+        range === undefined ||
+        options.ignoreRange === true ||
+        (ifRange !== undefined && ifRange !== file.etag)
           ? undefined
           : parseRange(range, size);
       if (ranges === 'unsatisfiable') {
