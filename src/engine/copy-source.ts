@@ -404,7 +404,7 @@ async function openPublishedSource(
     sameAs: () => false,
     wrapFileSink: (sink) => sink,
     adviseTarget: () => {},
-    delta: p.report,
+    delta: () => p.report(),
     close: () => p.source.close(),
   };
 }
