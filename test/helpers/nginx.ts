@@ -9,7 +9,6 @@ import { spawn, spawnSync } from 'node:child_process';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import type { TestContext } from 'node:test';
 
 export const NGINX = ['/usr/sbin/nginx', '/usr/bin/nginx'].find(
   (p) => spawnSync(p, ['-v']).status === 0,
@@ -36,7 +35,11 @@ async function freePort(): Promise<number> {
 }
 
 /** Serves `root` with nginx until the test ends. */
-export async function startNginx(t: TestContext, root: string, work: string): Promise<Nginx> {
+export async function startNginx(
+  t: { after(fn: () => Promise<void>): void },
+  root: string,
+  work: string,
+): Promise<Nginx> {
   if (NGINX === undefined) throw new Error('nginx is not installed');
   await mkdir(work, { recursive: true });
   const port = await freePort();
