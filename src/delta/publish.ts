@@ -48,7 +48,7 @@ import type { Range } from '../ranges.js';
 export const DEFAULT_PUBLISH_CHUNK_SIZE = 64 * 1024;
 export const DEFAULT_CODEC: Codec = CODEC_BROTLI;
 /** Brotli quality: see docs/formats/published.md for the measurements behind it. */
-const BROTLI_QUALITY = 6;
+const BROTLI_QUALITY = 5;
 const DEFLATE_LEVEL = 9;
 /** Chunks compressed at once (zlib runs them on libuv's thread pool). */
 const IN_FLIGHT = Math.max(2, availableParallelism() * 2);
@@ -88,7 +88,6 @@ export function compressChunk(codec: Codec, data: Buffer): Promise<Buffer> {
   return brotliAsync(data, {
     params: {
       [zc.BROTLI_PARAM_QUALITY]: BROTLI_QUALITY,
-      [zc.BROTLI_PARAM_LGWIN]: 24,
       [zc.BROTLI_PARAM_SIZE_HINT]: data.length,
     },
   });
