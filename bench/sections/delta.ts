@@ -105,15 +105,6 @@ async function run(options: BenchOptions): Promise<void> {
     const copyCmd = `${node} copy --json ${sh(url)} ${sh(dst)}`;
     await trial('update (DST holds v1)', copyCmd, options.runs, fromV1, same);
     await trial(
-      '--dry-run',
-      `${node} copy --json --dry-run ${sh(url)} ${sh(dst)}`,
-      1,
-      fromV1,
-      async (w) => {
-        if (w !== 0) throw new Error('a dry run wrote');
-      },
-    );
-    await trial(
       'rerun (nothing to do)',
       copyCmd,
       1,
@@ -121,6 +112,15 @@ async function run(options: BenchOptions): Promise<void> {
       async (w) => {
         if (w !== 0) throw new Error(`a rerun wrote ${w} bytes`);
         await same();
+      },
+    );
+    await trial(
+      '--dry-run',
+      `${node} copy --json --dry-run ${sh(url)} ${sh(dst)}`,
+      1,
+      fromV1,
+      async (w) => {
+        if (w !== 0) throw new Error('a dry run wrote');
       },
     );
     const fresh = await trial('fresh (no DST)', copyCmd, 1, () => rm(dst, { force: true }), same);
