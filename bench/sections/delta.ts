@@ -121,6 +121,7 @@ async function run(options: BenchOptions): Promise<void> {
       fromV1,
       async (w) => {
         if (w !== 0) throw new Error('a dry run wrote');
+        await assertSameFiles(pair.oldPath, dst);
       },
     );
     const fresh = await trial('fresh (no DST)', copyCmd, 1, () => rm(dst, { force: true }), same);
