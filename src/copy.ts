@@ -14,10 +14,12 @@
 
 import { BlksyncError } from './errors.js';
 import { copyLocal } from './engine/copy.js';
+import { checkOutput } from './io/output-file.js';
 import {
   resolveCopyOptions,
   type CopyResult,
   type LocalCopyOptions,
+  type ResolvedCopyOptions,
 } from './engine/copy-options.js';
 import type { RemoteOptions } from './remote/link.js';
 import { parseRemote } from './remote/spec.js';
@@ -48,6 +50,7 @@ export async function copy(
     );
   }
   if (from === undefined && to === undefined) {
+    await assertIndexesWritable(resolved);
     // an http(s) SRC published beside its URL is fetched by ranges, only what DST lacks
     // (delta/): learned by hashing DST, so not with --full or an index standing for DST
     const delta = !resolved.full && resolved.index === undefined;
@@ -60,6 +63,7 @@ export async function copy(
   const remote = { ...resolved, ...options.remote, direct: options.direct === true };
   const { checkRemoteCopy, compressedRemote } = await import('./remote/copy/options.js');
   checkRemoteCopy(from, to, remote);
+  if (to === undefined) await assertIndexesWritable(resolved);
   if (from === undefined) {
     const { push } = await import('./remote/copy/push.js');
     return push(src, dst, to!, remote);
@@ -77,5 +81,19 @@ export async function copy(
     return await relay(src, dst, from, to, remote);
   } catch (err) {
     throw compressedRemote(err, dst, from, remote);
+  }
+}
+
+/**
+ * An index kept here (local DST: a local copy or a pull) that cannot be written would fail
+ * only after DST is written: it is checked (its kind, its directory) before anything is read.
+ * The cache (`auto`) is checked where it is opened.
+ */
+async function assertIndexesWritable(options: ResolvedCopyOptions): Promise<void> {
+  if (options.dryRun) return;
+  for (const out of [options.index, options.srcIndex]) {
+    if (typeof out === 'string' && out !== 'auto' && parseRemote(out) === undefined) {
+      await checkOutput(out, { what: 'index', code: 'EINDEX_WRITE' });
+    }
   }
 }

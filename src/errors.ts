@@ -13,6 +13,8 @@ export type ErrorCode =
   | 'EDEST_KIND'
   | 'EDEST_MISSING'
   | 'EDEST_TOO_SMALL'
+  /** DST is a read-only block device (write-protect switch, `losetup -r`, `blockdev --setro`). */
+  | 'EDEST_READONLY'
   | 'EDEST_MOUNTED'
   | 'EDEST_BUSY'
   | 'EDEST_SHORT'
@@ -91,10 +93,15 @@ export type ErrorCode =
   /** A web server's answer to a range request is not what was asked (wrong Content-Range, 416, bad multipart). */
   | 'ESRC_RANGE';
 
-/** Stable codes of warnings: problems the library worked around, reported through `onWarning`. */
+/**
+ * Stable codes of warnings: problems the library worked around, or that do not stop the run
+ * but should be known, reported through `onWarning`.
+ */
 export type WarningCode =
   /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
-  'WPROBE_NOT_FOUND';
+  | 'WPROBE_NOT_FOUND'
+  /** SRC is a block device mounted read-write: what is read may change while it is read. */
+  | 'WSRC_MOUNTED_RW';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {
@@ -102,6 +109,9 @@ export interface BlksyncWarning {
   message: string;
   path?: string;
 }
+
+/** What an `onWarning` option takes. */
+export type WarningListener = (warning: BlksyncWarning) => void;
 
 export interface BlksyncErrorOptions {
   cause?: unknown;

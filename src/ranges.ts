@@ -45,7 +45,7 @@ export class RangeList {
     return this.#count;
   }
 
-  /** Bytes covered by the ranges (the gaps merged over are counted too when gap > 0). */
+  /** Bytes of the ranges added, each counted once (the gaps merged over are not counted). */
   get bytes(): number {
     return this.#bytes;
   }

@@ -6,7 +6,6 @@ import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
 import type { TargetKnowledge } from '../src/types.js';
@@ -14,7 +13,7 @@ import { BlksyncError } from '../src/errors.js';
 import { HASH_BYTES, sha256 } from '../src/hash.js';
 import { describePatch } from '../src/formats/patch-info.js';
 import { HEADER_BYTES } from '../src/formats/patch.js';
-import { runCli } from './helpers/cli.js';
+import { cliCommand, runCli } from './helpers/cli.js';
 import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -287,11 +286,8 @@ test('CLI: diff -o - | apply - through a pipe, info, --json', async (t) => {
   const base = seededBytes(2_000_000, 61);
   const next = changed(base, 2_100_000, 62);
   const f = await setup(dir, base, next);
-  const entry = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
   const node = (args: string[]): ReturnType<typeof spawn> =>
-    spawn(process.execPath, ['--import', 'tsx', entry, ...args], {
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
+    spawn(...cliCommand(args), { stdio: ['pipe', 'pipe', 'pipe'] });
   const producer = node(['diff', f.base, f.next, '-o', '-', '--reversible', '--compress', 'gzip']);
   const consumer = node(['apply', '-', f.target, '--json']);
   producer.stdout!.pipe(consumer.stdin!);

@@ -377,7 +377,7 @@ test('truncated, bit-flipped and hostile index files are refused with a clear er
       (err: unknown) => err,
     );
     assert.ok(isIndexError('EINDEX_FORMAT')(run), `${name}: ${String(run)}`);
-    assert.match((run as Error).message, /delete it or rebuild it/);
+    assert.match((run as Error).message, /rebuild it/);
     assert.deepEqual(await readFile(dst), dstBytes, `${name}: nothing written`);
   }
   const cli = await runCli(['copy', src, dst, '--index', join(dir, 'bad.blkidx')]);
@@ -427,7 +427,7 @@ test('fuzz: thousands of mutated index files parse cleanly or fail with EINDEX_F
 });
 
 const KILLER = `
-import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/engine/copy.ts', import.meta.url)))};
+import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/copy.ts', import.meta.url)))};
 const [src, dst, index, at] = process.argv.slice(1);
 await copy(src, dst, {
   index, chunkSize: 1 << 20, indexCheckpointBytes: 2 << 20,

@@ -6,14 +6,12 @@ import { existsSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { formatDuration } from '../src/cli/progress.js';
-import { runCli } from './helpers/cli.js';
+import { cliCommand, runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
-const ENTRY = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
 const run = promisify(execFile);
 
 test('on a terminal, copy draws a progress bar on stderr, then the summary', async (t) => {
@@ -22,17 +20,8 @@ test('on a terminal, copy draws a progress bar on stderr, then the summary', asy
   const dir = await tempDir(t);
   await writeFile(join(dir, 'src'), seededBytes(64 * 1024 * 1024, 1));
   // script(1) runs the command on a pseudo-terminal and copies what it prints
-  const cmd = [
-    process.execPath,
-    '--import',
-    'tsx',
-    ENTRY,
-    'copy',
-    join(dir, 'src'),
-    join(dir, 'dst'),
-  ]
-    .map((a) => `'${a}'`)
-    .join(' ');
+  const [node, args] = cliCommand(['copy', join(dir, 'src'), join(dir, 'dst')]);
+  const cmd = [node, ...args].map((a) => `'${a}'`).join(' ');
   const { stdout } = await run('script', ['-qfec', cmd, '/dev/null'], { cwd: process.cwd() });
   assert.match(stdout, /\[[#-]{24}\]\s+\d+% .* \/ 64\.0 MiB .*\/s {2}ETA \d+:\d\d {2}differing /);
   assert.match(stdout, /wrote 64\.0 MiB in 1 ranges \(created .*dst, sparse\)/);

@@ -40,34 +40,38 @@ describe('a compressed remote SRC', () => {
       }
     }
     const old = seededBytes(data.length, 9);
-    for (const [ext, bytes] of packed) {
+    // the agent tells the formats apart by their magic, whichever way the copy runs: every
+    // format is tried on a pull, every way (and an existing or a new DST) with one format
+    const cases: { ext: string; mode: 'pull' | 'relay' | 'direct'; existing: boolean }[] = [];
+    for (const [ext] of packed) cases.push({ ext, mode: 'pull', existing: false });
+    for (const mode of ['pull', 'relay', 'direct'] as const) {
+      cases.push({ ext: 'gz', mode, existing: true });
+      if (mode !== 'pull') cases.push({ ext: 'gz', mode, existing: false });
+    }
+    for (const [ext, bytes] of packed) await writeFile(join(dir, `disk.img.${ext}`), bytes);
+    for (const { ext, mode, existing } of cases) {
       const src = join(dir, `disk.img.${ext}`);
-      await writeFile(src, bytes);
-      for (const mode of ['pull', 'relay', 'direct'] as const) {
-        const dst = join(dir, `dst-${mode}.img`);
-        await writeFile(dst, old);
-        const fresh = join(dir, `fresh-${mode}.img`);
-        for (const target of [dst, fresh]) {
-          const r = await runCli([
-            'copy',
-            '--ssh',
-            s.ssh,
-            ...(mode === 'direct' ? ['--direct'] : []),
-            `${s.host}:${src}`,
-            mode === 'pull' ? target : `${s.host}:${target}`,
-          ]);
-          assert.equal(r.code, 1, `${ext} ${mode}: ${r.stderr}`);
-          const lines = r.stderr.trim().split('\n');
-          assert.equal(lines.length, 1, r.stderr);
-          assert.match(lines[0]!, /\[ESRC_COMPRESSED\]$/, `${ext} ${mode}`);
-          assert.match(lines[0]!, /-compressed/);
-          // what to do: stream it through this machine, or decompress it on the host
-          assert.match(lines[0]!, / 'cat .*disk\.img\.\w+' \| blksync copy --size BYTES - /);
-          assert.match(lines[0]!, /decompress it on blksync-test/);
-        }
-        assert.deepEqual(await readFile(dst), old, `${ext} ${mode}: DST untouched`);
-        assert.equal(existsSync(fresh), false, `${ext} ${mode}: no DST created`);
-      }
+      const target = join(dir, `${existing ? 'dst' : 'fresh'}-${mode}-${ext}.img`);
+      if (existing) await writeFile(target, old);
+      const r = await runCli([
+        'copy',
+        '--ssh',
+        s.ssh,
+        ...(mode === 'direct' ? ['--direct'] : []),
+        `${s.host}:${src}`,
+        mode === 'pull' ? target : `${s.host}:${target}`,
+      ]);
+      const what = `${ext} ${mode} ${existing ? 'existing' : 'new'} DST`;
+      assert.equal(r.code, 1, `${what}: ${r.stderr}`);
+      const lines = r.stderr.trim().split('\n');
+      assert.equal(lines.length, 1, r.stderr);
+      assert.match(lines[0]!, /\[ESRC_COMPRESSED\]$/, what);
+      assert.match(lines[0]!, /-compressed/);
+      // what to do: stream it through this machine, or decompress it on the host
+      assert.match(lines[0]!, / 'cat .*disk\.img\.\w+' \| blksync copy --size BYTES - /);
+      assert.match(lines[0]!, /decompress it on blksync-test/);
+      if (existing) assert.deepEqual(await readFile(target), old, `${what}: DST untouched`);
+      else assert.equal(existsSync(target), false, `${what}: no DST created`);
     }
   });
 

@@ -10,19 +10,17 @@ import { existsSync, readFileSync } from 'node:fs';
 import { spawn } from 'node:child_process';
 import { chmod, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, test } from 'node:test';
 import { copy, type CopyResult } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import type { RemoteCopyResult } from '../src/copy.js';
-import { runCli } from './helpers/cli.js';
+import { cliCommand, runCli } from './helpers/cli.js';
 import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { need } from './helpers/resources.js';
 import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { tempDir } from './helpers/tmp.js';
 
 const BS = 4096;
-const CLI_ENTRY = fileURLToPath(new URL('./helpers/cli-entry.ts', import.meta.url));
 const MiB = 1024 * 1024;
 
 /** Flips one byte at each offset. */
@@ -404,7 +402,7 @@ describe('remote copy over ssh', () => {
     await writeFile(join(dir, 'dst.img'), old);
     const args = ['copy', '--ssh', s.ssh, join(dir, 'src.img'), at(s, join(dir, 'dst.img'))];
     // detached: its own process group, which a terminal's Ctrl-C signals as a whole
-    const child = spawn(process.execPath, ['--import', 'tsx', CLI_ENTRY, ...args], {
+    const child = spawn(...cliCommand(args), {
       detached: true,
       stdio: ['ignore', 'pipe', 'pipe'],
     });

@@ -3,7 +3,7 @@
 import type { Command } from '@commander-js/extra-typings';
 import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
-import { interruptible, progressFor, reportError, type SetExit } from './common.js';
+import { interruptible, printText, progressFor, reportError, type SetExit } from './common.js';
 
 export function registerBmap(program: Command, setExit: SetExit): void {
   const bmap = program
@@ -37,15 +37,16 @@ export function registerBmap(program: Command, setExit: SetExit): void {
         } else if (opts.json === true) {
           process.stdout.write(`${JSON.stringify({ ...result, text: undefined })}\n`);
         } else if (opts.quiet !== true) {
-          process.stderr.write(
+          printText(
+            process.stderr,
             `${result.output}: ${result.mappedBlocks} of ${result.blocksCount} blocks of ` +
               `${formatBytes(result.blockSize)} mapped (${formatBytes(result.mappedBlocks * result.blockSize)}) ` +
-              `in ${result.ranges} ranges, ${result.seconds.toFixed(2)} s\n`,
+              `in ${result.ranges} ranges, ${result.seconds.toFixed(2)} s`,
           );
         }
       } catch (err) {
         bar?.clear();
-        const status = reportError(err, opts.debug === true);
+        const status = reportError(err, opts);
         const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
         setExit(interrupted ? intr.exitCode() : status);
       } finally {

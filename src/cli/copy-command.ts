@@ -162,13 +162,13 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       parseTimeout,
     )
     .option('--json', 'print one JSON summary object on stdout')
-    .option('-q, --quiet', 'print nothing but errors')
+    .option('-q, --quiet', 'print nothing but errors and warnings')
     .option('--debug', 'show stack traces on errors')
     .action((src, dst, opts) =>
       runOperation(
         opts,
         setExit,
-        ({ signal, onProgress }) =>
+        ({ signal, onProgress, onWarning }) =>
           copy(src, dst, {
             blockSize: opts.blockSize,
             dryRun: opts.dryRun === true,
@@ -190,8 +190,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
             remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
             direct: opts.direct === true,
             ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
-            onWarning: (w) => process.stderr.write(`blksync: warning: ${w.message} [${w.code}]\n`),
             signal,
+            onWarning,
             ...(onProgress ? { onProgress } : {}),
           }),
         copySummary,

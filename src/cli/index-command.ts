@@ -5,7 +5,7 @@ import type { CachedIndex } from '../engine/make-index.js';
 import { BlksyncError } from '../errors.js';
 import { cacheDir } from '../io/cache-dir.js';
 import { formatBytes, parseSize } from '../size.js';
-import { interruptible, progressFor, reportError, type SetExit } from './common.js';
+import { interruptible, printText, progressFor, reportError, type SetExit } from './common.js';
 
 /** --hash-threads N: worker threads hashing (0 hashes on the main thread). */
 export function hashThreadsOption(): Option<'--hash-threads <n>', undefined, undefined, number> {
@@ -86,7 +86,7 @@ export function registerIndex(program: Command, setExit: SetExit): void {
         if (opts.list === true) {
           const entries = await listCachedIndexes();
           if (opts.json === true) process.stdout.write(`${JSON.stringify(entries)}\n`);
-          else process.stdout.write(`${listing(entries)}\n`);
+          else printText(process.stdout, listing(entries));
           return;
         }
         if (src === undefined || opts.output === undefined) {
@@ -102,20 +102,18 @@ export function registerIndex(program: Command, setExit: SetExit): void {
         bar?.clear();
         if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
         else if (opts.quiet !== true) {
-          process.stdout.write(
+          printText(
+            process.stdout,
             `${result.output}: ${result.blockCount} blocks of ${formatBytes(result.blockSize)} ` +
               `(${result.algorithm}) of ${src}, ${formatBytes(result.imageSize)} in ` +
-              `${result.seconds.toFixed(2)} s\n`,
+              `${result.seconds.toFixed(2)} s`,
           );
         }
       } catch (err) {
         bar?.clear();
-        if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
-          process.stderr.write(`blksync: ${err.message} [${err.code}]\n`);
-          setExit(intr.exitCode());
-          return;
-        }
-        setExit(reportError(err, opts.debug === true));
+        const status = reportError(err, opts);
+        const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
+        setExit(interrupted ? intr.exitCode() : status);
       } finally {
         intr.dispose();
       }

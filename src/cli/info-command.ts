@@ -10,7 +10,7 @@ import { INDEX_MAGIC } from '../formats/index-file.js';
 import { PATCH_MAGIC } from '../formats/patch.js';
 import { readHead, startsWith } from '../io/file-head.js';
 import { formatBytes } from '../size.js';
-import { reportError, type SetExit } from './common.js';
+import { printText, reportError, type SetExit } from './common.js';
 
 /** One kind of file `info` knows: its magic at offset 0, and how to describe it. */
 export interface FileType {
@@ -86,9 +86,10 @@ export function registerInfo(program: Command, setExit: SetExit): void {
     .action(async (file, opts) => {
       try {
         const d = await describeFile(file);
-        process.stdout.write(opts.json === true ? `${JSON.stringify(d.json)}\n` : `${d.text}\n`);
+        if (opts.json === true) process.stdout.write(`${JSON.stringify(d.json)}\n`);
+        else printText(process.stdout, d.text);
       } catch (err) {
-        setExit(reportError(err, opts.debug === true));
+        setExit(reportError(err, opts));
       }
     });
 }

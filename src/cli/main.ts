@@ -4,7 +4,8 @@
  * registers); everything else is the library.
  */
 
-import { Command } from '@commander-js/extra-typings';
+import { Command, type OptionValues } from '@commander-js/extra-typings';
+import { BlksyncError } from '../errors.js';
 import { registerApply } from './apply-command.js';
 import { registerBmap } from './bmap-command.js';
 import { reportError } from './common.js';
@@ -15,12 +16,18 @@ import { registerIndex } from './index-command.js';
 import { registerInfo } from './info-command.js';
 import { registerPublish } from './publish-command.js';
 
-function buildProgram(setExit: (code: number) => void): Command {
+function buildProgram(setExit: (code: number) => void, errText: { text: string }): Command {
   const program = new Command()
     .name('blksync')
     .description('Update disk images and block devices, writing only the blocks that differ.')
     .version('0.1.0')
-    .showHelpAfterError('(run blksync --help for usage)')
+    // commander's errors are reported by reportError, in the project's form
+    // (`blksync: message [EUSAGE]`); what commander writes on stderr (help after a missing
+    // command) is kept for after that line. Set before the commands: they inherit it.
+    .configureOutput({
+      writeErr: (str) => (errText.text += str),
+      outputError: () => {},
+    })
     .exitOverride();
   registerCopy(program, setExit);
   registerCompare(program, setExit);
@@ -30,18 +37,56 @@ function buildProgram(setExit: (code: number) => void): Command {
   registerDiff(program, setExit);
   registerApply(program, setExit);
   registerPublish(program, setExit);
+  refuseContradictions(program);
   return program;
 }
+
+/**
+ * `--bmap FILE --no-bmap` (in either order) sets one value, the last: commander takes the pair
+ * as "last one wins". A user who wrote both meant something the run cannot do, so it is
+ * refused, for every `--x` / `--no-x` pair of every command.
+ */
+function refuseContradictions(cmd: Command<unknown[], OptionValues, OptionValues>): void {
+  const byAttribute = new Map<string, { positive?: string; negative?: string }>();
+  for (const option of cmd.options) {
+    const pair = byAttribute.get(option.attributeName()) ?? {};
+    if (option.negate) pair.negative = option.name();
+    else pair.positive = option.name();
+    byAttribute.set(option.attributeName(), pair);
+  }
+  for (const { positive, negative } of byAttribute.values()) {
+    if (positive === undefined || negative === undefined) continue;
+    const seen = new Set<string>();
+    for (const name of [positive, negative]) {
+      cmd.on(`option:${name}`, () => {
+        seen.add(name);
+        if (seen.size === 2) {
+          throw new BlksyncError(
+            'EUSAGE',
+            `--${positive} and --${negative} contradict each other; give one of them`,
+          );
+        }
+      });
+    }
+  }
+  for (const sub of cmd.commands) refuseContradictions(sub);
+}
+
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */
 export async function main(argv: readonly string[]): Promise<void> {
   let exitCode: number | undefined;
+  const errText = { text: '' };
   const program = buildProgram((code) => {
     exitCode = code;
-  });
+  }, errText);
   try {
     await program.parseAsync([...argv]);
   } catch (err) {
-    exitCode = reportError(err, argv.includes('--debug'));
+    exitCode = reportError(
+      err,
+      { debug: argv.includes('--debug'), json: argv.includes('--json') },
+      { usageText: errText.text },
+    );
   }
   process.exitCode = exitCode ?? 0;
 }

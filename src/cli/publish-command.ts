@@ -3,7 +3,7 @@
 import { Option, type Command } from '@commander-js/extra-typings';
 import { BlksyncError } from '../errors.js';
 import { formatBytes, parseSize } from '../size.js';
-import { interruptible, progressFor, reportError, type SetExit } from './common.js';
+import { interruptible, printText, progressFor, reportError, type SetExit } from './common.js';
 
 export function registerPublish(program: Command, setExit: SetExit): void {
   program
@@ -55,16 +55,17 @@ export function registerPublish(program: Command, setExit: SetExit): void {
         bar?.clear();
         if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
         else if (opts.quiet !== true) {
-          process.stdout.write(
+          printText(
+            process.stdout,
             `${result.index} (${formatBytes(result.indexBytes)}) and ${result.data} ` +
               `(${formatBytes(result.dataBytes)}, ${result.codec}): ${result.chunks} chunks of ` +
               `${formatBytes(result.chunkSize)}, ${result.zeroChunks} of zeros, of ` +
-              `${formatBytes(result.imageSize)} in ${result.seconds.toFixed(2)} s\nsha256 ${result.sha256}\n`,
+              `${formatBytes(result.imageSize)} in ${result.seconds.toFixed(2)} s\nsha256 ${result.sha256}`,
           );
         }
       } catch (err) {
         bar?.clear();
-        const status = reportError(err, opts.debug === true);
+        const status = reportError(err, opts);
         const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
         setExit(interrupted ? intr.exitCode() : status);
       } finally {

@@ -483,7 +483,7 @@ async function openFound(
         source = streamed(rest, 'stdin', undefined);
       }
     } else {
-      const o = await openSource(src);
+      const o = await openSource(src, { onWarning: options.onWarning });
       cleanups.push(() => o.fh.close());
       opened = o;
       kind = o.kind;

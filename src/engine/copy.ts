@@ -14,16 +14,19 @@ import type { FileSink } from '../io/file-sink.js';
 import {
   assertSeparateOutput,
   createTarget,
+  destinationTooSmall,
   inputOf,
   openTarget,
   type Opened,
 } from '../io/open.js';
+import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-target.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
+import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Sink, TargetKnowledge } from '../types.js';
 import { chunkSizeFor, DEFAULT_DEPTH, INDEX_CHUNK_SIZE } from './block-size.js';
@@ -51,6 +54,8 @@ export async function copyLocal(
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
   let madeDst: 'created' | 'grown' | undefined;
+  // every differing block was written: a failure after that (index, verify) left DST whole
+  let allWritten = false;
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
@@ -73,7 +78,9 @@ export async function copyLocal(
       // and the rest stay holes
       if (found.fh !== undefined) {
         if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device' && source.size > 0) throw tooSmall(dst, 0, source.size);
+        if (found.kind === 'block-device' && source.size > 0) {
+          throw destinationTooSmall(dst, found.kind, 0, source.size);
+        }
         if (!dryRun) {
           await found.fh.truncate(source.size);
           madeDst = 'grown';
@@ -90,7 +97,9 @@ export async function copyLocal(
     } else {
       target = found;
       if (source.sameAs(target.stats)) throw sameFileError(src, dst);
-      if (target.size < source.size) throw tooSmall(dst, target.size, source.size);
+      if (target.size < source.size) {
+        throw destinationTooSmall(dst, target.kind, target.size, source.size);
+      }
       if (!full) source.adviseTarget(target.fh.fd);
       knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
     }
@@ -167,7 +176,12 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    const run = await runPipeline(index?.plan ?? source.plan, from, knowledge, sink ? [sink] : [], {
+    const plan =
+      index?.plan ??
+      (full || options.verify === true || source.checksums !== undefined
+        ? source.plan
+        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
+    const run = await runPipeline(plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
@@ -177,6 +191,7 @@ export async function copyLocal(
       buffers: index?.buffers,
     });
     await sink?.finish();
+    allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
     if (verifying !== undefined && !run.interrupted && target !== undefined) {
       // after finish(): fsynced, so the read-back sees what the medium holds
@@ -244,7 +259,17 @@ export async function copyLocal(
       if (madeDst === 'created') await unlink(dst).catch(() => {});
       else await target.fh.truncate(0).catch(() => {});
     }
-    throw err;
+    // after the first write, the error says so: how much, and that a rerun converges
+    throw partlyWritten(
+      err,
+      {
+        source: src,
+        destination: dst,
+        bytesWritten: fileSink?.bytesWritten ?? 0,
+        created: madeDst === 'created',
+      },
+      { allWritten },
+    );
   } finally {
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});
@@ -291,6 +316,25 @@ function sourceIndexFor(
   };
 }
 
+/**
+ * The regular files among SRC and DST whose holes narrow the plan (engine/sparse-plan.ts):
+ * none unless SRC is a plain file read as it is; DST too when it held something before.
+ */
+function sparseSides(
+  source: CopySource,
+  target: Opened | undefined,
+  fresh: boolean,
+  dst: string,
+): SparseSide[] {
+  const file = source.file;
+  if (file?.fh === undefined || file.kind !== 'file' || source.compression !== undefined) return [];
+  const sides: SparseSide[] = [{ fh: file.fh, path: source.path }];
+  if (fresh) return sides;
+  if (target?.fh === undefined || target.kind !== 'file') return [];
+  sides.push({ fh: target.fh, path: dst });
+  return sides;
+}
+
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */
 function isAborted(signal: AbortSignal | undefined): boolean {
   return signal?.aborted === true;
@@ -303,18 +347,5 @@ function sameFileError(src: string, dst: string): BlksyncError {
     {
       path: dst,
     },
-  );
-}
-
-function tooSmall(dst: string, have: number, need: number): BlksyncError {
-  return new BlksyncError(
-    'EDEST_TOO_SMALL',
-    `${dst} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); use a larger destination` +
-      ' (for a file: truncate -s ' +
-      String(need) +
-      ' ' +
-      dst +
-      ')',
-    { path: dst },
   );
 }

@@ -87,7 +87,8 @@ export interface IndexFile {
 function formatError(path: string, what: string): BlksyncError {
   return new BlksyncError(
     'EINDEX_FORMAT',
-    `${path} is not a usable blksync index: ${what}; delete it or rebuild it (blksync index, or copy --rebuild-index)`,
+    // never "delete it": the path may name the user's image, given as an index by mistake
+    `${path} is not a usable blksync index: ${what}; if it is an index, rebuild it (blksync index, or copy --rebuild-index); if not, give the path of an index`,
     { path },
   );
 }

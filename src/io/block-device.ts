@@ -85,3 +85,16 @@ export function wholeDiskIdSync(rdev: number): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * True when the kernel marks the device read-only (/sys/dev/block/MAJ:MIN/ro: a card's lock
+ * switch, `losetup -r`, `blockdev --setro`). Unknown (no sysfs entry) counts as writable: the
+ * first write then fails as it would have.
+ */
+export async function isReadOnlyDevice(rdev: number): Promise<boolean> {
+  try {
+    return (await readFile(join(sysDir(rdev), 'ro'), 'utf8')).trim() === '1';
+  } catch {
+    return false;
+  }
+}

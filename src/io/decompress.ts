@@ -10,6 +10,14 @@
  * A decoder that fails, or input that ends too soon, is an error at the end of the stream
  * (ESRC_CORRUPT, or ESRC_SHORT for a truncated file), never a silently short image: the
  * output stream ends only after the decoder exited with status 0.
+ *
+ * Data after the end of the compressed stream is ESRC_CORRUPT for every format: xz, zstd
+ * and lz4 refuse it themselves, zlib refuses it for gzip, and bzip2 (which only warns,
+ * "trailing garbage after EOF ignored", and exits 0) is held to the same rule here. Such a
+ * file is not the image it claims to be (two files glued, a damaged download), and a stdin
+ * or URL source cannot be told from a complete one any other way. The exceptions are the
+ * formats' own padding: zeros after a gzip member (zlib skips them, as gzip does) and xz's
+ * stream padding.
  */
 
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -61,6 +69,17 @@ function decoderFor(kind: Exclude<Compression, 'gzip'>): {
 }
 
 const TRUNCATED_RE = /unexpected end|premature end|ends unexpectedly|unfinished stream|truncated/i;
+/** bzip2's warning (it exits 0) about bytes after its stream's end. */
+const TRAILING_RE = /trailing garbage/i;
+
+function trailingDataError(kind: Compression, name: string, cause?: unknown): BlksyncError {
+  return new BlksyncError(
+    'ESRC_CORRUPT',
+    `${name}: there is data after the end of the ${kind} stream (trailing garbage); the image is damaged ` +
+      'or two files were joined: get a good copy of the image',
+    { path: name, cause },
+  );
+}
 
 function decodeError(
   kind: Compression,
@@ -106,15 +125,21 @@ export function decompress(input: number | Readable, kind: Compression, name: st
           })
         : input;
     const gunzip = createGunzip({ chunkSize: GUNZIP_CHUNK_BYTES });
+    // a header error after output came is the header of a next member that is not one:
+    // trailing data (the first member's header is checked before any output)
+    let produced = false;
+    gunzip.once('data', () => (produced = true));
     src.on('error', (err: Error) => out.destroy(err));
     gunzip.on('error', (err: NodeJS.ErrnoException) => {
       out.destroy(
-        decodeError(
-          kind,
-          name,
-          err.code === 'Z_BUF_ERROR' ? 'unexpected end of file' : err.message,
-          err,
-        ),
+        produced && err.code === 'Z_DATA_ERROR' && /header/i.test(err.message)
+          ? trailingDataError(kind, name, err)
+          : decodeError(
+              kind,
+              name,
+              err.code === 'Z_BUF_ERROR' ? 'unexpected end of file' : err.message,
+              err,
+            ),
       );
     });
     src.pipe(gunzip).pipe(out);
@@ -156,7 +181,9 @@ export function decompress(input: number | Readable, kind: Compression, name: st
   let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   const settle = (): void => {
     if (!stdoutEnded || exit === undefined || out.destroyed) return;
-    if (exit.code === 0) out.end();
+    if (exit.code === 0 && TRAILING_RE.test(stderr) && !stopped) {
+      out.destroy(trailingDataError(kind, name));
+    } else if (exit.code === 0) out.end();
     else if (!stopped) {
       const why =
         stderr.trim().replace(/\s+/g, ' ') || `${cmd} exited with ${exit.code ?? exit.signal}`;

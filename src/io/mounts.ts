@@ -16,6 +16,8 @@ export interface Mount {
   mountPoint: string;
   /** The mount source as the kernel shows it: "/dev/sdb1", or "tmpfs", "none", ... */
   source: string;
+  /** Mounted read-only (the per-mount "ro" option, field 6 of mountinfo). */
+  readOnly: boolean;
 }
 
 /** mountinfo and /proc/swaps escape space, tab, newline and backslash as octal. */
@@ -24,8 +26,9 @@ function unescape(text: string): string {
 }
 
 /**
- * Parses /proc/self/mountinfo text: field 3 is MAJ:MIN, field 5 the mount point; after the
- * optional fields and a lone "-" come the file system type and the source.
+ * Parses /proc/self/mountinfo text: field 3 is MAJ:MIN, field 5 the mount point, field 6 the
+ * mount options; after the optional fields and a lone "-" come the file system type, the
+ * source and the super block's options (a file system mounted "ro" anywhere has "ro" there).
  */
 export function parseMountinfo(text: string): Mount[] {
   const mounts: Mount[] = [];
@@ -36,7 +39,9 @@ export function parseMountinfo(text: string): Mount[] {
     if (device === undefined || mountPoint === undefined) continue;
     const dash = fields.indexOf('-', 6);
     const source = dash > 0 ? (fields[dash + 2] ?? '') : '';
-    mounts.push({ device, mountPoint: unescape(mountPoint), source: unescape(source) });
+    const options = [fields[5] ?? '', dash > 0 ? (fields[dash + 3] ?? '') : ''];
+    const readOnly = options.some((o) => o.split(',').includes('ro'));
+    mounts.push({ device, mountPoint: unescape(mountPoint), source: unescape(source), readOnly });
   }
   return mounts;
 }

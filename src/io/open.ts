@@ -9,8 +9,15 @@
 import { constants, type Stats } from 'node:fs';
 import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
-import { blockDeviceSize, devId, wholeDiskId, wholeDiskIdSync } from './block-device.js';
+import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
+import { formatBytes } from '../size.js';
+import {
+  blockDeviceSize,
+  devId,
+  isReadOnlyDevice,
+  wholeDiskId,
+  wholeDiskIdSync,
+} from './block-device.js';
 import { mountsOf, swapsOf } from './mounts.js';
 
 export type FileKind = 'file' | 'block-device';
@@ -33,8 +40,13 @@ async function sizeOf(st: Stats): Promise<number> {
   return st.isBlockDevice() ? blockDeviceSize(st.rdev) : st.size;
 }
 
+export interface OpenSourceOptions {
+  /** Told when SRC is a block device mounted read-write (its content may change meanwhile). */
+  onWarning?: WarningListener | undefined;
+}
+
 /** Opens SRC read-only. */
-export async function openSource(path: string): Promise<Opened> {
+export async function openSource(path: string, options: OpenSourceOptions = {}): Promise<Opened> {
   let fh: FileHandle;
   try {
     fh = await open(path, 'r');
@@ -49,11 +61,37 @@ export async function openSource(path: string): Promise<Opened> {
         path,
       });
     }
+    if (kind === 'block-device' && options.onWarning !== undefined) {
+      await warnIfMountedReadWrite(path, stats, options.onWarning);
+    }
     return { path, fh, kind, size: await sizeOf(stats), stats };
   } catch (err) {
     await fh.close();
     throw fromSystemError('ESRC_OPEN', 'cannot open source', path, err);
   }
+}
+
+/**
+ * A device mounted read-write (itself, a partition of it, or its whole disk) is being
+ * changed by its file system while it is read: the image taken is not consistent. Reading
+ * it is allowed (a live backup may be what is meant), with a warning.
+ */
+async function warnIfMountedReadWrite(
+  path: string,
+  st: Stats,
+  onWarning: WarningListener,
+): Promise<void> {
+  const rw = (await mountsOf(st.rdev)).filter((m) => !m.readOnly);
+  const first = rw[0];
+  if (first === undefined) return;
+  onWarning({
+    code: 'WSRC_MOUNTED_RW',
+    message:
+      `${path} is mounted read-write${await relation(first.device, st)} on ${rw.map((m) => m.mountPoint).join(', ')}; ` +
+      'what is read may change while it is read, so the copy may not be consistent: unmount it or remount it read-only ' +
+      `(mount -o remount,ro ${first.mountPoint}) first`,
+    path,
+  });
 }
 
 /**
@@ -146,6 +184,7 @@ export async function openTarget(path: string, options: OpenTargetOptions): Prom
     );
   }
   await assertNotMounted(path, st);
+  if (!options.readOnly && kind === 'block-device') await assertWritableDevice(path, st);
   let flags = options.readOnly ? constants.O_RDONLY : constants.O_RDWR;
   if (kind === 'block-device') flags |= constants.O_EXCL;
   let fh: FileHandle;
@@ -168,6 +207,40 @@ export async function openTarget(path: string, options: OpenTargetOptions): Prom
     await fh.close();
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
+}
+
+/**
+ * Refuses a read-only block device before anything is read: the kernel lets it be opened for
+ * writing and fails only the first write (EPERM, even for root).
+ */
+async function assertWritableDevice(path: string, st: Stats): Promise<void> {
+  if (!(await isReadOnlyDevice(st.rdev))) return;
+  throw new BlksyncError(
+    'EDEST_READONLY',
+    `${path} is a read-only device (a write-protect switch, losetup -r or blockdev --setro); ` +
+      `make it writable first (blockdev --setrw ${path}, or slide the card's lock switch) or choose another destination`,
+    { path },
+  );
+}
+
+/**
+ * EDEST_TOO_SMALL, with advice that fits DST: a file can be grown, a device cannot.
+ */
+export function destinationTooSmall(
+  path: string,
+  kind: FileKind,
+  have: number,
+  need: number,
+): BlksyncError {
+  const advice =
+    kind === 'file'
+      ? `grow it first (truncate -s ${need} ${path}) or choose another destination`
+      : `use a device of at least ${formatBytes(need)}`;
+  return new BlksyncError(
+    'EDEST_TOO_SMALL',
+    `${path} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); ${advice}`,
+    { path },
+  );
 }
 
 /** Creates a new regular file DST of `size` bytes, all holes. */

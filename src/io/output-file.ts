@@ -27,7 +27,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { constants, type Stats } from 'node:fs';
-import { lstat, open, readlink, rename, rm, stat, type FileHandle } from 'node:fs/promises';
+import { access, lstat, open, readlink, rename, rm, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { Writable } from 'node:stream';
 import { BlksyncError, fromSystemError, isSystemError, type ErrorCode } from '../errors.js';
@@ -120,11 +120,13 @@ async function planFor(path: string, what: string): Promise<Plan> {
 
 /**
  * Refuses now what OutputFile.open would refuse at the end (a link, a block device, a
- * directory), so a long run (hashing a whole disk) does not end in that refusal.
+ * directory, a directory that cannot take the temporary: missing, not writable), so a long
+ * run (hashing a whole disk, writing DST) does not end in that refusal.
  */
 export async function checkOutput(path: string, options: OutputOptions): Promise<void> {
   try {
-    await planFor(path, options.what);
+    const plan = await planFor(path, options.what);
+    if (plan.how === 'replace') await access(dirname(path), constants.W_OK);
   } catch (err) {
     throw fromSystemError(options.code, `cannot write the ${options.what}`, path, err);
   }

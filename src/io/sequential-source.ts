@@ -97,6 +97,14 @@ export class SequentialSource implements Source {
       got += n;
       this.position += n;
     }
+    if (this.#checkEnd && got < length) {
+      throw new BlksyncError(
+        'ESRC_SHORT',
+        `${this.#name} ended after ${this.position} bytes, but --size gave ${this.size} bytes; ` +
+          'give its real size, or check that the stream was not cut short',
+        { path: this.#name },
+      );
+    }
     if (this.#checkEnd && this.position === this.size) {
       const more = await this.#next();
       if (more !== undefined) {

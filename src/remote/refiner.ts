@@ -105,6 +105,8 @@ export class Refiner {
       while (this.#running >= REFINE_CONCURRENCY && !this.#stopped) {
         await new Promise<void>((resolve) => (this.#slot = resolve));
       }
+      // stopped while comparing or waiting for a slot: a request now would follow the DONE
+      if (this.#stopped) return;
       this.#running++;
       const p = refine(offset, length).finally(() => {
         this.#inFlight.delete(p);

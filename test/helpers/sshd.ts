@@ -7,7 +7,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { createConnection, createServer } from 'node:net';
+import { createServer } from 'node:net';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
 import { after, before, type TestContext } from 'node:test';
@@ -56,25 +56,53 @@ async function freePort(): Promise<number> {
   });
 }
 
-async function waitForPort(port: number, child: ChildProcess, log: () => string): Promise<void> {
-  for (let i = 0; i < 200; i++) {
-    if (child.exitCode !== null) throw new Error(`sshd exited (${child.exitCode}): ${log()}`);
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = createConnection({ port, host: '127.0.0.1' });
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`sshd did not listen on ${port}: ${log()}`);
+/** How long sshd may take to say it listens. */
+const LISTEN_TIMEOUT_MS = 20_000;
+
+/**
+ * Waits for sshd to say it listens on `port`. The port was free a moment before sshd started,
+ * but test files run concurrently and another one may have bound it since: then this sshd
+ * exits, and a connection to the port would reach the other's server, so only sshd's own
+ * word counts.
+ */
+function listening(child: ChildProcess, port: number, log: () => string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = (err?: Error): void => {
+      clearTimeout(timer);
+      child.stderr?.off('data', onData);
+      child.off('exit', onExit);
+      if (err === undefined) resolve();
+      else reject(err);
+    };
+    const onData = (): void => {
+      if (log().includes(`Server listening on 127.0.0.1 port ${port}.`)) done();
+    };
+    const onExit = (code: number | null): void =>
+      done(new Error(`sshd exited (${code}): ${log()}`));
+    const timer = setTimeout(
+      () => done(new Error(`sshd did not listen on ${port}: ${log()}`)),
+      LISTEN_TIMEOUT_MS,
+    );
+    child.stderr?.on('data', onData);
+    child.once('exit', onExit);
+  });
 }
 
-/** Starts the server; the caller stops it (after()). */
+/**
+ * Starts the server; the caller stops it (after()). A port taken by another test process
+ * between being picked and being bound costs a retry on another port.
+ */
 export async function startSshd(): Promise<Sshd> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce();
+    } catch (err) {
+      if (attempt >= 3) throw err;
+    }
+  }
+}
+
+async function startOnce(): Promise<Sshd> {
   const dir = await mkdtemp(join(tmpdir(), 'blksync-sshd-'));
   const hostKey = join(dir, 'host_ed25519');
   const userKey = join(dir, 'user_ed25519');
@@ -102,7 +130,11 @@ export async function startSshd(): Promise<Sshd> {
       `AllowUsers ${user}`,
       // tests point the agent's cache (--index auto) into their temp dir: ssh -o SetEnv=...
       'AcceptEnv XDG_CACHE_HOME',
-      'LogLevel ERROR',
+      // sessions start in a home of their own: the login shell does not run the machine's
+      // ~/.bashrc (a slow one cost ~0.1 s of CPU per session), nor write to the user's home
+      `SetEnv HOME=${dir}`,
+      // INFO: the "Server listening on" line tells when it is ready
+      'LogLevel INFO',
       '',
     ].join('\n'),
   );
@@ -122,6 +154,9 @@ export async function startSshd(): Promise<Sshd> {
       '  StrictHostKeyChecking yes',
       '  BatchMode yes',
       '  LogLevel ERROR',
+      // the default post-quantum key exchange costs the client ~50 ms of CPU per session
+      // (hundreds of sessions in the suite); the keys are throwaway and the link is loopback
+      '  KexAlgorithms curve25519-sha256',
       `Host ${UNREACHABLE_HOST}`,
       '  HostName 127.0.0.1',
       `  Port ${closedPort}`,
@@ -139,7 +174,7 @@ export async function startSshd(): Promise<Sshd> {
   child.stderr?.setEncoding('utf8').on('data', (d: string) => (log = (log + d).slice(-4000)));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   try {
-    await waitForPort(port, child, () => log);
+    await listening(child, port, () => log);
   } catch (err) {
     child.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });

@@ -9,6 +9,7 @@ import type { CopyResult } from '../../engine/copy-options.js';
 import type { PipelineResult } from '../../engine/pipeline.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
 import type { Range } from '../../ranges.js';
+import { partlyWritten } from '../../partial-write.js';
 import { formatBytes } from '../../size.js';
 import type { ProgressListener } from '../../types.js';
 import type { AgentLink } from '../link.js';
@@ -103,6 +104,8 @@ export async function connectionLost(
   dst: string,
   written: number,
   signal: AbortSignal | undefined,
+  /** Push: bytes sent as DATA; the agent writes what it received before it exits. */
+  sent = 0,
 ): Promise<unknown> {
   if (err instanceof BlksyncError && err.code === 'ECONNECTION_LOST') {
     if (signal !== undefined && !signal.aborted) {
@@ -121,10 +124,11 @@ export async function connectionLost(
     return new BlksyncError(
       'ECONNECTION_LOST',
       `${err.message}; ${formatBytes(written)} had been written to ${dst}; rerun the same command to finish`,
-      { cause: err },
+      { cause: err, partial: { destination: dst, bytesWritten: written } },
     );
   }
-  return err;
+  // any other failure after writes began (a local SRC cut short) says so as a local copy does
+  return partlyWritten(err, { destination: dst, bytesWritten: Math.max(written, sent) });
 }
 
 export function interrupted(result: CopyResult): BlksyncError {

@@ -233,7 +233,13 @@ export async function push(
     if (run.interrupted) throw interrupted(result);
     return result;
   } catch (err) {
-    throw await connectionLost(err, dst, link?.bytesConfirmed ?? 0, options.signal);
+    throw await connectionLost(
+      err,
+      dst,
+      link?.bytesConfirmed ?? 0,
+      options.signal,
+      link?.dataBytes ?? 0,
+    );
   } finally {
     await refiner?.stop();
     await scanner?.stop();
