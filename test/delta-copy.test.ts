@@ -230,4 +230,10 @@ test('blksync publish and copy --json from the command line', async (t) => {
   assert.equal(out.http.requests, 3);
   assert.ok(out.http.bytesFetched > 0);
   assert.deepEqual(await readFile(f.dst), f.v2);
+  const again = await runCli(['copy', f.url, f.dst]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(
+    again.stdout + again.stderr,
+    /published \S+os\.img\.blkpub: fetched .* in 1 requests/,
+  );
 });

@@ -9,6 +9,7 @@
  *   rerun     DST already holds v2            goal ≤ 64 KiB, nothing written
  *   fresh     DST does not exist              goal ≤ 1.0× gzip -6 of v2 (never > 1.15×)
  *   local     blksync copy v2.img DST(v1)     the wall-time reference (goal: update ≤ 1.5×)
+ *   zsync, casync extract: the peers, seeded with a copy of v1 (they write a new file)
  */
 
 import os from 'node:os';
@@ -27,7 +28,9 @@ import {
 } from '../measure.js';
 import { ensureRealisticPair } from '../realistic.js';
 import type { BenchOptions, Section } from '../section.js';
-import { CLI, ensureBuilt } from '../setup.js';
+import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
+
+const PEERS = { zsync: 'zsync', zsyncmake: 'zsync', casync: 'casync' };
 
 interface Row {
   label: string;
@@ -52,6 +55,12 @@ async function run(options: BenchOptions): Promise<void> {
   const pub = await measure(`${node} publish --json ${sh(img)}`);
   if (pub.status !== 0) throw new Error(`publish failed: ${pub.stderr}`);
   const published = JSON.parse(pub.stdout) as { dataBytes: number; indexBytes: number };
+  await ensureCommands(PEERS, log);
+  await runCommand('bash', [
+    '-c',
+    `cd ${sh(www)} && zsyncmake -u os.img -o os.img.zsync os.img && ` +
+      `casync make --store=store.castr os.caibx os.img >/dev/null`,
+  ]);
   const gzip = Number(
     (await runCommand('bash', ['-c', `gzip -6 -c ${sh(pair.newPath)} | wc -c`])).trim(),
   );
@@ -132,6 +141,32 @@ async function run(options: BenchOptions): Promise<void> {
       fromV1,
       same,
     );
+    // the peers, each from the same server: zsync (whole-file rolling checksums, the image
+    // seeded from a copy of v1) and casync (content-defined chunks in a store, seeded the same)
+    const out = path.join(pair.dir, 'delta-peer-out.img');
+    const seed = async (): Promise<void> => {
+      await rm(out, { force: true });
+      await rm(`${out}.part`, { force: true });
+      await fromV1();
+    };
+    const outSame = async (): Promise<void> => {
+      await assertSameFiles(pair.newPath, out);
+    };
+    await trial(
+      'zsync (seeded with v1)',
+      `zsync -q -i ${sh(dst)} -o ${sh(out)} ${sh(`${server.url}/os.img.zsync`)}`,
+      1,
+      seed,
+      outSame,
+    );
+    await trial(
+      'casync extract (seeded with v1)',
+      `casync extract --seed=${sh(dst)} --store=${sh(`${server.url}/store.castr`)} ${sh(`${server.url}/os.caibx`)} ${sh(out)}`,
+      1,
+      seed,
+      outSame,
+    );
+    await rm(out, { force: true });
     const localMedian = summarize(local.seconds).median;
     log(
       `SRC = ${url} (${pair.newPath} published: index ${formatBytes(published.indexBytes)}, ` +
