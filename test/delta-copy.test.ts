@@ -16,6 +16,7 @@ import { publish } from '../src/delta/publish.js';
 import { BlksyncError } from '../src/errors.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
+import { attachLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const SIZE = 8 * 1024 * 1024;
@@ -236,4 +237,22 @@ test('blksync publish and copy --json from the command line', async (t) => {
     again.stdout + again.stderr,
     /published \S+os\.img\.blkpub: fetched .* in 1 requests/,
   );
+});
+
+test('a block device DST (loop) holding v1 is updated to v2 by the changed chunks only', async (t) => {
+  if (!needLoop(t)) return;
+  const f = await fixture(t);
+  const dev = await attachLoop(t, f.dst);
+  const r = await copy(f.url, dev);
+  assert.equal(r.http?.chunksDiffering, 3);
+  assert.equal(r.bytesWritten, 3 * 4096);
+  const back = Buffer.alloc(SIZE);
+  const { open } = await import('node:fs/promises');
+  const fh = await open(dev, 'r');
+  try {
+    await fh.read(back, 0, SIZE, 0);
+  } finally {
+    await fh.close();
+  }
+  assert.deepEqual(back, f.v2);
 });
