@@ -256,3 +256,30 @@ test('a block device DST (loop) holding v1 is updated to v2 by the changed chunk
   }
   assert.deepEqual(back, f.v2);
 });
+
+test(
+  'Ctrl-C while the server stalls mid-answer stops the copy; a rerun finishes',
+  { timeout: 30_000 },
+  async (t) => {
+    let stall = true;
+    const f = await fixture(t, {
+      hook: (req, res, file) => {
+        if (!stall || file === undefined || !req.url!.endsWith('.data')) return false;
+        stall = false;
+        res.writeHead(206, {
+          'content-type': 'multipart/byteranges; boundary=XYZ',
+          etag: file.etag,
+        });
+        // a part header, then silence: the connection stays open
+        res.write(`\r\n--XYZ\r\nContent-Range: bytes 0-99/${file.data.length}\r\n\r\n`);
+        return true;
+      },
+    });
+    const controller = new AbortController();
+    const copying = copy(f.url, f.dst, { signal: controller.signal });
+    setTimeout(() => controller.abort(), 500);
+    await rejectsWith(copying, 'EINTERRUPTED');
+    await copy(f.url, f.dst);
+    assert.deepEqual(await readFile(f.dst), f.v2);
+  },
+);

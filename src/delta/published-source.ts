@@ -321,6 +321,7 @@ class ChunkSource implements Source {
   readonly #needed: number[];
   readonly #leaves: Map<number, Leaf>;
   readonly #stored: AsyncGenerator<Buffer>;
+  readonly #data: RangeClient;
   #next = 0;
   #current: { index: number; data: Buffer } | undefined;
   #queue: Promise<unknown> = Promise.resolve();
@@ -331,6 +332,7 @@ class ChunkSource implements Source {
     this.#h = h;
     this.#needed = needed;
     this.#leaves = leaves;
+    this.#data = data;
     const pieces = needed
       .map((i) => leaves.get(i)!)
       .filter((l) => l.kind !== KIND_ZERO)
@@ -402,7 +404,11 @@ class ChunkSource implements Source {
   }
 
   async close(): Promise<void> {
-    await this.#stored.return(undefined);
+    // not awaited: a generator waiting on a stalled answer returns only once that settles,
+    // which destroying the answer makes happen
+    this.#data.close();
+    this.#stored.return(undefined).catch(() => {});
+    await Promise.resolve();
   }
 }
 

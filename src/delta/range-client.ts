@@ -17,6 +17,7 @@
  * first answer's is EPUB_CHANGED.
  */
 
+import type { Readable } from 'node:stream';
 import { BlksyncError } from '../errors.js';
 import { bodyStream, httpOpen, type HttpOptions, type HttpResponse } from '../io/http-source.js';
 import type { Range } from '../ranges.js';
@@ -91,6 +92,8 @@ export class RangeClient {
   readonly #options: RangeClientOptions;
   #validator: string | undefined;
   #first = true;
+  /** The answer being read, destroyed by close(). */
+  #body: Readable | undefined;
   /** The file's size, once an answer told it. */
   size: number | undefined;
   /** Requests made, and body bytes received. */
@@ -208,6 +211,7 @@ export class RangeClient {
       if (next >= pieces.length) return;
       const res = await this.#get(ranges);
       const body = bodyStream(res);
+      this.#body = body;
       const reader = new ByteReader(body, this.url);
       try {
         const status = res.status;
@@ -287,6 +291,11 @@ export class RangeClient {
         body.destroy();
       }
     }
+  }
+
+  /** Drops the answer being read (an interrupted copy must not wait for a stalled server). */
+  close(): void {
+    this.#body?.destroy();
   }
 
   #wrongRange(what: string): BlksyncError {
