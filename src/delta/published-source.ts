@@ -135,7 +135,8 @@ async function hashDestination(
 ): Promise<Buffer> {
   const chunks = chunkCount(h);
   const out = Buffer.alloc(chunks * HASH_BYTES);
-  const zeroHash = sha256(Buffer.alloc(h.chunkSize));
+  const zeros = Buffer.alloc(h.chunkSize);
+  const zeroHash = sha256(zeros);
   const lastLen = chunkLength(h, chunks - 1);
   const lastZeroHash = sha256(Buffer.alloc(lastLen));
   const fillZero = (i: number): void => {
@@ -204,7 +205,10 @@ async function hashDestination(
       }
       for (let k = 0; k < n && i < chunks; k++, i++) {
         const at = k * h.chunkSize;
-        sha256(buf, at, at + chunkLength(h, i)).copy(out, i * HASH_BYTES);
+        const len = chunkLength(h, i);
+        // allocated zeros are common in file system images: memcmp is ~10x cheaper than SHA-256
+        if (buf.compare(zeros, 0, len, at, at + len) === 0) fillZero(i);
+        else sha256(buf, at, at + len).copy(out, i * HASH_BYTES);
       }
     }
     return out;
