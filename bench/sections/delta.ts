@@ -38,6 +38,7 @@ interface Row {
   wire: number;
   written: number;
   seconds: number[];
+  cpuSeconds: number[];
   command: string;
 }
 
@@ -90,7 +91,15 @@ async function run(options: BenchOptions): Promise<void> {
       prepare: () => Promise<void>,
       check: (written: number) => Promise<void>,
     ): Promise<Row> => {
-      const row: Row = { label, requests: 0, wire: 0, written: 0, seconds: [], command };
+      const row: Row = {
+        label,
+        requests: 0,
+        wire: 0,
+        written: 0,
+        seconds: [],
+        cpuSeconds: [],
+        command,
+      };
       for (let i = 0; i < runs; i++) {
         await prepare();
         const before = (await server.log()).length;
@@ -103,6 +112,7 @@ async function run(options: BenchOptions): Promise<void> {
         row.wire = logged.reduce((n, l) => n + l.bytesSent, 0);
         row.written = out.bytesWritten ?? 0;
         row.seconds.push(m.seconds);
+        row.cpuSeconds.push(m.cpuSeconds);
         await check(row.written);
       }
       rows.push(row);
@@ -168,6 +178,7 @@ async function run(options: BenchOptions): Promise<void> {
     );
     await rm(out, { force: true });
     const localMedian = summarize(local.seconds).median;
+    const localCpu = summarize(local.cpuSeconds).median;
     log(
       `SRC = ${url} (${pair.newPath} published: index ${formatBytes(published.indexBytes)}, ` +
         `data ${formatBytes(published.dataBytes)} in ${pub.seconds.toFixed(1)} s; gzip -6 of the image ` +
@@ -175,9 +186,20 @@ async function run(options: BenchOptions): Promise<void> {
     );
     log(
       renderTable(
-        ['run', 'requests', 'bytes on the wire', 'bytes written', 'median s', '× local', 'command'],
+        [
+          'run',
+          'requests',
+          'bytes on the wire',
+          'bytes written',
+          'median s',
+          '× local',
+          'cpu s',
+          'cpu × local',
+          'command',
+        ],
         rows.map((r) => {
           const s = summarize(r.seconds).median;
+          const cpu = summarize(r.cpuSeconds).median;
           return [
             r.label,
             r.label.startsWith('local') ? '' : String(r.requests),
@@ -185,10 +207,12 @@ async function run(options: BenchOptions): Promise<void> {
             String(r.written),
             s.toFixed(2),
             (s / localMedian).toFixed(2),
+            cpu.toFixed(2),
+            (cpu / localCpu).toFixed(2),
             r.command,
           ];
         }),
-        ['left', 'right', 'right', 'right', 'right', 'right', 'left'],
+        ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
       ),
     );
     log(
