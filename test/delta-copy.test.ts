@@ -283,3 +283,8 @@ test(
     assert.deepEqual(await readFile(f.dst), f.v2);
   },
 );
+
+test('a directory as DST is refused as by any copy (EDEST_KIND)', async (t) => {
+  const f = await fixture(t);
+  await rejectsWith(copy(f.url, f.dir), 'EDEST_KIND');
+});

@@ -154,6 +154,11 @@ async function hashDestination(
   }
   try {
     const st = await fh.stat();
+    if (!st.isFile() && !st.isBlockDevice()) {
+      // not a destination at all: the copy refuses it with its own error (EDEST_KIND)
+      for (let i = 0; i < chunks; i++) fillZero(i);
+      return out;
+    }
     let size = st.size;
     let mapped: Range[] = [{ start: 0, end: h.imageSize }];
     if (st.isBlockDevice()) {
