@@ -88,10 +88,6 @@ export function chunkLength(h: Pick<PublishedHeader, 'imageSize' | 'chunkSize'>,
   return Math.min(h.chunkSize, h.imageSize - i * h.chunkSize);
 }
 
-export function topOffset(): number {
-  return HEADER_BYTES;
-}
-
 export function topBytes(h: PublishedHeader): number {
   return groupCount(h) * HASH_BYTES;
 }

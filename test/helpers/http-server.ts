@@ -125,7 +125,7 @@ export async function serveDirectory(
       const size = file.data.length;
       const base = { etag: file.etag, 'accept-ranges': 'bytes' };
       const ifRange = req.headers['if-range'];
-      let ranges =
+      const ranges =
         range === undefined ||
         options.ignoreRange === true ||
         (ifRange !== undefined && ifRange !== file.etag)
@@ -166,7 +166,6 @@ export async function serveDirectory(
           'content-length': body.length,
         })
         .end(body);
-      ranges = undefined;
     })();
   });
   server.on('connection', (s) => {
