@@ -17,9 +17,8 @@
  * checked against the index's: the whole-image check costs no second read of DST.
  */
 
-import { open, type FileHandle } from 'node:fs/promises';
 import { brotliDecompressSync, inflateRawSync } from 'node:zlib';
-import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import {
   checkTop,
   chunkCount,
@@ -43,15 +42,13 @@ import {
 } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { HttpOptions } from '../io/http-source.js';
-import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
+import { hashDestination } from './dest-hashes.js';
 import { RangeClient } from './range-client.js';
 
 /** The first request asks for this much of the index: the header and a top level of 256 groups. */
 export const PROBE_BYTES = HEADER_BYTES + 256 * HASH_BYTES;
-/** DST is read in pieces of this size to hash its chunks. */
-const READ_BYTES = 4 * 1024 * 1024;
 
 /** What a copy from a published image reports (`--json`: `http`). */
 export interface DeltaReport {
@@ -125,101 +122,6 @@ async function probe(
   const top = Buffer.from(bytes.subarray(HEADER_BYTES, topEnd));
   checkTop(header, top, client.url);
   return { header, top, whole: head.whole ? bytes : undefined };
-}
-
-/** The SHA-256 of each of DST's chunks, as the image's chunks lie (32 bytes each). */
-async function hashDestination(
-  path: string,
-  h: PublishedHeader,
-  signal: AbortSignal | undefined,
-): Promise<Buffer> {
-  const chunks = chunkCount(h);
-  const out = Buffer.alloc(chunks * HASH_BYTES);
-  const zeros = Buffer.alloc(h.chunkSize);
-  const zeroHash = sha256(zeros);
-  const lastLen = chunkLength(h, chunks - 1);
-  const lastZeroHash = sha256(Buffer.alloc(lastLen));
-  const fillZero = (i: number): void => {
-    (i === chunks - 1 ? lastZeroHash : zeroHash).copy(out, i * HASH_BYTES);
-  };
-  let fh: FileHandle;
-  try {
-    fh = await open(path, 'r');
-  } catch (err) {
-    if (isSystemError(err) && err.code === 'ENOENT') {
-      for (let i = 0; i < chunks; i++) fillZero(i);
-      return out;
-    }
-    throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
-  }
-  try {
-    const st = await fh.stat();
-    if (!st.isFile() && !st.isBlockDevice()) {
-      // not a destination at all: the copy refuses it with its own error (EDEST_KIND)
-      for (let i = 0; i < chunks; i++) fillZero(i);
-      return out;
-    }
-    let size = st.size;
-    let mapped: Range[] = [{ start: 0, end: h.imageSize }];
-    if (st.isBlockDevice()) {
-      const { blockDeviceSize } = await import('../io/block-device.js');
-      size = await blockDeviceSize(st.rdev);
-    } else if (st.isFile()) {
-      const { mappedRanges } = await import('../io/sparse-map.js');
-      mapped = mappedRanges(fh, Math.min(size, h.imageSize), h.chunkSize, path);
-    }
-    // past DST's end a chunk never matches (an empty DST is made at full size: zeros)
-    const known = size === 0 ? h.imageSize : Math.min(size, h.imageSize);
-    if (size === 0) mapped = [];
-    const buf = Buffer.allocUnsafe(READ_BYTES);
-    let r = 0;
-    for (let i = 0; i < chunks;) {
-      if (signal?.aborted === true) {
-        throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
-      }
-      const start = i * h.chunkSize;
-      if (start + chunkLength(h, i) > known) {
-        out.fill(0xff, i * HASH_BYTES, (i + 1) * HASH_BYTES);
-        i++;
-        continue;
-      }
-      while (r < mapped.length && mapped[r]!.end <= start) r++;
-      if (r >= mapped.length || mapped[r]!.start >= start + chunkLength(h, i)) {
-        fillZero(i);
-        i++;
-        continue;
-      }
-      // read this chunk and the following mapped ones, up to READ_BYTES
-      const end = Math.min(known, mapped[r]!.end, start + READ_BYTES);
-      const n = Math.max(1, Math.floor((end - start) / h.chunkSize));
-      const len = Math.min(n * h.chunkSize, h.imageSize - start);
-      let got: number;
-      try {
-        got = await readFully(fh, buf, 0, len, start);
-      } catch (err) {
-        throw fromSystemError('EREAD', 'cannot read', path, err);
-      }
-      if (got < len) {
-        throw new BlksyncError(
-          'EDEST_SHORT',
-          `${path} ended at ${start + got} bytes while being read; rerun`,
-          {
-            path,
-          },
-        );
-      }
-      for (let k = 0; k < n && i < chunks; k++, i++) {
-        const at = k * h.chunkSize;
-        const len = chunkLength(h, i);
-        // allocated zeros are common in file system images: memcmp is ~10x cheaper than SHA-256
-        if (buf.compare(zeros, 0, len, at, at + len) === 0) fillZero(i);
-        else sha256(buf, at, at + len).copy(out, i * HASH_BYTES);
-      }
-    }
-    return out;
-  } finally {
-    await fh.close();
-  }
 }
 
 function groupHash(h: PublishedHeader, hashes: Buffer, g: number): Buffer {
