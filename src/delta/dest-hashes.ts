@@ -156,7 +156,7 @@ export async function hashDestination(
     };
     let toWorker = false;
     let r = 0;
-    for (let i = 0; i < chunks; ) {
+    for (let i = 0; i < chunks;) {
       if (signal?.aborted === true) {
         throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
       }
