@@ -241,3 +241,19 @@ test('fuzz: copies from mutated published files write the new image or refuse', 
   }
   assert.ok(refused > cases / 4, `${refused} of ${cases} refused`);
 });
+
+test('stored chunks out of order in the index are EPUB_FORMAT, not blamed on the server', async (t) => {
+  const f = await fixture(t);
+  await writeFile(f.dst, f.v1);
+  const h = parseHeader(f.index, 'x');
+  // the second changed chunk (at 620_000) said to lie at the start of the data file
+  const i = Math.floor(620_000 / CHUNK);
+  const index = Buffer.from(f.index);
+  index.writeBigUInt64LE(0n, HEADER_BYTES + topBytes(h) + i * LEAF_BYTES + 32);
+  await writeFile(`${f.img}.blkpub`, index);
+  await assert.rejects(
+    copy(f.url, f.dst),
+    (err) => err instanceof BlksyncError && err.code === 'EPUB_FORMAT',
+  );
+  assert.deepEqual(await readFile(f.dst), f.v1);
+});

@@ -201,6 +201,21 @@ export async function openPublished(
     if (last !== undefined && last.end === start) last.end = end;
     else ranges.push({ start, end });
   }
+  // a publisher stores chunks in chunk order: stored pieces that do not ascend are a damaged
+  // or hostile index (asked for as they are, the server would be blamed for the answer)
+  let storedEnd = 0;
+  for (const i of needed) {
+    const leaf = leaves.get(i)!;
+    if (leaf.kind === KIND_ZERO) continue;
+    if (leaf.offset < storedEnd) {
+      throw new BlksyncError(
+        'EPUB_FORMAT',
+        `${names.index}: chunk ${i}'s stored bytes overlap or precede the previous chunk's; publish again`,
+        { path: names.index },
+      );
+    }
+    storedEnd = leaf.offset + leaf.length;
+  }
   const data = new RangeClient(names.data, { ...options, size: h.dataSize });
   const source = new ChunkSource(h, needed, leaves, data);
   return {
