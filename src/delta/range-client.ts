@@ -167,7 +167,9 @@ export class RangeClient {
     }
     const whole = res.status === 200;
     const body = bodyStream(res);
-    let bytes = Buffer.alloc(0);
+    // the pieces, joined once at the end: a whole index of a large image is many pieces
+    const parts: Buffer[] = [];
+    let got = 0;
     try {
       if (!whole) {
         const cr = parseContentRange(res.body.headers['content-range'], this.url);
@@ -179,24 +181,27 @@ export class RangeClient {
       let sized = !whole;
       let judged = false;
       for await (const c of body) {
-        bytes = Buffer.concat([bytes, c as Buffer]);
-        if (!judged && bytes.length >= 8) {
+        parts.push(c as Buffer);
+        got += (c as Buffer).length;
+        if (!judged && got >= 8) {
           judged = true;
-          if (!looksRight(bytes)) return { bytes, whole: false };
+          const head = Buffer.concat(parts);
+          if (!looksRight(head)) return { bytes: head, whole: false };
         }
-        if (!sized) {
-          const size = wholeSize(bytes);
+        if (!sized && got >= n) {
+          const size = wholeSize(Buffer.concat(parts));
           if (size !== undefined) {
             sized = true;
             limit = size;
           }
         }
-        if (bytes.length > limit) throw this.#wrongRange(`more than the ${limit} bytes expected`);
+        if (got > limit) throw this.#wrongRange(`more than the ${limit} bytes expected`);
       }
+      const bytes = Buffer.concat(parts);
       if (whole) this.#checkSize(bytes.length);
       return { bytes, whole };
     } finally {
-      this.bytesReceived += bytes.length;
+      this.bytesReceived += got;
       body.destroy();
     }
   }
