@@ -40,6 +40,31 @@ export async function copy(
   dst: string,
   options: CopyOptions = {},
 ): Promise<CopyResult> {
+  const result = await copyAny(src, dst, options);
+  warnWrittenMeanwhile(result, options.onWarning);
+  return result;
+}
+
+/**
+ * DST was written by another program while the copy ran (its own writes were synced before
+ * DST's counter was first read, so what was pending before is not counted here): a warning,
+ * as the index written vouches for nothing.
+ */
+function warnWrittenMeanwhile(r: CopyResult, onWarning: CopyOptions['onWarning']): void {
+  const sectors = r.index?.sectorsWrittenMeanwhile;
+  if (sectors === undefined && r.index?.changedMeanwhile !== true) return;
+  const what =
+    sectors !== undefined
+      ? `${sectors} sectors were written to ${r.destination} while the copy ran that its own writes do not account for (another program, or the kernel writing a page of the copy twice)`
+      : `${r.destination} was changed by another program while the copy ran (its ctime moved between the copy's own writes)`;
+  onWarning?.({
+    code: 'WDST_WRITTEN_MEANWHILE',
+    message: `${what}: the index vouches for none of it, and the next copy compares all of it`,
+    path: r.destination,
+  });
+}
+
+async function copyAny(src: string, dst: string, options: CopyOptions): Promise<CopyResult> {
   const resolved = resolveCopyOptions(options);
   const from = parseRemote(src);
   const to = parseRemote(dst);

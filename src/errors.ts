@@ -115,7 +115,13 @@ export type WarningCode =
   /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */
   | 'WSPOOLED'
   /** A virtual disk SRC is an overlay: its backing file (named inside SRC) is read too. */
-  | 'WSRC_BACKING';
+  | 'WSRC_BACKING'
+  /**
+   * DST was written by something other than this copy while it ran (a device's write counter
+   * moved more than its own writes account for, a file's ctime moved between them): the index
+   * written then vouches for no block, and the next copy compares all of DST.
+   */
+  | 'WDST_WRITTEN_MEANWHILE';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {

@@ -169,10 +169,13 @@ export function unvouchedSince(
   dst: string,
 ): string | undefined {
   const s = stored.identity;
-  const older = stored.versionMajor === 1 && stored.versionMinor < 1;
+  // 1.2 added discards, a partition's disk and a loop device's backing file to the stamp, and
+  // a file's ctime kept continuous through the copy
+  const olderThanStamp = stored.versionMajor === 1 && stored.versionMinor < 2;
   if (now.kind === 'file') {
-    if (older || s.ctimeNs === undefined || s.mtimeNs === undefined) {
-      return `it was written by an older blksync that did not record ${dst}'s ctime`;
+    if (olderThanStamp || s.ctimeNs === undefined || s.mtimeNs === undefined) {
+      // before 1.2 a copy did not check that only it changed the file while it wrote
+      return `it was written by an older blksync, whose record of ${dst}'s ctime does not show it unchanged`;
     }
     if (now.mtimeNs === undefined || now.ctimeNs === undefined) {
       return `the ctime of ${dst} cannot be read`;
@@ -183,22 +186,45 @@ export function unvouchedSince(
     }
     return undefined;
   }
+  if (now.stackedOn !== undefined) {
+    return `${dst} is stacked on ${now.stackedOn} (device mapper, md), which can be written without moving its write counter, so nothing shows it unchanged`;
+  }
   if (now.bootId === undefined || now.sectorsWritten === undefined) {
     return `the kernel's write counter of ${dst} cannot be read here, so nothing shows it unchanged`;
   }
-  if (older || s.bootId === undefined || s.sectorsWritten === undefined) {
-    return `it was written by an older blksync that did not record the kernel's write counter of ${dst}`;
+  if (now.backingFile === 'unknown') {
+    return `the backing file of the loop device ${dst} cannot be examined, so nothing shows it unchanged`;
+  }
+  if (olderThanStamp) {
+    return `it was written by an older blksync that did not record all that vouches for ${dst} (discards, a partition's disk, a loop device's backing file)`;
+  }
+  if (s.bootId === undefined || s.sectorsWritten === undefined) {
+    return `it does not record the kernel's write counter of ${dst}`;
   }
   if (s.bootId !== now.bootId) {
     return `it was written in another boot (or on another machine), so the kernel's write counter of ${dst} cannot show it unchanged`;
   }
-  const then = BigInt(s.sectorsWritten);
-  const count = BigInt(now.sectorsWritten);
-  if (count > then) {
-    return `${(count - then).toString()} sectors were written to ${dst} since the index was written (not by blksync)`;
+  const moved = (was: string | undefined, is: string | undefined): bigint | undefined =>
+    was === is ? undefined : was === undefined || is === undefined ? -1n : BigInt(is) - BigInt(was);
+  const written = moved(s.sectorsWritten, now.sectorsWritten);
+  if (written !== undefined && written > 0n) {
+    return `${written.toString()} sectors were written to ${dst} since the index was written, unaccounted for (a killed run, or another program)`;
   }
-  if (count < then) {
+  if (written !== undefined) {
     return `the kernel's write counter of ${dst} started again (it was detached and attached again since the index was written)`;
+  }
+  const discarded = moved(s.sectorsDiscarded, now.sectorsDiscarded);
+  if (discarded !== undefined) {
+    return `${discarded > 0n ? discarded.toString() : 'some'} sectors of ${dst} were discarded since the index was written (blkdiscard, fstrim)`;
+  }
+  const disk =
+    moved(s.diskSectorsWritten, now.diskSectorsWritten) ??
+    moved(s.diskSectorsDiscarded, now.diskSectorsDiscarded);
+  if (disk !== undefined) {
+    return `the disk holding the partition ${dst} was written or discarded since the index was written (possibly inside ${dst}, through the whole disk)`;
+  }
+  if (s.backingFile !== now.backingFile) {
+    return `the backing file of the loop device ${dst} was changed since the index was written (written directly, through another loop device, or replaced)`;
   }
   return undefined;
 }

@@ -24,7 +24,8 @@ import {
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
-import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { CtimeWatch } from '../io/ctime-watch.js';
+import { identityOf, syncedIdentityOf, type TargetIdentity } from '../io/identity.js';
 import { OwnWrites } from '../io/write-counter.js';
 import type { Opened } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
@@ -131,8 +132,10 @@ export class IndexSession {
   #removeBeforeWrite: boolean;
   /** DST's identity when the session opened: its write counter before this copy's writes. */
   #openedAs: TargetIdentity | undefined;
-  /** The sectors this copy's writes add to DST's write counter. */
-  readonly #own = new OwnWrites();
+  /** The sectors this copy's writes add to DST's write counter (at least). */
+  readonly #own: OwnWrites;
+  /** A regular file DST: its ctime moves only by this copy's own writes, or another wrote it. */
+  #ctime: CtimeWatch | undefined;
   /** Where the first range marked possibly dirty began (undefined: nothing marked yet). */
   #markedFrom: number | undefined;
 
@@ -148,6 +151,7 @@ export class IndexSession {
     this.#pool = pool;
     this.buffers = new SharedBufferPool(o.chunkSize);
     this.#removeBeforeWrite = create?.oldExists === true;
+    this.#own = new OwnWrites(o.dst?.size);
     if (use !== undefined) {
       this.blockSize = use.index.blockSize;
       this.target = use.target;
@@ -194,7 +198,9 @@ export class IndexSession {
 
   static async #open(o: IndexSessionOptions, pool: HashPool): Promise<IndexSession> {
     const id =
-      o.dst === undefined ? undefined : await identityOf(o.dstPath, o.dst.stats, o.dst.size);
+      o.dst === undefined
+        ? undefined
+        : await syncedIdentityOf(o.dstPath, o.dst.fh, o.dst.stats, o.dst.size);
     let path = o.index;
     const named = path === 'auto' ? 'auto' : 'file';
     if (path === 'auto') {
@@ -242,6 +248,7 @@ export class IndexSession {
     });
     // DST's write counter before this copy's writes: what the index written after them vouches
     session.#openedAs = id;
+    if (o.dst !== undefined && !o.dryRun) session.#ctime = await CtimeWatch.start(o.dst.fh);
     return session;
   }
 
@@ -303,6 +310,7 @@ export class IndexSession {
     // also before the first mark: a killed earlier run's writes may still be only in the
     // page cache, and this mark is about to vouch for them
     await dst.fh.sync();
+    this.#own.synced();
     await this.#write({ kind: 'in-progress', dirty: { start, end } }, target.table);
     this.#report.checkpoints++;
     this.#markedFrom ??= start;
@@ -320,14 +328,21 @@ export class IndexSession {
     const target = this.target;
     if (this.#o.dryRun || this.#o.dst === undefined || target === undefined) return;
     if (this.#markedFrom === undefined) return; // nothing written: the index still vouches
+    await this.#ctime?.before();
     await this.#o.dst.fh.sync();
     const dirty = { start: this.#markedFrom, end: this.#o.imageSize };
     await this.#write({ kind: 'in-progress', dirty }, target.table);
   }
 
   /** DST's bytes [offset, offset + length) are about to be written by this copy. */
-  ownWrite(offset: number, length: number): void {
+  async ownWrite(offset: number, length: number): Promise<void> {
     this.#own.add(offset, length);
+    await this.#ctime?.before();
+  }
+
+  /** This copy's own write (or hole punching at the end) is done: DST's ctime now is its. */
+  async ownWriteDone(): Promise<void> {
+    await this.#ctime?.after();
   }
 
   async #write(state: IndexState, hashes: Buffer): Promise<void> {
@@ -335,12 +350,16 @@ export class IndexSession {
     const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
     const size = dst.stats.isBlockDevice() ? dst.size : st.size;
     const identity: TargetIdentity = await identityOf(dst.path, st, size);
+    // the stamp must show the ctime of this copy's last own write: a change since is another's
+    if (identity.kind === 'file') this.#ctime?.stamped(identity.ctimeNs);
     const foreign = this.#own.foreign(this.#openedAs, identity);
-    if (foreign > 0n) {
-      // someone else wrote DST during this copy: the stamp would vouch for their writes too,
-      // so the index vouches for no block of DST (the next copy compares all of it)
+    if (foreign > 0n || this.#ctime?.broken === true) {
+      // someone else wrote DST during this copy (or the kernel wrote more than this copy's
+      // pages): the stamp would vouch for their writes too, so the index vouches for no
+      // block of DST (the next copy compares all of it)
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
-      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      else this.#report.changedMeanwhile = true;
     }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
@@ -358,7 +377,9 @@ export class IndexSession {
     if (hashes === undefined) return;
     // DST's sink syncs only what this run wrote; what an earlier, killed run wrote may still
     // be only in the page cache, and the clean index is about to vouch for it
+    await this.#ctime?.before();
     await this.#o.dst.fh.sync();
+    this.#own.synced();
     if (this.#o.partial !== undefined) await this.#hashOutside(this.#o.partial, hashes);
     await this.#write({ kind: 'clean' }, hashes);
     // every block of SRC was hashed: what this copy learnt about DST is SRC's content too
@@ -407,6 +428,7 @@ export class IndexSession {
       const partial = this.#o.partial !== undefined;
       const dirty = partial ? { start: 0, end: this.#o.imageSize } : { start: first, end: last };
       await dst.fh.sync();
+      this.#own.synced();
       await this.#write({ kind: 'in-progress', dirty }, table);
     }
     const shown = spans
@@ -506,11 +528,15 @@ class IndexGuardSink implements Sink {
     } else if (offset + data.length > this.#markedEnd) {
       this.#markedEnd = await this.#session.checkpoint(offset);
     }
-    this.#session.ownWrite(offset, data.length);
+    await this.#session.ownWrite(offset, data.length);
     await this.#sink.write(data, offset);
+    await this.#session.ownWriteDone();
   }
 
-  finish(): Promise<void> {
-    return this.#sink.finish();
+  async finish(): Promise<void> {
+    // finishing may punch holes or sync: DST's ctime after it is this copy's
+    await this.#session.ownWrite(0, 0);
+    await this.#sink.finish();
+    await this.#session.ownWriteDone();
   }
 }

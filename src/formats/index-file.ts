@@ -46,9 +46,12 @@ export const INDEX_VERSION_MAJOR = 1;
 /**
  * 1.1 records in the identity what vouches that the target has not changed since the index
  * was written (a file's ctime, a device's write counter and boot id). A 1.0 index lacks them:
- * it is read, but nothing vouches for it (engine/index-policy.ts).
+ * it is read, but nothing vouches for it (engine/index-policy.ts). 1.2 adds to a device's stamp
+ * its discarded sectors, a partition's whole disk's counts and a loop device's backing file,
+ * and a file's ctime is kept continuous through the copy that writes it; an older index is
+ * read, but nothing vouches for it.
  */
-export const INDEX_VERSION_MINOR = 1;
+export const INDEX_VERSION_MINOR = 2;
 /** Header bytes written by this version. */
 export const INDEX_HEADER_BYTES = 72;
 /** Largest header a reader accepts (a future minor version may append fields). */
@@ -275,6 +278,11 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
     (o.ctimeNs !== undefined && !isString(o.ctimeNs)) ||
     (o.bootId !== undefined && !isString(o.bootId)) ||
     (o.sectorsWritten !== undefined && !isString(o.sectorsWritten)) ||
+    (o.sectorsDiscarded !== undefined && !isString(o.sectorsDiscarded)) ||
+    (o.diskSectorsWritten !== undefined && !isString(o.diskSectorsWritten)) ||
+    (o.diskSectorsDiscarded !== undefined && !isString(o.diskSectorsDiscarded)) ||
+    (o.backingFile !== undefined && !isString(o.backingFile)) ||
+    (o.stackedOn !== undefined && !isString(o.stackedOn)) ||
     (o.model !== undefined && !isString(o.model)) ||
     (o.path !== undefined && !isString(o.path))
   ) {
@@ -285,6 +293,11 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
   if (o.ctimeNs !== undefined) id.ctimeNs = o.ctimeNs;
   if (o.bootId !== undefined) id.bootId = o.bootId;
   if (o.sectorsWritten !== undefined) id.sectorsWritten = o.sectorsWritten;
+  if (o.sectorsDiscarded !== undefined) id.sectorsDiscarded = o.sectorsDiscarded;
+  if (o.diskSectorsWritten !== undefined) id.diskSectorsWritten = o.diskSectorsWritten;
+  if (o.diskSectorsDiscarded !== undefined) id.diskSectorsDiscarded = o.diskSectorsDiscarded;
+  if (o.backingFile !== undefined) id.backingFile = o.backingFile;
+  if (o.stackedOn !== undefined) id.stackedOn = o.stackedOn;
   if (o.model !== undefined) id.model = o.model;
   if (o.path !== undefined) id.path = o.path;
   return id;

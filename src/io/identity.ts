@@ -14,7 +14,7 @@
  */
 
 import type { Stats } from 'node:fs';
-import { readdir, readFile, realpath, stat } from 'node:fs/promises';
+import { type FileHandle, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { devId } from './block-device.js';
 import { writeStamp } from './write-counter.js';
@@ -35,6 +35,19 @@ export interface TargetIdentity {
   bootId?: string;
   /** For a block device: 512-byte sectors written to it in that boot, as a decimal string. */
   sectorsWritten?: string;
+  /** For a block device: 512-byte sectors discarded in that boot (kernels >= 4.18). */
+  sectorsDiscarded?: string;
+  /** For a partition: its whole disk's sectors written and discarded (a write through the disk). */
+  diskSectorsWritten?: string;
+  diskSectorsDiscarded?: string;
+  /**
+   * For a loop device: its backing file's "dev:ino:size:ctimeNs:mtimeNs" and the device's
+   * "offset:sizelimit" (a write to the file, or through another loop device on it, moves the
+   * file's ctime and not this device's counter); "unknown" when the file cannot be stat'ed.
+   */
+  backingFile?: string;
+  /** For a stacked device (device mapper, md): the devices under it, whose writes it does not count. */
+  stackedOn?: string;
   /** Human hints shown by `blksync info`; not compared. */
   model?: string;
   path?: string;
@@ -106,6 +119,21 @@ async function diskKey(
   return { key: undefined, model };
 }
 
+/**
+ * The identity of the open file or block device `fh` as a stamp to compare with an index's: a
+ * block device is synced first, so that what another program left dirty in its page cache
+ * is counted now, not later by blksync's own sync as if it were blksync's.
+ */
+export async function syncedIdentityOf(
+  path: string,
+  fh: FileHandle,
+  stats: Stats,
+  size: number,
+): Promise<TargetIdentity> {
+  if (stats.isBlockDevice()) await fh.sync();
+  return identityOf(path, stats, size);
+}
+
 /** The identity of an open file or block device, from its stats and its size. */
 export async function identityOf(
   path: string,
@@ -140,15 +168,40 @@ export async function identityOf(
   }
   const key = found.key ?? `devnum:${devId(stats.rdev)}`;
   const stamp = await writeStamp(stats.rdev);
+  // a partition's data is its disk's: a loop device's backing file, a stacked disk's slaves
+  const disk =
+    partition === undefined ? undefined : join(await realpath(sys).catch(() => sys), '..');
+  const slavesOf = (dir: string) => readdir(`${dir}/slaves`).catch(() => [] as string[]);
+  const slaves = [...(await slavesOf(sys)), ...(disk !== undefined ? await slavesOf(disk) : [])];
+  const backingFile =
+    (await loopBacking(sys)) ?? (disk !== undefined ? await loopBacking(disk) : undefined);
   return {
     kind: 'block-device',
     size,
     key,
     weak: found.key === undefined,
     ...(stamp !== undefined ? stamp : {}),
+    ...(backingFile !== undefined ? { backingFile } : {}),
+    ...(slaves.length > 0 ? { stackedOn: slaves.join(',') } : {}),
     ...(found.model !== undefined ? { model: found.model } : {}),
     ...(devPath !== undefined ? { path: devPath } : {}),
   };
+}
+
+/**
+ * A loop device's backing file stamp ("dev:ino:size:ctimeNs:mtimeNs offset:sizelimit"), or
+ * "unknown" when it cannot be read; undefined for a device that is not a loop device.
+ */
+async function loopBacking(sys: string): Promise<string | undefined> {
+  const file = await readText(`${sys}/loop/backing_file`);
+  if (file === undefined) {
+    return (await readText(`${sys}/loop/offset`)) === undefined ? undefined : 'unknown';
+  }
+  const offset = (await readText(`${sys}/loop/offset`)) ?? '?';
+  const limit = (await readText(`${sys}/loop/sizelimit`)) ?? '?';
+  const st = await stat(file, { bigint: true }).catch(() => undefined);
+  if (st === undefined) return 'unknown';
+  return `${st.dev}:${st.ino}:${st.size}:${st.ctimeNs}:${st.mtimeNs} ${offset}:${limit}`;
 }
 
 /** Why two identities are not the same target, or undefined when they are. */

@@ -9,11 +9,14 @@
  * vouches, and the boot id or the count itself differs.
  */
 
-import { readFile } from 'node:fs/promises';
+import { readFile, realpath } from 'node:fs/promises';
+import { join } from 'node:path';
 import { devId } from './block-device.js';
 
-/** Field index (0-based) of "write sectors" in a block device's stat file (Documentation/block/stat.rst). */
+/** Field indexes (0-based) in a block device's stat file (Documentation/block/stat.rst). */
 const WRITE_SECTORS_FIELD = 6;
+/** "discard sectors" (kernels >= 4.18): a discard changes what the device reads too. */
+const DISCARD_SECTORS_FIELD = 13;
 
 /** The kernel's write count of a block device, and the boot it counts from. */
 export interface WriteStamp {
@@ -21,6 +24,11 @@ export interface WriteStamp {
   bootId: string;
   /** 512-byte sectors written since the device appeared, as a decimal string. */
   sectorsWritten: string;
+  /** 512-byte sectors discarded since the device appeared (absent: the kernel does not count them). */
+  sectorsDiscarded?: string;
+  /** For a partition: the whole disk's counts, which a write through the disk moves. */
+  diskSectorsWritten?: string;
+  diskSectorsDiscarded?: string;
 }
 
 async function readText(path: string): Promise<string | undefined> {
@@ -37,18 +45,49 @@ export async function bootId(): Promise<string | undefined> {
   return id === undefined || id === '' ? undefined : id;
 }
 
-/** Sectors written to the block device `rdev` so far, or undefined where sysfs does not say. */
-export async function sectorsWritten(rdev: number): Promise<bigint | undefined> {
-  const text = await readText(`/sys/dev/block/${devId(rdev)}/stat`);
-  const field = text?.split(/\s+/)[WRITE_SECTORS_FIELD];
-  return field !== undefined && /^\d+$/.test(field) ? BigInt(field) : undefined;
+function field(fields: string[] | undefined, i: number): bigint | undefined {
+  const f = fields?.[i];
+  return f !== undefined && /^\d+$/.test(f) ? BigInt(f) : undefined;
 }
 
-/** The write stamp of the block device `rdev` now; undefined when either part is unknown. */
+/** Sectors written and discarded so far per the stat file in sysfs directory `sys`. */
+async function counts(
+  sys: string,
+): Promise<{ written: bigint; discarded: bigint | undefined } | undefined> {
+  const fields = (await readText(`${sys}/stat`))?.split(/\s+/);
+  const written = field(fields, WRITE_SECTORS_FIELD);
+  if (written === undefined) return undefined;
+  return { written, discarded: field(fields, DISCARD_SECTORS_FIELD) };
+}
+
+/** Sectors written to the block device `rdev` so far, or undefined where sysfs does not say. */
+export async function sectorsWritten(rdev: number): Promise<bigint | undefined> {
+  return (await counts(`/sys/dev/block/${devId(rdev)}`))?.written;
+}
+
+/**
+ * The write stamp of the block device `rdev` now; undefined when any part is unknown. A
+ * partition's stamp holds its whole disk's counts too: a write through the disk into the
+ * partition moves only the disk's.
+ */
 export async function writeStamp(rdev: number): Promise<WriteStamp | undefined> {
-  const [boot, sectors] = await Promise.all([bootId(), sectorsWritten(rdev)]);
-  if (boot === undefined || sectors === undefined) return undefined;
-  return { bootId: boot, sectorsWritten: sectors.toString() };
+  const sys = `/sys/dev/block/${devId(rdev)}`;
+  const isPartition = (await readText(`${sys}/partition`)) !== undefined;
+  const disk = isPartition ? join(await realpath(sys).catch(() => sys), '..') : undefined;
+  const [boot, own, whole] = await Promise.all([
+    bootId(),
+    counts(sys),
+    disk === undefined ? undefined : counts(disk),
+  ]);
+  if (boot === undefined || own === undefined) return undefined;
+  if (isPartition && whole === undefined) return undefined;
+  return {
+    bootId: boot,
+    sectorsWritten: own.written.toString(),
+    ...(own.discarded !== undefined ? { sectorsDiscarded: own.discarded.toString() } : {}),
+    ...(whole !== undefined ? { diskSectorsWritten: whole.written.toString() } : {}),
+    ...(whole?.discarded !== undefined ? { diskSectorsDiscarded: whole.discarded.toString() } : {}),
+  };
 }
 
 /** The page cache writes whole pages back: a write's sectors are those of the pages it touches. */
@@ -56,32 +95,74 @@ export const PAGE_BYTES = 4096;
 const SECTOR_BYTES = 512;
 
 /**
- * The sectors blksync's own writes to a device add to its write counter, counted as the pages
- * they touch (what writeback sends; measured equal on a loop device). Writes to the same page
- * twice count twice, so the count errs high, never low.
+ * The sectors blksync's own writes to a device add to its write counter, as a LOWER bound:
+ * the distinct pages written between two syncs (what writeback sends at least once each),
+ * clipped at the device's end. The kernel may send a page twice (written back, then written
+ * again before the sync): then the counter is above this count, and the index written after
+ * vouches for nothing (an extra read next time), never for a foreign write hidden in the slack.
  */
 export class OwnWrites {
   #sectors = 0n;
+  /** Page ranges [start, end) written since the last sync, as written. */
+  #epoch: [number, number][] = [];
+  readonly #deviceEnd: number;
+
+  constructor(deviceEnd = Number.MAX_SAFE_INTEGER) {
+    this.#deviceEnd = deviceEnd;
+  }
 
   add(offset: number, length: number): void {
     if (length <= 0) return;
-    const start = Math.floor(offset / PAGE_BYTES) * PAGE_BYTES;
-    const end = Math.ceil((offset + length) / PAGE_BYTES) * PAGE_BYTES;
-    this.#sectors += BigInt((end - start) / SECTOR_BYTES);
+    const start = Math.floor(offset / PAGE_BYTES);
+    const end = Math.ceil((offset + length) / PAGE_BYTES);
+    const last = this.#epoch[this.#epoch.length - 1];
+    if (last !== undefined && start >= last[0] && start <= last[1]) {
+      last[1] = Math.max(last[1], end);
+    } else {
+      this.#epoch.push([start, end]);
+    }
+  }
+
+  /** DST was synced: pages written from now on are written back again. */
+  synced(): void {
+    const ranges = this.#epoch.sort((a, b) => a[0] - b[0]);
+    this.#epoch = [];
+    let bytes = 0;
+    let at = 0;
+    for (const [s, e] of ranges) {
+      const from = Math.max(s, at) * PAGE_BYTES;
+      const to = Math.min(e * PAGE_BYTES, this.#deviceEnd);
+      if (to > from) bytes += to - from;
+      at = Math.max(at, e);
+    }
+    this.#sectors += BigInt(Math.ceil(bytes / SECTOR_BYTES));
   }
 
   get sectors(): bigint {
+    this.synced();
     return this.#sectors;
   }
 
   /**
-   * Sectors others wrote to the device between the stamps `before` and `now` (taken after
-   * blksync's own writes were synced), beyond these writes; 0 when the counter is unknown.
+   * Sectors written or discarded on the device between the stamps `before` and `now` (taken
+   * after blksync's own writes were synced) that these writes do not account for exactly (the
+   * sum of the differences, 0 when the counter is unknown or every count is exactly
+   * accounted for).
    */
   foreign(before: Partial<WriteStamp> | undefined, now: Partial<WriteStamp>): bigint {
     if (before?.sectorsWritten === undefined || now.sectorsWritten === undefined) return 0n;
     if (before.bootId !== now.bootId) return 0n;
-    const extra = BigInt(now.sectorsWritten) - BigInt(before.sectorsWritten) - this.#sectors;
-    return extra > 0n ? extra : 0n;
+    const own = this.sectors;
+    const off = (a: string | undefined, b: string | undefined, expected: bigint): bigint => {
+      if (a === undefined || b === undefined) return 0n;
+      const d = BigInt(b) - BigInt(a) - expected;
+      return d < 0n ? -d : d;
+    };
+    return (
+      off(before.sectorsWritten, now.sectorsWritten, own) +
+      off(before.sectorsDiscarded, now.sectorsDiscarded, 0n) +
+      off(before.diskSectorsWritten, now.diskSectorsWritten, own) +
+      off(before.diskSectorsDiscarded, now.diskSectorsDiscarded, 0n)
+    );
   }
 }

@@ -32,7 +32,8 @@ import {
 } from '../formats/index-file.js';
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
-import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { CtimeWatch } from '../io/ctime-watch.js';
+import { identityOf, syncedIdentityOf, type TargetIdentity } from '../io/identity.js';
 import { OwnWrites } from '../io/write-counter.js';
 import { assertSeparateOutput, sameFile } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
@@ -99,8 +100,10 @@ export class AgentIndex {
   #committed = false;
   /** DST's identity when the index was opened: its write counter before this run's writes. */
   #openedAs: TargetIdentity | undefined;
-  /** The sectors this run's writes add to DST's write counter. */
-  readonly #own = new OwnWrites();
+  /** The sectors this run's writes add to DST's write counter (at least). */
+  readonly #own: OwnWrites;
+  /** A regular file DST: its ctime moves only by this run's own writes, or another wrote it. */
+  #ctime: CtimeWatch | undefined;
 
   private constructor(
     path: string,
@@ -117,6 +120,7 @@ export class AgentIndex {
     this.#imageSize = imageSize;
     this.#dst = dst;
     this.#dryRun = dryRun;
+    this.#own = new OwnWrites(dst.size);
     const blocks = blockCountFor(imageSize, blockSize);
     this.#table = Buffer.alloc(blocks * HASH_BYTES);
     this.#known = new Uint8Array(blocks);
@@ -171,7 +175,7 @@ export class AgentIndex {
     }
     const id =
       dst.fh !== undefined && dst.stats !== undefined
-        ? await identityOf(dst.path, dst.stats, dst.size)
+        ? await syncedIdentityOf(dst.path, dst.fh, dst.stats, dst.size)
         : undefined;
     let path = o.path;
     const make = (reason: string | undefined, oldExists: boolean, p = path): AgentIndex =>
@@ -211,7 +215,7 @@ export class AgentIndex {
       const used = new AgentIndex(path, found.blockSize, imageSize, dst, dryRun, use, undefined);
       const bad = await used.#verifySample(o.verifySample);
       if (bad === undefined) {
-        used.#openedAs = id;
+        await used.#opened(id);
         return used;
       }
       decision = decideIndex({ ...facts, sampleMismatchAt: bad });
@@ -222,8 +226,15 @@ export class AgentIndex {
       decision.action === 'rebuild',
       path,
     );
-    made.#openedAs = id;
+    await made.#opened(id);
     return made;
+  }
+
+  /** DST's identity before this run's writes: what the index written after them vouches. */
+  async #opened(id: TargetIdentity | undefined): Promise<void> {
+    this.#openedAs = id;
+    const fh = this.#dst.fh;
+    if (fh !== undefined && !this.#dryRun) this.#ctime = await CtimeWatch.start(fh);
   }
 
   /** Reads `count` trusted blocks (first, last, then random) and checks them; the first bad one. */
@@ -291,6 +302,7 @@ export class AgentIndex {
 
   /** Before DST's first byte changes: remove a replaced index, or mark the used one in progress. */
   async beforeWrite(offset: number): Promise<void> {
+    await this.#ctime?.before();
     if (this.#marked || this.#dryRun) return;
     this.#marked = true;
     if (this.#removeBeforeWrite) await rm(this.path, { force: true });
@@ -300,6 +312,7 @@ export class AgentIndex {
     start = Math.floor(start / this.blockSize) * this.blockSize;
     // what an earlier, killed run wrote may be only in the page cache; the mark vouches for it
     await this.#dst.fh!.sync();
+    this.#own.synced();
     await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
     this.#markedFrom = start;
     this.#report.checkpoints++;
@@ -314,20 +327,34 @@ export class AgentIndex {
   async settle(): Promise<void> {
     const start = this.#markedFrom;
     if (start === undefined || this.#committed || this.#dryRun) return;
+    await this.#ctime?.before();
     await this.#dst.fh!.sync();
     await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
   }
 
   /** DATA was written at `offset`. */
-  wrote(offset: number, raw: Buffer): void {
+  async wrote(offset: number, raw: Buffer): Promise<void> {
     this.#own.add(offset, raw.length);
     this.#hashBlocks(offset, raw, raw.length);
+    await this.#ctime?.after();
+  }
+
+  /** Before DST is finished (its sink may punch holes): was it changed since this run's last write? */
+  async beforeFinish(): Promise<void> {
+    await this.#ctime?.before();
+  }
+
+  /** After DST was finished: its ctime now is this run's. */
+  async afterFinish(): Promise<void> {
+    await this.#ctime?.after();
   }
 
   /** After DONE synced DST: reads back the blocks no one hashed, and writes the clean index. */
   async commit(): Promise<void> {
     const fh = this.#dst.fh;
     if (this.#dryRun || fh === undefined) return;
+    await this.#ctime?.before();
+    this.#own.synced();
     const bs = this.blockSize;
     const buf = Buffer.allocUnsafe(bs);
     for (let i = 0; i < this.#known.length; i++) {
@@ -377,11 +404,14 @@ export class AgentIndex {
       st,
       d.kind === 'file' ? st.size : d.size,
     );
+    // the stamp must show the ctime of this copy's last own write: a change since is another's
+    if (identity.kind === 'file') this.#ctime?.stamped(identity.ctimeNs);
     const foreign = this.#own.foreign(this.#openedAs, identity);
-    if (foreign > 0n) {
+    if (foreign > 0n || this.#ctime?.broken === true) {
       // someone else wrote DST during this run: the stamp would vouch for their writes too
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
-      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      else this.#report.changedMeanwhile = true;
     }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,

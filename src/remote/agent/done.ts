@@ -11,7 +11,9 @@ import type { AgentSession, Opened } from './session.js';
 export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void> {
   if (p.length !== 0) throw new ProtocolError('bad DONE');
   const directReport = await s.directRun;
+  await s.index?.beforeFinish();
   await o.sink?.finish();
+  await s.index?.afterFinish();
   let identity: Summary['identity'];
   if (o.identity && o.fh !== undefined && o.sink !== undefined) {
     // an index is about to vouch for all of the file, also what an earlier, killed run

@@ -14,7 +14,7 @@ import {
 } from '../../containers/detect.js';
 import { detectCompression, MAGIC_BYTES } from '../../io/compression-magic.js';
 import { FileSink } from '../../io/file-sink.js';
-import { identityOf } from '../../io/identity.js';
+import { syncedIdentityOf } from '../../io/identity.js';
 import { openSource, openTarget } from '../../io/open.js';
 import { prepareDestination } from '../../io/prepare-destination.js';
 import { AgentIndex } from '../agent-index.js';
@@ -162,7 +162,7 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
         }
       : {}),
     ...(h.identity === true && found.fh !== undefined
-      ? { identity: await identityOf(h.path, found.stats, found.size) }
+      ? { identity: await syncedIdentityOf(h.path, found.fh, found.stats, found.size) }
       : {}),
   };
   return { ready, digests };

@@ -56,7 +56,7 @@ export async function dataWrite(s: AgentSession, o: Opened, p: Buffer): Promise<
   s.digest.update(p.subarray(0, 12)).update(raw);
   await s.index?.beforeWrite(offset);
   await o.sink.write(raw, offset);
-  s.index?.wrote(offset, raw);
+  await s.index?.wrote(offset, raw);
   s.written?.add(offset, rawLength);
   s.bytes += rawLength;
   s.frames++;
