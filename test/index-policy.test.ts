@@ -15,6 +15,7 @@ import {
   type IndexFacts,
 } from '../src/engine/index-policy.js';
 import type { TargetIdentity } from '../src/io/identity.js';
+import { OwnWrites } from '../src/io/write-counter.js';
 
 const unreadable = new BlksyncError('EINDEX_FORMAT', 'x is not a usable blksync index');
 
@@ -130,24 +131,29 @@ const file = (over: Partial<TargetIdentity> = {}): TargetIdentity => ({
   ctimeNs: '200',
   ...over,
 });
-const v11 = (identity: TargetIdentity) => ({ versionMajor: 1, versionMinor: 1, identity });
+const v12 = (identity: TargetIdentity) => ({ versionMajor: 1, versionMinor: 2, identity });
 
 test('a device: the same boot and write count vouch; anything else does not', () => {
-  assert.equal(unvouchedSince(v11(dev()), dev(), 'D'), undefined);
+  assert.equal(unvouchedSince(v12(dev()), dev(), 'D'), undefined);
   assert.match(
-    unvouchedSince(v11(dev()), dev({ sectorsWritten: '1008' }), 'D') ?? '',
-    /^8 sectors were written to D/,
+    unvouchedSince(v12(dev()), dev({ sectorsWritten: '1008' }), 'D') ?? '',
+    /^8 sectors were written to D since the index was written, unaccounted for \(a killed run, or another program\)/,
   );
   assert.match(
-    unvouchedSince(v11(dev()), dev({ sectorsWritten: '10' }), 'D') ?? '',
+    unvouchedSince(v12(dev()), dev({ sectorsWritten: '10' }), 'D') ?? '',
     /counter of D started again/,
   );
-  assert.match(unvouchedSince(v11(dev()), dev({ bootId: 'boot-b' }), 'D') ?? '', /another boot/);
+  assert.match(unvouchedSince(v12(dev()), dev({ bootId: 'boot-b' }), 'D') ?? '', /another boot/);
   const bare = dev();
   delete bare.bootId;
   delete bare.sectorsWritten;
-  assert.match(unvouchedSince(v11(dev()), bare, 'D') ?? '', /cannot be read here/);
-  assert.match(unvouchedSince(v11(bare), dev(), 'D') ?? '', /older blksync/);
+  assert.match(unvouchedSince(v12(dev()), bare, 'D') ?? '', /cannot be read here/);
+  assert.match(unvouchedSince(v12(bare), dev(), 'D') ?? '', /does not record/);
+  // 1.1 did not record discards, a partition's disk, a loop device's backing file
+  assert.match(
+    unvouchedSince({ versionMajor: 1, versionMinor: 1, identity: dev() }, dev(), 'D') ?? '',
+    /older blksync/,
+  );
   assert.match(
     unvouchedSince({ versionMajor: 1, versionMinor: 0, identity: dev() }, dev(), 'D') ?? '',
     /older blksync/,
@@ -155,16 +161,16 @@ test('a device: the same boot and write count vouch; anything else does not', ()
 });
 
 test('a file: the same mtime and ctime vouch; touch -r is caught by the ctime', () => {
-  assert.equal(unvouchedSince(v11(file()), file(), 'F'), undefined);
-  assert.match(unvouchedSince(v11(file()), file({ mtimeNs: '101' }), 'F') ?? '', /modified/);
-  assert.match(unvouchedSince(v11(file()), file({ ctimeNs: '201' }), 'F') ?? '', /ctime moved/);
+  assert.equal(unvouchedSince(v12(file()), file(), 'F'), undefined);
+  assert.match(unvouchedSince(v12(file()), file({ mtimeNs: '101' }), 'F') ?? '', /modified/);
+  assert.match(unvouchedSince(v12(file()), file({ ctimeNs: '201' }), 'F') ?? '', /ctime moved/);
   const old = file();
   delete old.ctimeNs;
-  assert.match(unvouchedSince(v11(old), file(), 'F') ?? '', /older blksync/);
+  assert.match(unvouchedSince(v12(old), file(), 'F') ?? '', /older blksync/);
 });
 
 test('indexFacts: identity, size and staleness from an index and DST now', () => {
-  const stored = { ...v11(dev()), blockSize: 65536, state: { kind: 'clean' } };
+  const stored = { ...v12(dev()), blockSize: 65536, state: { kind: 'clean' } };
   const ask = {
     path: '/idx',
     named: 'file' as const,
@@ -196,4 +202,63 @@ test('indexFacts: identity, size and staleness from an index and DST now', () =>
   // DST that does not exist yet (a dry run): whatever index there is cannot describe it
   assert.equal(code(decideIndex(indexFacts(stored, undefined, ask))), 'rebuild');
   assert.equal(code(decideIndex(indexFacts('absent', undefined, ask))), 'create');
+});
+
+test("a device: discards, writes through a partition's disk and a loop device's backing file all unvouch", () => {
+  const stamped = dev({
+    sectorsDiscarded: '0',
+    diskSectorsWritten: '5000',
+    diskSectorsDiscarded: '0',
+    backingFile: '1:2:1048576:300:300 0:0',
+  });
+  assert.equal(unvouchedSince(v12(stamped), { ...stamped }, 'D'), undefined);
+  assert.match(
+    unvouchedSince(v12(stamped), { ...stamped, sectorsDiscarded: '8' }, 'D') ?? '',
+    /8 sectors of D were discarded/,
+  );
+  assert.match(
+    unvouchedSince(v12(stamped), { ...stamped, diskSectorsWritten: '5008' }, 'D') ?? '',
+    /the disk holding the partition D was written/,
+  );
+  assert.match(
+    unvouchedSince(v12(stamped), { ...stamped, backingFile: '1:2:1048576:301:300 0:0' }, 'D') ?? '',
+    /backing file of the loop device D was changed/,
+  );
+  assert.match(
+    unvouchedSince(v12(stamped), { ...stamped, backingFile: 'unknown' }, 'D') ?? '',
+    /cannot be examined/,
+  );
+  // device mapper, md: writes to the devices under it are not counted here
+  assert.match(
+    unvouchedSince(v12(stamped), { ...stamped, stackedOn: 'sda2' }, 'D') ?? '',
+    /stacked on sda2/,
+  );
+});
+
+test('own writes are a lower bound: a foreign write cannot hide in what they are over-counted by', () => {
+  const own = new OwnWrites(1 << 20);
+  // two sub-page writes into one page: writeback sends that page (8 sectors) once
+  own.add(0, 512);
+  own.add(1024, 512);
+  assert.equal(own.sectors, 8n);
+  const before = { bootId: 'b', sectorsWritten: '100' };
+  assert.equal(own.foreign(before, { bootId: 'b', sectorsWritten: '108' }), 0n);
+  // 8 sectors more than the page: another program's 4 KiB (counted 16 before: hidden)
+  assert.equal(own.foreign(before, { bootId: 'b', sectorsWritten: '116' }), 8n);
+  // the same page again after a sync is written back again
+  own.synced();
+  own.add(2048, 512);
+  assert.equal(own.foreign(before, { bootId: 'b', sectorsWritten: '116' }), 0n);
+  // a discard meanwhile is never the copy's own
+  assert.equal(
+    own.foreign(
+      { ...before, sectorsDiscarded: '0' },
+      { bootId: 'b', sectorsWritten: '116', sectorsDiscarded: '8' },
+    ),
+    8n,
+  );
+  // clipped at the device's end: a 512-byte device's last page is one sector
+  const tiny = new OwnWrites(512);
+  tiny.add(0, 512);
+  assert.equal(tiny.sectors, 1n);
 });

@@ -156,7 +156,7 @@ test('info describes an index, as text and JSON, and refuses files it does not k
   assert.equal(info.distinctBlocks, 2, 'a full zero block and the short last one');
   assert.equal(info.state, 'clean');
   const text = await runCli(['info', s.index]);
-  assert.match(text.stdout, /blksync index, version 1\.1, checksum ok/);
+  assert.match(text.stdout, /blksync index, version 1\.2, checksum ok/);
   assert.match(text.stdout, /state\s+clean/);
   assert.match(text.stdout, /made for\s+file \S*dst\.img \(file:\d+:\d+\)/);
   const unknown = await runCli(['info', s.src]);
