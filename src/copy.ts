@@ -6,6 +6,7 @@
  *   host:SRC  → local DST        remote/copy/pull.ts
  *   host:SRC  → host:DST         remote/copy/relay.ts (through this machine)
  *                                remote/copy/direct.ts (--direct: SRC's host sends to DST's)
+ *   local SRC → DST1 DST2 …      fanout/copy-many.ts (copyMany: SRC read once for all)
  *
  * It sits above engine/ and remote/ so that neither imports the other upward: the engine
  * knows nothing of ssh, and remote/ uses the engine as a library. The options are checked and
@@ -21,10 +22,13 @@ import {
   type LocalCopyOptions,
   type ResolvedCopyOptions,
 } from './engine/copy-options.js';
+import type { CopyManyResult, DestinationOutcome } from './fanout/copy-many.js';
 import type { RemoteOptions } from './remote/link.js';
+import type { Progress } from './types.js';
 import { parseRemote } from './remote/spec.js';
 
 export type { CopyResult } from './engine/copy-options.js';
+export type { CopyManyResult, DestinationOutcome } from './fanout/copy-many.js';
 export type { ChannelStats, RemoteCopyResult } from './remote/copy/outcome.js';
 
 export interface CopyOptions extends LocalCopyOptions {
@@ -79,6 +83,96 @@ export async function copy(
   } catch (err) {
     throw compressedRemote(err, dst, from, remote);
   }
+}
+
+export interface CopyManyOptions extends CopyOptions {
+  /** Each destination's own progress (`index` into `dsts`); `onProgress` gets the sum. */
+  onDestinationProgress?: (index: number, progress: Progress) => void;
+}
+
+/**
+ * Writes SRC onto every destination, reading SRC once, each destination compared against its
+ * own content and written only where it differs. A destination that is refused or fails is
+ * reported in its entry of `destinations` (`error`) and the others go on; the result's
+ * `failed` counts them. Throws only when nothing could start (bad options, SRC unreadable)
+ * or when interrupted. One destination is `copy`'s path, its result in the one entry.
+ */
+export async function copyMany(
+  src: string,
+  dsts: readonly string[],
+  options: CopyManyOptions = {},
+): Promise<CopyManyResult> {
+  if (dsts.length === 0) throw new BlksyncError('EUSAGE', 'copy needs at least one destination');
+  if (dsts.length === 1) return single(src, dsts[0]!, options);
+  const resolved = resolveCopyOptions(options);
+  const remote = [src, ...dsts].find((end) => parseRemote(end) !== undefined);
+  if (remote !== undefined) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `${remote}: several destinations are local files or devices, and SRC too, for now; copy to each host in its own run`,
+    );
+  }
+  if (options.direct === true) {
+    throw new BlksyncError('EUSAGE', '--direct copies between two hosts: give one destination');
+  }
+  if (resolved.index !== undefined && resolved.index !== 'auto') {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${resolved.index} describes one destination; with several give --index auto (each its own cached index)`,
+    );
+  }
+  if (typeof resolved.srcIndex === 'string') {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--src-index works with one destination; with several SRC is read once anyway',
+    );
+  }
+  const { fanOut } = await import('./fanout/copy-many.js');
+  return fanOut(src, dsts, resolved, { onDestinationProgress: options.onDestinationProgress });
+}
+
+/** A fan-out of one: `copy` itself, its outcome in copyMany's shape. */
+async function single(src: string, dst: string, options: CopyManyOptions): Promise<CopyManyResult> {
+  const started = performance.now();
+  const { onDestinationProgress, onProgress } = options;
+  const both = (p: Progress): void => {
+    onDestinationProgress?.(0, p);
+    onProgress?.(p);
+  };
+  const entry = await copy(src, dst, {
+    ...options,
+    ...(onDestinationProgress !== undefined || onProgress !== undefined
+      ? { onProgress: both }
+      : {}),
+  }).then(
+    (result): DestinationOutcome => ({
+      destination: dst,
+      result,
+      bytesRead: result.bytesRead,
+      bytesWritten: result.bytesWritten,
+    }),
+    (err: unknown): DestinationOutcome => {
+      if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') throw err;
+      const partial = err instanceof BlksyncError ? err.partial : undefined;
+      const written = (partial as { bytesWritten?: unknown } | undefined)?.bytesWritten;
+      return {
+        destination: dst,
+        error: err instanceof Error ? err : new Error(String(err)),
+        bytesRead: 0,
+        bytesWritten: typeof written === 'number' ? written : 0,
+      };
+    },
+  );
+  return {
+    source: src,
+    bytesTotal: entry.result?.bytesTotal ?? 0,
+    sourceBytesRead: entry.result?.bytesScanned ?? 0,
+    bufferBytes: 0,
+    destinations: [entry],
+    failed: entry.error !== undefined ? 1 : 0,
+    dryRun: options.dryRun === true,
+    seconds: (performance.now() - started) / 1000,
+  };
 }
 
 /**
