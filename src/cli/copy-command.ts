@@ -286,7 +286,9 @@ function manySummary(r: ManyJson): string {
     if (d.error !== undefined) {
       lines.push(
         `${d.destination}: failed (${d.error.code})` +
-          (d.bytesWritten > 0 ? `, ${formatBytes(d.bytesWritten)} written before` : ', nothing written'),
+          (d.bytesWritten > 0
+            ? `, ${formatBytes(d.bytesWritten)} written before`
+            : ', nothing written'),
       );
       continue;
     }

@@ -38,7 +38,7 @@ export class Broadcast {
   readonly #free: Buffer[] = [];
   /** Per view: the offset below which it reads no more; undefined once it is closed. */
   readonly #cursors: (number | undefined)[];
-  #error: unknown;
+  #error: Error | undefined;
   #ended = false;
   #wake: () => void = () => {};
   #changed: Promise<void>;
@@ -47,13 +47,7 @@ export class Broadcast {
   bytesRead = 0;
 
   /** `views`: how many destinations read through it; each must be closed when done. */
-  constructor(
-    source: Source,
-    plan: Plan,
-    chunkSize: number,
-    views: number,
-    signal?: AbortSignal,
-  ) {
+  constructor(source: Source, plan: Plan, chunkSize: number, views: number, signal?: AbortSignal) {
     this.#source = source;
     this.#plan = plan;
     this.#chunkSize = chunkSize;
@@ -118,7 +112,7 @@ export class Broadcast {
         if (got < chunk.length) return; // the source ended early: the views report it
       }
     } catch (err) {
-      this.#error = err;
+      this.#error = err instanceof Error ? err : new Error(String(err));
     } finally {
       this.#ended = true;
       this.#notify();

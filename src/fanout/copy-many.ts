@@ -73,7 +73,13 @@ export async function fanOut(
     options.blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
-  const broadcast = new Broadcast(shared.source, shared.plan, chunkSize, dsts.length, options.signal);
+  const broadcast = new Broadcast(
+    shared.source,
+    shared.plan,
+    chunkSize,
+    dsts.length,
+    options.signal,
+  );
   const progress = dsts.map(() => ({ bytesScanned: 0, bytesDiffering: 0, bytesWritten: 0 }));
   const onProgress = (i: number, p: Progress): void => {
     progress[i] = p;
