@@ -221,7 +221,16 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         opts,
         setExit,
         async (ctx) => {
-          const many = await copyMany(src, dsts, options(ctx));
+          const many = await copyMany(src, dsts, options(ctx)).catch((err: unknown) => {
+            // an interrupted fan-out's partial result, summarized and printed as a finished one's
+            if (err instanceof BlksyncError && err.code === 'EINTERRUPTED' && isMany(err.partial)) {
+              throw new BlksyncError(err.code, err.message, {
+                cause: err,
+                partial: manyJson(err.partial),
+              });
+            }
+            throw err;
+          });
           // one line per dropped destination on stderr, as every error is printed
           for (const d of many.destinations) {
             if (d.error === undefined) continue;
@@ -237,6 +246,10 @@ export function registerCopy(program: Command, setExit: SetExit): void {
 }
 
 type RunContext = Parameters<Parameters<typeof runOperation>[2]>[0];
+
+function isMany(partial: unknown): partial is CopyManyResult {
+  return typeof partial === 'object' && partial !== null && 'destinations' in partial;
+}
 
 function errorObject(err: Error): { code: string; message: string } {
   return { code: err instanceof BlksyncError ? err.code : 'EINTERNAL', message: err.message };
@@ -285,7 +298,7 @@ function manySummary(r: ManyJson): string {
   for (const d of r.destinations) {
     if (d.error !== undefined) {
       lines.push(
-        `${d.destination}: failed (${d.error.code})` +
+        `${d.destination}: ${d.error.code === 'EINTERRUPTED' ? 'interrupted' : `failed (${d.error.code})`}` +
           (d.bytesWritten > 0
             ? `, ${formatBytes(d.bytesWritten)} written before`
             : ', nothing written'),
