@@ -85,6 +85,9 @@ export async function copy(
   }
 }
 
+/** ssh links (one agent per host:path destination) a fan-out opens at most. */
+export const MAX_LINKS = 16;
+
 export interface CopyManyOptions extends CopyOptions {
   /** Each destination's own progress (`index` into `dsts`); `onProgress` gets the sum. */
   onDestinationProgress?: (index: number, progress: Progress) => void;
@@ -105,15 +108,26 @@ export async function copyMany(
   if (dsts.length === 0) throw new BlksyncError('EUSAGE', 'copy needs at least one destination');
   if (dsts.length === 1) return single(src, dsts[0]!, options);
   const resolved = resolveCopyOptions(options);
-  const remote = [src, ...dsts].find((end) => parseRemote(end) !== undefined);
-  if (remote !== undefined) {
+  if (parseRemote(src) !== undefined) {
     throw new BlksyncError(
       'EUSAGE',
-      `${remote}: several destinations are local files or devices, and SRC too, for now; copy to each host in its own run`,
+      `${src}: with several destinations SRC is local (a file, device, stdin or URL); copy from a host to one destination per run`,
     );
   }
   if (options.direct === true) {
     throw new BlksyncError('EUSAGE', '--direct copies between two hosts: give one destination');
+  }
+  const remote = { ...resolved, ...options.remote, direct: false };
+  const hosts = dsts.map((d) => parseRemote(d)).filter((s) => s !== undefined);
+  if (hosts.length > MAX_LINKS) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `${hosts.length} host:path destinations; at most ${MAX_LINKS} links are open at once, so split them over several runs`,
+    );
+  }
+  if (hosts.length > 0) {
+    const { checkRemoteCopy } = await import('./remote/copy/options.js');
+    for (const to of hosts) checkRemoteCopy(undefined, to, remote);
   }
   if (resolved.index !== undefined && resolved.index !== 'auto') {
     throw new BlksyncError(
@@ -128,7 +142,10 @@ export async function copyMany(
     );
   }
   const { fanOut } = await import('./fanout/copy-many.js');
-  return fanOut(src, dsts, resolved, { onDestinationProgress: options.onDestinationProgress });
+  return fanOut(src, dsts, resolved, {
+    onDestinationProgress: options.onDestinationProgress,
+    remote,
+  });
 }
 
 /** A fan-out of one: `copy` itself, its outcome in copyMany's shape. */

@@ -18,7 +18,10 @@ import { BlksyncError } from '../errors.js';
 import { chunksOf } from '../engine/pipeline.js';
 import type { Plan, Source } from '../types.js';
 
-/** Pieces the ring holds (each one chunk: 1 MiB by default, 4 MiB with an index). */
+/**
+ * Pieces the ring holds (each one chunk: 1 MiB by default, 4 MiB with an index): 8 MiB,
+ * whatever the number of destinations.
+ */
 export const RING_CHUNKS = 8;
 
 interface Piece {
@@ -32,6 +35,7 @@ export class Broadcast {
   readonly #source: Source;
   readonly #plan: Plan;
   readonly #chunkSize: number;
+  readonly #capacity: number;
   readonly #signal: AbortSignal | undefined;
   /** The pieces read and not yet reused, ascending. */
   readonly #pieces: Piece[] = [];
@@ -46,11 +50,23 @@ export class Broadcast {
   /** Bytes of SRC read. */
   bytesRead = 0;
 
-  /** `views`: how many destinations read through it; each must be closed when done. */
-  constructor(source: Source, plan: Plan, chunkSize: number, views: number, signal?: AbortSignal) {
+  /**
+   * `pieces`: chunks the ring holds (RING_CHUNKS, more when a view reads larger pieces than
+   * `chunkSize`: it needs a whole read's worth at once). `views`: how many destinations read
+   * through it; each must be closed when done.
+   */
+  constructor(
+    source: Source,
+    plan: Plan,
+    chunkSize: number,
+    pieces: number,
+    views: number,
+    signal?: AbortSignal,
+  ) {
     this.#source = source;
     this.#plan = plan;
     this.#chunkSize = chunkSize;
+    this.#capacity = pieces;
     this.#signal = signal;
     this.#cursors = new Array<number | undefined>(views).fill(0);
     this.#changed = this.#nextChange();
@@ -101,7 +117,7 @@ export class Broadcast {
         for (;;) {
           this.#recycle();
           if (!this.#open() || this.#aborted()) return;
-          if (this.#pieces.length < RING_CHUNKS) break;
+          if (this.#pieces.length < this.#capacity) break;
           await this.#changed;
         }
         const buf = this.#free.pop() ?? Buffer.allocUnsafe(this.#chunkSize);

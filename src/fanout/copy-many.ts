@@ -19,6 +19,9 @@ import { copyLocal } from '../engine/copy.js';
 import type { CopyResult, ResolvedCopyOptions } from '../engine/copy-options.js';
 import { openCopySource } from '../engine/copy-source.js';
 import { sameFile } from '../io/open.js';
+import type { RemoteCopyOptions } from '../remote/copy/options.js';
+import { REMOTE_CHUNK_BYTES } from '../remote/roles.js';
+import { parseRemote } from '../remote/spec.js';
 import type { Progress } from '../types.js';
 import { Broadcast, RING_CHUNKS } from './broadcast.js';
 
@@ -54,10 +57,12 @@ export interface CopyManyResult {
 export interface FanOutHooks {
   /** Each destination's own progress (`index` into the destinations). */
   onDestinationProgress?: ((index: number, progress: Progress) => void) | undefined;
+  /** The options of a push, for `host:path` destinations (checked by the router). */
+  remote?: RemoteCopyOptions | undefined;
 }
 
 /**
- * Copies SRC onto every destination (all local), reading SRC once. `options` are resolved
+ * Copies SRC onto every destination (files, devices, `host:path`), reading SRC once. `options` are resolved
  * (router); their `onProgress` gets the sum over the destinations.
  */
 export async function fanOut(
@@ -73,10 +78,17 @@ export async function fanOut(
     options.blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
+  const specs = dsts.map((d) => parseRemote(d));
+  // a push reads SRC in its own chunks (4 MiB): the ring holds two of its reads at least
+  const remoteChunk = hooks.remote?.chunkSize ?? REMOTE_CHUNK_BYTES;
+  const pieces = specs.some((s) => s !== undefined)
+    ? Math.max(RING_CHUNKS, 2 * Math.ceil(remoteChunk / chunkSize) + 1)
+    : RING_CHUNKS;
   const broadcast = new Broadcast(
     shared.source,
     shared.plan,
     chunkSize,
+    pieces,
     dsts.length,
     options.signal,
   );
@@ -106,14 +118,29 @@ export async function fanOut(
       dsts.map(async (dst, i): Promise<DestinationOutcome> => {
         const view = broadcast.view(i);
         try {
-          const result = await copyLocal(
-            src,
-            dst,
-            // each destination its own index (auto: its own cache entry); SRC's index would
-            // be one file written by every destination at once, so none is kept
-            { ...options, srcIndex: false, onProgress: (p) => onProgress(i, p) },
-            { ...shared, source: view, close: () => view.close() },
-          );
+          const opened = { ...shared, source: view, close: () => view.close() };
+          const spec = specs[i];
+          let result: CopyResult;
+          if (spec !== undefined) {
+            // one agent per destination, fed from the same read of SRC
+            const { push } = await import('../remote/copy/push.js');
+            result = await push(
+              src,
+              dst,
+              spec,
+              { ...hooks.remote!, onProgress: (p) => onProgress(i, p) },
+              opened,
+            );
+          } else {
+            result = await copyLocal(
+              src,
+              dst,
+              // each destination its own index (auto: its own cache entry); SRC's index would
+              // be one file written by every destination at once, so none is kept
+              { ...options, srcIndex: false, onProgress: (p) => onProgress(i, p) },
+              opened,
+            );
+          }
           return {
             destination: dst,
             result,
@@ -139,7 +166,7 @@ export async function fanOut(
     source: src,
     bytesTotal: shared.size,
     sourceBytesRead: broadcast.bytesRead,
-    bufferBytes: RING_CHUNKS * chunkSize,
+    bufferBytes: pieces * chunkSize,
     destinations: outcomes,
     failed: outcomes.filter((o) => o.error !== undefined).length,
     dryRun: options.dryRun,

@@ -1,0 +1,75 @@
+/**
+ * `blksync copy SRC DST1 host:DST2 …`: local and remote destinations in one run, fed from one
+ * read of SRC (stdin here, which can be read only once), over a real sshd on 127.0.0.1; an
+ * unreachable host dropped while the others finish.
+ */
+
+import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import type { CopyResult, RemoteCopyResult } from '../src/copy.js';
+import { runCli } from './helpers/cli.js';
+import { sharedSshd } from './helpers/sshd.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
+
+const MiB = 1024 * 1024;
+
+interface ManyJson {
+  sourceBytesRead: number;
+  failed: number;
+  destinations: {
+    destination: string;
+    result?: CopyResult & Partial<RemoteCopyResult>;
+    bytesRead: number;
+    bytesWritten: number;
+    error?: { code: string; message: string };
+  }[];
+}
+
+describe('fan-out to local and remote destinations', () => {
+  const server = sharedSshd();
+
+  test('stdin to a file and two host:path ends in one run; an unreachable host is dropped', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 18 * MiB + 4096;
+    const srcData = seededBytes(size, 21);
+    const local = join(dir, 'local.img');
+    const remoteOld = join(dir, 'remote-old.img');
+    const remoteNew = join(dir, 'remote-new.img');
+    const old = Buffer.from(srcData);
+    seededBytes(64 * 1024, 22).copy(old, 7 * MiB);
+    await writeFile(remoteOld, old);
+    await writeFile(local, Buffer.alloc(size));
+
+    const dsts = [
+      local,
+      `${s.host}:${remoteOld}`,
+      `${s.unreachable}:${join(dir, 'never.img')}`,
+      `${s.host}:${remoteNew}`,
+    ];
+    const res = await runCli(
+      ['copy', '--json', '--ssh', s.ssh, '--size', String(size), '-', ...dsts],
+      { input: srcData },
+    );
+    assert.equal(res.code, 1, res.stderr);
+    const summary = JSON.parse(res.stdout) as ManyJson;
+    assert.equal(summary.sourceBytesRead, size);
+    assert.deepEqual(
+      summary.destinations.map((d) => d.destination),
+      dsts,
+    );
+    assert.equal(summary.failed, 1);
+    assert.equal(summary.destinations[2]!.error?.code, 'ESSH');
+    assert.match(res.stderr, /blksync: blksync-unreachable:.*\[ESSH\]/);
+    // the old remote copy got only its differing 64 KiB
+    const pushed = summary.destinations[1]!;
+    assert.equal(pushed.bytesWritten, 64 * 1024);
+    assert.ok(pushed.result?.channel !== undefined, 'a push, over ssh');
+    for (const f of [local, remoteOld, remoteNew]) {
+      assert.ok((await readFile(f)).equals(srcData), `${f} holds SRC`);
+    }
+  });
+});
