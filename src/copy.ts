@@ -85,10 +85,15 @@ export async function copy(
   }
 }
 
-/** ssh links (one agent per host:path destination) a fan-out opens at most. */
+/** ssh links (one agent per host:path destination) a fan-out opens at once unless told. */
 export const MAX_LINKS = 16;
 
 export interface CopyManyOptions extends CopyOptions {
+  /**
+   * ssh links open at once (default: one per host:path destination, at most MAX_LINKS). With
+   * fewer, hosts are done in waves, each reading SRC again (so not from stdin or a URL).
+   */
+  jobs?: number;
   /** Each destination's own progress (`index` into `dsts`); `onProgress` gets the sum. */
   onDestinationProgress?: (index: number, progress: Progress) => void;
 }
@@ -119,11 +124,9 @@ export async function copyMany(
   }
   const remote = { ...resolved, ...options.remote, direct: false };
   const hosts = dsts.map((d) => parseRemote(d)).filter((s) => s !== undefined);
-  if (hosts.length > MAX_LINKS) {
-    throw new BlksyncError(
-      'EUSAGE',
-      `${hosts.length} host:path destinations; at most ${MAX_LINKS} links are open at once, so split them over several runs`,
-    );
+  const jobs = options.jobs ?? Math.min(hosts.length, MAX_LINKS);
+  if (!Number.isInteger(jobs) || jobs < 1) {
+    throw new BlksyncError('EUSAGE', `--jobs ${jobs}: give a whole number of links, 1 or more`);
   }
   if (hosts.length > 0) {
     const { checkRemoteCopy } = await import('./remote/copy/options.js');
@@ -141,11 +144,9 @@ export async function copyMany(
       '--src-index works with one destination; with several SRC is read once anyway',
     );
   }
-  const { fanOut } = await import('./fanout/copy-many.js');
-  return fanOut(src, dsts, resolved, {
-    onDestinationProgress: options.onDestinationProgress,
-    remote,
-  });
+  const { fanOutInWaves } = await import('./fanout/copy-many.js');
+  const hooks = { onDestinationProgress: options.onDestinationProgress, remote };
+  return fanOutInWaves(src, dsts, resolved, hooks, jobs);
 }
 
 /** A fan-out of one: `copy` itself, its outcome in copyMany's shape. */

@@ -72,4 +72,34 @@ describe('fan-out to local and remote destinations', () => {
       assert.ok((await readFile(f)).equals(srcData), `${f} holds SRC`);
     }
   });
+
+  test('--jobs 1: one link at a time, in waves that read a file SRC again; stdin is refused', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 5 * MiB;
+    const srcData = seededBytes(size, 31);
+    const src = join(dir, 'src.img');
+    await writeFile(src, srcData);
+    const files = ['a.img', 'b.img', 'c.img'].map((n) => join(dir, n));
+    const local = join(dir, 'local.img');
+    const dsts = [...files.map((f) => `${s.host}:${f}`), local];
+
+    const res = await runCli(['copy', '--json', '--ssh', s.ssh, '--jobs', '1', src, ...dsts]);
+    assert.equal(res.code, 0, res.stderr);
+    const summary = JSON.parse(res.stdout) as ManyJson;
+    // three waves: the local file rides with the first host
+    assert.equal(summary.sourceBytesRead, 3 * size);
+    assert.deepEqual(
+      summary.destinations.map((d) => d.destination),
+      dsts,
+    );
+    for (const f of [...files, local]) assert.ok((await readFile(f)).equals(srcData), f);
+
+    const piped = await runCli(['copy', '--ssh', s.ssh, '--jobs', '1', '-', ...dsts], {
+      input: srcData,
+    });
+    assert.equal(piped.code, 2);
+    assert.match(piped.stderr, /stdin can be read once; give --jobs 3 or SRC as a file \[EUSAGE\]/);
+  });
 });

@@ -6,7 +6,7 @@ import {
   copyMany,
   type ChannelStats,
   type CopyManyResult,
-  type CopyOptions,
+  type CopyManyOptions,
   type CopyResult,
 } from '../copy.js';
 import { BlksyncError } from '../errors.js';
@@ -119,6 +119,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         'several: SRC is read once and each written where it differs',
     )
     .option(
+      '--jobs <n>',
+      'with several host:path destinations: ssh links open at once (default: all, at most 16); fewer means waves, each reading SRC again',
+      (v: string) => Number(v),
+    )
+    .option(
       '--targets <file>',
       'more destinations, one per line (# starts a comment line), after those given as arguments',
     )
@@ -188,7 +193,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       if (dsts.length === 0) {
         throw new BlksyncError('EUSAGE', "missing required argument 'dst' (or --targets FILE)");
       }
-      const options = (ctx: RunContext): CopyOptions => ({
+      const options = (ctx: RunContext): CopyManyOptions => ({
         blockSize: opts.blockSize,
         dryRun: opts.dryRun === true,
         full: opts.full === true,
@@ -208,6 +213,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
         remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
         direct: opts.direct === true,
+        ...(opts.jobs !== undefined ? { jobs: opts.jobs } : {}),
         ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
         signal: ctx.signal,
         onWarning: ctx.onWarning,

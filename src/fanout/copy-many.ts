@@ -19,6 +19,7 @@ import { copyLocal } from '../engine/copy.js';
 import type { CopyResult, ResolvedCopyOptions } from '../engine/copy-options.js';
 import { openCopySource } from '../engine/copy-source.js';
 import { sameFile } from '../io/open.js';
+import { isUrl } from '../io/url.js';
 import type { RemoteCopyOptions } from '../remote/copy/options.js';
 import { REMOTE_CHUNK_BYTES } from '../remote/roles.js';
 import { parseRemote } from '../remote/spec.js';
@@ -180,6 +181,55 @@ export async function fanOut(
     );
   }
   return result;
+}
+
+/**
+ * With more `host:path` destinations than `jobs` links at once: waves, each one fan-out of
+ * its own. The first takes every local destination and the first `jobs` hosts; each later
+ * wave reads SRC again, so SRC must be readable again (not stdin, not a URL).
+ */
+export async function fanOutInWaves(
+  src: string,
+  dsts: readonly string[],
+  options: ResolvedCopyOptions,
+  hooks: FanOutHooks,
+  jobs: number,
+): Promise<CopyManyResult> {
+  const hosts = dsts.flatMap((d, i) => (parseRemote(d) !== undefined ? [i] : []));
+  if (hosts.length <= jobs) return fanOut(src, dsts, options, hooks);
+  if (src === '-' || isUrl(src)) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `${hosts.length} hosts with --jobs ${jobs} would read SRC once per wave of hosts, and ${src === '-' ? 'stdin' : src} can be read once; give --jobs ${hosts.length} or SRC as a file`,
+    );
+  }
+  const local = dsts.flatMap((d, i) => (parseRemote(d) === undefined ? [i] : []));
+  const waves: number[][] = [[...local, ...hosts.slice(0, jobs)]];
+  for (let k = jobs; k < hosts.length; k += jobs) waves.push(hosts.slice(k, k + jobs));
+  const started = performance.now();
+  const outcomes: DestinationOutcome[] = new Array<DestinationOutcome>(dsts.length);
+  let last: CopyManyResult | undefined;
+  let sourceBytesRead = 0;
+  for (const wave of waves) {
+    last = await fanOut(
+      src,
+      wave.map((i) => dsts[i]!),
+      options,
+      {
+        ...hooks,
+        onDestinationProgress: (k, p) => hooks.onDestinationProgress?.(wave[k]!, p),
+      },
+    );
+    sourceBytesRead += last.sourceBytesRead;
+    last.destinations.forEach((o, k) => (outcomes[wave[k]!] = o));
+  }
+  return {
+    ...last!,
+    sourceBytesRead,
+    destinations: outcomes,
+    failed: outcomes.filter((o) => o.error !== undefined).length,
+    seconds: (performance.now() - started) / 1000,
+  };
 }
 
 /** What a failed copy had written, from its partial-write fields. */
