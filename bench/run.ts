@@ -21,6 +21,7 @@ import { bmapSection } from './sections/bmap.js';
 import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
 import { diffApplySection } from './sections/diff-apply.js';
+import { fanoutSection } from './sections/fanout.js';
 import { indexSection } from './sections/index.js';
 import { realisticSection } from './sections/realistic.js';
 import { remoteSection } from './sections/remote.js';
@@ -33,6 +34,7 @@ const SECTIONS: readonly Section[] = [
   diffApplySection,
   bmapSection,
   remoteSection,
+  fanoutSection,
   realisticSection,
 ];
 

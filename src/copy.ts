@@ -124,7 +124,7 @@ export async function copyMany(
   }
   const remote = { ...resolved, ...options.remote, direct: false };
   const hosts = dsts.map((d) => parseRemote(d)).filter((s) => s !== undefined);
-  const jobs = options.jobs ?? Math.min(hosts.length, MAX_LINKS);
+  const jobs = options.jobs ?? Math.max(1, Math.min(hosts.length, MAX_LINKS));
   if (!Number.isInteger(jobs) || jobs < 1) {
     throw new BlksyncError('EUSAGE', `--jobs ${jobs}: give a whole number of links, 1 or more`);
   }
