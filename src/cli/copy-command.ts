@@ -227,16 +227,35 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         opts,
         setExit,
         async (ctx) => {
-          const many = await copyMany(src, dsts, options(ctx)).catch((err: unknown) => {
-            // an interrupted fan-out's partial result, summarized and printed as a finished one's
-            if (err instanceof BlksyncError && err.code === 'EINTERRUPTED' && isMany(err.partial)) {
-              throw new BlksyncError(err.code, err.message, {
-                cause: err,
-                partial: manyJson(err.partial),
-              });
-            }
-            throw err;
-          });
+          // on a terminal one line per destination and the total, instead of the one bar
+          const lines =
+            ctx.onProgress !== undefined
+              ? new (await import('./fanout-progress.js')).FanoutProgress(process.stderr, dsts)
+              : undefined;
+          const many = await copyMany(src, dsts, {
+            ...options(ctx),
+            ...(lines !== undefined
+              ? {
+                  onProgress: (p) => lines.total(p),
+                  onDestinationProgress: (i, p) => lines.destination(i, p),
+                }
+              : {}),
+          })
+            .finally(() => lines?.clear())
+            .catch((err: unknown) => {
+              // an interrupted fan-out's partial result, summarized and printed as a finished one's
+              if (
+                err instanceof BlksyncError &&
+                err.code === 'EINTERRUPTED' &&
+                isMany(err.partial)
+              ) {
+                throw new BlksyncError(err.code, err.message, {
+                  cause: err,
+                  partial: manyJson(err.partial),
+                });
+              }
+              throw err;
+            });
           // one line per dropped destination on stderr, as every error is printed
           for (const d of many.destinations) {
             if (d.error === undefined) continue;
