@@ -5,10 +5,12 @@
  */
 
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import type { CopyResult, RemoteCopyResult } from '../src/copy.js';
+import { copyMany, type CopyResult, type RemoteCopyResult } from '../src/copy.js';
+import { BlksyncError } from '../src/errors.js';
 import { runCli } from './helpers/cli.js';
 import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
@@ -101,5 +103,49 @@ describe('fan-out to local and remote destinations', () => {
     });
     assert.equal(piped.code, 2);
     assert.match(piped.stderr, /stdin can be read once; give --jobs 3 or SRC as a file \[EUSAGE\]/);
+  });
+
+  test("a host's link killed mid-run: that destination is dropped, the others finish", async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const srcData = seededBytes(size, 41);
+    const src = join(dir, 'src.img');
+    await writeFile(src, srcData);
+    const pids = join(dir, 'pids');
+    const wrapper = join(dir, 'ssh');
+    await writeFile(wrapper, `#!/bin/sh\necho $$ >> ${pids}\nexec ssh -F ${s.config} "$@"\n`, {
+      mode: 0o755,
+    });
+    const files = ['a.img', 'b.img', 'local.img'].map((n) => join(dir, n));
+    const dsts = [`${s.host}:${files[0]}`, `${s.host}:${files[1]}`, files[2]!];
+    let killed: number | undefined;
+    const many = await copyMany(src, dsts, {
+      remote: { ssh: wrapper },
+      onDestinationProgress: (i, p) => {
+        if (killed === undefined && i < 2 && p.bytesWritten >= 8 * MiB) {
+          // the first link started; whichever destination it carries is the one to fail
+          const first = Number(readFileSync(pids, 'utf8').split('\n')[0]);
+          killed = first;
+          process.kill(first, 'SIGKILL');
+        }
+      },
+    });
+    assert.ok(killed !== undefined, 'a link was killed');
+    assert.equal(many.failed, 1);
+    const dropped = many.destinations.find((d) => d.error !== undefined)!;
+    assert.ok(dropped.error instanceof BlksyncError);
+    assert.equal(dropped.error.code, 'ECONNECTION_LOST');
+    assert.ok(dsts.indexOf(dropped.destination) < 2, 'a remote destination');
+    assert.equal(many.sourceBytesRead, size);
+    for (const [i, f] of files.entries()) {
+      if (dsts[i] === dropped.destination) continue;
+      assert.ok((await readFile(f)).equals(srcData), `${f} holds SRC`);
+    }
+    // a rerun converges for the dropped one too
+    const again = await copyMany(src, dsts, { remote: { ssh: s.ssh } });
+    assert.equal(again.failed, 0);
+    for (const f of files) assert.ok((await readFile(f)).equals(srcData));
   });
 });
