@@ -34,6 +34,8 @@ export type ErrorCode =
   | 'EBMAP_MISMATCH'
   | 'ESRC_CORRUPT'
   | 'ESRC_HTTP'
+  /** blksync index: SRC was written while it was read, so an index of it would record old content. */
+  | 'ESRC_CHANGED'
   /** A remote SRC is compressed: blksync decodes only on the machine it runs on. */
   | 'ESRC_COMPRESSED'
   /** apply: TARGET holds neither the old nor the new content where a patch record goes. */

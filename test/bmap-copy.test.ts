@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { VerifyingSource } from '../src/engine/bmap-verify.js';
-import { bmapCandidates } from '../src/engine/copy-source.js';
+import { bmapCandidates } from '../src/engine/find-bmap.js';
 import type { Source } from '../src/types.js';
 import { BlksyncError, copy, type Progress } from '../src/index.js';
 import { runCli } from './helpers/cli.js';

@@ -16,6 +16,7 @@ import { HEADER_BYTES } from '../src/formats/patch.js';
 import { cliCommand, runCli } from './helpers/cli.js';
 import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
+import { rejectsWith } from './helpers/assert-error.js';
 
 const BS = 4096;
 
@@ -45,14 +46,6 @@ function changed(data: Buffer, size: number, seed: number): Buffer {
     for (let k = 0; k < len; k++) out[at + k] = (out[at + k]! + 1 + Math.floor(r() * 255)) & 0xff;
   }
   return out;
-}
-
-async function rejectsWith(p: Promise<unknown>, code: string): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof BlksyncError, `expected a BlksyncError, got ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    return true;
-  });
 }
 
 interface Files {

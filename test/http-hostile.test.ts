@@ -8,18 +8,19 @@
 
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
-import { BlksyncError, copy } from '../src/index.js';
+import { copy } from '../src/index.js';
 import { bodyStream, httpOpenOk } from '../src/io/http-source.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
+import { absent, isBlksyncError } from './helpers/assert-error.js';
 
 const run = promisify(execFile);
 const HAVE_OPENSSL = spawnSync('openssl', ['version']).status === 0;
@@ -46,19 +47,6 @@ async function listen(server: Server): Promise<{ port: number; stop: () => Promi
     await new Promise<void>((resolve) => server.close(() => resolve()));
   };
   return { port: (server.address() as AddressInfo).port, stop };
-}
-
-function rejectsWith(code: string, message?: RegExp) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof BlksyncError, String(err));
-    assert.equal(err.code, code, err.message);
-    if (message !== undefined) assert.match(err.message, message);
-    return true;
-  };
-}
-
-async function absent(path: string): Promise<void> {
-  await assert.rejects(stat(path), { code: 'ENOENT' }, `${path} was created`);
 }
 
 describe('hostile web servers', () => {
@@ -169,7 +157,7 @@ describe('hostile web servers', () => {
       const out = join(dir, name);
       await assert.rejects(
         copy(`${http}/${name}.img`, out, { noBmap: true }),
-        rejectsWith('ESRC_REDIRECT', /redirects to/),
+        isBlksyncError('ESRC_REDIRECT', /redirects to/),
       );
       await absent(out);
     }
@@ -188,7 +176,7 @@ describe('hostile web servers', () => {
     });
     await assert.rejects(
       copy(`${http}/loop.img`, join(dir, 'out'), { noBmap: true }),
-      rejectsWith('ESRC_HTTP', /more than 10 redirects/),
+      isBlksyncError('ESRC_HTTP', /more than 10 redirects/),
     );
     assert.equal(hops, 11);
     await absent(join(dir, 'out'));
@@ -236,7 +224,7 @@ describe('hostile web servers', () => {
     });
     await assert.rejects(
       copy(`${http}/probe.img`, join(dir, 'b'), { timeout: 1 }),
-      rejectsWith('ETIMEOUT', /probe\.img\.bmap: the server sent nothing for 1 s/),
+      isBlksyncError('ETIMEOUT', /probe\.img\.bmap: the server sent nothing for 1 s/),
     );
     await absent(join(dir, 'b'));
   });

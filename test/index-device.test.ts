@@ -107,6 +107,13 @@ test("a device written behind blksync's back, or another device, is refused befo
   assert.equal(stale.code, 1);
   assert.match(
     stale.stderr,
+    /cannot be trusted: \d+ sectors were written to .*--rebuild-index.*--trust-index.*EINDEX_STALE/,
+  );
+  // vouched for by the user, the index still meets the sample, which reads block 0
+  const sampled = await runCli(['copy', s.src, s.dev, '--index', s.index, '--trust-index']);
+  assert.equal(sampled.code, 1);
+  assert.match(
+    sampled.stderr,
     /is stale: the block at byte 0 .* does not match its hash.*EINDEX_STALE/,
   );
   assert.equal((await ioStat(s.dev)).writeSectors, before.writeSectors, 'nothing written');

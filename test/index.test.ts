@@ -156,7 +156,7 @@ test('info describes an index, as text and JSON, and refuses files it does not k
   assert.equal(info.distinctBlocks, 2, 'a full zero block and the short last one');
   assert.equal(info.state, 'clean');
   const text = await runCli(['info', s.index]);
-  assert.match(text.stdout, /blksync index, version 1\.0, checksum ok/);
+  assert.match(text.stdout, /blksync index, version 1\.1, checksum ok/);
   assert.match(text.stdout, /state\s+clean/);
   assert.match(text.stdout, /made for\s+file \S*dst\.img \(file:\d+:\d+\)/);
   const unknown = await runCli(['info', s.src]);
@@ -272,7 +272,7 @@ test('truncated, bit-flipped and hostile index files are refused with a clear er
           return b;
         })(),
       ),
-      /version 2\.0 is not supported/,
+      /version 2\.\d+ is not supported/,
     ],
     [
       'block count for a huge image in a small file',
@@ -473,7 +473,10 @@ test('a copy killed mid-way leaves the index in progress; a rerun converges', as
   const rerun = await runCli(['copy', src, dst, '--index', index, '--json']);
   assert.equal(rerun.code, 0, rerun.stderr);
   const r = JSON.parse(rerun.stdout) as CopyResult;
-  assert.ok(r.index !== undefined && r.index.bytesReread > 0, 'the dirty range was read back');
+  // killed outright, the run's own writes moved DST's ctime after the last mark: nothing
+  // vouches for the rest of the index either, so DST is read and compared once
+  assert.equal(r.index?.mode, 'rebuilt');
+  assert.match(r.index.reason ?? '', /interrupted/);
   assert.deepEqual(await readFile(dst), neu);
   const fresh = join(dir, 'fresh.blkidx');
   await makeIndex(dst, fresh);

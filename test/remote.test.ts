@@ -19,6 +19,7 @@ import { attachLoop, mkfsExt4, mountLoop, needLoop } from './helpers/loop.js';
 import { need } from './helpers/resources.js';
 import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { tempDir } from './helpers/tmp.js';
+import { rejectsWith } from './helpers/assert-error.js';
 
 const BS = 4096;
 const MiB = 1024 * 1024;
@@ -28,15 +29,6 @@ function mutate(data: Buffer, offsets: number[]): Buffer {
   const out = Buffer.from(data);
   for (const o of offsets) out[o] = (out[o]! ^ 0xff) & 0xff;
   return out;
-}
-
-async function rejectsWith(p: Promise<unknown>, code: string, text?: RegExp): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    assert.ok(err instanceof BlksyncError, `not a BlksyncError: ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    if (text !== undefined) assert.match(err.message, text);
-    return true;
-  });
 }
 
 describe('remote copy over ssh', () => {

@@ -8,7 +8,7 @@
 
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -18,10 +18,11 @@ import { promisify } from 'node:util';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { looksLikeBmap } from '../src/formats/bmap-sniff.js';
 import type { BlksyncWarning } from '../src/errors.js';
-import { BlksyncError, copy } from '../src/index.js';
+import { copy } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
 import { need } from './helpers/resources.js';
 import { seededBytes, writeSparseFile } from './helpers/tmp.js';
+import { absent, isBlksyncError } from './helpers/assert-error.js';
 
 const run = promisify(execFile);
 const HAVE_GPG = spawnSync('gpg', ['--version']).status === 0;
@@ -29,19 +30,6 @@ const MiB = 1024 * 1024;
 const NOT_FOUND_PAGE = Buffer.from(
   '<!DOCTYPE html>\n<html><head><title>Not found</title></head><body>No such page</body></html>\n',
 );
-
-function rejectsWith(code: string, message?: RegExp) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof BlksyncError, String(err));
-    assert.equal(err.code, code, err.message);
-    if (message !== undefined) assert.match(err.message, message);
-    return true;
-  };
-}
-
-async function absent(path: string): Promise<void> {
-  await assert.rejects(stat(path), { code: 'ENOENT' }, `${path} was created`);
-}
 
 describe('signatures and bmaps at web servers', () => {
   let root = '';
@@ -138,7 +126,7 @@ describe('signatures and bmaps at web servers', () => {
     if (!need(t, HAVE_GPG, 'gpg is not installed (apt-get install gnupg)')) return;
     await assert.rejects(
       copy(url, join(dir, 'demanded'), { fingerprint: alice }),
-      rejectsWith('ESIG_MISSING', /not an OpenPGP signature/),
+      isBlksyncError('ESIG_MISSING', /not an OpenPGP signature/),
     );
     await absent(join(dir, 'demanded'));
     const keyring = join(dir, 'alice.gpg');
@@ -146,7 +134,7 @@ describe('signatures and bmaps at web servers', () => {
       keyring,
       (await run('gpg', ['--homedir', home, '--export', alice], { encoding: 'buffer' })).stdout,
     );
-    await assert.rejects(copy(url, join(dir, 'kr'), { keyring }), rejectsWith('ESIG_MISSING'));
+    await assert.rejects(copy(url, join(dir, 'kr'), { keyring }), isBlksyncError('ESIG_MISSING'));
     await absent(join(dir, 'kr'));
   });
 
@@ -162,13 +150,13 @@ describe('signatures and bmaps at web servers', () => {
     files.set('/bad.img.bmap', changed);
     await assert.rejects(
       copy(`${base}/bad.img`, join(dir, 'out')),
-      rejectsWith('ESIG_INVALID', /BAD signature/),
+      isBlksyncError('ESIG_INVALID', /BAD signature/),
     );
     await absent(join(dir, 'out'));
     // --bmap-sig naming a page is refused, not taken as unsigned
     await assert.rejects(
       copy(`${base}/bad.img`, join(dir, 'out'), { bmapSig: `${base}/missing.asc` }),
-      rejectsWith('ESIG_INVALID', /missing\.asc is not an OpenPGP signature/),
+      isBlksyncError('ESIG_INVALID', /missing\.asc is not an OpenPGP signature/),
     );
     await absent(join(dir, 'out'));
   });
@@ -188,7 +176,7 @@ describe('signatures and bmaps at web servers', () => {
     // a named --bmap that is a page is still an error
     await assert.rejects(
       copy(`${base}/nobmap.img`, join(dir, 'named'), { bmap: `${base}/nobmap.img.bmap` }),
-      rejectsWith('EBMAP_FORMAT'),
+      isBlksyncError('EBMAP_FORMAT'),
     );
     await absent(join(dir, 'named'));
   });
@@ -229,7 +217,7 @@ describe('signatures and bmaps at web servers', () => {
     // another key's fingerprint: refused, naming both of carol's
     await assert.rejects(
       copy(url, join(dir, 'other'), { fingerprint: alice }),
-      rejectsWith('ESIG_INVALID', new RegExp(`${carol} \\(signing subkey ${carolSub}\\)`)),
+      isBlksyncError('ESIG_INVALID', new RegExp(`${carol} \\(signing subkey ${carolSub}\\)`)),
     );
     await absent(join(dir, 'other'));
   });

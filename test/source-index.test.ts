@@ -107,17 +107,18 @@ test('with an index of SRC, copy --index reads only the blocks whose hashes diff
   );
 });
 
-test('blocks of SRC outside the differing ones are not read: a change there goes unseen, by design', async (t) => {
-  // proves the saving: the unchanged middle of SRC is rewritten behind the index's back
-  // (mtime kept) and, with no sample, the copy neither reads nor copies it
+test('a change to SRC outside the differing blocks, its mtime put back, is caught by its ctime', async (t) => {
+  // blocks of SRC outside the differing ones are not read: only what vouches for the index
+  // (mtime and ctime) can tell that the unchanged middle of SRC was rewritten behind its back
   const s = await setup(t);
   await makeIndex(s.dst, s.index);
   await makeIndex(s.src, s.srcIndex);
   const sneaky = changed(s.neu, [20 * BLOCK], 10, 5);
   await overwriteKeepingMtime(s.src, sneaky);
   const r = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex, verifySample: 0 });
-  assert.equal(r.index?.source?.mode, 'used');
-  assert.deepEqual(await readFile(s.dst), s.neu, 'block 20 of SRC was never read');
+  assert.equal(r.index?.source?.mode, 'rebuilt');
+  assert.match(r.index.source.reason ?? '', /ctime moved/);
+  assert.deepEqual(await readFile(s.dst), sneaky, 'block 20 of SRC was read and copied');
 });
 
 test('a missing index of SRC is written after the copy, and used by the next one', async (t) => {
@@ -158,7 +159,7 @@ test('an index of SRC that cannot be trusted is rebuilt, not believed', async (t
   await makeIndex(s.dst, s.index);
   const moved = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex });
   assert.equal(moved.index?.source?.mode, 'rebuilt');
-  assert.match(moved.index.source.reason ?? '', /modified after it was indexed/);
+  assert.match(moved.index.source.reason ?? '', /modified after the index was written/);
   assert.deepEqual(await readFile(s.dst), v2);
   assert.equal(
     (await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex })).index?.source?.mode,
@@ -170,7 +171,7 @@ test('an index of SRC that cannot be trusted is rebuilt, not believed', async (t
   await overwriteKeepingMtime(s.src, v3);
   const sampled = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex });
   assert.equal(sampled.index?.source?.mode, 'rebuilt');
-  assert.match(sampled.index.source.reason ?? '', /block at byte 0 of SRC does not match/);
+  assert.match(sampled.index.source.reason ?? '', /ctime moved/);
   assert.deepEqual(await readFile(s.dst), v3);
 
   // made for DST's block size only: another block size is rebuilt with DST's
@@ -185,9 +186,12 @@ test('a block read from SRC that does not match its index stops the copy with EI
   const s = await setup(t);
   await makeIndex(s.dst, s.index);
   await makeIndex(s.src, s.srcIndex);
-  // change a block that differs from DST anyway, keeping mtime; the sample is off
-  const sneaky = changed(s.neu, [BLOCK + 200], 10, 6);
-  await overwriteKeepingMtime(s.src, sneaky);
+  // an index of SRC that its identity vouches for but that is wrong about block 1 (which
+  // differs from DST anyway): the sample is off, so only the block's own hash can tell
+  const good = await readIndexFile(s.srcIndex);
+  const hashes = Buffer.from(good.hashes);
+  hashes[32] = hashes[32]! ^ 0xff;
+  await writeIndexFile(s.srcIndex, { ...good, hashes });
   await assert.rejects(
     copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex, verifySample: 0 }),
     (err: unknown) => {

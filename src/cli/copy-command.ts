@@ -86,6 +86,13 @@ function signingKeysText(sig: SignatureReport): string {
 }
 
 function indexSummary(r: CopyResult): string {
+  const line = indexLine(r);
+  const meanwhile = r.index?.sectorsWrittenMeanwhile;
+  if (meanwhile === undefined) return line;
+  return `${line}\n${r.destination} was written by another program during the copy (${formatBytes(meanwhile * 512)}): the index vouches for none of it, and the next copy compares all of it`;
+}
+
+function indexLine(r: CopyResult): string {
   const i = r.index!;
   const hashed = `hashed ${formatBytes(i.bytesHashed)}`;
   if (i.mode === 'used') {
@@ -93,7 +100,8 @@ function indexSummary(r: CopyResult): string {
       i.bytesReread > 0
         ? `, re-read ${formatBytes(i.bytesReread)} an earlier copy left unsure`
         : '';
-    return `index ${i.path}: used, ${r.dryRun ? '' : 'updated; '}read ${formatBytes(r.bytesRead)} of ${r.destination} (${i.sampleBlocks} sample blocks${reread}); ${hashed}`;
+    const word = i.trustedOnWord === true ? ' (trusted on your word: --trust-index)' : '';
+    return `index ${i.path}: used${word}, ${r.dryRun ? '' : 'updated; '}read ${formatBytes(r.bytesRead)} of ${r.destination} (${i.sampleBlocks} sample blocks${reread}); ${hashed}`;
   }
   const why = i.reason !== undefined ? ` (${i.reason})` : '';
   return `index ${i.path}: ${r.dryRun ? 'would be ' : ''}${i.mode}${why}; ${hashed}`;
@@ -158,7 +166,11 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
       (v: string) => parseSize(v, 'image size'),
     )
-    .option('--rebuild-index', 'replace an index that does not match DST (DST is read once)')
+    .option('--rebuild-index', 'read DST once and write a fresh index, whatever the old one says')
+    .option(
+      '--trust-index',
+      'use the index although nothing vouches that DST is unchanged since it was written (you do)',
+    )
     .addOption(verifySampleOption())
     .addOption(hashThreadsOption())
     .option('--ssh <command>', "ssh command for host:path ends, e.g. 'ssh -p 2222 -i key'")
@@ -209,6 +221,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         ...(opts.index !== undefined ? { index: opts.index } : {}),
         ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
         rebuildIndex: opts.rebuildIndex === true,
+        ...(opts.trustIndex === true ? { trustIndex: true } : {}),
         ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
         ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
         remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },

@@ -33,7 +33,7 @@ import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
-import { openTarget, sameFile, type Opened } from '../io/open.js';
+import { destinationTooSmall, openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
@@ -431,10 +431,12 @@ export async function apply(
     const fromSize = reverse ? header.resultSize : header.baseSize;
     const toSize = reverse ? header.baseSize : header.resultSize;
     if (t.kind === 'block-device' && t.size < Math.max(fromSize, toSize)) {
-      throw new BlksyncError(
-        'EDEST_TOO_SMALL',
-        `${target} is ${t.size} bytes (${formatBytes(t.size)}) but the patch needs ${Math.max(fromSize, toSize)} bytes`,
-        { path: target },
+      throw destinationTooSmall(
+        target,
+        t.kind,
+        t.size,
+        Math.max(fromSize, toSize),
+        'the patch needs',
       );
     }
     // a file ends resized to the result; one whose size is not between base and result (where

@@ -38,8 +38,10 @@ export interface LocalCopyOptions extends CopySourceOptions {
    * cache's, which `index: "auto"` implies; false: none.
    */
   srcIndex?: string | false;
-  /** Replace an index that does not match DST instead of refusing. */
+  /** Read DST once and write a fresh index, whatever the old one says. */
   rebuildIndex?: boolean;
+  /** Use the index although nothing vouches that DST is unchanged (the user does). */
+  trustIndex?: boolean;
   /** Blocks of DST checked against the index before trusting it (default 16; 0 skips). */
   verifySample?: number;
   /** Worker threads hashing for the index (default: one per core, at most 4). */
@@ -91,6 +93,7 @@ export interface ResolvedCopyOptions extends LocalCopyOptions {
   dryRun: boolean;
   full: boolean;
   rebuildIndex: boolean;
+  trustIndex: boolean;
   verifySample: number;
 }
 
@@ -114,6 +117,7 @@ export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptio
     dryRun,
     full: options.full === true,
     rebuildIndex: options.rebuildIndex === true,
+    trustIndex: options.trustIndex === true,
     verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,
   };
 }

@@ -7,21 +7,18 @@
  * still differs, so no journal is needed.
  */
 
-import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
+import { assertSeparateOutput, inputOf, openTarget, type Opened } from '../io/open.js';
 import {
-  assertSeparateOutput,
-  createTarget,
-  destinationTooSmall,
-  inputOf,
-  openTarget,
-  type Opened,
-} from '../io/open.js';
+  prepareDestination,
+  undoPreparation,
+  type PreparedDestination,
+} from '../io/prepare-destination.js';
 import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
-import type { IndexSession } from './index-target.js';
+import type { IndexSession } from './index-session.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import type { SourceIndexOptions } from './source-index.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
@@ -57,7 +54,7 @@ export async function copyLocal(
   let fileSink: FileSink | undefined;
   let index: IndexSession | undefined;
   // what this run did to DST before its first write, undone if a refusal comes after it
-  let madeDst: 'created' | 'grown' | undefined;
+  let prepared: PreparedDestination | undefined;
   // every differing block was written: a failure after that (index, verify) left DST whole
   let allWritten = false;
   try {
@@ -74,38 +71,22 @@ export async function copyLocal(
       );
     }
     const found = await openTarget(dst, { readOnly: dryRun });
-    const fresh = found.fh === undefined || found.size === 0;
-    let created = false;
+    if (found.fh !== undefined) {
+      target = found;
+      if (source.sameAs(found.stats)) throw sameFileError(src, dst);
+    }
+    prepared = await prepareDestination(found, source.size, dryRun);
+    target = prepared.target;
+    const { created, zero: fresh } = prepared;
     let knowledge: TargetKnowledge;
-    if (fresh) {
+    if (full) knowledge = new NoTarget();
+    else if (fresh) {
       // new (or empty) file: it reads as zeros, so only non-zero blocks need writing,
       // and the rest stay holes
-      if (found.fh !== undefined) {
-        if (source.sameAs(found.stats)) throw sameFileError(src, dst);
-        if (found.kind === 'block-device' && source.size > 0) {
-          throw destinationTooSmall(dst, found.kind, 0, source.size);
-        }
-        if (!dryRun) {
-          await found.fh.truncate(source.size);
-          madeDst = 'grown';
-        }
-        target = found;
-      } else if (!dryRun) {
-        target = await createTarget(dst, source.size);
-        created = true;
-        madeDst = 'created';
-      } else {
-        created = true;
-      }
-      knowledge = full ? new NoTarget() : new ZeroTarget();
+      knowledge = new ZeroTarget();
     } else {
-      target = found;
-      if (source.sameAs(target.stats)) throw sameFileError(src, dst);
-      if (target.size < source.size) {
-        throw destinationTooSmall(dst, target.kind, target.size, source.size);
-      }
-      if (!full) source.adviseTarget(target.fh.fd);
-      knowledge = full ? new NoTarget() : new ReadTarget(target.fh, dst, chunkSize);
+      source.adviseTarget(target!.fh.fd);
+      knowledge = new ReadTarget(target!.fh, dst, chunkSize);
     }
 
     const srcIndex = sourceIndexFor(options, source);
@@ -124,7 +105,7 @@ export async function copyLocal(
         );
       }
       // loaded only when asked for: a plain copy does not pay for hashing's modules
-      const indexing = await import('./index-target.js');
+      const indexing = await import('./index-session.js');
       index = await indexing.IndexSession.open({
         index: options.index,
         dst: target,
@@ -141,12 +122,13 @@ export async function copyLocal(
                 ranges: source.plan.ranges,
                 // a new file stays a hole there; an existing one gets holes punched
                 zeroedOutside: () => fresh || source.bmap?.unmappedPunched === true,
-                punches: !fresh && found.kind === 'file',
+                punches: !fresh && target?.kind === 'file',
               },
             }
           : {}),
         chunkSize,
         rebuild: options.rebuildIndex,
+        trust: options.trustIndex,
         verifySample: options.verifySample,
         full,
         dryRun,
@@ -204,9 +186,12 @@ export async function copyLocal(
         units: digests!.units(),
         algorithm: digests!.algorithm,
       };
+      const session = index;
       const r = await verifying.verifyWritten(dst, expected.units, expected.algorithm, {
         fd: target.fh.fd,
         signal: options.signal,
+        // with an index: which blocks differ, and the index marked stale over them
+        explain: session && ((bad) => session.verifyFailed(bad)),
       });
       verified = {
         ...r,
@@ -216,6 +201,7 @@ export async function copyLocal(
       };
     }
     if (!run.interrupted) await index?.commit();
+    else await index?.settle();
     const result: CopyResult = {
       source: src,
       destination: dst,
@@ -229,7 +215,7 @@ export async function copyLocal(
       rangesWritten: run.ranges.count,
       ranges: [...run.ranges.ranges],
       created,
-      destinationExtraBytes: target !== undefined && !created ? target.size - source.size : 0,
+      destinationExtraBytes: prepared.extraBytes,
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,
@@ -256,12 +242,8 @@ export async function copyLocal(
         cause: caught,
       });
     }
-    if (madeDst !== undefined && target !== undefined && (fileSink?.bytesWritten ?? 0) === 0) {
-      // refused, or failed, before the first byte was written (a bad first range of a bmap):
-      // leave DST as it was found
-      if (madeDst === 'created') await unlink(dst).catch(() => {});
-      else await target.fh.truncate(0).catch(() => {});
-    }
+    // refused, or failed, before the first byte was written: leave DST as it was found
+    await undoPreparation(prepared, fileSink?.bytesWritten ?? 0);
     // after the first write, the error says so: how much, and that a rerun converges
     throw partlyWritten(
       err,
@@ -269,7 +251,7 @@ export async function copyLocal(
         source: src,
         destination: dst,
         bytesWritten: fileSink?.bytesWritten ?? 0,
-        created: madeDst === 'created',
+        created: prepared?.made === 'created',
       },
       { allWritten },
     );

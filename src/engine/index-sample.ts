@@ -1,8 +1,9 @@
 /**
  * The sample check done before trusting an index (of DST, or of SRC): read a few blocks and
  * compare their hashes with the stored ones. It catches a whole-disk rewrite or a new
- * partition table behind blksync's back; it cannot catch every changed block, which is why
- * identity and mtime are checked first.
+ * partition table behind blksync's back; it cannot catch a one-block change, so it never
+ * vouches for an index on its own: what does is decided first (engine/index-policy.ts: the
+ * identity, a file's mtime and ctime, a device's write counter).
  */
 
 import { randomInt } from 'node:crypto';

@@ -1,71 +1,34 @@
 /**
- * Copying with an index: the stored hashes stand in for DST's content, so DST is not read.
+ * An index of DST as the pipeline's knowledge of it: the stored hashes stand in for DST's
+ * content, so DST is not read.
  *
- * IndexTarget is the TargetKnowledge: it hashes each source chunk (on worker threads) and
- * reports the blocks whose hashes differ from the stored ones. Where the index cannot be
- * trusted — the range an interrupted copy may have left dirty, or blocks past what the index
- * covers — it reads DST and compares bytes instead.
- *
- * IndexSession is what copy() talks to. It decides whether the index is used, created or
- * rebuilt, defends against a stale index (identity, mtime, a random sample of DST's blocks),
- * keeps the on-disk index honest while DST is written, and writes the new index at the end:
- *
- *   open ─► identity ok? ─► sample of DST ok? ─► use ──► first write past the marked range:
- *     │         │ no              │ no                     fsync DST, write the index
- *     │         ▼                 ▼                        "in progress, [x, x+W) dirty"
- *     │   EINDEX_MISMATCH    EINDEX_STALE                        │
- *     │   (--rebuild-index: create instead)                      ▼
- *     └─ no index file ─► create: compare DST as usual,     end: write the clean index
- *                         hash every source chunk            (temp file, fsync, rename)
+ * IndexTarget hashes each source chunk (on worker threads) and reports the blocks whose hashes
+ * differ from the stored ones. Where the index cannot be trusted — the range an interrupted
+ * copy may have left dirty, or blocks past what the index covers — it reads DST and compares
+ * bytes instead. Whether an index is trusted at all is decided by engine/index-policy.ts, and
+ * the session around a copy (use, create, checkpoints, commit) is engine/index-session.ts.
  */
 
-import { rm, stat } from 'node:fs/promises';
-import { BlksyncError, isSystemError } from '../errors.js';
-import {
-  blockCountFor,
-  readIndexFile,
-  type IndexFile,
-  type IndexState,
-  writeNewIndex,
-} from '../formats/index-file.js';
+import { BlksyncError } from '../errors.js';
+import { blockCountFor, readIndexFile, type IndexFile } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
-import {
-  describeIdentity,
-  identityMismatch,
-  identityOf,
-  type TargetIdentity,
-} from '../io/identity.js';
 import type { Opened } from '../io/open.js';
 import type { Range } from '../ranges.js';
 import { diffBuffers, ReadTarget } from './knowledge.js';
-import { HashPool, hashBlocksSync, SharedBufferPool } from './hash-pool.js';
-import { readFully } from '../io/read-fully.js';
+import { HashPool } from './hash-pool.js';
 import { sampleMismatch } from './index-sample.js';
-import { BlockHashes, checkIndexable, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
-import { SourceIndex, type SourceIndexOptions, type SourceIndexReport } from './source-index.js';
-import type { ChunkKnowledge, Plan, Sink, Source, TargetKnowledge } from '../types.js';
+import { checkIndexable } from './make-index.js';
+import type { SourceIndexReport } from './source-index.js';
+import type { ChunkKnowledge, Source, TargetKnowledge } from '../types.js';
 
 /** Blocks of DST read and checked against the index before trusting it. */
 export const DEFAULT_VERIFY_SAMPLE = 16;
-/**
- * Smallest range marked possibly dirty at a time while writing (see IndexGuardSink). Each
- * mark costs an fsync of DST and an index rewrite (~15-25 ms here); after a crash the rerun
- * reads the marked range back, which costs at most what a copy without an index reads.
- */
-export const MIN_CHECKPOINT_BYTES = 1024 * 1024 * 1024;
-/** Bytes of DST read at a time when hashing what a bmap copy did not pass through. */
-const HASH_READ_BYTES = 4 * 1024 * 1024;
-/** Planned bytes below which hashing stays on the main thread (worker start-up costs more). */
-export const INLINE_HASH_MAX_BYTES = 32 * 1024 * 1024;
-/** At most this many index rewrites per copy: the marked range grows with the image. */
-export const MAX_CHECKPOINTS = 8;
 
-function alignDown(n: number, to: number): number {
+export function alignDown(n: number, to: number): number {
   return Math.floor(n / to) * to;
 }
 
-function alignUp(n: number, to: number): number {
+export function alignUp(n: number, to: number): number {
   return Math.ceil(n / to) * to;
 }
 
@@ -346,44 +309,6 @@ export async function indexAsBase(
   };
 }
 
-export interface IndexSessionOptions {
-  /** Index file path, or "auto" for the cache directory keyed by DST's identity. */
-  index: string;
-  dst: Opened | undefined;
-  dstPath: string;
-  /** DST was just created or was empty: whatever index exists cannot describe it. */
-  fresh: boolean;
-  imageSize: number;
-  /** Block size asked for with -b, if any. */
-  blockSize: number | undefined;
-  chunkSize: number;
-  rebuild: boolean;
-  verifySample: number;
-  /** --full: write everything; the index is only written. */
-  full: boolean;
-  dryRun: boolean;
-  hashThreads?: number | undefined;
-  /** Tuning for tests: bytes marked possibly dirty at a time. */
-  checkpointBytes?: number | undefined;
-  /** An index of SRC to read only the blocks that differ, and to write after the copy. */
-  source?: SourceIndexOptions | undefined;
-  /** Why blockSize is required, for messages (default: "-b asks for"). */
-  blockSizeReason?: string | undefined;
-  /**
-   * A bmap copy: only these ranges (block-aligned) pass through the pipeline. Outside them
-   * DST keeps what it holds, or, when `zeroedOutside()` says so after the copy (a new file,
-   * or holes punched there), reads as zeros; commit() gives those blocks their hashes.
-   */
-  partial?:
-    | {
-        ranges: readonly Range[];
-        zeroedOutside: () => boolean;
-        /** Holes are punched outside the ranges when the copy ends (an existing file). */
-        punches: boolean;
-      }
-    | undefined;
-}
-
 /** What the copy did with the index, for its summary. */
 export interface IndexReport {
   path: string;
@@ -399,320 +324,23 @@ export interface IndexReport {
   checkpoints: number;
   /** Why the index was rebuilt, when it was. */
   reason?: string;
+  /**
+   * Used although nothing vouched that DST is unchanged since it was written: the user said
+   * so (--trust-index). The summary says the index was trusted on the user's word.
+   */
+  trustedOnWord?: boolean;
+  /**
+   * Sectors of DST written by something other than this copy while it ran (the kernel's
+   * write counter moved more than its own writes account for): the index written then
+   * vouches for no block, and the next copy compares all of DST.
+   */
+  sectorsWrittenMeanwhile?: number;
   /** What was done with the index of SRC (--src-index, or implied by --index auto). */
   source?: SourceIndexReport;
 }
 
-function mismatch(path: string, why: string): BlksyncError {
-  return new BlksyncError(
-    'EINDEX_MISMATCH',
-    `index ${path} does not describe this destination: ${why}; pass --rebuild-index to replace it (DST is then read once)`,
-    { path },
-  );
-}
-
-function stale(path: string, why: string): BlksyncError {
-  return new BlksyncError(
-    'EINDEX_STALE',
-    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to read DST and rebuild it`,
-    { path },
-  );
-}
-
-export class IndexSession {
-  readonly path: string;
-  /** Block size of the hashes (the pipeline's, when the index is used). */
-  readonly blockSize: number;
-  readonly buffers: SharedBufferPool;
-  /** Set when the index is used: the pipeline's knowledge of DST. */
-  readonly target: IndexTarget | undefined;
-  /** Set when the index is created: hashes every chunk of the new content. */
-  readonly onChunk: ((offset: number, data: Buffer, length: number) => Promise<void>) | undefined;
-  /**
-   * Set when SRC's index is trusted too: only the blocks whose hashes differ (and what DST's
-   * index does not vouch for) are copied, so the rest of SRC is never read.
-   */
-  plan: Plan | undefined;
-  #source: SourceIndex | undefined;
-  readonly #o: IndexSessionOptions;
-  readonly #pool: HashPool;
-  readonly #collected: BlockHashes | undefined;
-  readonly #report: IndexReport;
-  /** An old index at path that must go before DST changes (create mode). */
-  #removeBeforeWrite: boolean;
-
-  private constructor(
-    o: IndexSessionOptions,
-    path: string,
-    pool: HashPool,
-    use: { index: IndexFile; target: IndexTarget; sampled: number } | undefined,
-    create: { reason: string | undefined; oldExists: boolean } | undefined,
-  ) {
-    this.#o = o;
-    this.path = path;
-    this.#pool = pool;
-    this.buffers = new SharedBufferPool(o.chunkSize);
-    this.#removeBeforeWrite = create?.oldExists === true;
-    if (use !== undefined) {
-      this.blockSize = use.index.blockSize;
-      this.target = use.target;
-      this.#collected = undefined;
-      this.onChunk = undefined;
-    } else {
-      this.blockSize = o.blockSize ?? DEFAULT_INDEX_BLOCK_SIZE;
-      this.target = undefined;
-      const collected = o.dryRun ? undefined : new BlockHashes(o.imageSize, this.blockSize, pool);
-      this.#collected = collected;
-      this.onChunk =
-        collected === undefined ? undefined : (off, data, len) => collected.add(off, data, len);
-    }
-    this.#report = {
-      path,
-      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
-      blockSize: this.blockSize,
-      bytesHashed: 0,
-      sampleBlocks: use?.sampled ?? 0,
-      bytesReread: 0,
-      checkpoints: 0,
-      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
-    };
-  }
-
-  /** Opens the index for a copy onto `o.dst`: decides to use, create or rebuild it. */
-  static async open(o: IndexSessionOptions): Promise<IndexSession> {
-    const pool = new HashPool(o.hashThreads);
-    // with an index of SRC there may be little to hash: decided once it is read
-    if (o.source === undefined) pool.prestart();
-    try {
-      const session = await IndexSession.#open(o, pool);
-      if (o.source !== undefined) await session.#openSource(o.source);
-      const planned = session.plan?.ranges.reduce((n, r) => n + r.end - r.start, 0);
-      if (planned !== undefined && planned < INLINE_HASH_MAX_BYTES) pool.inline();
-      else pool.prestart();
-      return session;
-    } catch (err) {
-      await pool.close();
-      throw err;
-    }
-  }
-
-  static async #open(o: IndexSessionOptions, pool: HashPool): Promise<IndexSession> {
-    const id =
-      o.dst === undefined ? undefined : await identityOf(o.dstPath, o.dst.stats, o.dst.size);
-    let path = o.index;
-    if (path === 'auto') {
-      if (id === undefined) {
-        // dry run onto a file that does not exist yet: nothing to key the cache by
-        return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
-      }
-      path = cachedIndexPath(id, await ensureCacheDir());
-    }
-    let index: IndexFile | undefined;
-    try {
-      index = await readIndexFile(path);
-    } catch (err) {
-      const missing =
-        err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
-      if (missing)
-        return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
-      if (!o.rebuild || !(err instanceof BlksyncError) || err.code !== 'EINDEX_FORMAT') throw err;
-      return new IndexSession(o, path, pool, undefined, { reason: err.message, oldExists: true });
-    }
-    const rebuild = (reason: string): IndexSession =>
-      new IndexSession(o, path, pool, undefined, { reason, oldExists: true });
-    if (o.fresh || id === undefined || o.full) {
-      return rebuild(o.full ? '--full writes everything' : 'the destination is new');
-    }
-    const why = identityMismatch(index.identity, id);
-    if (why !== undefined) {
-      if (o.rebuild) return rebuild(why);
-      throw mismatch(path, `${why} (${describeIdentity(id)})`);
-    }
-    if (o.chunkSize % index.blockSize !== 0) {
-      throw new BlksyncError(
-        'EUSAGE',
-        `index ${path} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
-      );
-    }
-    if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
-      const reason = o.blockSizeReason ?? '-b asks for';
-      if (o.rebuild) return rebuild(`${reason} ${o.blockSize}-byte blocks`);
-      throw new BlksyncError(
-        'EUSAGE',
-        `index ${path} has ${index.blockSize}-byte blocks but ${reason} ${o.blockSize}; ${o.blockSizeReason === undefined ? 'omit -b, or ' : ''}pass --rebuild-index`,
-      );
-    }
-    if (
-      index.state.kind === 'clean' &&
-      id.mtimeNs !== undefined &&
-      index.identity.mtimeNs !== undefined &&
-      id.mtimeNs !== index.identity.mtimeNs
-    ) {
-      const why2 = `${o.dstPath} was modified after the index was written`;
-      if (o.rebuild) return rebuild(why2);
-      throw stale(path, why2);
-    }
-    const dst = o.dst!; // there is an identity, so there is a DST
-    const target = new IndexTarget(index, o.imageSize, dst, o.chunkSize, pool);
-    const bad = await target.verifySample(o.verifySample, dst);
-    if (bad !== undefined) {
-      const why2 = `the block at byte ${bad} of ${o.dstPath} does not match its hash`;
-      if (o.rebuild) return rebuild(why2);
-      throw stale(path, why2);
-    }
-    const sampled = target.sampledBlocks;
-    return new IndexSession(o, path, pool, { index, target, sampled }, undefined);
-  }
-
-  async #openSource(so: SourceIndexOptions): Promise<void> {
-    const target = this.target;
-    const size = this.#o.imageSize;
-    const usable = target !== undefined;
-    const src = await SourceIndex.open(so, this.blockSize, size, usable, this.#o.verifySample);
-    this.#source = src;
-    if (src.hashes === undefined || target === undefined) return;
-    this.plan = { imageSize: size, ranges: src.plan(target.table, target.untrusted, size) };
-    target.expectSourceHashes(src.hashes, (offset) => src.mismatch(offset));
-  }
-
-  /** Wraps SRC so that, when the index is used, chunks are hashed as soon as they are read. */
-  wrapSource(source: Source): Source {
-    return this.target === undefined ? source : new HashingSource(source, this.target);
-  }
-
-  /** Wraps DST's sink so the on-disk index never vouches for a range being written. */
-  wrapSink(sink: Sink): Sink {
-    return new IndexGuardSink(sink, this);
-  }
-
-  /** Called by the guard before DST's first byte changes (create mode). */
-  async beforeFirstWrite(): Promise<void> {
-    if (!this.#removeBeforeWrite) return;
-    this.#removeBeforeWrite = false;
-    await rm(this.path, { force: true });
-  }
-
-  /** Bytes marked possibly dirty at a time. */
-  get checkpointBytes(): number {
-    const chunk = this.#o.chunkSize;
-    const want =
-      this.#o.checkpointBytes ??
-      Math.max(MIN_CHECKPOINT_BYTES, Math.ceil(this.#o.imageSize / MAX_CHECKPOINTS));
-    return alignUp(Math.max(want, chunk), chunk);
-  }
-
-  /**
-   * Makes DST's writes so far durable, then records in the index that [offset, end) may
-   * change; returns `end`. Blocks before `offset` hold the new content (all of it written
-   * and synced), so their new hashes are recorded as trusted.
-   */
-  async checkpoint(offset: number): Promise<number> {
-    const target = this.target!;
-    const dst = this.#o.dst!;
-    // a bmap copy onto a file punches holes outside the mapped ranges when it ends, anywhere
-    // in the image: until the clean index is written, none of it is vouched for
-    const whole = this.#o.partial?.punches === true;
-    const start = whole ? 0 : alignDown(offset, this.blockSize);
-    const end = whole
-      ? this.#o.imageSize
-      : Math.min(
-          this.#o.imageSize,
-          Math.max(start + this.checkpointBytes, target.untrustedEndAfter(start)),
-        );
-    // also before the first mark: a killed earlier run's writes may still be only in the
-    // page cache, and this mark is about to vouch for them
-    await dst.fh.sync();
-    await this.#write({ kind: 'in-progress', dirty: { start, end } }, target.table);
-    this.#report.checkpoints++;
-    return end;
-  }
-
-  async #write(state: IndexState, hashes: Buffer): Promise<void> {
-    const dst = this.#o.dst!;
-    const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
-    const size = dst.stats.isBlockDevice() ? dst.size : st.size;
-    const identity: TargetIdentity = await identityOf(dst.path, st, size);
-    await writeNewIndex(this.path, {
-      blockSize: this.blockSize,
-      imageSize: this.#o.imageSize,
-      state,
-      identity,
-      hashes,
-    });
-  }
-
-  /** After a complete copy whose writes are synced: writes the clean index. */
-  async commit(): Promise<void> {
-    if (this.#o.dryRun || this.#o.dst === undefined) return;
-    const hashes = this.target?.table ?? this.#collected?.table;
-    if (hashes === undefined) return;
-    // DST's sink syncs only what this run wrote; what an earlier, killed run wrote may still
-    // be only in the page cache, and the clean index is about to vouch for it
-    await this.#o.dst.fh.sync();
-    if (this.#o.partial !== undefined) await this.#hashOutside(this.#o.partial, hashes);
-    await this.#write({ kind: 'clean' }, hashes);
-    // every block of SRC was hashed: what this copy learnt about DST is SRC's content too
-    await this.#source?.save(hashes);
-  }
-
-  /**
-   * A bmap copy passed only the mapped ranges through the pipeline: gives the blocks outside
-   * them their hashes. Zeroed there (a new file, holes punched): a zero block's. Otherwise
-   * DST was not written there: a used index already knows those blocks, except where it did
-   * not vouch for them (an interrupted copy's range), and a new index knows none; those are
-   * read from DST and hashed.
-   */
-  async #hashOutside(
-    partial: NonNullable<IndexSessionOptions['partial']>,
-    table: Buffer,
-  ): Promise<void> {
-    const bs = this.blockSize;
-    const size = this.#o.imageSize;
-    const zeroed = partial.zeroedOutside();
-    const outside: Range[] = [];
-    let at = 0;
-    for (const r of [...partial.ranges, { start: size, end: size }]) {
-      if (r.start > at) outside.push({ start: at, end: r.start });
-      at = Math.max(at, r.end);
-    }
-    const target = this.target;
-    const zero = Buffer.alloc(bs);
-    const zeroBlockHash = sha256(zero);
-    const buf = Buffer.allocUnsafe(Math.max(bs, alignDown(HASH_READ_BYTES, bs)));
-    for (const r of outside) {
-      for (let s = r.start; s < r.end;) {
-        const e = Math.min(r.end, s + buf.length);
-        if (zeroed) {
-          for (let b = s; b < e; b += bs) {
-            const h = size - b >= bs ? zeroBlockHash : sha256(zero, 0, size - b);
-            h.copy(table, (b / bs) * HASH_BYTES);
-          }
-        } else if (target === undefined || !target.trusts(s, e)) {
-          const got = await readFully(this.#o.dst!.fh, buf, 0, e - s, s);
-          hashBlocksSync(buf, 0, got, bs, table, (s / bs) * HASH_BYTES);
-        }
-        s = e;
-      }
-    }
-  }
-
-  report(): IndexReport {
-    return {
-      ...this.#report,
-      bytesHashed: this.#pool.bytesHashed,
-      bytesReread: this.target?.bytesReread ?? 0,
-      ...(this.#source !== undefined ? { source: this.#source.report() } : {}),
-    };
-  }
-
-  async close(): Promise<void> {
-    await this.#pool.close();
-    await this.#source?.close();
-  }
-}
-
 /** Passes reads through and hands each whole chunk to the IndexTarget to start hashing. */
-class HashingSource implements Source {
+export class HashingSource implements Source {
   readonly #inner: Source;
   readonly #target: IndexTarget;
 
@@ -734,34 +362,5 @@ class HashingSource implements Source {
 
   close(): Promise<void> {
     return this.#inner.close();
-  }
-}
-
-/**
- * Sits in front of DST's sink. Before a write reaches past the range the index marks as
- * possibly dirty, it syncs DST and moves the mark (IndexSession.checkpoint); in create mode
- * it removes a replaced index before DST's first byte changes.
- */
-class IndexGuardSink implements Sink {
-  readonly #sink: Sink;
-  readonly #session: IndexSession;
-  #markedEnd = -1;
-
-  constructor(sink: Sink, session: IndexSession) {
-    this.#sink = sink;
-    this.#session = session;
-  }
-
-  async write(data: Buffer, offset: number): Promise<void> {
-    if (this.#session.target === undefined) {
-      await this.#session.beforeFirstWrite();
-    } else if (offset + data.length > this.#markedEnd) {
-      this.#markedEnd = await this.#session.checkpoint(offset);
-    }
-    await this.#sink.write(data, offset);
-  }
-
-  finish(): Promise<void> {
-    return this.#sink.finish();
   }
 }

@@ -9,12 +9,15 @@
  * device read as it is gets the identity `copy --index` compares with DST's.
  */
 
-import { readdir, stat } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   blockCountFor,
   MAX_INDEX_BLOCKS,
   readIndexFile,
+  INDEX_VERSION_MAJOR,
+  INDEX_VERSION_MINOR,
   readIndexSummary,
   writeNewIndex,
 } from '../formats/index-file.js';
@@ -30,6 +33,7 @@ import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { unvouchedSince } from './index-policy.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Sink } from '../types.js';
@@ -176,7 +180,12 @@ export async function makeIndex(
     signal: options.signal,
   });
   let pool: HashPool | undefined;
+  let claim: FileHandle | undefined;
   try {
+    // a device is claimed (O_EXCL, as bmaptool does) while it is read, so nothing can mount
+    // it meanwhile; what writes it without a claim (dd) moves its write counter, checked below
+    if (source.file?.kind === 'block-device') claim = await claimDevice(src);
+    const before = source.file !== undefined ? await sourceIdentity(src, source) : undefined;
     if (output === 'auto' && source.file === undefined) {
       throw new BlksyncError(
         'EUSAGE',
@@ -214,6 +223,20 @@ export async function makeIndex(
       );
     }
     const identity = await sourceIdentity(src, source);
+    if (before !== undefined) {
+      const changed = unvouchedSince(
+        { versionMajor: INDEX_VERSION_MAJOR, versionMinor: INDEX_VERSION_MINOR, identity: before },
+        identity,
+        src,
+      );
+      if (changed !== undefined || before.size !== identity.size) {
+        throw new BlksyncError(
+          'ESRC_CHANGED',
+          `${src} changed while it was read (${changed ?? 'its size changed'}); an index of it would record old content, so none was written. Stop what writes it and run again`,
+          { path: src },
+        );
+      }
+    }
     if (output === 'auto') output = cachedIndexPath(identity, await ensureCacheDir());
     const index = await writeNewIndex(output, {
       blockSize,
@@ -236,8 +259,25 @@ export async function makeIndex(
       seconds: (performance.now() - started) / 1000,
     };
   } finally {
+    await claim?.close();
     await pool?.close();
     await source.close();
+  }
+}
+
+/** Opens the block device `path` with O_EXCL, held while it is indexed. */
+async function claimDevice(path: string): Promise<FileHandle> {
+  try {
+    return await open(path, constants.O_RDONLY | constants.O_EXCL);
+  } catch (err) {
+    if (isSystemError(err) && err.code === 'EBUSY') {
+      throw new BlksyncError(
+        'ESRC_OPEN',
+        `${path} is in use (mounted, swap, RAID/LVM member or claimed by another program); an index of it would not be consistent: stop that use first`,
+        { path, cause: err },
+      );
+    }
+    throw fromSystemError('ESRC_OPEN', 'cannot open source', path, err);
   }
 }
 

@@ -33,6 +33,7 @@ import {
 import type { Opened } from '../io/open.js';
 import { RangeList, type Range } from '../ranges.js';
 import { sampleMismatch } from './index-sample.js';
+import { unvouchedSince } from './index-policy.js';
 
 /** Blocks whose hashes are compared in one go when planning (most groups are equal). */
 const PLAN_GROUP_BLOCKS = 64;
@@ -216,6 +217,7 @@ export class SourceIndex {
     const now = await stat(src.path, { bigint: true }).catch(() => undefined);
     if (now === undefined || now.size !== BigInt(src.size)) return;
     if (now.mtimeNs.toString() !== this.#identity.mtimeNs) return;
+    if (now.ctimeNs.toString() !== this.#identity.ctimeNs) return;
     await writeNewIndex(this.path, {
       blockSize: this.#blockSize,
       imageSize: src.size,
@@ -243,7 +245,9 @@ function untrustedBecause(
   imageSize: number,
 ): string | undefined {
   if (index.state.kind !== 'clean') return 'it is marked in progress';
-  if (index.identity.mtimeNs !== identity.mtimeNs) return 'SRC was modified after it was indexed';
+  // mtime and ctime (touch -r puts back only the mtime), as for an index of DST
+  const changed = unvouchedSince(index, identity, 'SRC');
+  if (changed !== undefined) return changed;
   if (index.imageSize !== imageSize) {
     return `it covers ${index.imageSize} bytes, SRC has ${imageSize}`;
   }

@@ -80,34 +80,47 @@ export function alignedBuffer(length: number): Buffer | undefined {
 
 /**
  * Reads `units` of the file or device at `path` back (read-back.ts) and compares each with
- * its checksum. Throws EVERIFY naming the first unit that differs (or that DST cannot supply).
+ * its checksum. Throws EVERIFY naming the units that differ (or that DST cannot supply); when
+ * `explain` is given it is asked first, and the error it returns (one that can say which
+ * blocks differ, and why) is thrown instead.
  */
 export async function verifyWritten(
   path: string,
   units: readonly VerifyUnit[],
   algorithm: string,
-  options: { fd?: number | undefined; signal?: AbortSignal | undefined } = {},
+  options: {
+    fd?: number | undefined;
+    signal?: AbortSignal | undefined;
+    explain?: ((bad: readonly VerifyUnit[]) => Promise<BlksyncError | undefined>) | undefined;
+  } = {},
 ): Promise<{ bytesVerified: number; ranges: number; direct: boolean }> {
   let bytesVerified = 0;
+  const bad: { unit: VerifyUnit; computed: string }[] = [];
   const { direct } = await readBack(
     path,
     units.map((u, i) => ({ ...u, group: i })),
     algorithm,
-    (i, computed, direct) => {
+    (i, computed) => {
       const u = units[i]!;
-      if (computed !== u.checksum) {
-        throw new BlksyncError(
-          'EVERIFY',
-          `${path}: ${u.label} (bytes ${u.start}-${u.end - 1}) read back ${direct ? 'from the device' : 'after fsync'} ` +
-            `do not match what was written (${algorithm} ${computed}, expected ${u.checksum}); ` +
-            'the destination did not store the data: check the medium (dmesg), then copy again',
-          { path },
-        );
-      }
-      bytesVerified += u.end - u.start;
+      if (computed !== u.checksum) bad.push({ unit: u, computed });
+      else bytesVerified += u.end - u.start;
     },
-    { ...options, alignedBuffer },
+    { fd: options.fd, signal: options.signal, alignedBuffer },
   );
+  if (bad.length > 0) {
+    const explained = await options.explain?.(bad.map((b) => b.unit));
+    if (explained !== undefined) throw explained;
+    const first = bad[0]!;
+    const u = first.unit;
+    const more = bad.length > 1 ? ` and ${bad.length - 1} more range(s)` : '';
+    throw new BlksyncError(
+      'EVERIFY',
+      `${path}: ${u.label} (bytes ${u.start}-${u.end - 1})${more} read back ${direct ? 'from the device' : 'after fsync'} ` +
+        `do not match what was written (${algorithm} ${first.computed}, expected ${u.checksum}); ` +
+        'the destination did not store the data: check the medium (dmesg), then copy again',
+      { path },
+    );
+  }
   return { bytesVerified, ranges: units.length, direct };
 }
 

@@ -10,7 +10,7 @@
  * rounds them up, hence pyFixed1().
  */
 
-import { bmapDigest, type Bmap, type BmapRange } from './bmap.js';
+import { bmapDigest, type BmapRange } from './bmap.js';
 
 /** The version written. */
 export const BMAP_WRITE_VERSION = '2.0';
@@ -142,14 +142,4 @@ export function serializeBmap(input: BmapWriteInput): string {
   text = overwrite(text, mappedPos1, `${humanSize(mapped * blockSize)} or ${pyFixed1(percent)}%`);
   text = overwrite(text, mappedPos2, String(mapped));
   return overwrite(text, checksumPos, bmapDigest(checksumType, text));
-}
-
-/** Re-serializes a parsed bmap as 2.0 (e.g. to upgrade a 1.x file). */
-export function bmapToText(bmap: Bmap): string {
-  return serializeBmap({
-    imageSize: bmap.imageSize,
-    blockSize: bmap.blockSize,
-    checksumType: bmap.checksumType ?? 'sha256',
-    ranges: bmap.ranges,
-  });
 }

@@ -7,7 +7,7 @@
  *   ------  ----  -----------------------------------------------------------------
  *        0     8  magic "BLKSIDX\0"
  *        8     2  major version (1); readers refuse any other major
- *       10     2  minor version (0); a newer minor only appends header fields
+ *       10     2  minor version (1); a newer minor only appends header or identity fields
  *       12     4  header bytes H (72 in 1.0; readers skip fields they do not know)
  *       16     4  block size in bytes (a power of two, 512 .. 64 MiB)
  *       20     1  hash algorithm (1 = SHA-256)
@@ -43,7 +43,12 @@ import type { Range } from '../ranges.js';
 
 export const INDEX_MAGIC = Buffer.from('BLKSIDX\0', 'latin1');
 export const INDEX_VERSION_MAJOR = 1;
-export const INDEX_VERSION_MINOR = 0;
+/**
+ * 1.1 records in the identity what vouches that the target has not changed since the index
+ * was written (a file's ctime, a device's write counter and boot id). A 1.0 index lacks them:
+ * it is read, but nothing vouches for it (engine/index-policy.ts).
+ */
+export const INDEX_VERSION_MINOR = 1;
 /** Header bytes written by this version. */
 export const INDEX_HEADER_BYTES = 72;
 /** Largest header a reader accepts (a future minor version may append fields). */
@@ -267,6 +272,9 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
     !isString(o.key) ||
     typeof o.weak !== 'boolean' ||
     (o.mtimeNs !== undefined && !isString(o.mtimeNs)) ||
+    (o.ctimeNs !== undefined && !isString(o.ctimeNs)) ||
+    (o.bootId !== undefined && !isString(o.bootId)) ||
+    (o.sectorsWritten !== undefined && !isString(o.sectorsWritten)) ||
     (o.model !== undefined && !isString(o.model)) ||
     (o.path !== undefined && !isString(o.path))
   ) {
@@ -274,6 +282,9 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
   }
   const id: TargetIdentity = { kind: o.kind, size: o.size, key: o.key, weak: o.weak };
   if (o.mtimeNs !== undefined) id.mtimeNs = o.mtimeNs;
+  if (o.ctimeNs !== undefined) id.ctimeNs = o.ctimeNs;
+  if (o.bootId !== undefined) id.bootId = o.bootId;
+  if (o.sectorsWritten !== undefined) id.sectorsWritten = o.sectorsWritten;
   if (o.model !== undefined) id.model = o.model;
   if (o.path !== undefined) id.path = o.path;
   return id;
@@ -404,4 +415,23 @@ export async function writeNewIndex(path: string, fields: NewIndexFields): Promi
   const index = newIndex(fields);
   await writeIndexFile(path, index);
   return index;
+}
+
+/**
+ * Reads the index at `path` if there is one: 'absent' when there is no file; `unreadable`
+ * with the error when it is not a usable index (damaged, another major version) — the index
+ * policy decides whether that is replaced or refused. Other failures (permissions) throw.
+ */
+export async function readIndexIfAny(
+  path: string,
+): Promise<IndexFile | 'absent' | { unreadable: BlksyncError }> {
+  try {
+    return await readIndexFile(path);
+  } catch (err) {
+    if (!(err instanceof BlksyncError)) throw err;
+    const cause = err.cause as { code?: unknown } | undefined;
+    if (cause?.code === 'ENOENT') return 'absent';
+    if (err.code === 'EINDEX_FORMAT') return { unreadable: err };
+    throw err;
+  }
 }

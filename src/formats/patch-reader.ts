@@ -19,7 +19,6 @@ import {
   RECORD_OLD_COMPRESSED,
   RECORD_TAG,
   recordSizes,
-  TRAILER_BYTES,
   TRAILER_TAG,
   type PatchHeader,
   type RecordHeader,
@@ -177,9 +176,6 @@ export class PatchReader {
     this.#done = true;
   }
 }
-
-/** The trailer's size, for callers that compute file sizes. */
-export const PATCH_TRAILER_BYTES = TRAILER_BYTES;
 
 async function unpack(
   h: PatchHeader,

@@ -113,11 +113,6 @@ export function contentHash(data: Buffer, blockSize: number): Buffer {
   return sha256(list);
 }
 
-/** The content hash from per-block SHA-256s (e.g. from an index): SHA-256 of their concatenation. */
-export function contentHashFromBlockHashes(blockHashes: Buffer): Buffer {
-  return sha256(blockHashes);
-}
-
 function isBlockSize(n: number): boolean {
   return n >= MIN_BLOCK_BYTES && n <= MAX_BLOCK_BYTES && (n & (n - 1)) === 0;
 }

@@ -30,16 +30,6 @@ export async function blockDeviceSize(rdev: number): Promise<number> {
   return sectors * 512;
 }
 
-/** Logical sector size of the block device (the smallest unit it writes). */
-export async function logicalBlockSize(rdev: number): Promise<number> {
-  try {
-    const text = await readFile(join(sysDir(rdev), 'queue/logical_block_size'), 'utf8');
-    return Number(text.trim()) || 512;
-  } catch {
-    return 512; // partitions have no queue/; their disk's sector size is 512 on loop and most disks
-  }
-}
-
 /** The "MAJ:MIN" ids of the partitions of a whole disk (empty for a partition or a bare disk). */
 export async function partitionIds(rdev: number): Promise<string[]> {
   let dir: string;

@@ -119,13 +119,3 @@ export class FileSink implements Sink {
     }
   }
 }
-
-/** Counts what would be written and writes nothing (--dry-run, compare). */
-export class NullSink implements Sink {
-  write(): Promise<void> {
-    return Promise.resolve();
-  }
-  finish(): Promise<void> {
-    return Promise.resolve();
-  }
-}

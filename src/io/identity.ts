@@ -5,14 +5,19 @@
  * serial that udev recorded (/run/udev/data/bMAJ:MIN), the kernel's wwid and serial in sysfs,
  * a /dev/disk/by-id link, a loop device's backing file, and last the bare MAJ:MIN (weak: it
  * names a slot, not a disk). A partition adds its number to its disk's name. A regular file
- * is known by its device and inode; its mtime is recorded too, to catch writes behind
- * blksync's back.
+ * is known by its device and inode.
+ *
+ * Beside the name, what vouches that the content has not changed since (see
+ * engine/index-policy.ts): for a regular file its mtime and ctime in nanoseconds (ctime cannot
+ * be put back by `touch -r`, and any write or truncate moves it), for a block device the
+ * kernel's count of sectors written to it and the boot that count is from (io/write-counter.ts).
  */
 
 import type { Stats } from 'node:fs';
 import { readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { devId } from './block-device.js';
+import { writeStamp } from './write-counter.js';
 
 export interface TargetIdentity {
   kind: 'file' | 'block-device';
@@ -24,6 +29,12 @@ export interface TargetIdentity {
   weak: boolean;
   /** For a regular file: its mtime in nanoseconds, as a decimal string. */
   mtimeNs?: string;
+  /** For a regular file: its ctime in nanoseconds (any write, truncate or `touch` moves it). */
+  ctimeNs?: string;
+  /** For a block device: /proc/sys/kernel/random/boot_id when the identity was taken. */
+  bootId?: string;
+  /** For a block device: 512-byte sectors written to it in that boot, as a decimal string. */
+  sectorsWritten?: string;
   /** Human hints shown by `blksync info`; not compared. */
   model?: string;
   path?: string;
@@ -109,6 +120,7 @@ export async function identityOf(
       key: `file:${stats.dev}:${stats.ino}`,
       weak: false,
       mtimeNs: big?.mtimeNs.toString() ?? String(Math.round(stats.mtimeMs * 1e6)),
+      ...(big !== undefined ? { ctimeNs: big.ctimeNs.toString() } : {}),
       path,
     };
   }
@@ -127,11 +139,13 @@ export async function identityOf(
     }
   }
   const key = found.key ?? `devnum:${devId(stats.rdev)}`;
+  const stamp = await writeStamp(stats.rdev);
   return {
     kind: 'block-device',
     size,
     key,
     weak: found.key === undefined,
+    ...(stamp !== undefined ? stamp : {}),
     ...(found.model !== undefined ? { model: found.model } : {}),
     ...(devPath !== undefined ? { path: devPath } : {}),
   };

@@ -224,13 +224,15 @@ async function assertWritableDevice(path: string, st: Stats): Promise<void> {
 }
 
 /**
- * EDEST_TOO_SMALL, with advice that fits DST: a file can be grown, a device cannot.
+ * EDEST_TOO_SMALL, worded once for every path (copy, pull, the agent, apply), with advice that
+ * fits DST: a file can be grown, a device cannot. `needs` says what needs `need` bytes.
  */
 export function destinationTooSmall(
   path: string,
   kind: FileKind,
   have: number,
   need: number,
+  needs = 'the source is',
 ): BlksyncError {
   const advice =
     kind === 'file'
@@ -238,7 +240,7 @@ export function destinationTooSmall(
       : `use a device of at least ${formatBytes(need)}`;
   return new BlksyncError(
     'EDEST_TOO_SMALL',
-    `${path} is ${have} bytes (${formatBytes(have)}) but the source is ${need} bytes (${formatBytes(need)}); ${advice}`,
+    `${path} is ${have} bytes (${formatBytes(have)}) but ${needs} ${need} bytes (${formatBytes(need)}); ${advice}`,
     { path },
   );
 }

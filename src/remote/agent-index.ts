@@ -1,14 +1,14 @@
 /**
  * An index kept beside a remote DST (`--index host:FILE`, or `--index auto` for a push: the
  * remote's own cache keyed by DST's identity), kept by the target agent. It decides as a
- * local copy does (engine/index-target.ts) and then stands in for DST:
+ * local copy does, by the one index policy (engine/index-policy.ts, with the identity and the
+ * write stamp taken here, on DST's host), and then stands in for DST:
  *
- *   open ─► identity ok? ─► sample of DST ok? ─► used: HASH_REQ in the index's blocks is
- *     │        │ no              │ no                  answered from the table, DST unread
- *     │        ▼                 ▼
- *     │  EINDEX_MISMATCH    EINDEX_STALE     (--rebuild-index: create instead)
- *     └─ no index / DST new / --full ─► created: DST's blocks are hashed as the TOP_HASHES
- *                                        scan reads them (zeros for a new DST)
+ *   open ─► decideIndex ─► use ─► sample of DST ok? ─► used: HASH_REQ in the index's blocks
+ *                │                  │ no: decide again     is answered from the table
+ *                ├─► refuse (EINDEX_STALE, EINDEX_MISMATCH, EUSAGE)
+ *                └─► create / rebuild: DST's blocks are hashed as the TOP_HASHES scan reads
+ *                                      them (zeros for a new DST)
  *
  * Either way the table follows DST: a HASH_REQ that reads DST in the index's blocks stores
  * their hashes, each DATA frame replaces the hashes of the blocks it covers, and blocks no
@@ -21,22 +21,19 @@
 import type { Stats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { rm } from 'node:fs/promises';
-import { BlksyncError, isSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import {
   blockCountFor,
   MAX_INDEX_BLOCKS,
-  readIndexFile,
+  readIndexIfAny,
   type IndexFile,
   type IndexState,
   writeNewIndex,
 } from '../formats/index-file.js';
+import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import { cachedIndexPath, ensureCacheDir } from '../io/cache-dir.js';
-import {
-  describeIdentity,
-  identityMismatch,
-  identityOf,
-  type TargetIdentity,
-} from '../io/identity.js';
+import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { OwnWrites } from '../io/write-counter.js';
 import { assertSeparateOutput, sameFile } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
 import { sampleMismatch } from '../engine/index-sample.js';
@@ -54,12 +51,31 @@ export interface IndexedTarget {
   size: number;
 }
 
-function stale(path: string, why: string): BlksyncError {
-  return new BlksyncError(
-    'EINDEX_STALE',
-    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
-    { path },
-  );
+/**
+ * The byte ranges (block-aligned) of a used index that do not vouch for DST's blocks: an
+ * interrupted copy's dirty range, and what the index does not cover at the same extent.
+ */
+function untrustedRanges(index: IndexFile, imageSize: number): Range[] {
+  const ibs = index.blockSize;
+  const untrusted: Range[] = [];
+  if (index.state.kind === 'in-progress') {
+    const s = Math.floor(index.state.dirty.start / ibs) * ibs;
+    const e = Math.min(imageSize, Math.ceil(index.state.dirty.end / ibs) * ibs);
+    if (s < e) untrusted.push({ start: s, end: e });
+  }
+  // a block is trusted only if it had the same extent when it was hashed
+  const covered =
+    index.imageSize === imageSize
+      ? imageSize
+      : Math.floor(Math.min(index.imageSize, imageSize) / ibs) * ibs;
+  if (covered < imageSize) {
+    const last = untrusted[untrusted.length - 1];
+    if (last !== undefined && last.end >= covered) {
+      last.start = Math.min(last.start, covered);
+      last.end = imageSize;
+    } else untrusted.push({ start: covered, end: imageSize });
+  }
+  return untrusted;
 }
 
 export class AgentIndex {
@@ -78,6 +94,13 @@ export class AgentIndex {
   readonly #report: IndexWireReport;
   #removeBeforeWrite: boolean;
   #marked = false;
+  /** Where the range marked possibly dirty begins (it runs to the end), once marked. */
+  #markedFrom: number | undefined;
+  #committed = false;
+  /** DST's identity when the index was opened: its write counter before this run's writes. */
+  #openedAs: TargetIdentity | undefined;
+  /** The sectors this run's writes add to DST's write counter. */
+  readonly #own = new OwnWrites();
 
   private constructor(
     path: string,
@@ -85,7 +108,7 @@ export class AgentIndex {
     imageSize: number,
     dst: IndexedTarget,
     dryRun: boolean,
-    use: { index: IndexFile; untrusted: Range[] } | undefined,
+    use: { index: IndexFile; untrusted: Range[]; onWord: boolean } | undefined,
     create: { reason: string | undefined; oldExists: boolean; zero: boolean } | undefined,
   ) {
     this.path = path;
@@ -127,6 +150,7 @@ export class AgentIndex {
       bytesReread: 0,
       checkpoints: 0,
       ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+      ...(use?.onWord === true ? { trustedOnWord: true } : {}),
     };
   }
 
@@ -168,80 +192,38 @@ export class AgentIndex {
         { path: dst.path, role: 'the destination', isSame: (st) => sameFile(stats, st) },
       ]);
     }
-    let index: IndexFile;
-    try {
-      index = await readIndexFile(path);
-    } catch (err) {
-      const missing =
-        err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
-      if (missing) return make(undefined, false);
-      if (o.rebuild && err instanceof BlksyncError && err.code === 'EINDEX_FORMAT') {
-        return make(err.message, true);
+    const found = await readIndexIfAny(path);
+    const facts = indexFacts(found, id, {
+      path,
+      named: o.path === 'auto' ? 'auto' : 'file',
+      dst: dst.path,
+      dstFresh: fresh,
+      full: o.full,
+      rebuild: o.rebuild,
+      trust: o.trust === true,
+      chunkSize: o.chunkSize,
+      askedBlockSize: o.blockSizeGiven ? bs : undefined,
+    });
+    let decision = decideIndex(facts);
+    if (decision.action === 'use' && typeof found === 'object' && 'hashes' in found) {
+      const untrusted = untrustedRanges(found, imageSize);
+      const use = { index: found, untrusted, onWord: decision.onWord };
+      const used = new AgentIndex(path, found.blockSize, imageSize, dst, dryRun, use, undefined);
+      const bad = await used.#verifySample(o.verifySample);
+      if (bad === undefined) {
+        used.#openedAs = id;
+        return used;
       }
-      throw err;
+      decision = decideIndex({ ...facts, sampleMismatchAt: bad });
     }
-    if (fresh || id === undefined || o.full) {
-      return make(o.full ? '--full writes everything' : 'the destination is new', true);
-    }
-    const why = identityMismatch(index.identity, id);
-    if (why !== undefined) {
-      if (o.rebuild) return make(why, true);
-      throw new BlksyncError(
-        'EINDEX_MISMATCH',
-        `index ${path} does not describe this destination: ${why} (${describeIdentity(id)}); pass --rebuild-index to replace it (DST is then compared by hashes once)`,
-        { path },
-      );
-    }
-    if (o.chunkSize % index.blockSize !== 0) {
-      throw new BlksyncError(
-        'EUSAGE',
-        `index ${path} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
-      );
-    }
-    if (o.blockSizeGiven && bs !== index.blockSize) {
-      if (o.rebuild) return make(`block size ${bs} asked for`, true);
-      throw new BlksyncError(
-        'EUSAGE',
-        `index ${path} has ${index.blockSize}-byte blocks but -b asks for ${bs}; omit -b, or pass --rebuild-index`,
-      );
-    }
-    if (
-      index.state.kind === 'clean' &&
-      id.mtimeNs !== undefined &&
-      index.identity.mtimeNs !== undefined &&
-      id.mtimeNs !== index.identity.mtimeNs
-    ) {
-      const why2 = `${dst.path} was modified after the index was written`;
-      if (o.rebuild) return make(why2, true);
-      throw stale(path, why2);
-    }
-    const ibs = index.blockSize;
-    const untrusted: Range[] = [];
-    if (index.state.kind === 'in-progress') {
-      const s = Math.floor(index.state.dirty.start / ibs) * ibs;
-      const e = Math.min(imageSize, Math.ceil(index.state.dirty.end / ibs) * ibs);
-      if (s < e) untrusted.push({ start: s, end: e });
-    }
-    // a block is trusted only if it had the same extent when it was hashed
-    const covered =
-      index.imageSize === imageSize
-        ? imageSize
-        : Math.floor(Math.min(index.imageSize, imageSize) / ibs) * ibs;
-    if (covered < imageSize) {
-      const last = untrusted[untrusted.length - 1];
-      if (last !== undefined && last.end >= covered) {
-        last.start = Math.min(last.start, covered);
-        last.end = imageSize;
-      } else untrusted.push({ start: covered, end: imageSize });
-    }
-    const used = new AgentIndex(path, ibs, imageSize, dst, dryRun, { index, untrusted }, undefined);
-    const bad = await used.#verifySample(o.verifySample);
-    if (bad !== undefined) {
-      const why2 = `the block at byte ${bad} of ${dst.path} does not match its hash`;
-      if (o.rebuild) return make(why2, true, path);
-      throw stale(path, why2);
-    }
-    return used;
+    if (decision.action === 'refuse') throw decision.error;
+    const made = make(
+      decision.action === 'rebuild' ? decision.reason : undefined,
+      decision.action === 'rebuild',
+      path,
+    );
+    made.#openedAs = id;
+    return made;
   }
 
   /** Reads `count` trusted blocks (first, last, then random) and checks them; the first bad one. */
@@ -319,11 +301,26 @@ export class AgentIndex {
     // what an earlier, killed run wrote may be only in the page cache; the mark vouches for it
     await this.#dst.fh!.sync();
     await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
+    this.#markedFrom = start;
     this.#report.checkpoints++;
+  }
+
+  /**
+   * The run ended without DONE (blksync went away, interrupted) after DST's writes were
+   * synced: the in-progress index is written again with DST's identity now, so that this
+   * run's own writes (all inside the marked range, which stays untrusted) do not make the
+   * rerun distrust the rest (engine/index-policy.ts).
+   */
+  async settle(): Promise<void> {
+    const start = this.#markedFrom;
+    if (start === undefined || this.#committed || this.#dryRun) return;
+    await this.#dst.fh!.sync();
+    await this.#write({ kind: 'in-progress', dirty: { start, end: this.#imageSize } });
   }
 
   /** DATA was written at `offset`. */
   wrote(offset: number, raw: Buffer): void {
+    this.#own.add(offset, raw.length);
     this.#hashBlocks(offset, raw, raw.length);
   }
 
@@ -346,6 +343,7 @@ export class AgentIndex {
       this.#hashBlocks(s, buf, len);
     }
     await this.#write({ kind: 'clean' });
+    this.#committed = true;
   }
 
   report(): IndexWireReport {
@@ -379,6 +377,12 @@ export class AgentIndex {
       st,
       d.kind === 'file' ? st.size : d.size,
     );
+    const foreign = this.#own.foreign(this.#openedAs, identity);
+    if (foreign > 0n) {
+      // someone else wrote DST during this run: the stamp would vouch for their writes too
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
+      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+    }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
       imageSize: this.#imageSize,

@@ -134,6 +134,8 @@ export interface IndexHello {
   /** The chunk blksync compares in (the top unit); the index's blocks must divide it. */
   chunkSize: number;
   rebuild: boolean;
+  /** --trust-index: the user vouches for the index although nothing else does. */
+  trust?: boolean;
   /** Blocks of the file checked against the index before trusting it. */
   verifySample: number;
   full: boolean;

@@ -19,19 +19,22 @@
 
 import { rm } from 'node:fs/promises';
 import { pickSampleBlocks } from '../engine/index-sample.js';
-import { BlksyncError, isSystemError } from '../errors.js';
+import { BlksyncError } from '../errors.js';
 import {
   blockCountFor,
-  readIndexFile,
+  readIndexIfAny as readIndexFileIfAny,
   type IndexFile,
   type IndexState,
   writeNewIndex,
 } from '../formats/index-file.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
-import { describeIdentity, identityMismatch, type TargetIdentity } from '../io/identity.js';
+import type { TargetIdentity } from '../io/identity.js';
+import { OwnWrites } from '../io/write-counter.js';
 import { HashPool } from '../engine/hash-pool.js';
-import { IndexTarget, type IndexReport, type IndexSessionOptions } from '../engine/index-target.js';
+import { decideIndex, indexFacts } from '../engine/index-policy.js';
+import type { IndexSessionOptions } from '../engine/index-session.js';
+import { IndexTarget, type IndexReport } from '../engine/index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import type { ChunkKnowledge, Sink, TargetKnowledge } from '../types.js';
 import type { HashDiffer } from './hash-differ.js';
@@ -47,6 +50,7 @@ export type RemoteIndexOptions = Pick<
   | 'blockSizeReason'
   | 'chunkSize'
   | 'rebuild'
+  | 'trust'
   | 'verifySample'
   | 'full'
   | 'dryRun'
@@ -63,27 +67,9 @@ export type RemoteIndexOptions = Pick<
 /** Reads the index file before ssh starts; undefined when there is none. */
 export async function readIndexIfAny(
   path: string,
-  rebuild: boolean,
-): Promise<{ index: IndexFile } | { unreadable: string } | undefined> {
-  try {
-    return { index: await readIndexFile(path) };
-  } catch (err) {
-    const missing =
-      err instanceof BlksyncError && isSystemError(err.cause) && err.cause.code === 'ENOENT';
-    if (missing) return undefined;
-    if (rebuild && err instanceof BlksyncError && err.code === 'EINDEX_FORMAT') {
-      return { unreadable: err.message };
-    }
-    throw err;
-  }
-}
-
-function stale(path: string, why: string): BlksyncError {
-  return new BlksyncError(
-    'EINDEX_STALE',
-    `index ${path} is stale: ${why}; DST was changed behind blksync's back. Pass --rebuild-index to compare DST by hashes and rebuild it`,
-    { path },
-  );
+): Promise<{ index: IndexFile } | { unreadable: BlksyncError } | undefined> {
+  const found = await readIndexFileIfAny(path);
+  return found === 'absent' ? undefined : 'unreadable' in found ? found : { index: found };
 }
 
 /** The ranges of [0, size) outside the ascending `ranges`. */
@@ -166,12 +152,16 @@ export class RemoteIndex {
   readonly #identity: TargetIdentity | undefined;
   readonly #report: IndexReport;
   #removeBeforeWrite: boolean;
+  /** The sectors this copy's writes add to DST's write counter. */
+  readonly #own = new OwnWrites();
 
   private constructor(
     o: RemoteIndexOptions,
     pool: HashPool,
     identity: TargetIdentity | undefined,
-    use: { target: IndexTarget; knowledge: RemoteIndexTarget; sampled: number } | undefined,
+    use:
+      | { target: IndexTarget; knowledge: RemoteIndexTarget; sampled: number; onWord: boolean }
+      | undefined,
     create: { reason: string | undefined; oldExists: boolean } | undefined,
   ) {
     this.#o = o;
@@ -203,6 +193,7 @@ export class RemoteIndex {
       bytesReread: 0,
       checkpoints: 0,
       ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+      ...(use?.onWord === true ? { trustedOnWord: true } : {}),
     };
   }
 
@@ -227,60 +218,43 @@ export class RemoteIndex {
         if (o.partial !== undefined && !fresh) throw unmappedUnknown(o.index, link.name);
         return new RemoteIndex(o, pool, id, undefined, { reason, oldExists });
       };
-      if (found === undefined) return create(undefined, false);
-      if ('unreadable' in found) return create(found.unreadable, true);
-      const index = found.index;
-      if (ready.created || ready.zero || id === undefined || o.full) {
-        return create(o.full ? '--full writes everything' : 'the destination is new', true);
-      }
-      const why = identityMismatch(index.identity, id);
-      if (why !== undefined) {
-        if (o.rebuild) return create(why, true);
-        throw new BlksyncError(
-          'EINDEX_MISMATCH',
-          `index ${o.index} does not describe this destination: ${why} (${describeIdentity(id)}); pass --rebuild-index to replace it (DST is then compared by hashes once)`,
-          { path: o.index },
-        );
-      }
-      if (o.chunkSize % index.blockSize !== 0) {
-        throw new BlksyncError(
-          'EUSAGE',
-          `index ${o.index} has ${index.blockSize}-byte blocks, more than the ${o.chunkSize}-byte chunks read; rebuild it with smaller blocks`,
-        );
-      }
-      if (o.blockSize !== undefined && o.blockSize !== index.blockSize) {
-        if (o.rebuild) return create(`block size ${o.blockSize} asked for`, true);
-        const reason = o.blockSizeReason ?? '-b asks for';
-        throw new BlksyncError(
-          'EUSAGE',
-          `index ${o.index} has ${index.blockSize}-byte blocks but ${reason} ${o.blockSize}; ${o.blockSizeReason === undefined ? 'omit -b, or ' : ''}pass --rebuild-index`,
-        );
-      }
-      if (
-        index.state.kind === 'clean' &&
-        id.mtimeNs !== undefined &&
-        index.identity.mtimeNs !== undefined &&
-        id.mtimeNs !== index.identity.mtimeNs
-      ) {
-        const why2 = `${link.name} was modified after the index was written`;
-        if (o.rebuild) return create(why2, true);
-        throw stale(o.index, why2);
-      }
-      const target = new IndexTarget(index, o.imageSize, undefined, o.chunkSize, pool);
-      if (o.partial !== undefined) {
-        // an interrupted copy's range outside the mapped ranges stays unknown here
-        for (const r of outsideOf(o.partial.ranges, o.imageSize)) {
-          if (!target.trusts(r.start, r.end)) throw unmappedUnknown(o.index, link.name);
+      const facts = indexFacts(
+        found === undefined ? 'absent' : 'unreadable' in found ? found : found.index,
+        fresh ? undefined : id,
+        {
+          path: o.index,
+          named: 'file',
+          dst: link.name,
+          dstFresh: fresh,
+          full: o.full,
+          rebuild: o.rebuild,
+          trust: o.trust === true,
+          chunkSize: o.chunkSize,
+          askedBlockSize: o.blockSize,
+          blockSizeReason: o.blockSizeReason,
+        },
+      );
+      let decision = decideIndex(facts);
+      if (decision.action === 'use' && found !== undefined && 'index' in found) {
+        const index = found.index;
+        const target = new IndexTarget(index, o.imageSize, undefined, o.chunkSize, pool);
+        if (o.partial !== undefined) {
+          // an interrupted copy's range outside the mapped ranges stays unknown here
+          for (const r of outsideOf(o.partial.ranges, o.imageSize)) {
+            if (!target.trusts(r.start, r.end)) throw unmappedUnknown(o.index, link.name);
+          }
         }
+        const sample = await verifySample(target, o.verifySample, link);
+        if (sample.bad === undefined) {
+          const knowledge = new RemoteIndexTarget(target, link, differFor(index.blockSize));
+          const use = { target, knowledge, sampled: sample.blocks, onWord: decision.onWord };
+          return new RemoteIndex(o, pool, id, use, undefined);
+        }
+        decision = decideIndex({ ...facts, sampleMismatchAt: sample.bad });
       }
-      const sample = await verifySample(target, o.verifySample, link);
-      if (sample.bad !== undefined) {
-        const why2 = `the block at byte ${sample.bad} of ${link.name} does not match its hash`;
-        if (o.rebuild) return create(why2, true);
-        throw stale(o.index, why2);
-      }
-      const knowledge = new RemoteIndexTarget(target, link, differFor(index.blockSize));
-      return new RemoteIndex(o, pool, id, { target, knowledge, sampled: sample.blocks }, undefined);
+      if (decision.action === 'refuse') throw decision.error;
+      if (decision.action === 'rebuild') return create(decision.reason, true);
+      return create(undefined, false);
     } catch (err) {
       await pool.close();
       throw err;
@@ -299,6 +273,7 @@ export class RemoteIndex {
           first = false;
           await this.#beforeFirstWrite(offset);
         }
+        this.#own.add(offset, data.length);
         await sink.write(data, offset);
       },
       finish: () => sink.finish(),
@@ -346,6 +321,12 @@ export class RemoteIndex {
   }
 
   async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
+    const foreign = this.#own.foreign(this.#identity, identity);
+    if (foreign > 0n) {
+      // someone else wrote DST during this copy: the stamp would vouch for their writes too
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
+      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+    }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
       imageSize: this.#o.imageSize,

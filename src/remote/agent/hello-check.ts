@@ -111,6 +111,7 @@ function validIndex(x: unknown): x is IndexHello {
     isSafeUInt(o.verifySample) &&
     typeof o.blockSizeGiven === 'boolean' &&
     typeof o.rebuild === 'boolean' &&
+    (o.trust === undefined || typeof o.trust === 'boolean') &&
     typeof o.full === 'boolean'
   );
 }

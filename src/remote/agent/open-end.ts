@@ -10,7 +10,8 @@ import { WrittenRanges } from '../../engine/written-log.js';
 import { detectCompression, MAGIC_BYTES } from '../../io/compression-magic.js';
 import { FileSink } from '../../io/file-sink.js';
 import { identityOf } from '../../io/identity.js';
-import { createTarget, openSource, openTarget } from '../../io/open.js';
+import { openSource, openTarget } from '../../io/open.js';
+import { prepareDestination } from '../../io/prepare-destination.js';
 import { AgentIndex } from '../agent-index.js';
 import { Compressor, DEFLATE_RAW } from '../compress.js';
 import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '../protocol.js';
@@ -87,32 +88,15 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
   const size = h.size!;
   const dryRun = h.dryRun === true;
   const found = await openTarget(h.path, { readOnly: dryRun });
-  let created = false;
-  let zero = false;
-  let fh: FileHandle | undefined;
-  let kind: 'file' | 'block-device' = 'file';
-  let have = size;
-  if (found.fh === undefined) {
-    created = true;
-    zero = true;
-    if (!dryRun) fh = (await createTarget(h.path, size)).fh;
-  } else {
-    fh = found.fh;
-    kind = found.kind;
-    have = found.size;
-    if (found.size === 0 && kind === 'file') {
-      zero = true;
-      if (!dryRun) await fh.truncate(size);
-      have = size;
-    } else if (found.size < size) {
-      await fh.close();
-      throw new BlksyncError(
-        'EDEST_TOO_SMALL',
-        `${h.path} is ${found.size} bytes but the source is ${size} bytes; use a larger destination`,
-        { path: h.path },
-      );
-    }
-  }
+  const prepared = await prepareDestination(found, size, dryRun).catch(async (err: unknown) => {
+    await found.fh?.close();
+    throw err;
+  });
+  const { created, zero } = prepared;
+  const fh = prepared.target?.fh;
+  const kind = prepared.target?.kind ?? 'file';
+  // what READY reports as DST's size: past the image only where DST was larger
+  const have = size + prepared.extraBytes;
   s.opened = {
     path: h.path,
     // a dry run onto a missing file reads nothing: the image is all zeros

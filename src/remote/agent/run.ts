@@ -115,6 +115,8 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   await s.direct?.close().catch(() => {});
   // make what was written durable, whether the link dropped or a frame was refused
   await s.opened?.sink?.finish().catch(() => {});
+  // an index marked in progress vouches again for what lies outside its marked range
+  await s.index?.settle().catch(() => {});
   await s.opened?.fh?.close().catch(() => {});
   await s.flushed();
   return s.failed ? 1 : 0;

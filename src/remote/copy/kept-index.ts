@@ -48,9 +48,10 @@ export function agentIndexHello(
     blockSize: blockSize ?? DEFAULT_INDEX_BLOCK_SIZE,
     blockSizeGiven: blockSize !== undefined,
     chunkSize,
-    rebuild: options.rebuildIndex === true,
+    rebuild: options.rebuildIndex,
+    ...(options.trustIndex ? { trust: true } : {}),
     verifySample: options.verifySample,
-    full: options.full === true,
+    full: options.full,
     topDigest: true,
   };
 }

@@ -5,8 +5,9 @@
  */
 
 import { BlksyncError } from '../../errors.js';
+import { chunkSizeFor } from '../../engine/block-size.js';
 import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
-import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/copy-source.js';
+import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/find-bmap.js';
 import type { RemoteOptions } from '../link.js';
 import { REMOTE_CHUNK_BYTES } from '../roles.js';
 import { isRemote, shellQuote, type RemoteSpec } from '../spec.js';
@@ -22,11 +23,6 @@ export interface RemoteCopyOptions extends ResolvedCopyOptions, RemoteOptions {
   direct?: boolean;
 }
 
-function chunkSizeOf(options: RemoteCopyOptions): number {
-  const bs = options.blockSize;
-  return Math.max(bs, Math.floor((options.chunkSize ?? REMOTE_CHUNK_BYTES) / bs) * bs);
-}
-
 /** What push, pull, relay and --direct all start from, taken once from the options. */
 export interface Session {
   started: number;
@@ -40,9 +36,9 @@ export function sessionOf(options: RemoteCopyOptions): Session {
   return {
     started: performance.now(),
     blockSize: options.blockSize,
-    chunkSize: chunkSizeOf(options),
-    dryRun: options.dryRun === true,
-    full: options.full === true,
+    chunkSize: chunkSizeFor(options.blockSize, options.chunkSize ?? REMOTE_CHUNK_BYTES),
+    dryRun: options.dryRun,
+    full: options.full,
   };
 }
 

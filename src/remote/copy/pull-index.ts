@@ -57,7 +57,7 @@ export async function digestBlockFor(
     if (target === undefined) return made;
     path = cachedIndexPath(await identityOf(dst, target.stats, target.size));
   }
-  const found = await readIndexIfAny(path, true).catch(() => undefined);
+  const found = await readIndexIfAny(path).catch(() => undefined);
   const bs = found !== undefined && 'index' in found ? found.index.blockSize : made;
   // an index whose blocks do not divide the chunk is refused by the IndexSession anyway
   return chunkSize % bs === 0 ? bs : made;

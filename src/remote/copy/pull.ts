@@ -13,10 +13,10 @@
  * any step closes exactly those and undoes a DST it created before the first write.
  */
 
-import { unlink } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
-import { bmapSourcing, type BmapSourcing, type FoundBmap } from '../../engine/copy-source.js';
-import type { IndexSession } from '../../engine/index-target.js';
+import { bmapSourcing, type BmapSourcing } from '../../engine/copy-source.js';
+import type { FoundBmap } from '../../engine/find-bmap.js';
+import type { IndexSession } from '../../engine/index-session.js';
 import { BufferPool } from '../../engine/knowledge.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
@@ -26,12 +26,16 @@ import type { FileSink } from '../../io/file-sink.js';
 import { FileSource } from '../../io/file-source.js';
 import {
   assertSeparateOutput,
-  createTarget,
   inputOf,
   openTarget,
   type Opened,
+  type TargetOpened,
 } from '../../io/open.js';
-import { formatBytes } from '../../size.js';
+import {
+  prepareDestination,
+  undoPreparation,
+  type PreparedDestination,
+} from '../../io/prepare-destination.js';
 import type { Plan, Sink, Source } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
 import { DEFLATE_RAW } from '../compress.js';
@@ -101,9 +105,11 @@ class Pull {
   readonly #tableUpdates = new Map<number, () => void>();
 
   #link: AgentLink | undefined;
+  /** DST as openTarget found it, before ssh starts. */
+  #found: TargetOpened | undefined;
   #target: Opened | undefined;
-  /** DST as this run made it: created, or an empty file grown to the image's size. */
-  #made: 'created' | 'grown' | undefined;
+  /** What this run did to DST (created, or an empty file grown), undone on an early failure. */
+  #prepared: PreparedDestination | undefined;
   #scanner: HashScanner | undefined;
   #refiner: Refiner | undefined;
   #index: IndexSession | undefined;
@@ -145,7 +151,11 @@ class Pull {
       // as a local copy checks a local SRC, before DST is created or written
       await checkRemoteSize(size, this.#src, options.size, bmap);
       this.#scanner?.truncate(size);
-      const { created, zero } = await this.#prepareDst(size);
+      // created, or an empty file grown, at the image's size; a smaller DST is refused
+      const prepared = await prepareDestination(this.#found!, size, this.#session.dryRun);
+      this.#prepared = prepared;
+      this.#target = prepared.target;
+      const { created, zero } = prepared;
       if (options.index !== undefined) await this.#openIndex(options.index, size, zero);
       const local =
         this.#target !== undefined && !zero
@@ -168,6 +178,7 @@ class Pull {
       await link.close();
       const verified = run.interrupted ? undefined : await this.#verify();
       if (!run.interrupted) await this.#index?.commit();
+      else await this.#index?.settle();
       const used = this.#index?.target;
       const result: RemoteCopyResult = {
         ...resultOf(this.#session, this.#src, this.#dst, size, countsOf(run), {
@@ -175,7 +186,7 @@ class Pull {
           blockSize: used?.blockSize ?? this.#session.blockSize,
           bytesWritten: run.bytesWritten,
           created,
-          dstSize: this.#target?.size ?? size,
+          dstSize: size + prepared.extraBytes,
           channel: channelStats(link, this.#spec, summary),
         }),
         ...(this.#index !== undefined
@@ -187,7 +198,8 @@ class Pull {
       if (run.interrupted) throw interrupted(result);
       return result;
     } catch (err) {
-      await this.#undoMade();
+      // failed before the first byte was written: leave DST as it was found, as copyLocal does
+      await undoPreparation(this.#prepared, this.#fileSink?.bytesWritten ?? 0);
       throw await connectionLost(err, this.#dst, this.#sink?.written ?? 0, options.signal);
     } finally {
       await this.#refiner?.stop();
@@ -208,6 +220,7 @@ class Pull {
     const { dryRun, full, chunkSize } = this.#session;
     const dst = this.#dst;
     const found = await openTarget(dst, { readOnly: dryRun });
+    this.#found = found;
     if (found.fh !== undefined) this.#target = found;
     const target = this.#target;
     const topBlock =
@@ -233,41 +246,13 @@ class Pull {
     return this.#link;
   }
 
-  /** Creates DST at the image's size, or grows an empty file to it; refuses a smaller one. */
-  async #prepareDst(size: number): Promise<{ created: boolean; zero: boolean }> {
-    const { dryRun } = this.#session;
-    const target = this.#target;
-    if (target === undefined) {
-      if (!dryRun) {
-        this.#target = await createTarget(this.#dst, size);
-        this.#made = 'created';
-      }
-      return { created: true, zero: true };
-    }
-    if (target.size === 0 && target.kind === 'file') {
-      if (!dryRun) {
-        await target.fh.truncate(size);
-        this.#made = 'grown';
-      }
-      return { created: false, zero: true };
-    }
-    if (target.size < size) {
-      throw new BlksyncError(
-        'EDEST_TOO_SMALL',
-        `${this.#dst} is ${target.size} bytes (${formatBytes(target.size)}) but the source is ${size} bytes (${formatBytes(size)}); use a larger destination`,
-        { path: this.#dst },
-      );
-    }
-    return { created: false, zero: false };
-  }
-
   /** The index describes the local DST: the local copy's IndexSession keeps it. */
   async #openIndex(path: string, size: number, zero: boolean): Promise<void> {
     const options = this.#options;
     if (path !== 'auto' && this.#target !== undefined) {
       await assertSeparateOutput(path, [inputOf(this.#target, 'the destination')]);
     }
-    const kept = await import('../../engine/index-target.js');
+    const kept = await import('../../engine/index-session.js');
     this.#index = await kept.IndexSession.open({
       index: path,
       dst: this.#target,
@@ -277,6 +262,7 @@ class Pull {
       blockSize: options.blockSizeGiven,
       chunkSize: this.#session.chunkSize,
       rebuild: options.rebuildIndex,
+      trust: options.trustIndex,
       verifySample: options.verifySample,
       full: this.#session.full,
       dryRun: this.#session.dryRun,
@@ -475,14 +461,5 @@ class Pull {
       (this.#index?.target?.bytesRead ?? 0) +
       (this.#pulled?.bytesRead ?? 0)
     );
-  }
-
-  /** Failed before the first byte was written: leave DST as it was found (as copy.ts does). */
-  async #undoMade(): Promise<void> {
-    const target = this.#target;
-    if (this.#made === undefined || target === undefined) return;
-    if ((this.#fileSink?.bytesWritten ?? 0) !== 0) return;
-    if (this.#made === 'created') await unlink(this.#dst).catch(() => {});
-    else await target.fh.truncate(0).catch(() => {});
   }
 }

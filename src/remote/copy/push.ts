@@ -101,10 +101,10 @@ export async function push(
     }
     const indexBlock = options.blockSizeGiven ?? bmapBlock;
     if (options.index !== undefined && indexing) {
-      found = await readIndexIfAny(options.index, options.rebuildIndex === true);
+      found = await readIndexIfAny(options.index);
     }
     // an index that may be used makes the agent's scan of DST needless
-    const mayUseIndex = found !== undefined && 'index' in found;
+    const mayUseIndex = found !== undefined && 'index' in found && !options.rebuildIndex;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
     link = await AgentLink.open(
       spec,
@@ -143,7 +143,8 @@ export async function push(
             : {}),
           ...(whole ? {} : { partial: { ranges: plan.ranges } }),
           chunkSize,
-          rebuild: options.rebuildIndex === true,
+          rebuild: options.rebuildIndex,
+          trust: options.trustIndex,
           verifySample: options.verifySample,
           full,
           dryRun,
