@@ -6,10 +6,11 @@
  * writes against its own differing bytes (≤ 1.1× + 1 MiB); wall time against the slowest
  * single-target copy (≤ 1.5× is the goal) and the floor, a parallel `cat` of SRC and the four
  * targets (what reading them all at once costs on this machine). Then the peak RSS of a dry
- * run to 16 targets, the memory bound the README states.
+ * run to 16 targets, the memory bound the README states; then four ssh destinations (one
+ * local sshd) pushed at once against a single push to each.
  *
- * The image is the bench's new.img (at most 512 MiB of it: five loop devices are backed by
- * copies), targets reset between runs (untimed); the loop devices' own page cache is dropped
+ * The image is the bench's new.img (at most 256 MiB of it: five loop devices are backed by
+ * copies, reset eight times a run), targets reset between runs (untimed); the loop devices' own page cache is dropped
  * before each run (`blockdev --flushbufs`) so that their read counters count every read.
  */
 
@@ -17,6 +18,7 @@ import { existsSync } from 'node:fs';
 import { copyFile, open, readFile, rm, truncate } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { startSshd } from '../../test/helpers/sshd.js';
 import { ensureImages } from '../data.js';
 import {
   formatBytes,
@@ -31,7 +33,9 @@ import type { BenchOptions, Section } from '../section.js';
 import { CLI, ensureBuilt } from '../setup.js';
 
 const MIB = 1024 * 1024;
-const MAX_SIZE = 512 * MIB;
+const MAX_SIZE = 256 * MIB;
+/** The image pushed to the four ssh destinations (each reset twice a run). */
+const MAX_REMOTE_SIZE = 128 * MIB;
 const WIDE = 16;
 
 interface Loop {
@@ -151,14 +155,15 @@ async function runSection(options: BenchOptions): Promise<void> {
 
       let slowest = 0;
       for (const t of targets) {
-        await resetAll();
+        await t.reset();
+        await flush();
         const one: Measurement = await measure(blksync([t]));
         if (one.status !== 0) throw new Error(`single copy failed: ${one.stderr}`);
         slowest = Math.max(slowest, one.seconds);
       }
       slowestSingle.push(slowest);
 
-      await resetAll();
+      await flush();
       const cat = await measure(
         `${all.map((l) => `cat ${sh(l.dev)} > /dev/null &`).join(' ')} wait`,
       );
@@ -231,9 +236,88 @@ async function runSection(options: BenchOptions): Promise<void> {
     log(
       `\npeak RSS of a dry run to ${WIDE} targets: ${(kib / 1024).toFixed(0)} MiB (goal ≤ 300 MB)`,
     );
+    await remoteHosts(options, full, dir, made);
   } finally {
     for (const dev of attached) await run('losetup', ['-d', dev]).catch(() => {});
     for (const f of made) await rm(f, { force: true });
+  }
+}
+
+interface PushJson {
+  seconds: number;
+  channel: { bytesSent: number; bytesReceived: number };
+}
+
+/**
+ * Four ssh destinations (one local sshd, four links) pushed at once from one read of SRC,
+ * against a single push to each: wall time and what crossed each link.
+ */
+async function remoteHosts(
+  options: BenchOptions,
+  full: { oldPath: string; newPath: string; size: number },
+  dir: string,
+  made: string[],
+): Promise<void> {
+  const { log } = options;
+  const size = Math.min(full.size, MAX_REMOTE_SIZE);
+  const src = path.join(dir, 'remote-src.img');
+  made.push(src);
+  await copyFile(full.newPath, src);
+  await truncate(src, size);
+  const dsts = [0, 1, 2, 3].map((i) => path.join(dir, `remote-${i}.img`));
+  made.push(...dsts);
+  const reset = async (f: string): Promise<void> => {
+    await copyFile(full.oldPath, f);
+    await truncate(f, size);
+  };
+  const sshd = await startSshd();
+  try {
+    const at = (f: string): string => `${sshd.host}:${f}`;
+    const cli = (targets: readonly string[]): string =>
+      `node ${sh(CLI)} copy --json --ssh ${sh(`ssh -F ${sshd.config}`)} ${sh(src)} ${targets.map((f) => sh(at(f))).join(' ')}`;
+    const fanWall: number[] = [];
+    const singleWall: number[] = [];
+    const fanWire: number[] = [];
+    const singleWire: number[] = [];
+    for (let r = 1; r <= options.runs; r++) {
+      for (const f of dsts) await reset(f);
+      const m = await measure(cli(dsts));
+      const summary = JSON.parse(m.stdout) as FanoutJson & {
+        destinations: { result?: PushJson }[];
+      };
+      if (m.status !== 0 || summary.failed !== 0)
+        throw new Error(`push fan-out failed: ${m.stderr}`);
+      fanWall.push(m.seconds);
+      for (const d of summary.destinations) {
+        fanWire.push(d.result!.channel.bytesSent + d.result!.channel.bytesReceived);
+      }
+      let slowest = 0;
+      for (const f of dsts) {
+        await reset(f);
+        const one = await measure(cli([f]));
+        if (one.status !== 0) throw new Error(`single push failed: ${one.stderr}`);
+        const res = JSON.parse(one.stdout) as PushJson;
+        singleWire.push(res.channel.bytesSent + res.channel.bytesReceived);
+        slowest = Math.max(slowest, one.seconds);
+      }
+      singleWall.push(slowest);
+      for (const f of dsts) {
+        const cmp = await measure(`cmp ${sh(src)} ${sh(f)}`);
+        if (cmp.status !== 0) throw new Error(`CHECK FAILED: ${f} differs from SRC`);
+      }
+      log(
+        `run ${r}/${options.runs}  push to 4 at once ${m.seconds.toFixed(3)} s  slowest single push ${slowest.toFixed(3)} s`,
+      );
+    }
+    const med = (xs: number[]): number => summarize(xs).median;
+    log(
+      `\n4 ssh destinations (${formatBytes(size)} image, one sshd on 127.0.0.1): at once ` +
+        `${med(fanWall).toFixed(3)} s, ${(med(fanWall) / med(singleWall)).toFixed(2)}× the slowest ` +
+        `single push (goal ≤ 1.5×); on the wire per host ${formatBytes(med(fanWire))} against ` +
+        `${formatBytes(med(singleWire))} for a single push`,
+    );
+  } finally {
+    await sshd.stop();
   }
 }
 
