@@ -93,22 +93,31 @@ export async function fanOut(
     dsts.length,
     options.signal,
   );
-  const progress = dsts.map(() => ({ bytesScanned: 0, bytesDiffering: 0, bytesWritten: 0 }));
+  // until a destination reports, it counts with the whole plan still to scan
+  const planned = shared.plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+  const progress: Progress[] = dsts.map(() => ({
+    bytesScanned: 0,
+    bytesTotal: planned,
+    bytesDiffering: 0,
+    bytesWritten: 0,
+  }));
   const onProgress = (i: number, p: Progress): void => {
     progress[i] = p;
     hooks.onDestinationProgress?.(i, p);
     if (options.onProgress === undefined) return;
     let scanned = 0;
+    let total = 0;
     let differing = 0;
     let written = 0;
     for (const q of progress) {
       scanned += q.bytesScanned;
+      total += q.bytesTotal;
       differing += q.bytesDiffering;
       written += q.bytesWritten;
     }
     options.onProgress({
       bytesScanned: scanned,
-      bytesTotal: p.bytesTotal * dsts.length,
+      bytesTotal: total,
       bytesDiffering: differing,
       bytesWritten: written,
     });
