@@ -37,6 +37,8 @@ const MAX_SIZE = 256 * MIB;
 /** The image pushed to the four ssh destinations (each reset twice a run). */
 const MAX_REMOTE_SIZE = 128 * MIB;
 const WIDE = 16;
+/** The image pushed to 16 ssh destinations for their peak RSS. */
+const WIDE_REMOTE_SIZE = 64 * MIB;
 
 interface Loop {
   label: string;
@@ -315,6 +317,23 @@ async function remoteHosts(
         `${med(fanWall).toFixed(3)} s, ${(med(fanWall) / med(singleWall)).toFixed(2)}× the slowest ` +
         `single push (goal ≤ 1.5×); on the wire per host ${formatBytes(med(fanWire))} against ` +
         `${formatBytes(med(singleWire))} for a single push`,
+    );
+
+    // memory with 16 hosts at once (each push holds fewer chunks in flight then)
+    const wideSize = Math.min(size, WIDE_REMOTE_SIZE);
+    const wide = Array.from({ length: WIDE }, (_, i) => path.join(dir, `remote-wide-${i}.img`));
+    made.push(...wide);
+    for (const f of wide) {
+      await copyFile(full.oldPath, f);
+      await truncate(f, wideSize);
+    }
+    await truncate(src, wideSize);
+    const rss = await measure(
+      `/usr/bin/time -f '@rss %M' ${cli(wide)} 2>&1 >/dev/null | grep '^@rss'`,
+    );
+    const kib = Number(/@rss (\d+)/.exec(rss.stdout)?.[1] ?? NaN);
+    log(
+      `peak RSS pushing to ${WIDE} ssh destinations at once: ${(kib / 1024).toFixed(0)} MiB (goal ≤ 300 MB)`,
     );
   } finally {
     await sshd.stop();

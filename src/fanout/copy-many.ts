@@ -11,6 +11,7 @@
  * longer paces the reader); the others go on to the end.
  */
 
+import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import { stat } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
 import { BlksyncError, isSystemError } from '../errors.js';
@@ -21,10 +22,17 @@ import { openCopySource } from '../engine/copy-source.js';
 import { sameFile } from '../io/open.js';
 import { isUrl } from '../io/url.js';
 import type { RemoteCopyOptions } from '../remote/copy/options.js';
-import { REMOTE_CHUNK_BYTES } from '../remote/roles.js';
+import { REMOTE_CHUNK_BYTES, REMOTE_DEPTH } from '../remote/roles.js';
 import { parseRemote } from '../remote/spec.js';
 import type { Progress } from '../types.js';
 import { Broadcast, RING_CHUNKS } from './broadcast.js';
+
+/**
+ * Push chunks in flight over all host:path destinations: 4 hosts keep REMOTE_DEPTH (8) each,
+ * 16 hosts 2 each. At 8 each, 16 pushes peaked at 602 MB RSS; at 2, 269 MB.
+ */
+const PUSH_BUFFER_CHUNKS = 32;
+const MIN_PUSH_DEPTH = 2;
 
 /** How one destination of a fan-out ended. */
 export interface DestinationOutcome {
@@ -85,6 +93,16 @@ export async function fanOut(
   const pieces = specs.some((s) => s !== undefined)
     ? Math.max(RING_CHUNKS, 2 * Math.ceil(remoteChunk / chunkSize) + 1)
     : RING_CHUNKS;
+  // each push keeps pushDepth chunks (4 MiB) in flight: PUSH_BUFFER_CHUNKS over all hosts
+  const hostCount = specs.filter((s) => s !== undefined).length;
+  const pushDepth = Math.max(
+    MIN_PUSH_DEPTH,
+    Math.min(REMOTE_DEPTH, Math.floor(PUSH_BUFFER_CHUNKS / Math.max(1, hostCount))),
+  );
+  // every destination's copy listens to the one signal
+  if (options.signal !== undefined) {
+    setMaxListeners(Math.max(defaultMaxListeners, 8 * dsts.length), options.signal);
+  }
   const broadcast = new Broadcast(
     shared.source,
     shared.plan,
@@ -138,7 +156,7 @@ export async function fanOut(
               src,
               dst,
               spec,
-              { ...hooks.remote!, onProgress: (p) => onProgress(i, p) },
+              { ...hooks.remote!, pushDepth, onProgress: (p) => onProgress(i, p) },
               opened,
             );
           } else {

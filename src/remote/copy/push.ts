@@ -207,7 +207,7 @@ export async function push(
     const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
       blockSize: pipelineBlockSize,
       chunkSize,
-      depth: REMOTE_DEPTH,
+      depth: options.pushDepth ?? REMOTE_DEPTH,
       signal: options.signal,
       onProgress: options.onProgress && withChannel(options.onProgress, link),
       onChunk: index?.onChunk,
