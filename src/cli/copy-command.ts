@@ -333,6 +333,14 @@ function manySummary(r: ManyJson): string {
       `for ${n} destinations (${formatBytes(r.bufferBytes)} shared buffer); ` +
       (r.failed > 0 ? `${r.failed} failed` : 'all done'),
   ];
+  // SRC's bmap is the same for every destination: said once
+  const bmap = r.destinations.find((d) => d.result?.bmap !== undefined)?.result?.bmap;
+  if (bmap !== undefined) {
+    lines.push(
+      `bmap ${bmap.path}: ${formatBytes(bmap.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${bmap.ranges} ranges; ` +
+        `${bmap.rangesVerified} range checksums verified`,
+    );
+  }
   for (const d of r.destinations) {
     if (d.error !== undefined) {
       lines.push(
