@@ -14,7 +14,15 @@ import { test, type TestContext } from 'node:test';
 import { copyMany } from '../src/copy.js';
 import type { CopyResult } from '../src/copy.js';
 import { runCli, type CliResult } from './helpers/cli.js';
-import { attachLoop, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
+import {
+  attachLoop,
+  ioStat,
+  mkfsExt4,
+  mountLoop,
+  needLoop,
+  readDevice,
+  run,
+} from './helpers/loop.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
@@ -201,6 +209,38 @@ test('a destination too small is refused before anything is written to it', asyn
   assert.ok((await readDevice(small, smallData.length)).equals(smallData));
   assert.ok((await readFile(other)).equals(srcData));
   assert.equal(summary.destinations[1]!.result?.bytesWritten, size);
+});
+
+test('a read-only and a mounted destination are refused; the other is written', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const size = 8 * MiB;
+  const srcData = seededBytes(size, 13);
+  const src = join(dir, 'src.img');
+  await writeFile(src, srcData);
+  const roData = seededBytes(size, 14);
+  const roBacking = join(dir, 'ro.img');
+  await writeFile(roBacking, roData);
+  const ro = (await run('losetup', ['-f', '--show', '-r', roBacking])).stdout.trim();
+  t.after(() => run('losetup', ['-d', ro]));
+  const mountedBacking = join(dir, 'fs.img');
+  await writeFile(mountedBacking, Buffer.alloc(32 * MiB));
+  const mounted = await attachLoop(t, mountedBacking);
+  await mkfsExt4(mounted);
+  await mountLoop(t, mounted);
+  const file = join(dir, 'card.img');
+  const before = await ioStat(ro);
+
+  const res = await runCli(['copy', '--json', src, ro, mounted, file]);
+  assert.equal(res.code, 1, res.stderr);
+  const summary = parse(res);
+  assert.deepEqual(
+    summary.destinations.map((d) => d.error?.code),
+    ['EDEST_READONLY', 'EDEST_MOUNTED', undefined],
+  );
+  assert.equal((await ioStat(ro)).writeSectors, before.writeSectors);
+  assert.ok((await readDevice(ro, size)).equals(roData));
+  assert.ok((await readFile(file)).equals(srcData));
 });
 
 test('several destinations: --index FILE and a destination given twice are usage errors', async (t) => {
