@@ -7,6 +7,8 @@
 
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -155,6 +157,38 @@ test('SRC on stdin, readable once, reaches files in different states', async (t)
   for (const f of [old, zeros, fresh]) {
     assert.ok((await readFile(f)).equals(srcData), `${f} holds SRC`);
   }
+});
+
+test('a URL SRC is fetched once for all destinations', async (t) => {
+  const dir = await tempDir(t);
+  const size = 12 * MiB;
+  const srcData = seededBytes(size, 15);
+  let gets = 0;
+  const server = createServer((req, res) => {
+    if (req.method === 'GET') gets++;
+    if (req.url !== '/image.img') {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'Content-Length': String(size) }).end(srcData);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const { port } = server.address() as AddressInfo;
+  const dsts = [join(dir, 'a.img'), join(dir, 'b.img'), join(dir, 'c.img')];
+  await writeFile(dsts[1]!, olderVersion(srcData, [[4 * MiB, 8 * KiB]], 16));
+
+  const res = await runCli([
+    'copy',
+    '--json',
+    '--no-bmap',
+    `http://127.0.0.1:${port}/image.img`,
+    ...dsts,
+  ]);
+  assert.equal(res.code, 0, res.stderr);
+  assert.equal(gets, 1, 'one GET of the image');
+  assert.equal(parse(res).destinations[1]!.bytesWritten, 8 * KiB);
+  for (const f of dsts) assert.ok((await readFile(f)).equals(srcData), f);
 });
 
 test('a destination that fails mid-run (full tmpfs) is dropped; the others finish', async (t) => {
