@@ -7,7 +7,7 @@
  */
 
 import { constants, type Stats } from 'node:fs';
-import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { open, realpath, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
 import { formatBytes } from '../size.js';
@@ -258,7 +258,9 @@ export async function createTarget(path: string, size: number): Promise<Opened> 
     const stats = await fh.stat();
     return { path, fh, kind: 'file', size, stats };
   } catch (err) {
+    // e.g. EFBIG for a size the file system cannot hold: leave no empty file behind
     await fh.close();
+    await unlink(path).catch(() => {});
     throw fromSystemError('EDEST_OPEN', 'cannot create destination', path, err);
   }
 }

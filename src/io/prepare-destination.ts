@@ -13,6 +13,7 @@
  */
 
 import { unlink } from 'node:fs/promises';
+import { fromSystemError } from '../errors.js';
 import { createTarget, destinationTooSmall, type Opened, type TargetOpened } from './open.js';
 
 export interface PreparedDestination {
@@ -43,7 +44,10 @@ export async function prepareDestination(
   if (found.size === 0 && found.kind === 'file') {
     if (dryRun)
       return { target: found, created: false, zero: true, made: undefined, extraBytes: 0 };
-    await found.fh.truncate(size);
+    // e.g. EFBIG: a size (a peer's claim) this file system cannot hold
+    await found.fh.truncate(size).catch((err: unknown) => {
+      throw fromSystemError('EDEST_OPEN', 'cannot grow destination', found.path, err);
+    });
     return { target: found, created: false, zero: true, made: 'grown', extraBytes: 0 };
   }
   if (found.size < size) {

@@ -3,6 +3,25 @@
  * counts the bytes that cross the ssh channel. Requests are pipelined: every HASH_REQ and
  * DATA_REQ goes out at once and its reply is matched by order (the agent answers in order),
  * so many chunks are refined concurrently and no step waits a round trip per block.
+ *
+ * The agent is not trusted. Every frame it sends must answer something this end is waiting
+ * for, within the window it opened; anything else is EREMOTE_PROTOCOL at once, so memory
+ * stays bounded whatever the peer sends:
+ *
+ *   READY       while the handshake waits for it (validated, messages.ts)
+ *   TOP_HASHES  only the stream HELLO asked for and READY announced: in order, of the unit
+ *               asked, inside the image, at most TOP_WINDOW_UNITS ahead of the copy
+ *   HASHES      the oldest HASH_REQ, exactly (offset, unit, count)
+ *   DATA        the oldest DATA_REQ, next in order, not empty, not past its end
+ *   WRITTEN     one per DATA frame sent, counting up to the bytes sent
+ *   PROGRESS    only from a --direct source agent (validated)
+ *   READ_BACK   only with --verify, after DONE, no more records than segments written
+ *   SUMMARY     once, after DONE (validated)
+ *   KEEPALIVE   any time: the agent is alive
+ *   ERROR       any time (validated): the agent's failure
+ *
+ * Silence is bounded too: while something is outstanding, `timeout` seconds with nothing
+ * received end the session with ETIMEOUT (the agent sends KEEPALIVE while it works).
  */
 
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
@@ -11,6 +30,7 @@ import { BlksyncError, type ErrorCode } from '../errors.js';
 import type { Progress } from '../types.js';
 import { compareWritten, WrittenDigests, type WrittenDigest } from '../engine/written-log.js';
 import { formatBytes } from '../size.js';
+import { timeoutMs } from '../limits.js';
 import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
 import {
@@ -28,8 +48,9 @@ import {
   type Hello,
   type Ready,
   type Summary,
-  type WireError,
+  ProtocolError,
 } from './protocol.js';
+import { parseProgress, parseReady, parseSummary, parseWireError } from './messages.js';
 import { shellQuote, splitCommand, type RemoteSpec } from './spec.js';
 
 /** How blksync reaches a remote: the ssh command, the remote node, sudo. */
@@ -40,7 +61,21 @@ export interface RemoteOptions {
   remoteNode?: string;
   /** Run the agent with `sudo -n` (no password prompt). */
   sudo?: boolean;
+  /**
+   * Seconds with nothing received from the agent while a reply is awaited before the session
+   * ends with ETIMEOUT (not the total time: a slow but live agent sends KEEPALIVE). Default
+   * DEFAULT_TIMEOUT_S (limits.ts).
+   */
+  timeout?: number;
 }
+
+/** The agent is asked for a KEEPALIVE this often, as a fraction of the timeout. */
+const KEEPALIVE_PER_TIMEOUT = 4;
+/**
+ * TOP_HASHES received and not yet taken by the copy, at most (16 bytes each: 16 MiB; 4 TiB
+ * of image ahead at 4 MiB units). An agent further ahead is refused, not buffered.
+ */
+export const TOP_WINDOW_UNITS = 1 << 20;
 
 /** Bytes of ssh's stderr kept for error messages. */
 const STDERR_KEEP_BYTES = 4096;
@@ -56,6 +91,92 @@ type Pending =
   | ({ kind: 'hashes'; offset: number; unit: number; count: number } & Deferred<Buffer>)
   | ({ kind: 'data'; next: number; end: number; into: Buffer; at: number } & Deferred<void>);
 
+/**
+ * The TOP_HASHES stream the HELLO asked for: `count` units of `unit` bytes, arriving in order
+ * and taken by the copy in any order (each once). Kept in a ring of at most `window` hashes
+ * between the oldest not yet taken and the newest received. Exported for its tests.
+ */
+export class TopStream {
+  readonly #unit: number;
+  readonly #count: number;
+  readonly #window: number;
+  readonly #ring: Buffer;
+  readonly #taken: Uint8Array;
+  /** Index of the oldest unit not yet taken; of the next unit to arrive. */
+  #base = 0;
+  #received = 0;
+  readonly #waiters = new Map<number, Deferred<Buffer>>();
+
+  constructor(unit: number, limit: number, window: number) {
+    this.#unit = unit;
+    this.#count = Math.ceil(limit / unit);
+    this.#window = Math.max(1, Math.min(window, this.#count));
+    this.#ring = Buffer.alloc(this.#window * WIRE_HASH_BYTES);
+    this.#taken = new Uint8Array(this.#window);
+  }
+
+  /** Takes in one TOP_HASHES frame; returns what is wrong with it, if anything. */
+  accept(offset: number, unit: number, hashes: Buffer): string | undefined {
+    const n = hashes.length / WIRE_HASH_BYTES;
+    if (unit !== this.#unit) return `TOP_HASHES of unit ${unit}, asked for ${this.#unit}`;
+    if (n === 0) return 'empty TOP_HASHES';
+    if (offset !== this.#received * this.#unit) {
+      return `TOP_HASHES at ${offset}, expected ${this.#received * this.#unit}`;
+    }
+    if (this.#received + n > this.#count) return 'TOP_HASHES past the end of the image';
+    if (this.#received + n - this.#base > this.#window) {
+      return `TOP_HASHES ran more than ${this.#window} units ahead of the copy`;
+    }
+    for (let k = 0; k < n; k++) {
+      const i = this.#received + k;
+      const h = hashes.subarray(k * WIRE_HASH_BYTES, (k + 1) * WIRE_HASH_BYTES);
+      const w = this.#waiters.get(i);
+      if (w !== undefined) {
+        this.#waiters.delete(i);
+        this.#take(i);
+        w.resolve(Buffer.from(h));
+      } else h.copy(this.#ring, (i % this.#window) * WIRE_HASH_BYTES);
+    }
+    this.#received += n;
+    return undefined;
+  }
+
+  /** The hash of the unit at `offset`: each is asked for once. */
+  get(offset: number): Promise<Buffer> {
+    const i = offset / this.#unit;
+    if (!Number.isInteger(i) || i < 0 || i >= this.#count || this.#isTaken(i)) {
+      return Promise.reject(new Error(`top hash at ${offset} asked for twice or out of range`));
+    }
+    if (i < this.#received) {
+      this.#take(i);
+      const at = (i % this.#window) * WIRE_HASH_BYTES;
+      return Promise.resolve(Buffer.from(this.#ring.subarray(at, at + WIRE_HASH_BYTES)));
+    }
+    return new Promise((resolve, reject) => this.#waiters.set(i, { resolve, reject }));
+  }
+
+  get waiting(): boolean {
+    return this.#waiters.size > 0;
+  }
+
+  fail(err: unknown): void {
+    for (const w of this.#waiters.values()) w.reject(err);
+    this.#waiters.clear();
+  }
+
+  #isTaken(i: number): boolean {
+    return i < this.#base || (i < this.#base + this.#window && this.#taken[i % this.#window] === 1);
+  }
+
+  #take(i: number): void {
+    this.#taken[i % this.#window] = 1;
+    while (this.#base < this.#count && this.#taken[this.#base % this.#window] === 1) {
+      this.#taken[this.#base % this.#window] = 0;
+      this.#base++;
+    }
+  }
+}
+
 /** The remote command ssh runs: the bootstrap under the chosen node, maybe with sudo. */
 export function remoteCommand(options: RemoteOptions): string {
   const node = shellQuote(options.remoteNode ?? 'node');
@@ -67,9 +188,9 @@ export class AgentLink {
   readonly #options: RemoteOptions;
   readonly #child: ChildProcessWithoutNullStreams;
   readonly #decoder = new FrameDecoder();
+  readonly #hello: Hello;
   readonly #pending: Pending[] = [];
-  readonly #top = new Map<number, Buffer>();
-  readonly #topWaiters = new Map<number, Deferred<Buffer>>();
+  #top: TopStream | undefined;
   readonly #digest = createHash('sha256');
   readonly #exited: Promise<void>;
   #compressor = new Compressor(false);
@@ -83,6 +204,13 @@ export class AgentLink {
   /** --verify: digests of the DATA sent, and the agent's READ_BACK of what it wrote. */
   #sent: WrittenDigests | undefined;
   #readBack: WrittenDigest[] = [];
+  /** READ_BACK records the agent may still send (set at DONE). */
+  #readBackLeft = 0;
+  /** DATA frames sent and not yet confirmed by a WRITTEN. */
+  #writtenDue = 0;
+  readonly #timeoutMs: number;
+  #lastHeard = performance.now();
+  #idleTimer: NodeJS.Timeout | undefined;
   /** --verify: what the agent read back and finish() found equal to what was sent. */
   verified: { bytesVerified: number; ranges: number; direct: boolean; seconds: number } | undefined;
   /** Bytes written to ssh's stdin and read from its stdout. */
@@ -95,9 +223,11 @@ export class AgentLink {
   /** Called with each PROGRESS frame (an agent running a direct copy sends them). */
   onProgress: ((p: Progress) => void) | undefined;
 
-  private constructor(spec: RemoteSpec, options: RemoteOptions) {
+  private constructor(spec: RemoteSpec, options: RemoteOptions, hello: Hello) {
     this.#spec = spec;
     this.#options = options;
+    this.#hello = hello;
+    this.#timeoutMs = timeoutMs(options.timeout);
     const argv = splitCommand(options.ssh ?? 'ssh');
     const [cmd, ...args] = argv;
     if (cmd === undefined) throw new BlksyncError('EUSAGE', '--ssh: empty command');
@@ -123,8 +253,14 @@ export class AgentLink {
     this.#child.stderr.setEncoding('utf8').on('data', (d: string) => {
       this.#stderr = (this.#stderr + d).slice(-STDERR_KEEP_BYTES);
     });
+    this.#idleTimer = setInterval(
+      () => this.#checkIdle(),
+      Math.max(20, Math.min(1000, this.#timeoutMs / 4)),
+    );
+    this.#idleTimer.unref();
     this.#child.stdout.on('data', (d: Buffer) => {
       this.bytesReceived += d.length;
+      this.#lastHeard = performance.now();
       if (this.#error !== undefined) return;
       let frames: Frame[];
       try {
@@ -153,7 +289,9 @@ export class AgentLink {
     if (spec.destination.startsWith('-')) {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
-    const link = new AgentLink(spec, options);
+    // EUSAGE for a bad one, before ssh starts
+    hello = { ...hello, keepalive: timeoutMs(options.timeout) / 1000 / KEEPALIVE_PER_TIMEOUT };
+    const link = new AgentLink(spec, options, hello);
     if (hello.verify === true) link.#sent = new WrittenDigests();
     try {
       const ready = new Promise<Ready>((resolve, reject) => {
@@ -181,13 +319,9 @@ export class AgentLink {
 
   /** The agent's TOP_HASHES entry for the unit at `offset`. */
   topHash(offset: number): Promise<Buffer> {
-    const h = this.#top.get(offset);
-    if (h !== undefined) {
-      this.#top.delete(offset);
-      return Promise.resolve(h);
-    }
     if (this.#error !== undefined) return Promise.reject(this.#error);
-    return new Promise((resolve, reject) => this.#topWaiters.set(offset, { resolve, reject }));
+    if (this.#top === undefined) return Promise.reject(new Error('no TOP_HASHES were asked for'));
+    return this.#top.get(offset);
   }
 
   /** Hashes of each `unit` of the remote range [offset, offset + length). */
@@ -233,6 +367,7 @@ export class AgentLink {
       this.#digest.update(head.subarray(0, 12)).update(piece);
       this.#sent?.add(offset + s, piece);
       this.dataBytes += piece.length;
+      this.#writtenDue++;
       if (!this.#write(frame(FrameType.DATA, head, body))) await this.#drained();
     }
   }
@@ -246,6 +381,7 @@ export class AgentLink {
     const summary = new Promise<Summary>((resolve, reject) => {
       this.#summary = { resolve, reject };
     });
+    this.#readBackLeft = this.#sent?.digests().length ?? 0;
     this.#write(frame(FrameType.DONE));
     const s = await summary;
     const mine = this.#digest.digest('hex');
@@ -268,6 +404,7 @@ export class AgentLink {
 
   /** Ends the session: closes ssh's stdin and waits for it to exit (killing it if it hangs). */
   async close(): Promise<void> {
+    clearInterval(this.#idleTimer);
     this.#child.stdin.end();
     const timer = setTimeout(() => this.#child.kill('SIGTERM'), CLOSE_TIMEOUT_MS);
     await this.#exited;
@@ -293,26 +430,44 @@ export class AgentLink {
   }
 
   #onFrame(f: Frame): void {
+    try {
+      this.#take(f);
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      this.#protocolError(err.message);
+    }
+  }
+
+  /** Takes one frame from the agent; throws ProtocolError for anything not awaited. */
+  #take(f: Frame): void {
     const p = f.payload;
     switch (f.type) {
       case FrameType.READY: {
         const r = this.#ready;
+        if (r === undefined) throw new ProtocolError('unexpected READY');
+        const h = this.#hello;
+        const ready = parseReady(p, {
+          role: h.role,
+          size: h.size,
+          encodings: h.encodings,
+          identity: h.identity,
+          direct: h.direct,
+          index: h.index,
+        });
         this.#ready = undefined;
-        if (r === undefined) return this.#protocolError('unexpected READY');
-        try {
-          r.resolve(JSON.parse(p.toString('utf8')) as Ready);
-        } catch {
-          this.#protocolError('READY is not JSON');
+        // frames after READY in the same read are taken before open() resumes
+        this.#readyInfo = ready;
+        if (h.topUnit > 0) {
+          // the stream HELLO asked for, over the image: a target's size as sent, a source's
+          // as READY says
+          const limit = h.role === 'target' ? h.size! : ready.size;
+          this.#top = new TopStream(h.topUnit, limit, TOP_WINDOW_UNITS);
         }
+        r.resolve(ready);
         return;
       }
       case FrameType.ERROR: {
-        let e: WireError;
-        try {
-          e = JSON.parse(p.toString('utf8')) as WireError;
-        } catch {
-          return this.#protocolError('ERROR is not JSON');
-        }
+        const e = parseWireError(p);
         const where = this.#spec.destination;
         this.#fail(
           new BlksyncError(e.code as ErrorCode, `${where}: ${e.message}`, {
@@ -321,26 +476,24 @@ export class AgentLink {
         );
         return;
       }
+      case FrameType.KEEPALIVE:
+        if (p.length !== 0) throw new ProtocolError('bad KEEPALIVE');
+        return;
       case FrameType.TOP_HASHES:
       case FrameType.HASHES: {
+        if (this.#readyInfo === undefined) throw new ProtocolError('hashes before READY');
         if (p.length < 12 || (p.length - 12) % WIRE_HASH_BYTES !== 0) {
-          return this.#protocolError('bad hashes frame');
+          throw new ProtocolError('bad hashes frame');
         }
         const offset = readU64(p, 0);
         const unit = p.readUInt32BE(8);
         const hashes = p.subarray(12);
         const count = hashes.length / WIRE_HASH_BYTES;
-        if (offset === undefined) return this.#protocolError('bad hashes offset');
+        if (offset === undefined) throw new ProtocolError('bad hashes offset');
         if (f.type === FrameType.TOP_HASHES) {
-          for (let i = 0; i < count; i++) {
-            const at = offset + i * unit;
-            const h = Buffer.from(hashes.subarray(i * WIRE_HASH_BYTES, (i + 1) * WIRE_HASH_BYTES));
-            const w = this.#topWaiters.get(at);
-            if (w !== undefined) {
-              this.#topWaiters.delete(at);
-              w.resolve(h);
-            } else this.#top.set(at, h);
-          }
+          if (this.#top === undefined) throw new ProtocolError('TOP_HASHES not asked for');
+          const wrong = this.#top.accept(offset, unit, hashes);
+          if (wrong !== undefined) throw new ProtocolError(wrong);
           return;
         }
         const head = this.#pending[0];
@@ -350,7 +503,7 @@ export class AgentLink {
           head.unit !== unit ||
           head.count !== count
         ) {
-          return this.#protocolError('HASHES does not answer the oldest request');
+          throw new ProtocolError('HASHES does not answer the oldest request');
         }
         this.#pending.shift();
         head.resolve(hashes);
@@ -358,14 +511,18 @@ export class AgentLink {
       }
       case FrameType.DATA: {
         const head = this.#pending[0];
-        if (p.length < 13 || head?.kind !== 'data') return this.#protocolError('unexpected DATA');
+        if (p.length < 13 || head?.kind !== 'data') throw new ProtocolError('unexpected DATA');
         const offset = readU64(p, 0);
         const rawLength = p.readUInt32BE(8);
+        // an empty DATA is no progress: it would keep a request open for ever
+        if (rawLength === 0 || rawLength > MAX_DATA_BYTES) {
+          throw new ProtocolError(`DATA of ${rawLength} bytes`);
+        }
         if (offset !== head.next || offset + rawLength > head.end) {
-          return this.#protocolError('DATA does not answer the oldest request');
+          throw new ProtocolError('DATA does not answer the oldest request');
         }
         const raw = decode(p[12]!, p.subarray(13), rawLength);
-        if (raw === undefined) return this.#protocolError('DATA does not decode');
+        if (raw === undefined) throw new ProtocolError('DATA does not decode');
         this.#digest.update(p.subarray(0, 12)).update(raw);
         this.dataBytes += rawLength;
         raw.copy(head.into, head.at);
@@ -378,40 +535,79 @@ export class AgentLink {
         return;
       }
       case FrameType.WRITTEN: {
-        if (p.length !== 8) return this.#protocolError('bad WRITTEN');
-        this.bytesConfirmed = readU64(p, 0) ?? this.bytesConfirmed;
+        const n = p.length === 8 ? readU64(p, 0) : undefined;
+        if (n === undefined || this.#writtenDue === 0) {
+          throw new ProtocolError('WRITTEN for no DATA sent');
+        }
+        if (n < this.bytesConfirmed || n > this.dataBytes) {
+          throw new ProtocolError(`WRITTEN ${n} bytes, ${this.dataBytes} sent`);
+        }
+        this.#writtenDue--;
+        this.bytesConfirmed = n;
         return;
       }
       case FrameType.PROGRESS: {
-        let progress: Progress;
-        try {
-          progress = JSON.parse(p.toString('utf8')) as Progress;
-        } catch {
-          return this.#protocolError('PROGRESS is not JSON');
+        if (this.#hello.direct === undefined || this.#readyInfo === undefined) {
+          throw new ProtocolError('PROGRESS not asked for');
         }
-        this.onProgress?.(progress);
+        this.onProgress?.(parseProgress(p));
         return;
       }
       case FrameType.READ_BACK: {
-        const records = this.#sent !== undefined ? parseReadBack(p) : undefined;
-        if (records === undefined) return this.#protocolError('unexpected READ_BACK');
+        const records = this.#summary !== undefined ? parseReadBack(p) : undefined;
+        if (records === undefined || records.length > this.#readBackLeft) {
+          throw new ProtocolError('unexpected READ_BACK');
+        }
+        this.#readBackLeft -= records.length;
         this.#readBack.push(...records);
         return;
       }
       case FrameType.SUMMARY: {
         const s = this.#summary;
+        if (s === undefined) throw new ProtocolError('unexpected SUMMARY');
+        const summary = parseSummary(p);
         this.#summary = undefined;
-        if (s === undefined) return this.#protocolError('unexpected SUMMARY');
-        try {
-          s.resolve(JSON.parse(p.toString('utf8')) as Summary);
-        } catch {
-          this.#protocolError('SUMMARY is not JSON');
-        }
+        s.resolve(summary);
         return;
       }
       default:
-        this.#protocolError(`unknown frame type ${f.type}`);
+        throw new ProtocolError(`unknown frame type ${f.type}`);
     }
+  }
+
+  /** Something is awaited from the agent: the idle clock runs. */
+  #outstanding(): boolean {
+    return (
+      this.#ready !== undefined ||
+      this.#summary !== undefined ||
+      this.#pending.length > 0 ||
+      this.#writtenDue > 0 ||
+      this.#top?.waiting === true
+    );
+  }
+
+  #checkIdle(): void {
+    if (this.#error !== undefined) return clearInterval(this.#idleTimer);
+    if (!this.#outstanding()) {
+      this.#lastHeard = performance.now();
+      return;
+    }
+    if (performance.now() - this.#lastHeard < this.#timeoutMs) return;
+    // this process may have been busy while bytes waited in the pipe: let them be read first
+    setImmediate(() => {
+      if (this.#error !== undefined || !this.#outstanding()) return;
+      if (performance.now() - this.#lastHeard < this.#timeoutMs) return;
+      const dest = this.#spec.destination;
+      const waited = this.#ready !== undefined ? 'the agent to start' : 'its reply';
+      this.#fail(
+        new BlksyncError(
+          'ETIMEOUT',
+          `${dest}: nothing received for ${this.#timeoutMs / 1000} s while waiting for ${waited}; ` +
+            `the agent or the link is stuck (give a larger --timeout if it is only slow)`,
+        ),
+      );
+      this.#child.kill('SIGTERM');
+    });
   }
 
   #protocolError(what: string): void {
@@ -469,9 +665,9 @@ export class AgentLink {
   #fail(err: BlksyncError): void {
     if (this.#error !== undefined) return;
     this.#error = err;
+    clearInterval(this.#idleTimer);
     for (const p of this.#pending.splice(0)) p.reject(err);
-    for (const w of this.#topWaiters.values()) w.reject(err);
-    this.#topWaiters.clear();
+    this.#top?.fail(err);
     this.#ready?.reject(err);
     this.#summary?.reject(err);
   }

@@ -21,7 +21,8 @@ import type { Range } from '../ranges.js';
 import type { IndexReport } from '../engine/index-target.js';
 import type { WrittenDigest } from '../engine/written-log.js';
 
-export const PROTOCOL_VERSION = 1;
+/** Version 2 added KEEPALIVE (and HELLO's `keepalive`): a client that times out idle links. */
+export const PROTOCOL_VERSION = 2;
 /** Bytes of the frame header: length (4) and type (1). */
 export const FRAME_HEADER_BYTES = 5;
 /** Largest DATA payload; larger spans go as several frames. */
@@ -67,6 +68,12 @@ export const FrameType = {
    * what it wrote as read back from DST, READ_BACK_RECORD_BYTES each.
    */
   READ_BACK: 0x33,
+  /**
+   * a→c, empty: the agent is alive and working (a long fsync, hashing a large range); sent
+   * every HELLO `keepalive` seconds while nothing else was, so blksync's --timeout, which
+   * counts time with nothing received, spares a slow but live agent.
+   */
+  KEEPALIVE: 0x34,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 
@@ -121,6 +128,11 @@ export interface Hello {
    * bypassing the page cache and send their digests (READ_BACK) before SUMMARY.
    */
   verify?: boolean;
+  /**
+   * Seconds between KEEPALIVE frames while the agent has nothing else to send (blksync asks
+   * for a fraction of its --timeout); absent: none.
+   */
+  keepalive?: number;
 }
 
 /** An index the target agent keeps of its file. */
@@ -167,6 +179,8 @@ export interface DirectHello {
   verify?: boolean;
   /** --index host:FILE or auto: the target agent keeps an index of its file (IndexHello). */
   index?: IndexHello;
+  /** blksync's --timeout, for the source agent's own link to the target agent. */
+  timeout?: number;
 }
 
 /** What a direct copy did, reported by the source agent in SUMMARY. */

@@ -32,6 +32,9 @@ export class Refiner {
   #running = 0;
   readonly #inFlight = new Set<Promise<Found>>();
   #slot: (() => void) | undefined;
+  /** The comparison failed at this chunk: it and every later one fail with `#error`. */
+  #failedAt = Infinity;
+  #error: Error | undefined;
 
   /**
    * `same(offset, length)` tells whether the chunk's top hashes are equal (awaited in chunk
@@ -53,6 +56,7 @@ export class Refiner {
       this.#results.delete(offset);
       return p;
     }
+    if (offset >= this.#failedAt) return Promise.reject(this.#error!);
     if (this.#stopped) return Promise.reject(new Error('refiner stopped'));
     return new Promise<Promise<Found>>((resolve) => this.#waiters.set(offset, resolve)).then(
       (q) => q,
@@ -93,9 +97,15 @@ export class Refiner {
       try {
         equal = await same(offset, length);
       } catch (err) {
-        // this chunk and every later one fail with it
-        for (let o = offset; o < size; o += chunkSize)
-          this.#publish(o, Promise.reject(err instanceof Error ? err : new Error(String(err))));
+        // this chunk and every later one fail with it: one record, not one per chunk (a
+        // peer's claimed size would set how many)
+        this.#error = err instanceof Error ? err : new Error(String(err));
+        this.#failedAt = offset;
+        for (const [o, w] of this.#waiters) {
+          if (o < offset) continue;
+          this.#waiters.delete(o);
+          w(Promise.reject(this.#error));
+        }
         return;
       }
       if (equal) {

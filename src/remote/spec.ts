@@ -2,7 +2,12 @@
  * Telling remote endpoints from local paths, by rsync's rule: `[user@]host:path` is remote
  * when a colon comes before the first slash, so `./a:b` and `/mnt/a:b` stay local.
  * `[v6addr]:path` brackets an IPv6 address; `scheme://...` is a URL, not a remote.
+ * A host, user or path starting with `-` is refused here, when the arguments are parsed and
+ * before any ssh starts: ssh would read such a destination as one of its options
+ * (`-oProxyCommand=...`), wherever it stood on blksync's command line (also after `--`).
  */
+
+import { BlksyncError } from '../errors.js';
 
 export interface RemoteSpec {
   /** What ssh is given as its destination: `host` or `user@host`. */
@@ -11,7 +16,10 @@ export interface RemoteSpec {
   path: string;
 }
 
-/** Parses `[user@]host:path`; undefined when `arg` names a local path. */
+/**
+ * Parses `[user@]host:path`; undefined when `arg` names a local path. Throws EUSAGE for a
+ * host, user or path that starts with `-` (see above).
+ */
 export function parseRemote(arg: string): RemoteSpec | undefined {
   // scheme://... is a URL (http source, or rsync's own rsync://), never an ssh end
   if (/^[A-Za-z][A-Za-z0-9+.-]*:\/\//.test(arg)) return undefined;
@@ -30,7 +38,28 @@ export function parseRemote(arg: string): RemoteSpec | undefined {
   let destination = arg.slice(0, hostEnd);
   // ssh takes [v6addr] without brackets
   destination = destination.replace(/\[([^\]]*)\]$/, '$1');
-  return { destination, path: arg.slice(hostEnd + 1) };
+  const path = arg.slice(hostEnd + 1);
+  refuseOptionLike(arg, destination, path);
+  return { destination, path };
+}
+
+/** A destination or path ssh (or a remote command) could take for an option: EUSAGE. */
+function refuseOptionLike(arg: string, destination: string, path: string): void {
+  const at = destination.lastIndexOf('@');
+  const host = destination.slice(at + 1);
+  const user = at >= 0 ? destination.slice(0, at) : '';
+  if (destination.startsWith('-') || host.startsWith('-') || user.startsWith('-')) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `"${arg}": a host or user starting with "-" would be read by ssh as an option; name the host plainly (an alias in ~/.ssh/config)`,
+    );
+  }
+  if (path.startsWith('-')) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `"${arg}": a remote path starting with "-" is refused; write ${destination}:./${path}`,
+    );
+  }
 }
 
 /** True when `arg` is `[user@]host:path`. */

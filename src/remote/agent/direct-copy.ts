@@ -86,6 +86,7 @@ export class DirectCopy {
           ...(d.ssh !== undefined ? { ssh: d.ssh } : {}),
           ...(d.remoteNode !== undefined ? { remoteNode: d.remoteNode } : {}),
           sudo: d.sudo === true,
+          ...(d.timeout !== undefined ? { timeout: d.timeout } : {}),
         },
         {
           role: 'target',

@@ -23,6 +23,7 @@ import { digestHashes, hasherOf, topHashes } from './top-hashes.js';
 /** Handles HELLO: opens the end, sends READY, starts what runs beside the request queue. */
 export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
   const h = parseHello(payload);
+  s.startKeepalive(h.keepalive);
   const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
   const { ready, digests } =
     h.role === 'source' ? await openSourceEnd(s, h, encoding) : await openTargetEnd(s, h, encoding);

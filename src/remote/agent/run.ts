@@ -44,6 +44,10 @@ async function handle(s: AgentSession, f: Frame): Promise<void> {
     return;
   }
   if (s.done) throw new ProtocolError(`frame type ${f.type} after DONE`);
+  // a --direct source runs the copy itself: blksync only says when to finish
+  if (s.direct !== undefined && f.type !== FrameType.DONE) {
+    throw new ProtocolError(`frame type ${f.type} to an agent running a direct copy`);
+  }
   switch (f.type) {
     case FrameType.HASH_REQ:
       return hashRequest(s, o, p);
@@ -108,6 +112,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
     }
   }
   input.removeListener('data', onData);
+  s.stopKeepalive();
   // blksync went away (or a frame was refused) during a direct copy: stop it; the other
   // host's agent syncs what it wrote
   s.direct?.abort();

@@ -14,6 +14,7 @@ import type { FileSink } from '../../io/file-sink.js';
 import type { AgentIndex } from '../agent-index.js';
 import type { Compressor } from '../compress.js';
 import {
+  frame,
   FrameType,
   jsonFrame,
   MAX_REQUEST_BYTES,
@@ -63,6 +64,9 @@ export class AgentSession {
   /** --verify: where this session wrote, read back at DONE. */
   written: WrittenRanges | undefined;
   #sendChain: Promise<void> = Promise.resolve();
+  /** Frames queued and not yet written (a KEEPALIVE waits behind none); HELLO's timer. */
+  #sending = 0;
+  #keepalive: NodeJS.Timeout | undefined;
 
   constructor(output: NodeJS.WritableStream, payload: Buffer | undefined) {
     this.#output = output;
@@ -71,11 +75,35 @@ export class AgentSession {
 
   /** Queues a frame for output, in order; after a failure only the ERROR frame goes out. */
   send(buf: Buffer): Promise<void> {
+    this.#sending++;
     this.#sendChain = this.#sendChain.then(async () => {
-      if (this.failed && buf[4] !== FrameType.ERROR) return;
-      if (!this.#output.write(buf)) await once(this.#output, 'drain');
+      try {
+        if (this.failed && buf[4] !== FrameType.ERROR) return;
+        if (!this.#output.write(buf)) await once(this.#output, 'drain');
+      } finally {
+        this.#sending--;
+      }
     });
     return this.#sendChain;
+  }
+
+  /**
+   * HELLO's `keepalive`: blksync times out a link silent while it waits, so a KEEPALIVE goes
+   * out every `seconds` when nothing else is on its way (a long fsync, hashing a large range,
+   * reading back).
+   */
+  startKeepalive(seconds: number | undefined): void {
+    if (seconds === undefined || seconds <= 0) return;
+    this.#keepalive = setInterval(
+      () => {
+        if (this.#sending === 0 && !this.failed) void this.send(frame(FrameType.KEEPALIVE));
+      },
+      Math.max(10, seconds * 1000),
+    );
+  }
+
+  stopKeepalive(): void {
+    clearInterval(this.#keepalive);
   }
 
   /** Ends the session with an ERROR frame (the first failure only). */

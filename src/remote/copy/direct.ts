@@ -50,6 +50,7 @@ export async function direct(
           ...(options.ssh !== undefined ? { ssh: options.ssh } : {}),
           ...(options.remoteNode !== undefined ? { remoteNode: options.remoteNode } : {}),
           sudo: options.sudo === true,
+          ...(options.timeout !== undefined ? { timeout: options.timeout } : {}),
           blockSize: options.blockSize,
           chunkSize,
           dryRun,
