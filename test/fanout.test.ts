@@ -295,6 +295,32 @@ test('several destinations: --index FILE and a destination given twice are usage
   assert.ok((await readFile(a)).equals(Buffer.alloc(MiB)), 'nothing written');
 });
 
+test('a dry run to several destinations reports each and writes nothing', async (t) => {
+  const dir = await tempDir(t);
+  const size = 3 * MiB;
+  const srcData = seededBytes(size, 17);
+  const src = join(dir, 'src.img');
+  await writeFile(src, srcData);
+  const old = join(dir, 'old.img');
+  const oldData = olderVersion(srcData, [[MiB, 4 * KiB]], 18);
+  await writeFile(old, oldData);
+  const missing = join(dir, 'new.img');
+
+  const res = await runCli(['copy', '--json', '-n', src, old, missing]);
+  assert.equal(res.code, 0, res.stderr);
+  const summary = parse(res);
+  assert.deepEqual(
+    summary.destinations.map((d) => d.result?.bytesDiffering),
+    [4 * KiB, size],
+  );
+  assert.deepEqual(
+    summary.destinations.map((d) => d.bytesWritten),
+    [0, 0],
+  );
+  assert.ok((await readFile(old)).equals(oldData), 'untouched');
+  assert.equal(existsSync(missing), false, 'not created');
+});
+
 test('copyMany: --index auto keeps one cached index per destination', async (t) => {
   const dir = await tempDir(t);
   const size = 6 * MiB;
