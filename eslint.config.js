@@ -18,6 +18,7 @@ const LAYERS = [
   'fanout', //    src/fanout/: one SRC read once for many destinations (copyMany)
   'remote', //    src/remote/: ssh, the protocol, remote copies, the agent
   'engine', //    src/engine/: the pipeline and the operations on it
+  'containers', // src/containers/: images inside zip, tar, Android sparse, qcow2, VHD, VMDK
   'formats', //   src/formats/: bmap, index and patch files
   'io', //        src/io/: files, devices, streams, http
   'root', //      src/*.ts: shared types, errors, ranges, sizes, hashing

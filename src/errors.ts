@@ -85,7 +85,15 @@ export type ErrorCode =
   /** The cache directory (--index auto) is another user's, or others may write in it. */
   | 'ECACHE_UNSAFE'
   /** The cache directory (--index auto) cannot be created or used (permissions, not a directory). */
-  | 'ECACHE_DIR';
+  | 'ECACHE_DIR'
+  /**
+   * SRC is a container (archive, virtual disk) that is not decoded: a format blksync does not
+   * read, or one it decodes with a tool that is not installed. Nothing is written (--raw
+   * writes SRC as it is).
+   */
+  | 'ESRC_CONTAINER'
+  /** An archive SRC holds several files and none or several could be the image (--entry NAME). */
+  | 'ESRC_ENTRY';
 
 /**
  * Stable codes of warnings: problems the library worked around, or that do not stop the run
@@ -95,7 +103,11 @@ export type WarningCode =
   /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
   | 'WPROBE_NOT_FOUND'
   /** SRC is a block device mounted read-write: what is read may change while it is read. */
-  | 'WSRC_MOUNTED_RW';
+  | 'WSRC_MOUNTED_RW'
+  /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */
+  | 'WSPOOLED'
+  /** A virtual disk SRC is an overlay: its backing file (named inside SRC) is read too. */
+  | 'WSRC_BACKING';
 
 /** A recoverable problem, reported to the caller (the CLI prints it) and not thrown. */
 export interface BlksyncWarning {

@@ -25,6 +25,21 @@ function copySummary(r: CopyResult): string {
       `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
       (r.created ? ` (created ${r.destination}, sparse)` : ''),
   ];
+  if (r.container !== undefined) {
+    const c = r.container;
+    lines.push(
+      `decoded ${c.name}${c.entry !== undefined ? ` entry ${c.entry}` : ''}` +
+        (c.decoder === 'qemu-img'
+          ? c.temporary !== undefined
+            ? ` with qemu-img (through a temporary raw file in ${c.temporary})`
+            : ' with qemu-img map'
+          : '') +
+        (c.backing !== undefined ? `, backing file ${c.backing}` : '') +
+        (c.overlayOfDestination === true
+          ? ` (${r.destination} itself: only the overlay's own clusters were compared)`
+          : ''),
+    );
+  }
   if (r.index !== undefined) lines.push(indexSummary(r));
   if (r.index?.source !== undefined) lines.push(sourceIndexSummary(r));
   if (r.bmap !== undefined) {
@@ -166,6 +181,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       'image size, for compressed stdin or URL sources without a bmap (checked at the end)',
       (v: string) => parseSize(v, 'image size'),
     )
+    .option('--raw', 'write SRC as it is even when it is a container (zip, tar, qcow2, ...)')
+    .option('--entry <name>', 'the file of a zip or tar SRC that holds the image')
     .option('--rebuild-index', 'read DST once and write a fresh index, whatever the old one says')
     .option(
       '--trust-index',
@@ -218,6 +235,8 @@ export function registerCopy(program: Command, setExit: SetExit): void {
         ...(opts.keyring !== undefined ? { keyring: opts.keyring } : {}),
         verify: opts.verify === true,
         ...(opts.size !== undefined ? { size: opts.size } : {}),
+        raw: opts.raw === true,
+        ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
         ...(opts.index !== undefined ? { index: opts.index } : {}),
         ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
         rebuildIndex: opts.rebuildIndex === true,

@@ -8,6 +8,7 @@ import { BlksyncError } from '../errors.js';
 import type { Range } from '../ranges.js';
 import type { ProgressListener } from '../types.js';
 import { checkBlockSize, DEFAULT_BLOCK_SIZE } from './block-size.js';
+import type { ContainerReport } from '../containers/open.js';
 import type { BmapReport, CopySourceOptions } from './copy-source.js';
 import type { IndexReport } from './index-target.js';
 import type { VerifyReport } from './verify-written.js';
@@ -81,6 +82,8 @@ export interface CopyResult {
   index?: IndexReport;
   /** The bmap used: only its mapped ranges were considered. */
   bmap?: BmapReport;
+  /** The container SRC's image was decoded from (zip, tar, Android sparse, qcow2, ...). */
+  container?: ContainerReport;
   /** What --verify read back and compared. */
   verify?: VerifyReport;
 }
@@ -116,6 +119,9 @@ export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptio
     blockSizeGiven: options.blockSize,
     dryRun,
     full: options.full === true,
+    // an Android sparse image's don't-care chunks are left as they are, like a bmap's
+    // unmapped ranges; with --index they are written as zeros so the index describes DST
+    skipDontCare: options.skipDontCare ?? (options.full !== true && options.index === undefined),
     rebuildIndex: options.rebuildIndex === true,
     trustIndex: options.trustIndex === true,
     verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,

@@ -10,6 +10,8 @@
  *          --no-bmap: none
  *   Plan:  the bmap's mapped ranges, or the whole image
  *   Source is wrapped in a VerifyingSource when the bmap has range checksums.
+ *   container (zip, tar, Android sparse, qcow2, ...; by magic, also inside a compressed
+ *   stream): decoded by containers/open.ts, or refused; --raw: SRC as it is
  *
  * The image size comes from the bmap, the file, Content-Length, or for a compressed local
  * file without a bmap from one decoding pass that only counts bytes.
@@ -27,7 +29,6 @@ import {
   decompress,
   decompressedSize,
   detectCompression,
-  MAGIC_BYTES,
   type Compression,
   type Decoder,
 } from '../io/decompress.js';
@@ -36,6 +37,13 @@ import { openSource, sameFile, type Opened } from '../io/open.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { SignatureReport } from '../io/signature.js';
 import { isUrl } from '../io/url.js';
+import {
+  CONTAINER_HEAD_BYTES,
+  CONTAINER_TAIL_BYTES,
+  detectContainer,
+  type Detected,
+} from '../containers/detect.js';
+import type { ContainerReport, OpenedContainer } from '../containers/open.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { findBmap, type BmapOptions, type FoundBmap } from './find-bmap.js';
 import { wholeImagePlan } from './pipeline.js';
@@ -72,6 +80,20 @@ export interface CopySourceOptions extends BmapOptions {
    * or URL without a bmap); the stream must then end exactly there.
    */
   size?: number | undefined;
+  /** Write SRC as it is even when it is a container (zip, tar, qcow2, ...). */
+  raw?: boolean | undefined;
+  /** The file of an archive SRC (zip, tar) that holds the image. */
+  entry?: string | undefined;
+  /**
+   * DST (a copy without --index): a qcow2 overlay whose backing file is DST itself is copied
+   * by its own clusters only, as `qemu-img commit` would.
+   */
+  destination?: string | undefined;
+  /**
+   * Leave an Android sparse image's don't-care chunks out of the plan, as a bmap's unmapped
+   * ranges (a copy without --full or --index); otherwise they read as zeros.
+   */
+  skipDontCare?: boolean | undefined;
 }
 
 /** What a copy learned about its bmap. */
@@ -97,6 +119,8 @@ export interface CopySource {
   path: string;
   kind: 'file' | 'block-device' | 'stdin' | 'url';
   compression: Compression | undefined;
+  /** The container SRC was decoded from (zip, tar, Android sparse, qcow2, ...). */
+  container: ContainerReport | undefined;
   /** The (decompressed) image size in bytes. */
   size: number;
   source: Source;
@@ -226,17 +250,40 @@ async function openFound(
     let sameAs: (st: Stats) => boolean = () => false;
     let file: Opened | undefined;
     let opened: Opened | undefined;
+    let container: OpenedContainer | undefined;
+    const decode = async (
+      how: (m: typeof import('../containers/open.js')) => Promise<OpenedContainer>,
+    ): Promise<OpenedContainer> => {
+      const c = await how(await import('../containers/open.js'));
+      cleanups.push(() => c.close());
+      container = c;
+      return c;
+    };
+    const detect = (head: Buffer, tail?: Buffer): Detected | undefined =>
+      options.raw === true ? undefined : detectContainer(head, tail);
 
-    const streamed = (stream: Readable, name: string, sizeHint: number | undefined): Source => {
+    const streamed = async (
+      stream: Readable,
+      head: Buffer,
+      name: string,
+      sizeHint: number | undefined,
+    ): Promise<Source> => {
       let s = stream;
       if (compression !== undefined) {
         const d: Decoder = decompress(stream, compression, name);
         cleanups.push(() => d.stop());
-        s = d.output;
+        // a tar (or other container) inside: recognised in the decoded bytes
+        ({ head, rest: s } = await peek(d.output, CONTAINER_HEAD_BYTES));
         sizeHint = undefined;
       } else {
         cleanups.push(() => void stream.destroy());
       }
+      const detected = detect(head);
+      const c =
+        detected === undefined
+          ? undefined
+          : await decode((m) => m.openContainerStream(s, name, detected, options));
+      if (c !== undefined) sizeHint = c.size;
       const given = options.size;
       const known = bmap?.imageSize ?? sizeHint;
       if (given !== undefined && known !== undefined && known !== given) {
@@ -249,6 +296,7 @@ async function openFound(
       if (size < 0) throw unknownSize(name, options.noBmap !== true);
       if (bmap !== undefined && sizeHint !== undefined)
         lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
+      if (c !== undefined) return c.source(size);
       // a size taken on trust is checked: the stream must end exactly there
       return new SequentialSource(s, size, name, undefined, known === undefined);
     };
@@ -261,9 +309,9 @@ async function openFound(
       // destroyed directly: the peeked stream's destroy waits for a pending read that a
       // stalled connection never completes
       cleanups.push(() => void body.destroy());
-      const { head, rest } = await peek(body, MAGIC_BYTES);
+      const { head, rest } = await peek(body, CONTAINER_HEAD_BYTES);
       compression = detectCompression(head);
-      source = streamed(rest, src, res.length);
+      source = await streamed(rest, head, src, res.length);
     } else if (src === '-') {
       kind = 'stdin';
       const st = await promisify(fstat)(0);
@@ -275,9 +323,9 @@ async function openFound(
         sameAs = (other) => sameFile(st, other);
       } else {
         cleanups.push(() => void process.stdin.destroy());
-        const { head, rest } = await peek(process.stdin, MAGIC_BYTES);
+        const { head, rest } = await peek(process.stdin, CONTAINER_HEAD_BYTES);
         compression = detectCompression(head);
-        source = streamed(rest, 'stdin', undefined);
+        source = await streamed(rest, head, 'stdin', undefined);
       }
     } else {
       const o = await openSource(src, { onWarning: options.onWarning });
@@ -286,7 +334,7 @@ async function openFound(
       kind = o.kind;
       ({ compression, size, source } = await fromFile(o.fh, src, o.size));
       sameAs = (other) => sameFile(o.stats, other);
-      if (compression === undefined) file = o;
+      if (compression === undefined && container === undefined) file = o;
     }
 
     // a file or device read by offset: raw, or decoded by a spawned decoder
@@ -295,25 +343,57 @@ async function openFound(
       name: string,
       fileSize: number,
     ): Promise<{ compression: Compression | undefined; size: number; source: Source }> {
-      const head = Buffer.alloc(MAGIC_BYTES);
-      const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
+      const head = Buffer.alloc(Math.min(CONTAINER_HEAD_BYTES, fileSize));
+      const { bytesRead } = await fh.read(head, 0, head.length, 0);
       const comp = detectCompression(head.subarray(0, bytesRead));
+      // each decoder gets its own descriptor: a spawned one reads from the file offset
+      const path = name === 'stdin' ? '/dev/stdin' : name;
       if (comp === undefined) {
-        if (bmap !== undefined) lib!.checkBmapMatches(bmap, fileSize, found!.path, name);
-        if (options.size !== undefined && options.size !== fileSize) {
+        const tail = Buffer.alloc(fileSize >= CONTAINER_TAIL_BYTES ? CONTAINER_TAIL_BYTES : 0);
+        await fh.read(tail, 0, tail.length, fileSize - tail.length);
+        const detected = detect(head.subarray(0, bytesRead), tail);
+        const c =
+          detected === undefined
+            ? undefined
+            : await decode((m) =>
+                m.openContainerFile(
+                  fh,
+                  // a spawned qemu-img has its own stdin: it opens ours by this process's fd
+                  name === 'stdin' ? `/proc/${process.pid}/fd/0` : path,
+                  name,
+                  fileSize,
+                  detected,
+                  options,
+                ),
+              );
+        const imageSize = c?.size ?? fileSize;
+        if (bmap !== undefined) lib!.checkBmapMatches(bmap, imageSize, found!.path, name);
+        if (options.size !== undefined && options.size !== imageSize) {
           throw new BlksyncError(
             'EUSAGE',
-            `--size ${options.size} contradicts the size ${fileSize} of ${name}`,
+            `--size ${options.size} contradicts the size ${imageSize} of ${name}`,
           );
         }
         return {
           compression: comp,
-          size: fileSize,
-          source: new FileSource(fh, name, fileSize, false),
+          size: imageSize,
+          source: c?.source(imageSize) ?? new FileSource(fh, name, fileSize, false),
         };
       }
-      // each decoder gets its own descriptor: a spawned one reads from the file offset
-      const path = name === 'stdin' ? '/dev/stdin' : name;
+      const decodeFh = await open(path, 'r');
+      cleanups.push(() => decodeFh.close());
+      const d = decompress(decodeFh.fd, comp, name);
+      cleanups.push(() => d.stop());
+      const decoded = await peek(d.output, CONTAINER_HEAD_BYTES);
+      const detected = detect(decoded.head);
+      if (detected !== undefined) {
+        // a container's size is in its headers: no counting pass
+        const c = await decode((m) => m.openContainerStream(decoded.rest, name, detected, options));
+        const imageSize = c.size ?? bmap?.imageSize ?? options.size;
+        if (imageSize === undefined) throw unknownSize(name, false);
+        if (bmap !== undefined) lib!.checkBmapMatches(bmap, imageSize, found!.path, name);
+        return { compression: comp, size: imageSize, source: c.source(imageSize) };
+      }
       // with --size and no bmap, the counting pass is skipped and the stream checked at its end
       let imageSize = bmap?.imageSize ?? options.size;
       const onTrust = bmap === undefined && options.size !== undefined;
@@ -325,14 +405,10 @@ async function openFound(
           await counting.close();
         }
       }
-      const decodeFh = await open(path, 'r');
-      cleanups.push(() => decodeFh.close());
-      const d = decompress(decodeFh.fd, comp, name);
-      cleanups.push(() => d.stop());
       return {
         compression: comp,
         size: imageSize,
-        source: new SequentialSource(d.output, imageSize, name, undefined, onTrust),
+        source: new SequentialSource(decoded.rest, imageSize, name, undefined, onTrust),
       };
     }
 
@@ -346,13 +422,27 @@ async function openFound(
       cleanups.push(() => b.close());
       bmapped = b;
     }
+    if (options.entry !== undefined) {
+      const c = container?.report;
+      if (c?.format !== 'zip' && c?.format !== 'tar') {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--entry names a file inside a zip or tar SRC; ${src} is ${options.raw === true ? 'written as it is (--raw)' : c === undefined ? 'no archive' : `a ${c.name}`}`,
+        );
+      }
+    }
+    const defined =
+      container?.only ?? (options.skipDontCare === true ? container?.defined : undefined);
     return {
       path: src,
       kind,
       compression,
+      container: container?.report,
       size: size,
       source: bmapped?.source ?? source,
-      plan: bmapped?.plan ?? wholeImagePlan(size),
+      plan:
+        bmapped?.plan ??
+        (defined !== undefined ? { imageSize: size, ranges: defined } : wholeImagePlan(size)),
       bmap: bmapped?.report,
       checksums: bmapped?.checksums,
       file,

@@ -46,7 +46,14 @@ export async function copyLocal(
     blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
-  const source = opened ?? (await openCopySource(src, options));
+  // an overlay of DST copies only its own clusters; with --index the index must describe all
+  // of DST, which that plan leaves out, so the overlay is then read whole
+  const source =
+    opened ??
+    (await openCopySource(
+      src,
+      options.index === undefined ? { ...options, destination: dst } : options,
+    ));
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
@@ -221,6 +228,7 @@ export async function copyLocal(
       seconds: (performance.now() - started) / 1000,
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
+      ...(source.container !== undefined ? { container: source.container } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
     };
     if (run.interrupted) {

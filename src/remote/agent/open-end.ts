@@ -7,6 +7,11 @@
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
 import { WrittenRanges } from '../../engine/written-log.js';
+import {
+  CONTAINER_HEAD_BYTES,
+  CONTAINER_TAIL_BYTES,
+  detectContainer,
+} from '../../containers/detect.js';
 import { detectCompression, MAGIC_BYTES } from '../../io/compression-magic.js';
 import { FileSink } from '../../io/file-sink.js';
 import { identityOf } from '../../io/identity.js';
@@ -50,7 +55,7 @@ interface OpenedEnd {
 
 async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promise<OpenedEnd> {
   const src = await openSource(h.path);
-  await refuseCompressed(h.path, src.fh);
+  await refuseCompressed(h.path, src.fh, src.size);
   s.opened = {
     path: h.path,
     fh: src.fh,
@@ -169,11 +174,18 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
  * before anything is opened for writing (--direct's target is opened after this); the
  * router (src/copy.ts, with remote/copy/options.ts) adds what to do instead.
  */
-async function refuseCompressed(path: string, fh: FileHandle): Promise<void> {
-  const head = Buffer.alloc(MAGIC_BYTES);
-  const { bytesRead } = await fh.read(head, 0, MAGIC_BYTES, 0);
+async function refuseCompressed(path: string, fh: FileHandle, size: number): Promise<void> {
+  const head = Buffer.alloc(Math.max(MAGIC_BYTES, CONTAINER_HEAD_BYTES));
+  const { bytesRead } = await fh.read(head, 0, head.length, 0);
   const kind = detectCompression(head.subarray(0, bytesRead));
-  if (kind === undefined) return;
+  // a container (zip, qcow2, ...) would be written as its own bytes just the same
+  const tail = Buffer.alloc(size >= CONTAINER_TAIL_BYTES ? CONTAINER_TAIL_BYTES : 0);
+  if (kind === undefined) await fh.read(tail, 0, tail.length, size - tail.length);
+  const container =
+    kind === undefined ? detectContainer(head.subarray(0, bytesRead), tail) : undefined;
+  if (kind === undefined && container === undefined) return;
   await fh.close();
-  throw new BlksyncError('ESRC_COMPRESSED', `${path} is ${kind}-compressed`, { path });
+  throw kind !== undefined
+    ? new BlksyncError('ESRC_COMPRESSED', `${path} is ${kind}-compressed`, { path })
+    : new BlksyncError('ESRC_CONTAINER', `${path} is a ${container!.name}`, { path });
 }

@@ -138,12 +138,17 @@ export function compressedRemote(
   spec: RemoteSpec,
   options: RemoteCopyOptions,
 ): unknown {
-  if (!(err instanceof BlksyncError) || err.code !== 'ESRC_COMPRESSED') return err;
+  if (
+    !(err instanceof BlksyncError) ||
+    (err.code !== 'ESRC_COMPRESSED' && err.code !== 'ESRC_CONTAINER')
+  ) {
+    return err;
+  }
   const cat = `${options.sudo === true ? 'sudo -n ' : ''}cat ${shellQuote(spec.path)}`;
   const stream = `${options.ssh ?? 'ssh'} ${spec.destination} ${shellQuote(cat)} | blksync copy --size BYTES - ${shellQuote(dst)}`;
   return new BlksyncError(
-    'ESRC_COMPRESSED',
-    `${err.message}, and blksync decodes only on this machine: stream it through here with \`${stream}\` (BYTES: its decompressed size), or decompress it on ${spec.destination} first`,
+    err.code,
+    `${err.message}, and blksync decodes only on this machine: stream it through here with \`${stream}\` (BYTES: its decoded size), or ${err.code === 'ESRC_CONTAINER' ? 'unpack' : 'decompress'} it on ${spec.destination} first`,
     { cause: err, ...(err.path !== undefined ? { path: err.path } : {}) },
   );
 }

@@ -1,0 +1,73 @@
+/**
+ * Which file of an archive (zip, tar) is the image: the one named with --entry, the only file,
+ * or the only one named like an image; otherwise a refusal that lists the files.
+ */
+
+import { BlksyncError } from '../errors.js';
+import { formatBytes } from '../size.js';
+
+export interface ArchiveEntry {
+  name: string;
+  /** Bytes of the file; undefined when only its data tells (a streamed zip's descriptor). */
+  size: number | undefined;
+  /** A regular file (not a directory, link or device). */
+  file: boolean;
+}
+
+/** Names an image goes by inside archives (Raspberry Pi, Armbian, Yocto, OpenWrt). */
+const IMAGE_NAME =
+  /\.(img|raw|iso|wic|hddimg|sdimg|sdcard|dd|ext[234]|vfat|bin|simg|qcow2|vhd|vmdk)(\.(gz|xz|zst|bz2|lz4))?$/i;
+/** True when a file's name is an image's (how a stream's entry is picked without --entry). */
+export function looksLikeImage(name: string): boolean {
+  return IMAGE_NAME.test(name);
+}
+
+/** Files listed in a refusal. */
+const LISTED = 20;
+
+/** True when an archive's entry name is the name given (leading ./ and trailing / aside). */
+export function sameEntryName(a: string, b: string): boolean {
+  const norm = (s: string): string => s.replace(/^(\.\/)+/, '').replace(/\/+$/, '');
+  return norm(a) === norm(b);
+}
+
+/** The entry to decode, among all of an archive's (see the file header). */
+export function chooseEntry<E extends ArchiveEntry>(
+  entries: readonly E[],
+  wanted: string | undefined,
+  archive: string,
+  format: string,
+): E {
+  const files = entries.filter((e) => e.file);
+  if (wanted !== undefined) {
+    const hit = files.find((e) => sameEntryName(e.name, wanted));
+    if (hit !== undefined) return hit;
+    throw new BlksyncError(
+      'ESRC_ENTRY',
+      `${archive} (${format}) holds no file named ${wanted}; its files: ${listing(files)}`,
+      { path: archive },
+    );
+  }
+  if (files.length === 1) return files[0]!;
+  if (files.length === 0) {
+    throw new BlksyncError('ESRC_ENTRY', `${archive} (${format}) holds no file to write`, {
+      path: archive,
+    });
+  }
+  const images = files.filter((e) => IMAGE_NAME.test(e.name));
+  if (images.length === 1) return images[0]!;
+  throw new BlksyncError(
+    'ESRC_ENTRY',
+    `${archive} (${format}) holds ${files.length} files and blksync cannot tell which is the image; ` +
+      `name it with --entry NAME: ${listing(files)}`,
+    { path: archive },
+  );
+}
+
+function listing(files: readonly ArchiveEntry[]): string {
+  const shown = files
+    .slice(0, LISTED)
+    .map((e) => (e.size === undefined ? e.name : `${e.name} (${formatBytes(e.size)})`));
+  if (files.length > LISTED) shown.push(`and ${files.length - LISTED} more`);
+  return shown.length === 0 ? 'none' : shown.join(', ');
+}
