@@ -18,6 +18,7 @@ const LAYERS = [
   'fanout', //    src/fanout/: one SRC read once for many destinations (copyMany)
   'remote', //    src/remote/: ssh, the protocol, remote copies, the agent
   'engine', //    src/engine/: the pipeline and the operations on it
+  'delta', //     src/delta/: blksync publish, and copy from a published image by HTTP ranges
   'containers', // src/containers/: images inside zip, tar, Android sparse, qcow2, VHD, VMDK
   'formats', //   src/formats/: bmap, index and patch files
   'io', //        src/io/: files, devices, streams, http

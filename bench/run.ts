@@ -20,6 +20,7 @@ import { DEFAULT_IMAGE_SIZE } from './data.js';
 import { bmapSection } from './sections/bmap.js';
 import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
+import { deltaSection } from './sections/delta.js';
 import { diffApplySection } from './sections/diff-apply.js';
 import { fanoutSection } from './sections/fanout.js';
 import { indexSection } from './sections/index.js';
@@ -36,6 +37,7 @@ const SECTIONS: readonly Section[] = [
   remoteSection,
   fanoutSection,
   realisticSection,
+  deltaSection,
 ];
 
 /** At least this many runs, so a median means something. */

@@ -55,7 +55,11 @@ export async function copy(
   }
   if (from === undefined && to === undefined) {
     await assertIndexesWritable(resolved);
-    return copyLocal(src, dst, resolved);
+    // DST may steer how SRC is read (engine/copy-source.ts): a published http(s) SRC is
+    // fetched by ranges, only what DST lacks; a qcow2 overlay of DST copies only its own
+    // clusters. Not with --full, nor with an index, which must describe all of DST
+    const delta = !resolved.full && resolved.index === undefined;
+    return copyLocal(src, dst, delta ? { ...resolved, destination: dst } : resolved);
   }
 
   // loaded only for a remote end: a local copy does not pay for ssh's modules. A push reads

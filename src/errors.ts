@@ -93,7 +93,15 @@ export type ErrorCode =
    */
   | 'ESRC_CONTAINER'
   /** An archive SRC holds several files and none or several could be the image (--entry NAME). */
-  | 'ESRC_ENTRY';
+  | 'ESRC_ENTRY'
+  /** A published index (IMG.blkpub) or its data is malformed: truncated, absurd sizes, offsets past the end. */
+  | 'EPUB_FORMAT'
+  /** A published chunk or hash level does not match its hash: damaged, tampered with, or changed while read. */
+  | 'EPUB_CHECKSUM'
+  /** The published files changed on the server between two requests of one copy (ETag/Last-Modified). */
+  | 'EPUB_CHANGED'
+  /** A web server's answer to a range request is not what was asked (wrong Content-Range, 416, bad multipart). */
+  | 'ESRC_RANGE';
 
 /**
  * Stable codes of warnings: problems the library worked around, or that do not stop the run

@@ -56,6 +56,14 @@ function copySummary(r: CopyResult): string {
       );
     }
   }
+  if (r.http !== undefined) {
+    const h = r.http;
+    lines.push(
+      `published ${h.index}: fetched ${formatBytes(h.bytesFetched)} in ${h.requests} requests ` +
+        `(${h.chunksFetched} of ${h.chunksDiffering} differing chunks of ${formatBytes(h.chunkSize)} stored, ` +
+        `the rest zeros); chunk hashes add up to the published root`,
+    );
+  }
   if (r.verify !== undefined) {
     const v = r.verify;
     lines.push(

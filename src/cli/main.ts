@@ -14,6 +14,7 @@ import { registerCopy } from './copy-command.js';
 import { registerDiff } from './diff-command.js';
 import { registerIndex } from './index-command.js';
 import { registerInfo } from './info-command.js';
+import { registerPublish } from './publish-command.js';
 
 function buildProgram(setExit: (code: number) => void, errText: { text: string }): Command {
   const program = new Command()
@@ -35,6 +36,7 @@ function buildProgram(setExit: (code: number) => void, errText: { text: string }
   registerBmap(program, setExit);
   registerDiff(program, setExit);
   registerApply(program, setExit);
+  registerPublish(program, setExit);
   refuseContradictions(program);
   return program;
 }

@@ -10,6 +10,7 @@ import type { ProgressListener } from '../types.js';
 import { checkBlockSize, DEFAULT_BLOCK_SIZE } from './block-size.js';
 import type { ContainerReport } from '../containers/open.js';
 import type { BmapReport, CopySourceOptions } from './copy-source.js';
+import type { DeltaReport } from '../delta/published-source.js';
 import type { IndexReport } from './index-target.js';
 import type { VerifyReport } from './verify-written.js';
 
@@ -86,6 +87,8 @@ export interface CopyResult {
   container?: ContainerReport;
   /** What --verify read back and compared. */
   verify?: VerifyReport;
+  /** SRC was published (`blksync publish`): what was fetched by ranges. */
+  http?: DeltaReport;
 }
 
 /** The options with the defaults filled in, as every copy path takes them. */

@@ -44,8 +44,9 @@ import {
   type Detected,
 } from '../containers/detect.js';
 import type { ContainerReport, OpenedContainer } from '../containers/open.js';
+import type { DeltaReport } from '../delta/published-source.js';
 import type { VerifiedRange } from './bmap-verify.js';
-import { findBmap, type BmapOptions, type FoundBmap } from './find-bmap.js';
+import { findBmap, signatureFlagsGiven, type BmapOptions, type FoundBmap } from './find-bmap.js';
 import { wholeImagePlan } from './pipeline.js';
 import type { Plan, Sink, Source } from '../types.js';
 
@@ -85,8 +86,10 @@ export interface CopySourceOptions extends BmapOptions {
   /** The file of an archive SRC (zip, tar) that holds the image. */
   entry?: string | undefined;
   /**
-   * DST (a copy without --index): a qcow2 overlay whose backing file is DST itself is copied
-   * by its own clusters only, as `qemu-img commit` would.
+   * The local DST of a copy, set by the router when DST's content may steer how SRC is read
+   * (not with --full or --index): an http(s) SRC published with `blksync publish` is fetched
+   * by ranges, only the chunks DST lacks (delta/); a qcow2 overlay whose backing file is DST
+   * itself is copied by its own clusters only, as `qemu-img commit` would (containers/).
    */
   destination?: string | undefined;
   /**
@@ -148,6 +151,8 @@ export interface CopySource {
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
+  /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */
+  delta?: () => DeltaReport;
   close(): Promise<void>;
 }
 
@@ -207,6 +212,16 @@ export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
+  if (
+    isUrl(src) &&
+    options.destination !== undefined &&
+    options.bmap === undefined &&
+    options.noBmap !== true &&
+    signatureFlagsGiven(options).length === 0
+  ) {
+    const published = await openPublishedSource(src, options.destination, options);
+    if (published !== undefined) return published;
+  }
   // a bmap copy hashes on workers: they boot while the bmap is checked and parsed
   let verify: Promise<typeof import('./bmap-verify.js')> | undefined;
   try {
@@ -228,6 +243,39 @@ export async function openCopySource(
       () => {},
     );
   }
+}
+
+/** SRC published beside its URL (`blksync publish`): only the chunks DST lacks are fetched. */
+async function openPublishedSource(
+  src: string,
+  destination: string,
+  options: CopySourceOptions,
+): Promise<CopySource | undefined> {
+  const { openPublished } = await import('../delta/published-source.js');
+  const p = await openPublished(src, {
+    destination,
+    signal: options.signal,
+    timeout: options.timeout,
+  });
+  if (p === undefined) return undefined;
+  return {
+    path: src,
+    kind: 'url',
+    compression: undefined,
+    size: p.size,
+    source: p.source,
+    plan: p.plan,
+    bmap: undefined,
+    checksums: undefined,
+    container: undefined,
+    file: undefined,
+    opened: undefined,
+    sameAs: () => false,
+    wrapFileSink: (sink) => sink,
+    adviseTarget: () => {},
+    delta: () => p.report(),
+    close: () => p.source.close(),
+  };
 }
 
 async function openFound(

@@ -46,14 +46,10 @@ export async function copyLocal(
     blockSize,
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
-  // an overlay of DST copies only its own clusters; with --index the index must describe all
-  // of DST, which that plan leaves out, so the overlay is then read whole
-  const source =
-    opened ??
-    (await openCopySource(
-      src,
-      options.index === undefined ? { ...options, destination: dst } : options,
-    ));
+  // options.destination (set by the router) lets DST steer how SRC is read: an overlay of DST
+  // copies only its own clusters, a published URL fetches only what DST lacks. A fan-out
+  // hands each destination its view of one read of SRC instead (`opened`)
+  const source = opened ?? (await openCopySource(src, options));
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
@@ -230,6 +226,7 @@ export async function copyLocal(
       ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
       ...(source.container !== undefined ? { container: source.container } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
+      ...(source.delta !== undefined ? { http: source.delta() } : {}),
     };
     if (run.interrupted) {
       throw new BlksyncError(

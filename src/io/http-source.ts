@@ -27,6 +27,8 @@ export interface HttpOptions {
   signal?: AbortSignal | undefined;
   /** Seconds the server may stay silent while an answer is due (default DEFAULT_TIMEOUT_S). */
   timeout?: number | undefined;
+  /** Request headers added to the GET (Range, If-Range for the published-image delta). */
+  headers?: Readonly<Record<string, string>> | undefined;
 }
 
 export interface HttpResponse {
@@ -44,13 +46,18 @@ function seconds(ms: number): string {
   return `${ms / 1000} s`;
 }
 
-function request(url: string, idleMs: number, signal: AbortSignal | undefined) {
+function request(
+  url: string,
+  idleMs: number,
+  signal: AbortSignal | undefined,
+  headers: Readonly<Record<string, string>> | undefined,
+) {
   return new Promise<IncomingMessage>((resolve, reject) => {
     const get = url.toLowerCase().startsWith('https:') ? httpsGet : httpGet;
     // `timeout` is the socket's idle timeout: it covers connecting, TLS and the headers
     const req = get(
       url,
-      { signal, timeout: idleMs, headers: { 'accept-encoding': 'identity' } },
+      { signal, timeout: idleMs, headers: { ...headers, 'accept-encoding': 'identity' } },
       (res) => {
         // from here bodyStream keeps the clock, stopped while the body is paused
         req.setTimeout(0);
@@ -115,7 +122,7 @@ export async function httpOpen(url: string, options: HttpOptions = {}): Promise<
   const idleMs = timeoutMs(options.timeout);
   let current = url;
   for (let i = 0; ; i++) {
-    const res = await request(current, idleMs, options.signal);
+    const res = await request(current, idleMs, options.signal, options.headers);
     const status = res.statusCode ?? 0;
     const location = res.headers.location;
     if ([301, 302, 303, 307, 308].includes(status) && location !== undefined) {

@@ -1,0 +1,366 @@
+/**
+ * `copy https://host/IMG DST` when IMG is published (IMG.blkpub beside it): the pipeline's
+ * Plan and Source for a copy that downloads only the chunks DST lacks.
+ *
+ *   1. probe IMG.blkpub: one request for the header and the top level (a "not found" page,
+ *      whatever its status, fails the magic check: not published, the image streams as before)
+ *   2. hash DST's chunks here (holes of a sparse DST are not read), and each group of them:
+ *      the groups whose hash differs from the top level's are the only ones whose leaf
+ *      records are fetched (one request, several ranges)
+ *   3. the plan is the chunks whose hash differs; the source fetches their stored bytes
+ *      from IMG.blkpub.data (one request, several ranges, coalesced), decompresses each with
+ *      a bound, and checks its SHA-256 before the pipeline sees a byte of it
+ *   4. the pipeline then reads DST there and writes only the blocks that differ
+ *
+ * Before anything is written, the root over the hashes DST will hold (its own where they
+ * matched, the published ones where chunks are fetched, each checked as it arrives) is
+ * checked against the index's: the whole-image check costs no second read of DST.
+ */
+
+import { brotliDecompressSync, inflateRawSync } from 'node:zlib';
+import { BlksyncError } from '../errors.js';
+import {
+  checkTop,
+  chunkCount,
+  chunkLength,
+  CODEC_BROTLI,
+  DATA_SUFFIX,
+  groupCount,
+  groupLeafRange,
+  HEADER_BYTES,
+  indexBytes,
+  INDEX_SUFFIX,
+  KIND_COMPRESSED,
+  KIND_RAW,
+  KIND_ZERO,
+  looksPublished,
+  parseGroup,
+  parseHeader,
+  topBytes,
+  type Leaf,
+  type PublishedHeader,
+} from '../formats/published.js';
+import { HASH_BYTES, sha256 } from '../hash.js';
+import type { HttpOptions } from '../io/http-source.js';
+import type { Range } from '../ranges.js';
+import type { Plan, Source } from '../types.js';
+import { hashDestination } from './dest-hashes.js';
+import { RangeClient } from './range-client.js';
+
+/** The first request asks for this much of the index: the header and a top level of 256 groups. */
+export const PROBE_BYTES = HEADER_BYTES + 256 * HASH_BYTES;
+
+/** What a copy from a published image reports (`--json`: `http`). */
+export interface DeltaReport {
+  index: string;
+  data: string;
+  /** HTTP requests made, and body bytes received. */
+  requests: number;
+  bytesFetched: number;
+  chunkSize: number;
+  /** Chunks whose hash differed from DST's: fetched, or zeros made here. */
+  chunksDiffering: number;
+  chunksFetched: number;
+  /** Stored bytes those chunks take in the data file. */
+  storedBytes: number;
+  groupsFetched: number;
+  /** The root of the chunk hashes, checked against what DST holds after the copy. */
+  root: string;
+}
+
+/** `url` with `suffix` added to its path (before a query). */
+export function besideUrl(url: string, suffix: string): string {
+  const u = new URL(url);
+  u.pathname += suffix;
+  u.hash = '';
+  return u.href;
+}
+
+/** The names of IMG's published files. */
+export function publishedUrls(url: string): { index: string; data: string } {
+  return { index: besideUrl(url, INDEX_SUFFIX), data: besideUrl(url, DATA_SUFFIX) };
+}
+
+export interface PublishedSourceOptions extends HttpOptions {
+  /** DST: its chunks are hashed to find what to fetch. Missing or empty: all zeros. */
+  destination: string;
+}
+
+export interface PublishedSource {
+  size: number;
+  plan: Plan;
+  source: Source;
+  report(): DeltaReport;
+}
+
+/** Reads and checks the header and top level; undefined when IMG is not published. */
+async function probe(
+  client: RangeClient,
+): Promise<{ header: PublishedHeader; top: Buffer; whole: Buffer | undefined } | undefined> {
+  const head = await client.head(PROBE_BYTES, looksPublished, (b) =>
+    b.length >= HEADER_BYTES ? indexBytes(parseHeader(b, client.url)) : undefined,
+  );
+  if (head === undefined || !looksPublished(head.bytes)) return undefined;
+  const header = parseHeader(head.bytes, client.url);
+  const topEnd = HEADER_BYTES + topBytes(header);
+  let bytes = head.bytes;
+  if (head.whole) {
+    if (bytes.length !== indexBytes(header)) {
+      throw new BlksyncError(
+        'EPUB_FORMAT',
+        `${client.url} is ${bytes.length} bytes; its header describes ${indexBytes(header)}: publish again`,
+        { path: client.url },
+      );
+    }
+  } else if (bytes.length < topEnd) {
+    const rest: Buffer[] = [bytes];
+    for await (const piece of client.fetch([{ start: bytes.length, end: topEnd }])) {
+      rest.push(Buffer.from(piece));
+    }
+    bytes = Buffer.concat(rest);
+  }
+  const top = Buffer.from(bytes.subarray(HEADER_BYTES, topEnd));
+  checkTop(header, top, client.url);
+  return { header, top, whole: head.whole ? bytes : undefined };
+}
+
+function groupHash(h: PublishedHeader, hashes: Buffer, g: number): Buffer {
+  const first = g * h.groupChunks;
+  const last = Math.min(chunkCount(h), first + h.groupChunks);
+  return sha256(hashes, first * HASH_BYTES, last * HASH_BYTES);
+}
+
+/**
+ * Opens IMG's published files for a copy onto `destination`; undefined when IMG is not
+ * published (the caller streams the image as before).
+ */
+export async function openPublished(
+  url: string,
+  options: PublishedSourceOptions,
+): Promise<PublishedSource | undefined> {
+  const names = publishedUrls(url);
+  const index = new RangeClient(names.index, options);
+  const found = await probe(index);
+  if (found === undefined) return undefined;
+  const { header: h, top } = found;
+  const have = await hashDestination(options.destination, h, options.signal);
+
+  // the groups whose hashes differ, and their leaf records
+  const groups = groupCount(h);
+  const differing: number[] = [];
+  for (let g = 0; g < groups; g++) {
+    if (!groupHash(h, have, g).equals(top.subarray(g * HASH_BYTES, (g + 1) * HASH_BYTES))) {
+      differing.push(g);
+    }
+  }
+  const leafRanges = differing.map((g) => groupLeafRange(h, g));
+  const leaves = new Map<number, Leaf>();
+  const take = (g: number, bytes: Buffer): void => {
+    const parsed = parseGroup(h, top, g, bytes, names.index);
+    parsed.forEach((leaf, k) => leaves.set(g * h.groupChunks + k, leaf));
+  };
+  if (found.whole !== undefined) {
+    differing.forEach((g, n) =>
+      take(g, found.whole!.subarray(leafRanges[n]!.start, leafRanges[n]!.end)),
+    );
+  } else if (differing.length > 0) {
+    let n = 0;
+    for await (const bytes of index.fetch(leafRanges)) take(differing[n++]!, bytes);
+  }
+
+  // the chunks to fetch: where DST's hash differs from the published one
+  const needed: number[] = [];
+  const final = Buffer.from(have);
+  for (const g of differing) {
+    const first = g * h.groupChunks;
+    const last = Math.min(chunkCount(h), first + h.groupChunks);
+    for (let i = first; i < last; i++) {
+      const leaf = leaves.get(i)!;
+      if (!leaf.hash.equals(have.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES))) {
+        needed.push(i);
+        leaf.hash.copy(final, i * HASH_BYTES);
+      }
+    }
+  }
+  // the whole-image check, before anything is written: the root over the hashes DST will hold
+  const finalTop = Buffer.alloc(groups * HASH_BYTES);
+  for (let g = 0; g < groups; g++) groupHash(h, final, g).copy(finalTop, g * HASH_BYTES);
+  if (!sha256(finalTop).equals(h.root)) {
+    throw new BlksyncError(
+      'EPUB_CHECKSUM',
+      `${names.index}: the chunk hashes do not add up to the index's root; nothing was written: rerun, or publish again`,
+      { path: names.index },
+    );
+  }
+
+  const ranges: Range[] = [];
+  for (const i of needed) {
+    const start = i * h.chunkSize;
+    const end = start + chunkLength(h, i);
+    const last = ranges[ranges.length - 1];
+    if (last !== undefined && last.end === start) last.end = end;
+    else ranges.push({ start, end });
+  }
+  // a publisher stores chunks in chunk order: stored pieces that do not ascend are a damaged
+  // or hostile index (asked for as they are, the server would be blamed for the answer)
+  let storedEnd = 0;
+  for (const i of needed) {
+    const leaf = leaves.get(i)!;
+    if (leaf.kind === KIND_ZERO) continue;
+    if (leaf.offset < storedEnd) {
+      throw new BlksyncError(
+        'EPUB_FORMAT',
+        `${names.index}: chunk ${i}'s stored bytes overlap or precede the previous chunk's; publish again`,
+        { path: names.index },
+      );
+    }
+    storedEnd = leaf.offset + leaf.length;
+  }
+  const data = new RangeClient(names.data, { ...options, size: h.dataSize });
+  const source = new ChunkSource(h, needed, leaves, data);
+  return {
+    size: h.imageSize,
+    plan: { imageSize: h.imageSize, ranges },
+    source,
+    report: () => ({
+      index: names.index,
+      data: names.data,
+      requests: index.requests + data.requests,
+      bytesFetched: index.bytesReceived + data.bytesReceived,
+      chunkSize: h.chunkSize,
+      chunksDiffering: needed.length,
+      chunksFetched: source.fetched,
+      storedBytes: needed.reduce((n, i) => n + leaves.get(i)!.length, 0),
+      groupsFetched: differing.length,
+      root: h.root.toString('hex'),
+    }),
+  };
+}
+
+/**
+ * The new bytes of the differing chunks, in order: stored ones fetched from the data file
+ * (one streamed answer for all), zero ones made here; each checked against its hash.
+ */
+class ChunkSource implements Source {
+  readonly size: number;
+  readonly #h: PublishedHeader;
+  readonly #needed: number[];
+  readonly #leaves: Map<number, Leaf>;
+  readonly #stored: AsyncGenerator<Buffer>;
+  readonly #data: RangeClient;
+  #next = 0;
+  #current: { index: number; data: Buffer } | undefined;
+  #queue: Promise<unknown> = Promise.resolve();
+  fetched = 0;
+
+  constructor(h: PublishedHeader, needed: number[], leaves: Map<number, Leaf>, data: RangeClient) {
+    this.size = h.imageSize;
+    this.#h = h;
+    this.#needed = needed;
+    this.#leaves = leaves;
+    this.#data = data;
+    const pieces = needed
+      .map((i) => leaves.get(i)!)
+      .filter((l) => l.kind !== KIND_ZERO)
+      .map((l) => ({ start: l.offset, end: l.offset + l.length }));
+    // stored chunks lie in chunk order in the data file, so their pieces ascend
+    this.#stored = data.fetch(pieces);
+  }
+
+  read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const p = this.#queue.then(() => this.#read(buf, offset, length));
+    this.#queue = p.catch(() => {});
+    return p;
+  }
+
+  async #read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const h = this.#h;
+    let done = 0;
+    while (done < length) {
+      const at = offset + done;
+      const i = Math.floor(at / h.chunkSize);
+      const chunk = await this.#chunk(i);
+      const from = at - i * h.chunkSize;
+      const n = Math.min(length - done, chunk.length - from);
+      chunk.copy(buf, done, from, from + n);
+      done += n;
+    }
+    return done;
+  }
+
+  /** Chunk `i`'s content; chunks are asked for in ascending order, each maybe several times. */
+  async #chunk(i: number): Promise<Buffer> {
+    if (this.#current?.index === i) return this.#current.data;
+    const h = this.#h;
+    for (;;) {
+      const want = this.#needed[this.#next];
+      if (want === undefined || want > i) {
+        throw new BlksyncError(
+          'EPUB_FORMAT',
+          `chunk ${i} was read but is not planned (internal error)`,
+        );
+      }
+      this.#next++;
+      const leaf = this.#leaves.get(want)!;
+      const len = chunkLength(h, want);
+      let data: Buffer;
+      if (leaf.kind === KIND_ZERO) data = Buffer.alloc(len);
+      else {
+        const r = await this.#stored.next();
+        if (r.done === true) {
+          throw new BlksyncError(
+            'ESRC_SHORT',
+            `the published data ended before chunk ${want}; rerun`,
+          );
+        }
+        data = decode(h, leaf, r.value, len, want);
+        this.fetched++;
+      }
+      if (!sha256(data).equals(leaf.hash)) {
+        throw new BlksyncError(
+          'EPUB_CHECKSUM',
+          `chunk ${want} of the published data does not match its hash; nothing of it was written. The data file is damaged or changed while being read: rerun, or publish again`,
+        );
+      }
+      if (want === i) {
+        this.#current = { index: i, data };
+        return data;
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    // not awaited: a generator waiting on a stalled answer returns only once that settles,
+    // which destroying the answer makes happen
+    this.#data.close();
+    this.#stored.return(undefined).catch(() => {});
+    await Promise.resolve();
+  }
+}
+
+/** A stored chunk's content: decompressed with its length as the bound (no bomb gets past it). */
+function decode(h: PublishedHeader, leaf: Leaf, stored: Buffer, len: number, i: number): Buffer {
+  if (leaf.kind === KIND_RAW) return Buffer.from(stored);
+  if (leaf.kind !== KIND_COMPRESSED)
+    throw new BlksyncError('EPUB_FORMAT', `chunk ${i}: unknown kind`);
+  let out: Buffer;
+  try {
+    out =
+      h.codec === CODEC_BROTLI
+        ? brotliDecompressSync(stored, { maxOutputLength: len })
+        : inflateRawSync(stored, { maxOutputLength: len });
+  } catch (err) {
+    throw new BlksyncError(
+      'EPUB_CHECKSUM',
+      `chunk ${i} of the published data does not decompress to its ${len} bytes (${(err as Error).message}); nothing of it was written: rerun, or publish again`,
+      { cause: err },
+    );
+  }
+  if (out.length !== len) {
+    throw new BlksyncError(
+      'EPUB_CHECKSUM',
+      `chunk ${i} of the published data decompresses to ${out.length} bytes, not ${len}; nothing of it was written`,
+    );
+  }
+  return out;
+}

@@ -1,0 +1,290 @@
+/**
+ * `copy http://…/IMG DST` from a published image (blksync publish): only the chunks DST lacks
+ * are fetched, by multipart range requests, and DST ends byte-identical to IMG; servers that
+ * ignore Range, "not found" pages, and servers that misbehave (a cut answer, a wrong
+ * Content-Range, 416, files changed between requests, a damaged chunk) give a right result or
+ * a coded error with DST untouched.
+ */
+
+import assert from 'node:assert/strict';
+import { utimesSync, writeFileSync } from 'node:fs';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test, type TestContext } from 'node:test';
+import { copy } from '../src/copy.js';
+import { publish } from '../src/delta/publish.js';
+import { BlksyncError } from '../src/errors.js';
+import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
+import { runCli } from './helpers/cli.js';
+import { attachLoop, needLoop } from './helpers/loop.js';
+import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+
+const SIZE = 8 * 1024 * 1024;
+const CHUNK = 16 * 1024;
+
+/** v1: scattered data in a sparse image; v2: v1 with a few small changes far apart. */
+async function fixture(t: TestContext, options: ServerOptions = {}) {
+  const dir = await tempDir(t);
+  const www = join(dir, 'www');
+  await mkdir(www);
+  const pieces = [
+    { offset: 0, data: seededBytes(200_000, 1) },
+    {
+      offset: 3 * 1024 * 1024,
+      data: Buffer.alloc(300_000, 'text of a file system, compressible '),
+    },
+    { offset: 6 * 1024 * 1024 + 4096, data: seededBytes(70_000, 2) },
+  ];
+  const img = join(www, 'os.img');
+  await writeSparseFile(img, SIZE, pieces);
+  const v1 = await readFile(img);
+  const v2 = Buffer.from(v1);
+  v2.write('changed!', 100_000);
+  v2.write('another change', 3 * 1024 * 1024 + 150_000);
+  v2.write('a new block', 5 * 1024 * 1024);
+  await writeFile(img, v2);
+  await publish(img, { chunkSize: CHUNK });
+  const dst = join(dir, 'dst.img');
+  await writeFile(dst, v1);
+  const served = await serveDirectory(t, www, options);
+  return { dir, www, img, dst, v1, v2, served, url: `${served.url}/os.img` };
+}
+
+async function rejectsWith(p: Promise<unknown>, code: string): Promise<BlksyncError> {
+  try {
+    await p;
+  } catch (err) {
+    assert.ok(err instanceof BlksyncError, `not a BlksyncError: ${String(err)}`);
+    assert.equal(err.code, code, err.message);
+    return err;
+  }
+  assert.fail(`expected ${code}`);
+}
+
+test('an update fetches only the changed chunks in 3 requests and makes DST identical', async (t) => {
+  const f = await fixture(t);
+  const r = await copy(f.url, f.dst);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+  assert.ok(r.http !== undefined, 'the published files were used');
+  assert.equal(r.http.chunksDiffering, 3);
+  assert.equal(r.http.requests, 3);
+  assert.equal(f.served.requests.length, 3);
+  // header + top level + three groups' leaf records + three chunks: a few KiB, not the image
+  assert.ok(r.http.bytesFetched < 3 * CHUNK, `fetched ${r.http.bytesFetched}`);
+  assert.ok(f.served.bytesSent() < 3 * CHUNK + 8192, `sent ${f.served.bytesSent()}`);
+  assert.equal(r.bytesWritten, 3 * 4096);
+  // a rerun has nothing to do: one request, nothing written
+  const again = await copy(f.url, f.dst);
+  assert.equal(again.bytesWritten, 0);
+  assert.equal(again.http?.requests, 1);
+  assert.equal(f.served.requests.length, 4);
+});
+
+test('from an empty or missing DST the image arrives whole, holes left as holes', async (t) => {
+  const f = await fixture(t);
+  const fresh = join(f.dir, 'fresh.img');
+  const r = await copy(f.url, fresh);
+  assert.deepEqual(await readFile(fresh), f.v2);
+  assert.equal(r.created, true);
+  assert.ok(r.http !== undefined);
+  assert.ok(r.http.requests <= 3, `${r.http.requests} requests`);
+  await writeFile(fresh, '');
+  await copy(f.url, fresh);
+  assert.deepEqual(await readFile(fresh), f.v2);
+});
+
+test('--dry-run fetches and reports what a copy would write, and writes nothing', async (t) => {
+  const f = await fixture(t);
+  const r = await copy(f.url, f.dst, { dryRun: true });
+  assert.deepEqual(await readFile(f.dst), f.v1);
+  assert.equal(r.bytesDiffering, 3 * 4096);
+  assert.equal(r.http?.requests, 3);
+});
+
+test('a server that ignores Range still gives the right result, from the whole files it sends', async (t) => {
+  const f = await fixture(t, { ignoreRange: true });
+  const r = await copy(f.url, f.dst);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+  assert.equal(r.bytesWritten, 3 * 4096);
+  assert.ok(f.served.requests.every((q) => q.status === 200));
+  assert.ok((r.http?.requests ?? 0) <= 2, 'the whole index and the whole data file, once each');
+});
+
+test('without published files, or with a "not found" page sent as 200, the image streams as before', async (t) => {
+  for (const notFoundPage of [false, true]) {
+    const f = await fixture(t, { notFoundPage });
+    await rm(join(f.www, 'os.img.blkpub'));
+    const r = await copy(f.url, f.dst);
+    assert.equal(r.http, undefined);
+    assert.deepEqual(await readFile(f.dst), f.v2);
+  }
+});
+
+test('a connection cut in the middle of the multipart answer is ESRC_SHORT; a rerun finishes', async (t) => {
+  let cut = true;
+  const f = await fixture(t, {
+    hook: (req, res, file) => {
+      if (!cut || file === undefined || !req.url!.endsWith('.data')) return false;
+      cut = false;
+      res.writeHead(206, {
+        'content-type': 'multipart/byteranges; boundary=XYZ',
+        'content-length': '100000',
+        etag: file.etag,
+      });
+      res.write(`\r\n--XYZ\r\nContent-Range: bytes 0-99/${file.data.length}\r\n\r\n`);
+      res.write(file.data.subarray(0, 50));
+      setTimeout(() => res.socket?.destroy(), 20);
+      return true;
+    },
+  });
+  await rejectsWith(copy(f.url, f.dst), 'ESRC_SHORT');
+  await copy(f.url, f.dst);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+});
+
+test('a wrong Content-Range, or a 416, is ESRC_RANGE with nothing written', async (t) => {
+  for (const answer of ['wrong-range', '416'] as const) {
+    const f = await fixture(t, {
+      hook: (req, res, file) => {
+        if (file === undefined || !req.url!.endsWith('.data')) return false;
+        if (answer === '416') {
+          res.writeHead(416, { 'content-range': `bytes */${file.data.length}` }).end();
+          return true;
+        }
+        // the first byte range of the file, whatever was asked for
+        res
+          .writeHead(206, {
+            'content-range': `bytes 0-99/${file.data.length}`,
+            'content-length': 100,
+            etag: file.etag,
+          })
+          .end(file.data.subarray(0, 100));
+        return true;
+      },
+    });
+    await rejectsWith(copy(f.url, f.dst), 'ESRC_RANGE');
+    assert.deepEqual(await readFile(f.dst), f.v1);
+  }
+});
+
+test('published files changed between requests: EPUB_CHANGED, never a mix; a rerun updates', async (t) => {
+  let swap: (() => void) | undefined;
+  const f = await fixture(t, {
+    onRequest: (req) => {
+      // after the index's first answer, before its leaf records are asked for
+      if (swap !== undefined && req.headers['if-range'] !== undefined) {
+        swap();
+        swap = undefined;
+      }
+    },
+  });
+  // v3, published elsewhere, replaces the served files between two requests of one copy
+  const v3 = Buffer.from(f.v2);
+  v3.write('third version', 7 * 1024 * 1024);
+  const other = join(f.dir, 'v3');
+  await mkdir(other);
+  await writeFile(join(other, 'os.img'), v3);
+  await publish(join(other, 'os.img'), { chunkSize: CHUNK });
+  const v3Index = await readFile(join(other, 'os.img.blkpub'));
+  const v3Data = await readFile(join(other, 'os.img.blkpub.data'));
+  swap = () => {
+    writeFileSync(`${f.img}.blkpub`, v3Index);
+    writeFileSync(`${f.img}.blkpub.data`, v3Data);
+    writeFileSync(f.img, v3);
+    // a later mtime makes another ETag, as a real republish does
+    const later = new Date(Date.now() + 5000);
+    utimesSync(`${f.img}.blkpub`, later, later);
+    utimesSync(`${f.img}.blkpub.data`, later, later);
+  };
+  await rejectsWith(copy(f.url, f.dst), 'EPUB_CHANGED');
+  assert.deepEqual(await readFile(f.dst), f.v1);
+  await copy(f.url, f.dst);
+  assert.deepEqual(await readFile(f.dst), v3);
+});
+
+test('a damaged chunk is EPUB_CHECKSUM before it is written', async (t) => {
+  const f = await fixture(t);
+  const dataPath = join(f.www, 'os.img.blkpub.data');
+  const data = await readFile(dataPath);
+  // every stored byte flipped: whichever chunk is fetched first fails its hash
+  for (let i = 0; i < data.length; i += 1) data[i] = data[i]! ^ 0x55;
+  await writeFile(dataPath, data);
+  const err = await rejectsWith(copy(f.url, f.dst), 'EPUB_CHECKSUM');
+  assert.match(err.message, /nothing of it was written/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+});
+
+test('blksync publish and copy --json from the command line', async (t) => {
+  const f = await fixture(t);
+  const pub = await runCli(['publish', f.img, '--json']);
+  assert.equal(pub.code, 0, pub.stderr);
+  const p = JSON.parse(pub.stdout) as { chunks: number; codec: string };
+  assert.equal(p.chunks, SIZE / 64 / 1024);
+  assert.equal(p.codec, 'brotli');
+  const r = await runCli(['copy', f.url, f.dst, '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as {
+    bytesWritten: number;
+    http: { requests: number; bytesFetched: number };
+  };
+  assert.equal(out.bytesWritten, 3 * 4096);
+  assert.equal(out.http.requests, 3);
+  assert.ok(out.http.bytesFetched > 0);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+  const again = await runCli(['copy', f.url, f.dst]);
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(
+    again.stdout + again.stderr,
+    /published \S+os\.img\.blkpub: fetched .* in 1 requests/,
+  );
+});
+
+test('a block device DST (loop) holding v1 is updated to v2 by the changed chunks only', async (t) => {
+  if (!needLoop(t)) return;
+  const f = await fixture(t);
+  const dev = await attachLoop(t, f.dst);
+  const r = await copy(f.url, dev);
+  assert.equal(r.http?.chunksDiffering, 3);
+  assert.equal(r.bytesWritten, 3 * 4096);
+  const back = Buffer.alloc(SIZE);
+  const { open } = await import('node:fs/promises');
+  const fh = await open(dev, 'r');
+  try {
+    await fh.read(back, 0, SIZE, 0);
+  } finally {
+    await fh.close();
+  }
+  assert.deepEqual(back, f.v2);
+});
+
+test(
+  'Ctrl-C while the server stalls mid-answer stops the copy; a rerun finishes',
+  { timeout: 30_000 },
+  async (t) => {
+    let stall = true;
+    const f = await fixture(t, {
+      hook: (req, res, file) => {
+        if (!stall || file === undefined || !req.url!.endsWith('.data')) return false;
+        stall = false;
+        res.writeHead(206, {
+          'content-type': 'multipart/byteranges; boundary=XYZ',
+          etag: file.etag,
+        });
+        // a part header, then silence: the connection stays open
+        res.write(`\r\n--XYZ\r\nContent-Range: bytes 0-99/${file.data.length}\r\n\r\n`);
+        return true;
+      },
+    });
+    const controller = new AbortController();
+    const copying = copy(f.url, f.dst, { signal: controller.signal });
+    setTimeout(() => controller.abort(), 500);
+    await rejectsWith(copying, 'EINTERRUPTED');
+    await copy(f.url, f.dst);
+    assert.deepEqual(await readFile(f.dst), f.v2);
+  },
+);
+
+test('a directory as DST is refused as by any copy (EDEST_KIND)', async (t) => {
+  const f = await fixture(t);
+  await rejectsWith(copy(f.url, f.dir), 'EDEST_KIND');
+});

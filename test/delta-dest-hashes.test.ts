@@ -1,0 +1,55 @@
+/**
+ * DST's chunk hashes (delta/dest-hashes.ts) are SHA-256 of each chunk as it reads, with holes,
+ * allocated zeros, a short DST and the worker thread that hashes every other piece.
+ */
+
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { hashDestination } from '../src/delta/dest-hashes.js';
+import { CODEC_BROTLI, type PublishedHeader } from '../src/formats/published.js';
+import { sha256 } from '../src/hash.js';
+import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+
+const CHUNK = 64 * 1024;
+
+function header(imageSize: number): PublishedHeader {
+  return {
+    imageSize,
+    chunkSize: CHUNK,
+    groupChunks: 16,
+    codec: CODEC_BROTLI,
+    dataSize: 0,
+    root: Buffer.alloc(32),
+    imageSha256: Buffer.alloc(32),
+  };
+}
+
+test('with and without the worker thread, the hashes are those of each chunk', async (t) => {
+  const dir = await tempDir(t);
+  const dst = join(dir, 'dst.img');
+  // 40 MiB + a short last chunk: data in pieces larger than one read, allocated zeros, holes
+  const size = 40 * 1024 * 1024 + 1000;
+  await writeSparseFile(dst, size, [
+    { offset: 0, data: seededBytes(9 * 1024 * 1024, 1) },
+    { offset: 12 * 1024 * 1024, data: Buffer.alloc(3 * 1024 * 1024) },
+    { offset: 20 * 1024 * 1024 + 5, data: seededBytes(13 * 1024 * 1024, 2) },
+    { offset: size - 500, data: Buffer.from('tail') },
+  ]);
+  const content = await readFile(dst);
+  const expected = Buffer.alloc(Math.ceil(size / CHUNK) * 32);
+  for (let i = 0; i * CHUNK < size; i++) {
+    sha256(content, i * CHUNK, Math.min(size, (i + 1) * CHUNK)).copy(expected, i * 32);
+  }
+  const h = header(size);
+  assert.deepEqual(await hashDestination(dst, h, undefined, Infinity), expected);
+  assert.deepEqual(await hashDestination(dst, h, undefined, 0), expected);
+  // an image larger than DST: the chunks DST does not hold whole never match
+  const larger = await hashDestination(dst, header(size + CHUNK), undefined, 0);
+  assert.deepEqual(
+    larger.subarray(0, Math.floor(size / CHUNK) * 32),
+    expected.subarray(0, Math.floor(size / CHUNK) * 32),
+  );
+  assert.ok(larger.subarray(Math.floor(size / CHUNK) * 32).every((b) => b === 0xff));
+});

@@ -1,0 +1,54 @@
+/**
+ * `blksync publish`: the same image gives the same bytes, holes and zero chunks cost nothing,
+ * -o DIR writes there, and a chunk size that cannot be is refused.
+ */
+
+import assert from 'node:assert/strict';
+import { mkdir, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { publish } from '../src/delta/publish.js';
+import { BlksyncError } from '../src/errors.js';
+import { parseHeader } from '../src/formats/published.js';
+import { sha256 } from '../src/hash.js';
+import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+
+test('publishing is deterministic, and holes and zero chunks are not stored', async (t) => {
+  const dir = await tempDir(t);
+  const img = join(dir, 'disk.img');
+  const size = 64 * 1024 * 1024;
+  await writeSparseFile(img, size, [
+    { offset: 5 * 65536, data: seededBytes(65536, 9) },
+    // written zeros: allocated, but a chunk of zeros all the same
+    { offset: 40 * 65536, data: Buffer.alloc(3 * 65536) },
+    { offset: size - 1000, data: Buffer.from('the end') },
+  ]);
+  const a = await publish(img);
+  const other = join(dir, 'out');
+  await mkdir(other);
+  const b = await publish(img, { outputDir: other });
+  assert.equal(b.index, join(other, 'disk.img.blkpub'));
+  for (const name of ['disk.img.blkpub', 'disk.img.blkpub.data']) {
+    assert.deepEqual(await readFile(join(dir, name)), await readFile(join(other, name)), name);
+  }
+  assert.equal(a.chunks, 1024);
+  assert.equal(a.zeroChunks, 1022);
+  // one random chunk stored raw, one nearly empty chunk compressed to a few bytes
+  assert.ok(a.dataBytes < 65536 + 100, `${a.dataBytes} bytes of data`);
+  assert.equal((await stat(a.data)).size, a.dataBytes);
+  const h = parseHeader(await readFile(a.index), a.index);
+  assert.equal(h.imageSize, size);
+  assert.equal(h.imageSha256.toString('hex'), sha256(await readFile(img)).toString('hex'));
+});
+
+test('a chunk size that is not a power of two from 4K to 16M is refused', async (t) => {
+  const dir = await tempDir(t);
+  const img = join(dir, 'disk.img');
+  await writeSparseFile(img, 1 << 20, []);
+  for (const chunkSize of [1000, 3 * 4096, 2048, 32 * 1024 * 1024]) {
+    await assert.rejects(
+      publish(img, { chunkSize }),
+      (err) => err instanceof BlksyncError && err.code === 'EUSAGE',
+    );
+  }
+});
