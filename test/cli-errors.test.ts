@@ -25,7 +25,7 @@ test("commander's own errors have the project's form: blksync: message [EUSAGE],
     ['copy'], // missing argument
     ['copy', 'a'], // missing argument
     ['copy', '--bogus', 'a', 'b'], // unknown option
-    ['copy', 'a', 'b', 'c'], // too many arguments
+    ['compare', 'a', 'b', 'c'], // too many arguments (copy takes several destinations)
     ['frob'], // unknown command
     [], // no command
     ['bmap'], // no subcommand
