@@ -15,6 +15,7 @@ const LAYERS = [
   'cli', //       src/cli/: arguments, output, exit codes
   'index', //     src/index.ts: the library's public API
   'router', //    src/<ROUTERS>: which copy runs (local, push, pull, relay, direct)
+  'fanout', //    src/fanout/: one SRC read once for many destinations (copyMany)
   'remote', //    src/remote/: ssh, the protocol, remote copies, the agent
   'engine', //    src/engine/: the pipeline and the operations on it
   'delta', //     src/delta/: blksync publish, and copy from a published image by HTTP ranges

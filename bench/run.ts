@@ -22,6 +22,7 @@ import { copySection } from './sections/copy.js';
 import { copyTuningSection } from './sections/copy-tuning.js';
 import { deltaSection } from './sections/delta.js';
 import { diffApplySection } from './sections/diff-apply.js';
+import { fanoutSection } from './sections/fanout.js';
 import { indexSection } from './sections/index.js';
 import { realisticSection } from './sections/realistic.js';
 import { remoteSection } from './sections/remote.js';
@@ -34,6 +35,7 @@ const SECTIONS: readonly Section[] = [
   diffApplySection,
   bmapSection,
   remoteSection,
+  fanoutSection,
   realisticSection,
   deltaSection,
 ];

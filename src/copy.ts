@@ -6,6 +6,7 @@
  *   host:SRC  → local DST        remote/copy/pull.ts
  *   host:SRC  → host:DST         remote/copy/relay.ts (through this machine)
  *                                remote/copy/direct.ts (--direct: SRC's host sends to DST's)
+ *   local SRC → DST1 DST2 …      fanout/copy-many.ts (copyMany: SRC read once for all)
  *
  * It sits above engine/ and remote/ so that neither imports the other upward: the engine
  * knows nothing of ssh, and remote/ uses the engine as a library. The options are checked and
@@ -21,10 +22,13 @@ import {
   type LocalCopyOptions,
   type ResolvedCopyOptions,
 } from './engine/copy-options.js';
+import type { CopyManyResult, DestinationOutcome } from './fanout/copy-many.js';
 import type { RemoteOptions } from './remote/link.js';
+import type { Progress } from './types.js';
 import { parseRemote } from './remote/spec.js';
 
 export type { CopyResult } from './engine/copy-options.js';
+export type { CopyManyResult, DestinationOutcome } from './fanout/copy-many.js';
 export type { ChannelStats, RemoteCopyResult } from './remote/copy/outcome.js';
 
 export interface CopyOptions extends LocalCopyOptions {
@@ -108,6 +112,114 @@ async function copyAny(src: string, dst: string, options: CopyOptions): Promise<
   } catch (err) {
     throw compressedRemote(err, dst, from, remote);
   }
+}
+
+/** ssh links (one agent per host:path destination) a fan-out opens at once unless told. */
+export const MAX_LINKS = 16;
+
+export interface CopyManyOptions extends CopyOptions {
+  /**
+   * ssh links open at once (default: one per host:path destination, at most MAX_LINKS). With
+   * fewer, hosts are done in waves, each reading SRC again (so not from stdin or a URL).
+   */
+  jobs?: number;
+  /** Each destination's own progress (`index` into `dsts`); `onProgress` gets the sum. */
+  onDestinationProgress?: (index: number, progress: Progress) => void;
+}
+
+/**
+ * Writes SRC onto every destination, reading SRC once, each destination compared against its
+ * own content and written only where it differs. A destination that is refused or fails is
+ * reported in its entry of `destinations` (`error`) and the others go on; the result's
+ * `failed` counts them. Throws only when nothing could start (bad options, SRC unreadable)
+ * or when interrupted. One destination is `copy`'s path, its result in the one entry.
+ */
+export async function copyMany(
+  src: string,
+  dsts: readonly string[],
+  options: CopyManyOptions = {},
+): Promise<CopyManyResult> {
+  if (dsts.length === 0) throw new BlksyncError('EUSAGE', 'copy needs at least one destination');
+  if (dsts.length === 1) return single(src, dsts[0]!, options);
+  const resolved = resolveCopyOptions(options);
+  if (parseRemote(src) !== undefined) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `${src}: with several destinations SRC is local (a file, device, stdin or URL); copy from a host to one destination per run`,
+    );
+  }
+  if (options.direct === true) {
+    throw new BlksyncError('EUSAGE', '--direct copies between two hosts: give one destination');
+  }
+  const remote = { ...resolved, ...options.remote, direct: false };
+  const hosts = dsts.map((d) => parseRemote(d)).filter((s) => s !== undefined);
+  const jobs = options.jobs ?? Math.max(1, Math.min(hosts.length, MAX_LINKS));
+  if (!Number.isInteger(jobs) || jobs < 1) {
+    throw new BlksyncError('EUSAGE', `--jobs ${jobs}: give a whole number of links, 1 or more`);
+  }
+  if (hosts.length > 0) {
+    const { checkRemoteCopy } = await import('./remote/copy/options.js');
+    for (const to of hosts) checkRemoteCopy(undefined, to, remote);
+  }
+  if (resolved.index !== undefined && resolved.index !== 'auto') {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--index ${resolved.index} describes one destination; with several give --index auto (each its own cached index)`,
+    );
+  }
+  if (typeof resolved.srcIndex === 'string') {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--src-index works with one destination; with several SRC is read once anyway',
+    );
+  }
+  const { fanOutInWaves } = await import('./fanout/copy-many.js');
+  const hooks = { onDestinationProgress: options.onDestinationProgress, remote };
+  return fanOutInWaves(src, dsts, resolved, hooks, jobs);
+}
+
+/** A fan-out of one: `copy` itself, its outcome in copyMany's shape. */
+async function single(src: string, dst: string, options: CopyManyOptions): Promise<CopyManyResult> {
+  const started = performance.now();
+  const { onDestinationProgress, onProgress } = options;
+  const both = (p: Progress): void => {
+    onDestinationProgress?.(0, p);
+    onProgress?.(p);
+  };
+  const entry = await copy(src, dst, {
+    ...options,
+    ...(onDestinationProgress !== undefined || onProgress !== undefined
+      ? { onProgress: both }
+      : {}),
+  }).then(
+    (result): DestinationOutcome => ({
+      destination: dst,
+      result,
+      bytesRead: result.bytesRead,
+      bytesWritten: result.bytesWritten,
+    }),
+    (err: unknown): DestinationOutcome => {
+      if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') throw err;
+      const partial = err instanceof BlksyncError ? err.partial : undefined;
+      const written = (partial as { bytesWritten?: unknown } | undefined)?.bytesWritten;
+      return {
+        destination: dst,
+        error: err instanceof Error ? err : new Error(String(err)),
+        bytesRead: 0,
+        bytesWritten: typeof written === 'number' ? written : 0,
+      };
+    },
+  );
+  return {
+    source: src,
+    bytesTotal: entry.result?.bytesTotal ?? 0,
+    sourceBytesRead: entry.result?.bytesScanned ?? 0,
+    bufferBytes: 0,
+    destinations: [entry],
+    failed: entry.error !== undefined ? 1 : 0,
+    dryRun: options.dryRun === true,
+    seconds: (performance.now() - started) / 1000,
+  };
 }
 
 /**

@@ -3,8 +3,17 @@
  * The library never prints and never exits; it returns results and throws BlksyncError.
  */
 
-export { copy } from './copy.js';
-export type { CopyOptions, CopyResult, RemoteCopyResult, ChannelStats } from './copy.js';
+export { copy, copyMany, MAX_LINKS } from './copy.js';
+export type {
+  CopyOptions,
+  CopyResult,
+  RemoteCopyResult,
+  ChannelStats,
+  CopyManyOptions,
+  CopyManyResult,
+  DestinationOutcome,
+} from './copy.js';
+export { parseTargets, readTargets } from './fanout/targets.js';
 export { DEFAULT_BLOCK_SIZE } from './engine/block-size.js';
 export { compare } from './engine/compare.js';
 export type { CompareOptions, CompareResult } from './engine/compare.js';

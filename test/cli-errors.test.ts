@@ -10,6 +10,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { escapeControl } from '../src/cli/common.js';
+import { absent } from './helpers/assert-error.js';
 import { runCli } from './helpers/cli.js';
 import { tempDir } from './helpers/tmp.js';
 
@@ -24,7 +25,7 @@ test("commander's own errors have the project's form: blksync: message [EUSAGE],
     ['copy'], // missing argument
     ['copy', 'a'], // missing argument
     ['copy', '--bogus', 'a', 'b'], // unknown option
-    ['copy', 'a', 'b', 'c'], // too many arguments
+    ['compare', 'a', 'b', 'c'], // too many arguments (copy takes several destinations)
     ['frob'], // unknown command
     [], // no command
     ['bmap'], // no subcommand
@@ -102,4 +103,21 @@ test('escapeControl keeps text and UTF-8, escapes C0, DEL and C1 (a newline too:
   assert.equal(escapeControl('disk é.img'), 'disk é.img');
   assert.equal(escapeControl('a\x1b[31mb\x07c'), 'a\\x1b[31mb\\x07c');
   assert.equal(escapeControl('x\ny\tz\x7f\x9b'), 'x\\x0ay\\x09z\\x7f\\x9b');
+});
+
+test('index options without --index, or --trust-index with --rebuild-index, are EUSAGE', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  await writeFile(src, Buffer.alloc(8192, 1));
+  for (const args of [
+    ['--trust-index'],
+    ['--rebuild-index'],
+    ['--verify-sample', '4'],
+    ['--index', 'auto', '--trust-index', '--rebuild-index'],
+  ]) {
+    const r = await runCli(['copy', ...args, src, join(dir, 'dst.img')]);
+    assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, /\[EUSAGE\]/);
+    await absent(join(dir, 'dst.img'));
+  }
 });

@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
-import { rm, symlink, writeFile } from 'node:fs/promises';
+import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import type { CopyResult } from '../src/copy.js';
@@ -280,6 +280,32 @@ test('a mounted device is refused, naming the mount point', async (t) => {
   const dry = await runCli(['copy', '--dry-run', src, dev]);
   assertRefused(dry, 'EDEST_MOUNTED');
   await assertNothingOfSrc(dev, srcData);
+});
+
+test('the backing file of a mounted loop device is refused as DST; unchanged', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mkfs.ext4', 'e2fsprogs'))) return;
+  const dir = await tempDir(t);
+  const size = 32 * MiB;
+  const backing = join(dir, 'fs.img');
+  await writeFile(backing, Buffer.alloc(0));
+  await run('truncate', ['-s', String(size), backing]);
+  const dev = await attachLoop(t, backing);
+  await mkfsExt4(dev);
+  const mnt = await mountLoop(t, dev);
+  await run('sync');
+  const before = await readFile(backing);
+  const src = join(dir, 'src.img');
+  await writeFile(src, seededBytes(size, 62));
+
+  for (const args of [
+    ['copy', src, backing],
+    ['copy', '--dry-run', src, backing],
+  ]) {
+    const res = await runCli(args);
+    assertRefused(res, 'EDEST_MOUNTED');
+    assert.ok(res.stderr.includes(dev) && res.stderr.includes(mnt), res.stderr);
+  }
+  assert.ok((await readFile(backing)).equals(before), 'the mounted file system was not written');
 });
 
 /** Skips (or fails under strict) unless the partitioning and file system tools are there. */

@@ -1,12 +1,21 @@
-/** `blksync copy SRC DST` */
+/** `blksync copy SRC DST [DST…]` */
 
 import type { Command } from '@commander-js/extra-typings';
-import { copy, type ChannelStats, type CopyResult } from '../copy.js';
+import {
+  copy,
+  copyMany,
+  type ChannelStats,
+  type CopyManyResult,
+  type CopyManyOptions,
+  type CopyResult,
+} from '../copy.js';
+import { BlksyncError } from '../errors.js';
 import type { SignatureReport } from '../io/signature.js';
 import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
-import { blockSizeOption, type SetExit, runOperation } from './common.js';
+import { blockSizeOption, printText, type SetExit, runOperation } from './common.js';
+import { EXIT_ERROR } from './exit-codes.js';
 
 function copySummary(r: CopyResult): string {
   const verb = r.dryRun ? 'would write' : 'wrote';
@@ -134,8 +143,18 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .description('write SRC onto DST, writing only the blocks that differ')
     .argument('<src>', 'source image file or block device, or [user@]host:path')
     .argument(
-      '<dst>',
-      'destination file or block device (a missing file is created, sparse), or [user@]host:path',
+      '[dst...]',
+      'destination file or block device (a missing file is created, sparse), or [user@]host:path; ' +
+        'several: SRC is read once and each written where it differs',
+    )
+    .option(
+      '--jobs <n>',
+      'with several host:path destinations: ssh links open at once (default: all, at most 16); fewer means waves, each reading SRC again',
+      (v: string) => Number(v),
+    )
+    .option(
+      '--targets <file>',
+      'more destinations, one per line (# starts a comment line), after those given as arguments',
     )
     .addOption(blockSizeOption())
     .option('-n, --dry-run', 'scan and report what would be written; write nothing')
@@ -199,40 +218,173 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors and warnings')
     .option('--debug', 'show stack traces on errors')
-    .action((src, dst, opts) =>
-      runOperation(
+    .action(async (src, dstArgs, opts) => {
+      const dsts = [
+        ...dstArgs,
+        ...(opts.targets !== undefined
+          ? await import('../fanout/targets.js').then((t) => t.readTargets(opts.targets!))
+          : []),
+      ];
+      if (dsts.length === 0) {
+        throw new BlksyncError('EUSAGE', "missing required argument 'dst' (or --targets FILE)");
+      }
+      const options = (ctx: RunContext): CopyManyOptions => ({
+        blockSize: opts.blockSize,
+        dryRun: opts.dryRun === true,
+        full: opts.full === true,
+        ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
+        noBmap: opts.bmap === false,
+        noVerifyChecksums: opts.verifyChecksums === false,
+        ...(opts.bmapSig !== undefined ? { bmapSig: opts.bmapSig } : {}),
+        noSigVerify: opts.sigVerify === false,
+        ...(opts.fingerprint !== undefined ? { fingerprint: opts.fingerprint } : {}),
+        ...(opts.keyring !== undefined ? { keyring: opts.keyring } : {}),
+        verify: opts.verify === true,
+        ...(opts.size !== undefined ? { size: opts.size } : {}),
+        raw: opts.raw === true,
+        ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
+        ...(opts.index !== undefined ? { index: opts.index } : {}),
+        ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
+        rebuildIndex: opts.rebuildIndex === true,
+        ...(opts.trustIndex === true ? { trustIndex: true } : {}),
+        ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
+        ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
+        remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
+        direct: opts.direct === true,
+        ...(opts.jobs !== undefined ? { jobs: opts.jobs } : {}),
+        ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
+        signal: ctx.signal,
+        onWarning: ctx.onWarning,
+        ...(ctx.onProgress ? { onProgress: ctx.onProgress } : {}),
+      });
+      if (dsts.length === 1) {
+        await runOperation(opts, setExit, (ctx) => copy(src, dsts[0]!, options(ctx)), copySummary);
+        return;
+      }
+      await runOperation(
         opts,
         setExit,
-        ({ signal, onProgress, onWarning }) =>
-          copy(src, dst, {
-            blockSize: opts.blockSize,
-            dryRun: opts.dryRun === true,
-            full: opts.full === true,
-            ...(typeof opts.bmap === 'string' ? { bmap: opts.bmap } : {}),
-            noBmap: opts.bmap === false,
-            noVerifyChecksums: opts.verifyChecksums === false,
-            ...(opts.bmapSig !== undefined ? { bmapSig: opts.bmapSig } : {}),
-            noSigVerify: opts.sigVerify === false,
-            ...(opts.fingerprint !== undefined ? { fingerprint: opts.fingerprint } : {}),
-            ...(opts.keyring !== undefined ? { keyring: opts.keyring } : {}),
-            verify: opts.verify === true,
-            ...(opts.size !== undefined ? { size: opts.size } : {}),
-            raw: opts.raw === true,
-            ...(opts.entry !== undefined ? { entry: opts.entry } : {}),
-            ...(opts.index !== undefined ? { index: opts.index } : {}),
-            ...(opts.srcIndex !== undefined ? { srcIndex: opts.srcIndex } : {}),
-            rebuildIndex: opts.rebuildIndex === true,
-            ...(opts.trustIndex === true ? { trustIndex: true } : {}),
-            ...(opts.verifySample !== undefined ? { verifySample: opts.verifySample } : {}),
-            ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
-            remote: { ssh: opts.ssh, remoteNode: opts.remoteNode, sudo: opts.sudo === true },
-            direct: opts.direct === true,
-            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
-            signal,
-            onWarning,
-            ...(onProgress ? { onProgress } : {}),
-          }),
-        copySummary,
-      ),
+        async (ctx) => {
+          // on a terminal one line per destination and the total, instead of the one bar
+          const lines =
+            ctx.onProgress !== undefined
+              ? new (await import('./fanout-progress.js')).FanoutProgress(process.stderr, dsts)
+              : undefined;
+          const many = await copyMany(src, dsts, {
+            ...options(ctx),
+            ...(lines !== undefined
+              ? {
+                  onProgress: (p) => lines.total(p),
+                  onDestinationProgress: (i, p) => lines.destination(i, p),
+                }
+              : {}),
+          })
+            .finally(() => lines?.clear())
+            .catch((err: unknown) => {
+              // an interrupted fan-out's partial result, summarized and printed as a finished one's
+              if (
+                err instanceof BlksyncError &&
+                err.code === 'EINTERRUPTED' &&
+                isMany(err.partial)
+              ) {
+                throw new BlksyncError(err.code, err.message, {
+                  cause: err,
+                  partial: manyJson(err.partial),
+                });
+              }
+              throw err;
+            });
+          // one line per dropped destination on stderr, as every error is printed
+          for (const d of many.destinations) {
+            if (d.error === undefined) continue;
+            const { code, message } = errorObject(d.error);
+            printText(process.stderr, `blksync: ${d.destination}: ${message} [${code}]`);
+          }
+          return manyJson(many);
+        },
+        manySummary,
+        { exitCode: (r) => (r.failed > 0 ? EXIT_ERROR : 0) },
+      );
+    });
+}
+
+type RunContext = Parameters<Parameters<typeof runOperation>[2]>[0];
+
+function isMany(partial: unknown): partial is CopyManyResult {
+  return typeof partial === 'object' && partial !== null && 'destinations' in partial;
+}
+
+function errorObject(err: Error): { code: string; message: string } {
+  return { code: err instanceof BlksyncError ? err.code : 'EINTERNAL', message: err.message };
+}
+
+/** What `--json` prints for several destinations: each error as `{code, message}`. */
+type ManyJson = Omit<CopyManyResult, 'destinations'> & {
+  destinations: {
+    destination: string;
+    result?: CopyResult;
+    bytesRead: number;
+    bytesWritten: number;
+    error?: { code: string; message: string; partial?: unknown };
+  }[];
+};
+
+function manyJson(r: CopyManyResult): ManyJson {
+  return {
+    ...r,
+    destinations: r.destinations.map((d) => ({
+      destination: d.destination,
+      ...(d.result !== undefined ? { result: d.result } : {}),
+      bytesRead: d.bytesRead,
+      bytesWritten: d.bytesWritten,
+      ...(d.error !== undefined
+        ? {
+            error: {
+              ...errorObject(d.error),
+              ...(d.error instanceof BlksyncError && d.error.partial !== undefined
+                ? { partial: d.error.partial }
+                : {}),
+            },
+          }
+        : {}),
+    })),
+  };
+}
+
+function manySummary(r: ManyJson): string {
+  const n = r.destinations.length;
+  const lines = [
+    `${r.dryRun ? 'dry run: ' : ''}read ${r.source} once: ${formatBytes(r.sourceBytesRead)} in ${r.seconds.toFixed(2)} s ` +
+      `for ${n} destinations (${formatBytes(r.bufferBytes)} shared buffer); ` +
+      (r.failed > 0 ? `${r.failed} failed` : 'all done'),
+  ];
+  // SRC's bmap is the same for every destination: said once
+  const bmap = r.destinations.find((d) => d.result?.bmap !== undefined)?.result?.bmap;
+  if (bmap !== undefined) {
+    lines.push(
+      `bmap ${bmap.path}: ${formatBytes(bmap.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${bmap.ranges} ranges; ` +
+        `${bmap.rangesVerified} range checksums verified`,
     );
+  }
+  for (const d of r.destinations) {
+    if (d.error !== undefined) {
+      lines.push(
+        `${d.destination}: ${d.error.code === 'EINTERRUPTED' ? 'interrupted' : `failed (${d.error.code})`}` +
+          (d.bytesWritten > 0
+            ? `, ${formatBytes(d.bytesWritten)} written before`
+            : ', nothing written'),
+      );
+      continue;
+    }
+    const c = d.result!;
+    lines.push(
+      `${d.destination}: ${c.blocksDiffering} blocks of ${formatBytes(c.blockSize)} differ; ` +
+        `${c.dryRun ? 'would write' : 'wrote'} ${formatBytes(c.dryRun ? c.bytesDiffering : c.bytesWritten)} in ${c.rangesWritten} ranges, ` +
+        `read ${formatBytes(c.bytesRead)}` +
+        (c.created ? ` (created, sparse)` : '') +
+        (c.index !== undefined ? `; index ${c.index.path}: ${c.index.mode}` : '') +
+        (c.verify !== undefined ? `; verified ${formatBytes(c.verify.bytesVerified)}` : ''),
+    );
+  }
+  return lines.join('\n');
 }

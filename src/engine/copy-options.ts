@@ -103,9 +103,27 @@ export interface ResolvedCopyOptions extends LocalCopyOptions {
   verifySample: number;
 }
 
+/** Index options that would be silently ignored, or that contradict each other, are refused. */
+function checkIndexOptions(options: LocalCopyOptions): void {
+  const given = [
+    ...(options.trustIndex === true ? ['--trust-index'] : []),
+    ...(options.rebuildIndex === true ? ['--rebuild-index'] : []),
+    ...(options.verifySample !== undefined ? ['--verify-sample'] : []),
+  ];
+  if (options.index === undefined && given.length > 0) {
+    throw new BlksyncError('EUSAGE', `${given.join(', ')} work with --index FILE or --index auto`);
+  }
+  if (options.trustIndex === true && options.rebuildIndex === true) {
+    throw new BlksyncError(
+      'EUSAGE',
+      '--trust-index uses the index as it is and --rebuild-index replaces it: give one of them',
+    );
+  }
+}
+
 /**
  * Checks what every copy checks before it starts (the block size, a signal already aborted,
- * --verify in a dry run) and fills in the defaults.
+ * --verify in a dry run, index options without an index) and fills in the defaults.
  */
 export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptions {
   const blockSize = checkBlockSize(options.blockSize ?? DEFAULT_BLOCK_SIZE);
@@ -116,6 +134,7 @@ export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptio
   if (options.verify === true && dryRun) {
     throw new BlksyncError('EUSAGE', '--verify has nothing to read back in a dry run');
   }
+  checkIndexOptions(options);
   return {
     ...options,
     blockSize,

@@ -36,7 +36,7 @@ import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
 import { SequentialSource } from '../io/sequential-source.js';
 import type { SignatureReport } from '../io/signature.js';
-import { isUrl } from '../io/url.js';
+import { checkUrl, isUrl, isWebPage } from '../io/url.js';
 import {
   CONTAINER_HEAD_BYTES,
   CONTAINER_TAIL_BYTES,
@@ -212,6 +212,7 @@ export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
+  if (isUrl(src)) checkUrl(src);
   if (
     isUrl(src) &&
     options.destination !== undefined &&
@@ -353,6 +354,16 @@ async function openFound(
       kind = 'url';
       const { bodyStream, httpOpenOk } = await import('../io/http-source.js');
       const res = await httpOpenOk(src, options);
+      const type = res.body.headers['content-type'];
+      if (isWebPage(type) && options.raw !== true) {
+        // a "not found" page sent with 200 would otherwise be written over DST's first blocks
+        res.body.resume();
+        throw new BlksyncError(
+          'ESRC_HTTP',
+          `${src}: the server answered a web page (Content-Type ${JSON.stringify(type)}), not an image: check the URL (--raw writes what it sends)`,
+          { path: src },
+        );
+      }
       const body = bodyStream(res);
       // destroyed directly: the peeked stream's destroy waits for a pending read that a
       // stalled connection never completes

@@ -29,11 +29,15 @@ import type { Sink, TargetKnowledge } from '../types.js';
 import { chunkSizeFor, DEFAULT_DEPTH, INDEX_CHUNK_SIZE } from './block-size.js';
 import type { CopyResult, ResolvedCopyOptions } from './copy-options.js';
 
-/** Writes SRC onto DST, both local, writing only the blocks that differ. */
+/**
+ * Writes SRC onto DST, both local, writing only the blocks that differ. `opened`: SRC already
+ * opened (fan-out hands each destination its view of one read of SRC); closed here.
+ */
 export async function copyLocal(
   src: string,
   dst: string,
   options: ResolvedCopyOptions,
+  opened?: CopySource,
 ): Promise<CopyResult> {
   const started = performance.now();
   const { blockSize, dryRun, full } = options;
@@ -43,8 +47,9 @@ export async function copyLocal(
     options.chunkSize ?? (options.index !== undefined ? INDEX_CHUNK_SIZE : undefined),
   );
   // options.destination (set by the router) lets DST steer how SRC is read: an overlay of DST
-  // copies only its own clusters, a published URL fetches only what DST lacks
-  const source = await openCopySource(src, options);
+  // copies only its own clusters, a published URL fetches only what DST lacks. A fan-out
+  // hands each destination its view of one read of SRC instead (`opened`)
+  const source = opened ?? (await openCopySource(src, options));
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a

@@ -59,7 +59,7 @@ export interface PipelineResult {
   interrupted: boolean;
 }
 
-interface Chunk {
+export interface Chunk {
   offset: number;
   length: number;
 }
@@ -69,7 +69,8 @@ export function wholeImagePlan(size: number): Plan {
   return { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
 }
 
-function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
+/** The chunks the pipeline walks `plan` in (fan-out reads SRC in the same ones). */
+export function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
   for (const r of plan.ranges) {
     for (let o = r.start; o < r.end;) {
       // chunk boundaries fall on multiples of chunkSize so blocks stay aligned to the image

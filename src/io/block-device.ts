@@ -4,7 +4,7 @@
  */
 
 import { readFileSync, realpathSync } from 'node:fs';
-import { readdir, readFile, realpath } from 'node:fs/promises';
+import { readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 /** Linux's dev_t split (glibc's gnu_dev_major/minor). */
@@ -87,4 +87,23 @@ export async function isReadOnlyDevice(rdev: number): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/**
+ * The loop devices (as /dev/loopN) whose backing file is the file with these stats: writing
+ * to that file writes to what the loop device holds.
+ */
+export async function loopDevicesBacking(st: { dev: number; ino: number }): Promise<string[]> {
+  const names = await readdir('/sys/block').catch(() => [] as string[]);
+  const found: string[] = [];
+  for (const name of names) {
+    if (!name.startsWith('loop')) continue;
+    const backing = await readFile(`/sys/block/${name}/loop/backing_file`, 'utf8').catch(
+      () => undefined,
+    );
+    if (backing === undefined) continue;
+    const file = await stat(backing.trim().replace(/ \(deleted\)$/, '')).catch(() => undefined);
+    if (file?.dev === st.dev && file.ino === st.ino) found.push(`/dev/${name}`);
+  }
+  return found;
 }

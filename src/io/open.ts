@@ -15,6 +15,7 @@ import {
   blockDeviceSize,
   devId,
   isReadOnlyDevice,
+  loopDevicesBacking,
   wholeDiskId,
   wholeDiskIdSync,
 } from './block-device.js';
@@ -120,6 +121,7 @@ async function relation(id: string, st: Stats): Promise<string> {
  * are.
  */
 export async function assertNotMounted(path: string, st: Stats): Promise<void> {
+  if (st.isFile()) return assertNotBackingMounted(path, st);
   if (!st.isBlockDevice()) return;
   const mounts = await mountsOf(st.rdev);
   const first = mounts[0];
@@ -136,6 +138,24 @@ export async function assertNotMounted(path: string, st: Stats): Promise<void> {
     throw new BlksyncError(
       'EDEST_BUSY',
       `${path} is in use as swap${await relation(swap.device, st)}; stop that first (swapoff ${swap.path})`,
+      { path },
+    );
+  }
+}
+
+/**
+ * Refuses a regular file that backs a loop device which is mounted (or has a mounted
+ * partition): writing it would change a mounted file system's blocks under the kernel.
+ */
+async function assertNotBackingMounted(path: string, st: Stats): Promise<void> {
+  for (const loop of await loopDevicesBacking(st)) {
+    const dev = await stat(loop).catch(() => undefined);
+    if (dev?.isBlockDevice() !== true) continue;
+    const first = (await mountsOf(dev.rdev))[0];
+    if (first === undefined) continue;
+    throw new BlksyncError(
+      'EDEST_MOUNTED',
+      `${path} is the backing file of ${loop}, mounted on ${first.mountPoint}; unmount it first (umount ${first.mountPoint})`,
       { path },
     );
   }

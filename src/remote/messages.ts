@@ -119,15 +119,50 @@ function json(payload: Buffer, name: string): unknown {
   }
 }
 
-const identity = object(
+const knownIdentity = object(
   {
     kind: oneOf('file', 'block-device'),
     size: uint,
     key: text(MAX_WORD, true),
     weak: bool,
   },
-  { mtimeNs: matching(/^\d{1,30}$/, 'nanoseconds'), model: text(), path: text() },
+  {
+    mtimeNs: matching(/^\d{1,30}$/, 'nanoseconds'),
+    ctimeNs: matching(/^\d{1,30}$/, 'nanoseconds'),
+    bootId: text(MAX_WORD, true),
+    sectorsWritten: matching(/^\d{1,30}$/, 'a sector count'),
+    model: text(),
+    path: text(),
+  },
 );
+
+/** Most fields an identity may carry; each is compared between runs, so none is dropped. */
+const MAX_IDENTITY_FIELDS = 32;
+
+/**
+ * DST's identity, the stamp an index keeps and compares: the known fields checked, and every
+ * other field kept as long as it is a bounded string, a safe integer or a boolean — a field
+ * dropped here would make a later comparison vouch with less than was recorded.
+ */
+const identity: Check<ReturnType<typeof knownIdentity> & Record<string, unknown>> = (v, at) => {
+  const known = knownIdentity(v, at);
+  const o = v as Record<string, unknown>;
+  const keys = Object.keys(o);
+  if (keys.length > MAX_IDENTITY_FIELDS) bad(at, '{...}', `at most ${MAX_IDENTITY_FIELDS} fields`);
+  const out: Record<string, unknown> = { ...known };
+  for (const k of keys) {
+    if (k in out || k === '__proto__') continue;
+    const x = o[k];
+    if (x === undefined) continue;
+    out[k] =
+      typeof x === 'boolean'
+        ? x
+        : typeof x === 'number'
+          ? uint(x, `${at}.${k}`)
+          : text(MAX_WORD)(x, `${at}.${k}`);
+  }
+  return out as ReturnType<typeof knownIdentity> & Record<string, unknown>;
+};
 
 const indexReport = object(
   {

@@ -133,6 +133,9 @@ async function startOnce(): Promise<Sshd> {
       // sessions start in a home of their own: the login shell does not run the machine's
       // ~/.bashrc (a slow one cost ~0.1 s of CPU per session), nor write to the user's home
       `SetEnv HOME=${dir}`,
+      // a fan-out opens one session per host:path destination at once (up to 16): the
+      // default (10 unauthenticated, then random drops) refused some of them
+      'MaxStartups 64',
       // INFO: the "Server listening on" line tells when it is ready
       'LogLevel INFO',
       '',

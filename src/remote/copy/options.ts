@@ -21,6 +21,11 @@ import { keptRemotely } from './kept-index.js';
 export interface RemoteCopyOptions extends ResolvedCopyOptions, RemoteOptions {
   /** Both ends remote: SRC's host copies straight to DST's host (see agent/direct-copy.ts). */
   direct?: boolean;
+  /**
+   * Chunks a push keeps in flight (default REMOTE_DEPTH): a fan-out to many hosts lowers it,
+   * since each chunk in flight holds a buffer per host.
+   */
+  pushDepth?: number;
 }
 
 /** What push, pull, relay and --direct all start from, taken once from the options. */

@@ -11,7 +11,7 @@
  */
 
 import { BlksyncError } from '../../errors.js';
-import { openCopySource } from '../../engine/copy-source.js';
+import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
 import { runPipeline } from '../../engine/pipeline.js';
 import { FileSource } from '../../io/file-source.js';
@@ -48,16 +48,21 @@ import {
   type RemoteCopyResult,
 } from './outcome.js';
 
+/**
+ * Pushes SRC to the agent's DST. `preopened`: SRC already opened (a fan-out's view of its one
+ * read of SRC, compared chunk by chunk as it comes); closed here.
+ */
 export async function push(
   src: string,
   dst: string,
   spec: RemoteSpec,
   options: RemoteCopyOptions,
+  preopened?: CopySource,
 ): Promise<RemoteCopyResult> {
   const session = sessionOf(options);
   const { blockSize, chunkSize, dryRun, full } = session;
   // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
-  const opened = await openCopySource(src, options);
+  const opened = preopened ?? (await openCopySource(src, options));
   const { plan, size } = opened;
   const whole =
     plan.ranges.length === 0 ||
@@ -202,7 +207,7 @@ export async function push(
     const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
       blockSize: pipelineBlockSize,
       chunkSize,
-      depth: REMOTE_DEPTH,
+      depth: options.pushDepth ?? REMOTE_DEPTH,
       signal: options.signal,
       onProgress: options.onProgress && withChannel(options.onProgress, link),
       onChunk: index?.onChunk,
