@@ -174,7 +174,13 @@ const indexReport = object(
     bytesReread: uint,
     checkpoints: uint,
   },
-  { reason: text() },
+  {
+    reason: text(),
+    trustedOnWord: bool,
+    // DST written by another program while the agent wrote it (WDST_WRITTEN_MEANWHILE)
+    sectorsWrittenMeanwhile: uint,
+    changedMeanwhile: bool,
+  },
 );
 
 const verifySummary = object({ direct: bool, bytesRead: uint, seconds });
