@@ -7,7 +7,7 @@
  *   ------  ----  -----------------------------------------------------------------
  *        0     8  magic "BLKSIDX\0"
  *        8     2  major version (1); readers refuse any other major
- *       10     2  minor version (1); a newer minor only appends header or identity fields
+ *       10     2  minor version (2); a newer minor only appends header or identity fields
  *       12     4  header bytes H (72 in 1.0; readers skip fields they do not know)
  *       16     4  block size in bytes (a power of two, 512 .. 64 MiB)
  *       20     1  hash algorithm (1 = SHA-256)
