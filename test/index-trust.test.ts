@@ -11,8 +11,8 @@ import assert from 'node:assert/strict';
 import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
 import { open, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
-import { copy, type CopyResult } from '../src/copy.js';
+import { describe, test, type TestContext } from 'node:test';
+import { copy, type CopyResult, type RemoteCopyResult } from '../src/copy.js';
 import type { BlksyncWarning } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
@@ -24,6 +24,7 @@ import {
   readDevice,
   run,
 } from './helpers/loop.js';
+import { sharedSshd, type Sshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MIB = 1024 * 1024;
@@ -209,4 +210,63 @@ test('WDST_WRITTEN_MEANWHILE: a device written during the copy is a coded warnin
     warnings.map((w) => w.code),
     ['WDST_WRITTEN_MEANWHILE'],
   );
+});
+
+describe('the agent keeping the index beside DST applies the same stamp', () => {
+  const server = sharedSshd();
+  const at = (s: Sshd, path: string): string => `${s.host}:${path}`;
+
+  test('F1 over ssh: a loop device whose backing file is written directly is read and compared', async (t) => {
+    const s = server(t);
+    if (!s || !needLoop(t)) return;
+    const dir = await tempDir(t);
+    const neu = seededBytes(SIZE, 46);
+    const src = join(dir, 'src.img');
+    const backing = join(dir, 'disk.img');
+    await writeFile(src, neu);
+    await writeFile(backing, seededBytes(SIZE, 47));
+    const dev = await attachLoop(t, backing);
+    // the agent's cache, in the test's directory
+    const ssh = `${s.ssh} -o SetEnv=XDG_CACHE_HOME=${dir}`;
+    const opts = { remote: { ssh }, index: 'auto', verifySample: 2 };
+    assert.equal((await copy(src, at(s, dev), opts)).index?.mode, 'created');
+    assert.equal((await copy(src, at(s, dev), opts)).index?.mode, 'used');
+    poke(backing, TAMPERED);
+    const third = (await copy(src, at(s, dev), opts)) as RemoteCopyResult;
+    assert.equal(third.index?.mode, 'rebuilt');
+    assert.match(third.index.reason ?? '', /backing file of the loop device/);
+    assert.deepEqual(await readDevice(dev, SIZE), neu);
+  });
+
+  test("F7 over ssh: a file written by another process during a push: the agent's index vouches for none of it", async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const size = 24 * MIB;
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const index = join(dir, 'dst.blkidx');
+    await writeFile(src, seededBytes(size, 48));
+    await writeFile(dst, seededBytes(size, 49));
+    let wrote = false;
+    const warnings: BlksyncWarning[] = [];
+    await copy(src, at(s, dst), {
+      remote: { ssh: s.ssh },
+      index: at(s, index),
+      verifySample: 2,
+      onWarning: (w) => warnings.push(w),
+      onProgress: (p) => {
+        if (wrote || p.bytesScanned < 8 * MIB) return;
+        wrote = true;
+        poke(dst, 80 * 1024);
+      },
+    });
+    assert.ok(wrote, 'the write came while the copy ran');
+    assert.deepEqual(
+      warnings.map((w) => w.code),
+      ['WDST_WRITTEN_MEANWHILE'],
+    );
+    const left = await readIndexFile(index);
+    assert.deepEqual(left.state, { kind: 'in-progress', dirty: { start: 0, end: size } });
+  });
 });
