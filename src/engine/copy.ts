@@ -144,8 +144,10 @@ export async function copyLocal(
     if (!dryRun && target !== undefined) {
       fileSink = destinationSink(target.fh, dst, target.kind);
       sink = fileSink;
-      if (index !== undefined) sink = index.wrapSink(sink);
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
+      // outermost: the holes a bmap copy punches when it finishes are this copy's own change
+      // of DST (index-session.ts keeps a file DST's ctime continuous through them)
+      if (index !== undefined) sink = index.wrapSink(sink);
     }
     const from = index?.wrapSource(source.source) ?? source.source;
     // --verify without bmap checksums compares with the source's digests, taken as it is copied

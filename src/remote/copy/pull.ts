@@ -408,12 +408,13 @@ class Pull {
     if (this.#options.verify === true && this.#mapped?.checksums === undefined) {
       inner = this.#logged = new WrittenSink(inner);
     }
-    // with an index: marked in progress before DST changes (IndexSession's guard)
-    if (this.#index !== undefined) inner = this.#index.wrapSink(inner);
     // with a bmap, an existing file gets its unmapped areas punched (a new one has holes)
     if (this.#mapped !== undefined && !created && target.kind === 'file') {
       inner = this.#mapped.wrapFileSink(inner, target.fh, this.#dst);
     }
+    // with an index: marked in progress before DST changes (IndexSession's guard); outermost,
+    // so that the holes punched at the end are seen as this copy's own change of DST's ctime
+    if (this.#index !== undefined) inner = this.#index.wrapSink(inner);
     this.#sink = new CountingSink(inner);
   }
 
