@@ -226,6 +226,8 @@ test('a read-only device is refused at open, with a coded error that says read-o
   assert.equal(r.code, 1, r.stderr);
   assert.match(r.stderr.split('\n')[0]!, /read-only.*\[EDEST_READONLY\]$/);
   assert.doesNotMatch(r.stderr, /run as root/);
+  // the advice that works for a loop device attached with -r (blockdev --setrw does not)
+  assert.match(r.stderr, /attach its file again without -r/);
   assert.equal(errorObject(r).error.code, 'EDEST_READONLY');
   assert.ok((await readDevice(dev, old.length)).equals(old), 'device untouched');
   // a dry run only reads: allowed

@@ -55,3 +55,33 @@ test('a URL that does not parse is ESRC_OPEN, for copy and index alike', async (
     assert.match(r.stderr, /^blksync: .*not a valid URL.* \[ESRC_OPEN\]/);
   }
 });
+
+test('index and diff take --timeout too: a stalled server ends in ETIMEOUT', async (t) => {
+  const dir = await tempDir(t);
+  const sockets = new Set<import('node:net').Socket>();
+  const server = createServer((req, res) => {
+    // headers, then silence
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': 1 << 20 });
+    res.write(Buffer.alloc(1000));
+  });
+  server.on('connection', (s) => sockets.add(s));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  );
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/os.img`;
+  const base = join(dir, 'base.img');
+  await writeFile(base, seededBytes(1 << 20, 4));
+  for (const args of [
+    ['index', '--timeout', '1', url, '-o', join(dir, 'x.idx')],
+    ['diff', '--timeout', '1', base, url, '-o', join(dir, 'x.patch')],
+  ]) {
+    const r = await runCli(args);
+    assert.equal(r.code, 1, `${args[0]}: ${r.stderr}`);
+    assert.match(r.stderr, /\[ETIMEOUT\]/);
+  }
+});

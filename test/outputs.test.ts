@@ -212,3 +212,17 @@ test('blksync index IMG -o /dev/null and diff … -o /dev/null leave /dev/null a
     assert.ok((await lstat('/dev/null')).isCharacterDevice(), `${args[0]} kept /dev/null a device`);
   }
 });
+
+test('a device output that is full (/dev/full) fails every command, even for a tiny patch', async (t) => {
+  const s = await setup(t);
+  for (const args of [
+    // identical inputs: the whole patch is one small write at the end
+    ['diff', s.base, s.base, '-o', '/dev/full'],
+    ['diff', s.base, s.next, '-o', '/dev/full'],
+    ['index', s.base, '-o', '/dev/full'],
+  ]) {
+    const r = await runCli(args);
+    assert.equal(r.code, 1, `${args.join(' ')} exited ${r.code}: ${r.stdout}${r.stderr}`);
+    assert.match(r.stderr, /ENOSPC|no space/i);
+  }
+});

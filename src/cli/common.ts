@@ -3,6 +3,7 @@
 import { CommanderError, Option } from '@commander-js/extra-typings';
 import type { Progress } from '../types.js';
 import { BlksyncError, type BlksyncWarning, type ErrorCode } from '../errors.js';
+import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { parseSize } from '../size.js';
 import { EXIT_ERROR, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, exitCodeFor } from './exit-codes.js';
 import { ProgressBar } from './progress.js';
@@ -18,6 +19,14 @@ export function blockSizeOption(): Option<'-b, --block-size <size>', undefined, 
     '-b, --block-size <size>',
     'compare/write granularity: 4K, 64K, 1M (default 4K)',
   ).argParser((v: string) => parseSize(v, 'block size'));
+}
+
+/** `--timeout SECONDS`: how long a peer (web server, ssh agent) may stay silent. */
+export function timeoutOption(): Option<'--timeout <seconds>', undefined, undefined, number> {
+  return new Option(
+    '--timeout <seconds>',
+    `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
+  ).argParser(parseTimeout);
 }
 
 /** Sets up Ctrl-C / SIGTERM to abort the run; a second signal exits at once. */

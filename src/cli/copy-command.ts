@@ -11,10 +11,9 @@ import {
 } from '../copy.js';
 import { BlksyncError } from '../errors.js';
 import type { SignatureReport } from '../io/signature.js';
-import { DEFAULT_TIMEOUT_S, parseTimeout } from '../limits.js';
 import { formatBytes, parseSize } from '../size.js';
 import { hashThreadsOption, verifySampleOption } from './index-command.js';
-import { blockSizeOption, printText, type SetExit, runOperation } from './common.js';
+import { blockSizeOption, printText, type SetExit, runOperation, timeoutOption } from './common.js';
 import { EXIT_ERROR } from './exit-codes.js';
 
 function copySummary(r: CopyResult): string {
@@ -210,11 +209,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
       '--direct',
       "between two hosts: SRC's host sends to DST's host over ssh itself, not through here",
     )
-    .option(
-      '--timeout <seconds>',
-      `give up on a peer (web server, ssh agent) silent this many seconds while an answer is due (default ${DEFAULT_TIMEOUT_S})`,
-      parseTimeout,
-    )
+    .addOption(timeoutOption())
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors and warnings')
     .option('--debug', 'show stack traces on errors')

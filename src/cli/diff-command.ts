@@ -4,7 +4,7 @@ import { Option, type Command } from '@commander-js/extra-typings';
 import type { DiffResult } from '../engine/diff.js';
 import { BlksyncError } from '../errors.js';
 import { formatBytes, parseSize } from '../size.js';
-import { blockSizeOption, type SetExit, runOperation } from './common.js';
+import { blockSizeOption, type SetExit, runOperation, timeoutOption } from './common.js';
 
 function diffSummary(r: DiffResult): string {
   return (
@@ -33,6 +33,7 @@ export function registerDiff(program: Command, setExit: SetExit): void {
     )
     .requiredOption('-o, --output <patch>', 'the patch file, or - for stdout')
     .addOption(blockSizeOption())
+    .addOption(timeoutOption())
     .option('--reversible', 'also store the replaced blocks, so apply --reverse can undo the patch')
     .addOption(
       new Option(
@@ -66,6 +67,7 @@ export function registerDiff(program: Command, setExit: SetExit): void {
             reversible: opts.reversible === true,
             compress: opts.compress ?? 'none',
             size: opts.size,
+            ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
             signal,
             ...(onProgress ? { onProgress } : {}),
           });

@@ -5,7 +5,14 @@ import type { CachedIndex } from '../engine/make-index.js';
 import { BlksyncError } from '../errors.js';
 import { cacheDir } from '../io/cache-dir.js';
 import { formatBytes, parseSize } from '../size.js';
-import { interruptible, printText, progressFor, reportError, type SetExit } from './common.js';
+import {
+  interruptible,
+  printText,
+  progressFor,
+  reportError,
+  type SetExit,
+  timeoutOption,
+} from './common.js';
 
 /** --hash-threads N: worker threads hashing (0 hashes on the main thread). */
 export function hashThreadsOption(): Option<'--hash-threads <n>', undefined, undefined, number> {
@@ -74,6 +81,7 @@ export function registerIndex(program: Command, setExit: SetExit): void {
     )
     .option('--list', `list the indexes cached for --index auto (in ${cacheDir()})`)
     .addOption(hashThreadsOption())
+    .addOption(timeoutOption())
     .option('--json', 'print one JSON object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
@@ -95,6 +103,7 @@ export function registerIndex(program: Command, setExit: SetExit): void {
         const result = await makeIndex(src, opts.output, {
           blockSize: opts.blockSize,
           size: opts.size,
+          ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
           signal: intr.signal,
           ...(opts.hashThreads !== undefined ? { hashThreads: opts.hashThreads } : {}),
           ...(onProgress ? { onProgress } : {}),

@@ -60,6 +60,8 @@ export interface DiffOptions {
    * URL); the stream must then end exactly there.
    */
   size?: number | undefined;
+  /** Seconds a web server may stay silent while an answer is due (default DEFAULT_TIMEOUT_S). */
+  timeout?: number | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -187,7 +189,12 @@ export async function diff(
   try {
     // BASE first: a compressed NEW may be decoded once just to learn its size
     if (typeof base === 'string') baseFile = await openSource(base);
-    src = await openCopySource(next, { noBmap: true, size: options.size, signal: options.signal });
+    src = await openCopySource(next, {
+      noBmap: true,
+      size: options.size,
+      timeout: options.timeout,
+      signal: options.signal,
+    });
     const newSource = src;
     const baseSize = baseFile?.size ?? indexBase!.size;
     const baseName = typeof base === 'string' ? base : base.name;

@@ -107,6 +107,8 @@ export interface MakeIndexOptions {
    * pass that only counts the decoded bytes.
    */
   size?: number | undefined;
+  /** Seconds a web server may stay silent while an answer is due (default DEFAULT_TIMEOUT_S). */
+  timeout?: number | undefined;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -177,6 +179,7 @@ export async function makeIndex(
   const source = await openCopySource(src, {
     noBmap: true,
     size: options.size,
+    timeout: options.timeout,
     signal: options.signal,
   });
   let pool: HashPool | undefined;

@@ -127,6 +127,8 @@ export class PatchWriter implements Sink {
   }
 
   #writeError(err: Error): BlksyncError {
+    // the output's own error (io/output-file.ts) already says what and where
+    if (err instanceof BlksyncError) return err;
     const code = (err as NodeJS.ErrnoException).code;
     return new BlksyncError(
       'EWRITE',
@@ -259,7 +261,8 @@ export class PatchWriter implements Sink {
       const fail = (err: Error): void => reject(this.#writeError(err));
       if (this.#end) {
         this.#out.once('error', fail);
-        this.#out.end(digest, () => resolve());
+        // end's callback is also told of a failed last write (ENOSPC on /dev/full)
+        this.#out.end(digest, (err?: Error | null) => (err ? fail(err) : resolve()));
       } else {
         this.#out.write(digest, (err) => (err ? fail(err) : resolve()));
       }

@@ -14,6 +14,7 @@ import { formatBytes } from '../size.js';
 import {
   blockDeviceSize,
   devId,
+  devMajor,
   isReadOnlyDevice,
   loopDevicesBacking,
   wholeDiskId,
@@ -229,16 +230,24 @@ export async function openTarget(path: string, options: OpenTargetOptions): Prom
   }
 }
 
+/** The block major of loop devices (Documentation/admin-guide/devices.txt). */
+const LOOP_MAJOR = 7;
+
 /**
  * Refuses a read-only block device before anything is read: the kernel lets it be opened for
  * writing and fails only the first write (EPERM, even for root).
  */
 async function assertWritableDevice(path: string, st: Stats): Promise<void> {
   if (!(await isReadOnlyDevice(st.rdev))) return;
+  // a loop device attached with -r stays read-only whatever blockdev says
+  const how =
+    devMajor(st.rdev) === LOOP_MAJOR
+      ? `detach it and attach its file again without -r (losetup -d ${path}; losetup ${path} FILE), or blockdev --setrw ${path} if it was set read-only that way`
+      : `blockdev --setrw ${path}, or slide the card's lock switch`;
   throw new BlksyncError(
     'EDEST_READONLY',
     `${path} is a read-only device (a write-protect switch, losetup -r or blockdev --setro); ` +
-      `make it writable first (blockdev --setrw ${path}, or slide the card's lock switch) or choose another destination`,
+      `make it writable first (${how}) or choose another destination`,
     { path },
   );
 }
