@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { test, type TestContext } from 'node:test';
 import { agentPayload } from '../src/remote/agent-payload.js';
 import { BOOTSTRAP } from '../src/remote/bootstrap.js';
-import { TopStream } from '../src/remote/link.js';
+import { TopStream } from '../src/remote/top-stream.js';
 import { parseProgress, parseReady, parseSummary, parseWireError } from '../src/remote/messages.js';
 import {
   frame,

@@ -1,0 +1,99 @@
+/**
+ * The types of a copy's source (engine/copy-source.ts opens it): how SRC is read, and what
+ * the copy learns of it. Apart, so that the file that opens SRC holds only how.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
+import type { ContainerReport } from '../containers/open.js';
+import type { DeltaReport } from '../delta/published-source.js';
+import type { Compression } from '../io/decompress.js';
+import type { Opened } from '../io/open.js';
+import type { SignatureReport } from '../io/signature.js';
+import type { Plan, Sink, Source } from '../types.js';
+import type { VerifiedRange } from './bmap-verify.js';
+import type { BmapOptions } from './find-bmap.js';
+
+/** How SRC is read: its bmap (found as find-bmap.ts finds it), checksums and size. */
+export interface CopySourceOptions extends BmapOptions {
+  /** Skip the bmap's range checksums (they are verified by default). */
+  noVerifyChecksums?: boolean | undefined;
+  /**
+   * The image size when a stream's cannot be known before reading it all (compressed stdin
+   * or URL without a bmap); the stream must then end exactly there.
+   */
+  size?: number | undefined;
+  /** Write SRC as it is even when it is a container (zip, tar, qcow2, ...). */
+  raw?: boolean | undefined;
+  /** The file of an archive SRC (zip, tar) that holds the image. */
+  entry?: string | undefined;
+  /**
+   * The local DST of a copy, set by the router when DST's content may steer how SRC is read
+   * (not with --full or --index): an http(s) SRC published with `blksync publish` is fetched
+   * by ranges, only the chunks DST lacks (delta/); a qcow2 overlay whose backing file is DST
+   * itself is copied by its own clusters only, as `qemu-img commit` would (containers/).
+   */
+  destination?: string | undefined;
+  /**
+   * Leave an Android sparse image's don't-care chunks out of the plan, as a bmap's unmapped
+   * ranges (a copy without --full or --index); otherwise they read as zeros.
+   */
+  skipDontCare?: boolean | undefined;
+}
+
+/** What a copy learned about its bmap. */
+export interface BmapReport {
+  path: string;
+  version: string;
+  blockSize: number;
+  ranges: number;
+  mappedBytes: number;
+  /** Ranges whose checksum is verified while copying. */
+  rangesVerified: number;
+  /** The bmap's OpenPGP signature, when it had one and it was checked. */
+  signature?: SignatureReport;
+  /**
+   * For an existing file destination: whether the unmapped areas were made holes (reading
+   * as zeros, like the image's), false when its file system cannot punch holes.
+   */
+  unmappedPunched?: boolean;
+}
+
+export interface CopySource {
+  /** SRC as given. */
+  path: string;
+  kind: 'file' | 'block-device' | 'stdin' | 'url';
+  compression: Compression | undefined;
+  /** The container SRC was decoded from (zip, tar, Android sparse, qcow2, ...). */
+  container: ContainerReport | undefined;
+  /** The (decompressed) image size in bytes. */
+  size: number;
+  source: Source;
+  plan: Plan;
+  bmap: BmapReport | undefined;
+  /**
+   * The bmap's range checksums, when every range has one and each is verified while
+   * copying: what `--verify` compares DST with. Undefined otherwise.
+   */
+  checksums: { units: VerifiedRange[]; algorithm: string } | undefined;
+  /** SRC when it is a file or device read by offset as it is (not decoded, not stdin). */
+  file: Opened | undefined;
+  /**
+   * The local file or device SRC names, as opened, also when it is decoded (undefined for
+   * stdin and URLs): what names a compressed image, for an index's identity.
+   */
+  opened: Opened | undefined;
+  /** True when DST (with these stats) is SRC itself. */
+  sameAs(stats: Stats): boolean;
+  /**
+   * For an existing regular-file DST: a sink that, when finished, also punches holes in the
+   * areas the bmap leaves unmapped, so DST ends up equal to the image there too. Without a
+   * bmap it returns `sink` itself.
+   */
+  wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
+  adviseTarget(fd: number): void;
+  /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */
+  delta?: () => DeltaReport;
+  close(): Promise<void>;
+}
