@@ -37,6 +37,7 @@ import {
   alignUp,
   HashingSource,
   IndexTarget,
+  startingReport,
   type IndexReport,
 } from './index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from './make-index.js';
@@ -165,17 +166,7 @@ export class IndexSession {
       this.onChunk =
         collected === undefined ? undefined : (off, data, len) => collected.add(off, data, len);
     }
-    this.#report = {
-      path,
-      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
-      blockSize: this.blockSize,
-      bytesHashed: 0,
-      sampleBlocks: use?.sampled ?? 0,
-      bytesReread: 0,
-      checkpoints: 0,
-      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
-      ...(use?.onWord === true ? { trustedOnWord: true } : {}),
-    };
+    this.#report = startingReport(path, this.blockSize, use, create);
   }
 
   /** Opens the index for a copy onto `o.dst`: decides to use, create or rebuild it. */

@@ -341,6 +341,29 @@ export interface IndexReport {
   source?: SourceIndexReport;
 }
 
+/**
+ * A session's report before it runs: whether the index is used, created or rebuilt (and why),
+ * the counts at zero. One for the local/pull session and the push's index kept here.
+ */
+export function startingReport(
+  path: string,
+  blockSize: number,
+  use: { sampled: number; onWord: boolean } | undefined,
+  create: { reason: string | undefined; oldExists: boolean } | undefined,
+): IndexReport {
+  return {
+    path,
+    mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
+    blockSize,
+    bytesHashed: 0,
+    sampleBlocks: use?.sampled ?? 0,
+    bytesReread: 0,
+    checkpoints: 0,
+    ...(create?.reason !== undefined ? { reason: create.reason } : {}),
+    ...(use?.onWord === true ? { trustedOnWord: true } : {}),
+  };
+}
+
 /** Passes reads through and hands each whole chunk to the IndexTarget to start hashing. */
 export class HashingSource implements Source {
   readonly #inner: Source;

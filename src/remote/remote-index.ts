@@ -34,7 +34,7 @@ import { OwnWrites } from '../io/write-counter.js';
 import { HashPool } from '../engine/hash-pool.js';
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import type { IndexSessionOptions } from '../engine/index-session.js';
-import { IndexTarget, type IndexReport } from '../engine/index-target.js';
+import { IndexTarget, startingReport, type IndexReport } from '../engine/index-target.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import type { ChunkKnowledge, Sink, TargetKnowledge } from '../types.js';
 import type { HashDiffer } from './hash-differ.js';
@@ -184,17 +184,7 @@ export class RemoteIndex {
       this.onChunk =
         collected === undefined ? undefined : (off, data, len) => collected.add(off, data, len);
     }
-    this.#report = {
-      path: o.index,
-      mode: use !== undefined ? 'used' : create?.oldExists === true ? 'rebuilt' : 'created',
-      blockSize: this.blockSize,
-      bytesHashed: 0,
-      sampleBlocks: use?.sampled ?? 0,
-      bytesReread: 0,
-      checkpoints: 0,
-      ...(create?.reason !== undefined ? { reason: create.reason } : {}),
-      ...(use?.onWord === true ? { trustedOnWord: true } : {}),
-    };
+    this.#report = startingReport(o.index, this.blockSize, use, create);
   }
 
   /**
