@@ -308,6 +308,27 @@ test('the backing file of a mounted loop device is refused as DST; unchanged', a
   assert.ok((await readFile(backing)).equals(before), 'the mounted file system was not written');
 });
 
+test('a loop device over SRC, or over another destination, is the same file: refused', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  const other = join(dir, 'other.img');
+  const srcData = seededBytes(4 * MiB, 71);
+  const otherData = seededBytes(4 * MiB, 72);
+  await writeFile(src, srcData);
+  await writeFile(other, otherData);
+  const overSrc = await attachLoop(t, src);
+  const overOther = await attachLoop(t, other);
+  const res = await runCli(['copy', src, overSrc]);
+  assertRefused(res, 'ESAME_FILE');
+  // fan-out: a file and a loop device over it are one destination given twice
+  const twice = await runCli(['copy', src, other, overOther]);
+  assert.equal(twice.code, 2, twice.stderr);
+  assert.match(twice.stderr, /\[EUSAGE\]/);
+  assert.ok((await readFile(src)).equals(srcData), 'SRC untouched');
+  assert.ok((await readFile(other)).equals(otherData), 'the other destination untouched');
+});
+
 /** Skips (or fails under strict) unless the partitioning and file system tools are there. */
 async function needDiskTools(t: TestContext): Promise<boolean> {
   return (

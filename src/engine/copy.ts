@@ -335,7 +335,7 @@ function isAborted(signal: AbortSignal | undefined): boolean {
 function sameFileError(src: string, dst: string): BlksyncError {
   return new BlksyncError(
     'ESAME_FILE',
-    `${src} and ${dst} are the same file or device (or one is a partition of the other); choose another destination`,
+    `${src} and ${dst} are the same file or device (or one is a partition of the other, or a loop device over the other); choose another destination`,
     {
       path: dst,
     },

@@ -287,7 +287,7 @@ async function assertDistinct(dsts: readonly string[]): Promise<void> {
     if (twin !== undefined) {
       throw new BlksyncError(
         'EUSAGE',
-        `${dst} and ${twin.dst} are the same file or device (or one is a partition of the other); give each destination once`,
+        `${dst} and ${twin.dst} are the same file or device (or one is a partition of the other, or a loop device over the other); give each destination once`,
         { path: dst },
       );
     }

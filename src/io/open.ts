@@ -6,7 +6,7 @@
  * device without it (dd, for one): Linux has no way to refuse those.
  */
 
-import { constants, type Stats } from 'node:fs';
+import { constants, readFileSync, statSync, type Stats } from 'node:fs';
 import { open, realpath, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
@@ -101,6 +101,12 @@ async function warnIfMountedReadWrite(
  * partition of the other: writing either would overwrite what is being read from the other.
  */
 export function sameFile(a: Stats, b: Stats): boolean {
+  // a loop device is its backing file (or part of it): compare the files underneath
+  const fa = loopBackingSync(a) ?? a;
+  const fb = loopBackingSync(b) ?? b;
+  if (fa !== a || fb !== b) {
+    if (!fa.isBlockDevice() && !fb.isBlockDevice()) return fa.dev === fb.dev && fa.ino === fb.ino;
+  }
   if (a.isBlockDevice() && b.isBlockDevice()) {
     return (
       a.rdev === b.rdev ||
@@ -109,6 +115,24 @@ export function sameFile(a: Stats, b: Stats): boolean {
     );
   }
   return a.dev === b.dev && a.ino === b.ino;
+}
+
+/**
+ * The stats of the file a loop device (or a partition of one) reads and writes, or undefined
+ * for anything else. Synchronous: a few small sysfs reads, for the same-file check.
+ */
+function loopBackingSync(st: Stats): Stats | undefined {
+  if (!st.isBlockDevice()) return undefined;
+  const disk = wholeDiskIdSync(st.rdev) ?? devId(st.rdev);
+  if (!disk.startsWith(`${LOOP_MAJOR}:`)) return undefined;
+  try {
+    const backing = readFileSync(`/sys/dev/block/${disk}/loop/backing_file`, 'utf8')
+      .trim()
+      .replace(/ \(deleted\)$/, '');
+    return statSync(backing);
+  } catch {
+    return undefined;
+  }
 }
 
 /** How the device in use (`id`) relates to the destination, for the message. */
