@@ -127,7 +127,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
   ) {
     throw new BlksyncError(
       'EUSAGE',
-      `invalid chunk size ${chunkSize}: give a power of two from 4K to 16M`,
+      `invalid chunk size ${chunkSize}: give a power of two from 4K to 4M`,
     );
   }
   const codec = options.codec ?? DEFAULT_CODEC;

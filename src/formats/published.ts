@@ -47,7 +47,7 @@ export const KIND_COMPRESSED = 1;
 export const KIND_RAW = 2;
 
 export const MIN_CHUNK_SIZE = 4096;
-export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
+export const MAX_CHUNK_SIZE = 4 * 1024 * 1024;
 /** Most chunks an index may describe: a client keeps 32 bytes per chunk of DST (128 MiB). */
 export const MAX_CHUNKS = 4 * 1024 * 1024;
 export const MAX_GROUP_CHUNKS = 65536;
