@@ -110,6 +110,8 @@ export type ErrorCode =
 export type WarningCode =
   /** A file probed beside a URL (a bmap, a signature) was not one: a web server's "not found" page. */
   | 'WPROBE_NOT_FOUND'
+  /** The files `blksync publish` wrote beside an image URL are older than the image: it is streamed. */
+  | 'WPUB_STALE'
   /** SRC is a block device mounted read-write: what is read may change while it is read. */
   | 'WSRC_MOUNTED_RW'
   /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */

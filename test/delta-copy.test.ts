@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { copy } from '../src/copy.js';
 import { publish } from '../src/delta/publish.js';
-import { BlksyncError } from '../src/errors.js';
+import { BlksyncError, type BlksyncWarning } from '../src/errors.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, needLoop } from './helpers/loop.js';
@@ -61,14 +61,15 @@ async function rejectsWith(p: Promise<unknown>, code: string): Promise<BlksyncEr
   assert.fail(`expected ${code}`);
 }
 
-test('an update fetches only the changed chunks in 3 requests and makes DST identical', async (t) => {
+test('an update fetches only the changed chunks in 4 requests and makes DST identical', async (t) => {
   const f = await fixture(t);
   const r = await copy(f.url, f.dst);
   assert.deepEqual(await readFile(f.dst), f.v2);
   assert.ok(r.http !== undefined, 'the published files were used');
   assert.equal(r.http.chunksDiffering, 3);
-  assert.equal(r.http.requests, 3);
-  assert.equal(f.served.requests.length, 3);
+  // the image's freshness probe, the index's head, its differing groups, the chunks
+  assert.equal(r.http.requests, 4);
+  assert.equal(f.served.requests.length, 4);
   // header + top level + three groups' leaf records + three chunks: a few KiB, not the image
   assert.ok(r.http.bytesFetched < 3 * CHUNK, `fetched ${r.http.bytesFetched}`);
   assert.ok(f.served.bytesSent() < 3 * CHUNK + 8192, `sent ${f.served.bytesSent()}`);
@@ -76,8 +77,8 @@ test('an update fetches only the changed chunks in 3 requests and makes DST iden
   // a rerun has nothing to do: one request, nothing written
   const again = await copy(f.url, f.dst);
   assert.equal(again.bytesWritten, 0);
-  assert.equal(again.http?.requests, 1);
-  assert.equal(f.served.requests.length, 4);
+  assert.equal(again.http?.requests, 2);
+  assert.equal(f.served.requests.length, 6);
 });
 
 test('from an empty or missing DST the image arrives whole, holes left as holes', async (t) => {
@@ -87,7 +88,7 @@ test('from an empty or missing DST the image arrives whole, holes left as holes'
   assert.deepEqual(await readFile(fresh), f.v2);
   assert.equal(r.created, true);
   assert.ok(r.http !== undefined);
-  assert.ok(r.http.requests <= 3, `${r.http.requests} requests`);
+  assert.ok(r.http.requests <= 4, `${r.http.requests} requests`);
   await writeFile(fresh, '');
   await copy(f.url, fresh);
   assert.deepEqual(await readFile(fresh), f.v2);
@@ -98,7 +99,7 @@ test('--dry-run fetches and reports what a copy would write, and writes nothing'
   const r = await copy(f.url, f.dst, { dryRun: true });
   assert.deepEqual(await readFile(f.dst), f.v1);
   assert.equal(r.bytesDiffering, 3 * 4096);
-  assert.equal(r.http?.requests, 3);
+  assert.equal(r.http?.requests, 4);
 });
 
 test('a server that ignores Range still gives the right result, from the whole files it sends', async (t) => {
@@ -107,7 +108,10 @@ test('a server that ignores Range still gives the right result, from the whole f
   assert.deepEqual(await readFile(f.dst), f.v2);
   assert.equal(r.bytesWritten, 3 * 4096);
   assert.ok(f.served.requests.every((q) => q.status === 200));
-  assert.ok((r.http?.requests ?? 0) <= 2, 'the whole index and the whole data file, once each');
+  assert.ok(
+    (r.http?.requests ?? 0) <= 3,
+    'the freshness probe, the whole index and the whole data file, once each',
+  );
 });
 
 test('without published files, or with a "not found" page sent as 200, the image streams as before', async (t) => {
@@ -228,14 +232,14 @@ test('blksync publish and copy --json from the command line', async (t) => {
     http: { requests: number; bytesFetched: number };
   };
   assert.equal(out.bytesWritten, 3 * 4096);
-  assert.equal(out.http.requests, 3);
+  assert.equal(out.http.requests, 4);
   assert.ok(out.http.bytesFetched > 0);
   assert.deepEqual(await readFile(f.dst), f.v2);
   const again = await runCli(['copy', f.url, f.dst]);
   assert.equal(again.code, 0, again.stderr);
   assert.match(
     again.stdout + again.stderr,
-    /published \S+os\.img\.blkpub: fetched .* in 1 requests/,
+    /published \S+os\.img\.blkpub: fetched .* in 2 requests/,
   );
 });
 
@@ -287,4 +291,33 @@ test(
 test('a directory as DST is refused as by any copy (EDEST_KIND)', async (t) => {
   const f = await fixture(t);
   await rejectsWith(copy(f.url, f.dir), 'EDEST_KIND');
+});
+
+test('an image replaced and not published again is streamed whole, with WPUB_STALE; DST gets it', async (t) => {
+  const f = await fixture(t);
+  // v3: another image of another size at the URL; the published files still describe v2
+  const v3 = seededBytes(SIZE - 4096, 9);
+  await writeFile(f.img, v3);
+  const warnings: BlksyncWarning[] = [];
+  const r = await copy(f.url, f.dst, { onWarning: (w) => warnings.push(w) });
+  assert.deepEqual(
+    warnings.map((w) => w.code),
+    ['WPUB_STALE'],
+  );
+  assert.equal(r.http, undefined, 'not copied from the published files');
+  assert.ok(
+    (await readFile(f.dst)).subarray(0, v3.length).equals(v3),
+    'DST holds the image served',
+  );
+
+  // the same size, modified after it was published
+  const g = await fixture(t);
+  const v4 = Buffer.from(g.v2);
+  v4.write('edited after publish', 1000);
+  await writeFile(g.img, v4);
+  utimesSync(g.img, new Date(), new Date(Date.now() + 5000));
+  const warned: string[] = [];
+  await copy(g.url, g.dst, { onWarning: (w) => warned.push(w.code) });
+  assert.deepEqual(warned, ['WPUB_STALE']);
+  assert.ok((await readFile(g.dst)).equals(v4));
 });

@@ -18,7 +18,7 @@
  */
 
 import { brotliDecompressSync, inflateRawSync } from 'node:zlib';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, type BlksyncWarning } from '../errors.js';
 import {
   checkTop,
   chunkCount,
@@ -41,7 +41,7 @@ import {
   type PublishedHeader,
 } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import type { HttpOptions } from '../io/http-source.js';
+import { httpOpen, type HttpOptions } from '../io/http-source.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
 import { hashDestination } from './dest-hashes.js';
@@ -84,6 +84,36 @@ export function publishedUrls(url: string): { index: string; data: string } {
 export interface PublishedSourceOptions extends HttpOptions {
   /** DST: its chunks are hashed to find what to fetch. Missing or empty: all zeros. */
   destination: string;
+  /** Told when the published files are older than the image they stand for (WPUB_STALE). */
+  onWarning?: ((warning: BlksyncWarning) => void) | undefined;
+}
+
+/**
+ * Why the image at `url` is not the one published beside it, or undefined when nothing says
+ * so: a one-byte range request tells the image's size (206's Content-Range, or a 200's
+ * Content-Length) and its Last-Modified. An image of another size, or modified after the
+ * published index, is stale. An image the server does not have (404) leaves the published
+ * files to stand alone.
+ */
+async function staleness(
+  url: string,
+  size: number,
+  indexModified: number | undefined,
+  options: HttpOptions,
+): Promise<string | undefined> {
+  const res = await httpOpen(url, { ...options, headers: { range: 'bytes=0-0' } });
+  res.body.destroy();
+  if (res.status < 200 || res.status > 299) return undefined;
+  const range = /\/(\d+)\s*$/.exec(res.body.headers['content-range'] ?? '');
+  const total = res.status === 206 ? (range !== null ? Number(range[1]) : undefined) : res.length;
+  if (total !== undefined && total !== size) {
+    return `the image is ${total} bytes, the published one ${size}`;
+  }
+  const modified = Date.parse(res.body.headers['last-modified'] ?? '');
+  if (indexModified !== undefined && Number.isFinite(modified) && modified > indexModified) {
+    return 'the image was modified after it was published';
+  }
+  return undefined;
 }
 
 export interface PublishedSource {
@@ -143,6 +173,17 @@ export async function openPublished(
   const found = await probe(index);
   if (found === undefined) return undefined;
   const { header: h, top } = found;
+  const stale = await staleness(url, h.imageSize, index.lastModified, options);
+  if (stale !== undefined) {
+    // the image was replaced and not published again: what the published files hold is not
+    // what the URL serves, so the URL is streamed as it is
+    options.onWarning?.({
+      code: 'WPUB_STALE',
+      message: `${url} does not match its published files (${stale}); reading the image itself, not by ranges: run blksync publish again`,
+    });
+    index.close();
+    return undefined;
+  }
   const have = await hashDestination(options.destination, h, options.signal);
 
   // the groups whose hashes differ, and their leaf records
@@ -225,7 +266,8 @@ export async function openPublished(
     report: () => ({
       index: names.index,
       data: names.data,
-      requests: index.requests + data.requests,
+      // + 1: the one-byte request that checked the image is the one published (staleness)
+      requests: index.requests + data.requests + 1,
       bytesFetched: index.bytesReceived + data.bytesReceived,
       chunkSize: h.chunkSize,
       chunksDiffering: needed.length,

@@ -96,6 +96,8 @@ export class RangeClient {
   #body: Readable | undefined;
   /** The file's size, once an answer told it. */
   size: number | undefined;
+  /** The file's Last-Modified (ms since the epoch), when the first answer gave one. */
+  lastModified: number | undefined;
   /** Requests made, and body bytes received. */
   requests = 0;
   bytesReceived = 0;
@@ -134,6 +136,8 @@ export class RangeClient {
     if (this.#first) {
       this.#first = false;
       this.#validator = v;
+      const modified = res.body.headers['last-modified'];
+      if (modified !== undefined) this.lastModified = Date.parse(modified);
     } else if (res.status >= 200 && res.status < 300 && v !== this.#validator) {
       res.body.destroy();
       throw this.#changed(`ETag/Last-Modified ${v ?? 'none'}, first ${this.#validator ?? 'none'}`);

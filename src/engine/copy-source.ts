@@ -174,6 +174,7 @@ async function openPublishedSource(
     destination,
     signal: options.signal,
     timeout: options.timeout,
+    onWarning: options.onWarning,
   });
   if (p === undefined) return undefined;
   return {

@@ -16,6 +16,8 @@ export interface ServedFile {
   path: string;
   data: Buffer;
   etag: string;
+  /** The file's mtime, sent as Last-Modified (as nginx does). */
+  lastModified: string;
 }
 
 export interface ServerOptions {
@@ -102,6 +104,7 @@ export async function serveDirectory(
             path,
             data: await readFile(path),
             etag: `"${st.size.toString(16)}-${st.mtimeMs.toString(16)}"`,
+            lastModified: st.mtime.toUTCString(),
           };
         }
       } catch {
@@ -123,7 +126,11 @@ export async function serveDirectory(
         return;
       }
       const size = file.data.length;
-      const base = { etag: file.etag, 'accept-ranges': 'bytes' };
+      const base = {
+        etag: file.etag,
+        'last-modified': file.lastModified,
+        'accept-ranges': 'bytes',
+      };
       const ifRange = req.headers['if-range'];
       const ranges =
         range === undefined ||
