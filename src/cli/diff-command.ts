@@ -7,9 +7,14 @@ import { formatBytes, parseSize } from '../size.js';
 import { blockSizeOption, type SetExit, runOperation, timeoutOption } from './common.js';
 
 function diffSummary(r: DiffResult): string {
-  return (
+  const head =
     `scanned ${formatBytes(r.bytesScanned)} in ${r.seconds.toFixed(2)} s; ` +
-    `${formatBytes(r.bytesDiffering)} differ; wrote ${r.output === '-' ? 'a patch' : r.output} of ` +
+    `${formatBytes(r.bytesDiffering)} differ; wrote ${r.output === '-' ? 'a patch' : r.output} of `;
+  if (r.format === 'simg') {
+    return `${head}${formatBytes(r.patchBytes)} (Android sparse image, ${r.records} chunks)`;
+  }
+  return (
+    head +
     `${formatBytes(r.patchBytes)} (${r.records} records` +
     (r.reversible ? ', reversible' : '') +
     (r.compression !== 'none' ? `, ${r.compression}` : '') +
@@ -41,6 +46,12 @@ export function registerDiff(program: Command, setExit: SetExit): void {
         'compress the payload (zstd needs the optional zstd-napi package)',
       ).choices(['none', 'gzip', 'zstd'] as const),
     )
+    .addOption(
+      new Option(
+        '--format <format>',
+        "patch: a blksync patch (default); simg: an Android sparse image of NEW with its differing blocks and don't-care elsewhere, for fastboot or simg2img (needs -o FILE)",
+      ).choices(['patch', 'simg'] as const),
+    )
     .option(
       '--size <size>',
       'size of NEW, for compressed stdin or URL sources (checked at the end)',
@@ -66,6 +77,7 @@ export function registerDiff(program: Command, setExit: SetExit): void {
             blockSize: opts.blockSize,
             reversible: opts.reversible === true,
             compress: opts.compress ?? 'none',
+            format: opts.format ?? 'patch',
             size: opts.size,
             ...(opts.timeout !== undefined ? { timeout: opts.timeout } : {}),
             signal,

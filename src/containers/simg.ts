@@ -27,11 +27,11 @@ import type { Source } from '../types.js';
 import type { ByteReader } from './byte-reader.js';
 
 export const SIMG_MAGIC = 0xed26ff3a;
-const FILE_HEADER_BYTES = 28;
-const CHUNK_HEADER_BYTES = 12;
-const RAW = 0xcac1;
-const FILL = 0xcac2;
-const DONT_CARE = 0xcac3;
+export const FILE_HEADER_BYTES = 28;
+export const CHUNK_HEADER_BYTES = 12;
+export const RAW = 0xcac1;
+export const FILL = 0xcac2;
+export const DONT_CARE = 0xcac3;
 const CRC32 = 0xcac4;
 /** Largest block size accepted (the format's are 4 KiB; a lying header must not cost memory). */
 const MAX_BLOCK_BYTES = 64 * 1024 * 1024;

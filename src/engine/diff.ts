@@ -19,6 +19,7 @@
  */
 
 import type { Writable } from 'node:stream';
+import { SimgWriter } from '../containers/simg-write.js';
 import { BlksyncError } from '../errors.js';
 import { clipped, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
@@ -56,6 +57,12 @@ export interface DiffOptions {
   /** Payload compression (default none). zstd needs the optional zstd-napi package. */
   compress?: Compression;
   /**
+   * What is written: a blksync patch (default), or an Android sparse image of NEW's size with
+   * NEW's differing blocks and don't-care chunks elsewhere (for fastboot/simg2img; written to
+   * a regular file only, NEW's size a multiple of the block size).
+   */
+  format?: DiffFormat;
+  /**
    * NEW's size when a stream's cannot be known before reading it all (compressed stdin or
    * URL); the stream must then end exactly there.
    */
@@ -68,7 +75,10 @@ export interface DiffOptions {
   depth?: number;
 }
 
+export type DiffFormat = 'patch' | 'simg';
+
 export interface DiffResult extends PatchStats {
+  format: DiffFormat;
   base: string;
   next: string;
   /** The patch's path, or "-" for a stream. */
@@ -139,6 +149,29 @@ function endingAt(inner: TargetKnowledge, baseSize: number): TargetKnowledge {
 }
 
 /**
+ * An Android sparse image covers whole blocks (its size is a block count): NEW's size must
+ * be a multiple of the block size. Refused rather than padded: padding would make the image
+ * longer than NEW, and flashing it would write past NEW's end.
+ */
+function checkSimgSizes(newSize: number, baseSize: number, blockSize: number, next: string): void {
+  if (newSize % blockSize !== 0) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--format simg: NEW (${next}) is ${newSize} bytes, not a multiple of the block size ${blockSize} ` +
+        `(an Android sparse image is whole blocks); choose a --block-size that divides ${newSize} and is a multiple of 4, or write a patch`,
+      { path: next },
+    );
+  }
+  if (newSize / blockSize > 0xffffffff) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--format simg: NEW is ${newSize / blockSize} blocks of ${blockSize}, more than an Android sparse image can count; use a larger --block-size`,
+    );
+  }
+  void baseSize;
+}
+
+/**
  * Writes a patch that turns BASE into NEW. `output` is a path (written as every output is,
  * io/output-file.ts: through a temporary renamed into place when complete, so a patch file is
  * never left half-made; a device or FIFO in place) or a stream (left open; an interrupted run
@@ -174,6 +207,21 @@ export async function diff(
       '--reversible needs the base image itself, not an index: the patch stores its old bytes',
     );
   }
+  const format = options.format ?? 'patch';
+  if (format === 'simg') {
+    if (typeof output !== 'string' || output === '-') {
+      throw new BlksyncError(
+        'EUSAGE',
+        '--format simg needs -o FILE: the sparse image header is completed at the end, which stdout cannot be rewound for',
+      );
+    }
+    if (reversible || compression !== 'none') {
+      throw new BlksyncError(
+        'EUSAGE',
+        `--format simg cannot be combined with ${reversible ? '--reversible' : '--compress'}: an Android sparse image holds only the new blocks, uncompressed`,
+      );
+    }
+  }
   if (!(await compressionAvailable(compression))) {
     throw new BlksyncError(
       'EPATCH_UNSUPPORTED',
@@ -186,6 +234,7 @@ export async function diff(
   let out: Writable | undefined;
   let outFile: OutputFile | undefined;
   let writer: PatchWriter | undefined;
+  let simg: SimgWriter | undefined;
   try {
     // BASE first: a compressed NEW may be decoded once just to learn its size
     if (typeof base === 'string') baseFile = await openSource(base);
@@ -204,7 +253,18 @@ export async function diff(
         { path: next, role: 'NEW', isSame: (st) => newSource.sameAs(st) },
         ...(baseFile !== undefined ? [inputOf(baseFile, 'BASE')] : []),
       ]);
-      outFile = await OutputFile.open(output, { what: 'patch', code: 'EWRITE' });
+      if (format === 'simg') checkSimgSizes(src.size, baseSize, blockSize, next);
+      outFile = await OutputFile.open(output, {
+        what: format === 'simg' ? 'sparse image' : 'patch',
+        code: 'EWRITE',
+      });
+      if (format === 'simg' && outFile.inPlace) {
+        throw new BlksyncError(
+          'EUSAGE',
+          `--format simg needs a regular file for -o (${output} is a device or FIFO): the sparse image header is completed at the end`,
+          { path: output },
+        );
+      }
       out = outFile.stream();
     } else {
       out = output;
@@ -220,6 +280,8 @@ export async function diff(
     };
     writer = new PatchWriter(header, out, { end: typeof output === 'string' });
     const w = writer;
+    if (format === 'simg') simg = new SimgWriter(outFile!, blockSize, src.size);
+    const sw = simg;
     const knowledge =
       indexBase !== undefined
         ? src.size > baseSize
@@ -242,7 +304,8 @@ export async function diff(
       knowledge,
       [
         {
-          write: (data, offset) => w.add(offset, data.length, data, old!),
+          write: (data, offset) =>
+            sw !== undefined ? sw.add(offset, data) : w.add(offset, data.length, data, old!),
           finish: () => Promise.resolve(),
         },
       ],
@@ -253,7 +316,7 @@ export async function diff(
         signal: options.signal,
         onProgress: options.onProgress,
         onDiffer: (chunkOffset, _data, s, e, k) => {
-          old = oldContent(k, chunkOffset, s, e, baseSize);
+          if (sw === undefined) old = oldContent(k, chunkOffset, s, e, baseSize);
         },
       },
     );
@@ -285,14 +348,31 @@ export async function diff(
       }
       bytesDiffering += newLen;
     }
-    await writer.finish();
+    if (simg !== undefined) {
+      // tailEnd === planEnd === resultSize here: NEW's size is whole blocks, not reversible
+      await simg.finish();
+      writer.abort(); // the patch writer was never used (it writes lazily): let go of its stream
+    } else {
+      await writer.finish();
+    }
     await knowledge.close();
     if (outFile !== undefined) {
       const committing = outFile;
       outFile = undefined;
       await committing.commit();
     }
+    const stats: PatchStats =
+      simg !== undefined
+        ? {
+            records: simg.stats.chunks,
+            newBytes: bytesDiffering,
+            oldBytes: 0,
+            payloadBytes: bytesDiffering,
+            patchBytes: simg.stats.fileBytes,
+          }
+        : writer.stats;
     return {
+      format,
       base: baseName,
       next,
       output: outName,
@@ -304,7 +384,7 @@ export async function diff(
       bytesScanned: run.bytesScanned,
       bytesRead: knowledge.bytesRead,
       bytesDiffering,
-      ...writer.stats,
+      ...stats,
       seconds: (performance.now() - started) / 1000,
     };
   } catch (err) {

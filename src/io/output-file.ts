@@ -224,6 +224,28 @@ export class OutputFile {
   }
 
   /**
+   * Writes `data` at `position`, over what was appended there: only for an output written
+   * through a temporary (a FIFO or a device written in place cannot seek). For formats whose
+   * header is known only at the end (an Android sparse image's chunk count).
+   */
+  async writeAt(data: Uint8Array, position: number): Promise<void> {
+    if (this.inPlace) throw new Error('OutputFile.writeAt: the output is written in place');
+    try {
+      for (let done = 0; done < data.length;) {
+        const { bytesWritten } = await this.#fh.write(
+          data,
+          done,
+          data.length - done,
+          position + done,
+        );
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw this.#failed(err);
+    }
+  }
+
+  /**
    * A stream over the output, for writers that take one; ending it leaves the output open
    * for commit() (and destroying it does not remove the temporary: abort() does).
    */
