@@ -20,7 +20,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { createReadStream } from 'node:fs';
-import { createInflateRaw } from 'node:zlib';
+import { crc32, createInflateRaw } from 'node:zlib';
 import { BlksyncError } from '../errors.js';
 import { readFully } from '../io/read-fully.js';
 import type { ByteReader } from './byte-reader.js';
@@ -47,6 +47,8 @@ export interface ZipEntry extends ArchiveEntry {
   flags: number;
   /** Where its local header starts. */
   localAt: number;
+  /** The CRC-32 of the entry's bytes, when known before them (not in a data descriptor). */
+  crc?: number | undefined;
 }
 
 function corrupt(name: string, detail: string): BlksyncError {
@@ -192,6 +194,7 @@ export async function zipDirectory(
       method: dir.readUInt16LE(at + 10),
       flags: dir.readUInt16LE(at + 8),
       localAt: z.offset!,
+      crc: dir.readUInt32LE(at + 16),
     });
     at = next;
   }
@@ -232,7 +235,7 @@ export function inflateFileEntry(
     end: dataAt + e.compressedSize! - 1,
     highWaterMark: 1024 * 1024,
   });
-  return exactly(inflate(raw, name), e.size!, e.name, name);
+  return exactly(inflate(raw, name), e.size!, e.name, name, e.crc);
 }
 
 function inflate(input: AsyncIterable<Buffer>, name: string): AsyncIterable<Buffer> {
@@ -261,20 +264,34 @@ function inflate(input: AsyncIterable<Buffer>, name: string): AsyncIterable<Buff
   })();
 }
 
-/** Passes `input` through, failing when it is not exactly `size` bytes (a lying size, a bomb). */
+/**
+ * Passes `input` through, failing when it is not exactly `size` bytes (a lying size, a bomb)
+ * or its CRC-32 is not `crc`. The last piece is held back until the input has ended, so a
+ * stream longer than its size, or a bad checksum, fails before that piece is written.
+ */
 async function* exactly(
   input: AsyncIterable<Buffer>,
   size: number,
   entry: string,
   name: string,
+  crc?: number,
 ): AsyncGenerator<Buffer> {
   let n = 0;
+  let sum = 0;
+  let held: Buffer | undefined;
   for await (const piece of input) {
+    if (piece.length === 0) continue;
     n += piece.length;
     if (n > size) throw corrupt(name, `${entry} holds more than the ${size} bytes its header says`);
-    yield piece;
+    if (crc !== undefined) sum = crc32(piece, sum);
+    if (held !== undefined) yield held;
+    held = piece;
   }
   if (n !== size) throw corrupt(name, `${entry} holds ${n} bytes, its header says ${size}`);
+  if (crc !== undefined && sum >>> 0 !== crc >>> 0) {
+    throw corrupt(name, `${entry}'s CRC-32 does not match: the archive is damaged`);
+  }
+  if (held !== undefined) yield held;
 }
 
 /**
@@ -311,6 +328,7 @@ export async function openZipStream(
       method,
       flags,
       localAt: reader.position,
+      crc: described ? undefined : h.readUInt32LE(10),
     };
     seen.push(entry);
     if (entry.file && pick(entryName)) {
@@ -324,7 +342,8 @@ export async function openZipStream(
       const data = method === 0 ? raw : inflate(raw, name);
       return {
         entry,
-        bytes: entry.size !== undefined ? exactly(data, entry.size, entryName, name) : data,
+        bytes:
+          entry.size !== undefined ? exactly(data, entry.size, entryName, name, entry.crc) : data,
       };
     }
     if (entry.compressedSize === undefined) throw undescribed(name, entryName);
