@@ -1,9 +1,8 @@
 /** `blksync publish IMG [-o DIR]`: the files a web server serves for `copy https://…/IMG DST`. */
 
 import { Option, type Command } from '@commander-js/extra-typings';
-import { BlksyncError } from '../errors.js';
 import { formatBytes, parseSize } from '../size.js';
-import { interruptible, printText, progressFor, reportError, type SetExit } from './common.js';
+import { runOperation, type SetExit } from './common.js';
 
 export function registerPublish(program: Command, setExit: SetExit): void {
   program
@@ -28,48 +27,37 @@ export function registerPublish(program: Command, setExit: SetExit): void {
     .option('-q, --quiet', 'print nothing but errors')
     .option('--debug', 'show stack traces on errors')
     .action(async (image, opts) => {
-      const intr = interruptible();
-      const { onProgress, bar } = progressFor(opts);
-      try {
-        const [{ publish }, { CODEC_BROTLI, CODEC_DEFLATE }] = await Promise.all([
-          import('../delta/publish.js'),
-          import('../formats/published.js'),
-        ]);
-        const result = await publish(image, {
-          outputDir: opts.outputDir,
-          chunkSize: opts.chunkSize,
-          codec:
-            opts.codec === 'deflate'
-              ? CODEC_DEFLATE
-              : opts.codec === 'brotli'
-                ? CODEC_BROTLI
-                : undefined,
-          signal: intr.signal,
-          ...(onProgress
-            ? {
-                onProgress: (p: { bytesScanned: number; bytesTotal: number }) =>
-                  onProgress({ ...p, bytesDiffering: 0, bytesWritten: 0 }),
-              }
-            : {}),
-        });
-        bar?.clear();
-        if (opts.json === true) process.stdout.write(`${JSON.stringify(result)}\n`);
-        else if (opts.quiet !== true) {
-          printText(
-            process.stdout,
-            `${result.index} (${formatBytes(result.indexBytes)}) and ${result.data} ` +
-              `(${formatBytes(result.dataBytes)}, ${result.codec}): ${result.chunks} chunks of ` +
-              `${formatBytes(result.chunkSize)}, ${result.zeroChunks} of zeros, of ` +
-              `${formatBytes(result.imageSize)} in ${result.seconds.toFixed(2)} s\nsha256 ${result.sha256}`,
-          );
-        }
-      } catch (err) {
-        bar?.clear();
-        const status = reportError(err, opts);
-        const interrupted = err instanceof BlksyncError && err.code === 'EINTERRUPTED';
-        setExit(interrupted ? intr.exitCode() : status);
-      } finally {
-        intr.dispose();
-      }
+      await runOperation(
+        opts,
+        setExit,
+        async ({ signal, onProgress }) => {
+          const [{ publish }, { CODEC_BROTLI, CODEC_DEFLATE }] = await Promise.all([
+            import('../delta/publish.js'),
+            import('../formats/published.js'),
+          ]);
+          return publish(image, {
+            outputDir: opts.outputDir,
+            chunkSize: opts.chunkSize,
+            codec:
+              opts.codec === 'deflate'
+                ? CODEC_DEFLATE
+                : opts.codec === 'brotli'
+                  ? CODEC_BROTLI
+                  : undefined,
+            signal,
+            ...(onProgress
+              ? {
+                  onProgress: (p: { bytesScanned: number; bytesTotal: number }) =>
+                    onProgress({ ...p, bytesDiffering: 0, bytesWritten: 0 }),
+                }
+              : {}),
+          });
+        },
+        (result) =>
+          `${result.index} (${formatBytes(result.indexBytes)}) and ${result.data} ` +
+          `(${formatBytes(result.dataBytes)}, ${result.codec}): ${result.chunks} chunks of ` +
+          `${formatBytes(result.chunkSize)}, ${result.zeroChunks} of zeros, of ` +
+          `${formatBytes(result.imageSize)} in ${result.seconds.toFixed(2)} s\nsha256 ${result.sha256}`,
+      );
     });
 }
