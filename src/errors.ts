@@ -118,6 +118,8 @@ export type WarningCode =
   | 'WSPOOLED'
   /** A virtual disk SRC is an overlay: its backing file (named inside SRC) is read too. */
   | 'WSRC_BACKING'
+  /** An archive SRC holds its image's name more than once: the last one is decoded, as extracting gives. */
+  | 'WSRC_DUPLICATE_ENTRY'
   /**
    * DST was written by something other than this copy while it ran (a device's write counter
    * moved more than its own writes account for, a file's ctime moved between them): the index

@@ -1,6 +1,9 @@
 /**
  * Which file of an archive (zip, tar) is the image: the one named with --entry, the only file,
- * or the only one named like an image; otherwise a refusal that lists the files.
+ * or the only one named like an image; otherwise a refusal that lists the files. A name given
+ * to several entries (tar -r / tar -u append a newer copy; a zip can hold a name twice) is the
+ * last of them, as extracting gives (tar x, unzip -o, python's zipfile): the earlier ones are
+ * stale. A stream cannot go back to the last, so it is refused there (`duplicateInStream`).
  */
 
 import { BlksyncError } from '../errors.js';
@@ -27,8 +30,11 @@ const LISTED = 20;
 
 /** True when an archive's entry name is the name given (leading ./ and trailing / aside). */
 export function sameEntryName(a: string, b: string): boolean {
-  const norm = (s: string): string => s.replace(/^(\.\/)+/, '').replace(/\/+$/, '');
-  return norm(a) === norm(b);
+  return normalName(a) === normalName(b);
+}
+
+function normalName(s: string): string {
+  return s.replace(/^(\.\/)+/, '').replace(/\/+$/, '');
 }
 
 /** The entry to decode, among all of an archive's (see the file header). */
@@ -38,7 +44,7 @@ export function chooseEntry<E extends ArchiveEntry>(
   archive: string,
   format: string,
 ): E {
-  const files = entries.filter((e) => e.file);
+  const files = extracted(entries.filter((e) => e.file));
   if (wanted !== undefined) {
     const hit = files.find((e) => sameEntryName(e.name, wanted));
     if (hit !== undefined) return hit;
@@ -60,6 +66,36 @@ export function chooseEntry<E extends ArchiveEntry>(
     'ESRC_ENTRY',
     `${archive} (${format}) holds ${files.length} files and blksync cannot tell which is the image; ` +
       `name it with --entry NAME: ${listing(files)}`,
+    { path: archive },
+  );
+}
+
+/** The files extraction leaves: of entries with one name, the last (in the order they come). */
+function extracted<E extends ArchiveEntry>(files: readonly E[]): E[] {
+  const last = new Map<string, E>();
+  for (const e of files) {
+    const key = normalName(e.name);
+    last.delete(key);
+    last.set(key, e);
+  }
+  return [...last.values()];
+}
+
+/** How many files of `entries` are named `name` (more than 1: later ones replace it). */
+export function sameNamed(entries: readonly ArchiveEntry[], name: string): number {
+  return entries.filter((e) => e.file && sameEntryName(e.name, name)).length;
+}
+
+/** A stream's chosen entry is followed by another of its name, which extraction would give. */
+export function duplicateInStream(
+  archive: string,
+  format: string,
+  entry: string,
+  count: number,
+): BlksyncError {
+  return new BlksyncError(
+    'ESRC_ENTRY',
+    `${archive} (${format}, streamed) holds ${entry} ${count} times; extracting gives the last one${format === 'tar' ? ' (tar -r and tar -u append a newer copy)' : ''}, and a stream cannot go back to it: save the archive to a file and copy from that (blksync takes the last ${entry} there)`,
     { path: archive },
   );
 }

@@ -4,18 +4,21 @@
  *   read by offset (a file)              streamed (stdin, a URL, a decompressor's output)
  *   simg   chunk map, don't-care left    simg   decoded in order, don't-care as zeros
  *          out of the plan
- *   tar    headers walked, entry read    tar    walked to the entry, its bytes streamed
- *          by offset
- *   zip    central directory; stored:    zip    local headers walked to the entry,
- *          by offset, deflate: inflated             inflated or passed through
- *   vhd    fixed: the data before its    -      (its footer is at the end: not seen)
- *          footer
+ *   tar    headers walked, entry read    tar    walked to the entry, its bytes streamed,
+ *          by offset                            the rest walked before its last piece
+ *   zip    central directory; the entry  zip    local headers walked to the entry,
+ *          read in order (inflated or              inflated or passed through; the rest
+ *          not), CRC-32 checked at its end        read to the central directory, checked
+ *   vhd    fixed: the data before its    -      (its footer is at the end: a raw stream
+ *          footer                                 ending with one is refused there)
  *   qcow2, vhd, vmdk, vdi, vhdx, qed      spooled to a temporary file, then as a file
  *          qemu-img convert (qemu.ts)
  *
- * Entries of archives: chosen by entries.ts from all of a file's; from a stream, the one
- * named with --entry, else the first file named like an image (its size known from its
- * header before anything is written).
+ * Entries of archives: chosen by entries.ts from all of a file's (of a name given twice, the
+ * last); from a stream, the one named with --entry, else the first file named like an image
+ * (its size known from its header before anything is written), refused at the stream's end
+ * when a later entry has its name. Checks made at a stream's end hold its last piece back
+ * (stream-end.ts): a copy never ends with exit 0 on what they refuse.
  */
 
 import type { FileHandle } from 'node:fs/promises';
@@ -33,20 +36,22 @@ import {
   type ContainerFormat,
   type Detected,
 } from './detect.js';
-import { chooseEntry, looksLikeImage, sameEntryName, type ArchiveEntry } from './entries.js';
+import {
+  chooseEntry,
+  duplicateInStream,
+  looksLikeImage,
+  sameEntryName,
+  sameNamed,
+  type ArchiveEntry,
+} from './entries.js';
 import { FileCursor, SliceSource } from './file-parts.js';
 import { qemuDecode } from './qemu.js';
 import { openSimgFile, readSimgHeader, simgStream } from './simg.js';
 import { checkTarEntry, tarEntries, type TarEntry } from './tar.js';
 import { SparseEntrySource, sparseEntryStream } from './tar-sparse.js';
-import {
-  checkZipEntry,
-  inflateFileEntry,
-  openZipStream,
-  zipDataAt,
-  zipDirectory,
-  type ZipEntry,
-} from './zip.js';
+import { holdBack } from './stream-end.js';
+import { checkZipEntry, fileEntryBytes, zipDataAt, zipDirectory, type ZipEntry } from './zip.js';
+import { openZipStream } from './zip-stream.js';
 
 export { CONTAINER_HEAD_BYTES, CONTAINER_TAIL_BYTES, detectContainer } from './detect.js';
 export type { Detected } from './detect.js';
@@ -122,12 +127,6 @@ function refuseNested(head: Buffer, name: string, entry: string): void {
   );
 }
 
-async function headAt(fh: FileHandle, at: number, size: number): Promise<Buffer> {
-  const head = Buffer.alloc(Math.min(CONTAINER_HEAD_BYTES, size));
-  const got = await readFully(fh, head, 0, head.length, at);
-  return head.subarray(0, got);
-}
-
 async function nestedChecked(
   bytes: AsyncIterable<Buffer>,
   name: string,
@@ -136,6 +135,23 @@ async function nestedChecked(
   const { head, all } = await peekBytes(bytes, CONTAINER_HEAD_BYTES);
   refuseNested(head, name, entry);
   return all;
+}
+
+/** An archive file holding its image's name more than once: the last is taken, and said. */
+function warnDuplicates(
+  entries: readonly ArchiveEntry[],
+  entry: string,
+  name: string,
+  format: string,
+  options: ContainerOptions,
+): void {
+  const count = sameNamed(entries, entry);
+  if (count < 2) return;
+  options.onWarning?.({
+    code: 'WSRC_DUPLICATE_ENTRY',
+    message: `${name} (${format}) holds ${entry} ${count} times: the last one is decoded, as extracting gives${format === 'tar' ? ' (tar -r and tar -u append a newer copy)' : ''}`,
+    path: name,
+  });
 }
 
 /** A stream's archive without the entry wanted: all its entries were seen, so say which. */
@@ -179,6 +195,7 @@ export async function openContainerFile(
       const entries: TarEntry[] = [];
       for await (const e of tarEntries(new FileCursor(fh, fileSize, name), name)) entries.push(e);
       const e = chooseEntry(entries, options.entry, name, 'tar');
+      warnDuplicates(entries, e.name, name, 'tar', options);
       checkTarEntry(e, name);
       report.entry = e.name;
       const source =
@@ -193,22 +210,20 @@ export async function openContainerFile(
     case 'zip': {
       const entries = await zipDirectory(fh, fileSize, name);
       const e = chooseEntry(entries, options.entry, name, 'zip');
+      warnDuplicates(entries, e.name, name, 'zip', options);
       checkZipEntry(e, name);
       report.entry = e.name;
       const dataAt = await zipDataAt(fh, e, fileSize, name);
       const size = e.size!;
-      if (e.method === 0) {
-        if (e.compressedSize !== size) {
-          throw new BlksyncError(
-            'ESRC_CORRUPT',
-            `${name}: ${e.name} is stored in the zip but its sizes disagree (${e.compressedSize} and ${size}); get a good copy of it`,
-            { path: name },
-          );
-        }
-        refuseNested(await headAt(fh, dataAt, size), name, e.name);
-        return fixed(report, size, new SliceSource(fh, dataAt, size, name));
+      if (e.method === 0 && e.compressedSize !== size) {
+        throw new BlksyncError(
+          'ESRC_CORRUPT',
+          `${name}: ${e.name} is stored in the zip but its sizes disagree (${e.compressedSize} and ${size}); get a good copy of it`,
+          { path: name },
+        );
       }
-      const bytes = await nestedChecked(inflateFileEntry(path, dataAt, e, name), name, e.name);
+      // read in order, stored or not: its CRC-32 is known only at its end
+      const bytes = await nestedChecked(fileEntryBytes(path, dataAt, e, name), name, e.name);
       return fixed(report, size, new SequentialSource(bytes, size, name));
     }
     case 'vhd-fixed': {
@@ -308,7 +323,8 @@ export async function openContainerStream(
       case 'tar': {
         const seen: TarEntry[] = [];
         const walk = tarEntries(reader, name);
-        for await (const e of walk) {
+        for (let r = await walk.next(); r.done !== true; r = await walk.next()) {
+          const e = r.value;
           seen.push(e);
           if (!e.file || !pick(e.name)) continue;
           checkTarEntry(e, name);
@@ -317,7 +333,16 @@ export async function openContainerStream(
             e.sparse !== undefined
               ? sparseEntryStream(reader, e.sparse, e.size, e.name)
               : reader.take(e.size, `${e.name} in the tar archive`);
-          return streamed(e.size, await nestedChecked(bytes, name, e.name));
+          // the rest of the archive is walked (its headers must hold, no later entry may
+          // have the name) before the entry's last piece is handed on
+          const rest = async (): Promise<void> => {
+            for (let later = await walk.next(); later.done !== true; later = await walk.next()) {
+              seen.push(later.value);
+            }
+            const twins = sameNamed(seen, e.name);
+            if (twins > 1) throw duplicateInStream(name, 'tar', e.name, twins);
+          };
+          return streamed(e.size, holdBack(await nestedChecked(bytes, name, e.name), rest));
         }
         throw noEntry(name, 'tar', options.entry, seen);
       }

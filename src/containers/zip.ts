@@ -13,9 +13,9 @@
  *   zip64 extra    id 0x0001: size, compressed, offset — those whose 32-bit field is 0xFFFFFFFF
  *
  * A file SRC is read through its central directory (all entries known, the image chosen
- * among them; a stored entry is read by offset). A stream (stdin, a URL, a decompressor)
- * is walked by its local headers: the entry named with --entry, or the first file named
- * like an image.
+ * among them), its entry read from its offset and checked against the directory's size and
+ * CRC-32 at its end. A stream (stdin, a URL, a decompressor) is walked by its local headers
+ * (zip-stream.ts).
  */
 
 import type { FileHandle } from 'node:fs/promises';
@@ -23,22 +23,24 @@ import { createReadStream } from 'node:fs';
 import { crc32, createInflateRaw } from 'node:zlib';
 import { BlksyncError } from '../errors.js';
 import { readFully } from '../io/read-fully.js';
-import type { ByteReader } from './byte-reader.js';
 import type { ArchiveEntry } from './entries.js';
+import { holdBack } from './stream-end.js';
 
-const LOCAL_SIG = 0x04034b50;
-const CENTRAL_SIG = 0x02014b50;
-const END_SIG = 0x06054b50;
+export const LOCAL_SIG = 0x04034b50;
+export const CENTRAL_SIG = 0x02014b50;
+export const END_SIG = 0x06054b50;
 const END64_SIG = 0x06064b50;
 const LOCATOR64_SIG = 0x07064b50;
-const DESCRIPTOR_SIG = 0x08074b50;
-const LOCAL_BYTES = 30;
+export const DESCRIPTOR_SIG = 0x08074b50;
+export const LOCAL_BYTES = 30;
 const CENTRAL_BYTES = 46;
-const END_BYTES = 22;
-const MAX_COMMENT = 0xffff;
+export const END_BYTES = 22;
+const END64_BYTES = 56;
+const LOCATOR64_BYTES = 20;
+export const MAX_COMMENT = 0xffff;
 /** Largest central directory read (a lying size must not cost memory). */
-const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
-const U32 = 0xffffffff;
+export const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
+export const U32 = 0xffffffff;
 
 export interface ZipEntry extends ArchiveEntry {
   size: number | undefined;
@@ -51,7 +53,7 @@ export interface ZipEntry extends ArchiveEntry {
   crc?: number | undefined;
 }
 
-function corrupt(name: string, detail: string): BlksyncError {
+export function corrupt(name: string, detail: string): BlksyncError {
   return new BlksyncError(
     'ESRC_CORRUPT',
     `${name}: the zip archive is damaged (${detail}); get a good copy of it (or --raw to write it as it is)`,
@@ -91,7 +93,7 @@ export function checkZipEntry(e: ZipEntry, archive: string): void {
 }
 
 /** Applies a zip64 extra field to the 32-bit values that overflowed. */
-function zip64(
+export function zip64(
   extra: Buffer,
   fields: { size: number; compressed: number; offset?: number },
   name: string,
@@ -119,6 +121,50 @@ function zip64(
   return { size, compressed, offset };
 }
 
+/** Where the end record is in `tail` (the archive's last bytes), or -1. */
+export function findEndRecord(tail: Buffer): number {
+  for (let i = tail.length - END_BYTES; i >= 0; i--) {
+    if (
+      tail.readUInt32LE(i) === END_SIG &&
+      i + END_BYTES + tail.readUInt16LE(i + 20) <= tail.length
+    ) {
+      return i;
+    }
+  }
+  return -1;
+}
+
+interface EndRecord {
+  count: number;
+  dirBytes: number;
+  dirAt: number;
+}
+
+/** The end record's entry count and central directory (32-bit fields). */
+export function endRecord(tail: Buffer, endAt: number): EndRecord {
+  return {
+    count: tail.readUInt16LE(endAt + 10),
+    dirBytes: tail.readUInt32LE(endAt + 12),
+    dirAt: tail.readUInt32LE(endAt + 16),
+  };
+}
+
+/** Where the zip64 end record is in the archive, when a zip64 locator precedes the end record. */
+export function zip64EndAt(tail: Buffer, endAt: number, name: string): number | undefined {
+  if (endAt < LOCATOR64_BYTES || tail.readUInt32LE(endAt - LOCATOR64_BYTES) !== LOCATOR64_SIG) {
+    return undefined;
+  }
+  return u64(tail, endAt - LOCATOR64_BYTES + 8, name);
+}
+
+/** The zip64 end record's entry count and central directory (its first END64_BYTES). */
+export function zip64EndRecord(e: Buffer, name: string): EndRecord {
+  if (e.length < END64_BYTES || e.readUInt32LE(0) !== END64_SIG) {
+    throw corrupt(name, 'no zip64 end record');
+  }
+  return { count: u64(e, 32, name), dirBytes: u64(e, 40, name), dirAt: u64(e, 48, name) };
+}
+
 /** A file SRC's entries, from its central directory. */
 export async function zipDirectory(
   fh: FileHandle,
@@ -128,16 +174,7 @@ export async function zipDirectory(
   const tailBytes = Math.min(fileSize, END_BYTES + MAX_COMMENT + 20);
   const tail = Buffer.alloc(tailBytes);
   await readFully(fh, tail, 0, tailBytes, fileSize - tailBytes);
-  let endAt = -1;
-  for (let i = tailBytes - END_BYTES; i >= 0; i--) {
-    if (
-      tail.readUInt32LE(i) === END_SIG &&
-      i + END_BYTES + tail.readUInt16LE(i + 20) <= tailBytes
-    ) {
-      endAt = i;
-      break;
-    }
-  }
+  const endAt = findEndRecord(tail);
   if (endAt < 0) {
     throw new BlksyncError(
       'ESRC_SHORT',
@@ -145,25 +182,29 @@ export async function zipDirectory(
       { path: name },
     );
   }
-  let count = tail.readUInt16LE(endAt + 10);
-  let dirBytes = tail.readUInt32LE(endAt + 12);
-  let dirAt = tail.readUInt32LE(endAt + 16);
-  if (endAt >= 20 && tail.readUInt32LE(endAt - 20) === LOCATOR64_SIG) {
-    const end64At = u64(tail, endAt - 20 + 8, name);
-    const e = Buffer.alloc(56);
-    if (end64At + 56 > fileSize || (await readFully(fh, e, 0, 56, end64At)) < 56) {
+  let { count, dirBytes, dirAt } = endRecord(tail, endAt);
+  const end64At = zip64EndAt(tail, endAt, name);
+  if (end64At !== undefined) {
+    const e = Buffer.alloc(END64_BYTES);
+    if (
+      end64At + END64_BYTES > fileSize ||
+      (await readFully(fh, e, 0, END64_BYTES, end64At)) < END64_BYTES
+    ) {
       throw corrupt(name, 'the zip64 end record is past the end of the file');
     }
-    if (e.readUInt32LE(0) !== END64_SIG) throw corrupt(name, 'no zip64 end record');
-    count = u64(e, 32, name);
-    dirBytes = u64(e, 40, name);
-    dirAt = u64(e, 48, name);
+    ({ count, dirBytes, dirAt } = zip64EndRecord(e, name));
   }
   if (dirAt + dirBytes > fileSize || dirBytes > MAX_DIRECTORY_BYTES) {
     throw corrupt(name, 'the central directory is past the end of the file');
   }
   const dir = Buffer.alloc(dirBytes);
   await readFully(fh, dir, 0, dirBytes, dirAt);
+  return parseDirectory(dir, count, name);
+}
+
+/** The central directory's records (`count` of them in `dir`) as entries. */
+export function parseDirectory(dir: Buffer, count: number, name: string): ZipEntry[] {
+  const dirBytes = dir.length;
   const entries: ZipEntry[] = [];
   let at = 0;
   for (let i = 0; i < count; i++) {
@@ -223,36 +264,61 @@ export async function zipDataAt(
   return dataAt;
 }
 
-/** A deflated file entry's bytes, read from `dataAt`; checked to be exactly `size` long. */
-export function inflateFileEntry(
+/**
+ * A file SRC's entry's bytes (stored: as they are, deflated: inflated) read from `dataAt`,
+ * checked to be exactly its size with its CRC-32; the last piece is held back until then
+ * (stream-end.ts), so a damaged entry never ends a copy with exit 0.
+ */
+export function fileEntryBytes(
   path: string,
   dataAt: number,
   e: ZipEntry,
   name: string,
 ): AsyncIterable<Buffer> {
-  const raw = createReadStream(path, {
-    start: dataAt,
-    end: dataAt + e.compressedSize! - 1,
-    highWaterMark: 1024 * 1024,
-  });
-  return exactly(inflate(raw, name), e.size!, e.name, name, e.crc);
+  const raw =
+    e.compressedSize === 0
+      ? nothing()
+      : createReadStream(path, {
+          start: dataAt,
+          end: dataAt + e.compressedSize! - 1,
+          highWaterMark: 1024 * 1024,
+        });
+  const data = e.method === 0 ? raw : inflate(raw, name).bytes;
+  return holdBack(exactly(data, e.size, e.name, name, e.crc), () => {});
 }
 
-function inflate(input: AsyncIterable<Buffer>, name: string): AsyncIterable<Buffer> {
+// eslint-disable-next-line require-yield
+async function* nothing(): AsyncGenerator<Buffer> {}
+
+/**
+ * Raw deflate of `input`. `fed` settles once nothing more is taken from `input` (the
+ * inflater stops at the deflate stream's end, which a streamed entry with a data descriptor
+ * does not announce): only then may the caller read on from where `input` comes.
+ */
+export function inflate(
+  input: AsyncIterable<Buffer>,
+  name: string,
+): { bytes: AsyncIterable<Buffer>; fed: Promise<void> } {
   const z = createInflateRaw({ chunkSize: 256 * 1024 });
   const feed = async (): Promise<void> => {
     try {
       for await (const piece of input) {
-        if (!z.write(piece)) await new Promise((r) => z.once('drain', r));
         if (z.destroyed || z.writableEnded) break;
+        if (!z.write(piece) && !z.destroyed) {
+          // an inflater destroyed meanwhile never drains: its close ends the wait
+          await new Promise((r) => {
+            z.once('drain', r);
+            z.once('close', r);
+          });
+        }
       }
-      z.end();
+      if (!z.destroyed) z.end();
     } catch (err) {
       z.destroy(err as Error);
     }
   };
-  void feed();
-  return (async function* () {
+  const fed = feed();
+  const bytes = (async function* () {
     try {
       for await (const out of z) yield out as Buffer;
     } catch (err) {
@@ -262,116 +328,42 @@ function inflate(input: AsyncIterable<Buffer>, name: string): AsyncIterable<Buff
       z.destroy();
     }
   })();
+  return { bytes, fed };
+}
+
+/** What `exactly` counted: the bytes and their CRC-32. */
+export interface Counted {
+  bytes: number;
+  crc: number;
 }
 
 /**
- * Passes `input` through, failing when it is not exactly `size` bytes (a lying size, a bomb)
- * or its CRC-32 is not `crc`. The last piece is held back until the input has ended, so a
- * stream longer than its size, or a bad checksum, fails before that piece is written.
+ * Passes `input` through, failing as soon as it runs past `size` (a lying size, a bomb) and,
+ * at its end, when it is not exactly `size` bytes or its CRC-32 is not `crc` (each checked
+ * when known). `counted` gets the bytes and CRC-32 seen. The caller holds the last piece back
+ * (stream-end.ts) so that these failures come before it is written.
  */
-async function* exactly(
+export async function* exactly(
   input: AsyncIterable<Buffer>,
-  size: number,
+  size: number | undefined,
   entry: string,
   name: string,
   crc?: number,
+  counted: Counted = { bytes: 0, crc: 0 },
 ): AsyncGenerator<Buffer> {
-  let n = 0;
-  let sum = 0;
-  let held: Buffer | undefined;
   for await (const piece of input) {
     if (piece.length === 0) continue;
-    n += piece.length;
-    if (n > size) throw corrupt(name, `${entry} holds more than the ${size} bytes its header says`);
-    if (crc !== undefined) sum = crc32(piece, sum);
-    if (held !== undefined) yield held;
-    held = piece;
-  }
-  if (n !== size) throw corrupt(name, `${entry} holds ${n} bytes, its header says ${size}`);
-  if (crc !== undefined && sum >>> 0 !== crc >>> 0) {
-    throw corrupt(name, `${entry}'s CRC-32 does not match: the archive is damaged`);
-  }
-  if (held !== undefined) yield held;
-}
-
-/**
- * A streamed zip: walks local headers to the chosen entry (`wanted`, or the first file
- * `looksLikeImage`) and returns its bytes. Entries passed over must carry their sizes.
- */
-export async function openZipStream(
-  reader: ByteReader,
-  name: string,
-  pick: (entryName: string) => boolean,
-  seen: ZipEntry[],
-): Promise<{ entry: ZipEntry; bytes: AsyncIterable<Buffer> } | undefined> {
-  for (;;) {
-    const sigBytes = await reader.upTo(4);
-    if (sigBytes.length < 4) throw reader.short('the zip archive');
-    let sig = sigBytes.readUInt32LE(0);
-    if (sig === DESCRIPTOR_SIG && reader.position === 4) {
-      sig = (await reader.exact(4, 'the zip archive')).readUInt32LE(0); // spanned-archive marker
+    counted.bytes += piece.length;
+    if (size !== undefined && counted.bytes > size) {
+      throw corrupt(name, `${entry} holds more than the ${size} bytes its header says`);
     }
-    if (sig === CENTRAL_SIG || sig === END_SIG) return undefined;
-    if (sig !== LOCAL_SIG) throw corrupt(name, `no local header at byte ${reader.position - 4}`);
-    const h = await reader.exact(LOCAL_BYTES - 4, 'a zip local header');
-    const flags = h.readUInt16LE(2);
-    const method = h.readUInt16LE(4);
-    const entryName = (await reader.exact(h.readUInt16LE(22), 'a zip local header')).toString();
-    const extra = await reader.exact(h.readUInt16LE(24), 'a zip local header');
-    const z = zip64(extra, { size: h.readUInt32LE(18), compressed: h.readUInt32LE(14) }, name);
-    const described = (flags & 8) !== 0;
-    const entry: ZipEntry = {
-      name: entryName,
-      file: !entryName.endsWith('/'),
-      size: described && z.size === 0 ? undefined : z.size,
-      compressedSize: described && z.compressed === 0 ? undefined : z.compressed,
-      method,
-      flags,
-      localAt: reader.position,
-      crc: described ? undefined : h.readUInt32LE(10),
-    };
-    seen.push(entry);
-    if (entry.file && pick(entryName)) {
-      checkZipEntry(entry, name);
-      if (entry.compressedSize === undefined && method === 0) throw undescribed(name, entryName);
-      // with its size in a descriptor, the deflate stream ends itself; what follows is dropped
-      const raw =
-        entry.compressedSize !== undefined
-          ? reader.take(entry.compressedSize, `${entryName} in the zip`)
-          : rest(reader);
-      const data = method === 0 ? raw : inflate(raw, name);
-      return {
-        entry,
-        bytes:
-          entry.size !== undefined ? exactly(data, entry.size, entryName, name, entry.crc) : data,
-      };
-    }
-    if (entry.compressedSize === undefined) throw undescribed(name, entryName);
-    await reader.skip(entry.compressedSize, `${entryName} in the zip`);
-    if (described) {
-      // the descriptor: optional signature, crc, then 4- or 8-byte sizes
-      const d = await reader.exact(4, 'a zip data descriptor');
-      const zip64Sizes = z.size === U32 || extra.length > 0;
-      await reader.skip(
-        (d.readUInt32LE(0) === DESCRIPTOR_SIG ? 4 : 0) + (zip64Sizes ? 16 : 8),
-        'a zip data descriptor',
-      );
-    }
-  }
-}
-
-async function* rest(reader: ByteReader): AsyncGenerator<Buffer> {
-  for (;;) {
-    const piece = await reader.next(Number.MAX_SAFE_INTEGER);
-    if (piece === undefined) return;
+    counted.crc = crc32(piece, counted.crc);
     yield piece;
   }
-}
-
-function undescribed(name: string, entry: string): BlksyncError {
-  return new BlksyncError(
-    'ESRC_CONTAINER',
-    `${name}: ${entry} in the zip gives its size only after its data, which a stream cannot skip; save the zip to a file and copy from that (or name the image with --entry)`,
-    { path: name },
-  );
+  if (size !== undefined && counted.bytes !== size) {
+    throw corrupt(name, `${entry} holds ${counted.bytes} bytes, its header says ${size}`);
+  }
+  if (crc !== undefined && counted.crc >>> 0 !== crc >>> 0) {
+    throw corrupt(name, `${entry}'s CRC-32 does not match: the archive is damaged`);
+  }
 }

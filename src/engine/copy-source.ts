@@ -43,6 +43,7 @@ import {
   type Detected,
 } from '../containers/detect.js';
 import type { OpenedContainer } from '../containers/open.js';
+import { refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
 import { wholeImagePlan } from './pipeline.js';
@@ -228,6 +229,9 @@ async function openFound(
     };
     const detect = (head: Buffer, tail?: Buffer): Detected | undefined =>
       options.raw === true ? undefined : detectContainer(head, tail);
+    // a fixed VHD shows only at its end, which a stream reaches last: checked there
+    const rawStream = (s: AsyncIterable<Buffer>, name: string): AsyncIterable<Buffer> =>
+      options.raw === true ? s : refuseVhdFooterAtEnd(s, name);
 
     const streamed = async (
       stream: Readable,
@@ -265,7 +269,7 @@ async function openFound(
         lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
       if (c !== undefined) return c.source(size);
       // a size taken on trust is checked: the stream must end exactly there
-      return new SequentialSource(s, size, name, undefined, known === undefined);
+      return new SequentialSource(rawStream(s, name), size, name, undefined, known === undefined);
     };
 
     if (isUrl(src)) {
@@ -385,7 +389,13 @@ async function openFound(
       return {
         compression: comp,
         size: imageSize,
-        source: new SequentialSource(decoded.rest, imageSize, name, undefined, onTrust),
+        source: new SequentialSource(
+          rawStream(decoded.rest, name),
+          imageSize,
+          name,
+          undefined,
+          onTrust,
+        ),
       };
     }
 
