@@ -287,7 +287,6 @@ export function fileEntryBytes(
   return holdBack(exactly(data, e.size, e.name, name, e.crc), () => {});
 }
 
-// eslint-disable-next-line require-yield
 async function* nothing(): AsyncGenerator<Buffer> {}
 
 /**

@@ -378,6 +378,7 @@ export function parseHello(json: unknown): Hello {
       topBlock: blockSize,
       key: matching(new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`), 'a hex AES-128 key'),
       identity: bool,
+      raw: bool,
       direct: directHello,
       index: indexHello,
       verify: bool,
@@ -391,6 +392,7 @@ export function parseHello(json: unknown): Hello {
   if (h.role === 'target' && h.direct !== undefined) bad('HELLO.direct', '{...}', 'for a source');
   if (h.role === 'source' && h.index !== undefined) bad('HELLO.index', '{...}', 'for a target');
   if (h.role === 'source' && h.verify !== undefined) bad('HELLO.verify', h.verify, 'for a target');
+  if (h.role === 'target' && h.raw !== undefined) bad('HELLO.raw', h.raw, 'for a source');
   if (h.topHash === TOP_HASH_GMAC && h.key === undefined) bad('HELLO.key', undefined, 'a key');
   if (h.topHash === TOP_HASH_BLOCKS && (h.topBlock === undefined || h.topUnit % h.topBlock !== 0)) {
     bad('HELLO.topBlock', h.topBlock, 'a block size dividing topUnit');

@@ -108,6 +108,11 @@ export interface Hello {
   /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
   key?: string;
   /**
+   * source (--raw): send `path` as it is even when it is a container (zip, qcow2, ...), which
+   * is otherwise refused; a compressed file is refused all the same.
+   */
+  raw?: boolean;
+  /**
    * target: report the file's identity in READY and, after DONE has synced all of it (not
    * only this run's writes), in SUMMARY: blksync keeps an index of it (--index).
    */

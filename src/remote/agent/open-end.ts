@@ -55,7 +55,7 @@ interface OpenedEnd {
 
 async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promise<OpenedEnd> {
   const src = await openSource(h.path);
-  await refuseCompressed(h.path, src.fh, src.size);
+  await refuseCompressed(h.path, src.fh, src.size, h.raw === true);
   s.opened = {
     path: h.path,
     fh: src.fh,
@@ -172,9 +172,15 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
  * A compressed SRC would be copied as its compressed bytes: blksync decodes only where it
  * runs, and a decoder here would give neither the size up front nor reads by offset. Refused
  * before anything is opened for writing (--direct's target is opened after this); the
- * router (src/copy.ts, with remote/copy/options.ts) adds what to do instead.
+ * router (src/copy.ts, with remote/copy/options.ts) adds what to do instead. `raw` (--raw):
+ * a container is sent as it is.
  */
-async function refuseCompressed(path: string, fh: FileHandle, size: number): Promise<void> {
+async function refuseCompressed(
+  path: string,
+  fh: FileHandle,
+  size: number,
+  raw: boolean,
+): Promise<void> {
   const head = Buffer.alloc(Math.max(MAGIC_BYTES, CONTAINER_HEAD_BYTES));
   const { bytesRead } = await fh.read(head, 0, head.length, 0);
   const kind = detectCompression(head.subarray(0, bytesRead));
@@ -182,7 +188,7 @@ async function refuseCompressed(path: string, fh: FileHandle, size: number): Pro
   const tail = Buffer.alloc(size >= CONTAINER_TAIL_BYTES ? CONTAINER_TAIL_BYTES : 0);
   if (kind === undefined) await fh.read(tail, 0, tail.length, size - tail.length);
   const container =
-    kind === undefined ? detectContainer(head.subarray(0, bytesRead), tail) : undefined;
+    kind === undefined && !raw ? detectContainer(head.subarray(0, bytesRead), tail) : undefined;
   if (kind === undefined && container === undefined) return;
   await fh.close();
   throw kind !== undefined

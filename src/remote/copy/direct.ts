@@ -41,6 +41,7 @@ export async function direct(
       {
         role: 'source',
         path: fromSpec.path,
+        ...(options.raw === true ? { raw: true } : {}),
         topUnit: 0,
         ...(kept !== undefined ? blockTopHashing(indexBlockOf(options)) : topHashing()).hello,
         encodings: [],

@@ -236,6 +236,7 @@ class Pull {
       {
         role: 'source',
         path: this.#spec.path,
+        ...(this.#options.raw === true ? { raw: true } : {}),
         topUnit: full || bmap !== undefined ? 0 : chunkSize,
         ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : this.#top.hello),
         encodings: [DEFLATE_RAW],

@@ -74,6 +74,7 @@ export async function relay(
       {
         role: 'source',
         path: fromSpec.path,
+        ...(options.raw === true ? { raw: true } : {}),
         topUnit,
         ...top.hello,
         encodings: [DEFLATE_RAW],
