@@ -2,7 +2,8 @@
  * Containers at a remote end, over a real OpenSSH server on 127.0.0.1: a remote SRC that is a
  * container is refused by the agent before anything is written (it would be copied as its
  * own bytes; blksync decodes only where it runs), and a local container pushed to a remote
- * DST is decoded here and sent as the image.
+ * DST is decoded here and sent as the image. With --raw, a remote container SRC is copied as
+ * it is (pulled, or relayed between two remote ends).
  */
 
 import assert from 'node:assert/strict';
@@ -48,5 +49,37 @@ describe('containers at a remote end', () => {
     const r = await runCli(['copy', '--ssh', s.ssh, zip, `${s.host}:${pushed}`]);
     assert.equal(r.code, 0, r.stderr);
     assert.ok((await readFile(pushed)).equals(data));
+  });
+
+  test('--raw copies a remote zip SRC as it is: pulled, and relayed to a remote DST', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    if (!(await needTool(t, 'python3', 'python3'))) return;
+    const dir = await tempDir(t);
+    const img = join(dir, 'os.img');
+    await writeFile(img, seededBytes(MiB + 5, 7));
+    const zip = join(dir, 'os.zip');
+    await run('python3', [
+      '-c',
+      'import sys,zipfile\nwith zipfile.ZipFile(sys.argv[1],"w",zipfile.ZIP_DEFLATED) as z: z.write(sys.argv[2],"os.img")',
+      zip,
+      img,
+    ]);
+    const zipBytes = await readFile(zip);
+    const pulled = join(dir, 'pulled.zip');
+    const r = await runCli(['copy', '--raw', '--ssh', s.ssh, `${s.host}:${zip}`, pulled]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok((await readFile(pulled)).equals(zipBytes), 'pulled as it is');
+    const relayed = join(dir, 'relayed.zip');
+    const r2 = await runCli([
+      'copy',
+      '--raw',
+      '--ssh',
+      s.ssh,
+      `${s.host}:${zip}`,
+      `${s.host}:${relayed}`,
+    ]);
+    assert.equal(r2.code, 0, r2.stderr);
+    assert.ok((await readFile(relayed)).equals(zipBytes), 'relayed as it is');
   });
 });
