@@ -16,6 +16,8 @@ import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
+import { copy } from '../src/copy.js';
+import { BlksyncError } from '../src/errors.js';
 import { runCli } from './helpers/cli.js';
 import { needTool } from './helpers/loop.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
@@ -103,7 +105,7 @@ test('a name given twice: the last entry from a file (tar -u, zip), warned; refu
     assert.equal(r.code, 1, r.stderr);
     assert.match(
       r.stderr,
-      /streamed\) holds os\.img 2 times.*save the archive to a file.*\[ESRC_ENTRY\]$/m,
+      /streamed\) holds os\.img 2 times.*save the archive \(decompressed\) to a file.*\[ESRC_ENTRY\]$/m,
     );
     // the image fits in the first read: nothing was written
     assert.equal(existsSync(dst), false, `${archive} from stdin: no DST`);
@@ -239,4 +241,76 @@ test('a fixed VHD streamed (stdin, xz, a URL) is refused at its end, its footer 
   );
   assert.equal(raw.code, 0, raw.stderr);
   assert.ok((await readFile(join(dir, 'raw.img'))).equals(v));
+});
+
+test('fuzz: mutated zips and tars streamed from a URL decode or fail with a BlksyncError, never anything else', async (t) => {
+  if (!(await needTool(t, 'python3', 'python3'))) return;
+  const dir = await tempDir(t);
+  const img = join(dir, 'os.img');
+  await writeFile(img, seededBytes(12 * KiB, 61));
+  await writeFile(join(dir, 'b.txt'), 'b\n');
+  const samples: Buffer[] = [];
+  await zipOf(
+    join(dir, 'a.zip'),
+    [
+      ['os.img', img],
+      ['b.txt', join(dir, 'b.txt')],
+    ],
+    true,
+  );
+  samples.push(await readFile(join(dir, 'a.zip')));
+  await zipOf(
+    join(dir, 's.zip'),
+    [
+      ['os.img', img],
+      ['os.img', img],
+    ],
+    false,
+  );
+  samples.push(await readFile(join(dir, 's.zip')));
+  await run('sh', [
+    '-c',
+    'python3 -c "import sys, zipfile\nwith zipfile.ZipFile(sys.stdout.buffer, \'w\', zipfile.ZIP_DEFLATED) as z: z.write(sys.argv[1], \'os.img\')" "$0" | cat > "$1"',
+    img,
+    join(dir, 'p.zip'),
+  ]);
+  samples.push(await readFile(join(dir, 'p.zip')));
+  await run('tar', ['-C', dir, '--format=posix', '-cf', join(dir, 'a.tar'), 'os.img', 'b.txt']);
+  samples.push(await readFile(join(dir, 'a.tar')));
+  let body = Buffer.alloc(0);
+  const server = createServer((req, res) => {
+    res.writeHead(200, { 'content-length': body.length });
+    res.end(body);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/x`;
+  let x = 97531;
+  const r = (): number => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 2 ** 32;
+  };
+  for (let i = 0; i < 300; i++) {
+    const good = samples[i % samples.length]!;
+    let m = Buffer.from(good);
+    const at = Math.floor(r() * m.length);
+    const kind = Math.floor(r() * 3);
+    if (kind === 0) m[at] = Math.floor(r() * 256);
+    else if (kind === 1) m = m.subarray(0, at);
+    else if (at + 4 <= m.length) m.writeUInt32LE(Math.floor(r() * 2 ** 32), at);
+    body = m;
+    try {
+      await copy(url, join(dir, 'fuzz.out'), {
+        dryRun: true,
+        entry: 'os.img',
+        size: 12 * KiB,
+      });
+    } catch (err) {
+      assert.ok(err instanceof BlksyncError, `case ${i}: ${String(err)}`);
+    }
+  }
 });

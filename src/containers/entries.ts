@@ -95,7 +95,7 @@ export function duplicateInStream(
 ): BlksyncError {
   return new BlksyncError(
     'ESRC_ENTRY',
-    `${archive} (${format}, streamed) holds ${entry} ${count} times; extracting gives the last one${format === 'tar' ? ' (tar -r and tar -u append a newer copy)' : ''}, and a stream cannot go back to it: save the archive to a file and copy from that (blksync takes the last ${entry} there)`,
+    `${archive} (${format}, streamed) holds ${entry} ${count} times; extracting gives the last one${format === 'tar' ? ' (tar -r and tar -u append a newer copy)' : ''}, and a stream cannot go back to it: save the archive (decompressed) to a file and copy from that (blksync takes the last ${entry} there)`,
     { path: archive },
   );
 }
