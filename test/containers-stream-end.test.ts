@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -312,5 +312,36 @@ test('fuzz: mutated zips and tars streamed from a URL decode or fail with a Blks
     } catch (err) {
       assert.ok(err instanceof BlksyncError, `case ${i}: ${String(err)}`);
     }
+  }
+});
+
+test("with a bmap whose mapped ranges end before the image's end, the stream's end is checked all the same", async (t) => {
+  if (!(await needTool(t, 'python3', 'python3'))) return;
+  const dir = await tempDir(t);
+  // data at the start of each 1.5 MiB, holes between and 2 MiB of hole at the end: 8 ranges
+  const img = join(dir, 'sp.img');
+  const fh = await open(img, 'w');
+  for (let i = 0; i < 8; i++)
+    await fh.write(seededBytes(512 * KiB, 70 + i), 0, 512 * KiB, i * 1536 * KiB);
+  await fh.truncate(14 * MiB);
+  await fh.close();
+  const bmap = join(dir, 'sp.bmap');
+  const made = await runCli(['bmap', 'create', img, '-o', bmap]);
+  assert.equal(made.code, 0, made.stderr);
+  assert.match(made.stderr + made.stdout, /in 8 ranges/);
+  const zip = join(dir, 'sp.zip');
+  await zipOf(zip, [['sp.img', img]], false);
+  const bytes = await readFile(zip);
+  bytes[30 + 'sp.img'.length + 13 * MiB]! ^= 0xff; // past the last mapped range
+  await writeFile(zip, bytes);
+  for (const from of ['file', 'stdin']) {
+    const dst = join(dir, `${from}.img`);
+    const args = ['copy', '--bmap', bmap, '--no-verify-checksums'];
+    const r =
+      from === 'file'
+        ? await runCli([...args, zip, dst])
+        : await runCli([...args, '-', dst], { input: bytes });
+    assert.equal(r.code, 1, `${from}: ${r.stderr}`);
+    assert.match(r.stderr, /CRC-32 does not match.*\[ESRC_CORRUPT\]$/m, from);
   }
 });

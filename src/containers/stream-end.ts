@@ -10,6 +10,7 @@
  */
 
 import { BlksyncError } from '../errors.js';
+import type { Source } from '../types.js';
 import { isVhdFooter } from './detect.js';
 
 /** A fixed VHD's footer: the last bytes of the file. */
@@ -65,4 +66,39 @@ export function refuseVhdFooterAtEnd(
     },
     VHD_FOOTER_BYTES,
   );
+}
+
+/**
+ * A streamed image's Source (`outer`, over `inner`) that a plan reads only up to `planEnd`
+ * (a bmap's last mapped byte, before the image's end): the read that reaches `planEnd` reads
+ * the rest of `inner` too, so the checks made at the stream's end (above) fail that read, and
+ * the copy, rather than never being made.
+ */
+export class ReadsToEnd implements Source {
+  readonly size: number;
+  readonly #outer: Source;
+  readonly #inner: Source;
+  readonly #planEnd: number;
+  #drained: Promise<unknown> | undefined;
+
+  constructor(outer: Source, inner: Source, planEnd: number) {
+    this.#outer = outer;
+    this.#inner = inner;
+    this.#planEnd = planEnd;
+    this.size = outer.size;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const n = await this.#outer.read(buf, offset, length);
+    if (offset + length >= this.#planEnd) {
+      // a read of nothing at the end: the stream is read (and dropped) up to there
+      this.#drained ??= this.#inner.read(Buffer.alloc(0), this.#inner.size, 0);
+      await this.#drained;
+    }
+    return n;
+  }
+
+  close(): Promise<void> {
+    return this.#outer.close();
+  }
 }
