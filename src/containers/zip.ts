@@ -39,7 +39,7 @@ const END64_BYTES = 56;
 const LOCATOR64_BYTES = 20;
 export const MAX_COMMENT = 0xffff;
 /** Largest central directory read (a lying size must not cost memory). */
-export const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
+const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
 export const U32 = 0xffffffff;
 
 export interface ZipEntry extends ArchiveEntry {
