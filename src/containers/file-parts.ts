@@ -1,9 +1,11 @@
 /**
- * Reading part of a file SRC: a Source over a slice of it (a stored zip entry, a tar entry, a
- * fixed VHD's data) and a forward cursor that skips without reading (for walking tar headers).
+ * Reading part of a file SRC: a Source over a slice of it (a tar entry, a fixed VHD's data; a
+ * stored zip entry, its CRC-32 checked) and a forward cursor that skips without reading (for
+ * walking tar headers).
  */
 
 import type { FileHandle } from 'node:fs/promises';
+import { crc32 } from 'node:zlib';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import { readFully } from '../io/read-fully.js';
 import type { Source } from '../types.js';
@@ -74,5 +76,69 @@ export class FileCursor implements Cursor {
       `${this.#name} ends inside ${what}; the file is truncated: download or copy it again`,
       { path: this.#name },
     );
+  }
+}
+
+/** Bytes summed at a time where a read left a gap (a bmap's unmapped range). */
+const GAP_PIECE_BYTES = 1024 * 1024;
+
+/**
+ * A SliceSource whose CRC-32 is checked (a stored zip entry): each read's bytes are summed in
+ * offset order (a read waits for the reads before it to be summed, while its I/O runs beside
+ * theirs), what the reads skip is read and summed here, and the read that reaches the end
+ * waits for `atEnd(crc)`, which throws on a wrong sum: that read fails before its bytes are
+ * written, so a damaged entry never ends a copy with exit 0.
+ */
+export class CheckedSliceSource implements Source {
+  readonly size: number;
+  readonly #slice: SliceSource;
+  readonly #atEnd: (crc: number) => void;
+  /** Summed up to here: bytes [0, #summed) of the slice. */
+  #summed = 0;
+  #crc = 0;
+  #chain: Promise<unknown> = Promise.resolve();
+
+  constructor(slice: SliceSource, atEnd: (crc: number) => void) {
+    this.#slice = slice;
+    this.size = slice.size;
+    this.#atEnd = atEnd;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const io = this.#slice.read(buf, offset, length);
+    const step = this.#chain.then(async () => {
+      const n = await io;
+      await this.#sumTo(offset);
+      const from = Math.max(offset, this.#summed);
+      if (from < offset + n) {
+        this.#crc = crc32(buf.subarray(from - offset, n), this.#crc);
+        this.#summed = offset + n;
+      }
+      if (offset + n >= this.size || (length === 0 && offset >= this.size)) {
+        await this.#sumTo(this.size);
+        this.#atEnd(this.#crc >>> 0);
+      }
+      return n;
+    });
+    // a failed step fails its read, and every read after it
+    this.#chain = step;
+    return step;
+  }
+
+  /** Reads and sums what no read covered, up to `end`. */
+  async #sumTo(end: number): Promise<void> {
+    if (this.#summed >= end) return;
+    const piece = Buffer.allocUnsafe(Math.min(GAP_PIECE_BYTES, end - this.#summed));
+    while (this.#summed < end) {
+      const want = Math.min(piece.length, end - this.#summed);
+      const n = await this.#slice.read(piece, this.#summed, want);
+      if (n === 0) return; // past the slice: the end check fails on the sum
+      this.#crc = crc32(piece.subarray(0, n), this.#crc);
+      this.#summed += n;
+    }
+  }
+
+  close(): Promise<void> {
+    return this.#slice.close();
   }
 }

@@ -6,9 +6,9 @@
  *          out of the plan
  *   tar    headers walked, entry read    tar    walked to the entry, its bytes streamed,
  *          by offset                            the rest walked before its last piece
- *   zip    central directory; the entry  zip    local headers walked to the entry,
- *          read in order (inflated or              inflated or passed through; the rest
- *          not), CRC-32 checked at its end        read to the central directory, checked
+ *   zip    central directory; stored:    zip    local headers walked to the entry,
+ *          by offset, deflate: inflated;          inflated or passed through; the rest
+ *          CRC-32 checked at the end              read to the central directory, checked
  *   vhd    fixed: the data before its    -      (its footer is at the end: a raw stream
  *          footer                                 ending with one is refused there)
  *   qcow2, vhd, vmdk, vdi, vhdx, qed      spooled to a temporary file, then as a file
@@ -44,13 +44,20 @@ import {
   sameNamed,
   type ArchiveEntry,
 } from './entries.js';
-import { FileCursor, SliceSource } from './file-parts.js';
+import { CheckedSliceSource, FileCursor, SliceSource } from './file-parts.js';
 import { qemuDecode } from './qemu.js';
 import { openSimgFile, readSimgHeader, simgStream } from './simg.js';
 import { checkTarEntry, tarEntries, type TarEntry } from './tar.js';
 import { SparseEntrySource, sparseEntryStream } from './tar-sparse.js';
 import { holdBack } from './stream-end.js';
-import { checkZipEntry, fileEntryBytes, zipDataAt, zipDirectory, type ZipEntry } from './zip.js';
+import {
+  checkZipEntry,
+  inflateFileEntry,
+  zipCrcMismatch,
+  zipDataAt,
+  zipDirectory,
+  type ZipEntry,
+} from './zip.js';
 import { openZipStream } from './zip-stream.js';
 
 export { CONTAINER_HEAD_BYTES, CONTAINER_TAIL_BYTES, detectContainer } from './detect.js';
@@ -125,6 +132,12 @@ function refuseNested(head: Buffer, name: string, entry: string): void {
     `${name}: ${entry} is itself ${compression !== undefined ? `${compression}-compressed` : `a ${inner!.name}`}, and blksync decodes one layer: extract ${entry} and copy that file`,
     { path: name },
   );
+}
+
+async function headAt(fh: FileHandle, at: number, size: number): Promise<Buffer> {
+  const head = Buffer.alloc(Math.min(CONTAINER_HEAD_BYTES, size));
+  const got = await readFully(fh, head, 0, head.length, at);
+  return head.subarray(0, got);
 }
 
 async function nestedChecked(
@@ -222,8 +235,15 @@ export async function openContainerFile(
           { path: name },
         );
       }
-      // read in order, stored or not: its CRC-32 is known only at its end
-      const bytes = await nestedChecked(fileEntryBytes(path, dataAt, e, name), name, e.name);
+      if (e.method === 0) {
+        refuseNested(await headAt(fh, dataAt, size), name, e.name);
+        const slice = new SliceSource(fh, dataAt, size, name);
+        const source = new CheckedSliceSource(slice, (crc) => {
+          if (e.crc !== undefined && crc !== e.crc >>> 0) throw zipCrcMismatch(name, e.name);
+        });
+        return fixed(report, size, source);
+      }
+      const bytes = await nestedChecked(inflateFileEntry(path, dataAt, e, name), name, e.name);
       return fixed(report, size, new SequentialSource(bytes, size, name));
     }
     case 'vhd-fixed': {

@@ -10,7 +10,9 @@
  */
 
 import { BlksyncError } from '../errors.js';
+import { SequentialSource } from '../io/sequential-source.js';
 import type { Source } from '../types.js';
+import { CheckedSliceSource } from './file-parts.js';
 import { isVhdFooter } from './detect.js';
 
 /** A fixed VHD's footer: the last bytes of the file. */
@@ -68,11 +70,17 @@ export function refuseVhdFooterAtEnd(
   );
 }
 
+/** A Source that checks something at its end: ReadsToEnd makes a plan that stops short read there. */
+export function checksAtEnd(source: Source): boolean {
+  return source instanceof SequentialSource || source instanceof CheckedSliceSource;
+}
+
 /**
- * A streamed image's Source (`outer`, over `inner`) that a plan reads only up to `planEnd`
- * (a bmap's last mapped byte, before the image's end): the read that reaches `planEnd` reads
- * the rest of `inner` too, so the checks made at the stream's end (above) fail that read, and
- * the copy, rather than never being made.
+ * A container's image Source (`outer`, over `inner`, which `checksAtEnd`) that a plan reads
+ * only up to `planEnd` (a bmap's last mapped byte, before the image's end): the read that
+ * reaches `planEnd` reads the rest of `inner` too, so the checks made at its end (a stream's,
+ * above; a stored zip entry's CRC-32) fail that read, and the copy, rather than never being
+ * made.
  */
 export class ReadsToEnd implements Source {
   readonly size: number;

@@ -36,6 +36,7 @@ import {
   zip64,
   zip64EndAt,
   zip64EndRecord,
+  zipCrcMismatch,
   type Counted,
   type ZipEntry,
 } from './zip.js';
@@ -217,7 +218,7 @@ function checkDirectory(window: TailWindow, entry: ZipEntry, counted: Counted, n
     );
   }
   if (listed.crc !== undefined && listed.crc >>> 0 !== counted.crc >>> 0) {
-    throw corrupt(name, `${entry.name}'s CRC-32 does not match: the archive is damaged`);
+    throw zipCrcMismatch(name, entry.name);
   }
   const twins = sameNamed(entries, entry.name);
   if (twins > 1) throw duplicateInStream(name, 'zip', entry.name, twins);

@@ -13,8 +13,8 @@
  *   zip64 extra    id 0x0001: size, compressed, offset — those whose 32-bit field is 0xFFFFFFFF
  *
  * A file SRC is read through its central directory (all entries known, the image chosen
- * among them), its entry read from its offset and checked against the directory's size and
- * CRC-32 at its end. A stream (stdin, a URL, a decompressor) is walked by its local headers
+ * among them), its entry read from its offset (stored: by offset) and checked against the
+ * directory's size and CRC-32 at its end. A stream (stdin, a URL, a decompressor) is walked by its local headers
  * (zip-stream.ts).
  */
 
@@ -65,6 +65,11 @@ function u64(b: Buffer, at: number, name: string): number {
   const v = Number(b.readBigUInt64LE(at));
   if (!Number.isSafeInteger(v)) throw corrupt(name, 'a zip64 field past 2^53');
   return v;
+}
+
+/** An entry's bytes do not add up to its CRC-32. */
+export function zipCrcMismatch(name: string, entry: string): BlksyncError {
+  return corrupt(name, `${entry}'s CRC-32 does not match: the archive is damaged`);
 }
 
 /** Refuses what is not decoded: encryption, methods other than stored and deflate. */
@@ -265,11 +270,11 @@ export async function zipDataAt(
 }
 
 /**
- * A file SRC's entry's bytes (stored: as they are, deflated: inflated) read from `dataAt`,
- * checked to be exactly its size with its CRC-32; the last piece is held back until then
- * (stream-end.ts), so a damaged entry never ends a copy with exit 0.
+ * A file SRC's deflated entry's bytes, inflated from `dataAt`, checked to be exactly its size
+ * with its CRC-32; the last piece is held back until then (stream-end.ts), so a damaged entry
+ * never ends a copy with exit 0. (A stored entry is read by offset: CheckedSliceSource.)
  */
-export function fileEntryBytes(
+export function inflateFileEntry(
   path: string,
   dataAt: number,
   e: ZipEntry,
@@ -283,8 +288,7 @@ export function fileEntryBytes(
           end: dataAt + e.compressedSize! - 1,
           highWaterMark: 1024 * 1024,
         });
-  const data = e.method === 0 ? raw : inflate(raw, name).bytes;
-  return holdBack(exactly(data, e.size, e.name, name, e.crc), () => {});
+  return holdBack(exactly(inflate(raw, name).bytes, e.size, e.name, name, e.crc), () => {});
 }
 
 async function* nothing(): AsyncGenerator<Buffer> {}
@@ -363,6 +367,6 @@ export async function* exactly(
     throw corrupt(name, `${entry} holds ${counted.bytes} bytes, its header says ${size}`);
   }
   if (crc !== undefined && counted.crc >>> 0 !== crc >>> 0) {
-    throw corrupt(name, `${entry}'s CRC-32 does not match: the archive is damaged`);
+    throw zipCrcMismatch(name, entry);
   }
 }

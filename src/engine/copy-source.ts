@@ -43,7 +43,7 @@ import {
   type Detected,
 } from '../containers/detect.js';
 import type { OpenedContainer } from '../containers/open.js';
-import { ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
+import { checksAtEnd, ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
 import { wholeImagePlan } from './pipeline.js';
@@ -409,7 +409,7 @@ async function openFound(
       cleanups.push(() => b.close());
       bmapped = b;
       const planEnd = b.plan.ranges.at(-1)?.end ?? 0;
-      if (container !== undefined && source instanceof SequentialSource && planEnd < size) {
+      if (container !== undefined && checksAtEnd(source) && planEnd < size) {
         // a container streamed: what only its end tells is checked all the same
         b.source = new ReadsToEnd(b.source, source, planEnd);
       }
