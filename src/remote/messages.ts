@@ -382,6 +382,7 @@ export function parseHello(json: unknown): Hello {
       index: indexHello,
       verify: bool,
       keepalive: seconds,
+      trace: bool,
     },
   )(json, 'HELLO');
   if (h.topUnit !== 0 && (h.topUnit < MIN_HASH_UNIT || h.topUnit > MAX_REQUEST_BYTES)) {

@@ -133,6 +133,11 @@ export interface Hello {
    * for a fraction of its --timeout); absent: none.
    */
   keepalive?: number;
+  /**
+   * Write a timeline (trace.ts) on stderr, which blksync puts on its own (BLKSYNC_TRACE=1);
+   * a debugging aid with no effect on the copy.
+   */
+  trace?: boolean;
 }
 
 /** An index the target agent keeps of its file. */

@@ -6,6 +6,7 @@
  */
 
 import { fromSystemError } from '../errors.js';
+import { trace } from '../trace.js';
 import type { Source } from '../types.js';
 import type { TopHasher } from './protocol.js';
 
@@ -113,6 +114,7 @@ export class HashScanner {
         w.resolve(h);
       } else this.#hashes.set(offset, h);
     }
+    trace(`${this.#path}: scan done (${this.bytesRead} bytes read)`);
   }
 
   async #read(buf: Buffer, offset: number, length: number): Promise<void> {

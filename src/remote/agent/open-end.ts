@@ -6,6 +6,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
+import { dropTrace, startTrace, trace } from '../../trace.js';
 import { WrittenRanges } from '../../engine/written-log.js';
 import {
   CONTAINER_HEAD_BYTES,
@@ -28,12 +29,16 @@ import { digestHashes, hasherOf, topHashes } from './top-hashes.js';
 /** Handles HELLO: opens the end, sends READY, starts what runs beside the request queue. */
 export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
   const h = parseHello(payload);
+  if (h.trace === true && s.traceOut !== undefined) startTrace(s.traceOut);
+  else dropTrace();
+  trace(`HELLO received (${h.role})`);
   s.startKeepalive(h.keepalive);
   const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
   const { ready, digests } =
     h.role === 'source' ? await openSourceEnd(s, h, encoding) : await openTargetEnd(s, h, encoding);
   const opened = s.opened!;
   await s.send(jsonFrame(FrameType.READY, ready));
+  trace('READY sent');
   if (s.direct !== undefined) {
     s.directRun = s.direct.run((p) => void s.send(jsonFrame(FrameType.PROGRESS, p)));
     s.directRun.catch((err: unknown) => s.fail(err));

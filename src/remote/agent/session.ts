@@ -68,9 +68,17 @@ export class AgentSession {
   #sending = 0;
   #keepalive: NodeJS.Timeout | undefined;
 
-  constructor(output: NodeJS.WritableStream, payload: Buffer | undefined) {
+  /** Where trace lines go if HELLO asks for a trace. */
+  readonly traceOut: ((line: string) => void) | undefined;
+
+  constructor(
+    output: NodeJS.WritableStream,
+    payload: Buffer | undefined,
+    traceOut?: (line: string) => void,
+  ) {
     this.#output = output;
     this.payload = payload;
+    this.traceOut = traceOut;
   }
 
   /** Queues a frame for output, in order; after a failure only the ERROR frame goes out. */

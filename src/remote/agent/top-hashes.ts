@@ -5,6 +5,7 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
+import { trace, traceOnce } from '../../trace.js';
 import type { AgentIndex } from '../agent-index.js';
 import {
   blockDigestHasher,
@@ -68,9 +69,11 @@ export async function topHashes(
     free.push(buf);
     if (batch.length === TOP_BATCH || off + unit >= o.limit) {
       await s.send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+      traceOnce('first TOP_HASHES sent');
       batch = [];
     }
   }
+  trace(`scan done (${s.bytesRead} bytes read)`);
 }
 
 /**
