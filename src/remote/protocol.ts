@@ -383,6 +383,21 @@ export function zeroHasher(hasher: TopHasher | typeof wireHash): (length: number
   };
 }
 
+/**
+ * `hasher` with a shortcut for all-zero input: a hole (or a never-written area) reads as
+ * zeros, and a memcmp against zeros (~30 GB/s) then the memoized hash of zeros gives the very
+ * value `hasher` would, where hashing costs 6-10× more. Data that is not zero fails the
+ * memcmp at its first nonzero byte, so the check costs nothing there.
+ */
+export function skippingZeros(hasher: TopHasher): TopHasher {
+  const zero = zeroHasher(hasher);
+  let zeros = Buffer.alloc(0);
+  return (data) => {
+    if (zeros.length < data.length) zeros = Buffer.alloc(data.length);
+    return data.equals(zeros.subarray(0, data.length)) ? zero(data.length) : hasher(data);
+  };
+}
+
 export function writeU64(buf: Buffer, value: number, at: number): void {
   buf.writeUInt32BE(Math.floor(value / 2 ** 32), at);
   buf.writeUInt32BE(value >>> 0, at + 4);

@@ -14,6 +14,7 @@ import {
   rangeHeader,
   TOP_HASH_BLOCKS,
   TOP_HASH_GMAC,
+  skippingZeros,
   topHasher,
   type Hello,
   type TopHasher,
@@ -25,10 +26,15 @@ const TOP_BATCH = 4;
 /** Top-level units read ahead while hashing. */
 const TOP_READ_AHEAD = 4;
 
-/** The top-level hash HELLO asked for: GMAC under its key, block digests, or SHA-256. */
+/**
+ * The top-level hash HELLO asked for: GMAC under its key, block digests, or SHA-256; a unit
+ * of zeros (a hole: most of an OS image) costs a memcmp instead of hashing.
+ */
 export function hasherOf(h: Hello): TopHasher {
-  if (h.topHash === TOP_HASH_BLOCKS) return blockDigestHasher(h.topBlock!);
-  return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
+  if (h.topHash === TOP_HASH_BLOCKS) return skippingZeros(blockDigestHasher(h.topBlock!));
+  return skippingZeros(
+    topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined),
+  );
 }
 
 /** Reads the whole file in `unit`s and sends each unit's hash. */

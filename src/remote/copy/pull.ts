@@ -19,6 +19,7 @@ import type { FoundBmap } from '../../engine/find-bmap.js';
 import type { IndexSession } from '../../engine/index-session.js';
 import { BufferPool } from '../../engine/knowledge.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
+import { dataRangesOf } from '../../engine/sparse-plan.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
 import { WrittenSink } from '../../engine/written-log.js';
 import { destinationSink } from '../../io/destination-sink.js';
@@ -228,7 +229,11 @@ class Pull {
     // with a bmap, only the mapped ranges are compared, piece by piece
     if (!full && !this.#indexing && bmap === undefined && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
-      this.#scanner = new HashScanner(file, dst, target.size, chunkSize, this.#top.hash).start();
+      // DST's holes are not read (a block device reports none)
+      const { fh, size } = target;
+      this.#scanner = new HashScanner(file, dst, size, chunkSize, this.#top.hash, () =>
+        dataRangesOf(fh, size, dst),
+      ).start();
     }
     this.#link = await AgentLink.open(
       this.#spec,

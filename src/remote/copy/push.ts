@@ -14,6 +14,7 @@ import { BlksyncError } from '../../errors.js';
 import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
 import { runPipeline } from '../../engine/pipeline.js';
+import { dataRangesOf } from '../../engine/sparse-plan.js';
 import { FileSource } from '../../io/file-source.js';
 import type { Sink, Source, TargetKnowledge } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
@@ -77,11 +78,19 @@ export async function push(
     whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
-  // SRC's hashes are computed while ssh connects and the agent scans DST
+  // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
+  const holes = opened.file?.kind === 'file' ? opened.file.fh : undefined;
   const scanner =
     full || file === undefined
       ? undefined
-      : new HashScanner(file, src, size, chunkSize, top.hash).start();
+      : new HashScanner(
+          file,
+          src,
+          size,
+          chunkSize,
+          top.hash,
+          holes && (() => dataRangesOf(holes, size, src)),
+        ).start();
   let link: AgentLink | undefined;
   let index: RemoteIndex | undefined;
   try {
