@@ -21,8 +21,11 @@ import type { Range } from '../ranges.js';
 import type { IndexReport } from '../engine/index-target.js';
 import type { WrittenDigest } from '../engine/written-log.js';
 
-/** Version 2 added KEEPALIVE (and HELLO's `keepalive`): a client that times out idle links. */
-export const PROTOCOL_VERSION = 2;
+/**
+ * Version 2 added KEEPALIVE (and HELLO's `keepalive`): a client that times out idle links.
+ * Version 3 added HELLO's `reqHash`: HASHES as GMAC tags instead of truncated SHA-256.
+ */
+export const PROTOCOL_VERSION = 3;
 /** Bytes of the frame header: length (4) and type (1). */
 export const FRAME_HEADER_BYTES = 5;
 /** Largest DATA payload; larger spans go as several frames. */
@@ -107,6 +110,12 @@ export interface Hello {
   topBlock?: number;
   /** Hex AES-128 key for TOP_HASH_GMAC, random per session, never stored. */
   key?: string;
+  /**
+   * TOP_HASH_GMAC (with `key`): HASHES carry GMAC tags under `key`, as TOP_HASHES do, instead
+   * of truncated SHA-256: ~6× less CPU on both ends where whole ranges are compared by
+   * HASH_REQ (a bmap's mapped pieces). Not with `index`, whose tables hold SHA-256.
+   */
+  reqHash?: string;
   /**
    * target: report the file's identity in READY and, after DONE has synced all of it (not
    * only this run's writes), in SUMMARY: blksync keeps an index of it (--index).
@@ -321,12 +330,20 @@ export function blockDigest(blockHashes: Buffer): Buffer {
   return wireHash(blockHashes);
 }
 
-/** Hashes each `unit` of `data[0, length)` into one buffer (the last unit may be short). */
-export function unitHashes(data: Buffer, length: number, unit: number): Buffer {
+/**
+ * Hashes each `unit` of `data[0, length)` into one buffer (the last unit may be short), with
+ * `hash` (the wire hash unless HELLO's `reqHash` chose another).
+ */
+export function unitHashes(
+  data: Buffer,
+  length: number,
+  unit: number,
+  hash: TopHasher = wireHash,
+): Buffer {
   const n = Math.ceil(length / unit);
   const out = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
   for (let i = 0; i < n; i++) {
-    wireHash(data.subarray(i * unit, Math.min((i + 1) * unit, length))).copy(
+    hash(data.subarray(i * unit, Math.min((i + 1) * unit, length))).copy(
       out,
       i * WIRE_HASH_BYTES,
     );
@@ -368,6 +385,9 @@ export function topHasher(key: Buffer | undefined): TopHasher {
   };
 }
 
+/** Lengths whose zero hash is kept (units, the last short one, a bmap's pieces). */
+const ZERO_MEMO_ENTRIES = 256;
+
 /** Memoizes a hasher's value for all-zero inputs by length (new files read as zeros). */
 export function zeroHasher(hasher: TopHasher | typeof wireHash): (length: number) => Buffer {
   const memo = new Map<number, Buffer>();
@@ -375,6 +395,8 @@ export function zeroHasher(hasher: TopHasher | typeof wireHash): (length: number
   return (length) => {
     let h = memo.get(length);
     if (h === undefined) {
+      // a peer choosing many lengths must not grow it without bound
+      if (memo.size >= ZERO_MEMO_ENTRIES) memo.clear();
       if (zeros.length < length) zeros = Buffer.alloc(length);
       h = hasher(zeros.subarray(0, length));
       memo.set(length, h);
@@ -391,11 +413,21 @@ export function zeroHasher(hasher: TopHasher | typeof wireHash): (length: number
  */
 export function skippingZeros(hasher: TopHasher): TopHasher {
   const zero = zeroHasher(hasher);
-  let zeros = Buffer.alloc(0);
-  return (data) => {
-    if (zeros.length < data.length) zeros = Buffer.alloc(data.length);
-    return data.equals(zeros.subarray(0, data.length)) ? zero(data.length) : hasher(data);
-  };
+  return (data) => (isZero(data) ? zero(data.length) : hasher(data));
+}
+
+/** Bytes compared against zeros at a time. */
+const ZERO_SLICE_BYTES = 1024 * 1024;
+let zeroSlice: Buffer | undefined;
+
+/** Whether every byte of `data` is zero (memcmp against a slice of zeros). */
+export function isZero(data: Buffer): boolean {
+  zeroSlice ??= Buffer.alloc(ZERO_SLICE_BYTES);
+  for (let at = 0; at < data.length; at += ZERO_SLICE_BYTES) {
+    const n = Math.min(ZERO_SLICE_BYTES, data.length - at);
+    if (data.compare(zeroSlice, 0, n, at, at + n) !== 0) return false;
+  }
+  return true;
 }
 
 export function writeU64(buf: Buffer, value: number, at: number): void {

@@ -260,8 +260,9 @@ export function hashAheadPush(
   scanner: HashScanner,
   link: AgentLink,
   book: SpanBook,
+  reqHash?: TopHasher,
 ): { refiner: Refiner; input: PushSource } {
-  const differ = new HashDiffer(link, chunkSize, blockSize);
+  const differ = new HashDiffer(link, chunkSize, blockSize, reqHash);
   const pool = new BufferPool(chunkSize);
   const refiner = new Refiner(
     size,

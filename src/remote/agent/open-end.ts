@@ -24,7 +24,7 @@ import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '
 import { DirectCopy } from './direct-copy.js';
 import { parseHello } from './hello-check.js';
 import type { AgentSession } from './session.js';
-import { digestHashes, hasherOf, topHashes } from './top-hashes.js';
+import { digestHashes, hasherOf, reqHasherOf, topHashes } from './top-hashes.js';
 
 /** Handles HELLO: opens the end, sends READY, starts what runs beside the request queue. */
 export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
@@ -33,6 +33,7 @@ export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
   else dropTrace();
   trace(`HELLO received (${h.role})`);
   s.startKeepalive(h.keepalive);
+  if (h.reqHash !== undefined) s.unitHash = reqHasherOf(h);
   const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
   const { ready, digests } =
     h.role === 'source' ? await openSourceEnd(s, h, encoding) : await openTargetEnd(s, h, encoding);

@@ -39,7 +39,8 @@ export async function hashRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   await readFully(o, o.fh, buf, length, offset);
   s.bytesRead += length;
   s.index?.learned(offset, buf, length);
-  await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)));
+  const hashes = unitHashes(buf, length, unit, s.unitHash);
+  await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), hashes));
 }
 
 /** DATA: writes the bytes at their offset and acknowledges the running total (WRITTEN). */

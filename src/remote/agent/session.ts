@@ -21,6 +21,8 @@ import {
   ProtocolError,
   type DirectReport,
   type Frame,
+  wireHash,
+  type TopHasher,
   type WireError,
 } from '../protocol.js';
 import type { DirectCopy } from './direct-copy.js';
@@ -68,6 +70,8 @@ export class AgentSession {
   #sending = 0;
   #keepalive: NodeJS.Timeout | undefined;
 
+  /** The hash of HASHES replies: truncated SHA-256, or GMAC when HELLO's `reqHash` asks. */
+  unitHash: TopHasher = wireHash;
   /** Where trace lines go if HELLO asks for a trace. */
   readonly traceOut: ((line: string) => void) | undefined;
 

@@ -37,6 +37,11 @@ export function hasherOf(h: Hello): TopHasher {
   );
 }
 
+/** The hash of HASHES replies HELLO's `reqHash` asked for: GMAC under its key. */
+export function reqHasherOf(h: Hello): TopHasher {
+  return skippingZeros(topHasher(Buffer.from(h.key!, 'hex')));
+}
+
 /** Reads the whole file in `unit`s and sends each unit's hash. */
 export async function topHashes(
   s: AgentSession,
