@@ -150,6 +150,9 @@ describe('signed bmaps', () => {
     const r = await runCli(['copy', img, out]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /--no-sig-verify.*\[ESIG_INVALID\]/, r.stderr);
+    // gpg's own reason, not its advice about the order of its arguments
+    assert.match(r.stderr, /no valid OpenPGP data/, r.stderr);
+    assert.doesNotMatch(r.stderr, /first file given/, r.stderr);
     await assert.rejects(stat(out), { code: 'ENOENT' });
 
     // --no-sig-verify: the (intact) bmap is used without looking at the signature

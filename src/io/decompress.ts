@@ -185,8 +185,9 @@ export function decompress(input: number | Readable, kind: Compression, name: st
       out.destroy(trailingDataError(kind, name));
     } else if (exit.code === 0) out.end();
     else if (!stopped) {
-      const why =
-        stderr.trim().replace(/\s+/g, ' ') || `${cmd} exited with ${exit.code ?? exit.signal}`;
+      // the first line names the fault; bzip2 adds a screenful of advice after it
+      const first = stderr.trim().split('\n')[0]!.replace(/\s+/g, ' ');
+      const why = first || `${cmd} exited with ${exit.code ?? exit.signal}`;
       out.destroy(decodeError(kind, name, why));
     }
   };

@@ -351,9 +351,13 @@ export async function assertSeparateOutput(
     }
   }
   if (st.isBlockDevice()) {
-    throw new BlksyncError('EDEST_KIND', `${output} is a block device; write it to a file`, {
-      path: output,
-    });
+    throw new BlksyncError(
+      'EOUTPUT_KIND',
+      `the output ${output} is a block device; write it to a file`,
+      {
+        path: output,
+      },
+    );
   }
 }
 

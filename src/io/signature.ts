@@ -307,7 +307,12 @@ function judge(outcome: GpgOutcome, where: string, program: string): Verdict {
   const valid = of('VALIDSIG');
   const sigs = of('NEWSIG').length;
   if (good.length === 0 || valid.length !== good.length || (sigs > 0 && good.length !== sigs)) {
-    const why = outcome.stderr.trim().split('\n').slice(-2).join('; ');
+    // gpg's first line names the fault ("no valid OpenPGP data found."); its last lines are
+    // advice about the order of its own arguments, which misleads here
+    const why = outcome.stderr
+      .trim()
+      .split('\n')[0]!
+      .replace(/^[a-z]+: /, '');
     throw invalid(`no good signature (${program}: ${why || `exit status ${outcome.code}`})`);
   }
   if (outcome.code !== 0) throw invalid(`${program} exited with status ${outcome.code}`);
