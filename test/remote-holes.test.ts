@@ -8,10 +8,11 @@
  */
 
 import assert from 'node:assert/strict';
-import { readFile, stat } from 'node:fs/promises';
+import { open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import type { RemoteCopyResult } from '../src/copy.js';
+import { agentDataMap, parseDataMap } from '../src/remote/agent/data-map.js';
 import { parseHello } from '../src/remote/messages.js';
 import { skippingZeros, topHasher, TOP_HASH_GMAC, unitHashes } from '../src/remote/protocol.js';
 import { runCli } from './helpers/cli.js';
@@ -193,4 +194,40 @@ test('a unit of zeros hashes by memcmp to what the hash gives, also past the fir
     unitHashes(late, late.length, MiB, fast),
     unitHashes(late, late.length, MiB, gmac),
   );
+});
+
+test("the agent's data map is taken only when whole and in order", () => {
+  assert.deepEqual(parseDataMap('0 4096\n8192 20000\nend\n', 16384), [
+    { start: 0, end: 4096 },
+    { start: 8192, end: 16384 },
+  ]);
+  assert.deepEqual(parseDataMap('end\n', 16384), []);
+  // cut short (no `end`: SEEK_DATA failed otherwise than "no more data"): read everything
+  assert.equal(parseDataMap('0 4096\n', 16384), undefined);
+  assert.equal(parseDataMap('0 4096\n8192 9000\n', 16384), undefined);
+  assert.equal(parseDataMap('8192 9000\n0 4096\nend\n', 16384), undefined);
+  assert.equal(parseDataMap('0 4096\n4000 9000\nend\n', 16384), undefined);
+  assert.equal(parseDataMap('0 -1\nend\n', 16384), undefined);
+  assert.equal(parseDataMap('20000 30000\nend\n', 16384), undefined);
+  assert.equal(parseDataMap('', 16384), undefined);
+});
+
+test("the agent's data map of a sparse file is where the data is", async (t) => {
+  const dir = await tempDir(t);
+  const file = join(dir, 'sparse.img');
+  await writeSparseFile(file, 8 * MiB, [
+    { offset: MiB, data: seededBytes(BS, 1) },
+    { offset: 6 * MiB, data: seededBytes(2 * BS, 2) },
+  ]);
+  if (!(await reportsHoles(file))) return t.skip('this file system does not keep holes');
+  const fh = await open(file, 'r');
+  try {
+    const map = await agentDataMap(fh.fd, 8 * MiB);
+    if (map === undefined) return t.skip('no perl here: the agent reads every unit');
+    const covered = (at: number): boolean => map.some((r) => r.start <= at && at < r.end);
+    assert.ok(covered(MiB) && covered(6 * MiB + 2 * BS - 1));
+    assert.ok(!covered(0) && !covered(3 * MiB) && !covered(8 * MiB - 1));
+  } finally {
+    await fh.close();
+  }
 });
