@@ -91,8 +91,13 @@ async function reportsHoles(file: string): Promise<boolean> {
   return st.blocks * 512 < st.size;
 }
 
-async function copyJson(s: Sshd, from: string, to: string): Promise<RemoteCopyResult> {
-  const r = await runCli(['copy', '--json', '--no-bmap', '--ssh', s.ssh, from, to]);
+async function copyJson(
+  s: Sshd,
+  from: string,
+  to: string,
+  extra: string[] = [],
+): Promise<RemoteCopyResult> {
+  const r = await runCli(['copy', '--json', '--no-bmap', ...extra, '--ssh', s.ssh, from, to]);
   assert.equal(r.code, 0, r.stderr);
   return JSON.parse(r.stdout) as RemoteCopyResult;
 }
@@ -118,7 +123,7 @@ describe('remote copies skip holes and still end equal', () => {
     return { src, dst };
   }
 
-  for (const direction of ['push', 'pull'] as const) {
+  for (const direction of ['push', 'pull', 'direct'] as const) {
     test(`${direction}: holes against data either way are written, both holes cost nothing`, async (t) => {
       const s = server(t);
       if (!s) return;
@@ -127,18 +132,24 @@ describe('remote copies skip holes and still end equal', () => {
       const want = await readFile(f.src);
       const blocks = differingBlocks(want, await readFile(f.dst));
       const [from, to] =
-        direction === 'push' ? [f.src, `${s.host}:${f.dst}`] : [`${s.host}:${f.src}`, f.dst];
-      const r = await copyJson(s, from, to);
+        direction === 'push'
+          ? [f.src, `${s.host}:${f.dst}`]
+          : direction === 'pull'
+            ? [`${s.host}:${f.src}`, f.dst]
+            : [`${s.host}:${f.src}`, `${s.host}:${f.dst}`];
+      const extra = direction === 'direct' ? ['--direct'] : [];
+      const r = await copyJson(s, from, to, extra);
       assertSame(await readFile(f.dst), want);
       assert.equal(r.blocksDiffering, blocks);
       assert.ok(r.bytesWritten <= blocks * BS, `wrote ${r.bytesWritten}`);
 
       // nothing differs now: only the top hashes cross, none of the holes is refined (a hole
       // hashed differently on one end than on the other would be asked for, unit by unit)
-      const again = await copyJson(s, from, to);
+      const again = await copyJson(s, from, to, extra);
       assert.equal(again.blocksDiffering, 0);
       assert.equal(again.bytesWritten, 0);
-      const got = again.channel.bytesReceived;
+      // --direct: the two agents' channel
+      const got = again.channel.direct?.bytesReceived ?? again.channel.bytesReceived;
       assert.ok(got < RERUN_RECEIVED_BYTES, `received ${got} bytes`);
       assertSame(await readFile(f.dst), want);
     });

@@ -20,6 +20,9 @@ const SCAN_READ_AHEAD = 4;
 /** Stands for a unit that was not read: all hole. */
 const HOLE = Buffer.alloc(0);
 
+/** Where a file holds data, ascending; undefined when it cannot tell (every unit is read). */
+type DataMap = readonly Range[] | undefined;
+
 /** A unit's hash and the bytes it covers (short at the end of the file). */
 export type UnitHash = [hash: Buffer, length: number];
 
@@ -39,7 +42,7 @@ export class HashScanner {
   #error: Error | undefined;
   #stopped = false;
   #done: Promise<void> | undefined;
-  readonly #dataMap: (() => Range[] | undefined) | undefined;
+  readonly #dataMap: (() => DataMap | Promise<DataMap>) | undefined;
   bytesRead = 0;
 
   /**
@@ -53,7 +56,7 @@ export class HashScanner {
     size: number,
     unit: number,
     hasher: TopHasher,
-    dataMap?: () => Range[] | undefined,
+    dataMap?: () => DataMap | Promise<DataMap>,
   ) {
     this.#dataMap = dataMap;
     this.#hasher = hasher;
@@ -101,7 +104,7 @@ export class HashScanner {
   async #scan(): Promise<void> {
     // let ssh start first: mapping the holes loads koffi (~10 ms) on this thread
     await new Promise((resolve) => setImmediate(resolve));
-    const data = this.#dataMap?.();
+    const data = await this.#dataMap?.();
     const zero = zeroHasher(this.#hasher);
     let d = 0;
     /** Whether [offset, end) is all hole (data ranges ascend, and so do the units asked). */

@@ -78,7 +78,7 @@ async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promi
     s.direct = await DirectCopy.open(
       h.direct,
       h,
-      { path: h.path, fh: src.fh, size: src.size },
+      { path: h.path, fh: src.fh, size: src.size, kind: src.kind },
       hasherOf(h),
       s.payload,
     );
