@@ -12,6 +12,9 @@ import type { AgentSession, Opened } from './session.js';
 export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void> {
   if (p.length !== 0) throw new ProtocolError('bad DONE');
   trace('DONE received');
+  // blksync takes every top hash before DONE; one that sends DONE sooner still gets the whole
+  // stream, read before the file is synced and closed
+  await s.topStream;
   const directReport = await s.directRun;
   await s.index?.beforeFinish();
   await o.sink?.finish();

@@ -45,11 +45,15 @@ export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
     s.directRun.catch((err: unknown) => s.fail(err));
   }
   if (digests) {
-    digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) => s.fail(err));
+    s.topStream = digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) =>
+      s.fail(err),
+    );
   }
   // a used index stands in for DST: no scan
   if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && s.index?.used !== true) {
-    topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => s.fail(err));
+    s.topStream = topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) =>
+      s.fail(err),
+    );
   }
 }
 

@@ -140,7 +140,10 @@ export function main(rest: Buffer, payload?: Buffer): void {
   holdTrace('agent');
   trace('agent running (node started, bundle received and loaded)');
   const stderr = (line: string): void => void process.stderr.write(line);
-  void runAgent({ input: process.stdin, output: process.stdout, payload, trace: stderr }, rest).then((code) => {
+  void runAgent(
+    { input: process.stdin, output: process.stdout, payload, trace: stderr },
+    rest,
+  ).then((code) => {
     process.stdout.end(() => process.exit(code));
   });
 }

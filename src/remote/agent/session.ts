@@ -70,6 +70,8 @@ export class AgentSession {
   #sending = 0;
   #keepalive: NodeJS.Timeout | undefined;
 
+  /** The TOP_HASHES stream while it runs (DONE lets it finish before closing the file). */
+  topStream: Promise<void> | undefined;
   /** The hash of HASHES replies: truncated SHA-256, or GMAC when HELLO's `reqHash` asks. */
   unitHash: TopHasher = wireHash;
   /** Where trace lines go if HELLO asks for a trace. */
