@@ -168,7 +168,8 @@ class Pull {
         new FetchedSource(size, link, this.#refiner, this.#book, !this.#session.dryRun);
       this.#openSink(created);
       const run = await this.#runPipeline(link, plan, source);
-      const summary = await link.finish();
+      // DST's fsync and the agent's DONE/SUMMARY round trip overlap
+      const [, summary] = await Promise.all([this.#sink?.finish(), link.finish()]);
       // the refiner fetches ahead, so an interrupted run received more than it wrote
       if (!this.#session.dryRun && !run.interrupted && summary.bytes !== run.bytesWritten) {
         throw new BlksyncError(
@@ -442,7 +443,7 @@ class Pull {
       onProgress: options.onProgress && withChannel(options.onProgress, link),
       onChunk: this.#index?.onChunk,
     });
-    await this.#sink?.finish();
+    // no request may follow DONE
     await this.#refiner?.stop();
     await this.#pulled?.stop();
     return run;
