@@ -208,7 +208,9 @@ export class AgentLink {
         link.#ready = { resolve, reject };
       });
       // the agent code and the HELLO go out together: no round trip before the handshake
-      link.#write(Buffer.concat([payload, helloFrame(tracing() ? { ...hello, trace: true } : hello)]));
+      link.#write(
+        Buffer.concat([payload, helloFrame(tracing() ? { ...hello, trace: true } : hello)]),
+      );
       link.#readyInfo = await ready;
       trace(`READY from ${spec.destination} (agent started, ${hello.role} opened)`);
       link.#compressor = new Compressor(link.#readyInfo.encoding !== '');

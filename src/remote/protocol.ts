@@ -343,10 +343,7 @@ export function unitHashes(
   const n = Math.ceil(length / unit);
   const out = Buffer.allocUnsafe(n * WIRE_HASH_BYTES);
   for (let i = 0; i < n; i++) {
-    hash(data.subarray(i * unit, Math.min((i + 1) * unit, length))).copy(
-      out,
-      i * WIRE_HASH_BYTES,
-    );
+    hash(data.subarray(i * unit, Math.min((i + 1) * unit, length))).copy(out, i * WIRE_HASH_BYTES);
   }
   return out;
 }
