@@ -15,6 +15,7 @@ import { registerDiff } from './diff-command.js';
 import { registerIndex } from './index-command.js';
 import { registerInfo } from './info-command.js';
 import { registerPublish } from './publish-command.js';
+import { startTrace, trace, TRACE_PREFIX } from '../trace.js';
 
 function buildProgram(setExit: (code: number) => void, errText: { text: string }): Command {
   const program = new Command()
@@ -74,6 +75,8 @@ function refuseContradictions(cmd: Command<unknown[], OptionValues, OptionValues
 
 /** Runs the CLI with `argv` (process.argv layout); sets process.exitCode. */
 export async function main(argv: readonly string[]): Promise<void> {
+  if (process.env.BLKSYNC_TRACE === '1') startTrace(printTrace);
+  trace('cli started (node and the CLI bundle loaded)');
   let exitCode: number | undefined;
   const errText = { text: '' };
   const program = buildProgram((code) => {
@@ -89,4 +92,17 @@ export async function main(argv: readonly string[]): Promise<void> {
     );
   }
   process.exitCode = exitCode ?? 0;
+  trace(`exit ${process.exitCode}`);
+}
+
+/**
+ * BLKSYNC_TRACE=1: the timeline on stderr, one line per event, in ms since this process
+ * started (an agent's events placed by their wall-clock time; exact on one machine).
+ */
+function printTrace(line: string): void {
+  const m = new RegExp(`^${TRACE_PREFIX} ([\\d.]+) ([\\d.]+) (\\S+) (.*)$`).exec(line.trimEnd());
+  if (m === null) return;
+  const at = Number(m[1]) - performance.timeOrigin;
+  const own = m[3] === 'local' ? '' : ` (${m[2]} ms into its process)`;
+  process.stderr.write(`trace ${at.toFixed(1).padStart(8)} ms  ${m[3]!.padEnd(6)} ${m[4]}${own}\n`);
 }

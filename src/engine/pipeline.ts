@@ -10,6 +10,7 @@
 
 import { BlksyncError } from '../errors.js';
 import { RangeList } from '../ranges.js';
+import { trace } from '../trace.js';
 import { BufferPool } from './knowledge.js';
 import type {
   ChunkKnowledge,
@@ -229,5 +230,6 @@ export async function runPipeline(
       await settling;
     }
   }
+  trace(`pipeline done: ${result.bytesScanned} bytes compared, ${result.bytesWritten} written`);
   return result;
 }

@@ -25,6 +25,22 @@ export interface SparseSide {
   path: string;
 }
 
+/** Granularity of a data map: any block a file system uses is a multiple of it. */
+const MIN_FS_BLOCK = 512;
+
+/**
+ * Where a regular file holds data (ascending, merged); a unit outside them is all hole and
+ * reads as zeros. Undefined when the file system does not report holes (or koffi cannot
+ * load): then every byte must be read. A block device reports all of itself as data.
+ */
+export function dataRangesOf(fh: FileHandle, size: number, path: string): Range[] | undefined {
+  try {
+    return mappedRanges(fh, size, MIN_FS_BLOCK, path);
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * The plan less the block-aligned ranges where every side given is a hole. `sides` are the
  * regular files among SRC and DST (a DST that was just created is all hole: pass only SRC).

@@ -12,7 +12,7 @@
  * refine at once (each is a read-ahead of the pipeline), so the round trips overlap.
  */
 
-import { wireHash, WIRE_HASH_BYTES, zeroHasher } from './protocol.js';
+import { wireHash, WIRE_HASH_BYTES, zeroHasher, type TopHasher } from './protocol.js';
 import type { AgentLink } from './link.js';
 
 /** The middle level of the hash tree. */
@@ -25,9 +25,14 @@ export class HashDiffer {
   readonly #link: AgentLink;
   /** Hash units below the top, largest first, ending with the block size. */
   readonly #levels: number[];
+  readonly #hash: TopHasher;
+  readonly #zero: (length: number) => Buffer;
 
-  constructor(link: AgentLink, chunkSize: number, blockSize: number) {
+  /** `hash`: the agent's HASHES hash (the wire hash unless HELLO's `reqHash` chose GMAC). */
+  constructor(link: AgentLink, chunkSize: number, blockSize: number, hash: TopHasher = wireHash) {
     this.#link = link;
+    this.#hash = hash;
+    this.#zero = hash === wireHash ? zeroHash : zeroHasher(hash);
     this.#levels = [];
     if (blockSize < MID_UNIT_BYTES && chunkSize > MID_UNIT_BYTES) this.#levels.push(MID_UNIT_BYTES);
     if (blockSize < chunkSize) this.#levels.push(blockSize);
@@ -46,7 +51,7 @@ export class HashDiffer {
     out: number[],
   ): Promise<void> {
     const local = (s: number, e: number): Buffer =>
-      zero ? zeroHash(e - s) : wireHash(data.subarray(s, e));
+      zero ? this.#zero(e - s) : this.#hash(data.subarray(s, e));
     let candidates = [0, length];
     for (const unit of this.#levels) {
       const replies: Promise<Buffer>[] = [];

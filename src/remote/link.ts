@@ -31,6 +31,7 @@ import type { Progress } from '../types.js';
 import { compareWritten, WrittenDigests, type WrittenDigest } from '../engine/written-log.js';
 import { formatBytes } from '../size.js';
 import { timeoutMs } from '../limits.js';
+import { relayTrace, trace, TRACE_PREFIX, traceOnce, tracing } from '../trace.js';
 import { BOOTSTRAP, EXIT_NODE_TOO_OLD } from './bootstrap.js';
 import { Compressor, decode } from './compress.js';
 import {
@@ -103,6 +104,8 @@ export class AgentLink {
   #summary: Deferred<Summary> | undefined;
   #error: BlksyncError | undefined;
   #stderr = '';
+  /** A line of ssh's stderr not yet ended (trace lines are taken out of it). */
+  #stderrLine = '';
   #readyInfo: Ready | undefined;
   #exitCode: number | null = null;
   #exitSignal: NodeJS.Signals | null = null;
@@ -143,6 +146,9 @@ export class AgentLink {
       this.#child.on('close', (code, signal) => {
         this.#exitCode = code;
         this.#exitSignal = signal;
+        // an unfinished last line (no newline) is part of ssh's message too
+        this.#stderr = (this.#stderr + this.#stderrLine).slice(-STDERR_KEEP_BYTES);
+        this.#stderrLine = '';
         this.#fail(this.#exitError());
         resolve();
       });
@@ -155,9 +161,8 @@ export class AgentLink {
       );
     });
     this.#child.stdin.on('error', () => {});
-    this.#child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      this.#stderr = (this.#stderr + d).slice(-STDERR_KEEP_BYTES);
-    });
+    trace(`ssh spawned (${spec.destination})`);
+    this.#child.stderr.setEncoding('utf8').on('data', (d: string) => this.#onStderr(d));
     this.#idleTimer = setInterval(
       () => this.#checkIdle(),
       Math.max(20, Math.min(1000, this.#timeoutMs / 4)),
@@ -203,8 +208,11 @@ export class AgentLink {
         link.#ready = { resolve, reject };
       });
       // the agent code and the HELLO go out together: no round trip before the handshake
-      link.#write(Buffer.concat([payload, helloFrame(hello)]));
+      link.#write(
+        Buffer.concat([payload, helloFrame(tracing() ? { ...hello, trace: true } : hello)]),
+      );
       link.#readyInfo = await ready;
+      trace(`READY from ${spec.destination} (agent started, ${hello.role} opened)`);
       link.#compressor = new Compressor(link.#readyInfo.encoding !== '');
       return link;
     } catch (err) {
@@ -288,7 +296,9 @@ export class AgentLink {
     });
     this.#readBackLeft = this.#sent?.digests().length ?? 0;
     this.#write(frame(FrameType.DONE));
+    trace('DONE sent');
     const s = await summary;
+    trace('SUMMARY received');
     const mine = this.#digest.digest('hex');
     if (s.digest !== mine || s.bytes !== this.dataBytes) {
       throw new BlksyncError(
@@ -314,6 +324,25 @@ export class AgentLink {
     const timer = setTimeout(() => this.#child.kill('SIGTERM'), CLOSE_TIMEOUT_MS);
     await this.#exited;
     clearTimeout(timer);
+    traceOnce(`ssh exited (${this.#spec.destination})`);
+  }
+
+  /**
+   * ssh's stderr: kept (the tail) for error messages, except an agent's trace lines, which
+   * go on this end's timeline.
+   */
+  #onStderr(d: string): void {
+    // only an agent asked for a trace writes trace lines
+    if (!tracing()) {
+      this.#stderr = (this.#stderr + d).slice(-STDERR_KEEP_BYTES);
+      return;
+    }
+    const lines = (this.#stderrLine + d).split('\n');
+    this.#stderrLine = lines.pop() ?? '';
+    for (const l of lines) {
+      if (l.startsWith(`${TRACE_PREFIX} `)) relayTrace(l);
+      else this.#stderr = (this.#stderr + l + '\n').slice(-STDERR_KEEP_BYTES);
+    }
   }
 
   #write(buf: Buffer): boolean {
@@ -399,6 +428,8 @@ export class AgentLink {
           if (this.#top === undefined) throw new ProtocolError('TOP_HASHES not asked for');
           const wrong = this.#top.accept(offset, unit, hashes);
           if (wrong !== undefined) throw new ProtocolError(wrong);
+          traceOnce('first TOP_HASHES received');
+          if (this.#top.complete) trace('last TOP_HASHES received');
           return;
         }
         const head = this.#pending[0];

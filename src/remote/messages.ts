@@ -377,12 +377,14 @@ export function parseHello(json: unknown): Hello {
       topHash: oneOf(TOP_HASH_GMAC, TOP_HASH_BLOCKS),
       topBlock: blockSize,
       key: matching(new RegExp(`^[0-9a-f]{${2 * GMAC_KEY_BYTES}}$`), 'a hex AES-128 key'),
+      reqHash: oneOf(TOP_HASH_GMAC),
       identity: bool,
       raw: bool,
       direct: directHello,
       index: indexHello,
       verify: bool,
       keepalive: seconds,
+      trace: bool,
     },
   )(json, 'HELLO');
   if (h.topUnit !== 0 && (h.topUnit < MIN_HASH_UNIT || h.topUnit > MAX_REQUEST_BYTES)) {
@@ -394,6 +396,9 @@ export function parseHello(json: unknown): Hello {
   if (h.role === 'source' && h.verify !== undefined) bad('HELLO.verify', h.verify, 'for a target');
   if (h.role === 'target' && h.raw !== undefined) bad('HELLO.raw', h.raw, 'for a source');
   if (h.topHash === TOP_HASH_GMAC && h.key === undefined) bad('HELLO.key', undefined, 'a key');
+  if (h.reqHash !== undefined && h.key === undefined) bad('HELLO.key', undefined, 'a key');
+  // an index answers HASH_REQ from its table, which holds SHA-256
+  if (h.reqHash !== undefined && h.index !== undefined) bad('HELLO.reqHash', h.reqHash, 'no index');
   if (h.topHash === TOP_HASH_BLOCKS && (h.topBlock === undefined || h.topUnit % h.topBlock !== 0)) {
     bad('HELLO.topBlock', h.topBlock, 'a block size dividing topUnit');
   }

@@ -10,6 +10,8 @@
  *                         └► differs: refine (≤ REFINE_CONCURRENCY at once) ─► spans (+ bytes)
  */
 
+import { trace } from '../trace.js';
+
 /** What the refiner found for one chunk. */
 export interface Found {
   /** [start, end) pairs relative to the chunk. */
@@ -128,5 +130,6 @@ export class Refiner {
       this.#inFlight.add(p);
       this.#publish(offset, p);
     }
+    if (!this.#stopped) trace('top hashes compared (refinements under way)');
   }
 }

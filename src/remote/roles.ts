@@ -18,6 +18,7 @@ import { HashDiffer } from './hash-differ.js';
 import type { AgentLink } from './link.js';
 import {
   GMAC_KEY_BYTES,
+  skippingZeros,
   TOP_HASH_GMAC,
   topHasher,
   zeroHasher,
@@ -238,7 +239,7 @@ export interface TopHashing {
 
 export function topHashing(): TopHashing {
   const key = randomBytes(GMAC_KEY_BYTES);
-  const hash = topHasher(key);
+  const hash = skippingZeros(topHasher(key));
   return {
     hello: { topHash: TOP_HASH_GMAC, key: key.toString('hex') },
     hash,
@@ -259,8 +260,9 @@ export function hashAheadPush(
   scanner: HashScanner,
   link: AgentLink,
   book: SpanBook,
+  reqHash?: TopHasher,
 ): { refiner: Refiner; input: PushSource } {
-  const differ = new HashDiffer(link, chunkSize, blockSize);
+  const differ = new HashDiffer(link, chunkSize, blockSize, reqHash);
   const pool = new BufferPool(chunkSize);
   const refiner = new Refiner(
     size,

@@ -3,14 +3,25 @@
  * even connected and keeps only 16 bytes per unit, so it can run as far ahead as it likes;
  * the copy then reads a chunk again only when its hash differs from the agent's (a few
  * chunks in a mostly unchanged image), and the local and remote scans run side by side.
+ *
+ * A unit the file system reports as all hole (SEEK_DATA, io/sparse-map.ts) reads as zeros:
+ * it gets the hash of zeros without being read (three quarters of an OS image). A file system
+ * or device that reports no holes is read whole, as before.
  */
 
 import { fromSystemError } from '../errors.js';
+import type { Range } from '../ranges.js';
+import { trace } from '../trace.js';
 import type { Source } from '../types.js';
-import type { TopHasher } from './protocol.js';
+import { zeroHasher, type TopHasher } from './protocol.js';
 
 /** Reads in flight while scanning. */
 const SCAN_READ_AHEAD = 4;
+/** Stands for a unit that was not read: all hole. */
+const HOLE = Buffer.alloc(0);
+
+/** Where a file holds data, ascending; undefined when it cannot tell (every unit is read). */
+type DataMap = readonly Range[] | undefined;
 
 /** A unit's hash and the bytes it covers (short at the end of the file). */
 export type UnitHash = [hash: Buffer, length: number];
@@ -31,16 +42,23 @@ export class HashScanner {
   #error: Error | undefined;
   #stopped = false;
   #done: Promise<void> | undefined;
+  readonly #dataMap: (() => DataMap | Promise<DataMap>) | undefined;
   bytesRead = 0;
 
-  /** `file` is read by offset, in any order (a FileSource). */
+  /**
+   * `file` is read by offset, in any order (a FileSource). `dataMap`: where the file holds
+   * data (engine/sparse-plan.ts `dataRangesOf`; undefined: it cannot tell), for a regular
+   * file whose holes may be skipped; kept out of this file, which the agent bundle carries.
+   */
   constructor(
     file: Pick<Source, 'read'>,
     path: string,
     size: number,
     unit: number,
     hasher: TopHasher,
+    dataMap?: () => DataMap | Promise<DataMap>,
   ) {
+    this.#dataMap = dataMap;
     this.#hasher = hasher;
     this.#file = file;
     this.#path = path;
@@ -84,6 +102,17 @@ export class HashScanner {
   }
 
   async #scan(): Promise<void> {
+    // let ssh start first: mapping the holes loads koffi (~10 ms) on this thread
+    await new Promise((resolve) => setImmediate(resolve));
+    const data = await this.#dataMap?.();
+    const zero = zeroHasher(this.#hasher);
+    let d = 0;
+    /** Whether [offset, end) is all hole (data ranges ascend, and so do the units asked). */
+    const hole = (offset: number, end: number): boolean => {
+      if (data === undefined) return false;
+      while (d < data.length && data[d]!.end <= offset) d++;
+      return d >= data.length || data[d]!.start >= end;
+    };
     const free: Buffer[] = [];
     const reads: Promise<[Buffer, number, number]>[] = [];
     let next = 0;
@@ -92,6 +121,10 @@ export class HashScanner {
       const offset = next;
       const length = Math.min(this.#unit, this.#size - offset);
       next += length;
+      if (hole(offset, offset + length)) {
+        reads.push(Promise.resolve([HOLE, offset, length]));
+        return;
+      }
       const buf = free.pop() ?? Buffer.allocUnsafe(this.#unit);
       const p = this.#read(buf, offset, length).then((): [Buffer, number, number] => [
         buf,
@@ -105,14 +138,23 @@ export class HashScanner {
     for (let r = reads.shift(); r !== undefined; r = reads.shift()) {
       const [buf, offset, length] = await r;
       start();
+      if (buf === HOLE) {
+        this.#publish(offset, [zero(length), length]);
+        continue;
+      }
       const h: UnitHash = [this.#hasher(buf.subarray(0, length)), length];
       free.push(buf);
-      const w = this.#waiters.get(offset);
-      if (w !== undefined) {
-        this.#waiters.delete(offset);
-        w.resolve(h);
-      } else this.#hashes.set(offset, h);
+      this.#publish(offset, h);
     }
+    trace(`${this.#path}: scan done (${this.bytesRead} bytes read)`);
+  }
+
+  #publish(offset: number, h: UnitHash): void {
+    const w = this.#waiters.get(offset);
+    if (w !== undefined) {
+      this.#waiters.delete(offset);
+      w.resolve(h);
+    } else this.#hashes.set(offset, h);
   }
 
   async #read(buf: Buffer, offset: number, length: number): Promise<void> {

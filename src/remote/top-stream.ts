@@ -81,6 +81,11 @@ export class TopStream {
     return new Promise((resolve, reject) => this.#waiters.set(i, { resolve, reject }));
   }
 
+  /** Every unit's hash has arrived. */
+  get complete(): boolean {
+    return this.#received === this.#count;
+  }
+
   get waiting(): boolean {
     return this.#waiters.size > 0;
   }

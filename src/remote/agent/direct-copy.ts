@@ -25,6 +25,7 @@ import { AgentLink } from '../link.js';
 import type { DirectHello, DirectReport, Hello, Ready, Summary, TopHasher } from '../protocol.js';
 import { hashAheadPush, RefinedTarget, REMOTE_DEPTH, RemoteSink, SpanBook } from '../roles.js';
 import { HashScanner } from '../scanner.js';
+import { agentDataMap } from './data-map.js';
 import type { Refiner } from '../refiner.js';
 
 /** Least time between two PROGRESS frames: they cross the link blksync is on. */
@@ -35,6 +36,8 @@ export interface DirectSource {
   path: string;
   fh: FileHandle;
   size: number;
+  /** A regular file's holes are not read (data-map.ts). */
+  kind: 'file' | 'block-device';
 }
 
 export class DirectCopy {
@@ -77,7 +80,9 @@ export class DirectCopy {
     const scanner =
       d.full === true
         ? undefined
-        : new HashScanner(file, src.path, src.size, d.chunkSize, hasher).start();
+        : new HashScanner(file, src.path, src.size, d.chunkSize, hasher, () =>
+            src.kind === 'file' ? agentDataMap(src.fh.fd, src.size) : undefined,
+          ).start();
     let link: AgentLink;
     try {
       link = await AgentLink.open(

@@ -5,14 +5,20 @@
 
 import { readBackWritten } from '../../engine/written-log.js';
 import { identityOf } from '../../io/identity.js';
+import { trace } from '../../trace.js';
 import { FrameType, jsonFrame, ProtocolError, readBackFrames, type Summary } from '../protocol.js';
 import type { AgentSession, Opened } from './session.js';
 
 export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void> {
   if (p.length !== 0) throw new ProtocolError('bad DONE');
+  trace('DONE received');
+  // blksync takes every top hash before DONE; one that sends DONE sooner still gets the whole
+  // stream, read before the file is synced and closed
+  await s.topStream;
   const directReport = await s.directRun;
   await s.index?.beforeFinish();
   await o.sink?.finish();
+  if (o.sink !== undefined) trace('synced');
   await s.index?.afterFinish();
   let identity: Summary['identity'];
   if (o.identity && o.fh !== undefined && o.sink !== undefined) {
@@ -58,4 +64,5 @@ export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void>
     ...(verified !== undefined ? { verify: verified } : {}),
   };
   await s.send(jsonFrame(FrameType.SUMMARY, summary));
+  trace('SUMMARY sent');
 }

@@ -6,6 +6,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
+import { dropTrace, startTrace, trace } from '../../trace.js';
 import { WrittenRanges } from '../../engine/written-log.js';
 import {
   CONTAINER_HEAD_BYTES,
@@ -23,27 +24,36 @@ import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '
 import { DirectCopy } from './direct-copy.js';
 import { parseHello } from './hello-check.js';
 import type { AgentSession } from './session.js';
-import { digestHashes, hasherOf, topHashes } from './top-hashes.js';
+import { digestHashes, hasherOf, reqHasherOf, topHashes } from './top-hashes.js';
 
 /** Handles HELLO: opens the end, sends READY, starts what runs beside the request queue. */
 export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
   const h = parseHello(payload);
+  if (h.trace === true && s.traceOut !== undefined) startTrace(s.traceOut);
+  else dropTrace();
+  trace(`HELLO received (${h.role})`);
   s.startKeepalive(h.keepalive);
+  if (h.reqHash !== undefined) s.unitHash = reqHasherOf(h);
   const encoding = h.encodings.includes(DEFLATE_RAW) ? DEFLATE_RAW : '';
   const { ready, digests } =
     h.role === 'source' ? await openSourceEnd(s, h, encoding) : await openTargetEnd(s, h, encoding);
   const opened = s.opened!;
   await s.send(jsonFrame(FrameType.READY, ready));
+  trace('READY sent');
   if (s.direct !== undefined) {
     s.directRun = s.direct.run((p) => void s.send(jsonFrame(FrameType.PROGRESS, p)));
     s.directRun.catch((err: unknown) => s.fail(err));
   }
   if (digests) {
-    digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) => s.fail(err));
+    s.topStream = digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) =>
+      s.fail(err),
+    );
   }
   // a used index stands in for DST: no scan
   if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && s.index?.used !== true) {
-    topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) => s.fail(err));
+    s.topStream = topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) =>
+      s.fail(err),
+    );
   }
 }
 
@@ -72,7 +82,7 @@ async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promi
     s.direct = await DirectCopy.open(
       h.direct,
       h,
-      { path: h.path, fh: src.fh, size: src.size },
+      { path: h.path, fh: src.fh, size: src.size, kind: src.kind },
       hasherOf(h),
       s.payload,
     );

@@ -4,6 +4,7 @@
  * WRITTEN) and DATA_REQ (read and send, compressed when negotiated).
  */
 
+import { traceOnce } from '../../trace.js';
 import { decode } from '../compress.js';
 import {
   dataHeader,
@@ -28,6 +29,7 @@ export async function hashRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   if (unit < MIN_HASH_UNIT || Math.ceil(length / unit) > MAX_HASHES_PER_REPLY) {
     throw new ProtocolError(`bad hash unit ${unit}`);
   }
+  traceOnce('first HASH_REQ');
   const known = s.index?.hashesFor(offset, length, unit);
   if (known !== undefined) {
     await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), known));
@@ -37,7 +39,8 @@ export async function hashRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   await readFully(o, o.fh, buf, length, offset);
   s.bytesRead += length;
   s.index?.learned(offset, buf, length);
-  await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), unitHashes(buf, length, unit)));
+  const hashes = unitHashes(buf, length, unit, s.unitHash);
+  await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), hashes));
 }
 
 /** DATA: writes the bytes at their offset and acknowledges the running total (WRITTEN). */
@@ -53,6 +56,7 @@ export async function dataWrite(s: AgentSession, o: Opened, p: Buffer): Promise<
   if (enc !== 0 && o.encoding === '') throw new ProtocolError('DATA encoding not negotiated');
   const raw = decode(enc, p.subarray(13), rawLength);
   if (raw === undefined) throw new ProtocolError('DATA does not decode to its length');
+  traceOnce('first DATA');
   s.digest.update(p.subarray(0, 12)).update(raw);
   await s.index?.beforeWrite(offset);
   await o.sink.write(raw, offset);
@@ -71,6 +75,7 @@ export async function dataRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   if (o.role !== 'source' || p.length !== 12) throw new ProtocolError('bad DATA_REQ');
   const length = p.readUInt32BE(8);
   const offset = s.checkRange(readU64(p, 0), length);
+  traceOnce('first DATA_REQ');
   const buf = Buffer.allocUnsafe(length);
   await readFully(o, o.fh!, buf, length, offset);
   s.bytesRead += length;

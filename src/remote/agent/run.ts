@@ -18,6 +18,7 @@
  * DATA and DATA_REQ in requests.ts, DONE in done.ts. The session's state is session.ts.
  */
 
+import { holdTrace, trace } from '../../trace.js';
 import { FrameDecoder, FrameType, ProtocolError, type Frame } from '../protocol.js';
 import { done } from './done.js';
 import { hello } from './open-end.js';
@@ -32,6 +33,8 @@ export interface AgentStreams {
   output: NodeJS.WritableStream;
   /** The agent bundle as the bootstrap received it (length prefix included). */
   payload?: Buffer | undefined;
+  /** Where trace lines go when HELLO asks for a trace (the agent's stderr). */
+  trace?: ((line: string) => void) | undefined;
 }
 
 /** Hands one frame to its handler. */
@@ -65,7 +68,7 @@ async function handle(s: AgentSession, f: Frame): Promise<void> {
 /** Runs the agent until stdin ends or an error; resolves with the exit status. */
 export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise<number> {
   const { input, output } = streams;
-  const s = new AgentSession(output, streams.payload);
+  const s = new AgentSession(output, streams.payload, streams.trace);
   const decoder = new FrameDecoder();
   const queue = s.queue;
   let wake: (() => void) | undefined;
@@ -124,6 +127,7 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
   await s.index?.settle().catch(() => {});
   await s.opened?.fh?.close().catch(() => {});
   await s.flushed();
+  trace('agent exits');
   return s.failed ? 1 : 0;
 }
 
@@ -132,7 +136,14 @@ export async function runAgent(streams: AgentStreams, initial?: Buffer): Promise
  * the agent code as it was sent (for --direct, where this agent starts another).
  */
 export function main(rest: Buffer, payload?: Buffer): void {
-  void runAgent({ input: process.stdin, output: process.stdout, payload }, rest).then((code) => {
+  // held until HELLO says whether a trace is wanted; performance.now() counts from node's start
+  holdTrace('agent');
+  trace('agent running (node started, bundle received and loaded)');
+  const stderr = (line: string): void => void process.stderr.write(line);
+  void runAgent(
+    { input: process.stdin, output: process.stdout, payload, trace: stderr },
+    rest,
+  ).then((code) => {
     process.stdout.end(() => process.exit(code));
   });
 }

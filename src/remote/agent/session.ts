@@ -21,6 +21,8 @@ import {
   ProtocolError,
   type DirectReport,
   type Frame,
+  wireHash,
+  type TopHasher,
   type WireError,
 } from '../protocol.js';
 import type { DirectCopy } from './direct-copy.js';
@@ -68,9 +70,21 @@ export class AgentSession {
   #sending = 0;
   #keepalive: NodeJS.Timeout | undefined;
 
-  constructor(output: NodeJS.WritableStream, payload: Buffer | undefined) {
+  /** The TOP_HASHES stream while it runs (DONE lets it finish before closing the file). */
+  topStream: Promise<void> | undefined;
+  /** The hash of HASHES replies: truncated SHA-256, or GMAC when HELLO's `reqHash` asks. */
+  unitHash: TopHasher = wireHash;
+  /** Where trace lines go if HELLO asks for a trace. */
+  readonly traceOut: ((line: string) => void) | undefined;
+
+  constructor(
+    output: NodeJS.WritableStream,
+    payload: Buffer | undefined,
+    traceOut?: (line: string) => void,
+  ) {
     this.#output = output;
     this.payload = payload;
+    this.traceOut = traceOut;
   }
 
   /** Queues a frame for output, in order; after a failure only the ERROR frame goes out. */

@@ -5,6 +5,7 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
+import { trace, traceOnce } from '../../trace.js';
 import type { AgentIndex } from '../agent-index.js';
 import {
   blockDigestHasher,
@@ -13,10 +14,13 @@ import {
   rangeHeader,
   TOP_HASH_BLOCKS,
   TOP_HASH_GMAC,
+  skippingZeros,
   topHasher,
+  zeroHasher,
   type Hello,
   type TopHasher,
 } from '../protocol.js';
+import { agentDataMap } from './data-map.js';
 import { readFully, type AgentSession, type Opened } from './session.js';
 
 /** TOP_HASHES batched per frame. */
@@ -24,13 +28,30 @@ const TOP_BATCH = 4;
 /** Top-level units read ahead while hashing. */
 const TOP_READ_AHEAD = 4;
 
-/** The top-level hash HELLO asked for: GMAC under its key, block digests, or SHA-256. */
+/**
+ * The top-level hash HELLO asked for: GMAC under its key, block digests, or SHA-256; a unit
+ * of zeros (a hole: most of an OS image) costs a memcmp instead of hashing.
+ */
 export function hasherOf(h: Hello): TopHasher {
-  if (h.topHash === TOP_HASH_BLOCKS) return blockDigestHasher(h.topBlock!);
-  return topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined);
+  if (h.topHash === TOP_HASH_BLOCKS) return skippingZeros(blockDigestHasher(h.topBlock!));
+  return skippingZeros(
+    topHasher(h.topHash === TOP_HASH_GMAC ? Buffer.from(h.key!, 'hex') : undefined),
+  );
 }
 
-/** Reads the whole file in `unit`s and sends each unit's hash. */
+/** The hash of HASHES replies HELLO's `reqHash` asked for: GMAC under its key. */
+export function reqHasherOf(h: Hello): TopHasher {
+  return skippingZeros(topHasher(Buffer.from(h.key!, 'hex')));
+}
+
+/** Stands for a unit not read: all hole. */
+const HOLE = Buffer.alloc(0);
+
+/**
+ * Reads the whole file in `unit`s and sends each unit's hash. A unit the file system reports
+ * as all hole (data-map.ts) is not read: it reads as zeros, so its hash is that of zeros. Not
+ * while an index is being made, which needs every block's bytes.
+ */
 export async function topHashes(
   s: AgentSession,
   o: Opened,
@@ -38,6 +59,18 @@ export async function topHashes(
   unit: number,
   hasher: TopHasher,
 ): Promise<void> {
+  // taken before any DATA can come: a unit's hash goes out before anything is written to it
+  const data =
+    o.kind === 'file' && s.index === undefined ? await agentDataMap(fh.fd, o.limit) : undefined;
+  trace(`data map: ${data === undefined ? 'none, reading all' : `${data.length} data ranges`}`);
+  const zero = zeroHasher(hasher);
+  let d = 0;
+  /** Whether [off, end) is all hole (data ranges ascend, and so do the units asked). */
+  const hole = (off: number, end: number): boolean => {
+    if (data === undefined) return false;
+    while (d < data.length && data[d]!.end <= off) d++;
+    return d >= data.length || data[d]!.start >= end;
+  };
   // a few buffers reused round robin: fresh 4 MiB buffers cost a page fault per 4 KiB
   const free: Buffer[] = [];
   const reads: Promise<[Buffer, number]>[] = [];
@@ -47,6 +80,10 @@ export async function topHashes(
     const off = next;
     const len = Math.min(unit, o.limit - off);
     next += len;
+    if (hole(off, off + len)) {
+      reads.push(Promise.resolve([HOLE, len]));
+      return;
+    }
     const buf = free.pop() ?? Buffer.allocUnsafe(unit);
     const p = readFully(o, fh, buf, len, off).then((): [Buffer, number] => {
       s.bytesRead += len;
@@ -61,16 +98,21 @@ export async function topHashes(
   for (let off = 0; off < o.limit && !s.failed; off += unit) {
     const [buf, len] = await reads.shift()!;
     start();
-    // before this unit's hash goes out: no DATA for it can have come yet
-    s.index?.learned(off, buf, len);
     if (batch.length === 0) batchOffset = off;
-    batch.push(hasher(buf.subarray(0, len)));
-    free.push(buf);
+    if (buf === HOLE) batch.push(zero(len));
+    else {
+      // before this unit's hash goes out: no DATA for it can have come yet
+      s.index?.learned(off, buf, len);
+      batch.push(hasher(buf.subarray(0, len)));
+      free.push(buf);
+    }
     if (batch.length === TOP_BATCH || off + unit >= o.limit) {
       await s.send(frame(FrameType.TOP_HASHES, rangeHeader(batchOffset, unit), ...batch));
+      traceOnce('first TOP_HASHES sent');
       batch = [];
     }
   }
+  trace(`scan done (${s.bytesRead} bytes read)`);
 }
 
 /**

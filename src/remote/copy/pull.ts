@@ -19,6 +19,7 @@ import type { FoundBmap } from '../../engine/find-bmap.js';
 import type { IndexSession } from '../../engine/index-session.js';
 import { BufferPool } from '../../engine/knowledge.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
+import { dataRangesOf } from '../../engine/sparse-plan.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
 import { WrittenSink } from '../../engine/written-log.js';
 import { destinationSink } from '../../io/destination-sink.js';
@@ -167,7 +168,8 @@ class Pull {
         new FetchedSource(size, link, this.#refiner, this.#book, !this.#session.dryRun);
       this.#openSink(created);
       const run = await this.#runPipeline(link, plan, source);
-      const summary = await link.finish();
+      // DST's fsync and the agent's DONE/SUMMARY round trip overlap
+      const [, summary] = await Promise.all([this.#sink?.finish(), link.finish()]);
       // the refiner fetches ahead, so an interrupted run received more than it wrote
       if (!this.#session.dryRun && !run.interrupted && summary.bytes !== run.bytesWritten) {
         throw new BlksyncError(
@@ -228,7 +230,11 @@ class Pull {
     // with a bmap, only the mapped ranges are compared, piece by piece
     if (!full && !this.#indexing && bmap === undefined && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
-      this.#scanner = new HashScanner(file, dst, target.size, chunkSize, this.#top.hash).start();
+      // DST's holes are not read (a block device reports none)
+      const { fh, size } = target;
+      this.#scanner = new HashScanner(file, dst, size, chunkSize, this.#top.hash, () =>
+        dataRangesOf(fh, size, dst),
+      ).start();
     }
     this.#link = await AgentLink.open(
       this.#spec,
@@ -438,7 +444,7 @@ class Pull {
       onProgress: options.onProgress && withChannel(options.onProgress, link),
       onChunk: this.#index?.onChunk,
     });
-    await this.#sink?.finish();
+    // no request may follow DONE
     await this.#refiner?.stop();
     await this.#pulled?.stop();
     return run;

@@ -14,6 +14,7 @@ import { BlksyncError } from '../../errors.js';
 import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
 import { runPipeline } from '../../engine/pipeline.js';
+import { dataRangesOf } from '../../engine/sparse-plan.js';
 import { FileSource } from '../../io/file-source.js';
 import type { Sink, Source, TargetKnowledge } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
@@ -77,11 +78,19 @@ export async function push(
     whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
-  // SRC's hashes are computed while ssh connects and the agent scans DST
+  // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
+  const holes = opened.file?.kind === 'file' ? opened.file.fh : undefined;
   const scanner =
     full || file === undefined
       ? undefined
-      : new HashScanner(file, src, size, chunkSize, top.hash).start();
+      : new HashScanner(
+          file,
+          src,
+          size,
+          chunkSize,
+          top.hash,
+          holes && (() => dataRangesOf(holes, size, src)),
+        ).start();
   let link: AgentLink | undefined;
   let index: RemoteIndex | undefined;
   try {
@@ -106,6 +115,10 @@ export async function push(
     // an index that may be used makes the agent's scan of DST needless
     const mayUseIndex = found !== undefined && 'index' in found && !options.rebuildIndex;
     const topUnit = full || !whole || mayUseIndex ? 0 : chunkSize;
+    // without an index (whose tables hold SHA-256) the agent's HASHES are GMAC tags too:
+    // a bmap's mapped pieces are compared by HASH_REQ, at a sixth of SHA-256's CPU
+    const gmacHashes = kept === undefined && !indexing;
+    const reqHash = gmacHashes ? top.hash : wireHash;
     link = await AgentLink.open(
       spec,
       options,
@@ -117,6 +130,7 @@ export async function push(
         // a bmap plan asks for the mapped ranges' hashes instead of a scan of all of DST
         topUnit,
         ...top.hello,
+        ...(gmacHashes ? { reqHash: top.hello.topHash } : {}),
         encodings: [DEFLATE_RAW],
         ...(indexing ? { identity: true } : {}),
         ...(options.verify === true ? { verify: true } : {}),
@@ -181,19 +195,29 @@ export async function push(
       knowledge = new ZeroTarget();
       await scanner?.stop();
     } else if (file !== undefined && scanner !== undefined) {
-      const ahead = hashAheadPush(file, src, size, chunkSize, blockSize, scanner, link, book);
+      const ahead = hashAheadPush(
+        file,
+        src,
+        size,
+        chunkSize,
+        blockSize,
+        scanner,
+        link,
+        book,
+        reqHash,
+      );
       refiner = ahead.refiner;
       input = ahead.input;
       knowledge = new RefinedTarget(book, () => 0);
     } else {
-      const differ = new HashDiffer(link, chunkSize, blockSize);
+      const differ = new HashDiffer(link, chunkSize, blockSize, reqHash);
       input = new CheckedSource(opened.source, book, async (offset, data, length) => {
         const chunk = data.subarray(0, length);
         // the whole image: the agent's TOP_HASHES stream; a bmap's piece: one hash asked for
         const same =
           topUnit > 0
             ? top.hash(chunk).equals(await l.topHash(offset))
-            : wireHash(chunk).equals(
+            : reqHash(chunk).equals(
                 await l.hashes(offset, length, Math.max(length, MIN_HASH_UNIT)),
               );
         const spans: number[] = [];
