@@ -53,3 +53,19 @@ test('with and without the worker thread, the hashes are those of each chunk', a
   );
   assert.ok(larger.subarray(Math.floor(size / CHUNK) * 32).every((b) => b === 0xff));
 });
+
+test('an interrupted hashing throws EINTERRUPTED, with worker threads or without', async (t) => {
+  const dir = await tempDir(t);
+  const dst = join(dir, 'dst.img');
+  await writeSparseFile(dst, 8 * 1024 * 1024, [
+    { offset: 0, data: seededBytes(8 * 1024 * 1024, 3) },
+  ]);
+  for (const workerMin of [0, Infinity]) {
+    await assert.rejects(
+      hashDestination(dst, header(8 * 1024 * 1024), AbortSignal.abort(), workerMin),
+      {
+        code: 'EINTERRUPTED',
+      },
+    );
+  }
+});

@@ -2,8 +2,9 @@
  * The SHA-256 of each of DST's chunks, as the published image's chunks lie: what a copy from
  * a published image compares with the published hashes to know what to fetch. Holes of a
  * sparse DST are not read; chunks of zeros are recognised by memcmp (~10x cheaper than
- * SHA-256); with enough data, a worker thread hashes every other piece while this thread
- * reads and hashes the rest (SHA-256 of DST is most of such a copy's CPU time).
+ * SHA-256); with enough data, one worker thread per core (two at most) reads and hashes the
+ * pieces, each taking the next from a shared counter (SHA-256 of DST is most of such a
+ * copy's CPU time).
  */
 
 import { open, type FileHandle } from 'node:fs/promises';
@@ -17,63 +18,114 @@ import type { Range } from '../ranges.js';
 
 /** DST is read in pieces of this size. */
 const READ_BYTES = 4 * 1024 * 1024;
-/** Data bytes of DST from which a worker thread helps: below, its start-up costs more. */
+/** Data bytes of DST from which worker threads hash it: below, their start-up costs more. */
 export const WORKER_MIN_BYTES = 64 * 1024 * 1024;
 
 /**
- * The worker: hashes the chunks of a piece in shared memory, zeros by memcmp. Plain
- * JavaScript run with `eval`, so that it needs no file of its own beside the CLI bundle.
+ * A worker: takes the next piece from a counter shared with the others (Atomics), reads it
+ * with its own buffer from the file descriptor all threads share, and writes each chunk's
+ * hash (or a zero flag, found by memcmp) into shared memory; so every core reads and hashes
+ * without waiting for another thread. Plain JavaScript run with `eval`, so that it needs no
+ * file of its own beside the CLI bundle. next[1] set means stop (interrupted).
  */
 const WORKER_SOURCE = `
-const { parentPort } = require('node:worker_threads');
+const { workerData: w, parentPort } = require('node:worker_threads');
+const { readSync } = require('node:fs');
 const { createHash } = require('node:crypto');
-let zeros = Buffer.alloc(0);
-parentPort.on('message', (m) => {
-  const buf = Buffer.from(m.memory, 0, m.length);
-  const out = Buffer.alloc(m.lens.length * 32);
-  const zero = [];
-  let at = 0;
-  for (let k = 0; k < m.lens.length; k++) {
-    const len = m.lens[k];
-    if (zeros.length < len) zeros = Buffer.alloc(len);
-    if (buf.compare(zeros, 0, len, at, at + len) === 0) zero.push(k);
-    else createHash('sha256').update(buf.subarray(at, at + len)).digest().copy(out, k * 32);
-    at += len;
+const pieces = new Float64Array(w.pieces);
+const next = new Int32Array(w.next);
+const out = Buffer.from(w.out);
+const zero = new Uint8Array(w.zero);
+const buf = Buffer.allocUnsafe(w.readBytes);
+const zeros = Buffer.alloc(w.chunkSize);
+function hashPieces() {
+  for (let k = Atomics.add(next, 0, 1); 3 * k < pieces.length; k = Atomics.add(next, 0, 1)) {
+    if (Atomics.load(next, 1) !== 0) break;
+    const start = pieces[3 * k];
+    const len = pieces[3 * k + 1];
+    let got = 0;
+    while (got < len) {
+      const n = readSync(w.fd, buf, got, len - got, start + got);
+      if (n === 0) break;
+      got += n;
+    }
+    if (got < len) return { shortAt: start + got };
+    let i = pieces[3 * k + 2];
+    for (let at = 0; at < len; at += w.chunkSize, i++) {
+      const l = Math.min(w.chunkSize, len - at);
+      if (buf.compare(zeros, 0, l, at, at + l) === 0) zero[i] = 1;
+      else createHash('sha256').update(buf.subarray(at, at + l)).digest().copy(out, i * 32);
+    }
   }
-  parentPort.postMessage({ out, zero });
-});
+  return {};
+}
+try {
+  parentPort.postMessage(hashPieces());
+} catch (err) {
+  parentPort.postMessage({ error: String(err && err.message), code: err && err.code });
+}
 `;
 
+/** Consecutive mapped chunks of DST read at once: [start, length) holds chunks first, first+1, ... */
 interface Piece {
+  start: number;
+  length: number;
   first: number;
-  lens: number[];
 }
 
-/** One worker thread hashing one piece at a time. */
-class HashWorker {
-  readonly #worker = new Worker(WORKER_SOURCE, { eval: true });
-  readonly memory = new SharedArrayBuffer(READ_BYTES);
-  #failed: Error | undefined;
+interface WorkerEnd {
+  shortAt?: number;
+  error?: string;
+  code?: string;
+}
 
-  constructor() {
-    this.#worker.on('error', (err) => (this.#failed = err));
-  }
-
-  hash(length: number, lens: number[]): Promise<{ out: Uint8Array; zero: number[] }> {
-    if (this.#failed !== undefined) return Promise.reject(this.#failed);
-    return new Promise((resolve, reject) => {
-      const onError = (err: Error): void => reject(err);
-      this.#worker.once('error', onError);
-      this.#worker.once('message', (m: { out: Uint8Array; zero: number[] }) => {
-        this.#worker.off('error', onError);
-        resolve(m);
-      });
-      this.#worker.postMessage({ memory: this.memory, length, lens });
+/** Runs `threads` workers over `pieces`, hashes into `out`, zero chunks flagged in `zero`. */
+async function hashInWorkers(
+  fd: number,
+  pieces: Piece[],
+  chunkSize: number,
+  out: Buffer,
+  zero: Uint8Array,
+  threads: number,
+  signal: AbortSignal | undefined,
+): Promise<WorkerEnd[]> {
+  const shared = new Float64Array(new SharedArrayBuffer(pieces.length * 3 * 8));
+  pieces.forEach((p, k) => shared.set([p.start, p.length, p.first], 3 * k));
+  const next = new Int32Array(new SharedArrayBuffer(8));
+  const stop = (): void => {
+    Atomics.store(next, 1, 1);
+  };
+  if (signal?.aborted === true) stop();
+  signal?.addEventListener('abort', stop, { once: true });
+  try {
+    const workerData = {
+      fd,
+      pieces: shared.buffer,
+      next: next.buffer,
+      out: out.buffer,
+      zero: zero.buffer,
+      chunkSize,
+      readBytes: READ_BYTES,
+    };
+    const ends = Array.from({ length: threads }, async (): Promise<WorkerEnd> => {
+      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData });
+      try {
+        return await new Promise<WorkerEnd>((resolve, reject) => {
+          worker.once('error', reject);
+          worker.once('message', resolve);
+          worker.once('exit', () => reject(new Error('the hashing thread ended early')));
+        });
+      } catch (err) {
+        // one thread failing stops the others at their next piece
+        stop();
+        throw err;
+      } finally {
+        await worker.terminate();
+      }
     });
-  }
-
-  async stop(): Promise<void> {
-    await this.#worker.terminate();
+    return await Promise.all(ends);
+  } finally {
+    signal?.removeEventListener('abort', stop);
   }
 }
 
@@ -85,7 +137,8 @@ export async function hashDestination(
   workerMinBytes = WORKER_MIN_BYTES,
 ): Promise<Buffer> {
   const chunks = chunkCount(h);
-  const out = Buffer.alloc(chunks * HASH_BYTES);
+  // shared memory: worker threads write the hashes in place
+  const out = Buffer.from(new SharedArrayBuffer(chunks * HASH_BYTES));
   const zeros = Buffer.alloc(h.chunkSize);
   const zeroHash = sha256(zeros);
   const lastZeroHash = sha256(Buffer.alloc(chunkLength(h, chunks - 1)));
@@ -96,6 +149,12 @@ export async function hashDestination(
     for (let i = 0; i < chunks; i++) fillZero(i);
     return out;
   };
+  const interrupted = (): BlksyncError =>
+    new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
+  const short = (at: number): BlksyncError =>
+    new BlksyncError('EDEST_SHORT', `${path} ended at ${at} bytes while being read; rerun`, {
+      path,
+    });
   let fh: FileHandle;
   try {
     fh = await open(path, 'r');
@@ -103,7 +162,6 @@ export async function hashDestination(
     if (isSystemError(err) && err.code === 'ENOENT') return allZero();
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
-  let worker: HashWorker | undefined;
   try {
     const st = await fh.stat();
     // not a destination at all: the copy refuses it with its own error (EDEST_KIND)
@@ -121,45 +179,12 @@ export async function hashDestination(
     if (size === 0) return allZero();
     // past DST's end a chunk never matches
     const known = Math.min(size, h.imageSize);
-    const dataBytes = mapped.reduce((n, r) => n + Math.min(r.end, known) - r.start, 0);
-    if (dataBytes >= workerMinBytes && availableParallelism() > 1) worker = new HashWorker();
 
-    const own = Buffer.allocUnsafe(READ_BYTES);
-    const shared = worker !== undefined ? Buffer.from(worker.memory) : undefined;
-    let inWorker: Promise<void> | undefined;
-    const read = async (buf: Buffer, p: Piece): Promise<number> => {
-      const start = p.first * h.chunkSize;
-      const len = p.lens.reduce((a, b) => a + b, 0);
-      let got: number;
-      try {
-        got = await readFully(fh, buf, 0, len, start);
-      } catch (err) {
-        throw fromSystemError('EREAD', 'cannot read', path, err);
-      }
-      if (got < len) {
-        throw new BlksyncError(
-          'EDEST_SHORT',
-          `${path} ended at ${start + got} bytes while being read; rerun`,
-          { path },
-        );
-      }
-      return len;
-    };
-    const hashHere = (p: Piece): void => {
-      let at = 0;
-      p.lens.forEach((len, k) => {
-        const i = p.first + k;
-        if (own.compare(zeros, 0, len, at, at + len) === 0) fillZero(i);
-        else sha256(own, at, at + len).copy(out, i * HASH_BYTES);
-        at += len;
-      });
-    };
-    let toWorker = false;
+    // the pieces to read: runs of mapped chunks up to READ_BYTES; holes are zeros unread
+    const pieces: Piece[] = [];
+    let dataBytes = 0;
     let r = 0;
     for (let i = 0; i < chunks;) {
-      if (signal?.aborted === true) {
-        throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
-      }
       const start = i * h.chunkSize;
       if (start + chunkLength(h, i) > known) {
         out.fill(0xff, i * HASH_BYTES, (i + 1) * HASH_BYTES);
@@ -172,30 +197,48 @@ export async function hashDestination(
         i++;
         continue;
       }
-      // this chunk and the following mapped ones, up to READ_BYTES
       const end = Math.min(known, mapped[r]!.end, start + READ_BYTES);
       const n = Math.max(1, Math.floor((end - start) / h.chunkSize));
-      const piece: Piece = { first: i, lens: [] };
-      for (let k = 0; k < n && i < chunks; k++, i++) piece.lens.push(chunkLength(h, i));
-      if (worker !== undefined && toWorker) {
-        await inWorker;
-        const length = await read(shared!, piece);
-        inWorker = worker.hash(length, piece.lens).then(({ out: hashes, zero }) => {
-          Buffer.from(hashes).copy(out, piece.first * HASH_BYTES);
-          for (const k of zero) fillZero(piece.first + k);
-        });
-        // a failure is seen at the next await of it; keep it from being unhandled meanwhile
-        inWorker.catch(() => {});
-      } else {
-        await read(own, piece);
-        hashHere(piece);
-      }
-      toWorker = !toWorker;
+      const piece: Piece = { start, length: 0, first: i };
+      for (let k = 0; k < n && i < chunks; k++, i++) piece.length += chunkLength(h, i);
+      pieces.push(piece);
+      dataBytes += piece.length;
     }
-    await inWorker;
+
+    const threads = Math.min(2, availableParallelism());
+    if (dataBytes >= workerMinBytes && threads > 1) {
+      const zero = new Uint8Array(new SharedArrayBuffer(chunks));
+      const ends = await hashInWorkers(fh.fd, pieces, h.chunkSize, out, zero, threads, signal);
+      if (signal?.aborted === true) throw interrupted();
+      for (const end of ends) {
+        if (end.shortAt !== undefined) throw short(end.shortAt);
+        if (end.error !== undefined) {
+          const err = Object.assign(new Error(end.error), { code: end.code });
+          throw fromSystemError('EREAD', 'cannot read', path, err);
+        }
+      }
+      for (let i = 0; i < chunks; i++) if (zero[i] === 1) fillZero(i);
+      return out;
+    }
+
+    const buf = Buffer.allocUnsafe(READ_BYTES);
+    for (const p of pieces) {
+      if (signal?.aborted === true) throw interrupted();
+      let got: number;
+      try {
+        got = await readFully(fh, buf, 0, p.length, p.start);
+      } catch (err) {
+        throw fromSystemError('EREAD', 'cannot read', path, err);
+      }
+      if (got < p.length) throw short(p.start + got);
+      for (let at = 0, i = p.first; at < p.length; at += h.chunkSize, i++) {
+        const len = Math.min(h.chunkSize, p.length - at);
+        if (buf.compare(zeros, 0, len, at, at + len) === 0) fillZero(i);
+        else sha256(buf, at, at + len).copy(out, i * HASH_BYTES);
+      }
+    }
     return out;
   } finally {
-    await worker?.stop();
     await fh.close();
   }
 }

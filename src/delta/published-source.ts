@@ -173,8 +173,26 @@ export async function openPublished(
   const found = await probe(index);
   if (found === undefined) return undefined;
   const { header: h, top } = found;
-  const stale = await staleness(url, h.imageSize, index.lastModified, options);
+  // DST is hashed while the image's freshness is asked: a round trip hidden in local work
+  const hashStop = new AbortController();
+  const hashSignal =
+    options.signal !== undefined
+      ? AbortSignal.any([options.signal, hashStop.signal])
+      : hashStop.signal;
+  const hashing = hashDestination(options.destination, h, hashSignal);
+  // a failure is seen where it is awaited; keep it from being unhandled meanwhile
+  hashing.catch(() => {});
+  let stale: string | undefined;
+  try {
+    stale = await staleness(url, h.imageSize, index.lastModified, options);
+  } catch (err) {
+    hashStop.abort();
+    await hashing.catch(() => {});
+    throw err;
+  }
   if (stale !== undefined) {
+    hashStop.abort();
+    await hashing.catch(() => {});
     // the image was replaced and not published again: what the published files hold is not
     // what the URL serves, so the URL is streamed as it is
     options.onWarning?.({
@@ -184,7 +202,7 @@ export async function openPublished(
     index.close();
     return undefined;
   }
-  const have = await hashDestination(options.destination, h, options.signal);
+  const have = await hashing;
 
   // the groups whose hashes differ, and their leaf records
   const groups = groupCount(h);
