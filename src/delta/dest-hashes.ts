@@ -2,134 +2,122 @@
  * The SHA-256 of each of DST's chunks, as the published image's chunks lie: what a copy from
  * a published image compares with the published hashes to know what to fetch. Holes of a
  * sparse DST are not read; chunks of zeros are recognised by memcmp (~10x cheaper than
- * SHA-256); with enough data, one worker thread per core (two at most) reads and hashes the
- * pieces, each taking the next from a shared counter (SHA-256 of DST is most of such a
- * copy's CPU time).
+ * SHA-256). The pieces to read are listed in shared memory; this thread and, with enough
+ * data and a second core, one worker thread each take the next piece from a shared counter,
+ * read it and hash it (SHA-256 of DST is most of such a copy's CPU time), so both cores hash
+ * from the start and neither waits for the other.
  */
 
+import { readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import { chunkCount, chunkLength, type PublishedHeader } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 
 /** DST is read in pieces of this size. */
 const READ_BYTES = 4 * 1024 * 1024;
-/** Data bytes of DST from which worker threads hash it: below, their start-up costs more. */
+/** Data bytes of DST from which a worker thread helps: below, its start-up costs more. */
 export const WORKER_MIN_BYTES = 64 * 1024 * 1024;
 
 /**
- * A worker: takes the next piece from a counter shared with the others (Atomics), reads it
- * with its own buffer from the file descriptor all threads share, and writes each chunk's
- * hash (or a zero flag, found by memcmp) into shared memory; so every core reads and hashes
- * without waiting for another thread. Plain JavaScript run with `eval`, so that it needs no
- * file of its own beside the CLI bundle. next[1] set means stop (interrupted).
+ * The work shared by the threads, all in shared memory: `pieces` holds [start, length, first
+ * chunk] triples of DST's mapped runs, `next[0]` the next piece to take, `next[1]` set means
+ * stop; `out` gets each chunk's hash, `zero` a 1 for a chunk of zeros.
  */
-const WORKER_SOURCE = `
-const { workerData: w, parentPort } = require('node:worker_threads');
-const { readSync } = require('node:fs');
-const { createHash } = require('node:crypto');
-const pieces = new Float64Array(w.pieces);
-const next = new Int32Array(w.next);
-const out = Buffer.from(w.out);
-const zero = new Uint8Array(w.zero);
-const buf = Buffer.allocUnsafe(w.readBytes);
-const zeros = Buffer.alloc(w.chunkSize);
-function hashPieces() {
-  for (let k = Atomics.add(next, 0, 1); 3 * k < pieces.length; k = Atomics.add(next, 0, 1)) {
-    if (Atomics.load(next, 1) !== 0) break;
-    const start = pieces[3 * k];
-    const len = pieces[3 * k + 1];
-    let got = 0;
-    while (got < len) {
-      const n = readSync(w.fd, buf, got, len - got, start + got);
-      if (n === 0) break;
-      got += n;
-    }
-    if (got < len) return { shortAt: start + got };
-    let i = pieces[3 * k + 2];
-    for (let at = 0; at < len; at += w.chunkSize, i++) {
-      const l = Math.min(w.chunkSize, len - at);
-      if (buf.compare(zeros, 0, l, at, at + l) === 0) zero[i] = 1;
-      else createHash('sha256').update(buf.subarray(at, at + l)).digest().copy(out, i * 32);
-    }
-  }
-  return {};
-}
-try {
-  parentPort.postMessage(hashPieces());
-} catch (err) {
-  parentPort.postMessage({ error: String(err && err.message), code: err && err.code });
-}
-`;
-
-/** Consecutive mapped chunks of DST read at once: [start, length) holds chunks first, first+1, ... */
-interface Piece {
-  start: number;
-  length: number;
-  first: number;
+interface Job {
+  fd: number;
+  pieces: SharedArrayBuffer;
+  next: SharedArrayBuffer;
+  out: SharedArrayBuffer;
+  zero: SharedArrayBuffer;
+  chunkSize: number;
 }
 
-interface WorkerEnd {
+/** How a thread's share ended: all taken, DST shorter than listed, or a read failed. */
+interface ShareEnd {
+  done: boolean;
   shortAt?: number;
   error?: string;
   code?: string;
 }
 
-/** Runs `threads` workers over `pieces`, hashes into `out`, zero chunks flagged in `zero`. */
-async function hashInWorkers(
-  fd: number,
-  pieces: Piece[],
-  chunkSize: number,
-  out: Buffer,
-  zero: Uint8Array,
-  threads: number,
-  signal: AbortSignal | undefined,
-): Promise<WorkerEnd[]> {
-  const shared = new Float64Array(new SharedArrayBuffer(pieces.length * 3 * 8));
-  pieces.forEach((p, k) => shared.set([p.start, p.length, p.first], 3 * k));
-  const next = new Int32Array(new SharedArrayBuffer(8));
-  const stop = (): void => {
-    Atomics.store(next, 1, 1);
-  };
-  if (signal?.aborted === true) stop();
-  signal?.addEventListener('abort', stop, { once: true });
+/**
+ * Takes up to `most` pieces of `job` and hashes them. Self-contained (no module scope, its
+ * helpers passed in): the worker runs its source text, so both threads run the same code.
+ */
+function hashShare(
+  job: Job,
+  buf: Buffer,
+  zeros: Buffer,
+  most: number,
+  read: typeof readSync,
+  hash: typeof createHash,
+): ShareEnd {
+  const pieces = new Float64Array(job.pieces);
+  const next = new Int32Array(job.next);
+  const out = Buffer.from(job.out);
+  const zero = new Uint8Array(job.zero);
+  const size = job.chunkSize;
   try {
-    const workerData = {
-      fd,
-      pieces: shared.buffer,
-      next: next.buffer,
-      out: out.buffer,
-      zero: zero.buffer,
-      chunkSize,
-      readBytes: READ_BYTES,
-    };
-    const ends = Array.from({ length: threads }, async (): Promise<WorkerEnd> => {
-      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData });
-      try {
-        return await new Promise<WorkerEnd>((resolve, reject) => {
-          worker.once('error', reject);
-          worker.once('message', resolve);
-          worker.once('exit', () => reject(new Error('the hashing thread ended early')));
-        });
-      } catch (err) {
-        // one thread failing stops the others at their next piece
-        stop();
-        throw err;
-      } finally {
-        await worker.terminate();
+    for (let taken = 0; taken < most; taken++) {
+      if (Atomics.load(next, 1) !== 0) return { done: true };
+      const k = Atomics.add(next, 0, 1);
+      if (3 * k >= pieces.length) return { done: true };
+      const start = pieces[3 * k]!;
+      const len = pieces[3 * k + 1]!;
+      let got = 0;
+      while (got < len) {
+        const n = read(job.fd, buf, got, len - got, start + got);
+        if (n === 0) break;
+        got += n;
       }
-    });
-    return await Promise.all(ends);
-  } finally {
-    signal?.removeEventListener('abort', stop);
+      if (got < len) return { done: true, shortAt: start + got };
+      let i = pieces[3 * k + 2]!;
+      for (let at = 0; at < len; at += size, i++) {
+        const l = Math.min(size, len - at);
+        if (buf.compare(zeros, 0, l, at, at + l) === 0) zero[i] = 1;
+        else
+          hash('sha256')
+            .update(buf.subarray(at, at + l))
+            .digest()
+            .copy(out, i * 32);
+      }
+    }
+    return { done: false };
+  } catch (err) {
+    const e = err as { message?: string; code?: string };
+    return { done: true, error: String(e.message), code: e.code };
   }
 }
 
-/** See the file header. `workerMinBytes` (tests) overrides WORKER_MIN_BYTES. */
+/** The worker: its share of the job in workerData, as one call of hashShare. */
+const WORKER_SOURCE = `
+const { workerData: job, parentPort } = require('node:worker_threads');
+const { readSync } = require('node:fs');
+const { createHash } = require('node:crypto');
+const hashShare = ${hashShare.toString()};
+parentPort.postMessage(
+  hashShare(job, Buffer.allocUnsafe(${READ_BYTES}), Buffer.alloc(job.chunkSize), Infinity, readSync, createHash),
+);
+`;
+
+/** A worker thread taking its share of `job`; its end (an error is a read error). */
+function startWorker(job: Job): { end: Promise<ShareEnd>; stop(): Promise<void> } {
+  const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: job });
+  const end = new Promise<ShareEnd>((resolve) => {
+    const failed = (err: Error): void => resolve({ done: true, error: err.message });
+    worker.once('error', failed);
+    worker.once('message', resolve);
+    worker.once('exit', () => failed(new Error('the hashing thread ended early')));
+  });
+  return { end, stop: async () => void (await worker.terminate()) };
+}
+
 export async function hashDestination(
   path: string,
   h: PublishedHeader,
@@ -137,7 +125,7 @@ export async function hashDestination(
   workerMinBytes = WORKER_MIN_BYTES,
 ): Promise<Buffer> {
   const chunks = chunkCount(h);
-  // shared memory: worker threads write the hashes in place
+  // shared memory: a worker thread writes hashes in place
   const out = Buffer.from(new SharedArrayBuffer(chunks * HASH_BYTES));
   const zeros = Buffer.alloc(h.chunkSize);
   const zeroHash = sha256(zeros);
@@ -149,12 +137,6 @@ export async function hashDestination(
     for (let i = 0; i < chunks; i++) fillZero(i);
     return out;
   };
-  const interrupted = (): BlksyncError =>
-    new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
-  const short = (at: number): BlksyncError =>
-    new BlksyncError('EDEST_SHORT', `${path} ended at ${at} bytes while being read; rerun`, {
-      path,
-    });
   let fh: FileHandle;
   try {
     fh = await open(path, 'r');
@@ -162,6 +144,16 @@ export async function hashDestination(
     if (isSystemError(err) && err.code === 'ENOENT') return allZero();
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
+  let worker: ReturnType<typeof startWorker> | undefined;
+  const job: Job = {
+    fd: fh.fd,
+    pieces: new SharedArrayBuffer(0),
+    next: new SharedArrayBuffer(8),
+    out: out.buffer,
+    zero: new SharedArrayBuffer(chunks),
+    chunkSize: h.chunkSize,
+  };
+  const next = new Int32Array(job.next);
   try {
     const st = await fh.stat();
     // not a destination at all: the copy refuses it with its own error (EDEST_KIND)
@@ -181,7 +173,7 @@ export async function hashDestination(
     const known = Math.min(size, h.imageSize);
 
     // the pieces to read: runs of mapped chunks up to READ_BYTES; holes are zeros unread
-    const pieces: Piece[] = [];
+    const pieces: number[] = [];
     let dataBytes = 0;
     let r = 0;
     for (let i = 0; i < chunks;) {
@@ -199,46 +191,50 @@ export async function hashDestination(
       }
       const end = Math.min(known, mapped[r]!.end, start + READ_BYTES);
       const n = Math.max(1, Math.floor((end - start) / h.chunkSize));
-      const piece: Piece = { start, length: 0, first: i };
-      for (let k = 0; k < n && i < chunks; k++, i++) piece.length += chunkLength(h, i);
-      pieces.push(piece);
-      dataBytes += piece.length;
+      const first = i;
+      let length = 0;
+      for (let k = 0; k < n && i < chunks; k++, i++) length += chunkLength(h, i);
+      pieces.push(start, length, first);
+      dataBytes += length;
     }
+    job.pieces = new SharedArrayBuffer(pieces.length * 8);
+    new Float64Array(job.pieces).set(pieces);
 
-    const threads = Math.min(2, availableParallelism());
-    if (dataBytes >= workerMinBytes && threads > 1) {
-      const zero = new Uint8Array(new SharedArrayBuffer(chunks));
-      const ends = await hashInWorkers(fh.fd, pieces, h.chunkSize, out, zero, threads, signal);
-      if (signal?.aborted === true) throw interrupted();
-      for (const end of ends) {
-        if (end.shortAt !== undefined) throw short(end.shortAt);
-        if (end.error !== undefined) {
-          const err = Object.assign(new Error(end.error), { code: end.code });
-          throw fromSystemError('EREAD', 'cannot read', path, err);
-        }
-      }
-      for (let i = 0; i < chunks; i++) if (zero[i] === 1) fillZero(i);
-      return out;
-    }
-
+    if (dataBytes >= workerMinBytes && availableParallelism() > 1) worker = startWorker(job);
+    // this thread's share, a piece at a time, letting the event loop run between pieces
     const buf = Buffer.allocUnsafe(READ_BYTES);
-    for (const p of pieces) {
-      if (signal?.aborted === true) throw interrupted();
-      let got: number;
-      try {
-        got = await readFully(fh, buf, 0, p.length, p.start);
-      } catch (err) {
+    let mine: ShareEnd;
+    do {
+      if (signal?.aborted === true) break;
+      mine = hashShare(job, buf, zeros, 1, readSync, createHash);
+      if (!mine.done) await yieldToLoop();
+    } while (!mine.done);
+    // interrupted: the worker stops at its next piece
+    if (signal?.aborted === true) Atomics.store(next, 1, 1);
+    const ends = [mine!, ...(worker !== undefined ? [await worker.end] : [])];
+    if (signal?.aborted === true) {
+      throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
+    }
+    for (const e of ends) {
+      if (e.shortAt !== undefined) {
+        throw new BlksyncError(
+          'EDEST_SHORT',
+          `${path} ended at ${e.shortAt} bytes while being read; rerun`,
+          { path },
+        );
+      }
+      if (e.error !== undefined) {
+        const err = Object.assign(new Error(e.error), { code: e.code });
         throw fromSystemError('EREAD', 'cannot read', path, err);
       }
-      if (got < p.length) throw short(p.start + got);
-      for (let at = 0, i = p.first; at < p.length; at += h.chunkSize, i++) {
-        const len = Math.min(h.chunkSize, p.length - at);
-        if (buf.compare(zeros, 0, len, at, at + len) === 0) fillZero(i);
-        else sha256(buf, at, at + len).copy(out, i * HASH_BYTES);
-      }
     }
+    const zero = new Uint8Array(job.zero);
+    for (let i = 0; i < chunks; i++) if (zero[i] === 1) fillZero(i);
     return out;
   } finally {
+    // a failure of this thread's share stops the worker too
+    Atomics.store(next, 1, 1);
+    await worker?.stop();
     await fh.close();
   }
 }
