@@ -18,6 +18,8 @@ export type ErrorCode =
   | 'EDEST_MOUNTED'
   | 'EDEST_BUSY'
   | 'EDEST_SHORT'
+  /** DST was written by another program while a copy read what it holds (published update's seeds). */
+  | 'EDEST_CHANGED'
   | 'ESAME_FILE'
   | 'EREAD'
   | 'EWRITE'

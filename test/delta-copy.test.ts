@@ -7,12 +7,13 @@
  */
 
 import assert from 'node:assert/strict';
-import { utimesSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { copy } from '../src/copy.js';
 import { publish } from '../src/delta/publish.js';
+import { openPublished } from '../src/delta/published-source.js';
 import { BlksyncError, type BlksyncWarning } from '../src/errors.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
@@ -320,4 +321,59 @@ test('an image replaced and not published again is streamed whole, with WPUB_STA
   await copy(g.url, g.dst, { onWarning: (w) => warned.push(w.code) });
   assert.deepEqual(warned, ['WPUB_STALE']);
   assert.ok((await readFile(g.dst)).equals(v4));
+});
+
+test('moved data: a chunk DST holds at another place is read from there, not fetched', async (t) => {
+  const dir = await tempDir(t);
+  const www = join(dir, 'www');
+  await mkdir(www);
+  const v1 = Buffer.concat([seededBytes(SIZE / 2, 7), Buffer.alloc(SIZE / 2)]);
+  // v2: a 64 KiB run of v1's data copied to 5 MiB, and a new block at 7 MiB
+  const v2 = Buffer.from(v1);
+  v1.copy(v2, 5 * 1024 * 1024, 1024 * 1024, 1024 * 1024 + 4 * CHUNK);
+  seededBytes(4096, 8).copy(v2, 7 * 1024 * 1024);
+  const img = join(www, 'os.img');
+  await writeFile(img, v2);
+  await publish(img, { chunkSize: CHUNK });
+  const dst = join(dir, 'dst.img');
+  await writeFile(dst, v1);
+  const served = await serveDirectory(t, www);
+  const url = `${served.url}/os.img`;
+  const dry = await copy(url, dst, { dryRun: true });
+  assert.equal(dry.http?.chunksSeeded, 4);
+  const r = await copy(url, dst);
+  assert.deepEqual(await readFile(dst), v2);
+  assert.equal(r.http?.chunksDiffering, 5);
+  assert.equal(r.http?.chunksSeeded, 4);
+  assert.equal(r.http?.chunksFetched, 1);
+  // the moved 64 KiB of random data were not on the wire: only the one new block's chunk
+  assert.ok(r.http.bytesFetched < 2 * CHUNK, `fetched ${r.http.bytesFetched}`);
+});
+
+test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never written as it is', async (t) => {
+  const dir = await tempDir(t);
+  const www = join(dir, 'www');
+  await mkdir(www);
+  const v1 = seededBytes(SIZE, 9);
+  const v2 = Buffer.from(v1);
+  v1.copy(v2, 5 * 1024 * 1024, 1024 * 1024, 1024 * 1024 + CHUNK);
+  const img = join(www, 'os.img');
+  await writeFile(img, v2);
+  await publish(img, { chunkSize: CHUNK });
+  const dst = join(dir, 'dst.img');
+  await writeFile(dst, v1);
+  const served = await serveDirectory(t, www);
+  const published = await openPublished(`${served.url}/os.img`, { destination: dst });
+  assert.ok(published !== undefined);
+  t.after(() => published.source.close());
+  // another program writes the seed's place after DST was hashed
+  const fd = openSync(dst, 'r+');
+  writeSync(fd, Buffer.alloc(4096, 0x77), 0, 4096, 1024 * 1024);
+  closeSync(fd);
+  const at = 5 * 1024 * 1024;
+  const err = await rejectsWith(
+    published.source.read(Buffer.alloc(CHUNK), at, CHUNK),
+    'EDEST_CHANGED',
+  );
+  assert.match(err.message, /rerun/);
 });

@@ -60,6 +60,7 @@ function copySummary(r: CopyResult): string {
     lines.push(
       `published ${h.index}: fetched ${formatBytes(h.bytesFetched)} in ${h.requests} requests ` +
         `(${h.chunksFetched} of ${h.chunksDiffering} differing chunks of ${formatBytes(h.chunkSize)} stored, ` +
+        (h.chunksSeeded > 0 ? `${h.chunksSeeded} read where DST already holds them, ` : '') +
         `the rest zeros); chunk hashes add up to the published root`,
     );
   }

@@ -17,8 +17,9 @@
  * checked against the index's: the whole-image check costs no second read of DST.
  */
 
+import { open, type FileHandle } from 'node:fs/promises';
 import { brotliDecompressSync, inflateRawSync } from 'node:zlib';
-import { BlksyncError, type BlksyncWarning } from '../errors.js';
+import { BlksyncError, fromSystemError, type BlksyncWarning } from '../errors.js';
 import {
   checkTop,
   chunkCount,
@@ -42,6 +43,7 @@ import {
 } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import { httpOpen, type HttpOptions } from '../io/http-source.js';
+import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
 import { hashDestination } from './dest-hashes.js';
@@ -61,6 +63,8 @@ export interface DeltaReport {
   /** Chunks whose hash differed from DST's: fetched, or zeros made here. */
   chunksDiffering: number;
   chunksFetched: number;
+  /** Differing chunks read from another place of DST, which holds them (moved data), not fetched. */
+  chunksSeeded: number;
   /** Stored bytes those chunks take in the data file. */
   storedBytes: number;
   groupsFetched: number;
@@ -275,8 +279,9 @@ export async function openPublished(
     }
     storedEnd = leaf.offset + leaf.length;
   }
+  const seeds = seedsInDestination(h, have, needed, leaves);
   const data = new RangeClient(names.data, { ...options, size: h.dataSize });
-  const source = new ChunkSource(h, needed, leaves, data);
+  const source = new ChunkSource(h, needed, leaves, data, seeds, options.destination);
   return {
     size: h.imageSize,
     plan: { imageSize: h.imageSize, ranges },
@@ -290,6 +295,7 @@ export async function openPublished(
       chunkSize: h.chunkSize,
       chunksDiffering: needed.length,
       chunksFetched: source.fetched,
+      chunksSeeded: source.seeded,
       storedBytes: needed.reduce((n, i) => n + leaves.get(i)!.length, 0),
       groupsFetched: differing.length,
       root: h.root.toString('hex'),
@@ -298,8 +304,46 @@ export async function openPublished(
 }
 
 /**
+ * Moved data: for a differing stored chunk i whose new content DST already holds as chunk j,
+ * i -> j, read from DST instead of fetched (as casync's and RAUC's seeds). j is a chunk this
+ * copy does not write (not differing), so it still holds what was hashed unless another
+ * program writes DST meanwhile, which the chunk's hash check then finds. Zeros are made here
+ * anyway, so DST's chunks of zeros seed nothing.
+ */
+function seedsInDestination(
+  h: PublishedHeader,
+  have: Buffer,
+  needed: number[],
+  leaves: Map<number, Leaf>,
+): Map<number, number> {
+  const seeds = new Map<number, number>();
+  const wanted = new Map<string, number[]>();
+  for (const i of needed) {
+    const leaf = leaves.get(i)!;
+    if (leaf.kind === KIND_ZERO) continue;
+    const key = leaf.hash.toString('latin1');
+    wanted.set(key, [...(wanted.get(key) ?? []), i]);
+  }
+  if (wanted.size === 0) return seeds;
+  const written = new Set(needed);
+  const zeroKey = sha256(Buffer.alloc(h.chunkSize)).toString('latin1');
+  const chunks = chunkCount(h);
+  for (let j = 0; j < chunks && wanted.size > 0; j++) {
+    if (written.has(j)) continue;
+    const key = have.toString('latin1', j * HASH_BYTES, (j + 1) * HASH_BYTES);
+    if (key === zeroKey) continue;
+    const list = wanted.get(key);
+    if (list === undefined) continue;
+    for (const i of list) if (chunkLength(h, i) === chunkLength(h, j)) seeds.set(i, j);
+    wanted.delete(key);
+  }
+  return seeds;
+}
+
+/**
  * The new bytes of the differing chunks, in order: stored ones fetched from the data file
- * (one streamed answer for all), zero ones made here; each checked against its hash.
+ * (one streamed answer for all) or read where DST holds them (seeds), zero ones made here;
+ * each checked against its hash.
  */
 class ChunkSource implements Source {
   readonly size: number;
@@ -311,15 +355,29 @@ class ChunkSource implements Source {
   #next = 0;
   #current: { index: number; data: Buffer } | undefined;
   #queue: Promise<unknown> = Promise.resolve();
+  readonly #seeds: Map<number, number>;
+  readonly #destination: string;
+  #dst: FileHandle | undefined;
   fetched = 0;
+  seeded = 0;
 
-  constructor(h: PublishedHeader, needed: number[], leaves: Map<number, Leaf>, data: RangeClient) {
+  constructor(
+    h: PublishedHeader,
+    needed: number[],
+    leaves: Map<number, Leaf>,
+    data: RangeClient,
+    seeds: Map<number, number>,
+    destination: string,
+  ) {
     this.size = h.imageSize;
     this.#h = h;
     this.#needed = needed;
     this.#leaves = leaves;
     this.#data = data;
+    this.#seeds = seeds;
+    this.#destination = destination;
     const pieces = needed
+      .filter((i) => !seeds.has(i))
       .map((i) => leaves.get(i)!)
       .filter((l) => l.kind !== KIND_ZERO)
       .map((l) => ({ start: l.offset, end: l.offset + l.length }));
@@ -364,8 +422,19 @@ class ChunkSource implements Source {
       const leaf = this.#leaves.get(want)!;
       const len = chunkLength(h, want);
       let data: Buffer;
+      const seed = this.#seeds.get(want);
       if (leaf.kind === KIND_ZERO) data = Buffer.alloc(len);
-      else {
+      else if (seed !== undefined) {
+        data = await this.#fromDestination(seed, len);
+        if (!sha256(data).equals(leaf.hash)) {
+          throw new BlksyncError(
+            'EDEST_CHANGED',
+            `${this.#destination} changed while it was copied onto (its chunk ${seed}, which holds chunk ${want}'s new content, no longer does): stop what writes it and rerun`,
+            { path: this.#destination },
+          );
+        }
+        this.seeded++;
+      } else {
         const r = await this.#stored.next();
         if (r.done === true) {
           throw new BlksyncError(
@@ -389,7 +458,25 @@ class ChunkSource implements Source {
     }
   }
 
+  /** Chunk `j` of DST, `len` bytes. */
+  async #fromDestination(j: number, len: number): Promise<Buffer> {
+    const path = this.#destination;
+    try {
+      this.#dst ??= await open(path, 'r');
+      const data = Buffer.alloc(len);
+      const got = await readFully(this.#dst, data, 0, len, j * this.#h.chunkSize);
+      if (got < len) {
+        throw new BlksyncError('EDEST_SHORT', `${path} ended while being read; rerun`, { path });
+      }
+      return data;
+    } catch (err) {
+      throw fromSystemError('EREAD', 'cannot read', path, err);
+    }
+  }
+
   async close(): Promise<void> {
+    await this.#dst?.close().catch(() => {});
+    this.#dst = undefined;
     // not awaited: a generator waiting on a stalled answer returns only once that settles,
     // which destroying the answer makes happen
     this.#data.close();
