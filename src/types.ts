@@ -69,6 +69,11 @@ export interface Progress {
   /** Bytes sent and received on the ssh channel, when an end is remote. */
   channelBytesSent?: number;
   channelBytesReceived?: number;
+  /**
+   * Set while DST is read to learn what it holds before the copy proper (an update from a
+   * published image hashes DST's chunks): bytesScanned/bytesTotal count DST's data hashed.
+   */
+  phase?: 'hashing DST';
 }
 
 export type ProgressListener = (progress: Progress) => void;

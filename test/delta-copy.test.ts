@@ -15,6 +15,7 @@ import { copy } from '../src/copy.js';
 import { publish } from '../src/delta/publish.js';
 import { openPublished } from '../src/delta/published-source.js';
 import { BlksyncError, type BlksyncWarning } from '../src/errors.js';
+import type { Progress } from '../src/types.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, needLoop } from './helpers/loop.js';
@@ -376,4 +377,17 @@ test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never wri
     'EDEST_CHANGED',
   );
   assert.match(err.message, /rerun/);
+});
+
+test('progress tells DST being hashed before the chunks are fetched, up to all its data', async (t) => {
+  const f = await fixture(t);
+  const seen: Progress[] = [];
+  await copy(f.url, f.dst, { onProgress: (p) => seen.push({ ...p }) });
+  const hashing = seen.filter((p) => p.phase === 'hashing DST');
+  assert.ok(hashing.length > 0, 'told while hashing DST');
+  const last = hashing[hashing.length - 1]!;
+  assert.ok(last.bytesTotal > 0 && last.bytesScanned === last.bytesTotal);
+  // hashing comes first: no copy progress before its last report
+  const firstCopy = seen.findIndex((p) => p.phase === undefined);
+  assert.ok(firstCopy === -1 || firstCopy > seen.lastIndexOf(last));
 });

@@ -40,6 +40,7 @@ export class ProgressBar {
     const filled = Math.round(frac * BAR_WIDTH);
     const bar = '#'.repeat(filled) + '-'.repeat(BAR_WIDTH - filled);
     const line =
+      (p.phase !== undefined ? `${p.phase} ` : '') +
       `[${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ` +
       `${formatBytes(p.bytesScanned)} / ${formatBytes(p.bytesTotal)}  ` +
       `${formatBytes(rate)}/s  ETA ${formatDuration(eta)}  differing ${formatBytes(p.bytesDiffering)}` +

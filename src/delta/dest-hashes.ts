@@ -123,6 +123,7 @@ export async function hashDestination(
   h: PublishedHeader,
   signal: AbortSignal | undefined,
   workerMinBytes = WORKER_MIN_BYTES,
+  onHashed?: (done: number, total: number) => void,
 ): Promise<Buffer> {
   const chunks = chunkCount(h);
   // shared memory: a worker thread writes hashes in place
@@ -203,12 +204,22 @@ export async function hashDestination(
     if (dataBytes >= workerMinBytes && availableParallelism() > 1) worker = startWorker(job);
     // this thread's share, a piece at a time, letting the event loop run between pieces
     const buf = Buffer.allocUnsafe(READ_BYTES);
+    let hashedBytes = 0;
     let mine: ShareEnd;
+    const taken = new Float64Array(job.pieces);
+    let told = 0;
     do {
       if (signal?.aborted === true) break;
+      if (onHashed !== undefined) {
+        // the pieces taken so far, by either thread (the ones being hashed counted as done)
+        const k = Math.min(Atomics.load(next, 0), pieces.length / 3);
+        for (; told < k; told++) hashedBytes += taken[3 * told + 1]!;
+        onHashed(hashedBytes, dataBytes);
+      }
       mine = hashShare(job, buf, zeros, 1, readSync, createHash);
       if (!mine.done) await yieldToLoop();
     } while (!mine.done);
+    onHashed?.(dataBytes, dataBytes);
     // interrupted: the worker stops at its next piece
     if (signal?.aborted === true) Atomics.store(next, 1, 1);
     const ends = [mine!, ...(worker !== undefined ? [await worker.end] : [])];

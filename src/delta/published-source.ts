@@ -90,6 +90,8 @@ export interface PublishedSourceOptions extends HttpOptions {
   destination: string;
   /** Told when the published files are older than the image they stand for (WPUB_STALE). */
   onWarning?: ((warning: BlksyncWarning) => void) | undefined;
+  /** Told as DST is hashed: bytes of its data hashed so far, of all to hash. */
+  onHashed?: ((done: number, total: number) => void) | undefined;
 }
 
 /**
@@ -183,7 +185,7 @@ export async function openPublished(
     options.signal !== undefined
       ? AbortSignal.any([options.signal, hashStop.signal])
       : hashStop.signal;
-  const hashing = hashDestination(options.destination, h, hashSignal);
+  const hashing = hashDestination(options.destination, h, hashSignal, undefined, options.onHashed);
   // a failure is seen where it is awaited; keep it from being unhandled meanwhile
   hashing.catch(() => {});
   let stale: string | undefined;

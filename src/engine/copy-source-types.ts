@@ -10,7 +10,7 @@ import type { DeltaReport } from '../delta/published-source.js';
 import type { Compression } from '../io/decompress.js';
 import type { Opened } from '../io/open.js';
 import type { SignatureReport } from '../io/signature.js';
-import type { Plan, Sink, Source } from '../types.js';
+import type { Plan, ProgressListener, Sink, Source } from '../types.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import type { BmapOptions } from './find-bmap.js';
 
@@ -39,6 +39,8 @@ export interface CopySourceOptions extends BmapOptions {
    * ranges (a copy without --full or --index); otherwise they read as zeros.
    */
   skipDontCare?: boolean | undefined;
+  /** Told while DST is hashed before a published image's chunks are fetched. */
+  onProgress?: ProgressListener | undefined;
 }
 
 /** What a copy learned about its bmap. */

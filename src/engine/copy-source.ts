@@ -176,6 +176,14 @@ async function openPublishedSource(
     signal: options.signal,
     timeout: options.timeout,
     onWarning: options.onWarning,
+    onHashed: (bytesScanned, bytesTotal) =>
+      options.onProgress?.({
+        bytesScanned,
+        bytesTotal,
+        bytesDiffering: 0,
+        bytesWritten: 0,
+        phase: 'hashing DST',
+      }),
   });
   if (p === undefined) return undefined;
   return {
