@@ -74,6 +74,8 @@ export interface Progress {
    * published image hashes DST's chunks): bytesScanned/bytesTotal count DST's data hashed.
    */
   phase?: 'hashing DST';
+  /** Bytes received from a web server so far (a published SRC fetched by ranges). */
+  bytesFetched?: number;
 }
 
 export type ProgressListener = (progress: Progress) => void;

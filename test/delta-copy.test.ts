@@ -379,10 +379,17 @@ test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never wri
   assert.match(err.message, /rerun/);
 });
 
-test('progress tells DST being hashed before the chunks are fetched, up to all its data', async (t) => {
+test('progress tells DST being hashed before the chunks are fetched, then the bytes fetched', async (t) => {
   const f = await fixture(t);
   const seen: Progress[] = [];
-  await copy(f.url, f.dst, { onProgress: (p) => seen.push({ ...p }) });
+  const r = await copy(f.url, f.dst, { onProgress: (p) => seen.push({ ...p }) });
+  // the copy's progress tells bytes fetched so far, up to the result's
+  const copying = seen.filter((p) => p.phase === undefined);
+  assert.ok(copying.length > 0);
+  for (const p of copying) {
+    assert.ok(p.bytesFetched !== undefined && p.bytesFetched > 0);
+    assert.ok(p.bytesFetched <= r.http!.bytesFetched);
+  }
   const hashing = seen.filter((p) => p.phase === 'hashing DST');
   assert.ok(hashing.length > 0, 'told while hashing DST');
   const last = hashing[hashing.length - 1]!;

@@ -44,6 +44,7 @@ export class ProgressBar {
       `[${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ` +
       `${formatBytes(p.bytesScanned)} / ${formatBytes(p.bytesTotal)}  ` +
       `${formatBytes(rate)}/s  ETA ${formatDuration(eta)}  differing ${formatBytes(p.bytesDiffering)}` +
+      (p.bytesFetched !== undefined ? `  fetched ${formatBytes(p.bytesFetched)}` : '') +
       (p.channelBytesSent !== undefined
         ? `  ssh ↑${formatBytes(p.channelBytesSent)} ↓${formatBytes(p.channelBytesReceived ?? 0)}`
         : '');

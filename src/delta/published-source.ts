@@ -282,6 +282,7 @@ export async function openPublished(
     storedEnd = leaf.offset + leaf.length;
   }
   const seeds = seedsInDestination(h, have, needed, leaves);
+  const storedBytes = needed.reduce((n, i) => n + leaves.get(i)!.length, 0);
   const data = new RangeClient(names.data, { ...options, size: h.dataSize });
   const source = new ChunkSource(h, needed, leaves, data, seeds, options.destination);
   return {
@@ -298,7 +299,7 @@ export async function openPublished(
       chunksDiffering: needed.length,
       chunksFetched: source.fetched,
       chunksSeeded: source.seeded,
-      storedBytes: needed.reduce((n, i) => n + leaves.get(i)!.length, 0),
+      storedBytes,
       groupsFetched: differing.length,
       root: h.root.toString('hex'),
     }),

@@ -177,7 +177,10 @@ export async function copyLocal(
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
       signal: options.signal,
-      onProgress: options.onProgress,
+      onProgress:
+        options.onProgress !== undefined && source.delta !== undefined
+          ? (p) => options.onProgress!({ ...p, bytesFetched: source.delta!().bytesFetched })
+          : options.onProgress,
       onChunk,
       buffers: index?.buffers,
     });
