@@ -324,22 +324,27 @@ test('an image replaced and not published again is streamed whole, with WPUB_STA
   assert.ok((await readFile(g.dst)).equals(v4));
 });
 
-test('moved data: a chunk DST holds at another place is read from there, not fetched', async (t) => {
+/** v2 published and served, DST holding v1. */
+async function servedPair(t: TestContext, v1: Buffer, v2: Buffer) {
   const dir = await tempDir(t);
   const www = join(dir, 'www');
   await mkdir(www);
-  const v1 = Buffer.concat([seededBytes(SIZE / 2, 7), Buffer.alloc(SIZE / 2)]);
-  // v2: a 64 KiB run of v1's data copied to 5 MiB, and a new block at 7 MiB
-  const v2 = Buffer.from(v1);
-  v1.copy(v2, 5 * 1024 * 1024, 1024 * 1024, 1024 * 1024 + 4 * CHUNK);
-  seededBytes(4096, 8).copy(v2, 7 * 1024 * 1024);
   const img = join(www, 'os.img');
   await writeFile(img, v2);
   await publish(img, { chunkSize: CHUNK });
   const dst = join(dir, 'dst.img');
   await writeFile(dst, v1);
   const served = await serveDirectory(t, www);
-  const url = `${served.url}/os.img`;
+  return { dst, url: `${served.url}/os.img` };
+}
+
+test('moved data: a chunk DST holds at another place is read from there, not fetched', async (t) => {
+  const v1 = Buffer.concat([seededBytes(SIZE / 2, 7), Buffer.alloc(SIZE / 2)]);
+  // v2: a 64 KiB run of v1's data copied to 5 MiB, and a new block at 7 MiB
+  const v2 = Buffer.from(v1);
+  v1.copy(v2, 5 * 1024 * 1024, 1024 * 1024, 1024 * 1024 + 4 * CHUNK);
+  seededBytes(4096, 8).copy(v2, 7 * 1024 * 1024);
+  const { dst, url } = await servedPair(t, v1, v2);
   const dry = await copy(url, dst, { dryRun: true });
   assert.equal(dry.http?.chunksSeeded, 4);
   const r = await copy(url, dst);
@@ -352,19 +357,11 @@ test('moved data: a chunk DST holds at another place is read from there, not fet
 });
 
 test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never written as it is', async (t) => {
-  const dir = await tempDir(t);
-  const www = join(dir, 'www');
-  await mkdir(www);
   const v1 = seededBytes(SIZE, 9);
   const v2 = Buffer.from(v1);
   v1.copy(v2, 5 * 1024 * 1024, 1024 * 1024, 1024 * 1024 + CHUNK);
-  const img = join(www, 'os.img');
-  await writeFile(img, v2);
-  await publish(img, { chunkSize: CHUNK });
-  const dst = join(dir, 'dst.img');
-  await writeFile(dst, v1);
-  const served = await serveDirectory(t, www);
-  const published = await openPublished(`${served.url}/os.img`, { destination: dst });
+  const { dst, url } = await servedPair(t, v1, v2);
+  const published = await openPublished(url, { destination: dst });
   assert.ok(published !== undefined);
   t.after(() => published.source.close());
   // another program writes the seed's place after DST was hashed
