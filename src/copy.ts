@@ -110,6 +110,12 @@ async function copyAny(src: string, dst: string, options: CopyOptions): Promise<
     const { relay } = await import('./remote/copy/relay.js');
     return await relay(src, dst, from, to, remote);
   } catch (err) {
+    // a remote container or compressed SRC: streamed through here and decoded here
+    const { copyStreamedRemote, decodedHereOnly } =
+      await import('./remote/copy/streamed-source.js');
+    if (decodedHereOnly(err) && options.direct !== true && options.raw !== true) {
+      return await copyStreamedRemote(src, dst, from, to, remote, err);
+    }
     throw compressedRemote(err, dst, from, remote);
   }
 }

@@ -118,6 +118,8 @@ export type WarningCode =
   | 'WSRC_MOUNTED_RW'
   /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */
   | 'WSPOOLED'
+  /** A remote SRC that only this machine decodes (a container, compressed) is streamed whole through ssh. */
+  | 'WSRC_STREAMED'
   /** A virtual disk SRC is an overlay: its backing file (named inside SRC) is read too. */
   | 'WSRC_BACKING'
   /** An archive SRC holds its image's name more than once: the last one is decoded, as extracting gives. */

@@ -1,8 +1,8 @@
 /**
  * Containers at a remote end, over a real OpenSSH server on 127.0.0.1: a remote SRC that is a
- * container is refused by the agent before anything is written (it would be copied as its
- * own bytes; blksync decodes only where it runs), and a local container pushed to a remote
- * DST is decoded here and sent as the image. With --raw, a remote container SRC is copied as
+ * container is refused by its agent (it would be copied as its own bytes) and streamed
+ * through here instead, decoded here (pulled, or relayed to another DST); a local container
+ * pushed to a remote DST is decoded here and sent as the image. With --raw, a remote container SRC is copied as
  * it is (pulled, or relayed between two remote ends).
  */
 
@@ -24,7 +24,7 @@ const MiB = 1024 * 1024;
 describe('containers at a remote end', () => {
   const server = sharedSshd();
 
-  test('a remote zip SRC is refused (ESRC_CONTAINER) before writing; a local one pushed is decoded', async (t) => {
+  test('a remote zip SRC is streamed through here and decoded (WSRC_STREAMED); a local one pushed is decoded', async (t) => {
     const s = server(t);
     if (!s) return;
     if (!(await needTool(t, 'python3', 'python3'))) return;
@@ -40,15 +40,52 @@ describe('containers at a remote end', () => {
       img,
     ]);
     const fresh = join(dir, 'pulled.img');
-    const pulled = await runCli(['copy', '--ssh', s.ssh, `${s.host}:${zip}`, fresh]);
-    assert.equal(pulled.code, 1, pulled.stderr);
-    assert.match(pulled.stderr, /is a zip archive.*\[ESRC_CONTAINER\]$/m);
-    assert.match(pulled.stderr, /unpack it on/);
-    assert.equal(existsSync(fresh), false, 'no DST created');
+    const pulled = await runCli(['copy', '--json', '--ssh', s.ssh, `${s.host}:${zip}`, fresh]);
+    assert.equal(pulled.code, 0, pulled.stderr);
+    assert.ok((await readFile(fresh)).equals(data), 'the image, not the zip');
+    const result = JSON.parse(pulled.stdout) as {
+      container?: { format: string };
+      warnings?: { code: string }[];
+    };
+    assert.deepEqual(
+      result.warnings?.map((w) => w.code),
+      ['WSRC_STREAMED'],
+    );
+    // again onto DST holding the image: still decoded, nothing written
+    const again = await runCli(['copy', '--json', '--ssh', s.ssh, `${s.host}:${zip}`, fresh]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal((JSON.parse(again.stdout) as { bytesWritten: number }).bytesWritten, 0);
     const pushed = join(dir, 'pushed.img');
     const r = await runCli(['copy', '--ssh', s.ssh, zip, `${s.host}:${pushed}`]);
     assert.equal(r.code, 0, r.stderr);
     assert.ok((await readFile(pushed)).equals(data));
+  });
+
+  test('a remote tar.gz relayed to a remote DST is decoded on the way; a remote 7z is still refused', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const data = Buffer.concat([seededBytes(MiB + 512, 5), Buffer.alloc(MiB)]);
+    await writeFile(join(dir, 'os.img'), data);
+    const tgz = join(dir, 'os.tar.gz');
+    await run('tar', ['-czf', tgz, '-C', dir, 'os.img']);
+    const relayed = join(dir, 'relayed.img');
+    await writeFile(relayed, seededBytes(data.length, 6));
+    const r = await runCli(['copy', '--ssh', s.ssh, `${s.host}:${tgz}`, `${s.host}:${relayed}`]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /streamed whole through ssh/);
+    assert.ok((await readFile(relayed)).equals(data), 'relayed as the image');
+    // 7z's magic: not decoded here either, so refused, nothing created
+    const sevenZip = join(dir, 'os.7z');
+    await writeFile(
+      sevenZip,
+      Buffer.concat([Buffer.from('377abcaf271c0004', 'hex'), seededBytes(4096, 7)]),
+    );
+    const none = join(dir, 'none.img');
+    const refused = await runCli(['copy', '--ssh', s.ssh, `${s.host}:${sevenZip}`, none]);
+    assert.equal(refused.code, 1, refused.stderr);
+    assert.match(refused.stderr, /7z.*\[ESRC_CONTAINER\]$/m);
+    assert.equal(existsSync(none), false, 'no DST created');
   });
 
   test('--raw copies a remote zip SRC as it is: pulled, and relayed to a remote DST', async (t) => {

@@ -1,8 +1,10 @@
 /**
  * A compressed image as a remote SRC (pull, relayed, --direct) over a real OpenSSH server on
  * 127.0.0.1: blksync decodes only where it runs, so the agent recognises the compression by
- * its magic bytes and the copy is refused before anything is written (ESRC_COMPRESSED), with
- * the command that streams it through this machine instead. That command works.
+ * its magic bytes and refuses it; a pull or a relay then streams it through this machine
+ * (with --size, as a compressed stdin needs), and without --size the copy is refused before
+ * anything is written (ESRC_COMPRESSED) saying so. --direct refuses it with the command that
+ * streams it through this machine instead; that command works.
  */
 
 import assert from 'node:assert/strict';
@@ -68,14 +70,16 @@ describe('a compressed remote SRC', () => {
       assert.match(lines[0]!, /\[ESRC_COMPRESSED\]$/, what);
       assert.match(lines[0]!, /-compressed/);
       // what to do: stream it through this machine, or decompress it on the host
-      assert.match(lines[0]!, / 'cat .*disk\.img\.\w+' \| blksync copy --size BYTES - /);
+      if (mode === 'direct') {
+        assert.match(lines[0]!, / 'cat .*disk\.img\.\w+' \| blksync copy --size BYTES - /);
+      } else assert.match(lines[0]!, /give --size BYTES \(its decoded size\)/);
       assert.match(lines[0]!, /decompress it on blksync-test/);
       if (existing) assert.deepEqual(await readFile(target), old, `${what}: DST untouched`);
       else assert.equal(existsSync(target), false, `${what}: no DST created`);
     }
   });
 
-  test('the suggested stream through this machine copies the decompressed image', async (t) => {
+  test('with --size, a pull and a relay stream it through here; the command --direct suggests works', async (t) => {
     const s = server(t);
     if (!s) return;
     const dir = await tempDir(t);
@@ -85,8 +89,9 @@ describe('a compressed remote SRC', () => {
       'copy',
       '--ssh',
       s.ssh,
+      '--direct',
       `${s.host}:${join(dir, 'disk.img.gz')}`,
-      join(dir, 'refused.img'),
+      `${s.host}:${join(dir, 'refused.img')}`,
     ]);
     assert.equal(existsSync(join(dir, 'refused.img')), false);
     const suggested = /`(.*)`/.exec(r.stderr)?.[1];
@@ -99,5 +104,21 @@ describe('a compressed remote SRC', () => {
     const c = await runCli(['copy', '--size', String(data.length), '-', out], { input: piped });
     assert.equal(c.code, 0, c.stderr);
     assert.deepEqual(await readFile(out), data);
+    // pulled and relayed with --size: streamed through here, with the warning that says so
+    for (const to of [join(dir, 'pulled.img'), `${s.host}:${join(dir, 'relayed.img')}`]) {
+      const p = await runCli([
+        'copy',
+        '--ssh',
+        s.ssh,
+        '--size',
+        String(data.length),
+        `${s.host}:${join(dir, 'disk.img.gz')}`,
+        to,
+      ]);
+      assert.equal(p.code, 0, p.stderr);
+      assert.match(p.stderr, /streamed whole through ssh .*\[WSRC_STREAMED\]/);
+    }
+    assert.deepEqual(await readFile(join(dir, 'pulled.img')), data);
+    assert.deepEqual(await readFile(join(dir, 'relayed.img')), data);
   });
 });

@@ -5,6 +5,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import type { Stats } from 'node:fs';
+import type { Readable } from 'node:stream';
 import type { ContainerReport } from '../containers/open.js';
 import type { DeltaReport } from '../delta/published-source.js';
 import type { Compression } from '../io/decompress.js';
@@ -39,6 +40,11 @@ export interface CopySourceOptions extends BmapOptions {
    * ranges (a copy without --full or --index); otherwise they read as zeros.
    */
   skipDontCare?: boolean | undefined;
+  /**
+   * SRC's bytes come from this stream, read as stdin is (a remote SRC that only this machine
+   * decodes, streamed through ssh: remote/copy/streamed-source.ts); SRC names it.
+   */
+  stream?: Readable | undefined;
   /** Told while DST is hashed before a published image's chunks are fetched. */
   onProgress?: ProgressListener | undefined;
 }
@@ -64,7 +70,7 @@ export interface BmapReport {
 export interface CopySource {
   /** SRC as given. */
   path: string;
-  kind: 'file' | 'block-device' | 'stdin' | 'url';
+  kind: 'file' | 'block-device' | 'stdin' | 'url' | 'stream';
   compression: Compression | undefined;
   /** The container SRC was decoded from (zip, tar, Android sparse, qcow2, ...). */
   container: ContainerReport | undefined;

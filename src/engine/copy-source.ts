@@ -280,7 +280,12 @@ async function openFound(
       return new SequentialSource(rawStream(s, name), size, name, undefined, known === undefined);
     };
 
-    if (isUrl(src)) {
+    if (options.stream !== undefined) {
+      kind = 'stream';
+      const { head, rest } = await peek(options.stream, CONTAINER_HEAD_BYTES);
+      compression = detectCompression(head);
+      source = await streamed(rest, head, src, undefined);
+    } else if (isUrl(src)) {
       kind = 'url';
       const { bodyStream, httpOpenOk } = await import('../io/http-source.js');
       const res = await httpOpenOk(src, options);
