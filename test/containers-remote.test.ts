@@ -88,6 +88,26 @@ describe('containers at a remote end', () => {
     assert.equal(existsSync(none), false, 'no DST created');
   });
 
+  test('a remote qcow2 SRC is streamed here, spooled to a file and decoded by qemu-img', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
+    const dir = await tempDir(t);
+    const data = Buffer.concat([Buffer.alloc(MiB), seededBytes(MiB + 4096, 8), Buffer.alloc(MiB)]);
+    const img = join(dir, 'os.img');
+    await writeFile(img, data);
+    const qcow2 = join(dir, 'os.qcow2');
+    await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', img, qcow2]);
+    const pulled = join(dir, 'pulled.img');
+    const r = await runCli(['copy', '--json', '--ssh', s.ssh, `${s.host}:${qcow2}`, pulled]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok((await readFile(pulled)).equals(data), 'the disk, not the qcow2 file');
+    const codes = (JSON.parse(r.stdout) as { warnings?: { code: string }[] }).warnings?.map(
+      (w) => w.code,
+    );
+    assert.ok(codes?.includes('WSRC_STREAMED') && codes.includes('WSPOOLED'), String(codes));
+  });
+
   test('--raw copies a remote zip SRC as it is: pulled, and relayed to a remote DST', async (t) => {
     const s = server(t);
     if (!s) return;
