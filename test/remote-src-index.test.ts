@@ -1,30 +1,262 @@
-/** --src-index with a remote end: refused before any ssh starts, never silently ignored. */
+/**
+ * --src-index with a remote end, over a real OpenSSH server on 127.0.0.1. A push keeps an
+ * index of its local SRC here under the local copy's policy: made while SRC is read for the
+ * first push, used by the next (SRC read only where DST's index differs, DST only for its
+ * sample), rebuilt when SRC changed, refused or rebuilt when it is corrupt or lies. A remote
+ * SRC (pull, relay) is hashed by its agent, and --src-index there stays a usage error.
+ */
 
 import assert from 'node:assert/strict';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { describe, test, type TestContext } from 'node:test';
+import type { RemoteCopyResult } from '../src/copy.js';
+import { readIndexFile, writeNewIndex } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
-import { tempDir, writeRandomFile } from './helpers/tmp.js';
+import { sharedSshd, type Sshd } from './helpers/sshd.js';
+import { seededBytes, tempDir, writeRandomFile } from './helpers/tmp.js';
 
-test('--src-index on a push or a pull is a usage error, not silently ignored', async (t) => {
-  const dir = await tempDir(t);
-  const src = join(dir, 'src.img');
-  await writeRandomFile(src, 65536, 1);
-  // a host that does not exist: the refusal must come before ssh is tried
-  for (const [from, to] of [
-    [src, 'blksync-no-such-host:/tmp/dst.img'],
-    ['blksync-no-such-host:/tmp/src.img', join(dir, 'dst.img')],
-  ] as const) {
-    const r = await runCli([
-      'copy',
-      '--index',
-      'auto',
-      '--src-index',
-      join(dir, 'src.idx'),
-      from,
-      to,
-    ]);
-    assert.equal(r.code, 2, r.stderr);
-    assert.match(r.stderr, /--src-index .*drop --src-index \[EUSAGE\]/);
+const MiB = 1024 * 1024;
+const INDEX_BS = 64 * 1024;
+
+function flip(data: Buffer, offsets: number[]): Buffer {
+  const out = Buffer.from(data);
+  for (const o of offsets) out[o] = out[o]! ^ 0xff;
+  return out;
+}
+
+interface Run {
+  code: number | null;
+  stderr: string;
+  result: RemoteCopyResult | undefined;
+}
+
+describe('push with --src-index', () => {
+  const server = sharedSshd();
+
+  /** A temp dir with a local cache (SRC's index) and the remote's cache (DST's index). */
+  async function setup(t: TestContext, s: Sshd) {
+    const dir = await tempDir(t);
+    const local = join(dir, 'local-cache');
+    const ssh = `${s.ssh} -o SetEnv=XDG_CACHE_HOME=${join(dir, 'remote-cache')}`;
+    const push = async (src: string, dst: string, extra: string[] = []): Promise<Run> => {
+      const r = await runCli(['copy', '--json', '--ssh', ssh, ...extra, src, `${s.host}:${dst}`], {
+        env: { XDG_CACHE_HOME: local },
+      });
+      const result = r.code === 0 ? (JSON.parse(r.stdout) as RemoteCopyResult) : undefined;
+      return { code: r.code, stderr: r.stderr, result };
+    };
+    const cached = async (): Promise<string[]> =>
+      (await readdir(join(local, 'blksync')).catch(() => [] as string[])).map((f) =>
+        join(local, 'blksync', f),
+      );
+    return { dir, push, cached };
   }
+
+  const BOTH = ['--index', 'auto', '--src-index', 'auto'];
+
+  test('made on the first push, used on the next: neither SRC nor DST read whole', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, push, cached } = await setup(t, s);
+    const size = 24 * MiB + 5000;
+    const v1 = seededBytes(size, 1);
+    const v2 = flip(v1, [100, 9 * MiB, 20 * MiB + 7, size - 1]);
+    const src = join(dir, 'src.img');
+    const old = join(dir, 'old.img');
+    const dstA = join(dir, 'dst-a.img');
+    const dstB = join(dir, 'dst-b.img');
+    await writeFile(src, v2);
+    await writeFile(old, v1);
+    await writeFile(dstA, v1);
+
+    const first = await push(src, dstA, BOTH);
+    assert.equal(first.code, 0, first.stderr);
+    assert.equal(first.result!.index?.source?.mode, 'created');
+    assert.equal(first.result!.index?.source?.bytesRead, size, 'SRC read whole to make it');
+    assert.ok((await readFile(dstA)).equals(v2));
+    const [srcIdx] = await cached();
+    assert.ok(srcIdx !== undefined, 'the index of SRC is in the local cache');
+    assert.equal((await readIndexFile(srcIdx)).state.kind, 'clean');
+
+    // unchanged rerun: both indexes used; SRC and DST read only for their samples
+    const again = await push(src, dstA, BOTH);
+    assert.equal(again.code, 0, again.stderr);
+    const r = again.result!;
+    assert.equal(r.index?.mode, 'used');
+    assert.equal(r.index?.source?.mode, 'used');
+    assert.equal(r.index?.source?.sampleBlocks, 16);
+    assert.equal(r.index?.source?.bytesRead, 0);
+    assert.ok(r.bytesRead <= 16 * INDEX_BS, `the agent read ${r.bytesRead} of DST`);
+    assert.equal(r.bytesWritten, 0);
+    assert.ok((await readFile(dstA)).equals(v2));
+
+    // a DST holding v1, indexed by its agent: only the differing blocks of SRC are read
+    const made = await push(old, dstB, ['--index', 'auto']);
+    assert.equal(made.code, 0, made.stderr);
+    const used = await push(src, dstB, BOTH);
+    assert.equal(used.code, 0, used.stderr);
+    const u = used.result!;
+    assert.equal(u.index?.mode, 'used');
+    assert.equal(u.index?.source?.mode, 'used');
+    assert.equal(u.bytesWritten, 3 * INDEX_BS + (size % INDEX_BS));
+    assert.equal(u.index?.source?.bytesRead, u.bytesWritten, 'SRC read only where it differs');
+    assert.ok(u.bytesRead <= 16 * INDEX_BS, `the agent read ${u.bytesRead} of DST`);
+    assert.ok((await readFile(dstB)).equals(v2));
+  });
+
+  test('SRC changed since its index: rebuilt, never trusted, DST correct', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, push, cached } = await setup(t, s);
+    const size = 12 * MiB + 300;
+    const v1 = seededBytes(size, 2);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    assert.equal((await push(src, dst, BOTH)).code, 0);
+
+    const v2 = flip(v1, [5 * MiB + 1, size - 2]);
+    await writeFile(src, v2);
+    const r = await push(src, dst, BOTH);
+    assert.equal(r.code, 0, r.stderr);
+    assert.notEqual(r.result!.index?.source?.mode, 'used');
+    assert.equal(r.result!.bytesWritten, INDEX_BS + (size % INDEX_BS));
+    assert.ok((await readFile(dst)).equals(v2));
+    // rewritten for v2, and used next
+    assert.equal((await cached()).length, 1);
+    const next = await push(src, dst, BOTH);
+    assert.equal(next.code, 0, next.stderr);
+    assert.equal(next.result!.index?.source?.mode, 'used');
+    assert.equal(next.result!.bytesWritten, 0);
+    assert.ok((await readFile(dst)).equals(v2));
+  });
+
+  test('--src-index FILE with --index FILE (both kept here): only differing blocks read', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, push } = await setup(t, s);
+    const size = 16 * MiB;
+    const v1 = seededBytes(size, 3);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const idxs = ['--index', join(dir, 'dst.idx'), '--src-index', join(dir, 'src.idx')];
+    await writeFile(src, v1);
+    const first = await push(src, dst, idxs);
+    assert.equal(first.code, 0, first.stderr);
+    assert.equal(first.result!.index?.source?.mode, 'created');
+    assert.ok((await readFile(dst)).equals(v1));
+
+    // DST changed through blksync (another SRC): its index follows; SRC's is still good
+    const other = join(dir, 'other.img');
+    const v0 = flip(v1, [7, 11 * MiB]);
+    await writeFile(other, v0);
+    assert.equal((await push(other, dst, ['--index', join(dir, 'dst.idx')])).code, 0);
+    const r = await push(src, dst, idxs);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.result!.index?.mode, 'used');
+    assert.equal(r.result!.index?.source?.mode, 'used');
+    assert.equal(r.result!.bytesWritten, 2 * INDEX_BS);
+    assert.equal(r.result!.index?.source?.bytesRead, 2 * INDEX_BS);
+    assert.ok((await readFile(dst)).equals(v1));
+  });
+
+  test('a corrupt index of SRC: FILE refused before writing, the cached one rebuilt', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, push, cached } = await setup(t, s);
+    const size = 8 * MiB;
+    const v1 = seededBytes(size, 4);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    const bad = join(dir, 'src.idx');
+    await writeFile(bad, Buffer.from('not an index, just some hostile bytes'.repeat(50)));
+    await writeFile(dst, flip(v1, [1]));
+    const refused = await push(src, dst, ['--index', 'auto', '--src-index', bad]);
+    assert.notEqual(refused.code, 0);
+    assert.match(refused.stderr, /\[EINDEX_FORMAT\]/);
+    assert.ok((await readFile(dst)).equals(flip(v1, [1])), 'nothing written');
+
+    assert.equal((await push(src, dst, BOTH)).code, 0);
+    const [idx] = await cached();
+    await writeFile(idx!, Buffer.alloc(4096, 0x41));
+    const r = await push(src, dst, BOTH);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.result!.index?.source?.mode, 'rebuilt');
+    assert.ok((await readFile(dst)).equals(v1));
+    assert.equal((await readIndexFile(idx!)).state.kind, 'clean', 'written anew');
+  });
+
+  test('an index of SRC that lies (right identity, wrong hashes): never a wrong DST', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, push, cached } = await setup(t, s);
+    const size = 24 * MiB;
+    const v1 = seededBytes(size, 5);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    assert.equal((await push(src, dst, BOTH)).code, 0);
+    // DST moves on through blksync, so the next push has blocks to send
+    const v0 = flip(v1, [3 * MiB, 17 * MiB]);
+    await writeFile(join(dir, 'other.img'), v0);
+    assert.equal((await push(join(dir, 'other.img'), dst, ['--index', 'auto'])).code, 0);
+    // forge SRC's index: the block at 3 MiB claims content that is neither SRC's nor DST's
+    // (a hash forged to equal DST's is indistinguishable from the truth, for a local copy too:
+    // what vouches for an index of SRC is SRC's identity, mtime and ctime, and the sample)
+    const [idx] = await cached();
+    const index = await readIndexFile(idx!);
+    index.hashes.fill(0x5a, ((3 * MiB) / INDEX_BS) * 32, ((3 * MiB) / INDEX_BS + 1) * 32);
+    await writeNewIndex(idx!, index);
+    const r = await push(src, dst, BOTH);
+    if (r.code === 0) {
+      // the sample caught it: rebuilt from SRC
+      assert.equal(r.result!.index?.source?.mode, 'rebuilt');
+    } else {
+      // or the block was read and checked: refused, the cached index removed
+      assert.match(r.stderr, /of SRC is stale.*\[EINDEX_STALE\]/);
+      assert.ok(!(await cached()).includes(idx!), 'the lying index is gone');
+      const rerun = await push(src, dst, BOTH);
+      assert.equal(rerun.code, 0, rerun.stderr);
+    }
+    assert.ok((await readFile(dst)).equals(v1));
+  });
+
+  test('refusals: without --index, an index on a host, a remote SRC', async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    await writeRandomFile(src, 65536, 1);
+    // a host that does not exist: each refusal must come before ssh is tried
+    const cases: [string[], RegExp][] = [
+      [
+        ['--src-index', 'auto', src, 'blksync-no-such-host:/tmp/dst.img'],
+        /--src-index works with --index.*\[EUSAGE\]/,
+      ],
+      [
+        ['--index', 'auto', '--src-index', 'h:/x.idx', src, 'blksync-no-such-host:/tmp/d.img'],
+        /a push's SRC is on this machine, and so is its index.*\[EUSAGE\]/,
+      ],
+      [
+        [
+          '--index',
+          'auto',
+          '--src-index',
+          'auto',
+          'blksync-no-such-host:/tmp/s.img',
+          join(dir, 'd'),
+        ],
+        /--src-index auto: .*a remote SRC is hashed by its agent.*drop --src-index \[EUSAGE\]/,
+      ],
+      [
+        ['--index', 'auto', '--src-index', 'auto', 'blksync-no-such-host:/s', 'other-host:/d'],
+        /a remote SRC is hashed by its agent.*\[EUSAGE\]/,
+      ],
+    ];
+    for (const [args, expected] of cases) {
+      const r = await runCli(['copy', ...args]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, expected);
+    }
+  });
 });

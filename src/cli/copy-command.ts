@@ -130,7 +130,7 @@ function indexLine(r: CopyResult): string {
 function sourceIndexSummary(r: CopyResult): string {
   const s = r.index!.source!;
   if (s.mode === 'used') {
-    return `index of SRC ${s.path}: used; read ${formatBytes(r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
+    return `index of SRC ${s.path}: used; read ${formatBytes(s.bytesRead ?? r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
   }
   const why = s.reason !== undefined ? ` (${s.reason})` : '';
   return `index of SRC ${s.path}: ${r.dryRun ? 'would be ' : ''}${s.mode}${why}; read all of ${r.source}`;

@@ -60,6 +60,8 @@ export interface SourceIndexReport {
   reason?: string;
   /** SRC blocks read to check the index before trusting it. */
   sampleBlocks: number;
+  /** Bytes of SRC a push read besides the sample (where the pipeline's count would mislead). */
+  bytesRead?: number;
 }
 
 export class SourceIndex {

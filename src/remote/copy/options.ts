@@ -79,11 +79,11 @@ export function checkRemoteCopy(
       `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
-  if (typeof options.srcIndex === 'string') {
-    // an accepted option must act: remote copies hash SRC as they go and keep no index of it
+  if (typeof options.srcIndex === 'string' && srcRemote !== undefined) {
+    // an accepted option must act: a remote SRC is hashed by its agent, which keeps no index of it
     throw new BlksyncError(
       'EUSAGE',
-      `--src-index ${options.srcIndex}: an index of SRC is used by local copies only; with a remote end SRC is hashed as it is read — drop --src-index`,
+      `--src-index ${options.srcIndex}: an index of SRC is used when SRC is on this machine (a local copy or a push); a remote SRC is hashed by its agent as it is read — drop --src-index`,
     );
   }
   if (options.direct === true) {
