@@ -223,34 +223,34 @@ describe('push with --src-index', () => {
     assert.ok((await readFile(dst)).equals(v1));
   });
 
-  test('refusals: without --index, an index on a host, a remote SRC', async (t) => {
+  test('refusals before ssh: without --index, an index on the wrong host, --direct, --full', async (t) => {
     const dir = await tempDir(t);
     const src = join(dir, 'src.img');
     await writeRandomFile(src, 65536, 1);
+    const h = 'blksync-no-such-host';
     // a host that does not exist: each refusal must come before ssh is tried
     const cases: [string[], RegExp][] = [
+      [['--src-index', 'auto', src, `${h}:/tmp/dst.img`], /works with --index.*\[EUSAGE\]/],
       [
-        ['--src-index', 'auto', src, 'blksync-no-such-host:/tmp/dst.img'],
-        /--src-index works with --index.*\[EUSAGE\]/,
-      ],
-      [
-        ['--index', 'auto', '--src-index', 'h:/x.idx', src, 'blksync-no-such-host:/tmp/d.img'],
+        ['--index', 'auto', '--src-index', 'h:/x.idx', src, `${h}:/tmp/d.img`],
         /a push's SRC is on this machine, and so is its index.*\[EUSAGE\]/,
       ],
+      [['--src-index', 'auto', `${h}:/s.img`, join(dir, 'd')], /add --index \[EUSAGE\]/],
       [
-        [
-          '--index',
-          'auto',
-          '--src-index',
-          'auto',
-          'blksync-no-such-host:/tmp/s.img',
-          join(dir, 'd'),
-        ],
-        /--src-index auto: .*a remote SRC is hashed by its agent.*drop --src-index \[EUSAGE\]/,
+        ['--index', 'auto', '--src-index', join(dir, 's.idx'), `${h}:/s.img`, join(dir, 'd')],
+        /kept on its host by its agent; use blksync-no-such-host:FILE or auto \[EUSAGE\]/,
       ],
       [
-        ['--index', 'auto', '--src-index', 'auto', 'blksync-no-such-host:/s', 'other-host:/d'],
-        /a remote SRC is hashed by its agent.*\[EUSAGE\]/,
+        ['--index', 'auto', '--src-index', 'other:/s.idx', `${h}:/s`, 'x:/d'],
+        /use blksync-no-such-host:FILE or auto \[EUSAGE\]/,
+      ],
+      [
+        ['--direct', '--index', 'auto', '--src-index', 'auto', `${h}:/s`, 'x:/d'],
+        /drop --direct \[EUSAGE\]/,
+      ],
+      [
+        ['--full', '--index', 'auto', '--src-index', 'auto', `${h}:/s`, join(dir, 'd')],
+        /--full reads and sends all of SRC.*\[EUSAGE\]/,
       ],
     ];
     for (const [args, expected] of cases) {
@@ -258,5 +258,125 @@ describe('push with --src-index', () => {
       assert.equal(r.code, 2, r.stderr);
       assert.match(r.stderr, expected);
     }
+  });
+});
+
+describe("pull and relay with --src-index (kept on SRC's host by its agent)", () => {
+  const server = sharedSshd();
+
+  async function setup(t: TestContext, s: Sshd) {
+    const dir = await tempDir(t);
+    const remoteCache = join(dir, 'remote-cache');
+    const ssh = `${s.ssh} -o SetEnv=XDG_CACHE_HOME=${remoteCache}`;
+    const copy = async (src: string, dst: string, extra: string[] = []): Promise<Run> => {
+      const r = await runCli(['copy', '--json', '--ssh', ssh, ...extra, src, dst], {
+        env: { XDG_CACHE_HOME: join(dir, 'local-cache') },
+      });
+      const result = r.code === 0 ? (JSON.parse(r.stdout) as RemoteCopyResult) : undefined;
+      return { code: r.code, stderr: r.stderr, result };
+    };
+    const at = (p: string): string => `${s.host}:${p}`;
+    return { dir, copy, at, remoteCache };
+  }
+
+  const BOTH = ['--index', 'auto', '--src-index', 'auto'];
+
+  for (const kind of ['pull', 'relay'] as const) {
+    test(`${kind}: made on the first run, used on the next; SRC changed: rebuilt`, async (t) => {
+      const s = server(t);
+      if (!s) return;
+      const { dir, copy, at, remoteCache } = await setup(t, s);
+      const size = 20 * MiB + 700;
+      const v1 = seededBytes(size, 11);
+      const v2 = flip(v1, [64, 6 * MiB, size - 3]);
+      const src = join(dir, 'src.img');
+      const old = join(dir, 'old.img');
+      const dstPath = join(dir, 'dst.img');
+      const dst = kind === 'pull' ? dstPath : at(dstPath);
+      await writeFile(src, v2);
+      await writeFile(old, v1);
+      // DST holds v1 and is indexed (here for a pull, by DST's agent for a relay)
+      assert.equal((await copy(at(old), dst, ['--index', 'auto'])).code, 0);
+
+      const made = await copy(at(src), dst, BOTH);
+      assert.equal(made.code, 0, made.stderr);
+      assert.equal(made.result!.index?.source?.mode, 'created');
+      assert.ok(made.result!.index.source.path.startsWith(join(remoteCache, 'blksync')));
+      assert.ok((await readFile(dstPath)).equals(v2));
+      assert.equal((await readIndexFile(made.result!.index.source.path)).state.kind, 'clean');
+
+      // DST back to v1 through blksync; then both indexes are used
+      assert.equal((await copy(at(old), dst, ['--index', 'auto'])).code, 0);
+      const used = await copy(at(src), dst, BOTH);
+      assert.equal(used.code, 0, used.stderr);
+      const u = used.result!;
+      assert.equal(u.index?.mode, 'used');
+      assert.equal(u.index?.source?.mode, 'used');
+      assert.equal(u.index?.source?.sampleBlocks, 16);
+      // a pull fetches whole blocks of DST's index; a relay refines them to -b's 4 KiB
+      const unit = kind === 'pull' ? INDEX_BS : 4096;
+      assert.equal(u.bytesWritten, 2 * unit + (size % unit));
+      // SRC read by its agent only around what differs (the sample aside), DST only for its
+      // sample: a relay's agent reads the 64 KiB blocks to hash them in 4 KiB
+      const srcRead = u.index.source.bytesRead!;
+      assert.ok(srcRead >= u.bytesWritten && srcRead <= 4 * INDEX_BS, `SRC read: ${srcRead}`);
+      // (a relay's DST agent also reads the differing 64 KiB blocks to hash them in 4 KiB)
+      const dstRead = (kind === 'pull' ? 16 : 20) * INDEX_BS;
+      assert.ok(u.bytesRead <= dstRead, `DST read: ${u.bytesRead}`);
+      assert.ok((await readFile(dstPath)).equals(v2));
+
+      // SRC changed behind the index: never trusted
+      const v3 = flip(v2, [9 * MiB + 5]);
+      await writeFile(src, v3);
+      const changed = await copy(at(src), dst, BOTH);
+      assert.equal(changed.code, 0, changed.stderr);
+      assert.equal(changed.result!.index?.source?.mode, 'rebuilt');
+      assert.equal(changed.result!.bytesWritten, unit);
+      assert.ok((await readFile(dstPath)).equals(v3));
+      const next = await copy(at(src), dst, BOTH);
+      assert.equal(next.code, 0, next.stderr);
+      assert.equal(next.result!.index?.source?.mode, 'used');
+      assert.equal(next.result!.bytesWritten, 0);
+      assert.ok((await readFile(dstPath)).equals(v3));
+    });
+  }
+
+  test('pull: an index of SRC that lies is refused (EINDEX_STALE) or rebuilt; a corrupt one rebuilt', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, copy, at } = await setup(t, s);
+    const size = 24 * MiB;
+    const v1 = seededBytes(size, 12);
+    const src = join(dir, 'src.img');
+    const old = join(dir, 'old.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    const v0 = flip(v1, [3 * MiB]);
+    await writeFile(old, v0);
+    assert.equal((await copy(at(old), dst, ['--index', 'auto'])).code, 0);
+    const made = await copy(at(src), dst, BOTH);
+    assert.equal(made.code, 0, made.stderr);
+    const idx = made.result!.index!.source!.path;
+    assert.equal((await copy(at(old), dst, ['--index', 'auto'])).code, 0);
+    // the block at 3 MiB: neither SRC's nor DST's content, so it is fetched and checked
+    const index = await readIndexFile(idx);
+    index.hashes.fill(0x5a, ((3 * MiB) / INDEX_BS) * 32, ((3 * MiB) / INDEX_BS + 1) * 32);
+    await writeNewIndex(idx, index);
+    const r = await copy(at(src), dst, BOTH);
+    if (r.code === 0) assert.equal(r.result!.index?.source?.mode, 'rebuilt');
+    else {
+      assert.match(r.stderr, /of SRC is stale.*\[EINDEX_STALE\]/);
+      const rerun = await copy(at(src), dst, BOTH);
+      assert.equal(rerun.code, 0, rerun.stderr);
+      assert.notEqual(rerun.result!.index?.source?.mode, 'used', 'the lying index was removed');
+    }
+    assert.ok((await readFile(dst)).equals(v1));
+
+    await writeFile(idx, Buffer.alloc(1000, 0x41));
+    const corrupt = await copy(at(src), dst, BOTH);
+    assert.equal(corrupt.code, 0, corrupt.stderr);
+    assert.equal(corrupt.result!.index?.source?.mode, 'rebuilt');
+    assert.ok((await readFile(dst)).equals(v1));
+    assert.equal((await readIndexFile(idx)).state.kind, 'clean');
   });
 });

@@ -164,7 +164,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     )
     .option(
       '--src-index <file>',
-      'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto)',
+      'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto for a local copy; a remote SRC\'s is kept on its host: host:FILE or auto)',
     )
     .option('--no-src-index', 'with --index auto: do not keep or use an index of SRC')
     .option(

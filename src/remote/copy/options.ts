@@ -10,7 +10,8 @@ import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/find-bmap.js';
 import type { RemoteOptions } from '../link.js';
 import { REMOTE_CHUNK_BYTES } from '../roles.js';
-import { isRemote, shellQuote, type RemoteSpec } from '../spec.js';
+import type { SourceIndexHello } from '../protocol.js';
+import { isRemote, parseRemote, shellQuote, type RemoteSpec } from '../spec.js';
 import { keptRemotely } from './kept-index.js';
 
 /**
@@ -80,11 +81,7 @@ export function checkRemoteCopy(
     );
   }
   if (typeof options.srcIndex === 'string' && srcRemote !== undefined) {
-    // an accepted option must act: a remote SRC is hashed by its agent, which keeps no index of it
-    throw new BlksyncError(
-      'EUSAGE',
-      `--src-index ${options.srcIndex}: an index of SRC is used when SRC is on this machine (a local copy or a push); a remote SRC is hashed by its agent as it is read — drop --src-index`,
-    );
+    remoteSourceIndex(options, srcRemote);
   }
   if (options.direct === true) {
     const given = [
@@ -101,6 +98,43 @@ export function checkRemoteCopy(
     }
   }
   options.signal?.throwIfAborted();
+}
+
+/**
+ * HELLO's `sourceIndex` for a remote SRC's agent (pull, relay): --src-index names an index of
+ * SRC kept on SRC's host, `host:FILE` or `auto` (that host's cache). The combinations where
+ * it could not act are refused before ssh starts.
+ */
+export function remoteSourceIndex(
+  options: RemoteCopyOptions,
+  src: RemoteSpec,
+): SourceIndexHello | undefined {
+  const given = options.srcIndex;
+  if (typeof given !== 'string') return undefined;
+  const refuse = (why: string): never => {
+    throw new BlksyncError('EUSAGE', `--src-index ${given}: ${why}`);
+  };
+  if (options.index === undefined) {
+    refuse('it saves reading SRC only where DST is known from an index; add --index');
+  }
+  if (options.direct === true) {
+    refuse("--direct runs the copy on SRC's host as a push without an index of SRC; drop --direct");
+  }
+  if (options.full) refuse('--full reads and sends all of SRC; drop one of them');
+  if (options.bmap !== undefined) {
+    refuse('it describes all of SRC; a bmap copy reads only its mapped ranges; drop --bmap');
+  }
+  let path = given;
+  if (given !== 'auto') {
+    const at = parseRemote(given);
+    if (at === undefined || at.destination !== src.destination) {
+      refuse(
+        `a remote SRC's index is kept on its host by its agent; use ${src.destination}:FILE or auto`,
+      );
+    }
+    path = at!.path;
+  }
+  return { path, rebuild: options.rebuildIndex, verifySample: options.verifySample };
 }
 
 /**
