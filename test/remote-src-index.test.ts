@@ -341,6 +341,43 @@ describe("pull and relay with --src-index (kept on SRC's host by its agent)", ()
     });
   }
 
+  test("an index of SRC naming SRC, DST or DST's index is refused before anything is written", async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const { dir, copy, at } = await setup(t, s);
+    const v1 = seededBytes(2 * MiB, 13);
+    const v0 = flip(v1, [5]);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    await writeFile(src, v1);
+    await writeFile(dst, v0);
+    const cases: [string, string, string[], RegExp][] = [
+      // the index would be renamed over SRC itself: on this machine, or on SRC's host
+      [src, at(dst), ['--index', 'auto', '--src-index', src], /is the source.*\[ESAME_FILE\]/],
+      [at(src), dst, ['--index', 'auto', '--src-index', at(src)], /is the source.*\[ESAME_FILE\]/],
+      [
+        src,
+        at(dst),
+        ['--index', join(dir, 'x.idx'), '--src-index', join(dir, 'x.idx')],
+        /name the same file.*\[EUSAGE\]/,
+      ],
+      [at(src), at(dst), ['--index', 'auto', '--src-index', at(dst)], /names DST too.*\[EUSAGE\]/],
+      [
+        at(src),
+        at(dst),
+        ['--index', at(join(dir, 'i')), '--src-index', at(join(dir, 'i'))],
+        /names DST's index too.*\[EUSAGE\]/,
+      ],
+    ];
+    for (const [from, to, extra, expected] of cases) {
+      const r = await copy(from, to, extra);
+      assert.notEqual(r.code, 0, `${extra.join(' ')}: accepted`);
+      assert.match(r.stderr, expected);
+      assert.ok((await readFile(src)).equals(v1), 'SRC untouched');
+      assert.ok((await readFile(dst)).equals(v0), 'DST untouched');
+    }
+  });
+
   test('pull: an index of SRC that lies is refused (EINDEX_STALE) or rebuilt; a corrupt one rebuilt', async (t) => {
     const s = server(t);
     if (!s) return;

@@ -81,7 +81,7 @@ export function checkRemoteCopy(
     );
   }
   if (typeof options.srcIndex === 'string' && srcRemote !== undefined) {
-    remoteSourceIndex(options, srcRemote);
+    remoteSourceIndex(options, srcRemote, dstRemote);
   }
   if (options.direct === true) {
     const given = [
@@ -108,6 +108,7 @@ export function checkRemoteCopy(
 export function remoteSourceIndex(
   options: RemoteCopyOptions,
   src: RemoteSpec,
+  dst?: RemoteSpec,
 ): SourceIndexHello | undefined {
   const given = options.srcIndex;
   if (typeof given !== 'string') return undefined;
@@ -133,6 +134,15 @@ export function remoteSourceIndex(
       );
     }
     path = at!.path;
+    // the index is written by rename on SRC's host (the agent refuses SRC itself there)
+    const dstIndex = options.index === undefined ? undefined : parseRemote(options.index);
+    for (const other of [dst, dstIndex]) {
+      if (other?.destination === src.destination && other.path === path) {
+        refuse(
+          `it names ${other === dst ? 'DST' : "DST's index"} too; give SRC's index its own file`,
+        );
+      }
+    }
   }
   return { path, rebuild: options.rebuildIndex, verifySample: options.verifySample };
 }

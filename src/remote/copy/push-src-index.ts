@@ -48,6 +48,12 @@ export function pushSourceIndex(
       `--src-index ${options.srcIndex}: a push's SRC is on this machine, and so is its index; name a local FILE or auto`,
     );
   }
+  if (options.srcIndex === options.index && options.srcIndex !== 'auto') {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--src-index and --index name the same file ${options.srcIndex}; give each its own`,
+    );
+  }
   return sourceIndexFor(options, source);
 }
 
