@@ -189,8 +189,10 @@ export async function push(
       );
     }
     // absent or stale: every chunk of SRC is read, and hashed for the index written after
+    // ('kept': valid, but of no use while DST's index is made; left as it is)
+    const srcMode = srcIndex?.report().mode;
     const collected =
-      srcIndex !== undefined && srcIndex.hashes === undefined && !dryRun
+      (srcMode === 'created' || srcMode === 'rebuilt') && !dryRun
         ? new SourceHashes(size, srcBlock!)
         : undefined;
     let knowledge: TargetKnowledge;
