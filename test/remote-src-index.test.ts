@@ -7,7 +7,7 @@
  */
 
 import assert from 'node:assert/strict';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { open, readdir, readFile, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import type { RemoteCopyResult } from '../src/copy.js';
@@ -130,6 +130,20 @@ describe('push with --src-index', () => {
     assert.equal(next.result!.index?.source?.mode, 'used');
     assert.equal(next.result!.bytesWritten, 0);
     assert.ok((await readFile(dst)).equals(v2));
+
+    // changed in place with its mtime put back (touch -r): the ctime still tells
+    const before = await stat(src);
+    const fh = await open(src, 'r+');
+    await fh.write(Buffer.from([v2[7 * MiB]! ^ 0xff]), 0, 1, 7 * MiB);
+    await fh.close();
+    await utimes(src, before.atime, before.mtime);
+    const v3 = flip(v2, [7 * MiB]);
+    const touched = await push(src, dst, BOTH);
+    assert.equal(touched.code, 0, touched.stderr);
+    assert.equal(touched.result!.index?.source?.mode, 'rebuilt');
+    assert.match(touched.result!.index.source.reason!, /SRC was modified/);
+    assert.equal(touched.result!.bytesWritten, INDEX_BS);
+    assert.ok((await readFile(dst)).equals(v3));
   });
 
   test('--src-index FILE with --index FILE (both kept here): only differing blocks read', async (t) => {
