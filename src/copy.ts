@@ -94,6 +94,8 @@ async function copyAny(src: string, dst: string, options: CopyOptions): Promise<
   const { checkRemoteCopy, compressedRemote } = await import('./remote/copy/options.js');
   checkRemoteCopy(from, to, remote);
   if (to === undefined) await assertIndexesWritable(resolved);
+  // a push's --src-index FILE is written here too (its --index FILE is checked by push.ts)
+  else if (from === undefined) await assertIndexesWritable({ ...resolved, index: undefined });
   if (from === undefined) {
     const { push } = await import('./remote/copy/push.js');
     return push(src, dst, to!, remote);

@@ -313,6 +313,17 @@ test('messages from the agent are validated field by field', () => {
   assert.throws(() => parseReady(json({ ...ready, size: 1.5 }), ctx), /READY\.size/);
   assert.throws(() => parseReady(json({ ...ready, identity: {} }), ctx), /READY\.identity/);
   assert.throws(() => parseReady(json({ ...ready, target: ready }), ctx), /READY\.target/);
+  // an index of SRC only when asked for, and only as an agent may report it
+  const kept = { mode: 'used', path: '/x.idx', sampleBlocks: 16 };
+  assert.throws(() => parseReady(json({ ...ready, sourceIndex: kept }), ctx), /READY\.sourceIndex/);
+  const asked = { ...ctx, sourceIndex: { path: 'auto', rebuild: false, verifySample: 16 } };
+  assert.equal(parseReady(json({ ...ready, sourceIndex: kept }), asked).sourceIndex?.mode, 'used');
+  for (const bad of [
+    { ...kept, mode: 'kept' },
+    { ...kept, sampleBlocks: -1 },
+  ]) {
+    assert.throws(() => parseReady(json({ ...ready, sourceIndex: bad }), asked), /sourceIndex/);
+  }
   const summary = { bytes: 0, frames: 0, digest: 'a'.repeat(64), bytesRead: 5 };
   assert.equal(parseSummary(json(summary)).bytesRead, 5);
   for (const bad of [

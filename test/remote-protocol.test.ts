@@ -328,6 +328,29 @@ const refused: [string, (path: string, size: number) => Buffer[], string][] = [
     'EREMOTE_PROTOCOL',
   ],
   [
+    'an index of SRC asked of a writing agent',
+    (p, n) => [
+      hello(p, n, {
+        topUnit: 65536,
+        topHash: 'sha256-blocks',
+        topBlock: 4096,
+        sourceIndex: { path: `${p}.idx`, rebuild: false, verifySample: 16 },
+      }),
+      data(0, Buffer.alloc(4096, 1)),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
+    'an index of SRC without block digests (its blocks would be unknown)',
+    (p, n) => [
+      hello(p, n, {
+        role: 'source',
+        sourceIndex: { path: `${p}.idx`, rebuild: false, verifySample: 16 },
+      }),
+    ],
+    'EREMOTE_PROTOCOL',
+  ],
+  [
     'a reply type sent to the agent',
     (p, n) => [hello(p, n), frame(FrameType.SUMMARY, Buffer.from('{}'))],
     'EREMOTE_PROTOCOL',

@@ -7,7 +7,9 @@
  *   bmap    blksync copy --bmap vs bmaptool copy, onto a file holding v1
  *   ssh     blksync push and pull vs rsync --inplace over ssh (a private sshd on 127.0.0.1),
  *           and the floor: an ssh login that starts node and exits (cpu s counts only this
- *           machine's side of each, as for every row: the sshd's children are not ours)
+ *           machine's side of each, as for every row: the sshd's children are not ours);
+ *           "push, both indexes kept": --index auto --src-index auto, DST's index made by an
+ *           untimed push of v1 before each run and SRC's by one push before the first
  *
  * DST is a fresh sparse copy of v1 before every run (as a previous flash leaves a file), both
  * files warm in the page cache; every run ends with cmp proving DST equals v2.
@@ -67,6 +69,7 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
       `× ${reference.label}`,
       'cpu s',
       `cpu × ${reference.label}`,
+      'rchar',
       'wchar',
       'command',
     ],
@@ -79,11 +82,12 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
         (s.median / ref).toFixed(2),
         cpu.toFixed(3),
         (cpu / refCpu).toFixed(2),
+        formatBytes(summarize(r.io.map((io) => io.rchar)).median),
         formatBytes(summarize(r.io.map((io) => io.wchar)).median),
         r.command,
       ];
     }),
-    ['left', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
 }
 
@@ -152,10 +156,32 @@ async function run(options: BenchOptions): Promise<void> {
     // --no-bmap as in the local race: the bmap race left new.img.bmap beside SRC, and with it
     // blksync would verify its checksums (SHA-256 of the mapped 272 MiB), which rsync does not;
     // that push has a row of its own
+    // both ends' caches (--index auto) in the bench's dir: this machine's by the environment,
+    // the agent's by ssh's SetEnv (the test sshd accepts XDG_CACHE_HOME)
+    const cache = path.join(pair.dir, 'index-cache');
+    const cached = `XDG_CACHE_HOME=${sh(cache)} `;
+    const sshCached = `${ssh} -o SetEnv=XDG_CACHE_HOME=${sh(cache)}`;
+    const indexed = `${cached}${node} copy -q --no-bmap --index auto --ssh ${sh(sshCached)}`;
+    let srcIndexed = false;
+    const bothKept: Trial = {
+      ...trial('blksync push, both indexes kept', `${indexed} --src-index auto ${S} ${to}`, writes),
+      // untimed: DST (v1, just copied) gets its index from a push of v1 onto it, and SRC its
+      // index once, from a push of v2 to a scratch file
+      prepare: async () => {
+        if (!srcIndexed) {
+          const scratch = sh(`${sshd.host}:${path.join(pair.dir, 'scratch.img')}`);
+          await runCommand('bash', ['-c', `${indexed} --src-index auto ${S} ${scratch}`]);
+          srcIndexed = true;
+        }
+        await runCommand('bash', ['-c', `${indexed} ${sh(pair.oldPath)} ${to}`]);
+        await warm([pair.newPath, dst]);
+      },
+    };
     const sshTrials = [
       trial('rsync push', `rsync --inplace --no-whole-file -I -e ${sh(ssh)} ${S} ${to}`, writes),
       trial('blksync push', `${node} copy -q --no-bmap --ssh ${sh(ssh)} ${S} ${to}`, writes),
       trial('blksync push, bmap', `${node} copy -q --ssh ${sh(ssh)} ${S} ${to}`, writes),
+      bothKept,
       trial('rsync pull', `rsync --inplace --no-whole-file -I -e ${sh(ssh)} ${from} ${D}`, writes),
       trial('blksync pull', `${node} copy -q --ssh ${sh(ssh)} ${from} ${D}`, writes),
       trial('ssh host node -e 0', `${ssh} ${sshd.host} node -e 0`, (status) =>
@@ -172,9 +198,9 @@ async function run(options: BenchOptions): Promise<void> {
   log(`\nbmap copy onto a file holding v1 (realistic pair)\n`);
   log(table(bmapResults, bmapResults[0]!));
   log(`\npush and pull over ssh to 127.0.0.1 onto a file holding v1 (realistic pair)\n`);
-  log(table(sshResults.slice(0, 3), sshResults[0]!));
+  log(table(sshResults.slice(0, 4), sshResults[0]!));
   log('');
-  log(table(sshResults.slice(3), sshResults[3]!));
+  log(table(sshResults.slice(4), sshResults[4]!));
 }
 
 export const realisticSection: Section = {

@@ -131,7 +131,7 @@ function indexLine(r: CopyResult): string {
 function sourceIndexSummary(r: CopyResult): string {
   const s = r.index!.source!;
   if (s.mode === 'used') {
-    return `index of SRC ${s.path}: used; read ${formatBytes(r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
+    return `index of SRC ${s.path}: used; read ${formatBytes(s.bytesRead ?? r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
   }
   const why = s.reason !== undefined ? ` (${s.reason})` : '';
   return `index of SRC ${s.path}: ${r.dryRun ? 'would be ' : ''}${s.mode}${why}; read all of ${r.source}`;
@@ -165,7 +165,7 @@ export function registerCopy(program: Command, setExit: SetExit): void {
     )
     .option(
       '--src-index <file>',
-      'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto)',
+      'with --index: an index of SRC, so only blocks whose hashes differ are read; written when missing or stale ("auto": cached, the default with --index auto for a local copy; a remote SRC\'s is kept on its host: host:FILE or auto)',
     )
     .option('--no-src-index', 'with --index auto: do not keep or use an index of SRC')
     .option(

@@ -20,7 +20,7 @@ import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-session.js';
 import { openCopySource, type CopySource } from './copy-source.js';
-import type { SourceIndexOptions } from './source-index.js';
+import { sourceIndexFor } from './source-index-choice.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
@@ -272,43 +272,6 @@ export async function copyLocal(
     await target?.fh.close();
     await source.close();
   }
-}
-
-/**
- * The index of SRC to use with --index: --src-index's, or the cache's with --index auto when
- * SRC is a plain file. Asking for one where it cannot work is an error; the implied one is
- * just left out.
- */
-function sourceIndexFor(
-  options: ResolvedCopyOptions,
-  source: CopySource,
-): SourceIndexOptions | undefined {
-  const asked = options.srcIndex === false ? undefined : options.srcIndex;
-  if (asked !== undefined && options.index === undefined) {
-    throw new BlksyncError(
-      'EUSAGE',
-      '--src-index works with --index: it saves reading SRC only where DST is known from an index',
-    );
-  }
-  const wanted =
-    asked ?? (options.srcIndex !== false && options.index === 'auto' ? 'auto' : undefined);
-  if (wanted === undefined) return undefined;
-  const file = source.file;
-  if (file === undefined || file.kind !== 'file' || source.bmap !== undefined) {
-    if (asked === undefined) return undefined;
-    throw new BlksyncError(
-      'EUSAGE',
-      source.bmap !== undefined
-        ? `--src-index describes all of SRC; a bmap copy reads only its mapped ranges (add --no-bmap)`
-        : `--src-index needs SRC to be a regular file read as it is; ${source.path} is ${source.compression !== undefined ? `${source.compression}-compressed` : `a ${source.kind}`}`,
-    );
-  }
-  return {
-    index: wanted,
-    opened: file,
-    rebuild: options.rebuildIndex,
-    dryRun: options.dryRun,
-  };
 }
 
 /**

@@ -30,7 +30,7 @@ import {
   identityOf,
   type TargetIdentity,
 } from '../io/identity.js';
-import type { Opened } from '../io/open.js';
+import { assertSeparateOutput, sameFile, type Opened } from '../io/open.js';
 import { RangeList, type Range } from '../ranges.js';
 import { sampleMismatch } from './index-sample.js';
 import { unvouchedSince } from './index-policy.js';
@@ -60,6 +60,8 @@ export interface SourceIndexReport {
   reason?: string;
   /** SRC blocks read to check the index before trusting it. */
   sampleBlocks: number;
+  /** Bytes of SRC a push read besides the sample (where the pipeline's count would mislead). */
+  bytesRead?: number;
 }
 
 export class SourceIndex {
@@ -110,6 +112,11 @@ export class SourceIndex {
     }
     const identity = await identityOf(src.path, src.stats, src.size);
     const path = o.index === 'auto' ? cachedIndexPath(identity, await ensureCacheDir()) : o.index;
+    // the index is written by rename: over SRC itself it would destroy it (a push's and a
+    // remote SRC's agent's too, where nothing checked it before)
+    await assertSeparateOutput(path, [
+      { path: src.path, role: 'the source', isSame: (st) => sameFile(src.stats, st) },
+    ]);
     const make = (
       hashes: Buffer | undefined,
       mode: SourceIndexReport['mode'],

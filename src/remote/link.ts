@@ -387,6 +387,7 @@ export class AgentLink {
           identity: h.identity,
           direct: h.direct,
           index: h.index,
+          sourceIndex: h.sourceIndex,
         });
         this.#ready = undefined;
         // frames after READY in the same read are taken before open() resumes

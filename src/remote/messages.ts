@@ -23,6 +23,7 @@ import {
   type DirectReport,
   type Hello,
   type IndexHello,
+  type SourceIndexHello,
   type Ready,
   type Summary,
   type WireError,
@@ -228,11 +229,18 @@ export interface ReadyContext {
   /** source with --direct: the HELLO sent on to the other host's target. */
   direct?: DirectHello | undefined;
   index?: IndexHello | undefined;
+  sourceIndex?: SourceIndexHello | undefined;
 }
 
 const readyIndex = object(
   { mode: oneOf('used', 'created', 'rebuilt'), path: text(), blockSize },
   { digests: bool },
+);
+
+// 'kept' never comes from an agent: it is asked only where the index of DST is used
+const readySourceIndex = object(
+  { mode: oneOf('used', 'created', 'rebuilt'), path: text(), sampleBlocks: uint },
+  { reason: text() },
 );
 
 function checkReady(v: unknown, at: string, c: ReadyContext): Ready {
@@ -246,7 +254,7 @@ function checkReady(v: unknown, at: string, c: ReadyContext): Ready {
       encoding: text(64),
       node: text(64),
     },
-    { identity, index: readyIndex, target: (x: unknown) => x },
+    { identity, index: readyIndex, sourceIndex: readySourceIndex, target: (x: unknown) => x },
   )(v, at);
   if (r.version !== PROTOCOL_VERSION) bad(`${at}.version`, r.version, `${PROTOCOL_VERSION}`);
   if (r.encoding !== '' && !c.encodings.includes(r.encoding)) {
@@ -257,6 +265,9 @@ function checkReady(v: unknown, at: string, c: ReadyContext): Ready {
   }
   if (r.identity !== undefined && c.identity !== true) bad(`${at}.identity`, '{...}', 'asked for');
   if (r.index !== undefined && c.index === undefined) bad(`${at}.index`, '{...}', 'asked for');
+  if (r.sourceIndex !== undefined && c.sourceIndex === undefined) {
+    bad(`${at}.sourceIndex`, '{...}', 'asked for');
+  }
   const { target, ...rest } = r;
   if (target === undefined) {
     if (c.direct !== undefined) bad(`${at}.target`, undefined, "the other host's READY");
@@ -324,6 +335,12 @@ const indexHello: Check<IndexHello> = (v, at) => {
   return i;
 };
 
+const sourceIndexHello: Check<SourceIndexHello> = object({
+  path: text(MAX_TEXT, true),
+  rebuild: bool,
+  verifySample: uint,
+});
+
 const directHello: Check<DirectHello> = (v, at) => {
   const d = object(
     {
@@ -382,6 +399,7 @@ export function parseHello(json: unknown): Hello {
       raw: bool,
       direct: directHello,
       index: indexHello,
+      sourceIndex: sourceIndexHello,
       verify: bool,
       keepalive: seconds,
       trace: bool,
@@ -394,6 +412,13 @@ export function parseHello(json: unknown): Hello {
   if (h.role === 'target' && h.direct !== undefined) bad('HELLO.direct', '{...}', 'for a source');
   if (h.role === 'source' && h.index !== undefined) bad('HELLO.index', '{...}', 'for a target');
   if (h.role === 'source' && h.verify !== undefined) bad('HELLO.verify', h.verify, 'for a target');
+  if (h.role === 'target' && h.sourceIndex !== undefined) {
+    bad('HELLO.sourceIndex', '{...}', 'for a source');
+  }
+  // its blocks are the digests' (a source agent with --direct runs a push of its own)
+  if (h.sourceIndex !== undefined && (h.topHash !== TOP_HASH_BLOCKS || h.direct !== undefined)) {
+    bad('HELLO.sourceIndex', '{...}', 'with topHash sha256-blocks, without direct');
+  }
   if (h.role === 'target' && h.raw !== undefined) bad('HELLO.raw', h.raw, 'for a source');
   if (h.topHash === TOP_HASH_GMAC && h.key === undefined) bad('HELLO.key', undefined, 'a key');
   if (h.reqHash !== undefined && h.key === undefined) bad('HELLO.key', undefined, 'a key');

@@ -19,6 +19,7 @@ import * as crypto from 'node:crypto';
 import type { TargetIdentity } from '../io/identity.js';
 import type { Range } from '../ranges.js';
 import type { IndexReport } from '../engine/index-target.js';
+import type { SourceIndexReport } from '../engine/source-index.js';
 import type { WrittenDigest } from '../engine/written-log.js';
 
 /**
@@ -138,6 +139,13 @@ export interface Hello {
    */
   index?: IndexHello;
   /**
+   * source (--src-index): keep an index of `path` (the file SRC) on its host, in `topBlock`
+   * blocks (TOP_HASH_BLOCKS only), trusted as a local copy trusts an index of SRC
+   * (engine/source-index.ts). Used, it answers TOP_HASHES and HASH_REQ in its blocks without
+   * reading SRC; absent or stale, it is made from the TOP_HASHES scan and written at DONE.
+   */
+  sourceIndex?: SourceIndexHello;
+  /**
    * target (--verify): record the ranges written; at DONE, after the fsync, read them back
    * bypassing the page cache and send their digests (READ_BACK) before SUMMARY.
    */
@@ -152,6 +160,16 @@ export interface Hello {
    * a debugging aid with no effect on the copy.
    */
   trace?: boolean;
+}
+
+/** An index of SRC the source agent keeps (--src-index host:FILE or auto). */
+export interface SourceIndexHello {
+  /** The index file on SRC's host, or "auto": its cache, keyed by SRC's identity. */
+  path: string;
+  /** --rebuild-index: an explicit FILE made for another file, or unreadable, is replaced. */
+  rebuild: boolean;
+  /** Blocks of SRC checked against the index before trusting it. */
+  verifySample: number;
 }
 
 /** An index the target agent keeps of its file. */
@@ -250,6 +268,8 @@ export interface Ready {
     /** TOP_HASHES are block digests in `blockSize` blocks (asked with topDigest, index used). */
     digests?: boolean;
   };
+  /** source with `sourceIndex`: what the agent does with SRC's index (used, created, rebuilt). */
+  sourceIndex?: SourceIndexReport;
 }
 
 export interface WireError {

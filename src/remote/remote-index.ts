@@ -35,6 +35,7 @@ import { HashPool } from '../engine/hash-pool.js';
 import { decideIndex, indexFacts } from '../engine/index-policy.js';
 import type { IndexSessionOptions } from '../engine/index-session.js';
 import { IndexTarget, startingReport, type IndexReport } from '../engine/index-target.js';
+import type { SourceIndex } from '../engine/source-index.js';
 import { BlockHashes, DEFAULT_INDEX_BLOCK_SIZE } from '../engine/make-index.js';
 import type { ChunkKnowledge, Sink, TargetKnowledge } from '../types.js';
 import type { HashDiffer } from './hash-differ.js';
@@ -249,6 +250,20 @@ export class RemoteIndex {
       await pool.close();
       throw err;
     }
+  }
+
+  /**
+   * With a used index of SRC as well (--src-index, engine/source-index.ts): the ranges to copy
+   * (the blocks whose hashes differ, and what this index does not vouch for), each read block
+   * checked against SRC's index; undefined when either index is not used.
+   */
+  planFrom(src: SourceIndex): Range[] | undefined {
+    const target = this.#target;
+    if (target === undefined || this.knowledge === undefined || src.hashes === undefined) {
+      return undefined;
+    }
+    target.expectSourceHashes(src.hashes, (offset) => src.mismatch(offset));
+    return src.plan(target.table, target.untrusted, this.#o.imageSize);
   }
 
   /**

@@ -15,6 +15,7 @@ export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void>
   // blksync takes every top hash before DONE; one that sends DONE sooner still gets the whole
   // stream, read before the file is synced and closed
   await s.topStream;
+  await s.sourceIndex?.finish();
   const directReport = await s.directRun;
   await s.index?.beforeFinish();
   await o.sink?.finish();

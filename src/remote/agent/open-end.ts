@@ -22,6 +22,7 @@ import { AgentIndex } from '../agent-index.js';
 import { Compressor, DEFLATE_RAW } from '../compress.js';
 import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '../protocol.js';
 import { DirectCopy } from './direct-copy.js';
+import { KeptSourceIndex } from './kept-source-index.js';
 import { parseHello } from './hello-check.js';
 import type { AgentSession } from './session.js';
 import { digestHashes, hasherOf, reqHasherOf, topHashes } from './top-hashes.js';
@@ -45,12 +46,14 @@ export async function hello(s: AgentSession, payload: Buffer): Promise<void> {
     s.directRun.catch((err: unknown) => s.fail(err));
   }
   if (digests) {
-    s.topStream = digestHashes(s, opened, opened.fh!, h.topUnit, s.index!).catch((err: unknown) =>
+    const known = s.index ?? s.sourceIndex!;
+    s.topStream = digestHashes(s, opened, opened.fh!, h.topUnit, known).catch((err: unknown) =>
       s.fail(err),
     );
   }
-  // a used index stands in for DST: no scan
-  if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && s.index?.used !== true) {
+  // a used index stands in for its file: no scan
+  const indexUsed = s.index?.used === true || s.sourceIndex?.used === true;
+  if (h.topUnit > 0 && !ready.zero && opened.fh !== undefined && !indexUsed) {
     s.topStream = topHashes(s, opened, opened.fh, h.topUnit, hasherOf(h)).catch((err: unknown) =>
       s.fail(err),
     );
@@ -87,6 +90,10 @@ async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promi
       s.payload,
     );
   }
+  // --src-index: in the digests' blocks (hello-check.ts: only with TOP_HASH_BLOCKS)
+  if (h.sourceIndex !== undefined) {
+    s.sourceIndex = await KeptSourceIndex.open(h.sourceIndex, src, h.topBlock!, h.dryRun === true);
+  }
   const ready: Ready = {
     version: PROTOCOL_VERSION,
     size: src.size,
@@ -96,8 +103,10 @@ async function openSourceEnd(s: AgentSession, h: Hello, encoding: string): Promi
     encoding,
     node: process.version,
     ...(s.direct !== undefined ? { target: s.direct.ready } : {}),
+    ...(s.sourceIndex !== undefined ? { sourceIndex: s.sourceIndex.report() } : {}),
   };
-  return { ready, digests: false };
+  const digests = s.sourceIndex?.used === true && h.topUnit > 0;
+  return { ready, digests };
 }
 
 async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promise<OpenedEnd> {

@@ -30,7 +30,7 @@ export async function hashRequest(s: AgentSession, o: Opened, p: Buffer): Promis
     throw new ProtocolError(`bad hash unit ${unit}`);
   }
   traceOnce('first HASH_REQ');
-  const known = s.index?.hashesFor(offset, length, unit);
+  const known = (s.index ?? s.sourceIndex)?.hashesFor(offset, length, unit);
   if (known !== undefined) {
     await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), known));
     return;
@@ -39,6 +39,8 @@ export async function hashRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   await readFully(o, o.fh, buf, length, offset);
   s.bytesRead += length;
   s.index?.learned(offset, buf, length);
+  // bytes of SRC read where its used index answered for them: they must agree
+  await s.sourceIndex?.check(offset, buf, length);
   const hashes = unitHashes(buf, length, unit, s.unitHash);
   await s.send(frame(FrameType.HASHES, rangeHeader(offset, unit), hashes));
 }
@@ -79,6 +81,7 @@ export async function dataRequest(s: AgentSession, o: Opened, p: Buffer): Promis
   const buf = Buffer.allocUnsafe(length);
   await readFully(o, o.fh!, buf, length, offset);
   s.bytesRead += length;
+  await s.sourceIndex?.check(offset, buf, length);
   for (let at = 0; at < length; at += MAX_DATA_BYTES) {
     const raw = buf.subarray(at, Math.min(at + MAX_DATA_BYTES, length));
     const [enc, body] = await o.compressor.encode(raw);

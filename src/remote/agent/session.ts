@@ -26,6 +26,7 @@ import {
   type WireError,
 } from '../protocol.js';
 import type { DirectCopy } from './direct-copy.js';
+import type { KeptSourceIndex } from './kept-source-index.js';
 
 /** The file the session works on, as HELLO opened it. */
 export interface Opened {
@@ -63,6 +64,8 @@ export class AgentSession {
   direct: DirectCopy | undefined;
   directRun: Promise<DirectReport> | undefined;
   index: AgentIndex | undefined;
+  /** A source's index of SRC (--src-index), kept on SRC's host. */
+  sourceIndex: KeptSourceIndex | undefined;
   /** --verify: where this session wrote, read back at DONE. */
   written: WrittenRanges | undefined;
   #sendChain: Promise<void> = Promise.resolve();

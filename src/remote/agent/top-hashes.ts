@@ -60,8 +60,8 @@ export async function topHashes(
   hasher: TopHasher,
 ): Promise<void> {
   // taken before any DATA can come: a unit's hash goes out before anything is written to it
-  const data =
-    o.kind === 'file' && s.index === undefined ? await agentDataMap(fh.fd, o.limit) : undefined;
+  const making = s.index !== undefined || s.sourceIndex?.making === true;
+  const data = o.kind === 'file' && !making ? await agentDataMap(fh.fd, o.limit) : undefined;
   trace(`data map: ${data === undefined ? 'none, reading all' : `${data.length} data ranges`}`);
   const zero = zeroHasher(hasher);
   let d = 0;
@@ -103,6 +103,7 @@ export async function topHashes(
     else {
       // before this unit's hash goes out: no DATA for it can have come yet
       s.index?.learned(off, buf, len);
+      s.sourceIndex?.learned(off, buf, len);
       batch.push(hasher(buf.subarray(0, len)));
       free.push(buf);
     }
@@ -116,15 +117,15 @@ export async function topHashes(
 }
 
 /**
- * A used index's TOP_HASHES: each unit's block digest from the table, DST read only where
- * the index does not vouch (then its hashes are learned first).
+ * A used index's TOP_HASHES: each unit's block digest from the table, its file read only
+ * where the index does not vouch (then its hashes are learned first). DST's index, or SRC's.
  */
 export async function digestHashes(
   s: AgentSession,
   o: Opened,
   fh: FileHandle,
   unit: number,
-  idx: AgentIndex,
+  idx: Pick<AgentIndex, 'knows' | 'learned' | 'digest'>,
 ): Promise<void> {
   let batch: Buffer[] = [];
   let batchOffset = 0;

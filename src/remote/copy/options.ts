@@ -10,7 +10,8 @@ import type { ResolvedCopyOptions } from '../../engine/copy-options.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from '../../engine/find-bmap.js';
 import type { RemoteOptions } from '../link.js';
 import { REMOTE_CHUNK_BYTES } from '../roles.js';
-import { isRemote, shellQuote, type RemoteSpec } from '../spec.js';
+import type { SourceIndexHello } from '../protocol.js';
+import { isRemote, parseRemote, shellQuote, type RemoteSpec } from '../spec.js';
 import { keptRemotely } from './kept-index.js';
 
 /**
@@ -79,12 +80,8 @@ export function checkRemoteCopy(
       `--index ${options.index}: a pull's index describes the local DST and is kept here; name a local FILE or auto`,
     );
   }
-  if (typeof options.srcIndex === 'string') {
-    // an accepted option must act: remote copies hash SRC as they go and keep no index of it
-    throw new BlksyncError(
-      'EUSAGE',
-      `--src-index ${options.srcIndex}: an index of SRC is used by local copies only; with a remote end SRC is hashed as it is read — drop --src-index`,
-    );
+  if (typeof options.srcIndex === 'string' && srcRemote !== undefined) {
+    remoteSourceIndex(options, srcRemote, dstRemote);
   }
   if (options.direct === true) {
     const given = [
@@ -101,6 +98,53 @@ export function checkRemoteCopy(
     }
   }
   options.signal?.throwIfAborted();
+}
+
+/**
+ * HELLO's `sourceIndex` for a remote SRC's agent (pull, relay): --src-index names an index of
+ * SRC kept on SRC's host, `host:FILE` or `auto` (that host's cache). The combinations where
+ * it could not act are refused before ssh starts.
+ */
+export function remoteSourceIndex(
+  options: RemoteCopyOptions,
+  src: RemoteSpec,
+  dst?: RemoteSpec,
+): SourceIndexHello | undefined {
+  const given = options.srcIndex;
+  if (typeof given !== 'string') return undefined;
+  const refuse = (why: string): never => {
+    throw new BlksyncError('EUSAGE', `--src-index ${given}: ${why}`);
+  };
+  if (options.index === undefined) {
+    refuse('it saves reading SRC only where DST is known from an index; add --index');
+  }
+  if (options.direct === true) {
+    refuse("--direct runs the copy on SRC's host as a push without an index of SRC; drop --direct");
+  }
+  if (options.full) refuse('--full reads and sends all of SRC; drop one of them');
+  if (options.bmap !== undefined) {
+    refuse('it describes all of SRC; a bmap copy reads only its mapped ranges; drop --bmap');
+  }
+  let path = given;
+  if (given !== 'auto') {
+    const at = parseRemote(given);
+    if (at === undefined || at.destination !== src.destination) {
+      refuse(
+        `a remote SRC's index is kept on its host by its agent; use ${src.destination}:FILE or auto`,
+      );
+    }
+    path = at!.path;
+    // the index is written by rename on SRC's host (the agent refuses SRC itself there)
+    const dstIndex = options.index === undefined ? undefined : parseRemote(options.index);
+    for (const other of [dst, dstIndex]) {
+      if (other?.destination === src.destination && other.path === path) {
+        refuse(
+          `it names ${other === dst ? 'DST' : "DST's index"} too; give SRC's index its own file`,
+        );
+      }
+    }
+  }
+  return { path, rebuild: options.rebuildIndex, verifySample: options.verifySample };
 }
 
 /**

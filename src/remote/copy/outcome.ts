@@ -13,7 +13,8 @@ import { partlyWritten } from '../../partial-write.js';
 import { formatBytes } from '../../size.js';
 import type { ProgressListener } from '../../types.js';
 import type { AgentLink } from '../link.js';
-import type { Summary } from '../protocol.js';
+import type { SourceIndexReport } from '../../engine/source-index.js';
+import type { Ready, Summary } from '../protocol.js';
 import type { RemoteSpec } from '../spec.js';
 import type { Session } from './options.js';
 
@@ -140,6 +141,15 @@ export function interrupted(result: CopyResult): BlksyncError {
 }
 
 /** The copy result's `verify` from what a target agent read back and was found equal. */
+/**
+ * The result's `index.source` for a remote SRC's index kept by its agent (READY said what it
+ * does with it): SRC's bytes the agent read, the sample included.
+ */
+export function sourceIndexReport(ready: Ready, summary: Summary): { source?: SourceIndexReport } {
+  if (ready.sourceIndex === undefined) return {};
+  return { source: { ...ready.sourceIndex, bytesRead: summary.bytesRead } };
+}
+
 export function verifyReport(
   v: { bytesVerified: number; ranges: number; direct: boolean; seconds: number } | undefined,
 ): { verify?: VerifyReport } {

@@ -61,6 +61,7 @@ import type { RemoteSpec } from '../spec.js';
 import {
   checkRemoteSize,
   givenBmap,
+  remoteSourceIndex,
   sessionOf,
   type RemoteCopyOptions,
   type Session,
@@ -71,6 +72,7 @@ import {
   countsOf,
   interrupted,
   resultOf,
+  sourceIndexReport,
   withChannel,
   type RemoteCopyResult,
 } from './outcome.js';
@@ -192,7 +194,13 @@ class Pull {
           channel: channelStats(link, this.#spec, summary),
         }),
         ...(this.#index !== undefined
-          ? { index: { ...this.#index.report(), bytesReread: this.#reread } }
+          ? {
+              index: {
+                ...this.#index.report(),
+                bytesReread: this.#reread,
+                ...sourceIndexReport(link.ready, summary),
+              },
+            }
           : {}),
         ...(this.#mapped !== undefined ? { bmap: this.#mapped.report } : {}),
         ...(verified !== undefined ? { verify: verified } : {}),
@@ -227,6 +235,7 @@ class Pull {
     const target = this.#target;
     const topBlock =
       this.#indexing && !full ? await digestBlockFor(this.#options, target, dst, chunkSize) : 0;
+    const sourceIndex = remoteSourceIndex(this.#options, this.#spec);
     // with a bmap, only the mapped ranges are compared, piece by piece
     if (!full && !this.#indexing && bmap === undefined && target !== undefined && target.size > 0) {
       const file = new FileSource(target.fh, dst, target.size, false);
@@ -246,6 +255,8 @@ class Pull {
         topUnit: full || bmap !== undefined ? 0 : chunkSize,
         ...(topBlock > 0 ? { topHash: TOP_HASH_BLOCKS, topBlock } : this.#top.hello),
         encodings: [DEFLATE_RAW],
+        // --src-index: SRC's index in the digests' blocks, kept by the agent on SRC's host
+        ...(sourceIndex !== undefined && topBlock > 0 ? { sourceIndex, dryRun } : {}),
       },
       await agentPayload(),
     );

@@ -15,6 +15,8 @@ import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
 import { runPipeline } from '../../engine/pipeline.js';
 import { dataRangesOf } from '../../engine/sparse-plan.js';
+import { SourceIndex } from '../../engine/source-index.js';
+import type { Range } from '../../ranges.js';
 import { FileSource } from '../../io/file-source.js';
 import type { Sink, Source, TargetKnowledge } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
@@ -35,6 +37,7 @@ import {
 import { HashScanner } from '../scanner.js';
 import type { RemoteSpec } from '../spec.js';
 import { CheckedSource } from './checked-source.js';
+import { IndexedPushSource, pushSourceIndex, SourceHashes } from './push-src-index.js';
 import { agentIndexHello, keptRemotely } from './kept-index.js';
 import { sessionOf, type RemoteCopyOptions } from './options.js';
 import {
@@ -71,11 +74,14 @@ export async function push(
   // --index auto or host:FILE: the index is kept beside DST by the agent (agent-index.ts)
   const kept = keptRemotely(options.index, spec);
   const indexing = options.index !== undefined && kept === undefined;
+  // --src-index: SRC's index, kept here (push-src-index.ts); asked for explicitly only
+  const srcIndexAsked = pushSourceIndex(options, opened);
   // a plain file read by offset is hashed ahead and re-read only where it differs; any
   // other source is hashed chunk by chunk as the pipeline reads it (CheckedSource), also
-  // when an index is made or used: it needs every chunk's bytes
-  const file =
-    whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
+  // when an index is made or used: it needs every chunk's bytes. With --src-index it is not
+  // hashed ahead either: a used index of SRC makes reading all of it needless
+  const plain = whole && opened.source instanceof FileSource ? opened.source : undefined;
+  const file = !indexing && srcIndexAsked === undefined ? plain : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
@@ -93,6 +99,7 @@ export async function push(
         ).start();
   let link: AgentLink | undefined;
   let index: RemoteIndex | undefined;
+  let srcIndex: SourceIndex | undefined;
   try {
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
     // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
@@ -169,11 +176,38 @@ export async function push(
         (bs) => new HashDiffer(l, chunkSize, bs),
       );
     }
+    // SRC's index is in DST's index's blocks, and of use only where DST's index is used
+    const srcBlock = index?.blockSize ?? ready.index?.blockSize;
+    if (srcIndexAsked !== undefined && srcBlock !== undefined) {
+      const usable = index !== undefined ? index.knowledge !== undefined : ibs !== undefined;
+      srcIndex = await SourceIndex.open(
+        srcIndexAsked,
+        srcBlock,
+        size,
+        usable,
+        options.verifySample,
+      );
+    }
+    // absent or stale: every chunk of SRC is read, and hashed for the index written after
+    // ('kept': valid, but of no use while DST's index is made; left as it is)
+    const srcMode = srcIndex?.report().mode;
+    const collected =
+      (srcMode === 'created' || srcMode === 'rebuilt') && !dryRun
+        ? new SourceHashes(size, srcBlock!)
+        : undefined;
     let knowledge: TargetKnowledge;
     let input: Source = opened.source;
+    let narrowed: Range[] | undefined;
+    let indexed: IndexedPushSource | undefined;
     if (full) knowledge = new NoTarget();
-    else if (index?.knowledge !== undefined) knowledge = index.knowledge;
-    else if (ibs !== undefined) {
+    else if (index?.knowledge !== undefined) {
+      knowledge = index.knowledge;
+      if (srcIndex !== undefined) narrowed = index.planFrom(srcIndex);
+    } else if (ibs !== undefined && srcIndex?.hashes !== undefined && plain !== undefined) {
+      indexed = new IndexedPushSource(plain, srcIndex, l, book, ibs, digests);
+      input = indexed;
+      knowledge = new RefinedTarget(book, () => 0);
+    } else if (ibs !== undefined) {
       await scanner?.stop();
       input = new CheckedSource(opened.source, book, async (offset, data, length) => {
         const mine = unitHashes(data, length, ibs);
@@ -228,21 +262,46 @@ export async function push(
     }
     const sink: Sink = index?.wrapSink(new RemoteSink(link)) ?? new RemoteSink(link);
     const pipelineBlockSize = index?.knowledge !== undefined ? index.blockSize : (ibs ?? blockSize);
-    const run = await runPipeline(plan, input, knowledge, dryRun ? [] : [sink], {
-      blockSize: pipelineBlockSize,
-      chunkSize,
-      depth: options.pushDepth ?? REMOTE_DEPTH,
-      signal: options.signal,
-      onProgress: options.onProgress && withChannel(options.onProgress, link),
-      onChunk: index?.onChunk,
-    });
+    const indexHook = index?.onChunk;
+    const onChunk =
+      collected === undefined
+        ? indexHook
+        : indexHook === undefined
+          ? collected.onChunk
+          : (offset: number, data: Buffer, length: number) => {
+              collected.onChunk(offset, data, length);
+              return indexHook(offset, data, length);
+            };
+    const run = await runPipeline(
+      narrowed !== undefined ? { imageSize: size, ranges: narrowed } : plan,
+      input,
+      knowledge,
+      dryRun ? [] : [sink],
+      {
+        blockSize: pipelineBlockSize,
+        chunkSize,
+        depth: options.pushDepth ?? REMOTE_DEPTH,
+        signal: options.signal,
+        onProgress: options.onProgress && withChannel(options.onProgress, link),
+        onChunk,
+      },
+    );
     await refiner?.stop();
     // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
     // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
     // progress rather than having the agent read back what it never compared
     const summary =
       run.interrupted && ready.index !== undefined ? await closedEarly(link) : await link.finish();
-    if (!run.interrupted) await index?.commit(summary.identity);
+    if (!run.interrupted) {
+      await index?.commit(summary.identity);
+      // SRC read whole and DST now holds it: SRC's index, unless SRC changed meanwhile
+      if (collected !== undefined) await srcIndex?.save(collected.table);
+    }
+    const dstIndex = index?.report() ?? summary.index;
+    const source =
+      srcIndex !== undefined
+        ? { ...srcIndex.report(), bytesRead: indexed?.bytesRead ?? run.bytesScanned }
+        : undefined;
     const result: RemoteCopyResult = {
       ...resultOf(session, src, dst, size, countsOf(run), {
         bytesRead: summary.bytesRead,
@@ -252,8 +311,9 @@ export async function push(
         dstSize: ready.size,
         channel: channelStats(link, spec, summary),
       }),
-      ...(index !== undefined ? { index: index.report() } : {}),
-      ...(summary.index !== undefined ? { index: summary.index } : {}),
+      ...(dstIndex !== undefined
+        ? { index: { ...dstIndex, ...(source !== undefined ? { source } : {}) } }
+        : {}),
       ...(opened.bmap !== undefined ? { bmap: opened.bmap } : {}),
       ...verifyReport(link.verified),
     };
@@ -275,6 +335,7 @@ export async function push(
     await scanner?.stop();
     await link?.close();
     await index?.close();
+    await srcIndex?.close();
     await opened.close();
   }
 }

@@ -28,7 +28,13 @@ import {
 } from '../roles.js';
 import type { RemoteSpec } from '../spec.js';
 import { agentIndexHello, blockTopHashing, indexBlockOf, keptRemotely } from './kept-index.js';
-import { checkRemoteSize, givenBmap, sessionOf, type RemoteCopyOptions } from './options.js';
+import {
+  checkRemoteSize,
+  givenBmap,
+  remoteSourceIndex,
+  sessionOf,
+  type RemoteCopyOptions,
+} from './options.js';
 import {
   channelStats,
   closedEarly,
@@ -36,6 +42,7 @@ import {
   countsOf,
   interrupted,
   resultOf,
+  sourceIndexReport,
   verifyReport,
   type RemoteCopyResult,
 } from './outcome.js';
@@ -68,6 +75,7 @@ export async function relay(
       );
     }
     const topUnit = full || bmap !== undefined ? 0 : chunkSize;
+    const sourceIndex = remoteSourceIndex(options, fromSpec);
     from = await AgentLink.open(
       fromSpec,
       options,
@@ -78,6 +86,9 @@ export async function relay(
         topUnit,
         ...top.hello,
         encodings: [DEFLATE_RAW],
+        // --src-index: kept by SRC's agent, in the digests' blocks (remoteSourceIndex
+        // refused it where there are none)
+        ...(sourceIndex !== undefined && kept !== undefined ? { sourceIndex, dryRun } : {}),
       },
       await agentPayload(),
     );
@@ -193,7 +204,9 @@ export async function relay(
         },
       }),
       ...verifyReport(to.verified),
-      ...(toSummary.index !== undefined ? { index: toSummary.index } : {}),
+      ...(toSummary.index !== undefined
+        ? { index: { ...toSummary.index, ...sourceIndexReport(from.ready, fromSummary) } }
+        : {}),
       ...(bmapReport !== undefined ? { bmap: bmapReport } : {}),
     };
     if (run.interrupted) throw interrupted(result);
