@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -147,6 +147,22 @@ describe('stdin', () => {
     });
     assert.equal(large.code, 1);
     assert.match(large.stderr, /ESRC_SHORT/);
+  });
+
+  it('refuses --size 0: it would copy nothing and exit 0 without reading the stream', async (t) => {
+    const dir = await tempDir(t);
+    const { image } = imageBytes(3);
+    for (const size of ['0', '0K']) {
+      const out = join(dir, `out-${size}`);
+      const r = await runCli(['copy', '--size', size, '-', out], { input: gzipSync(image) });
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, /--size 0 is not an image size.*\[EUSAGE\]/);
+      await assert.rejects(stat(out), { code: 'ENOENT' });
+    }
+    await assert.rejects(
+      copy('-', join(dir, 'lib'), { size: -4096, noBmap: true }),
+      isCode('EUSAGE'),
+    );
   });
 });
 

@@ -125,12 +125,27 @@ function unknownSize(src: string, bmapHint: boolean): BlksyncError {
   );
 }
 
+/**
+ * --size names an image: a size of nothing would copy nothing and, with no read to meet the
+ * stream's end, never see that the stream holds more (exit 0 on an empty DST).
+ */
+function checkGivenSize(size: number | undefined): void {
+  if (size === undefined) return;
+  if (!Number.isSafeInteger(size) || size <= 0) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${size} is not an image size; give the image's size in bytes (more than 0), or leave --size out`,
+    );
+  }
+}
+
 /** Opens SRC for `copy`: see the file header. */
 export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
   if (isUrl(src)) checkUrl(src);
+  checkGivenSize(options.size);
   if (
     isUrl(src) &&
     options.destination !== undefined &&
