@@ -34,7 +34,7 @@ import {
 } from '../io/decompress.js';
 import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
-import { SequentialSource } from '../io/sequential-source.js';
+import { SequentialSource, type WrongEnd } from '../io/sequential-source.js';
 import { checkUrl, isUrl, isWebPage } from '../io/url.js';
 import {
   CONTAINER_HEAD_BYTES,
@@ -137,6 +137,22 @@ function checkGivenSize(size: number | undefined): void {
       `--size ${size} is not an image size; give the image's size in bytes (more than 0), or leave --size out`,
     );
   }
+}
+
+/**
+ * A stream whose size was taken from its bmap (nothing else knew it: a pipe, a compressed
+ * stream) must end exactly there: one that ends before or holds more is another image, which
+ * a copy of the bmap's ranges would silently cut or pad.
+ */
+function bmapSizeWrong(bmapPath: string, bmap: Bmap, name: string): WrongEnd {
+  return (ended) =>
+    new BlksyncError(
+      'EBMAP_MISMATCH',
+      `${bmapPath} describes an image of ${bmap.imageSize} bytes but ${name} ` +
+        (ended !== undefined ? `ended after ${ended} bytes` : 'holds more') +
+        '; the bmap belongs to another image (pass the right one with --bmap, or --no-bmap), or the stream was cut short',
+      { path: bmapPath },
+    );
 }
 
 /** Opens SRC for `copy`: see the file header. */
@@ -247,6 +263,9 @@ async function openFound(
     // a fixed VHD shows only at its end, which a stream reaches last: checked there
     const rawStream = (s: AsyncIterable<Buffer>, name: string): AsyncIterable<Buffer> =>
       options.raw === true ? s : refuseVhdFooterAtEnd(s, name);
+    // the image's size was taken from the bmap alone: the stream is read to its end (past the
+    // last mapped range) to check that it ends there
+    let sizeFromBmap = false;
 
     const streamed = async (
       stream: Readable,
@@ -284,7 +303,14 @@ async function openFound(
         lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
       if (c !== undefined) return c.source(size);
       // a size taken on trust is checked: the stream must end exactly there
-      return new SequentialSource(rawStream(s, name), size, name, undefined, known === undefined);
+      sizeFromBmap = bmap !== undefined && sizeHint === undefined;
+      return new SequentialSource(
+        rawStream(s, name),
+        size,
+        name,
+        undefined,
+        sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : known === undefined,
+      );
     };
 
     if (isUrl(src)) {
@@ -401,6 +427,7 @@ async function openFound(
           await counting.close();
         }
       }
+      sizeFromBmap = bmap !== undefined;
       return {
         compression: comp,
         size: imageSize,
@@ -409,7 +436,7 @@ async function openFound(
           imageSize,
           name,
           undefined,
-          onTrust,
+          sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : onTrust,
         ),
       };
     }
@@ -424,8 +451,9 @@ async function openFound(
       cleanups.push(() => b.close());
       bmapped = b;
       const planEnd = b.plan.ranges.at(-1)?.end ?? 0;
-      if (container !== undefined && checksAtEnd(source) && planEnd < size) {
-        // a container streamed: what only its end tells is checked all the same
+      if ((container !== undefined || sizeFromBmap) && checksAtEnd(source) && planEnd < size) {
+        // a container streamed, or a stream sized by its bmap: what only its end tells is
+        // checked all the same
         b.source = new ReadsToEnd(b.source, source, planEnd);
       }
     }
