@@ -1,6 +1,7 @@
 /** copy() and `blksync copy` between regular files: correctness, minimal writes, refusals. */
 
 import assert from 'node:assert/strict';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -278,4 +279,42 @@ test('progress events count up to the total', async (t) => {
     seen,
     [...seen].sort((a, b) => a - b),
   );
+});
+
+test('SRC written by another program during the copy fails ESRC_CHANGED, not exit 0 with a mix', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src');
+  const size = 16 * 1024 * 1024;
+  await writeFile(src, seededBytes(size, 21));
+  for (const dryRun of [false, true]) {
+    const dst = join(dir, `dst-${dryRun}`);
+    await writeFile(dst, Buffer.alloc(size, 1));
+    let written = false;
+    await assert.rejects(
+      copy(src, dst, {
+        dryRun,
+        chunkSize: 1024 * 1024,
+        depth: 1,
+        onProgress: (p) => {
+          if (written || p.bytesScanned === 0) return;
+          written = true;
+          // the start (read already) and the end (not yet) change: DST would get only the end
+          const fd = openSync(src, 'r+');
+          writeSync(fd, seededBytes(BS, 22), 0, BS, 0);
+          writeSync(fd, seededBytes(BS, 23), 0, BS, size - BS);
+          closeSync(fd);
+        },
+      }),
+      (e: unknown) => {
+        assert.ok(e instanceof BlksyncError, String(e));
+        assert.equal(e.code, 'ESRC_CHANGED', e.message);
+        assert.match(e.message, /was written while it was copied/);
+        return true;
+      },
+    );
+  }
+  // SRC left alone, a rerun converges
+  const dst = join(dir, 'dst-false');
+  await copy(src, dst);
+  assert.deepEqual(await readFile(dst), await readFile(src));
 });

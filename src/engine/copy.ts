@@ -16,6 +16,7 @@ import {
   undoPreparation,
   type PreparedDestination,
 } from '../io/prepare-destination.js';
+import { SourceWatch } from '../io/source-watch.js';
 import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-session.js';
@@ -73,6 +74,9 @@ export async function copyLocal(
         `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
       );
     }
+    // another program writing SRC meanwhile would leave DST a mix of old and new: checked at the end
+    const watch =
+      source.opened !== undefined ? await SourceWatch.start(source.opened.fh, src) : undefined;
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) {
       target = found;
@@ -181,6 +185,13 @@ export async function copyLocal(
       onChunk,
       buffers: index?.buffers,
     });
+    if (!run.interrupted) {
+      await watch?.check(
+        dryRun
+          ? 'what this dry run reports is neither'
+          : `what was copied onto ${dst} may be a mix of its old and new content`,
+      );
+    }
     await sink?.finish();
     allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;

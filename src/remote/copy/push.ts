@@ -13,6 +13,7 @@
 import { BlksyncError } from '../../errors.js';
 import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
+import { SourceWatch } from '../../io/source-watch.js';
 import { runPipeline } from '../../engine/pipeline.js';
 import { dataRangesOf } from '../../engine/sparse-plan.js';
 import { FileSource } from '../../io/file-source.js';
@@ -78,6 +79,10 @@ export async function push(
     whole && !indexing && opened.source instanceof FileSource ? opened.source : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
+  // another program writing SRC meanwhile would leave DST a mix of old and new (io/source-watch.ts)
+  const watching =
+    opened.opened !== undefined ? SourceWatch.start(opened.opened.fh, src) : undefined;
+  watching?.catch(() => {}); // awaited in the try below; until then it must not be "unhandled"
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
   const holes = opened.file?.kind === 'file' ? opened.file.fh : undefined;
   const scanner =
@@ -94,6 +99,7 @@ export async function push(
   let link: AgentLink | undefined;
   let index: RemoteIndex | undefined;
   try {
+    const watch = await watching;
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
     // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
     // dividing them (as a local copy's)
@@ -237,6 +243,13 @@ export async function push(
       onChunk: index?.onChunk,
     });
     await refiner?.stop();
+    if (!run.interrupted) {
+      await watch?.check(
+        dryRun
+          ? 'what this dry run reports is neither'
+          : `what was copied onto ${dst} may be a mix of its old and new content`,
+      );
+    }
     // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
     // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
     // progress rather than having the agent read back what it never compared
