@@ -129,8 +129,18 @@ describe('copy with a bmap', () => {
     await createBmap(path, { output: `${path}.bmap` });
     const out = join(dir, 'out');
     await writeFile(out, seededBytes(image.length, 99));
+    // the dry run says what the real run punches, not "would write" the mapped blocks alone
+    const unmapped = image.length - (3 * BS + 300 * BS + BS + 1000);
+    const dry = await runCli(['copy', '--dry-run', '--json', path, out]);
+    assert.equal(dry.code, 0, dry.stderr);
+    assert.equal((JSON.parse(dry.stdout) as { bytesPunched?: number }).bytesPunched, unmapped);
+    const said = await runCli(['copy', '--dry-run', path, out]);
+    assert.match(said.stdout + said.stderr, /would punch holes over 6\.81 MiB of .*out's data/);
+    assert.ok((await readFile(out)).equals(seededBytes(image.length, 99)), 'the dry run wrote');
     const r = await copy(path, out);
     assert.equal(r.bmap?.unmappedPunched, true);
+    assert.equal(r.bytesPunched, unmapped);
+    assert.equal((await copy(path, out)).bytesPunched, 0, 'nothing left to punch');
     assert.ok((await readFile(out)).equals(image));
     assert.ok((await allocated(out)) <= 310 * BS, `allocated ${await allocated(out)}`);
   });

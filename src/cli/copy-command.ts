@@ -47,6 +47,11 @@ function copySummary(r: CopyResult): string {
       `bmap ${b.path} (version ${b.version}): ${formatBytes(b.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${b.ranges} ranges; ` +
         `${b.rangesVerified} range checksums verified`,
     );
+    if (r.bytesPunched !== undefined && r.bytesPunched > 0) {
+      lines.push(
+        `${r.dryRun ? 'would punch' : 'punched'} holes over ${formatBytes(r.bytesPunched)} of ${r.destination}'s data in the unmapped areas (they read as zeros, as in the image)`,
+      );
+    }
     const sig = b.signature;
     if (sig !== undefined) {
       lines.push(

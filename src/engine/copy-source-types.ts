@@ -91,6 +91,12 @@ export interface CopySource {
    * bmap it returns `sink` itself.
    */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /**
+   * For an existing regular-file DST: the bytes of data (not holes) it holds in the areas the
+   * bmap leaves unmapped, which the copy punches to holes (wrapFileSink). Undefined without a
+   * bmap, or when the file system does not tell its holes.
+   */
+  unmappedData(fh: FileHandle, path: string): number | undefined;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
   /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */

@@ -223,6 +223,7 @@ async function openPublishedSource(
     opened: undefined,
     sameAs: () => false,
     wrapFileSink: (sink) => sink,
+    unmappedData: () => undefined,
     adviseTarget: () => {},
     delta: () => p.report(),
     close: () => p.source.close(),
@@ -484,6 +485,7 @@ async function openFound(
       opened,
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
+      unmappedData: (fh, path) => bmapped?.unmappedData(fh, path),
       wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
         await closeAll();
@@ -508,6 +510,8 @@ export interface BmapSourcing {
   checksums: CopySource['checksums'];
   /** See CopySource.wrapFileSink. */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /** See CopySource.unmappedData. */
+  unmappedData(fh: FileHandle, path: string): number | undefined;
   adviseTarget(fd: number): void;
   /** Closes the VerifyingSource (its workers and the inner source). */
   close(): Promise<void>;
@@ -541,6 +545,13 @@ export async function bmapSourcing(
       checksums = { units: ranges, algorithm: bmap.checksumType };
     }
   }
+  const unmapped: { start: number; end: number }[] = [];
+  let at = 0;
+  for (const r of plan.ranges) {
+    if (r.start > at) unmapped.push({ start: at, end: r.start });
+    at = r.end;
+  }
+  if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -556,14 +567,25 @@ export async function bmapSourcing(
     report,
     checksums,
     adviseTarget: (fd) => lib.adviseNoReadahead(fd),
-    wrapFileSink: (sink, fh, path) => {
-      const unmapped: { start: number; end: number }[] = [];
-      let at = 0;
-      for (const r of plan.ranges) {
-        if (r.start > at) unmapped.push({ start: at, end: r.start });
-        at = r.end;
+    unmappedData: (fh, path) => {
+      let data;
+      try {
+        data = lib.mappedRanges(fh, plan.imageSize, 1, path);
+      } catch {
+        return undefined; // the file system does not tell its holes
       }
-      if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
+      let bytes = 0;
+      let i = 0;
+      for (const d of data) {
+        while (i < unmapped.length && unmapped[i]!.end <= d.start) i++;
+        for (let j = i; j < unmapped.length && unmapped[j]!.start < d.end; j++) {
+          const u = unmapped[j]!;
+          bytes += Math.min(u.end, d.end) - Math.max(u.start, d.start);
+        }
+      }
+      return bytes;
+    },
+    wrapFileSink: (sink, fh, path) => {
       let punched = false;
       return {
         write: (data, offset) => sink.write(data, offset),

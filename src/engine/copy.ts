@@ -96,6 +96,10 @@ export async function copyLocal(
       knowledge = new ReadTarget(target!.fh, dst, chunkSize);
     }
 
+    // what a bmap copy punches to holes in DST's unmapped areas, counted before: a dry run
+    // reports it too (the pipeline writes only mapped ranges, so it is the same after)
+    const unmappedData =
+      !created && target?.kind === 'file' ? source.unmappedData(target.fh, dst) : undefined;
     const srcIndex = sourceIndexFor(options, source);
     if (options.index !== undefined) {
       for (const out of [options.index, srcIndex?.index]) {
@@ -232,6 +236,9 @@ export async function copyLocal(
       ranges: [...run.ranges.ranges],
       created,
       destinationExtraBytes: prepared.extraBytes,
+      ...(unmappedData !== undefined
+        ? { bytesPunched: dryRun || source.bmap?.unmappedPunched !== false ? unmappedData : 0 }
+        : {}),
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,
