@@ -161,9 +161,15 @@ export async function copyLocal(
     // --verify without bmap checksums compares with the source's digests, taken as it is copied
     // loaded only with --verify: it brings koffi for aligned buffers
     const verifying = options.verify === true ? await import('./verify-written.js') : undefined;
+    const plan =
+      index?.plan ??
+      (full || options.verify === true || source.checksums !== undefined
+        ? source.plan
+        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
+    // digests of what the pipeline reads: with an index of SRC, only the blocks that differ
     const digests =
       verifying !== undefined && source.checksums === undefined
-        ? new verifying.SourceDigests(source.plan.ranges)
+        ? new verifying.SourceDigests(plan.ranges)
         : undefined;
     const indexHook = index?.onChunk;
     const onChunk =
@@ -175,11 +181,6 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    const plan =
-      index?.plan ??
-      (full || options.verify === true || source.checksums !== undefined
-        ? source.plan
-        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
     const run = await runPipeline(plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
