@@ -210,6 +210,44 @@ describe('copy with a bmap', () => {
     assert.match(r.stderr, /contradict each other.*\[EUSAGE\]/);
   });
 
+  it('refuses a stale bmap that calls data unmapped, before writing; a non-sparse image passes', async (t) => {
+    const dir = await tempDir(t);
+    const { path } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    // the image changes after its bmap was made: a block written where the bmap says "hole"
+    const fh = await open(path, 'r+');
+    await fh.write(seededBytes(BS, 77), 0, BS, 4 * MiB);
+    await fh.close();
+    const stale = (err: unknown): boolean => {
+      assert.ok(err instanceof BlksyncError, String(err));
+      assert.equal(err.code, 'EBMAP_MISMATCH', err.message);
+      assert.match(err.message, /marks byte 4194304 of .* as unmapped .* stale/);
+      return true;
+    };
+    const out = join(dir, 'out');
+    await assert.rejects(copy(path, out), stale);
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    // streamed: compressed beside the bmap, and from a pipe
+    const changed = await readFile(path);
+    await writeFile(join(dir, 'z.img.gz'), gzipSync(changed));
+    await copyFile(`${path}.bmap`, join(dir, 'z.img.bmap'));
+    await assert.rejects(copy(join(dir, 'z.img.gz'), join(dir, 'out-gz')), stale);
+    const piped = await runCli(['copy', '--bmap', `${path}.bmap`, '-', join(dir, 'out-pipe')], {
+      input: changed,
+    });
+    assert.equal(piped.code, 1, piped.stderr);
+    assert.match(piped.stderr, /stdin as unmapped .*\[EBMAP_MISMATCH\]/);
+    // the same bytes, allocated (not sparse) but zero where unmapped: read, checked, copied
+    const { path: fresh, image: bytes } = await sparseImage(dir, 'fresh');
+    await createBmap(fresh, { output: join(dir, 'fresh.bmap') });
+    await writeFile(join(dir, 'full.img'), bytes);
+    const r = await copy(join(dir, 'full.img'), join(dir, 'out-full'), {
+      bmap: join(dir, 'fresh.bmap'),
+    });
+    assert.equal(r.bmap?.unmappedBytesChecked, bytes.length - (304 * BS + 1000));
+    assert.ok((await readFile(join(dir, 'out-full'))).equals(bytes));
+  });
+
   it('blksync bmap create → bmaptool copy of the gzip image', async (t) => {
     if (!needBmaptool(t)) return;
     const dir = await tempDir(t);

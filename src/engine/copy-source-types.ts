@@ -50,6 +50,11 @@ export interface BmapReport {
   mappedBytes: number;
   /** Ranges whose checksum is verified while copying. */
   rangesVerified: number;
+  /**
+   * Bytes of a file SRC's unmapped areas (where its file system reports data) read and found
+   * to be zeros before the copy: a stale bmap cannot make the copy skip data.
+   */
+  unmappedBytesChecked?: number;
   /** The bmap's OpenPGP signature, when it had one and it was checked. */
   signature?: SignatureReport;
   /**

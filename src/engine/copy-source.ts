@@ -46,6 +46,7 @@ import type { OpenedContainer } from '../containers/open.js';
 import { checksAtEnd, ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
+import { gapMustBeZero, intersect, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
 import { wholeImagePlan } from './pipeline.js';
 import type { BmapReport, CopySource, CopySourceOptions } from './copy-source-types.js';
 
@@ -267,6 +268,13 @@ async function openFound(
     // the image's size was taken from the bmap alone: the stream is read to its end (past the
     // last mapped range) to check that it ends there
     let sizeFromBmap = false;
+    // a bmap's unmapped areas must read as zeros (engine/bmap-unmapped.ts): a stream's gaps
+    // are checked as they pass, a raw file's (rawFh) before the copy
+    const gapCheck =
+      bmap === undefined
+        ? undefined
+        : gapMustBeZero({ image: src === '-' ? 'stdin' : src, bmap: found!.path });
+    let rawFh: FileHandle | undefined;
 
     const streamed = async (
       stream: Readable,
@@ -311,6 +319,7 @@ async function openFound(
         name,
         undefined,
         sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : known === undefined,
+        gapCheck,
       );
     };
 
@@ -391,6 +400,7 @@ async function openFound(
               );
         const imageSize = c?.size ?? fileSize;
         if (bmap !== undefined) lib!.checkBmapMatches(bmap, imageSize, found!.path, name);
+        if (c === undefined) rawFh = fh;
         if (options.size !== undefined && options.size !== imageSize) {
           throw new BlksyncError(
             'EUSAGE',
@@ -438,6 +448,7 @@ async function openFound(
           name,
           undefined,
           sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : onTrust,
+          gapCheck,
         ),
       };
     }
@@ -451,6 +462,21 @@ async function openFound(
       });
       cleanups.push(() => b.close());
       bmapped = b;
+      if (rawFh !== undefined) {
+        let data;
+        try {
+          data = lib!.mappedRanges(rawFh, size, 1, src);
+        } catch {
+          data = [{ start: 0, end: size }]; // no SEEK_DATA: every byte is read
+        }
+        b.report.unmappedBytesChecked = await refuseDataInUnmapped(
+          rawFh,
+          unmappedOf(b.plan.ranges, size),
+          data,
+          { image: src, bmap: found.path },
+          options.signal,
+        );
+      }
       const planEnd = b.plan.ranges.at(-1)?.end ?? 0;
       if ((container !== undefined || sizeFromBmap) && checksAtEnd(source) && planEnd < size) {
         // a container streamed, or a stream sized by its bmap: what only its end tells is
@@ -545,13 +571,7 @@ export async function bmapSourcing(
       checksums = { units: ranges, algorithm: bmap.checksumType };
     }
   }
-  const unmapped: { start: number; end: number }[] = [];
-  let at = 0;
-  for (const r of plan.ranges) {
-    if (r.start > at) unmapped.push({ start: at, end: r.start });
-    at = r.end;
-  }
-  if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
+  const unmapped = unmappedOf(plan.ranges, plan.imageSize);
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -574,16 +594,7 @@ export async function bmapSourcing(
       } catch {
         return undefined; // the file system does not tell its holes
       }
-      let bytes = 0;
-      let i = 0;
-      for (const d of data) {
-        while (i < unmapped.length && unmapped[i]!.end <= d.start) i++;
-        for (let j = i; j < unmapped.length && unmapped[j]!.start < d.end; j++) {
-          const u = unmapped[j]!;
-          bytes += Math.min(u.end, d.end) - Math.max(u.start, d.start);
-        }
-      }
-      return bytes;
+      return intersect(unmapped, data).reduce((n, r) => n + r.end - r.start, 0);
     },
     wrapFileSink: (sink, fh, path) => {
       let punched = false;

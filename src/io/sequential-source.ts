@@ -39,6 +39,7 @@ export class SequentialSource implements Source {
   readonly #name: string;
   readonly #onClose: (() => void | Promise<void>) | undefined;
   readonly #wrongEnd: WrongEnd | undefined;
+  readonly #onGap: ((data: Buffer, offset: number) => void) | undefined;
   #queue: Promise<unknown> = Promise.resolve();
   #pending: Buffer | undefined;
   #ended = false;
@@ -51,6 +52,8 @@ export class SequentialSource implements Source {
    * `checkEnd`: the read that reaches `size` fails unless the stream ends there too (for a
    * size given by the user, or a bmap's, rather than known), and so does a skip of a gap
    * that meets the stream's end; true: with --size's errors, or the errors to give.
+   * `onGap`: sees each piece of the stream skipped between reads, at its offset (a bmap's
+   * unmapped areas must read as zeros); what it throws fails the read.
    */
   constructor(
     stream: AsyncIterable<Buffer | string>,
@@ -58,7 +61,9 @@ export class SequentialSource implements Source {
     name: string,
     onClose?: () => void | Promise<void>,
     checkEnd: boolean | WrongEnd = false,
+    onGap?: (data: Buffer, offset: number) => void,
   ) {
+    this.#onGap = onGap;
     this.#it = stream[Symbol.asyncIterator]();
     this.size = size;
     this.#name = name;
@@ -110,6 +115,7 @@ export class SequentialSource implements Source {
         return 0;
       }
       const skip = Math.min(chunk.length, offset - this.position);
+      this.#onGap?.(chunk.subarray(0, skip), this.position);
       if (skip < chunk.length) this.#pending = chunk.subarray(skip);
       this.position += skip;
     }
