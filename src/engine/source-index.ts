@@ -109,7 +109,10 @@ export class SourceIndex {
       );
     }
     const identity = await identityOf(src.path, src.stats, src.size);
-    const path = o.index === 'auto' ? cachedIndexPath(identity, await ensureCacheDir()) : o.index;
+    const path =
+      o.index === 'auto'
+        ? cachedIndexPath(identity, await ensureCacheDir(process.env, !o.dryRun))
+        : o.index;
     const make = (
       hashes: Buffer | undefined,
       mode: SourceIndexReport['mode'],
