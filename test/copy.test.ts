@@ -159,6 +159,11 @@ test('--dry-run reports what would be written and writes nothing, not even a new
   const r = await copy(src, fresh, { dryRun: true });
   assert.equal(r.created, true);
   await assert.rejects(stat(fresh), /ENOENT/);
+  // the summary does not claim a file it did not create
+  const said = await runCli(['copy', '--dry-run', src, fresh]);
+  assert.equal(said.code, 0, said.stderr);
+  assert.match(said.stdout, /\(would create .*fresh, sparse\)/);
+  await assert.rejects(stat(fresh), /ENOENT/);
 });
 
 test('--full writes every block without reading the destination', async (t) => {

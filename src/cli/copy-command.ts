@@ -22,7 +22,7 @@ function copySummary(r: CopyResult): string {
     `${r.dryRun ? 'dry run: ' : ''}scanned ${formatBytes(r.bytesScanned)} in ${r.seconds.toFixed(2)} s; ` +
       `${r.blocksDiffering} blocks of ${formatBytes(r.blockSize)} differ; ` +
       `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
-      (r.created ? ` (created ${r.destination}, sparse)` : ''),
+      (r.created ? ` (${r.dryRun ? 'would create' : 'created'} ${r.destination}, sparse)` : ''),
   ];
   if (r.container !== undefined) {
     const c = r.container;
@@ -381,7 +381,7 @@ function manySummary(r: ManyJson): string {
       `${d.destination}: ${c.blocksDiffering} blocks of ${formatBytes(c.blockSize)} differ; ` +
         `${c.dryRun ? 'would write' : 'wrote'} ${formatBytes(c.dryRun ? c.bytesDiffering : c.bytesWritten)} in ${c.rangesWritten} ranges, ` +
         `read ${formatBytes(c.bytesRead)}` +
-        (c.created ? ` (created, sparse)` : '') +
+        (c.created ? ` (${c.dryRun ? 'would create' : 'created'}, sparse)` : '') +
         (c.index !== undefined ? `; index ${c.index.path}: ${c.index.mode}` : '') +
         (c.verify !== undefined ? `; verified ${formatBytes(c.verify.bytesVerified)}` : ''),
     );
