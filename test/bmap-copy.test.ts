@@ -248,6 +248,23 @@ describe('copy with a bmap', () => {
     assert.ok((await readFile(join(dir, 'out-full'))).equals(bytes));
   });
 
+  it('refuses options that only turn off a bmap check when no bmap is used', async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'plain.img');
+    await writeFile(src, seededBytes(MiB, 5));
+    for (const args of [
+      ['--no-verify-checksums'],
+      ['--no-sig-verify'],
+      ['--no-bmap', '--no-verify-checksums'],
+    ]) {
+      const out = join(dir, 'out');
+      const r = await runCli(['copy', ...args, src, out]);
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, /turns off a bmap's checks, but no bmap is used.*\[EUSAGE\]/);
+      await assert.rejects(stat(out), { code: 'ENOENT' });
+    }
+  });
+
   it('blksync bmap create → bmaptool copy of the gzip image', async (t) => {
     if (!needBmaptool(t)) return;
     const dir = await tempDir(t);

@@ -185,6 +185,7 @@ export async function openCopySource(
         });
       },
     });
+    if (found === undefined) refuseBmapOnlyFlags(options);
     return await openFound(src, options, found);
   } finally {
     // those no VerifyingSource took (no checksums, a small image, a bad bmap or signature):
@@ -194,6 +195,22 @@ export async function openCopySource(
       () => {},
     );
   }
+}
+
+/**
+ * Options that only turn off a bmap's checks do nothing without a bmap: refused, as the
+ * signature options are (find-bmap.ts), rather than accepted and ignored.
+ */
+function refuseBmapOnlyFlags(options: CopySourceOptions): void {
+  const given = [
+    options.noVerifyChecksums === true ? '--no-verify-checksums' : undefined,
+    options.noSigVerify === true ? '--no-sig-verify' : undefined,
+  ].filter((o) => o !== undefined);
+  if (given.length === 0) return;
+  throw new BlksyncError(
+    'EUSAGE',
+    `${given.join(' and ')} ${given.length > 1 ? 'turn' : 'turns'} off a bmap's checks, but no bmap is used${options.noBmap === true ? ' (--no-bmap)' : ''}; leave ${given.length > 1 ? 'them' : 'it'} out`,
+  );
 }
 
 /** SRC published beside its URL (`blksync publish`): only the chunks DST lacks are fetched. */
