@@ -186,6 +186,25 @@ describe('stdin', () => {
     assert.ok((await readFile(join(dir, 'out'))).equals(image));
   });
 
+  it("refuses a --size that contradicts the bmap's image size, instead of ignoring it", async (t) => {
+    const dir = await tempDir(t);
+    const { image, pieces } = imageBytes(4);
+    const raw = join(dir, 'disk.img');
+    await writeSparseFile(raw, image.length, pieces);
+    const bmap = join(dir, 'disk.bmap');
+    await createBmap(raw, { output: bmap });
+    await writeFile(join(dir, 'disk.img.gz'), gzipSync(image));
+    for (const src of [join(dir, 'disk.img.gz'), raw]) {
+      await assert.rejects(
+        copy(src, join(dir, 'out'), { bmap, size: image.length - BS }),
+        isCode('EUSAGE'),
+      );
+    }
+    await assert.rejects(stat(join(dir, 'out')), { code: 'ENOENT' });
+    const r = await copy(join(dir, 'disk.img.gz'), join(dir, 'out'), { bmap, size: image.length });
+    assert.equal(r.bytesTotal, image.length);
+  });
+
   it('refuses --size 0: it would copy nothing and exit 0 without reading the stream', async (t) => {
     const dir = await tempDir(t);
     const { image } = imageBytes(3);

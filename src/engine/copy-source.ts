@@ -254,6 +254,13 @@ async function openFound(
   found: Awaited<ReturnType<typeof findBmap>>,
 ): Promise<CopySource> {
   const bmap = found?.bmap;
+  if (bmap !== undefined && options.size !== undefined && options.size !== bmap.imageSize) {
+    // whatever SRC is, its size is the bmap's: a --size that says otherwise is not taken
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${options.size} contradicts the image size ${bmap.imageSize} in ${found!.path}; give the right one, or leave --size out`,
+    );
+  }
   const lib = bmap === undefined ? undefined : await bmapModules();
   const cleanups: (() => void | Promise<void>)[] = [];
   const closeAll = async (): Promise<void> => {
