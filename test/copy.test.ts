@@ -1,9 +1,11 @@
 /** copy() and `blksync copy` between regular files: correctness, minimal writes, refusals. */
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { closeSync, openSync, writeSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { copy } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
@@ -322,4 +324,47 @@ test('SRC written by another program during the copy fails ESRC_CHANGED, not exi
   const dst = join(dir, 'dst-false');
   await copy(src, dst);
   assert.deepEqual(await readFile(dst), await readFile(src));
+});
+
+const STDIN_WRITER = `
+import { openSync, writeSync, closeSync } from 'node:fs';
+import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/copy.ts', import.meta.url)))};
+const [src, dst, size] = process.argv.slice(1);
+let written = false;
+try {
+  await copy('-', dst, { noBmap: true, chunkSize: 1 << 20, depth: 1, onProgress: (p) => {
+    if (written || p.bytesScanned === 0) return;
+    written = true;
+    const fd = openSync(src, 'r+');
+    writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, Number(size) - 4096);
+    closeSync(fd);
+  } });
+  console.log('exit 0');
+} catch (err) {
+  console.log(err.code);
+}
+`;
+
+test('stdin redirected from a file that is written during the copy: ESRC_CHANGED', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src');
+  const size = 8 * 1024 * 1024;
+  await writeFile(src, seededBytes(size, 24));
+  const input = openSync(src, 'r');
+  t.after(() => closeSync(input));
+  const out = execFileSync(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      '--input-type=module',
+      '-e',
+      STDIN_WRITER,
+      src,
+      join(dir, 'dst'),
+      String(size),
+    ],
+    { stdio: [input, 'pipe', 'pipe'] },
+  );
+  assert.equal(out.toString().trim(), 'ESRC_CHANGED');
 });

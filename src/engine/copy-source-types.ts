@@ -88,6 +88,11 @@ export interface CopySource {
    * stdin and URLs): what names a compressed image, for an index's identity.
    */
   opened: Opened | undefined;
+  /**
+   * The local file or device SRC's bytes come from (also stdin redirected from a file), watched
+   * for another program's writes during the copy (io/source-watch.ts); undefined for a stream.
+   */
+  watched: FileHandle | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
   /**

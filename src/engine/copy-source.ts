@@ -239,6 +239,7 @@ async function openPublishedSource(
     container: undefined,
     file: undefined,
     opened: undefined,
+    watched: undefined,
     sameAs: () => false,
     wrapFileSink: (sink) => sink,
     unmappedData: () => undefined,
@@ -275,6 +276,7 @@ async function openFound(
     let sameAs: (st: Stats) => boolean = () => false;
     let file: Opened | undefined;
     let opened: Opened | undefined;
+    let watched: FileHandle | undefined;
     let container: OpenedContainer | undefined;
     const decode = async (
       how: (m: typeof import('../containers/open.js')) => Promise<OpenedContainer>,
@@ -375,6 +377,7 @@ async function openFound(
         // `< image`: a file after all, read by offset
         const fh = await open('/dev/stdin', 'r');
         cleanups.push(() => fh.close());
+        watched = fh;
         ({ compression, size, source } = await fromFile(fh, 'stdin', st.size));
         sameAs = (other) => sameFile(st, other);
       } else {
@@ -387,6 +390,7 @@ async function openFound(
       const o = await openSource(src, { onWarning: options.onWarning });
       cleanups.push(() => o.fh.close());
       opened = o;
+      watched = o.fh;
       kind = o.kind;
       ({ compression, size, source } = await fromFile(o.fh, src, o.size));
       sameAs = (other) => sameFile(o.stats, other);
@@ -533,6 +537,7 @@ async function openFound(
       checksums: bmapped?.checksums,
       file,
       opened,
+      watched,
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
       unmappedData: (fh, path) => bmapped?.unmappedData(fh, path),

@@ -76,7 +76,7 @@ export async function copyLocal(
     }
     // another program writing SRC meanwhile would leave DST a mix of old and new: checked at the end
     const watch =
-      source.opened !== undefined ? await SourceWatch.start(source.opened.fh, src) : undefined;
+      source.watched !== undefined ? await SourceWatch.start(source.watched, src) : undefined;
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) {
       target = found;

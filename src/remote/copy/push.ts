@@ -81,7 +81,7 @@ export async function push(
   let refiner: Refiner | undefined;
   // another program writing SRC meanwhile would leave DST a mix of old and new (io/source-watch.ts)
   const watching =
-    opened.opened !== undefined ? SourceWatch.start(opened.opened.fh, src) : undefined;
+    opened.watched !== undefined ? SourceWatch.start(opened.watched, src) : undefined;
   watching?.catch(() => {}); // awaited in the try below; until then it must not be "unhandled"
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
   const holes = opened.file?.kind === 'file' ? opened.file.fh : undefined;
