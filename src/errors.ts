@@ -36,7 +36,10 @@ export type ErrorCode =
   | 'EBMAP_MISMATCH'
   | 'ESRC_CORRUPT'
   | 'ESRC_HTTP'
-  /** blksync index: SRC was written while it was read, so an index of it would record old content. */
+  /**
+   * SRC was written while it was read: `blksync index` would record old content, a copy would
+   * leave DST a mix of old and new.
+   */
   | 'ESRC_CHANGED'
   /** A remote SRC is compressed: blksync decodes only on the machine it runs on. */
   | 'ESRC_COMPRESSED'

@@ -129,8 +129,18 @@ describe('copy with a bmap', () => {
     await createBmap(path, { output: `${path}.bmap` });
     const out = join(dir, 'out');
     await writeFile(out, seededBytes(image.length, 99));
+    // the dry run says what the real run punches, not "would write" the mapped blocks alone
+    const unmapped = image.length - (3 * BS + 300 * BS + BS + 1000);
+    const dry = await runCli(['copy', '--dry-run', '--json', path, out]);
+    assert.equal(dry.code, 0, dry.stderr);
+    assert.equal((JSON.parse(dry.stdout) as { bytesPunched?: number }).bytesPunched, unmapped);
+    const said = await runCli(['copy', '--dry-run', path, out]);
+    assert.match(said.stdout + said.stderr, /would punch holes over 6\.81 MiB of .*out's data/);
+    assert.ok((await readFile(out)).equals(seededBytes(image.length, 99)), 'the dry run wrote');
     const r = await copy(path, out);
     assert.equal(r.bmap?.unmappedPunched, true);
+    assert.equal(r.bytesPunched, unmapped);
+    assert.equal((await copy(path, out)).bytesPunched, 0, 'nothing left to punch');
     assert.ok((await readFile(out)).equals(image));
     assert.ok((await allocated(out)) <= 310 * BS, `allocated ${await allocated(out)}`);
   });
@@ -198,6 +208,61 @@ describe('copy with a bmap', () => {
     // contradictory: refused, not "the last one wins" (test/cli-errors.test.ts)
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /contradict each other.*\[EUSAGE\]/);
+  });
+
+  it('refuses a stale bmap that calls data unmapped, before writing; a non-sparse image passes', async (t) => {
+    const dir = await tempDir(t);
+    const { path } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    // the image changes after its bmap was made: a block written where the bmap says "hole"
+    const fh = await open(path, 'r+');
+    await fh.write(seededBytes(BS, 77), 0, BS, 4 * MiB);
+    await fh.close();
+    const stale = (err: unknown): boolean => {
+      assert.ok(err instanceof BlksyncError, String(err));
+      assert.equal(err.code, 'EBMAP_MISMATCH', err.message);
+      assert.match(err.message, /marks byte 4194304 of .* as unmapped .* stale/);
+      return true;
+    };
+    const out = join(dir, 'out');
+    await assert.rejects(copy(path, out), stale);
+    await assert.rejects(stat(out), { code: 'ENOENT' });
+    // streamed: compressed beside the bmap, and from a pipe
+    const changed = await readFile(path);
+    await writeFile(join(dir, 'z.img.gz'), gzipSync(changed));
+    await copyFile(`${path}.bmap`, join(dir, 'z.img.bmap'));
+    await assert.rejects(copy(join(dir, 'z.img.gz'), join(dir, 'out-gz')), stale);
+    const piped = await runCli(['copy', '--bmap', `${path}.bmap`, '-', join(dir, 'out-pipe')], {
+      input: changed,
+    });
+    assert.equal(piped.code, 1, piped.stderr);
+    assert.match(piped.stderr, /stdin as unmapped .*\[EBMAP_MISMATCH\]/);
+    // the same bytes, allocated (not sparse) but zero where unmapped: read, checked, copied
+    const { path: fresh, image: bytes } = await sparseImage(dir, 'fresh');
+    await createBmap(fresh, { output: join(dir, 'fresh.bmap') });
+    await writeFile(join(dir, 'full.img'), bytes);
+    const r = await copy(join(dir, 'full.img'), join(dir, 'out-full'), {
+      bmap: join(dir, 'fresh.bmap'),
+    });
+    assert.equal(r.bmap?.unmappedBytesChecked, bytes.length - (304 * BS + 1000));
+    assert.ok((await readFile(join(dir, 'out-full'))).equals(bytes));
+  });
+
+  it('refuses options that only turn off a bmap check when no bmap is used', async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'plain.img');
+    await writeFile(src, seededBytes(MiB, 5));
+    for (const args of [
+      ['--no-verify-checksums'],
+      ['--no-sig-verify'],
+      ['--no-bmap', '--no-verify-checksums'],
+    ]) {
+      const out = join(dir, 'out');
+      const r = await runCli(['copy', ...args, src, out]);
+      assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, /turns off a bmap's checks, but no bmap is used.*\[EUSAGE\]/);
+      await assert.rejects(stat(out), { code: 'ENOENT' });
+    }
   });
 
   it('blksync bmap create → bmaptool copy of the gzip image', async (t) => {

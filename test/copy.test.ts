@@ -1,8 +1,11 @@
 /** copy() and `blksync copy` between regular files: correctness, minimal writes, refusals. */
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
 import { copy } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
@@ -158,6 +161,11 @@ test('--dry-run reports what would be written and writes nothing, not even a new
   const r = await copy(src, fresh, { dryRun: true });
   assert.equal(r.created, true);
   await assert.rejects(stat(fresh), /ENOENT/);
+  // the summary does not claim a file it did not create
+  const said = await runCli(['copy', '--dry-run', src, fresh]);
+  assert.equal(said.code, 0, said.stderr);
+  assert.match(said.stdout, /\(would create .*fresh, sparse\)/);
+  await assert.rejects(stat(fresh), /ENOENT/);
 });
 
 test('--full writes every block without reading the destination', async (t) => {
@@ -278,4 +286,85 @@ test('progress events count up to the total', async (t) => {
     seen,
     [...seen].sort((a, b) => a - b),
   );
+});
+
+test('SRC written by another program during the copy fails ESRC_CHANGED, not exit 0 with a mix', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src');
+  const size = 16 * 1024 * 1024;
+  await writeFile(src, seededBytes(size, 21));
+  for (const dryRun of [false, true]) {
+    const dst = join(dir, `dst-${dryRun}`);
+    await writeFile(dst, Buffer.alloc(size, 1));
+    let written = false;
+    await assert.rejects(
+      copy(src, dst, {
+        dryRun,
+        chunkSize: 1024 * 1024,
+        depth: 1,
+        onProgress: (p) => {
+          if (written || p.bytesScanned === 0) return;
+          written = true;
+          // the start (read already) and the end (not yet) change: DST would get only the end
+          const fd = openSync(src, 'r+');
+          writeSync(fd, seededBytes(BS, 22), 0, BS, 0);
+          writeSync(fd, seededBytes(BS, 23), 0, BS, size - BS);
+          closeSync(fd);
+        },
+      }),
+      (e: unknown) => {
+        assert.ok(e instanceof BlksyncError, String(e));
+        assert.equal(e.code, 'ESRC_CHANGED', e.message);
+        assert.match(e.message, /was written while it was copied/);
+        return true;
+      },
+    );
+  }
+  // SRC left alone, a rerun converges
+  const dst = join(dir, 'dst-false');
+  await copy(src, dst);
+  assert.deepEqual(await readFile(dst), await readFile(src));
+});
+
+const STDIN_WRITER = `
+import { openSync, writeSync, closeSync } from 'node:fs';
+import { copy } from ${JSON.stringify(fileURLToPath(new URL('../src/copy.ts', import.meta.url)))};
+const [src, dst, size] = process.argv.slice(1);
+let written = false;
+try {
+  await copy('-', dst, { noBmap: true, chunkSize: 1 << 20, depth: 1, onProgress: (p) => {
+    if (written || p.bytesScanned === 0) return;
+    written = true;
+    const fd = openSync(src, 'r+');
+    writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, Number(size) - 4096);
+    closeSync(fd);
+  } });
+  console.log('exit 0');
+} catch (err) {
+  console.log(err.code);
+}
+`;
+
+test('stdin redirected from a file that is written during the copy: ESRC_CHANGED', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src');
+  const size = 8 * 1024 * 1024;
+  await writeFile(src, seededBytes(size, 24));
+  const input = openSync(src, 'r');
+  t.after(() => closeSync(input));
+  const out = execFileSync(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      '--input-type=module',
+      '-e',
+      STDIN_WRITER,
+      src,
+      join(dir, 'dst'),
+      String(size),
+    ],
+    { stdio: [input, 'pipe', 'pipe'] },
+  );
+  assert.equal(out.toString().trim(), 'ESRC_CHANGED');
 });

@@ -7,11 +7,20 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  existsSync,
+  fsyncSync,
+  openSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import type { CopyResult } from '../src/copy.js';
+import { copy, type CopyResult } from '../src/copy.js';
+import { BlksyncError } from '../src/errors.js';
 import { runCli, type CliResult } from './helpers/cli.js';
 import {
   attachLoop,
@@ -523,4 +532,37 @@ test('a partition and its own disk are refused as SRC and DST', async (t) => {
   assert.match(back.stderr, /\[(ESAME_FILE|EDEST_TOO_SMALL)\]/);
   assert.equal(sectors, 0);
   assert.equal(sha256(await readDevice(disk, size)), before, 'the disk is untouched');
+});
+
+test('a device SRC written during the copy (its write counter moves) fails ESRC_CHANGED', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const size = 16 * MiB;
+  const dev = await loopWith(t, dir, seededBytes(size, 51));
+  const dst = join(dir, 'dst.img');
+  let written = false;
+  await assert.rejects(
+    copy(dev, dst, {
+      chunkSize: MiB,
+      depth: 1,
+      onProgress: (p) => {
+        if (written || p.bytesScanned === 0) return;
+        written = true;
+        // O_SYNC: the write reaches the device (and its counter) at once
+        const fd = openSync(dev, constants.O_WRONLY | constants.O_SYNC);
+        writeSync(fd, seededBytes(BS, 52), 0, BS, size - BS);
+        fsyncSync(fd);
+        closeSync(fd);
+      },
+    }),
+    (e: unknown) => {
+      assert.ok(e instanceof BlksyncError, String(e));
+      assert.equal(e.code, 'ESRC_CHANGED', e.message);
+      assert.match(e.message, /count of sectors written/);
+      return true;
+    },
+  );
+  // left alone, it copies
+  await copy(dev, dst);
+  assert.ok((await readFile(dst)).equals(await readDevice(dev, size)));
 });

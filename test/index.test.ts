@@ -529,6 +529,23 @@ test('copy --index --dry-run reports from the index and changes neither DST nor 
   assert.deepEqual(await readFile(s.index), before);
 });
 
+test('copy --index auto --dry-run creates no cache directory', async (t) => {
+  const s = await setup(t, 2 * MIB);
+  const cache = join(s.dir, 'cache');
+  const saved = process.env.XDG_CACHE_HOME;
+  process.env.XDG_CACHE_HOME = cache;
+  t.after(() => {
+    if (saved === undefined) delete process.env.XDG_CACHE_HOME;
+    else process.env.XDG_CACHE_HOME = saved;
+  });
+  const r = await copy(s.src, s.dst, { index: 'auto', dryRun: true });
+  assert.equal(r.index?.mode, 'created');
+  assert.ok(r.index.path.startsWith(join(cache, 'blksync')));
+  assert.equal(r.index.source?.mode, 'created');
+  await assert.rejects(stat(cache), { code: 'ENOENT' });
+  assert.deepEqual(await readFile(s.dst), s.old);
+});
+
 test('worker-thread hashing gives the same hashes as the main thread, short last block included', async () => {
   const length = 3 * 65536 + 1234;
   const shared = Buffer.from(new SharedArrayBuffer(4 * 65536));

@@ -7,6 +7,7 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { open, readFile, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -94,6 +95,37 @@ describe('push from any local source', () => {
     });
     assert.equal(r.created, true);
     assert.ok((await readFile(join(dir, 'out.img'))).equals(data));
+  });
+
+  test('a SRC file written during a push fails ESRC_CHANGED, not exit 0 with a mix', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    const size = 16 * MiB;
+    await writeFile(src, seededBytes(size, 31));
+    const dst = join(dir, 'dst.img');
+    await writeFile(dst, Buffer.alloc(size, 1));
+    let written = false;
+    await assert.rejects(
+      copy(src, at(s, dst), {
+        remote: { ssh: s.ssh },
+        onProgress: (p) => {
+          if (written || p.bytesScanned === 0) return;
+          written = true;
+          const fh = openSync(src, 'r+');
+          writeSync(fh, seededBytes(BS, 32), 0, BS, size - BS);
+          closeSync(fh);
+        },
+      }),
+      (e: unknown) => {
+        assert.ok(e instanceof BlksyncError, String(e));
+        assert.equal(e.code, 'ESRC_CHANGED', e.message);
+        return true;
+      },
+    );
+    await copy(src, at(s, dst), { remote: { ssh: s.ssh } });
+    assert.ok((await readFile(dst)).equals(await readFile(src)));
   });
 
   test('xz and gzip images pushed to a remote file equal the decompressed image', async (t) => {

@@ -80,12 +80,15 @@ describe('pull with a local bmap of the remote image', () => {
     assert.equal(dry.bytesWritten, 0);
     assert.ok(dry.bytesDiffering > 6 * MiB && dry.bytesDiffering <= MAPPED + BS);
     assert.deepEqual(await readFile(dst), old, 'a dry run writes nothing');
+    // ... but says what the real run punches in DST's unmapped areas
+    assert.equal(dry.bytesPunched, data.length - MAPPED);
 
     const r = (await copy(remote, dst, options)) as RemoteCopyResult;
     assert.equal(r.bmap?.path, bmap);
     assert.equal(r.bmap?.ranges, 4);
     assert.equal(r.bmap?.rangesVerified, 4, 'every range checked here');
     assert.equal(r.bmap?.unmappedPunched, true);
+    assert.equal(r.bytesPunched, data.length - MAPPED);
     assert.equal(r.bytesScanned, MAPPED);
     assert.equal(r.bytesDiffering, dry.bytesDiffering);
     assert.equal(r.bytesWritten, dry.bytesDiffering);

@@ -6,7 +6,7 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { copyFile, readFile, stat, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -148,11 +148,84 @@ describe('stdin', () => {
     assert.equal(large.code, 1);
     assert.match(large.stderr, /ESRC_SHORT/);
   });
+
+  it("refuses a stream longer or shorter than its bmap's image, past the last mapped range", async (t) => {
+    const dir = await tempDir(t);
+    // the last mapped byte is 3 MiB into a 6 MiB image: the stream's end is past the plan's
+    const pieces = [
+      { offset: 0, data: seededBytes(2 * BS, 7) },
+      { offset: 2 * MiB, data: seededBytes(MiB, 8) },
+    ];
+    const image = Buffer.alloc(6 * MiB);
+    for (const p of pieces) p.data.copy(image, p.offset);
+    const raw = join(dir, 'disk.img');
+    await writeSparseFile(raw, image.length, pieces);
+    const bmap = join(dir, 'disk.bmap');
+    await createBmap(raw, { output: bmap });
+    const longer = gzipSync(Buffer.concat([image, seededBytes(MiB, 9)]));
+    const shorter = gzipSync(image.subarray(0, 5 * MiB));
+    for (const [name, input] of [
+      ['longer', longer],
+      ['shorter', shorter],
+    ] as const) {
+      const r = await runCli(['copy', '--bmap', bmap, '-', join(dir, `out-${name}`)], { input });
+      assert.equal(r.code, 1, `${name}: ${r.stderr}`);
+      assert.match(r.stderr, /describes an image of 6291456 bytes but stdin .*\[EBMAP_MISMATCH\]/);
+      // a compressed file SRC, its bmap found beside it
+      await writeFile(join(dir, `${name}.img.gz`), input);
+      await copyFile(bmap, join(dir, `${name}.img.bmap`));
+      await assert.rejects(
+        copy(join(dir, `${name}.img.gz`), join(dir, `file-${name}`)),
+        isCode('EBMAP_MISMATCH'),
+      );
+    }
+    const right = await runCli(['copy', '--bmap', bmap, '-', join(dir, 'out')], {
+      input: gzipSync(image),
+    });
+    assert.equal(right.code, 0, right.stderr);
+    assert.ok((await readFile(join(dir, 'out'))).equals(image));
+  });
+
+  it("refuses a --size that contradicts the bmap's image size, instead of ignoring it", async (t) => {
+    const dir = await tempDir(t);
+    const { image, pieces } = imageBytes(4);
+    const raw = join(dir, 'disk.img');
+    await writeSparseFile(raw, image.length, pieces);
+    const bmap = join(dir, 'disk.bmap');
+    await createBmap(raw, { output: bmap });
+    await writeFile(join(dir, 'disk.img.gz'), gzipSync(image));
+    for (const src of [join(dir, 'disk.img.gz'), raw]) {
+      await assert.rejects(
+        copy(src, join(dir, 'out'), { bmap, size: image.length - BS }),
+        isCode('EUSAGE'),
+      );
+    }
+    await assert.rejects(stat(join(dir, 'out')), { code: 'ENOENT' });
+    const r = await copy(join(dir, 'disk.img.gz'), join(dir, 'out'), { bmap, size: image.length });
+    assert.equal(r.bytesTotal, image.length);
+  });
+
+  it('refuses --size 0: it would copy nothing and exit 0 without reading the stream', async (t) => {
+    const dir = await tempDir(t);
+    const { image } = imageBytes(3);
+    for (const size of ['0', '0K']) {
+      const out = join(dir, `out-${size}`);
+      const r = await runCli(['copy', '--size', size, '-', out], { input: gzipSync(image) });
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, /--size 0 is not an image size.*\[EUSAGE\]/);
+      await assert.rejects(stat(out), { code: 'ENOENT' });
+    }
+    await assert.rejects(
+      copy('-', join(dir, 'lib'), { size: -4096, noBmap: true }),
+      isCode('EUSAGE'),
+    );
+  });
 });
 
 describe('http sources', () => {
   const { image, pieces } = imageBytes(3);
   const packed = gzipSync(image);
+  const longerPacked = gzipSync(Buffer.concat([image, Buffer.alloc(MiB, 5)]));
   let server: Server;
   let base: string;
   let bmapText: Buffer;
@@ -180,6 +253,7 @@ describe('http sources', () => {
         res.end(body);
       };
       if (url === '/disk.img.gz') send(packed);
+      else if (url === '/longer.img.gz') send(longerPacked);
       else if (url === '/big.img') {
         // 256 MiB of which the bmap maps the first block: the copy must not wait for the rest
         res.writeHead(200, { 'content-length': 256 * MiB });
@@ -227,6 +301,11 @@ describe('http sources', () => {
     assert.equal(moved.bmap?.rangesVerified, 3);
     const raw = await copy(`${base}/disk.img`, join(dir, 'raw'), { noBmap: true });
     assert.equal(raw.bytesScanned, image.length);
+    // compressed, its length is known only at its end: more than the bmap's image is refused
+    await assert.rejects(
+      copy(`${base}/longer.img.gz`, join(dir, 'longer'), { bmap: `${base}/disk.bmap` }),
+      isCode('EBMAP_MISMATCH'),
+    );
   });
 
   it('stops downloading once the last mapped range is in', async (t) => {

@@ -2,10 +2,11 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { open, readFile } from 'node:fs/promises';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { createBmap } from '../src/engine/bmap-create.js';
+import { makeIndex } from '../src/engine/make-index.js';
 import {
   ALIGN_BYTES,
   alignedBuffer,
@@ -81,6 +82,28 @@ describe('copy --verify', () => {
     const dry = await runCli(['copy', '--verify', '--dry-run', path, join(dir, 'out5')]);
     assert.equal(dry.code, 2);
     assert.match(dry.stderr, /EUSAGE/);
+  });
+
+  it('with an index of SRC: reads back the blocks it read, instead of failing internally', async (t) => {
+    const dir = await tempDir(t);
+    const src = join(dir, 'src');
+    const dst = join(dir, 'dst');
+    const size = 8 * MiB;
+    const old = seededBytes(size, 41);
+    await writeFile(src, old);
+    await writeFile(dst, old);
+    const idx = join(dir, 'dst.idx');
+    const srcIdx = join(dir, 'src.idx');
+    await copy(src, dst, { index: idx, srcIndex: srcIdx });
+    const neu = Buffer.from(old);
+    seededBytes(BS, 42).copy(neu, 100 * BS);
+    await writeFile(src, neu);
+    await makeIndex(src, srcIdx);
+    const r = await copy(src, dst, { index: idx, srcIndex: srcIdx, verify: true });
+    assert.equal(r.index?.source?.mode, 'used', JSON.stringify(r.index?.source));
+    assert.equal(r.verify?.against, 'source');
+    assert.ok(r.verify.bytesVerified > 0 && r.verify.bytesVerified < size);
+    assert.ok((await readFile(dst)).equals(neu));
   });
 
   it('reads a loop device back with O_DIRECT', async (t) => {

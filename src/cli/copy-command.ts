@@ -22,7 +22,7 @@ function copySummary(r: CopyResult): string {
     `${r.dryRun ? 'dry run: ' : ''}scanned ${formatBytes(r.bytesScanned)} in ${r.seconds.toFixed(2)} s; ` +
       `${r.blocksDiffering} blocks of ${formatBytes(r.blockSize)} differ; ` +
       `${verb} ${formatBytes(r.dryRun ? r.bytesDiffering : r.bytesWritten)} in ${r.rangesWritten} ranges` +
-      (r.created ? ` (created ${r.destination}, sparse)` : ''),
+      (r.created ? ` (${r.dryRun ? 'would create' : 'created'} ${r.destination}, sparse)` : ''),
   ];
   if (r.container !== undefined) {
     const c = r.container;
@@ -47,6 +47,11 @@ function copySummary(r: CopyResult): string {
       `bmap ${b.path} (version ${b.version}): ${formatBytes(b.mappedBytes)} of ${formatBytes(r.bytesTotal)} mapped in ${b.ranges} ranges; ` +
         `${b.rangesVerified} range checksums verified`,
     );
+    if (r.bytesPunched !== undefined && r.bytesPunched > 0) {
+      lines.push(
+        `${r.dryRun ? 'would punch' : 'punched'} holes over ${formatBytes(r.bytesPunched)} of ${r.destination}'s data in the unmapped areas (they read as zeros, as in the image)`,
+      );
+    }
     const sig = b.signature;
     if (sig !== undefined) {
       lines.push(
@@ -377,7 +382,7 @@ function manySummary(r: ManyJson): string {
       `${d.destination}: ${c.blocksDiffering} blocks of ${formatBytes(c.blockSize)} differ; ` +
         `${c.dryRun ? 'would write' : 'wrote'} ${formatBytes(c.dryRun ? c.bytesDiffering : c.bytesWritten)} in ${c.rangesWritten} ranges, ` +
         `read ${formatBytes(c.bytesRead)}` +
-        (c.created ? ` (created, sparse)` : '') +
+        (c.created ? ` (${c.dryRun ? 'would create' : 'created'}, sparse)` : '') +
         (c.index !== undefined ? `; index ${c.index.path}: ${c.index.mode}` : '') +
         (c.verify !== undefined ? `; verified ${formatBytes(c.verify.bytesVerified)}` : ''),
     );

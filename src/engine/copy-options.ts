@@ -76,6 +76,12 @@ export interface CopyResult {
   created: boolean;
   /** Bytes of DST past SRC's end, left as they were. */
   destinationExtraBytes: number;
+  /**
+   * A bmap copy onto an existing file: bytes of DST's data in the bmap's unmapped areas made
+   * holes (reading as zeros, like the image's), or that would be in a dry run; 0 when its file
+   * system cannot punch holes.
+   */
+  bytesPunched?: number;
   dryRun: boolean;
   full: boolean;
   seconds: number;

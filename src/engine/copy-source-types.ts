@@ -58,6 +58,11 @@ export interface BmapReport {
   mappedBytes: number;
   /** Ranges whose checksum is verified while copying. */
   rangesVerified: number;
+  /**
+   * Bytes of a file SRC's unmapped areas (where its file system reports data) read and found
+   * to be zeros before the copy: a stale bmap cannot make the copy skip data.
+   */
+  unmappedBytesChecked?: number;
   /** The bmap's OpenPGP signature, when it had one and it was checked. */
   signature?: SignatureReport;
   /**
@@ -91,6 +96,11 @@ export interface CopySource {
    * stdin and URLs): what names a compressed image, for an index's identity.
    */
   opened: Opened | undefined;
+  /**
+   * The local file or device SRC's bytes come from (also stdin redirected from a file), watched
+   * for another program's writes during the copy (io/source-watch.ts); undefined for a stream.
+   */
+  watched: FileHandle | undefined;
   /** True when DST (with these stats) is SRC itself. */
   sameAs(stats: Stats): boolean;
   /**
@@ -99,6 +109,12 @@ export interface CopySource {
    * bmap it returns `sink` itself.
    */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /**
+   * For an existing regular-file DST: the bytes of data (not holes) it holds in the areas the
+   * bmap leaves unmapped, which the copy punches to holes (wrapFileSink). Undefined without a
+   * bmap, or when the file system does not tell its holes.
+   */
+  unmappedData(fh: FileHandle, path: string): number | undefined;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
   /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */

@@ -34,7 +34,7 @@ import {
 } from '../io/decompress.js';
 import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
-import { SequentialSource } from '../io/sequential-source.js';
+import { SequentialSource, type WrongEnd } from '../io/sequential-source.js';
 import { checkUrl, isUrl, isWebPage } from '../io/url.js';
 import {
   CONTAINER_HEAD_BYTES,
@@ -46,6 +46,7 @@ import type { OpenedContainer } from '../containers/open.js';
 import { checksAtEnd, ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
+import { gapMustBeZero, intersect, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
 import { wholeImagePlan } from './pipeline.js';
 import type { BmapReport, CopySource, CopySourceOptions } from './copy-source-types.js';
 
@@ -125,12 +126,43 @@ function unknownSize(src: string, bmapHint: boolean): BlksyncError {
   );
 }
 
+/**
+ * --size names an image: a size of nothing would copy nothing and, with no read to meet the
+ * stream's end, never see that the stream holds more (exit 0 on an empty DST).
+ */
+function checkGivenSize(size: number | undefined): void {
+  if (size === undefined) return;
+  if (!Number.isSafeInteger(size) || size <= 0) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${size} is not an image size; give the image's size in bytes (more than 0), or leave --size out`,
+    );
+  }
+}
+
+/**
+ * A stream whose size was taken from its bmap (nothing else knew it: a pipe, a compressed
+ * stream) must end exactly there: one that ends before or holds more is another image, which
+ * a copy of the bmap's ranges would silently cut or pad.
+ */
+function bmapSizeWrong(bmapPath: string, bmap: Bmap, name: string): WrongEnd {
+  return (ended) =>
+    new BlksyncError(
+      'EBMAP_MISMATCH',
+      `${bmapPath} describes an image of ${bmap.imageSize} bytes but ${name} ` +
+        (ended !== undefined ? `ended after ${ended} bytes` : 'holds more') +
+        '; the bmap belongs to another image (pass the right one with --bmap, or --no-bmap), or the stream was cut short',
+      { path: bmapPath },
+    );
+}
+
 /** Opens SRC for `copy`: see the file header. */
 export async function openCopySource(
   src: string,
   options: CopySourceOptions = {},
 ): Promise<CopySource> {
   if (isUrl(src)) checkUrl(src);
+  checkGivenSize(options.size);
   if (
     isUrl(src) &&
     options.destination !== undefined &&
@@ -153,6 +185,7 @@ export async function openCopySource(
         });
       },
     });
+    if (found === undefined) refuseBmapOnlyFlags(options);
     return await openFound(src, options, found);
   } finally {
     // those no VerifyingSource took (no checksums, a small image, a bad bmap or signature):
@@ -162,6 +195,22 @@ export async function openCopySource(
       () => {},
     );
   }
+}
+
+/**
+ * Options that only turn off a bmap's checks do nothing without a bmap: refused, as the
+ * signature options are (find-bmap.ts), rather than accepted and ignored.
+ */
+function refuseBmapOnlyFlags(options: CopySourceOptions): void {
+  const given = [
+    options.noVerifyChecksums === true ? '--no-verify-checksums' : undefined,
+    options.noSigVerify === true ? '--no-sig-verify' : undefined,
+  ].filter((o) => o !== undefined);
+  if (given.length === 0) return;
+  throw new BlksyncError(
+    'EUSAGE',
+    `${given.join(' and ')} ${given.length > 1 ? 'turn' : 'turns'} off a bmap's checks, but no bmap is used${options.noBmap === true ? ' (--no-bmap)' : ''}; leave ${given.length > 1 ? 'them' : 'it'} out`,
+  );
 }
 
 /** SRC published beside its URL (`blksync publish`): only the chunks DST lacks are fetched. */
@@ -198,8 +247,10 @@ async function openPublishedSource(
     container: undefined,
     file: undefined,
     opened: undefined,
+    watched: undefined,
     sameAs: () => false,
     wrapFileSink: (sink) => sink,
+    unmappedData: () => undefined,
     adviseTarget: () => {},
     delta: () => p.report(),
     close: () => p.source.close(),
@@ -212,6 +263,13 @@ async function openFound(
   found: Awaited<ReturnType<typeof findBmap>>,
 ): Promise<CopySource> {
   const bmap = found?.bmap;
+  if (bmap !== undefined && options.size !== undefined && options.size !== bmap.imageSize) {
+    // whatever SRC is, its size is the bmap's: a --size that says otherwise is not taken
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${options.size} contradicts the image size ${bmap.imageSize} in ${found!.path}; give the right one, or leave --size out`,
+    );
+  }
   const lib = bmap === undefined ? undefined : await bmapModules();
   const cleanups: (() => void | Promise<void>)[] = [];
   const closeAll = async (): Promise<void> => {
@@ -226,6 +284,7 @@ async function openFound(
     let sameAs: (st: Stats) => boolean = () => false;
     let file: Opened | undefined;
     let opened: Opened | undefined;
+    let watched: FileHandle | undefined;
     let container: OpenedContainer | undefined;
     const decode = async (
       how: (m: typeof import('../containers/open.js')) => Promise<OpenedContainer>,
@@ -240,6 +299,16 @@ async function openFound(
     // a fixed VHD shows only at its end, which a stream reaches last: checked there
     const rawStream = (s: AsyncIterable<Buffer>, name: string): AsyncIterable<Buffer> =>
       options.raw === true ? s : refuseVhdFooterAtEnd(s, name);
+    // the image's size was taken from the bmap alone: the stream is read to its end (past the
+    // last mapped range) to check that it ends there
+    let sizeFromBmap = false;
+    // a bmap's unmapped areas must read as zeros (engine/bmap-unmapped.ts): a stream's gaps
+    // are checked as they pass, a raw file's (rawFh) before the copy
+    const gapCheck =
+      bmap === undefined
+        ? undefined
+        : gapMustBeZero({ image: src === '-' ? 'stdin' : src, bmap: found!.path });
+    let rawFh: FileHandle | undefined;
 
     const streamed = async (
       stream: Readable,
@@ -277,7 +346,15 @@ async function openFound(
         lib!.checkBmapMatches(bmap, sizeHint, found!.path, name);
       if (c !== undefined) return c.source(size);
       // a size taken on trust is checked: the stream must end exactly there
-      return new SequentialSource(rawStream(s, name), size, name, undefined, known === undefined);
+      sizeFromBmap = bmap !== undefined && sizeHint === undefined;
+      return new SequentialSource(
+        rawStream(s, name),
+        size,
+        name,
+        undefined,
+        sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : known === undefined,
+        gapCheck,
+      );
     };
 
     if (options.stream !== undefined) {
@@ -313,6 +390,7 @@ async function openFound(
         // `< image`: a file after all, read by offset
         const fh = await open('/dev/stdin', 'r');
         cleanups.push(() => fh.close());
+        watched = fh;
         ({ compression, size, source } = await fromFile(fh, 'stdin', st.size));
         sameAs = (other) => sameFile(st, other);
       } else {
@@ -325,6 +403,7 @@ async function openFound(
       const o = await openSource(src, { onWarning: options.onWarning });
       cleanups.push(() => o.fh.close());
       opened = o;
+      watched = o.fh;
       kind = o.kind;
       ({ compression, size, source } = await fromFile(o.fh, src, o.size));
       sameAs = (other) => sameFile(o.stats, other);
@@ -362,6 +441,7 @@ async function openFound(
               );
         const imageSize = c?.size ?? fileSize;
         if (bmap !== undefined) lib!.checkBmapMatches(bmap, imageSize, found!.path, name);
+        if (c === undefined) rawFh = fh;
         if (options.size !== undefined && options.size !== imageSize) {
           throw new BlksyncError(
             'EUSAGE',
@@ -399,6 +479,7 @@ async function openFound(
           await counting.close();
         }
       }
+      sizeFromBmap = bmap !== undefined;
       return {
         compression: comp,
         size: imageSize,
@@ -407,7 +488,8 @@ async function openFound(
           imageSize,
           name,
           undefined,
-          onTrust,
+          sizeFromBmap ? bmapSizeWrong(found!.path, bmap!, name) : onTrust,
+          gapCheck,
         ),
       };
     }
@@ -421,9 +503,25 @@ async function openFound(
       });
       cleanups.push(() => b.close());
       bmapped = b;
+      if (rawFh !== undefined) {
+        let data;
+        try {
+          data = lib!.mappedRanges(rawFh, size, 1, src);
+        } catch {
+          data = [{ start: 0, end: size }]; // no SEEK_DATA: every byte is read
+        }
+        b.report.unmappedBytesChecked = await refuseDataInUnmapped(
+          rawFh,
+          unmappedOf(b.plan.ranges, size),
+          data,
+          { image: src, bmap: found.path },
+          options.signal,
+        );
+      }
       const planEnd = b.plan.ranges.at(-1)?.end ?? 0;
-      if (container !== undefined && checksAtEnd(source) && planEnd < size) {
-        // a container streamed: what only its end tells is checked all the same
+      if ((container !== undefined || sizeFromBmap) && checksAtEnd(source) && planEnd < size) {
+        // a container streamed, or a stream sized by its bmap: what only its end tells is
+        // checked all the same
         b.source = new ReadsToEnd(b.source, source, planEnd);
       }
     }
@@ -452,8 +550,10 @@ async function openFound(
       checksums: bmapped?.checksums,
       file,
       opened,
+      watched,
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
+      unmappedData: (fh, path) => bmapped?.unmappedData(fh, path),
       wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
         await closeAll();
@@ -478,6 +578,8 @@ export interface BmapSourcing {
   checksums: CopySource['checksums'];
   /** See CopySource.wrapFileSink. */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /** See CopySource.unmappedData. */
+  unmappedData(fh: FileHandle, path: string): number | undefined;
   adviseTarget(fd: number): void;
   /** Closes the VerifyingSource (its workers and the inner source). */
   close(): Promise<void>;
@@ -511,6 +613,7 @@ export async function bmapSourcing(
       checksums = { units: ranges, algorithm: bmap.checksumType };
     }
   }
+  const unmapped = unmappedOf(plan.ranges, plan.imageSize);
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -526,14 +629,16 @@ export async function bmapSourcing(
     report,
     checksums,
     adviseTarget: (fd) => lib.adviseNoReadahead(fd),
-    wrapFileSink: (sink, fh, path) => {
-      const unmapped: { start: number; end: number }[] = [];
-      let at = 0;
-      for (const r of plan.ranges) {
-        if (r.start > at) unmapped.push({ start: at, end: r.start });
-        at = r.end;
+    unmappedData: (fh, path) => {
+      let data;
+      try {
+        data = lib.mappedRanges(fh, plan.imageSize, 1, path);
+      } catch {
+        return undefined; // the file system does not tell its holes
       }
-      if (at < plan.imageSize) unmapped.push({ start: at, end: plan.imageSize });
+      return intersect(unmapped, data).reduce((n, r) => n + r.end - r.start, 0);
+    },
+    wrapFileSink: (sink, fh, path) => {
       let punched = false;
       return {
         write: (data, offset) => sink.write(data, offset),

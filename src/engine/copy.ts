@@ -16,6 +16,7 @@ import {
   undoPreparation,
   type PreparedDestination,
 } from '../io/prepare-destination.js';
+import { SourceWatch } from '../io/source-watch.js';
 import { partlyWritten } from '../partial-write.js';
 import { formatBytes } from '../size.js';
 import type { IndexSession } from './index-session.js';
@@ -73,6 +74,9 @@ export async function copyLocal(
         `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
       );
     }
+    // another program writing SRC meanwhile would leave DST a mix of old and new: checked at the end
+    const watch =
+      source.watched !== undefined ? await SourceWatch.start(source.watched, src) : undefined;
     const found = await openTarget(dst, { readOnly: dryRun });
     if (found.fh !== undefined) {
       target = found;
@@ -92,6 +96,10 @@ export async function copyLocal(
       knowledge = new ReadTarget(target!.fh, dst, chunkSize);
     }
 
+    // what a bmap copy punches to holes in DST's unmapped areas, counted before: a dry run
+    // reports it too (the pipeline writes only mapped ranges, so it is the same after)
+    const unmappedData =
+      !created && target?.kind === 'file' ? source.unmappedData(target.fh, dst) : undefined;
     const srcIndex = sourceIndexFor(options, source);
     if (options.index !== undefined) {
       for (const out of [options.index, srcIndex?.index]) {
@@ -153,9 +161,15 @@ export async function copyLocal(
     // --verify without bmap checksums compares with the source's digests, taken as it is copied
     // loaded only with --verify: it brings koffi for aligned buffers
     const verifying = options.verify === true ? await import('./verify-written.js') : undefined;
+    const plan =
+      index?.plan ??
+      (full || options.verify === true || source.checksums !== undefined
+        ? source.plan
+        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
+    // digests of what the pipeline reads: with an index of SRC, only the blocks that differ
     const digests =
       verifying !== undefined && source.checksums === undefined
-        ? new verifying.SourceDigests(source.plan.ranges)
+        ? new verifying.SourceDigests(plan.ranges)
         : undefined;
     const indexHook = index?.onChunk;
     const onChunk =
@@ -167,11 +181,6 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    const plan =
-      index?.plan ??
-      (full || options.verify === true || source.checksums !== undefined
-        ? source.plan
-        : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
     const run = await runPipeline(plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
@@ -184,6 +193,13 @@ export async function copyLocal(
       onChunk,
       buffers: index?.buffers,
     });
+    if (!run.interrupted) {
+      await watch?.check(
+        dryRun
+          ? 'what this dry run reports is neither'
+          : `what was copied onto ${dst} may be a mix of its old and new content`,
+      );
+    }
     await sink?.finish();
     allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
@@ -224,6 +240,9 @@ export async function copyLocal(
       ranges: [...run.ranges.ranges],
       created,
       destinationExtraBytes: prepared.extraBytes,
+      ...(unmappedData !== undefined
+        ? { bytesPunched: dryRun || source.bmap?.unmappedPunched !== false ? unmappedData : 0 }
+        : {}),
       dryRun,
       full,
       seconds: (performance.now() - started) / 1000,

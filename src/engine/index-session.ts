@@ -199,7 +199,7 @@ export class IndexSession {
         // dry run onto a file that does not exist yet: nothing to key the cache by
         return new IndexSession(o, path, pool, undefined, { reason: undefined, oldExists: false });
       }
-      path = cachedIndexPath(id, await ensureCacheDir());
+      path = cachedIndexPath(id, await ensureCacheDir(process.env, !o.dryRun));
     }
     const found = await readIndexIfAny(path);
     const facts = indexFacts(found, id, {

@@ -111,7 +111,10 @@ export class SourceIndex {
       );
     }
     const identity = await identityOf(src.path, src.stats, src.size);
-    const path = o.index === 'auto' ? cachedIndexPath(identity, await ensureCacheDir()) : o.index;
+    const path =
+      o.index === 'auto'
+        ? cachedIndexPath(identity, await ensureCacheDir(process.env, !o.dryRun))
+        : o.index;
     // the index is written by rename: over SRC itself it would destroy it (a push's and a
     // remote SRC's agent's too, where nothing checked it before)
     await assertSeparateOutput(path, [

@@ -113,12 +113,21 @@ export async function assertPrivateCacheDir(dir: string, uid: number): Promise<v
   }
 }
 
-/** Creates the cache directory (0700) if needed and refuses one others could write in. */
-export async function ensureCacheDir(env: NodeJS.ProcessEnv = process.env): Promise<string> {
+/**
+ * Creates the cache directory (0700) if needed and refuses one others could write in.
+ * `create: false` (a dry run, which writes nothing): a directory that does not exist is left
+ * so, and named all the same (no index can be found in it).
+ */
+export async function ensureCacheDir(
+  env: NodeJS.ProcessEnv = process.env,
+  create = true,
+): Promise<string> {
   const dir = cacheDir(env);
   try {
-    await mkdir(dir, { recursive: true, mode: CACHE_DIR_MODE });
+    if (create) await mkdir(dir, { recursive: true, mode: CACHE_DIR_MODE });
+    else await stat(dir);
   } catch (err) {
+    if (!create && isSystemError(err) && err.code === 'ENOENT') return dir;
     throw cacheDirError(dir, err);
   }
   const uid = process.geteuid?.();

@@ -11,12 +11,35 @@
 import type { Source } from '../types.js';
 import { BlksyncError, fromSystemError } from '../errors.js';
 
+/**
+ * The error for a stream that does not end at the size it was taken to have: `ended` is where
+ * it ended when shorter, undefined when it holds more.
+ */
+export type WrongEnd = (ended: number | undefined) => BlksyncError;
+
+/** A size given with --size that the stream does not end at. */
+function givenSizeWrong(name: string, size: number): WrongEnd {
+  return (ended) =>
+    ended !== undefined
+      ? new BlksyncError(
+          'ESRC_SHORT',
+          `${name} ended after ${ended} bytes, but --size gave ${size} bytes; ` +
+            'give its real size, or check that the stream was not cut short',
+          { path: name },
+        )
+      : new BlksyncError(
+          'EUSAGE',
+          `${name} is larger than the ${size} bytes given with --size; give its real size`,
+        );
+}
+
 export class SequentialSource implements Source {
   readonly size: number;
   readonly #it: AsyncIterator<Buffer | string>;
   readonly #name: string;
   readonly #onClose: (() => void | Promise<void>) | undefined;
-  readonly #checkEnd: boolean;
+  readonly #wrongEnd: WrongEnd | undefined;
+  readonly #onGap: ((data: Buffer, offset: number) => void) | undefined;
   #queue: Promise<unknown> = Promise.resolve();
   #pending: Buffer | undefined;
   #ended = false;
@@ -27,20 +50,25 @@ export class SequentialSource implements Source {
    * `stream`: the bytes; errors it raises reach the read that hits them (BlksyncErrors as
    * they are). `size`: the image size. `onClose`: releases what produced the stream.
    * `checkEnd`: the read that reaches `size` fails unless the stream ends there too (for a
-   * size given by the user rather than known).
+   * size given by the user, or a bmap's, rather than known), and so does a skip of a gap
+   * that meets the stream's end; true: with --size's errors, or the errors to give.
+   * `onGap`: sees each piece of the stream skipped between reads, at its offset (a bmap's
+   * unmapped areas must read as zeros); what it throws fails the read.
    */
   constructor(
     stream: AsyncIterable<Buffer | string>,
     size: number,
     name: string,
     onClose?: () => void | Promise<void>,
-    checkEnd = false,
+    checkEnd: boolean | WrongEnd = false,
+    onGap?: (data: Buffer, offset: number) => void,
   ) {
+    this.#onGap = onGap;
     this.#it = stream[Symbol.asyncIterator]();
     this.size = size;
     this.#name = name;
     this.#onClose = onClose;
-    this.#checkEnd = checkEnd;
+    this.#wrongEnd = checkEnd === true ? givenSizeWrong(name, size) : checkEnd || undefined;
   }
 
   read(buf: Buffer, offset: number, length: number): Promise<number> {
@@ -82,8 +110,12 @@ export class SequentialSource implements Source {
     // skip the gap
     while (this.position < offset) {
       const chunk = await this.#next();
-      if (chunk === undefined) return 0;
+      if (chunk === undefined) {
+        if (this.#wrongEnd !== undefined) throw this.#wrongEnd(this.position);
+        return 0;
+      }
       const skip = Math.min(chunk.length, offset - this.position);
+      this.#onGap?.(chunk.subarray(0, skip), this.position);
       if (skip < chunk.length) this.#pending = chunk.subarray(skip);
       this.position += skip;
     }
@@ -97,22 +129,10 @@ export class SequentialSource implements Source {
       got += n;
       this.position += n;
     }
-    if (this.#checkEnd && got < length) {
-      throw new BlksyncError(
-        'ESRC_SHORT',
-        `${this.#name} ended after ${this.position} bytes, but --size gave ${this.size} bytes; ` +
-          'give its real size, or check that the stream was not cut short',
-        { path: this.#name },
-      );
-    }
-    if (this.#checkEnd && this.position === this.size) {
+    if (this.#wrongEnd !== undefined && got < length) throw this.#wrongEnd(this.position);
+    if (this.#wrongEnd !== undefined && this.position === this.size) {
       const more = await this.#next();
-      if (more !== undefined) {
-        throw new BlksyncError(
-          'EUSAGE',
-          `${this.#name} is larger than the ${this.size} bytes given with --size; give its real size`,
-        );
-      }
+      if (more !== undefined) throw this.#wrongEnd(undefined);
     }
     return got;
   }

@@ -187,7 +187,7 @@ export class AgentIndex {
     if (path === 'auto') {
       // a dry run onto a file that does not exist yet: nothing to key the cache by
       if (id === undefined) return make(undefined, false);
-      path = cachedIndexPath(id, await ensureCacheDir());
+      path = cachedIndexPath(id, await ensureCacheDir(process.env, !dryRun));
     }
     const stats = dst.stats;
     if (stats !== undefined) {

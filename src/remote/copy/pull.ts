@@ -165,6 +165,11 @@ class Pull {
           ? new FileSource(this.#target.fh, this.#dst, this.#target.size, false)
           : undefined;
       const plan = await this.#choosePlan(link, size, bmap, local);
+      // what a bmap copy punches in an existing file DST's unmapped areas, a dry run's too
+      const unmappedData =
+        !created && this.#target?.kind === 'file'
+          ? this.#mapped?.unmappedData(this.#target.fh, this.#dst)
+          : undefined;
       const source: Source =
         this.#mapped?.source ??
         new FetchedSource(size, link, this.#refiner, this.#book, !this.#session.dryRun);
@@ -203,6 +208,14 @@ class Pull {
             }
           : {}),
         ...(this.#mapped !== undefined ? { bmap: this.#mapped.report } : {}),
+        ...(unmappedData !== undefined
+          ? {
+              bytesPunched:
+                this.#session.dryRun || this.#mapped?.report.unmappedPunched !== false
+                  ? unmappedData
+                  : 0,
+            }
+          : {}),
         ...(verified !== undefined ? { verify: verified } : {}),
       };
       if (run.interrupted) throw interrupted(result);

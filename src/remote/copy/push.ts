@@ -13,6 +13,7 @@
 import { BlksyncError } from '../../errors.js';
 import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
+import { SourceWatch } from '../../io/source-watch.js';
 import { runPipeline } from '../../engine/pipeline.js';
 import { dataRangesOf } from '../../engine/sparse-plan.js';
 import { SourceIndex } from '../../engine/source-index.js';
@@ -84,6 +85,10 @@ export async function push(
   const file = !indexing && srcIndexAsked === undefined ? plain : undefined;
   const top = topHashing();
   let refiner: Refiner | undefined;
+  // another program writing SRC meanwhile would leave DST a mix of old and new (io/source-watch.ts)
+  const watching =
+    opened.watched !== undefined ? SourceWatch.start(opened.watched, src) : undefined;
+  watching?.catch(() => {}); // awaited in the try below; until then it must not be "unhandled"
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread
   const holes = opened.file?.kind === 'file' ? opened.file.fh : undefined;
   const scanner =
@@ -101,6 +106,7 @@ export async function push(
   let index: RemoteIndex | undefined;
   let srcIndex: SourceIndex | undefined;
   try {
+    const watch = await watching;
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
     // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
     // dividing them (as a local copy's)
@@ -287,6 +293,13 @@ export async function push(
       },
     );
     await refiner?.stop();
+    if (!run.interrupted) {
+      await watch?.check(
+        dryRun
+          ? 'what this dry run reports is neither'
+          : `what was copied onto ${dst} may be a mix of its old and new content`,
+      );
+    }
     // an index kept by the agent is written clean at DONE; an interrupted run ends as a killed
     // one does instead (no DONE: the agent syncs and exits), leaving the index marked in
     // progress rather than having the agent read back what it never compared
