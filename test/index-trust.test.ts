@@ -135,6 +135,57 @@ test('F3: a partition written through its whole disk is not vouched for', async 
   await refusedStale(args, /the disk holding the partition/);
 });
 
+/** Sets up a copy --index onto a loop device over the block device `under`. */
+async function loopOverDevice(t: TestContext, under: string, dir: string) {
+  const dev = await attachLoop(t, under);
+  const src = join(dir, 'new.img');
+  const neu = seededBytes(SIZE, 46);
+  await writeFile(src, neu);
+  const index = join(dir, 'stacked.blkidx');
+  const args = [src, dev, '--index', index, '--verify-sample', '2'];
+  await copyJson(args);
+  assert.equal((await copyJson(args)).index?.mode, 'used');
+  return { dev, src, neu, args };
+}
+
+test('F16: a loop device over a loop device written through another node of it is not vouched for', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const file = join(dir, 'base.img');
+  await writeFile(file, seededBytes(SIZE, 47));
+  const under = await attachLoop(t, file);
+  const s = await loopOverDevice(t, under, dir);
+  // a second node of the same device (as in a chroot or a container): /dev/loopN's own
+  // timestamps do not move, only the device's write counter does
+  const node = join(dir, 'node');
+  const { stdout } = await run('stat', ['-c', '%Hr %Lr', under]);
+  await run('mknod', [node, 'b', ...stdout.trim().split(' ')]);
+  poke(node, TAMPERED);
+  await refusedStale(s.args, /backing (file|device) of the loop device .* was changed/);
+});
+
+test('F17: a loop device over a partition written through its whole disk is not vouched for', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
+  const dir = await tempDir(t);
+  const { disk, part } = await partitionedLoop(t, join(dir, 'disk.img'), 64 * MIB);
+  const s = await loopOverDevice(t, part, dir);
+  // the partition starts at 1 MiB: this is inside it, written through the disk
+  poke(disk, MIB + TAMPERED);
+  await refusedStale(s.args, /backing (file|device) of the loop device .* was changed/);
+  // --index auto reads and compares, and puts the block back
+  const env = { XDG_CACHE_HOME: dir };
+  const auto = [s.src, s.dev, '--index', 'auto', '--verify-sample', '2'];
+  await copyJson(auto, env);
+  poke(disk, MIB + TAMPERED);
+  // the disk's page cache is not the partition's: drop what the partition and the loop
+  // device cache, or the compare reads the old bytes from memory
+  for (const d of [part, s.dev]) await run('blockdev', ['--flushbufs', d]);
+  const r = await copyJson(auto, env);
+  assert.equal(r.index?.mode, 'rebuilt');
+  assert.equal(r.bytesWritten, 4096);
+  assert.deepEqual(await readDevice(s.dev, SIZE), s.neu);
+});
+
 test('F4: a discard is counted: the index is not vouched for after blkdiscard', async (t) => {
   if (!needLoop(t) || !(await needTool(t, 'blkdiscard', 'util-linux'))) return;
   const s = await loopSetup(t);

@@ -224,6 +224,9 @@ export function unvouchedSince(
     return `the disk holding the partition ${dst} was written or discarded since the index was written (possibly inside ${dst}, through the whole disk)`;
   }
   if (s.backingFile !== now.backingFile) {
+    if (now.backingFile?.startsWith('blk:') === true) {
+      return `the backing device of the loop device ${dst} was changed since the index was written (written through any node of it, its disk or another loop device, or replaced)`;
+    }
     return `the backing file of the loop device ${dst} was changed since the index was written (written directly, through another loop device, or replaced)`;
   }
   return undefined;

@@ -43,7 +43,9 @@ export interface TargetIdentity {
   /**
    * For a loop device: its backing file's "dev:ino:size:ctimeNs:mtimeNs" and the device's
    * "offset:sizelimit" (a write to the file, or through another loop device on it, moves the
-   * file's ctime and not this device's counter); "unknown" when the file cannot be stat'ed.
+   * file's ctime and not this device's counter); over a block device (a partition, another
+   * loop device) that device's write counters and its own chain instead; "unknown" when any
+   * of it cannot be read.
    */
   backingFile?: string;
   /** For a stacked device (device mapper, md): the devices under it, whose writes it does not count. */
@@ -188,11 +190,15 @@ export async function identityOf(
   };
 }
 
+/** Devices stacked under a loop device followed at most this deep (a loop over a loop …). */
+const MAX_BACKING_DEPTH = 8;
+
 /**
- * A loop device's backing file stamp ("dev:ino:size:ctimeNs:mtimeNs offset:sizelimit"), or
- * "unknown" when it cannot be read; undefined for a device that is not a loop device.
+ * A loop device's backing stamp ("dev:ino:size:ctimeNs:mtimeNs offset:sizelimit" for a file,
+ * the backing device's own stamp for a block device), or "unknown" when it cannot be read;
+ * undefined for a device that is not a loop device.
  */
-async function loopBacking(sys: string): Promise<string | undefined> {
+async function loopBacking(sys: string, depth = 0): Promise<string | undefined> {
   const file = await readText(`${sys}/loop/backing_file`);
   if (file === undefined) {
     return (await readText(`${sys}/loop/offset`)) === undefined ? undefined : 'unknown';
@@ -201,7 +207,43 @@ async function loopBacking(sys: string): Promise<string | undefined> {
   const limit = (await readText(`${sys}/loop/sizelimit`)) ?? '?';
   const st = await stat(file, { bigint: true }).catch(() => undefined);
   if (st === undefined) return 'unknown';
+  if (st.isBlockDevice()) {
+    // a write to that device (through any node of it, a partition's disk, a file system on
+    // it) moves its write counter, not this device's nor the node's timestamps
+    const under = await backingDeviceStamp(Number(st.rdev), depth + 1);
+    return under === undefined ? 'unknown' : `${under} ${offset}:${limit}`;
+  }
   return `${st.dev}:${st.ino}:${st.size}:${st.ctimeNs}:${st.mtimeNs} ${offset}:${limit}`;
+}
+
+/**
+ * What vouches for a block device under a loop device, all of its chain included: its write
+ * and discard counts (and its disk's for a partition) and, for a loop device, its own backing
+ * stamp; undefined when any of it is unknown or the device is stacked (device mapper, md).
+ */
+async function backingDeviceStamp(rdev: number, depth: number): Promise<string | undefined> {
+  if (depth > MAX_BACKING_DEPTH) return undefined;
+  const stamp = await writeStamp(rdev);
+  if (stamp === undefined) return undefined;
+  const sys = `/sys/dev/block/${devId(rdev)}`;
+  const partition = await readText(`${sys}/partition`);
+  const disk =
+    partition === undefined ? undefined : join(await realpath(sys).catch(() => sys), '..');
+  const slavesOf = (dir: string) => readdir(`${dir}/slaves`).catch(() => [] as string[]);
+  const slaves = [...(await slavesOf(sys)), ...(disk !== undefined ? await slavesOf(disk) : [])];
+  if (slaves.length > 0) return undefined;
+  const backing =
+    (await loopBacking(sys, depth)) ??
+    (disk !== undefined ? await loopBacking(disk, depth) : undefined);
+  if (backing === 'unknown') return undefined;
+  const counts = [
+    stamp.sectorsWritten,
+    stamp.sectorsDiscarded,
+    stamp.diskSectorsWritten,
+    stamp.diskSectorsDiscarded,
+  ].map((c) => c ?? '-');
+  const under = backing === undefined ? '' : ` (${backing})`;
+  return `blk:${devId(rdev)}:${stamp.bootId}:${counts.join(':')}${under}`;
 }
 
 /** Why two identities are not the same target, or undefined when they are. */
