@@ -18,6 +18,7 @@ import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
 import {
   attachLoop,
+  mountLoop,
   needLoop,
   needTool,
   partitionedLoop,
@@ -206,6 +207,29 @@ test('F5: a write left dirty in the page cache before the copy is counted before
   await refusedStale(s.args, /sectors were written to .* unaccounted for/);
   closeSync(fd);
   closed = true;
+});
+
+test('F6: a file written right after copy --index, in the same second of a coarse-timestamp file system, is not vouched for', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mkfs.ext4', 'e2fsprogs'))) return;
+  const dir = await tempDir(t);
+  const fs = join(dir, 'fs.img');
+  await writeFile(fs, Buffer.alloc(0));
+  await run('truncate', ['-s', String(64 * MIB), fs]);
+  // 128-byte inodes keep whole-second timestamps: a ctime cannot tell two writes in a second apart
+  await run('mkfs.ext4', ['-q', '-F', '-I', '128', await attachLoop(t, fs)]);
+  const mnt = await mountLoop(t, await attachLoop(t, fs));
+  const size = 4 * MIB;
+  const src = join(mnt, 'src.img');
+  const dst = join(mnt, 'dst.img');
+  const neu = seededBytes(size, 48);
+  await writeFile(src, neu);
+  await writeFile(dst, seededBytes(size, 49));
+  const index = join(dir, 'dst.blkidx');
+  const args = [src, dst, '--index', index, '--verify-sample', '2'];
+  await copyJson(args);
+  // at once: in the second of the copy's last write, unless the copy waited it out
+  poke(dst, MIB + 8192);
+  await refusedStale(args, /was (modified|changed) after the index was written/);
 });
 
 test('F7: a file written by another process during copy --index: the index vouches for none of it, with a coded warning', async (t) => {
