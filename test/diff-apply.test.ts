@@ -309,6 +309,39 @@ test('CLI: diff -o - | apply - through a pipe, info, --json', async (t) => {
   assert.match(again.stdout, /already holds the result/);
 });
 
+test('CLI: apply FIFO reads the patch once as a stream; a cut-off one is refused, nothing written', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(3_000_000, 63);
+  const next = changed(base, 3_000_000, 64);
+  const f = await setup(dir, base, next);
+  const d = await runCli(['diff', f.base, f.next, '-o', f.patch]);
+  assert.equal(d.code, 0, d.stderr);
+  const patch = await readFile(f.patch);
+  const fifo = join(dir, 'patch.fifo');
+  const mkfifo = spawn('mkfifo', [fifo]);
+  assert.equal(await new Promise((resolve) => mkfifo.on('close', resolve)), 0);
+  /** Writes `bytes` into the FIFO from another process, as `diff -o FIFO` would. */
+  const feed = (bytes: Buffer): Promise<unknown> => {
+    const writer = spawn('sh', ['-c', 'cat > "$1"', 'sh', fifo], {
+      stdio: ['pipe', 'ignore', 'ignore'],
+    });
+    writer.stdin.end(bytes);
+    return new Promise((resolve) => writer.on('close', resolve));
+  };
+  const cut = feed(patch.subarray(0, patch.length - 1000));
+  const short = await runCli(['apply', fifo, f.target]);
+  await cut;
+  assert.equal(short.code, 1, short.stderr);
+  assert.match(short.stderr, /\[EPATCH_TRUNCATED\]/);
+  assert.deepEqual(await readFile(f.target), base);
+  const whole = feed(patch);
+  const r = await runCli(['apply', fifo, f.target, '--json']);
+  await whole;
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((JSON.parse(r.stdout) as { streamed: boolean }).streamed, true);
+  assert.deepEqual(await readFile(f.target), next);
+});
+
 test('round trip on a loop device', async (t) => {
   if (!needLoop(t)) return;
   const dir = await tempDir(t);

@@ -387,20 +387,28 @@ export async function apply(
   const started = performance.now();
   const reverse = options.reverse === true;
   const dryRun = options.dryRun === true;
-  const streamed = typeof patch !== 'string';
   const patchName = typeof patch === 'string' ? patch : '-';
   options.signal?.throwIfAborted();
 
   let patchFh: FileHandle | undefined;
+  /** A patch named by a path that is no regular file (a FIFO, /dev/stdin): read once, as stdin. */
+  let pipeFh: FileHandle | undefined;
   if (typeof patch === 'string') {
     try {
       patchFh = await open(patch, 'r');
+      if (!(await patchFh.stat()).isFile()) [pipeFh, patchFh] = [patchFh, undefined];
     } catch (err) {
+      await patchFh?.close();
       throw fromSystemError('ESRC_OPEN', 'cannot open the patch', patch, err);
     }
   }
+  const streamed = patchFh === undefined;
   const input =
-    typeof patch === 'string' ? SequentialReader.fromFile(patch) : new SequentialReader(patch, '-');
+    typeof patch !== 'string'
+      ? new SequentialReader(patch, '-')
+      : pipeFh !== undefined
+        ? new SequentialReader(pipeFh.createReadStream({ autoClose: false }), patch)
+        : SequentialReader.fromFile(patch);
   const reader = new PatchReader(input);
   let t: Opened | undefined;
   let sink: FileSink | undefined;
@@ -540,5 +548,6 @@ export async function apply(
     input.close();
     await t?.fh.close();
     await patchFh?.close();
+    await pipeFh?.close();
   }
 }
