@@ -9,8 +9,8 @@
 
 import assert from 'node:assert/strict';
 import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
-import { open, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { open, readFile, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import { copy, type CopyResult, type RemoteCopyResult } from '../src/copy.js';
 import type { BlksyncWarning } from '../src/errors.js';
@@ -119,6 +119,21 @@ test('F2: a loop device detached, its file changed, and attached again is not vo
   // the same /dev/loopN again (attachLoop's cleanup detaches it)
   await run('losetup', [s.dev, s.backing]);
   await refusedStale(s.args, /backing file of the loop device .* was changed/);
+});
+
+test("F2: the index records the device's diskseq, which a re-attach moves; the backing file still vouches for a loop device", async (t) => {
+  if (!needLoop(t)) return;
+  const s = await loopSetup(t);
+  const seq = (
+    await readFile(`/sys/block/${basename(s.dev)}/diskseq`, 'utf8').catch(() => '')
+  ).trim();
+  if (seq === '') return t.skip('this kernel has no diskseq (< 5.15)');
+  assert.equal((await readIndexFile(s.index)).identity.diskSeq, seq);
+  await run('losetup', ['-d', s.dev]);
+  await run('losetup', [s.dev, s.backing]);
+  const again = await copyJson(s.args);
+  assert.equal(again.index?.mode, 'used');
+  assert.notEqual((await readIndexFile(s.index)).identity.diskSeq, seq);
 });
 
 test('F3: a partition written through its whole disk is not vouched for', async (t) => {

@@ -48,6 +48,12 @@ export interface TargetIdentity {
    * of it cannot be read.
    */
   backingFile?: string;
+  /**
+   * For a block device: its disk's diskseq (/sys/block/DISK/diskseq, kernels >= 5.15), a new
+   * number at every attach or replug: the write counter starts again then, and may happen to
+   * come back to the count recorded (0 after a copy that wrote nothing).
+   */
+  diskSeq?: string;
   /** For a stacked device (device mapper, md): the devices under it, whose writes it does not count. */
   stackedOn?: string;
   /** Human hints shown by `blksync info`; not compared. */
@@ -177,6 +183,8 @@ export async function identityOf(
   const slaves = [...(await slavesOf(sys)), ...(disk !== undefined ? await slavesOf(disk) : [])];
   const backingFile =
     (await loopBacking(sys)) ?? (disk !== undefined ? await loopBacking(disk) : undefined);
+  const seq = await readText(`${disk ?? sys}/diskseq`);
+  const diskSeq = seq !== undefined && /^\d+$/.test(seq) ? seq : undefined;
   return {
     kind: 'block-device',
     size,
@@ -184,6 +192,7 @@ export async function identityOf(
     weak: found.key === undefined,
     ...(stamp !== undefined ? stamp : {}),
     ...(backingFile !== undefined ? { backingFile } : {}),
+    ...(diskSeq !== undefined ? { diskSeq } : {}),
     ...(slaves.length > 0 ? { stackedOn: slaves.join(',') } : {}),
     ...(found.model !== undefined ? { model: found.model } : {}),
     ...(devPath !== undefined ? { path: devPath } : {}),
