@@ -136,6 +136,32 @@ test("F2: the index records the device's diskseq, which a re-attach moves; the b
   assert.notEqual((await readIndexFile(s.index)).identity.diskSeq, seq);
 });
 
+test('F11: two loop devices on one file at other offsets keep their own --index auto entries', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  // both halves already hold SRC: no copy writes the file, whose ctime vouches for both
+  const neu = seededBytes(SIZE, 51);
+  const src = join(dir, 'new.img');
+  await writeFile(src, neu);
+  const backing = join(dir, 'two.img');
+  await writeFile(backing, Buffer.concat([neu, neu]));
+  const attachAt = async (offset: number): Promise<string> => {
+    const args = ['-f', '--show', '-o', String(offset), '--sizelimit', String(SIZE), backing];
+    const dev = (await run('losetup', args)).stdout.trim();
+    t.after(() => run('losetup', ['-d', dev]));
+    return dev;
+  };
+  const first = await attachAt(0);
+  const second = await attachAt(SIZE);
+  const env = { XDG_CACHE_HOME: dir };
+  const auto = (dev: string) => [src, dev, '--index', 'auto', '--verify-sample', '2'];
+  assert.equal((await copyJson(auto(first), env)).index?.mode, 'created');
+  // the same file and size: before, the same cache entry, taken over from the first
+  assert.equal((await copyJson(auto(second), env)).index?.mode, 'created');
+  assert.equal((await copyJson(auto(first), env)).index?.mode, 'used');
+  assert.equal((await copyJson(auto(second), env)).index?.mode, 'used');
+});
+
 test('F3: a partition written through its whole disk is not vouched for', async (t) => {
   if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
   const dir = await tempDir(t);

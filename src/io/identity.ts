@@ -3,8 +3,8 @@
  *
  * A block device is known by the most stable name Linux offers, in this order: the WWN or
  * serial that udev recorded (/run/udev/data/bMAJ:MIN), the kernel's wwid and serial in sysfs,
- * a /dev/disk/by-id link, a loop device's backing file, and last the bare MAJ:MIN (weak: it
- * names a slot, not a disk). A partition adds its number to its disk's name. A regular file
+ * a /dev/disk/by-id link, a loop device's backing file (and its offset in it, when not 0),
+ * and last the bare MAJ:MIN (weak: it names a slot, not a disk). A partition adds its number to its disk's name. A regular file
  * is known by its device and inode.
  *
  * Beside the name, what vouches that the content has not changed since (see
@@ -123,7 +123,12 @@ async function diskKey(
   const link = await byIdLink(devPath);
   if (link !== undefined) return { key: link, model };
   const backing = await readText(`${sys}/loop/backing_file`);
-  if (backing !== undefined) return { key: `loop:${backing}`, model };
+  if (backing !== undefined) {
+    // two loop devices on one file at other offsets are other disks (and other cache entries)
+    const offset = await readText(`${sys}/loop/offset`);
+    const at = offset === undefined || offset === '0' ? '' : `@${offset}`;
+    return { key: `loop:${backing}${at}`, model };
+  }
   return { key: undefined, model };
 }
 
