@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { existsSync, statSync } from 'node:fs';
-import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { open, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import type { CopyResult } from '../src/copy.js';
@@ -523,4 +523,31 @@ test('a partition and its own disk are refused as SRC and DST', async (t) => {
   assert.match(back.stderr, /\[(ESAME_FILE|EDEST_TOO_SMALL)\]/);
   assert.equal(sectors, 0);
   assert.equal(sha256(await readDevice(disk, size)), before, 'the disk is untouched');
+});
+
+test('a loop device over a partition written through its disk: the copy compares the device, not a stale cache', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
+  const dir = await tempDir(t);
+  const { disk, part } = await partitionedLoop(t, join(dir, 'disk.img'), 64 * MiB);
+  // the loop device holds the partition open, so the partition's page cache outlives each run
+  const dev = await attachLoop(t, part);
+  const neu = seededBytes(16 * MiB, 71);
+  const src = join(dir, 'new.img');
+  await writeFile(src, neu);
+  assert.equal((await runCli(['copy', src, dev])).code, 0);
+  assert.deepEqual(await readDevice(dev, neu.length), neu); // now cached
+  // written through the whole disk (the partition starts at 1 MiB), synced
+  const fh = await open(disk, 'r+');
+  await fh.write(Buffer.alloc(BS, 0x5a), 0, BS, MiB + 5 * MiB);
+  await fh.sync();
+  await fh.close();
+  const r = await runCli(['copy', src, dev, '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(
+    (JSON.parse(r.stdout) as CopyResult).bytesWritten,
+    BS,
+    'the changed block is written back',
+  );
+  await run('blockdev', ['--flushbufs', part]);
+  assert.deepEqual(await readDevice(part, neu.length), neu);
 });

@@ -32,6 +32,7 @@ import {
 import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
 import { destinationSink } from '../io/destination-sink.js';
+import { dropDeviceCaches } from '../io/device-cache.js';
 import type { FileSink } from '../io/file-sink.js';
 import { destinationTooSmall, openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
@@ -431,6 +432,8 @@ export async function apply(
       );
     }
     t = found;
+    // what TARGET's cache (or a device's under it) holds may be older than the device
+    if (t.kind === 'block-device') await dropDeviceCaches(t.fh.fd, t.stats.rdev);
     if (patchFh !== undefined && sameFile(await patchFh.stat(), t.stats)) {
       throw new BlksyncError('ESAME_FILE', `${patchName} and ${target} are the same file`, {
         path: target,
