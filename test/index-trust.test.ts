@@ -271,6 +271,19 @@ test('F6: a file written right after copy --index, in the same second of a coars
   // at once: in the second of the copy's last write, unless the copy waited it out
   poke(dst, MIB + 8192);
   await refusedStale(args, /was (modified|changed) after the index was written/);
+
+  // blksync index of a file written just before, then written again just after
+  const made = join(mnt, 'made.img');
+  const madeIndex = join(dir, 'made.blkidx');
+  while (Date.now() % 1000 > 100) await new Promise((resolve) => setTimeout(resolve, 10));
+  await writeFile(made, neu);
+  const ix = await runCli(['index', made, '-o', madeIndex]);
+  assert.equal(ix.code, 0, ix.stderr);
+  poke(made, MIB + 8192);
+  await refusedStale(
+    [src, made, '--index', madeIndex, '--verify-sample', '2'],
+    /was (modified|changed) after the index was written/,
+  );
 });
 
 test('F7: a file written by another process during copy --index: the index vouches for none of it, with a coded warning', async (t) => {

@@ -26,6 +26,24 @@ function settleNs(ctimeNs: bigint): bigint {
   return ctimeNs % NS_PER_MS === 0n ? COARSE_GRANULARITY_NS + TICK_MARGIN_NS : TICK_MARGIN_NS;
 }
 
+/**
+ * Waits until a change made from now on cannot get the ctime `ctimeNs` (at most the file
+ * system's granularity); false when that ctime is still ahead of this machine's clock then.
+ */
+export async function settledPast(ctimeNs: bigint): Promise<boolean> {
+  const most = settleNs(ctimeNs);
+  const until = ctimeNs + most;
+  // a timer may fire a little early: wait again, up to twice the granularity in all
+  const giveUp = BigInt(Date.now()) * NS_PER_MS + 2n * most;
+  for (;;) {
+    const now = BigInt(Date.now()) * NS_PER_MS;
+    if (now >= until) return true;
+    if (now >= giveUp) return false;
+    const waitNs = until - now;
+    await sleep(Number((waitNs < most ? waitNs : most) / NS_PER_MS) + 1);
+  }
+}
+
 export class CtimeWatch {
   readonly #fh: FileHandle;
   #last: bigint | undefined;
@@ -68,13 +86,7 @@ export class CtimeWatch {
    */
   async settle(): Promise<void> {
     if (this.#broken || this.#last === undefined) return;
-    const until = this.#last + settleNs(this.#last);
-    const now = BigInt(Date.now()) * NS_PER_MS;
-    if (now >= until) return;
-    const waitNs = until - now;
-    const most = settleNs(this.#last);
-    await sleep(Number((waitNs < most ? waitNs : most) / NS_PER_MS) + 1);
-    if (BigInt(Date.now()) * NS_PER_MS < until) this.#unsettled = true;
+    if (!(await settledPast(this.#last))) this.#unsettled = true;
   }
 
   /** Whether the last ctime was too recent to vouch for the file when the stamp was taken. */
