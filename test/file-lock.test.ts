@@ -9,9 +9,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { describe, test, type TestContext } from 'node:test';
 import { runCli } from './helpers/cli.js';
 import { needTool } from './helpers/loop.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const SIZE = 1024 * 1024;
@@ -70,4 +71,37 @@ test('a copy onto a file is not kept out by a lock a finished run held', async (
     assert.equal(r.code, 0, r.stderr);
   }
   assert.ok((await readFile(dst)).equals(neu));
+});
+
+describe('a push: the agent takes the same lock on a file DST', () => {
+  const server = sharedSshd();
+  test('a push onto a file another blksync is writing refuses with EDEST_BUSY and writes nothing', async (t) => {
+    const s = server(t);
+    if (!s || !(await needTool(t, 'flock', 'util-linux'))) return;
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const base = seededBytes(SIZE, 4);
+    await writeFile(src, seededBytes(SIZE, 5));
+    await writeFile(dst, base);
+    await holdLock(t, dst);
+    const r = await runCli(['copy', '--ssh', s.ssh, src, `${s.host}:${dst}`]);
+    assert.notEqual(r.code, 0, r.stdout);
+    assert.match(r.stderr, /another blksync.*\[EDEST_BUSY\]/);
+    assert.ok((await readFile(dst)).equals(base), 'nothing written');
+  });
+  test('without the other holder, a push and then another both complete', async (t) => {
+    const s = server(t);
+    if (!s) return;
+    const dir = await tempDir(t);
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const neu = seededBytes(SIZE, 6);
+    await writeFile(src, neu);
+    for (let i = 0; i < 2; i++) {
+      const r = await runCli(['copy', '--ssh', s.ssh, src, `${s.host}:${dst}`]);
+      assert.equal(r.code, 0, r.stderr);
+    }
+    assert.ok((await readFile(dst)).equals(neu));
+  });
 });
