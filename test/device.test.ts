@@ -16,9 +16,9 @@ import {
   statSync,
   writeSync,
 } from 'node:fs';
-import { readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { open, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { describe, test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/copy.js';
 import { BlksyncError } from '../src/errors.js';
 import { runCli, type CliResult } from './helpers/cli.js';
@@ -36,6 +36,7 @@ import {
   run,
   swapOn,
 } from './helpers/loop.js';
+import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const BS = 4096;
@@ -565,4 +566,50 @@ test('a device SRC written during the copy (its write counter moves) fails ESRC_
   // left alone, it copies
   await copy(dev, dst);
   assert.ok((await readFile(dst)).equals(await readDevice(dev, size)));
+});
+
+/** A loop device over a partition, holding SRC's bytes, then written through the disk. */
+async function staleUnderLoop(t: TestContext) {
+  const dir = await tempDir(t);
+  const { disk, part } = await partitionedLoop(t, join(dir, 'disk.img'), 64 * MiB);
+  // the loop device holds the partition open, so the partition's page cache outlives each run
+  const dev = await attachLoop(t, part);
+  const neu = seededBytes(16 * MiB, 71);
+  const src = join(dir, 'new.img');
+  await writeFile(src, neu);
+  assert.equal((await runCli(['copy', src, dev])).code, 0);
+  assert.deepEqual(await readDevice(dev, neu.length), neu); // now cached
+  // written through the whole disk (the partition starts at 1 MiB), synced
+  const fh = await open(disk, 'r+');
+  await fh.write(Buffer.alloc(BS, 0x5a), 0, BS, MiB + 5 * MiB);
+  await fh.sync();
+  await fh.close();
+  return { src, dev, part, neu };
+}
+
+async function holdsSrc(part: string, neu: Buffer): Promise<void> {
+  await run('blockdev', ['--flushbufs', part]);
+  assert.deepEqual(await readDevice(part, neu.length), neu);
+}
+
+test('a loop device over a partition written through its disk: the copy compares the device, not a stale cache', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
+  const s = await staleUnderLoop(t);
+  const r = await runCli(['copy', s.src, s.dev, '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const written = (JSON.parse(r.stdout) as CopyResult).bytesWritten;
+  assert.equal(written, BS, 'the changed block is written back');
+  await holdsSrc(s.part, s.neu);
+});
+
+describe('pulled from a remote SRC', () => {
+  const server = sharedSshd();
+  test('the same device DST: compared anew, not from a stale cache', async (t) => {
+    const ssh = server(t);
+    if (!ssh || !needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
+    const s = await staleUnderLoop(t);
+    const r = await copy(`${ssh.host}:${s.src}`, s.dev, { remote: { ssh: ssh.ssh } });
+    assert.equal(r.bytesWritten, BS, 'the changed block is written back');
+    await holdsSrc(s.part, s.neu);
+  });
 });

@@ -309,6 +309,68 @@ test('CLI: diff -o - | apply - through a pipe, info, --json', async (t) => {
   assert.match(again.stdout, /already holds the result/);
 });
 
+test('CLI: apply FIFO reads the patch once as a stream; a cut-off one is refused, nothing written', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(3_000_000, 63);
+  const next = changed(base, 3_000_000, 64);
+  const f = await setup(dir, base, next);
+  const d = await runCli(['diff', f.base, f.next, '-o', f.patch]);
+  assert.equal(d.code, 0, d.stderr);
+  const patch = await readFile(f.patch);
+  const fifo = join(dir, 'patch.fifo');
+  const mkfifo = spawn('mkfifo', [fifo]);
+  assert.equal(await new Promise((resolve) => mkfifo.on('close', resolve)), 0);
+  /** Writes `bytes` into the FIFO from another process, as `diff -o FIFO` would. */
+  const feed = (bytes: Buffer): Promise<unknown> => {
+    const writer = spawn('sh', ['-c', 'cat > "$1"', 'sh', fifo], {
+      stdio: ['pipe', 'ignore', 'ignore'],
+    });
+    writer.stdin.end(bytes);
+    return new Promise((resolve) => writer.on('close', resolve));
+  };
+  const cut = feed(patch.subarray(0, patch.length - 1000));
+  const short = await runCli(['apply', fifo, f.target]);
+  await cut;
+  assert.equal(short.code, 1, short.stderr);
+  assert.match(short.stderr, /\[EPATCH_TRUNCATED\]/);
+  assert.deepEqual(await readFile(f.target), base);
+  const whole = feed(patch);
+  const r = await runCli(['apply', fifo, f.target, '--json']);
+  await whole;
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((JSON.parse(r.stdout) as { streamed: boolean }).streamed, true);
+  assert.deepEqual(await readFile(f.target), next);
+});
+
+test('a record torn by a killed apply (its new content begun, the rest old) is refused with what to do; --force finishes', async (t) => {
+  const dir = await tempDir(t);
+  const MIB = 1024 * 1024;
+  const base = seededBytes(4 * MIB, 65);
+  const next = Buffer.from(base);
+  seededBytes(256 * 1024, 66).copy(next, MIB);
+  const f = await setup(dir, base, next);
+  const d = await runCli(['diff', f.base, f.next, '-o', f.patch]);
+  assert.equal(d.code, 0, d.stderr);
+  // what a kill -9 inside the record's write leaves: its first 128 KiB new, the rest old
+  const torn = Buffer.from(base);
+  next.copy(torn, MIB, MIB, MIB + 128 * 1024);
+  await writeFile(f.target, torn);
+  const r = await runCli(['apply', f.patch, f.target]);
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(
+    r.stderr,
+    /begins with the patch's new content .*killed while writing.*--force to finish.*\[EBASE_MISMATCH\]/,
+  );
+  assert.deepEqual(await readFile(f.target), torn, 'nothing written');
+  const forced = await runCli(['apply', f.patch, f.target, '--force']);
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.deepEqual(await readFile(f.target), next);
+  // a TARGET that is simply another image is not taken for a torn one
+  await writeFile(f.target, seededBytes(4 * MIB, 67));
+  const other = await runCli(['apply', f.patch, f.target]);
+  assert.match(other.stderr, /check TARGET, or use --force.*\[EBASE_MISMATCH\]/);
+});
+
 test('round trip on a loop device', async (t) => {
   if (!needLoop(t)) return;
   const dir = await tempDir(t);

@@ -169,6 +169,21 @@ test('a file: the same mtime and ctime vouch; touch -r is caught by the ctime', 
   assert.match(unvouchedSince(v12(old), file(), 'F') ?? '', /older blksync/);
 });
 
+test('a disk detached or re-plugged (another diskseq) is not vouched for, even when its counter came back to the count recorded', () => {
+  const was = dev({ diskSeq: '41', sectorsWritten: '0' });
+  const replugged = dev({ diskSeq: '57', sectorsWritten: '0' });
+  assert.equal(
+    unvouchedSince(v12(was), dev({ diskSeq: '41', sectorsWritten: '0' }), 'D'),
+    undefined,
+  );
+  assert.match(unvouchedSince(v12(was), replugged, 'D') ?? '', /D was detached or re-plugged/);
+  // an index written before diskseq was recorded: the counter alone, as before
+  assert.equal(unvouchedSince(v12(dev({ sectorsWritten: '0' })), replugged, 'D'), undefined);
+  // a loop device: its backing file's stamp vouches across a re-attach
+  const loop = (diskSeq: string) => dev({ diskSeq, backingFile: '2049:12:4096:1:1 0:0' });
+  assert.equal(unvouchedSince(v12(loop('41')), loop('57'), 'D'), undefined);
+});
+
 test('indexFacts: identity, size and staleness from an index and DST now', () => {
   const stored = { ...v12(dev()), blockSize: 65536, state: { kind: 'clean' } };
   const ask = {

@@ -9,8 +9,8 @@
 
 import assert from 'node:assert/strict';
 import { closeSync, fsyncSync, openSync, writeSync } from 'node:fs';
-import { open, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { open, readFile, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import { copy, type CopyResult, type RemoteCopyResult } from '../src/copy.js';
 import type { BlksyncWarning } from '../src/errors.js';
@@ -18,6 +18,7 @@ import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
 import {
   attachLoop,
+  mountLoop,
   needLoop,
   needTool,
   partitionedLoop,
@@ -120,6 +121,47 @@ test('F2: a loop device detached, its file changed, and attached again is not vo
   await refusedStale(s.args, /backing file of the loop device .* was changed/);
 });
 
+test("F2: the index records the device's diskseq, which a re-attach moves; the backing file still vouches for a loop device", async (t) => {
+  if (!needLoop(t)) return;
+  const s = await loopSetup(t);
+  const seq = (
+    await readFile(`/sys/block/${basename(s.dev)}/diskseq`, 'utf8').catch(() => '')
+  ).trim();
+  if (seq === '') return t.skip('this kernel has no diskseq (< 5.15)');
+  assert.equal((await readIndexFile(s.index)).identity.diskSeq, seq);
+  await run('losetup', ['-d', s.dev]);
+  await run('losetup', [s.dev, s.backing]);
+  const again = await copyJson(s.args);
+  assert.equal(again.index?.mode, 'used');
+  assert.notEqual((await readIndexFile(s.index)).identity.diskSeq, seq);
+});
+
+test('F11: two loop devices on one file at other offsets keep their own --index auto entries', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  // both halves already hold SRC: no copy writes the file, whose ctime vouches for both
+  const neu = seededBytes(SIZE, 51);
+  const src = join(dir, 'new.img');
+  await writeFile(src, neu);
+  const backing = join(dir, 'two.img');
+  await writeFile(backing, Buffer.concat([neu, neu]));
+  const attachAt = async (offset: number): Promise<string> => {
+    const args = ['-f', '--show', '-o', String(offset), '--sizelimit', String(SIZE), backing];
+    const dev = (await run('losetup', args)).stdout.trim();
+    t.after(() => run('losetup', ['-d', dev]));
+    return dev;
+  };
+  const first = await attachAt(0);
+  const second = await attachAt(SIZE);
+  const env = { XDG_CACHE_HOME: dir };
+  const auto = (dev: string) => [src, dev, '--index', 'auto', '--verify-sample', '2'];
+  assert.equal((await copyJson(auto(first), env)).index?.mode, 'created');
+  // the same file and size: before, the same cache entry, taken over from the first
+  assert.equal((await copyJson(auto(second), env)).index?.mode, 'created');
+  assert.equal((await copyJson(auto(first), env)).index?.mode, 'used');
+  assert.equal((await copyJson(auto(second), env)).index?.mode, 'used');
+});
+
 test('F3: a partition written through its whole disk is not vouched for', async (t) => {
   if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
   const dir = await tempDir(t);
@@ -133,6 +175,57 @@ test('F3: a partition written through its whole disk is not vouched for', async 
   // the partition starts at 1 MiB: this is inside it, written through the disk
   poke(disk, MIB + TAMPERED);
   await refusedStale(args, /the disk holding the partition/);
+});
+
+/** Sets up a copy --index onto a loop device over the block device `under`. */
+async function loopOverDevice(t: TestContext, under: string, dir: string) {
+  const dev = await attachLoop(t, under);
+  const src = join(dir, 'new.img');
+  const neu = seededBytes(SIZE, 46);
+  await writeFile(src, neu);
+  const index = join(dir, 'stacked.blkidx');
+  const args = [src, dev, '--index', index, '--verify-sample', '2'];
+  await copyJson(args);
+  assert.equal((await copyJson(args)).index?.mode, 'used');
+  return { dev, src, neu, args };
+}
+
+test('F16: a loop device over a loop device written through another node of it is not vouched for', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const file = join(dir, 'base.img');
+  await writeFile(file, seededBytes(SIZE, 47));
+  const under = await attachLoop(t, file);
+  const s = await loopOverDevice(t, under, dir);
+  // a second node of the same device (as in a chroot or a container): /dev/loopN's own
+  // timestamps do not move, only the device's write counter does
+  const node = join(dir, 'node');
+  const { stdout } = await run('stat', ['-c', '%Hr %Lr', under]);
+  await run('mknod', [node, 'b', ...stdout.trim().split(' ')]);
+  poke(node, TAMPERED);
+  await refusedStale(s.args, /backing (file|device) of the loop device .* was changed/);
+});
+
+test('F17: a loop device over a partition written through its whole disk is not vouched for', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'sfdisk', 'fdisk'))) return;
+  const dir = await tempDir(t);
+  const { disk, part } = await partitionedLoop(t, join(dir, 'disk.img'), 64 * MIB);
+  const s = await loopOverDevice(t, part, dir);
+  // the partition starts at 1 MiB: this is inside it, written through the disk
+  poke(disk, MIB + TAMPERED);
+  await refusedStale(s.args, /backing (file|device) of the loop device .* was changed/);
+  // --index auto reads and compares, and puts the block back
+  const env = { XDG_CACHE_HOME: dir };
+  const auto = [s.src, s.dev, '--index', 'auto', '--verify-sample', '2'];
+  await copyJson(auto, env);
+  poke(disk, MIB + TAMPERED);
+  // the disk's page cache is not the partition's: drop what the partition and the loop
+  // device cache, or the compare reads the old bytes from memory
+  for (const d of [part, s.dev]) await run('blockdev', ['--flushbufs', d]);
+  const r = await copyJson(auto, env);
+  assert.equal(r.index?.mode, 'rebuilt');
+  assert.equal(r.bytesWritten, 4096);
+  assert.deepEqual(await readDevice(s.dev, SIZE), s.neu);
 });
 
 test('F4: a discard is counted: the index is not vouched for after blkdiscard', async (t) => {
@@ -155,6 +248,42 @@ test('F5: a write left dirty in the page cache before the copy is counted before
   await refusedStale(s.args, /sectors were written to .* unaccounted for/);
   closeSync(fd);
   closed = true;
+});
+
+test('F6: a file written right after copy --index, in the same second of a coarse-timestamp file system, is not vouched for', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mkfs.ext4', 'e2fsprogs'))) return;
+  const dir = await tempDir(t);
+  const fs = join(dir, 'fs.img');
+  await writeFile(fs, Buffer.alloc(0));
+  await run('truncate', ['-s', String(64 * MIB), fs]);
+  // 128-byte inodes keep whole-second timestamps: a ctime cannot tell two writes in a second apart
+  await run('mkfs.ext4', ['-q', '-F', '-I', '128', await attachLoop(t, fs)]);
+  const mnt = await mountLoop(t, await attachLoop(t, fs));
+  const size = 4 * MIB;
+  const src = join(mnt, 'src.img');
+  const dst = join(mnt, 'dst.img');
+  const neu = seededBytes(size, 48);
+  await writeFile(src, neu);
+  await writeFile(dst, seededBytes(size, 49));
+  const index = join(dir, 'dst.blkidx');
+  const args = [src, dst, '--index', index, '--verify-sample', '2'];
+  await copyJson(args);
+  // at once: in the second of the copy's last write, unless the copy waited it out
+  poke(dst, MIB + 8192);
+  await refusedStale(args, /was (modified|changed) after the index was written/);
+
+  // blksync index of a file written just before, then written again just after
+  const made = join(mnt, 'made.img');
+  const madeIndex = join(dir, 'made.blkidx');
+  while (Date.now() % 1000 > 100) await new Promise((resolve) => setTimeout(resolve, 10));
+  await writeFile(made, neu);
+  const ix = await runCli(['index', made, '-o', madeIndex]);
+  assert.equal(ix.code, 0, ix.stderr);
+  poke(made, MIB + 8192);
+  await refusedStale(
+    [src, made, '--index', madeIndex, '--verify-sample', '2'],
+    /was (modified|changed) after the index was written/,
+  );
 });
 
 test('F7: a file written by another process during copy --index: the index vouches for none of it, with a coded warning', async (t) => {

@@ -32,6 +32,7 @@ import {
 import { decompressPayload } from '../formats/patch-compression.js';
 import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
 import { destinationSink } from '../io/destination-sink.js';
+import { dropDeviceCaches } from '../io/device-cache.js';
 import type { FileSink } from '../io/file-sink.js';
 import { destinationTooSmall, openTarget, sameFile, type Opened } from '../io/open.js';
 import { SequentialReader } from '../io/stream-source.js';
@@ -109,6 +110,8 @@ interface Step {
   toPayload: number;
   toData: Buffer | undefined;
   state: State;
+  /** A mismatch whose first bytes (whole blocks, not all) hold the new content: a write cut short. */
+  newPrefix?: number;
 }
 
 function stepOf(rec: PatchRecord, reverse: boolean): Step {
@@ -173,6 +176,31 @@ function contentOf(s: Step, header: PatchHeader, payload: Buffer, edges: Buffer)
 }
 
 /**
+ * The bytes at the start of the record (whole blocks) that TARGET already holds of its new
+ * content, when that is some but not all of it: what an apply killed inside the record's
+ * write leaves (the rest still old). 0 otherwise, or when the payload cannot be read.
+ */
+async function newPrefixOf(
+  s: Step,
+  header: PatchHeader,
+  patch: FileHandle | undefined,
+  target: Buffer,
+): Promise<number> {
+  if (s.toData === undefined && patch === undefined) return 0;
+  const payload = await payloadOf(s, header, patch).catch(() => undefined);
+  if (payload === undefined) return 0;
+  const bs = header.blockSize;
+  const data = withEdges(payload, target, s.head, s.tail, s.toBytes);
+  let n = 0;
+  while (n < s.toBytes) {
+    const end = Math.min(n + bs, s.toBytes);
+    if (data.compare(target, n, end, n, end) !== 0) break;
+    n = end;
+  }
+  return n < s.toBytes ? n : 0;
+}
+
+/**
  * The records' states on TARGET, a few reads in flight; for records to write whose payload
  * leaves out shared edges, also checks the content they will make. Returns the bytes read.
  */
@@ -211,7 +239,10 @@ async function classify(
       ) {
         s.state = 'ready';
         if (s.head > 0 || s.tail > 0) contentOf(s, header, await payloadOf(s, header, patch), buf);
-      } else s.state = 'mismatch';
+      } else {
+        s.state = 'mismatch';
+        if (got >= s.toBytes) s.newPrefix = await newPrefixOf(s, header, patch, buf);
+      }
     }
   };
   await Promise.all(Array.from({ length: CHECK_DEPTH }, worker));
@@ -305,10 +336,15 @@ function mismatchError(
     result.recordsWritten > 0
       ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
       : '; nothing was written';
+  // every mismatch begins with its new content: a write cut short (kill -9, a crash) inside it
+  const torn = bad.every((s) => (s.newPrefix ?? 0) > 0);
+  const advice = torn
+    ? `; ${bad.length === 1 ? 'it begins' : 'each begins'} with the patch's new content (first ${bad[0]!.newPrefix} bytes) and has other bytes after, as an apply killed while writing leaves it: if that is what happened, rerun with --force to finish`
+    : '; check TARGET, or use --force to write anyway';
   return new BlksyncError(
     'EBASE_MISMATCH',
     `${target} is not ${what}: ${bad.length} of ${steps.length} records find other content ` +
-      `(first at offset ${first.offset})${applied}; check TARGET, or use --force to write anyway`,
+      `(first at offset ${first.offset})${applied}${advice}`,
     { path: target, partial: result },
   );
 }
@@ -387,20 +423,28 @@ export async function apply(
   const started = performance.now();
   const reverse = options.reverse === true;
   const dryRun = options.dryRun === true;
-  const streamed = typeof patch !== 'string';
   const patchName = typeof patch === 'string' ? patch : '-';
   options.signal?.throwIfAborted();
 
   let patchFh: FileHandle | undefined;
+  /** A patch named by a path that is no regular file (a FIFO, /dev/stdin): read once, as stdin. */
+  let pipeFh: FileHandle | undefined;
   if (typeof patch === 'string') {
     try {
       patchFh = await open(patch, 'r');
+      if (!(await patchFh.stat()).isFile()) [pipeFh, patchFh] = [patchFh, undefined];
     } catch (err) {
+      await patchFh?.close();
       throw fromSystemError('ESRC_OPEN', 'cannot open the patch', patch, err);
     }
   }
+  const streamed = patchFh === undefined;
   const input =
-    typeof patch === 'string' ? SequentialReader.fromFile(patch) : new SequentialReader(patch, '-');
+    typeof patch !== 'string'
+      ? new SequentialReader(patch, '-')
+      : pipeFh !== undefined
+        ? new SequentialReader(pipeFh.createReadStream({ autoClose: false }), patch)
+        : SequentialReader.fromFile(patch);
   const reader = new PatchReader(input);
   let t: Opened | undefined;
   let sink: FileSink | undefined;
@@ -423,6 +467,8 @@ export async function apply(
       );
     }
     t = found;
+    // what TARGET's cache (or a device's under it) holds may be older than the device
+    if (t.kind === 'block-device') await dropDeviceCaches(t.fh.fd, t.stats.rdev);
     if (patchFh !== undefined && sameFile(await patchFh.stat(), t.stats)) {
       throw new BlksyncError('ESAME_FILE', `${patchName} and ${target} are the same file`, {
         path: target,
@@ -540,5 +586,6 @@ export async function apply(
     input.close();
     await t?.fh.close();
     await patchFh?.close();
+    await pipeFh?.close();
   }
 }

@@ -10,6 +10,7 @@
 import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
+import { dropDeviceCaches } from '../io/device-cache.js';
 import { assertSeparateOutput, inputOf, openTarget, type Opened } from '../io/open.js';
 import {
   prepareDestination,
@@ -84,6 +85,8 @@ export async function copyLocal(
     }
     prepared = await prepareDestination(found, source.size, dryRun);
     target = prepared.target;
+    // what DST's cache (or a device's under it) holds may be older than the device: read anew
+    if (target?.kind === 'block-device') await dropDeviceCaches(target.fh.fd, target.stats.rdev);
     const { created, zero: fresh } = prepared;
     let knowledge: TargetKnowledge;
     if (full) knowledge = new NoTarget();

@@ -224,7 +224,19 @@ export function unvouchedSince(
     return `the disk holding the partition ${dst} was written or discarded since the index was written (possibly inside ${dst}, through the whole disk)`;
   }
   if (s.backingFile !== now.backingFile) {
+    if (now.backingFile?.startsWith('blk:') === true) {
+      return `the backing device of the loop device ${dst} was changed since the index was written (written through any node of it, its disk or another loop device, or replaced)`;
+    }
     return `the backing file of the loop device ${dst} was changed since the index was written (written directly, through another loop device, or replaced)`;
+  }
+  // a loop device's backing stamp vouches across a re-attach; a disk's counter does not
+  if (
+    now.backingFile === undefined &&
+    s.diskSeq !== undefined &&
+    now.diskSeq !== undefined &&
+    s.diskSeq !== now.diskSeq
+  ) {
+    return `${dst} was detached or re-plugged since the index was written (its diskseq moved), so its write counter, started again, cannot show it unchanged`;
   }
   return undefined;
 }

@@ -338,6 +338,8 @@ export class IndexSession {
 
   async #write(state: IndexState, hashes: Buffer): Promise<void> {
     const dst = this.#o.dst!;
+    // a write in the same clock tick as this copy's last would leave the ctime stamped
+    await this.#ctime?.settle();
     const st = dst.stats.isBlockDevice() ? dst.stats : await stat(dst.path);
     const size = dst.stats.isBlockDevice() ? dst.size : st.size;
     const identity: TargetIdentity = await identityOf(dst.path, st, size);
@@ -351,6 +353,9 @@ export class IndexSession {
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
       if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);
       else this.#report.changedMeanwhile = true;
+    } else if (this.#ctime?.unsettled === true) {
+      // DST's ctime is ahead of this clock: a later write might not move it
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
     }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,

@@ -24,6 +24,7 @@ import {
 import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
 import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
 import type { Compression } from '../io/decompress.js';
+import { settledPast } from '../io/ctime-watch.js';
 import { identityOf, type TargetIdentity } from '../io/identity.js';
 import { assertSeparateOutput } from '../io/open.js';
 import { checkOutput } from '../io/output-file.js';
@@ -189,6 +190,15 @@ export async function makeIndex(
     // it meanwhile; what writes it without a claim (dd) moves its write counter, checked below
     if (source.file?.kind === 'block-device') claim = await claimDevice(src);
     const before = source.file !== undefined ? await sourceIdentity(src, source) : undefined;
+    // a write in the clock tick of the ctime recorded would leave it as recorded: the file is
+    // read (and its stamp vouches) only once that tick is over
+    if (before?.ctimeNs !== undefined && !(await settledPast(BigInt(before.ctimeNs)))) {
+      throw new BlksyncError(
+        'ESRC_CHANGED',
+        `${src} has a ctime ahead of this machine's clock, so nothing would show a later change to it; no index was written. Check the clock (or the file server's), then run again`,
+        { path: src },
+      );
+    }
     if (output === 'auto' && source.file === undefined) {
       throw new BlksyncError(
         'EUSAGE',

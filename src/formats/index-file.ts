@@ -282,6 +282,7 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
     (o.diskSectorsWritten !== undefined && !isString(o.diskSectorsWritten)) ||
     (o.diskSectorsDiscarded !== undefined && !isString(o.diskSectorsDiscarded)) ||
     (o.backingFile !== undefined && !isString(o.backingFile)) ||
+    (o.diskSeq !== undefined && !isString(o.diskSeq)) ||
     (o.stackedOn !== undefined && !isString(o.stackedOn)) ||
     (o.model !== undefined && !isString(o.model)) ||
     (o.path !== undefined && !isString(o.path))
@@ -297,6 +298,7 @@ function parseIdentity(bytes: Buffer, path: string): TargetIdentity {
   if (o.diskSectorsWritten !== undefined) id.diskSectorsWritten = o.diskSectorsWritten;
   if (o.diskSectorsDiscarded !== undefined) id.diskSectorsDiscarded = o.diskSectorsDiscarded;
   if (o.backingFile !== undefined) id.backingFile = o.backingFile;
+  if (o.diskSeq !== undefined) id.diskSeq = o.diskSeq;
   if (o.stackedOn !== undefined) id.stackedOn = o.stackedOn;
   if (o.model !== undefined) id.model = o.model;
   if (o.path !== undefined) id.path = o.path;

@@ -3,8 +3,8 @@
  *
  * A block device is known by the most stable name Linux offers, in this order: the WWN or
  * serial that udev recorded (/run/udev/data/bMAJ:MIN), the kernel's wwid and serial in sysfs,
- * a /dev/disk/by-id link, a loop device's backing file, and last the bare MAJ:MIN (weak: it
- * names a slot, not a disk). A partition adds its number to its disk's name. A regular file
+ * a /dev/disk/by-id link, a loop device's backing file (and its offset in it, when not 0),
+ * and last the bare MAJ:MIN (weak: it names a slot, not a disk). A partition adds its number to its disk's name. A regular file
  * is known by its device and inode.
  *
  * Beside the name, what vouches that the content has not changed since (see
@@ -43,9 +43,17 @@ export interface TargetIdentity {
   /**
    * For a loop device: its backing file's "dev:ino:size:ctimeNs:mtimeNs" and the device's
    * "offset:sizelimit" (a write to the file, or through another loop device on it, moves the
-   * file's ctime and not this device's counter); "unknown" when the file cannot be stat'ed.
+   * file's ctime and not this device's counter); over a block device (a partition, another
+   * loop device) that device's write counters and its own chain instead; "unknown" when any
+   * of it cannot be read.
    */
   backingFile?: string;
+  /**
+   * For a block device: its disk's diskseq (/sys/block/DISK/diskseq, kernels >= 5.15), a new
+   * number at every attach or replug: the write counter starts again then, and may happen to
+   * come back to the count recorded (0 after a copy that wrote nothing).
+   */
+  diskSeq?: string;
   /** For a stacked device (device mapper, md): the devices under it, whose writes it does not count. */
   stackedOn?: string;
   /** Human hints shown by `blksync info`; not compared. */
@@ -115,7 +123,12 @@ async function diskKey(
   const link = await byIdLink(devPath);
   if (link !== undefined) return { key: link, model };
   const backing = await readText(`${sys}/loop/backing_file`);
-  if (backing !== undefined) return { key: `loop:${backing}`, model };
+  if (backing !== undefined) {
+    // two loop devices on one file at other offsets are other disks (and other cache entries)
+    const offset = await readText(`${sys}/loop/offset`);
+    const at = offset === undefined || offset === '0' ? '' : `@${offset}`;
+    return { key: `loop:${backing}${at}`, model };
+  }
   return { key: undefined, model };
 }
 
@@ -175,6 +188,8 @@ export async function identityOf(
   const slaves = [...(await slavesOf(sys)), ...(disk !== undefined ? await slavesOf(disk) : [])];
   const backingFile =
     (await loopBacking(sys)) ?? (disk !== undefined ? await loopBacking(disk) : undefined);
+  const seq = await readText(`${disk ?? sys}/diskseq`);
+  const diskSeq = seq !== undefined && /^\d+$/.test(seq) ? seq : undefined;
   return {
     kind: 'block-device',
     size,
@@ -182,17 +197,22 @@ export async function identityOf(
     weak: found.key === undefined,
     ...(stamp !== undefined ? stamp : {}),
     ...(backingFile !== undefined ? { backingFile } : {}),
+    ...(diskSeq !== undefined ? { diskSeq } : {}),
     ...(slaves.length > 0 ? { stackedOn: slaves.join(',') } : {}),
     ...(found.model !== undefined ? { model: found.model } : {}),
     ...(devPath !== undefined ? { path: devPath } : {}),
   };
 }
 
+/** Devices stacked under a loop device followed at most this deep (a loop over a loop …). */
+const MAX_BACKING_DEPTH = 8;
+
 /**
- * A loop device's backing file stamp ("dev:ino:size:ctimeNs:mtimeNs offset:sizelimit"), or
- * "unknown" when it cannot be read; undefined for a device that is not a loop device.
+ * A loop device's backing stamp ("dev:ino:size:ctimeNs:mtimeNs offset:sizelimit" for a file,
+ * the backing device's own stamp for a block device), or "unknown" when it cannot be read;
+ * undefined for a device that is not a loop device.
  */
-async function loopBacking(sys: string): Promise<string | undefined> {
+async function loopBacking(sys: string, depth = 0): Promise<string | undefined> {
   const file = await readText(`${sys}/loop/backing_file`);
   if (file === undefined) {
     return (await readText(`${sys}/loop/offset`)) === undefined ? undefined : 'unknown';
@@ -201,7 +221,43 @@ async function loopBacking(sys: string): Promise<string | undefined> {
   const limit = (await readText(`${sys}/loop/sizelimit`)) ?? '?';
   const st = await stat(file, { bigint: true }).catch(() => undefined);
   if (st === undefined) return 'unknown';
+  if (st.isBlockDevice()) {
+    // a write to that device (through any node of it, a partition's disk, a file system on
+    // it) moves its write counter, not this device's nor the node's timestamps
+    const under = await backingDeviceStamp(Number(st.rdev), depth + 1);
+    return under === undefined ? 'unknown' : `${under} ${offset}:${limit}`;
+  }
   return `${st.dev}:${st.ino}:${st.size}:${st.ctimeNs}:${st.mtimeNs} ${offset}:${limit}`;
+}
+
+/**
+ * What vouches for a block device under a loop device, all of its chain included: its write
+ * and discard counts (and its disk's for a partition) and, for a loop device, its own backing
+ * stamp; undefined when any of it is unknown or the device is stacked (device mapper, md).
+ */
+async function backingDeviceStamp(rdev: number, depth: number): Promise<string | undefined> {
+  if (depth > MAX_BACKING_DEPTH) return undefined;
+  const stamp = await writeStamp(rdev);
+  if (stamp === undefined) return undefined;
+  const sys = `/sys/dev/block/${devId(rdev)}`;
+  const partition = await readText(`${sys}/partition`);
+  const disk =
+    partition === undefined ? undefined : join(await realpath(sys).catch(() => sys), '..');
+  const slavesOf = (dir: string) => readdir(`${dir}/slaves`).catch(() => [] as string[]);
+  const slaves = [...(await slavesOf(sys)), ...(disk !== undefined ? await slavesOf(disk) : [])];
+  if (slaves.length > 0) return undefined;
+  const backing =
+    (await loopBacking(sys, depth)) ??
+    (disk !== undefined ? await loopBacking(disk, depth) : undefined);
+  if (backing === 'unknown') return undefined;
+  const counts = [
+    stamp.sectorsWritten,
+    stamp.sectorsDiscarded,
+    stamp.diskSectorsWritten,
+    stamp.diskSectorsDiscarded,
+  ].map((c) => c ?? '-');
+  const under = backing === undefined ? '' : ` (${backing})`;
+  return `blk:${devId(rdev)}:${stamp.bootId}:${counts.join(':')}${under}`;
 }
 
 /** Why two identities are not the same target, or undefined when they are. */

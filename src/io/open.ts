@@ -20,6 +20,7 @@ import {
   wholeDiskId,
   wholeDiskIdSync,
 } from './block-device.js';
+import { lockForWriting } from './file-lock.js';
 import { mountsOf, swapsOf } from './mounts.js';
 
 export type FileKind = 'file' | 'block-device';
@@ -246,10 +247,13 @@ export async function openTarget(path: string, options: OpenTargetOptions): Prom
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
   try {
+    // a second blksync writing the same file refuses instead of mixing its writes in
+    if (!options.readOnly && kind === 'file') lockForWriting(fh, path);
     const stats = await fh.stat();
     return { path, fh, kind, size: await sizeOf(stats), stats };
   } catch (err) {
     await fh.close();
+    if (err instanceof BlksyncError) throw err;
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
 }
@@ -305,6 +309,13 @@ export async function createTarget(path: string, size: number): Promise<Opened> 
     fh = await open(path, 'wx+');
   } catch (err) {
     throw fromSystemError('EDEST_OPEN', 'cannot create destination', path, err);
+  }
+  try {
+    lockForWriting(fh, path);
+  } catch (err) {
+    // another blksync opened it between its creation and this lock: it is that one's now
+    await fh.close();
+    throw err;
   }
   try {
     await fh.truncate(size);

@@ -398,6 +398,8 @@ export class AgentIndex {
 
   async #write(state: IndexState): Promise<void> {
     const d = this.#dst;
+    // a write in the same clock tick as this run's last would leave the ctime stamped
+    await this.#ctime?.settle();
     const st = await d.fh!.stat();
     const identity: TargetIdentity = await identityOf(
       d.path,
@@ -412,6 +414,9 @@ export class AgentIndex {
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
       if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);
       else this.#report.changedMeanwhile = true;
+    } else if (this.#ctime?.unsettled === true) {
+      // DST's ctime is ahead of this clock: a later write might not move it
+      state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
     }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,

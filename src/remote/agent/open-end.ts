@@ -21,6 +21,7 @@ import { prepareDestination } from '../../io/prepare-destination.js';
 import { AgentIndex } from '../agent-index.js';
 import { Compressor, DEFLATE_RAW } from '../compress.js';
 import { FrameType, jsonFrame, PROTOCOL_VERSION, type Hello, type Ready } from '../protocol.js';
+import { lockAgentTarget } from './dest-lock.js';
 import { DirectCopy } from './direct-copy.js';
 import { KeptSourceIndex } from './kept-source-index.js';
 import { parseHello } from './hello-check.js';
@@ -120,6 +121,13 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
   const { created, zero } = prepared;
   const fh = prepared.target?.fh;
   const kind = prepared.target?.kind ?? 'file';
+  // a block device is claimed by O_EXCL; a file by the lock a local blksync takes too
+  if (!dryRun && fh !== undefined && kind === 'file') {
+    await lockAgentTarget(fh.fd, h.path).catch(async (err: unknown) => {
+      await fh.close();
+      throw err;
+    });
+  }
   // what READY reports as DST's size: past the image only where DST was larger
   const have = size + prepared.extraBytes;
   s.opened = {

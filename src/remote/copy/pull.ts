@@ -23,6 +23,7 @@ import { dataRangesOf } from '../../engine/sparse-plan.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
 import { WrittenSink } from '../../engine/written-log.js';
 import { destinationSink } from '../../io/destination-sink.js';
+import { dropDeviceCaches } from '../../io/device-cache.js';
 import type { FileSink } from '../../io/file-sink.js';
 import { FileSource } from '../../io/file-source.js';
 import {
@@ -244,6 +245,10 @@ class Pull {
     const dst = this.#dst;
     const found = await openTarget(dst, { readOnly: dryRun });
     this.#found = found;
+    // what DST's cache (or a device's under it) holds may be older than the device: read anew
+    if (found.fh !== undefined && found.kind === 'block-device') {
+      await dropDeviceCaches(found.fh.fd, found.stats.rdev);
+    }
     if (found.fh !== undefined) this.#target = found;
     const target = this.#target;
     const topBlock =
