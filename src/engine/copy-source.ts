@@ -441,6 +441,7 @@ async function openFound(
       opened,
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
+      holdWrites: bmapped?.holdWrites,
       wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
         await closeAll();
@@ -465,6 +466,8 @@ export interface BmapSourcing {
   checksums: CopySource['checksums'];
   /** See CopySource.wrapFileSink. */
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
+  /** See CopySource.holdWrites. */
+  holdWrites: (() => (sink: Sink) => Sink) | undefined;
   adviseTarget(fd: number): void;
   /** Closes the VerifyingSource (its workers and the inner source). */
   close(): Promise<void>;
@@ -513,6 +516,7 @@ export async function bmapSourcing(
     report,
     checksums,
     adviseTarget: (fd) => lib.adviseNoReadahead(fd),
+    holdWrites: verifying !== undefined ? () => verifying.holdWrites() : undefined,
     wrapFileSink: (sink, fh, path) => {
       const unmapped: { start: number; end: number }[] = [];
       let at = 0;
