@@ -21,6 +21,7 @@ import { ensureRealisticPair } from '../realistic.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   measure,
   renderTable,
@@ -67,6 +68,7 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
       `× ${reference.label}`,
       'cpu s',
       `cpu × ${reference.label}`,
+      'peak RSS',
       'wchar',
       'command',
     ],
@@ -79,11 +81,12 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
         (s.median / ref).toFixed(2),
         cpu.toFixed(3),
         (cpu / refCpu).toFixed(2),
+        formatRss(r.peakRss),
         formatBytes(summarize(r.io.map((io) => io.wchar)).median),
         r.command,
       ];
     }),
-    ['left', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
 }
 
