@@ -395,37 +395,41 @@ describe('VerifyingSource', () => {
     return { writes, run, finish: () => held.finish() };
   }
 
-  it('reads a large range once, hashed on a worker chunk by chunk, writes held until it passed', async () => {
-    const ranges = [{ start: 0, end: 65536, checksum: sum(0, 65536), label: 'blocks 0-15' }];
-    const inner = bufferSource(data);
-    let bytesRead = 0;
-    const counting: Source = {
-      ...inner,
-      read: (buf, offset, length) => {
-        bytesRead += length;
-        return inner.read(buf, offset, length);
-      },
-    };
-    const v = new VerifyingSource(counting, ranges, 'sha256', 'img', {
-      maxInMemory: 8192,
-      workerThreads: 1,
-      rereadable: true,
+  for (const workerThreads of [1, 0]) {
+    const where = workerThreads > 0 ? 'on a worker' : 'on this thread';
+    it(`reads a large range once, hashed ${where} chunk by chunk, writes held until it passed`, async () => {
+      const ranges = [{ start: 0, end: 65536, checksum: sum(0, 65536), label: 'blocks 0-15' }];
+      const inner = bufferSource(data);
+      let bytesRead = 0;
+      const counting: Source = {
+        ...inner,
+        read: (buf, offset, length) => {
+          bytesRead += length;
+          return inner.read(buf, offset, length);
+        },
+      };
+      const v = new VerifyingSource(counting, ranges, 'sha256', 'img', {
+        maxInMemory: 8192,
+        workerThreads,
+        rereadable: true,
+      });
+      try {
+        // 8 KiB of held data kept: the rest of the range is read again after it passed
+        const { writes, run, finish } = copyThrough(v, 8192);
+        await run;
+        await finish();
+        assert.equal(v.verified, 1);
+        const out = Buffer.alloc(data.length);
+        for (const w of writes) w.data.copy(out, w.offset);
+        assert.ok(out.equals(data));
+        // read once, plus the held writes whose data was not kept (at most the range less the
+        // 8 KiB kept; fewer when the range passed before the pipeline reached its last chunks)
+        assert.ok(bytesRead > 65536 && bytesRead <= 65536 + 65536 - 8192, String(bytesRead));
+      } finally {
+        await v.close();
+      }
     });
-    try {
-      // 8 KiB of held data kept: the rest of the range is read again after it passed
-      const { writes, run, finish } = copyThrough(v, 8192);
-      await run;
-      await finish();
-      assert.equal(v.verified, 1);
-      const out = Buffer.alloc(data.length);
-      for (const w of writes) w.data.copy(out, w.offset);
-      assert.ok(out.equals(data));
-      // read once, plus the held writes not kept (the last chunk's came after the check)
-      assert.equal(bytesRead, 65536 + (65536 - 8192 - 4096));
-    } finally {
-      await v.close();
-    }
-  });
+  }
 
   it('writes nothing of a large range read once whose checksum fails', async () => {
     const ranges = [

@@ -440,6 +440,19 @@ export class VerifyingSource implements Source {
     cur.next = offset + length;
     const before = cur.chain;
     const mine = (async () => {
+      if (cur.worker === undefined) {
+        // hashed here, from the pipeline's own buffer: no copy into shared memory
+        const got = await this.#inner.read(buf, offset, length);
+        await before; // the hash takes the chunks in order
+        if (got < length) return got; // short source: the pipeline reports it
+        cur.hash.update(buf.subarray(0, got));
+        if (offset + length === cur.range.end) {
+          const computed = cur.hash.digest('hex');
+          this.#outcome.set(cur.range, computed === cur.range.checksum);
+          this.#check(cur.range, computed, true);
+        }
+        return got;
+      }
       const slot = await this.#stage(length);
       let fed = false;
       try {
@@ -447,18 +460,14 @@ export class VerifyingSource implements Source {
         slot.copy(buf, 0, 0, got);
         await before; // the hash takes the chunks in order
         if (got < length) return got; // short source: the pipeline reports it
-        if (cur.worker !== undefined) {
-          void cur.worker
-            .update(cur.stream, this.#algorithm, slot)
-            .catch(() => {}) // a dead worker fails the range's final digest
-            .finally(() => this.#unstage(slot));
-          fed = true;
-        } else cur.hash.update(slot);
+        const worker = cur.worker;
+        void worker
+          .update(cur.stream, this.#algorithm, slot)
+          .catch(() => {}) // a dead worker fails the range's final digest
+          .finally(() => this.#unstage(slot));
+        fed = true;
         if (offset + length === cur.range.end) {
-          const computed =
-            cur.worker !== undefined
-              ? await cur.worker.final(cur.stream, this.#algorithm)
-              : cur.hash.digest('hex');
+          const computed = await worker.final(cur.stream, this.#algorithm);
           this.#outcome.set(cur.range, computed === cur.range.checksum);
           this.#check(cur.range, computed, true);
         }
