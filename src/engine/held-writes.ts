@@ -18,7 +18,9 @@ import { BlksyncError } from '../errors.js';
 import type { Sink } from '../types.js';
 
 /** Bytes of held data kept in memory; beyond it, held writes are read again from SRC. */
-export const MAX_HELD_BYTES = 32 * 1024 * 1024;
+export const MAX_HELD_BYTES = 8 * 1024 * 1024;
+/** Neighbouring held writes read again from SRC are read and written in pieces of this size. */
+const REREAD_BYTES = 4 * 1024 * 1024;
 
 /** `free`: outside any range whose writes are held. */
 export type HeldState = 'free' | 'pending' | 'ok' | 'failed';
@@ -41,6 +43,8 @@ export class HeldWritesSink implements Sink {
   readonly #maxHeld: number;
   readonly #held: Held[] = [];
   #heldBytes = 0;
+  /** Two buffers for rereads: one written while the next piece is read. */
+  #rereadBuffers: Buffer[] = [];
 
   constructor(inner: Sink, gate: WriteGate, maxHeld = MAX_HELD_BYTES) {
     this.#inner = inner;
@@ -66,27 +70,63 @@ export class HeldWritesSink implements Sink {
   }
 
   async #flush(): Promise<void> {
-    for (;;) {
-      const h = this.#held[0];
-      if (h === undefined) return;
-      const state = this.#gate.stateAt(h.offset);
-      if (state === 'pending') return;
-      this.#held.shift();
-      if (h.data !== undefined) this.#heldBytes -= h.length;
-      if (state === 'failed') continue;
-      let data = h.data;
-      if (data === undefined) {
-        data = Buffer.allocUnsafe(h.length);
-        const got = await this.#gate.reread(data, h.offset, h.length);
-        if (got < h.length) {
-          throw new BlksyncError(
-            'ESRC_SHORT',
-            `source ended at ${h.offset + got} bytes while being copied; was it truncated? Rerun the copy`,
-          );
+    // a piece read again from SRC is written while the next one is read
+    let writing: Promise<void> = Promise.resolve();
+    try {
+      for (;;) {
+        const h = this.#held[0];
+        if (h === undefined) return;
+        const state = this.#gate.stateAt(h.offset);
+        if (state === 'pending') return;
+        this.#held.shift();
+        if (h.data !== undefined) this.#heldBytes -= h.length;
+        if (state === 'failed') continue;
+        if (h.data !== undefined) {
+          await writing;
+          writing = this.#inner.write(h.data, h.offset);
+          continue;
         }
+        // neighbours not kept, in a range that passed: one read of up to REREAD_BYTES
+        let end = h.offset + h.length;
+        for (;;) {
+          const n = this.#held[0];
+          if (
+            n === undefined ||
+            n.data !== undefined ||
+            n.offset !== end ||
+            end - h.offset + n.length > REREAD_BYTES ||
+            this.#gate.stateAt(n.offset) !== 'ok'
+          ) {
+            break;
+          }
+          this.#held.shift();
+          end += n.length;
+        }
+        const piece = await this.#reread(h.offset, end - h.offset);
+        await writing;
+        writing = this.#inner.write(piece, h.offset);
       }
-      await this.#inner.write(data, h.offset);
+    } finally {
+      await writing;
     }
+  }
+
+  /** Reads SRC[offset, offset + length) again, into one of two buffers used in turn. */
+  async #reread(offset: number, length: number): Promise<Buffer> {
+    while (this.#rereadBuffers.length < 2)
+      this.#rereadBuffers.push(Buffer.allocUnsafe(REREAD_BYTES));
+    let buf = this.#rereadBuffers.shift()!;
+    if (buf.length < length) buf = Buffer.allocUnsafe(length);
+    this.#rereadBuffers.push(buf); // reused two reads later, once its write is done
+    const piece = buf.subarray(0, length);
+    const got = await this.#gate.reread(piece, offset, length);
+    if (got < length) {
+      throw new BlksyncError(
+        'ESRC_SHORT',
+        `source ended at ${offset + got} bytes while being copied; was it truncated? Rerun the copy`,
+      );
+    }
+    return piece;
   }
 
   async finish(): Promise<void> {
