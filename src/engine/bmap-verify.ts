@@ -200,8 +200,9 @@ interface Prechecked {
 
 /**
  * A large range read once (holdWrites): each chunk is copied into shared memory and hashed
- * on a worker as it goes to the pipeline; the writes into the range are held until its
- * last chunk's read has checked the checksum.
+ * on a worker as it goes to the pipeline (without workers, hashed here from the pipeline's
+ * buffer); the writes into the range are held until its last chunk's read has checked the
+ * checksum.
  */
 interface Gated {
   kind: 'gated';
