@@ -6,13 +6,23 @@
  * is what the command and all its children did. Wall time comes from bash's $EPOCHREALTIME
  * around the command, so bash's own start-up is not counted.
  *
+ * Peak RSS comes from GNU time (`/usr/bin/time`, apt package `time`) run around that bash: the
+ * largest resident set any one process of the command reached (the kernel's ru_maxrss of the
+ * reaped children; worker threads count with their process, an ssh peer's processes do not).
+ *
  * write_bytes counts page-cache bytes when they become dirty (on this kernel, whole large
  * folios, e.g. 64 KiB for a 4 KiB write), so the file a command writes must be clean first:
  * `freshCopy` fsyncs it. wchar counts bytes passed to write(2), pipes included.
  */
 
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { copyFile, open, readFile, rm } from 'node:fs/promises';
+
+/** GNU time, for peak RSS; without it the RSS columns say "?". */
+const GNU_TIME = '/usr/bin/time';
+const HAVE_GNU_TIME = existsSync(GNU_TIME);
+const RSS_TAG = '@bench-peak-rss-kib ';
 
 export interface IoCounters {
   /** Bytes passed to read(2) and friends, from any file or pipe. */
@@ -33,6 +43,11 @@ export interface Measurement {
   stdout: string;
   stderr: string;
   io: IoCounters;
+  /**
+   * Peak resident set of the largest process of the command, in bytes (NaN when unknown;
+   * for a library call, the whole bench process's peak so far).
+   */
+  peakRss: number;
 }
 
 /** Quotes one word for bash. */
@@ -79,7 +94,12 @@ export async function measure(command: string, cwd?: string): Promise<Measuremen
     'cat /proc/$$/io >&3',
     'exit $s',
   ].join('\n');
-  const child = spawn('bash', ['-c', script], {
+  // GNU time reports the children's peak RSS as the last line of stderr, after bash ended
+  // (node's stdio pipes are sockets, which /proc/self/fd/N cannot reopen for its -o)
+  const [program, args] = HAVE_GNU_TIME
+    ? [GNU_TIME, ['-f', RSS_TAG + '%M', 'bash', '-c', script]]
+    : ['bash', ['-c', script]];
+  const child = spawn(program, args, {
     cwd,
     env: { ...process.env, LC_ALL: 'C' },
     stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
@@ -92,7 +112,7 @@ export async function measure(command: string, cwd?: string): Promise<Measuremen
       stream?.on('end', () => resolve(Buffer.concat(parts).toString()));
       if (stream === null) resolve('');
     });
-  const [stdout, stderr, report, status] = await Promise.all([
+  const [stdout, stderrAndRss, report, status] = await Promise.all([
     collect(child.stdout),
     collect(child.stderr),
     collect(child.stdio[3] as NodeJS.ReadableStream | null),
@@ -106,17 +126,26 @@ export async function measure(command: string, cwd?: string): Promise<Measuremen
   const c0 = childrenCpu(report, '@c0');
   const c1 = childrenCpu(report, '@c1');
   const [before, after] = report.split('@io');
+  // GNU time's lines end stderr: "Command exited with non-zero status N" (for one that
+  // failed), then the RSS; they are not the command's
+  const rss = new RegExp(
+    `(?:^Command (?:exited with non-zero status|terminated by signal) \\d+\n)?^${RSS_TAG}(\\d+)\n?$(?![^]*\n${RSS_TAG})`,
+    'm',
+  ).exec(stderrAndRss);
+  const stderr = rss !== null ? stderrAndRss.slice(0, rss.index) : stderrAndRss;
   if (!t0 || !t1 || c0 === undefined || c1 === undefined || !before || !after) {
     throw new Error(`could not measure ${command}: ${report} ${stderr}`);
   }
   const a = parseIo(before);
   const b = parseIo(after);
+  const rssKib = rss?.[1];
   return {
     seconds: Number(t1[1]) - Number(t0[1]),
     cpuSeconds: c1 - c0,
     status,
     stdout,
     stderr,
+    peakRss: rssKib !== undefined ? Number(rssKib) * 1024 : NaN,
     io: {
       rchar: b.rchar - a.rchar,
       wchar: b.wchar - a.wchar,
@@ -148,6 +177,7 @@ export async function measureCall(call: () => Promise<unknown>): Promise<Measure
     status: 0,
     stdout: '',
     stderr: '',
+    peakRss: process.resourceUsage().maxRSS * 1024,
     io: {
       rchar: b.rchar - a.rchar,
       wchar: b.wchar - a.wchar,
@@ -246,6 +276,12 @@ export function formatBytes(n: number): string {
   return u === 0 ? `${n} B` : `${v.toFixed(2)} ${units[u]}`;
 }
 
+/** The highest of peak RSS figures, in MiB: "112 MiB" ("?" when unknown). */
+export function formatRss(values: readonly number[]): string {
+  const known = values.filter((v) => !Number.isNaN(v));
+  return known.length > 0 ? `${(Math.max(...known) / 1024 ** 2).toFixed(0)} MiB` : '?';
+}
+
 export type Align = 'left' | 'right';
 
 /** A plain-text table; columns are right-aligned unless told otherwise. */
@@ -287,6 +323,8 @@ export interface TrialResult {
   /** Time to fsync the written file after each run (the durability the command skipped). */
   fsyncSeconds: number[];
   io: IoCounters[];
+  /** Peak RSS of each run, bytes (Measurement.peakRss). */
+  peakRss: number[];
 }
 
 /**
@@ -310,6 +348,7 @@ export async function runTrials(
     cpuSeconds: [],
     fsyncSeconds: [],
     io: [],
+    peakRss: [],
   }));
   const width = Math.max(...trials.map((t) => t.label.length));
   for (let r = 1; r <= options.runs; r++) {
@@ -324,9 +363,10 @@ export async function runTrials(
       result.cpuSeconds.push(m.cpuSeconds);
       result.fsyncSeconds.push(synced);
       result.io.push(m.io);
+      result.peakRss.push(m.peakRss);
       options.log(
         `run ${r}/${options.runs}  ${trial.label.padEnd(width)}  ${m.seconds.toFixed(3)} s` +
-          `  cpu ${m.cpuSeconds.toFixed(3)} s` +
+          `  cpu ${m.cpuSeconds.toFixed(3)} s  rss ${formatRss([m.peakRss])}` +
           `  write_bytes ${formatBytes(m.io.writeBytes)}  then fsync ${synced.toFixed(3)} s`,
       );
     }

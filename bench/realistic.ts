@@ -183,6 +183,32 @@ async function countDifferences(a: string, b: string, size: number): Promise<[nu
   return [bytes, blocks];
 }
 
+/** Offsets of the 4 KiB blocks in which two files of `size` bytes differ. */
+export async function differingBlockOffsets(a: string, b: string, size: number): Promise<number[]> {
+  const fa = await open(a, 'r');
+  const fb = await open(b, 'r');
+  const step = 16 * 1024 * 1024;
+  const ba = Buffer.alloc(step);
+  const bb = Buffer.alloc(step);
+  const offsets: number[] = [];
+  try {
+    for (let offset = 0; offset < size; offset += step) {
+      const n = Math.min(step, size - offset);
+      await fa.read(ba, 0, n, offset);
+      await fb.read(bb, 0, n, offset);
+      if (ba.subarray(0, n).equals(bb.subarray(0, n))) continue;
+      for (let s = 0; s < n; s += BLOCK) {
+        const e = Math.min(n, s + BLOCK);
+        if (!ba.subarray(s, e).equals(bb.subarray(s, e))) offsets.push(offset + s);
+      }
+    }
+  } finally {
+    await fa.close();
+    await fb.close();
+  }
+  return offsets;
+}
+
 /** Returns the realistic pair, building it when missing or made by another recipe. */
 export async function ensureRealisticPair(
   log: (line: string) => void = () => {},

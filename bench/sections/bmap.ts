@@ -23,6 +23,7 @@ import { DATA_DIR } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   measure,
   renderTable,
@@ -333,6 +334,7 @@ async function runSection(options: BenchOptions): Promise<void> {
             `${ratio.toFixed(2)}×`,
             `${start === 'empty' ? '≥ 1.0' : '≥ 3.0'} ${goal ? 'met' : 'MISSED'}`,
             `${summarize(results[0]!.cpuSeconds).median.toFixed(2)} / ${summarize(results[1]!.cpuSeconds).median.toFixed(2)}`,
+            `${formatRss(results[0]!.peakRss)} / ${formatRss(results[1]!.peakRss)}`,
             `${formatBytes(summarize(results[0]!.io.map((io) => io.writeBytes)).median)} / ${formatBytes(summarize(results[1]!.io.map((io) => io.writeBytes)).median)}`,
           ]);
           const indexed = results[2];
@@ -348,6 +350,7 @@ async function runSection(options: BenchOptions): Promise<void> {
               `${r.toFixed(2)}×`,
               `≥ 3.0 ${r >= 3.0 ? 'met' : 'MISSED'}`,
               `${summarize(indexed.cpuSeconds).median.toFixed(2)} / ${summarize(results[1]!.cpuSeconds).median.toFixed(2)}`,
+              `${formatRss(indexed.peakRss)} / ${formatRss(results[1]!.peakRss)}`,
               `${formatBytes(summarize(indexed.io.map((io) => io.writeBytes)).median)} / ${formatBytes(summarize(results[1]!.io.map((io) => io.writeBytes)).median)}`,
             ]);
           }
@@ -369,6 +372,7 @@ async function runSection(options: BenchOptions): Promise<void> {
         'speed-up',
         'goal',
         'cpu s (b/bt)',
+        'peak RSS (b/bt)',
         'write_bytes (b/bt)',
       ],
       rows,
@@ -380,6 +384,7 @@ async function runSection(options: BenchOptions): Promise<void> {
       '',
       'blksync s, bmaptool s: wall seconds, median (min–max); speed-up: bmaptool median / blksync median',
       'both tools fsync the destination before exiting; cpu s: user + system of all processes',
+      'peak RSS: the largest resident set of one process (GNU time), the highest of the runs',
       'write_bytes: page-cache bytes dirtied (/proc/PID/io), blksync / bmaptool',
     ].join('\n'),
   );

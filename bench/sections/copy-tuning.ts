@@ -13,6 +13,7 @@ import { ensureImages } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   freshCopy,
   measureCall,
@@ -77,14 +78,19 @@ async function run(options: BenchOptions): Promise<void> {
       (s.median / cmp).toFixed(2),
       (s.median / ddpt).toFixed(2),
       summarize(r.cpuSeconds).median.toFixed(3),
+      // library calls run in the bench process: its peak so far, not the call's
+      REFERENCES.includes(r.label) ? formatRss(r.peakRss) : `(${formatRss(r.peakRss)})`,
       formatBytes(summarize(r.io.map((io) => io.writeBytes)).median),
     ]);
   log(`\nfastest first (load average now ${os.loadavg()[0]!.toFixed(2)})\n`);
   log(
-    renderTable(['', 'median s (min–max)', '× cmp', '× ddpt', 'cpu s', 'write_bytes'], rows, [
-      'left',
-    ]),
+    renderTable(
+      ['', 'median s (min–max)', '× cmp', '× ddpt', 'cpu s', 'peak RSS', 'write_bytes'],
+      rows,
+      ['left'],
+    ),
   );
+  log('peak RSS in parentheses: the bench process itself, which ran the library calls');
 }
 
 export const copyTuningSection: Section = {

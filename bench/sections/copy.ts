@@ -13,6 +13,7 @@ import { ensureImages, type ImagePair } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   freshCopy,
   measure,
@@ -113,6 +114,7 @@ function tableOf(rows: readonly Row[], cmpMedian: number, first: string): string
       'median s (min–max)',
       '× cmp',
       'cpu s',
+      'peak RSS',
       'then fsync s',
       'write_bytes',
       'wchar',
@@ -125,13 +127,14 @@ function tableOf(rows: readonly Row[], cmpMedian: number, first: string): string
         formatSeconds(s),
         (s.median / cmpMedian).toFixed(2),
         summarize(result.cpuSeconds).median.toFixed(3),
+        formatRss(result.peakRss),
         spec.kind !== 'writes' ? '—' : summarize(result.fsyncSeconds).median.toFixed(3),
         formatBytes(summarize(result.io.map((io) => io.writeBytes)).median),
         formatBytes(summarize(result.io.map((io) => io.wchar)).median),
         spec.template,
       ];
     }),
-    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
 }
 

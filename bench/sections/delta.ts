@@ -19,6 +19,7 @@ import { startNginx } from '../../test/helpers/nginx.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   measure,
   renderTable,
   run as runCommand,
@@ -39,6 +40,7 @@ interface Row {
   written: number;
   seconds: number[];
   cpuSeconds: number[];
+  peakRss: number[];
   command: string;
 }
 
@@ -98,6 +100,7 @@ async function run(options: BenchOptions): Promise<void> {
         written: 0,
         seconds: [],
         cpuSeconds: [],
+        peakRss: [],
         command,
       };
       for (let i = 0; i < runs; i++) {
@@ -113,6 +116,7 @@ async function run(options: BenchOptions): Promise<void> {
         row.written = out.bytesWritten ?? 0;
         row.seconds.push(m.seconds);
         row.cpuSeconds.push(m.cpuSeconds);
+        row.peakRss.push(m.peakRss);
         await check(row.written);
       }
       rows.push(row);
@@ -197,6 +201,7 @@ async function run(options: BenchOptions): Promise<void> {
           '× local',
           'cpu s',
           'cpu × local',
+          'peak RSS',
           'command',
         ],
         rows.map((r) => {
@@ -211,10 +216,11 @@ async function run(options: BenchOptions): Promise<void> {
             (s / localMedian).toFixed(2),
             cpu.toFixed(2),
             (cpu / localCpu).toFixed(2),
+            formatRss(r.peakRss),
             r.command,
           ];
         }),
-        ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
+        ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
       ),
     );
     log(

@@ -18,6 +18,7 @@ import { ensureImages, type ImagePair } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   freshCopy,
   measure,
@@ -177,6 +178,7 @@ async function run(options: BenchOptions): Promise<void> {
       formatSeconds(summarize(applied[i]!.seconds)),
       total.toFixed(3),
       (total / blkTotal).toFixed(2),
+      `${formatRss(made[i]!.peakRss)} / ${formatRss(applied[i]!.peakRss)}`,
       String(size),
       `${(((size - changed) / changed) * 100).toFixed(2)}%`,
     ];
@@ -188,6 +190,7 @@ async function run(options: BenchOptions): Promise<void> {
     formatSeconds(summarize(pipe.seconds)),
     median(pipe).toFixed(3),
     (median(pipe) / blkTotal).toFixed(2),
+    `— / ${formatRss(pipe.peakRss)}`,
     '(stream)',
     '',
   ]);
@@ -203,11 +206,12 @@ async function run(options: BenchOptions): Promise<void> {
         'apply s (min–max)',
         'make+apply s',
         '× blksync',
+        'peak RSS (make / apply)',
         'patch bytes',
         'over changed bytes',
       ],
       rows,
-      ['left', 'right', 'right', 'right', 'right', 'right', 'right'],
+      ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
     ),
   );
   log(

@@ -22,6 +22,7 @@ import { startSshd } from '../../test/helpers/sshd.js';
 import { ensureImages } from '../data.js';
 import {
   formatBytes,
+  formatRss,
   measure,
   renderTable,
   run,
@@ -130,6 +131,8 @@ async function runSection(options: BenchOptions): Promise<void> {
         `each; load average ${os.loadavg()[0]!.toFixed(2)}\n`,
     );
     const fanWall: number[] = [];
+    const fanRss: number[] = [];
+    const singleRss: number[] = [];
     const slowestSingle: number[] = [];
     const floor: number[] = [];
     const srcReads: number[] = [];
@@ -147,6 +150,7 @@ async function runSection(options: BenchOptions): Promise<void> {
         if (cmp.status !== 0) throw new Error(`CHECK FAILED: ${t.label} differs: ${cmp.stdout}`);
       }
       fanWall.push(m.seconds);
+      fanRss.push(m.peakRss);
       srcReads.push(after[0]!.read - before[0]!.read);
       targets.forEach((_, i) =>
         writes[i]!.push({
@@ -162,6 +166,7 @@ async function runSection(options: BenchOptions): Promise<void> {
         const one: Measurement = await measure(blksync([t]));
         if (one.status !== 0) throw new Error(`single copy failed: ${one.stderr}`);
         slowest = Math.max(slowest, one.seconds);
+        singleRss.push(one.peakRss);
       }
       slowestSingle.push(slowest);
 
@@ -179,21 +184,29 @@ async function runSection(options: BenchOptions): Promise<void> {
     log('');
     log(
       renderTable(
-        ['', 'median s', '× slowest single', '× parallel cat'],
+        ['', 'median s', '× slowest single', '× parallel cat', 'peak RSS'],
         [
           [
             'fan-out to 4',
             med(fanWall),
             med(fanWall) / med(slowestSingle),
             med(fanWall) / med(floor),
+            formatRss(fanRss),
           ],
-          ['slowest single copy', med(slowestSingle), 1, med(slowestSingle) / med(floor)],
-          ['floor: parallel cat of SRC + 4', med(floor), med(floor) / med(slowestSingle), 1],
-        ].map(([l, s, a, b]) => [
+          [
+            'slowest single copy',
+            med(slowestSingle),
+            1,
+            med(slowestSingle) / med(floor),
+            formatRss(singleRss),
+          ],
+          ['floor: parallel cat of SRC + 4', med(floor), med(floor) / med(slowestSingle), 1, '—'],
+        ].map(([l, s, a, b, rss]) => [
           String(l),
           (s as number).toFixed(3),
           (a as number).toFixed(2),
           (b as number).toFixed(2),
+          String(rss),
         ]),
         ['left'],
       ),
@@ -279,6 +292,8 @@ async function remoteHosts(
       `node ${sh(CLI)} copy --json --ssh ${sh(`ssh -F ${sshd.config}`)} ${sh(src)} ${targets.map((f) => sh(at(f))).join(' ')}`;
     const fanWall: number[] = [];
     const singleWall: number[] = [];
+    const fanRss: number[] = [];
+    const singleRss: number[] = [];
     const fanWire: number[] = [];
     const singleWire: number[] = [];
     for (let r = 1; r <= options.runs; r++) {
@@ -290,6 +305,7 @@ async function remoteHosts(
       if (m.status !== 0 || summary.failed !== 0)
         throw new Error(`push fan-out failed: ${m.stderr}`);
       fanWall.push(m.seconds);
+      fanRss.push(m.peakRss);
       for (const d of summary.destinations) {
         fanWire.push(d.result!.channel.bytesSent + d.result!.channel.bytesReceived);
       }
@@ -301,6 +317,7 @@ async function remoteHosts(
         const res = JSON.parse(one.stdout) as PushJson;
         singleWire.push(res.channel.bytesSent + res.channel.bytesReceived);
         slowest = Math.max(slowest, one.seconds);
+        singleRss.push(one.peakRss);
       }
       singleWall.push(slowest);
       for (const f of dsts) {
@@ -316,7 +333,8 @@ async function remoteHosts(
       `\n4 ssh destinations (${formatBytes(size)} image, one sshd on 127.0.0.1): at once ` +
         `${med(fanWall).toFixed(3)} s, ${(med(fanWall) / med(singleWall)).toFixed(2)}× the slowest ` +
         `single push (goal ≤ 1.5×); on the wire per host ${formatBytes(med(fanWire))} against ` +
-        `${formatBytes(med(singleWire))} for a single push`,
+        `${formatBytes(med(singleWire))} for a single push; peak RSS ${formatRss(fanRss)} at once, ` +
+        `${formatRss(singleRss)} single`,
     );
 
     // memory with 16 hosts at once (each push holds fewer chunks in flight then)

@@ -16,6 +16,7 @@ import { ensureImages, type ImagePair } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   freshCopy,
   measure,
@@ -85,7 +86,16 @@ function trials(
 
 function table(results: readonly TrialResult[], floor: number, copyMedian: number): string {
   return renderTable(
-    ['command', 'median s (min–max)', '× cat', '× copy', 'cpu s', 'rchar', 'write_bytes'],
+    [
+      'command',
+      'median s (min–max)',
+      '× cat',
+      '× copy',
+      'cpu s',
+      'peak RSS',
+      'rchar',
+      'write_bytes',
+    ],
     results.map((r) => {
       const s = summarize(r.seconds);
       return [
@@ -94,11 +104,12 @@ function table(results: readonly TrialResult[], floor: number, copyMedian: numbe
         (s.median / floor).toFixed(2),
         (s.median / copyMedian).toFixed(2),
         summarize(r.cpuSeconds).median.toFixed(3),
+        formatRss(r.peakRss),
         formatBytes(summarize(r.io.map((io) => io.rchar)).median),
         formatBytes(summarize(r.io.map((io) => io.writeBytes)).median),
       ];
     }),
-    ['left', 'right', 'right', 'right', 'right', 'right', 'right'],
+    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right'],
   );
 }
 

@@ -5,6 +5,9 @@
  *
  *   local   blksync copy vs ddpt's fastest correct settings and cmp, onto a file holding v1
  *   bmap    blksync copy --bmap vs bmaptool copy, onto a file holding v1
+ *   SD card the same onto a loop device holding v1 whose writes are throttled to 20 MiB/s
+ *           (cgroup v1 blkio, bench/throttle.ts), as an SD card flashed with the next
+ *           release; the floor: dd writing only the differing 4 KiB blocks (oflag=direct)
  *   ssh     blksync push and pull vs rsync --inplace over ssh (a private sshd on 127.0.0.1),
  *           and the floor: an ssh login that starts node and exits (cpu s counts only this
  *           machine's side of each, as for every row: the sshd's children are not ours);
@@ -15,14 +18,18 @@
  * files warm in the page cache; every run ends with cmp proving DST equals v2.
  */
 
+import { existsSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import os from 'node:os';
 import { startSshd } from '../../test/helpers/sshd.js';
 import path from 'node:path';
 import type { BenchOptions, Section } from '../section.js';
-import { ensureRealisticPair } from '../realistic.js';
+import { differingBlockOffsets, ensureRealisticPair, type RealisticPair } from '../realistic.js';
+import { canThrottle, throttleDevice } from '../throttle.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   measure,
   renderTable,
@@ -69,6 +76,7 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
       `× ${reference.label}`,
       'cpu s',
       `cpu × ${reference.label}`,
+      'peak RSS',
       'rchar',
       'wchar',
       'command',
@@ -82,6 +90,7 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
         (s.median / ref).toFixed(2),
         cpu.toFixed(3),
         (cpu / refCpu).toFixed(2),
+        formatRss(r.peakRss),
         formatBytes(summarize(r.io.map((io) => io.rchar)).median),
         formatBytes(summarize(r.io.map((io) => io.wchar)).median),
         r.command,
@@ -89,6 +98,72 @@ function table(results: readonly TrialResult[], reference: TrialResult): string 
     }),
     ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
+}
+
+/** An SD card's sustained writes (UHS-I class 10: 10-30 MB/s); reads are left unthrottled. */
+const SD_WRITE_BPS = 20 * 1024 * 1024;
+const BLOCK = 4096;
+
+/**
+ * The bmap race onto an emulated SD card: a loop device holding v1, writes throttled. Its page
+ * cache is dropped before each run, as for a card just plugged in. Undefined when this machine
+ * cannot (not root, no loop devices, no cgroup v1 blkio).
+ */
+async function sdCardRace(
+  options: BenchOptions,
+  pair: RealisticPair,
+  bmap: string,
+  node: string,
+): Promise<TrialResult[] | undefined> {
+  const { log } = options;
+  if (process.getuid?.() !== 0 || !existsSync('/dev/loop-control') || !canThrottle()) {
+    log('not root, no loop devices or no cgroup v1 blkio: no SD card rows');
+    return undefined;
+  }
+  const backing = path.join(pair.dir, 'sd-backing.img');
+  await runCommand('cp', ['--sparse=always', pair.oldPath, backing]);
+  const dev = (await runCommand('losetup', ['-f', '--show', backing])).trim();
+  const throttle = await throttleDevice(dev);
+  try {
+    const S = sh(pair.newPath);
+    const D = sh(dev);
+    const blocks = await differingBlockOffsets(pair.oldPath, pair.newPath, pair.size);
+    const dd = (from: string): string =>
+      blocks
+        .map(
+          (o) =>
+            `dd if=${sh(from)} of=${D} bs=${BLOCK} skip=${o / BLOCK} seek=${o / BLOCK} count=1 ` +
+            'conv=notrunc oflag=direct status=none',
+        )
+        .join(' && ');
+    const writes = async (status: number): Promise<void> => {
+      if (status !== 0) throw new Error(`exit status ${status}`);
+      await assertSameFiles(pair.newPath, dev);
+    };
+    const trials = [
+      trial('bmaptool copy, SD card', `bmaptool -q copy --bmap ${sh(bmap)} ${S} ${D}`, writes),
+      trial('blksync copy --bmap, SD card', `${node} copy -q --bmap ${sh(bmap)} ${S} ${D}`, writes),
+      trial('floor: dd of the differing blocks', dd(pair.newPath), writes),
+    ];
+    return await runTrials(trials, {
+      runs: options.runs,
+      file: dev,
+      log,
+      prepare: async () => {
+        await throttle.set(0, 0);
+        // back to v1: the runs wrote v2 over it, which differs only in these blocks
+        await runCommand('bash', ['-c', dd(pair.oldPath)]);
+        await assertSameFiles(pair.oldPath, dev);
+        await runCommand('blockdev', ['--flushbufs', dev]);
+        await warm([pair.newPath, bmap]);
+        await throttle.set(SD_WRITE_BPS, 0);
+      },
+    });
+  } finally {
+    await throttle.dispose();
+    await runCommand('losetup', ['-d', dev]).catch(() => {});
+    await rm(backing, { force: true });
+  }
 }
 
 async function run(options: BenchOptions): Promise<void> {
@@ -146,6 +221,7 @@ async function run(options: BenchOptions): Promise<void> {
     trial('blksync copy --bmap', `${node} copy -q --bmap ${sh(bmap)} ${S} ${D}`, writes),
   ];
   const bmapResults = await runTrials(bmapTrials, { runs: options.runs, file: dst, log, prepare });
+  const sdResults = await sdCardRace(options, pair, bmap, node);
 
   const sshd = await startSshd();
   let sshResults: TrialResult[];
@@ -197,6 +273,13 @@ async function run(options: BenchOptions): Promise<void> {
   log(table(localResults, localResults[0]!));
   log(`\nbmap copy onto a file holding v1 (realistic pair)\n`);
   log(table(bmapResults, bmapResults[0]!));
+  if (sdResults !== undefined) {
+    log(
+      `\nbmap copy onto an emulated SD card holding v1: loop device, writes throttled to ` +
+        `${SD_WRITE_BPS / 1024 ** 2} MiB/s, its page cache dropped before each run (realistic pair)\n`,
+    );
+    log(table(sdResults, sdResults[0]!));
+  }
   log(`\npush and pull over ssh to 127.0.0.1 onto a file holding v1 (realistic pair)\n`);
   log(table(sshResults.slice(0, 4), sshResults[0]!));
   log('');

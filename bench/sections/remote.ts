@@ -30,6 +30,7 @@ import { ensureImages } from '../data.js';
 import {
   assertSameFiles,
   formatBytes,
+  formatRss,
   formatSeconds,
   freshCopy,
   measure,
@@ -188,7 +189,7 @@ async function twoDisks(
     log(
       '\n' +
         renderTable(
-          ['tool, two disks', 'median s (min–max)', '× rsync', 'local cpu s'],
+          ['tool, two disks', 'median s (min–max)', '× rsync', 'local cpu s', 'local peak RSS'],
           rows.map((row, i) => {
             const r = results[i]!;
             const s = summarize(r.seconds);
@@ -198,6 +199,7 @@ async function twoDisks(
               formatSeconds(s),
               (s.median / rsync).toFixed(2),
               summarize(r.cpuSeconds).median.toFixed(3),
+              formatRss(r.peakRss),
             ];
           }),
           ['left'],
@@ -389,6 +391,7 @@ async function run(options: BenchOptions): Promise<void> {
         formatSeconds(s),
         rsync === undefined ? '—' : (s.median / rsync).toFixed(2),
         summarize(result.cpuSeconds).median.toFixed(3),
+        formatRss(result.peakRss),
         up === undefined ? '—' : formatBytes(up),
         down === undefined ? '—' : formatBytes(down),
         total === undefined ? '—' : `${formatBytes(total)} (${(total / goal).toFixed(2)})`,
@@ -404,6 +407,7 @@ async function run(options: BenchOptions): Promise<void> {
           'median s (min–max)',
           '× rsync',
           'local cpu s',
+          'local peak RSS',
           'to ssh',
           'from ssh',
           'wire total (× goal)',

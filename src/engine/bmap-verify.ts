@@ -9,10 +9,16 @@
  *                                         compare; only then hand out chunks (copied from the
  *                                         range's buffer). A bad range fails before any of its
  *                                         bytes reaches a sink: nothing bad is written.
- *   larger range, source read by offset:  on its first chunk, read the whole range once in
- *   (`rereadable`)                        pieces and hash it; only then pass its chunks through
+ *   larger range, source read by offset,  read once: each chunk goes to the pipeline and, in
+ *   writes held (`holdWrites`, a local    order, to a worker's incremental hash; the sinks'
+ *   copy)                                 wrapper (held-writes.ts) holds the range's writes
+ *                                         until the read of its last chunk checked the
+ *                                         checksum. Nothing bad is written.
+ *   larger range, source read by offset,  on its first chunk, read the whole range once in
+ *   writes not held (`rereadable`)        pieces and hash it; only then pass its chunks through
  *                                         (read a second time, usually from the page cache).
- *                                         Nothing bad is written either.
+ *                                         Nothing bad is written either. Also a held range
+ *                                         whose reads skip part of it (an index's plan).
  *   larger range of a stream:             pass chunks through, hashing them in order (a read
  *                                         resolves only after the chunks before it were
  *                                         hashed), and fail on the range's last chunk, naming
@@ -29,21 +35,37 @@
 import { createHash, hash, type Hash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { BlksyncError } from '../errors.js';
-import type { Source } from '../types.js';
+import type { Sink, Source } from '../types.js';
+import { HeldWritesSink, type HeldState } from './held-writes.js';
 
 /** Largest range read whole and verified before any of it is handed on. */
 export const MAX_VERIFY_IN_MEMORY_BYTES = 32 * 1024 * 1024;
 /** Range buffers kept for reuse (the current range, those read ahead, a spare). */
 const MAX_FREE_BUFFERS = 4;
+/** Bytes of a large range read but not yet hashed by its worker: reads wait beyond this. */
+const MAX_HASH_BACKLOG_BYTES = 16 * 1024 * 1024;
 
 // CommonJS evaluated in the worker, so the same code runs from src/ (tsx) and from dist/
 const DIGEST_WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
-const { hash } = require('node:crypto');
+const { hash, createHash } = require('node:crypto');
+// streams: one incremental hash per large range, fed its chunks in order
+const streams = new Map();
 parentPort.on('message', (m) => {
   if (m === 'close') return parentPort.close(); // nothing left to do: the thread ends
   try {
-    const hex = hash(m.algorithm, Buffer.from(m.sab, m.offset, m.length), 'hex');
+    let hex = '';
+    if (m.op === 'update') {
+      let h = streams.get(m.stream);
+      if (h === undefined) streams.set(m.stream, (h = createHash(m.algorithm)));
+      h.update(Buffer.from(m.sab, m.offset, m.length));
+    } else if (m.op === 'final') {
+      const h = streams.get(m.stream) ?? createHash(m.algorithm);
+      streams.delete(m.stream);
+      hex = h.digest('hex');
+    } else {
+      hex = hash(m.algorithm, Buffer.from(m.sab, m.offset, m.length), 'hex');
+    }
     parentPort.postMessage({ id: m.id, hex });
   } catch (err) {
     parentPort.postMessage({ id: m.id, error: String(err) });
@@ -95,16 +117,36 @@ class DigestWorker {
   }
 
   digest(algorithm: string, data: Buffer): Promise<string> {
+    return this.#send({
+      algorithm,
+      sab: data.buffer,
+      offset: data.byteOffset,
+      length: data.length,
+    });
+  }
+
+  /** Feeds `data` to the incremental hash `stream`; resolves once it was hashed. */
+  update(stream: number, algorithm: string, data: Buffer): Promise<string> {
+    return this.#send({
+      op: 'update',
+      stream,
+      algorithm,
+      sab: data.buffer,
+      offset: data.byteOffset,
+      length: data.length,
+    });
+  }
+
+  /** The digest of everything fed to `stream` (after the updates posted before). */
+  final(stream: number, algorithm: string): Promise<string> {
+    return this.#send({ op: 'final', stream, algorithm });
+  }
+
+  #send(message: Record<string, unknown>): Promise<string> {
     const id = this.#nextId++;
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject });
-      this.#worker.postMessage({
-        id,
-        algorithm,
-        sab: data.buffer,
-        offset: data.byteOffset,
-        length: data.length,
-      });
+      this.#worker.postMessage({ ...message, id });
     });
   }
 
@@ -156,6 +198,27 @@ interface Prechecked {
   ready: Promise<void>;
 }
 
+/**
+ * A large range read once (holdWrites): each chunk is copied into shared memory and hashed
+ * on a worker as it goes to the pipeline (without workers, hashed here from the pipeline's
+ * buffer); the writes into the range are held until its last chunk's read has checked the
+ * checksum.
+ */
+interface Gated {
+  kind: 'gated';
+  range: VerifiedRange;
+  /** Where the next read must start for the hash to follow the range; else `fallback`. */
+  next: number;
+  stream: number;
+  worker: DigestWorker | undefined;
+  /** Without a worker: the main thread's incremental hash. */
+  hash: Hash;
+  /** Settles when every chunk handed out so far was fed to the hash. */
+  chain: Promise<void>;
+  /** Reads that skip part of the range (an index plan): the range is read whole first. */
+  fallback: Promise<void> | undefined;
+}
+
 interface Streamed {
   kind: 'streamed';
   range: VerifiedRange;
@@ -173,7 +236,7 @@ export class VerifyingSource implements Source {
   readonly #image: string;
   readonly #maxInMemory: number;
   #next = 0;
-  #current: Buffered | Prechecked | Streamed | undefined;
+  #current: Buffered | Prechecked | Streamed | Gated | undefined;
   readonly #rereadable: boolean;
   /** The next ranges, already being read and hashed while the current one is written. */
   #ahead: Buffered[] = [];
@@ -184,6 +247,17 @@ export class VerifyingSource implements Source {
   readonly #free: Buffer[] = [];
   /** Ranges whose checksum passed. */
   verified = 0;
+  /** holdWrites() was called: large ranges are read once, their writes held. */
+  #holding = false;
+  #reading = false;
+  /** Large ranges checked so far (holdWrites): passed or not. */
+  readonly #outcome = new Map<VerifiedRange, boolean>();
+  #nextStream = 0;
+  /** Shared buffers for large ranges' chunks on their way to a worker. */
+  readonly #staging: Buffer[] = [];
+  #stagedBytes = 0;
+  #stageTurn: Promise<void> = Promise.resolve();
+  readonly #stageWaiters: (() => void)[] = [];
 
   /**
    * `ranges`: the ranges with a checksum, ascending; reads outside them pass through.
@@ -221,7 +295,41 @@ export class VerifyingSource implements Source {
     this.#rereadable = options.rereadable === true;
   }
 
+  /**
+   * Lets a large range be read once: the compare and the checksum take the same read, and
+   * the returned wrapper holds the writes into the range until its checksum passed. Every
+   * sink fed from this source must be wrapped. Only before the first read, and only for a
+   * source read by offset (the held writes beyond MAX_HELD_BYTES are read again); otherwise
+   * the sink is returned as it is and a large range is verified before it is handed on.
+   */
+  holdWrites(maxHeld?: number): (sink: Sink) => Sink {
+    if (this.#reading || !this.#rereadable) return (sink) => sink;
+    this.#holding = true;
+    const gate = {
+      stateAt: (offset: number) => this.#stateAt(offset),
+      reread: (buf: Buffer, offset: number, length: number) =>
+        this.#inner.read(buf, offset, length),
+    };
+    return (sink) => new HeldWritesSink(sink, gate, maxHeld);
+  }
+
+  #stateAt(offset: number): HeldState {
+    let lo = 0;
+    let hi = this.#ranges.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.#ranges[mid]!.end <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    const range = this.#ranges[lo];
+    if (range === undefined || range.start > offset) return 'free';
+    if (range.end - range.start <= this.#maxInMemory) return 'free'; // verified before handed out
+    const outcome = this.#outcome.get(range);
+    return outcome === undefined ? 'pending' : outcome ? 'ok' : 'failed';
+  }
+
   read(buf: Buffer, offset: number, length: number): Promise<number> {
+    this.#reading = true;
     // find the range of this read; reads come in ascending order, so the cursor only advances
     while (this.#next < this.#ranges.length && this.#ranges[this.#next]!.end <= offset) {
       this.#next++;
@@ -240,12 +348,14 @@ export class VerifyingSource implements Source {
         this.#ahead = [];
         this.#current = this.#begin(range);
       }
-      if (this.#current!.kind === 'buffered') this.#readAhead();
+      // a gated range's chunks are read by offset, so the next ranges may be read meanwhile
+      if (this.#current!.kind === 'buffered' || this.#current!.kind === 'gated') this.#readAhead();
     }
     const cur = this.#current!;
     if (cur.kind === 'prechecked') {
       return cur.ready.then(() => this.#inner.read(buf, offset, length));
     }
+    if (cur.kind === 'gated') return this.#gatedRead(cur, buf, offset, length);
     return cur.kind === 'buffered'
       ? this.#fromBuffer(cur, buf, offset, length)
       : this.#streamThrough(cur, buf, offset, length);
@@ -268,8 +378,20 @@ export class VerifyingSource implements Source {
     }
   }
 
-  #begin(range: VerifiedRange): Buffered | Prechecked | Streamed {
+  #begin(range: VerifiedRange): Buffered | Prechecked | Streamed | Gated {
     const length = range.end - range.start;
+    if (length > this.#maxInMemory && this.#holding) {
+      return {
+        kind: 'gated',
+        range,
+        next: range.start,
+        stream: this.#nextStream++,
+        worker: this.#workers[this.#nextWorker++ % Math.max(1, this.#workers.length)],
+        hash: createHash(this.#algorithm),
+        chain: Promise.resolve(),
+        fallback: undefined,
+      };
+    }
     if (length > this.#maxInMemory && this.#rereadable) {
       const ready = this.#precheck(range);
       ready.catch(() => {}); // reported through each read of the range
@@ -299,6 +421,91 @@ export class VerifyingSource implements Source {
     })();
     data.catch(() => {}); // reported through each read of the range
     return { kind: 'buffered', range, data, served: 0 };
+  }
+
+  #gatedRead(cur: Gated, buf: Buffer, offset: number, length: number): Promise<number> {
+    if (cur.fallback === undefined && offset !== cur.next) {
+      // the hash cannot follow reads that skip part of the range: read it whole first
+      cur.fallback = this.#precheck(cur.range).then(
+        () => void this.#outcome.set(cur.range, true),
+        (err: unknown) => {
+          if (err instanceof BlksyncError) this.#outcome.set(cur.range, false);
+          throw err;
+        },
+      );
+      cur.fallback.catch(() => {}); // reported through each read of the range
+    }
+    if (cur.fallback !== undefined) {
+      return cur.fallback.then(() => this.#inner.read(buf, offset, length));
+    }
+    cur.next = offset + length;
+    const before = cur.chain;
+    const mine = (async () => {
+      if (cur.worker === undefined) {
+        // hashed here, from the pipeline's own buffer: no copy into shared memory
+        const got = await this.#inner.read(buf, offset, length);
+        await before; // the hash takes the chunks in order
+        if (got < length) return got; // short source: the pipeline reports it
+        cur.hash.update(buf.subarray(0, got));
+        if (offset + length === cur.range.end) {
+          const computed = cur.hash.digest('hex');
+          this.#outcome.set(cur.range, computed === cur.range.checksum);
+          this.#check(cur.range, computed, true);
+        }
+        return got;
+      }
+      const slot = await this.#stage(length);
+      let fed = false;
+      try {
+        const got = await this.#inner.read(slot, offset, length);
+        slot.copy(buf, 0, 0, got);
+        await before; // the hash takes the chunks in order
+        if (got < length) return got; // short source: the pipeline reports it
+        const worker = cur.worker;
+        void worker
+          .update(cur.stream, this.#algorithm, slot)
+          .catch(() => {}) // a dead worker fails the range's final digest
+          .finally(() => this.#unstage(slot));
+        fed = true;
+        if (offset + length === cur.range.end) {
+          const computed = await worker.final(cur.stream, this.#algorithm);
+          this.#outcome.set(cur.range, computed === cur.range.checksum);
+          this.#check(cur.range, computed, true);
+        }
+        return got;
+      } finally {
+        if (!fed) this.#unstage(slot);
+      }
+    })();
+    cur.chain = mine.then(
+      () => {},
+      () => {},
+    );
+    return mine;
+  }
+
+  /**
+   * A shared buffer for a large range's chunk, once the chunks not yet hashed leave room:
+   * taken in the order of the reads, so a read waits only for chunks before it.
+   */
+  #stage(length: number): Promise<Buffer> {
+    const turn = this.#stageTurn.then(async () => {
+      while (this.#stagedBytes > 0 && this.#stagedBytes + length > MAX_HASH_BACKLOG_BYTES) {
+        await new Promise<void>((resolve) => this.#stageWaiters.push(resolve));
+      }
+      this.#stagedBytes += length;
+    });
+    this.#stageTurn = turn;
+    return turn.then(() => {
+      const i = this.#staging.findIndex((b) => b.length === length);
+      return i >= 0 ? this.#staging.splice(i, 1)[0]! : Buffer.from(new SharedArrayBuffer(length));
+    });
+  }
+
+  #unstage(slot: Buffer): void {
+    this.#stagedBytes -= slot.length;
+    if (this.#staging.length < 2 * (MAX_HASH_BACKLOG_BYTES / slot.length)) this.#staging.push(slot);
+    for (const wake of this.#stageWaiters.splice(0)) wake();
   }
 
   /** Reads a large range once, in pieces, and checks its checksum. */

@@ -115,6 +115,13 @@ export interface CopySource {
    * bmap, or when the file system does not tell its holes.
    */
   unmappedData(fh: FileHandle, path: string): number | undefined;
+  /**
+   * With bmap checksums read from a file: called before the pipeline starts (also in a dry
+   * run), it lets SRC be read once, compared and hashed together; every sink fed from
+   * `source` must then be wrapped in what it returns, which holds the writes into a range
+   * until its checksum passed (engine/held-writes.ts). Undefined otherwise.
+   */
+  holdWrites?: (() => (sink: Sink) => Sink) | undefined;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
   /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */

@@ -554,6 +554,7 @@ async function openFound(
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
       unmappedData: (fh, path) => bmapped?.unmappedData(fh, path),
+      holdWrites: bmapped?.holdWrites,
       wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
         await closeAll();
@@ -580,6 +581,8 @@ export interface BmapSourcing {
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
   /** See CopySource.unmappedData. */
   unmappedData(fh: FileHandle, path: string): number | undefined;
+  /** See CopySource.holdWrites. */
+  holdWrites: (() => (sink: Sink) => Sink) | undefined;
   adviseTarget(fd: number): void;
   /** Closes the VerifyingSource (its workers and the inner source). */
   close(): Promise<void>;
@@ -629,6 +632,7 @@ export async function bmapSourcing(
     report,
     checksums,
     adviseTarget: (fd) => lib.adviseNoReadahead(fd),
+    holdWrites: verifying !== undefined ? () => verifying.holdWrites() : undefined,
     unmappedData: (fh, path) => {
       let data;
       try {

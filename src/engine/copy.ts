@@ -152,9 +152,11 @@ export async function copyLocal(
       });
       if (index.target !== undefined) knowledge = index.target;
     }
+    // a bmap's large ranges read once, their writes held until their checksum passed
+    const hold = source.holdWrites?.();
     if (!dryRun && target !== undefined) {
       fileSink = destinationSink(target.fh, dst, target.kind);
-      sink = fileSink;
+      sink = hold !== undefined ? hold(fileSink) : fileSink;
       if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
       // outermost: the holes a bmap copy punches when it finishes are this copy's own change
       // of DST (index-session.ts keeps a file DST's ctime continuous through them)

@@ -146,7 +146,14 @@ export async function fanOut(
       dsts.map(async (dst, i): Promise<DestinationOutcome> => {
         const view = broadcast.view(i);
         try {
-          const opened = { ...shared, source: view, close: () => view.close() };
+          // holdWrites is for one pipeline reading SRC itself: a broadcast's large ranges are
+          // verified before any destination sees them
+          const opened = {
+            ...shared,
+            source: view,
+            holdWrites: undefined,
+            close: () => view.close(),
+          };
           const spec = specs[i];
           let result: CopyResult;
           if (spec !== undefined) {
