@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { hashDestination } from '../src/delta/dest-hashes.js';
+import { hashDestination, prepareDestination } from '../src/delta/dest-hashes.js';
 import { CODEC_BROTLI, type PublishedHeader } from '../src/formats/published.js';
 import { sha256 } from '../src/hash.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
@@ -68,4 +68,30 @@ test('an interrupted hashing throws EINTERRUPTED, with worker threads or without
       },
     );
   }
+});
+
+test('a DST prepared while the index is fetched: hashed as the header lays it out, or dropped unhashed', async (t) => {
+  const dir = await tempDir(t);
+  const dst = join(dir, 'dst.img');
+  const size = 3 * CHUNK + 100;
+  const content = seededBytes(size, 4);
+  await writeSparseFile(dst, size, [{ offset: 0, data: content }]);
+  // the worker started before the header is known, then given the job
+  const prepared = await prepareDestination(dst, 0);
+  const hashes = await prepared.hash(header(size), undefined);
+  await prepared.close();
+  for (let i = 0; i * CHUNK < size; i++) {
+    assert.deepEqual(
+      hashes.subarray(i * 32, (i + 1) * 32),
+      sha256(content, i * CHUNK, Math.min(size, (i + 1) * CHUNK)),
+    );
+  }
+  // not published after all: closed unhashed, its worker stopped (the test would hang otherwise)
+  const unused = await prepareDestination(dst, 0);
+  await unused.close();
+  // a missing DST holds zeros
+  const missing = await prepareDestination(join(dir, 'missing.img'), 0);
+  const zeros = await missing.hash(header(size), undefined);
+  assert.deepEqual(zeros.subarray(0, 32), sha256(Buffer.alloc(CHUNK)));
+  await missing.close();
 });

@@ -18,6 +18,7 @@ import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import { chunkCount, chunkLength, type PublishedHeader } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
+import { trace } from '../trace.js';
 
 /** DST is read in pieces of this size. */
 const READ_BYTES = 4 * 1024 * 1024;
@@ -95,29 +96,153 @@ function hashShare(
   }
 }
 
-/** The worker: its share of the job in workerData, as one call of hashShare. */
+/** The worker: waits for its job, then takes its share of it as one call of hashShare. */
 const WORKER_SOURCE = `
-const { workerData: job, parentPort } = require('node:worker_threads');
+const { parentPort } = require('node:worker_threads');
 const { readSync } = require('node:fs');
 const { createHash } = require('node:crypto');
 const hashShare = ${hashShare.toString()};
-parentPort.postMessage(
-  hashShare(job, Buffer.allocUnsafe(${READ_BYTES}), Buffer.alloc(job.chunkSize), Infinity, readSync, createHash),
+parentPort.once('message', (job) =>
+  parentPort.postMessage(
+    hashShare(job, Buffer.allocUnsafe(${READ_BYTES}), Buffer.alloc(job.chunkSize), Infinity, readSync, createHash),
+  ),
 );
 `;
 
-/** A worker thread taking its share of `job`; its end (an error is a read error). */
-function startWorker(job: Job): { end: Promise<ShareEnd>; stop(): Promise<void> } {
-  const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: job });
+/**
+ * A worker thread started before its job is known (a thread takes ~17 ms to start: started
+ * while the published index is fetched, it hashes from the first piece); `give` hands it
+ * the job, `end` is its share's end (an error is a read error).
+ */
+function startWorker(): {
+  give(job: Job): Promise<ShareEnd>;
+  stop(): Promise<void>;
+} {
+  const worker = new Worker(WORKER_SOURCE, { eval: true });
   const end = new Promise<ShareEnd>((resolve) => {
     const failed = (err: Error): void => resolve({ done: true, error: err.message });
     worker.once('error', failed);
     worker.once('message', resolve);
     worker.once('exit', () => failed(new Error('the hashing thread ended early')));
   });
-  return { end, stop: async () => void (await worker.terminate()) };
+  end.catch(() => {});
+  return {
+    give: (job) => {
+      worker.postMessage(job);
+      return end;
+    },
+    stop: async () => void (await worker.terminate()),
+  };
 }
 
+/**
+ * DST opened, its size and data ranges known, a worker started when there is enough data:
+ * what hashing DST needs before the published header is known, so it can be done while the
+ * header is fetched. `hash` hashes DST's chunks as the header lays them out; `close` frees
+ * it (after `hash`, or instead of it when the image turns out not to be published).
+ */
+export interface PreparedDestination {
+  hash(
+    h: PublishedHeader,
+    signal: AbortSignal | undefined,
+    onHashed?: (done: number, total: number) => void,
+  ): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+/** Opens DST for hashing (a missing DST, or one that is no file or device, holds zeros). */
+export async function prepareDestination(
+  path: string,
+  workerMinBytes = WORKER_MIN_BYTES,
+): Promise<PreparedDestination> {
+  // started first: the thread starts while DST is opened and mapped and the index fetched;
+  // stopped again when DST holds too little data for it to pay
+  let worker = workerMinBytes < Infinity && availableParallelism() > 1 ? startWorker() : undefined;
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    await worker?.stop();
+    if (isSystemError(err) && err.code === 'ENOENT') return zerosOnly();
+    throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
+  }
+  try {
+    const st = await fh.stat();
+    // not a destination at all: the copy refuses it with its own error (EDEST_KIND);
+    // an empty DST is made at full size by the copy: zeros
+    if ((!st.isFile() && !st.isBlockDevice()) || (st.isFile() && st.size === 0)) {
+      await worker?.stop();
+      await fh.close();
+      return zerosOnly();
+    }
+    let size = st.size;
+    let mapped: Range[];
+    if (st.isBlockDevice()) {
+      const { blockDeviceSize } = await import('../io/block-device.js');
+      size = await blockDeviceSize(st.rdev);
+      mapped = [{ start: 0, end: size }];
+    } else {
+      const { mappedRanges } = await import('../io/sparse-map.js');
+      mapped = mappedRanges(fh, size, 4096, path);
+    }
+    if (size === 0) {
+      await worker?.stop();
+      await fh.close();
+      return zerosOnly();
+    }
+    const dataBytes = mapped.reduce((n, r) => n + r.end - r.start, 0);
+    if (dataBytes < workerMinBytes) {
+      await worker?.stop();
+      worker = undefined;
+    }
+    return {
+      hash: (h, signal, onHashed) =>
+        hashPrepared(path, fh, size, mapped, worker, h, signal, onHashed),
+      close: async () => {
+        await worker?.stop();
+        await fh.close();
+      },
+    };
+  } catch (err) {
+    await worker?.stop();
+    await fh.close();
+    throw err;
+  }
+}
+
+/** A DST that holds only zeros: missing, empty, or no file at all. */
+function zerosOnly(): PreparedDestination {
+  return {
+    hash: (h) => Promise.resolve(zeroHashes(h).all()),
+    close: () => Promise.resolve(),
+  };
+}
+
+/** The hashes of `h`'s chunks, in shared memory, and a way to fill one with zeros' hash. */
+function zeroHashes(h: PublishedHeader): {
+  out: Buffer;
+  fill: (i: number) => void;
+  all: () => Buffer;
+} {
+  const chunks = chunkCount(h);
+  // shared memory: a worker thread writes hashes in place
+  const out = Buffer.from(new SharedArrayBuffer(chunks * HASH_BYTES));
+  const zeroHash = sha256(Buffer.alloc(h.chunkSize));
+  const lastZeroHash = sha256(Buffer.alloc(chunkLength(h, chunks - 1)));
+  const fill = (i: number): void => {
+    (i === chunks - 1 ? lastZeroHash : zeroHash).copy(out, i * HASH_BYTES);
+  };
+  return {
+    out,
+    fill,
+    all: () => {
+      for (let i = 0; i < chunks; i++) fill(i);
+      return out;
+    },
+  };
+}
+
+/** DST's chunk hashes, read once (see the module's comment). */
 export async function hashDestination(
   path: string,
   h: PublishedHeader,
@@ -125,51 +250,38 @@ export async function hashDestination(
   workerMinBytes = WORKER_MIN_BYTES,
   onHashed?: (done: number, total: number) => void,
 ): Promise<Buffer> {
-  const chunks = chunkCount(h);
-  // shared memory: a worker thread writes hashes in place
-  const out = Buffer.from(new SharedArrayBuffer(chunks * HASH_BYTES));
-  const zeros = Buffer.alloc(h.chunkSize);
-  const zeroHash = sha256(zeros);
-  const lastZeroHash = sha256(Buffer.alloc(chunkLength(h, chunks - 1)));
-  const fillZero = (i: number): void => {
-    (i === chunks - 1 ? lastZeroHash : zeroHash).copy(out, i * HASH_BYTES);
-  };
-  const allZero = (): Buffer => {
-    for (let i = 0; i < chunks; i++) fillZero(i);
-    return out;
-  };
-  let fh: FileHandle;
+  const dst = await prepareDestination(path, workerMinBytes);
   try {
-    fh = await open(path, 'r');
-  } catch (err) {
-    if (isSystemError(err) && err.code === 'ENOENT') return allZero();
-    throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
+    return await dst.hash(h, signal, onHashed);
+  } finally {
+    await dst.close();
   }
-  let worker: ReturnType<typeof startWorker> | undefined;
+}
+
+async function hashPrepared(
+  path: string,
+  fh: FileHandle,
+  size: number,
+  mapped: Range[],
+  worker: ReturnType<typeof startWorker> | undefined,
+  h: PublishedHeader,
+  signal: AbortSignal | undefined,
+  onHashed?: (done: number, total: number) => void,
+): Promise<Buffer> {
+  const chunks = chunkCount(h);
+  const { out, fill: fillZero } = zeroHashes(h);
+  const zeros = Buffer.alloc(h.chunkSize);
   const job: Job = {
     fd: fh.fd,
     pieces: new SharedArrayBuffer(0),
     next: new SharedArrayBuffer(8),
-    out: out.buffer,
+    out: out.buffer as SharedArrayBuffer,
     zero: new SharedArrayBuffer(chunks),
     chunkSize: h.chunkSize,
   };
   const next = new Int32Array(job.next);
+  let workerEnd: Promise<ShareEnd> | undefined;
   try {
-    const st = await fh.stat();
-    // not a destination at all: the copy refuses it with its own error (EDEST_KIND)
-    if (!st.isFile() && !st.isBlockDevice()) return allZero();
-    let size = st.size;
-    let mapped: Range[] = [{ start: 0, end: h.imageSize }];
-    if (st.isBlockDevice()) {
-      const { blockDeviceSize } = await import('../io/block-device.js');
-      size = await blockDeviceSize(st.rdev);
-    } else {
-      const { mappedRanges } = await import('../io/sparse-map.js');
-      mapped = mappedRanges(fh, Math.min(size, h.imageSize), h.chunkSize, path);
-    }
-    // an empty DST is made at full size by the copy: zeros
-    if (size === 0) return allZero();
     // past DST's end a chunk never matches
     const known = Math.min(size, h.imageSize);
 
@@ -200,8 +312,9 @@ export async function hashDestination(
     }
     job.pieces = new SharedArrayBuffer(pieces.length * 8);
     new Float64Array(job.pieces).set(pieces);
+    trace(`DST: ${dataBytes} bytes of data to hash in ${pieces.length / 3} pieces`);
 
-    if (dataBytes >= workerMinBytes && availableParallelism() > 1) worker = startWorker(job);
+    workerEnd = worker?.give(job);
     // this thread's share, a piece at a time, letting the event loop run between pieces
     const buf = Buffer.allocUnsafe(READ_BYTES);
     let hashedBytes = 0;
@@ -220,9 +333,10 @@ export async function hashDestination(
       if (!mine.done) await yieldToLoop();
     } while (!mine.done);
     onHashed?.(dataBytes, dataBytes);
+    trace(`DST: this thread's share hashed`);
     // interrupted: the worker stops at its next piece
     if (signal?.aborted === true) Atomics.store(next, 1, 1);
-    const ends = [mine!, ...(worker !== undefined ? [await worker.end] : [])];
+    const ends = [mine!, ...(workerEnd !== undefined ? [await workerEnd] : [])];
     if (signal?.aborted === true) {
       throw new BlksyncError('EINTERRUPTED', 'interrupted; nothing was written');
     }
@@ -245,7 +359,6 @@ export async function hashDestination(
   } finally {
     // a failure of this thread's share stops the worker too
     Atomics.store(next, 1, 1);
-    await worker?.stop();
-    await fh.close();
+    if (workerEnd !== undefined) await workerEnd;
   }
 }

@@ -46,7 +46,8 @@ import { httpOpen, type HttpOptions } from '../io/http-source.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
-import { hashDestination } from './dest-hashes.js';
+import { trace } from '../trace.js';
+import { prepareDestination } from './dest-hashes.js';
 import { RangeClient } from './range-client.js';
 
 /** The first request asks for this much of the index: the header and a top level of 256 groups. */
@@ -176,17 +177,33 @@ export async function openPublished(
 ): Promise<PublishedSource | undefined> {
   const names = publishedUrls(url);
   const index = new RangeClient(names.index, options);
-  const found = await probe(index);
-  if (found === undefined) return undefined;
+  // DST is opened, mapped and its hashing thread started while the index is fetched, and
+  // hashed while the image's freshness is asked: round trips hidden in local work
+  const preparing = prepareDestination(options.destination);
+  // a failure is seen where it is awaited; keep it from being unhandled meanwhile
+  preparing.catch(() => {});
+  const drop = async (): Promise<void> => {
+    await preparing.then((d) => d.close()).catch(() => {});
+  };
+  let found: Awaited<ReturnType<typeof probe>>;
+  try {
+    found = await probe(index);
+  } catch (err) {
+    await drop();
+    throw err;
+  }
+  if (found === undefined) {
+    await drop();
+    return undefined;
+  }
+  trace('published index: header and top level fetched');
   const { header: h, top } = found;
-  // DST is hashed while the image's freshness is asked: a round trip hidden in local work
   const hashStop = new AbortController();
   const hashSignal =
     options.signal !== undefined
       ? AbortSignal.any([options.signal, hashStop.signal])
       : hashStop.signal;
-  const hashing = hashDestination(options.destination, h, hashSignal, undefined, options.onHashed);
-  // a failure is seen where it is awaited; keep it from being unhandled meanwhile
+  const hashing = preparing.then((d) => d.hash(h, hashSignal, options.onHashed));
   hashing.catch(() => {});
   let stale: string | undefined;
   try {
@@ -194,11 +211,13 @@ export async function openPublished(
   } catch (err) {
     hashStop.abort();
     await hashing.catch(() => {});
+    await drop();
     throw err;
   }
   if (stale !== undefined) {
     hashStop.abort();
     await hashing.catch(() => {});
+    await drop();
     // the image was replaced and not published again: what the published files hold is not
     // what the URL serves, so the URL is streamed as it is
     options.onWarning?.({
@@ -208,7 +227,15 @@ export async function openPublished(
     index.close();
     return undefined;
   }
-  const have = await hashing;
+  trace('image is fresh (its published files match it)');
+  let have: Buffer;
+  try {
+    have = await hashing;
+  } finally {
+    // the hashing thread is stopped and DST's read handle closed off the critical path
+    void drop();
+  }
+  trace('DST hashed');
 
   // the groups whose hashes differ, and their leaf records
   const groups = groupCount(h);
@@ -248,8 +275,9 @@ export async function openPublished(
     }
   }
   // the whole-image check, before anything is written: the root over the hashes DST will hold
-  const finalTop = Buffer.alloc(groups * HASH_BYTES);
-  for (let g = 0; g < groups; g++) groupHash(h, final, g).copy(finalTop, g * HASH_BYTES);
+  // (a group whose hash matched the top level is unchanged: only differing ones are redone)
+  const finalTop = Buffer.from(top.subarray(0, groups * HASH_BYTES));
+  for (const g of differing) groupHash(h, final, g).copy(finalTop, g * HASH_BYTES);
   if (!sha256(finalTop).equals(h.root)) {
     throw new BlksyncError(
       'EPUB_CHECKSUM',
