@@ -276,4 +276,44 @@ describe('hostile web servers', () => {
     }
     await absent(join(dir, 'out'));
   });
+
+  it('refuses a success that is not the whole file (204, 205, 206) for the image, its bmap or signature', async (t) => {
+    const dir = await tempDir(t);
+    routes.set('/partial.img', (_req, res) => {
+      // a part of the image nobody asked for: taken as the image, a short copy with exit 0
+      res
+        .writeHead(206, {
+          'content-length': 4096,
+          'content-range': `bytes 0-4095/${IMAGE.length}`,
+        })
+        .end(IMAGE.subarray(0, 4096));
+    });
+    routes.set('/empty.img', (_req, res) => res.writeHead(204).end());
+    routes.set('/reset.img', (_req, res) => res.writeHead(205).end());
+    for (const [name, status] of [
+      ['partial', 206],
+      ['empty', 204],
+      ['reset', 205],
+    ] as const) {
+      const out = join(dir, name);
+      await assert.rejects(
+        copy(`${http}/${name}.img`, out, { noBmap: true }),
+        isBlksyncError('ESRC_HTTP', new RegExp(`HTTP ${status} .*whole file was asked for`)),
+      );
+      await absent(out);
+    }
+    // a bmap answered with a part of one is no bmap to trust: refused, nothing written
+    routes.set('/with-bmap.img', (_req, res) => {
+      res.writeHead(200, { 'content-length': IMAGE.length }).end(IMAGE);
+    });
+    routes.set('/with-bmap.img.bmap', (_req, res) => {
+      res
+        .writeHead(206, { 'content-length': 10, 'content-range': 'bytes 0-9/1000' })
+        .end('<?xml vers');
+    });
+    const r = await runCli(['copy', '-q', `${http}/with-bmap.img`, join(dir, 'bmapped')]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /^blksync: .*with-bmap\.img\.bmap: HTTP 206 .*\[ESRC_HTTP\]$/m);
+    await absent(join(dir, 'bmapped'));
+  });
 });

@@ -8,7 +8,8 @@
  * - silence ends at `timeout` seconds of idle time (ETIMEOUT): waiting for an answer's headers,
  *   and waiting for the next bytes of a body while its reader wants them (a body paused because
  *   DST is slow to write is not the server's silence, so the clock stops then);
- * - a status other than 2xx is an ESRC_HTTP error naming it, and a body cut short (a dropped
+ * - a status other than 200 (or 203) is an ESRC_HTTP error naming it — a 204, 205 or 206
+ *   answered to a GET of the whole file included —, and a body cut short (a dropped
  *   connection, fewer bytes than Content-Length) is ESRC_SHORT, never a silently short image.
  */
 
@@ -150,12 +151,35 @@ function statusError(url: string, res: HttpResponse): BlksyncError {
   );
 }
 
-/** GETs `url` and fails unless the answer is 2xx. */
+/**
+ * Whether a success answers a GET of the whole file with the whole file: 200, or 203 (the
+ * same through a transforming proxy). 204 and 205 carry no body, 206 a part of one (asked
+ * for by nobody here), and the rest of 2xx no file at all: taken as the file, each would
+ * be a short or empty image copied with exit 0.
+ */
+function isWholeFile(status: number): boolean {
+  return status === 200 || status === 203;
+}
+
+/** The error for an answer that is not the whole file (see isWholeFile). */
+function notWholeFile(url: string, res: HttpResponse): BlksyncError {
+  if (res.status >= 200 && res.status <= 299) {
+    return new BlksyncError(
+      'ESRC_HTTP',
+      `${url}: HTTP ${res.status} ${res.body.statusMessage ?? ''}`.trimEnd() +
+        ' where the whole file was asked for; nothing was written: check the server (or a proxy on the way)',
+      { path: url },
+    );
+  }
+  return statusError(url, res);
+}
+
+/** GETs `url` and fails unless the answer is the whole file (200 or 203). */
 export async function httpOpenOk(url: string, options: HttpOptions = {}): Promise<HttpResponse> {
   const res = await httpOpen(url, options);
-  if (res.status < 200 || res.status > 299) {
+  if (!isWholeFile(res.status)) {
     res.body.resume();
-    throw statusError(url, res);
+    throw notWholeFile(url, res);
   }
   return res;
 }
@@ -180,9 +204,9 @@ export async function httpFetchSmall(
     res.body.resume();
     return undefined;
   }
-  if (res.status < 200 || res.status > 299) {
+  if (!isWholeFile(res.status)) {
     res.body.resume();
-    throw statusError(url, res);
+    throw notWholeFile(url, res);
   }
   if (res.length !== undefined && res.length > maxBytes) {
     res.body.destroy();
