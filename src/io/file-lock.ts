@@ -12,8 +12,8 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
-import { createRequire } from 'node:module';
 import { BlksyncError } from '../errors.js';
+import { loadKoffi } from './koffi.js';
 
 const LOCK_EX = 2;
 const LOCK_NB = 4;
@@ -27,7 +27,7 @@ let flockFn: { call: Flock; errno: () => number } | null | undefined;
 function loadFlock(): { call: Flock; errno: () => number } | null {
   if (flockFn !== undefined) return flockFn;
   try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    const koffi = loadKoffi();
     const call = koffi.load('libc.so.6').func('int flock(int, int)') as Flock;
     flockFn = { call, errno: () => koffi.errno() };
   } catch {

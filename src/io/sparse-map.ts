@@ -7,9 +7,9 @@
  */
 
 import type { FileHandle } from 'node:fs/promises';
-import { createRequire } from 'node:module';
 import { BlksyncError } from '../errors.js';
 import type { Range } from '../ranges.js';
+import { loadKoffi } from './koffi.js';
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
@@ -23,15 +23,8 @@ const FIGETBSZ = 2;
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
 
-type Koffi = typeof import('koffi');
-
-/** koffi (a native addon, ~10 ms to load) is loaded on first use: a copy to a new file never needs it. */
-let koffiModule: Koffi | undefined;
-
-function koffi(): Koffi {
-  koffiModule ??= createRequire(import.meta.url)('koffi') as Koffi;
-  return koffiModule;
-}
+/** koffi (io/koffi.ts) is loaded on first use: a copy to a new file never needs it. */
+const koffi = loadKoffi;
 
 interface Libc {
   lseek: (fd: number, offset: bigint | number, whence: number) => bigint | number;
