@@ -1,11 +1,6 @@
-/**
- * pread until `length` bytes are in or the file ends: one read may return less than asked.
- * What the page cache holds is copied on this thread first (io/cached-read.ts); the rest is
- * read through libuv's thread pool, so waiting for a disk never blocks the event loop.
- */
+/** pread until `length` bytes are in or the file ends: one read may return less than asked. */
 
 import type { FileHandle } from 'node:fs/promises';
-import { readCached } from './cached-read.js';
 
 /** Reads `length` bytes at `position` into buf[bufOffset...]; returns fewer only at end of file. */
 export async function readFully(
@@ -15,7 +10,7 @@ export async function readFully(
   length: number,
   position: number,
 ): Promise<number> {
-  let got = readCached(fh, buf, bufOffset, length, position);
+  let got = 0;
   while (got < length) {
     const { bytesRead } = await fh.read(buf, bufOffset + got, length - got, position + got);
     if (bytesRead === 0) break;
