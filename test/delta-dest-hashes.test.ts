@@ -4,9 +4,12 @@
  */
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { closeSync, constants, openSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { setTimeout as delay } from 'node:timers/promises';
 import { hashDestination, prepareDestination } from '../src/delta/dest-hashes.js';
 import { CODEC_BROTLI, type PublishedHeader } from '../src/formats/published.js';
 import { sha256 } from '../src/hash.js';
@@ -94,4 +97,28 @@ test('a DST prepared while the index is fetched: hashed as the header lays it ou
   const zeros = await missing.hash(header(size), undefined);
   assert.deepEqual(zeros.subarray(0, 32), sha256(Buffer.alloc(CHUNK)));
   await missing.close();
+});
+
+test('a FIFO DST is prepared at once as zeros, not waited on for a writer', async (t) => {
+  const dir = await tempDir(t);
+  const fifo = join(dir, 'fifo');
+  execFileSync('mkfifo', [fifo]);
+  // should an open wait for a writer, this one releases it when the test ends
+  t.after(() => {
+    try {
+      closeSync(openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK));
+    } catch {
+      // ENXIO: no reader waits on it
+    }
+  });
+  const prepared = await Promise.race([
+    prepareDestination(fifo),
+    delay(3000).then(() => undefined),
+  ]);
+  assert.ok(prepared !== undefined, 'preparing a FIFO DST waited for a writer');
+  const hashes = await prepared.hash(header(4 * CHUNK), undefined);
+  await prepared.close();
+  for (let i = 0; i < 4; i++) {
+    assert.deepEqual(hashes.subarray(i * 32, (i + 1) * 32), sha256(Buffer.alloc(CHUNK)));
+  }
 });

@@ -8,7 +8,7 @@
  * from the start and neither waits for the other.
  */
 
-import { readSync } from 'node:fs';
+import { constants, readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { createHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
@@ -160,7 +160,9 @@ export async function prepareDestination(
   let worker = workerMinBytes < Infinity && availableParallelism() > 1 ? startWorker() : undefined;
   let fh: FileHandle;
   try {
-    fh = await open(path, 'r');
+    // O_NONBLOCK: a FIFO (or a tty) opens at once instead of waiting for a writer, to be
+    // found no file below; regular files and block devices read as without it
+    fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     await worker?.stop();
     if (isSystemError(err) && err.code === 'ENOENT') return zerosOnly();
