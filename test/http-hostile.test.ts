@@ -277,6 +277,37 @@ describe('hostile web servers', () => {
     await absent(join(dir, 'out'));
   });
 
+  it('refuses a 200 whose Content-Range names a part of the file; one naming all of it is the file', async (t) => {
+    const dir = await tempDir(t);
+    routes.set('/part200.img', (_req, res) => {
+      // a 206 in disguise: taken as the image, a 4 KiB copy with exit 0
+      res
+        .writeHead(200, {
+          'content-length': 4096,
+          'content-range': `bytes 0-4095/${IMAGE.length}`,
+        })
+        .end(IMAGE.subarray(0, 4096));
+    });
+    await assert.rejects(
+      copy(`${http}/part200.img`, join(dir, 'part'), { noBmap: true }),
+      isBlksyncError(
+        'ESRC_HTTP',
+        /HTTP 200 .*Content-Range: bytes 0-4095\/.*whole file was asked for/,
+      ),
+    );
+    await absent(join(dir, 'part'));
+    routes.set('/all200.img', (_req, res) => {
+      res
+        .writeHead(200, {
+          'content-length': IMAGE.length,
+          'content-range': `bytes 0-${IMAGE.length - 1}/${IMAGE.length}`,
+        })
+        .end(IMAGE);
+    });
+    await copy(`${http}/all200.img`, join(dir, 'all'), { noBmap: true });
+    assert.deepEqual(await readFile(join(dir, 'all')), IMAGE);
+  });
+
   it('refuses a success that is not the whole file (204, 205, 206) for the image, its bmap or signature', async (t) => {
     const dir = await tempDir(t);
     routes.set('/partial.img', (_req, res) => {

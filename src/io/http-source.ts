@@ -155,18 +155,30 @@ function statusError(url: string, res: HttpResponse): BlksyncError {
  * Whether a success answers a GET of the whole file with the whole file: 200, or 203 (the
  * same through a transforming proxy). 204 and 205 carry no body, 206 a part of one (asked
  * for by nobody here), and the rest of 2xx no file at all: taken as the file, each would
- * be a short or empty image copied with exit 0.
+ * be a short or empty image copied with exit 0. So would a 200 whose Content-Range names
+ * a part of the file: only one naming all of it (bytes 0-(N-1)/N) is taken.
  */
-function isWholeFile(status: number): boolean {
-  return status === 200 || status === 203;
+function isWholeFile(res: HttpResponse): boolean {
+  if (res.status !== 200 && res.status !== 203) return false;
+  // a Content-Range on it names the part sent: the whole file, or it is a 206 in disguise
+  const range = res.body.headers['content-range'];
+  if (range === undefined) return true;
+  const m = /^bytes 0-(\d+)\/(\d+)$/.exec(range.trim());
+  return (
+    m !== null &&
+    Number(m[1]) + 1 === Number(m[2]) &&
+    (res.length === undefined || res.length === Number(m[2]))
+  );
 }
 
 /** The error for an answer that is not the whole file (see isWholeFile). */
 function notWholeFile(url: string, res: HttpResponse): BlksyncError {
   if (res.status >= 200 && res.status <= 299) {
+    const range = res.body.headers['content-range'];
     return new BlksyncError(
       'ESRC_HTTP',
       `${url}: HTTP ${res.status} ${res.body.statusMessage ?? ''}`.trimEnd() +
+        (range !== undefined ? ` (Content-Range: ${range})` : '') +
         ' where the whole file was asked for; nothing was written: check the server (or a proxy on the way)',
       { path: url },
     );
@@ -177,7 +189,7 @@ function notWholeFile(url: string, res: HttpResponse): BlksyncError {
 /** GETs `url` and fails unless the answer is the whole file (200 or 203). */
 export async function httpOpenOk(url: string, options: HttpOptions = {}): Promise<HttpResponse> {
   const res = await httpOpen(url, options);
-  if (!isWholeFile(res.status)) {
+  if (!isWholeFile(res)) {
     res.body.resume();
     throw notWholeFile(url, res);
   }
@@ -204,7 +216,7 @@ export async function httpFetchSmall(
     res.body.resume();
     return undefined;
   }
-  if (!isWholeFile(res.status)) {
+  if (!isWholeFile(res)) {
     res.body.resume();
     throw notWholeFile(url, res);
   }
