@@ -7,7 +7,7 @@
  */
 
 import assert from 'node:assert/strict';
-import { closeSync, openSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, renameSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -394,4 +394,26 @@ test('progress tells DST being hashed before the chunks are fetched, then the by
   // hashing comes first: no copy progress before its last report
   const firstCopy = seen.findIndex((p) => p.phase === undefined);
   assert.ok(firstCopy === -1 || firstCopy > seen.lastIndexOf(last));
+});
+
+test('DST replaced after it was hashed (while the index is fetched): EDEST_CHANGED, the new file untouched', async (t) => {
+  let replaced = false;
+  const other = seededBytes(SIZE, 9);
+  let dstPath = '';
+  const f = await fixture(t, {
+    onRequest: (req) => {
+      // the leaf records of the differing groups: asked for once DST is hashed
+      if (!replaced && req.url?.endsWith('.blkpub') === true && req.headers.range !== undefined) {
+        if (!req.headers.range.startsWith('bytes=0-')) {
+          writeFileSync(`${dstPath}.new`, other);
+          renameSync(`${dstPath}.new`, dstPath);
+          replaced = true;
+        }
+      }
+    },
+  });
+  dstPath = f.dst;
+  await rejectsWith(copy(f.url, f.dst), 'EDEST_CHANGED');
+  assert.ok(replaced, 'DST was not replaced: the test did not race');
+  assert.deepEqual(await readFile(f.dst), other);
 });

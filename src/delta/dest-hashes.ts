@@ -148,6 +148,8 @@ export interface PreparedDestination {
     onHashed?: (done: number, total: number) => void,
   ): Promise<Buffer>;
   close(): Promise<void>;
+  /** The file or device opened (undefined: DST was missing), to be found the same at the copy. */
+  identity: { dev: number; ino: number } | undefined;
 }
 
 /** Opens DST for hashing (a missing DST, or one that is no file or device, holds zeros). */
@@ -165,17 +167,18 @@ export async function prepareDestination(
     fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     await worker?.stop();
-    if (isSystemError(err) && err.code === 'ENOENT') return zerosOnly();
+    if (isSystemError(err) && err.code === 'ENOENT') return zerosOnly(undefined);
     throw fromSystemError('EDEST_OPEN', 'cannot open destination', path, err);
   }
   try {
     const st = await fh.stat();
+    const identity = { dev: st.dev, ino: st.ino };
     // not a destination at all: the copy refuses it with its own error (EDEST_KIND);
     // an empty DST is made at full size by the copy: zeros
     if ((!st.isFile() && !st.isBlockDevice()) || (st.isFile() && st.size === 0)) {
       await worker?.stop();
       await fh.close();
-      return zerosOnly();
+      return zerosOnly(identity);
     }
     let size = st.size;
     let mapped: Range[];
@@ -190,7 +193,7 @@ export async function prepareDestination(
     if (size === 0) {
       await worker?.stop();
       await fh.close();
-      return zerosOnly();
+      return zerosOnly(identity);
     }
     const dataBytes = mapped.reduce((n, r) => n + r.end - r.start, 0);
     if (dataBytes < workerMinBytes) {
@@ -204,6 +207,7 @@ export async function prepareDestination(
         await worker?.stop();
         await fh.close();
       },
+      identity,
     };
   } catch (err) {
     await worker?.stop();
@@ -213,10 +217,11 @@ export async function prepareDestination(
 }
 
 /** A DST that holds only zeros: missing, empty, or no file at all. */
-function zerosOnly(): PreparedDestination {
+function zerosOnly(identity: PreparedDestination['identity']): PreparedDestination {
   return {
     hash: (h) => Promise.resolve(zeroHashes(h).all()),
     close: () => Promise.resolve(),
+    identity,
   };
 }
 

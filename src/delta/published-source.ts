@@ -128,6 +128,12 @@ export interface PublishedSource {
   plan: Plan;
   source: Source;
   report(): DeltaReport;
+  /**
+   * Called with DST's stats once the copy has opened it (undefined: missing): what was hashed
+   * must be what is written, or chunks taken as equal would be left as another file holds
+   * them. EDEST_CHANGED when DST was replaced (or made, or removed) since it was hashed.
+   */
+  checkTarget(stats: { dev: number; ino: number } | undefined): void;
 }
 
 /** Reads and checks the header and top level; undefined when IMG is not published. */
@@ -229,8 +235,10 @@ export async function openPublished(
   }
   trace('image is fresh (its published files match it)');
   let have: Buffer;
+  let hashed: { dev: number; ino: number } | undefined;
   try {
     have = await hashing;
+    hashed = (await preparing).identity;
   } finally {
     // the hashing thread is stopped and DST's read handle closed off the critical path
     void drop();
@@ -313,10 +321,24 @@ export async function openPublished(
   const storedBytes = needed.reduce((n, i) => n + leaves.get(i)!.length, 0);
   const data = new RangeClient(names.data, { ...options, size: h.dataSize });
   const source = new ChunkSource(h, needed, leaves, data, seeds, options.destination);
+  const destination = options.destination;
   return {
     size: h.imageSize,
     plan: { imageSize: h.imageSize, ranges },
     source,
+    checkTarget: (stats) => {
+      const same =
+        stats === undefined || hashed === undefined
+          ? stats === hashed
+          : stats.dev === hashed.dev && stats.ino === hashed.ino;
+      if (!same) {
+        throw new BlksyncError(
+          'EDEST_CHANGED',
+          `${destination} was ${stats === undefined ? 'removed' : hashed === undefined ? 'made' : 'replaced by another file'} after it was hashed against the published index; nothing was written: rerun`,
+          { path: destination },
+        );
+      }
+    },
     report: () => ({
       index: names.index,
       data: names.data,

@@ -253,6 +253,7 @@ async function openPublishedSource(
     unmappedData: () => undefined,
     adviseTarget: () => {},
     delta: () => p.report(),
+    checkTarget: (stats) => p.checkTarget(stats),
     close: () => p.source.close(),
   };
 }
