@@ -417,3 +417,25 @@ test('DST replaced after it was hashed (while the index is fetched): EDEST_CHANG
   assert.ok(replaced, 'DST was not replaced: the test did not race');
   assert.deepEqual(await readFile(f.dst), other);
 });
+
+test('DST written in place after it was hashed: EDEST_CHANGED, not a copy planned from stale hashes', async (t) => {
+  let written = false;
+  let dstPath = '';
+  const f = await fixture(t, {
+    onRequest: (req) => {
+      // the leaf records of the differing groups: asked for once DST is hashed
+      const range = req.headers.range;
+      if (!written && req.url?.endsWith('.blkpub') === true && range !== undefined) {
+        if (!range.startsWith('bytes=0-')) {
+          const fd = openSync(dstPath, 'r+');
+          writeSync(fd, Buffer.from('written by another program'), 0, 26, 7 * 1024 * 1024);
+          closeSync(fd);
+          written = true;
+        }
+      }
+    },
+  });
+  dstPath = f.dst;
+  await rejectsWith(copy(f.url, f.dst), 'EDEST_CHANGED');
+  assert.ok(written, 'DST was not written: the test did not race');
+});

@@ -148,8 +148,11 @@ export interface PreparedDestination {
     onHashed?: (done: number, total: number) => void,
   ): Promise<Buffer>;
   close(): Promise<void>;
-  /** The file or device opened (undefined: DST was missing), to be found the same at the copy. */
-  identity: { dev: number; ino: number } | undefined;
+  /**
+   * The file or device opened (undefined: DST was missing), to be found the same at the copy;
+   * a regular file's ctime too (undefined for a device, whose node's ctime writes do not move).
+   */
+  identity: { dev: number; ino: number; ctimeMs: number | undefined } | undefined;
 }
 
 /** Opens DST for hashing (a missing DST, or one that is no file or device, holds zeros). */
@@ -172,7 +175,7 @@ export async function prepareDestination(
   }
   try {
     const st = await fh.stat();
-    const identity = { dev: st.dev, ino: st.ino };
+    const identity = { dev: st.dev, ino: st.ino, ctimeMs: st.isFile() ? st.ctimeMs : undefined };
     // not a destination at all: the copy refuses it with its own error (EDEST_KIND);
     // an empty DST is made at full size by the copy: zeros
     if ((!st.isFile() && !st.isBlockDevice()) || (st.isFile() && st.size === 0)) {

@@ -133,7 +133,7 @@ export interface PublishedSource {
    * must be what is written, or chunks taken as equal would be left as another file holds
    * them. EDEST_CHANGED when DST was replaced (or made, or removed) since it was hashed.
    */
-  checkTarget(stats: { dev: number; ino: number } | undefined): void;
+  checkTarget(stats: { dev: number; ino: number; ctimeMs: number } | undefined): void;
 }
 
 /** Reads and checks the header and top level; undefined when IMG is not published. */
@@ -235,7 +235,7 @@ export async function openPublished(
   }
   trace('image is fresh (its published files match it)');
   let have: Buffer;
-  let hashed: { dev: number; ino: number } | undefined;
+  let hashed: { dev: number; ino: number; ctimeMs: number | undefined } | undefined;
   try {
     have = await hashing;
     hashed = (await preparing).identity;
@@ -331,6 +331,16 @@ export async function openPublished(
         stats === undefined || hashed === undefined
           ? stats === hashed
           : stats.dev === hashed.dev && stats.ino === hashed.ino;
+      // the same file written meanwhile (its ctime moved): what was hashed is not what it holds
+      if (same && stats !== undefined && hashed?.ctimeMs !== undefined) {
+        if (stats.ctimeMs !== hashed.ctimeMs) {
+          throw new BlksyncError(
+            'EDEST_CHANGED',
+            `${destination} was written by another program after it was hashed against the published index (its ctime moved); nothing was written: stop what writes it and rerun`,
+            { path: destination },
+          );
+        }
+      }
       if (!same) {
         throw new BlksyncError(
           'EDEST_CHANGED',

@@ -127,7 +127,8 @@ export interface CopySource {
    * or written: a published SRC's plan was made from DST's hashes and throws EDEST_CHANGED
    * when DST is no longer the file hashed.
    */
-  checkTarget?: ((stats: { dev: number; ino: number } | undefined) => void) | undefined;
+  checkTarget?:
+    ((stats: { dev: number; ino: number; ctimeMs: number } | undefined) => void) | undefined;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
   /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */
