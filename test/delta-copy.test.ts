@@ -7,7 +7,15 @@
  */
 
 import assert from 'node:assert/strict';
-import { closeSync, openSync, renameSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  fsyncSync,
+  openSync,
+  renameSync,
+  utimesSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -438,4 +446,35 @@ test('DST written in place after it was hashed: EDEST_CHANGED, not a copy planne
   dstPath = f.dst;
   await rejectsWith(copy(f.url, f.dst), 'EDEST_CHANGED');
   assert.ok(written, 'DST was not written: the test did not race');
+});
+
+test('a device DST written after it was hashed (its count of sectors written moved): EDEST_CHANGED', async (t) => {
+  if (!needLoop(t)) return;
+  let written = false;
+  let dev = '';
+  const f = await fixture(t, {
+    onRequest: (req) => {
+      // the leaf records of the differing groups: asked for once DST is hashed
+      const range = req.headers.range;
+      if (!written && req.url?.endsWith('.blkpub') === true && range !== undefined) {
+        if (!range.startsWith('bytes=0-')) {
+          // another program writes the device, and its write reaches it (fsync)
+          const fd = openSync(dev, 'r+');
+          writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, 7 * 1024 * 1024);
+          fsyncSync(fd);
+          closeSync(fd);
+          written = true;
+        }
+      }
+    },
+  });
+  dev = await attachLoop(t, f.dst);
+  const err = await rejectsWith(copy(f.url, dev), 'EDEST_CHANGED');
+  assert.match(err.message, /sectors written/);
+  assert.ok(written, 'DST was not written: the test did not race');
+  // nothing of the update was written: the device holds v1 but for the other program's block
+  const held = await readFile(dev);
+  const expected = Buffer.from(f.v1);
+  expected.fill(7, 7 * 1024 * 1024, 7 * 1024 * 1024 + 4096);
+  assert.ok(held.equals(expected));
 });

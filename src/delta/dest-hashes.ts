@@ -19,6 +19,7 @@ import { chunkCount, chunkLength, type PublishedHeader } from '../formats/publis
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
 import { trace } from '../trace.js';
+import { sectorsWritten } from '../io/write-counter.js';
 
 /** DST is read in pieces of this size. */
 const READ_BYTES = 4 * 1024 * 1024;
@@ -136,6 +137,18 @@ function startWorker(): {
 }
 
 /**
+ * What DST was when it was hashed, to be found the same when the copy opens it: its file (or
+ * device node), a regular file's ctime (a device node's does not move on writes), and a block
+ * device's count of sectors written (its own, a partition's, as io/source-watch.ts reads it).
+ */
+export interface DestinationIdentity {
+  dev: number;
+  ino: number;
+  ctimeMs: number | undefined;
+  sectorsWritten: bigint | undefined;
+}
+
+/**
  * DST opened, its size and data ranges known, a worker started when there is enough data:
  * what hashing DST needs before the published header is known, so it can be done while the
  * header is fetched. `hash` hashes DST's chunks as the header lays them out; `close` frees
@@ -152,7 +165,7 @@ export interface PreparedDestination {
    * The file or device opened (undefined: DST was missing), to be found the same at the copy;
    * a regular file's ctime too (undefined for a device, whose node's ctime writes do not move).
    */
-  identity: { dev: number; ino: number; ctimeMs: number | undefined } | undefined;
+  identity: DestinationIdentity | undefined;
 }
 
 /** Opens DST for hashing (a missing DST, or one that is no file or device, holds zeros). */
@@ -175,7 +188,12 @@ export async function prepareDestination(
   }
   try {
     const st = await fh.stat();
-    const identity = { dev: st.dev, ino: st.ino, ctimeMs: st.isFile() ? st.ctimeMs : undefined };
+    const identity: DestinationIdentity = {
+      dev: st.dev,
+      ino: st.ino,
+      ctimeMs: st.isFile() ? st.ctimeMs : undefined,
+      sectorsWritten: st.isBlockDevice() ? await sectorsWritten(st.rdev) : undefined,
+    };
     // not a destination at all: the copy refuses it with its own error (EDEST_KIND);
     // an empty DST is made at full size by the copy: zeros
     if ((!st.isFile() && !st.isBlockDevice()) || (st.isFile() && st.size === 0)) {

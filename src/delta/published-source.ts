@@ -47,7 +47,8 @@ import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
 import { trace } from '../trace.js';
-import { prepareDestination } from './dest-hashes.js';
+import { prepareDestination, type DestinationIdentity } from './dest-hashes.js';
+import { sectorsWritten } from '../io/write-counter.js';
 import { RangeClient } from './range-client.js';
 
 /** The first request asks for this much of the index: the header and a top level of 256 groups. */
@@ -133,7 +134,9 @@ export interface PublishedSource {
    * must be what is written, or chunks taken as equal would be left as another file holds
    * them. EDEST_CHANGED when DST was replaced (or made, or removed) since it was hashed.
    */
-  checkTarget(stats: { dev: number; ino: number; ctimeMs: number } | undefined): void;
+  checkTarget(
+    stats: { dev: number; ino: number; ctimeMs: number; rdev: number } | undefined,
+  ): Promise<void>;
 }
 
 /** Reads and checks the header and top level; undefined when IMG is not published. */
@@ -235,7 +238,7 @@ export async function openPublished(
   }
   trace('image is fresh (its published files match it)');
   let have: Buffer;
-  let hashed: { dev: number; ino: number; ctimeMs: number | undefined } | undefined;
+  let hashed: DestinationIdentity | undefined;
   try {
     have = await hashing;
     hashed = (await preparing).identity;
@@ -326,7 +329,7 @@ export async function openPublished(
     size: h.imageSize,
     plan: { imageSize: h.imageSize, ranges },
     source,
-    checkTarget: (stats) => {
+    checkTarget: async (stats) => {
       const same =
         stats === undefined || hashed === undefined
           ? stats === hashed
@@ -337,6 +340,16 @@ export async function openPublished(
           throw new BlksyncError(
             'EDEST_CHANGED',
             `${destination} was written by another program after it was hashed against the published index (its ctime moved); nothing was written: stop what writes it and rerun`,
+            { path: destination },
+          );
+        }
+      }
+      // a device written meanwhile: the kernel's count of sectors written to it moved
+      if (same && stats !== undefined && hashed?.sectorsWritten !== undefined) {
+        if ((await sectorsWritten(stats.rdev)) !== hashed.sectorsWritten) {
+          throw new BlksyncError(
+            'EDEST_CHANGED',
+            `${destination} was written by another program after it was hashed against the published index (the kernel's count of sectors written to it moved); nothing was written: stop what writes it and rerun`,
             { path: destination },
           );
         }

@@ -128,7 +128,10 @@ export interface CopySource {
    * when DST is no longer the file hashed.
    */
   checkTarget?:
-    ((stats: { dev: number; ino: number; ctimeMs: number } | undefined) => void) | undefined;
+    | ((
+        stats: { dev: number; ino: number; ctimeMs: number; rdev: number } | undefined,
+      ) => Promise<void>)
+    | undefined;
   /** Called with DST's descriptor before DST is read: a bmap plan turns readahead off. */
   adviseTarget(fd: number): void;
   /** For a published SRC fetched by ranges: requests and bytes fetched (`http` in the result). */

@@ -79,7 +79,7 @@ export async function copyLocal(
     const watch =
       source.watched !== undefined ? await SourceWatch.start(source.watched, src) : undefined;
     const found = await openTarget(dst, { readOnly: dryRun });
-    source.checkTarget?.(found.fh !== undefined ? found.stats : undefined);
+    await source.checkTarget?.(found.fh !== undefined ? found.stats : undefined);
     if (found.fh !== undefined) {
       target = found;
       if (source.sameAs(found.stats)) throw sameFileError(src, dst);
