@@ -118,6 +118,45 @@ test("a qcow2 overlay reads through its backing file, named relative to the over
   assert.equal(existsSync(viaStdin), false);
 });
 
+test("a VMDK descriptor's extent and a qcow2's data file name other files: warned from a file, refused from a stream", async (t) => {
+  if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
+  const dir = await tempDir(t);
+  const secret = join(dir, 'secret');
+  const vmdk = join(dir, 'desc.vmdk');
+  await writeFile(
+    vmdk,
+    `# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "${secret}" 0\n`,
+  );
+  const qcow = join(dir, 'ext.qcow2');
+  await run('qemu-img', [
+    'create',
+    '-q',
+    '-f',
+    'qcow2',
+    '-o',
+    `data_file=${secret},data_file_raw=on`,
+    qcow,
+    '1M',
+  ]);
+  // written after qemu-img create, which makes the data file anew
+  const bytes = seededBytes(MiB, 11);
+  await writeFile(secret, bytes);
+  for (const src of [vmdk, qcow]) {
+    // from a file: read as qemu-img reads it, with a warning naming the other file
+    const dst = `${src}.out`;
+    const warnings: string[] = [];
+    await copy(src, dst, { onWarning: (w) => warnings.push(`${w.code} ${w.message}`) });
+    assert.ok((await readFile(dst)).equals(bytes));
+    assert.ok(warnings.some((w) => w.startsWith('WSRC_BACKING') && w.includes(secret)));
+    // from a stream (a URL, a pipe) the name would be resolved on this machine: refused
+    const viaStdin = `${src}.stdin`;
+    const r = await runCli(['copy', '-', viaStdin], { input: await readFile(src) });
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /cannot be resolved from a stream.*\[ESRC_CONTAINER\]/);
+    assert.equal(existsSync(viaStdin), false);
+  }
+});
+
 test('without qemu-img: a fixed VHD still decodes; a qcow2 is refused naming qemu-utils, no DST', async (t) => {
   if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
   const dir = await tempDir(t);

@@ -276,6 +276,13 @@ export async function openContainerFile(
           path: name,
         });
       }
+      if (q.others.length > 0) {
+        options.onWarning?.({
+          code: 'WSRC_BACKING',
+          message: `${name} is a ${detected.name} image whose data is read from ${q.others.join(', ')}`,
+          path: name,
+        });
+      }
       return fromQemu(report, q);
     }
   }

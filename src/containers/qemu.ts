@@ -78,6 +78,8 @@ export interface QemuDecoded {
   source: Source;
   /** The backing file qemu-img read through, if any (as the image names it). */
   backing: string | undefined;
+  /** Other files read for the image's data: a qcow2's external data file, a VMDK's extents. */
+  others: string[];
   /** The temporary directory holding the converted image (and a spooled SRC); none for an overlay of DST. */
   temporary: string | undefined;
   /**
@@ -117,6 +119,7 @@ export async function qemuDecode(
       'virtual-size'?: unknown;
       'backing-filename'?: unknown;
       'backing-filename-format'?: unknown;
+      'format-specific'?: { data?: { 'data-file'?: unknown; extents?: unknown } };
     };
     const size = info['virtual-size'];
     if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
@@ -137,12 +140,21 @@ export async function qemuDecode(
         { path: name },
       );
     }
+    const others = otherFiles(info['format-specific']?.data, path);
+    if (others.length > 0 && 'stream' in input) {
+      throw new BlksyncError(
+        'ESRC_CONTAINER',
+        `${name} is a ${what} image whose data is in ${others.join(', ')}, which cannot be resolved from a stream; copy from the image's file beside its data`,
+        { path: name },
+      );
+    }
     // convert reads through damaged tables (an L1 table past the end reads as zeros) and
     // exits 0: check first. Its statuses: 0 clean, 3 only leaked clusters (harmless), 63 the
     // format has no check; 2 corrupted, 1 the check could not finish
     await run(['check', '-q', '-f', format, path], name, what, [0, 3, 63]);
     if (
       backing !== undefined &&
+      others.length === 0 && // the overlay's clusters would be in another file
       destination !== undefined &&
       !('stream' in input) &&
       info['backing-filename-format'] === 'raw' &&
@@ -151,7 +163,7 @@ export async function qemuDecode(
       const overlay = await overlayOfDestination(path, format, what, name, size);
       if (overlay !== undefined) {
         await remove();
-        return { size, backing, temporary: undefined, ...overlay };
+        return { size, backing, others, temporary: undefined, ...overlay };
       }
     }
     const raw = join(dir, 'image.raw');
@@ -163,6 +175,7 @@ export async function qemuDecode(
       size,
       source,
       backing,
+      others,
       temporary: dir,
       only: undefined,
       close: async () => {
@@ -174,6 +187,22 @@ export async function qemuDecode(
     await remove();
     throw err;
   }
+}
+
+/**
+ * The files other than `path` that qemu-img reads the image's data from, as `qemu-img info`
+ * names them (relative to this process's directory): a qcow2's external data file, a VMDK
+ * descriptor's extents. Like a backing file, the image decides which files these are.
+ */
+function otherFiles(
+  data: { 'data-file'?: unknown; extents?: unknown } | undefined,
+  path: string,
+): string[] {
+  const named: unknown[] = [data?.['data-file']];
+  if (Array.isArray(data?.extents)) {
+    for (const e of data.extents as unknown[]) named.push((e as { filename?: unknown }).filename);
+  }
+  return named.filter((f): f is string => typeof f === 'string' && resolve(f) !== resolve(path));
 }
 
 /** True when both paths name the same file, or the same block device. */
