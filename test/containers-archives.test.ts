@@ -102,6 +102,24 @@ test('zips (stored, deflated, zip64, data descriptors) decode from a file and fr
   assert.ok((await readFile(join(dir, 'u.out'))).equals(bytes));
 });
 
+test('a large deflated entry decodes without a word on stderr (no listener piles up per drain)', async (t) => {
+  if (!(await needZip(t))) return;
+  const dir = await tempDir(t);
+  const img = join(dir, 'os.img');
+  // incompressible: the inflater's output outruns the pipeline, many waits for 'drain'
+  const bytes = seededBytes(16 * 1024 * 1024, 9);
+  await writeFile(img, bytes);
+  const zip = join(dir, 'os.zip');
+  await makeZip(zip, { 'os.img': img }, 'deflated');
+  for (const args of [[zip], ['-']]) {
+    const dst = join(dir, `${args[0] === '-' ? 'stdin' : 'file'}.out`);
+    const r = await runCli(['copy', '-q', ...args, dst], { input: await readFile(zip) });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stderr, '');
+    assert.ok((await readFile(dst)).equals(bytes));
+  }
+});
+
 test('a zip with several images is refused listing them; --entry picks one; a missing --entry is refused', async (t) => {
   if (!(await needZip(t))) return;
   const dir = await tempDir(t);

@@ -308,10 +308,16 @@ export function inflate(
       for await (const piece of input) {
         if (z.destroyed || z.writableEnded) break;
         if (!z.write(piece) && !z.destroyed) {
-          // an inflater destroyed meanwhile never drains: its close ends the wait
-          await new Promise((r) => {
-            z.once('drain', r);
-            z.once('close', r);
+          // an inflater destroyed meanwhile never drains: its close ends the wait (and the
+          // listener not called is removed, or one would pile up per wait)
+          await new Promise<void>((r) => {
+            const done = (): void => {
+              z.off('drain', done);
+              z.off('close', done);
+              r();
+            };
+            z.once('drain', done);
+            z.once('close', done);
           });
         }
       }
