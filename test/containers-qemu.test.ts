@@ -201,6 +201,28 @@ test('a damaged qcow2 is refused before any write (qemu-img says why)', async (t
   assert.equal(existsSync(dst), false);
 });
 
+test('a truncated VDI or qcow (v1), whose data qemu-img would read as zeros past the end, is refused before any write', async (t) => {
+  if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
+  const dir = await tempDir(t);
+  const raw = join(dir, 'os.raw');
+  await writeFile(raw, image(6));
+  for (const format of ['vdi', 'qcow']) {
+    const src = join(dir, `os.${format}`);
+    await run('qemu-img', ['convert', '-f', 'raw', '-O', format, raw, src]);
+    const whole = await readFile(src);
+    // cut inside the last data cluster: qemu-img check finds nothing and convert exits 0
+    await writeFile(src, whole.subarray(0, whole.length - 64 * 1024));
+    const dst = join(dir, `${format}.out`);
+    await assert.rejects(copy(src, dst), (err: unknown) => {
+      assert.ok(err instanceof BlksyncError);
+      assert.equal(err.code, 'ESRC_SHORT', err.message);
+      assert.match(err.message, /truncated/);
+      return true;
+    });
+    assert.equal(existsSync(dst), false);
+  }
+});
+
 test("the seed's overlay commit: an overlay of DST itself copies only its own clusters (DST reads counted)", async (t) => {
   if (!(await needTool(t, 'qemu-io', 'qemu-utils'))) return;
   if (!needLoop(t)) return;

@@ -152,6 +152,9 @@ export async function qemuDecode(
     // exits 0: check first. Its statuses: 0 clean, 3 only leaked clusters (harmless), 63 the
     // format has no check; 2 corrupted, 1 the check could not finish
     await run(['check', '-q', '-f', format, path], name, what, [0, 3, 63]);
+    // check does not look for data past the file's end in every format (VDI; qcow has no
+    // check): a truncated image would convert with zeros there and exit 0
+    if (others.length === 0) await checkDataInFile(path, format, what, name);
     if (
       backing !== undefined &&
       others.length === 0 && // the overlay's clusters would be in another file
@@ -203,6 +206,32 @@ function otherFiles(
     for (const e of data.extents as unknown[]) named.push((e as { filename?: unknown }).filename);
   }
   return named.filter((f): f is string => typeof f === 'string' && resolve(f) !== resolve(path));
+}
+
+/**
+ * Refuses an image whose own data clusters (`qemu-img map`, depth 0) lie past its file's end:
+ * the file was cut short. (Its extents or data file, when it names others, are not its own.)
+ */
+async function checkDataInFile(
+  path: string,
+  format: string,
+  what: string,
+  name: string,
+): Promise<void> {
+  const map = JSON.parse(
+    await run(['map', '--output=json', '-f', format, path], name, what),
+  ) as MapEntry[];
+  const { size: fileSize } = await stat(path);
+  const past = map.find(
+    (e) =>
+      e.depth === 0 && e.data && typeof e.offset === 'number' && e.offset + e.length > fileSize,
+  );
+  if (past === undefined) return;
+  throw new BlksyncError(
+    'ESRC_SHORT',
+    `${name}: the ${what} image's data for bytes ${past.start}-${past.start + past.length} is past the end of the file (${fileSize} bytes); the file is truncated: download or copy it again`,
+    { path: name },
+  );
 }
 
 /** True when both paths name the same file, or the same block device. */
