@@ -9,7 +9,8 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -219,6 +220,33 @@ test('a truncated VDI or qcow (v1), whose data qemu-img would read as zeros past
       assert.match(err.message, /truncated/);
       return true;
     });
+    assert.equal(existsSync(dst), false);
+  }
+});
+
+test('a full temporary directory is EWRITE naming it, not a damaged image (from a file and spooled)', async (t) => {
+  if (!(await needTool(t, 'qemu-img', 'qemu-utils')) || !needLoop(t)) return; // mount needs root
+  const dir = await tempDir(t);
+  const raw = join(dir, 'os.raw');
+  await writeFile(raw, image(8));
+  const qcow = join(dir, 'os.qcow2');
+  await run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow]);
+  const small = await mkdtemp(join(tmpdir(), 'blksync-tmpfs-'));
+  await run('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', small]);
+  t.after(async () => {
+    await run('umount', [small]);
+    await rm(small, { recursive: true, force: true });
+  });
+  const env = { ...process.env, TMPDIR: small };
+  const dst = join(dir, 'dst');
+  for (const r of [
+    await runCli(['copy', '-q', qcow, dst], { env }),
+    await runCli(['copy', '-q', '-', dst], { env, input: await readFile(qcow) }),
+  ]) {
+    assert.equal(r.code, 1);
+    const last = r.stderr.trimEnd().split('\n').pop()!;
+    assert.match(last, /^blksync: .*temporary directory .*blksync-tmpfs-.*TMPDIR.*\[EWRITE\]$/);
+    assert.doesNotMatch(r.stderr, /good copy/);
     assert.equal(existsSync(dst), false);
   }
 });

@@ -18,7 +18,7 @@ import { mkdtemp, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, isSystemError } from '../errors.js';
 import { FileSource } from '../io/file-source.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
@@ -109,7 +109,13 @@ export async function qemuDecode(
     if ('stream' in input) {
       path = join(dir, 'spooled');
       onSpool?.(path);
-      await pipeline(input.stream, createWriteStream(path, { flags: 'wx' }));
+      const spool = createWriteStream(path, { flags: 'wx' });
+      try {
+        await pipeline(input.stream, spool);
+      } catch (err) {
+        if (spool.errored === err && isSystemError(err)) throw tempFull(name, dir, err.message);
+        throw err;
+      }
     } else {
       path = input.path;
     }
@@ -170,7 +176,15 @@ export async function qemuDecode(
       }
     }
     const raw = join(dir, 'image.raw');
-    await run(['convert', '-q', '-f', format, '-O', 'raw', path, raw], name, what);
+    try {
+      await run(['convert', '-q', '-f', format, '-O', 'raw', path, raw], name, what);
+    } catch (err) {
+      // its output failed, not the image: the temporary directory is full (or read-only)
+      const cause =
+        err instanceof Error ? /error while writing.*: (.*?)\)?;/.exec(err.message) : null;
+      if (cause !== null) throw tempFull(name, dir, cause[1]!);
+      throw err;
+    }
     if ('stream' in input) await rm(path, { force: true });
     const fh = await open(raw, 'r');
     const source = new FileSource(fh, name, size);
@@ -231,6 +245,15 @@ async function checkDataInFile(
     'ESRC_SHORT',
     `${name}: the ${what} image's data for bytes ${past.start}-${past.start + past.length} is past the end of the file (${fileSize} bytes); the file is truncated: download or copy it again`,
     { path: name },
+  );
+}
+
+/** The temporary directory could not take the spooled SRC or the converted image. */
+function tempFull(name: string, dir: string, why: string): BlksyncError {
+  return new BlksyncError(
+    'EWRITE',
+    `${name}: cannot write to the temporary directory ${dirname(dir)} (${why}); free space there, or set TMPDIR to a directory with room for the image`,
+    { path: dirname(dir) },
   );
 }
 
