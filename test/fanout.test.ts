@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -293,6 +293,14 @@ test('several destinations: --index FILE and a destination given twice are usage
   assert.match(twice.stderr, /same file.*give each destination once \[EUSAGE\]/);
   assert.equal(existsSync(b), false, 'nothing created');
   assert.ok((await readFile(a)).equals(Buffer.alloc(MiB)), 'nothing written');
+  // not there yet: two names of the path it would be created at, or a dangling link to it
+  await symlink('b.img', join(dir, 'to-b'));
+  for (const other of [join(dir, '.', 'b.img'), join(dir, 'to-b')]) {
+    const created = await runCli(['copy', src, b, other]);
+    assert.equal(created.code, 2, created.stderr);
+    assert.match(created.stderr, /same file.*give each destination once \[EUSAGE\]/);
+    assert.equal(existsSync(b), false, 'nothing created');
+  }
 });
 
 test('a dry run to several destinations reports each and writes nothing', async (t) => {

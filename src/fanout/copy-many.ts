@@ -12,7 +12,8 @@
  */
 
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
-import { stat } from 'node:fs/promises';
+import { readlink, realpath, stat } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import type { Stats } from 'node:fs';
 import { BlksyncError, isSystemError } from '../errors.js';
 import { chunkSizeFor, INDEX_CHUNK_SIZE } from '../engine/block-size.js';
@@ -276,10 +277,11 @@ function writtenBefore(err: unknown): number {
 
 /**
  * Two destinations naming one file or device would be written by two copies at once: refused
- * before anything is read. A destination that does not exist yet is compared by name.
+ * before anything is read. A destination that does not exist yet is compared by the path it
+ * would be created at (`new.img` and `./new.img`, a dangling link to it).
  */
 async function assertDistinct(dsts: readonly string[]): Promise<void> {
-  const seen: { dst: string; st: Stats | undefined }[] = [];
+  const seen: { dst: string; st: Stats | undefined; at: string }[] = [];
   for (const dst of dsts) {
     let st: Stats | undefined;
     try {
@@ -288,8 +290,9 @@ async function assertDistinct(dsts: readonly string[]): Promise<void> {
       if (!isSystemError(err)) throw err;
       // missing (created by its copy) or not reachable: its copy reports it
     }
+    const at = st === undefined ? await createdAt(dst) : dst;
     const twin = seen.find((s) =>
-      s.st !== undefined && st !== undefined ? sameFile(s.st, st) : s.dst === dst,
+      s.st !== undefined && st !== undefined ? sameFile(s.st, st) : s.at === at,
     );
     if (twin !== undefined) {
       throw new BlksyncError(
@@ -298,6 +301,29 @@ async function assertDistinct(dsts: readonly string[]): Promise<void> {
         { path: dst },
       );
     }
-    seen.push({ dst, st });
+    seen.push({ dst, st, at });
+  }
+}
+
+/** Links followed to where a missing destination would be created. */
+const MAX_LINKS = 40;
+
+/** The absolute path a missing destination would be created at (its links followed). */
+async function createdAt(dst: string): Promise<string> {
+  let path = resolve(dst);
+  for (let i = 0; i < MAX_LINKS; i++) {
+    try {
+      const target = await readlink(path);
+      path = resolve(dirname(path), target);
+      continue;
+    } catch {
+      // not a link (or not there): created here
+    }
+    break;
+  }
+  try {
+    return join(await realpath(dirname(path)), basename(path));
+  } catch {
+    return path; // its directory is missing too: its copy reports it
   }
 }
