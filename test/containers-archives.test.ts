@@ -120,6 +120,33 @@ test('a large deflated entry decodes without a word on stderr (no listener piles
   }
 });
 
+test('a stored entry sized only after its data, from a stream, is refused without suggesting --entry', async (t) => {
+  if (!(await needZip(t))) return;
+  const dir = await tempDir(t);
+  const img = join(dir, 'os.img');
+  await writeFile(img, image(3));
+  const zip = join(dir, 'stored-stream.zip');
+  // python's zipfile writing to a pipe: a data descriptor after the stored data
+  const script = `
+import sys, zipfile, shutil
+with zipfile.ZipFile(sys.stdout.buffer, 'w', zipfile.ZIP_STORED) as z:
+    with open(sys.argv[1], 'rb') as src, z.open('os.img', 'w') as dst:
+        shutil.copyfileobj(src, dst)
+`;
+  await run('sh', ['-c', 'python3 -c "$0" "$1" | cat > "$2"', script, img, zip]);
+  const dst = join(dir, 'dst');
+  for (const extra of [[], ['--entry', 'os.img']]) {
+    const r = await runCli(['copy', ...extra, '-', dst], { input: await readFile(zip) });
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      /os\.img in the zip .*stored.*save the zip to a file.*\[ESRC_CONTAINER\]/,
+    );
+    assert.doesNotMatch(r.stderr, /--entry/);
+    assert.equal(existsSync(dst), false);
+  }
+});
+
 test('a zip with several images is refused listing them; --entry picks one; a missing --entry is refused', async (t) => {
   if (!(await needZip(t))) return;
   const dir = await tempDir(t);

@@ -123,10 +123,11 @@ export async function openZipStream(
     seen.push(entry);
     if (entry.file && pick(entryName)) {
       checkZipEntry(entry, name);
-      if (entry.compressedSize === undefined && method === 0) throw undescribed(name, entryName);
+      if (entry.compressedSize === undefined && method === 0)
+        throw undescribed(name, entryName, true);
       return { entry, bytes: entryBytes(reader, entry, name) };
     }
-    if (entry.compressedSize === undefined) throw undescribed(name, entryName);
+    if (entry.compressedSize === undefined) throw undescribed(name, entryName, false);
     await reader.skip(entry.compressedSize, `${entryName} in the zip`);
     if (described) {
       // the descriptor: optional signature, crc, then 4- or 8-byte sizes
@@ -224,10 +225,14 @@ function checkDirectory(window: TailWindow, entry: ZipEntry, counted: Counted, n
   if (twins > 1) throw duplicateInStream(name, 'zip', entry.name, twins);
 }
 
-function undescribed(name: string, entry: string): BlksyncError {
+/**
+ * An entry whose size comes after its data: skipped, or the chosen one stored (not deflated,
+ * so nothing marks its end). --entry helps only the first: that entry may be the image.
+ */
+function undescribed(name: string, entry: string, chosen: boolean): BlksyncError {
   return new BlksyncError(
     'ESRC_CONTAINER',
-    `${name}: ${entry} in the zip gives its size only after its data, which a stream cannot skip; save the zip to a file and copy from that (or name the image with --entry)`,
+    `${name}: ${entry} in the zip gives its size only after its data, which a stream cannot ${chosen ? 'find the end of (it is stored, not deflated)' : 'skip'}; save the zip to a file and copy from that${chosen ? '' : ` (or, if ${entry} is the image, name it with --entry)`}`,
     { path: name },
   );
 }
