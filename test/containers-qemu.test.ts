@@ -251,6 +251,22 @@ test('a full temporary directory is EWRITE naming it, not a damaged image (from 
   }
 });
 
+test('a sound qcow2 of 1 PiB onto a small DST is not called damaged (its size is the trouble)', async (t) => {
+  if (!(await needTool(t, 'qemu-img', 'qemu-utils'))) return;
+  const dir = await tempDir(t);
+  const qcow = join(dir, 'huge.qcow2');
+  await run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '1P']);
+  const dst = join(dir, 'dst');
+  const before = Buffer.alloc(MiB, 7);
+  await writeFile(dst, before);
+  const r = await runCli(['copy', qcow, dst]);
+  assert.equal(r.code, 1);
+  // the temporary file cannot be that large (ext4), or DST is too small (a larger file system)
+  assert.match(r.stderr, /(temporary directory.*TMPDIR.*\[EWRITE\]|\[EDEST_TOO_SMALL\])\n$/);
+  assert.doesNotMatch(r.stderr, /good copy/);
+  assert.ok((await readFile(dst)).equals(before));
+});
+
 test("the seed's overlay commit: an overlay of DST itself copies only its own clusters (DST reads counted)", async (t) => {
   if (!(await needTool(t, 'qemu-io', 'qemu-utils'))) return;
   if (!needLoop(t)) return;

@@ -32,6 +32,7 @@ function run(
   name: string,
   what: string,
   ok: readonly number[] = [0],
+  failure?: (why: string) => BlksyncError | undefined,
 ): Promise<string> {
   return new Promise((resolve, reject) => {
     const child = spawn('qemu-img', args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -62,11 +63,12 @@ function run(
           (err.trim() || out.trim()).replace(/\s+/g, ' ').slice(0, MAX_STDERR_CHARS) ||
           `qemu-img exited with ${code}`;
         reject(
-          new BlksyncError(
-            'ESRC_CORRUPT',
-            `${name}: qemu-img cannot read this ${what} image (${why}); get a good copy of it`,
-            { path: name },
-          ),
+          failure?.(why) ??
+            new BlksyncError(
+              'ESRC_CORRUPT',
+              `${name}: qemu-img cannot read this ${what} image (${why}); get a good copy of it`,
+              { path: name },
+            ),
         );
       }
     });
@@ -176,15 +178,13 @@ export async function qemuDecode(
       }
     }
     const raw = join(dir, 'image.raw');
-    try {
-      await run(['convert', '-q', '-f', format, '-O', 'raw', path, raw], name, what);
-    } catch (err) {
-      // its output failed, not the image: the temporary directory is full (or read-only)
-      const cause =
-        err instanceof Error ? /error while writing.*: (.*?)\)?;/.exec(err.message) : null;
-      if (cause !== null) throw tempFull(name, dir, cause[1]!);
-      throw err;
-    }
+    // its output failing is not the image's fault: the temporary directory is full, or cannot
+    // hold a file of the image's size
+    await run(['convert', '-q', '-f', format, '-O', 'raw', path, raw], name, what, [0], (why) =>
+      why.includes(raw) || /error while writing/.test(why)
+        ? tempFull(name, dir, `${why.replace(/^.*: /, '')}, writing ${size} bytes`)
+        : undefined,
+    );
     if ('stream' in input) await rm(path, { force: true });
     const fh = await open(raw, 'r');
     const source = new FileSource(fh, name, size);
