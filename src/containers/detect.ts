@@ -5,7 +5,8 @@
  *
  *   format       where                       decoded by
  *   zip          "PK\3\4" at 0                native (zip.ts)
- *   tar          "ustar" at 257 + checksum    native (tar.ts)
+ *   tar          "ustar" at 257 (or v7) +     native (tar.ts)
+ *                checksum
  *   simg         0xED26FF3A (LE) at 0         native (simg.ts), Android sparse
  *   vhd fixed    "conectix" footer at the end native: the data before the footer
  *   qcow2, vhd (dynamic), vmdk, vdi, vhdx      qemu-img (qemu.ts)
@@ -46,14 +47,39 @@ function at(buf: Buffer, offset: number, magic: string | readonly number[]): boo
   );
 }
 
-/** A tar header: "ustar" at 257 and a header checksum that adds up. */
+/**
+ * A tar header: "ustar" at 257, or an old v7 header (no magic: a name, octal mode, size and
+ * mtime, a file or link type, and zeros from 257 on but for the device numbers GNU tar
+ * writes), and a header checksum that adds up.
+ */
 export function isTarHeader(h: Buffer): boolean {
-  if (h.length < 512 || !at(h, 257, 'ustar')) return false;
+  if (h.length < 512 || !(at(h, 257, 'ustar') || isV7Header(h))) return false;
   const stored = parseInt(h.toString('latin1', 148, 156).replace(/[\0 ]+$/, ''), 8);
   if (!Number.isFinite(stored)) return false;
   let sum = 0;
   for (let i = 0; i < 512; i++) sum += i >= 148 && i < 156 ? 0x20 : h[i]!;
   return sum === stored;
+}
+
+function isV7Header(h: Buffer): boolean {
+  const octal = (from: number, to: number): boolean =>
+    /^ *[0-7]+[ \0]*$/.test(h.toString('latin1', from, to));
+  return (
+    h[0] !== 0 &&
+    (h[156] === 0 || (h[156]! >= 0x30 && h[156]! <= 0x37)) &&
+    octal(100, 108) &&
+    octal(124, 136) &&
+    octal(136, 148) &&
+    zeros(h, 257, 329) &&
+    // GNU tar fills devmajor and devminor in even there
+    (zeros(h, 329, 345) || (octal(329, 337) && octal(337, 345))) &&
+    zeros(h, 345, 512)
+  );
+}
+
+function zeros(h: Buffer, from: number, to: number): boolean {
+  for (let i = from; i < to; i++) if (h[i] !== 0) return false;
+  return true;
 }
 
 /** A zip local header whose fields are plausible (a boot sector starting "PK\3\4" is not). */
