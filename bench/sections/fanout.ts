@@ -31,7 +31,7 @@ import {
   type Measurement,
 } from '../measure.js';
 import type { BenchOptions, Section } from '../section.js';
-import { CLI, ensureBuilt } from '../setup.js';
+import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
 const MIB = 1024 * 1024;
 const MAX_SIZE = 256 * MIB;
@@ -84,6 +84,7 @@ async function runSection(options: BenchOptions): Promise<void> {
     log('skipped: loop devices need root and /dev/loop-control');
     return;
   }
+  await ensureCommands({ ssh: 'openssh-client', sshd: 'openssh-server' }, log);
   await ensureBuilt(log);
   const full = await ensureImages(options.imageSize, undefined, log);
   const size = Math.min(full.size, MAX_SIZE);

@@ -43,7 +43,14 @@ import {
 } from '../measure.js';
 import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 
-const PEERS = { cmp: 'diffutils', ddpt: 'ddpt', bmaptool: 'bmap-tools', rsync: 'rsync' };
+const PEERS = {
+  cmp: 'diffutils',
+  ddpt: 'ddpt',
+  bmaptool: 'bmap-tools',
+  rsync: 'rsync',
+  ssh: 'openssh-client',
+  sshd: 'openssh-server',
+};
 
 function trial(
   label: string,

@@ -47,7 +47,7 @@ import { CLI, ensureBuilt, ensureCommands } from '../setup.js';
 import { canThrottle, throttleDevice, type Throttle } from '../throttle.js';
 import type { ChannelStats } from '../../src/copy.js';
 
-const PEERS = { rsync: 'rsync', ssh: 'openssh-client', dd: 'coreutils' };
+const PEERS = { rsync: 'rsync', ssh: 'openssh-client', sshd: 'openssh-server', dd: 'coreutils' };
 
 /** Relays stdin → ssh → stdout, appending "<bytes in> <bytes out>" to LOG when ssh ends. */
 const COUNTER = `
