@@ -112,6 +112,49 @@ test('a name given twice: the last entry from a file (tar -u, zip), warned; refu
   }
 });
 
+test('two images in a streamed archive: refused as from a file (ESRC_ENTRY), never the first with exit 0; --entry picks', async (t) => {
+  if (!(await needTool(t, 'python3', 'python3'))) return;
+  const dir = await tempDir(t);
+  const a = seededBytes(256 * KiB, 41);
+  const b = seededBytes(256 * KiB, 42);
+  await writeFile(join(dir, 'a.img'), a);
+  await writeFile(join(dir, 'b.img'), b);
+  const tar = join(dir, 'two.tar');
+  await run('tar', ['-C', dir, '-cf', tar, 'a.img', 'b.img']);
+  const zip = join(dir, 'two.zip');
+  await zipOf(
+    zip,
+    [
+      ['a.img', join(dir, 'a.img')],
+      ['b.img', join(dir, 'b.img')],
+    ],
+    true,
+  );
+  for (const archive of [tar, zip]) {
+    const input = await readFile(archive);
+    const fromFile = await runCli(['copy', archive, join(dir, 'file.img')]);
+    assert.equal(fromFile.code, 1, fromFile.stderr);
+    assert.match(fromFile.stderr, /cannot tell which is the image.*\[ESRC_ENTRY\]$/m);
+    const dst = join(dir, 'stdin.img');
+    const r = await runCli(['copy', '-', dst], { input });
+    assert.equal(r.code, 1, `${archive}: ${r.stderr}`);
+    assert.match(
+      r.stderr,
+      /streamed\) holds 2 files named like an image.*--entry NAME: a\.img.*b\.img.*\[ESRC_ENTRY\]$/m,
+    );
+    assert.equal(existsSync(dst), false, `${archive} from stdin: nothing written`);
+    for (const [entry, want] of [
+      ['a.img', a],
+      ['b.img', b],
+    ] as const) {
+      const picked = join(dir, `picked-${entry}`);
+      const ok = await runCli(['copy', '--entry', entry, '-', picked], { input });
+      assert.equal(ok.code, 0, ok.stderr);
+      assert.ok((await readFile(picked)).equals(want), `${archive} --entry ${entry}`);
+    }
+  }
+});
+
 test("a streamed tar is walked to its end: a lying size, a header after the image that doesn't hold, a cut archive", async (t) => {
   const dir = await tempDir(t);
   const data = seededBytes(3 * MiB, 31);

@@ -86,8 +86,33 @@ export function sameNamed(entries: readonly ArchiveEntry[], name: string): numbe
   return entries.filter((e) => e.file && sameEntryName(e.name, name)).length;
 }
 
+/**
+ * At a stream's end, all its entries seen: the entry taken (`entry`, the first named like an
+ * image when none was `wanted`) is the one a file's choice (chooseEntry) would give, or the
+ * copy is refused before its last piece: no later entry of its name, and without --entry no
+ * other file named like an image.
+ */
+export function checkStreamChoice(
+  entries: readonly ArchiveEntry[],
+  entry: string,
+  wanted: string | undefined,
+  archive: string,
+  format: string,
+): void {
+  const twins = sameNamed(entries, entry);
+  if (twins > 1) throw duplicateInStream(archive, format, entry, twins);
+  if (wanted !== undefined) return;
+  const images = extracted(entries.filter((e) => e.file && IMAGE_NAME.test(e.name)));
+  if (images.length < 2) return;
+  throw new BlksyncError(
+    'ESRC_ENTRY',
+    `${archive} (${format}, streamed) holds ${images.length} files named like an image and blksync cannot tell which is the image (it stopped before the end of ${entry}, the first); name it with --entry NAME: ${listing(images)}`,
+    { path: archive },
+  );
+}
+
 /** A stream's chosen entry is followed by another of its name, which extraction would give. */
-export function duplicateInStream(
+function duplicateInStream(
   archive: string,
   format: string,
   entry: string,

@@ -17,7 +17,7 @@
  * Entries of archives: chosen by entries.ts from all of a file's (of a name given twice, the
  * last); from a stream, the one named with --entry, else the first file named like an image
  * (its size known from its header before anything is written), refused at the stream's end
- * when a later entry has its name. Checks made at a stream's end hold its last piece back
+ * when a later entry has its name or, without --entry, another file is named like an image. Checks made at a stream's end hold its last piece back
  * (stream-end.ts): a copy never ends with exit 0 on what they refuse.
  */
 
@@ -38,7 +38,7 @@ import {
 } from './detect.js';
 import {
   chooseEntry,
-  duplicateInStream,
+  checkStreamChoice,
   looksLikeImage,
   sameEntryName,
   sameNamed,
@@ -361,13 +361,13 @@ export async function openContainerStream(
               ? sparseEntryStream(reader, e.sparse, e.size, e.name)
               : reader.take(e.size, `${e.name} in the tar archive`);
           // the rest of the archive is walked (its headers must hold, no later entry may
-          // have the name) before the entry's last piece is handed on
+          // have the name or, without --entry, be another image) before the entry's last
+          // piece is handed on
           const rest = async (): Promise<void> => {
             for (let later = await walk.next(); later.done !== true; later = await walk.next()) {
               seen.push(later.value);
             }
-            const twins = sameNamed(seen, e.name);
-            if (twins > 1) throw duplicateInStream(name, 'tar', e.name, twins);
+            checkStreamChoice(seen, e.name, options.entry, name, 'tar');
           };
           return streamed(e.size, holdBack(await nestedChecked(bytes, name, e.name), rest));
         }
@@ -375,7 +375,7 @@ export async function openContainerStream(
       }
       case 'zip': {
         const seen: ZipEntry[] = [];
-        const found = await openZipStream(reader, name, pick, seen);
+        const found = await openZipStream(reader, name, pick, options.entry, seen);
         if (found === undefined) throw noEntry(name, 'zip', options.entry, seen);
         report.entry = found.entry.name;
         return streamed(found.entry.size, await nestedChecked(found.bytes, name, found.entry.name));

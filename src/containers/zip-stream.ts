@@ -15,7 +15,7 @@
 
 import { BlksyncError } from '../errors.js';
 import type { ByteReader } from './byte-reader.js';
-import { duplicateInStream, sameNamed } from './entries.js';
+import { checkStreamChoice } from './entries.js';
 import { holdBack } from './stream-end.js';
 import {
   CENTRAL_SIG,
@@ -91,6 +91,7 @@ export async function openZipStream(
   reader: ByteReader,
   name: string,
   pick: (entryName: string) => boolean,
+  wanted: string | undefined,
   seen: ZipEntry[],
 ): Promise<{ entry: ZipEntry; bytes: AsyncIterable<Buffer> } | undefined> {
   for (;;) {
@@ -125,7 +126,7 @@ export async function openZipStream(
       checkZipEntry(entry, name);
       if (entry.compressedSize === undefined && method === 0)
         throw undescribed(name, entryName, true);
-      return { entry, bytes: entryBytes(reader, entry, name) };
+      return { entry, bytes: entryBytes(reader, entry, wanted, name) };
     }
     if (entry.compressedSize === undefined) throw undescribed(name, entryName, false);
     await reader.skip(entry.compressedSize, `${entryName} in the zip`);
@@ -142,7 +143,12 @@ export async function openZipStream(
 }
 
 /** The chosen entry's bytes; its last piece waits for the central directory's check. */
-function entryBytes(reader: ByteReader, entry: ZipEntry, name: string): AsyncIterable<Buffer> {
+function entryBytes(
+  reader: ByteReader,
+  entry: ZipEntry,
+  wanted: string | undefined,
+  name: string,
+): AsyncIterable<Buffer> {
   const window = new TailWindow(DIRECTORY_WINDOW_BYTES);
   // with its size in a descriptor, the deflate stream ends itself, inside a piece read: the
   // pieces are kept from the data's start so the directory after them is found all the same
@@ -162,7 +168,7 @@ function entryBytes(reader: ByteReader, entry: ZipEntry, name: string): AsyncIte
       if (piece === undefined) break;
       window.push(piece, reader.position);
     }
-    checkDirectory(window, entry, counted, name);
+    checkDirectory(window, entry, counted, wanted, name);
   });
 }
 
@@ -176,7 +182,13 @@ async function* kept(reader: ByteReader, window: TailWindow): AsyncGenerator<Buf
 }
 
 /** The central directory in the stream's last bytes agrees with the entry streamed. */
-function checkDirectory(window: TailWindow, entry: ZipEntry, counted: Counted, name: string): void {
+function checkDirectory(
+  window: TailWindow,
+  entry: ZipEntry,
+  counted: Counted,
+  wanted: string | undefined,
+  name: string,
+): void {
   const { bytes, start } = window.contents();
   const from = Math.max(0, bytes.length - END_BYTES - MAX_COMMENT);
   const endAt = findEndRecord(bytes.subarray(from));
@@ -221,8 +233,7 @@ function checkDirectory(window: TailWindow, entry: ZipEntry, counted: Counted, n
   if (listed.crc !== undefined && listed.crc >>> 0 !== counted.crc >>> 0) {
     throw zipCrcMismatch(name, entry.name);
   }
-  const twins = sameNamed(entries, entry.name);
-  if (twins > 1) throw duplicateInStream(name, 'zip', entry.name, twins);
+  checkStreamChoice(entries, entry.name, wanted, name, 'zip');
 }
 
 /**
