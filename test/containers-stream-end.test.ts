@@ -112,6 +112,29 @@ test('a name given twice: the last entry from a file (tar -u, zip), warned; refu
   }
 });
 
+test('an image replaced later in the tar by a link of its name (tar -r) is refused from a file and a stream', async (t) => {
+  const dir = await tempDir(t);
+  await writeFile(join(dir, 'os.img'), seededBytes(256 * KiB, 51));
+  const tar = join(dir, 'linked.tar');
+  await run('tar', ['-C', dir, '-cf', tar, 'os.img']);
+  const later = join(dir, 'later');
+  await run('mkdir', [later]);
+  await writeFile(join(later, 'other.img'), seededBytes(256 * KiB, 52));
+  await run('ln', ['-s', 'other.img', join(later, 'os.img')]);
+  await run('tar', ['-C', later, '-rf', tar, 'os.img']);
+  for (const entry of [[], ['--entry', 'os.img']]) {
+    const fromFile = await runCli(['copy', ...entry, tar, join(dir, 'file.img')]);
+    assert.equal(fromFile.code, 1, fromFile.stderr);
+    assert.match(fromFile.stderr, /after it, a link or directory of that name.*\[ESRC_ENTRY\]$/m);
+    assert.equal(existsSync(join(dir, 'file.img')), false, 'nothing written from the file');
+    const dst = join(dir, 'stdin.img');
+    const r = await runCli(['copy', ...entry, '-', dst], { input: await readFile(tar) });
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /after it, a link or directory of that name.*\[ESRC_ENTRY\]$/m);
+    assert.equal(existsSync(dst), false, 'nothing written from the stream');
+  }
+});
+
 test('two images in a streamed archive: refused as from a file (ESRC_ENTRY), never the first with exit 0; --entry picks', async (t) => {
   if (!(await needTool(t, 'python3', 'python3'))) return;
   const dir = await tempDir(t);

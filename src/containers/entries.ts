@@ -45,23 +45,27 @@ export function chooseEntry<E extends ArchiveEntry>(
   format: string,
 ): E {
   const files = extracted(entries.filter((e) => e.file));
+  const chosen = (e: E): E => {
+    refuseReplaced(entries, e.name, archive, format);
+    return e;
+  };
   if (wanted !== undefined) {
     const hit = files.find((e) => sameEntryName(e.name, wanted));
-    if (hit !== undefined) return hit;
+    if (hit !== undefined) return chosen(hit);
     throw new BlksyncError(
       'ESRC_ENTRY',
       `${archive} (${format}) holds no file named ${wanted}; its files: ${listing(files)}`,
       { path: archive },
     );
   }
-  if (files.length === 1) return files[0]!;
+  if (files.length === 1) return chosen(files[0]!);
   if (files.length === 0) {
     throw new BlksyncError('ESRC_ENTRY', `${archive} (${format}) holds no file to write`, {
       path: archive,
     });
   }
   const images = files.filter((e) => IMAGE_NAME.test(e.name));
-  if (images.length === 1) return images[0]!;
+  if (images.length === 1) return chosen(images[0]!);
   throw new BlksyncError(
     'ESRC_ENTRY',
     `${archive} (${format}) holds ${files.length} files and blksync cannot tell which is the image; ` +
@@ -79,6 +83,25 @@ function extracted<E extends ArchiveEntry>(files: readonly E[]): E[] {
     last.set(key, e);
   }
   return [...last.values()];
+}
+
+/**
+ * The last entry named `name` is not a file (`tar -r` of a link or a directory of that name):
+ * extracting replaces the image with it, so which bytes are meant is unclear, and refused.
+ */
+function refuseReplaced(
+  entries: readonly ArchiveEntry[],
+  name: string,
+  archive: string,
+  format: string,
+): void {
+  const named = entries.filter((e) => sameEntryName(e.name, name));
+  if (named.length === 0 || named[named.length - 1]!.file) return;
+  throw new BlksyncError(
+    'ESRC_ENTRY',
+    `${archive} (${format}) holds ${name} and, after it, a link or directory of that name, which extracting leaves in its place; extract the archive and copy the file you mean`,
+    { path: archive },
+  );
 }
 
 /** How many files of `entries` are named `name` (more than 1: later ones replace it). */
@@ -101,6 +124,7 @@ export function checkStreamChoice(
 ): void {
   const twins = sameNamed(entries, entry);
   if (twins > 1) throw duplicateInStream(archive, format, entry, twins);
+  refuseReplaced(entries, entry, archive, format);
   if (wanted !== undefined) return;
   const images = extracted(entries.filter((e) => e.file && IMAGE_NAME.test(e.name)));
   if (images.length < 2) return;
