@@ -22,7 +22,7 @@ async function newestMtime(dir: string): Promise<number> {
 
 /** Builds dist/ (`npm run build`) when it is missing or older than src/. */
 export async function ensureBuilt(log: (line: string) => void): Promise<void> {
-  const built = await stat(path.join(ROOT, 'dist', 'cli-bundle', 'main.js')).then(
+  const built = await stat(path.join(ROOT, 'dist', 'cli-bundle', 'main.cjs')).then(
     (s) => s.mtimeMs,
     () => 0,
   );
@@ -33,7 +33,7 @@ export async function ensureBuilt(log: (line: string) => void): Promise<void> {
   } catch (err) {
     // tsc still emits on type errors (others may be mid-edit in src/); measure what it
     // emitted, but say so
-    const emitted = await stat(path.join(ROOT, 'dist', 'cli-bundle', 'main.js')).catch(
+    const emitted = await stat(path.join(ROOT, 'dist', 'cli-bundle', 'main.cjs')).catch(
       () => undefined,
     );
     if (emitted === undefined || emitted.mtimeMs < built) throw err;

@@ -1,3 +1,4 @@
 import { main } from '../../src/cli/main.js';
 
-await main(process.argv);
+// no top-level await: the tests bundle this as CommonJS, as bin/blksync.js runs the CLI
+void main(process.argv);

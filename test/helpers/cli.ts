@@ -1,7 +1,7 @@
 /**
  * Runs the blksync CLI as a child process, as a user would. The CLI is built from the sources
- * on first use in each test process, the way `npm run build` builds it: one esbuild bundle
- * (bin/blksync.js runs such a bundle) and the agent bundle it sends over ssh. A bundle starts
+ * on first use in each test process, the way `npm run build` builds it: one esbuild CommonJS
+ * bundle (bin/blksync.js runs such a bundle) and the agent bundle it sends over ssh. A bundle starts
  * with ~0.08 s of CPU where the sources through tsx take ~0.3 s, and the suite starts the CLI
  * a few hundred times. Built fresh from the sources, it is never stale.
  */
@@ -24,9 +24,9 @@ let bundle: string | undefined;
 
 /**
  * Builds the CLI once per process into a directory of its own, removed when the process
- * exits. It sits under node_modules/.cache so the bundle's packages (commander, koffi)
- * resolve as they do beside dist/; the agent goes where the bundled agent-payload.ts looks
- * for it in a built package, ../../dist/agent.cjs from the bundle's chunks.
+ * exits. It sits under node_modules/.cache so the packages left outside it (koffi) resolve
+ * as they do beside dist/; the agent goes where the bundled agent-payload.ts looks for it in
+ * a built package, ../../dist/agent.cjs from the bundle.
  */
 function cliBundle(): string {
   if (bundle !== undefined) return bundle;
@@ -51,18 +51,20 @@ function cliBundle(): string {
     outfile: join(base, 'dist', 'agent.cjs'),
     logLevel: 'warning',
   });
+  bundle = join(outdir, 'cli-entry.cjs');
+  // as package.json's build:cli builds dist/cli-bundle/main.cjs
   buildSync({
     entryPoints: [ENTRY],
     bundle: true,
-    splitting: true,
     platform: 'node',
-    format: 'esm',
+    format: 'cjs',
     target: 'node20',
-    packages: 'external',
-    outdir,
+    external: ['koffi', 'esbuild'],
+    define: { 'import.meta.url': '__blksyncUrl' },
+    banner: { js: "const __blksyncUrl = require('node:url').pathToFileURL(__filename).href;" },
+    outfile: bundle,
     logLevel: 'warning',
   });
-  bundle = join(outdir, 'cli-entry.js');
   return bundle;
 }
 
