@@ -20,9 +20,18 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { copy } from '../src/copy.js';
-import { publish } from '../src/delta/publish.js';
+import { compressChunk, publish } from '../src/delta/publish.js';
 import { openPublished } from '../src/delta/published-source.js';
 import { BlksyncError, type BlksyncWarning } from '../src/errors.js';
+import {
+  CODEC_BROTLI,
+  encodeHeader,
+  encodeLeaf,
+  groupChunksFor,
+  KIND_COMPRESSED,
+  LEAF_BYTES,
+} from '../src/formats/published.js';
+import { sha256 } from '../src/hash.js';
 import type { Progress } from '../src/types.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
@@ -382,6 +391,44 @@ test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never wri
     'EDEST_CHANGED',
   );
   assert.match(err.message, /rerun/);
+});
+
+test('many differing chunks of one content (an image padded with 0xff) are planned at once, not in quadratic time', async (t) => {
+  // written directly, not published: 32768 chunks of 4 KiB of 0xff, each stored on its own
+  const chunks = 32768;
+  const dir = await tempDir(t);
+  const stored = await compressChunk(CODEC_BROTLI, Buffer.alloc(4096, 0xff));
+  const hash = sha256(Buffer.alloc(4096, 0xff));
+  const groupChunks = groupChunksFor(chunks);
+  const leaves = Buffer.alloc(chunks * LEAF_BYTES);
+  for (let i = 0; i < chunks; i++) {
+    const leaf = { hash, offset: i * stored.length, length: stored.length, kind: KIND_COMPRESSED };
+    encodeLeaf(leaf, leaves, i * LEAF_BYTES);
+  }
+  const groupHash = sha256(Buffer.concat(Array.from({ length: groupChunks }, () => hash)));
+  const top = Buffer.concat(Array.from({ length: chunks / groupChunks }, () => groupHash));
+  const header = encodeHeader({
+    imageSize: chunks * 4096,
+    chunkSize: 4096,
+    groupChunks,
+    codec: CODEC_BROTLI,
+    dataSize: chunks * stored.length,
+    root: sha256(top),
+    imageSha256: Buffer.alloc(32),
+  });
+  await writeFile(join(dir, 'os.img.blkpub'), Buffer.concat([header, top, leaves]));
+  await writeFile(join(dir, 'os.img.blkpub.data'), Buffer.concat(Array(chunks).fill(stored)));
+  const served = await serveDirectory(t, dir);
+  const started = performance.now();
+  const published = await openPublished(`${served.url}/os.img`, {
+    destination: join(dir, 'missing.img'),
+  });
+  const seconds = (performance.now() - started) / 1000;
+  assert.ok(published !== undefined);
+  t.after(() => published.source.close());
+  assert.equal(published.report().chunksDiffering, chunks);
+  // quadratic, it took ~30 s here; linear, well under one
+  assert.ok(seconds < 5, `planning took ${seconds.toFixed(1)} s`);
 });
 
 test('progress tells DST being hashed before the chunks are fetched, then the bytes fetched', async (t) => {

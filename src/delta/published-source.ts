@@ -398,7 +398,11 @@ function seedsInDestination(
     const leaf = leaves.get(i)!;
     if (leaf.kind === KIND_ZERO) continue;
     const key = leaf.hash.toString('latin1');
-    wanted.set(key, [...(wanted.get(key) ?? []), i]);
+    // appended in place: copying the list per chunk was quadratic in chunks of one content
+    // (an image padded with 0xff: minutes of planning before the first request)
+    const list = wanted.get(key);
+    if (list === undefined) wanted.set(key, [i]);
+    else list.push(i);
   }
   if (wanted.size === 0) return seeds;
   const written = new Set(needed);
