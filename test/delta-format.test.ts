@@ -260,3 +260,17 @@ test('stored chunks out of order in the index are EPUB_FORMAT, not blamed on the
   );
   assert.deepEqual(await readFile(f.dst), f.v1);
 });
+
+test('a data file cut short (or of another publish) is EPUB_FORMAT naming both files, not "changed meanwhile: rerun"', async (t) => {
+  const f = await fixture(t);
+  await writeFile(f.dst, f.v1);
+  await writeFile(`${f.img}.blkpub.data`, f.data.subarray(0, f.data.length - 100));
+  const err = await copy(f.url, f.dst).then(
+    () => assert.fail('copied from a data file cut short'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof BlksyncError && err.code === 'EPUB_FORMAT', String(err));
+  assert.match(err.message, /os\.img\.blkpub\.data/);
+  assert.match(err.message, /publish again/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+});

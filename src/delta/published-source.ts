@@ -322,7 +322,11 @@ export async function openPublished(
   }
   const seeds = seedsInDestination(h, have, needed, leaves);
   const storedBytes = needed.reduce((n, i) => n + leaves.get(i)!.length, 0);
-  const data = new RangeClient(names.data, { ...options, size: h.dataSize });
+  const data = new RangeClient(names.data, {
+    ...options,
+    size: h.dataSize,
+    sizeFrom: names.index,
+  });
   const source = new ChunkSource(h, needed, leaves, data, seeds, options.destination);
   const destination = options.destination;
   return {
