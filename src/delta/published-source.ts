@@ -150,15 +150,17 @@ async function probe(
   const header = parseHeader(head.bytes, client.url);
   const topEnd = HEADER_BYTES + topBytes(header);
   let bytes = head.bytes;
-  if (head.whole) {
-    if (bytes.length !== indexBytes(header)) {
-      throw new BlksyncError(
-        'EPUB_FORMAT',
-        `${client.url} is ${bytes.length} bytes; its header describes ${indexBytes(header)}: publish again`,
-        { path: client.url },
-      );
-    }
-  } else if (bytes.length < topEnd) {
+  // the index's size as the server tells it (a range's total): one cut short would otherwise
+  // be found only where a differing group's records are missing, and blamed on the server
+  const size = head.whole ? bytes.length : client.size;
+  if (size !== undefined && size !== indexBytes(header)) {
+    throw new BlksyncError(
+      'EPUB_FORMAT',
+      `${client.url} is ${size} bytes; its header describes ${indexBytes(header)}: publish again`,
+      { path: client.url },
+    );
+  }
+  if (!head.whole && bytes.length < topEnd) {
     const rest: Buffer[] = [bytes];
     for await (const piece of client.fetch([{ start: bytes.length, end: topEnd }])) {
       rest.push(Buffer.from(piece));
