@@ -113,6 +113,25 @@ test('from an empty or missing DST the image arrives whole, holes left as holes'
   assert.deepEqual(await readFile(fresh), f.v2);
 });
 
+test("the bytes fetched count the chunks' stored bytes, in the result and in progress as they arrive", async (t) => {
+  const f = await fixture(t);
+  const fresh = join(f.dir, 'fresh.img');
+  let lastFetched = 0;
+  const r = await copy(f.url, fresh, {
+    onProgress: (p) => (lastFetched = p.bytesFetched ?? lastFetched),
+  });
+  assert.ok(r.http !== undefined);
+  const { bytesFetched, storedBytes } = r.http;
+  assert.ok(storedBytes > 100_000, `stored ${storedBytes}`);
+  assert.ok(bytesFetched >= storedBytes, `fetched ${bytesFetched} of ${storedBytes} stored`);
+  assert.ok(
+    bytesFetched <= f.served.bytesSent(),
+    `fetched ${bytesFetched}, sent ${f.served.bytesSent()}`,
+  );
+  // the last progress report came after the last chunk was in
+  assert.ok(lastFetched >= storedBytes, `progress told ${lastFetched}`);
+});
+
 test('--dry-run fetches and reports what a copy would write, and writes nothing', async (t) => {
   const f = await fixture(t);
   const r = await copy(f.url, f.dst, { dryRun: true });

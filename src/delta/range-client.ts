@@ -106,15 +106,26 @@ export class RangeClient {
   #sizeFrom: string | undefined;
   /** The file's Last-Modified (ms since the epoch), when the first answer gave one. */
   lastModified: number | undefined;
-  /** Requests made, and body bytes received. */
+  /** Requests made. */
   requests = 0;
-  bytesReceived = 0;
+  /** Body bytes of the answers read to their end (or dropped). */
+  #received = 0;
+  /** The answer being read: its bytes count as they arrive. */
+  #reader: ByteReader | undefined;
 
   constructor(url: string, options: RangeClientOptions = {}) {
     this.url = url;
     this.#options = options;
     this.size = options.size;
     this.#sizeFrom = options.size !== undefined ? options.sizeFrom : undefined;
+  }
+
+  /**
+   * Body bytes received so far, the answer being read included: a fetch's generator is left
+   * suspended after its last piece (not read to its end) while the copy goes on.
+   */
+  get bytesReceived(): number {
+    return this.#received + (this.#reader?.received ?? 0);
   }
 
   #changed(what: string): BlksyncError {
@@ -222,7 +233,7 @@ export class RangeClient {
       if (whole) this.#checkSize(bytes.length);
       return { bytes, whole };
     } finally {
-      this.bytesReceived += got;
+      this.#received += got;
       body.destroy();
     }
   }
@@ -239,6 +250,7 @@ export class RangeClient {
       const body = bodyStream(res);
       this.#body = body;
       const reader = new ByteReader(body, this.url);
+      this.#reader = reader;
       try {
         const status = res.status;
         if (status === 416) {
@@ -313,7 +325,8 @@ export class RangeClient {
           throw this.#wrongRange(`bytes ${p.start}-${p.end - 1} were asked for but not sent`);
         }
       } finally {
-        this.bytesReceived += reader.received;
+        this.#received += reader.received;
+        this.#reader = undefined;
         body.destroy();
       }
     }
