@@ -326,6 +326,16 @@ test(
   },
 );
 
+test('a --size that contradicts the published image size is EUSAGE, nothing written, as without the published files', async (t) => {
+  const f = await fixture(t);
+  const err = await rejectsWith(copy(f.url, f.dst, { size: SIZE / 2 }), 'EUSAGE');
+  assert.match(err.message, /--size/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+  const r = await copy(f.url, f.dst, { size: SIZE });
+  assert.ok(r.http !== undefined);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+});
+
 test('a directory as DST is refused as by any copy (EDEST_KIND)', async (t) => {
   const f = await fixture(t);
   await rejectsWith(copy(f.url, f.dir), 'EDEST_KIND');

@@ -235,6 +235,14 @@ async function openPublishedSource(
       }),
   });
   if (p === undefined) return undefined;
+  if (options.size !== undefined && options.size !== p.size) {
+    // as for any source whose size is known: a --size that says otherwise is not taken
+    await p.source.close();
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${options.size} contradicts the size ${p.size} of ${src} (as published)`,
+    );
+  }
   return {
     path: src,
     kind: 'url',
