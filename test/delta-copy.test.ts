@@ -18,6 +18,7 @@ import {
 } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { test, type TestContext } from 'node:test';
 import { copy } from '../src/copy.js';
 import { compressChunk, publish } from '../src/delta/publish.js';
@@ -368,6 +369,27 @@ test('an image replaced and not published again is streamed whole, with WPUB_STA
   await copy(g.url, g.dst, { onWarning: (w) => warned.push(w.code) });
   assert.deepEqual(warned, ['WPUB_STALE']);
   assert.ok((await readFile(g.dst)).equals(v4));
+});
+
+test('a compressed image published as it is is decoded as without its published files (WPUB_CONTAINER), not written raw', async (t) => {
+  const dir = await tempDir(t);
+  const image = Buffer.concat([seededBytes(300_000, 3), Buffer.alloc(700_000)]);
+  const gz = join(dir, 'os.img.gz');
+  await writeFile(gz, gzipSync(image));
+  await publish(gz, { chunkSize: CHUNK });
+  const served = await serveDirectory(t, dir);
+  const url = `${served.url}/os.img.gz`;
+  const dst = join(dir, 'dst.img');
+  const warnings: string[] = [];
+  const r = await copy(url, dst, { size: image.length, onWarning: (w) => warnings.push(w.code) });
+  assert.deepEqual(warnings, ['WPUB_CONTAINER']);
+  assert.equal(r.http, undefined, 'not copied from the published files');
+  assert.deepEqual(await readFile(dst), image);
+  // --raw writes the file as it is: by ranges, from its published files
+  const raw = join(dir, 'raw.img');
+  const byRanges = await copy(url, raw, { raw: true });
+  assert.ok(byRanges.http !== undefined);
+  assert.deepEqual(await readFile(raw), await readFile(gz));
 });
 
 /** v2 published and served, DST holding v1. */

@@ -224,6 +224,7 @@ async function openPublishedSource(
     destination,
     signal: options.signal,
     timeout: options.timeout,
+    raw: options.raw,
     onWarning: options.onWarning,
     onHashed: (bytesScanned, bytesTotal) =>
       options.onProgress?.({
