@@ -117,6 +117,11 @@ export type WarningCode =
   | 'WPROBE_NOT_FOUND'
   /** The files `blksync publish` wrote beside an image URL are older than the image: it is streamed. */
   | 'WPUB_STALE'
+  /**
+   * The image beside published files is compressed or a container (zip, qcow2, ...), published
+   * as it is: it is read and decoded as without them (--raw writes it as it is, by ranges).
+   */
+  | 'WPUB_CONTAINER'
   /** SRC is a block device mounted read-write: what is read may change while it is read. */
   | 'WSRC_MOUNTED_RW'
   /** A streamed SRC that qemu-img decodes (qcow2, VMDK, ...) is spooled to a temporary file first. */

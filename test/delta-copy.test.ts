@@ -18,11 +18,21 @@ import {
 } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import { test, type TestContext } from 'node:test';
 import { copy } from '../src/copy.js';
-import { publish } from '../src/delta/publish.js';
+import { compressChunk, publish } from '../src/delta/publish.js';
 import { openPublished } from '../src/delta/published-source.js';
 import { BlksyncError, type BlksyncWarning } from '../src/errors.js';
+import {
+  CODEC_BROTLI,
+  encodeHeader,
+  encodeLeaf,
+  groupChunksFor,
+  KIND_COMPRESSED,
+  LEAF_BYTES,
+} from '../src/formats/published.js';
+import { sha256 } from '../src/hash.js';
 import type { Progress } from '../src/types.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
@@ -102,6 +112,25 @@ test('from an empty or missing DST the image arrives whole, holes left as holes'
   await writeFile(fresh, '');
   await copy(f.url, fresh);
   assert.deepEqual(await readFile(fresh), f.v2);
+});
+
+test("the bytes fetched count the chunks' stored bytes, in the result and in progress as they arrive", async (t) => {
+  const f = await fixture(t);
+  const fresh = join(f.dir, 'fresh.img');
+  let lastFetched = 0;
+  const r = await copy(f.url, fresh, {
+    onProgress: (p) => (lastFetched = p.bytesFetched ?? lastFetched),
+  });
+  assert.ok(r.http !== undefined);
+  const { bytesFetched, storedBytes } = r.http;
+  assert.ok(storedBytes > 100_000, `stored ${storedBytes}`);
+  assert.ok(bytesFetched >= storedBytes, `fetched ${bytesFetched} of ${storedBytes} stored`);
+  assert.ok(
+    bytesFetched <= f.served.bytesSent(),
+    `fetched ${bytesFetched}, sent ${f.served.bytesSent()}`,
+  );
+  // the last progress report came after the last chunk was in
+  assert.ok(lastFetched >= storedBytes, `progress told ${lastFetched}`);
 });
 
 test('--dry-run fetches and reports what a copy would write, and writes nothing', async (t) => {
@@ -298,6 +327,16 @@ test(
   },
 );
 
+test('a --size that contradicts the published image size is EUSAGE, nothing written, as without the published files', async (t) => {
+  const f = await fixture(t);
+  const err = await rejectsWith(copy(f.url, f.dst, { size: SIZE / 2 }), 'EUSAGE');
+  assert.match(err.message, /--size/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+  const r = await copy(f.url, f.dst, { size: SIZE });
+  assert.ok(r.http !== undefined);
+  assert.deepEqual(await readFile(f.dst), f.v2);
+});
+
 test('a directory as DST is refused as by any copy (EDEST_KIND)', async (t) => {
   const f = await fixture(t);
   await rejectsWith(copy(f.url, f.dir), 'EDEST_KIND');
@@ -330,6 +369,27 @@ test('an image replaced and not published again is streamed whole, with WPUB_STA
   await copy(g.url, g.dst, { onWarning: (w) => warned.push(w.code) });
   assert.deepEqual(warned, ['WPUB_STALE']);
   assert.ok((await readFile(g.dst)).equals(v4));
+});
+
+test('a compressed image published as it is is decoded as without its published files (WPUB_CONTAINER), not written raw', async (t) => {
+  const dir = await tempDir(t);
+  const image = Buffer.concat([seededBytes(300_000, 3), Buffer.alloc(700_000)]);
+  const gz = join(dir, 'os.img.gz');
+  await writeFile(gz, gzipSync(image));
+  await publish(gz, { chunkSize: CHUNK });
+  const served = await serveDirectory(t, dir);
+  const url = `${served.url}/os.img.gz`;
+  const dst = join(dir, 'dst.img');
+  const warnings: string[] = [];
+  const r = await copy(url, dst, { size: image.length, onWarning: (w) => warnings.push(w.code) });
+  assert.deepEqual(warnings, ['WPUB_CONTAINER']);
+  assert.equal(r.http, undefined, 'not copied from the published files');
+  assert.deepEqual(await readFile(dst), image);
+  // --raw writes the file as it is: by ranges, from its published files
+  const raw = join(dir, 'raw.img');
+  const byRanges = await copy(url, raw, { raw: true });
+  assert.ok(byRanges.http !== undefined);
+  assert.deepEqual(await readFile(raw), await readFile(gz));
 });
 
 /** v2 published and served, DST holding v1. */
@@ -382,6 +442,44 @@ test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never wri
     'EDEST_CHANGED',
   );
   assert.match(err.message, /rerun/);
+});
+
+test('many differing chunks of one content (an image padded with 0xff) are planned at once, not in quadratic time', async (t) => {
+  // written directly, not published: 32768 chunks of 4 KiB of 0xff, each stored on its own
+  const chunks = 32768;
+  const dir = await tempDir(t);
+  const stored = await compressChunk(CODEC_BROTLI, Buffer.alloc(4096, 0xff));
+  const hash = sha256(Buffer.alloc(4096, 0xff));
+  const groupChunks = groupChunksFor(chunks);
+  const leaves = Buffer.alloc(chunks * LEAF_BYTES);
+  for (let i = 0; i < chunks; i++) {
+    const leaf = { hash, offset: i * stored.length, length: stored.length, kind: KIND_COMPRESSED };
+    encodeLeaf(leaf, leaves, i * LEAF_BYTES);
+  }
+  const groupHash = sha256(Buffer.concat(Array.from({ length: groupChunks }, () => hash)));
+  const top = Buffer.concat(Array.from({ length: chunks / groupChunks }, () => groupHash));
+  const header = encodeHeader({
+    imageSize: chunks * 4096,
+    chunkSize: 4096,
+    groupChunks,
+    codec: CODEC_BROTLI,
+    dataSize: chunks * stored.length,
+    root: sha256(top),
+    imageSha256: Buffer.alloc(32),
+  });
+  await writeFile(join(dir, 'os.img.blkpub'), Buffer.concat([header, top, leaves]));
+  await writeFile(join(dir, 'os.img.blkpub.data'), Buffer.concat(Array(chunks).fill(stored)));
+  const served = await serveDirectory(t, dir);
+  const started = performance.now();
+  const published = await openPublished(`${served.url}/os.img`, {
+    destination: join(dir, 'missing.img'),
+  });
+  const seconds = (performance.now() - started) / 1000;
+  assert.ok(published !== undefined);
+  t.after(() => published.source.close());
+  assert.equal(published.report().chunksDiffering, chunks);
+  // quadratic, it took ~30 s here; linear, well under one
+  assert.ok(seconds < 5, `planning took ${seconds.toFixed(1)} s`);
 });
 
 test('progress tells DST being hashed before the chunks are fetched, then the bytes fetched', async (t) => {

@@ -260,3 +260,33 @@ test('stored chunks out of order in the index are EPUB_FORMAT, not blamed on the
   );
   assert.deepEqual(await readFile(f.dst), f.v1);
 });
+
+test('a data file cut short (or of another publish) is EPUB_FORMAT naming both files, not "changed meanwhile: rerun"', async (t) => {
+  const f = await fixture(t);
+  await writeFile(f.dst, f.v1);
+  await writeFile(`${f.img}.blkpub.data`, f.data.subarray(0, f.data.length - 100));
+  const err = await copy(f.url, f.dst).then(
+    () => assert.fail('copied from a data file cut short'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof BlksyncError && err.code === 'EPUB_FORMAT', String(err));
+  assert.match(err.message, /os\.img\.blkpub\.data/);
+  assert.match(err.message, /publish again/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+});
+
+test('an index cut short is EPUB_FORMAT (publish again), not blamed on the server', async (t) => {
+  const f = await fixture(t);
+  await writeFile(f.dst, f.v1);
+  // cut inside the leaf records of the first group that differs (the change at 50_000)
+  const h = parseHeader(f.index, 'x');
+  const cut = groupLeafRange(h, Math.floor(50_000 / CHUNK / h.groupChunks)).start + 100;
+  await writeFile(`${f.img}.blkpub`, f.index.subarray(0, cut));
+  const err = await copy(f.url, f.dst).then(
+    () => assert.fail('copied from an index cut short'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof BlksyncError && err.code === 'EPUB_FORMAT', String(err));
+  assert.match(err.message, /publish again/);
+  assert.deepEqual(await readFile(f.dst), f.v1);
+});

@@ -7,8 +7,10 @@
 import assert from 'node:assert/strict';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { test } from 'node:test';
 import { copy } from '../src/copy.js';
+import { ByteReader } from '../src/delta/byte-reader.js';
 import { publish } from '../src/delta/publish.js';
 import { MAX_RANGES_PER_REQUEST, planRequests } from '../src/delta/range-client.js';
 import { serveDirectory } from './helpers/http-server.js';
@@ -63,4 +65,23 @@ test('hundreds of scattered changed chunks arrive in a few requests, DST identic
   assert.deepEqual(await readFile(dst), v2);
   assert.equal(r.http?.chunksDiffering, 683);
   assert.ok(served.requests.length <= 6, `${served.requests.length} requests`);
+});
+
+test('a large piece arriving in small reads is read in linear time, not joined again per read', async () => {
+  // 32 MiB in 64 KiB reads: a top level of a million groups, or 4 MiB chunks from a slow
+  // network, arrive so; joining the pieces per read took 23 s here
+  const size = 32 * 1024 * 1024;
+  const part = Buffer.alloc(64 * 1024, 7);
+  const stream = Readable.from(
+    (function* () {
+      for (let at = 0; at < size; at += part.length) yield part;
+    })(),
+  );
+  const reader = new ByteReader(stream, 'x');
+  const started = performance.now();
+  const got = await reader.read(size, 'a piece');
+  const seconds = (performance.now() - started) / 1000;
+  assert.equal(got.length, size);
+  assert.ok(got.every((b) => b === 7));
+  assert.ok(seconds < 3, `read in ${seconds.toFixed(1)} s`);
 });

@@ -22,15 +22,22 @@ export class ByteReader {
     this.#url = url;
   }
 
-  async #more(): Promise<boolean> {
-    if (this.#ended) return false;
+  /** The stream's next piece, undefined at its end. */
+  async #next(): Promise<Buffer | undefined> {
+    if (this.#ended) return undefined;
     const r = await this.#it.next();
     if (r.done === true) {
       this.#ended = true;
-      return false;
+      return undefined;
     }
     this.received += r.value.length;
-    this.#buf = this.#buf.length === 0 ? r.value : Buffer.concat([this.#buf, r.value]);
+    return r.value;
+  }
+
+  async #more(): Promise<boolean> {
+    const next = await this.#next();
+    if (next === undefined) return false;
+    this.#buf = this.#buf.length === 0 ? next : Buffer.concat([this.#buf, next]);
     return true;
   }
 
@@ -44,8 +51,17 @@ export class ByteReader {
 
   /** Exactly `n` bytes. */
   async read(n: number, what: string): Promise<Buffer> {
-    while (this.#buf.length < n) {
-      if (!(await this.#more())) throw this.#short(what);
+    if (this.#buf.length < n) {
+      // joined once: joining per piece copied a large read over and over (quadratic)
+      const parts = [this.#buf];
+      let have = this.#buf.length;
+      while (have < n) {
+        const next = await this.#next();
+        if (next === undefined) throw this.#short(what);
+        parts.push(next);
+        have += next.length;
+      }
+      this.#buf = Buffer.concat(parts, have);
     }
     const out = this.#buf.subarray(0, n);
     this.#buf = this.#buf.subarray(n);

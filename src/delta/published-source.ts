@@ -42,7 +42,9 @@ import {
   type PublishedHeader,
 } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import { httpOpen, type HttpOptions } from '../io/http-source.js';
+import { CONTAINER_HEAD_BYTES, detectContainer } from '../containers/detect.js';
+import { detectCompression } from '../io/compression-magic.js';
+import { bodyStream, httpOpen, type HttpOptions, type HttpResponse } from '../io/http-source.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
 import type { Plan, Source } from '../types.js';
@@ -90,38 +92,85 @@ export function publishedUrls(url: string): { index: string; data: string } {
 export interface PublishedSourceOptions extends HttpOptions {
   /** DST: its chunks are hashed to find what to fetch. Missing or empty: all zeros. */
   destination: string;
-  /** Told when the published files are older than the image they stand for (WPUB_STALE). */
+  /** --raw: a compressed image or a container is written as it is, so its published files serve. */
+  raw?: boolean | undefined;
+  /**
+   * Told when the published files are older than the image they stand for (WPUB_STALE), or
+   * stand for a container's own bytes (WPUB_CONTAINER).
+   */
   onWarning?: ((warning: BlksyncWarning) => void) | undefined;
   /** Told as DST is hashed: bytes of its data hashed so far, of all to hash. */
   onHashed?: ((done: number, total: number) => void) | undefined;
 }
 
 /**
- * Why the image at `url` is not the one published beside it, or undefined when nothing says
- * so: a one-byte range request tells the image's size (206's Content-Range, or a 200's
- * Content-Length) and its Last-Modified. An image of another size, or modified after the
- * published index, is stale. An image the server does not have (404) leaves the published
- * files to stand alone.
+ * Why the published files must not stand for the image at `url`, or undefined when nothing
+ * says so: a range request for the image's first bytes tells its size (206's Content-Range,
+ * or a 200's Content-Length), its Last-Modified, and what it is. An image of another size,
+ * or modified after the published index, is stale (WPUB_STALE); a compressed image or a
+ * container (zip, tar, qcow2, ...) was published as it is, while a copy writes what it holds
+ * (WPUB_CONTAINER; not with --raw). An image the server does not have (404) leaves the
+ * published files to stand alone.
  */
-async function staleness(
+async function imageMismatch(
   url: string,
   size: number,
   indexModified: number | undefined,
-  options: HttpOptions,
-): Promise<string | undefined> {
-  const res = await httpOpen(url, { ...options, headers: { range: 'bytes=0-0' } });
-  res.body.destroy();
-  if (res.status < 200 || res.status > 299) return undefined;
+  options: PublishedSourceOptions,
+): Promise<BlksyncWarning | undefined> {
+  const res = await httpOpen(url, {
+    ...options,
+    headers: { range: `bytes=0-${CONTAINER_HEAD_BYTES - 1}` },
+  });
+  if (res.status < 200 || res.status > 299) {
+    res.body.destroy();
+    return undefined;
+  }
+  const head = await readHead(res, CONTAINER_HEAD_BYTES);
   const range = /\/(\d+)\s*$/.exec(res.body.headers['content-range'] ?? '');
   const total = res.status === 206 ? (range !== null ? Number(range[1]) : undefined) : res.length;
-  if (total !== undefined && total !== size) {
-    return `the image is ${total} bytes, the published one ${size}`;
-  }
   const modified = Date.parse(res.body.headers['last-modified'] ?? '');
-  if (indexModified !== undefined && Number.isFinite(modified) && modified > indexModified) {
-    return 'the image was modified after it was published';
+  const stale =
+    total !== undefined && total !== size
+      ? `the image is ${total} bytes, the published one ${size}`
+      : indexModified !== undefined && Number.isFinite(modified) && modified > indexModified
+        ? 'the image was modified after it was published'
+        : undefined;
+  if (stale !== undefined) {
+    // the image was replaced and not published again: what the published files hold is not
+    // what the URL serves, so the URL is streamed as it is
+    return {
+      code: 'WPUB_STALE',
+      message: `${url} does not match its published files (${stale}); reading the image itself, not by ranges: run blksync publish again`,
+    };
   }
-  return undefined;
+  if (options.raw === true) return undefined;
+  const compression = detectCompression(head);
+  const what = compression !== undefined ? `a ${compression} stream` : detectContainer(head)?.name;
+  if (what === undefined) return undefined;
+  // by ranges, DST would get the container's own bytes; read as without the published files,
+  // it gets the image the container holds (or a refusal naming it)
+  return {
+    code: 'WPUB_CONTAINER',
+    message: `${url} is ${what}, published as it is, where a copy writes the image it holds; reading it itself, not by ranges: publish the image it holds (or copy with --raw to write it as it is)`,
+  };
+}
+
+/** Up to `n` bytes from the start of an answer's body; the rest is dropped. */
+async function readHead(res: HttpResponse, n: number): Promise<Buffer> {
+  const body = bodyStream(res);
+  const parts: Buffer[] = [];
+  let got = 0;
+  try {
+    for await (const c of body) {
+      parts.push(c as Buffer);
+      got += (c as Buffer).length;
+      if (got >= n) break;
+    }
+  } finally {
+    body.destroy();
+  }
+  return Buffer.concat(parts).subarray(0, n);
 }
 
 export interface PublishedSource {
@@ -150,15 +199,17 @@ async function probe(
   const header = parseHeader(head.bytes, client.url);
   const topEnd = HEADER_BYTES + topBytes(header);
   let bytes = head.bytes;
-  if (head.whole) {
-    if (bytes.length !== indexBytes(header)) {
-      throw new BlksyncError(
-        'EPUB_FORMAT',
-        `${client.url} is ${bytes.length} bytes; its header describes ${indexBytes(header)}: publish again`,
-        { path: client.url },
-      );
-    }
-  } else if (bytes.length < topEnd) {
+  // the index's size as the server tells it (a range's total): one cut short would otherwise
+  // be found only where a differing group's records are missing, and blamed on the server
+  const size = head.whole ? bytes.length : client.size;
+  if (size !== undefined && size !== indexBytes(header)) {
+    throw new BlksyncError(
+      'EPUB_FORMAT',
+      `${client.url} is ${size} bytes; its header describes ${indexBytes(header)}: publish again`,
+      { path: client.url },
+    );
+  }
+  if (!head.whole && bytes.length < topEnd) {
     const rest: Buffer[] = [bytes];
     for await (const piece of client.fetch([{ start: bytes.length, end: topEnd }])) {
       rest.push(Buffer.from(piece));
@@ -214,25 +265,20 @@ export async function openPublished(
       : hashStop.signal;
   const hashing = preparing.then((d) => d.hash(h, hashSignal, options.onHashed));
   hashing.catch(() => {});
-  let stale: string | undefined;
+  let mismatch: BlksyncWarning | undefined;
   try {
-    stale = await staleness(url, h.imageSize, index.lastModified, options);
+    mismatch = await imageMismatch(url, h.imageSize, index.lastModified, options);
   } catch (err) {
     hashStop.abort();
     await hashing.catch(() => {});
     await drop();
     throw err;
   }
-  if (stale !== undefined) {
+  if (mismatch !== undefined) {
     hashStop.abort();
     await hashing.catch(() => {});
     await drop();
-    // the image was replaced and not published again: what the published files hold is not
-    // what the URL serves, so the URL is streamed as it is
-    options.onWarning?.({
-      code: 'WPUB_STALE',
-      message: `${url} does not match its published files (${stale}); reading the image itself, not by ranges: run blksync publish again`,
-    });
+    options.onWarning?.(mismatch);
     index.close();
     return undefined;
   }
@@ -322,7 +368,11 @@ export async function openPublished(
   }
   const seeds = seedsInDestination(h, have, needed, leaves);
   const storedBytes = needed.reduce((n, i) => n + leaves.get(i)!.length, 0);
-  const data = new RangeClient(names.data, { ...options, size: h.dataSize });
+  const data = new RangeClient(names.data, {
+    ...options,
+    size: h.dataSize,
+    sizeFrom: names.index,
+  });
   const source = new ChunkSource(h, needed, leaves, data, seeds, options.destination);
   const destination = options.destination;
   return {
@@ -365,7 +415,7 @@ export async function openPublished(
     report: () => ({
       index: names.index,
       data: names.data,
-      // + 1: the one-byte request that checked the image is the one published (staleness)
+      // + 1: the request that checked the image is the one published (imageMismatch)
       requests: index.requests + data.requests + 1,
       bytesFetched: index.bytesReceived + data.bytesReceived,
       chunkSize: h.chunkSize,
@@ -398,7 +448,11 @@ function seedsInDestination(
     const leaf = leaves.get(i)!;
     if (leaf.kind === KIND_ZERO) continue;
     const key = leaf.hash.toString('latin1');
-    wanted.set(key, [...(wanted.get(key) ?? []), i]);
+    // appended in place: copying the list per chunk was quadratic in chunks of one content
+    // (an image padded with 0xff: minutes of planning before the first request)
+    const list = wanted.get(key);
+    if (list === undefined) wanted.set(key, [i]);
+    else list.push(i);
   }
   if (wanted.size === 0) return seeds;
   const written = new Set(needed);

@@ -83,8 +83,14 @@ function parseContentRange(
 }
 
 export interface RangeClientOptions extends HttpOptions {
-  /** The file's size when known in advance (from the index): an answer of another is EPUB_CHANGED. */
+  /** The file's size when known in advance (from the index): a later answer of another is EPUB_CHANGED. */
   size?: number | undefined;
+  /**
+   * The file that gave `size` (the index): a first answer of another size is EPUB_FORMAT
+   * naming it, not EPUB_CHANGED: nothing says the file changed during this copy, and a data
+   * file cut short or left from another publish is found so by every rerun.
+   */
+  sizeFrom?: string | undefined;
 }
 
 export class RangeClient {
@@ -96,16 +102,30 @@ export class RangeClient {
   #body: Readable | undefined;
   /** The file's size, once an answer told it. */
   size: number | undefined;
+  /** Where `size` came from until an answer confirms it (RangeClientOptions.sizeFrom). */
+  #sizeFrom: string | undefined;
   /** The file's Last-Modified (ms since the epoch), when the first answer gave one. */
   lastModified: number | undefined;
-  /** Requests made, and body bytes received. */
+  /** Requests made. */
   requests = 0;
-  bytesReceived = 0;
+  /** Body bytes of the answers read to their end (or dropped). */
+  #received = 0;
+  /** The answer being read: its bytes count as they arrive. */
+  #reader: ByteReader | undefined;
 
   constructor(url: string, options: RangeClientOptions = {}) {
     this.url = url;
     this.#options = options;
     this.size = options.size;
+    this.#sizeFrom = options.size !== undefined ? options.sizeFrom : undefined;
+  }
+
+  /**
+   * Body bytes received so far, the answer being read included: a fetch's generator is left
+   * suspended after its last piece (not read to its end) while the copy goes on.
+   */
+  get bytesReceived(): number {
+    return this.#received + (this.#reader?.received ?? 0);
   }
 
   #changed(what: string): BlksyncError {
@@ -119,9 +139,17 @@ export class RangeClient {
   #checkSize(total: number | undefined): void {
     if (total === undefined) return;
     if (this.size !== undefined && total !== this.size) {
+      if (this.#sizeFrom !== undefined) {
+        throw new BlksyncError(
+          'EPUB_FORMAT',
+          `${this.url} is ${total} bytes but ${this.#sizeFrom} describes ${this.size}: the published files do not belong together (one cut short, or replaced without the other): if they are being uploaded, rerun once both are; else publish again and put both on the server`,
+          { path: this.url },
+        );
+      }
       throw this.#changed(`its size was ${this.size} bytes, now ${total}`);
     }
     this.size = total;
+    this.#sizeFrom = undefined;
   }
 
   /** GETs the ranges; checks the answer's validator against the first answer's. */
@@ -205,7 +233,7 @@ export class RangeClient {
       if (whole) this.#checkSize(bytes.length);
       return { bytes, whole };
     } finally {
-      this.bytesReceived += got;
+      this.#received += got;
       body.destroy();
     }
   }
@@ -222,6 +250,7 @@ export class RangeClient {
       const body = bodyStream(res);
       this.#body = body;
       const reader = new ByteReader(body, this.url);
+      this.#reader = reader;
       try {
         const status = res.status;
         if (status === 416) {
@@ -296,7 +325,8 @@ export class RangeClient {
           throw this.#wrongRange(`bytes ${p.start}-${p.end - 1} were asked for but not sent`);
         }
       } finally {
-        this.bytesReceived += reader.received;
+        this.#received += reader.received;
+        this.#reader = undefined;
         body.destroy();
       }
     }

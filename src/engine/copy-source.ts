@@ -224,6 +224,7 @@ async function openPublishedSource(
     destination,
     signal: options.signal,
     timeout: options.timeout,
+    raw: options.raw,
     onWarning: options.onWarning,
     onHashed: (bytesScanned, bytesTotal) =>
       options.onProgress?.({
@@ -235,6 +236,14 @@ async function openPublishedSource(
       }),
   });
   if (p === undefined) return undefined;
+  if (options.size !== undefined && options.size !== p.size) {
+    // as for any source whose size is known: a --size that says otherwise is not taken
+    await p.source.close();
+    throw new BlksyncError(
+      'EUSAGE',
+      `--size ${options.size} contradicts the size ${p.size} of ${src} (as published)`,
+    );
+  }
   return {
     path: src,
     kind: 'url',
