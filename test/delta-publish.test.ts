@@ -1,12 +1,14 @@
 /**
  * `blksync publish`: the same image gives the same bytes, holes and zero chunks cost nothing,
- * -o DIR writes there, and a chunk size that cannot be is refused.
+ * -o DIR writes there, and a chunk size that cannot be is refused, as is a compressed image
+ * or a container (its copy would write what it holds, not its bytes).
  */
 
 import assert from 'node:assert/strict';
-import { mkdir, readFile, stat } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { gzipSync } from 'node:zlib';
 import { publish } from '../src/delta/publish.js';
 import { BlksyncError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/published.js';
@@ -51,4 +53,32 @@ test('a chunk size that is not a power of two from 4K to 4M is refused (larger o
       (err) => err instanceof BlksyncError && err.code === 'EUSAGE',
     );
   }
+});
+
+test('a compressed image or a container (a fixed VHD, known only by its footer) is refused, nothing written', async (t) => {
+  const dir = await tempDir(t);
+  const data = seededBytes(1 << 20, 3);
+  const footer = Buffer.alloc(512);
+  footer.write('conectix', 0, 'latin1');
+  footer.writeUInt32BE(2, 60); // disk type: fixed
+  let sum = 0;
+  for (let i = 0; i < 512; i++) sum += footer[i]!;
+  footer.writeUInt32BE(~sum >>> 0, 64);
+  const cases: [string, Buffer, string][] = [
+    ['os.img.gz', gzipSync(data), 'ESRC_COMPRESSED'],
+    ['os.vhd', Buffer.concat([data, footer]), 'ESRC_CONTAINER'],
+  ];
+  for (const [name, bytes, code] of cases) {
+    const img = join(dir, name);
+    await writeFile(img, bytes);
+    await assert.rejects(
+      publish(img),
+      (err) =>
+        err instanceof BlksyncError &&
+        err.code === code &&
+        /publish that image \(blksync copy /.test(err.message),
+      name,
+    );
+  }
+  assert.deepEqual((await readdir(dir)).sort(), ['os.img.gz', 'os.vhd']);
 });

@@ -116,6 +116,30 @@ async function dataRanges(
   return mappedRanges(fh, size, MIN_CHUNK_SIZE, path);
 }
 
+/**
+ * A compressed image or a container (zip, qcow2, a fixed VHD, ...) would be published as its
+ * own bytes, where `copy` of it decodes it: refused, saying to publish the image it holds.
+ */
+async function refuseEncoded(
+  image: string,
+  fh: import('node:fs/promises').FileHandle,
+  size: number,
+): Promise<void> {
+  const { sniffFile } = await import('../containers/sniff-file.js');
+  const sniffed = await sniffFile(fh, size);
+  if (sniffed === undefined) return;
+  const what =
+    sniffed.compression !== undefined
+      ? `${sniffed.compression}-compressed`
+      : `a ${sniffed.container.name}`;
+  const plain = join(dirname(image), 'plain.img');
+  throw new BlksyncError(
+    sniffed.compression !== undefined ? 'ESRC_COMPRESSED' : 'ESRC_CONTAINER',
+    `${image} is ${what}, and a copy of its URL writes the image it holds: publish that image (blksync copy ${image} ${plain}; blksync publish ${plain}); the web server needs only its published files`,
+    { path: image },
+  );
+}
+
 /** Publishes IMG: see the file header. */
 export async function publish(image: string, options: PublishOptions = {}): Promise<PublishResult> {
   const started = performance.now();
@@ -138,6 +162,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
   let data: OutputFile | undefined;
   try {
     const size = src.size;
+    await refuseEncoded(image, src.fh, size);
     const shape = { imageSize: size, chunkSize };
     const chunks = chunkCount(shape);
     if (chunks > MAX_CHUNKS) {

@@ -8,12 +8,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../../errors.js';
 import { dropTrace, startTrace, trace } from '../../trace.js';
 import { WrittenRanges } from '../../engine/written-log.js';
-import {
-  CONTAINER_HEAD_BYTES,
-  CONTAINER_TAIL_BYTES,
-  detectContainer,
-} from '../../containers/detect.js';
-import { detectCompression, MAGIC_BYTES } from '../../io/compression-magic.js';
+import { sniffFile } from '../../containers/sniff-file.js';
 import { FileSink } from '../../io/file-sink.js';
 import { syncedIdentityOf } from '../../io/identity.js';
 import { openSource, openTarget } from '../../io/open.js';
@@ -208,17 +203,11 @@ async function refuseCompressed(
   size: number,
   raw: boolean,
 ): Promise<void> {
-  const head = Buffer.alloc(Math.max(MAGIC_BYTES, CONTAINER_HEAD_BYTES));
-  const { bytesRead } = await fh.read(head, 0, head.length, 0);
-  const kind = detectCompression(head.subarray(0, bytesRead));
+  const sniffed = await sniffFile(fh, size);
   // a container (zip, qcow2, ...) would be written as its own bytes just the same
-  const tail = Buffer.alloc(size >= CONTAINER_TAIL_BYTES ? CONTAINER_TAIL_BYTES : 0);
-  if (kind === undefined) await fh.read(tail, 0, tail.length, size - tail.length);
-  const container =
-    kind === undefined && !raw ? detectContainer(head.subarray(0, bytesRead), tail) : undefined;
-  if (kind === undefined && container === undefined) return;
+  if (sniffed === undefined || (sniffed.container !== undefined && raw)) return;
   await fh.close();
-  throw kind !== undefined
-    ? new BlksyncError('ESRC_COMPRESSED', `${path} is ${kind}-compressed`, { path })
-    : new BlksyncError('ESRC_CONTAINER', `${path} is a ${container!.name}`, { path });
+  throw sniffed.compression !== undefined
+    ? new BlksyncError('ESRC_COMPRESSED', `${path} is ${sniffed.compression}-compressed`, { path })
+    : new BlksyncError('ESRC_CONTAINER', `${path} is a ${sniffed.container.name}`, { path });
 }
