@@ -29,7 +29,11 @@ export function timeoutOption(): Option<'--timeout <seconds>', undefined, undefi
   ).argParser(parseTimeout);
 }
 
-/** Sets up Ctrl-C / SIGTERM to abort the run; a second signal exits at once. */
+/**
+ * Sets up Ctrl-C / SIGTERM to abort the run; a second signal ends the process at once, by the
+ * signal itself (exit status 128 + its number, as the shell reports it): process.exit() would
+ * wait for libuv's thread pool, where an open() of a FIFO no writer opened never returns.
+ */
 export function interruptible(): {
   signal: AbortSignal;
   exitCode: () => number;
@@ -38,7 +42,12 @@ export function interruptible(): {
   const controller = new AbortController();
   let code = EXIT_SIGINT;
   const handler = (sig: NodeJS.Signals): void => {
-    if (controller.signal.aborted) process.exit(sig === 'SIGTERM' ? EXIT_SIGTERM : EXIT_SIGINT);
+    if (controller.signal.aborted) {
+      process.off('SIGINT', handler);
+      process.off('SIGTERM', handler);
+      process.kill(process.pid, sig);
+      return;
+    }
     code = sig === 'SIGTERM' ? EXIT_SIGTERM : EXIT_SIGINT;
     controller.abort(new Error(sig));
   };
