@@ -11,6 +11,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { VerifyingSource } from '../src/engine/bmap-verify.js';
+import { SharedBufferPool } from '../src/engine/hash-pool.js';
 import { NoTarget } from '../src/engine/knowledge.js';
 import { runPipeline } from '../src/engine/pipeline.js';
 import { bmapCandidates } from '../src/engine/find-bmap.js';
@@ -441,7 +442,7 @@ describe('VerifyingSource', () => {
   });
 
   /** Runs the pipeline over `v` into a sink recording its writes; `held`: the writes held. */
-  function copyThrough(v: VerifyingSource, maxHeld: number, chunk = 4096) {
+  function copyThrough(v: VerifyingSource, maxHeld: number, chunk = 4096, shared = false) {
     const writes: { offset: number; data: Buffer }[] = [];
     const sink: Sink = {
       write: (d, offset) => {
@@ -456,12 +457,21 @@ describe('VerifyingSource', () => {
       blockSize: 4096,
       chunkSize: chunk,
       depth: 4,
+      // shared memory: a worker hashes the chunks in the pipeline's own buffers, no copy
+      ...(shared ? { buffers: new SharedBufferPool(chunk) } : {}),
     });
     return { writes, run, finish: () => held.finish() };
   }
 
-  for (const workerThreads of [1, 0]) {
-    const where = workerThreads > 0 ? 'on a worker' : 'on this thread';
+  for (const [workerThreads, shared] of [
+    [1, false],
+    [1, true],
+    [0, false],
+  ] as const) {
+    const where =
+      workerThreads > 0
+        ? `on a worker (${shared ? "in the pipeline's shared buffers" : 'from copies'})`
+        : 'on this thread';
     it(`reads a large range once, hashed ${where} chunk by chunk, writes held until it passed`, async () => {
       const ranges = [{ start: 0, end: 65536, checksum: sum(0, 65536), label: 'blocks 0-15' }];
       const inner = bufferSource(data);
@@ -480,7 +490,7 @@ describe('VerifyingSource', () => {
       });
       try {
         // 8 KiB of held data kept: the rest of the range is read again after it passed
-        const { writes, run, finish } = copyThrough(v, 8192);
+        const { writes, run, finish } = copyThrough(v, 8192, 4096, shared);
         await run;
         await finish();
         assert.equal(v.verified, 1);
@@ -501,14 +511,18 @@ describe('VerifyingSource', () => {
       { start: 0, end: 16384, checksum: sum(0, 16384), label: 'blocks 0-3' },
       { start: 16384, end: 65536, checksum: 'e'.repeat(64), label: 'blocks 4-15' },
     ];
-    for (const workerThreads of [0, 1]) {
+    for (const [workerThreads, shared] of [
+      [0, false],
+      [1, false],
+      [1, true],
+    ] as const) {
       const v = new VerifyingSource(bufferSource(data), ranges, 'sha256', 'img', {
         maxInMemory: 8192,
         workerThreads,
         rereadable: true,
       });
       try {
-        const { writes, run } = copyThrough(v, 1 << 20);
+        const { writes, run } = copyThrough(v, 1 << 20, 4096, shared);
         await assert.rejects(run, (err: unknown) => {
           assert.ok(err instanceof BlksyncError && err.code === 'EBMAP_CHECKSUM', String(err));
           assert.match(err.message, /blocks 4-15 .*nothing of this range was written/);

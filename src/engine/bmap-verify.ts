@@ -40,6 +40,8 @@ import { HeldWritesSink, type HeldState } from './held-writes.js';
 
 /** Largest range read whole and verified before any of it is handed on. */
 export const MAX_VERIFY_IN_MEMORY_BYTES = 32 * 1024 * 1024;
+/** With writes held (holdWrites): largest range read whole; larger ones are gated. */
+const MAX_HELD_IN_MEMORY_BYTES = 4 * 1024 * 1024;
 /** Range buffers kept for reuse (the current range, those read ahead, a spare). */
 const MAX_FREE_BUFFERS = 4;
 /** Bytes of a large range read but not yet hashed by its worker: reads wait beyond this. */
@@ -199,10 +201,11 @@ interface Prechecked {
 }
 
 /**
- * A large range read once (holdWrites): each chunk is copied into shared memory and hashed
- * on a worker as it goes to the pipeline (without workers, hashed here from the pipeline's
- * buffer); the writes into the range are held until its last chunk's read has checked the
- * checksum.
+ * A large range read once (holdWrites): each chunk is hashed on a worker as it goes to the
+ * pipeline, in place when the pipeline's buffer is shared memory (the read resolves once it
+ * was hashed, so the pipeline reuses the buffer only then), else from a copy in shared memory
+ * (without workers, hashed here from the pipeline's buffer); the writes into the range are
+ * held until its last chunk's read has checked the checksum.
  */
 interface Gated {
   kind: 'gated';
@@ -213,7 +216,7 @@ interface Gated {
   worker: DigestWorker | undefined;
   /** Without a worker: the main thread's incremental hash. */
   hash: Hash;
-  /** Settles when every chunk handed out so far was fed to the hash. */
+  /** Settles when every chunk handed out so far was fed to the hash (posted, on a worker). */
   chain: Promise<void>;
   /** Reads that skip part of the range (an index plan): the range is read whole first. */
   fallback: Promise<void> | undefined;
@@ -234,7 +237,7 @@ export class VerifyingSource implements Source {
   readonly #ranges: readonly VerifiedRange[];
   readonly #algorithm: string;
   readonly #image: string;
-  readonly #maxInMemory: number;
+  #maxInMemory: number;
   #next = 0;
   #current: Buffered | Prechecked | Streamed | Gated | undefined;
   readonly #rereadable: boolean;
@@ -305,6 +308,9 @@ export class VerifyingSource implements Source {
   holdWrites(maxHeld?: number): (sink: Sink) => Sink {
     if (this.#reading || !this.#rereadable) return (sink) => sink;
     this.#holding = true;
+    // a range held is read once, hashed in the pipeline's own buffers: only small ones are
+    // worth buffering whole (fresh memory costs page faults: ~4 ms per MiB on a VM here)
+    this.#maxInMemory = Math.min(this.#maxInMemory, MAX_HELD_IN_MEMORY_BYTES);
     const gate = {
       stateAt: (offset: number) => this.#stateAt(offset),
       reread: (buf: Buffer, offset: number, length: number) =>
@@ -440,6 +446,9 @@ export class VerifyingSource implements Source {
     }
     cur.next = offset + length;
     const before = cur.chain;
+    if (cur.worker !== undefined && buf.buffer instanceof SharedArrayBuffer) {
+      return this.#gatedInPlace(cur, cur.worker, before, buf, offset, length);
+    }
     const mine = (async () => {
       if (cur.worker === undefined) {
         // hashed here, from the pipeline's own buffer: no copy into shared memory
@@ -482,6 +491,43 @@ export class VerifyingSource implements Source {
       () => {},
     );
     return mine;
+  }
+
+  /**
+   * A gated read into the pipeline's own shared buffer, hashed there by the worker: no copy,
+   * no staging memory. The chain moves on once this chunk is posted, in the range's order; the
+   * read resolves once it was hashed, as the pipeline may then reuse the buffer.
+   */
+  #gatedInPlace(
+    cur: Gated,
+    worker: DigestWorker,
+    before: Promise<void>,
+    buf: Buffer,
+    offset: number,
+    length: number,
+  ): Promise<number> {
+    let posted!: () => void;
+    cur.chain = new Promise((resolve) => (posted = resolve));
+    return (async () => {
+      let hashed: Promise<unknown> | undefined;
+      try {
+        const got = await this.#inner.read(buf, offset, length);
+        await before; // the hash takes the chunks in order
+        if (got < length) return got; // short source: the pipeline reports it
+        // a dead worker fails the range's final digest
+        hashed = worker.update(cur.stream, this.#algorithm, buf.subarray(0, got)).catch(() => {});
+        posted();
+        if (offset + length === cur.range.end) {
+          const computed = await worker.final(cur.stream, this.#algorithm);
+          this.#outcome.set(cur.range, computed === cur.range.checksum);
+          this.#check(cur.range, computed, true);
+        }
+        return got;
+      } finally {
+        posted();
+        await hashed;
+      }
+    })();
   }
 
   /**

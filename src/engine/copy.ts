@@ -25,6 +25,7 @@ import { openCopySource, type CopySource } from './copy-source.js';
 import { sourceIndexFor } from './source-index-choice.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
+import { SharedBufferPool } from './hash-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Sink, TargetKnowledge } from '../types.js';
@@ -197,7 +198,8 @@ export async function copyLocal(
           ? (p) => options.onProgress!({ ...p, bytesFetched: source.delta!().bytesFetched })
           : options.onProgress,
       onChunk,
-      buffers: index?.buffers,
+      // shared memory: a bmap's large ranges are hashed on a worker in the pipeline's buffers
+      buffers: index?.buffers ?? (hold !== undefined ? new SharedBufferPool(chunkSize) : undefined),
     });
     if (!run.interrupted) {
       await watch?.check(
