@@ -243,6 +243,9 @@ class Pull {
   async #connect(bmap: FoundBmap | undefined): Promise<AgentLink> {
     const { dryRun, full, chunkSize } = this.#session;
     const dst = this.#dst;
+    // read (and deflated) while DST is opened: ssh starts as soon as the HELLO is known
+    const payload = agentPayload();
+    payload.catch(() => {}); // awaited where ssh starts
     const found = await openTarget(dst, { readOnly: dryRun });
     this.#found = found;
     // what DST's cache (or a device's under it) holds may be older than the device: read anew
@@ -259,11 +262,12 @@ class Pull {
       const file = new FileSource(target.fh, dst, target.size, false);
       // DST's holes are not read (a block device reports none)
       const { fh, size } = target;
+      // started once ssh is: its reads would fill libuv's thread pool ahead of the agent's
       this.#scanner = new HashScanner(file, dst, size, chunkSize, this.#top.hash, () =>
         dataRangesOf(fh, size, dst),
-      ).start();
+      );
     }
-    this.#link = await AgentLink.open(
+    const opening = AgentLink.open(
       this.#spec,
       this.#options,
       {
@@ -276,8 +280,11 @@ class Pull {
         // --src-index: SRC's index in the digests' blocks, kept by the agent on SRC's host
         ...(sourceIndex !== undefined && topBlock > 0 ? { sourceIndex, dryRun } : {}),
       },
-      await agentPayload(),
+      await payload,
     );
+    // ssh was spawned as open() began
+    this.#scanner?.start();
+    this.#link = await opening;
     this.#topBlock = topBlock;
     return this.#link;
   }
