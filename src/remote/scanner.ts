@@ -15,8 +15,8 @@ import { trace } from '../trace.js';
 import type { Source } from '../types.js';
 import { zeroHasher, type TopHasher } from './protocol.js';
 
-/** Reads in flight while scanning. */
-const SCAN_READ_AHEAD = 4;
+/** Reads in flight while scanning: 2, as the agent's (agent/top-hashes.ts TOP_READ_AHEAD). */
+const SCAN_READ_AHEAD = 2;
 /** Stands for a unit that was not read: all hole. */
 const HOLE = Buffer.alloc(0);
 
