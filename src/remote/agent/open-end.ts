@@ -116,13 +116,20 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
   const { created, zero } = prepared;
   const fh = prepared.target?.fh;
   const kind = prepared.target?.kind ?? 'file';
-  // a block device is claimed by O_EXCL; a file by the lock a local blksync takes too
-  if (!dryRun && fh !== undefined && kind === 'file') {
-    await lockAgentTarget(fh.fd, h.path).catch(async (err: unknown) => {
-      await fh.close();
+  // a block device is claimed by O_EXCL; a file by the lock a local blksync takes too,
+  // taken (a perl process: ~20 ms) while the index is read, held before READY (no DATA comes
+  // before it, so nothing is written unlocked)
+  const locking =
+    !dryRun && fh !== undefined && kind === 'file' ? lockAgentTarget(fh.fd, h.path) : undefined;
+  locking?.catch(() => {}); // awaited below, before READY or on failure
+  const locked = async (): Promise<void> => {
+    try {
+      await locking;
+    } catch (err) {
+      await fh?.close();
       throw err;
-    });
-  }
+    }
+  };
   // what READY reports as DST's size: past the image only where DST was larger
   const have = size + prepared.extraBytes;
   s.opened = {
@@ -140,10 +147,10 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
   };
   if (h.verify === true) s.written = new WrittenRanges();
   let digests = false;
-  const index =
+  const opening =
     h.index === undefined
       ? undefined
-      : await AgentIndex.open(
+      : AgentIndex.open(
           h.index,
           {
             path: h.path,
@@ -156,6 +163,15 @@ async function openTargetEnd(s: AgentSession, h: Hello, encoding: string): Promi
           zero,
           dryRun,
         );
+  let index: AgentIndex | undefined;
+  try {
+    index = await opening;
+  } catch (err) {
+    // a busy DST is the error to tell, whatever the index had to say
+    await locked();
+    throw err;
+  }
+  await locked();
   s.index = index;
   if (index !== undefined) {
     digests =
