@@ -432,6 +432,21 @@ test('moved data: a chunk DST holds at another place is read from there, not fet
   assert.ok(r.http.bytesFetched < 2 * CHUNK, `fetched ${r.http.bytesFetched}`);
 });
 
+test('moved data onto a DST of other content (nearly every chunk differs): the chunks it holds elsewhere are still read from there', async (t) => {
+  // v2 holds one content at chunks 10-11 and 40-41; DST holds other content everywhere but
+  // at 40-41, where it holds that one: 40-41 stay, 10-11 are read from them
+  const v2 = seededBytes(SIZE, 21);
+  v2.copy(v2, 40 * CHUNK, 10 * CHUNK, 12 * CHUNK);
+  const v1 = seededBytes(SIZE, 22);
+  v2.copy(v1, 40 * CHUNK, 40 * CHUNK, 42 * CHUNK);
+  const { dst, url } = await servedPair(t, v1, v2);
+  const r = await copy(url, dst);
+  assert.deepEqual(await readFile(dst), v2);
+  assert.equal(r.http?.chunksDiffering, SIZE / CHUNK - 2);
+  assert.equal(r.http?.chunksSeeded, 2);
+  assert.equal(r.http?.chunksFetched, SIZE / CHUNK - 4);
+});
+
 test('a seed DST no longer holds (written meanwhile) is EDEST_CHANGED, never written as it is', async (t) => {
   const v1 = seededBytes(SIZE, 9);
   const v2 = Buffer.from(v1);

@@ -34,8 +34,9 @@ import {
   KIND_COMPRESSED,
   KIND_RAW,
   KIND_ZERO,
+  checkGroup,
+  leafAt,
   looksPublished,
-  parseGroup,
   parseHeader,
   topBytes,
   type Leaf,
@@ -221,6 +222,30 @@ async function probe(
   return { header, top, whole: head.whole ? bytes : undefined };
 }
 
+/**
+ * The leaf records of the groups fetched, kept as the index holds them (48 bytes a chunk): an
+ * object per chunk cost ~700 bytes, ~3 GB for the 4 Mi chunks an index may describe.
+ */
+class LeafTable {
+  readonly #groups = new Map<number, Buffer>();
+  readonly #groupChunks: number;
+
+  constructor(groupChunks: number) {
+    this.#groupChunks = groupChunks;
+  }
+
+  /** Group `g`'s records, checked (checkGroup). */
+  set(g: number, records: Buffer): void {
+    this.#groups.set(g, records);
+  }
+
+  /** Chunk `i`'s leaf (its hash a view into the records), if its group was fetched. */
+  get(i: number): Leaf | undefined {
+    const records = this.#groups.get(Math.floor(i / this.#groupChunks));
+    return records === undefined ? undefined : leafAt(records, i % this.#groupChunks);
+  }
+}
+
 function groupHash(h: PublishedHeader, hashes: Buffer, g: number): Buffer {
   const first = g * h.groupChunks;
   const last = Math.min(chunkCount(h), first + h.groupChunks);
@@ -303,10 +328,9 @@ export async function openPublished(
     }
   }
   const leafRanges = differing.map((g) => groupLeafRange(h, g));
-  const leaves = new Map<number, Leaf>();
+  const leaves = new LeafTable(h.groupChunks);
   const take = (g: number, bytes: Buffer): void => {
-    const parsed = parseGroup(h, top, g, bytes, names.index);
-    parsed.forEach((leaf, k) => leaves.set(g * h.groupChunks + k, leaf));
+    leaves.set(g, checkGroup(h, top, g, bytes, names.index));
   };
   if (found.whole !== undefined) {
     differing.forEach((g, n) =>
@@ -440,32 +464,56 @@ function seedsInDestination(
   h: PublishedHeader,
   have: Buffer,
   needed: number[],
-  leaves: Map<number, Leaf>,
+  leaves: LeafTable,
 ): Map<number, number> {
   const seeds = new Map<number, number>();
-  const wanted = new Map<string, number[]>();
-  for (const i of needed) {
-    const leaf = leaves.get(i)!;
-    if (leaf.kind === KIND_ZERO) continue;
-    const key = leaf.hash.toString('latin1');
-    // appended in place: copying the list per chunk was quadratic in chunks of one content
-    // (an image padded with 0xff: minutes of planning before the first request)
-    const list = wanted.get(key);
-    if (list === undefined) wanted.set(key, [i]);
-    else list.push(i);
-  }
-  if (wanted.size === 0) return seeds;
-  const written = new Set(needed);
-  const zeroKey = sha256(Buffer.alloc(h.chunkSize)).toString('latin1');
   const chunks = chunkCount(h);
-  for (let j = 0; j < chunks && wanted.size > 0; j++) {
-    if (written.has(j)) continue;
+  const written = new Uint8Array(chunks);
+  for (const i of needed) written[i] = 1;
+  const zeroKey = sha256(Buffer.alloc(h.chunkSize)).toString('latin1');
+  const heldKey = (j: number): string | undefined => {
+    if (written[j] === 1) return undefined;
     const key = have.toString('latin1', j * HASH_BYTES, (j + 1) * HASH_BYTES);
-    if (key === zeroKey) continue;
-    const list = wanted.get(key);
-    if (list === undefined) continue;
-    for (const i of list) if (chunkLength(h, i) === chunkLength(h, j)) seeds.set(i, j);
-    wanted.delete(key);
+    return key === zeroKey ? undefined : key;
+  };
+  const seed = (i: number, j: number): void => {
+    if (chunkLength(h, i) === chunkLength(h, j)) seeds.set(i, j);
+  };
+  // a map over the smaller side: the chunks wanted, or those DST holds and keeps (an update
+  // onto a DST of other content wants nearly all chunks: a map of them cost ~100 bytes each)
+  if (needed.length <= chunks - needed.length) {
+    const wanted = new Map<string, number[]>();
+    for (const i of needed) {
+      const leaf = leaves.get(i)!;
+      if (leaf.kind === KIND_ZERO) continue;
+      const key = leaf.hash.toString('latin1');
+      // appended in place: copying the list per chunk was quadratic in chunks of one content
+      // (an image padded with 0xff: minutes of planning before the first request)
+      const list = wanted.get(key);
+      if (list === undefined) wanted.set(key, [i]);
+      else list.push(i);
+    }
+    for (let j = 0; j < chunks && wanted.size > 0; j++) {
+      const key = heldKey(j);
+      const list = key === undefined ? undefined : wanted.get(key);
+      if (list === undefined) continue;
+      for (const i of list) seed(i, j);
+      wanted.delete(key!);
+    }
+  } else {
+    // the first place DST holds each content
+    const held = new Map<string, number>();
+    for (let j = 0; j < chunks; j++) {
+      const key = heldKey(j);
+      if (key !== undefined && !held.has(key)) held.set(key, j);
+    }
+    if (held.size === 0) return seeds;
+    for (const i of needed) {
+      const leaf = leaves.get(i)!;
+      if (leaf.kind === KIND_ZERO) continue;
+      const j = held.get(leaf.hash.toString('latin1'));
+      if (j !== undefined) seed(i, j);
+    }
   }
   return seeds;
 }
@@ -479,7 +527,7 @@ class ChunkSource implements Source {
   readonly size: number;
   readonly #h: PublishedHeader;
   readonly #needed: number[];
-  readonly #leaves: Map<number, Leaf>;
+  readonly #leaves: LeafTable;
   readonly #stored: AsyncGenerator<Buffer>;
   readonly #data: RangeClient;
   #next = 0;
@@ -494,7 +542,7 @@ class ChunkSource implements Source {
   constructor(
     h: PublishedHeader,
     needed: number[],
-    leaves: Map<number, Leaf>,
+    leaves: LeafTable,
     data: RangeClient,
     seeds: Map<number, number>,
     destination: string,

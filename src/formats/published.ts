@@ -229,11 +229,38 @@ export function parseGroup(
   bytes: Buffer,
   path: string,
 ): Leaf[] {
+  const records = checkGroup(h, top, g, bytes, path);
+  return Array.from({ length: records.length / LEAF_BYTES }, (_, k) => leafAt(records, k));
+}
+
+/**
+ * Leaf record `k` of `records` (checked by checkGroup): its hash a view into them, not a copy.
+ */
+export function leafAt(records: Buffer, k: number): Leaf {
+  const at = k * LEAF_BYTES;
+  return {
+    hash: records.subarray(at, at + HASH_BYTES),
+    offset: Number(records.readBigUInt64LE(at + 32)),
+    length: records.readUInt32LE(at + 40),
+    kind: records.readUInt32LE(at + 44),
+  };
+}
+
+/**
+ * Checks group `g`'s leaf records as parseGroup does and returns a copy of them, 48 bytes a
+ * chunk (a client keeps these, not an object per chunk: a few hundred bytes each).
+ */
+export function checkGroup(
+  h: PublishedHeader,
+  top: Buffer,
+  g: number,
+  bytes: Buffer,
+  path: string,
+): Buffer {
   const { start, end } = groupLeafRange(h, g);
   if (bytes.length !== end - start) throw bad(path, `group ${g}'s leaf records are cut short`);
   const n = bytes.length / LEAF_BYTES;
   const hashes = Buffer.allocUnsafe(n * HASH_BYTES);
-  const leaves: Leaf[] = [];
   for (let k = 0; k < n; k++) {
     const at = k * LEAF_BYTES;
     bytes.copy(hashes, k * HASH_BYTES, at, at + HASH_BYTES);
@@ -254,7 +281,6 @@ export function parseGroup(
     } else {
       throw bad(path, `chunk ${i} has unknown kind ${kind}`);
     }
-    leaves.push({ hash: Buffer.from(bytes.subarray(at, at + HASH_BYTES)), offset, length, kind });
   }
   if (!sha256(hashes).equals(top.subarray(g * HASH_BYTES, (g + 1) * HASH_BYTES))) {
     throw new BlksyncError(
@@ -263,5 +289,5 @@ export function parseGroup(
       { path },
     );
   }
-  return leaves;
+  return Buffer.from(bytes);
 }
