@@ -476,11 +476,7 @@ export class VerifyingSource implements Source {
           .catch(() => {}) // a dead worker fails the range's final digest
           .finally(() => this.#unstage(slot));
         fed = true;
-        if (offset + length === cur.range.end) {
-          const computed = await worker.final(cur.stream, this.#algorithm);
-          this.#outcome.set(cur.range, computed === cur.range.checksum);
-          this.#check(cur.range, computed, true);
-        }
+        if (offset + length === cur.range.end) await this.#checkGated(cur, worker);
         return got;
       } finally {
         if (!fed) this.#unstage(slot);
@@ -491,6 +487,13 @@ export class VerifyingSource implements Source {
       () => {},
     );
     return mine;
+  }
+
+  /** After a range's last chunk was posted to `worker`: the range's checksum, checked. */
+  async #checkGated(cur: Gated, worker: DigestWorker): Promise<void> {
+    const computed = await worker.final(cur.stream, this.#algorithm);
+    this.#outcome.set(cur.range, computed === cur.range.checksum);
+    this.#check(cur.range, computed, true);
   }
 
   /**
@@ -517,11 +520,7 @@ export class VerifyingSource implements Source {
         // a dead worker fails the range's final digest
         hashed = worker.update(cur.stream, this.#algorithm, buf.subarray(0, got)).catch(() => {});
         posted();
-        if (offset + length === cur.range.end) {
-          const computed = await worker.final(cur.stream, this.#algorithm);
-          this.#outcome.set(cur.range, computed === cur.range.checksum);
-          this.#check(cur.range, computed, true);
-        }
+        if (offset + length === cur.range.end) await this.#checkGated(cur, worker);
         return got;
       } finally {
         posted();
