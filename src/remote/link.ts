@@ -89,12 +89,20 @@ export function remoteCommand(options: RemoteOptions): string {
   return `exec ${options.sudo === true ? 'sudo -n ' : ''}${node} -e ${shellQuote(BOOTSTRAP)}`;
 }
 
+/** ssh started by AgentLink.start, before its HELLO. */
+export interface StartedAgent {
+  /** Sends the agent and `hello`; resolves with the link once the agent is READY. */
+  open(hello: Hello, payload: Buffer): Promise<AgentLink>;
+  /** Ends ssh unused (the caller failed before it had a HELLO to send). */
+  abort(): Promise<void>;
+}
+
 export class AgentLink {
   readonly #spec: RemoteSpec;
   readonly #options: RemoteOptions;
   readonly #child: ChildProcessWithoutNullStreams;
   readonly #decoder = new FrameDecoder();
-  readonly #hello: Hello;
+  #hello!: Hello;
   readonly #pending: Pending[] = [];
   #top: TopStream | undefined;
   readonly #digest = createHash('sha256');
@@ -131,10 +139,9 @@ export class AgentLink {
   /** Called with each PROGRESS frame (an agent running a direct copy sends them). */
   onProgress: ((p: Progress) => void) | undefined;
 
-  private constructor(spec: RemoteSpec, options: RemoteOptions, hello: Hello) {
+  private constructor(spec: RemoteSpec, options: RemoteOptions) {
     this.#spec = spec;
     this.#options = options;
-    this.#hello = hello;
     this.#timeoutMs = timeoutMs(options.timeout);
     const argv = splitCommand(options.ssh ?? 'ssh');
     const [cmd, ...args] = argv;
@@ -196,27 +203,51 @@ export class AgentLink {
     hello: Hello,
     payload: Buffer,
   ): Promise<AgentLink> {
+    return AgentLink.start(spec, options).open(hello, payload);
+  }
+
+  /**
+   * Starts ssh to `spec` now, its HELLO to follow (`open`): the login (the longest step of a
+   * short run) overlaps what the caller does before it knows the HELLO. `abort` ends it unused.
+   */
+  static start(spec: RemoteSpec, options: RemoteOptions): StartedAgent {
     if (spec.destination.startsWith('-')) {
       throw new BlksyncError('EUSAGE', `invalid remote host "${spec.destination}"`);
     }
-    // EUSAGE for a bad one, before ssh starts
-    hello = { ...hello, keepalive: timeoutMs(options.timeout) / 1000 / KEEPALIVE_PER_TIMEOUT };
-    const link = new AgentLink(spec, options, hello);
-    if (hello.verify === true) link.#sent = new WrittenDigests();
+    // EUSAGE for a bad --timeout, before ssh starts (the constructor takes it too)
+    timeoutMs(options.timeout);
+    const link = new AgentLink(spec, options);
+    return {
+      open: (hello, payload) => link.#handshake(hello, payload),
+      abort: async () => {
+        clearInterval(link.#idleTimer);
+        link.#child.kill('SIGTERM');
+        await link.#exited;
+      },
+    };
+  }
+
+  /** Sends the agent and the HELLO, and waits for READY. */
+  async #handshake(hello: Hello, payload: Buffer): Promise<AgentLink> {
+    hello = { ...hello, keepalive: this.#timeoutMs / 1000 / KEEPALIVE_PER_TIMEOUT };
+    this.#hello = hello;
+    if (hello.verify === true) this.#sent = new WrittenDigests();
     try {
+      // ssh may have ended while the caller got the HELLO ready
+      if (this.#error !== undefined) throw this.#error;
       const ready = new Promise<Ready>((resolve, reject) => {
-        link.#ready = { resolve, reject };
+        this.#ready = { resolve, reject };
       });
       // the agent code and the HELLO go out together: no round trip before the handshake
-      link.#write(
+      this.#write(
         Buffer.concat([payload, helloFrame(tracing() ? { ...hello, trace: true } : hello)]),
       );
-      link.#readyInfo = await ready;
-      trace(`READY from ${spec.destination} (agent started, ${hello.role} opened)`);
-      link.#compressor = new Compressor(link.#readyInfo.encoding !== '');
-      return link;
+      this.#readyInfo = await ready;
+      trace(`READY from ${this.#spec.destination} (agent started, ${hello.role} opened)`);
+      this.#compressor = new Compressor(this.#readyInfo.encoding !== '');
+      return this;
     } catch (err) {
-      await link.close();
+      await this.close();
       throw err;
     }
   }

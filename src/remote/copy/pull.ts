@@ -42,7 +42,7 @@ import type { Plan, Sink, Source } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
 import { DEFLATE_RAW } from '../compress.js';
 import { HashDiffer } from '../hash-differ.js';
-import { AgentLink } from '../link.js';
+import { AgentLink, type StartedAgent } from '../link.js';
 import { MappedSource } from '../mapped-source.js';
 import { blockDigest, TOP_HASH_BLOCKS, unitHashes } from '../protocol.js';
 import { Refiner, type Found } from '../refiner.js';
@@ -109,6 +109,8 @@ class Pull {
   readonly #tableUpdates = new Map<number, () => void>();
 
   #link: AgentLink | undefined;
+  /** ssh started, its HELLO not yet sent (#connect). */
+  #started: StartedAgent | undefined;
   /** DST as openTarget found it, before ssh starts. */
   #found: TargetOpened | undefined;
   #target: Opened | undefined;
@@ -229,6 +231,8 @@ class Pull {
       await this.#refiner?.stop();
       await this.#scanner?.stop();
       await this.#fileSink?.finish().catch(() => {});
+      // ssh started and no HELLO sent: the failure came first
+      if (this.#link === undefined) await this.#started?.abort();
       await this.#link?.close();
       await this.#index?.close();
       await this.#mapped?.close();
@@ -243,11 +247,13 @@ class Pull {
   async #connect(bmap: FoundBmap | undefined): Promise<AgentLink> {
     const { dryRun, full, chunkSize } = this.#session;
     const dst = this.#dst;
-    // read (and deflated) while DST is opened: ssh starts as soon as the HELLO is known
+    // the agent code, read (and deflated) while DST is opened and ssh logs in
     const payload = agentPayload();
     payload.catch(() => {}); // awaited where ssh starts
     const found = await openTarget(dst, { readOnly: dryRun });
     this.#found = found;
+    // ssh logs in while the rest of the HELLO is got ready (DST's cache, its index's blocks)
+    this.#started = AgentLink.start(this.#spec, this.#options);
     // what DST's cache (or a device's under it) holds may be older than the device: read anew
     if (found.fh !== undefined && found.kind === 'block-device') {
       await dropDeviceCaches(found.fh.fd, found.stats.rdev);
@@ -267,9 +273,7 @@ class Pull {
         dataRangesOf(fh, size, dst),
       );
     }
-    const opening = AgentLink.open(
-      this.#spec,
-      this.#options,
+    const opening = this.#started.open(
       {
         role: 'source',
         path: this.#spec.path,
@@ -282,7 +286,7 @@ class Pull {
       },
       await payload,
     );
-    // ssh was spawned as open() began
+    // the HELLO is out: DST's reads no longer delay it
     this.#scanner?.start();
     this.#link = await opening;
     this.#topBlock = topBlock;

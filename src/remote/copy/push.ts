@@ -64,7 +64,7 @@ export async function push(
   options: RemoteCopyOptions,
   preopened?: CopySource,
 ): Promise<RemoteCopyResult> {
-  // read (and deflated) while SRC is opened: ssh starts as soon as the HELLO is known
+  // the agent code, read (and deflated) while SRC is opened and ssh logs in
   const payload = agentPayload();
   payload.catch(() => {}); // awaited where ssh starts
   const session = sessionOf(options);
@@ -92,6 +92,8 @@ export async function push(
   const watching =
     opened.watched !== undefined ? SourceWatch.start(opened.watched, src) : undefined;
   watching?.catch(() => {}); // awaited in the try below; until then it must not be "unhandled"
+  // ssh logs in while the rest of the HELLO is got ready (SRC's watch, a local index)
+  const started = AgentLink.start(spec, options);
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread.
   // Started once ssh is: its reads would fill libuv's thread pool ahead of the few file
   // operations before ssh starts (~50-100 ms later on 2 loaded cores)
@@ -137,9 +139,7 @@ export async function push(
     // a bmap's mapped pieces are compared by HASH_REQ, at a sixth of SHA-256's CPU
     const gmacHashes = kept === undefined && !indexing;
     const reqHash = gmacHashes ? top.hash : wireHash;
-    const opening = AgentLink.open(
-      spec,
-      options,
+    const opening = started.open(
       {
         role: 'target',
         path: spec.path,
@@ -158,7 +158,7 @@ export async function push(
       },
       await payload,
     );
-    // ssh was spawned as open() began
+    // the HELLO is out: SRC's reads no longer delay it
     scanner?.start();
     link = await opening;
     const ready = link.ready;
@@ -354,6 +354,8 @@ export async function push(
   } finally {
     await refiner?.stop();
     await scanner?.stop();
+    // ssh started and no HELLO sent: the failure came first
+    if (link === undefined) await started.abort();
     await link?.close();
     await index?.close();
     await srcIndex?.close();
