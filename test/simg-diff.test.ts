@@ -87,6 +87,33 @@ test('diff --format simg: simg2img expands it to NEW where it differs and zeros 
   assert.deepEqual(await readFile(join(dir, 'dst.img')), next);
 });
 
+test("copy --index of a diff's simg onto BASE gives NEW, its index hashing the don't-care blocks from DST; a rerun writes nothing", async (t) => {
+  const dir = await tempDir(t);
+  const { base, next } = images(64);
+  const out = await diffSimg(dir, base, next);
+  const dst = join(dir, 'dst.img');
+  const idx = join(dir, 'dst.idx');
+  await copyFile(join(dir, 'base.img'), dst);
+  const first = await runCli(['copy', '--json', '--index', idx, out, dst]);
+  assert.equal(first.code, 0, first.stderr);
+  // before, with --index the don't-care blocks were written as zeros: DST was not NEW
+  assert.deepEqual(await readFile(dst), next);
+  const again = await runCli(['copy', '--json', '--index', idx, out, dst]);
+  assert.equal(again.code, 0, again.stderr);
+  const r = JSON.parse(again.stdout) as { bytesWritten: number; index: { mode: string } };
+  assert.equal(r.bytesWritten, 0);
+  assert.equal(r.index.mode, 'used');
+  // the index vouches for DST as it is: copying BASE back with it leaves DST equal to BASE
+  const back = await runCli(['copy', '--index', idx, join(dir, 'base.img'), dst]);
+  assert.equal(back.code, 0, back.stderr);
+  assert.deepEqual(await readFile(dst), base);
+  // index blocks must tile the image's defined ranges
+  const wide = await runCli(['copy', '--index', join(dir, 'w.idx'), '-b', '64K', out, dst]);
+  assert.equal(wide.code, EXIT_USAGE, wide.stderr);
+  assert.match(wide.stderr, /does not divide the 4096-byte blocks.*\[EUSAGE\]/);
+  assert.deepEqual(await readFile(dst), base);
+});
+
 test('diff --format simg: NEW longer than BASE stores every block past BASE; NEW shorter gives an image of NEW size', async (t) => {
   if (!(await needTool(t, 'simg2img', 'android-sdk-libsparse-utils'))) return;
   const dir = await tempDir(t);

@@ -148,8 +148,8 @@ export function resolveCopyOptions(options: LocalCopyOptions): ResolvedCopyOptio
     dryRun,
     full: options.full === true,
     // an Android sparse image's don't-care chunks are left as they are, like a bmap's
-    // unmapped ranges; with --index they are written as zeros so the index describes DST
-    skipDontCare: options.skipDontCare ?? (options.full !== true && options.index === undefined),
+    // unmapped ranges (with --index too: its blocks there are hashed from DST, engine/copy.ts)
+    skipDontCare: options.skipDontCare ?? options.full !== true,
     rebuildIndex: options.rebuildIndex === true,
     trustIndex: options.trustIndex === true,
     verifySample: options.verifySample ?? DEFAULT_VERIFY_SAMPLE,

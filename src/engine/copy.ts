@@ -28,14 +28,42 @@ import { runPipeline } from './pipeline.js';
 import { SharedBufferPool } from './hash-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
-import type { Sink, TargetKnowledge } from '../types.js';
-import { chunkSizeFor, DEFAULT_DEPTH, INDEX_CHUNK_SIZE } from './block-size.js';
+import type { Range } from '../ranges.js';
+import type { Plan, Sink, TargetKnowledge } from '../types.js';
+import {
+  chunkSizeFor,
+  DEFAULT_BLOCK_SIZE,
+  DEFAULT_DEPTH,
+  INDEX_CHUNK_SIZE,
+  MAX_BLOCK_SIZE,
+} from './block-size.js';
 import type { CopyResult, ResolvedCopyOptions } from './copy-options.js';
 
 /**
  * Writes SRC onto DST, both local, writing only the blocks that differ. `opened`: SRC already
  * opened (fan-out hands each destination its view of one read of SRC); closed here.
  */
+/** Whether `plan` covers the whole image in one range. */
+function wholePlan(plan: Plan): boolean {
+  const r = plan.ranges;
+  return r.length === 1 && r[0]!.start === 0 && r[0]!.end === plan.imageSize;
+}
+
+/**
+ * The largest power of two (up to MAX_BLOCK_SIZE) dividing every boundary of `ranges` but
+ * the image's end: the largest blocks that tile them.
+ */
+function tileOf(ranges: readonly Range[], imageSize: number): number {
+  let tile = MAX_BLOCK_SIZE;
+  for (const r of ranges) {
+    for (const at of [r.start, r.end]) {
+      if (at === imageSize || at === 0) continue;
+      while (tile > 1 && at % tile !== 0) tile /= 2;
+    }
+  }
+  return tile;
+}
+
 export async function copyLocal(
   src: string,
   dst: string,
@@ -74,6 +102,24 @@ export async function copyLocal(
       throw new BlksyncError(
         'EUSAGE',
         `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
+      );
+    }
+    // a plan of part of the image other than a bmap's (an Android sparse image without its
+    // don't-care chunks, an overlay of DST): DST keeps what it holds outside it, which an index
+    // hashes from DST at the end; its blocks must tile the plan's ranges
+    const keptOutside =
+      options.index !== undefined && source.bmap === undefined && !wholePlan(source.plan)
+        ? source.plan.ranges
+        : undefined;
+    const keptBlock = keptOutside !== undefined ? tileOf(keptOutside, source.size) : undefined;
+    if (
+      keptBlock !== undefined &&
+      options.blockSizeGiven !== undefined &&
+      keptBlock % blockSize !== 0
+    ) {
+      throw new BlksyncError(
+        'EUSAGE',
+        `-b ${blockSize} does not divide the ${keptBlock}-byte blocks of ${src}'s defined ranges; with --index omit -b`,
       );
     }
     // another program writing SRC meanwhile would leave DST a mix of old and new: checked at the end
@@ -128,10 +174,15 @@ export async function copyLocal(
         dstPath: dst,
         fresh,
         imageSize: source.size,
-        blockSize: options.blockSizeGiven ?? bmapBlock,
+        blockSize:
+          options.blockSizeGiven ??
+          bmapBlock ??
+          (keptBlock !== undefined ? Math.min(keptBlock, DEFAULT_BLOCK_SIZE) : undefined),
         ...(options.blockSizeGiven === undefined && bmapBlock !== undefined
           ? { blockSizeReason: "the bmap's blocks are" }
-          : {}),
+          : options.blockSizeGiven === undefined && keptBlock !== undefined
+            ? { blockSizeReason: "the image's defined ranges are" }
+            : {}),
         ...(source.bmap !== undefined
           ? {
               partial: {
@@ -141,7 +192,12 @@ export async function copyLocal(
                 punches: !fresh && target?.kind === 'file',
               },
             }
-          : {}),
+          : keptOutside !== undefined
+            ? {
+                // a new file stays a hole there; an existing one keeps what it holds
+                partial: { ranges: keptOutside, zeroedOutside: () => fresh, punches: false },
+              }
+            : {}),
         chunkSize,
         rebuild: options.rebuildIndex,
         trust: options.trustIndex,
