@@ -14,9 +14,12 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/copy.js';
+import { makeIndex } from '../src/engine/make-index.js';
+import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, holdExclusive, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
+import { mapWritesShow, SharedMap } from './helpers/shared-map.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MIB = 1024 * 1024;
@@ -156,6 +159,37 @@ test('a file changed with its mtime put back (touch -r) is caught by its ctime',
   assert.equal(again.index?.mode, 'rebuilt');
   assert.equal(again.bytesWritten, 4096);
   assert.deepEqual(await readFile(dst), neu);
+});
+
+test('a file written through a shared map before blksync index and again after it is not trusted', async (t) => {
+  const dir = await tempDir(t);
+  if (!(await mapWritesShow(dir))) {
+    t.skip(`${dir} is on tmpfs, where nothing shows a second write through a map`);
+    return;
+  }
+  const dst = join(dir, 'dst.img');
+  const src = join(dir, 'src.img');
+  const index = join(dir, 'dst.blkidx');
+  await writeFile(dst, seededBytes(8 * MIB, 61));
+  const map = await SharedMap.open(dst, 8 * MIB);
+  try {
+    // the first write to the page faults and moves the mtime; the index then records the
+    // page as it is, and SRC is that content
+    map.write(TAMPERED, Buffer.alloc(16, 0x41));
+    await makeIndex(dst, index);
+    await writeFile(src, await readFile(dst));
+    // the page is still dirty and writable unless the index synced the file: no fault, no mtime
+    map.write(TAMPERED, Buffer.alloc(16, 0x42));
+  } finally {
+    await map.close();
+  }
+  await assert.rejects(
+    copy(src, dst, { index, verifySample: 0 }),
+    (err: unknown) => err instanceof BlksyncError && err.code === 'EINDEX_STALE',
+  );
+  const r = await copy(src, dst, { index, rebuildIndex: true, verifySample: 0 });
+  assert.equal(r.bytesWritten, 4096);
+  assert.deepEqual(await readFile(dst), await readFile(src));
 });
 
 test('--rebuild-index rebuilds a sound index: DST is read once and a fresh index written', async (t) => {
