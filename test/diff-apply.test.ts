@@ -8,6 +8,7 @@ import { Readable } from 'node:stream';
 import { test } from 'node:test';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
+import { makeIndex } from '../src/engine/make-index.js';
 import type { TargetKnowledge } from '../src/types.js';
 import { BlksyncError } from '../src/errors.js';
 import { HASH_BYTES, sha256 } from '../src/hash.js';
@@ -550,4 +551,23 @@ test('blksync diff INDEX NEW: an index stands for BASE, only NEW is read, and th
   ]);
   assert.equal(rev.code, 2);
   assert.match(rev.stderr, /\[EUSAGE\]/);
+});
+
+test('diff INDEX NEW with NEW shorter, ending inside a block: the patch applies onto BASE', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(3_000_000, 72);
+  await writeFile(join(dir, 'base.img'), base);
+  await makeIndex(join(dir, 'base.img'), join(dir, 'base.idx'), { blockSize: BS });
+  for (const size of [1, 100, 2 * BS + 5, 2_999_000]) {
+    const next = changed(base.subarray(0, size), size, size);
+    // the last block changed: its record must describe BASE's whole block there
+    next[size - 1] = next[size - 1]! ^ 0xff;
+    const f = await setup(dir, base, next);
+    f.base = join(dir, 'base.idx');
+    await diff(f.base, f.next, f.patch);
+    const a = await apply(f.patch, f.target);
+    assert.equal(a.alreadyApplied, false);
+    assert.deepEqual(await readFile(f.target), next, `NEW of ${size} bytes`);
+    assert.equal((await apply(f.patch, f.target)).alreadyApplied, true);
+  }
 });

@@ -295,7 +295,17 @@ export async function diff(
     // when BASE is longer, the result's last (partial) block and BASE's tail are done below
     const planEnd =
       baseSize > resultSize ? Math.floor(resultSize / blockSize) * blockSize : resultSize;
-    const tailEnd = baseSize > resultSize ? (reversible ? baseSize : resultSize) : planEnd;
+    // an index knows BASE by whole blocks: its record of the result's last block covers
+    // BASE's whole block there, or its old hash would be of bytes the index has no hash of
+    const wholeBlockEnd = Math.min(baseSize, Math.ceil(resultSize / blockSize) * blockSize);
+    const tailEnd =
+      baseSize > resultSize
+        ? reversible
+          ? baseSize
+          : indexBase !== undefined
+            ? wholeBlockEnd
+            : resultSize
+        : planEnd;
     let old: OldContent | undefined;
     const source = src.source;
     const run = await runPipeline(
