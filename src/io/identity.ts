@@ -133,9 +133,11 @@ async function diskKey(
 }
 
 /**
- * The identity of the open file or block device `fh` as a stamp to compare with an index's: a
- * block device is synced first, so that what another program left dirty in its page cache
- * is counted now, not later by blksync's own sync as if it were blksync's.
+ * The identity of the open file or block device `fh` as a stamp to compare with an index's,
+ * taken after a sync: what another program left dirty in a block device's page cache is
+ * counted now, not later by blksync's own sync as if it were blksync's; and a file's pages
+ * another program dirtied through a shared writable map are clean again, so that its next
+ * writes through the map move the file's ctime (while dirty, they move nothing).
  */
 export async function syncedIdentityOf(
   path: string,
@@ -143,7 +145,7 @@ export async function syncedIdentityOf(
   stats: Stats,
   size: number,
 ): Promise<TargetIdentity> {
-  if (stats.isBlockDevice()) await fh.sync();
+  await fh.sync();
   return identityOf(path, stats, size);
 }
 
