@@ -18,7 +18,16 @@ import { makeIndex } from '../src/engine/make-index.js';
 import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
-import { attachLoop, holdExclusive, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
+import {
+  attachLoop,
+  holdExclusive,
+  ioStat,
+  mountLoop,
+  needLoop,
+  needTool,
+  readDevice,
+  run,
+} from './helpers/loop.js';
 import { mapWritesShow, SharedMap } from './helpers/shared-map.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -228,6 +237,28 @@ test('a file written through a shared map during a copy with --index gets an ind
   assert.ok(wrote, 'the page was written during the copy');
   await copy(src, dst, { index, verifySample: 0 });
   assert.ok((await readFile(dst)).equals(await readFile(src)), 'DST holds SRC');
+});
+
+test('a file on a file system without fsync (squashfs) is indexed, and copied with indexes of SRC and DST', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mksquashfs', 'squashfs-tools'))) return;
+  const dir = await tempDir(t);
+  await run('mkdir', [join(dir, 'in')]);
+  const data = seededBytes(4 * MIB, 63);
+  await writeFile(join(dir, 'in', 'image.img'), data);
+  await run('mksquashfs', [join(dir, 'in'), join(dir, 'fs.sqfs'), '-noappend', '-quiet']);
+  const mnt = await mountLoop(t, await attachLoop(t, join(dir, 'fs.sqfs')));
+  // read-only: fsync(2) there is EINVAL, and nothing can write the file to sync
+  const image = join(mnt, 'image.img');
+  const dst = join(dir, 'dst.img');
+  await writeFile(dst, seededBytes(4 * MIB, 64));
+  await makeIndex(image, join(dir, 'image.blkidx'));
+  const srcIndex = join(dir, 'src.blkidx');
+  const r = await copy(image, dst, { index: join(dir, 'dst.blkidx'), srcIndex });
+  assert.equal(r.index?.source?.mode, 'created');
+  assert.ok((await readFile(dst)).equals(data), 'DST holds SRC');
+  // and a dry run with an index of DST there
+  const dry = await copy(dst, image, { index: join(dir, 'ro.blkidx'), dryRun: true });
+  assert.equal(dry.bytesDiffering, 0);
 });
 
 test('--rebuild-index rebuilds a sound index: DST is read once and a fresh index written', async (t) => {

@@ -16,6 +16,7 @@
 import type { Stats } from 'node:fs';
 import { type FileHandle, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
+import { isSystemError } from '../errors.js';
 import { devId } from './block-device.js';
 import { writeStamp } from './write-counter.js';
 
@@ -145,8 +146,21 @@ export async function syncedIdentityOf(
   stats: Stats,
   size: number,
 ): Promise<TargetIdentity> {
-  await fh.sync();
+  await syncForStamp(fh);
   return identityOf(path, stats, size);
+}
+
+/**
+ * fsync(2) before a stamp is taken (see syncedIdentityOf). A file system without fsync
+ * (squashfs, iso9660, erofs: EINVAL) is read-only: nothing writes its files, through a map
+ * or otherwise, so there is nothing to sync.
+ */
+export async function syncForStamp(fh: FileHandle): Promise<void> {
+  try {
+    await fh.sync();
+  } catch (err) {
+    if (!isSystemError(err) || (err.code !== 'EINVAL' && err.code !== 'EROFS')) throw err;
+  }
 }
 
 /** The identity of an open file or block device, from its stats and its size. */
