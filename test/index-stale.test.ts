@@ -261,6 +261,33 @@ test('a file on a file system without fsync (squashfs) is indexed, and copied wi
   assert.equal(dry.bytesDiffering, 0);
 });
 
+test("a loop device's backing file written during a copy that writes nothing: the index vouches for none of it", async (t) => {
+  if (!needLoop(t)) return;
+  const s = await deviceSetup(t);
+  const backing = join(s.dir, 'disk.img');
+  await writeFile(s.src, await readFile(backing));
+  let wrote = false;
+  const first = await copy(s.src, s.dev, {
+    index: s.index,
+    onProgress: (p) => {
+      // once the copy has read the block: written straight into the file, behind the loop
+      // device's counter
+      if (wrote || p.bytesScanned <= TAMPERED + 4096) return;
+      const fd = openSync(backing, 'r+');
+      writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, TAMPERED);
+      fsyncSync(fd);
+      closeSync(fd);
+      wrote = true;
+    },
+  });
+  assert.ok(wrote, 'the backing file was written during the copy');
+  assert.equal(first.bytesWritten, 0);
+  assert.equal(first.index?.changedMeanwhile, true);
+  const again = await copy(s.src, s.dev, { index: s.index, verifySample: 0 });
+  assert.equal(again.bytesWritten, INDEX_BLOCK, 'the block written meanwhile was put back');
+  assert.ok((await readDevice(s.dev, SIZE)).equals(await readFile(s.src)), 'DST holds SRC');
+});
+
 test('--rebuild-index rebuilds a sound index: DST is read once and a fresh index written', async (t) => {
   const dir = await tempDir(t);
   const src = join(dir, 'src.img');
