@@ -571,3 +571,19 @@ test('diff INDEX NEW with NEW shorter, ending inside a block: the patch applies 
     assert.equal((await apply(f.patch, f.target)).alreadyApplied, true);
   }
 });
+
+test('NEW the start of a longer BASE, cut at a block: the patch checks the last block, so another file is refused', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(5 * BS + 100, 83);
+  const f = await setup(dir, base, base.subarray(0, 4 * BS));
+  const d = await diff(f.base, f.next, f.patch);
+  assert.equal(d.records, 1, 'the last block of the result is a record');
+  // a file of a size between the two that is not BASE: no record to check would let it be cut
+  const other = seededBytes(5 * BS, 84);
+  await writeFile(f.target, other);
+  await rejectsWith(apply(f.patch, f.target), 'EBASE_MISMATCH');
+  assert.deepEqual(await readFile(f.target), other);
+  await writeFile(f.target, base);
+  await apply(f.patch, f.target);
+  assert.deepEqual(await readFile(f.target), base.subarray(0, 4 * BS));
+});
