@@ -60,7 +60,7 @@ function warnWrittenMeanwhile(r: CopyResult, onWarning: CopyOptions['onWarning']
   const what =
     sectors !== undefined
       ? `${sectors} sectors were written to ${r.destination} while the copy ran that its own writes do not account for (another program, or the kernel writing a page of the copy twice)`
-      : `${r.destination} was changed by another program while the copy ran (its ctime moved between the copy's own writes)`;
+      : `${r.destination} was changed by another program while the copy ran (its ctime moved between the copy's own writes, or a loop device's backing file moved while the copy wrote nothing)`;
   onWarning?.({
     code: 'WDST_WRITTEN_MEANWHILE',
     message: `${what}: the index vouches for none of it, and the next copy compares all of it`,

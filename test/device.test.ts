@@ -16,7 +16,7 @@ import {
   statSync,
   writeSync,
 } from 'node:fs';
-import { open, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { link, open, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/copy.js';
@@ -316,6 +316,51 @@ test('the backing file of a mounted loop device is refused as DST; unchanged', a
     assert.ok(res.stderr.includes(dev) && res.stderr.includes(mnt), res.stderr);
   }
   assert.ok((await readFile(backing)).equals(before), 'the mounted file system was not written');
+});
+
+test('the backing file of a mounted loop device is refused through another link once its own name is gone', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mkfs.ext4', 'e2fsprogs'))) return;
+  const dir = await tempDir(t);
+  const size = 32 * MiB;
+  const backing = join(dir, 'fs.img');
+  const kept = join(dir, 'kept.img');
+  await writeFile(backing, Buffer.alloc(0));
+  await run('truncate', ['-s', String(size), backing]);
+  const dev = await attachLoop(t, backing);
+  await mkfsExt4(dev);
+  const mnt = await mountLoop(t, dev);
+  await run('sync');
+  // sysfs now names the file "fs.img (deleted)"; a new file takes the old name
+  await link(backing, kept);
+  await rm(backing);
+  await writeFile(backing, Buffer.alloc(0));
+  const before = await readFile(kept);
+  const src = join(dir, 'src.img');
+  await writeFile(src, seededBytes(size, 63));
+
+  const res = await runCli(['copy', src, kept]);
+  assertRefused(res, 'EDEST_MOUNTED');
+  assert.ok(res.stderr.includes(dev) && res.stderr.includes(mnt), res.stderr);
+  assert.ok((await readFile(kept)).equals(before), 'the mounted file system was not written');
+});
+
+test('a loop device and its backing file through another link, its own name gone, are one destination', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const backing = join(dir, 'disk.img');
+  const kept = join(dir, 'kept.img');
+  const src = join(dir, 'src.img');
+  await writeFile(backing, seededBytes(4 * MiB, 73));
+  await writeFile(src, seededBytes(4 * MiB, 74));
+  const dev = await attachLoop(t, backing);
+  await link(backing, kept);
+  await rm(backing);
+  const before = await readFile(kept);
+
+  const res = await runCli(['copy', src, dev, kept]);
+  assert.equal(res.code, 2, res.stderr);
+  assert.match(res.stderr, /same file or device.*\[EUSAGE\]/);
+  assert.ok((await readFile(kept)).equals(before), 'nothing was written');
 });
 
 test('a loop device over SRC, or over another destination, is the same file: refused', async (t) => {

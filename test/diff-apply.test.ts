@@ -8,6 +8,7 @@ import { Readable } from 'node:stream';
 import { test } from 'node:test';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
+import { makeIndex } from '../src/engine/make-index.js';
 import type { TargetKnowledge } from '../src/types.js';
 import { BlksyncError } from '../src/errors.js';
 import { HASH_BYTES, sha256 } from '../src/hash.js';
@@ -550,4 +551,39 @@ test('blksync diff INDEX NEW: an index stands for BASE, only NEW is read, and th
   ]);
   assert.equal(rev.code, 2);
   assert.match(rev.stderr, /\[EUSAGE\]/);
+});
+
+test('diff INDEX NEW with NEW shorter, ending inside a block: the patch applies onto BASE', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(3_000_000, 72);
+  await writeFile(join(dir, 'base.img'), base);
+  await makeIndex(join(dir, 'base.img'), join(dir, 'base.idx'), { blockSize: BS });
+  for (const size of [1, 100, 2 * BS + 5, 2_999_000]) {
+    const next = changed(base.subarray(0, size), size, size);
+    // the last block changed: its record must describe BASE's whole block there
+    next[size - 1] = next[size - 1]! ^ 0xff;
+    const f = await setup(dir, base, next);
+    f.base = join(dir, 'base.idx');
+    await diff(f.base, f.next, f.patch);
+    const a = await apply(f.patch, f.target);
+    assert.equal(a.alreadyApplied, false);
+    assert.deepEqual(await readFile(f.target), next, `NEW of ${size} bytes`);
+    assert.equal((await apply(f.patch, f.target)).alreadyApplied, true);
+  }
+});
+
+test('NEW the start of a longer BASE, cut at a block: the patch checks the last block, so another file is refused', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(5 * BS + 100, 83);
+  const f = await setup(dir, base, base.subarray(0, 4 * BS));
+  const d = await diff(f.base, f.next, f.patch);
+  assert.equal(d.records, 1, 'the last block of the result is a record');
+  // a file of a size between the two that is not BASE: no record to check would let it be cut
+  const other = seededBytes(5 * BS, 84);
+  await writeFile(f.target, other);
+  await rejectsWith(apply(f.patch, f.target), 'EBASE_MISMATCH');
+  assert.deepEqual(await readFile(f.target), other);
+  await writeFile(f.target, base);
+  await apply(f.patch, f.target);
+  assert.deepEqual(await readFile(f.target), base.subarray(0, 4 * BS));
 });

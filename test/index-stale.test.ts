@@ -14,9 +14,21 @@ import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { copy, type CopyResult } from '../src/copy.js';
+import { makeIndex } from '../src/engine/make-index.js';
+import { BlksyncError } from '../src/errors.js';
 import { readIndexFile } from '../src/formats/index-file.js';
 import { runCli } from './helpers/cli.js';
-import { attachLoop, holdExclusive, ioStat, needLoop, readDevice, run } from './helpers/loop.js';
+import {
+  attachLoop,
+  holdExclusive,
+  ioStat,
+  mountLoop,
+  needLoop,
+  needTool,
+  readDevice,
+  run,
+} from './helpers/loop.js';
+import { mapWritesShow, SharedMap } from './helpers/shared-map.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MIB = 1024 * 1024;
@@ -156,6 +168,124 @@ test('a file changed with its mtime put back (touch -r) is caught by its ctime',
   assert.equal(again.index?.mode, 'rebuilt');
   assert.equal(again.bytesWritten, 4096);
   assert.deepEqual(await readFile(dst), neu);
+});
+
+test('a file written through a shared map before blksync index and again after it is not trusted', async (t) => {
+  const dir = await tempDir(t);
+  if (!(await mapWritesShow(dir))) {
+    t.skip(`${dir} is on tmpfs, where nothing shows a second write through a map`);
+    return;
+  }
+  const dst = join(dir, 'dst.img');
+  const src = join(dir, 'src.img');
+  const index = join(dir, 'dst.blkidx');
+  await writeFile(dst, seededBytes(8 * MIB, 61));
+  const map = await SharedMap.open(dst, 8 * MIB);
+  try {
+    // the first write to the page faults and moves the mtime; the index then records the
+    // page as it is, and SRC is that content
+    map.write(TAMPERED, Buffer.alloc(16, 0x41));
+    await makeIndex(dst, index);
+    await writeFile(src, await readFile(dst));
+    // the page is still dirty and writable unless the index synced the file: no fault, no mtime
+    map.write(TAMPERED, Buffer.alloc(16, 0x42));
+  } finally {
+    await map.close();
+  }
+  await assert.rejects(
+    copy(src, dst, { index, verifySample: 0 }),
+    (err: unknown) => err instanceof BlksyncError && err.code === 'EINDEX_STALE',
+  );
+  const r = await copy(src, dst, { index, rebuildIndex: true, verifySample: 0 });
+  assert.equal(r.bytesWritten, 4096);
+  assert.ok((await readFile(dst)).equals(await readFile(src)), 'DST holds SRC');
+});
+
+test('a file written through a shared map during a copy with --index gets an index that vouches for none of it', async (t) => {
+  const dir = await tempDir(t);
+  if (!(await mapWritesShow(dir))) {
+    t.skip(`${dir} is on tmpfs, where nothing shows a second write through a map`);
+    return;
+  }
+  const dst = join(dir, 'dst.img');
+  const src = join(dir, 'src.img');
+  const index = join(dir, 'dst.blkidx');
+  await writeFile(dst, seededBytes(SIZE, 62));
+  const fh = await open(dst, 'r');
+  await fh.sync();
+  await fh.close();
+  const map = await SharedMap.open(dst, SIZE);
+  let wrote = false;
+  try {
+    // the first write to the clean page faults and moves the ctime, before the copy
+    map.write(TAMPERED, Buffer.alloc(16, 0x41));
+    await writeFile(src, await readFile(dst));
+    const first = await copy(src, dst, {
+      index,
+      onProgress: (p) => {
+        // once the copy has read the page: the page is dirty and writable unless the copy
+        // synced DST first, and this write moves nothing
+        if (wrote || p.bytesScanned <= TAMPERED + 4096) return;
+        map.write(TAMPERED, Buffer.alloc(16, 0x42));
+        wrote = true;
+      },
+    });
+    assert.equal(first.bytesWritten, 0);
+  } finally {
+    await map.close();
+  }
+  assert.ok(wrote, 'the page was written during the copy');
+  await copy(src, dst, { index, verifySample: 0 });
+  assert.ok((await readFile(dst)).equals(await readFile(src)), 'DST holds SRC');
+});
+
+test('a file on a file system without fsync (squashfs) is indexed, and copied with indexes of SRC and DST', async (t) => {
+  if (!needLoop(t) || !(await needTool(t, 'mksquashfs', 'squashfs-tools'))) return;
+  const dir = await tempDir(t);
+  await run('mkdir', [join(dir, 'in')]);
+  const data = seededBytes(4 * MIB, 63);
+  await writeFile(join(dir, 'in', 'image.img'), data);
+  await run('mksquashfs', [join(dir, 'in'), join(dir, 'fs.sqfs'), '-noappend', '-quiet']);
+  const mnt = await mountLoop(t, await attachLoop(t, join(dir, 'fs.sqfs')));
+  // read-only: fsync(2) there is EINVAL, and nothing can write the file to sync
+  const image = join(mnt, 'image.img');
+  const dst = join(dir, 'dst.img');
+  await writeFile(dst, seededBytes(4 * MIB, 64));
+  await makeIndex(image, join(dir, 'image.blkidx'));
+  const srcIndex = join(dir, 'src.blkidx');
+  const r = await copy(image, dst, { index: join(dir, 'dst.blkidx'), srcIndex });
+  assert.equal(r.index?.source?.mode, 'created');
+  assert.ok((await readFile(dst)).equals(data), 'DST holds SRC');
+  // and a dry run with an index of DST there
+  const dry = await copy(dst, image, { index: join(dir, 'ro.blkidx'), dryRun: true });
+  assert.equal(dry.bytesDiffering, 0);
+});
+
+test("a loop device's backing file written during a copy that writes nothing: the index vouches for none of it", async (t) => {
+  if (!needLoop(t)) return;
+  const s = await deviceSetup(t);
+  const backing = join(s.dir, 'disk.img');
+  await writeFile(s.src, await readFile(backing));
+  let wrote = false;
+  const first = await copy(s.src, s.dev, {
+    index: s.index,
+    onProgress: (p) => {
+      // once the copy has read the block: written straight into the file, behind the loop
+      // device's counter
+      if (wrote || p.bytesScanned <= TAMPERED + 4096) return;
+      const fd = openSync(backing, 'r+');
+      writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, TAMPERED);
+      fsyncSync(fd);
+      closeSync(fd);
+      wrote = true;
+    },
+  });
+  assert.ok(wrote, 'the backing file was written during the copy');
+  assert.equal(first.bytesWritten, 0);
+  assert.equal(first.index?.changedMeanwhile, true);
+  const again = await copy(s.src, s.dev, { index: s.index, verifySample: 0 });
+  assert.equal(again.bytesWritten, INDEX_BLOCK, 'the block written meanwhile was put back');
+  assert.ok((await readDevice(s.dev, SIZE)).equals(await readFile(s.src)), 'DST holds SRC');
 });
 
 test('--rebuild-index rebuilds a sound index: DST is read once and a fresh index written', async (t) => {

@@ -14,6 +14,7 @@ import { BlksyncError } from '../src/errors.js';
 import { newIndex, readIndexFile, writeIndexFile } from '../src/formats/index-file.js';
 import { identityOf } from '../src/io/identity.js';
 import { runCli } from './helpers/cli.js';
+import { mapWritesShow, SharedMap } from './helpers/shared-map.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const KIB = 1024;
@@ -119,6 +120,29 @@ test('a change to SRC outside the differing blocks, its mtime put back, is caugh
   assert.equal(r.index?.source?.mode, 'rebuilt');
   assert.match(r.index.source.reason ?? '', /ctime moved/);
   assert.deepEqual(await readFile(s.dst), sneaky, 'block 20 of SRC was read and copied');
+});
+
+test('SRC written through a shared map during a copy that made its index is not trusted after', async (t) => {
+  const s = await setup(t);
+  if (!(await mapWritesShow(s.dir))) {
+    t.skip(`${s.dir} is on tmpfs, where nothing shows a second write through a map`);
+    return;
+  }
+  const map = await SharedMap.open(s.src, s.size);
+  try {
+    // the first write faults and moves the mtime before the copy; the copy stamps SRC's
+    // index with SRC as it then is
+    map.write(20 * BLOCK, Buffer.alloc(16, 0x41));
+    const first = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex });
+    assert.equal(first.index?.source?.mode, 'created');
+    // the page is still dirty and writable unless the copy synced SRC: no fault, no mtime
+    map.write(20 * BLOCK, Buffer.alloc(16, 0x42));
+  } finally {
+    await map.close();
+  }
+  const r = await copy(s.src, s.dst, { index: s.index, srcIndex: s.srcIndex, verifySample: 0 });
+  assert.equal(r.index?.source?.mode, 'rebuilt');
+  assert.ok((await readFile(s.dst)).equals(await readFile(s.src)), 'DST holds SRC');
 });
 
 test('a missing index of SRC is written after the copy, and used by the next one', async (t) => {

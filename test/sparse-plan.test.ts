@@ -89,6 +89,30 @@ test('--full still considers the whole image (dd behaviour)', async (t) => {
   assert.deepEqual(await readFile(dst), await readFile(src));
 });
 
+test('with --index the plan is not narrowed: the index written describes the holes too, and the next copy uses it', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  const index = join(dir, 'dst.blkidx');
+  // data in the first and last blocks, as an OS image has; holes between
+  await writeSparseFile(src, SIZE, [
+    { offset: 0, data: seededBytes(MiB, 11) },
+    { offset: 6 * MiB, data: seededBytes(MiB, 12) },
+    { offset: SIZE - MiB, data: seededBytes(MiB, 13) },
+  ]);
+  if (!(await reportsHoles(src))) {
+    t.skip('this file system does not keep holes');
+    return;
+  }
+  const first = await copy(src, dst, { index });
+  assert.equal(first.index?.mode, 'created');
+  // every block of DST is sampled: a hole's hash must be that of zeros
+  const second = await copy(src, dst, { index, verifySample: SIZE / (64 * 1024) });
+  assert.equal(second.index?.mode, 'used');
+  assert.equal(second.bytesWritten, 0);
+  assert.deepEqual(await readFile(dst), await readFile(src));
+});
+
 test('unionRanges and intersectRanges', () => {
   const a = [
     { start: 0, end: 10 },

@@ -224,9 +224,10 @@ export async function copyLocal(
     // --verify without bmap checksums compares with the source's digests, taken as it is copied
     // loaded only with --verify: it brings koffi for aligned buffers
     const verifying = options.verify === true ? await import('./verify-written.js') : undefined;
+    // not narrowed with an index: the blocks left out would keep no hash in the index written
     const plan =
       index?.plan ??
-      (full || options.verify === true || source.checksums !== undefined
+      (index !== undefined || full || options.verify === true || source.checksums !== undefined
         ? source.plan
         : narrowToData(source.plan, sparseSides(source, target, fresh, dst), blockSize));
     // digests of what the pipeline reads: with an index of SRC, only the blocks that differ

@@ -292,10 +292,24 @@ export async function diff(
             shortCode: 'ESRC_SHORT',
           });
     const resultSize = src.size;
-    // when BASE is longer, the result's last (partial) block and BASE's tail are done below
+    // when BASE is longer, the result's last block (partial or not) and BASE's tail are done
+    // below: the last block is always a record, so that apply checks TARGET where it is cut
+    // (a sparse image, of NEW's whole blocks and with nothing to check, is all planned)
     const planEnd =
-      baseSize > resultSize ? Math.floor(resultSize / blockSize) * blockSize : resultSize;
-    const tailEnd = baseSize > resultSize ? (reversible ? baseSize : resultSize) : planEnd;
+      baseSize > resultSize && sw === undefined
+        ? Math.max(0, Math.ceil(resultSize / blockSize) - 1) * blockSize
+        : resultSize;
+    // an index knows BASE by whole blocks: its record of the result's last block covers
+    // BASE's whole block there, or its old hash would be of bytes the index has no hash of
+    const wholeBlockEnd = Math.min(baseSize, Math.ceil(resultSize / blockSize) * blockSize);
+    const tailEnd =
+      baseSize > resultSize
+        ? reversible
+          ? baseSize
+          : indexBase !== undefined
+            ? wholeBlockEnd
+            : resultSize
+        : planEnd;
     let old: OldContent | undefined;
     const source = src.source;
     const run = await runPipeline(

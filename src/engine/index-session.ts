@@ -346,7 +346,8 @@ export class IndexSession {
     // the stamp must show the ctime of this copy's last own write: a change since is another's
     if (identity.kind === 'file') this.#ctime?.stamped(identity.ctimeNs);
     const foreign = this.#own.foreign(this.#openedAs, identity);
-    if (foreign > 0n || this.#ctime?.broken === true) {
+    const backingMoved = this.#own.backingMovedAlone(this.#openedAs, identity);
+    if (foreign > 0n || this.#ctime?.broken === true || backingMoved) {
       // someone else wrote DST during this copy (or the kernel wrote more than this copy's
       // pages): the stamp would vouch for their writes too, so the index vouches for no
       // block of DST (the next copy compares all of it)

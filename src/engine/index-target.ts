@@ -335,7 +335,10 @@ export interface IndexReport {
    * vouches for no block, and the next copy compares all of DST.
    */
   sectorsWrittenMeanwhile?: number;
-  /** A regular file DST was changed by another writer during the copy (its ctime moved between this copy's writes). */
+  /**
+   * A regular file DST was changed by another writer during the copy (its ctime moved between
+   * this copy's writes), or a loop device's backing file while the copy wrote nothing.
+   */
   changedMeanwhile?: boolean;
   /** What was done with the index of SRC (--src-index, or implied by --index auto). */
   source?: SourceIndexReport;

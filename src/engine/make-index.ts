@@ -25,7 +25,7 @@ import { HASH_ALGORITHM, HASH_BYTES, sha256 } from '../hash.js';
 import { cacheDir, cachedIndexPath, ensureCacheDir, INDEX_EXTENSION } from '../io/cache-dir.js';
 import type { Compression } from '../io/decompress.js';
 import { settledPast } from '../io/ctime-watch.js';
-import { identityOf, type TargetIdentity } from '../io/identity.js';
+import { identityOf, syncForStamp, type TargetIdentity } from '../io/identity.js';
 import { assertSeparateOutput } from '../io/open.js';
 import { checkOutput } from '../io/output-file.js';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
@@ -189,6 +189,10 @@ export async function makeIndex(
     // a device is claimed (O_EXCL, as bmaptool does) while it is read, so nothing can mount
     // it meanwhile; what writes it without a claim (dd) moves its write counter, checked below
     if (source.file?.kind === 'block-device') claim = await claimDevice(src);
+    // a page another program dirtied through a shared writable map takes its next writes
+    // without moving the mtime until writeback cleans it: synced, a later write moves it
+    // (and a device's dirty pages are counted before the stamp, not after it)
+    if (source.file !== undefined) await syncForStamp(source.file.fh);
     const before = source.file !== undefined ? await sourceIdentity(src, source) : undefined;
     // a write in the clock tick of the ctime recorded would leave it as recorded: the file is
     // read (and its stamp vouches) only once that tick is over

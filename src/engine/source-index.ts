@@ -28,6 +28,7 @@ import {
   describeIdentity,
   identityMismatch,
   identityOf,
+  syncForStamp,
   type TargetIdentity,
 } from '../io/identity.js';
 import { assertSeparateOutput, sameFile, type Opened } from '../io/open.js';
@@ -110,6 +111,9 @@ export class SourceIndex {
         `--src-index needs SRC to be a regular file; ${src.path} is a ${src.kind}, which has no mtime to vouch for an index`,
       );
     }
+    // a page another program dirtied through a shared writable map takes its next writes
+    // without moving the mtime until writeback cleans it: synced, a later write moves it
+    await syncForStamp(src.fh);
     const identity = await identityOf(src.path, src.stats, src.size);
     const path =
       o.index === 'auto'

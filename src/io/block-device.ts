@@ -3,9 +3,10 @@
  * device, so the size comes from sysfs (/sys/dev/block/MAJ:MIN/size, in 512-byte sectors).
  */
 
-import { readFileSync, realpathSync } from 'node:fs';
-import { readdir, readFile, realpath, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { closeSync, openSync, readFileSync, realpathSync, statSync } from 'node:fs';
+import { readdir, readFile, realpath } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { loadKoffi } from './koffi.js';
 
 /** Linux's dev_t split (glibc's gnu_dev_major/minor). */
 export function devMajor(rdev: number): number {
@@ -89,6 +90,91 @@ export async function isReadOnlyDevice(rdev: number): Promise<boolean> {
   }
 }
 
+/** A file as `stat` names it: what a loop device's backing file is compared by. */
+export interface FileId {
+  dev: number;
+  ino: number;
+  isBlockDevice(): boolean;
+}
+
+/** ioctl LOOP_GET_STATUS64, and its struct loop_info64 (lo_device, lo_inode, lo_rdevice first, u64 each). */
+const LOOP_GET_STATUS64 = 0x4c05;
+const LOOP_INFO64_BYTES = 232;
+
+type Ioctl = (fd: number, request: number, arg: Buffer) => number;
+
+let ioctlFn: Ioctl | null | undefined;
+
+function loadIoctl(): Ioctl | null {
+  if (ioctlFn !== undefined) return ioctlFn;
+  try {
+    ioctlFn = loadKoffi()
+      .load('libc.so.6')
+      .func('int ioctl(int, unsigned long, uint8_t *)') as Ioctl;
+  } catch {
+    ioctlFn = null;
+  }
+  return ioctlFn;
+}
+
+/** The backing file of the loop device at `sys` (its sysfs directory), asked of the kernel. */
+function loopStatusFile(sys: string): FileId | undefined {
+  const ioctl = loadIoctl();
+  if (ioctl === null) return undefined;
+  let fd: number;
+  try {
+    const node = `/dev/${basename(realpathSync(sys))}`;
+    if (devId(statSync(node).rdev) !== readFileSync(join(sys, 'dev'), 'utf8').trim()) {
+      return undefined;
+    }
+    fd = openSync(node, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const info = Buffer.alloc(LOOP_INFO64_BYTES);
+    if (ioctl(fd, LOOP_GET_STATUS64, info) !== 0) return undefined;
+    if (info.readBigUInt64LE(16) !== 0n) return undefined; // a device node: not a file
+    // lo_device is the kernel's new_encode_dev; Node's dev is glibc's makedev of the same
+    const d = Number(info.readBigUInt64LE(0));
+    const major = (d & 0xfff00) >>> 8;
+    const minor = (d & 0xff) | ((d >>> 12) & 0xfff00);
+    const dev = (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & ~0xff) * 2 ** 12);
+    return { dev, ino: Number(info.readBigUInt64LE(8)), isBlockDevice: () => false };
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * The file the loop device at `sys` (its sysfs directory) reads and writes, or undefined
+ * when it is not a loop device or its file cannot be told. sysfs names the file by path, and
+ * once that path is unlinked (while another link or an open descriptor keeps the file) it
+ * reads "PATH (deleted)", naming nothing or another file: then the kernel is asked for the
+ * file's device and inode (LOOP_GET_STATUS64, through koffi). Synchronous: a few small
+ * reads, for the same-file check.
+ */
+export function loopBackingFileSync(sys: string): FileId | undefined {
+  let backing: string;
+  try {
+    backing = readFileSync(join(sys, 'loop', 'backing_file'), 'utf8').replace(/\n$/, '');
+  } catch {
+    return undefined;
+  }
+  if (backing.endsWith(' (deleted)')) {
+    const file = loopStatusFile(sys);
+    if (file !== undefined) return file;
+  }
+  for (const path of [backing, backing.replace(/ \(deleted\)$/, '')]) {
+    try {
+      return statSync(path);
+    } catch {
+      // the next name, if any
+    }
+  }
+  return undefined;
+}
+
 /**
  * The loop devices (as /dev/loopN) whose backing file is the file with these stats: writing
  * to that file writes to what the loop device holds.
@@ -98,11 +184,7 @@ export async function loopDevicesBacking(st: { dev: number; ino: number }): Prom
   const found: string[] = [];
   for (const name of names) {
     if (!name.startsWith('loop')) continue;
-    const backing = await readFile(`/sys/block/${name}/loop/backing_file`, 'utf8').catch(
-      () => undefined,
-    );
-    if (backing === undefined) continue;
-    const file = await stat(backing.trim().replace(/ \(deleted\)$/, '')).catch(() => undefined);
+    const file = loopBackingFileSync(`/sys/block/${name}`);
     if (file?.dev === st.dev && file.ino === st.ino) found.push(`/dev/${name}`);
   }
   return found;

@@ -16,6 +16,7 @@
 import type { Stats } from 'node:fs';
 import { type FileHandle, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
+import { isSystemError } from '../errors.js';
 import { devId } from './block-device.js';
 import { writeStamp } from './write-counter.js';
 
@@ -133,9 +134,11 @@ async function diskKey(
 }
 
 /**
- * The identity of the open file or block device `fh` as a stamp to compare with an index's: a
- * block device is synced first, so that what another program left dirty in its page cache
- * is counted now, not later by blksync's own sync as if it were blksync's.
+ * The identity of the open file or block device `fh` as a stamp to compare with an index's,
+ * taken after a sync: what another program left dirty in a block device's page cache is
+ * counted now, not later by blksync's own sync as if it were blksync's; and a file's pages
+ * another program dirtied through a shared writable map are clean again, so that its next
+ * writes through the map move the file's ctime (while dirty, they move nothing).
  */
 export async function syncedIdentityOf(
   path: string,
@@ -143,8 +146,21 @@ export async function syncedIdentityOf(
   stats: Stats,
   size: number,
 ): Promise<TargetIdentity> {
-  if (stats.isBlockDevice()) await fh.sync();
+  await syncForStamp(fh);
   return identityOf(path, stats, size);
+}
+
+/**
+ * fsync(2) before a stamp is taken (see syncedIdentityOf). A file system without fsync
+ * (squashfs, iso9660, erofs: EINVAL) is read-only: nothing writes its files, through a map
+ * or otherwise, so there is nothing to sync.
+ */
+export async function syncForStamp(fh: FileHandle): Promise<void> {
+  try {
+    await fh.sync();
+  } catch (err) {
+    if (!isSystemError(err) || (err.code !== 'EINVAL' && err.code !== 'EROFS')) throw err;
+  }
 }
 
 /** The identity of an open file or block device, from its stats and its size. */

@@ -6,7 +6,7 @@
  * device without it (dd, for one): Linux has no way to refuse those.
  */
 
-import { constants, readFileSync, statSync, type Stats } from 'node:fs';
+import { constants, type Stats } from 'node:fs';
 import { open, realpath, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { BlksyncError, fromSystemError, isSystemError, type WarningListener } from '../errors.js';
@@ -15,7 +15,9 @@ import {
   blockDeviceSize,
   devId,
   devMajor,
+  type FileId,
   isReadOnlyDevice,
+  loopBackingFileSync,
   loopDevicesBacking,
   wholeDiskId,
   wholeDiskIdSync,
@@ -119,21 +121,14 @@ export function sameFile(a: Stats, b: Stats): boolean {
 }
 
 /**
- * The stats of the file a loop device (or a partition of one) reads and writes, or undefined
- * for anything else. Synchronous: a few small sysfs reads, for the same-file check.
+ * The file a loop device (or a partition of one) reads and writes, or undefined for anything
+ * else. Synchronous: a few small sysfs reads, for the same-file check.
  */
-function loopBackingSync(st: Stats): Stats | undefined {
+function loopBackingSync(st: Stats): FileId | undefined {
   if (!st.isBlockDevice()) return undefined;
   const disk = wholeDiskIdSync(st.rdev) ?? devId(st.rdev);
   if (!disk.startsWith(`${LOOP_MAJOR}:`)) return undefined;
-  try {
-    const backing = readFileSync(`/sys/dev/block/${disk}/loop/backing_file`, 'utf8')
-      .trim()
-      .replace(/ \(deleted\)$/, '');
-    return statSync(backing);
-  } catch {
-    return undefined;
-  }
+  return loopBackingFileSync(`/sys/dev/block/${disk}`);
 }
 
 /** How the device in use (`id`) relates to the destination, for the message. */

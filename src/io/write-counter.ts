@@ -165,4 +165,17 @@ export class OwnWrites {
       off(before.diskSectorsDiscarded, now.diskSectorsDiscarded, 0n)
     );
   }
+
+  /**
+   * Whether a loop device's backing file (or device) changed between the stamps `before` and
+   * `now` while these writes are none: then another program wrote it, behind the loop
+   * device's counter. (This copy's own writes move the backing file too, and another's
+   * cannot be told from them: that is not seen.)
+   */
+  backingMovedAlone(
+    before: { backingFile?: string } | undefined,
+    now: { backingFile?: string },
+  ): boolean {
+    return before !== undefined && before.backingFile !== now.backingFile && this.sectors === 0n;
+  }
 }

@@ -409,7 +409,8 @@ export class AgentIndex {
     // the stamp must show the ctime of this copy's last own write: a change since is another's
     if (identity.kind === 'file') this.#ctime?.stamped(identity.ctimeNs);
     const foreign = this.#own.foreign(this.#openedAs, identity);
-    if (foreign > 0n || this.#ctime?.broken === true) {
+    const backingMoved = this.#own.backingMovedAlone(this.#openedAs, identity);
+    if (foreign > 0n || this.#ctime?.broken === true || backingMoved) {
       // someone else wrote DST during this run: the stamp would vouch for their writes too
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#imageSize } };
       if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);

@@ -327,11 +327,12 @@ export class RemoteIndex {
 
   async #write(state: IndexState, identity: TargetIdentity, hashes: Buffer): Promise<void> {
     const foreign = this.#own.foreign(this.#identity, identity);
-    if (foreign > 0n) {
+    if (foreign > 0n || this.#own.backingMovedAlone(this.#identity, identity)) {
       // someone else wrote DST during this copy (or the kernel wrote more than this copy's
       // pages): the stamp would vouch for their writes too
       state = { kind: 'in-progress', dirty: { start: 0, end: this.#o.imageSize } };
-      this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      if (foreign > 0n) this.#report.sectorsWrittenMeanwhile = Number(foreign);
+      else this.#report.changedMeanwhile = true;
     }
     await writeNewIndex(this.path, {
       blockSize: this.blockSize,
