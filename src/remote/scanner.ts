@@ -1,8 +1,10 @@
 /**
- * Hashes the local file's top-level units ahead of everything else. It starts before ssh has
- * even connected and keeps only 16 bytes per unit, so it can run as far ahead as it likes;
- * the copy then reads a chunk again only when its hash differs from the agent's (a few
- * chunks in a mostly unchanged image), and the local and remote scans run side by side.
+ * Hashes the local file's top-level units ahead of everything else. It starts as the HELLO
+ * goes out, while ssh logs in (started sooner, its reads filled libuv's thread pool ahead of
+ * the file operations that get the HELLO ready), and keeps only 16 bytes per unit, so it can
+ * run as far ahead as it likes; the copy then reads a chunk again only when its hash differs
+ * from the agent's (a few chunks in a mostly unchanged image), and the local and remote scans
+ * run side by side.
  *
  * A unit the file system reports as all hole (SEEK_DATA, io/sparse-map.ts) reads as zeros:
  * it gets the hash of zeros without being read (three quarters of an OS image). A file system

@@ -5,9 +5,10 @@
  *   or, for a source read once in order (compressed, stdin, URL, bmap plan):
  *   CheckedSource (hashes each chunk as it is read) ──► RefinedTarget ──► RemoteSink
  *
- * SRC comes from openCopySource, as a local copy's does. A plain file is hashed ahead by a
- * HashScanner started before ssh connects; a Refiner compares its top-level hashes with the
- * agent's stream and refines the chunks that differ ahead of the pipeline.
+ * SRC comes from openCopySource, as a local copy's does; ssh starts once it is open. A plain
+ * file is hashed ahead by a HashScanner started as the HELLO goes out, while ssh logs in; a
+ * Refiner compares its top-level hashes with the agent's stream and refines the chunks that
+ * differ ahead of the pipeline.
  */
 
 import { BlksyncError } from '../../errors.js';
@@ -23,7 +24,7 @@ import type { Sink, Source, TargetKnowledge } from '../../types.js';
 import { agentPayload } from '../agent-payload.js';
 import { DEFLATE_RAW } from '../compress.js';
 import { HashDiffer } from '../hash-differ.js';
-import { AgentLink } from '../link.js';
+import { AgentLink, type StartedAgent } from '../link.js';
 import { blockDigest, MIN_HASH_UNIT, unitHashes, WIRE_HASH_BYTES, wireHash } from '../protocol.js';
 import type { Refiner } from '../refiner.js';
 import { readIndexIfAny, RemoteIndex } from '../remote-index.js';
@@ -92,8 +93,6 @@ export async function push(
   const watching =
     opened.watched !== undefined ? SourceWatch.start(opened.watched, src) : undefined;
   watching?.catch(() => {}); // awaited in the try below; until then it must not be "unhandled"
-  // ssh logs in while the rest of the HELLO is got ready (SRC's watch, a local index)
-  const started = AgentLink.start(spec, options);
   // SRC's hashes are computed while ssh connects and the agent scans DST; its holes unread.
   // Started once ssh is: its reads would fill libuv's thread pool ahead of the few file
   // operations before ssh starts (~50-100 ms later on 2 loaded cores)
@@ -112,7 +111,10 @@ export async function push(
   let link: AgentLink | undefined;
   let index: RemoteIndex | undefined;
   let srcIndex: SourceIndex | undefined;
+  let started: StartedAgent | undefined;
   try {
+    // ssh logs in while the rest of the HELLO is got ready (SRC's watch, a local index)
+    started = AgentLink.start(spec, options);
     const watch = await watching;
     let found: Awaited<ReturnType<typeof readIndexIfAny>>;
     // with a bmap, the index's blocks tile the mapped ranges: the bmap's blocks, or -b's
@@ -355,7 +357,7 @@ export async function push(
     await refiner?.stop();
     await scanner?.stop();
     // ssh started and no HELLO sent: the failure came first
-    if (link === undefined) await started.abort();
+    if (link === undefined) await started?.abort();
     await link?.close();
     await index?.close();
     await srcIndex?.close();
