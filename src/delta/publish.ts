@@ -37,6 +37,7 @@ import {
 } from '../formats/published.js';
 import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
 import { openSource } from '../io/open.js';
+import { SourceWatch } from '../io/source-watch.js';
 import { OutputFile, writeOutputFile } from '../io/output-file.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
@@ -168,6 +169,9 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
   const src = await openSource(image);
   let data: OutputFile | undefined;
   try {
+    // another program writing IMG meanwhile would leave files that stand for an image no one
+    // made (chunks of the old and of the new), which copies of its URL would write
+    const watch = await SourceWatch.start(src.fh, image);
     const size = src.size;
     await refuseEncoded(image, src.fh, size);
     const shape = { imageSize: size, chunkSize };
@@ -246,6 +250,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
       options.onProgress?.({ bytesScanned: start + len, bytesTotal: size });
     }
     while (pending.length > 0) await flush();
+    await watch?.check('nothing was published');
 
     const groups = groupCount({ ...shape, groupChunks: groupChunksFor(chunks) });
     const groupChunks = groupChunksFor(chunks);
