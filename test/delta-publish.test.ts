@@ -15,6 +15,7 @@ import { publish } from '../src/delta/publish.js';
 import { BlksyncError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/published.js';
 import { sha256 } from '../src/hash.js';
+import { attachLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 test('publishing is deterministic, and holes and zero chunks are not stored', async (t) => {
@@ -112,4 +113,27 @@ test('an image written by another program while it is published fails ESRC_CHANG
   assert.deepEqual(await readdir(dir), ['disk.img']);
   // left alone, it publishes
   await publish(img);
+});
+
+test('a compressed block device is refused too, the advice naming a file outside /dev', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const backing = join(dir, 'backing');
+  await writeFile(
+    backing,
+    Buffer.concat([gzipSync(seededBytes(1 << 20, 4)), Buffer.alloc(1 << 20)]),
+  );
+  const dev = await attachLoop(t, backing);
+  await assert.rejects(
+    publish(dev, { outputDir: dir }),
+    (err) =>
+      err instanceof BlksyncError &&
+      err.code === 'ESRC_COMPRESSED' &&
+      err.message.includes(`blksync publish ${join(dir, 'plain.img')}`),
+  );
+  await assert.rejects(
+    publish(dev),
+    (err) => err instanceof BlksyncError && err.message.includes('blksync publish plain.img'),
+  );
+  assert.deepEqual(await readdir(dir), ['backing']);
 });

@@ -132,6 +132,8 @@ async function refuseEncoded(
   image: string,
   fh: import('node:fs/promises').FileHandle,
   size: number,
+  kind: string,
+  outputDir: string | undefined,
 ): Promise<void> {
   const { sniffFile } = await import('../containers/sniff-file.js');
   const sniffed = await sniffFile(fh, size);
@@ -140,7 +142,8 @@ async function refuseEncoded(
     sniffed.compression !== undefined
       ? `${sniffed.compression}-compressed`
       : `a ${sniffed.container.name}`;
-  const plain = join(dirname(image), 'plain.img');
+  // beside a device (in /dev) a file of the image's size would take RAM: in -o DIR, or here
+  const plain = join(outputDir ?? (kind === 'file' ? dirname(image) : '.'), 'plain.img');
   throw new BlksyncError(
     sniffed.compression !== undefined ? 'ESRC_COMPRESSED' : 'ESRC_CONTAINER',
     `${image} is ${what}, and a copy of its URL writes the image it holds: publish that image (blksync copy ${image} ${plain}; blksync publish ${plain}); the web server needs only its published files`,
@@ -173,7 +176,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
     // made (chunks of the old and of the new), which copies of its URL would write
     const watch = await SourceWatch.start(src.fh, image);
     const size = src.size;
-    await refuseEncoded(image, src.fh, size);
+    await refuseEncoded(image, src.fh, size, src.kind, options.outputDir);
     const shape = { imageSize: size, chunkSize };
     const chunks = chunkCount(shape);
     if (chunks > MAX_CHUNKS) {
