@@ -233,6 +233,54 @@ describe('copy with a bmap', () => {
     assert.ok(got.subarray(2 * MiB, 72 * MiB).equals(extent), 'DST holds the new image');
   });
 
+  it('a held write read again from SRC at the end is covered by the check for writes to SRC', async (t) => {
+    // the writes into a large range beyond what memory keeps are read from SRC again once
+    // its checksum passed; when its last chunk differs from nothing, that is in the sink's
+    // finish(): a write to SRC before then must fail ESRC_CHANGED, not reach DST unverified
+    const dir = await tempDir(t);
+    const path = join(dir, 'new.img');
+    const image = seededBytes(24 * MiB, 51);
+    await writeFile(path, image);
+    await createBmap(path, { output: `${path}.bmap` });
+    const dst = join(dir, 'dst.img');
+    // 16 MiB differ (held writes beyond 8 MiB are not kept), the last 8 MiB not: nothing is
+    // written after the range's last read, so the held writes are flushed by finish()
+    await writeFile(dst, Buffer.concat([seededBytes(16 * MiB, 52), image.subarray(16 * MiB)]));
+    const srcIno = (await stat(path)).ino;
+    // SRC is written just after the first look at its stamps once the pipeline is done
+    const proto = Object.getPrototypeOf(
+      await open(path, 'r').then(async (fh) => {
+        await fh.close();
+        return fh;
+      }),
+    ) as { stat: (this: unknown, ...args: unknown[]) => Promise<{ ino: number | bigint }> };
+    const realStat = proto.stat;
+    let armed = false;
+    proto.stat = async function (this: unknown, ...args: unknown[]) {
+      const st = await realStat.apply(this, args);
+      if (armed && Number(st.ino) === srcIno && (args[0] as { bigint?: boolean })?.bigint) {
+        armed = false;
+        const fh = await open(path, 'r+');
+        await fh.write(Buffer.from('EVIL'), 0, 4, 12 * MiB);
+        await fh.close();
+      }
+      return st;
+    };
+    t.after(() => void (proto.stat = realStat));
+    try {
+      await copy(path, dst, {
+        onProgress: (p) => {
+          if (p.bytesScanned === p.bytesTotal) armed = true;
+        },
+      });
+    } catch (err) {
+      assert.ok(err instanceof BlksyncError && err.code === 'ESRC_CHANGED', String(err));
+      return;
+    }
+    const got = await readFile(dst);
+    assert.ok(got.equals(image), 'exit 0: DST holds the image whose checksum was verified');
+  });
+
   it('refuses a bmap made for another image before writing', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);

@@ -368,3 +368,23 @@ test('stdin redirected from a file that is written during the copy: ESRC_CHANGED
   );
   assert.equal(out.toString().trim(), 'ESRC_CHANGED');
 });
+
+test('a FIFO SRC is refused (ESRC_KIND) at once, not after waiting for a writer no signal ends', async (t) => {
+  const dir = await tempDir(t);
+  const fifo = join(dir, 'fifo');
+  execFileSync('mkfifo', [fifo]);
+  let timer: NodeJS.Timeout | undefined;
+  const waited = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error('still waiting for a writer after 5 s')), 5000);
+  });
+  try {
+    await assert.rejects(
+      Promise.race([copy(fifo, join(dir, 'dst')), waited]),
+      (e: unknown) => e instanceof BlksyncError && e.code === 'ESRC_KIND',
+    );
+  } finally {
+    clearTimeout(timer);
+    // an open() still waiting returns once a writer comes (O_RDWR does not wait itself)
+    closeSync(openSync(fifo, 'r+'));
+  }
+});

@@ -87,9 +87,10 @@ test('an update fetches only the changed chunks in 4 requests and makes DST iden
   assert.deepEqual(await readFile(f.dst), f.v2);
   assert.ok(r.http !== undefined, 'the published files were used');
   assert.equal(r.http.chunksDiffering, 3);
-  // the image's freshness probe, the index's head, its differing groups, the chunks
+  // the image's freshness probe, the index's head, its differing groups, the chunks; the
+  // server also sees the image's last 512 bytes asked for (a fixed VHD's footer)
   assert.equal(r.http.requests, 4);
-  assert.equal(f.served.requests.length, 4);
+  assert.equal(f.served.requests.length, 5);
   // header + top level + three groups' leaf records + three chunks: a few KiB, not the image
   assert.ok(r.http.bytesFetched < 3 * CHUNK, `fetched ${r.http.bytesFetched}`);
   assert.ok(f.served.bytesSent() < 3 * CHUNK + 8192, `sent ${f.served.bytesSent()}`);
@@ -98,7 +99,7 @@ test('an update fetches only the changed chunks in 4 requests and makes DST iden
   const again = await copy(f.url, f.dst);
   assert.equal(again.bytesWritten, 0);
   assert.equal(again.http?.requests, 2);
-  assert.equal(f.served.requests.length, 6);
+  assert.equal(f.served.requests.length, 8);
 });
 
 test('from an empty or missing DST the image arrives whole, holes left as holes', async (t) => {
@@ -398,6 +399,41 @@ test('a compressed image served where its published files stand for another (sam
   const byRanges = await copy(url, raw, { raw: true });
   assert.ok(byRanges.http !== undefined);
   assert.deepEqual(await readFile(raw), plain);
+});
+
+test('a fixed VHD served where its published files stand for another is known by its footer (WPUB_CONTAINER), not written by ranges', async (t) => {
+  // a fixed VHD starts as the raw disk it holds: only its last 512 bytes tell, so they are
+  // asked for too; its published files (a blksync before publish refused it, or an image
+  // replaced as above) would write the footer with the disk, exit 0
+  const dir = await tempDir(t);
+  const footer = Buffer.alloc(512);
+  footer.write('conectix', 0, 'latin1');
+  footer.writeUInt32BE(2, 60); // disk type: fixed
+  let sum = 0;
+  for (let i = 0; i < 512; i++) sum += footer[i]!;
+  footer.writeUInt32BE(~sum >>> 0, 64);
+  const vhd = Buffer.concat([seededBytes(4 * CHUNK, 5), footer]);
+  const path = join(dir, 'os.vhd');
+  const plain = seededBytes(vhd.length, 6);
+  await writeFile(path, plain);
+  await publish(path, { chunkSize: CHUNK });
+  await writeFile(path, vhd);
+  const earlier = new Date(Date.now() - 60_000);
+  utimesSync(path, earlier, earlier);
+  const served = await serveDirectory(t, dir);
+  const url = `${served.url}/os.vhd`;
+  const dst = join(dir, 'dst.img');
+  const warnings: string[] = [];
+  await assert.rejects(
+    copy(url, dst, { onWarning: (w) => warnings.push(w.code) }),
+    (err) => err instanceof BlksyncError && err.code === 'ESRC_CONTAINER',
+  );
+  assert.deepEqual(warnings, ['WPUB_CONTAINER']);
+  await assert.rejects(readFile(dst), { code: 'ENOENT' });
+  // --raw takes the published files as they stand
+  const byRanges = await copy(url, dst, { raw: true });
+  assert.ok(byRanges.http !== undefined);
+  assert.deepEqual(await readFile(dst), plain);
 });
 
 /** v2 published and served, DST holding v1. */

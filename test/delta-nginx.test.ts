@@ -40,7 +40,8 @@ test('nginx: an update in 4 requests, a fresh copy, a rerun with nothing to do',
   assert.deepEqual(await readFile(dst), v2);
   assert.equal(r.bytesWritten, 4 * 4096);
   const log = await server.log();
-  assert.equal(log.length, 4, JSON.stringify(log));
+  // and the image's last 512 bytes (whether it ends with a fixed VHD's footer)
+  assert.equal(log.length, 5, JSON.stringify(log));
   assert.ok(log.every((l) => l.status === 206));
   const sent = log.reduce((n, l) => n + l.bytesSent, 0);
   // four 64 KiB chunks at most, plus the index's header, top level and four groups
@@ -48,7 +49,7 @@ test('nginx: an update in 4 requests, a fresh copy, a rerun with nothing to do',
 
   const again = await copy(url, dst);
   assert.equal(again.bytesWritten, 0);
-  assert.equal((await server.log()).length, 6);
+  assert.equal((await server.log()).length, 8);
 
   const fresh = join(dir, 'fresh.img');
   await copy(url, fresh);

@@ -1,10 +1,12 @@
 /**
  * `blksync publish`: the same image gives the same bytes, holes and zero chunks cost nothing,
  * -o DIR writes there, and a chunk size that cannot be is refused, as is a compressed image
- * or a container (its copy would write what it holds, not its bytes).
+ * or a container (its copy would write what it holds, not its bytes), and an image written
+ * while it is read.
  */
 
 import assert from 'node:assert/strict';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -13,6 +15,7 @@ import { publish } from '../src/delta/publish.js';
 import { BlksyncError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/published.js';
 import { sha256 } from '../src/hash.js';
+import { attachLoop, needLoop } from './helpers/loop.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 test('publishing is deterministic, and holes and zero chunks are not stored', async (t) => {
@@ -81,4 +84,56 @@ test('a compressed image or a container (a fixed VHD, known only by its footer) 
     );
   }
   assert.deepEqual((await readdir(dir)).sort(), ['os.img.gz', 'os.vhd']);
+});
+
+test('an image written by another program while it is published fails ESRC_CHANGED, nothing published', async (t) => {
+  // the published files would stand for a mix of the old and the new image, which a copy of
+  // its URL writes (the index, written last, is newer than the image: not seen as stale)
+  const dir = await tempDir(t);
+  const img = join(dir, 'disk.img');
+  const size = 8 * 1024 * 1024;
+  await writeFile(img, seededBytes(size, 11));
+  let written = false;
+  await assert.rejects(
+    publish(img, {
+      onProgress: (p) => {
+        if (written || p.bytesScanned === 0) return;
+        written = true;
+        // the start, read already, changes
+        const fd = openSync(img, 'r+');
+        writeSync(fd, seededBytes(4096, 12), 0, 4096, 0);
+        closeSync(fd);
+      },
+    }),
+    (err) =>
+      err instanceof BlksyncError &&
+      err.code === 'ESRC_CHANGED' &&
+      /nothing was published/.test(err.message),
+  );
+  assert.deepEqual(await readdir(dir), ['disk.img']);
+  // left alone, it publishes
+  await publish(img);
+});
+
+test('a compressed block device is refused too, the advice naming a file outside /dev', async (t) => {
+  if (!needLoop(t)) return;
+  const dir = await tempDir(t);
+  const backing = join(dir, 'backing');
+  await writeFile(
+    backing,
+    Buffer.concat([gzipSync(seededBytes(1 << 20, 4)), Buffer.alloc(1 << 20)]),
+  );
+  const dev = await attachLoop(t, backing);
+  await assert.rejects(
+    publish(dev, { outputDir: dir }),
+    (err) =>
+      err instanceof BlksyncError &&
+      err.code === 'ESRC_COMPRESSED' &&
+      err.message.includes(`blksync publish ${join(dir, 'plain.img')}`),
+  );
+  await assert.rejects(
+    publish(dev),
+    (err) => err instanceof BlksyncError && err.message.includes('blksync publish plain.img'),
+  );
+  assert.deepEqual(await readdir(dir), ['backing']);
 });

@@ -37,6 +37,7 @@ import {
 } from '../formats/published.js';
 import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
 import { openSource } from '../io/open.js';
+import { SourceWatch } from '../io/source-watch.js';
 import { OutputFile, writeOutputFile } from '../io/output-file.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
@@ -131,6 +132,8 @@ async function refuseEncoded(
   image: string,
   fh: import('node:fs/promises').FileHandle,
   size: number,
+  kind: string,
+  outputDir: string | undefined,
 ): Promise<void> {
   const { sniffFile } = await import('../containers/sniff-file.js');
   const sniffed = await sniffFile(fh, size);
@@ -139,7 +142,8 @@ async function refuseEncoded(
     sniffed.compression !== undefined
       ? `${sniffed.compression}-compressed`
       : `a ${sniffed.container.name}`;
-  const plain = join(dirname(image), 'plain.img');
+  // beside a device (in /dev) a file of the image's size would take RAM: in -o DIR, or here
+  const plain = join(outputDir ?? (kind === 'file' ? dirname(image) : '.'), 'plain.img');
   throw new BlksyncError(
     sniffed.compression !== undefined ? 'ESRC_COMPRESSED' : 'ESRC_CONTAINER',
     `${image} is ${what}, and a copy of its URL writes the image it holds: publish that image (blksync copy ${image} ${plain}; blksync publish ${plain}); the web server needs only its published files`,
@@ -168,8 +172,11 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
   const src = await openSource(image);
   let data: OutputFile | undefined;
   try {
+    // another program writing IMG meanwhile would leave files that stand for an image no one
+    // made (chunks of the old and of the new), which copies of its URL would write
+    const watch = await SourceWatch.start(src.fh, image);
     const size = src.size;
-    await refuseEncoded(image, src.fh, size);
+    await refuseEncoded(image, src.fh, size, src.kind, options.outputDir);
     const shape = { imageSize: size, chunkSize };
     const chunks = chunkCount(shape);
     if (chunks > MAX_CHUNKS) {
@@ -246,6 +253,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
       options.onProgress?.({ bytesScanned: start + len, bytesTotal: size });
     }
     while (pending.length > 0) await flush();
+    await watch?.check('nothing was published');
 
     const groups = groupCount({ ...shape, groupChunks: groupChunksFor(chunks) });
     const groupChunks = groupChunksFor(chunks);

@@ -43,7 +43,11 @@ import {
   type PublishedHeader,
 } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import { CONTAINER_HEAD_BYTES, detectContainer } from '../containers/detect.js';
+import {
+  CONTAINER_HEAD_BYTES,
+  CONTAINER_TAIL_BYTES,
+  detectContainer,
+} from '../containers/detect.js';
 import { detectCompression } from '../io/compression-magic.js';
 import { bodyStream, httpOpen, type HttpOptions, type HttpResponse } from '../io/http-source.js';
 import { readFully } from '../io/read-fully.js';
@@ -147,7 +151,13 @@ async function imageMismatch(
   }
   if (options.raw === true) return undefined;
   const compression = detectCompression(head);
-  const what = compression !== undefined ? `a ${compression} stream` : detectContainer(head)?.name;
+  let what = compression !== undefined ? `a ${compression} stream` : detectContainer(head)?.name;
+  if (what === undefined && total !== undefined && total >= CONTAINER_TAIL_BYTES) {
+    // a fixed VHD (or a dmg) shows only by its last 512 bytes, which a copy of the image
+    // itself refuses at its end: its published files would write the footer with the disk
+    const tail = await readTail(url, total, options);
+    if (tail !== undefined) what = detectContainer(head, tail)?.name;
+  }
   if (what === undefined) return undefined;
   // by ranges, DST would get the container's own bytes; read as without the published files,
   // it gets the image the container holds (or a refusal naming it)
@@ -155,6 +165,34 @@ async function imageMismatch(
     code: 'WPUB_CONTAINER',
     message: `${url} is ${what}, published as it is, where a copy writes the image it holds; reading it itself, not by ranges: publish the image it holds (or copy with --raw to write it as it is)`,
   };
+}
+
+/**
+ * The last CONTAINER_TAIL_BYTES of the `total`-byte image at `url`, or undefined when the
+ * server does not answer that range as asked (then nothing is known of its end).
+ */
+async function readTail(
+  url: string,
+  total: number,
+  options: PublishedSourceOptions,
+): Promise<Buffer | undefined> {
+  const start = total - CONTAINER_TAIL_BYTES;
+  const res = await httpOpen(url, {
+    ...options,
+    headers: { range: `bytes=${start}-${total - 1}` },
+  });
+  const range = /^bytes (\d+)-(\d+)\/(\d+)\s*$/.exec(res.body.headers['content-range'] ?? '');
+  if (
+    res.status !== 206 ||
+    range === null ||
+    Number(range[1]) !== start ||
+    Number(range[3]) !== total
+  ) {
+    res.body.destroy();
+    return undefined;
+  }
+  const tail = await readHead(res, CONTAINER_TAIL_BYTES);
+  return tail.length === CONTAINER_TAIL_BYTES ? tail : undefined;
 }
 
 /** Up to `n` bytes from the start of an answer's body; the rest is dropped. */

@@ -258,6 +258,9 @@ export async function copyLocal(
       // shared memory: a bmap's large ranges are hashed on a worker in the pipeline's buffers
       buffers: index?.buffers ?? (hold !== undefined ? new SharedBufferPool(chunkSize) : undefined),
     });
+    await sink?.finish();
+    // after finish(): a bmap's held writes beyond what memory keeps are read from SRC again
+    // there, after their range's checksum passed, so a write to SRC before then is seen too
     if (!run.interrupted) {
       await watch?.check(
         dryRun
@@ -265,7 +268,6 @@ export async function copyLocal(
           : `what was copied onto ${dst} may be a mix of its old and new content`,
       );
     }
-    await sink?.finish();
     allWritten = !run.interrupted;
     let verified: VerifyReport | undefined;
     if (verifying !== undefined && !run.interrupted && target !== undefined) {

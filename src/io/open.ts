@@ -52,6 +52,14 @@ export interface OpenSourceOptions {
 
 /** Opens SRC read-only. */
 export async function openSource(path: string, options: OpenSourceOptions = {}): Promise<Opened> {
+  // a FIFO's open() waits for a writer, where no signal ends it gracefully (a first Ctrl-C,
+  // timeout(1)'s SIGTERM); refused below all the same, so refused before it is opened
+  const before = await stat(path).catch(() => undefined);
+  if (before !== undefined && kindOf(before) === undefined) {
+    throw new BlksyncError('ESRC_KIND', `source ${path} is not a regular file or block device`, {
+      path,
+    });
+  }
   let fh: FileHandle;
   try {
     fh = await open(path, 'r');
