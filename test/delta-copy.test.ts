@@ -37,7 +37,7 @@ import type { Progress } from '../src/types.js';
 import { serveDirectory, type ServerOptions } from './helpers/http-server.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, needLoop } from './helpers/loop.js';
-import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+import { seededBytes, tempDir, writeSparseFile, vhdFooter } from './helpers/tmp.js';
 
 const SIZE = 8 * 1024 * 1024;
 const CHUNK = 16 * 1024;
@@ -406,12 +406,7 @@ test('a fixed VHD served where its published files stand for another is known by
   // asked for too; its published files (a blksync before publish refused it, or an image
   // replaced as above) would write the footer with the disk, exit 0
   const dir = await tempDir(t);
-  const footer = Buffer.alloc(512);
-  footer.write('conectix', 0, 'latin1');
-  footer.writeUInt32BE(2, 60); // disk type: fixed
-  let sum = 0;
-  for (let i = 0; i < 512; i++) sum += footer[i]!;
-  footer.writeUInt32BE(~sum >>> 0, 64);
+  const footer = vhdFooter();
   const vhd = Buffer.concat([seededBytes(4 * CHUNK, 5), footer]);
   const path = join(dir, 'os.vhd');
   const plain = seededBytes(vhd.length, 6);

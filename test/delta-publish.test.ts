@@ -16,7 +16,7 @@ import { BlksyncError } from '../src/errors.js';
 import { parseHeader } from '../src/formats/published.js';
 import { sha256 } from '../src/hash.js';
 import { attachLoop, needLoop } from './helpers/loop.js';
-import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
+import { seededBytes, tempDir, writeSparseFile, vhdFooter } from './helpers/tmp.js';
 
 test('publishing is deterministic, and holes and zero chunks are not stored', async (t) => {
   const dir = await tempDir(t);
@@ -61,12 +61,7 @@ test('a chunk size that is not a power of two from 4K to 4M is refused (larger o
 test('a compressed image or a container (a fixed VHD, known only by its footer) is refused, nothing written', async (t) => {
   const dir = await tempDir(t);
   const data = seededBytes(1 << 20, 3);
-  const footer = Buffer.alloc(512);
-  footer.write('conectix', 0, 'latin1');
-  footer.writeUInt32BE(2, 60); // disk type: fixed
-  let sum = 0;
-  for (let i = 0; i < 512; i++) sum += footer[i]!;
-  footer.writeUInt32BE(~sum >>> 0, 64);
+  const footer = vhdFooter();
   const cases: [string, Buffer, string][] = [
     ['os.img.gz', gzipSync(data), 'ESRC_COMPRESSED'],
     ['os.vhd', Buffer.concat([data, footer]), 'ESRC_CONTAINER'],

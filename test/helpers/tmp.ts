@@ -52,3 +52,14 @@ export async function writeSparseFile(
     await fh.close();
   }
 }
+
+/** A fixed VHD's 512-byte footer ("conectix", disk type fixed, its checksum right). */
+export function vhdFooter(): Buffer {
+  const footer = Buffer.alloc(512);
+  footer.write('conectix', 0, 'latin1');
+  footer.writeUInt32BE(2, 60); // disk type: fixed
+  let sum = 0;
+  for (let i = 0; i < 512; i++) sum += footer[i]!;
+  footer.writeUInt32BE(~sum >>> 0, 64);
+  return footer;
+}
