@@ -94,16 +94,6 @@ export async function copyLocal(
   try {
     // with a bmap, the index's blocks must tile the mapped ranges (whole bmap blocks)
     const bmapBlock = options.index !== undefined ? source.bmap?.blockSize : undefined;
-    if (
-      bmapBlock !== undefined &&
-      options.blockSizeGiven !== undefined &&
-      bmapBlock % blockSize !== 0
-    ) {
-      throw new BlksyncError(
-        'EUSAGE',
-        `-b ${blockSize} does not divide the bmap's ${bmapBlock}-byte blocks; with --index and a bmap omit -b`,
-      );
-    }
     // a plan of part of the image other than a bmap's (an Android sparse image without its
     // don't-care chunks, an overlay of DST): DST keeps what it holds outside it, which an index
     // hashes from DST at the end; its blocks must tile the plan's ranges
@@ -112,14 +102,15 @@ export async function copyLocal(
         ? source.plan.ranges
         : undefined;
     const keptBlock = keptOutside !== undefined ? tileOf(keptOutside, source.size) : undefined;
-    if (
-      keptBlock !== undefined &&
-      options.blockSizeGiven !== undefined &&
-      keptBlock % blockSize !== 0
-    ) {
+    const tile = bmapBlock ?? keptBlock;
+    if (tile !== undefined && options.blockSizeGiven !== undefined && tile % blockSize !== 0) {
+      const blocks =
+        bmapBlock !== undefined
+          ? `the bmap's ${tile}-byte blocks`
+          : `the ${tile}-byte blocks of ${src}'s defined ranges`;
       throw new BlksyncError(
         'EUSAGE',
-        `-b ${blockSize} does not divide the ${keptBlock}-byte blocks of ${src}'s defined ranges; with --index omit -b`,
+        `-b ${blockSize} does not divide ${blocks}; with --index omit -b`,
       );
     }
     // another program writing SRC meanwhile would leave DST a mix of old and new: checked at the end
