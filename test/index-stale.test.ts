@@ -28,7 +28,7 @@ import {
   readDevice,
   run,
 } from './helpers/loop.js';
-import { mapWritesShow, SharedMap } from './helpers/shared-map.js';
+import { needMapWrites, SharedMap } from './helpers/shared-map.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MIB = 1024 * 1024;
@@ -172,10 +172,7 @@ test('a file changed with its mtime put back (touch -r) is caught by its ctime',
 
 test('a file written through a shared map before blksync index and again after it is not trusted', async (t) => {
   const dir = await tempDir(t);
-  if (!(await mapWritesShow(dir))) {
-    t.skip(`${dir} is on tmpfs, where nothing shows a second write through a map`);
-    return;
-  }
+  if (!(await needMapWrites(t, dir))) return;
   const dst = join(dir, 'dst.img');
   const src = join(dir, 'src.img');
   const index = join(dir, 'dst.blkidx');
@@ -203,10 +200,7 @@ test('a file written through a shared map before blksync index and again after i
 
 test('a file written through a shared map during a copy with --index gets an index that vouches for none of it', async (t) => {
   const dir = await tempDir(t);
-  if (!(await mapWritesShow(dir))) {
-    t.skip(`${dir} is on tmpfs, where nothing shows a second write through a map`);
-    return;
-  }
+  if (!(await needMapWrites(t, dir))) return;
   const dst = join(dir, 'dst.img');
   const src = join(dir, 'src.img');
   const index = join(dir, 'dst.blkidx');

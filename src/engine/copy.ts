@@ -24,12 +24,12 @@ import type { IndexSession } from './index-session.js';
 import { openCopySource, type CopySource } from './copy-source.js';
 import { sourceIndexFor } from './source-index-choice.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
-import { runPipeline } from './pipeline.js';
+import { isWholePlan, runPipeline } from './pipeline.js';
 import { SharedBufferPool } from './hash-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Range } from '../ranges.js';
-import type { Plan, Sink, TargetKnowledge } from '../types.js';
+import type { Sink, TargetKnowledge } from '../types.js';
 import {
   chunkSizeFor,
   DEFAULT_BLOCK_SIZE,
@@ -43,12 +43,6 @@ import type { CopyResult, ResolvedCopyOptions } from './copy-options.js';
  * Writes SRC onto DST, both local, writing only the blocks that differ. `opened`: SRC already
  * opened (fan-out hands each destination its view of one read of SRC); closed here.
  */
-/** Whether `plan` covers the whole image in one range. */
-function wholePlan(plan: Plan): boolean {
-  const r = plan.ranges;
-  return r.length === 1 && r[0]!.start === 0 && r[0]!.end === plan.imageSize;
-}
-
 /**
  * The largest power of two (up to MAX_BLOCK_SIZE) dividing every boundary of `ranges` but
  * the image's end: the largest blocks that tile them.
@@ -98,7 +92,7 @@ export async function copyLocal(
     // don't-care chunks, an overlay of DST): DST keeps what it holds outside it, which an index
     // hashes from DST at the end; its blocks must tile the plan's ranges
     const keptOutside =
-      options.index !== undefined && source.bmap === undefined && !wholePlan(source.plan)
+      options.index !== undefined && source.bmap === undefined && !isWholePlan(source.plan)
         ? source.plan.ranges
         : undefined;
     const keptBlock = keptOutside !== undefined ? tileOf(keptOutside, source.size) : undefined;

@@ -70,6 +70,12 @@ export function wholeImagePlan(size: number): Plan {
   return { imageSize: size, ranges: size > 0 ? [{ start: 0, end: size }] : [] };
 }
 
+/** Whether `plan` covers all of its image (as wholeImagePlan makes it). */
+export function isWholePlan(plan: Plan): boolean {
+  const r = plan.ranges;
+  return r.length === 0 || (r.length === 1 && r[0]!.start === 0 && r[0]!.end === plan.imageSize);
+}
+
 /** The chunks the pipeline walks `plan` in (fan-out reads SRC in the same ones). */
 export function* chunksOf(plan: Plan, chunkSize: number): Generator<Chunk> {
   for (const r of plan.ranges) {

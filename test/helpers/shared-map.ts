@@ -5,7 +5,9 @@
  */
 
 import { open, statfs, type FileHandle } from 'node:fs/promises';
+import type { TestContext } from 'node:test';
 import { loadKoffi } from '../../src/io/koffi.js';
+import { need } from './resources.js';
 
 const PROT_READ = 1;
 const PROT_WRITE = 2;
@@ -25,9 +27,13 @@ type Mmap = (
 type Munmap = (addr: number, len: number) => number;
 type Memcpy = (dst: bigint, src: Buffer, len: number) => bigint;
 
-/** Whether a write through a map in `dir` can be told by the mtime once the file was synced. */
-export async function mapWritesShow(dir: string): Promise<boolean> {
-  return (await statfs(dir)).type !== TMPFS_MAGIC;
+/**
+ * Skips (or fails under strict) unless a write through a map in `dir` can be told by the
+ * mtime once the file was synced: not on tmpfs.
+ */
+export async function needMapWrites(t: TestContext, dir: string): Promise<boolean> {
+  const shows = (await statfs(dir)).type !== TMPFS_MAGIC;
+  return need(t, shows, `${dir} is on tmpfs, where nothing shows a second write through a map`);
 }
 
 export class SharedMap {

@@ -15,7 +15,7 @@ import { BlksyncError } from '../../errors.js';
 import { openCopySource, type CopySource } from '../../engine/copy-source.js';
 import { NoTarget, ZeroTarget } from '../../engine/knowledge.js';
 import { SourceWatch } from '../../io/source-watch.js';
-import { runPipeline } from '../../engine/pipeline.js';
+import { isWholePlan, runPipeline } from '../../engine/pipeline.js';
 import { dataRangesOf } from '../../engine/sparse-plan.js';
 import { SourceIndex } from '../../engine/source-index.js';
 import type { Range } from '../../ranges.js';
@@ -73,9 +73,7 @@ export async function push(
   // SRC as a local copy reads it: a file, compressed, stdin, a URL; a bmap's plan
   const opened = preopened ?? (await openCopySource(src, options));
   const { plan, size } = opened;
-  const whole =
-    plan.ranges.length === 0 ||
-    (plan.ranges.length === 1 && plan.ranges[0]!.end === size && plan.ranges[0]!.start === 0);
+  const whole = isWholePlan(plan);
   // --index auto or host:FILE: the index is kept beside DST by the agent (agent-index.ts)
   const kept = keptRemotely(options.index, spec);
   const indexing = options.index !== undefined && kept === undefined;
