@@ -24,3 +24,23 @@ export function sha256(buf: Buffer, start = 0, end = buf.length): Buffer {
 export function sha256Stream(): ReturnType<typeof createHash> {
   return createHash('sha256');
 }
+
+let zeroBuf = Buffer.alloc(0);
+/** `n` zero bytes (a shared buffer: never write into it). */
+export function zeroes(n: number): Buffer {
+  if (zeroBuf.length < n) zeroBuf = Buffer.alloc(n);
+  return zeroBuf.subarray(0, n);
+}
+
+/** True when buf[start, end) is all zeros (compared at memcmp speed). */
+export function isZero(buf: Buffer, start = 0, end = buf.length): boolean {
+  return buf.compare(zeroes(end - start), 0, end - start, start, end) === 0;
+}
+
+const zeroHashes = new Map<number, Buffer>();
+/** SHA-256 of `len` zero bytes, computed once per length. */
+export function zeroHash(len: number): Buffer {
+  let h = zeroHashes.get(len);
+  if (h === undefined) zeroHashes.set(len, (h = sha256(zeroes(len))));
+  return h;
+}

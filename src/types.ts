@@ -73,7 +73,7 @@ export interface Progress {
    * Set while DST is read to learn what it holds before the copy proper (an update from a
    * published image hashes DST's chunks): bytesScanned/bytesTotal count DST's data hashed.
    */
-  phase?: 'hashing DST';
+  phase?: 'hashing DST' | 'checking TARGET';
   /** Bytes received from a web server so far (a published SRC fetched by ranges). */
   bytesFetched?: number;
 }

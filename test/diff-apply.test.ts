@@ -128,7 +128,7 @@ test('the patch holds only the changed blocks plus headers', async (t) => {
   // the payload is the changed bytes, not the changed blocks
   assert.ok(d.payloadBytes <= 10 * 10_000, `${d.payloadBytes} bytes of payload`);
   assert.ok(d.payloadBytes > 10 * 9_900, `${d.payloadBytes} bytes of payload`);
-  assert.ok(d.patchBytes <= d.payloadBytes + 64 + 48 + 10 * 104, `${d.patchBytes} bytes`);
+  assert.ok(d.patchBytes <= d.payloadBytes + 64 + 80 + 10 * 136, `${d.patchBytes} bytes`);
   assert.ok(changedBlocks > d.payloadBytes);
   assert.equal((await stat(f.patch)).size, d.patchBytes);
   const info = await describePatch(f.patch, { verify: true });
@@ -232,7 +232,7 @@ test('from a stream: a cut-off patch applies the complete batches, and a rerun f
   const f = await setup(dir, big, next);
   await diff(f.base, f.next, f.patch);
   const whole = await readFile(f.patch);
-  const cut = whole.subarray(0, whole.length - 100_000);
+  const cut = whole.subarray(0, Math.floor(whole.length * 0.7));
   const err = await apply(Readable.from([cut]), f.target, { batchBytes: 1024 * 1024 }).then(
     () => assert.fail('a cut-off stream must fail'),
     (e: unknown) => e,
@@ -369,7 +369,7 @@ test('a record torn by a killed apply (its new content begun, the rest old) is r
   // a TARGET that is simply another image is not taken for a torn one
   await writeFile(f.target, seededBytes(4 * MIB, 67));
   const other = await runCli(['apply', f.patch, f.target]);
-  assert.match(other.stderr, /check TARGET, or use --force.*\[EBASE_MISMATCH\]/);
+  assert.match(other.stderr, /use --force to write the records anyway \[EBASE_MISMATCH\]/);
 });
 
 test('round trip on a loop device', async (t) => {
@@ -431,7 +431,8 @@ test('an interrupted diff leaves no patch; an interrupted apply is finished by a
   const err = await apply(f.patch, f.target, {
     chunkSize: 64 * 1024,
     signal: halt.signal,
-    onProgress: () => halt.abort(),
+    // stopped while writing, not while TARGET is checked before
+    onProgress: (p) => p.phase === undefined && halt.abort(),
   }).then(
     () => assert.fail('must be interrupted'),
     (e: unknown) => e,

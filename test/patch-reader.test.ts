@@ -19,6 +19,7 @@ import {
   encodeRecordHeader,
   encodeTrailer,
   HEADER_BYTES,
+  PATCH_VERSION,
   RECORD_HEADER_BYTES,
   RECORD_NEW_COMPRESSED,
   TRAILER_BYTES,
@@ -49,7 +50,7 @@ function reseal(buf: Buffer, records: number[]): Buffer {
   if (out.length >= HEADER_BYTES) out.writeUInt32LE(crc32(out.subarray(0, 60)), 60);
   for (const at of records) {
     if (at + RECORD_HEADER_BYTES <= out.length - TRAILER_BYTES) {
-      out.writeUInt32LE(crc32(out.subarray(at, at + 100)), at + 100);
+      out.writeUInt32LE(crc32(out.subarray(at, at + 132)), at + 132);
     }
   }
   if (out.length >= 32) sha256(out, 0, out.length - 32).copy(out, out.length - 32);
@@ -66,14 +67,17 @@ function recordPositions(buf: Buffer): number[] {
   return out;
 }
 
+/** The hash list of nothing: the gap hash of an empty gap. */
+const EMPTY_GAP = contentHash(Buffer.alloc(0), BS);
+
 /** A patch assembled from parts, sealed with a correct checksum. */
-function build(header: PatchHeader, records: Buffer[], count: number): Buffer {
-  const body = Buffer.concat([encodeHeader(header), ...records, encodeTrailer(count)]);
+function build(header: PatchHeader, records: Buffer[], count: number, lastGap = EMPTY_GAP): Buffer {
+  const body = Buffer.concat([encodeHeader(header), ...records, encodeTrailer(count, lastGap)]);
   return Buffer.concat([body, sha256(body)]);
 }
 
 const HEADER: PatchHeader = {
-  version: 1,
+  version: PATCH_VERSION,
   blockSize: BS,
   baseSize: SIZE,
   resultSize: SIZE,
@@ -135,6 +139,7 @@ test('hostile patches with valid checksums are refused without writing', async (
         tail: 0,
         oldHash: h,
         newHash: contentHash(payload, BS),
+        gapHash: EMPTY_GAP,
         ...over,
       }),
       payload,
@@ -192,8 +197,38 @@ test('hostile patches with valid checksums are refused without writing', async (
     'EPATCH_CHECKSUM',
   ]);
   const version = build(HEADER, [], 0);
-  version.writeUInt16LE(2, 8);
+  version.writeUInt16LE(PATCH_VERSION + 1, 8);
   cases.push(['unknown version', reseal(version, []), 'EPATCH_FORMAT']);
+  // the gap hashes: wrong ones are a TARGET that is not the base; a gap past the smaller
+  // image's end is no gap (unchanged bytes both images have)
+  const rest = contentHash(base.subarray(BS), BS);
+  cases.push(
+    ['a gap hash TARGET does not match', build(HEADER, [rec({ offset: BS })], 1), 'EBASE_MISMATCH'],
+    ['a last gap hash TARGET does not match', build(HEADER, [rec({})], 1), 'EBASE_MISMATCH'],
+    [
+      'a gap past the base',
+      build(
+        { ...HEADER, resultSize: SIZE + 4 * BS },
+        [rec({ offset: SIZE + BS, gapHash: contentHash(base, BS) })],
+        1,
+      ),
+      'EPATCH_FORMAT',
+    ],
+    [
+      'a gap past the result',
+      build(
+        { ...HEADER, baseSize: SIZE + 4 * BS },
+        [rec({ offset: SIZE + BS, gapHash: contentHash(base, BS) })],
+        1,
+      ),
+      'EPATCH_FORMAT',
+    ],
+  );
+  // sealed with the right gap hashes, the same records apply
+  await t.test('hand-made patch with the right gap hashes applies', async () => {
+    await apply(Readable.from([build(HEADER, [rec({})], 1, rest)]), target);
+    assert.ok((await readFile(target)).equals(base));
+  });
   for (const [name, patch, code] of cases) {
     await t.test(name, () => refused(patch, target, base, code));
   }
@@ -234,7 +269,7 @@ test('fuzz: thousands of mutated patches never write and only throw BlksyncError
       ]);
     else {
       // a field rewritten with an extreme value, then resealed so the deeper checks run
-      const fields = [8, 16, 20, 24, 28, 32];
+      const fields = [8, 16, 20, 24, 28, 32, 100, 128];
       const rec = positions[Math.floor(r() * positions.length)] ?? HEADER_BYTES;
       const field = rec + fields[Math.floor(r() * fields.length)]!;
       const values = [0, 1, BS - 1, 0x7fff_ffff, 0xffff_ffff, Math.floor(r() * 2 ** 32)];

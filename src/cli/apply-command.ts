@@ -6,10 +6,23 @@ import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { type SetExit, runOperation } from './common.js';
 
+/** A version 1 patch has no hashes of the bytes between its records: say they were not checked. */
+function unchecked(r: ApplyResult): string[] {
+  return r.patchVersion === 1
+    ? [
+        'only where the records go was TARGET checked: this patch (version 1, from an older blksync) ' +
+          'has no hashes of the bytes between them; make it again to have those checked too',
+      ]
+    : [];
+}
+
 function applySummary(r: ApplyResult): string {
   const what = r.reverse ? 'patch undone' : 'patch';
   if (r.alreadyApplied) {
-    return `${r.target} already holds the ${r.reverse ? 'base' : 'result'}: nothing to do (${r.records} records checked)`;
+    return [
+      `${r.target} already holds the ${r.reverse ? 'base' : 'result'}: nothing to do (${r.records} records checked)`,
+      ...unchecked(r),
+    ].join('; ');
   }
   const verb = r.dryRun ? 'would write' : 'wrote';
   const parts = [
@@ -22,6 +35,7 @@ function applySummary(r: ApplyResult): string {
     parts.push(`${r.recordsForced} records written over other content (--force)`);
   if (r.resized)
     parts.push(`${r.dryRun ? 'would resize' : 'resized'} ${r.target} to ${r.toSize} bytes`);
+  parts.push(...unchecked(r));
   return parts.join('; ');
 }
 
@@ -34,7 +48,10 @@ export function registerApply(program: Command, setExit: SetExit): void {
     .argument('<patch>', 'the patch file, or - for stdin')
     .argument('<target>', 'the copy of the base to update (file or block device)')
     .option('--reverse', 'undo the patch (it must have been made with --reversible)')
-    .option('--force', 'write even where TARGET holds neither the old nor the new content')
+    .option(
+      '--force',
+      'write even where TARGET holds neither the old nor the new content (the bytes between the records are then not checked)',
+    )
     .option('-n, --dry-run', 'check everything and report; write nothing')
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')

@@ -35,7 +35,7 @@ import {
   type Codec,
   type PublishedHeader,
 } from '../formats/published.js';
-import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
+import { HASH_BYTES, isZero, sha256, sha256Stream, zeroes, zeroHash } from '../hash.js';
 import { openSource } from '../io/open.js';
 import { SourceWatch } from '../io/source-watch.js';
 import { OutputFile, writeOutputFile } from '../io/output-file.js';
@@ -92,24 +92,6 @@ export function compressChunk(codec: Codec, data: Buffer): Promise<Buffer> {
       [zc.BROTLI_PARAM_SIZE_HINT]: data.length,
     },
   });
-}
-
-function isZero(buf: Buffer): boolean {
-  // compare in large slices against a zero buffer: memcmp speed
-  return buf.equals(zeroes(buf.length));
-}
-
-const zeroHashes = new Map<number, Buffer>();
-function zeroChunkHash(len: number): Buffer {
-  let h = zeroHashes.get(len);
-  if (h === undefined) zeroHashes.set(len, (h = sha256(zeroes(len))));
-  return h;
-}
-
-let zeroBuf = Buffer.alloc(0);
-function zeroes(n: number): Buffer {
-  if (zeroBuf.length < n) zeroBuf = Buffer.alloc(n);
-  return zeroBuf.subarray(0, n);
 }
 
 /** The data ranges of the image (holes left out); all of it when it has no holes to find. */
@@ -199,7 +181,7 @@ export async function publish(image: string, options: PublishOptions = {}): Prom
       const p = pending.shift()!;
       const len = p.content.length;
       // a chunk of zeros (most of a sparse image) hashes as every other one of its length
-      const hash = p.stored === undefined ? zeroChunkHash(len) : sha256(p.content);
+      const hash = p.stored === undefined ? zeroHash(len) : sha256(p.content);
       whole.update(p.content);
       let kind = KIND_ZERO;
       let stored: Buffer | undefined;

@@ -11,8 +11,13 @@
  * That makes apply idempotent record by record, so a run cut short (Ctrl-C, a bad record
  * on stdin) is finished by rerunning it with the whole patch.
  *
+ * Between the records, TARGET must hold what base and result share: each gap's hash list
+ * (version 2 patches) is checked against TARGET's bytes there (engine/gap-check.ts), so a
+ * TARGET changed outside the records is refused too, not patched into a mix.
+ *
  * From a file, the whole patch is read and checked (every CRC, bound and payload hash, the
- * trailer's count and SHA-256) and every record's state found before the first write. From
+ * trailer's count and SHA-256), the gaps checked and every record's state found before the
+ * first write. From
  * a stream, records are read in batches of up to STREAM_BATCH_BYTES; each batch is checked
  * the same way before it is written, and the last batch only after the trailer checked out,
  * so a patch smaller than a batch is as safe from stdin as from a file.
@@ -30,7 +35,7 @@ import {
   type PatchHeader,
 } from '../formats/patch.js';
 import { decompressPayload } from '../formats/patch-compression.js';
-import { PatchReader, type PatchRecord } from '../formats/patch-reader.js';
+import { PatchReader, type Gap, type PatchRecord } from '../formats/patch-reader.js';
 import { destinationSink } from '../io/destination-sink.js';
 import { dropDeviceCaches } from '../io/device-cache.js';
 import type { FileSink } from '../io/file-sink.js';
@@ -38,6 +43,7 @@ import { destinationTooSmall, openTarget, sameFile, type Opened } from '../io/op
 import { SequentialReader } from '../io/stream-source.js';
 import { formatBytes } from '../size.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
+import { checkGaps } from './gap-check.js';
 import { NoTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ProgressListener, Source } from '../types.js';
@@ -75,14 +81,21 @@ export interface ApplyResult {
   fromSize: number;
   toSize: number;
   compression: Compression;
+  /** The patch's format version (1: no hashes of the bytes between the records). */
+  patchVersion: number;
   records: number;
   /** Records written, skipped because already there, and written over a mismatch (--force). */
   recordsWritten: number;
   recordsAlreadyApplied: number;
   recordsForced: number;
   bytesWritten: number;
-  /** Bytes of TARGET read to check the records. */
+  /** Bytes of TARGET read to check the records and the bytes between them. */
   bytesRead: number;
+  /**
+   * True when TARGET was checked between the records too; false for a version 1 patch
+   * (it has no hashes of those bytes) and with --force.
+   */
+  unchangedChecked: boolean;
   /** True when a TARGET file was truncated or extended to the result size. */
   resized: boolean;
   /** True when the patch came from a stream. */
@@ -357,6 +370,43 @@ interface Run {
   options: ApplyOptions;
 }
 
+/**
+ * Checks TARGET in the gaps before each step (and in `last`, the gap after the last record)
+ * against the patch's hashes: refused with EBASE_MISMATCH when it holds other bytes there.
+ */
+async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): Promise<void> {
+  const { header, target, result, options } = run;
+  if (!result.unchangedChecked) return;
+  const gaps = steps.map((s) => ({ start: s.rec.gapStart, end: s.offset, hash: s.rec.gapHash! }));
+  if (last !== undefined) gaps.push(last);
+  const check = await checkGaps(
+    gaps,
+    { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
+    header.blockSize,
+    {
+      signal: options.signal,
+      onProgress:
+        options.onProgress && ((p) => options.onProgress!({ ...p, phase: 'checking TARGET' })),
+    },
+  );
+  result.bytesRead += check.bytesRead;
+  if (check.differing.length === 0) return;
+  const first = check.differing[0]!;
+  const what =
+    options.reverse === true ? 'the result of this patch' : 'the base this patch was made from';
+  const applied =
+    result.recordsWritten > 0
+      ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
+      : '; nothing was written';
+  throw new BlksyncError(
+    'EBASE_MISMATCH',
+    `${target.path} is not ${what}: outside the patch's records it holds other bytes, ` +
+      `in ${check.differing.length} of ${gaps.length} unchanged stretches (first between offsets ${first.start} and ${first.end})${applied}; ` +
+      `it was changed since it held the base, or is another image: find the differences with blksync compare, or use --force to write the records anyway`,
+    { path: target.path, partial: result },
+  );
+}
+
 /** Checks the steps against TARGET and writes those that need it. */
 async function applySteps(
   run: Run,
@@ -365,8 +415,10 @@ async function applySteps(
   classified = false,
 ): Promise<void> {
   const { header, target, result, options } = run;
-  if (!classified)
+  if (!classified) {
+    await checkUnchanged(run, steps, undefined);
     result.bytesRead += await classify(steps, target.fh, target.path, header, patchFh);
+  }
   if (options.force !== true && steps.some((s) => s.state === 'mismatch')) {
     throw mismatchError(steps, target.path, options.reverse === true, result);
   }
@@ -510,12 +562,14 @@ export async function apply(
       fromSize,
       toSize,
       compression: header.compression,
+      patchVersion: header.version,
       records: 0,
       recordsWritten: 0,
       recordsAlreadyApplied: 0,
       recordsForced: 0,
       bytesWritten: 0,
       bytesRead: 0,
+      unchangedChecked: header.version > 1 && options.force !== true,
       resized: false,
       streamed,
       seconds: 0,
@@ -553,6 +607,7 @@ export async function apply(
     }
     const nothingYet = result.recordsWritten === 0 && result.recordsForced === 0;
     // the last batch (from a file: all records) is checked first, so "already applied" is known
+    await checkUnchanged(run, batch, reader.lastGap);
     result.bytesRead += await classify(batch, t.fh, target, header, patchFh);
     const needResize = t.kind === 'file' && t.size !== toSize;
     if (nothingYet && !needResize && batch.every((s) => s.state === 'done')) {

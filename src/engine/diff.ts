@@ -21,9 +21,15 @@
 import type { Writable } from 'node:stream';
 import { SimgWriter } from '../containers/simg-write.js';
 import { BlksyncError } from '../errors.js';
-import { clipped, type Compression } from '../formats/patch.js';
+import { clipped, PATCH_VERSION, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
-import { PatchWriter, type OldContent, type PatchStats } from '../formats/patch-writer.js';
+import {
+  PatchWriter,
+  type OldContent,
+  type PatchStats,
+  type Unchanged,
+} from '../formats/patch-writer.js';
+import { HASH_BYTES, isZero } from '../hash.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
@@ -31,6 +37,8 @@ import { OutputFile } from '../io/output-file.js';
 import { formatBytes } from '../size.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './block-size.js';
 import { openCopySource, type CopySource } from './copy-source.js';
+import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { INLINE_HASH_MAX_BYTES } from './index-session.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline } from './pipeline.js';
 import type { ChunkKnowledge, ProgressListener, TargetKnowledge } from '../types.js';
@@ -149,6 +157,56 @@ function endingAt(inner: TargetKnowledge, baseSize: number): TargetKnowledge {
 }
 
 /**
+ * Hands the writer, for each chunk, the hashes of the blocks it leaves unchanged, before the
+ * chunk's differing spans: the patch's gap hashes, with which apply checks TARGET outside the
+ * records. An index base has them (its hashes equal NEW's there); bytes are hashed on the
+ * pool, and runs of zeros (holes, mostly) not at all.
+ */
+function reportingUnchanged(
+  inner: TargetKnowledge,
+  writer: PatchWriter,
+  pool: HashPool,
+): TargetKnowledge {
+  return {
+    load: async (offset, length) => {
+      const k = await inner.load(offset, length);
+      const hashed = async (data: Buffer, s: number, e: number, bs: number): Promise<Unchanged> => {
+        const u: Unchanged = { offset: offset + s, bytes: e - s };
+        if (k.held === undefined && k.heldHashes !== undefined) u.hashes = k.heldHashes(s, e);
+        else if (!isZero(data, s, e)) {
+          u.hashes = Buffer.allocUnsafe(Math.ceil((e - s) / bs) * HASH_BYTES);
+          await pool.hashBlocks(data, s, e, bs, u.hashes, 0);
+        }
+        return u;
+      };
+      return {
+        diff: async (data, len, bs, out) => {
+          const mark = out.length;
+          const pending = k.diff(data, len, bs, out);
+          if (pending !== undefined) await pending;
+          const parts: Promise<Unchanged>[] = [];
+          for (let i = mark, at = 0; at < len; i += 2) {
+            const end = i < out.length ? out[i]! : len;
+            if (end > at) parts.push(hashed(data, at, end, bs));
+            at = i < out.length ? out[i + 1]! : len;
+          }
+          writer.unchanged(await Promise.all(parts));
+        },
+        get held() {
+          return k.held;
+        },
+        ...(k.heldHashes !== undefined && { heldHashes: k.heldHashes.bind(k) }),
+        release: () => k.release(),
+      };
+    },
+    get bytesRead() {
+      return inner.bytesRead;
+    },
+    close: () => inner.close(),
+  };
+}
+
+/**
  * An Android sparse image covers whole blocks (its size is a block count): NEW's size must
  * be a multiple of the block size. Refused rather than padded: padding would make the image
  * longer than NEW, and flashing it would write past NEW's end.
@@ -235,6 +293,7 @@ export async function diff(
   let outFile: OutputFile | undefined;
   let writer: PatchWriter | undefined;
   let simg: SimgWriter | undefined;
+  let pool: HashPool | undefined;
   try {
     // BASE first: a compressed NEW may be decoded once just to learn its size
     if (typeof base === 'string') baseFile = await openSource(base);
@@ -271,7 +330,7 @@ export async function diff(
     }
 
     const header = {
-      version: 1,
+      version: PATCH_VERSION,
       blockSize,
       baseSize,
       resultSize: src.size,
@@ -282,7 +341,7 @@ export async function diff(
     const w = writer;
     if (format === 'simg') simg = new SimgWriter(outFile!, blockSize, src.size);
     const sw = simg;
-    const knowledge =
+    const known =
       indexBase !== undefined
         ? src.size > baseSize
           ? endingAt(indexBase.knowledge, baseSize)
@@ -291,6 +350,9 @@ export async function diff(
             size: baseSize,
             shortCode: 'ESRC_SHORT',
           });
+    pool = new HashPool();
+    if (Math.min(baseSize, src.size) < INLINE_HASH_MAX_BYTES) pool.inline();
+    const knowledge = sw === undefined ? reportingUnchanged(known, w, pool) : known;
     const resultSize = src.size;
     // when BASE is longer, the result's last block (partial or not) and BASE's tail are done
     // below: the last block is always a record, so that apply checks TARGET where it is cut
@@ -329,6 +391,7 @@ export async function diff(
         depth: options.depth ?? DEFAULT_DEPTH,
         signal: options.signal,
         onProgress: options.onProgress,
+        buffers: new SharedBufferPool(chunkSize),
         onDiffer: (chunkOffset, _data, s, e, k) => {
           if (sw === undefined) old = oldContent(k, chunkOffset, s, e, baseSize);
         },
@@ -414,6 +477,7 @@ export async function diff(
     }
     throw err;
   } finally {
+    await pool?.close();
     await outFile?.abort();
     await src?.close();
     await baseFile?.fh.close();

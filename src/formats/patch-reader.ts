@@ -14,12 +14,14 @@ import {
   decodeRecordHeader,
   decodeTrailer,
   HEADER_BYTES,
-  RECORD_HEADER_BYTES,
+  recordHeaderBytes,
   RECORD_NEW_COMPRESSED,
   RECORD_OLD_COMPRESSED,
   RECORD_TAG,
   recordSizes,
+  sharedEnd,
   TRAILER_TAG,
+  trailerBytes,
   type PatchHeader,
   type RecordHeader,
 } from './patch.js';
@@ -35,12 +37,21 @@ export interface PatchRecord extends RecordHeader {
   /** Bytes of the payloads once unpacked: the content less the shared head and tail. */
   newPayload: number;
   oldPayload: number;
+  /** Where the gap the record's gapHash covers starts: the previous record's end, or 0. */
+  gapStart: number;
   /** Where each stored payload starts in the patch. */
   newPos: number;
   oldPos: number;
   /** Unpacked payloads (without the shared edges), in 'keep' mode. */
   newData?: Buffer;
   oldData?: Buffer;
+}
+
+/** Unchanged bytes of the image, [start, end), and the hash list of what base and result hold there. */
+export interface Gap {
+  start: number;
+  end: number;
+  hash: Buffer;
 }
 
 export class PatchReader {
@@ -50,6 +61,8 @@ export class PatchReader {
   #count = 0;
   #prevEnd = 0;
   #done = false;
+  /** The gap after the last record (version 2), once the trailer has been read. */
+  lastGap: Gap | undefined;
 
   constructor(input: SequentialReader) {
     this.#in = input;
@@ -101,8 +114,9 @@ export class PatchReader {
         `not a valid blksync patch: expected a record or the trailer at byte ${this.#in.position - 4}`,
       );
     }
-    const rest = await this.#read(RECORD_HEADER_BYTES - 4, 'a record header');
+    const rest = await this.#read(recordHeaderBytes(h.version) - 4, 'a record header');
     const r = decodeRecordHeader(Buffer.concat([tag, rest]), h, this.#prevEnd);
+    const gapStart = this.#prevEnd;
     this.#prevEnd = r.offset + r.length;
     const sizes = recordSizes(r, h);
     const rec: PatchRecord = {
@@ -111,6 +125,7 @@ export class PatchReader {
       oldBytes: sizes.oldBytes,
       newPayload: sizes.newPayload,
       oldPayload: sizes.oldPayload,
+      gapStart,
       newPos: this.#in.position,
       oldPos: this.#in.position + r.newStored,
     };
@@ -144,8 +159,9 @@ export class PatchReader {
   }
 
   async #trailer(tag: Buffer): Promise<void> {
-    const rest = await this.#read(12, 'the trailer');
-    decodeTrailer(Buffer.concat([tag, rest]), this.#count);
+    const h = await this.header();
+    const rest = await this.#read(trailerBytes(h.version) - HASH_BYTES - 4, 'the trailer');
+    const hash = decodeTrailer(Buffer.concat([tag, rest]), this.#count, h.version);
     const expected = this.#hash.digest();
     const stored = await this.#in.read(HASH_BYTES);
     if (stored.length < HASH_BYTES) {
@@ -172,6 +188,13 @@ export class PatchReader {
           path: this.#in.path,
         },
       );
+    }
+    if (hash !== undefined) {
+      this.lastGap = {
+        start: this.#prevEnd,
+        end: Math.max(this.#prevEnd, sharedEnd(h)),
+        hash,
+      };
     }
     this.#done = true;
   }

@@ -4,12 +4,18 @@
  * index); neighbouring spans are coalesced into records of at most WRITE_RECORD_BYTES, and
  * the trailer (record count and SHA-256 of everything before it) is written by finish().
  * Output is a plain byte stream, so the patch can go to stdout as it is made.
+ *
+ * The blocks between records come through unchanged(), as their hashes, once per chunk and
+ * before the chunk's differing spans: each record carries the hash list of the gap before
+ * it, the trailer that of the last gap. Together the records and the gaps must tile the
+ * image up to the smaller size, or the writer fails rather than leave bytes unchecked.
  */
 
 import type { Writable } from 'node:stream';
 import type { Sink } from '../types.js';
 import { BlksyncError } from '../errors.js';
 import { HASH_BYTES, sha256, sha256Stream } from '../hash.js';
+import { HashList } from './hash-list.js';
 import {
   clipped,
   encodeHeader,
@@ -17,6 +23,7 @@ import {
   encodeTrailer,
   RECORD_NEW_COMPRESSED,
   RECORD_OLD_COMPRESSED,
+  sharedEnd,
   WRITE_RECORD_BYTES,
   type PatchHeader,
 } from './patch.js';
@@ -24,6 +31,13 @@ import { compressPayload } from './patch-compression.js';
 
 /** What BASE held where a span goes: its bytes (clipped to the base size) or its block hashes. */
 export type OldContent = { bytes: Buffer } | { blockHashes: Buffer };
+
+/** Bytes base and result share at `offset`: their blocks' hashes, or zeros (`hashes` unset). */
+export interface Unchanged {
+  offset: number;
+  bytes: number;
+  hashes?: Buffer | undefined;
+}
 
 export interface PatchStats {
   records: number;
@@ -72,6 +86,8 @@ interface Pending {
   oldKnown: boolean;
   newHashes: Buffer[];
   oldHashes: Buffer[];
+  /** Hash list of the unchanged bytes between the previous record and this one. */
+  gapHash: Buffer;
 }
 
 export class PatchWriter implements Sink {
@@ -85,6 +101,11 @@ export class PatchWriter implements Sink {
   #scratchNew: Buffer | undefined;
   #scratchOld: Buffer | undefined;
   #error: Error | undefined;
+  /** Unchanged bytes of the latest chunk, not yet known to precede no record. */
+  #unchanged: Unchanged[] = [];
+  /** The gap being hashed, and the image offset up to which records and gaps are accounted. */
+  #gap: HashList;
+  #cursor = 0;
   #started = false;
   #finished = false;
   readonly stats: PatchStats = {
@@ -101,6 +122,7 @@ export class PatchWriter implements Sink {
     this.#out = out;
     this.#end = options.end;
     this.#recordLimit = Math.max(WRITE_RECORD_BYTES, header.blockSize);
+    this.#gap = new HashList(header.blockSize);
     out.on('error', (err: Error) => {
       this.#error ??= err;
     });
@@ -145,6 +167,45 @@ export class PatchWriter implements Sink {
     await this.#emit(encodeHeader(this.header));
   }
 
+  /**
+   * The unchanged bytes of one chunk, in order, before its differing spans are added. The
+   * previous chunk's spans have all been added by then, so what it left unchanged after its
+   * last span belongs to the gap being hashed.
+   */
+  unchanged(parts: readonly Unchanged[]): void {
+    this.#takeUnchanged(Infinity);
+    this.#unchanged = [...parts];
+  }
+
+  /** Moves the unchanged bytes before `pos` into the gap being hashed. */
+  #takeUnchanged(pos: number): void {
+    const end = sharedEnd(this.header);
+    while (this.#unchanged.length > 0 && this.#unchanged[0]!.offset < pos) {
+      const u = this.#unchanged.shift()!;
+      if (u.offset !== this.#cursor || u.offset + u.bytes > end) {
+        throw new Error(
+          `PatchWriter: unchanged bytes at [${u.offset}, ${u.offset + u.bytes}) where ${this.#cursor} was next (shared end ${end})`,
+        );
+      }
+      if (u.hashes === undefined) this.#gap.addZeros(u.bytes);
+      else this.#gap.add(u.hashes, u.bytes);
+      this.#cursor += u.bytes;
+    }
+  }
+
+  /** The hash of the gap ending at `pos` (where a record starts), and a new gap after it. */
+  #cutGap(pos: number): Buffer {
+    this.#takeUnchanged(pos);
+    if (this.#cursor !== pos) {
+      throw new Error(
+        `PatchWriter: bytes [${this.#cursor}, ${pos}) are neither changed nor unchanged`,
+      );
+    }
+    const hash = this.#gap.digest();
+    this.#gap = new HashList(this.header.blockSize);
+    return hash;
+  }
+
   /** Sink.write without old content: only for spans past the end of BASE. */
   write(data: Buffer, offset: number): Promise<void> {
     return this.add(offset, data.length, data, { bytes: Buffer.alloc(0) });
@@ -167,6 +228,7 @@ export class PatchWriter implements Sink {
         this.#recordLimit - (this.#pending ? this.#pending.end - this.#pending.offset : 0);
       const take = Math.min(length - at, room);
       const q = (this.#pending ??= {
+        gapHash: this.#cutGap(pos),
         offset: pos,
         end: pos,
         newData: (this.#scratchNew ??= Buffer.allocUnsafe(this.#recordLimit)),
@@ -198,6 +260,7 @@ export class PatchWriter implements Sink {
         );
       }
       q.end = pos + take;
+      this.#cursor = q.end;
       at += take;
     }
   }
@@ -238,6 +301,7 @@ export class PatchWriter implements Sink {
         tail,
         oldHash: sha256(Buffer.concat(p.oldHashes)),
         newHash: sha256(Buffer.concat(p.newHashes)),
+        gapHash: p.gapHash,
       }),
     );
     await this.#emit(newStored);
@@ -254,7 +318,13 @@ export class PatchWriter implements Sink {
     this.#finished = true;
     await this.#start();
     await this.#flush();
-    await this.#emit(encodeTrailer(this.stats.records));
+    const last = this.#cutGap(Math.max(this.#cursor, sharedEnd(this.header)));
+    if (this.#unchanged.length > 0) {
+      throw new Error(
+        `PatchWriter: unchanged bytes at ${this.#unchanged[0]!.offset} after the last record`,
+      );
+    }
+    await this.#emit(encodeTrailer(this.stats.records, last));
     const digest = this.#hash.digest();
     this.stats.patchBytes += digest.length;
     await new Promise<void>((resolve, reject) => {

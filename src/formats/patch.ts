@@ -1,28 +1,29 @@
 /**
- * The blksync patch format, version 1: the blocks of NEW that differ from BASE, each with
- * a hash of the content it replaces, so that apply refuses a TARGET that is not BASE.
+ * The blksync patch format, version 2: the blocks of NEW that differ from BASE, each with
+ * a hash of the content it replaces and a hash of the unchanged blocks before it, so that
+ * apply refuses a TARGET that is not BASE, where the patch changes it and everywhere else.
  * Full description with the reasons in docs/formats/patch.md. All integers little-endian.
  *
  *   header (64 bytes)
  *   ┌──────────┬─────────┬────────┬───────┬──────────┬───────────┬───────────┬───────────┬───────┐
  *   │ magic  8 │ version │ hdrlen │ flags │ blocksz  │ compress  │ base size │ result sz │ crc32 │
- *   │"BLKSPTCH"│  u16=1  │ u16=64 │  u32  │   u32    │ u8 + 3 pad│    u64    │    u64    │ of 0-59│
+ *   │"BLKSPTCH"│  u16=2  │ u16=64 │  u32  │   u32    │ u8 + 3 pad│    u64    │    u64    │ of 0-59│
  *   └──────────┴─────────┴────────┴───────┴──────────┴───────────┴───────────┴───────────┴───────┘
  *    0          8         10       12      16         20          24          32    40-59 0  60
  *
- *   record, repeated (104-byte header, then payloads)
- *   ┌──────┬───────┬────────┬────────┬───────────┬───────────┬──────┬──────┬──────────┬──────────┬───────┐
- *   │"REC1"│ flags │ offset │ length │ new bytes │ old bytes │ head │ tail │ old hash │ new hash │ crc32 │
- *   │      │  u32  │  u64   │  u32   │ stored u32│ stored u32│ u32  │ u32  │  32      │  32      │ of 0-99│
- *   └──────┴───────┴────────┴────────┴───────────┴───────────┴──────┴──────┴──────────┴──────────┴───────┘
- *    0      4       8        16       20          24          28     32     36         68         100
+ *   record, repeated (136-byte header, then payloads)
+ *   ┌──────┬───────┬────────┬────────┬───────────┬───────────┬──────┬──────┬──────────┬──────────┬──────────┬───────┐
+ *   │"REC1"│ flags │ offset │ length │ new bytes │ old bytes │ head │ tail │ old hash │ new hash │ gap hash │ crc32 │
+ *   │      │  u32  │  u64   │  u32   │ stored u32│ stored u32│ u32  │ u32  │  32      │  32      │  32      │of 0-131│
+ *   └──────┴───────┴────────┴────────┴───────────┴───────────┴──────┴──────┴──────────┴──────────┴──────────┴───────┘
+ *    0      4       8        16       20          24          28     32     36         68         100        132
  *   then the new payload (stored length), then the old payload (reversible patches only)
  *
- *   trailer (48 bytes)
- *   ┌──────┬──────┬──────────────┬─────────────────────────────────────────────┐
- *   │"END1"│  0   │ record count │ SHA-256 of every byte of the file before it  │
- *   └──────┴──────┴──────────────┴─────────────────────────────────────────────┘
- *    0      4      8              16                                            48
+ *   trailer (80 bytes)
+ *   ┌──────┬──────┬──────────────┬──────────┬─────────────────────────────────────────────┐
+ *   │"END1"│  0   │ record count │ gap hash │ SHA-256 of every byte of the file before it  │
+ *   └──────┴──────┴──────────────┴──────────┴─────────────────────────────────────────────┘
+ *    0      4      8              16         48                                            80
  *
  * A record covers [offset, offset + length) of the image. Its new content is the result's
  * bytes there, clipped to the result size; its old content the base's bytes, clipped to the
@@ -31,7 +32,12 @@
  * apply takes them from TARGET, whose content it checks anyway: a patch is the changed bytes,
  * not the changed blocks. A content hash is a hash list: SHA-256 over the SHA-256 of each
  * block (aligned to the image, the last one short), so an index of per-block hashes can
- * stand in for reading BASE.
+ * stand in for reading BASE. A gap hash is the hash list of the bytes base and result share
+ * between the previous record's end (or 0) and this record's offset; the trailer's, of
+ * those from the last record's end to the smaller of the two sizes.
+ *
+ * Version 1 (still read) has no gap hashes: 104-byte record headers (CRC at 100) and a
+ * 48-byte trailer; apply then checks TARGET only inside the records.
  */
 
 import { crc32 } from 'node:zlib';
@@ -39,10 +45,14 @@ import { BlksyncError } from '../errors.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
 
 export const PATCH_MAGIC = Buffer.from('BLKSPTCH', 'latin1');
-export const PATCH_VERSION = 1;
+/** The version writers make; readers also read version 1 (no gap hashes). */
+export const PATCH_VERSION = 2;
 export const HEADER_BYTES = 64;
-export const RECORD_HEADER_BYTES = 104;
-export const TRAILER_BYTES = 48;
+/** Record header and trailer sizes of version 2 (version 1: 104 and 48, without gap hashes). */
+export const RECORD_HEADER_BYTES = 136;
+export const TRAILER_BYTES = 80;
+const V1_RECORD_HEADER_BYTES = 104;
+const V1_TRAILER_BYTES = 48;
 export const RECORD_TAG = Buffer.from('REC1', 'latin1');
 export const TRAILER_TAG = Buffer.from('END1', 'latin1');
 
@@ -86,6 +96,25 @@ export interface RecordHeader {
   tail: number;
   oldHash: Buffer;
   newHash: Buffer;
+  /**
+   * Hash list of the bytes base and result share from the previous record's end (or 0) to
+   * `offset`; undefined in version 1 patches, which have none.
+   */
+  gapHash: Buffer | undefined;
+}
+
+/** Bytes of a record header and of the trailer (with its SHA-256) in a patch of `version`. */
+export function recordHeaderBytes(version: number): number {
+  return version === 1 ? V1_RECORD_HEADER_BYTES : RECORD_HEADER_BYTES;
+}
+
+export function trailerBytes(version: number): number {
+  return version === 1 ? V1_TRAILER_BYTES : TRAILER_BYTES;
+}
+
+/** Where the unchanged bytes end: gaps lie before the smaller of the base and result sizes. */
+export function sharedEnd(h: PatchHeader): number {
+  return Math.min(h.baseSize, h.resultSize);
 }
 
 function formatError(message: string): BlksyncError {
@@ -126,7 +155,7 @@ function readU64(buf: Buffer, at: number, what: string): number {
 export function encodeHeader(h: PatchHeader): Buffer {
   const buf = Buffer.alloc(HEADER_BYTES);
   PATCH_MAGIC.copy(buf, 0);
-  buf.writeUInt16LE(PATCH_VERSION, 8);
+  buf.writeUInt16LE(h.version, 8);
   buf.writeUInt16LE(HEADER_BYTES, 10);
   buf.writeUInt32LE(h.reversible ? FLAG_REVERSIBLE : 0, 12);
   buf.writeUInt32LE(h.blockSize, 16);
@@ -147,10 +176,10 @@ export function isPatch(buf: Buffer): boolean {
 export function decodeHeader(buf: Buffer): PatchHeader {
   if (!isPatch(buf)) throw formatError('bad magic (expected "BLKSPTCH")');
   const version = buf.readUInt16LE(8);
-  if (version !== PATCH_VERSION) {
+  if (version !== 1 && version !== PATCH_VERSION) {
     throw new BlksyncError(
       'EPATCH_FORMAT',
-      `patch format version ${version} is not supported (this blksync reads version ${PATCH_VERSION}); upgrade blksync`,
+      `patch format version ${version} is not supported (this blksync reads versions 1 and ${PATCH_VERSION}); upgrade blksync`,
     );
   }
   if (buf.readUInt32LE(60) !== crc32(buf.subarray(0, 60)))
@@ -177,6 +206,7 @@ export function decodeHeader(buf: Buffer): PatchHeader {
 
 export function encodeRecordHeader(r: RecordHeader): Buffer {
   const buf = Buffer.alloc(RECORD_HEADER_BYTES);
+  if (r.gapHash?.length !== HASH_BYTES) throw new Error('encodeRecordHeader: no gap hash');
   RECORD_TAG.copy(buf, 0);
   buf.writeUInt32LE(r.flags, 4);
   buf.writeBigUInt64LE(BigInt(r.offset), 8);
@@ -187,7 +217,8 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
   buf.writeUInt32LE(r.tail, 32);
   r.oldHash.copy(buf, 36);
   r.newHash.copy(buf, 68);
-  buf.writeUInt32LE(crc32(buf.subarray(0, 100)), 100);
+  r.gapHash.copy(buf, 100);
+  buf.writeUInt32LE(crc32(buf.subarray(0, 132)), 132);
   return buf;
 }
 
@@ -197,7 +228,8 @@ export function encodeRecordHeader(r: RecordHeader): Buffer {
  * the image, and their stored payloads no larger than their content.
  */
 export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number): RecordHeader {
-  if (buf.readUInt32LE(100) !== crc32(buf.subarray(0, 100)))
+  const crcAt = recordHeaderBytes(h.version) - 4;
+  if (buf.readUInt32LE(crcAt) !== crc32(buf.subarray(0, crcAt)))
     throw checksumError('record header CRC mismatch');
   const flags = buf.readUInt32LE(4);
   const offset = readU64(buf, 8, 'record offset');
@@ -214,6 +246,9 @@ export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number)
   const tail = buf.readUInt32LE(32);
   if (offset % h.blockSize !== 0) throw formatError(`${at}: not aligned to the block size`);
   if (offset < prevEnd) throw formatError(`${at}: overlaps or precedes the previous record`);
+  // unchanged bytes are bytes both images have: a gap past the smaller one's end is not
+  if (h.version > 1 && offset > prevEnd && offset > sharedEnd(h))
+    throw formatError(`${at}: leaves unchanged bytes past the end of the smaller image`);
   if (length === 0 || length > MAX_RECORD_BYTES) throw formatError(`${at}: bad length ${length}`);
   if (offset + length > imageEnd)
     throw formatError(`${at}: passes the end of the image (${imageEnd})`);
@@ -245,23 +280,30 @@ export function decodeRecordHeader(buf: Buffer, h: PatchHeader, prevEnd: number)
     tail,
     oldHash: Buffer.from(buf.subarray(36, 68)),
     newHash: Buffer.from(buf.subarray(68, 100)),
+    gapHash: h.version === 1 ? undefined : Buffer.from(buf.subarray(100, 132)),
   };
 }
 
-export function encodeTrailer(count: number): Buffer {
-  const buf = Buffer.alloc(16);
+/** The trailer without its SHA-256: tag, record count, and the last gap's hash. */
+export function encodeTrailer(count: number, gapHash: Buffer): Buffer {
+  const buf = Buffer.alloc(TRAILER_BYTES - HASH_BYTES);
   TRAILER_TAG.copy(buf, 0);
   buf.writeBigUInt64LE(BigInt(count), 8);
+  gapHash.copy(buf, 16);
   return buf;
 }
 
-/** Decodes the trailer's first 16 bytes (the checksum follows) and checks the record count. */
-export function decodeTrailer(buf: Buffer, records: number): void {
+/**
+ * Decodes the trailer without its SHA-256 (16 bytes in version 1, 48 in version 2) and
+ * checks the record count; returns the last gap's hash (undefined in version 1).
+ */
+export function decodeTrailer(buf: Buffer, records: number, version: number): Buffer | undefined {
   if (buf.readUInt32LE(4) !== 0) throw formatError('reserved trailer bytes set');
   const count = buf.readBigUInt64LE(8);
   if (count !== BigInt(records)) {
     throw checksumError(`the trailer counts ${count} records but the patch holds ${records}`);
   }
+  return version === 1 ? undefined : Buffer.from(buf.subarray(16, 48));
 }
 
 /** The bytes a record's new and old content take, and its payloads unpacked. */

@@ -1,0 +1,109 @@
+/**
+ * The check of TARGET between a patch's records: what base and result share there (the
+ * gaps) must be what TARGET holds, or applying the records would leave TARGET neither the
+ * base nor the result (a file changed on the device since it was flashed, or another image
+ * whose changed blocks happen to match).
+ *
+ *   plan: the gaps, less TARGET's holes × source: TARGET × knowledge: none → no sink; each
+ *   chunk's blocks are hashed (on the pool) into the hash list of its gap
+ *
+ * A hole of a TARGET file reads as zeros: its blocks join the hash list as zero-block
+ * hashes without a read, so a mostly empty image is checked at the speed of its data.
+ */
+
+import type { FileHandle } from 'node:fs/promises';
+import { BlksyncError } from '../errors.js';
+import { HashList } from '../formats/hash-list.js';
+import type { Gap } from '../formats/patch-reader.js';
+import { HASH_BYTES, isZero } from '../hash.js';
+import { FileSource } from '../io/file-source.js';
+import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
+import { HashPool, SharedBufferPool } from './hash-pool.js';
+import { INLINE_HASH_MAX_BYTES } from './index-session.js';
+import { NoTarget } from './knowledge.js';
+import { runPipeline } from './pipeline.js';
+import { narrowToData } from './sparse-plan.js';
+import type { Plan, ProgressListener } from '../types.js';
+
+export interface GapCheck {
+  /** The gaps whose bytes on TARGET differ from the patch's hash, in order. */
+  differing: Gap[];
+  bytesRead: number;
+}
+
+/**
+ * Hashes TARGET over `gaps` (ascending, block-aligned starts, each ending at a record or
+ * at the smaller image size) and returns those that do not match. `file`: TARGET is a
+ * regular file, whose holes need no reading.
+ */
+export async function checkGaps(
+  gaps: readonly Gap[],
+  target: { fh: FileHandle; path: string; size: number; file: boolean },
+  blockSize: number,
+  options: { signal?: AbortSignal | undefined; onProgress?: ProgressListener | undefined } = {},
+): Promise<GapCheck> {
+  const check: GapCheck = { differing: [], bytesRead: 0 };
+  const ranges = gaps.filter((g) => g.end > g.start).map((g) => ({ start: g.start, end: g.end }));
+  let plan: Plan = { imageSize: ranges[ranges.length - 1]?.end ?? 0, ranges };
+  if (target.file) plan = narrowToData(plan, [{ fh: target.fh, path: target.path }], blockSize);
+  const toRead = plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+  const pool = new HashPool();
+  if (toRead < INLINE_HASH_MAX_BYTES) pool.inline();
+  const chunkSize = chunkSizeFor(blockSize);
+
+  // the gaps in order, each hashed from its start; blocks not read are holes (zeros); an
+  // empty gap has the hash of an empty list
+  let g = 0;
+  let list = new HashList(blockSize);
+  let at = gaps[0]?.start ?? 0;
+  const endGap = (): void => {
+    const gap = gaps[g]!;
+    list.addZeros(gap.end - at);
+    if (!list.digest().equals(gap.hash)) check.differing.push(gap);
+    g++;
+    list = new HashList(blockSize);
+    at = gaps[g]?.start ?? at;
+  };
+  try {
+    if (plan.ranges.length === 0) {
+      while (g < gaps.length) endGap();
+      return check;
+    }
+    const run = await runPipeline(
+      plan,
+      new FileSource(target.fh, target.path, target.size, false),
+      new NoTarget(),
+      [],
+      {
+        blockSize,
+        chunkSize,
+        depth: DEFAULT_DEPTH,
+        signal: options.signal,
+        buffers: new SharedBufferPool(chunkSize),
+        onProgress: options.onProgress,
+        onChunk: async (offset, data, length) => {
+          while (offset >= gaps[g]!.end) endGap();
+          list.addZeros(offset - at);
+          if (isZero(data, 0, length)) list.addZeros(length);
+          else {
+            const hashes = Buffer.allocUnsafe(Math.ceil(length / blockSize) * HASH_BYTES);
+            await pool.hashBlocks(data, 0, length, blockSize, hashes, 0);
+            list.add(hashes, length);
+          }
+          at = offset + length;
+        },
+      },
+    );
+    check.bytesRead = run.bytesScanned;
+    if (run.interrupted) {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        'interrupted while checking TARGET; nothing was written; rerun the same command',
+      );
+    }
+    while (g < gaps.length) endGap();
+    return check;
+  } finally {
+    await pool.close();
+  }
+}
