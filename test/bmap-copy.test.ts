@@ -281,6 +281,33 @@ describe('copy with a bmap', () => {
     assert.ok(got.equals(image), 'exit 0: DST holds the image whose checksum was verified');
   });
 
+  it('an interrupted copy counts only the range checksums it verified', async (t) => {
+    const dir = await tempDir(t);
+    const img = await sparseImage(dir);
+    const bmap = join(dir, 'img.bmap');
+    await createBmap(img.path, { output: bmap });
+    const stop = new AbortController();
+    const err = await copy(img.path, join(dir, 'out'), {
+      bmap,
+      chunkSize: 64 * 1024,
+      signal: stop.signal,
+      onProgress: () => stop.abort(),
+    }).then(
+      () => assert.fail('must be interrupted'),
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+    const partial = err.partial as { bmap: { ranges: number; rangesVerified: number } };
+    assert.ok(partial.bmap.ranges >= 4);
+    assert.ok(
+      partial.bmap.rangesVerified < partial.bmap.ranges,
+      `${partial.bmap.rangesVerified} of ${partial.bmap.ranges} ranges claimed verified`,
+    );
+    // run to its end, every one is
+    const whole = await copy(img.path, join(dir, 'out'), { bmap });
+    assert.equal(whole.bmap?.rangesVerified, whole.bmap?.ranges);
+  });
+
   it('refuses a bmap made for another image before writing', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);

@@ -56,7 +56,7 @@ export interface BmapReport {
   blockSize: number;
   ranges: number;
   mappedBytes: number;
-  /** Ranges whose checksum is verified while copying. */
+  /** Ranges whose checksum matched while copying (so far, in an interrupted copy's result). */
   rangesVerified: number;
   /**
    * Bytes of a file SRC's unmapped areas (where its file system reports data) read and found

@@ -633,7 +633,10 @@ export async function bmapSourcing(
     blockSize: bmap.blockSize,
     ranges: bmap.ranges.length,
     mappedBytes: lib.mappedBytes(bmap),
-    rangesVerified: verifying !== undefined ? ranges.length : 0,
+    // the ranges whose checksum matched so far: an interrupted copy must not claim them all
+    get rangesVerified() {
+      return verifying?.verified ?? 0;
+    },
     ...(found.signature !== undefined ? { signature: found.signature } : {}),
   };
   return {
