@@ -110,6 +110,25 @@ test('--force writes the records anyway and says the rest was not checked', asyn
   assert.deepEqual(await readFile(p.target), expected);
 });
 
+test('--records-only reads TARGET only where the records go, and the CLI says what was not checked', async (t) => {
+  const p = await pair(t);
+  const before = await edited(p, 3 * MIB + 4096);
+  const r = await runCli(['apply', '--records-only', '--json', p.patch, p.target]);
+  assert.equal(r.code, 0, r.stderr);
+  const json = JSON.parse(r.stdout) as { unchangedChecked: boolean; bytesRead: number };
+  assert.equal(json.unchangedChecked, false);
+  assert.ok(json.bytesRead <= 3 * 8192, `${json.bytesRead} bytes read`);
+  const expected = Buffer.from(p.nextBytes);
+  expected[3 * MIB + 4096] = before[3 * MIB + 4096]!;
+  assert.deepEqual(await readFile(p.target), expected);
+  await writeFile(p.target, p.baseBytes);
+  const text = await runCli(['apply', '--records-only', p.patch, p.target]);
+  assert.match(
+    text.stdout + text.stderr,
+    /only where the records go was TARGET checked \(--records-only\)/,
+  );
+});
+
 test('apply --reverse checks between the records too', async (t) => {
   const p = await pair(t, 4 * MIB, { reversible: true });
   await writeFile(p.target, p.nextBytes);

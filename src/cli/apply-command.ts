@@ -6,13 +6,16 @@ import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { type SetExit, runOperation } from './common.js';
 
-/** A version 1 patch has no hashes of the bytes between its records: say they were not checked. */
+/** Says when TARGET was not checked between the records (--force says so itself). */
 function unchecked(r: ApplyResult): string[] {
-  return r.patchVersion === 1
-    ? [
-        'only where the records go was TARGET checked: this patch (version 1, from an older blksync) ' +
-          'has no hashes of the bytes between them; make it again to have those checked too',
-      ]
+  if (r.patchVersion === 1) {
+    return [
+      'only where the records go was TARGET checked: this patch (version 1, from an older blksync) ' +
+        'has no hashes of the bytes between them; make it again to have those checked too',
+    ];
+  }
+  return !r.unchangedChecked && r.recordsForced === 0
+    ? ['only where the records go was TARGET checked (--records-only)']
     : [];
 }
 
@@ -52,6 +55,10 @@ export function registerApply(program: Command, setExit: SetExit): void {
       '--force',
       'write even where TARGET holds neither the old nor the new content (the bytes between the records are then not checked)',
     )
+    .option(
+      '--records-only',
+      'check TARGET only where the patch writes, not the bytes between (no full read of TARGET; a TARGET changed there is patched as it is)',
+    )
     .option('-n, --dry-run', 'check everything and report; write nothing')
     .option('--json', 'print one JSON summary object on stdout')
     .option('-q, --quiet', 'print nothing but errors')
@@ -71,6 +78,7 @@ export function registerApply(program: Command, setExit: SetExit): void {
             reverse: opts.reverse === true,
             force: opts.force === true,
             dryRun: opts.dryRun === true,
+            recordsOnly: opts.recordsOnly === true,
             signal,
             ...(onProgress ? { onProgress } : {}),
           });

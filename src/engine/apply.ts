@@ -60,6 +60,11 @@ export interface ApplyOptions {
   force?: boolean;
   /** Check and report; write nothing. */
   dryRun?: boolean;
+  /**
+   * Check TARGET only where the records go, not between them: no full read of TARGET (a slow
+   * device), at the price of patching a TARGET changed outside the records as it is.
+   */
+  recordsOnly?: boolean;
   signal?: AbortSignal;
   onProgress?: ProgressListener;
   chunkSize?: number;
@@ -93,7 +98,7 @@ export interface ApplyResult {
   bytesRead: number;
   /**
    * True when TARGET was checked between the records too; false for a version 1 patch
-   * (it has no hashes of those bytes) and with --force.
+   * (it has no hashes of those bytes), with --force and with --records-only.
    */
   unchangedChecked: boolean;
   /** True when a TARGET file was truncated or extended to the result size. */
@@ -569,7 +574,8 @@ export async function apply(
       recordsForced: 0,
       bytesWritten: 0,
       bytesRead: 0,
-      unchangedChecked: header.version > 1 && options.force !== true,
+      unchangedChecked:
+        header.version > 1 && options.force !== true && options.recordsOnly !== true,
       resized: false,
       streamed,
       seconds: 0,
