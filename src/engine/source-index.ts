@@ -32,6 +32,7 @@ import {
   type TargetIdentity,
 } from '../io/identity.js';
 import { assertSeparateOutput, sameFile, type Opened } from '../io/open.js';
+import { settledPast } from '../io/ctime-watch.js';
 import { RangeList, type Range } from '../ranges.js';
 import { sampleMismatch } from './index-sample.js';
 import { unvouchedSince } from './index-policy.js';
@@ -75,6 +76,8 @@ export class SourceIndex {
   readonly #report: SourceIndexReport;
   /** Set when a block read from SRC did not match the index. */
   #stale = false;
+  /** SRC's ctime was not yet past its clock tick when it was taken: a save could not vouch. */
+  #unsettled = false;
 
   private constructor(
     o: SourceIndexOptions,
@@ -115,6 +118,10 @@ export class SourceIndex {
     // without moving the mtime until writeback cleans it: synced, a later write moves it
     await syncForStamp(src.fh);
     const identity = await identityOf(src.path, src.stats, src.size);
+    // a write in the clock tick of the ctime recorded would leave it as recorded: SRC is read
+    // (and an index saved after the copy vouches for it) only once that tick is over, as for
+    // `blksync index`; a ctime ahead of the clock leaves nothing saved
+    const settled = identity.ctimeNs !== undefined && (await settledPast(BigInt(identity.ctimeNs)));
     const path =
       o.index === 'auto'
         ? cachedIndexPath(identity, await ensureCacheDir(process.env, !o.dryRun))
@@ -129,13 +136,16 @@ export class SourceIndex {
       mode: SourceIndexReport['mode'],
       reason?: string,
       sampleBlocks = 0,
-    ): SourceIndex =>
-      new SourceIndex(o, path, identity, blockSize, hashes, {
+    ): SourceIndex => {
+      const made = new SourceIndex(o, path, identity, blockSize, hashes, {
         path,
         mode,
         sampleBlocks,
         ...(reason !== undefined ? { reason } : {}),
       });
+      made.#unsettled = !settled;
+      return made;
+    };
     let index: IndexFile;
     try {
       index = await readIndexFile(path);
@@ -227,6 +237,7 @@ export class SourceIndex {
    */
   async save(hashes: Buffer): Promise<void> {
     if (this.#report.mode === 'used' || this.#report.mode === 'kept' || this.#o.dryRun) return;
+    if (this.#unsettled) return;
     const src = this.#o.opened;
     const now = await stat(src.path, { bigint: true }).catch(() => undefined);
     if (now === undefined || now.size !== BigInt(src.size)) return;
