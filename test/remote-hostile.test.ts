@@ -466,7 +466,8 @@ test(
       child.stdout.on('data', (d: Buffer) => {
         for (const f of decoder.push(d)) {
           seen.push(f.type);
-          if (f.type === FrameType.KEEPALIVE) resolve();
+          // one while it waits for the next request: after READY
+          if (f.type === FrameType.KEEPALIVE && seen.includes(FrameType.READY)) resolve();
         }
       });
     });
@@ -477,6 +478,11 @@ test(
     await keepalive;
     child.stdin.end();
     await new Promise((resolve) => child.on('close', resolve));
-    assert.equal(seen[0], FrameType.READY);
+    // KEEPALIVE may come "any time" (link.ts), also before READY on a loaded machine, where
+    // opening SRC takes longer than the 50 ms asked for: the first other frame is READY
+    assert.equal(
+      seen.find((type) => type !== FrameType.KEEPALIVE),
+      FrameType.READY,
+    );
   },
 );
