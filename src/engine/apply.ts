@@ -384,25 +384,38 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
   if (!result.unchangedChecked) return;
   const gaps = steps.map((s) => ({ start: s.rec.gapStart, end: s.offset, hash: s.rec.gapHash! }));
   if (last !== undefined) gaps.push(last);
-  const check = await checkGaps(
-    gaps,
-    { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
-    header.blockSize,
-    {
-      signal: options.signal,
-      onProgress:
-        options.onProgress && ((p) => options.onProgress!({ ...p, phase: 'checking TARGET' })),
-    },
-  );
+  const applied =
+    result.recordsWritten > 0
+      ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
+      : '; nothing was written';
+  let check: Awaited<ReturnType<typeof checkGaps>>;
+  try {
+    check = await checkGaps(
+      gaps,
+      { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
+      header.blockSize,
+      {
+        signal: options.signal,
+        onProgress:
+          options.onProgress && ((p) => options.onProgress!({ ...p, phase: 'checking TARGET' })),
+      },
+    );
+  } catch (err) {
+    // from a stream, earlier batches may have been written: say so, and carry what they did
+    if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `${err.message}${applied}; rerun the same command${result.recordsWritten > 0 ? ' to finish' : ''}`,
+        { cause: err, partial: result },
+      );
+    }
+    throw err;
+  }
   result.bytesRead += check.bytesRead;
   if (check.differing.length === 0) return;
   const first = check.differing[0]!;
   const what =
     options.reverse === true ? 'the result of this patch' : 'the base this patch was made from';
-  const applied =
-    result.recordsWritten > 0
-      ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
-      : '; nothing was written';
   throw new BlksyncError(
     'EBASE_MISMATCH',
     `${target.path} is not ${what}: outside the patch's records it holds other bytes, ` +
