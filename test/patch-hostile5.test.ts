@@ -69,3 +69,36 @@ test('a stream interrupted while a later batch checks TARGET says what earlier b
   await apply(Readable.from([await readFile(p.patch)]), p.target, { batchBytes: 4096 });
   assert.deepEqual(await readFile(p.target), p.next);
 });
+
+test('a dry run from a stream stopped by a later batch says nothing was written', async (t) => {
+  const p = await spread(t, 64 * 1024);
+  const target = Buffer.from(p.base);
+  target[6 * MIB + 9000] = target[6 * MIB + 9000]! ^ 0x10; // between two records, late
+  await writeFile(p.target, target);
+  const err: unknown = await apply(Readable.from([await readFile(p.patch)]), p.target, {
+    batchBytes: 256 * 1024,
+    dryRun: true,
+  }).then(
+    () => assert.fail('the dry run must find the other bytes'),
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof BlksyncError, String(err));
+  assert.equal(err.code, 'EBASE_MISMATCH', err.message);
+  assert.doesNotMatch(err.message, /were written/);
+  assert.match(err.message, /nothing was written/);
+  assert.deepEqual(await readFile(p.target), target);
+  // a record that finds other content in a later batch: the same
+  target[6 * MIB + 9000] = p.base[6 * MIB + 9000]!;
+  target[6 * MIB + 100] = target[6 * MIB + 100]! ^ 0x10;
+  await writeFile(p.target, target);
+  const err2: unknown = await apply(Readable.from([await readFile(p.patch)]), p.target, {
+    batchBytes: 256 * 1024,
+    dryRun: true,
+  }).then(
+    () => assert.fail('the dry run must find the other content'),
+    (e: unknown) => e,
+  );
+  assert.ok(err2 instanceof BlksyncError, String(err2));
+  assert.equal(err2.code, 'EBASE_MISMATCH', err2.message);
+  assert.doesNotMatch(err2.message, /were written/);
+});

@@ -341,6 +341,11 @@ function changedError(): BlksyncError {
   );
 }
 
+/** Whether earlier batches of a stream were written (a dry run counts what it would write). */
+function wroteBefore(result: ApplyResult): boolean {
+  return result.recordsWritten > 0 && !result.dryRun;
+}
+
 function mismatchError(
   steps: Step[],
   target: string,
@@ -350,10 +355,9 @@ function mismatchError(
   const bad = steps.filter((s) => s.state === 'mismatch');
   const first = bad[0]!;
   const what = reverse ? 'the result of this patch' : 'the base this patch was made from';
-  const applied =
-    result.recordsWritten > 0
-      ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
-      : '; nothing was written';
+  const applied = wroteBefore(result)
+    ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
+    : '; nothing was written';
   // every mismatch begins with its new content: a write cut short (kill -9, a crash) inside it
   const torn = bad.every((s) => (s.newPrefix ?? 0) > 0);
   const advice = torn
@@ -384,10 +388,9 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
   if (!result.unchangedChecked) return;
   const gaps = steps.map((s) => ({ start: s.rec.gapStart, end: s.offset, hash: s.rec.gapHash! }));
   if (last !== undefined) gaps.push(last);
-  const applied =
-    result.recordsWritten > 0
-      ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
-      : '; nothing was written';
+  const applied = wroteBefore(result)
+    ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
+    : '; nothing was written';
   let check: Awaited<ReturnType<typeof checkGaps>>;
   try {
     check = await checkGaps(
@@ -405,7 +408,7 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
     if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
       throw new BlksyncError(
         'EINTERRUPTED',
-        `${err.message}${applied}; rerun the same command${result.recordsWritten > 0 ? ' to finish' : ''}`,
+        `${err.message}${applied}; rerun the same command${wroteBefore(result) ? ' to finish' : ''}`,
         { cause: err, partial: result },
       );
     }
@@ -604,7 +607,7 @@ export async function apply(
       try {
         rec = await reader.next(streamed ? 'keep' : 'verify');
       } catch (err) {
-        if (result.recordsWritten > 0 && err instanceof BlksyncError) {
+        if (wroteBefore(result) && err instanceof BlksyncError) {
           throw new BlksyncError(
             err.code,
             `${err.message}. ${result.recordsWritten} records (${formatBytes(result.bytesWritten)}) were applied before; ` +
