@@ -13,6 +13,7 @@ import { test } from 'node:test';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
 import { BlksyncError } from '../src/errors.js';
+import { runCli } from './helpers/cli.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
 const MIB = 1024 * 1024;
@@ -101,4 +102,13 @@ test('a dry run from a stream stopped by a later batch says nothing was written'
   assert.ok(err2 instanceof BlksyncError, String(err2));
   assert.equal(err2.code, 'EBASE_MISMATCH', err2.message);
   assert.doesNotMatch(err2.message, /were written/);
+});
+
+test('apply --force says the bytes between the records were not checked, and does not blame --records-only', async (t) => {
+  const p = await spread(t, 2 * MIB);
+  const r = await runCli(['apply', '--force', p.patch, p.target]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.doesNotMatch(r.stdout + r.stderr, /records-only/);
+  assert.match(r.stdout + r.stderr, /not checked between the records \(--force\)/);
+  assert.deepEqual(await readFile(p.target), p.next);
 });
