@@ -13,6 +13,14 @@ import { test } from 'node:test';
 import { apply } from '../src/engine/apply.js';
 import { diff } from '../src/engine/diff.js';
 import { BlksyncError } from '../src/errors.js';
+import {
+  contentHash,
+  encodeHeader,
+  encodeTrailer,
+  PATCH_VERSION,
+  type PatchHeader,
+} from '../src/formats/patch.js';
+import { sha256 } from '../src/hash.js';
 import { runCli } from './helpers/cli.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -111,4 +119,62 @@ test('apply --force says the bytes between the records were not checked, and doe
   assert.doesNotMatch(r.stdout + r.stderr, /records-only/);
   assert.match(r.stdout + r.stderr, /not checked between the records \(--force\)/);
   assert.deepEqual(await readFile(p.target), p.next);
+});
+
+/** A version 2 patch of `records` (already encoded), sealed with a correct SHA-256. */
+function sealed(header: PatchHeader, records: Buffer[], count: number, lastGap: Buffer): Buffer {
+  const body = Buffer.concat([encodeHeader(header), ...records, encodeTrailer(count, lastGap)]);
+  return Buffer.concat([body, sha256(body)]);
+}
+
+test('a patch whose records stop before the result ends (or, reversible, the base) is refused', async (t) => {
+  const dir = await tempDir(t);
+  const bs = 4096;
+  const base = seededBytes(16 * bs, 99);
+  const target = join(dir, 'target.img');
+  const patch = join(dir, 'p.bsp');
+  const header: PatchHeader = {
+    version: PATCH_VERSION,
+    blockSize: bs,
+    baseSize: base.length,
+    resultSize: base.length,
+    reversible: false,
+    compression: 'none',
+  };
+  // no records: the base's bytes, then bytes nothing describes (TARGET grown with zeros, or a
+  // device's old bytes there called "the result")
+  const cases: [string, Buffer, boolean][] = [
+    [
+      'a larger result without records',
+      sealed({ ...header, resultSize: 2 * base.length }, [], 0, contentHash(base, bs)),
+      false,
+    ],
+    [
+      'a reversible patch to a smaller result without the rest of the base',
+      sealed(
+        { ...header, resultSize: base.length / 2, reversible: true },
+        [],
+        0,
+        contentHash(base.subarray(0, base.length / 2), bs),
+      ),
+      true,
+    ],
+  ];
+  for (const [what, bytes, reversible] of cases) {
+    await writeFile(patch, bytes);
+    for (const reverse of reversible ? [false, true] : [false]) {
+      await writeFile(target, base);
+      const err: unknown = await apply(patch, target, { reverse }).then(
+        () => assert.fail(`${what} must be refused`),
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof BlksyncError, String(err));
+      assert.equal(err.code, 'EPATCH_FORMAT', `${what}: ${err.message}`);
+      assert.deepEqual(await readFile(target), base, `${what}: TARGET written`);
+    }
+  }
+  // records and gaps that do reach the end are taken: one of the same size without records
+  await writeFile(patch, sealed(header, [], 0, contentHash(base, bs)));
+  await writeFile(target, base);
+  assert.equal((await apply(patch, target)).alreadyApplied, true);
 });
