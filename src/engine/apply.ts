@@ -409,7 +409,8 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
       throw new BlksyncError(
         'EINTERRUPTED',
         `${err.message}${applied}; rerun the same command${wroteBefore(result) ? ' to finish' : ''}`,
-        { cause: err, partial: result },
+        // a summary of what was written; none ("wrote 0 of N records") when nothing was
+        { cause: err, ...(wroteBefore(result) && { partial: result }) },
       );
     }
     throw err;
