@@ -6,25 +6,26 @@ import { BlksyncError } from '../errors.js';
 import { formatBytes } from '../size.js';
 import { type SetExit, runOperation } from './common.js';
 
-/** Says when TARGET was not checked between the records (--force says so itself). */
-function unchecked(r: ApplyResult): string[] {
+/** Says when TARGET was not checked between the records, and why. */
+function unchecked(r: ApplyResult, force: boolean): string[] {
   if (r.patchVersion === 1) {
     return [
       'only where the records go was TARGET checked: this patch (version 1, from an older blksync) ' +
         'has no hashes of the bytes between them; make it again to have those checked too',
     ];
   }
-  return !r.unchangedChecked && r.recordsForced === 0
-    ? ['only where the records go was TARGET checked (--records-only)']
-    : [];
+  if (r.unchangedChecked) return [];
+  return force
+    ? ['TARGET was not checked between the records (--force)']
+    : ['only where the records go was TARGET checked (--records-only)'];
 }
 
-function applySummary(r: ApplyResult): string {
+function applySummary(r: ApplyResult, force: boolean): string {
   const what = r.reverse ? 'patch undone' : 'patch';
   if (r.alreadyApplied) {
     return [
       `${r.target} already holds the ${r.reverse ? 'base' : 'result'}: nothing to do (${r.records} records checked)`,
-      ...unchecked(r),
+      ...unchecked(r, force),
     ].join('; ');
   }
   const verb = r.dryRun ? 'would write' : 'wrote';
@@ -38,7 +39,7 @@ function applySummary(r: ApplyResult): string {
     parts.push(`${r.recordsForced} records written over other content (--force)`);
   if (r.resized)
     parts.push(`${r.dryRun ? 'would resize' : 'resized'} ${r.target} to ${r.toSize} bytes`);
-  parts.push(...unchecked(r));
+  parts.push(...unchecked(r, force));
   return parts.join('; ');
 }
 
@@ -83,7 +84,7 @@ export function registerApply(program: Command, setExit: SetExit): void {
             ...(onProgress ? { onProgress } : {}),
           });
         },
-        applySummary,
+        (r) => applySummary(r, opts.force === true),
       );
     });
 }

@@ -341,6 +341,11 @@ function changedError(): BlksyncError {
   );
 }
 
+/** Whether earlier batches of a stream were written (a dry run counts what it would write). */
+function wroteBefore(result: ApplyResult): boolean {
+  return result.recordsWritten > 0 && !result.dryRun;
+}
+
 function mismatchError(
   steps: Step[],
   target: string,
@@ -350,10 +355,9 @@ function mismatchError(
   const bad = steps.filter((s) => s.state === 'mismatch');
   const first = bad[0]!;
   const what = reverse ? 'the result of this patch' : 'the base this patch was made from';
-  const applied =
-    result.recordsWritten > 0
-      ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
-      : '; nothing was written';
+  const applied = wroteBefore(result)
+    ? ` (${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch)`
+    : '; nothing was written';
   // every mismatch begins with its new content: a write cut short (kill -9, a crash) inside it
   const torn = bad.every((s) => (s.newPrefix ?? 0) > 0);
   const advice = torn
@@ -384,25 +388,38 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
   if (!result.unchangedChecked) return;
   const gaps = steps.map((s) => ({ start: s.rec.gapStart, end: s.offset, hash: s.rec.gapHash! }));
   if (last !== undefined) gaps.push(last);
-  const check = await checkGaps(
-    gaps,
-    { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
-    header.blockSize,
-    {
-      signal: options.signal,
-      onProgress:
-        options.onProgress && ((p) => options.onProgress!({ ...p, phase: 'checking TARGET' })),
-    },
-  );
+  const applied = wroteBefore(result)
+    ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
+    : '; nothing was written';
+  let check: Awaited<ReturnType<typeof checkGaps>>;
+  try {
+    check = await checkGaps(
+      gaps,
+      { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
+      header.blockSize,
+      {
+        signal: options.signal,
+        onProgress:
+          options.onProgress && ((p) => options.onProgress!({ ...p, phase: 'checking TARGET' })),
+      },
+    );
+  } catch (err) {
+    // from a stream, earlier batches may have been written: say so, and carry what they did
+    if (err instanceof BlksyncError && err.code === 'EINTERRUPTED') {
+      throw new BlksyncError(
+        'EINTERRUPTED',
+        `${err.message}${applied}; rerun the same command${wroteBefore(result) ? ' to finish' : ''}`,
+        // a summary of what was written; none ("wrote 0 of N records") when nothing was
+        { cause: err, ...(wroteBefore(result) && { partial: result }) },
+      );
+    }
+    throw err;
+  }
   result.bytesRead += check.bytesRead;
   if (check.differing.length === 0) return;
   const first = check.differing[0]!;
   const what =
     options.reverse === true ? 'the result of this patch' : 'the base this patch was made from';
-  const applied =
-    result.recordsWritten > 0
-      ? `; ${result.recordsWritten} records, ${formatBytes(result.bytesWritten)}, were written before this batch`
-      : '; nothing was written';
   throw new BlksyncError(
     'EBASE_MISMATCH',
     `${target.path} is not ${what}: outside the patch's records it holds other bytes, ` +
@@ -591,7 +608,7 @@ export async function apply(
       try {
         rec = await reader.next(streamed ? 'keep' : 'verify');
       } catch (err) {
-        if (result.recordsWritten > 0 && err instanceof BlksyncError) {
+        if (wroteBefore(result) && err instanceof BlksyncError) {
           throw new BlksyncError(
             err.code,
             `${err.message}. ${result.recordsWritten} records (${formatBytes(result.bytesWritten)}) were applied before; ` +

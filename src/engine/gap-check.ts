@@ -96,10 +96,8 @@ export async function checkGaps(
     );
     check.bytesRead = run.bytesScanned;
     if (run.interrupted) {
-      throw new BlksyncError(
-        'EINTERRUPTED',
-        'interrupted while checking TARGET; nothing was written; rerun the same command',
-      );
+      // the caller knows what was written before (a stream's earlier batches) and says so
+      throw new BlksyncError('EINTERRUPTED', 'interrupted while checking TARGET');
     }
     while (g < gaps.length) endGap();
     return check;

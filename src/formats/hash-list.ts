@@ -9,10 +9,26 @@ import { HASH_BYTES, sha256Stream, zeroHash } from '../hash.js';
 /** Zero-block hashes handed to SHA-256 at once when a run of zeros is added. */
 const ZERO_RUN_BLOCKS = 1024;
 
+/**
+ * ZERO_RUN_BLOCKS zero-block hashes per block size, made once: a list is made per gap (per
+ * record), and making them per list cost more than hashing a short gap.
+ */
+const zeroRuns = new Map<number, Buffer>();
+
+function zeroRun(blockSize: number): Buffer {
+  let run = zeroRuns.get(blockSize);
+  if (run === undefined) {
+    const h = zeroHash(blockSize);
+    run = Buffer.allocUnsafe(ZERO_RUN_BLOCKS * HASH_BYTES);
+    for (let i = 0; i < ZERO_RUN_BLOCKS; i++) h.copy(run, i * HASH_BYTES);
+    zeroRuns.set(blockSize, run);
+  }
+  return run;
+}
+
 export class HashList {
   readonly #h = sha256Stream();
   readonly #blockSize: number;
-  readonly #zeroRun = new Map<number, Buffer>();
   /** Image bytes covered so far. */
   bytes = 0;
 
@@ -30,13 +46,7 @@ export class HashList {
   addZeros(bytes: number): void {
     const bs = this.#blockSize;
     const whole = Math.floor(bytes / bs);
-    let run = this.#zeroRun.get(bs);
-    if (run === undefined) {
-      const h = zeroHash(bs);
-      run = Buffer.allocUnsafe(ZERO_RUN_BLOCKS * HASH_BYTES);
-      for (let i = 0; i < ZERO_RUN_BLOCKS; i++) h.copy(run, i * HASH_BYTES);
-      this.#zeroRun.set(bs, run);
-    }
+    const run = zeroRun(bs);
     for (let left = whole; left > 0; left -= ZERO_RUN_BLOCKS) {
       this.#h.update(run.subarray(0, Math.min(left, ZERO_RUN_BLOCKS) * HASH_BYTES));
     }

@@ -190,11 +190,18 @@ export class PatchReader {
       );
     }
     if (hash !== undefined) {
-      this.lastGap = {
-        start: this.#prevEnd,
-        end: Math.max(this.#prevEnd, sharedEnd(h)),
-        hash,
-      };
+      const end = Math.max(this.#prevEnd, sharedEnd(h));
+      // records and gaps must describe every byte of the result (and, to undo it, of the
+      // base): past them apply would neither write nor check, and call what is there the result
+      const described = h.reversible ? Math.max(h.baseSize, h.resultSize) : h.resultSize;
+      if (end < described) {
+        throw new BlksyncError(
+          'EPATCH_FORMAT',
+          `not a valid blksync patch: its records end at ${end} bytes, before the ${described === h.resultSize ? 'result' : 'base'}'s end (${described})`,
+          { path: this.#in.path },
+        );
+      }
+      this.lastGap = { start: this.#prevEnd, end, hash };
     }
     this.#done = true;
   }
