@@ -571,6 +571,10 @@ test('diff INDEX NEW with NEW shorter, ending inside a block: the patch applies 
     assert.deepEqual(await readFile(f.target), next, `NEW of ${size} bytes`);
     assert.equal((await apply(f.patch, f.target)).alreadyApplied, true);
   }
+  // the index fixes the block size: another -b is refused, not silently ignored
+  const f = await setup(dir, base, base);
+  await rejectsWith(diff(join(dir, 'base.idx'), f.next, f.patch, { blockSize: 65536 }), 'EUSAGE');
+  await diff(join(dir, 'base.idx'), f.next, f.patch, { blockSize: BS });
 });
 
 test('NEW the start of a longer BASE, cut at a block: the patch checks the last block, so another file is refused', async (t) => {

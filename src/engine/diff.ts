@@ -254,6 +254,16 @@ export async function diff(
   }
   const started = performance.now();
   const indexBase = typeof base === 'string' ? undefined : base;
+  if (
+    indexBase !== undefined &&
+    options.blockSize !== undefined &&
+    options.blockSize !== indexBase.blockSize
+  ) {
+    throw new BlksyncError(
+      'EUSAGE',
+      `--block-size ${options.blockSize}: BASE ${indexBase.name} is an index of ${indexBase.blockSize}-byte blocks, and a patch from it has its block size; leave -b out, or make the index with -b ${options.blockSize}`,
+    );
+  }
   const blockSize = checkBlockSize(indexBase?.blockSize ?? options.blockSize ?? DEFAULT_BLOCK_SIZE);
   const chunkSize = chunkSizeFor(blockSize, options.chunkSize);
   const reversible = options.reversible === true;
