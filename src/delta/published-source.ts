@@ -122,7 +122,9 @@ async function imageMismatch(
   size: number,
   indexModified: number | undefined,
   options: PublishedSourceOptions,
+  asked: { requests: number },
 ): Promise<BlksyncWarning | undefined> {
+  asked.requests++;
   const res = await httpOpen(url, {
     ...options,
     headers: { range: `bytes=0-${CONTAINER_HEAD_BYTES - 1}` },
@@ -152,9 +154,16 @@ async function imageMismatch(
   if (options.raw === true) return undefined;
   const compression = detectCompression(head);
   let what = compression !== undefined ? `a ${compression} stream` : detectContainer(head)?.name;
-  if (what === undefined && total !== undefined && total >= CONTAINER_TAIL_BYTES) {
+  // (a server that ignored the range would send the whole image again: not asked)
+  if (
+    what === undefined &&
+    res.status === 206 &&
+    total !== undefined &&
+    total >= CONTAINER_TAIL_BYTES
+  ) {
     // a fixed VHD (or a dmg) shows only by its last 512 bytes, which a copy of the image
     // itself refuses at its end: its published files would write the footer with the disk
+    asked.requests++;
     const tail = await readTail(url, total, options);
     if (tail !== undefined) what = detectContainer(head, tail)?.name;
   }
@@ -329,8 +338,9 @@ export async function openPublished(
   const hashing = preparing.then((d) => d.hash(h, hashSignal, options.onHashed));
   hashing.catch(() => {});
   let mismatch: BlksyncWarning | undefined;
+  const imageProbes = { requests: 0 };
   try {
-    mismatch = await imageMismatch(url, h.imageSize, index.lastModified, options);
+    mismatch = await imageMismatch(url, h.imageSize, index.lastModified, options, imageProbes);
   } catch (err) {
     hashStop.abort();
     await hashing.catch(() => {});
@@ -477,8 +487,8 @@ export async function openPublished(
     report: () => ({
       index: names.index,
       data: names.data,
-      // + 1: the request that checked the image is the one published (imageMismatch)
-      requests: index.requests + data.requests + 1,
+      // and those that checked the image is the one published (imageMismatch: head, tail)
+      requests: index.requests + data.requests + imageProbes.requests,
       bytesFetched: index.bytesReceived + data.bytesReceived,
       chunkSize: h.chunkSize,
       chunksDiffering: needed.length,
