@@ -136,6 +136,28 @@ test('the patch holds only the changed blocks plus headers', async (t) => {
   assert.equal(info.newBytes, d.newBytes);
 });
 
+test('a dry run writes nothing and says what it would: bytesWritten 0 as for copy, bytesToWrite the rest', async (t) => {
+  const dir = await tempDir(t);
+  const base = seededBytes(1024 * 1024, 5);
+  const next = changed(base, base.length, 6);
+  const f = await setup(dir, base, next);
+  await diff(f.base, f.next, f.patch);
+  const r = await runCli(['apply', '-n', '--json', f.patch, f.target]);
+  assert.equal(r.code, 0, r.stderr);
+  const dry = JSON.parse(r.stdout) as {
+    bytesWritten: number;
+    bytesToWrite: number;
+    recordsToWrite: number;
+  };
+  assert.equal(dry.bytesWritten, 0);
+  assert.ok(dry.bytesToWrite > 0 && dry.recordsToWrite > 0);
+  assert.deepEqual(await readFile(f.target), base);
+  const real = await apply(f.patch, f.target);
+  assert.equal(real.bytesWritten, dry.bytesToWrite);
+  assert.equal(real.bytesToWrite, dry.bytesToWrite);
+  assert.deepEqual(await readFile(f.target), next);
+});
+
 test('a wrong base is refused with EBASE_MISMATCH and TARGET is untouched; --force writes', async (t) => {
   const dir = await tempDir(t);
   const base = seededBytes(200_000, 3);

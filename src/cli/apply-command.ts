@@ -30,8 +30,8 @@ function applySummary(r: ApplyResult, force: boolean): string {
   }
   const verb = r.dryRun ? 'would write' : 'wrote';
   const parts = [
-    `${r.dryRun ? 'dry run: ' : ''}${what}: ${verb} ${r.recordsWritten} of ${r.records} records ` +
-      `(${formatBytes(r.bytesWritten)}) in ${r.seconds.toFixed(2)} s`,
+    `${r.dryRun ? 'dry run: ' : ''}${what}: ${verb} ${r.recordsToWrite} of ${r.records} records ` +
+      `(${formatBytes(r.bytesToWrite)}) in ${r.seconds.toFixed(2)} s`,
   ];
   if (r.recordsAlreadyApplied > 0)
     parts.push(`${r.recordsAlreadyApplied} records were already applied`);

@@ -93,7 +93,11 @@ export interface ApplyResult {
   recordsWritten: number;
   recordsAlreadyApplied: number;
   recordsForced: number;
+  /** Bytes written: 0 in a dry run (as for copy), which reports them in bytesToWrite. */
   bytesWritten: number;
+  /** Records and bytes TARGET did not hold yet: written, or in a dry run what would be. */
+  recordsToWrite: number;
+  bytesToWrite: number;
   /** Bytes of TARGET read to check the records and the bytes between them. */
   bytesRead: number;
   /**
@@ -450,12 +454,10 @@ async function applySteps(
     else if (s.state === 'mismatch') result.recordsForced++;
   }
   if (todo.length === 0) return;
-  if (options.dryRun === true) {
-    // a dry run reports what it would write
-    result.recordsWritten += todo.length;
-    result.bytesWritten += todo.reduce((n, s) => n + s.toBytes, 0);
-    return;
-  }
+  result.recordsToWrite += todo.length;
+  result.bytesToWrite += todo.reduce((n, s) => n + s.toBytes, 0);
+  // a dry run reports what it would write (in the ToWrite counts), and writes nothing
+  if (options.dryRun === true) return;
   const chunkSize = chunkSizeFor(header.blockSize, options.chunkSize);
   const out = await runPipeline(
     {
@@ -590,6 +592,8 @@ export async function apply(
       recordsAlreadyApplied: 0,
       recordsForced: 0,
       bytesWritten: 0,
+      recordsToWrite: 0,
+      bytesToWrite: 0,
       bytesRead: 0,
       unchangedChecked:
         header.version > 1 && options.force !== true && options.recordsOnly !== true,
