@@ -136,6 +136,7 @@ test('a patch whose records stop before the result ends (or, reversible, the bas
   const header: PatchHeader = {
     version: PATCH_VERSION,
     blockSize: bs,
+    gapUnit: bs,
     baseSize: base.length,
     resultSize: base.length,
     reversible: false,

@@ -79,6 +79,8 @@ function build(header: PatchHeader, records: Buffer[], count: number, lastGap = 
 const HEADER: PatchHeader = {
   version: PATCH_VERSION,
   blockSize: BS,
+  // gap pieces of one block: contentHash gives the gap hashes
+  gapUnit: BS,
   baseSize: SIZE,
   resultSize: SIZE,
   reversible: false,
@@ -179,6 +181,14 @@ test('hostile patches with valid checksums are refused without writing', async (
       'EPATCH_FORMAT',
     ],
     ['bad block size', build({ ...HEADER, blockSize: 1000 }, [], 0), 'EPATCH_FORMAT'],
+    ['gap unit 0', build({ ...HEADER, gapUnit: 0 }, [], 0), 'EPATCH_FORMAT'],
+    ['gap unit not a power of two', build({ ...HEADER, gapUnit: 3 * BS }, [], 0), 'EPATCH_FORMAT'],
+    [
+      'gap unit below the block size',
+      build({ ...HEADER, gapUnit: BS / 2 }, [], 0),
+      'EPATCH_FORMAT',
+    ],
+    ['gap unit too large', build({ ...HEADER, gapUnit: 2 ** 31 }, [], 0), 'EPATCH_FORMAT'],
     ['trailer missing', encodeHeader(HEADER), 'EPATCH_TRUNCATED'],
     [
       'not a patch',

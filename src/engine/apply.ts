@@ -400,7 +400,7 @@ async function checkUnchanged(run: Run, steps: Step[], last: Gap | undefined): P
     check = await checkGaps(
       gaps,
       { fh: target.fh, path: target.path, size: target.size, file: target.kind === 'file' },
-      header.blockSize,
+      header,
       {
         signal: options.signal,
         onProgress:

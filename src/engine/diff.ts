@@ -21,7 +21,7 @@
 import type { Writable } from 'node:stream';
 import { SimgWriter } from '../containers/simg-write.js';
 import { BlksyncError } from '../errors.js';
-import { clipped, PATCH_VERSION, type Compression } from '../formats/patch.js';
+import { clipped, GAP_UNIT_BYTES, PATCH_VERSION, type Compression } from '../formats/patch.js';
 import { compressionAvailable } from '../formats/patch-compression.js';
 import {
   PatchWriter,
@@ -29,7 +29,7 @@ import {
   type PatchStats,
   type Unchanged,
 } from '../formats/patch-writer.js';
-import { HASH_BYTES, isZero } from '../hash.js';
+import { pieceHashes } from '../formats/hash-list.js';
 import { INDEX_MAGIC, readIndexSummary } from '../formats/index-file.js';
 import { hasMagic } from '../io/file-head.js';
 import { assertSeparateOutput, inputOf, openSource, type Opened } from '../io/open.js';
@@ -167,18 +167,19 @@ function reportingUnchanged(
   writer: PatchWriter,
   pool: HashPool,
 ): TargetKnowledge {
+  const unit = writer.header.gapUnit;
   return {
     load: async (offset, length) => {
       const k = await inner.load(offset, length);
-      const hashed = async (data: Buffer, s: number, e: number, bs: number): Promise<Unchanged> => {
-        const u: Unchanged = { offset: offset + s, bytes: e - s };
-        if (k.held === undefined && k.heldHashes !== undefined) u.hashes = k.heldHashes(s, e);
-        else if (!isZero(data, s, e)) {
-          u.hashes = Buffer.allocUnsafe(Math.ceil((e - s) / bs) * HASH_BYTES);
-          await pool.hashBlocks(data, s, e, bs, u.hashes, 0);
-        }
-        return u;
-      };
+      // an index's block hashes are the pieces' (its gap unit is its block size)
+      const hashed = async (data: Buffer, s: number, e: number): Promise<Unchanged> => ({
+        offset: offset + s,
+        bytes: e - s,
+        hashes:
+          k.held === undefined && k.heldHashes !== undefined
+            ? k.heldHashes(s, e)
+            : await pieceHashes(pool, data, s, e, offset + s, unit),
+      });
       return {
         diff: async (data, len, bs, out) => {
           const mark = out.length;
@@ -187,7 +188,7 @@ function reportingUnchanged(
           const parts: Promise<Unchanged>[] = [];
           for (let i = mark, at = 0; at < len; i += 2) {
             const end = i < out.length ? out[i]! : len;
-            if (end > at) parts.push(hashed(data, at, end, bs));
+            if (end > at) parts.push(hashed(data, at, end));
             at = i < out.length ? out[i + 1]! : len;
           }
           writer.unchanged(await Promise.all(parts));
@@ -342,6 +343,8 @@ export async function diff(
     const header = {
       version: PATCH_VERSION,
       blockSize,
+      // from an index, its block hashes are the gap's pieces; from bytes, larger pieces
+      gapUnit: indexBase !== undefined ? blockSize : Math.max(blockSize, GAP_UNIT_BYTES),
       baseSize,
       resultSize: src.size,
       reversible,

@@ -5,17 +5,16 @@
  * whose changed blocks happen to match).
  *
  *   plan: the gaps, less TARGET's holes × source: TARGET × knowledge: none → no sink; each
- *   chunk's blocks are hashed (on the pool) into the hash list of its gap
+ *   chunk's pieces (cut at the patch's gap unit) are hashed on the pool into its gap's list
  *
- * A hole of a TARGET file reads as zeros: its blocks join the hash list as zero-block
- * hashes without a read, so a mostly empty image is checked at the speed of its data.
+ * A hole of a TARGET file reads as zeros: its pieces join the list as zero-piece hashes
+ * without a read, so a mostly empty image is checked at the speed of its data.
  */
 
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
-import { HashList } from '../formats/hash-list.js';
+import { HashList, pieceHashes } from '../formats/hash-list.js';
 import type { Gap } from '../formats/patch-reader.js';
-import { HASH_BYTES, isZero } from '../hash.js';
 import { FileSource } from '../io/file-source.js';
 import { chunkSizeFor, DEFAULT_DEPTH } from './block-size.js';
 import { HashPool, SharedBufferPool } from './hash-pool.js';
@@ -39,9 +38,10 @@ export interface GapCheck {
 export async function checkGaps(
   gaps: readonly Gap[],
   target: { fh: FileHandle; path: string; size: number; file: boolean },
-  blockSize: number,
+  sizes: { blockSize: number; gapUnit: number },
   options: { signal?: AbortSignal | undefined; onProgress?: ProgressListener | undefined } = {},
 ): Promise<GapCheck> {
+  const { blockSize, gapUnit } = sizes;
   const check: GapCheck = { differing: [], bytesRead: 0 };
   const ranges = gaps.filter((g) => g.end > g.start).map((g) => ({ start: g.start, end: g.end }));
   let plan: Plan = { imageSize: ranges[ranges.length - 1]?.end ?? 0, ranges };
@@ -49,20 +49,18 @@ export async function checkGaps(
   const toRead = plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
   const pool = new HashPool();
   if (toRead < INLINE_HASH_MAX_BYTES) pool.inline();
-  const chunkSize = chunkSizeFor(blockSize);
+  const chunkSize = chunkSizeFor(gapUnit);
 
-  // the gaps in order, each hashed from its start; blocks not read are holes (zeros); an
+  // the gaps in order, each hashed from its start; bytes not read are holes (zeros); an
   // empty gap has the hash of an empty list
   let g = 0;
-  let list = new HashList(blockSize);
-  let at = gaps[0]?.start ?? 0;
+  let list = new HashList(gapUnit, gaps[0]?.start ?? 0);
   const endGap = (): void => {
     const gap = gaps[g]!;
-    list.addZeros(gap.end - at);
+    list.addZeros(gap.end);
     if (!list.digest().equals(gap.hash)) check.differing.push(gap);
     g++;
-    list = new HashList(blockSize);
-    at = gaps[g]?.start ?? at;
+    list = new HashList(gapUnit, gaps[g]?.start ?? gap.end);
   };
   try {
     if (plan.ranges.length === 0) {
@@ -83,14 +81,10 @@ export async function checkGaps(
         onProgress: options.onProgress,
         onChunk: async (offset, data, length) => {
           while (offset >= gaps[g]!.end) endGap();
-          list.addZeros(offset - at);
-          if (isZero(data, 0, length)) list.addZeros(length);
-          else {
-            const hashes = Buffer.allocUnsafe(Math.ceil(length / blockSize) * HASH_BYTES);
-            await pool.hashBlocks(data, 0, length, blockSize, hashes, 0);
-            list.add(hashes, length);
-          }
-          at = offset + length;
+          list.addZeros(offset);
+          const hashes = await pieceHashes(pool, data, 0, length, offset, gapUnit);
+          if (hashes === undefined) list.addZeros(offset + length);
+          else list.add(hashes, offset + length);
         },
       },
     );

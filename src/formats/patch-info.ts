@@ -12,6 +12,8 @@ export interface PatchInfo {
   path: string;
   version: number;
   blockSize: number;
+  /** The pieces gap hashes are made of (the block size in version 1, which has none). */
+  gapUnit: number;
   baseSize: number;
   resultSize: number;
   reversible: boolean;
@@ -85,7 +87,7 @@ export function patchInfoText(i: PatchInfo): string {
     `${i.path}: blksync patch, version ${i.version}, checksum verified`,
     `  base        ${sizeText(i.baseSize)}`,
     `  result      ${sizeText(i.resultSize)}`,
-    `  blocks      ${formatBytes(i.blockSize)}`,
+    `  blocks      ${formatBytes(i.blockSize)}${i.version > 1 ? ` (gap hashes by ${formatBytes(i.gapUnit)} pieces)` : ''}`,
     `  records     ${i.records} (largest ${formatBytes(i.largestRecord)})`,
     `  new bytes   ${sizeText(i.newBytes)}`,
     `  reversible  ${i.reversible ? `yes (${sizeText(i.oldBytes)} of old content)` : 'no'}`,

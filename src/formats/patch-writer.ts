@@ -32,7 +32,10 @@ import { compressPayload } from './patch-compression.js';
 /** What BASE held where a span goes: its bytes (clipped to the base size) or its block hashes. */
 export type OldContent = { bytes: Buffer } | { blockHashes: Buffer };
 
-/** Bytes base and result share at `offset`: their blocks' hashes, or zeros (`hashes` unset). */
+/**
+ * Bytes base and result share at `offset`: the hashes of their pieces (formats/hash-list.ts,
+ * pieceHashes, cut at multiples of the header's gap unit), or zeros (`hashes` unset).
+ */
 export interface Unchanged {
   offset: number;
   bytes: number;
@@ -103,8 +106,8 @@ export class PatchWriter implements Sink {
   #error: Error | undefined;
   /** Unchanged bytes of the latest chunk, not yet known to precede no record. */
   #unchanged: Unchanged[] = [];
-  /** The gap being hashed, and the image offset up to which records and gaps are accounted. */
-  #gap: HashList;
+  /** The gap being hashed (from its first unchanged bytes), and the image offset up to which records and gaps are accounted. */
+  #gap: HashList | undefined;
   #cursor = 0;
   #started = false;
   #finished = false;
@@ -122,7 +125,6 @@ export class PatchWriter implements Sink {
     this.#out = out;
     this.#end = options.end;
     this.#recordLimit = Math.max(WRITE_RECORD_BYTES, header.blockSize);
-    this.#gap = new HashList(header.blockSize);
     out.on('error', (err: Error) => {
       this.#error ??= err;
     });
@@ -187,8 +189,9 @@ export class PatchWriter implements Sink {
           `PatchWriter: unchanged bytes at [${u.offset}, ${u.offset + u.bytes}) where ${this.#cursor} was next (shared end ${end})`,
         );
       }
-      if (u.hashes === undefined) this.#gap.addZeros(u.bytes);
-      else this.#gap.add(u.hashes, u.bytes);
+      this.#gap ??= new HashList(this.header.gapUnit, u.offset);
+      if (u.hashes === undefined) this.#gap.addZeros(u.offset + u.bytes);
+      else this.#gap.add(u.hashes, u.offset + u.bytes);
       this.#cursor += u.bytes;
     }
   }
@@ -201,8 +204,9 @@ export class PatchWriter implements Sink {
         `PatchWriter: bytes [${this.#cursor}, ${pos}) are neither changed nor unchanged`,
       );
     }
-    const hash = this.#gap.digest();
-    this.#gap = new HashList(this.header.blockSize);
+    // an empty gap's list is empty: the hash of nothing
+    const hash = (this.#gap ?? new HashList(this.header.gapUnit, pos)).digest();
+    this.#gap = undefined;
     return hash;
   }
 

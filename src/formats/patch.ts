@@ -70,6 +70,12 @@ export const WRITE_RECORD_BYTES = 1024 * 1024;
 export const MAX_IMAGE_BYTES = Number.MAX_SAFE_INTEGER;
 /** Block sizes: a power of two from 512 B to 64 MiB, as for copy. */
 export const MIN_BLOCK_BYTES = 512;
+/**
+ * Gap unit of a patch made from BASE's bytes (at least the block size): SHA-256 of 64 KiB
+ * pieces costs ~1.7x less CPU than of 4 KiB blocks (1.44 against 0.8 GB per CPU-second,
+ * measured). From an index, the index's block size: its hashes are the pieces'.
+ */
+export const GAP_UNIT_BYTES = 64 * 1024;
 export const MAX_BLOCK_BYTES = 64 * 1024 * 1024;
 
 export type Compression = 'none' | 'gzip' | 'zstd';
@@ -78,6 +84,11 @@ const COMPRESSION_IDS: readonly Compression[] = ['none', 'gzip', 'zstd'];
 export interface PatchHeader {
   version: number;
   blockSize: number;
+  /**
+   * The pieces gap hashes are made of (version 2): a power of two, a multiple of the block
+   * size; the block size in version 1 (which has no gap hashes).
+   */
+  gapUnit: number;
   baseSize: number;
   resultSize: number;
   reversible: boolean;
@@ -162,6 +173,7 @@ export function encodeHeader(h: PatchHeader): Buffer {
   buf.writeUInt8(COMPRESSION_IDS.indexOf(h.compression), 20);
   buf.writeBigUInt64LE(BigInt(h.baseSize), 24);
   buf.writeBigUInt64LE(BigInt(h.resultSize), 32);
+  if (h.version > 1) buf.writeUInt32LE(h.gapUnit, 40);
   buf.writeUInt32LE(crc32(buf.subarray(0, 60)), 60);
   return buf;
 }
@@ -193,10 +205,15 @@ export function decodeHeader(buf: Buffer): PatchHeader {
   const compression = COMPRESSION_IDS[buf.readUInt8(20)];
   if (compression === undefined) throw formatError(`unknown compression ${buf.readUInt8(20)}`);
   for (let i = 21; i < 24; i++) if (buf[i] !== 0) throw formatError('reserved header bytes set');
-  for (let i = 40; i < 60; i++) if (buf[i] !== 0) throw formatError('reserved header bytes set');
+  const gapUnit = version > 1 ? buf.readUInt32LE(40) : blockSize;
+  if (!isBlockSize(gapUnit) || gapUnit < blockSize)
+    throw formatError(`bad gap unit ${gapUnit} (block size ${blockSize})`);
+  for (let i = version > 1 ? 44 : 40; i < 60; i++)
+    if (buf[i] !== 0) throw formatError('reserved header bytes set');
   return {
     version,
     blockSize,
+    gapUnit,
     baseSize: readU64(buf, 24, 'base size'),
     resultSize: readU64(buf, 32, 'result size'),
     reversible: (flags & FLAG_REVERSIBLE) !== 0,
