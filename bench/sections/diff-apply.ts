@@ -221,10 +221,11 @@ async function run(options: BenchOptions): Promise<void> {
         `(the ${pair.changes.length} changes; random new bytes equal the old ones 1 time in 256)`,
       `blksync's patch is the changed regions + ${blkSize - extents} bytes ` +
         `(${(((blkSize - extents) / extents) * 100).toFixed(2)}%); times are medians`,
-      'over changed bytes: (patch bytes - changed bytes) / changed bytes; blksync carries 112 bytes',
-      '  of header and trailer and 104 bytes per record, plus unchanged bytes between changes in one block',
+      'over changed bytes: (patch bytes - changed bytes) / changed bytes; blksync carries 144 bytes',
+      '  of header and trailer and 136 bytes per record, plus unchanged bytes between changes in one block',
       'xdelta3 apply writes a new file (the whole image) and renames it over DST; rsync and blksync',
-      '  write in place; blksync apply fsyncs inside its time, the others do not',
+      '  write in place; blksync apply fsyncs inside its time, the others do not; blksync apply and',
+      '  rsync --read-batch read all of DST (blksync to check it between the records), xdelta3 all of BASE',
     ].join('\n'),
   );
 }
