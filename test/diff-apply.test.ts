@@ -284,6 +284,7 @@ test('from a stream: a wrong base is refused before the first write', async (t) 
 
 test('refusals: same file, missing target, patch over its base or new image', async (t) => {
   const dir = await tempDir(t);
+  await rejectsWith(diff('-', join(dir, 'none'), join(dir, 'p')), 'EUSAGE');
   const base = seededBytes(50_000, 51);
   const next = changed(base, 50_000, 52);
   const f = await setup(dir, base, next);

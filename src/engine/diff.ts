@@ -242,6 +242,12 @@ export async function diff(
   output: string | Writable,
   options: DiffOptions = {},
 ): Promise<DiffResult> {
+  if (base === '-') {
+    throw new BlksyncError(
+      'EUSAGE',
+      'BASE cannot be stdin (-): it is read by offset, beside NEW; give a file, a device or an index of BASE (NEW may be -)',
+    );
+  }
   if (typeof base === 'string' && (await hasMagic(base, INDEX_MAGIC))) {
     // an index made by `blksync index` stands for its image: only NEW is read
     const { indexAsBase } = await import('./index-target.js');
