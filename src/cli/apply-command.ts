@@ -20,7 +20,8 @@ function unchecked(r: ApplyResult, force: boolean): string[] {
     : ['only where the records go was TARGET checked (--records-only)'];
 }
 
-function applySummary(r: ApplyResult, force: boolean): string {
+/** The summary line of an apply, also of one interrupted (what it wrote before the signal). */
+export function applySummary(r: ApplyResult, force: boolean): string {
   const what = r.reverse ? 'patch undone' : 'patch';
   if (r.alreadyApplied) {
     return [
@@ -28,10 +29,13 @@ function applySummary(r: ApplyResult, force: boolean): string {
       ...unchecked(r, force),
     ].join('; ');
   }
-  const verb = r.dryRun ? 'would write' : 'wrote';
+  // interrupted, an apply has written fewer records than it set out to write
+  const [verb, records, bytes] = r.dryRun
+    ? ['would write', r.recordsToWrite, r.bytesToWrite]
+    : ['wrote', r.recordsWritten, r.bytesWritten];
   const parts = [
-    `${r.dryRun ? 'dry run: ' : ''}${what}: ${verb} ${r.recordsToWrite} of ${r.records} records ` +
-      `(${formatBytes(r.bytesToWrite)}) in ${r.seconds.toFixed(2)} s`,
+    `${r.dryRun ? 'dry run: ' : ''}${what}: ${verb} ${records} of ${r.records} records ` +
+      `(${formatBytes(bytes)}) in ${r.seconds.toFixed(2)} s`,
   ];
   if (r.recordsAlreadyApplied > 0)
     parts.push(`${r.recordsAlreadyApplied} records were already applied`);

@@ -139,6 +139,9 @@ function sourceIndexSummary(r: CopyResult): string {
     return `index of SRC ${s.path}: used; read ${formatBytes(s.bytesRead ?? r.bytesScanned)} of ${r.source} (${s.sampleBlocks} sample blocks)`;
   }
   const why = s.reason !== undefined ? ` (${s.reason})` : '';
+  if (s.notWritten !== undefined) {
+    return `index of SRC ${s.path}: not written${why}: ${s.notWritten}; read all of ${r.source}`;
+  }
   return `index of SRC ${s.path}: ${r.dryRun ? 'would be ' : ''}${s.mode}${why}; read all of ${r.source}`;
 }
 

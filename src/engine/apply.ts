@@ -345,7 +345,7 @@ function changedError(): BlksyncError {
   );
 }
 
-/** Whether earlier batches of a stream were written (a dry run counts what it would write). */
+/** Whether earlier batches of a stream were written (a dry run writes none). */
 function wroteBefore(result: ApplyResult): boolean {
   return result.recordsWritten > 0 && !result.dryRun;
 }

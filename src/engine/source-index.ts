@@ -64,6 +64,8 @@ export interface SourceIndexReport {
   sampleBlocks: number;
   /** Bytes of SRC a push read besides the sample (where the pipeline's count would mislead). */
   bytesRead?: number;
+  /** created / rebuilt, yet no index was saved after the copy: why (the next run reads SRC). */
+  notWritten?: string;
 }
 
 export class SourceIndex {
@@ -237,12 +239,21 @@ export class SourceIndex {
    */
   async save(hashes: Buffer): Promise<void> {
     if (this.#report.mode === 'used' || this.#report.mode === 'kept' || this.#o.dryRun) return;
-    if (this.#unsettled) return;
     const src = this.#o.opened;
+    if (this.#unsettled) {
+      this.#report.notWritten = `${src.path}'s ctime is ahead of this machine's clock, so no index can vouch for it`;
+      return;
+    }
     const now = await stat(src.path, { bigint: true }).catch(() => undefined);
-    if (now === undefined || now.size !== BigInt(src.size)) return;
-    if (now.mtimeNs.toString() !== this.#identity.mtimeNs) return;
-    if (now.ctimeNs.toString() !== this.#identity.ctimeNs) return;
+    if (
+      now === undefined ||
+      now.size !== BigInt(src.size) ||
+      now.mtimeNs.toString() !== this.#identity.mtimeNs ||
+      now.ctimeNs.toString() !== this.#identity.ctimeNs
+    ) {
+      this.#report.notWritten = `${src.path} changed while it was read`;
+      return;
+    }
     await writeNewIndex(this.path, {
       blockSize: this.#blockSize,
       imageSize: src.size,

@@ -35,6 +35,8 @@ export async function settledPast(ctimeNs: bigint): Promise<boolean> {
   const until = ctimeNs + most;
   // a timer may fire a little early: wait again, up to twice the granularity in all
   const giveUp = BigInt(Date.now()) * NS_PER_MS + 2n * most;
+  // a ctime further ahead than that (a clock set back, another host's) is given up at once
+  if (until > giveUp) return false;
   for (;;) {
     const now = BigInt(Date.now()) * NS_PER_MS;
     if (now >= until) return true;

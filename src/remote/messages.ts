@@ -198,6 +198,7 @@ const summaryOptional = {
   identity,
   index: indexReport,
   verify: verifySummary,
+  sourceIndexNotWritten: text(),
 };
 const targetSummary = object(summaryFields, summaryOptional);
 

@@ -296,6 +296,8 @@ export interface Summary {
   index?: IndexWireReport;
   /** target with `verify`: how the written ranges were read back (READ_BACK has the digests). */
   verify?: { direct: boolean; bytesRead: number; seconds: number };
+  /** source with `sourceIndex`: why the index READY said it would make was not written. */
+  sourceIndexNotWritten?: string;
 }
 
 /** Bytes of one READ_BACK record: u64 start, u64 end, u64 bytes, SHA-256. */

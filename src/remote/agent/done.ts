@@ -52,6 +52,7 @@ export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void>
     };
   }
   s.done = true;
+  const notWritten = s.sourceIndex?.report().notWritten;
   const cpu = process.cpuUsage();
   const summary: Summary = {
     bytes: s.bytes,
@@ -63,6 +64,7 @@ export async function done(s: AgentSession, o: Opened, p: Buffer): Promise<void>
     ...(directReport !== undefined ? { direct: directReport } : {}),
     ...(index !== undefined ? { index: index.report() } : {}),
     ...(verified !== undefined ? { verify: verified } : {}),
+    ...(notWritten !== undefined ? { sourceIndexNotWritten: notWritten } : {}),
   };
   await s.send(jsonFrame(FrameType.SUMMARY, summary));
   trace('SUMMARY sent');

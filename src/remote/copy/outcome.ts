@@ -147,7 +147,14 @@ export function interrupted(result: CopyResult): BlksyncError {
  */
 export function sourceIndexReport(ready: Ready, summary: Summary): { source?: SourceIndexReport } {
   if (ready.sourceIndex === undefined) return {};
-  return { source: { ...ready.sourceIndex, bytesRead: summary.bytesRead } };
+  const notWritten = summary.sourceIndexNotWritten;
+  return {
+    source: {
+      ...ready.sourceIndex,
+      bytesRead: summary.bytesRead,
+      ...(notWritten !== undefined ? { notWritten } : {}),
+    },
+  };
 }
 
 export function verifyReport(
