@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { VerifyingSource } from '../src/engine/bmap-verify.js';
-import { SharedBufferPool } from '../src/engine/hash-pool.js';
+import { SharedBufferPool } from '../src/io/buffer-pool.js';
 import { NoTarget } from '../src/engine/knowledge.js';
 import { runPipeline } from '../src/engine/pipeline.js';
 import { bmapCandidates } from '../src/engine/find-bmap.js';

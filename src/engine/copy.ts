@@ -25,7 +25,7 @@ import { openCopySource, type CopySource } from './copy-source.js';
 import { sourceIndexFor } from './source-index-choice.js';
 import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { isWholePlan, runPipeline } from './pipeline.js';
-import { SharedBufferPool } from './hash-pool.js';
+import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Range } from '../ranges.js';

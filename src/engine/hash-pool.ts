@@ -35,24 +35,6 @@ parentPort.on('message', (m) => {
 });
 `;
 
-/** A pool of buffers backed by SharedArrayBuffer, so hashing workers can read them in place. */
-export class SharedBufferPool {
-  readonly #size: number;
-  readonly #free: Buffer[] = [];
-
-  constructor(size: number) {
-    this.#size = size;
-  }
-
-  get(): Buffer {
-    return this.#free.pop() ?? Buffer.from(new SharedArrayBuffer(this.#size));
-  }
-
-  put(buf: Buffer): void {
-    this.#free.push(buf);
-  }
-}
-
 interface Pending {
   resolve: (out: ArrayBuffer) => void;
   reject: (err: Error) => void;

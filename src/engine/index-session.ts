@@ -30,7 +30,8 @@ import { OwnWrites } from '../io/write-counter.js';
 import type { Opened } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
 import type { Range } from '../ranges.js';
-import { HashPool, hashBlocksSync, SharedBufferPool } from './hash-pool.js';
+import { SharedBufferPool } from '../io/buffer-pool.js';
+import { HashPool, hashBlocksSync } from './hash-pool.js';
 import { decideIndex, indexFacts } from './index-policy.js';
 import {
   alignDown,

@@ -8,6 +8,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError, fromSystemError, type ErrorCode } from '../errors.js';
+import { BufferPool } from '../io/buffer-pool.js';
 import { readFully } from '../io/read-fully.js';
 import type { ChunkKnowledge, TargetKnowledge } from '../types.js';
 
@@ -31,24 +32,6 @@ export function diffBuffers(
     }
   }
   if (runStart >= 0) out.push(runStart, length);
-}
-
-/** A pool of equally sized buffers, so the hot loop allocates nothing. */
-export class BufferPool {
-  readonly #size: number;
-  readonly #free: Buffer[] = [];
-
-  constructor(size: number) {
-    this.#size = size;
-  }
-
-  get(): Buffer {
-    return this.#free.pop() ?? Buffer.allocUnsafe(this.#size);
-  }
-
-  put(buf: Buffer): void {
-    this.#free.push(buf);
-  }
 }
 
 export interface ReadTargetOptions {

@@ -11,7 +11,7 @@
 import { BlksyncError } from '../errors.js';
 import { RangeList } from '../ranges.js';
 import { trace } from '../trace.js';
-import { BufferPool } from './knowledge.js';
+import { BufferPool } from '../io/buffer-pool.js';
 import type {
   ChunkKnowledge,
   Plan,

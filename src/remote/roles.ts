@@ -11,7 +11,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { BlksyncError } from '../errors.js';
-import { BufferPool } from '../engine/knowledge.js';
+import { BufferPool } from '../io/buffer-pool.js';
 import type { ChunkKnowledge, Sink, Source, TargetKnowledge } from '../types.js';
 import type { FileSource } from '../io/file-source.js';
 import { HashDiffer } from './hash-differ.js';

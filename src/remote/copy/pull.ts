@@ -17,7 +17,7 @@ import { BlksyncError } from '../../errors.js';
 import { bmapSourcing, type BmapSourcing } from '../../engine/copy-source.js';
 import type { FoundBmap } from '../../engine/find-bmap.js';
 import type { IndexSession } from '../../engine/index-session.js';
-import { BufferPool } from '../../engine/knowledge.js';
+import { BufferPool } from '../../io/buffer-pool.js';
 import { runPipeline, wholeImagePlan, type PipelineResult } from '../../engine/pipeline.js';
 import { dataRangesOf } from '../../engine/sparse-plan.js';
 import type { VerifyReport } from '../../engine/verify-written.js';
