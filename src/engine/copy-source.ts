@@ -69,11 +69,16 @@ async function bmapModules() {
 /** Mapped bytes from which range checksums are computed on worker threads. */
 export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
 /**
- * Worker threads hashing ranges: one per core but one, left for reading and writing; at
- * least one, at most two (more ranges in memory buy little). On 2 cores one worker copied a
- * raw 300 MiB-mapped image as fast as two, with 15% less CPU.
+ * Worker threads hashing ranges: one per core but one, left for reading and writing, at
+ * most two (more ranges in memory buy little); none on 2 cores, where the main thread hashes.
+ * There a range's hash is one sequential stream whichever thread runs it, and the main
+ * thread has little else to do (the reads run on libuv's pool): a bmap copy of the realistic
+ * pair (272 MiB mapped, `npm run bench -- realistic`) took the same wall time with one worker
+ * as with none (0.32 s, `perf stat -r 12`), and 15–30% more CPU (455–519 ms against
+ * 363–397 ms): the worker's start (~30 ms) and two threads contending for 2 cores. On 2
+ * cores one worker had copied a raw 300 MiB-mapped image as fast as two, with 15% less CPU.
  */
-const HASH_WORKERS = Math.max(1, Math.min(2, availableParallelism() - 1));
+const HASH_WORKERS = availableParallelism() > 2 ? Math.min(2, availableParallelism() - 1) : 0;
 
 /** Reads the first bytes of a stream and gives back a stream that still starts with them. */
 async function peek(stream: Readable, n: number): Promise<{ head: Buffer; rest: Readable }> {
