@@ -5,9 +5,15 @@
  */
 
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import { alignedBuffers, BufferPool, SharedBufferPool } from '../src/io/buffer-pool.js';
+import { cliCommand } from './helpers/cli.js';
 
 for (const size of [1, 4096, 65536 + 1, 1024 * 1024, 3 * 1024 * 1024 + 512, 32 * 1024 * 1024]) {
   test(`a pool's buffers of ${size} bytes are whole and apart`, () => {
@@ -76,3 +82,31 @@ test('alignedBuffers gives as many buffers as asked, of the size asked', () => {
     assert.ok(b.buffer instanceof SharedArrayBuffer);
   }
 });
+
+test('under a virtual-memory limit (no WebAssembly.Memory to be had) a copy still comes out right', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'blksync-vmlimit-'));
+  try {
+    const src = join(dir, 'src.img');
+    const dst = join(dir, 'dst.img');
+    const data = randomBytes(5 * 1024 * 1024 + 4096);
+    writeFileSync(src, data);
+    const old = Buffer.from(data);
+    old.fill(0, 1024 * 1024, 3 * 1024 * 1024);
+    writeFileSync(dst, old);
+    // 1.5 GB of address space: Node runs, V8 cannot reserve a wasm memory's guard regions
+    const [file, args] = cliCommand(['copy', '-q', src, dst]);
+    const shell = `ulimit -v 1500000 && exec ${[file, ...args].map(quote).join(' ')}`;
+    const probe = `ulimit -v 1500000 && exec ${quote(process.execPath)} -e ${quote(
+      'try { new WebAssembly.Memory({ initial: 16, maximum: 16 }); console.log("memory") } catch { console.log("none") }',
+    )}`;
+    assert.equal(execFileSync('bash', ['-c', probe], { encoding: 'utf8' }).trim(), 'none');
+    execFileSync('bash', ['-c', shell], { stdio: 'pipe' });
+    assert.ok(readFileSync(dst).equals(data), 'DST equals SRC after the copy');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+function quote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
