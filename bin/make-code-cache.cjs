@@ -9,7 +9,7 @@
 const { mkdtempSync, rmSync, writeFileSync, readFileSync } = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
-const { loadCli, cacheHeader, BUNDLE } = require('./load-cli.cjs');
+const { loadCli, cacheFile, BUNDLE } = require('./load-cli.cjs');
 
 const CACHE = `${BUNDLE}.cache`;
 
@@ -33,10 +33,7 @@ async function makeCache() {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
-  writeFileSync(
-    CACHE,
-    Buffer.concat([cacheHeader(readFileSync(BUNDLE)), script.createCachedData()]),
-  );
+  writeFileSync(CACHE, cacheFile(readFileSync(BUNDLE), script.createCachedData()));
 }
 
 makeCache().then(

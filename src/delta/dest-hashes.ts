@@ -19,6 +19,7 @@ import { chunkCount, chunkLength, type PublishedHeader } from '../formats/publis
 import { HASH_BYTES, sha256 } from '../hash.js';
 import type { Range } from '../ranges.js';
 import { trace } from '../trace.js';
+import { addressSpaceLimited } from '../io/address-space.js';
 import { sectorsWritten } from '../io/write-counter.js';
 
 /**
@@ -178,7 +179,10 @@ export async function prepareDestination(
 ): Promise<PreparedDestination> {
   // started first: the thread starts while DST is opened and mapped and the index fetched;
   // stopped again when DST holds too little data for it to pay
-  let worker = workerMinBytes < Infinity && availableParallelism() > 1 ? startWorker() : undefined;
+  let worker =
+    workerMinBytes < Infinity && availableParallelism() > 1 && !addressSpaceLimited()
+      ? startWorker()
+      : undefined;
   let fh: FileHandle;
   try {
     // O_NONBLOCK: a FIFO (or a tty) opens at once instead of waiting for a writer, to be

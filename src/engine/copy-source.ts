@@ -32,6 +32,7 @@ import {
   type Compression,
   type Decoder,
 } from '../io/decompress.js';
+import { addressSpaceLimited } from '../io/address-space.js';
 import { FileSource } from '../io/file-source.js';
 import { openSource, sameFile, type Opened } from '../io/open.js';
 import { SequentialSource, type WrongEnd } from '../io/sequential-source.js';
@@ -77,8 +78,13 @@ export const WORKER_HASHING_MIN_BYTES = 64 * 1024 * 1024;
  * as with none (0.32 s, `perf stat -r 12`), and 15–30% more CPU (455–519 ms against
  * 363–397 ms): the worker's start (~30 ms) and two threads contending for 2 cores. On 2
  * cores one worker had copied a raw 300 MiB-mapped image as fast as two, with 15% less CPU.
+ * None under `ulimit -v` either, where a worker's start could abort the process
+ * (io/address-space.ts).
  */
-const HASH_WORKERS = availableParallelism() > 2 ? Math.min(2, availableParallelism() - 1) : 0;
+const HASH_WORKERS =
+  availableParallelism() > 2 && !addressSpaceLimited()
+    ? Math.min(2, availableParallelism() - 1)
+    : 0;
 
 /** Reads the first bytes of a stream and gives back a stream that still starts with them. */
 async function peek(stream: Readable, n: number): Promise<{ head: Buffer; rest: Readable }> {

@@ -13,6 +13,7 @@ import { hash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { HASH_BYTES } from '../hash.js';
+import { addressSpaceLimited } from '../io/address-space.js';
 
 /** Worker threads used for hashing by default: one per core, at most four. */
 export const DEFAULT_HASH_THREADS = Math.max(1, Math.min(4, availableParallelism()));
@@ -64,9 +65,12 @@ export class HashPool {
   /** Bytes hashed so far, on any thread. */
   bytesHashed = 0;
 
-  /** `threads` 0 hashes on the main thread. */
+  /**
+   * `threads` 0 hashes on the main thread; so does any number under `ulimit -v`, where a
+   * worker's start could abort the process (io/address-space.ts).
+   */
   constructor(threads = DEFAULT_HASH_THREADS) {
-    this.#threads = Math.max(0, Math.floor(threads));
+    this.#threads = addressSpaceLimited() ? 0 : Math.max(0, Math.floor(threads));
   }
 
   /** Worker threads hashing (0: the main thread). */

@@ -8,6 +8,7 @@
  * EPATCH_UNSUPPORTED.
  */
 
+import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import { gunzip, gzip } from 'node:zlib';
 import { BlksyncError } from '../errors.js';
@@ -29,22 +30,18 @@ interface Zstd {
 let zstd: Promise<Zstd | undefined> | undefined;
 
 function loadZstd(): Promise<Zstd | undefined> {
-  // variable specifiers keep tsc from requiring the optional package's types
-  const main = 'zstd-napi';
-  const binding = 'zstd-napi/binding.js';
-  // CommonJS modules: the exports object is the namespace's default
-  type Cjs<T> = Partial<T> & { default?: Partial<T> };
-  zstd ??= Promise.all([
-    import(main) as Promise<Cjs<Pick<Zstd, 'compress'>>>,
-    import(binding) as Promise<Cjs<Pick<Zstd, 'DCtx'>>>,
-  ]).then(
-    ([m, b]) => {
-      const compress = m.compress ?? m.default?.compress;
-      const DCtx = b.DCtx ?? b.default?.DCtx;
-      return compress && DCtx ? { compress, DCtx } : undefined;
-    },
-    () => undefined,
-  );
+  // required, not import()ed: the CLI bundle is compiled from V8's code cache
+  // (bin/load-cli.cjs), and on Node 20 a script compiled from a cache cannot import()
+  zstd ??= new Promise((resolve) => {
+    try {
+      const load = createRequire(import.meta.url);
+      const m = load('zstd-napi') as Partial<Pick<Zstd, 'compress'>>;
+      const b = load('zstd-napi/binding.js') as Partial<Pick<Zstd, 'DCtx'>>;
+      resolve(m.compress && b.DCtx ? { compress: m.compress, DCtx: b.DCtx } : undefined);
+    } catch {
+      resolve(undefined);
+    }
+  });
   return zstd;
 }
 

@@ -8,14 +8,16 @@
  * 80–100 ms; the same gap with a C loop, aligned_alloc against aligned_alloc + 16).
  * Node has no aligned allocator, but WebAssembly.Memory is mmap'd by V8 and so starts on a
  * page: each slab is one Memory, carved into buffers at multiples of 64 KiB. Its pages are
- * committed only when touched, like malloc's. Where a Memory cannot be had (an address-space
- * limit: V8 reserves guard regions for each), plain buffers serve, only slower.
+ * committed only when touched, like malloc's. Where a Memory cannot be had, or the address
+ * space is limited (V8 reserves guard regions for each), plain buffers serve, only slower.
  *
  *   slab (one WebAssembly.Memory, never grown: growing would detach every buffer in it)
  *   ┌────────────┬────────────┬─────┬────────────┐
  *   │ buffer 0   │ buffer 1   │ ... │ buffer n-1 │   stride = size rounded up to 64 KiB
  *   └────────────┴────────────┴─────┴────────────┘
  */
+
+import { addressSpaceLimited } from './address-space.js';
 
 /** WebAssembly's page: Memory sizes are multiples of it. */
 const WASM_PAGE_BYTES = 64 * 1024;
@@ -34,14 +36,16 @@ function alignedSlab(size: number, count: number, shared: boolean): Buffer[] {
   return out;
 }
 
-/** Whether WebAssembly.Memory failed once: then every later pool uses plain buffers at once. */
-let unaligned = false;
+/** Plain buffers only: the address space is limited, or WebAssembly.Memory failed once. */
+let unaligned: boolean | undefined;
 
 /**
  * `count` page-aligned buffers of `size` bytes, or plain ones where no Memory can be had.
  * `shared`: backed by shared memory, so worker threads can read them in place.
  */
 export function alignedBuffers(size: number, count: number, shared = false): Buffer[] {
+  // under `ulimit -v` a Memory's reservation could leave a worker thread no room (address-space.ts)
+  unaligned ??= addressSpaceLimited();
   if (!unaligned && size > 0) {
     try {
       return alignedSlab(size, count, shared);

@@ -6,6 +6,7 @@
  * be stale. Kept out of the agent bundle: it reaches for esbuild and import.meta.
  */
 
+import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { deflateRawSync } from 'node:zlib';
@@ -30,8 +31,9 @@ export const AGENT_BUILD = {
 let cached: Promise<Buffer> | undefined;
 
 async function buildInMemory(): Promise<string> {
-  // esbuild is a devDependency: present wherever the sources are run
-  const esbuild = await import('esbuild');
+  // esbuild is a devDependency: present wherever the sources are run. Required, not
+  // import()ed: a script compiled from V8's code cache (bin/load-cli.cjs) cannot import()
+  const esbuild = createRequire(import.meta.url)('esbuild') as typeof import('esbuild');
   const out = await esbuild.build({ ...AGENT_BUILD, entryPoints: [ENTRY_PATH], write: false });
   const file = out.outputFiles[0];
   if (file === undefined) throw new Error('esbuild produced no output');
