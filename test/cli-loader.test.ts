@@ -136,4 +136,25 @@ test('the built CLI starts from its code cache and runs', (t) => {
   // must require() what it loads late (zstd-napi, esbuild), never import() it
   const calls = readFileSync(bundle, 'utf8').match(/\bimport\s*\(/g) ?? [];
   assert.deepEqual(calls, [], 'the CLI bundle has no dynamic import()');
+  // what a hostile review found broken with the cache: a zstd patch, made and applied
+  const dir = mkdtempSync(join(tmpdir(), 'blksync-loader-zstd-'));
+  try {
+    const base = Buffer.alloc(300_000, 'blksync ');
+    const next = Buffer.from(base);
+    next.write('changed', 123_456);
+    writeFileSync(join(dir, 'base'), base);
+    writeFileSync(join(dir, 'next'), next);
+    writeFileSync(join(dir, 'target'), base);
+    const cli = (...args: string[]): string =>
+      execFileSync(process.execPath, [join(ROOT, 'bin', 'blksync.js'), ...args], {
+        cwd: dir,
+        encoding: 'utf8',
+      });
+    cli('diff', '-q', '--compress', 'zstd', '-o', 'p.bsp', 'base', 'next');
+    assert.match(cli('info', 'p.bsp'), /compression zstd/);
+    cli('apply', '-q', 'p.bsp', 'target');
+    assert.ok(readFileSync(join(dir, 'target')).equals(next), 'the zstd patch applied');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

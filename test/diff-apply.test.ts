@@ -615,3 +615,17 @@ test('NEW the start of a longer BASE, cut at a block: the patch checks the last 
   await apply(f.patch, f.target);
   assert.deepEqual(await readFile(f.target), base.subarray(0, 4 * BS));
 });
+
+test('a zstd patch applies and reverses (zstd-napi, a devDependency, loaded by require)', async (t) => {
+  const dir = await tempDir(t);
+  const base = Buffer.alloc(600_000, 'blksync patch text ');
+  const next = changed(base, 600_000, 31);
+  const f = await setup(dir, base, next);
+  const made = await diff(f.base, f.next, f.patch, { compress: 'zstd', reversible: true });
+  assert.equal(made.compression, 'zstd');
+  assert.equal((await describePatch(f.patch)).compression, 'zstd');
+  await apply(f.patch, f.target);
+  assert.deepEqual(await readFile(f.target), next);
+  await apply(f.patch, f.target, { reverse: true });
+  assert.deepEqual(await readFile(f.target), base);
+});
