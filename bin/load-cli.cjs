@@ -64,6 +64,8 @@ function loadCli(useCache = true, bundle = BUNDLE) {
   return {
     cli: mod.exports,
     script,
+    // the bytes compiled: a cache made from `script` must name these, not a later read
+    source,
     cacheUsed: cachedData !== undefined && !script.cachedDataRejected,
   };
 }

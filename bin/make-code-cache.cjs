@@ -15,7 +15,7 @@ const CACHE = `${BUNDLE}.cache`;
 
 async function makeCache() {
   rmSync(CACHE, { force: true });
-  const { cli, script } = loadCli(false);
+  const { cli, script, source } = loadCli(false);
   const dir = mkdtempSync(path.join(os.tmpdir(), 'blksync-code-cache-'));
   try {
     const src = path.join(dir, 'src.img');
@@ -33,7 +33,8 @@ async function makeCache() {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
-  writeFileSync(CACHE, cacheFile(readFileSync(BUNDLE), script.createCachedData()));
+  // the digest of the bytes V8 compiled, not of a second read: the file may change meanwhile
+  writeFileSync(CACHE, cacheFile(source, script.createCachedData()));
 }
 
 makeCache().then(

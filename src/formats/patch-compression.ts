@@ -50,7 +50,7 @@ async function needZstd(): Promise<Zstd> {
   if (z === undefined) {
     throw new BlksyncError(
       'EPATCH_UNSUPPORTED',
-      'zstd needs the optional package zstd-napi (npm install zstd-napi), or use --compress gzip',
+      'zstd needs the optional package zstd-napi (npm install zstd-napi); diff makes gzip patches without it (--compress gzip)',
     );
   }
   return z;
