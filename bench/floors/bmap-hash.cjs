@@ -19,7 +19,7 @@ function hashRanges(image, ranges) {
   const out = [];
   for (const [start, end] of ranges) {
     const h = createHash('sha256');
-    for (let at = start; at < end; ) {
+    for (let at = start; at < end;) {
       const n = readSync(fd, buf, 0, Math.min(PIECE, end - at), at);
       h.update(buf.subarray(0, n));
       at += n;
