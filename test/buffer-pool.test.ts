@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import { alignedBuffers, BufferPool, SharedBufferPool } from '../src/io/buffer-pool.js';
+import { shellQuote } from '../src/remote/spec.js';
 import { cliCommand } from './helpers/cli.js';
 
 for (const size of [1, 4096, 65536 + 1, 1024 * 1024, 3 * 1024 * 1024 + 512, 32 * 1024 * 1024]) {
@@ -98,7 +99,7 @@ for (const limitKb of [1_500_000, 12_000_000]) {
       writeFileSync(dst, old);
       const limited = (args: string[]): void => {
         const [file, argv] = cliCommand(args);
-        const shell = `ulimit -v ${limitKb} && exec ${[file, ...argv].map(quote).join(' ')}`;
+        const shell = `ulimit -v ${limitKb} && exec ${[file, ...argv].map(shellQuote).join(' ')}`;
         execFileSync('bash', ['-c', shell], { stdio: 'pipe' });
       };
       limited(['copy', '-q', src, dst]);
@@ -113,8 +114,4 @@ for (const limitKb of [1_500_000, 12_000_000]) {
       rmSync(dir, { recursive: true, force: true });
     }
   });
-}
-
-function quote(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
 }
