@@ -106,7 +106,9 @@ export type ErrorCode =
   /** The published files changed on the server between two requests of one copy (ETag/Last-Modified). */
   | 'EPUB_CHANGED'
   /** A web server's answer to a range request is not what was asked (wrong Content-Range, 416, bad multipart). */
-  | 'ESRC_RANGE';
+  | 'ESRC_RANGE'
+  /** The CLI's command stopped before it finished without an error (a bug): not reported as done. */
+  | 'EINTERNAL';
 
 /**
  * Stable codes of warnings: problems the library worked around, or that do not stop the run

@@ -121,3 +121,22 @@ test('index options without --index, or --trust-index with --rebuild-index, are 
     await absent(join(dir, 'dst.img'));
   }
 });
+
+test('a command that stops before it finished, without an error, exits 1 with EINTERNAL, never 0', async (t) => {
+  // a stand-in for a bug: opening DST never settles, so the event loop runs empty mid-command
+  const dir = await tempDir(t);
+  const hang = join(dir, 'hang.cjs');
+  await writeFile(
+    hang,
+    "const p = require('node:fs/promises'); const open = p.open;\n" +
+      "p.open = (path, ...rest) => String(path).endsWith('dst.img') ? new Promise(() => {}) : open(path, ...rest);\n",
+  );
+  const src = join(dir, 'src.img');
+  await writeFile(src, Buffer.alloc(65536, 7));
+  const r = await runCli(['copy', '--json', src, join(dir, 'dst.img')], {
+    env: { NODE_OPTIONS: `--require ${hang}` },
+  });
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(firstLine(r.stderr), /^blksync: internal error: .* \[EINTERNAL\]$/);
+  assert.equal((JSON.parse(r.stdout) as { error: { code: string } }).error.code, 'EINTERNAL');
+});

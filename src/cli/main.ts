@@ -78,6 +78,18 @@ export async function main(argv: readonly string[]): Promise<void> {
   if (process.env.BLKSYNC_TRACE === '1') startTrace(printTrace);
   trace('cli started (node and the CLI bundle loaded)');
   let exitCode: number | undefined;
+  // Node ends a process whose event loop ran empty with status 0, also while the command
+  // still awaited something that could no longer happen (a bug): that must not pass as done
+  const unfinished = (): void => {
+    process.exitCode = reportError(
+      new BlksyncError(
+        'EINTERNAL',
+        'internal error: the command stopped before it finished; what it wrote may be incomplete, rerun it',
+      ),
+      { json: argv.includes('--json') },
+    );
+  };
+  process.once('exit', unfinished);
   const errText = { text: '' };
   const program = buildProgram((code) => {
     exitCode = code;
@@ -91,6 +103,7 @@ export async function main(argv: readonly string[]): Promise<void> {
       { usageText: errText.text },
     );
   }
+  process.removeListener('exit', unfinished);
   process.exitCode = exitCode ?? 0;
   trace(`exit ${process.exitCode}`);
 }

@@ -27,9 +27,10 @@ import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { isWholePlan, runPipeline } from './pipeline.js';
 import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
+import { narrowToDiffering } from './equal-scan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Range } from '../ranges.js';
-import type { Sink, TargetKnowledge } from '../types.js';
+import type { Plan, Sink, TargetKnowledge } from '../types.js';
 import {
   chunkSizeFor,
   DEFAULT_BLOCK_SIZE,
@@ -230,7 +231,25 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    const run = await runPipeline(plan, from, knowledge, sink ? [sink] : [], {
+    // SRC and DST both read as they are, compared and nothing else: on all cores first, so the
+    // pipeline reads only the chunks that differ
+    const scan =
+      knowledge instanceof ReadTarget &&
+      onChunk === undefined &&
+      hold === undefined &&
+      from === source.source &&
+      source.file?.fh !== undefined &&
+      source.compression === undefined &&
+      source.container === undefined &&
+      source.delta === undefined
+        ? await narrowToDiffering(plan, source.file.fh.fd, target!.fh.fd, {
+            chunkSize,
+            signal: options.signal,
+            onProgress: options.onProgress,
+          })
+        : undefined;
+    const scanTotal = scan !== undefined ? bytesOf(plan) : 0;
+    const run = await runPipeline(scan?.plan ?? plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
       depth: options.depth ?? DEFAULT_DEPTH,
@@ -238,7 +257,14 @@ export async function copyLocal(
       onProgress:
         options.onProgress !== undefined && source.delta !== undefined
           ? (p) => options.onProgress!({ ...p, bytesFetched: source.delta!().bytesFetched })
-          : options.onProgress,
+          : options.onProgress !== undefined && scan !== undefined
+            ? (p) =>
+                options.onProgress!({
+                  ...p,
+                  bytesScanned: scan.bytesEqual + p.bytesScanned,
+                  bytesTotal: scanTotal,
+                })
+            : options.onProgress,
       onChunk,
       // shared memory: a bmap's large ranges are hashed on a worker in the pipeline's buffers
       buffers: index?.buffers ?? (hold !== undefined ? new SharedBufferPool(chunkSize) : undefined),
@@ -282,8 +308,8 @@ export async function copyLocal(
       source: src,
       destination: dst,
       bytesTotal: source.size,
-      bytesScanned: run.bytesScanned,
-      bytesRead: knowledge.bytesRead,
+      bytesScanned: (scan?.bytesEqual ?? 0) + run.bytesScanned,
+      bytesRead: (scan?.bytesEqual ?? 0) + knowledge.bytesRead,
       blockSize: index?.target?.blockSize ?? blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,
@@ -307,7 +333,7 @@ export async function copyLocal(
     if (run.interrupted) {
       throw new BlksyncError(
         'EINTERRUPTED',
-        `interrupted after ${formatBytes(run.bytesScanned)} of ${formatBytes(source.size)}; rerun the same command to finish`,
+        `interrupted after ${formatBytes(result.bytesScanned)} of ${formatBytes(source.size)}; rerun the same command to finish`,
         { partial: result },
       );
     }
@@ -362,6 +388,10 @@ function sparseSides(
   if (target?.fh === undefined || target.kind !== 'file') return [];
   sides.push({ fh: target.fh, path: dst });
   return sides;
+}
+
+function bytesOf(plan: Plan): number {
+  return plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
 }
 
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */

@@ -1,0 +1,165 @@
+/**
+ * engine/equal-scan.ts: SRC and DST compared on every core before the pipeline, which then
+ * reads only the chunks found to differ. Real files; the worker threads run for real (the
+ * tests ask for them where the files are too small for the default to start one).
+ */
+
+import assert from 'node:assert/strict';
+import { open, readFile, truncate, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { copy } from '../src/copy.js';
+import { narrowToDiffering } from '../src/engine/equal-scan.js';
+import { wholeImagePlan } from '../src/engine/pipeline.js';
+import { seededBytes, tempDir } from './helpers/tmp.js';
+
+const MiB = 1024 * 1024;
+const CHUNK = MiB;
+
+/** SRC of `size` seeded bytes, and DST a copy of it with `changes` applied. */
+async function pair(
+  dir: string,
+  size: number,
+  changes: readonly { offset: number; bytes: Buffer }[],
+): Promise<{ src: string; dst: string; data: Buffer }> {
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  const data = seededBytes(size, 7);
+  await writeFile(src, data);
+  const old = Buffer.from(data);
+  for (const c of changes) c.bytes.copy(old, c.offset);
+  await writeFile(dst, old);
+  return { src, dst, data };
+}
+
+async function scan(src: string, dst: string, size: number, workers: number) {
+  const s = await open(src, 'r');
+  const d = await open(dst, 'r');
+  try {
+    return await narrowToDiffering(wholeImagePlan(size), s.fd, d.fd, {
+      chunkSize: CHUNK,
+      workers,
+    });
+  } finally {
+    await s.close();
+    await d.close();
+  }
+}
+
+for (const workers of [0, 1, 3]) {
+  test(`the scan keeps exactly the chunks that differ (${workers} workers)`, async (t) => {
+    const dir = await tempDir(t);
+    // a partial last chunk, a change in it, one on a chunk boundary, one in the first byte
+    const size = 40 * MiB + 12345;
+    const { src, dst } = await pair(dir, size, [
+      { offset: 0, bytes: Buffer.from([0x55 ^ 0xff]) },
+      { offset: 17 * MiB - 2, bytes: Buffer.from('four') }, // chunks 16 and 17
+      { offset: 40 * MiB + 12000, bytes: Buffer.from('tail') },
+    ]);
+    // the first byte must really differ: flip whatever SRC holds there
+    const first = (await readFile(src)).subarray(0, 1);
+    const fh = await open(dst, 'r+');
+    await fh.write(Buffer.from([first[0]! ^ 0xff]), 0, 1, 0);
+    await fh.close();
+
+    const r = await scan(src, dst, size, workers);
+    assert.deepEqual(r.plan.ranges, [
+      { start: 0, end: MiB },
+      { start: 16 * MiB, end: 18 * MiB },
+      { start: 40 * MiB, end: size },
+    ]);
+    assert.equal(r.bytesEqual, size - 2 * MiB - 12345 - MiB);
+  });
+}
+
+test('a DST shorter than the plan: the chunks past its end count as differing', async (t) => {
+  const dir = await tempDir(t);
+  const size = 8 * MiB;
+  const { src, dst } = await pair(dir, size, []);
+  await truncate(dst, 5 * MiB + 100);
+  const r = await scan(src, dst, size, 1);
+  assert.deepEqual(r.plan.ranges, [{ start: 5 * MiB, end: size }]);
+});
+
+test('a copy scanned on all cores writes only what differs and ends equal to SRC', async (t) => {
+  const dir = await tempDir(t);
+  // above the size where a worker starts by default
+  const size = 80 * MiB + 4096 * 3;
+  const changes = [3 * MiB + 5, 33 * MiB, 79 * MiB + 4095, 80 * MiB + 8000].map((offset, i) => ({
+    offset,
+    bytes: Buffer.from(`change ${i}`),
+  }));
+  const { src, dst, data } = await pair(dir, size, changes);
+  const r = await copy(src, dst);
+  assert.deepEqual(await readFile(dst), data);
+  // every byte compared and read from DST once; only the changed blocks written
+  assert.equal(r.bytesScanned, size);
+  assert.equal(r.bytesRead, size);
+  assert.equal(r.blocksDiffering, 5); // 79 MiB + 4095 straddles two blocks
+  assert.equal(r.bytesWritten, 5 * 4096);
+
+  const again = await copy(src, dst);
+  assert.equal(again.bytesWritten, 0);
+  assert.equal(again.bytesScanned, size);
+});
+
+test('progress during the scan counts toward the whole plan and ends at its size', async (t) => {
+  const dir = await tempDir(t);
+  const size = 70 * MiB;
+  const { src, dst } = await pair(dir, size, [{ offset: 69 * MiB, bytes: Buffer.from('x!') }]);
+  const seen: { bytesScanned: number; bytesTotal: number }[] = [];
+  await copy(src, dst, { onProgress: (p) => seen.push(p) });
+  assert.ok(seen.length > 2, `only ${seen.length} progress events`);
+  for (const p of seen) assert.equal(p.bytesTotal, size);
+  for (let i = 1; i < seen.length; i++) {
+    assert.ok(seen[i]!.bytesScanned >= seen[i - 1]!.bytesScanned, 'progress went backwards');
+  }
+  assert.equal(seen[seen.length - 1]!.bytesScanned, size);
+});
+
+test('an interruption during the scan writes nothing and says to rerun', async (t) => {
+  const dir = await tempDir(t);
+  const size = 96 * MiB;
+  const { src, dst, data } = await pair(dir, size, [
+    { offset: 90 * MiB, bytes: Buffer.from('late change') },
+  ]);
+  const before = await readFile(dst);
+  const ac = new AbortController();
+  await assert.rejects(
+    copy(src, dst, {
+      signal: ac.signal,
+      onProgress: (p) => {
+        if (p.bytesScanned > 0) ac.abort();
+      },
+    }),
+    (err: Error & { code?: string }) => err.code === 'EINTERRUPTED',
+  );
+  assert.deepEqual(await readFile(dst), before);
+  // the rerun finishes the job
+  const r = await copy(src, dst);
+  assert.equal(r.bytesWritten, 4096);
+  assert.deepEqual(await readFile(dst), data);
+});
+
+/** Bytes this process has read through read(2) and pread(2) so far, its threads included. */
+async function bytesReadSoFar(): Promise<number> {
+  const io = await readFile('/proc/self/io', 'latin1');
+  return Number(/^rchar: (\d+)$/m.exec(io)![1]);
+}
+
+test('a DST unlike SRC is not read twice: the scan gives up and the pipeline reads it once', async (t) => {
+  const dir = await tempDir(t);
+  const size = 96 * MiB;
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  const data = seededBytes(size, 3);
+  await writeFile(src, data);
+  await writeFile(dst, seededBytes(size, 4));
+  const before = await bytesReadSoFar();
+  const r = await copy(src, dst);
+  const read = (await bytesReadSoFar()) - before;
+  assert.deepEqual(await readFile(dst), data);
+  assert.equal(r.bytesWritten, size);
+  // both files once (2 × size), and the few chunks compared before the scan gave up again
+  assert.ok(read < 2.5 * size, `read ${read} bytes for two files of ${size}`);
+});
