@@ -9,6 +9,7 @@ import { FileSource } from '../io/file-source.js';
 import { openSource } from '../io/open.js';
 import { RangeList, type Range } from '../ranges.js';
 import { checkBlockSize, chunkSizeFor, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH } from './block-size.js';
+import { narrowToDiffering, progressAfterScan } from './equal-scan.js';
 import { ReadTarget } from './knowledge.js';
 import { runPipeline, wholeImagePlan } from './pipeline.js';
 import type { ProgressListener } from '../types.js';
@@ -66,23 +67,23 @@ export async function compare(
       const ranges = new RangeList({ gap: blockSize });
       // the target knowledge keeps B's chunk; compare it byte by byte only at the ends of spans
       const target = new ReadTarget(B.fh, b, chunkSize);
-      const run = await runPipeline(
-        wholeImagePlan(common),
-        new FileSource(A.fh, a, A.size, false),
-        target,
-        [],
-        {
-          blockSize,
-          chunkSize,
-          depth: options.depth ?? DEFAULT_DEPTH,
-          signal: options.signal,
-          onProgress: options.onProgress,
-          onDiffer: (offset, data, s, e, knowledge) => {
-            const other = knowledge.held!;
-            ranges.add(offset + firstDiff(data, other, s, e), offset + lastDiff(data, other, s, e));
-          },
+      // the chunks that differ, found on all cores; the pipeline finds where in them
+      const scan = await narrowToDiffering(wholeImagePlan(common), A.fh.fd, B.fh.fd, {
+        chunkSize,
+        signal: options.signal,
+        onProgress: options.onProgress,
+      });
+      const run = await runPipeline(scan.plan, new FileSource(A.fh, a, A.size, false), target, [], {
+        blockSize,
+        chunkSize,
+        depth: options.depth ?? DEFAULT_DEPTH,
+        signal: options.signal,
+        onProgress: progressAfterScan(scan, options.onProgress),
+        onDiffer: (offset, data, s, e, knowledge) => {
+          const other = knowledge.held!;
+          ranges.add(offset + firstDiff(data, other, s, e), offset + lastDiff(data, other, s, e));
         },
-      );
+      });
       if (run.interrupted) {
         throw new BlksyncError('EINTERRUPTED', 'interrupted');
       }

@@ -27,10 +27,10 @@ import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { isWholePlan, runPipeline } from './pipeline.js';
 import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
-import { narrowToDiffering } from './equal-scan.js';
+import { narrowToDiffering, progressAfterScan } from './equal-scan.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Range } from '../ranges.js';
-import type { Plan, Sink, TargetKnowledge } from '../types.js';
+import type { Sink, TargetKnowledge } from '../types.js';
 import {
   chunkSizeFor,
   DEFAULT_BLOCK_SIZE,
@@ -248,7 +248,6 @@ export async function copyLocal(
             onProgress: options.onProgress,
           })
         : undefined;
-    const scanTotal = scan !== undefined ? bytesOf(plan) : 0;
     const run = await runPipeline(scan?.plan ?? plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
@@ -257,13 +256,8 @@ export async function copyLocal(
       onProgress:
         options.onProgress !== undefined && source.delta !== undefined
           ? (p) => options.onProgress!({ ...p, bytesFetched: source.delta!().bytesFetched })
-          : options.onProgress !== undefined && scan !== undefined
-            ? (p) =>
-                options.onProgress!({
-                  ...p,
-                  bytesScanned: scan.bytesEqual + p.bytesScanned,
-                  bytesTotal: scanTotal,
-                })
+          : scan !== undefined
+            ? progressAfterScan(scan, options.onProgress)
             : options.onProgress,
       onChunk,
       // shared memory: a bmap's large ranges are hashed on a worker in the pipeline's buffers
@@ -388,10 +382,6 @@ function sparseSides(
   if (target?.fh === undefined || target.kind !== 'file') return [];
   sides.push({ fh: target.fh, path: dst });
   return sides;
-}
-
-function bytesOf(plan: Plan): number {
-  return plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
 }
 
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */

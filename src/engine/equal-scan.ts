@@ -140,6 +140,8 @@ export interface EqualScanResult {
   plan: Plan;
   /** Bytes found equal on both sides (read from DST, and from SRC, once each). */
   bytesEqual: number;
+  /** Bytes of the plan scanned. */
+  bytesTotal: number;
   /** Threads that compared, the main one included. */
   threads: number;
 }
@@ -291,6 +293,24 @@ export async function narrowToDiffering(
   return {
     plan: { imageSize: plan.imageSize, ranges },
     bytesEqual,
+    bytesTotal,
     threads: 1 + workers.length,
   };
+}
+
+/**
+ * The pipeline's progress over the narrowed plan as progress over the whole one: it goes on
+ * from the bytes the scan found equal.
+ */
+export function progressAfterScan(
+  scan: EqualScanResult,
+  onProgress: ProgressListener | undefined,
+): ProgressListener | undefined {
+  if (onProgress === undefined) return undefined;
+  return (p) =>
+    onProgress({
+      ...p,
+      bytesScanned: scan.bytesEqual + p.bytesScanned,
+      bytesTotal: scan.bytesTotal,
+    });
 }
