@@ -187,6 +187,7 @@ export async function narrowToDiffering(
   options: EqualScanOptions,
 ): Promise<EqualScanResult> {
   const { chunkSize, signal } = options;
+  trace('equal scan started');
   const list = [...chunksOf(plan, chunkSize)];
   const count = list.length;
   const bytesTotal = list.reduce((n, c) => n + c.length, 0);
