@@ -175,6 +175,25 @@ export function stopIdleDigestWorkers(): void {
   for (const w of idleWorkers.splice(0)) w.close();
 }
 
+/** A range's checksum did not match: `beforeWriting` when nothing of it was written. */
+export function checksumError(
+  image: string,
+  range: VerifiedRange,
+  algorithm: string,
+  computed: string,
+  beforeWriting: boolean,
+): BlksyncError {
+  return new BlksyncError(
+    'EBMAP_CHECKSUM',
+    `${image}: ${range.label} (bytes ${range.start}-${range.end - 1}) do not match the bmap's ` +
+      `${algorithm} checksum (computed ${computed}, expected ${range.checksum}); ` +
+      (beforeWriting
+        ? 'nothing of this range was written. The image is damaged or the bmap belongs to another image'
+        : 'the range was too large to check before writing and is written but bad: get a good image and rerun'),
+    { path: image },
+  );
+}
+
 export interface VerifiedRange {
   /** Byte span [start, end) in the image. */
   start: number;
@@ -624,15 +643,7 @@ export class VerifyingSource implements Source {
       this.verified++;
       return;
     }
-    throw new BlksyncError(
-      'EBMAP_CHECKSUM',
-      `${this.#image}: ${range.label} (bytes ${range.start}-${range.end - 1}) do not match the bmap's ` +
-        `${this.#algorithm} checksum (computed ${computed}, expected ${range.checksum}); ` +
-        (beforeWriting
-          ? 'nothing of this range was written. The image is damaged or the bmap belongs to another image'
-          : 'the range was too large to check before writing and is written but bad: get a good image and rerun'),
-      { path: this.#image },
-    );
+    throw checksumError(this.#image, range, this.#algorithm, computed, beforeWriting);
   }
 
   async close(): Promise<void> {

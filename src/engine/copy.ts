@@ -27,10 +27,12 @@ import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { isWholePlan, runPipeline } from './pipeline.js';
 import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
-import { narrowToDiffering, progressAfterScan } from './equal-scan.js';
+import { narrowToDiffering, progressAfterScan, type EqualScanResult } from './equal-scan.js';
+import { checksumError } from './bmap-verify.js';
+import { FileSource } from '../io/file-source.js';
 import type { VerifyReport } from './verify-written.js';
 import type { Range } from '../ranges.js';
-import type { Sink, TargetKnowledge } from '../types.js';
+import type { Plan, Sink, TargetKnowledge } from '../types.js';
 import {
   chunkSizeFor,
   DEFAULT_BLOCK_SIZE,
@@ -196,17 +198,6 @@ export async function copyLocal(
       });
       if (index.target !== undefined) knowledge = index.target;
     }
-    // a bmap's large ranges read once, their writes held until their checksum passed
-    const hold = source.holdWrites?.();
-    if (!dryRun && target !== undefined) {
-      fileSink = destinationSink(target.fh, dst, target.kind);
-      sink = hold !== undefined ? hold(fileSink) : fileSink;
-      if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
-      // outermost: the holes a bmap copy punches when it finishes are this copy's own change
-      // of DST (index-session.ts keeps a file DST's ctime continuous through them)
-      if (index !== undefined) sink = index.wrapSink(sink);
-    }
-    const from = index?.wrapSource(source.source) ?? source.source;
     // --verify without bmap checksums compares with the source's digests, taken as it is copied
     // loaded only with --verify: it brings koffi for aligned buffers
     const verifying = options.verify === true ? await import('./verify-written.js') : undefined;
@@ -231,23 +222,27 @@ export async function copyLocal(
               digests.onChunk(offset, data, length);
               return indexHook(offset, data, length);
             };
-    // SRC and DST both read as they are, compared and nothing else: on all cores first, so the
-    // pipeline reads only the chunks that differ
+    // SRC and DST read as they are and compared (a bmap's checksums verified on the way): on
+    // all cores first, so the pipeline reads only the chunks that differ
     const scan =
-      knowledge instanceof ReadTarget &&
-      onChunk === undefined &&
-      hold === undefined &&
-      from === source.source &&
-      source.file?.fh !== undefined &&
-      source.compression === undefined &&
-      source.container === undefined &&
-      source.delta === undefined
-        ? await narrowToDiffering(plan, source.file.fh.fd, target!.fh.fd, {
-            chunkSize,
-            signal: options.signal,
-            onProgress: options.onProgress,
-          })
+      knowledge instanceof ReadTarget && onChunk === undefined && index === undefined
+        ? await scanFirst(src, source, target!, plan, chunkSize, options)
         : undefined;
+    // a bmap's large ranges read once, their writes held until their checksum passed; after a
+    // scan that verified them, SRC is read as it is
+    const hold = scan?.verified !== true ? source.holdWrites?.() : undefined;
+    if (!dryRun && target !== undefined) {
+      fileSink = destinationSink(target.fh, dst, target.kind);
+      sink = hold !== undefined ? hold(fileSink) : fileSink;
+      if (!created && target.kind === 'file') sink = source.wrapFileSink(sink, target.fh, dst);
+      // outermost: the holes a bmap copy punches when it finishes are this copy's own change
+      // of DST (index-session.ts keeps a file DST's ctime continuous through them)
+      if (index !== undefined) sink = index.wrapSink(sink);
+    }
+    const from =
+      scan?.verified === true
+        ? new FileSource(source.file!.fh, src, source.size, false)
+        : (index?.wrapSource(source.source) ?? source.source);
     const run = await runPipeline(scan?.plan ?? plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
       chunkSize,
@@ -319,7 +314,14 @@ export async function copyLocal(
       full,
       seconds: (performance.now() - started) / 1000,
       ...(index !== undefined ? { index: index.report() } : {}),
-      ...(source.bmap !== undefined ? { bmap: source.bmap } : {}),
+      ...(source.bmap !== undefined
+        ? {
+            bmap:
+              scan?.verified === true
+                ? { ...source.bmap, rangesVerified: source.checksums!.units.length }
+                : source.bmap,
+          }
+        : {}),
       ...(source.container !== undefined ? { container: source.container } : {}),
       ...(verified !== undefined ? { verify: verified } : {}),
       ...(source.delta !== undefined ? { http: source.delta() } : {}),
@@ -382,6 +384,56 @@ function sparseSides(
   if (target?.fh === undefined || target.kind !== 'file') return [];
   sides.push({ fh: target.fh, path: dst });
   return sides;
+}
+
+/**
+ * The equal scan (engine/equal-scan.ts) when SRC is a local file or device read as it is:
+ * undefined otherwise. With a bmap whose ranges all have checksums, the scan hashes them as
+ * it compares, and a range that does not match is refused here, before anything is written
+ * (`verified`: the pipeline then reads SRC as it is); a scan that stopped early leaves the
+ * copy to the VerifyingSource, which checks them as it reads.
+ */
+async function scanFirst(
+  src: string,
+  source: CopySource,
+  target: Opened,
+  plan: Plan,
+  chunkSize: number,
+  options: ResolvedCopyOptions,
+): Promise<(EqualScanResult & { verified: boolean }) | undefined> {
+  if (
+    source.file?.fh === undefined ||
+    source.compression !== undefined ||
+    source.container !== undefined ||
+    source.delta !== undefined ||
+    options.verify === true
+  ) {
+    return undefined;
+  }
+  const checksums = source.checksums;
+  // a bmap with checksums on only some ranges: the VerifyingSource's way
+  if (checksums === undefined && source.holdWrites !== undefined) return undefined;
+  const scan = await narrowToDiffering(plan, source.file.fh.fd, target.fh.fd, {
+    chunkSize,
+    signal: options.signal,
+    onProgress: options.onProgress,
+    hash:
+      checksums !== undefined
+        ? { algorithm: checksums.algorithm, ranges: checksums.units }
+        : undefined,
+  });
+  if (scan === undefined || checksums === undefined) {
+    return scan !== undefined ? { ...scan, verified: false } : undefined;
+  }
+  const computed = scan.digests!;
+  // SRC could not be read whole somewhere: the VerifyingSource reports where and why
+  if (computed.some((d) => d === undefined)) return undefined;
+  checksums.units.forEach((range, i) => {
+    if (computed[i] !== range.checksum) {
+      throw checksumError(src, range, checksums.algorithm, computed[i]!, true);
+    }
+  });
+  return { ...scan, verified: true };
 }
 
 /** A function, not `signal?.aborted` inline: TypeScript narrows that to false after the first check. */

@@ -5,22 +5,30 @@
  * pipeline does that through libuv's thread pool, two reads handed off per chunk and the
  * compare on the main thread, which keeps it at one core's speed. Here the main thread and
  * worker threads each read both sides of a chunk with plain `pread`s into their own aligned
- * buffers and compare them, claiming chunks from a shared counter: the loop a C program
- * would run, on every core. The pipeline then reads, compares and writes only the chunks
- * found to differ (and any a thread could not read, so a failure is reported there, by the
- * pipeline, as it always is).
+ * buffers and compare them, claiming work from a shared counter: the loop a C program would
+ * run, on every core. The pipeline then reads, compares and writes only the chunks found to
+ * differ (and any a thread could not read, so a failure is reported there, by the pipeline,
+ * as it always is).
  *
- *   shared memory:  next ─► chunk claimed by whichever thread asks first
- *                   state[i]: 0 not done · 1 equal · 2 differs (or unreadable)
- *                   done ─► chunks compared, so the main thread knows when all are
+ * The work is claimed in units: one chunk each, or with `hash` one range each (a bmap's
+ * range with its checksum), whose chunks one thread reads in order and hashes as it
+ * compares them, so one read of SRC feeds both. Ranges go out largest first, which spreads
+ * the two or three large ranges of an OS image over the threads.
+ *
+ *   shared memory:  next ─► unit claimed by whichever thread asks first
+ *                   state[chunk]: 0 not compared · 1 equal · 2 differs (or unreadable)
+ *                   counters: units done, chunks done, chunks differing, stop
+ *                   digests[unit]: the hex digest of its SRC bytes (with `hash`)
  *   main thread:    claim, compare, … yield to the event loop every few chunks (Ctrl-C,
- *                   progress), then wait until every claimed chunk is done
+ *                   progress), then wait until every claimed unit is done
  *
  * A chunk found equal is not read again: the same as the pipeline, which also compares each
- * chunk once, at its turn. Another program's write to SRC meanwhile is caught by the
- * copy's SourceWatch either way.
+ * chunk once, at its turn. A chunk that differs is read again by the pipeline; another
+ * program's write to SRC in between is caught by the copy's SourceWatch, as it is for the
+ * held writes of a bmap range read twice (bmap-verify.ts).
  */
 
+import { createHash } from 'node:crypto';
 import { readSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -40,16 +48,25 @@ const MAX_WORKERS = 3;
 /** The scan stops once this many chunks differ and more than 1 in DENSE_FRACTION of those done. */
 const DENSE_MIN_CHUNKS = 16;
 const DENSE_FRACTION = 8;
-/** Longest wait for a worker's chunk before looking again (whether the worker died). */
+/** Longest wait for a worker's unit before looking again (whether the worker died). */
 const WAIT_MS = 20;
+/** Room for one hex digest (SHA-512's 128 characters). */
+const DIGEST_CHARS = 128;
 
-/** state[i] of a chunk: not compared yet, equal, or differing (or unreadable). */
+/** state[chunk] of a chunk found equal. */
 const EQUAL = 1;
 
-/** The shared counters: the next chunk to claim, chunks compared, of them differing. */
+/**
+ * The shared counters: the next unit to claim, units done, chunks done, chunks differing,
+ * and a flag that tells the workers to abandon their unit. scanChunk and the worker's text
+ * use the literal indexes (they have no constants).
+ */
 const NEXT = 0;
-const DONE = 1;
-const DIFFERING = 2;
+const UNITS_DONE = 1;
+const CHUNKS_DONE = 2;
+const DIFFERING = 3;
+const STOP = 4;
+const COUNTERS = 5;
 
 /** What the threads share; all of it in SharedArrayBuffers but the descriptors. */
 interface Shared {
@@ -57,16 +74,24 @@ interface Shared {
   dstFd: number;
   /** Offset and length of chunk i at 2i and 2i + 1. */
   chunks: Float64Array;
+  /** Unit u is the chunks unitFirst[u] .. unitFirst[u + 1] - 1. */
+  unitFirst: Int32Array;
   state: Uint8Array;
   counters: Int32Array;
   /** Bytes of the chunks found equal (exact: the progress reported goes on from it). */
   equalBytes: BigInt64Array;
+  /** With `hash`: unit u's hex digest at u * DIGEST_CHARS, as Latin-1 bytes. */
+  digests: Uint8Array;
+  /** The hash algorithm of the units (empty: none). */
+  algorithm: string;
 }
 
 /**
- * Compares chunk `i` of the two descriptors into `a` and `b` and records the outcome: equal,
- * or differing, also when it could not be read whole (the pipeline reads it again and reports
- * why). Plain JavaScript that uses nothing from outside: the worker runs its text.
+ * Compares chunk `i` of the two descriptors into `a` and `b`, feeding SRC's bytes to `hash`
+ * on the way, and records the outcome: equal, or differing, also when it could not be read
+ * whole (the pipeline reads it again and reports why). Returns false when SRC could not be
+ * read whole: the unit's digest is then worthless. Plain JavaScript that uses nothing from
+ * outside: the worker runs its text.
  */
 function scanChunk(
   readSync: typeof import('node:fs').readSync,
@@ -74,17 +99,20 @@ function scanChunk(
   a: Buffer,
   b: Buffer,
   i: number,
-): void {
+  hash: { update(data: Buffer): unknown } | undefined,
+): boolean {
   const offset = w.chunks[2 * i]!;
   const length = w.chunks[2 * i + 1]!;
+  let read = true;
   let equal = false;
   try {
-    let whole = true;
-    for (let got = 0; whole && got < length;) {
+    for (let got = 0; read && got < length;) {
       const n = readSync(w.srcFd, a, got, length - got, offset + got);
-      whole = n > 0;
+      read = n > 0;
       got += n;
     }
+    if (read && hash !== undefined) hash.update(a.subarray(0, length));
+    let whole = read;
     for (let got = 0; whole && got < length;) {
       const n = readSync(w.dstFd, b, got, length - got, offset + got);
       whole = n > 0;
@@ -92,12 +120,28 @@ function scanChunk(
     }
     equal = whole && a.compare(b, 0, length, 0, length) === 0;
   } catch {
+    read = false;
     equal = false;
   }
-  // the literal indexes are EQUAL, DIFFERING and DONE: the worker's text has no constants
   w.state[i] = equal ? 1 : 2;
   if (equal) Atomics.add(w.equalBytes, 0, BigInt(length));
-  else Atomics.add(w.counters, 2, 1);
+  else Atomics.add(w.counters, 3, 1);
+  Atomics.add(w.counters, 2, 1);
+  return read;
+}
+
+/** Records that unit `u` is done, with its digest when its SRC bytes were all hashed. */
+function finishUnit(
+  w: Shared,
+  u: number,
+  hash: { digest(encoding: 'hex'): string } | undefined,
+  whole: boolean,
+): void {
+  if (hash !== undefined && whole) {
+    const hex = hash.digest('hex');
+    // 128: DIGEST_CHARS
+    for (let k = 0; k < hex.length; k++) w.digests[u * 128 + k] = hex.charCodeAt(k);
+  }
   Atomics.add(w.counters, 1, 1);
   Atomics.notify(w.counters, 1);
 }
@@ -107,6 +151,7 @@ function scanChunk(
 // unaligned buffer copies far slower); the descriptors are the main thread's own.
 const WORKER_SOURCE = `
 const { readSync } = require('node:fs');
+const { createHash } = require('node:crypto');
 const { workerData: w } = require('node:worker_threads');
 let a, b;
 try {
@@ -119,24 +164,38 @@ try {
   b = Buffer.allocUnsafeSlow(w.chunkSize);
 }
 const scanChunk = (${scanChunk.toString()});
+const finishUnit = (${finishUnit.toString()});
+const units = w.unitFirst.length - 1;
 for (;;) {
-  const i = Atomics.add(w.counters, ${NEXT}, 1);
-  if (i >= w.state.length) break;
-  scanChunk(readSync, w, a, b, i);
+  const u = Atomics.add(w.counters, ${NEXT}, 1);
+  if (u >= units) break;
+  const hash = w.algorithm !== '' ? createHash(w.algorithm) : undefined;
+  let whole = true;
+  for (let i = w.unitFirst[u]; i < w.unitFirst[u + 1]; i++) {
+    if (Atomics.load(w.counters, ${STOP}) !== 0) { whole = false; break; }
+    if (!scanChunk(readSync, w, a, b, i, hash)) whole = false;
+  }
+  finishUnit(w, u, hash, whole);
 }
 `;
 
 export interface EqualScanOptions {
   chunkSize: number;
   signal?: AbortSignal | undefined;
-  /** Progress while comparing: bytes compared of the plan's, nothing differing or written yet. */
+  /** Progress while comparing: bytes found equal of the plan's, nothing differing or written. */
   onProgress?: ProgressListener | undefined;
   /** Worker threads besides the main thread (default: one per further core, at most three). */
   workers?: number;
+  /**
+   * Hash SRC's bytes of each of these ranges (which must cover the plan, each within it) as
+   * they are compared: a bmap's ranges with checksums. The scan then is all or nothing:
+   * stopped early (interrupted, or SRC mostly differing), it returns undefined.
+   */
+  hash?: { algorithm: string; ranges: readonly Range[] } | undefined;
 }
 
 export interface EqualScanResult {
-  /** The chunks that differ, could not be read, or were not reached before an interruption. */
+  /** The chunks that differ, could not be read, or were not reached before the scan stopped. */
   plan: Plan;
   /** Bytes found equal on both sides (read from DST, and from SRC, once each). */
   bytesEqual: number;
@@ -144,6 +203,11 @@ export interface EqualScanResult {
   bytesTotal: number;
   /** Threads that compared, the main one included. */
   threads: number;
+  /**
+   * With `hash`: the hex digest of SRC's bytes of each range, in the order given; undefined
+   * for a range SRC could not be read whole in (the pipeline reports why when it reads it).
+   */
+  digests?: (string | undefined)[];
 }
 
 /** Atomics.waitAsync (Node 16 and later; TypeScript's lib before es2024 lacks it). */
@@ -166,7 +230,10 @@ const waitAsync = (
  */
 function mostlyDiffering(counters: Int32Array): boolean {
   const differing = Atomics.load(counters, DIFFERING);
-  return differing >= DENSE_MIN_CHUNKS && differing * DENSE_FRACTION > Atomics.load(counters, DONE);
+  return (
+    differing >= DENSE_MIN_CHUNKS &&
+    differing * DENSE_FRACTION > Atomics.load(counters, CHUNKS_DONE)
+  );
 }
 
 /** Worker threads by default: none on one core or under `ulimit -v` (io/address-space.ts). */
@@ -175,24 +242,64 @@ function defaultWorkers(bytes: number): number {
   return Math.max(0, Math.min(MAX_WORKERS, availableParallelism() - 1));
 }
 
+/** The units of work: each range of `hash` (largest first), or else each chunk of the plan. */
+function unitsOf(
+  plan: Plan,
+  chunkSize: number,
+  hash: EqualScanOptions['hash'],
+): { chunks: { offset: number; length: number }[]; unitFirst: number[]; order: number[] } {
+  if (hash === undefined) {
+    const chunks = [...chunksOf(plan, chunkSize)];
+    return { chunks, unitFirst: chunks.map((_, i) => i).concat(chunks.length), order: [] };
+  }
+  const order = hash.ranges.map((_, i) => i);
+  order.sort((x, y) => {
+    const rx = hash.ranges[x]!;
+    const ry = hash.ranges[y]!;
+    return ry.end - ry.start - (rx.end - rx.start) || rx.start - ry.start;
+  });
+  const chunks: { offset: number; length: number }[] = [];
+  const unitFirst: number[] = [];
+  for (const r of order) {
+    unitFirst.push(chunks.length);
+    chunks.push(...chunksOf({ imageSize: plan.imageSize, ranges: [hash.ranges[r]!] }, chunkSize));
+  }
+  unitFirst.push(chunks.length);
+  return { chunks, unitFirst, order };
+}
+
 /**
  * Compares SRC and DST (open descriptors of local files or devices, both at least the plan's
  * image long as far as the plan goes) chunk by chunk, in the chunks the pipeline walks
- * `plan` in, and returns the plan of those that differ.
+ * `plan` in, and returns the plan of those that differ. With `hash`, undefined when the scan
+ * stopped before its end.
  */
 export async function narrowToDiffering(
   plan: Plan,
   srcFd: number,
   dstFd: number,
+  options: EqualScanOptions & { hash?: undefined },
+): Promise<EqualScanResult>;
+export async function narrowToDiffering(
+  plan: Plan,
+  srcFd: number,
+  dstFd: number,
   options: EqualScanOptions,
-): Promise<EqualScanResult> {
-  const { chunkSize, signal } = options;
+): Promise<EqualScanResult | undefined>;
+export async function narrowToDiffering(
+  plan: Plan,
+  srcFd: number,
+  dstFd: number,
+  options: EqualScanOptions,
+): Promise<EqualScanResult | undefined> {
+  const { chunkSize, signal, hash } = options;
   trace('equal scan started');
-  const list = [...chunksOf(plan, chunkSize)];
-  const count = list.length;
-  const bytesTotal = list.reduce((n, c) => n + c.length, 0);
+  const units = unitsOf(plan, chunkSize, hash);
+  const count = units.chunks.length;
+  const unitCount = units.unitFirst.length - 1;
+  const bytesTotal = units.chunks.reduce((n, c) => n + c.length, 0);
   const chunks = new Float64Array(new SharedArrayBuffer(Math.max(1, count) * 16));
-  list.forEach((c, i) => {
+  units.chunks.forEach((c, i) => {
     chunks[2 * i] = c.offset;
     chunks[2 * i + 1] = c.length;
   });
@@ -200,23 +307,29 @@ export async function narrowToDiffering(
     srcFd,
     dstFd,
     chunks,
+    unitFirst: new Int32Array(new SharedArrayBuffer(4 * (unitCount + 1))),
     state: new Uint8Array(new SharedArrayBuffer(Math.max(1, count))),
-    counters: new Int32Array(new SharedArrayBuffer(12)),
+    counters: new Int32Array(new SharedArrayBuffer(4 * COUNTERS)),
     equalBytes: new BigInt64Array(new SharedArrayBuffer(8)),
+    digests: new Uint8Array(
+      new SharedArrayBuffer(hash !== undefined ? Math.max(1, unitCount) * DIGEST_CHARS : 1),
+    ),
+    algorithm: hash?.algorithm ?? '',
   };
+  shared.unitFirst.set(units.unitFirst);
   const { state, counters } = shared;
 
   const workers: Worker[] = [];
   const exited = new Set<Worker>();
   const wanted = options.workers ?? defaultWorkers(bytesTotal);
-  for (let w = 0; w < wanted && count > 1; w++) {
+  for (let w = 0; w < wanted && unitCount > 1; w++) {
     try {
       const worker = new Worker(WORKER_SOURCE, {
         eval: true,
         execArgv: [],
         workerData: { ...shared, chunkSize },
       });
-      // it ends by itself once no chunk is left; it must not keep the process alive
+      // it ends by itself once no unit is left; it must not keep the process alive
       worker.unref();
       worker.on('error', () => exited.add(worker));
       worker.on('exit', () => exited.add(worker));
@@ -236,66 +349,104 @@ export async function narrowToDiffering(
       bytesWritten: 0,
     });
   let stopped: 'interrupted' | 'mostly differing' | undefined;
-  // chunks handed out: all of them, unless the handing out was stopped
-  let claimed = count;
+  // units handed out: all of them, unless the handing out was stopped
+  let claimed = unitCount;
+  // the main thread's unit: its next chunk, its end, its hash, whether SRC was read whole
+  let unit = -1;
+  let next = 0;
+  let end = 0;
+  let unitHash: ReturnType<typeof createHash> | undefined;
+  let whole = true;
   for (;;) {
-    let i = -1;
+    let done = false;
     for (let k = 0; k < CHUNKS_PER_TURN; k++) {
-      i = Atomics.add(counters, NEXT, 1);
-      if (i >= count) break;
-      scanChunk(readSync, shared, a!, b!, i);
+      if (next >= end) {
+        if (unit >= 0) finishUnit(shared, unit, unitHash, whole);
+        unit = Atomics.add(counters, NEXT, 1);
+        if (unit >= unitCount) {
+          done = true;
+          break;
+        }
+        next = units.unitFirst[unit]!;
+        end = units.unitFirst[unit + 1]!;
+        unitHash = hash !== undefined ? createHash(hash.algorithm) : undefined;
+        whole = true;
+        if (next >= end) continue;
+      }
+      if (!scanChunk(readSync, shared, a!, b!, next, unitHash)) whole = false;
+      next++;
     }
-    if (i >= count) break;
+    if (done) break;
     report();
     // a turn of the event loop: signals, timers and the progress bar run
     await new Promise((resolve) => setImmediate(resolve));
     if (signal?.aborted === true) stopped = 'interrupted';
     else if (mostlyDiffering(counters)) stopped = 'mostly differing';
     if (stopped !== undefined) {
-      // the workers stop at their next claim; what no one reached stays in the plan
-      claimed = Math.min(count, Atomics.exchange(counters, NEXT, count));
+      // the workers stop at their next claim (with `hash`, at their next chunk: their unit is
+      // worthless now); what no one reached stays in the plan
+      claimed = Math.min(unitCount, Atomics.exchange(counters, NEXT, unitCount));
+      if (hash !== undefined) Atomics.store(counters, STOP, 1);
+      if (unit >= 0 && unit < unitCount) {
+        // the main thread's own unit, left part-way: its remaining chunks are not compared
+        finishUnit(shared, unit, undefined, false);
+      }
       break;
     }
   }
-  // the chunks the workers still compare
+  // the units the workers still scan
   for (;;) {
-    const done = Atomics.load(counters, DONE);
+    const done = Atomics.load(counters, UNITS_DONE);
     if (done >= claimed) break;
-    // a worker that died left its chunk not done: it counts as differing, below
+    // a worker that died left its unit not done: its chunks not compared count as differing
     if (workers.every((w) => exited.has(w))) break;
     // the timer, not the wait, keeps the event loop alive: a pending Atomics.waitAsync does not,
     // and with the workers unref'd an empty loop would end the process here
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([
-      waitAsync(counters, DONE, done, WAIT_MS).value,
+      waitAsync(counters, UNITS_DONE, done, WAIT_MS).value,
       new Promise((resolve) => (timer = setTimeout(resolve, WAIT_MS))),
     ]);
     clearTimeout(timer);
   }
   report();
-
-  const ranges: Range[] = [];
-  let bytesEqual = 0;
-  for (let i = 0; i < count; i++) {
-    const offset = chunks[2 * i]!;
-    const end = offset + chunks[2 * i + 1]!;
-    if (state[i] === EQUAL) {
-      bytesEqual += end - offset;
-      continue;
-    }
-    const last = ranges[ranges.length - 1];
-    if (last !== undefined && last.end === offset) last.end = end;
-    else ranges.push({ start: offset, end });
-  }
   trace(
-    `equal scan: ${bytesEqual} of ${bytesTotal} bytes equal, ${1 + workers.length} threads` +
+    `equal scan: ${Number(shared.equalBytes[0])} of ${bytesTotal} bytes equal, ` +
+      `${1 + workers.length} threads` +
       (stopped !== undefined ? `, stopped: ${stopped}` : ''),
   );
+  if (stopped !== undefined && hash !== undefined) return undefined;
+
+  const differing: number[] = [];
+  let bytesEqual = 0;
+  for (let i = 0; i < count; i++) {
+    if (state[i] === EQUAL) bytesEqual += chunks[2 * i + 1]!;
+    else differing.push(i);
+  }
+  // in the order of the image (units may have gone out largest first)
+  differing.sort((x, y) => chunks[2 * x]! - chunks[2 * y]!);
+  const ranges: Range[] = [];
+  for (const i of differing) {
+    const offset = chunks[2 * i]!;
+    const last = ranges[ranges.length - 1];
+    if (last !== undefined && last.end === offset) last.end = offset + chunks[2 * i + 1]!;
+    else ranges.push({ start: offset, end: offset + chunks[2 * i + 1]! });
+  }
+  let digests: (string | undefined)[] | undefined;
+  if (hash !== undefined) {
+    digests = hash.ranges.map(() => undefined);
+    units.order.forEach((r, u) => {
+      const room = shared.digests.subarray(u * DIGEST_CHARS, (u + 1) * DIGEST_CHARS);
+      const len = room.indexOf(0) < 0 ? DIGEST_CHARS : room.indexOf(0);
+      if (len > 0) digests![r] = Buffer.from(room.subarray(0, len)).toString('latin1');
+    });
+  }
   return {
     plan: { imageSize: plan.imageSize, ranges },
     bytesEqual,
     bytesTotal,
     threads: 1 + workers.length,
+    ...(digests !== undefined ? { digests } : {}),
   };
 }
 
