@@ -7,11 +7,13 @@
 import assert from 'node:assert/strict';
 import { open, readFile, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { createHash } from 'node:crypto';
+import { describe, test } from 'node:test';
 import { copy } from '../src/copy.js';
 import { narrowToDiffering } from '../src/engine/equal-scan.js';
 import { wholeImagePlan } from '../src/engine/pipeline.js';
-import { seededBytes, tempDir } from './helpers/tmp.js';
+import { createBmap } from '../src/engine/bmap-create.js';
+import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const MiB = 1024 * 1024;
 const CHUNK = MiB;
@@ -162,4 +164,103 @@ test('a DST unlike SRC is not read twice: the scan gives up and the pipeline rea
   assert.equal(r.bytesWritten, size);
   // both files once (2 × size), and the few chunks compared before the scan gave up again
   assert.ok(read < 2.5 * size, `read ${read} bytes for two files of ${size}`);
+});
+
+describe('with a bmap: each range hashed as it is compared', () => {
+  /**
+   * A 100 MiB sparse image with two 40 MiB extents (two large bmap ranges, so two threads
+   * take one each), its bmap, and DST holding the previous version: `flips` bytes changed.
+   */
+  async function bmapPair(dir: string, flips: readonly number[]) {
+    const path = join(dir, 'new.img');
+    const size = 100 * MiB;
+    const extents = [
+      { offset: 4 * MiB, data: seededBytes(40 * MiB, 11) },
+      { offset: 56 * MiB, data: seededBytes(40 * MiB, 12) },
+    ];
+    await writeSparseFile(path, size, extents);
+    await createBmap(path, { output: `${path}.bmap` });
+    const image = await readFile(path);
+    const previous = Buffer.from(image);
+    for (const at of flips) previous[at] = previous[at]! ^ 0xff;
+    const dst = join(dir, 'dst.img');
+    await writeSparseFile(
+      dst,
+      size,
+      extents.map((e) => ({
+        offset: e.offset,
+        data: previous.subarray(e.offset, e.offset + e.data.length),
+      })),
+    );
+    return { path, dst, image };
+  }
+
+  test('the digests are those of the ranges, on one thread or two', async (t) => {
+    const dir = await tempDir(t);
+    const { path, dst, image } = await bmapPair(dir, [5 * MiB + 1, 90 * MiB]);
+    const ranges = [
+      { start: 4 * MiB, end: 44 * MiB },
+      { start: 56 * MiB, end: 96 * MiB },
+    ];
+    for (const workers of [0, 1]) {
+      const s = await open(path, 'r');
+      const d = await open(dst, 'r');
+      try {
+        const r = await narrowToDiffering({ imageSize: 100 * MiB, ranges }, s.fd, d.fd, {
+          chunkSize: CHUNK,
+          workers,
+          hash: { algorithm: 'sha256', ranges },
+        });
+        assert.ok(r !== undefined);
+        assert.deepEqual(
+          r.digests,
+          ranges.map((x) =>
+            createHash('sha256').update(image.subarray(x.start, x.end)).digest('hex'),
+          ),
+        );
+        assert.deepEqual(r.plan.ranges, [
+          { start: 5 * MiB, end: 6 * MiB },
+          { start: 90 * MiB, end: 91 * MiB },
+        ]);
+      } finally {
+        await s.close();
+        await d.close();
+      }
+    }
+  });
+
+  test('onto the previous version: every range verified, only the differing blocks written', async (t) => {
+    const dir = await tempDir(t);
+    const { path, dst, image } = await bmapPair(dir, [4 * MiB, 30 * MiB + 5, 95 * MiB + 4095]);
+    const r = await copy(path, dst);
+    assert.deepEqual(await readFile(dst), image);
+    assert.equal(r.bmap?.rangesVerified, r.bmap?.ranges);
+    assert.equal(r.blocksDiffering, 3);
+    assert.equal(r.bytesWritten, 3 * 4096);
+  });
+
+  test('a range whose checksum fails: refused before anything is written, the other range too', async (t) => {
+    const dir = await tempDir(t);
+    // the first range differs from DST; the second's SRC bytes are damaged after the bmap
+    const { path, dst } = await bmapPair(dir, [10 * MiB]);
+    const fh = await open(path, 'r+');
+    await fh.write(Buffer.from('BAD'), 0, 3, 80 * MiB);
+    await fh.close();
+    const before = await readFile(dst);
+    await assert.rejects(copy(path, dst), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'EBMAP_CHECKSUM');
+      assert.match(err.message, /bytes 58720256-100663295\) .*nothing of this range was written/);
+      return true;
+    });
+    assert.deepEqual(await readFile(dst), before, 'DST unchanged');
+  });
+
+  test('a DST unlike the image: the scan gives up and the copy verifies as it reads', async (t) => {
+    const dir = await tempDir(t);
+    const { path, dst, image } = await bmapPair(dir, []);
+    await writeFile(dst, seededBytes(100 * MiB, 99));
+    const r = await copy(path, dst);
+    assert.deepEqual(await readFile(dst), image);
+    assert.equal(r.bmap?.rangesVerified, r.bmap?.ranges);
+  });
 });
