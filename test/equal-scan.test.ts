@@ -10,7 +10,8 @@ import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { copy } from '../src/copy.js';
-import { narrowToDiffering } from '../src/engine/equal-scan.js';
+import { narrowToDiffering, RereadCheck } from '../src/engine/equal-scan.js';
+import { FileSource } from '../src/io/file-source.js';
 import { wholeImagePlan } from '../src/engine/pipeline.js';
 import { createBmap } from '../src/engine/bmap-create.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
@@ -94,9 +95,10 @@ test('a copy scanned on all cores writes only what differs and ends equal to SRC
   const { src, dst, data } = await pair(dir, size, changes);
   const r = await copy(src, dst);
   assert.deepEqual(await readFile(dst), data);
-  // every byte compared and read from DST once; only the changed blocks written
+  // every byte compared, DST read once and its 4 differing chunks again (the last one 12 KiB);
+  // only the changed blocks written
   assert.equal(r.bytesScanned, size);
-  assert.equal(r.bytesRead, size);
+  assert.equal(r.bytesRead, size + 3 * MiB + 4096 * 3);
   assert.equal(r.blocksDiffering, 5); // 79 MiB + 4095 straddles two blocks
   assert.equal(r.bytesWritten, 5 * 4096);
 
@@ -263,4 +265,72 @@ describe('with a bmap: each range hashed as it is compared', () => {
     assert.deepEqual(await readFile(dst), image);
     assert.equal(r.bmap?.rangesVerified, r.bmap?.ranges);
   });
+});
+
+test('a differing chunk read again is checked against what the scan hashed (RereadCheck)', async (t) => {
+  const dir = await tempDir(t);
+  const size = 8 * MiB;
+  const { src, dst } = await pair(dir, size, [
+    { offset: 2 * MiB + 9, bytes: Buffer.from('old') },
+    { offset: 6 * MiB, bytes: Buffer.from('old') },
+  ]);
+  const ranges = [{ start: 0, end: size }];
+  const s = await open(src, 'r+');
+  const d = await open(dst, 'r');
+  try {
+    const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+      chunkSize: CHUNK,
+      workers: 1,
+      hash: { algorithm: 'sha256', ranges },
+    });
+    assert.ok(r?.rereads !== undefined);
+    // each differing chunk is its own range, so the pipeline reads each as the scan did
+    assert.deepEqual(r.plan.ranges, [
+      { start: 2 * MiB, end: 3 * MiB },
+      { start: 6 * MiB, end: 7 * MiB },
+    ]);
+    // another program writes SRC after the scan: the second read of that chunk is refused
+    await s.write(Buffer.from('EVIL'), 0, 4, 6 * MiB + 100);
+    const again = new RereadCheck(new FileSource(s, src, size, false), r.rereads, src);
+    const buf = Buffer.alloc(CHUNK);
+    assert.equal(await again.read(buf, 2 * MiB, CHUNK), CHUNK);
+    await assert.rejects(again.read(buf, 6 * MiB, CHUNK), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'ESRC_CHANGED');
+      assert.match(err.message, /changed after its bmap checksums were verified/);
+      return true;
+    });
+  } finally {
+    await s.close();
+    await d.close();
+  }
+});
+
+test('a bmap range of 200 GiB: its chunks are listed, and an interruption stops the scan at once', async (t) => {
+  const dir = await tempDir(t);
+  const size = 200 * 1024 * MiB;
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  await writeSparseFile(src, size, []);
+  await writeSparseFile(dst, size, []);
+  const ranges = [
+    { start: 0, end: size - MiB },
+    { start: size - MiB, end: size },
+  ];
+  const s = await open(src, 'r');
+  const d = await open(dst, 'r');
+  const ac = new AbortController();
+  ac.abort();
+  try {
+    const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+      chunkSize: CHUNK,
+      workers: 1,
+      signal: ac.signal,
+      hash: { algorithm: 'sha256', ranges },
+    });
+    // stopped before its end: with checksums the scan is all or nothing
+    assert.equal(r, undefined);
+  } finally {
+    await s.close();
+    await d.close();
+  }
 });

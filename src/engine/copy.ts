@@ -27,7 +27,12 @@ import { NoTarget, ReadTarget, ZeroTarget } from './knowledge.js';
 import { isWholePlan, runPipeline } from './pipeline.js';
 import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
-import { narrowToDiffering, progressAfterScan, type EqualScanResult } from './equal-scan.js';
+import {
+  narrowToDiffering,
+  progressAfterScan,
+  RereadCheck,
+  type EqualScanResult,
+} from './equal-scan.js';
 import { checksumError } from './bmap-verify.js';
 import { FileSource } from '../io/file-source.js';
 import type { VerifyReport } from './verify-written.js';
@@ -224,8 +229,12 @@ export async function copyLocal(
             };
     // SRC and DST read as they are and compared (a bmap's checksums verified on the way): on
     // all cores first, so the pipeline reads only the chunks that differ
+    // not in a fan-out (`opened`): there SRC is read once for every destination
     const scan =
-      knowledge instanceof ReadTarget && onChunk === undefined && index === undefined
+      opened === undefined &&
+      knowledge instanceof ReadTarget &&
+      onChunk === undefined &&
+      index === undefined
         ? await scanFirst(src, source, target!, plan, chunkSize, options)
         : undefined;
     // a bmap's large ranges read once, their writes held until their checksum passed; after a
@@ -241,7 +250,11 @@ export async function copyLocal(
     }
     const from =
       scan?.verified === true
-        ? new FileSource(source.file!.fh, src, source.size, false)
+        ? new RereadCheck(
+            new FileSource(source.file!.fh, src, source.size, false),
+            scan.rereads!,
+            src,
+          )
         : (index?.wrapSource(source.source) ?? source.source);
     const run = await runPipeline(scan?.plan ?? plan, from, knowledge, sink ? [sink] : [], {
       blockSize: index?.target?.blockSize ?? blockSize,
@@ -298,7 +311,7 @@ export async function copyLocal(
       destination: dst,
       bytesTotal: source.size,
       bytesScanned: (scan?.bytesEqual ?? 0) + run.bytesScanned,
-      bytesRead: (scan?.bytesEqual ?? 0) + knowledge.bytesRead,
+      bytesRead: (scan?.bytesCompared ?? 0) + knowledge.bytesRead,
       blockSize: index?.target?.blockSize ?? blockSize,
       blocksDiffering: run.blocksDiffering,
       bytesDiffering: run.bytesDiffering,

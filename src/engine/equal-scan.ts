@@ -28,7 +28,7 @@
  * held writes of a bmap range read twice (bmap-verify.ts).
  */
 
-import { createHash } from 'node:crypto';
+import { createHash, hash as oneShot } from 'node:crypto';
 import { readSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -36,7 +36,8 @@ import { trace } from '../trace.js';
 import { addressSpaceLimited } from '../io/address-space.js';
 import { alignedBuffers } from '../io/buffer-pool.js';
 import { chunksOf } from './pipeline.js';
-import type { Plan, ProgressListener } from '../types.js';
+import { BlksyncError } from '../errors.js';
+import type { Plan, ProgressListener, Source } from '../types.js';
 import type { Range } from '../ranges.js';
 
 /** Below this many bytes to compare, no worker is started: its start costs more than it gains. */
@@ -53,7 +54,8 @@ const WAIT_MS = 20;
 /** Room for one hex digest (SHA-512's 128 characters). */
 const DIGEST_CHARS = 128;
 
-/** state[chunk] of a chunk found equal. */
+/** state[chunk] of a chunk not compared (yet), and of one found equal. */
+const NOT_COMPARED = 0;
 const EQUAL = 1;
 
 /**
@@ -84,6 +86,8 @@ interface Shared {
   digests: Uint8Array;
   /** The hash algorithm of the units (empty: none). */
   algorithm: string;
+  /** With `hash`: SHA-256 of SRC's bytes of chunk i at i * 32, for the chunks that differ. */
+  chunkDigests: Uint8Array;
 }
 
 /**
@@ -100,6 +104,7 @@ function scanChunk(
   b: Buffer,
   i: number,
   hash: { update(data: Buffer): unknown } | undefined,
+  digestOf: ((data: Buffer) => Buffer) | undefined,
 ): boolean {
   const offset = w.chunks[2 * i]!;
   const length = w.chunks[2 * i + 1]!;
@@ -123,6 +128,9 @@ function scanChunk(
     read = false;
     equal = false;
   }
+  // what the pipeline reads again of a chunk that differs must be what was hashed here
+  if (!equal && read && digestOf !== undefined)
+    w.chunkDigests.set(digestOf(a.subarray(0, length)), i * 32);
   w.state[i] = equal ? 1 : 2;
   if (equal) Atomics.add(w.equalBytes, 0, BigInt(length));
   else Atomics.add(w.counters, 3, 1);
@@ -151,7 +159,8 @@ function finishUnit(
 // unaligned buffer copies far slower); the descriptors are the main thread's own.
 const WORKER_SOURCE = `
 const { readSync } = require('node:fs');
-const { createHash } = require('node:crypto');
+const { createHash, hash: oneShot } = require('node:crypto');
+const digestOf = w.algorithm !== '' ? (data) => oneShot('sha256', data, 'buffer') : undefined;
 const { workerData: w } = require('node:worker_threads');
 let a, b;
 try {
@@ -173,7 +182,7 @@ for (;;) {
   let whole = true;
   for (let i = w.unitFirst[u]; i < w.unitFirst[u + 1]; i++) {
     if (Atomics.load(w.counters, ${STOP}) !== 0) { whole = false; break; }
-    if (!scanChunk(readSync, w, a, b, i, hash)) whole = false;
+    if (!scanChunk(readSync, w, a, b, i, hash, digestOf)) whole = false;
   }
   finishUnit(w, u, hash, whole);
 }
@@ -199,6 +208,8 @@ export interface EqualScanResult {
   plan: Plan;
   /** Bytes found equal on both sides (read from DST, and from SRC, once each). */
   bytesEqual: number;
+  /** Bytes read from DST (and from SRC): the chunks compared, equal or not. */
+  bytesCompared: number;
   /** Bytes of the plan scanned. */
   bytesTotal: number;
   /** Threads that compared, the main one included. */
@@ -208,6 +219,8 @@ export interface EqualScanResult {
    * for a range SRC could not be read whole in (the pipeline reports why when it reads it).
    */
   digests?: (string | undefined)[];
+  /** With `hash`: SHA-256 of SRC's bytes of each differing chunk, by its offset. */
+  rereads?: Map<number, Buffer>;
 }
 
 /** Atomics.waitAsync (Node 16 and later; TypeScript's lib before es2024 lacks it). */
@@ -262,7 +275,10 @@ function unitsOf(
   const unitFirst: number[] = [];
   for (const r of order) {
     unitFirst.push(chunks.length);
-    chunks.push(...chunksOf({ imageSize: plan.imageSize, ranges: [hash.ranges[r]!] }, chunkSize));
+    // one by one: a range of a terabyte is a million chunks, too many to spread as arguments
+    for (const c of chunksOf({ imageSize: plan.imageSize, ranges: [hash.ranges[r]!] }, chunkSize)) {
+      chunks.push(c);
+    }
   }
   unitFirst.push(chunks.length);
   return { chunks, unitFirst, order };
@@ -315,7 +331,12 @@ export async function narrowToDiffering(
       new SharedArrayBuffer(hash !== undefined ? Math.max(1, unitCount) * DIGEST_CHARS : 1),
     ),
     algorithm: hash?.algorithm ?? '',
+    chunkDigests: new Uint8Array(
+      new SharedArrayBuffer(hash !== undefined ? Math.max(1, count) * 32 : 1),
+    ),
   };
+  const digestOf =
+    hash !== undefined ? (data: Buffer) => oneShot('sha256', data, 'buffer') : undefined;
   shared.unitFirst.set(units.unitFirst);
   const { state, counters } = shared;
 
@@ -373,7 +394,7 @@ export async function narrowToDiffering(
         whole = true;
         if (next >= end) continue;
       }
-      if (!scanChunk(readSync, shared, a!, b!, next, unitHash)) whole = false;
+      if (!scanChunk(readSync, shared, a!, b!, next, unitHash, digestOf)) whole = false;
       next++;
     }
     if (done) break;
@@ -398,6 +419,15 @@ export async function narrowToDiffering(
   for (;;) {
     const done = Atomics.load(counters, UNITS_DONE);
     if (done >= claimed) break;
+    // Ctrl-C, or too much differing, while a worker is still in a large range: it stops there
+    if (stopped === undefined) {
+      if (signal?.aborted === true) stopped = 'interrupted';
+      else if (mostlyDiffering(counters)) stopped = 'mostly differing';
+      if (stopped !== undefined) {
+        claimed = Math.min(claimed, Atomics.exchange(counters, NEXT, unitCount));
+        Atomics.store(counters, STOP, 1);
+      }
+    }
     // a worker that died left its unit not done: its chunks not compared count as differing
     if (workers.every((w) => exited.has(w))) break;
     // the timer, not the wait, keeps the event loop alive: a pending Atomics.waitAsync does not,
@@ -419,18 +449,25 @@ export async function narrowToDiffering(
 
   const differing: number[] = [];
   let bytesEqual = 0;
+  let bytesCompared = 0;
   for (let i = 0; i < count; i++) {
+    if (state[i] !== NOT_COMPARED) bytesCompared += chunks[2 * i + 1]!;
     if (state[i] === EQUAL) bytesEqual += chunks[2 * i + 1]!;
     else differing.push(i);
   }
   // in the order of the image (units may have gone out largest first)
   differing.sort((x, y) => chunks[2 * x]! - chunks[2 * y]!);
   const ranges: Range[] = [];
+  // with `hash`, each chunk its own range: the pipeline then reads each as one chunk, whose
+  // digest is known (RereadCheck); neighbours in two ranges could be one chunk otherwise
+  const rereads = hash !== undefined ? new Map<number, Buffer>() : undefined;
   for (const i of differing) {
     const offset = chunks[2 * i]!;
     const last = ranges[ranges.length - 1];
-    if (last !== undefined && last.end === offset) last.end = offset + chunks[2 * i + 1]!;
-    else ranges.push({ start: offset, end: offset + chunks[2 * i + 1]! });
+    if (last !== undefined && last.end === offset && rereads === undefined) {
+      last.end = offset + chunks[2 * i + 1]!;
+    } else ranges.push({ start: offset, end: offset + chunks[2 * i + 1]! });
+    rereads?.set(offset, Buffer.from(shared.chunkDigests.subarray(i * 32, i * 32 + 32)));
   }
   let digests: (string | undefined)[] | undefined;
   if (hash !== undefined) {
@@ -444,9 +481,11 @@ export async function narrowToDiffering(
   return {
     plan: { imageSize: plan.imageSize, ranges },
     bytesEqual,
+    bytesCompared,
     bytesTotal,
     threads: 1 + workers.length,
     ...(digests !== undefined ? { digests } : {}),
+    ...(rereads !== undefined ? { rereads } : {}),
   };
 }
 
@@ -465,4 +504,45 @@ export function progressAfterScan(
       bytesScanned: scan.bytesEqual + p.bytesScanned,
       bytesTotal: scan.bytesTotal,
     });
+}
+
+/**
+ * The source of a copy after a scan that verified a bmap's checksums: SRC read as it is, each
+ * chunk read again checked against the SHA-256 the scan took of it, so what is written is
+ * what was verified even if another program wrote SRC in between (a device, whose writes no
+ * SourceWatch sees). The pipeline reads exactly the scan's differing chunks (its plan).
+ */
+export class RereadCheck implements Source {
+  readonly size: number;
+  readonly #inner: Source;
+  readonly #digests: Map<number, Buffer>;
+  readonly #path: string;
+
+  constructor(inner: Source, digests: Map<number, Buffer>, path: string) {
+    this.#inner = inner;
+    this.#digests = digests;
+    this.#path = path;
+    this.size = inner.size;
+  }
+
+  async read(buf: Buffer, offset: number, length: number): Promise<number> {
+    const got = await this.#inner.read(buf, offset, length);
+    if (got < length) return got; // short: the pipeline reports it
+    const expected = this.#digests.get(offset);
+    if (
+      expected === undefined ||
+      !oneShot('sha256', buf.subarray(0, got), 'buffer').equals(expected)
+    ) {
+      throw new BlksyncError(
+        'ESRC_CHANGED',
+        `${this.#path} changed after its bmap checksums were verified (bytes ${offset}-${offset + length - 1} read again differ from what was checked); nothing of them was written. Rerun when nothing else writes to it`,
+        { path: this.#path },
+      );
+    }
+    return got;
+  }
+
+  close(): Promise<void> {
+    return this.#inner.close();
+  }
 }
