@@ -334,3 +334,41 @@ test('a bmap range of 200 GiB: its chunks are listed, and an interruption stops 
     await d.close();
   }
 });
+
+test('the worker threads take part in the scan, and none fails', async (t) => {
+  const dir = await tempDir(t);
+  // 1 GiB of holes on each side: the main thread alone takes far longer than a worker's start
+  const size = 1024 * MiB;
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  await writeSparseFile(src, size, [{ offset: 700 * MiB, data: Buffer.from('new') }]);
+  await writeSparseFile(dst, size, []);
+  const ranges = [{ start: 0, end: size }];
+  // with checksums a range is one thread's: two of them
+  const halves = [
+    { start: 0, end: size / 2 },
+    { start: size / 2, end: size },
+  ];
+  for (const hash of [undefined, { algorithm: 'sha256', ranges: halves }]) {
+    const s = await open(src, 'r');
+    const d = await open(dst, 'r');
+    try {
+      const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+        chunkSize: CHUNK,
+        workers: 1,
+        hash,
+      });
+      assert.ok(r !== undefined);
+      assert.deepEqual(r.workerErrors, []);
+      assert.ok(
+        r.chunksByWorkers > 0,
+        `the worker compared no chunk (${hash ? 'hashing' : 'plain'})`,
+      );
+      if (hash === undefined)
+        assert.deepEqual(r.plan.ranges, [{ start: 700 * MiB, end: 701 * MiB }]);
+    } finally {
+      await s.close();
+      await d.close();
+    }
+  }
+});

@@ -68,7 +68,9 @@ const UNITS_DONE = 1;
 const CHUNKS_DONE = 2;
 const DIFFERING = 3;
 const STOP = 4;
-const COUNTERS = 5;
+/** Chunks the workers compared (for the trace and the tests: did they take part). */
+const BY_WORKERS = 5;
+const COUNTERS = 6;
 
 /** What the threads share; all of it in SharedArrayBuffers but the descriptors. */
 interface Shared {
@@ -160,8 +162,8 @@ function finishUnit(
 const WORKER_SOURCE = `
 const { readSync } = require('node:fs');
 const { createHash, hash: oneShot } = require('node:crypto');
-const digestOf = w.algorithm !== '' ? (data) => oneShot('sha256', data, 'buffer') : undefined;
 const { workerData: w } = require('node:worker_threads');
+const digestOf = w.algorithm !== '' ? (data) => oneShot('sha256', data, 'buffer') : undefined;
 let a, b;
 try {
   const pages = Math.ceil(w.chunkSize / 65536);
@@ -183,6 +185,7 @@ for (;;) {
   for (let i = w.unitFirst[u]; i < w.unitFirst[u + 1]; i++) {
     if (Atomics.load(w.counters, ${STOP}) !== 0) { whole = false; break; }
     if (!scanChunk(readSync, w, a, b, i, hash, digestOf)) whole = false;
+    Atomics.add(w.counters, ${BY_WORKERS}, 1);
   }
   finishUnit(w, u, hash, whole);
 }
@@ -212,8 +215,12 @@ export interface EqualScanResult {
   bytesCompared: number;
   /** Bytes of the plan scanned. */
   bytesTotal: number;
-  /** Threads that compared, the main one included. */
+  /** Threads started to compare, the main one included. */
   threads: number;
+  /** Chunks the worker threads compared (the main thread compared the rest). */
+  chunksByWorkers: number;
+  /** Errors of worker threads that failed (a bug: the main thread compared what they left). */
+  workerErrors: string[];
   /**
    * With `hash`: the hex digest of SRC's bytes of each range, in the order given; undefined
    * for a range SRC could not be read whole in (the pipeline reports why when it reads it).
@@ -342,6 +349,7 @@ export async function narrowToDiffering(
 
   const workers: Worker[] = [];
   const exited = new Set<Worker>();
+  const workerErrors: string[] = [];
   const wanted = options.workers ?? defaultWorkers(bytesTotal);
   for (let w = 0; w < wanted && unitCount > 1; w++) {
     try {
@@ -352,7 +360,12 @@ export async function narrowToDiffering(
       });
       // it ends by itself once no unit is left; it must not keep the process alive
       worker.unref();
-      worker.on('error', () => exited.add(worker));
+      worker.on('error', (err) => {
+        // a bug, not a condition of the files: the main thread compares what it left
+        workerErrors.push(String(err));
+        trace(`equal scan: a worker failed: ${String(err)}`);
+        exited.add(worker);
+      });
       worker.on('exit', () => exited.add(worker));
       workers.push(worker);
     } catch {
@@ -442,7 +455,7 @@ export async function narrowToDiffering(
   report();
   trace(
     `equal scan: ${Number(shared.equalBytes[0])} of ${bytesTotal} bytes equal, ` +
-      `${1 + workers.length} threads` +
+      `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)` +
       (stopped !== undefined ? `, stopped: ${stopped}` : ''),
   );
   if (stopped !== undefined && hash !== undefined) return undefined;
@@ -484,6 +497,8 @@ export async function narrowToDiffering(
     bytesCompared,
     bytesTotal,
     threads: 1 + workers.length,
+    chunksByWorkers: Atomics.load(counters, BY_WORKERS),
+    workerErrors,
     ...(digests !== undefined ? { digests } : {}),
     ...(rereads !== undefined ? { rereads } : {}),
   };
