@@ -7,6 +7,7 @@
  * still differs, so no journal is needed.
  */
 
+import { statSync } from 'node:fs';
 import { BlksyncError } from '../errors.js';
 import { destinationSink } from '../io/destination-sink.js';
 import type { FileSink } from '../io/file-sink.js';
@@ -29,9 +30,11 @@ import { SharedBufferPool } from '../io/buffer-pool.js';
 import { narrowToData, type SparseSide } from './sparse-plan.js';
 import {
   narrowToDiffering,
+  prestartScanWorkers,
   progressAfterScan,
   RereadCheck,
   type EqualScanResult,
+  type ScanWorker,
 } from './equal-scan.js';
 import { checksumError } from './bmap-verify.js';
 import { FileSource } from '../io/file-source.js';
@@ -83,6 +86,11 @@ export async function copyLocal(
   // copies only its own clusters, a published URL fetches only what DST lacks. A fan-out
   // hands each destination its view of one read of SRC instead (`opened`)
   const source = opened ?? (await openCopySource(src, options));
+  // the equal scan's workers start now, beside the set-up, when a scan is likely
+  const prestarted =
+    opened === undefined && scanLikely(source, dst, options)
+      ? prestartScanWorkers(source.size)
+      : [];
   let target: Opened | undefined;
   let sink: Sink | undefined;
   // the bare file sink: on an error only it is finished, so wrappers' end-of-copy work (a
@@ -235,7 +243,7 @@ export async function copyLocal(
       knowledge instanceof ReadTarget &&
       onChunk === undefined &&
       index === undefined
-        ? await scanFirst(src, source, target!, plan, chunkSize, options)
+        ? await scanFirst(src, source, target!, plan, chunkSize, options, prestarted)
         : undefined;
     // a bmap's large ranges read once, their writes held until their checksum passed; after a
     // scan that verified them, SRC is read as it is
@@ -372,6 +380,7 @@ export async function copyLocal(
       { allWritten },
     );
   } finally {
+    for (const worker of prestarted) worker.release();
     // on an error, make what was written durable all the same, so a rerun starts from it
     await fileSink?.finish().catch(() => {});
     await index?.close();
@@ -400,6 +409,32 @@ function sparseSides(
 }
 
 /**
+ * Whether the equal scan can run for this SRC: a local file or device read as it is, without
+ * `--verify`, and with a bmap only one whose ranges all have checksums (with some, the
+ * VerifyingSource's way).
+ */
+function scannable(source: CopySource, options: ResolvedCopyOptions): boolean {
+  return (
+    source.file?.fh !== undefined &&
+    source.compression === undefined &&
+    source.container === undefined &&
+    source.delta === undefined &&
+    options.verify !== true &&
+    (source.checksums !== undefined || source.holdWrites === undefined)
+  );
+}
+
+/**
+ * Whether a scan is likely, before DST is opened: it is scannable and DST exists, not empty
+ * (a DST just created is known to be zeros, and is not read).
+ */
+function scanLikely(source: CopySource, dst: string, options: ResolvedCopyOptions): boolean {
+  if (!scannable(source, options) || options.full || options.index !== undefined) return false;
+  const st = statSync(dst, { throwIfNoEntry: false });
+  return st !== undefined && (st.isBlockDevice() || (st.isFile() && st.size > 0));
+}
+
+/**
  * The equal scan (engine/equal-scan.ts) when SRC is a local file or device read as it is:
  * undefined otherwise. With a bmap whose ranges all have checksums, the scan hashes them as
  * it compares, and a range that does not match is refused here, before anything is written
@@ -413,21 +448,13 @@ async function scanFirst(
   plan: Plan,
   chunkSize: number,
   options: ResolvedCopyOptions,
+  prestarted: readonly ScanWorker[],
 ): Promise<(EqualScanResult & { verified: boolean }) | undefined> {
-  if (
-    source.file?.fh === undefined ||
-    source.compression !== undefined ||
-    source.container !== undefined ||
-    source.delta !== undefined ||
-    options.verify === true
-  ) {
-    return undefined;
-  }
   const checksums = source.checksums;
-  // a bmap with checksums on only some ranges: the VerifyingSource's way
-  if (checksums === undefined && source.holdWrites !== undefined) return undefined;
-  const scan = await narrowToDiffering(plan, source.file.fh.fd, target.fh.fd, {
+  if (!scannable(source, options)) return undefined;
+  const scan = await narrowToDiffering(plan, source.file!.fh.fd, target.fh.fd, {
     chunkSize,
+    prestarted,
     signal: options.signal,
     onProgress: options.onProgress,
     hash:

@@ -162,7 +162,10 @@ function finishUnit(
 const WORKER_SOURCE = `
 const { readSync } = require('node:fs');
 const { createHash, hash: oneShot } = require('node:crypto');
-const { workerData: w } = require('node:worker_threads');
+const { parentPort } = require('node:worker_threads');
+// started ahead of its scan (ScanWorker), it waits for the scan's shared memory, or for 'close'
+parentPort.once('message', (w) => {
+if (w === 'close') return parentPort.close();
 const digestOf = w.algorithm !== '' ? (data) => oneShot('sha256', data, 'buffer') : undefined;
 let a, b;
 try {
@@ -189,7 +192,63 @@ for (;;) {
   }
   finishUnit(w, u, hash, whole);
 }
+parentPort.close();
+});
 `;
+
+/**
+ * A worker thread for a scan, started ahead of it: its start (~30 ms on this project's
+ * machines) then overlaps the copy's set-up instead of the scan. It waits for its scan; one
+ * never used must be released, or it waits until the process ends.
+ */
+export class ScanWorker {
+  readonly #worker: Worker;
+  #used = false;
+  exited = false;
+  readonly errors: string[] = [];
+
+  constructor() {
+    this.#worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });
+    // it ends by itself after its scan; it must not keep the process alive
+    this.#worker.unref();
+    this.#worker.on('error', (err) => {
+      // a bug, not a condition of the files: the main thread compares what it left
+      this.errors.push(String(err));
+      trace(`equal scan: a worker failed: ${String(err)}`);
+      this.exited = true;
+    });
+    this.#worker.on('exit', () => (this.exited = true));
+  }
+
+  /** Hands it its scan. */
+  run(data: Shared & { chunkSize: number }): void {
+    this.#used = true;
+    this.#worker.postMessage(data);
+  }
+
+  /** Lets it end if it was never handed a scan. */
+  release(): void {
+    if (this.#used) return;
+    this.#used = true;
+    this.#worker.postMessage('close');
+  }
+}
+
+/**
+ * The workers a scan of `bytes` would start, started now (none on one core, under
+ * `ulimit -v`, or below WORKER_MIN_BYTES). Each must be handed to a scan or released.
+ */
+export function prestartScanWorkers(bytes: number): ScanWorker[] {
+  const out: ScanWorker[] = [];
+  for (let i = defaultWorkers(bytes); i > 0; i--) {
+    try {
+      out.push(new ScanWorker());
+    } catch {
+      break; // no worker threads here: the main thread compares alone
+    }
+  }
+  return out;
+}
 
 export interface EqualScanOptions {
   chunkSize: number;
@@ -198,6 +257,8 @@ export interface EqualScanOptions {
   onProgress?: ProgressListener | undefined;
   /** Worker threads besides the main thread (default: one per further core, at most three). */
   workers?: number;
+  /** Workers started ahead (prestartScanWorkers), used first; those not used are released. */
+  prestarted?: readonly ScanWorker[] | undefined;
   /**
    * Hash SRC's bytes of each of these ranges (which must cover the plan, each within it) as
    * they are compared: a bmap's ranges with checksums. The scan then is all or nothing:
@@ -347,31 +408,23 @@ export async function narrowToDiffering(
   shared.unitFirst.set(units.unitFirst);
   const { state, counters } = shared;
 
-  const workers: Worker[] = [];
-  const exited = new Set<Worker>();
-  const workerErrors: string[] = [];
-  const wanted = options.workers ?? defaultWorkers(bytesTotal);
-  for (let w = 0; w < wanted && unitCount > 1; w++) {
-    try {
-      const worker = new Worker(WORKER_SOURCE, {
-        eval: true,
-        execArgv: [],
-        workerData: { ...shared, chunkSize },
-      });
-      // it ends by itself once no unit is left; it must not keep the process alive
-      worker.unref();
-      worker.on('error', (err) => {
-        // a bug, not a condition of the files: the main thread compares what it left
-        workerErrors.push(String(err));
-        trace(`equal scan: a worker failed: ${String(err)}`);
-        exited.add(worker);
-      });
-      worker.on('exit', () => exited.add(worker));
-      workers.push(worker);
-    } catch {
-      break; // no worker threads here: the main thread compares alone
+  // workers started ahead first, then new ones; ahead or not, one is not used with one unit
+  const spare = [...(options.prestarted ?? [])];
+  const wanted = unitCount > 1 ? (options.workers ?? defaultWorkers(bytesTotal)) : 0;
+  const workers: ScanWorker[] = [];
+  while (workers.length < wanted) {
+    let worker = spare.shift();
+    if (worker === undefined) {
+      try {
+        worker = new ScanWorker();
+      } catch {
+        break; // no worker threads here: the main thread compares alone
+      }
     }
+    worker.run({ ...shared, chunkSize });
+    workers.push(worker);
   }
+  for (const worker of spare) worker.release();
 
   const [a, b] = alignedBuffers(chunkSize, 2);
   // only what was found equal counts as scanned: the pipeline goes on from there
@@ -442,7 +495,7 @@ export async function narrowToDiffering(
       }
     }
     // a worker that died left its unit not done: its chunks not compared count as differing
-    if (workers.every((w) => exited.has(w))) break;
+    if (workers.every((w) => w.exited)) break;
     // the timer, not the wait, keeps the event loop alive: a pending Atomics.waitAsync does not,
     // and with the workers unref'd an empty loop would end the process here
     let timer: NodeJS.Timeout | undefined;
@@ -498,7 +551,7 @@ export async function narrowToDiffering(
     bytesTotal,
     threads: 1 + workers.length,
     chunksByWorkers: Atomics.load(counters, BY_WORKERS),
-    workerErrors,
+    workerErrors: workers.flatMap((w) => w.errors),
     ...(digests !== undefined ? { digests } : {}),
     ...(rereads !== undefined ? { rereads } : {}),
   };
