@@ -372,3 +372,15 @@ test('the worker threads take part in the scan, and none fails', async (t) => {
     }
   }
 });
+
+test('a DST path that cannot be looked at is refused as before (EDEST_OPEN), not as an internal error', async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  await writeFile(src, seededBytes(80 * MiB, 5)); // large enough for a scan's workers
+  const plain = join(dir, 'plain');
+  await writeFile(plain, 'a file, not a directory');
+  await assert.rejects(copy(src, join(plain, 'sub')), (err: Error & { code?: string }) => {
+    assert.equal(err.code, 'EDEST_OPEN');
+    return true;
+  });
+});

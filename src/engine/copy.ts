@@ -430,8 +430,12 @@ function scannable(source: CopySource, options: ResolvedCopyOptions): boolean {
  */
 function scanLikely(source: CopySource, dst: string, options: ResolvedCopyOptions): boolean {
   if (!scannable(source, options) || options.full || options.index !== undefined) return false;
-  const st = statSync(dst, { throwIfNoEntry: false });
-  return st !== undefined && (st.isBlockDevice() || (st.isFile() && st.size > 0));
+  try {
+    const st = statSync(dst, { throwIfNoEntry: false });
+    return st !== undefined && (st.isBlockDevice() || (st.isFile() && st.size > 0));
+  } catch {
+    return false; // openTarget refuses DST with the right code (ENOTDIR, ELOOP, …)
+  }
 }
 
 /**

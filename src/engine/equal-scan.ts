@@ -508,7 +508,9 @@ export async function narrowToDiffering(
   report();
   trace(
     `equal scan: ${Number(shared.equalBytes[0])} of ${bytesTotal} bytes equal, ` +
-      `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)` +
+      (workers.length === 0
+        ? 'the main thread alone'
+        : `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)`) +
       (stopped !== undefined ? `, stopped: ${stopped}` : ''),
   );
   if (stopped !== undefined && hash !== undefined) return undefined;
