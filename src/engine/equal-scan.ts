@@ -17,15 +17,19 @@
  *
  *   shared memory:  next ─► unit claimed by whichever thread asks first
  *                   state[chunk]: 0 not compared · 1 equal · 2 differs (or unreadable)
- *                   counters: units done, chunks done, chunks differing, stop
+ *                   counters: units done, chunks done, chunks differing, stop, chunks
+ *                   by workers
  *                   digests[unit]: the hex digest of its SRC bytes (with `hash`)
+ *                   chunkDigests[chunk]: SHA-256 of a differing chunk's SRC bytes (`hash`)
  *   main thread:    claim, compare, … yield to the event loop every few chunks (Ctrl-C,
  *                   progress), then wait until every claimed unit is done
  *
  * A chunk found equal is not read again: the same as the pipeline, which also compares each
  * chunk once, at its turn. A chunk that differs is read again by the pipeline; another
- * program's write to SRC in between is caught by the copy's SourceWatch, as it is for the
- * held writes of a bmap range read twice (bmap-verify.ts).
+ * program's write to a file SRC in between is caught by the copy's SourceWatch, and after a
+ * scan that verified a bmap's checksums each chunk read again is checked against the
+ * SHA-256 taken here (RereadCheck), so what is written is what was verified, also from a
+ * device whose writes no SourceWatch sees.
  */
 
 import { createHash, hash as oneShot } from 'node:crypto';
