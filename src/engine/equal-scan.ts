@@ -280,8 +280,6 @@ export interface EqualScanResult {
   bytesCompared: number;
   /** Bytes of the plan scanned. */
   bytesTotal: number;
-  /** Threads started to compare, the main one included. */
-  threads: number;
   /** Chunks the worker threads compared (the main thread compared the rest). */
   chunksByWorkers: number;
   /** Errors of worker threads that failed (a bug: the main thread compared what they left). */
@@ -510,8 +508,9 @@ export async function narrowToDiffering(
     clearTimeout(timer);
   }
   report();
+  const bytesEqual = Number(Atomics.load(shared.equalBytes, 0));
   trace(
-    `equal scan: ${Number(shared.equalBytes[0])} of ${bytesTotal} bytes equal, ` +
+    `equal scan: ${bytesEqual} of ${bytesTotal} bytes equal, ` +
       (workers.length === 0
         ? 'the main thread alone'
         : `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)`) +
@@ -520,12 +519,10 @@ export async function narrowToDiffering(
   if (stopped !== undefined && hash !== undefined) return undefined;
 
   const differing: number[] = [];
-  let bytesEqual = 0;
   let bytesCompared = 0;
   for (let i = 0; i < count; i++) {
     if (state[i] !== NOT_COMPARED) bytesCompared += chunks[2 * i + 1]!;
-    if (state[i] === EQUAL) bytesEqual += chunks[2 * i + 1]!;
-    else differing.push(i);
+    if (state[i] !== EQUAL) differing.push(i);
   }
   // in the order of the image (units may have gone out largest first)
   differing.sort((x, y) => chunks[2 * x]! - chunks[2 * y]!);
@@ -555,7 +552,6 @@ export async function narrowToDiffering(
     bytesEqual,
     bytesCompared,
     bytesTotal,
-    threads: 1 + workers.length,
     chunksByWorkers: Atomics.load(counters, BY_WORKERS),
     workerErrors: workers.flatMap((w) => w.errors),
     ...(digests !== undefined ? { digests } : {}),
