@@ -148,6 +148,25 @@ describe('copy with a bmap', () => {
     assert.ok((await allocated(out)) <= 310 * BS, `allocated ${await allocated(out)}`);
   });
 
+  it('punches the unmapped data of a destination that is partly holes there, and only it', async (t) => {
+    const dir = await tempDir(t);
+    const { path, size, image, pieces } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    const out = join(dir, 'out');
+    // DST: the image, plus stray data in two unmapped areas, holes in the others
+    const stray = [
+      { offset: 3 * MiB, data: seededBytes(7 * BS, 41) },
+      { offset: 7 * MiB + 3 * BS, data: seededBytes(2 * BS, 42) },
+    ];
+    await writeSparseFile(out, size, [...pieces, ...stray]);
+    const r = await copy(path, out);
+    assert.equal(r.bmap?.unmappedPunched, true);
+    assert.equal(r.bytesPunched, 9 * BS);
+    assert.equal(r.bytesWritten, 0);
+    assert.ok((await readFile(out)).equals(image), 'the stray data still reads back');
+    assert.equal((await copy(path, out)).bytesPunched, 0, 'nothing left to punch');
+  });
+
   it('catches a corrupted image by its range checksum and writes nothing of the bad range', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);

@@ -14,7 +14,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
-import type { Range } from '../ranges.js';
+import { intersectRanges, type Range } from '../ranges.js';
 
 /** Bytes of SRC read at a time to compare with zeros. */
 const CHECK_CHUNK_BYTES = 1024 * 1024;
@@ -29,21 +29,6 @@ export function unmappedOf(mapped: readonly Range[], imageSize: number): Range[]
     at = Math.max(at, r.end);
   }
   if (at < imageSize) out.push({ start: at, end: imageSize });
-  return out;
-}
-
-/** The overlap of two ascending, non-overlapping range lists. */
-export function intersect(a: readonly Range[], b: readonly Range[]): Range[] {
-  const out: Range[] = [];
-  let j = 0;
-  for (const r of a) {
-    while (j < b.length && b[j]!.end <= r.start) j++;
-    for (let k = j; k < b.length && b[k]!.start < r.end; k++) {
-      const start = Math.max(r.start, b[k]!.start);
-      const end = Math.min(r.end, b[k]!.end);
-      if (end > start) out.push({ start, end });
-    }
-  }
   return out;
 }
 
@@ -80,7 +65,7 @@ export async function refuseDataInUnmapped(
 ): Promise<number> {
   const buf = Buffer.allocUnsafe(CHECK_CHUNK_BYTES);
   let checked = 0;
-  for (const r of intersect(unmapped, data)) {
+  for (const r of intersectRanges(unmapped, data)) {
     for (let at = r.start; at < r.end;) {
       signal?.throwIfAborted();
       const want = Math.min(CHECK_CHUNK_BYTES, r.end - at);

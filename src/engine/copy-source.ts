@@ -46,8 +46,9 @@ import {
 import type { OpenedContainer } from '../containers/open.js';
 import { checksAtEnd, ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
+import { intersectRanges, type Range } from '../ranges.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
-import { gapMustBeZero, intersect, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
+import { gapMustBeZero, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
 import { wholeImagePlan } from './pipeline.js';
 import type { BmapReport, CopySource, CopySourceOptions } from './copy-source-types.js';
 
@@ -638,6 +639,9 @@ export async function bmapSourcing(
     }
   }
   const unmapped = unmappedOf(plan.ranges, plan.imageSize);
+  // the unmapped areas where DST holds data, once unmappedData has looked: only those are
+  // punched (punching a hole into a hole still costs the kernel a walk of the range)
+  let unmappedWithData: Range[] | undefined;
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -664,7 +668,8 @@ export async function bmapSourcing(
       } catch {
         return undefined; // the file system does not tell its holes
       }
-      return intersect(unmapped, data).reduce((n, r) => n + r.end - r.start, 0);
+      unmappedWithData = intersectRanges(unmapped, data);
+      return unmappedWithData.reduce((n, r) => n + r.end - r.start, 0);
     },
     wrapFileSink: (sink, fh, path) => {
       let punched = false;
@@ -673,7 +678,8 @@ export async function bmapSourcing(
         finish: async () => {
           if (!punched) {
             punched = true;
-            report.unmappedPunched = lib.punchHoles(fh, unmapped, path);
+            // a copy writes only mapped ranges: what held no data there still holds none
+            report.unmappedPunched = lib.punchHoles(fh, unmappedWithData ?? unmapped, path);
           }
           await sink.finish();
         },
