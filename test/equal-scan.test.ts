@@ -197,23 +197,32 @@ describe('with a bmap: each range hashed as it is compared', () => {
     return { path, dst, image };
   }
 
-  test('the digests are those of the ranges, on one thread or two', async (t) => {
+  test('the digests are those of the ranges, on one thread or two, or on the thread pool', async (t) => {
     const dir = await tempDir(t);
     const { path, dst, image } = await bmapPair(dir, [5 * MiB + 1, 90 * MiB]);
     const ranges = [
       { start: 4 * MiB, end: 44 * MiB },
       { start: 56 * MiB, end: 96 * MiB },
     ];
-    for (const workers of [0, 1]) {
+    const ways = [
+      { hashOn: 'threads', workers: 0 },
+      { hashOn: 'threads', workers: 1 },
+      { hashOn: 'pool', workers: 0 },
+    ] as const;
+    for (const { hashOn, workers } of ways) {
       const s = await open(path, 'r');
       const d = await open(dst, 'r');
       try {
         const r = await narrowToDiffering({ imageSize: 100 * MiB, ranges }, s.fd, d.fd, {
           chunkSize: CHUNK,
           workers,
+          hashOn,
           hash: { algorithm: 'sha256', ranges },
         });
         assert.ok(r !== undefined);
+        // the pool hashes the two ranges side by side (lanes: one per core, at most 3)
+        assert.equal(r.poolLanes > 0, hashOn === 'pool', hashOn);
+        assert.equal(r.chunksByWorkers > 0, workers > 0, `${hashOn}, ${workers} workers`);
         assert.deepEqual(
           r.digests,
           ranges.map((x) =>
@@ -280,10 +289,10 @@ test('a differing chunk read again is checked against what the scan hashed (Rere
   try {
     const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
       chunkSize: CHUNK,
-      workers: 1,
       hash: { algorithm: 'sha256', ranges },
     });
     assert.ok(r?.rereads !== undefined);
+    assert.ok(r.poolLanes > 0, 'hashed on the thread pool by default');
     // each differing chunk is its own range, so the pipeline reads each as the scan did
     assert.deepEqual(r.plan.ranges, [
       { start: 2 * MiB, end: 3 * MiB },
@@ -321,14 +330,17 @@ test('a bmap range of 200 GiB: its chunks are listed, and an interruption stops 
   const ac = new AbortController();
   ac.abort();
   try {
-    const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
-      chunkSize: CHUNK,
-      workers: 1,
-      signal: ac.signal,
-      hash: { algorithm: 'sha256', ranges },
-    });
-    // stopped before its end: with checksums the scan is all or nothing
-    assert.equal(r, undefined);
+    for (const hashOn of ['threads', 'pool'] as const) {
+      const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+        chunkSize: CHUNK,
+        workers: 1,
+        hashOn,
+        signal: ac.signal,
+        hash: { algorithm: 'sha256', ranges },
+      });
+      // stopped before its end: with checksums the scan is all or nothing
+      assert.equal(r, undefined, hashOn);
+    }
   } finally {
     await s.close();
     await d.close();
@@ -356,6 +368,7 @@ test('the worker threads take part in the scan, and none fails', async (t) => {
       const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
         chunkSize: CHUNK,
         workers: 1,
+        hashOn: 'threads',
         hash,
       });
       assert.ok(r !== undefined);
@@ -383,4 +396,113 @@ test('a DST path that cannot be looked at is refused as before (EDEST_OPEN), not
     assert.equal(err.code, 'EDEST_OPEN');
     return true;
   });
+});
+
+describe('hashing on the thread pool', () => {
+  test('an interruption in the middle: the scan stops, returns nothing, and leaves nothing running', async (t) => {
+    const dir = await tempDir(t);
+    const size = 64 * MiB;
+    const { src, dst } = await pair(dir, size, []);
+    const ranges = [
+      { start: 0, end: 40 * MiB },
+      { start: 40 * MiB, end: size },
+    ];
+    for (const hashOn of ['threads', 'pool'] as const) {
+      const s = await open(src, 'r');
+      const d = await open(dst, 'r');
+      const ac = new AbortController();
+      let reports = 0;
+      try {
+        const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+          chunkSize: CHUNK,
+          workers: 1,
+          hashOn,
+          signal: ac.signal,
+          onProgress: () => {
+            if (++reports === 3) ac.abort();
+          },
+          hash: { algorithm: 'sha256', ranges },
+        });
+        assert.equal(r, undefined, hashOn);
+        assert.ok(reports >= 3, hashOn);
+      } finally {
+        // closing the descriptors under a read or hash still running would fail it, or worse
+        await s.close();
+        await d.close();
+      }
+    }
+  });
+
+  test('SRC shorter than a range: that range has no digest, the others theirs', async (t) => {
+    const dir = await tempDir(t);
+    const size = 24 * MiB;
+    const { src, dst, data } = await pair(dir, size, [{ offset: MiB, bytes: Buffer.from('x') }]);
+    // the plan says 24 MiB; SRC now ends in the middle of the second range
+    await truncate(src, 20 * MiB + 5);
+    const ranges = [
+      { start: 0, end: 16 * MiB },
+      { start: 16 * MiB, end: size },
+    ];
+    const s = await open(src, 'r');
+    const d = await open(dst, 'r');
+    try {
+      const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+        chunkSize: CHUNK,
+        hashOn: 'pool',
+        hash: { algorithm: 'sha256', ranges },
+      });
+      assert.ok(r !== undefined);
+      assert.deepEqual(r.digests, [
+        createHash('sha256')
+          .update(data.subarray(0, 16 * MiB))
+          .digest('hex'),
+        undefined,
+      ]);
+      // the chunks SRC could not fill are left to the pipeline, which reports them
+      assert.deepEqual(r.plan.ranges, [
+        { start: 1 * MiB, end: 2 * MiB },
+        { start: 20 * MiB, end: 21 * MiB },
+        { start: 21 * MiB, end: 22 * MiB },
+        { start: 22 * MiB, end: 23 * MiB },
+        { start: 23 * MiB, end: 24 * MiB },
+      ]);
+    } finally {
+      await s.close();
+      await d.close();
+    }
+  });
+
+  for (const algorithm of ['sha1', 'sha512']) {
+    test(`a bmap's ${algorithm} ranges: the digests are createHash's`, async (t) => {
+      const dir = await tempDir(t);
+      const size = 9 * MiB + 4096;
+      const { src, dst, data } = await pair(dir, size, []);
+      const ranges = [
+        { start: 0, end: 4096 },
+        { start: 4096, end: 5 * MiB },
+        { start: 5 * MiB, end: size },
+      ];
+      const s = await open(src, 'r');
+      const d = await open(dst, 'r');
+      try {
+        const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+          chunkSize: CHUNK,
+          hashOn: 'pool',
+          hash: { algorithm, ranges },
+        });
+        assert.ok(r !== undefined && r.poolLanes > 0);
+        assert.deepEqual(
+          r.digests,
+          ranges.map((x) =>
+            createHash(algorithm).update(data.subarray(x.start, x.end)).digest('hex'),
+          ),
+        );
+        assert.equal(r.bytesEqual, size);
+        assert.deepEqual(r.plan.ranges, []);
+      } finally {
+        await s.close();
+        await d.close();
+      }
+    });
+  }
 });

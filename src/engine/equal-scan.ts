@@ -33,12 +33,13 @@
  */
 
 import { createHash, hash as oneShot } from 'node:crypto';
-import { readSync } from 'node:fs';
+import { read, readSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { trace } from '../trace.js';
 import { addressSpaceLimited } from '../io/address-space.js';
 import { alignedBuffers } from '../io/buffer-pool.js';
+import { poolDigest, poolDigestsAvailable } from '../io/pool-digest.js';
 import { chunksOf } from './pipeline.js';
 import { BlksyncError } from '../errors.js';
 import type { Plan, ProgressListener, Source } from '../types.js';
@@ -55,6 +56,13 @@ const DENSE_MIN_CHUNKS = 16;
 const DENSE_FRACTION = 8;
 /** Longest wait for a worker's unit before looking again (whether the worker died). */
 const WAIT_MS = 20;
+/**
+ * Ranges hashed side by side on the thread pool, at most: libuv's has four threads by
+ * default, and SRC's reads ahead need one besides the hashes.
+ */
+const MAX_LANES = 3;
+/** Chunks of SRC a lane reads ahead of its hash (each read while the others are hashed). */
+const SLABS_PER_LANE = 3;
 /** Room for one hex digest (SHA-512's 128 characters). */
 const DIGEST_CHARS = 128;
 
@@ -100,7 +108,8 @@ interface Shared {
  * Compares chunk `i` of the two descriptors into `a` and `b`, feeding SRC's bytes to `hash`
  * on the way, and records the outcome: equal, or differing, also when it could not be read
  * whole (the pipeline reads it again and reports why). Returns false when SRC could not be
- * read whole: the unit's digest is then worthless. Plain JavaScript that uses nothing from
+ * read whole: the unit's digest is then worthless. With `srcRead`, `a` holds SRC's bytes
+ * already (read by someone else, whole or not). Plain JavaScript that uses nothing from
  * outside: the worker runs its text.
  */
 function scanChunk(
@@ -111,13 +120,15 @@ function scanChunk(
   i: number,
   hash: { update(data: Buffer): unknown } | undefined,
   digestOf: ((data: Buffer) => Buffer) | undefined,
+  srcRead?: boolean,
 ): boolean {
   const offset = w.chunks[2 * i]!;
   const length = w.chunks[2 * i + 1]!;
-  let read = true;
+  // `srcRead` given: `a` holds SRC's bytes already (read whole, or not)
+  let read = srcRead ?? true;
   let equal = false;
   try {
-    for (let got = 0; read && got < length;) {
+    for (let got = srcRead === undefined ? 0 : length; read && got < length;) {
       const n = readSync(w.srcFd, a, got, length - got, offset + got);
       read = n > 0;
       got += n;
@@ -240,10 +251,13 @@ export class ScanWorker {
 
 /**
  * The workers a scan of `bytes` would start, started now (none on one core, under
- * `ulimit -v`, or below WORKER_MIN_BYTES). Each must be handed to a scan or released.
+ * `ulimit -v`, below WORKER_MIN_BYTES, or for a scan that will hash on the thread pool,
+ * `hashing`). Each must be handed to a scan or released.
  */
-export function prestartScanWorkers(bytes: number): ScanWorker[] {
+export function prestartScanWorkers(bytes: number, hashing = false): ScanWorker[] {
   const out: ScanWorker[] = [];
+  // a scan that hashes does so on the thread pool where it can, without workers
+  if (hashing && poolDigestsAvailable()) return out;
   for (let i = defaultWorkers(bytes); i > 0; i--) {
     try {
       out.push(new ScanWorker());
@@ -269,6 +283,12 @@ export interface EqualScanOptions {
    * stopped early (interrupted, or SRC mostly differing), it returns undefined.
    */
   hash?: { algorithm: string; ranges: readonly Range[] } | undefined;
+  /**
+   * Where `hash` hashes: on libuv's thread pool, the main thread reading and comparing
+   * (the default where io/pool-digest.ts can be had), or on the threads that read (the
+   * main thread and workers).
+   */
+  hashOn?: 'pool' | 'threads' | undefined;
 }
 
 export interface EqualScanResult {
@@ -282,6 +302,8 @@ export interface EqualScanResult {
   bytesTotal: number;
   /** Chunks the worker threads compared (the main thread compared the rest). */
   chunksByWorkers: number;
+  /** Ranges hashed side by side on the thread pool (0: the scan hashed on its threads, or not at all). */
+  poolLanes: number;
   /** Errors of worker threads that failed (a bug: the main thread compared what they left). */
   workerErrors: string[];
   /**
@@ -354,65 +376,40 @@ function unitsOf(
   return { chunks, unitFirst, order };
 }
 
-/**
- * Compares SRC and DST (open descriptors of local files or devices, both at least the plan's
- * image long as far as the plan goes) chunk by chunk, in the chunks the pipeline walks
- * `plan` in, and returns the plan of those that differ. With `hash`, undefined when the scan
- * stopped before its end.
- */
-export async function narrowToDiffering(
-  plan: Plan,
-  srcFd: number,
-  dstFd: number,
-  options: EqualScanOptions & { hash?: undefined },
-): Promise<EqualScanResult>;
-export async function narrowToDiffering(
-  plan: Plan,
-  srcFd: number,
-  dstFd: number,
-  options: EqualScanOptions,
-): Promise<EqualScanResult | undefined>;
-export async function narrowToDiffering(
-  plan: Plan,
-  srcFd: number,
-  dstFd: number,
-  options: EqualScanOptions,
-): Promise<EqualScanResult | undefined> {
-  const { chunkSize, signal, hash } = options;
-  trace('equal scan started');
-  const units = unitsOf(plan, chunkSize, hash);
-  const count = units.chunks.length;
-  const unitCount = units.unitFirst.length - 1;
-  const bytesTotal = units.chunks.reduce((n, c) => n + c.length, 0);
-  const chunks = new Float64Array(new SharedArrayBuffer(Math.max(1, count) * 16));
-  units.chunks.forEach((c, i) => {
-    chunks[2 * i] = c.offset;
-    chunks[2 * i + 1] = c.length;
-  });
-  const shared: Shared = {
-    srcFd,
-    dstFd,
-    chunks,
-    unitFirst: new Int32Array(new SharedArrayBuffer(4 * (unitCount + 1))),
-    state: new Uint8Array(new SharedArrayBuffer(Math.max(1, count))),
-    counters: new Int32Array(new SharedArrayBuffer(4 * COUNTERS)),
-    equalBytes: new BigInt64Array(new SharedArrayBuffer(8)),
-    digests: new Uint8Array(
-      new SharedArrayBuffer(hash !== undefined ? Math.max(1, unitCount) * DIGEST_CHARS : 1),
-    ),
-    algorithm: hash?.algorithm ?? '',
-    chunkDigests: new Uint8Array(
-      new SharedArrayBuffer(hash !== undefined ? Math.max(1, count) * 32 : 1),
-    ),
-  };
-  const digestOf =
-    hash !== undefined ? (data: Buffer) => oneShot('sha256', data, 'buffer') : undefined;
-  shared.unitFirst.set(units.unitFirst);
-  const { state, counters } = shared;
+/** Why a scan stopped before its end, if it did. */
+type Stopped = 'interrupted' | 'mostly differing' | undefined;
 
+/** What the two ways of scanning take besides the shared memory. */
+interface ScanContext extends EqualScanOptions {
+  /** Reports progress (the bytes found equal so far). */
+  report: () => void;
+  /** SHA-256 of a chunk (with `hash`: kept for each differing chunk, for RereadCheck). */
+  digestOf: ((data: Buffer) => Buffer) | undefined;
+}
+
+/** Whether to stop now, and why. */
+function stopNow(signal: AbortSignal | undefined, counters: Int32Array): Stopped {
+  if (signal?.aborted === true) return 'interrupted';
+  return mostlyDiffering(counters) ? 'mostly differing' : undefined;
+}
+
+/**
+ * The scan on threads: the main thread and workers each claim a unit, read both sides of its
+ * chunks, compare them, and (with `hash`) hash SRC's bytes as they go.
+ */
+async function scanOnThreads(
+  shared: Shared,
+  unitFirst: readonly number[],
+  chunkSize: number,
+  bytesTotal: number,
+  context: ScanContext,
+): Promise<{ stopped: Stopped; workers: ScanWorker[] }> {
+  const { signal, hash, digestOf } = context;
+  const { counters } = shared;
+  const unitCount = unitFirst.length - 1;
   // workers started ahead first, then new ones; ahead or not, one is not used with one unit
-  const spare = [...(options.prestarted ?? [])];
-  const wanted = unitCount > 1 ? (options.workers ?? defaultWorkers(bytesTotal)) : 0;
+  const spare = [...(context.prestarted ?? [])];
+  const wanted = unitCount > 1 ? (context.workers ?? defaultWorkers(bytesTotal)) : 0;
   const workers: ScanWorker[] = [];
   while (workers.length < wanted) {
     let worker = spare.shift();
@@ -429,15 +426,7 @@ export async function narrowToDiffering(
   for (const worker of spare) worker.release();
 
   const [a, b] = alignedBuffers(chunkSize, 2);
-  // only what was found equal counts as scanned: the pipeline goes on from there
-  const report = (): void =>
-    options.onProgress?.({
-      bytesScanned: Number(Atomics.load(shared.equalBytes, 0)),
-      bytesTotal,
-      bytesDiffering: 0,
-      bytesWritten: 0,
-    });
-  let stopped: 'interrupted' | 'mostly differing' | undefined;
+  let stopped: Stopped;
   // units handed out: all of them, unless the handing out was stopped
   let claimed = unitCount;
   // the main thread's unit: its next chunk, its end, its hash, whether SRC was read whole
@@ -456,8 +445,8 @@ export async function narrowToDiffering(
           done = true;
           break;
         }
-        next = units.unitFirst[unit]!;
-        end = units.unitFirst[unit + 1]!;
+        next = unitFirst[unit]!;
+        end = unitFirst[unit + 1]!;
         unitHash = hash !== undefined ? createHash(hash.algorithm) : undefined;
         whole = true;
         if (next >= end) continue;
@@ -466,7 +455,7 @@ export async function narrowToDiffering(
       next++;
     }
     if (done) break;
-    report();
+    context.report();
     // a turn of the event loop: signals, timers and the progress bar run
     await new Promise((resolve) => setImmediate(resolve));
     if (signal?.aborted === true) stopped = 'interrupted';
@@ -507,13 +496,208 @@ export async function narrowToDiffering(
     ]);
     clearTimeout(timer);
   }
+  return { stopped, workers };
+}
+
+/** Reads `length` bytes at `position` of `fd` into `buf` on the thread pool: false if it cannot. */
+function readWhole(fd: number, buf: Buffer, length: number, position: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const more = (got: number): void => {
+      if (got >= length) {
+        resolve(true);
+        return;
+      }
+      read(fd, buf, got, length - got, position + got, (err, n) => {
+        if (err !== null || n === 0) resolve(false);
+        else more(got + n);
+      });
+    };
+    more(0);
+  });
+}
+
+/**
+ * The scan with `hash` on libuv's thread pool (io/pool-digest.ts), without worker threads.
+ * Each lane takes one unit (a range) at a time, the largest first: the pool reads its SRC
+ * chunks ahead into the lane's slabs and hashes them in order, while the main thread reads
+ * DST's side of each chunk and compares. SRC's bytes are copied and hashed by pool threads,
+ * DST's copied and compared by the main thread, so the work spreads over the cores with no
+ * worker thread to start. A slab is read again only once its hash is done, and each lane
+ * waits for its reads and hashes before it finishes (or abandons) its unit: the pool reads
+ * and writes the slabs in place.
+ */
+async function hashOnPool(
+  shared: Shared,
+  unitFirst: readonly number[],
+  lanes: number,
+  algorithm: string,
+  chunkSize: number,
+  context: ScanContext & { digestOf: (data: Buffer) => Buffer },
+): Promise<Stopped> {
+  const { signal, digestOf } = context;
+  const { counters, chunks, srcFd } = shared;
+  const unitCount = unitFirst.length - 1;
+  const slabs = alignedBuffers(chunkSize, SLABS_PER_LANE * lanes);
+  // DST's side of a chunk: compared at once, so one buffer serves every lane
+  const [b] = alignedBuffers(chunkSize, 1);
+  let stopped: Stopped;
+
+  const lane = async (own: Buffer[]): Promise<void> => {
+    for (;;) {
+      const u = Atomics.add(counters, NEXT, 1);
+      if (u >= unitCount) return;
+      const digest = poolDigest(algorithm);
+      // false once SRC could not be read whole in the unit, or the pool failed to hash it
+      let whole = digest !== undefined;
+      // the unit's hashes, one after another; free[j] settles once slab j may be read into
+      let chain: Promise<void> = Promise.resolve();
+      const free: Promise<unknown>[] = own.map(() => chain);
+      const reads: Promise<boolean>[] = [];
+      const first = unitFirst[u]!;
+      const end = unitFirst[u + 1]!;
+      const readAhead = (i: number): void => {
+        const j = (i - first) % own.length;
+        reads[j] = free[j]!.then(() =>
+          stopped !== undefined
+            ? false
+            : readWhole(srcFd, own[j]!, chunks[2 * i + 1]!, chunks[2 * i]!),
+        );
+      };
+      for (let i = first; i < Math.min(end, first + own.length); i++) readAhead(i);
+      let i = first;
+      for (; i < end && stopped === undefined; i++) {
+        const j = (i - first) % own.length;
+        const srcRead = await reads[j]!;
+        if (stopped !== undefined) break;
+        scanChunk(readSync, shared, own[j]!, b!, i, undefined, digestOf, srcRead);
+        if (!srcRead) whole = false;
+        if (whole) {
+          const data = own[j]!.subarray(0, chunks[2 * i + 1]);
+          chain = chain.then(() => digest!.update(data));
+        }
+        free[j] = chain.catch(() => undefined);
+        if (i + own.length < end) readAhead(i + own.length);
+        context.report();
+        stopped ??= stopNow(signal, counters);
+      }
+      // nothing of the pool's may still use the slabs or the digest
+      await Promise.all(reads);
+      try {
+        await chain;
+      } catch {
+        whole = false; // the pool could not hash it: the digest is left undefined
+      }
+      if (i < end) {
+        // stopped part-way: the unit's digest is worthless, its chunks not compared stay
+        digest?.free();
+        finishUnit(shared, u, undefined, false);
+        return;
+      }
+      finishUnit(shared, u, whole ? { digest: () => digest!.digest() } : undefined, whole);
+      digest?.free();
+    }
+  };
+  const running: Promise<void>[] = [];
+  for (let l = 0; l < lanes; l++) {
+    running.push(lane(slabs.slice(l * SLABS_PER_LANE, (l + 1) * SLABS_PER_LANE)));
+  }
+  await Promise.all(running);
+  if (stopped !== undefined) Atomics.exchange(counters, NEXT, unitCount);
+  return stopped;
+}
+
+/**
+ * Compares SRC and DST (open descriptors of local files or devices, both at least the plan's
+ * image long as far as the plan goes) chunk by chunk, in the chunks the pipeline walks
+ * `plan` in, and returns the plan of those that differ. With `hash`, undefined when the scan
+ * stopped before its end.
+ */
+export async function narrowToDiffering(
+  plan: Plan,
+  srcFd: number,
+  dstFd: number,
+  options: EqualScanOptions & { hash?: undefined },
+): Promise<EqualScanResult>;
+export async function narrowToDiffering(
+  plan: Plan,
+  srcFd: number,
+  dstFd: number,
+  options: EqualScanOptions,
+): Promise<EqualScanResult | undefined>;
+export async function narrowToDiffering(
+  plan: Plan,
+  srcFd: number,
+  dstFd: number,
+  options: EqualScanOptions,
+): Promise<EqualScanResult | undefined> {
+  const { chunkSize, hash } = options;
+  trace('equal scan started');
+  const units = unitsOf(plan, chunkSize, hash);
+  const count = units.chunks.length;
+  const unitCount = units.unitFirst.length - 1;
+  const bytesTotal = units.chunks.reduce((n, c) => n + c.length, 0);
+  const chunks = new Float64Array(new SharedArrayBuffer(Math.max(1, count) * 16));
+  units.chunks.forEach((c, i) => {
+    chunks[2 * i] = c.offset;
+    chunks[2 * i + 1] = c.length;
+  });
+  const shared: Shared = {
+    srcFd,
+    dstFd,
+    chunks,
+    unitFirst: new Int32Array(new SharedArrayBuffer(4 * (unitCount + 1))),
+    state: new Uint8Array(new SharedArrayBuffer(Math.max(1, count))),
+    counters: new Int32Array(new SharedArrayBuffer(4 * COUNTERS)),
+    equalBytes: new BigInt64Array(new SharedArrayBuffer(8)),
+    digests: new Uint8Array(
+      new SharedArrayBuffer(hash !== undefined ? Math.max(1, unitCount) * DIGEST_CHARS : 1),
+    ),
+    algorithm: hash?.algorithm ?? '',
+    chunkDigests: new Uint8Array(
+      new SharedArrayBuffer(hash !== undefined ? Math.max(1, count) * 32 : 1),
+    ),
+  };
+  const digestOf =
+    hash !== undefined ? (data: Buffer) => oneShot('sha256', data, 'buffer') : undefined;
+  shared.unitFirst.set(units.unitFirst);
+  const { state, counters } = shared;
+
+  // only what was found equal counts as scanned: the pipeline goes on from there
+  const report = (): void =>
+    options.onProgress?.({
+      bytesScanned: Number(Atomics.load(shared.equalBytes, 0)),
+      bytesTotal,
+      bytesDiffering: 0,
+      bytesWritten: 0,
+    });
+  const pooled = hash !== undefined && options.hashOn !== 'threads' && poolDigestsAvailable();
+  let stopped: Stopped;
+  let workers: ScanWorker[] = [];
+  let lanes = 0;
+  if (pooled) {
+    for (const worker of options.prestarted ?? []) worker.release();
+    lanes = Math.max(1, Math.min(unitCount, MAX_LANES, availableParallelism()));
+    stopped = await hashOnPool(shared, units.unitFirst, lanes, hash.algorithm, chunkSize, {
+      ...options,
+      report,
+      digestOf: digestOf!,
+    });
+  } else {
+    ({ stopped, workers } = await scanOnThreads(shared, units.unitFirst, chunkSize, bytesTotal, {
+      ...options,
+      report,
+      digestOf,
+    }));
+  }
   report();
   const bytesEqual = Number(Atomics.load(shared.equalBytes, 0));
   trace(
     `equal scan: ${bytesEqual} of ${bytesTotal} bytes equal, ` +
-      (workers.length === 0
-        ? 'the main thread alone'
-        : `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)`) +
+      (lanes > 0
+        ? `hashed on the thread pool, ${lanes} range${lanes > 1 ? 's' : ''} at a time`
+        : workers.length === 0
+          ? 'the main thread alone'
+          : `${1 + workers.length} threads (${Atomics.load(counters, BY_WORKERS)} chunks by workers)`) +
       (stopped !== undefined ? `, stopped: ${stopped}` : ''),
   );
   if (stopped !== undefined && hash !== undefined) return undefined;
@@ -553,6 +737,7 @@ export async function narrowToDiffering(
     bytesCompared,
     bytesTotal,
     chunksByWorkers: Atomics.load(counters, BY_WORKERS),
+    poolLanes: lanes,
     workerErrors: workers.flatMap((w) => w.errors),
     ...(digests !== undefined ? { digests } : {}),
     ...(rereads !== undefined ? { rereads } : {}),
