@@ -222,7 +222,8 @@ describe('with a bmap: each range hashed as it is compared', () => {
         assert.ok(r !== undefined);
         // the pool hashes the two ranges side by side (lanes: one per core, at most 3)
         assert.equal(r.poolLanes > 0, hashOn === 'pool', hashOn);
-        assert.equal(r.chunksByWorkers > 0, workers > 0, `${hashOn}, ${workers} workers`);
+        // (whether the worker took a range depends on its start: the test below checks that)
+        if (hashOn === 'pool') assert.equal(r.chunksByWorkers, 0);
         assert.deepEqual(
           r.digests,
           ranges.map((x) =>
