@@ -10,7 +10,9 @@ import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { describe, test } from 'node:test';
 import { copy } from '../src/copy.js';
-import { narrowToDiffering, RereadCheck } from '../src/engine/equal-scan.js';
+import { narrowToDiffering, RereadCheck, type EqualScanOptions } from '../src/engine/equal-scan.js';
+import type { Plan } from '../src/types.js';
+import type { Range } from '../src/ranges.js';
 import { FileSource } from '../src/io/file-source.js';
 import { wholeImagePlan } from '../src/engine/pipeline.js';
 import { createBmap } from '../src/engine/bmap-create.js';
@@ -44,6 +46,19 @@ async function scan(src: string, dst: string, size: number, workers: number) {
       workers,
     });
   } finally {
+    await s.close();
+    await d.close();
+  }
+}
+
+/** narrowToDiffering over the files `src` and `dst`, open for it alone. */
+async function scanFiles(src: string, dst: string, plan: Plan, options: EqualScanOptions) {
+  const s = await open(src, 'r');
+  const d = await open(dst, 'r');
+  try {
+    return await narrowToDiffering(plan, s.fd, d.fd, options);
+  } finally {
+    // closing the descriptors under a read or hash still running would fail it, or worse
     await s.close();
     await d.close();
   }
@@ -400,6 +415,19 @@ test('a DST path that cannot be looked at is refused as before (EDEST_OPEN), not
 });
 
 describe('hashing on the thread pool', () => {
+  /** The scan of `ranges` (which cover the image) hashing them with `algorithm` on the pool. */
+  const poolScan = (src: string, dst: string, size: number, ranges: Range[], algorithm: string) =>
+    scanFiles(
+      src,
+      dst,
+      { imageSize: size, ranges },
+      {
+        chunkSize: CHUNK,
+        hashOn: 'pool',
+        hash: { algorithm, ranges },
+      },
+    );
+
   test('an interruption in the middle: the scan stops, returns nothing, and leaves nothing running', async (t) => {
     const dir = await tempDir(t);
     const size = 64 * MiB;
@@ -409,12 +437,13 @@ describe('hashing on the thread pool', () => {
       { start: 40 * MiB, end: size },
     ];
     for (const hashOn of ['threads', 'pool'] as const) {
-      const s = await open(src, 'r');
-      const d = await open(dst, 'r');
       const ac = new AbortController();
       let reports = 0;
-      try {
-        const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
+      const r = await scanFiles(
+        src,
+        dst,
+        { imageSize: size, ranges },
+        {
           chunkSize: CHUNK,
           workers: 1,
           hashOn,
@@ -423,14 +452,10 @@ describe('hashing on the thread pool', () => {
             if (++reports === 3) ac.abort();
           },
           hash: { algorithm: 'sha256', ranges },
-        });
-        assert.equal(r, undefined, hashOn);
-        assert.ok(reports >= 3, hashOn);
-      } finally {
-        // closing the descriptors under a read or hash still running would fail it, or worse
-        await s.close();
-        await d.close();
-      }
+        },
+      );
+      assert.equal(r, undefined, hashOn);
+      assert.ok(reports >= 3, hashOn);
     }
   });
 
@@ -444,33 +469,22 @@ describe('hashing on the thread pool', () => {
       { start: 0, end: 16 * MiB },
       { start: 16 * MiB, end: size },
     ];
-    const s = await open(src, 'r');
-    const d = await open(dst, 'r');
-    try {
-      const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
-        chunkSize: CHUNK,
-        hashOn: 'pool',
-        hash: { algorithm: 'sha256', ranges },
-      });
-      assert.ok(r !== undefined);
-      assert.deepEqual(r.digests, [
-        createHash('sha256')
-          .update(data.subarray(0, 16 * MiB))
-          .digest('hex'),
-        undefined,
-      ]);
-      // the chunks SRC could not fill are left to the pipeline, which reports them
-      assert.deepEqual(r.plan.ranges, [
-        { start: 1 * MiB, end: 2 * MiB },
-        { start: 20 * MiB, end: 21 * MiB },
-        { start: 21 * MiB, end: 22 * MiB },
-        { start: 22 * MiB, end: 23 * MiB },
-        { start: 23 * MiB, end: 24 * MiB },
-      ]);
-    } finally {
-      await s.close();
-      await d.close();
-    }
+    const r = await poolScan(src, dst, size, ranges, 'sha256');
+    assert.ok(r !== undefined);
+    assert.deepEqual(r.digests, [
+      createHash('sha256')
+        .update(data.subarray(0, 16 * MiB))
+        .digest('hex'),
+      undefined,
+    ]);
+    // the chunks SRC could not fill are left to the pipeline, which reports them
+    assert.deepEqual(r.plan.ranges, [
+      { start: 1 * MiB, end: 2 * MiB },
+      { start: 20 * MiB, end: 21 * MiB },
+      { start: 21 * MiB, end: 22 * MiB },
+      { start: 22 * MiB, end: 23 * MiB },
+      { start: 23 * MiB, end: 24 * MiB },
+    ]);
   });
 
   for (const algorithm of ['sha1', 'sha512']) {
@@ -483,27 +497,16 @@ describe('hashing on the thread pool', () => {
         { start: 4096, end: 5 * MiB },
         { start: 5 * MiB, end: size },
       ];
-      const s = await open(src, 'r');
-      const d = await open(dst, 'r');
-      try {
-        const r = await narrowToDiffering({ imageSize: size, ranges }, s.fd, d.fd, {
-          chunkSize: CHUNK,
-          hashOn: 'pool',
-          hash: { algorithm, ranges },
-        });
-        assert.ok(r !== undefined && r.poolLanes > 0);
-        assert.deepEqual(
-          r.digests,
-          ranges.map((x) =>
-            createHash(algorithm).update(data.subarray(x.start, x.end)).digest('hex'),
-          ),
-        );
-        assert.equal(r.bytesEqual, size);
-        assert.deepEqual(r.plan.ranges, []);
-      } finally {
-        await s.close();
-        await d.close();
-      }
+      const r = await poolScan(src, dst, size, ranges, algorithm);
+      assert.ok(r !== undefined && r.poolLanes > 0);
+      assert.deepEqual(
+        r.digests,
+        ranges.map((x) =>
+          createHash(algorithm).update(data.subarray(x.start, x.end)).digest('hex'),
+        ),
+      );
+      assert.equal(r.bytesEqual, size);
+      assert.deepEqual(r.plan.ranges, []);
     });
   }
 });
