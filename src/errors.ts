@@ -186,10 +186,17 @@ export function isSystemError(err: unknown): err is SystemError {
   return err instanceof Error && typeof (err as Partial<SystemError>).code === 'string';
 }
 
+/** Whether this process runs as root: then "run as root" is no advice. */
+const AS_ROOT = process.getuid?.() === 0;
+
 const ERRNO_TEXT: Record<string, string> = {
   ENOENT: 'no such file or directory',
-  EACCES: 'permission denied (run as root or fix the permissions)',
-  EPERM: 'operation not permitted (run as root)',
+  EACCES: AS_ROOT
+    ? 'permission denied, even to root (a network file system or a security module such as SELinux refused it)'
+    : 'permission denied (run as root or fix the permissions)',
+  EPERM: AS_ROOT
+    ? 'operation not permitted, even to root (an immutable or append-only file? lsattr shows it, chattr -i / -a clears it)'
+    : 'operation not permitted (run as root)',
   EISDIR: 'is a directory',
   EBUSY: 'device or resource busy',
   EROFS: 'read-only file system',

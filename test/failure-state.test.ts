@@ -26,6 +26,7 @@ import {
   readDevice,
   run,
 } from './helpers/loop.js';
+import { IS_ROOT, need } from './helpers/resources.js';
 import { sharedSshd } from './helpers/sshd.js';
 import { seededBytes, tempDir } from './helpers/tmp.js';
 
@@ -319,4 +320,33 @@ describe('over ssh', () => {
     assert.match(r.stderr.split('\n')[0]!, /read-only.*\[EDEST_READONLY\]$/);
     assert.ok((await readDevice(dev, old.length)).equals(old), 'device untouched');
   });
+});
+
+test('a DST root may not write (an immutable file): the hint does not tell root to run as root', async (t) => {
+  if (!need(t, IS_ROOT, 'needs root (only root meets EPERM on an immutable file it owns)')) return;
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  await writeFile(src, seededBytes(MiB, 51));
+  const old = seededBytes(MiB, 52);
+  await writeFile(dst, old);
+  let immutable = true;
+  try {
+    execFileSync('chattr', ['+i', dst], { stdio: 'ignore' });
+  } catch {
+    immutable = false;
+  }
+  if (!need(t, immutable, 'chattr +i is not supported on the temporary directory')) return;
+  let r: CliResult;
+  try {
+    r = await runCli(['copy', src, dst]);
+  } finally {
+    // before the temporary directory is removed, which an immutable file would stop
+    execFileSync('chattr', ['-i', dst], { stdio: 'ignore' });
+  }
+  assert.equal(r.code, 1, r.stderr);
+  const line = r.stderr.trim().split('\n')[0]!;
+  assert.match(line, /operation not permitted, even to root .*chattr -i/);
+  assert.doesNotMatch(r.stderr, /run as root/);
+  assert.ok((await readFile(dst)).equals(old), 'DST untouched');
 });

@@ -4,7 +4,8 @@
  * gzip goes through node:zlib. xz, zstd, bzip2 and lz4 go through the system's own binaries
  * (`xz -dc`, `zstd -dc`, `lbzip2 -dc` or `bzip2 -dc`, `lz4 -dc`), spawned with the image on
  * their stdin and read from their stdout: they are two to four times faster than the
- * libraries that install on Node 20 (see ../shared/STACK-NOTES.md) and run on another core.
+ * libraries that install on Node 20 (measured when this was written), and run on another
+ * core.
  * Nothing is unpacked to a temporary file.
  *
  * A decoder that fails, or input that ends too soon, is an error at the end of the stream
