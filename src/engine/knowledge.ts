@@ -73,9 +73,17 @@ export class ReadTarget implements TargetKnowledge {
     this.bytesRead += got;
     if (got < want) {
       this.#pool.put(buf);
+      // where it ends now: a file that shrank below this chunk ends before the chunk's offset
+      let end = offset + got;
+      try {
+        const st = await this.#fh.stat();
+        if (st.isFile()) end = Math.min(end, st.size);
+      } catch {
+        // the offset reached is what is known
+      }
       throw new BlksyncError(
         this.#shortCode,
-        `${this.#path} ended at ${offset + got} bytes while being read; did it shrink? Rerun the command.`,
+        `${this.#path} ended at ${end} bytes while being read; did it shrink? Rerun the command.`,
         { path: this.#path },
       );
     }
