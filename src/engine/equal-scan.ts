@@ -499,7 +499,7 @@ async function scanOnThreads(
   return { stopped, workers };
 }
 
-/** Reads `length` bytes at `position` of `fd` into `buf` on the thread pool: false if it cannot. */
+/** Reads `length` bytes at `position` of `fd` into `buf` on the thread pool: false if it cannot (never throws). */
 function readWhole(fd: number, buf: Buffer, length: number, position: number): Promise<boolean> {
   return new Promise((resolve) => {
     const more = (got: number): void => {
@@ -507,10 +507,14 @@ function readWhole(fd: number, buf: Buffer, length: number, position: number): P
         resolve(true);
         return;
       }
-      read(fd, buf, got, length - got, position + got, (err, n) => {
-        if (err !== null || n === 0) resolve(false);
-        else more(got + n);
-      });
+      try {
+        read(fd, buf, got, length - got, position + got, (err, n) => {
+          if (err !== null || n === 0) resolve(false);
+          else more(got + n);
+        });
+      } catch {
+        resolve(false); // arguments fs refuses (a position past 2^53): the pipeline reports it
+      }
     };
     more(0);
   });
