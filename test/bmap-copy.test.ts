@@ -167,6 +167,33 @@ describe('copy with a bmap', () => {
     assert.equal((await copy(path, out)).bytesPunched, 0, 'nothing left to punch');
   });
 
+  it('a copy onto several destinations punches the unmapped data of each, by its own map', async (t) => {
+    const dir = await tempDir(t);
+    const { path, size, image, pieces } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    // stray data in an unmapped area of the first destination only, then of the second only:
+    // what one destination holds must not decide where another is punched
+    const strays = [
+      [{ offset: 3 * MiB, data: seededBytes(7 * BS, 43) }],
+      [{ offset: 7 * MiB, data: seededBytes(2 * BS, 44) }],
+    ];
+    const outs = [join(dir, 'a'), join(dir, 'b')];
+    for (const order of [
+      [0, 1],
+      [1, 0],
+    ]) {
+      for (let k = 0; k < 2; k++) await writeSparseFile(outs[k]!, size, [...pieces, ...strays[k]!]);
+      const r = await runCli(['copy', '--json', path, ...order.map((k) => outs[k]!)]);
+      assert.equal(r.code, 0, r.stderr);
+      for (const out of outs) {
+        assert.ok(
+          (await readFile(out)).equals(image),
+          `${out}, destinations in the order ${order.join(', ')}`,
+        );
+      }
+    }
+  });
+
   it('catches a corrupted image by its range checksum and writes nothing of the bad range', async (t) => {
     const dir = await tempDir(t);
     const { path } = await sparseImage(dir);

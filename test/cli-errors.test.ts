@@ -6,13 +6,16 @@
  */
 
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { open, truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { escapeControl } from '../src/cli/common.js';
+import { createBmap } from '../src/engine/bmap-create.js';
 import { absent } from './helpers/assert-error.js';
 import { runCli } from './helpers/cli.js';
 import { tempDir } from './helpers/tmp.js';
+
+const MiB = 1024 * 1024;
 
 const FIRST_LINE = /^blksync: [^\n]+ \[E[A-Z_]+\]$/;
 
@@ -139,4 +142,46 @@ test('a command that stops before it finished, without an error, exits 1 with EI
   assert.equal(r.code, 1, r.stderr);
   assert.match(firstLine(r.stderr), /^blksync: internal error: .* \[EINTERNAL\]$/);
   assert.equal((JSON.parse(r.stdout) as { error: { code: string } }).error.code, 'EINTERNAL');
+});
+
+test("Ctrl-C in a step that checks the signal itself (a bmap's unmapped data): EINTERRUPTED, exit 130, not an internal error", async (t) => {
+  const dir = await tempDir(t);
+  const src = join(dir, 'src.img');
+  const dst = join(dir, 'dst.img');
+  // mapped: the first MiB; SRC's unmapped area then gets 3 MiB of zeros that are data
+  // (allocated), which the copy reads to check that they are zeros, 1 MiB at a time
+  await writeFile(src, Buffer.alloc(MiB, 5));
+  await truncate(src, 8 * MiB);
+  await createBmap(src, { output: `${src}.bmap` });
+  const fh = await open(src, 'r+');
+  await fh.write(Buffer.alloc(3 * MiB), 0, 3 * MiB, 4 * MiB);
+  await fh.close();
+  // the stand-in for the user: SIGINT during the check's first read, seen at its next step
+  const interrupt = join(dir, 'interrupt.cjs');
+  await writeFile(
+    interrupt,
+    "const p = require('node:fs/promises'); const open = p.open; let sent = false;\n" +
+      'p.open = async (path, ...rest) => {\n' +
+      '  const fh = await open(path, ...rest);\n' +
+      "  if (!String(path).endsWith('src.img')) return fh;\n" +
+      '  const read = fh.read.bind(fh);\n' +
+      '  fh.read = async (buf, off, len, pos) => {\n' +
+      '    const r = await read(buf, off, len, pos);\n' +
+      `    if (!sent && len === ${MiB} && pos >= ${4 * MiB}) {\n` +
+      "      sent = true; process.kill(process.pid, 'SIGINT');\n" +
+      '      await new Promise((resolve) => setTimeout(resolve, 100));\n' +
+      '    }\n' +
+      '    return r;\n' +
+      '  };\n' +
+      '  return fh;\n' +
+      '};\n',
+  );
+  const r = await runCli(['copy', '--json', src, dst], {
+    env: { NODE_OPTIONS: `--require ${interrupt}` },
+  });
+  assert.equal(r.code, 130, r.stderr);
+  assert.match(firstLine(r.stderr), /^blksync: interrupted.* \[EINTERRUPTED\]$/);
+  assert.doesNotMatch(r.stderr, /internal error/);
+  assert.equal((JSON.parse(r.stdout) as { error: { code: string } }).error.code, 'EINTERRUPTED');
+  await absent(dst);
 });

@@ -510,3 +510,71 @@ describe('hashing on the thread pool', () => {
     });
   }
 });
+
+describe('threads or the pool', () => {
+  test('long ranges are hashed on the pool, thousands of short ones on the threads', async (t) => {
+    const dir = await tempDir(t);
+    const size = 32 * MiB;
+    const { src, dst, data } = await pair(dir, size, [
+      { offset: 9 * MiB, bytes: Buffer.from('y') },
+    ]);
+    const long = [
+      { start: 0, end: 20 * MiB },
+      { start: 20 * MiB, end: size },
+    ];
+    // 64 KiB ranges: each a fraction of one chunk
+    const short = Array.from({ length: size / (64 * 1024) }, (_, k) => ({
+      start: k * 64 * 1024,
+      end: (k + 1) * 64 * 1024,
+    }));
+    for (const [ranges, onPool] of [
+      [long, true],
+      [short, false],
+    ] as const) {
+      const r = await scanFiles(
+        src,
+        dst,
+        { imageSize: size, ranges: [{ start: 0, end: size }] },
+        { chunkSize: CHUNK, workers: 1, hash: { algorithm: 'sha256', ranges } },
+      );
+      assert.ok(r !== undefined);
+      assert.equal(r.poolLanes > 0, onPool, `${ranges.length} ranges`);
+      assert.deepEqual(
+        r.digests,
+        ranges.map((x) => createHash('sha256').update(data.subarray(x.start, x.end)).digest('hex')),
+      );
+      assert.equal(r.bytesTotal - r.bytesEqual, onPool ? MiB : 64 * 1024);
+    }
+  });
+
+  test('a progress listener that throws ends the scan: nothing of it runs after it rejected', async (t) => {
+    const dir = await tempDir(t);
+    const size = 48 * MiB;
+    const { src, dst } = await pair(dir, size, []);
+    const ranges = [
+      { start: 0, end: 16 * MiB },
+      { start: 16 * MiB, end: 32 * MiB },
+      { start: 32 * MiB, end: size },
+    ];
+    let calls = 0;
+    await assert.rejects(
+      scanFiles(
+        src,
+        dst,
+        { imageSize: size, ranges },
+        {
+          chunkSize: CHUNK,
+          hashOn: 'pool',
+          hash: { algorithm: 'sha256', ranges },
+          onProgress: () => {
+            if (++calls === 5) throw new Error('listener failed');
+          },
+        },
+      ),
+      /listener failed/,
+    );
+    const after = calls;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(calls, after, 'the other lanes went on reporting after the scan rejected');
+  });
+});

@@ -49,7 +49,11 @@ export function interruptible(): {
       return;
     }
     code = sig === 'SIGTERM' ? EXIT_SIGTERM : EXIT_SIGINT;
-    controller.abort(new Error(sig));
+    // the reason is what a step that checks the signal throws (signal.throwIfAborted()): an
+    // interruption with its code, not an internal error
+    controller.abort(
+      new BlksyncError('EINTERRUPTED', `interrupted (${sig}); rerun the same command to finish`),
+    );
   };
   process.on('SIGINT', handler);
   process.on('SIGTERM', handler);

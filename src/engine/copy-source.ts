@@ -639,9 +639,10 @@ export async function bmapSourcing(
     }
   }
   const unmapped = unmappedOf(plan.ranges, plan.imageSize);
-  // the unmapped areas where DST holds data, once unmappedData has looked: only those are
-  // punched (punching a hole into a hole still costs the kernel a walk of the range)
-  let unmappedWithData: Range[] | undefined;
+  // the unmapped areas where each DST holds data, once unmappedData has looked at it: only
+  // those are punched (punching a hole into a hole still costs the kernel a walk of the
+  // range). By DST: a fan-out's destinations share this sourcing
+  const unmappedWithData = new WeakMap<FileHandle, Range[]>();
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -666,10 +667,12 @@ export async function bmapSourcing(
       try {
         data = lib.mappedRanges(fh, plan.imageSize, 1, path);
       } catch {
-        return undefined; // the file system does not tell its holes
+        unmappedWithData.delete(fh);
+        return undefined; // the file system does not tell its holes: all are punched
       }
-      unmappedWithData = intersectRanges(unmapped, data);
-      return unmappedWithData.reduce((n, r) => n + r.end - r.start, 0);
+      const withData = intersectRanges(unmapped, data);
+      unmappedWithData.set(fh, withData);
+      return withData.reduce((n, r) => n + r.end - r.start, 0);
     },
     wrapFileSink: (sink, fh, path) => {
       let punched = false;
@@ -679,7 +682,11 @@ export async function bmapSourcing(
           if (!punched) {
             punched = true;
             // a copy writes only mapped ranges: what held no data there still holds none
-            report.unmappedPunched = lib.punchHoles(fh, unmappedWithData ?? unmapped, path);
+            report.unmappedPunched = lib.punchHoles(
+              fh,
+              unmappedWithData.get(fh) ?? unmapped,
+              path,
+            );
           }
           await sink.finish();
         },

@@ -89,7 +89,12 @@ export async function copyLocal(
   // the equal scan's workers start now, beside the set-up, when a scan is likely
   const prestarted =
     opened === undefined && scanLikely(source, dst, options)
-      ? prestartScanWorkers(source.size, source.checksums !== undefined)
+      ? prestartScanWorkers(
+          source.size,
+          source.checksums !== undefined
+            ? { ranges: source.checksums.units, chunkSize }
+            : undefined,
+        )
       : [];
   let target: Opened | undefined;
   let sink: Sink | undefined;

@@ -61,6 +61,13 @@ const WAIT_MS = 20;
  * default, and SRC's reads ahead need one besides the hashes.
  */
 const MAX_LANES = 3;
+/**
+ * A range of fewer chunks than this is hashed on the main thread as it is compared, not on
+ * the pool, whose round trips would cost more than the hash; and a scan hashes on the pool
+ * only when ranges at least this long hold most of the bytes (POOL_MIN_SHARE).
+ */
+const POOL_MIN_CHUNKS = 4;
+const POOL_MIN_SHARE = 0.75;
 /** Chunks of SRC a lane reads ahead of its hash (each read while the others are hashed). */
 const SLABS_PER_LANE = 3;
 /** Room for one hex digest (SHA-512's 128 characters). */
@@ -251,13 +258,16 @@ export class ScanWorker {
 
 /**
  * The workers a scan of `bytes` would start, started now (none on one core, under
- * `ulimit -v`, below WORKER_MIN_BYTES, or for a scan that will hash on the thread pool,
- * `hashing`). Each must be handed to a scan or released.
+ * `ulimit -v`, below WORKER_MIN_BYTES, or for a scan that will hash `hashing`'s ranges on
+ * the thread pool). Each must be handed to a scan or released.
  */
-export function prestartScanWorkers(bytes: number, hashing = false): ScanWorker[] {
+export function prestartScanWorkers(
+  bytes: number,
+  hashing?: { ranges: readonly Range[]; chunkSize: number },
+): ScanWorker[] {
   const out: ScanWorker[] = [];
-  // a scan that hashes does so on the thread pool where it can, without workers
-  if (hashing && poolDigestsAvailable()) return out;
+  // a scan that hashes on the thread pool starts no workers
+  if (hashing !== undefined && hashesOnPool(hashing.ranges, hashing.chunkSize)) return out;
   for (let i = defaultWorkers(bytes); i > 0; i--) {
     try {
       out.push(new ScanWorker());
@@ -377,7 +387,7 @@ function unitsOf(
 }
 
 /** Why a scan stopped before its end, if it did. */
-type Stopped = 'interrupted' | 'mostly differing' | undefined;
+type Stopped = 'interrupted' | 'mostly differing' | 'failed' | undefined;
 
 /** What the two ways of scanning take besides the shared memory. */
 interface ScanContext extends EqualScanOptions {
@@ -499,6 +509,22 @@ async function scanOnThreads(
   return { stopped, workers };
 }
 
+/**
+ * Whether a scan hashing `ranges` does so on the thread pool: when the functions can be had
+ * (io/pool-digest.ts) and ranges of POOL_MIN_CHUNKS chunks or more hold most of the bytes.
+ * Thousands of short ranges (a fragmented image, 512-byte bmap blocks) would cost the pool a
+ * round trip each, two to three times the threads' time, which hash them in line.
+ */
+export function hashesOnPool(ranges: readonly Range[], chunkSize: number): boolean {
+  let total = 0;
+  let long = 0;
+  for (const r of ranges) {
+    total += r.end - r.start;
+    if (r.end - r.start >= POOL_MIN_CHUNKS * chunkSize) long += r.end - r.start;
+  }
+  return long >= POOL_MIN_SHARE * total && poolDigestsAvailable();
+}
+
 /** Reads `length` bytes at `position` of `fd` into `buf` on the thread pool: false if it cannot (never throws). */
 function readWhole(fd: number, buf: Buffer, length: number, position: number): Promise<boolean> {
   return new Promise((resolve) => {
@@ -547,9 +573,31 @@ async function hashOnPool(
   let stopped: Stopped;
 
   const lane = async (own: Buffer[]): Promise<void> => {
+    // chunks compared since the last turn of the event loop (in short ranges)
+    let sinceTurn = 0;
     for (;;) {
       const u = Atomics.add(counters, NEXT, 1);
       if (u >= unitCount) return;
+      const first = unitFirst[u]!;
+      const end = unitFirst[u + 1]!;
+      if (end - first < POOL_MIN_CHUNKS) {
+        // a short range: read, hashed and compared here, as on the threads
+        const hash = createHash(algorithm);
+        let whole = true;
+        let i = first;
+        for (; i < end && stopped === undefined; i++) {
+          if (!scanChunk(readSync, shared, own[0]!, b!, i, hash, digestOf)) whole = false;
+          if (++sinceTurn >= CHUNKS_PER_TURN) {
+            sinceTurn = 0;
+            await new Promise((resolve) => setImmediate(resolve));
+            context.report();
+            stopped ??= stopNow(signal, counters);
+          }
+        }
+        finishUnit(shared, u, i < end ? undefined : hash, whole && i === end);
+        if (i < end) return;
+        continue;
+      }
       const digest = poolDigest(algorithm);
       // false once SRC could not be read whole in the unit, or the pool failed to hash it
       let whole = digest !== undefined;
@@ -557,8 +605,6 @@ async function hashOnPool(
       let chain: Promise<void> = Promise.resolve();
       const free: Promise<unknown>[] = own.map(() => chain);
       const reads: Promise<boolean>[] = [];
-      const first = unitFirst[u]!;
-      const end = unitFirst[u + 1]!;
       const readAhead = (i: number): void => {
         const j = (i - first) % own.length;
         reads[j] = free[j]!.then(() =>
@@ -603,9 +649,19 @@ async function hashOnPool(
   };
   const running: Promise<void>[] = [];
   for (let l = 0; l < lanes; l++) {
-    running.push(lane(slabs.slice(l * SLABS_PER_LANE, (l + 1) * SLABS_PER_LANE)));
+    const own = slabs.slice(l * SLABS_PER_LANE, (l + 1) * SLABS_PER_LANE);
+    // a lane that fails (a progress listener that throws) stops the others, which end their
+    // reads and hashes before the error goes on: nothing of the scan runs after it returned
+    running.push(
+      lane(own).catch((err: unknown) => {
+        stopped = 'failed';
+        throw err;
+      }),
+    );
   }
-  await Promise.all(running);
+  const ends = await Promise.allSettled(running);
+  const failure = ends.find((e) => e.status === 'rejected');
+  if (failure !== undefined) throw failure.reason;
   if (stopped !== undefined) Atomics.exchange(counters, NEXT, unitCount);
   return stopped;
 }
@@ -674,7 +730,10 @@ export async function narrowToDiffering(
       bytesDiffering: 0,
       bytesWritten: 0,
     });
-  const pooled = hash !== undefined && options.hashOn !== 'threads' && poolDigestsAvailable();
+  const pooled =
+    hash !== undefined &&
+    options.hashOn !== 'threads' &&
+    (options.hashOn === 'pool' ? poolDigestsAvailable() : hashesOnPool(hash.ranges, chunkSize));
   let stopped: Stopped;
   let workers: ScanWorker[] = [];
   let lanes = 0;
