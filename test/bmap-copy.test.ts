@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { execFile, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { copyFile, open, readFile, stat, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, open, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, it, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
@@ -19,7 +19,7 @@ import type { Sink, Source } from '../src/types.js';
 import { BlksyncError, copy, type Progress } from '../src/index.js';
 import { runCli } from './helpers/cli.js';
 import { attachLoop, ioStat, mkfsExt4, mountLoop, needLoop, readDevice } from './helpers/loop.js';
-import { need } from './helpers/resources.js';
+import { IS_ROOT, need } from './helpers/resources.js';
 import { seededBytes, tempDir, writeSparseFile } from './helpers/tmp.js';
 
 const run = promisify(execFile);
@@ -165,6 +165,41 @@ describe('copy with a bmap', () => {
     assert.equal(r.bytesWritten, 0);
     assert.ok((await readFile(out)).equals(image), 'the stray data still reads back');
     assert.equal((await copy(path, out)).bytesPunched, 0, 'nothing left to punch');
+  });
+
+  it('a destination whose file system cannot punch holes (ramfs): zeros written over its unmapped data', async (t) => {
+    if (!need(t, IS_ROOT, 'mounting a ramfs needs root')) return;
+    const dir = await tempDir(t);
+    const { path, size, image, pieces } = await sparseImage(dir);
+    await createBmap(path, { output: `${path}.bmap` });
+    const mnt = join(dir, 'ramfs');
+    await mkdir(mnt);
+    const mounted = spawnSync('mount', ['-t', 'ramfs', 'ramfs', mnt]).status === 0;
+    if (!need(t, mounted, 'mount -t ramfs failed')) return;
+    try {
+      // two DSTs on the ramfs and one on the temporary directory's file system, in one copy
+      const outs = [join(mnt, 'a'), join(mnt, 'b'), join(dir, 'c')];
+      const stray = { offset: 3 * MiB + 100, data: seededBytes(5000, 45) };
+      for (const out of outs) await writeSparseFile(out, size, [...pieces, stray]);
+      const r = await runCli(['copy', '--json', path, ...outs]);
+      assert.equal(r.code, 0, r.stderr);
+      for (const out of outs) assert.ok((await readFile(out)).equals(image), out);
+      const one = await copy(path, outs[0]!);
+      assert.equal(one.bytesZeroed, undefined, 'nothing left to zero');
+      await writeSparseFile(outs[0]!, size, [...pieces, stray]);
+      const again = await copy(path, outs[0]!);
+      assert.equal(again.bmap?.unmappedPunched, false);
+      assert.equal(again.bytesPunched, 0);
+      assert.equal(again.bytesZeroed, MiB, 'the one MiB piece holding the stray bytes');
+      assert.ok((await readFile(outs[0]!)).equals(image));
+      const said = await runCli(['copy', path, outs[1]!]);
+      assert.equal(said.code, 0, said.stderr);
+      await writeSparseFile(outs[1]!, size, [...pieces, stray]);
+      const told = await runCli(['copy', path, outs[1]!]);
+      assert.match(told.stdout + told.stderr, /wrote 1\.00 MiB of zeros over .*cannot punch holes/);
+    } finally {
+      spawnSync('umount', [mnt]);
+    }
   });
 
   it('a copy onto several destinations punches the unmapped data of each, by its own map', async (t) => {

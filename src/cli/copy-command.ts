@@ -52,6 +52,11 @@ function copySummary(r: CopyResult): string {
         `${r.dryRun ? 'would punch' : 'punched'} holes over ${formatBytes(r.bytesPunched)} of ${r.destination}'s data in the unmapped areas (they read as zeros, as in the image)`,
       );
     }
+    if (r.bytesZeroed !== undefined && r.bytesZeroed > 0) {
+      lines.push(
+        `wrote ${formatBytes(r.bytesZeroed)} of zeros over ${r.destination}'s data in the unmapped areas (its file system cannot punch holes; they read as zeros, as in the image)`,
+      );
+    }
     const sig = b.signature;
     if (sig !== undefined) {
       lines.push(

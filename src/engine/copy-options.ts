@@ -82,6 +82,11 @@ export interface CopyResult {
    * system cannot punch holes.
    */
   bytesPunched?: number;
+  /**
+   * A bmap copy onto an existing file whose file system cannot punch holes (ramfs, FAT):
+   * bytes of zeros written over DST's data in the unmapped areas instead.
+   */
+  bytesZeroed?: number;
   dryRun: boolean;
   full: boolean;
   seconds: number;

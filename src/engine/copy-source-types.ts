@@ -72,6 +72,14 @@ export interface BmapReport {
   unmappedPunched?: boolean;
 }
 
+/** How a DST's unmapped areas were made zeros: holes punched, or else zeros written. */
+export interface UnmappedCleared {
+  /** Holes were punched (false: the file system cannot, and zeros were written instead). */
+  punched: boolean;
+  /** Bytes of zeros written where holes could not be punched (0 when punched). */
+  bytesZeroed: number;
+}
+
 export interface CopySource {
   /** SRC as given. */
   path: string;
@@ -115,6 +123,11 @@ export interface CopySource {
    * bmap, or when the file system does not tell its holes.
    */
   unmappedData(fh: FileHandle, path: string): number | undefined;
+  /**
+   * For an existing regular-file DST whose copy finished (wrapFileSink): how its unmapped
+   * areas were made zeros. Undefined before, or without a bmap.
+   */
+  unmappedCleared(fh: FileHandle): UnmappedCleared | undefined;
   /**
    * With bmap checksums read from a file: called before the pipeline starts (also in a dry
    * run), it lets SRC be read once, compared and hashed together; every sink fed from

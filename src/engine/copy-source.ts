@@ -23,7 +23,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import { BlksyncError } from '../errors.js';
+import { BlksyncError, fromSystemError } from '../errors.js';
 import type { Bmap } from '../formats/bmap.js';
 import {
   decompress,
@@ -50,7 +50,12 @@ import { intersectRanges, type Range } from '../ranges.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
 import { gapMustBeZero, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
 import { wholeImagePlan } from './pipeline.js';
-import type { BmapReport, CopySource, CopySourceOptions } from './copy-source-types.js';
+import type {
+  BmapReport,
+  CopySource,
+  CopySourceOptions,
+  UnmappedCleared,
+} from './copy-source-types.js';
 
 export type { BmapReport, CopySource, CopySourceOptions } from './copy-source-types.js';
 import type { Plan, Sink, Source } from '../types.js';
@@ -272,6 +277,7 @@ async function openPublishedSource(
     sameAs: () => false,
     wrapFileSink: (sink) => sink,
     unmappedData: () => undefined,
+    unmappedCleared: () => undefined,
     adviseTarget: () => {},
     delta: () => p.report(),
     checkTarget: (stats) => p.checkTarget(stats),
@@ -576,6 +582,7 @@ async function openFound(
       sameAs,
       adviseTarget: (fd) => bmapped?.adviseTarget(fd),
       unmappedData: (fh, path) => bmapped?.unmappedData(fh, path),
+      unmappedCleared: (fh) => bmapped?.unmappedCleared(fh),
       holdWrites: bmapped?.holdWrites,
       wrapFileSink: (sink, fh, path) => bmapped?.wrapFileSink(sink, fh, path) ?? sink,
       close: async () => {
@@ -603,6 +610,8 @@ export interface BmapSourcing {
   wrapFileSink(sink: Sink, fh: FileHandle, path: string): Sink;
   /** See CopySource.unmappedData. */
   unmappedData(fh: FileHandle, path: string): number | undefined;
+  /** See CopySource.unmappedCleared. */
+  unmappedCleared(fh: FileHandle): UnmappedCleared | undefined;
   /** See CopySource.holdWrites. */
   holdWrites: (() => (sink: Sink) => Sink) | undefined;
   adviseTarget(fd: number): void;
@@ -643,6 +652,8 @@ export async function bmapSourcing(
   // those are punched (punching a hole into a hole still costs the kernel a walk of the
   // range). By DST: a fan-out's destinations share this sourcing
   const unmappedWithData = new WeakMap<FileHandle, Range[]>();
+  // how each DST's unmapped areas were made zeros, once its copy finished
+  const cleared = new WeakMap<FileHandle, UnmappedCleared>();
   const report: BmapReport = {
     path: found.path,
     version: bmap.version,
@@ -674,19 +685,22 @@ export async function bmapSourcing(
       unmappedWithData.set(fh, withData);
       return withData.reduce((n, r) => n + r.end - r.start, 0);
     },
+    unmappedCleared: (fh) => cleared.get(fh),
     wrapFileSink: (sink, fh, path) => {
-      let punched = false;
+      let done = false;
       return {
         write: (data, offset) => sink.write(data, offset),
         finish: async () => {
-          if (!punched) {
-            punched = true;
+          if (!done) {
+            done = true;
             // a copy writes only mapped ranges: what held no data there still holds none
-            report.unmappedPunched = lib.punchHoles(
-              fh,
-              unmappedWithData.get(fh) ?? unmapped,
-              path,
-            );
+            const ranges = unmappedWithData.get(fh) ?? unmapped;
+            const punched = lib.punchHoles(fh, ranges, path);
+            // a file system that cannot punch holes (ramfs, FAT, some FUSE): zeros written
+            // over what is not zeros already, so DST still ends equal to the image
+            const bytesZeroed = punched ? 0 : await writeZerosOver(fh, ranges, path);
+            cleared.set(fh, { punched, bytesZeroed });
+            report.unmappedPunched = punched;
           }
           await sink.finish();
         },
@@ -696,4 +710,36 @@ export async function bmapSourcing(
       await verifying?.close();
     },
   };
+}
+
+/** Bytes written at a time by writeZerosOver. */
+const ZERO_PIECE = 1024 * 1024;
+
+/**
+ * Writes zeros over what is not zeros already in `ranges` of `fh`, a piece at a time (read
+ * first: flash media and the like are spared writes of what already reads as zeros). Returns
+ * the bytes written.
+ */
+async function writeZerosOver(
+  fh: FileHandle,
+  ranges: readonly Range[],
+  path: string,
+): Promise<number> {
+  const buf = Buffer.allocUnsafe(ZERO_PIECE);
+  const zeros = Buffer.alloc(ZERO_PIECE);
+  let written = 0;
+  try {
+    for (const r of ranges) {
+      for (let at = r.start; at < r.end; at += ZERO_PIECE) {
+        const want = Math.min(ZERO_PIECE, r.end - at);
+        const { bytesRead } = await fh.read(buf, 0, want, at);
+        if (buf.subarray(0, bytesRead).equals(zeros.subarray(0, bytesRead))) continue;
+        await fh.write(zeros, 0, bytesRead, at);
+        written += bytesRead;
+      }
+    }
+  } catch (err) {
+    throw fromSystemError('EWRITE', 'cannot write zeros over the unmapped areas of', path, err);
+  }
+  return written;
 }

@@ -194,7 +194,10 @@ export async function copyLocal(
               partial: {
                 ranges: source.plan.ranges,
                 // a new file stays a hole there; an existing one gets holes punched
-                zeroedOutside: () => fresh || source.bmap?.unmappedPunched === true,
+                // (punched, or zeros written where the file system cannot punch)
+                zeroedOutside: () =>
+                  fresh ||
+                  (target !== undefined && source.unmappedCleared(target.fh) !== undefined),
                 punches: !fresh && target?.kind === 'file',
               },
             }
@@ -319,6 +322,8 @@ export async function copyLocal(
     }
     if (!run.interrupted) await index?.commit();
     else await index?.settle();
+    // how this DST's unmapped areas were made zeros (a fan-out's destinations share `source`)
+    const cleared = target !== undefined ? source.unmappedCleared(target.fh) : undefined;
     const result: CopyResult = {
       source: src,
       destination: dst,
@@ -334,7 +339,10 @@ export async function copyLocal(
       created,
       destinationExtraBytes: prepared.extraBytes,
       ...(unmappedData !== undefined
-        ? { bytesPunched: dryRun || source.bmap?.unmappedPunched !== false ? unmappedData : 0 }
+        ? { bytesPunched: dryRun || cleared?.punched !== false ? unmappedData : 0 }
+        : {}),
+      ...(cleared !== undefined && cleared.bytesZeroed > 0
+        ? { bytesZeroed: cleared.bytesZeroed }
         : {}),
       dryRun,
       full,
@@ -342,10 +350,13 @@ export async function copyLocal(
       ...(index !== undefined ? { index: index.report() } : {}),
       ...(source.bmap !== undefined
         ? {
-            bmap:
-              scan?.verified === true
-                ? { ...source.bmap, rangesVerified: source.checksums!.units.length }
-                : source.bmap,
+            bmap: {
+              ...source.bmap,
+              ...(scan?.verified === true
+                ? { rangesVerified: source.checksums!.units.length }
+                : { rangesVerified: source.bmap.rangesVerified }),
+              ...(cleared !== undefined ? { unmappedPunched: cleared.punched } : {}),
+            },
           }
         : {}),
       ...(source.container !== undefined ? { container: source.container } : {}),
