@@ -414,20 +414,23 @@ test('a DST path that cannot be looked at is refused as before (EDEST_OPEN), not
   });
 });
 
-describe('hashing on the thread pool', () => {
-  /** The scan of `ranges` (which cover the image) hashing them with `algorithm` on the pool. */
-  const poolScan = (src: string, dst: string, size: number, ranges: Range[], algorithm: string) =>
-    scanFiles(
-      src,
-      dst,
-      { imageSize: size, ranges },
-      {
-        chunkSize: CHUNK,
-        hashOn: 'pool',
-        hash: { algorithm, ranges },
-      },
-    );
+/** The scan of `ranges` (which cover the image) hashing them with `algorithm` on the pool. */
+const poolScan = (
+  src: string,
+  dst: string,
+  size: number,
+  ranges: Range[],
+  algorithm: string,
+  more: Partial<EqualScanOptions> = {},
+) =>
+  scanFiles(
+    src,
+    dst,
+    { imageSize: size, ranges },
+    { chunkSize: CHUNK, hashOn: 'pool', hash: { algorithm, ranges }, ...more },
+  );
 
+describe('hashing on the thread pool', () => {
   test('an interruption in the middle: the scan stops, returns nothing, and leaves nothing running', async (t) => {
     const dir = await tempDir(t);
     const size = 64 * MiB;
@@ -558,19 +561,11 @@ describe('threads or the pool', () => {
     ];
     let calls = 0;
     await assert.rejects(
-      scanFiles(
-        src,
-        dst,
-        { imageSize: size, ranges },
-        {
-          chunkSize: CHUNK,
-          hashOn: 'pool',
-          hash: { algorithm: 'sha256', ranges },
-          onProgress: () => {
-            if (++calls === 5) throw new Error('listener failed');
-          },
+      poolScan(src, dst, size, ranges, 'sha256', {
+        onProgress: () => {
+          if (++calls === 5) throw new Error('listener failed');
         },
-      ),
+      }),
       /listener failed/,
     );
     const after = calls;
