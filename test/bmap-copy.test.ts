@@ -227,6 +227,13 @@ describe('copy with a bmap', () => {
         );
       }
     }
+    // the summary says it for each destination, as a copy onto one does
+    await writeSparseFile(outs[0]!, size, [...pieces, ...strays[0]!]);
+    const told = await runCli(['copy', path, ...outs]);
+    assert.equal(told.code, 0, told.stderr);
+    const said = told.stdout + told.stderr;
+    assert.match(said, /\/a: .*; punched holes over 28\.0 KiB of its data in the unmapped areas/);
+    assert.doesNotMatch(said, /\/b: .*punched/);
   });
 
   it('catches a corrupted image by its range checksum and writes nothing of the bad range', async (t) => {

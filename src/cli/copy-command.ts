@@ -392,7 +392,14 @@ function manySummary(r: ManyJson): string {
         `read ${formatBytes(c.bytesRead)}` +
         (c.created ? ` (${c.dryRun ? 'would create' : 'created'}, sparse)` : '') +
         (c.index !== undefined ? `; index ${c.index.path}: ${c.index.mode}` : '') +
-        (c.verify !== undefined ? `; verified ${formatBytes(c.verify.bytesVerified)}` : ''),
+        (c.verify !== undefined ? `; verified ${formatBytes(c.verify.bytesVerified)}` : '') +
+        // what a bmap copy did to this DST's data in the unmapped areas, as a single copy says
+        (c.bytesPunched !== undefined && c.bytesPunched > 0
+          ? `; ${c.dryRun ? 'would punch' : 'punched'} holes over ${formatBytes(c.bytesPunched)} of its data in the unmapped areas`
+          : '') +
+        (c.bytesZeroed !== undefined && c.bytesZeroed > 0
+          ? `; wrote ${formatBytes(c.bytesZeroed)} of zeros over its data in the unmapped areas (no hole punching there)`
+          : ''),
     );
   }
   return lines.join('\n');
