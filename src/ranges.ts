@@ -75,6 +75,11 @@ export function unionRanges(a: readonly Range[], b: readonly Range[], gap = 0): 
   return out;
 }
 
+/** The bytes `ranges` cover (they must not overlap). */
+export function rangesBytes(ranges: readonly Range[]): number {
+  return ranges.reduce((n, r) => n + r.end - r.start, 0);
+}
+
 /** The parts of `ranges` that lie inside `keep` (both ascending and non-overlapping). */
 export function intersectRanges(ranges: readonly Range[], keep: readonly Range[]): Range[] {
   const out: Range[] = [];

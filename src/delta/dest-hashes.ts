@@ -17,7 +17,7 @@ import { Worker } from 'node:worker_threads';
 import { BlksyncError, fromSystemError, isSystemError } from '../errors.js';
 import { chunkCount, chunkLength, type PublishedHeader } from '../formats/published.js';
 import { HASH_BYTES, sha256 } from '../hash.js';
-import type { Range } from '../ranges.js';
+import { type Range, rangesBytes } from '../ranges.js';
 import { trace } from '../trace.js';
 import { addressSpaceLimited } from '../io/address-space.js';
 import { sectorsWritten } from '../io/write-counter.js';
@@ -223,7 +223,7 @@ export async function prepareDestination(
       await fh.close();
       return zerosOnly(identity);
     }
-    const dataBytes = mapped.reduce((n, r) => n + r.end - r.start, 0);
+    const dataBytes = rangesBytes(mapped);
     if (dataBytes < workerMinBytes) {
       await worker?.stop();
       worker = undefined;

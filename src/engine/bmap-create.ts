@@ -8,6 +8,7 @@
  * decides the split and feeds the hashes.
  */
 
+import { rangesBytes } from '../ranges.js';
 import { createHash, type Hash } from 'node:crypto';
 import { BlksyncError, fromSystemError } from '../errors.js';
 import type { BmapRange } from '../formats/bmap.js';
@@ -72,7 +73,7 @@ export async function createBmap(
     await src.fh.datasync().catch(() => {});
     const blockSize = await fsBlockSize(src.fh);
     const mapped = mappedRanges(src.fh, src.size, blockSize, image);
-    const bytesTotal = mapped.reduce((n, r) => n + r.end - r.start, 0);
+    const bytesTotal = rangesBytes(mapped);
     const out: BmapRange[] = [];
     const chunk = Math.max(blockSize, Math.floor(BMAP_READ_CHUNK / blockSize) * blockSize);
     // two buffers: the next piece is read while the current one is hashed

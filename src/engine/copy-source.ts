@@ -46,7 +46,7 @@ import {
 import type { OpenedContainer } from '../containers/open.js';
 import { checksAtEnd, ReadsToEnd, refuseVhdFooterAtEnd } from '../containers/stream-end.js';
 import type { VerifiedRange } from './bmap-verify.js';
-import { intersectRanges, type Range } from '../ranges.js';
+import { intersectRanges, type Range, rangesBytes } from '../ranges.js';
 import { findBmap, signatureFlagsGiven, type FoundBmap } from './find-bmap.js';
 import { gapMustBeZero, refuseDataInUnmapped, unmappedOf } from './bmap-unmapped.js';
 import { wholeImagePlan } from './pipeline.js';
@@ -637,7 +637,7 @@ export async function bmapSourcing(
   let verifying: InstanceType<typeof lib.VerifyingSource> | undefined;
   let checksums: CopySource['checksums'];
   if (ranges.length > 0 && bmap.checksumType !== undefined) {
-    const verifiedBytes = ranges.reduce((n, r) => n + r.end - r.start, 0);
+    const verifiedBytes = rangesBytes(ranges);
     verifying = new lib.VerifyingSource(source, ranges, bmap.checksumType, image, {
       prefetch: ranges.length === bmap.ranges.length,
       workerThreads: verifiedBytes >= WORKER_HASHING_MIN_BYTES ? HASH_WORKERS : 0,
@@ -683,7 +683,7 @@ export async function bmapSourcing(
       }
       const withData = intersectRanges(unmapped, data);
       unmappedWithData.set(fh, withData);
-      return withData.reduce((n, r) => n + r.end - r.start, 0);
+      return rangesBytes(withData);
     },
     unmappedCleared: (fh) => cleared.get(fh),
     wrapFileSink: (sink, fh, path) => {

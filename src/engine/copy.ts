@@ -39,7 +39,7 @@ import {
 import { checksumError } from './bmap-verify.js';
 import { FileSource } from '../io/file-source.js';
 import type { VerifyReport } from './verify-written.js';
-import type { Range } from '../ranges.js';
+import { type Range, rangesBytes } from '../ranges.js';
 import type { Plan, Sink, TargetKnowledge } from '../types.js';
 import {
   chunkSizeFor,
@@ -366,7 +366,8 @@ export async function copyLocal(
     if (run.interrupted) {
       throw new BlksyncError(
         'EINTERRUPTED',
-        `interrupted after ${formatBytes(result.bytesScanned)} of ${formatBytes(source.size)}; rerun the same command to finish`,
+        // of what the copy had to go through: with a bmap, its mapped bytes, not the image
+        `interrupted after ${formatBytes(result.bytesScanned)} of ${formatBytes(rangesBytes(source.plan.ranges))}; rerun the same command to finish`,
         { partial: result },
       );
     }

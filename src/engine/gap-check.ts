@@ -11,6 +11,7 @@
  * without a read, so a mostly empty image is checked at the speed of its data.
  */
 
+import { rangesBytes } from '../ranges.js';
 import type { FileHandle } from 'node:fs/promises';
 import { BlksyncError } from '../errors.js';
 import { HashList, pieceHashes } from '../formats/hash-list.js';
@@ -47,7 +48,7 @@ export async function checkGaps(
   const ranges = gaps.filter((g) => g.end > g.start).map((g) => ({ start: g.start, end: g.end }));
   let plan: Plan = { imageSize: ranges[ranges.length - 1]?.end ?? 0, ranges };
   if (target.file) plan = narrowToData(plan, [{ fh: target.fh, path: target.path }], blockSize);
-  const toRead = plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+  const toRead = rangesBytes(plan.ranges);
   const pool = new HashPool();
   if (toRead < INLINE_HASH_MAX_BYTES) pool.inline();
   const chunkSize = chunkSizeFor(gapUnit);

@@ -29,7 +29,7 @@ import { identityOf, syncedIdentityOf, type TargetIdentity } from '../io/identit
 import { OwnWrites } from '../io/write-counter.js';
 import type { Opened } from '../io/open.js';
 import { readFully } from '../io/read-fully.js';
-import type { Range } from '../ranges.js';
+import { rangesBytes, type Range } from '../ranges.js';
 import { SharedBufferPool } from '../io/buffer-pool.js';
 import { HashPool, hashBlocksSync } from './hash-pool.js';
 import { decideIndex, indexFacts } from './index-policy.js';
@@ -178,7 +178,7 @@ export class IndexSession {
     try {
       const session = await IndexSession.#open(o, pool);
       if (o.source !== undefined) await session.#openSource(o.source);
-      const planned = session.plan?.ranges.reduce((n, r) => n + r.end - r.start, 0);
+      const planned = session.plan !== undefined ? rangesBytes(session.plan.ranges) : undefined;
       if (planned !== undefined && planned < INLINE_HASH_MAX_BYTES) pool.inline();
       else pool.prestart();
       return session;

@@ -9,7 +9,7 @@
  */
 
 import { BlksyncError } from '../errors.js';
-import { RangeList } from '../ranges.js';
+import { RangeList, rangesBytes } from '../ranges.js';
 import { trace } from '../trace.js';
 import { BufferPool } from '../io/buffer-pool.js';
 import type {
@@ -146,7 +146,7 @@ export async function runPipeline(
     ranges: new RangeList(),
     interrupted: false,
   };
-  const bytesTotal = plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+  const bytesTotal = rangesBytes(plan.ranges);
 
   const start = (): void => {
     const next = chunks.next();

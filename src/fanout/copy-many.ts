@@ -11,6 +11,7 @@
  * longer paces the reader); the others go on to the end.
  */
 
+import { rangesBytes } from '../ranges.js';
 import { defaultMaxListeners, setMaxListeners } from 'node:events';
 import { readlink, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -113,7 +114,7 @@ export async function fanOut(
     options.signal,
   );
   // until a destination reports, it counts with the whole plan still to scan
-  const planned = shared.plan.ranges.reduce((n, r) => n + r.end - r.start, 0);
+  const planned = rangesBytes(shared.plan.ranges);
   const progress: Progress[] = dsts.map(() => ({
     bytesScanned: 0,
     bytesTotal: planned,
