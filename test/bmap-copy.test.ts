@@ -190,13 +190,22 @@ describe('copy with a bmap', () => {
       const again = await copy(path, outs[0]!);
       assert.equal(again.bmap?.unmappedPunched, false);
       assert.equal(again.bytesPunched, 0);
-      assert.equal(again.bytesZeroed, MiB, 'the one MiB piece holding the stray bytes');
+      assert.equal(again.bytesZeroed, 2 * BS, 'the two blocks holding the stray bytes');
       assert.ok((await readFile(outs[0]!)).equals(image));
+      // interrupted, the copy stops: no zeros are written after it (on slow media, minutes)
+      await writeSparseFile(outs[0]!, size, [...pieces, stray]);
+      const ac = new AbortController();
+      ac.abort();
+      await assert.rejects(copy(path, outs[0]!, { signal: ac.signal }), {
+        code: 'EINTERRUPTED',
+      });
+      const left = await readFile(outs[0]!);
+      assert.ok(left.subarray(stray.offset, stray.offset + 5000).equals(stray.data));
       const said = await runCli(['copy', path, outs[1]!]);
       assert.equal(said.code, 0, said.stderr);
       await writeSparseFile(outs[1]!, size, [...pieces, stray]);
       const told = await runCli(['copy', path, outs[1]!]);
-      assert.match(told.stdout + told.stderr, /wrote 1\.00 MiB of zeros over .*cannot punch holes/);
+      assert.match(told.stdout + told.stderr, /wrote 8\.00 KiB of zeros over .*cannot punch holes/);
     } finally {
       spawnSync('umount', [mnt]);
     }
@@ -227,6 +236,23 @@ describe('copy with a bmap', () => {
         );
       }
     }
+    // a destination whose unmapped areas were not cleared by this copy (created here, so
+    // they are holes) reports nothing of another destination's clearing
+    await writeSparseFile(outs[0]!, size, [...pieces, ...strays[0]!]);
+    const created = join(dir, 'new');
+    const many = await runCli(['copy', '--json', path, outs[0]!, created]);
+    assert.equal(many.code, 0, many.stderr);
+    const results = (
+      JSON.parse(many.stdout) as {
+        destinations: { destination: string; result: { bmap: { unmappedPunched?: boolean } } }[];
+      }
+    ).destinations;
+    assert.equal(results.find((d) => d.destination === outs[0])?.result.bmap.unmappedPunched, true);
+    assert.equal(
+      results.find((d) => d.destination === created)?.result.bmap.unmappedPunched,
+      undefined,
+    );
+    assert.ok((await readFile(created)).equals(image));
     // the summary says it for each destination, as a copy onto one does
     await writeSparseFile(outs[0]!, size, [...pieces, ...strays[0]!]);
     const told = await runCli(['copy', path, ...outs]);

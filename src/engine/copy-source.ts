@@ -528,6 +528,7 @@ async function openFound(
       const b = await bmapSourcing(found, source, src, {
         noVerifyChecksums: options.noVerifyChecksums,
         rereadable: source instanceof FileSource,
+        signal: options.signal,
       });
       cleanups.push(() => b.close());
       bmapped = b;
@@ -628,7 +629,12 @@ export async function bmapSourcing(
   found: FoundBmap,
   source: Source,
   image: string,
-  options: { noVerifyChecksums?: boolean | undefined; rereadable: boolean },
+  options: {
+    noVerifyChecksums?: boolean | undefined;
+    rereadable: boolean;
+    /** Stops the zeros written over an unmapped area where holes cannot be punched. */
+    signal?: AbortSignal | undefined;
+  },
 ): Promise<BmapSourcing> {
   const lib = await bmapModules();
   const { bmap } = found;
@@ -698,8 +704,11 @@ export async function bmapSourcing(
             const punched = lib.punchHoles(fh, ranges, path);
             // a file system that cannot punch holes (ramfs, FAT, some FUSE): zeros written
             // over what is not zeros already, so DST still ends equal to the image
-            const bytesZeroed = punched ? 0 : await writeZerosOver(fh, ranges, path);
+            const bytesZeroed = punched
+              ? 0
+              : await writeZerosOver(fh, ranges, path, options.signal);
             cleared.set(fh, { punched, bytesZeroed });
+            // (a fan-out's destinations each have their own: copy.ts reports it per DST)
             report.unmappedPunched = punched;
           }
           await sink.finish();
@@ -712,18 +721,21 @@ export async function bmapSourcing(
   };
 }
 
-/** Bytes written at a time by writeZerosOver. */
+/** Bytes read at a time by writeZerosOver, and the blocks of them it writes zeros over. */
 const ZERO_PIECE = 1024 * 1024;
+const ZERO_BLOCK = 4096;
 
 /**
- * Writes zeros over what is not zeros already in `ranges` of `fh`, a piece at a time (read
- * first: flash media and the like are spared writes of what already reads as zeros). Returns
- * the bytes written.
+ * Writes zeros over what is not zeros already in `ranges` of `fh`: read a piece at a time,
+ * zeros written only over its blocks that are not zeros (flash media and the like are spared
+ * writes of what already reads as zeros), neighbours in one write. Returns the bytes written.
+ * Interrupted (`signal`), it stops with EINTERRUPTED: DST is not yet equal to the image there.
  */
 async function writeZerosOver(
   fh: FileHandle,
   ranges: readonly Range[],
   path: string,
+  signal: AbortSignal | undefined,
 ): Promise<number> {
   const buf = Buffer.allocUnsafe(ZERO_PIECE);
   const zeros = Buffer.alloc(ZERO_PIECE);
@@ -731,11 +743,31 @@ async function writeZerosOver(
   try {
     for (const r of ranges) {
       for (let at = r.start; at < r.end; at += ZERO_PIECE) {
+        if (signal?.aborted === true) {
+          throw new BlksyncError(
+            'EINTERRUPTED',
+            `interrupted while writing zeros over ${path}'s unmapped areas; rerun the same command to finish`,
+            { path },
+          );
+        }
         const want = Math.min(ZERO_PIECE, r.end - at);
         const { bytesRead } = await fh.read(buf, 0, want, at);
-        if (buf.subarray(0, bytesRead).equals(zeros.subarray(0, bytesRead))) continue;
-        await fh.write(zeros, 0, bytesRead, at);
-        written += bytesRead;
+        // runs of blocks that are not zeros, each written over once
+        let run = -1;
+        for (let b = 0; b <= bytesRead; b += ZERO_BLOCK) {
+          const end = Math.min(b + ZERO_BLOCK, bytesRead);
+          const dirty = b < bytesRead && !buf.subarray(b, end).equals(zeros.subarray(0, end - b));
+          if (dirty && run < 0) run = b;
+          if (!dirty && run >= 0) {
+            await fh.write(zeros, 0, b - run, at + run);
+            written += b - run;
+            run = -1;
+          }
+        }
+        if (run >= 0) {
+          await fh.write(zeros, 0, bytesRead - run, at + run);
+          written += bytesRead - run;
+        }
       }
     }
   } catch (err) {

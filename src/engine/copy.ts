@@ -355,7 +355,8 @@ export async function copyLocal(
               ...(scan?.verified === true
                 ? { rangesVerified: source.checksums!.units.length }
                 : { rangesVerified: source.bmap.rangesVerified }),
-              ...(cleared !== undefined ? { unmappedPunched: cleared.punched } : {}),
+              // this DST's own, or none (a device, or a dry run): never another destination's
+              unmappedPunched: cleared?.punched,
             },
           }
         : {}),

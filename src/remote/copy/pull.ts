@@ -344,6 +344,7 @@ class Pull {
       this.#mapped = await bmapSourcing(bmap, this.#pulled, this.#src, {
         noVerifyChecksums: this.#options.noVerifyChecksums === true || dryRun,
         rereadable: false,
+        signal: this.#options.signal,
       });
       if (local !== undefined && !full) this.#mapped.adviseTarget(this.#target!.fh.fd);
       return this.#mapped.plan;
