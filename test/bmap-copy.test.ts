@@ -211,6 +211,34 @@ describe('copy with a bmap', () => {
     }
   });
 
+  it('interrupted while the writes of a range are held for its checksum: it says what reached DST, not what was held', async (t) => {
+    const dir = await tempDir(t);
+    const img = join(dir, 'img');
+    // one 48 MiB range: a new DST gets its writes held until the range's checksum passed
+    await writeSparseFile(img, 64 * MiB, [{ offset: 0, data: seededBytes(48 * MiB, 5) }]);
+    await createBmap(img, { output: `${img}.bmap` });
+    const out = join(dir, 'out');
+    const ac = new AbortController();
+    const err: unknown = await copy(img, out, {
+      signal: ac.signal,
+      onProgress: (p) => {
+        if (p.bytesWritten > 8 * MiB) ac.abort();
+      },
+    }).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof BlksyncError && err.code === 'EINTERRUPTED', String(err));
+    const said = (err.partial as { bytesWritten: number }).bytesWritten;
+    // nothing written: the DST this run created is removed again
+    const held = await readFile(out).catch(() => Buffer.alloc(0));
+    let reached = 0;
+    for (let b = 0; b < held.length; b += BS) {
+      if (held.subarray(b, b + BS).some((x) => x !== 0)) reached += BS;
+    }
+    assert.equal(said, reached, `said ${said} bytes written, DST holds ${reached}`);
+  });
+
   it('a copy onto several destinations punches the unmapped data of each, by its own map', async (t) => {
     const dir = await tempDir(t);
     const { path, size, image, pieces } = await sparseImage(dir);

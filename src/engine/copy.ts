@@ -365,11 +365,17 @@ export async function copyLocal(
       ...(source.delta !== undefined ? { http: source.delta() } : {}),
     };
     if (run.interrupted) {
+      // what reached DST: writes held for a range whose checksum was not verified yet never
+      // did (the file sink's count; the pipeline's counts them as they were handed on)
+      const reached =
+        fileSink !== undefined
+          ? { ...result, bytesWritten: Math.min(result.bytesWritten, fileSink.bytesWritten) }
+          : result;
       throw new BlksyncError(
         'EINTERRUPTED',
         // of what the copy had to go through: with a bmap, its mapped bytes, not the image
         `interrupted after ${formatBytes(result.bytesScanned)} of ${formatBytes(rangesBytes(source.plan.ranges))}; rerun the same command to finish`,
-        { partial: result },
+        { partial: reached },
       );
     }
     return result;
