@@ -707,9 +707,8 @@ export async function bmapSourcing(
             const bytesZeroed = punched
               ? 0
               : await writeZerosOver(fh, ranges, path, options.signal);
+            // reported per DST (copy.ts, pull.ts): a fan-out's destinations share this report
             cleared.set(fh, { punched, bytesZeroed });
-            // (a fan-out's destinations each have their own: copy.ts reports it per DST)
-            report.unmappedPunched = punched;
           }
           await sink.finish();
         },

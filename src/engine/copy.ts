@@ -352,9 +352,10 @@ export async function copyLocal(
         ? {
             bmap: {
               ...source.bmap,
-              ...(scan?.verified === true
-                ? { rangesVerified: source.checksums!.units.length }
-                : { rangesVerified: source.bmap.rangesVerified }),
+              rangesVerified:
+                scan?.verified === true
+                  ? source.checksums!.units.length
+                  : source.bmap.rangesVerified,
               // this DST's own, or none (a device, or a dry run): never another destination's
               unmappedPunched: cleared?.punched,
             },

@@ -192,6 +192,9 @@ class Pull {
       if (!run.interrupted) await this.#index?.commit();
       else await this.#index?.settle();
       const used = this.#index?.target;
+      // how DST's unmapped areas were made zeros (engine/copy-source.ts)
+      const cleared =
+        this.#target !== undefined ? this.#mapped?.unmappedCleared(this.#target.fh) : undefined;
       const result: RemoteCopyResult = {
         ...resultOf(this.#session, this.#src, this.#dst, size, countsOf(run), {
           bytesRead: this.#bytesRead(),
@@ -210,14 +213,16 @@ class Pull {
               },
             }
           : {}),
-        ...(this.#mapped !== undefined ? { bmap: this.#mapped.report } : {}),
+        ...(this.#mapped !== undefined
+          ? { bmap: { ...this.#mapped.report, unmappedPunched: cleared?.punched } }
+          : {}),
         ...(unmappedData !== undefined
           ? {
-              bytesPunched:
-                this.#session.dryRun || this.#mapped?.report.unmappedPunched !== false
-                  ? unmappedData
-                  : 0,
+              bytesPunched: this.#session.dryRun || cleared?.punched !== false ? unmappedData : 0,
             }
+          : {}),
+        ...(cleared !== undefined && cleared.bytesZeroed > 0
+          ? { bytesZeroed: cleared.bytesZeroed }
           : {}),
         ...(verified !== undefined ? { verify: verified } : {}),
       };
